@@ -1,0 +1,3 @@
+"""openwham: an open, self-hostable Codex cloud."""
+
+__version__ = "0.1.0"
