@@ -1,0 +1,31 @@
+"""Helpers shared by commands: settings with CLI overrides, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+
+from openwham.config import Settings
+
+
+def settings_for(data_dir: Path | None) -> Settings:
+    """``--data-dir`` wins over ``WHAM_DATA_DIR``, which wins over the default."""
+    return Settings(data_dir=data_dir) if data_dir is not None else Settings()
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+DataDirOption = typer.Option(
+    None, "--data-dir", help="Data directory (default: $WHAM_DATA_DIR or ~/.local/share/openwham)"
+)

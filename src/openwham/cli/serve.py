@@ -1,0 +1,45 @@
+"""``wham serve``: API, web UI and executor with embedded defaults."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import typer
+import uvicorn
+
+from .common import DataDirOption, settings_for
+
+
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on"),
+    port: int = typer.Option(8080, "--port", help="Port to listen on (0 picks a free one)"),
+    data_dir: Path | None = DataDirOption,
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
+) -> None:
+    """Start openwham and print its base URL."""
+    from openwham.server.app import create_app
+
+    settings = settings_for(data_dir)
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        typer.echo(f"error: cannot listen on {host}:{port}: {exc.strerror}", err=True)
+        raise typer.Exit(1) from exc
+    sock.listen(128)
+    actual = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{actual}"
+    typer.echo(f"openwham {url}", err=False)
+    typer.echo(f"  data directory: {settings.resolved_data_dir}")
+    typer.echo(f"  API: {url}/backend-api/wham  and  {url}/api/codex")
+    typer.echo(f"  token: wham token create --data-dir {settings.resolved_data_dir}", err=False)
+    config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])

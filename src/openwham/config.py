@@ -1,0 +1,58 @@
+"""Settings read from the environment (``WHAM_*``), one object shared by every layer."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    """The XDG data home, so a plain ``wham serve`` never writes into the current directory."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "openwham"
+
+
+class Settings(BaseSettings):
+    """Every knob of openwham; names match SPEC.md's stable configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="WHAM_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    database_url: str | None = None
+
+    model_provider: str = "openai"
+    model_base_url: str | None = None
+    model_api_key: str | None = None
+    model: str = "gpt-5.1-codex"
+
+    executor_concurrency: int | None = None
+
+    # Rate limits, in attempts (assistant turns) started per window; 0 disables a window.
+    rate_limit_primary: int = 100
+    rate_limit_primary_window_seconds: int = 5 * 3600
+    rate_limit_secondary: int = 1000
+    rate_limit_secondary_window_seconds: int = 7 * 24 * 3600
+    plan_type: str = "pro"
+
+    token_ttl_seconds: int = 30 * 24 * 3600
+
+    @cached_property
+    def resolved_data_dir(self) -> Path:
+        """Absolute data directory (created on first use by the callers that write to it)."""
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL: ``WHAM_DATABASE_URL`` or SQLite inside the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir / 'openwham.db'}"
+
+    @property
+    def keys_dir(self) -> Path:
+        """Server keys live beside, not inside, the database, so a DB dump alone leaks nothing."""
+        return self.resolved_data_dir / "keys"

@@ -1,0 +1,78 @@
+"""The ASGI app: every WHAM route under ``/backend-api/wham`` and ``/api/codex``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
+
+from openwham import __version__
+from openwham.config import Settings
+from openwham.service.accounts import ensure_owner
+from openwham.store.db import Database
+from openwham.wire import CreateTaskRequest
+
+from . import errors
+from .limits import BodySizeLimit
+from .routers import account, environments, tasks
+from .state import AppState
+
+PREFIXES = {"wham": "/backend-api/wham", "codex": "/api/codex"}
+
+
+def api_router() -> APIRouter:
+    router = APIRouter()
+    for sub in (tasks.router, environments.router, account.router):
+        router.include_router(sub)
+    return router
+
+
+def _unique_id(style: str) -> Any:
+    def make(route: APIRoute) -> str:
+        return f"{style}_{route.name}"
+
+    return make
+
+
+def create_app(settings: Settings | None = None, *, db: Database | None = None) -> FastAPI:
+    """Open (and migrate) the store, make sure the owner exists, and wire up the routes."""
+    settings = settings or Settings()
+    state = AppState.open(settings, db)
+    with state.db.session() as session:
+        ensure_owner(session, plan_type=settings.plan_type)
+
+    app = FastAPI(
+        title="openwham",
+        version=__version__,
+        description="Self-hosted Codex cloud: the WHAM task API. See docs/api.md.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.wham = state
+    errors.install(app)
+    app.add_middleware(BodySizeLimit)
+    router = api_router()
+    for style, prefix in PREFIXES.items():
+        app.include_router(router, prefix=prefix, generate_unique_id_function=_unique_id(style))
+
+    @app.get("/healthz", tags=["meta"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        extra = CreateTaskRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(extra.pop("$defs", {}))
+        components["CreateTaskRequest"] = extra
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,60 @@
+"""Every error is JSON with a ``detail``; client mistakes are 4xx, never 500."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from openwham.service.errors import ServiceError, Unauthorized
+
+log = logging.getLogger("openwham.server")
+
+
+def _loc(loc: Any) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts)
+
+
+def validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
+    errors = []
+    messages = []
+    for err in exc.errors():
+        where = _loc(err.get("loc", ()))
+        msg = str(err.get("msg", "invalid value"))
+        if err.get("type") == "json_invalid":
+            msg, where = "Request body is not valid JSON", ""
+        elif err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        errors.append({"loc": [str(p) for p in err.get("loc", ())], "msg": msg})
+        messages.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(messages[:5]) or "Invalid request", errors
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        return JSONResponse(
+            {"detail": exc.detail, **exc.extra}, status_code=exc.status_code, headers=headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail, errors = validation_detail(exc)
+        return JSONResponse({"detail": detail, "errors": errors}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "Internal server error"}, status_code=500)

@@ -1,0 +1,169 @@
+"""Tasks and turns (reference/wham-api.md §3, §4)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query
+from fastapi.responses import JSONResponse
+
+from openwham.service import tasks, usage
+from openwham.wire import (
+    CreateTaskResponse,
+    SiblingTurnsResponse,
+    SuccessResponse,
+    TaskDetails,
+    TaskFeedItem,
+    TaskFeedPage,
+    TaskListPage,
+    TaskRateLimit,
+    TurnMapping,
+    TurnResponse,
+)
+
+from ..deps import PrincipalDep, SessionDep, StateDep
+
+router = APIRouter(tags=["tasks"])
+
+OK = SuccessResponse(success=True)
+ListLimit = Annotated[int | None, Query(description="Page size, 1..100 (default 20)")]
+ListFilter = Annotated[str | None, Query(description="current (default), all or archived")]
+ListEnv = Annotated[str | None, Query(description="Only tasks of this environment")]
+ListCursor = Annotated[str | None, Query(description="Opaque cursor of the previous page")]
+
+
+@router.get("/tasks/list", response_model=TaskListPage)
+def list_tasks(
+    principal: PrincipalDep,
+    db: SessionDep,
+    limit: ListLimit = None,
+    task_filter: ListFilter = None,
+    environment_id: ListEnv = None,
+    cursor: ListCursor = None,
+) -> TaskListPage:
+    return tasks.list_tasks(
+        db,
+        principal,
+        limit=limit,
+        task_filter=task_filter,
+        environment_id=environment_id,
+        cursor=cursor,
+    )
+
+
+@router.get("/tasks", response_model=TaskFeedPage)
+def task_feed(
+    principal: PrincipalDep,
+    db: SessionDep,
+    limit: ListLimit = None,
+    task_filter: ListFilter = None,
+    environment_id: ListEnv = None,
+    cursor: ListCursor = None,
+) -> TaskFeedPage:
+    """The web feed: each task with its current assistant turn."""
+    page = tasks.list_tasks(
+        db,
+        principal,
+        limit=limit,
+        task_filter=task_filter,
+        environment_id=environment_id,
+        cursor=cursor,
+    )
+    items = []
+    for item in page.items:
+        d = tasks.details(db, principal, item.id)
+        items.append(TaskFeedItem(task=d.task, turn=d.current_assistant_turn))
+    return TaskFeedPage(items=items, cursor=page.cursor)
+
+
+@router.get("/tasks/rate_limit", response_model=TaskRateLimit)
+def task_rate_limit(state: StateDep, principal: PrincipalDep, db: SessionDep) -> TaskRateLimit:
+    return usage.task_rate_limit(db, state.settings, principal)
+
+
+@router.post(
+    "/tasks",
+    response_model=CreateTaskResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/CreateTaskRequest"}}
+            },
+        }
+    },
+)
+def create_task(
+    state: StateDep,
+    principal: PrincipalDep,
+    db: SessionDep,
+    body: Annotated[Any, Body(include_in_schema=False)] = None,
+) -> JSONResponse:
+    """Create a task (``new_task``) or continue one (``follow_up``); see docs/api.md."""
+    result = tasks.create(db, state.settings, principal, body)
+    db.commit()
+    return JSONResponse(result)
+
+
+@router.get("/tasks/{task_id}", response_model=TaskDetails)
+def get_task(task_id: str, principal: PrincipalDep, db: SessionDep) -> TaskDetails:
+    return tasks.details(db, principal, task_id)
+
+
+@router.delete("/tasks/{task_id}", response_model=SuccessResponse)
+def delete_task(task_id: str, principal: PrincipalDep, db: SessionDep) -> SuccessResponse:
+    tasks.delete(db, principal, task_id)
+    db.commit()
+    return OK
+
+
+@router.post("/tasks/{task_id}/archive", response_model=SuccessResponse)
+def archive(task_id: str, principal: PrincipalDep, db: SessionDep) -> SuccessResponse:
+    tasks.set_archived(db, principal, task_id, True)
+    db.commit()
+    return OK
+
+
+@router.post("/tasks/{task_id}/unarchive", response_model=SuccessResponse)
+def unarchive(task_id: str, principal: PrincipalDep, db: SessionDep) -> SuccessResponse:
+    tasks.set_archived(db, principal, task_id, False)
+    db.commit()
+    return OK
+
+
+@router.post("/tasks/{task_id}/mark_read", response_model=SuccessResponse)
+def mark_read(task_id: str, principal: PrincipalDep, db: SessionDep) -> SuccessResponse:
+    tasks.mark_read(db, principal, task_id)
+    db.commit()
+    return OK
+
+
+@router.post("/tasks/{task_id}/cancel", response_model=SuccessResponse)
+def cancel(task_id: str, principal: PrincipalDep, db: SessionDep) -> SuccessResponse:
+    tasks.cancel(db, principal, task_id)
+    db.commit()
+    return OK
+
+
+@router.get("/tasks/{task_id}/turns", response_model=TurnMapping)
+def turn_mapping(task_id: str, principal: PrincipalDep, db: SessionDep) -> TurnMapping:
+    return tasks.turn_mapping(db, principal, task_id)
+
+
+@router.get("/tasks/{task_id}/turns/{turn_id}", response_model=TurnResponse)
+def get_turn(task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep) -> TurnResponse:
+    return TurnResponse(turn=tasks.get_turn(db, principal, task_id, turn_id))
+
+
+@router.get("/tasks/{task_id}/turns/{turn_id}/sibling_turns", response_model=SiblingTurnsResponse)
+def sibling_turns(
+    task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep
+) -> SiblingTurnsResponse:
+    return tasks.sibling_turns(db, principal, task_id, turn_id)
+
+
+@router.post("/tasks/{task_id}/turns/{turn_id}/viewed", response_model=SuccessResponse)
+def viewed(task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep) -> SuccessResponse:
+    tasks.mark_viewed(db, principal, task_id, turn_id)
+    db.commit()
+    return OK

@@ -1,0 +1,151 @@
+"""Accounts, users and API tokens (JWTs carrying the claims the Codex CLI reads)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from openwham import ids
+from openwham.store import models as m
+
+from .errors import Forbidden, Unauthorized
+
+AUTH_CLAIM = "https://api.openai.com/auth"
+PROFILE_CLAIM = "https://api.openai.com/profile"
+ISSUER = "openwham"
+OWNER_KEY = "owner_user_id"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller of a request: a user acting in one of their accounts."""
+
+    user: m.User
+    account: m.Account
+
+    @property
+    def user_id(self) -> str:
+        return self.user.id
+
+    @property
+    def account_id(self) -> str:
+        return self.account.id
+
+
+def create_account(
+    db: Session, *, name: str, email: str, user_name: str | None = None, plan_type: str = "pro"
+) -> tuple[m.Account, m.User]:
+    """A new account with one owner user (used for the server owner and by tests)."""
+    now = time.time()
+    account = m.Account(id=ids.new_account_id(), name=name, plan_type=plan_type, created_at=now)
+    user = db.scalar(select(m.User).where(m.User.email == email))
+    if user is None:
+        user = m.User(
+            id=ids.new_user_id(), email=email, name=user_name or email, created_at=now, settings={}
+        )
+        db.add(user)
+    db.add(account)
+    db.flush()
+    db.add(m.Membership(account_id=account.id, user_id=user.id, role="owner", created_at=now))
+    db.flush()
+    return account, user
+
+
+def ensure_owner(db: Session, plan_type: str = "pro") -> tuple[m.Account, m.User]:
+    """Create the owner account and user on the first start; return them afterwards."""
+    state = db.get(m.ServerState, OWNER_KEY)
+    if state is not None:
+        user = db.get(m.User, state.value)
+        if user is not None:
+            account = first_account(db, user.id)
+            if account is not None:
+                return account, user
+    account, user = create_account(
+        db, name="Personal", email="owner@openwham.local", user_name="Owner", plan_type=plan_type
+    )
+    if state is None:
+        db.add(m.ServerState(key=OWNER_KEY, value=user.id))
+    else:
+        state.value = user.id
+    db.flush()
+    return account, user
+
+
+def first_account(db: Session, user_id: str) -> m.Account | None:
+    return db.scalar(
+        select(m.Account)
+        .join(m.Membership, m.Membership.account_id == m.Account.id)
+        .where(m.Membership.user_id == user_id)
+        .order_by(m.Membership.created_at, m.Account.id)
+        .limit(1)
+    )
+
+
+def user_accounts(db: Session, user_id: str) -> list[m.Account]:
+    return list(
+        db.scalars(
+            select(m.Account)
+            .join(m.Membership, m.Membership.account_id == m.Account.id)
+            .where(m.Membership.user_id == user_id)
+            .order_by(m.Membership.created_at, m.Account.id)
+        )
+    )
+
+
+def issue_token(
+    key: bytes, user: m.User, account: m.Account, *, ttl_seconds: int, now: float | None = None
+) -> str:
+    """An HS256 JWT with ``exp`` and the ``https://api.openai.com/auth`` claim set."""
+    issued = int(now if now is not None else time.time())
+    claims: dict[str, Any] = {
+        "iss": ISSUER,
+        "sub": user.id,
+        "iat": issued,
+        "exp": issued + ttl_seconds,
+        "jti": uuid.uuid4().hex,
+        "email": user.email,
+        AUTH_CLAIM: {
+            "chatgpt_account_id": account.id,
+            "chatgpt_user_id": user.id,
+            "user_id": user.id,
+            "chatgpt_plan_type": account.plan_type,
+        },
+        PROFILE_CLAIM: {"email": user.email, "email_verified": True},
+    }
+    return jwt.encode(claims, key, algorithm="HS256")
+
+
+def authenticate(db: Session, key: bytes, token: str, account_header: str | None) -> Principal:
+    """Check a bearer token and pick the account (header, else the user's first account)."""
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=["HS256"],
+            issuer=ISSUER,
+            options={"require": ["exp", "sub", "iss"]},
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise Unauthorized("Token expired; create a new one with `wham token create`") from exc
+    except jwt.PyJWTError as exc:
+        raise Unauthorized("Invalid bearer token") from exc
+    user = db.get(m.User, str(claims["sub"]))
+    if user is None:
+        raise Unauthorized("Invalid bearer token")
+    if account_header:
+        membership = db.get(m.Membership, (account_header, user.id))
+        if membership is None:
+            # Same answer whether the account exists or not: no hint about other accounts.
+            raise Forbidden("ChatGPT-Account-Id is not an account of this user")
+        account = db.get(m.Account, account_header)
+    else:
+        account = first_account(db, user.id)
+    if account is None:
+        raise Forbidden("This user belongs to no account")
+    return Principal(user=user, account=account)

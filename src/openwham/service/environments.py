@@ -1,0 +1,326 @@
+"""Environments: create, update, list and render (secrets are write-only and encrypted)."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from openwham import ids
+from openwham.store import models as m
+from openwham.wire import (
+    AgentNetworkAccess,
+    Environment,
+    EnvironmentCreate,
+    EnvironmentCreator,
+    EnvironmentUpdate,
+    EnvironmentWithCreatorAndMachine,
+    GitHubRepo,
+    Machine,
+)
+
+from . import repos
+from .accounts import Principal
+from .errors import BadRequest, NotFound
+from .keys import SecretBox
+
+REDACTED = "<REDACTED>"
+MAX_VARS = 200
+MAX_VAR_VALUE = 64 * 1024
+MAX_SCRIPT = 256 * 1024
+_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+NETWORK_MODES = ("off", "on")
+NETWORK_PRESETS = ("none", "common_dependencies", "all")
+SHARE_SETTINGS = ("private", "workspace")
+
+MACHINE = Machine(
+    id="universal",
+    label="universal",
+    cpu_limit=None,
+    memory_limit_mb=None,
+    disk_limit_mb=None,
+    image="bubblewrap",
+)
+
+
+def get_row(db: Session, principal: Principal, env_id: str) -> m.Environment:
+    """The environment if it belongs to the caller's account; 404 otherwise (no existence hint)."""
+    row = db.get(m.Environment, env_id) if len(env_id) <= 200 else None
+    if row is None or row.account_id != principal.account_id:
+        raise NotFound("Environment not found")
+    return row
+
+
+def _check_vars(kind: str, values: dict[str, Any], *, allow_null: bool) -> None:
+    if len(values) > MAX_VARS:
+        raise BadRequest(f"At most {MAX_VARS} {kind} are allowed")
+    for name, value in values.items():
+        if not _VAR_NAME.match(name):
+            raise BadRequest(f"Invalid {kind[:-1]} name {name!r}: use letters, digits and _")
+        if value is None and allow_null:
+            continue
+        if not isinstance(value, str):
+            raise BadRequest(f"{kind[:-1].capitalize()} {name!r} must be a string")
+        if len(value) > MAX_VAR_VALUE or "\0" in value:
+            raise BadRequest(f"{kind[:-1].capitalize()} {name!r} is too long or contains NUL")
+
+
+def _script(value: str | list[str] | None, field: str) -> list[str] | None:
+    if value is None:
+        return None
+    lines = [value] if isinstance(value, str) else list(value)
+    if sum(len(x) for x in lines) > MAX_SCRIPT:
+        raise BadRequest(f"{field} is longer than {MAX_SCRIPT} characters")
+    return lines
+
+
+def _network(value: AgentNetworkAccess | None) -> dict[str, Any]:
+    net = value or AgentNetworkAccess(
+        mode="off", preset_allowlist="none", allowlist_domains="", safe_methods_only=None
+    )
+    data = net.model_dump(mode="json")
+    if data.get("mode") not in NETWORK_MODES:
+        raise BadRequest("agent_network_access.mode must be 'on' or 'off'")
+    preset = data.get("preset_allowlist") or "none"
+    if preset not in NETWORK_PRESETS:
+        raise BadRequest(f"agent_network_access.preset_allowlist must be one of {NETWORK_PRESETS}")
+    data["preset_allowlist"] = preset
+    data["allowlist_domains"] = data.get("allowlist_domains") or ""
+    return data
+
+
+def _repo_fields(specs: list[Any], data_dir: Path) -> tuple[list[str], dict[str, Any]]:
+    if not specs:
+        raise BadRequest("An environment needs at least one repository")
+    keys: list[str] = []
+    repo_map: dict[str, Any] = {}
+    for spec in specs:
+        key, repo = repos.describe(spec, forbidden_root=data_dir)
+        if key in repo_map:
+            raise BadRequest(f"Repository listed twice: {repo.clone_url}")
+        keys.append(key)
+        repo_map[key] = repo.model_dump(mode="json")
+    return keys, repo_map
+
+
+def _check_label(label: str) -> str:
+    label = label.strip()
+    if not label or len(label) > 200:
+        raise BadRequest("label must be 1 to 200 characters")
+    return label
+
+
+def create(
+    db: Session, principal: Principal, body: EnvironmentCreate, box: SecretBox, data_dir: Path
+) -> m.Environment:
+    label = _check_label(body.label)
+    _check_vars("env_vars", body.env_vars, allow_null=False)
+    _check_vars("secrets", body.secrets, allow_null=False)
+    if body.share_settings not in SHARE_SETTINGS:
+        raise BadRequest(f"share_settings must be one of {SHARE_SETTINGS}")
+    if body.machine_id not in (None, MACHINE.id):
+        raise BadRequest(f"Unknown machine_id {body.machine_id!r}; available: {MACHINE.id}")
+    keys, repo_map = _repo_fields(list(body.repos), data_dir)
+    now = time.time()
+    payload: dict[str, Any] = {
+        "description": body.description or "",
+        "machine_id": MACHINE.id,
+        "workspace_dir": body.workspace_dir or "/workspace",
+        "repos": keys,
+        "repo_map": repo_map,
+        "setup": _script(body.setup, "setup") or [],
+        "maintenance_setup": _script(body.maintenance_setup, "maintenance_setup"),
+        "auto_setup_settings": (
+            body.auto_setup_settings.model_dump(mode="json") if body.auto_setup_settings else None
+        ),
+        "cache_settings": {
+            "post_setup_cache_enabled": bool(
+                body.cache_settings and body.cache_settings.post_setup_cache_enabled
+            ),
+            "cache_invalidation_key": uuid.uuid4().hex,
+        },
+        "env_vars": dict(body.env_vars),
+        "agent_network_access": _network(body.agent_network_access),
+        "share_settings": body.share_settings,
+        "share_targets": [],
+    }
+    row = m.Environment(
+        id=ids.new_environment_id(),
+        account_id=principal.account_id,
+        creator_id=principal.user_id,
+        label=label,
+        is_pinned=bool(body.is_pinned),
+        body=payload,
+        secrets={k: box.seal(v) for k, v in body.secrets.items()},
+        created_at=now,
+        updated_at=now,
+        last_used_at=None,
+    )
+    db.add(row)
+    db.flush()
+    return row
+
+
+def update(
+    db: Session,
+    principal: Principal,
+    env_id: str,
+    patch: EnvironmentUpdate,
+    box: SecretBox,
+    data_dir: Path,
+) -> m.Environment:
+    """Partial update: given fields replace; ``secrets`` merge (a null value deletes one)."""
+    row = get_row(db, principal, env_id)
+    given = patch.model_fields_set
+    payload = dict(row.body)
+    if "label" in given:
+        if patch.label is None:
+            raise BadRequest("label cannot be null")
+        row.label = _check_label(patch.label)
+    if "description" in given:
+        payload["description"] = patch.description or ""
+    if "repos" in given:
+        keys, repo_map = _repo_fields(list(patch.repos or []), data_dir)
+        payload["repos"], payload["repo_map"] = keys, repo_map
+    if "setup" in given:
+        payload["setup"] = _script(patch.setup, "setup") or []
+    if "maintenance_setup" in given:
+        payload["maintenance_setup"] = _script(patch.maintenance_setup, "maintenance_setup")
+    if "env_vars" in given:
+        _check_vars("env_vars", patch.env_vars or {}, allow_null=False)
+        payload["env_vars"] = dict(patch.env_vars or {})
+    if "agent_network_access" in given:
+        payload["agent_network_access"] = _network(patch.agent_network_access)
+    if "share_settings" in given:
+        if patch.share_settings not in SHARE_SETTINGS:
+            raise BadRequest(f"share_settings must be one of {SHARE_SETTINGS}")
+        payload["share_settings"] = patch.share_settings
+    if "auto_setup_settings" in given:
+        payload["auto_setup_settings"] = (
+            patch.auto_setup_settings.model_dump(mode="json") if patch.auto_setup_settings else None
+        )
+    if "cache_settings" in given and patch.cache_settings is not None:
+        cache = dict(payload.get("cache_settings") or {})
+        cache["post_setup_cache_enabled"] = bool(patch.cache_settings.post_setup_cache_enabled)
+        payload["cache_settings"] = cache
+    if "workspace_dir" in given:
+        payload["workspace_dir"] = patch.workspace_dir or "/workspace"
+    if "machine_id" in given and patch.machine_id not in (None, MACHINE.id):
+        raise BadRequest(f"Unknown machine_id {patch.machine_id!r}; available: {MACHINE.id}")
+    if "is_pinned" in given:
+        row.is_pinned = bool(patch.is_pinned)
+    if "secrets" in given:
+        changes = patch.secrets or {}
+        _check_vars("secrets", changes, allow_null=True)
+        sealed = dict(row.secrets)
+        for name, value in changes.items():
+            if value is None:
+                sealed.pop(name, None)
+            else:
+                sealed[name] = box.seal(value)
+        if len(sealed) > MAX_VARS:
+            raise BadRequest(f"At most {MAX_VARS} secrets are allowed")
+        row.secrets = sealed
+    row.body = payload
+    row.updated_at = time.time()
+    db.flush()
+    return row
+
+
+def reset_cache(db: Session, principal: Principal, env_id: str) -> None:
+    row = get_row(db, principal, env_id)
+    payload = dict(row.body)
+    cache = dict(payload.get("cache_settings") or {})
+    cache["cache_invalidation_key"] = uuid.uuid4().hex
+    payload["cache_settings"] = cache
+    row.body = payload
+    row.updated_at = time.time()
+    db.flush()
+
+
+def delete(db: Session, principal: Principal, env_id: str) -> None:
+    db.delete(get_row(db, principal, env_id))
+    db.flush()
+
+
+def task_counts(db: Session, env_ids: list[str]) -> dict[str, int]:
+    if not env_ids:
+        return {}
+    rows = db.execute(
+        select(m.Task.environment_id, func.count())
+        .where(m.Task.environment_id.in_(env_ids))
+        .group_by(m.Task.environment_id)
+    )
+    return {str(env_id): int(n) for env_id, n in rows}
+
+
+def list_rows(db: Session, principal: Principal, *, recent: bool = False) -> list[m.Environment]:
+    q = select(m.Environment).where(m.Environment.account_id == principal.account_id)
+    if recent:
+        q = q.where(m.Environment.last_used_at.is_not(None)).order_by(
+            m.Environment.last_used_at.desc(), m.Environment.id
+        )
+    else:
+        q = q.order_by(m.Environment.is_pinned.desc(), m.Environment.label, m.Environment.id)
+    return list(db.scalars(q))
+
+
+def render(row: m.Environment, task_count: int) -> Environment:
+    """Wire form: secrets show their names with a redaction mark, never a value."""
+    body = dict(row.body)
+    return Environment.model_validate(
+        {
+            "id": row.id,
+            "label": row.label,
+            "is_pinned": row.is_pinned,
+            "task_count": task_count,
+            "creator_id": row.creator_id,
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+            "secrets": dict.fromkeys(sorted(row.secrets), REDACTED),
+            **body,
+        }
+    )
+
+
+def render_many(db: Session, rows: list[m.Environment]) -> list[Environment]:
+    counts = task_counts(db, [r.id for r in rows])
+    return [render(r, counts.get(r.id, 0)) for r in rows]
+
+
+def render_with_creator(db: Session, row: m.Environment) -> EnvironmentWithCreatorAndMachine:
+    env = render(row, task_counts(db, [row.id]).get(row.id, 0))
+    creator = db.get(m.User, row.creator_id)
+    return EnvironmentWithCreatorAndMachine.model_validate(
+        {
+            **env.model_dump(mode="json"),
+            "creator": EnvironmentCreator(
+                id=row.creator_id,
+                email=creator.email if creator else None,
+                name=creator.name if creator else None,
+            ).model_dump(mode="json"),
+            "machine": MACHINE.model_dump(mode="json"),
+        }
+    )
+
+
+def by_repo(db: Session, principal: Principal, owner: str, repo: str) -> list[m.Environment]:
+    """Environments that contain ``owner/repo`` (matched case-insensitively on the full name)."""
+    wanted = f"{owner}/{repo}".lower().removesuffix(".git")
+    out = []
+    for row in list_rows(db, principal):
+        for info in (row.body.get("repo_map") or {}).values():
+            if str(GitHubRepo.model_validate(info).repository_full_name or "").lower() == wanted:
+                out.append(row)
+                break
+    return out
+
+
+def secret_values(row: m.Environment, box: SecretBox) -> dict[str, str]:
+    """Decrypted secrets, for the setup phase only (never rendered)."""
+    return {k: box.open(v) for k, v in row.secrets.items()}

@@ -1,0 +1,119 @@
+"""Describe a repository named by git URL or local path, in the GitHubRepo shape of repo_map."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+from pathlib import Path
+from urllib.parse import urlparse
+
+from openwham.wire import GitHubRepo, GitHubRepoOwner, RepoSpec
+
+from .errors import BadRequest
+
+_SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:(?!//)(?P<path>.+)$")
+_URL_SCHEMES = ("https", "http", "ssh", "git", "file")
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$")
+
+
+def repo_key(url: str) -> str:
+    """Stable repository key (Codex uses ``github-<id>``; openwham hashes the clone URL)."""
+    return "repo-" + hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def normalise_url(raw: str, *, forbidden_root: Path | None = None) -> tuple[str, str]:
+    """Return (clone URL, path part) or raise BadRequest with what is wrong."""
+    url = raw.strip()
+    if not url or len(url) > 2000 or any(c in url for c in "\n\r\0"):
+        raise BadRequest("Repository URL must be a git URL or an absolute local path")
+    if url.startswith("/"):
+        path = Path(os.path.normpath(url))
+        if forbidden_root is not None and (
+            path == forbidden_root or forbidden_root in path.parents
+        ):
+            raise BadRequest("Repository path must not be inside openwham's data directory")
+        if not path.is_dir():
+            raise BadRequest(f"Repository path does not exist or is not a directory: {url}")
+        return str(path), str(path)
+    m = _SCP_LIKE.match(url)
+    if m:
+        return url, m.group("path")
+    parsed = urlparse(url)
+    if parsed.scheme not in _URL_SCHEMES or (parsed.scheme != "file" and not parsed.netloc):
+        raise BadRequest(
+            "Repository URL must be https://, http://, ssh://, git://, file://, "
+            "user@host:path or an absolute local path"
+        )
+    if parsed.scheme == "file":
+        return normalise_url(parsed.path, forbidden_root=forbidden_root)[0], parsed.path
+    return url, parsed.path
+
+
+def _split_name(path: str) -> tuple[str, str]:
+    parts = [p for p in path.strip("/").split("/") if p]
+    if not parts:
+        raise BadRequest("Repository URL has no repository name")
+    name = parts[-1].removesuffix(".git") or parts[-1]
+    owner = parts[-2] if len(parts) > 1 else "local"
+    return owner, name
+
+
+def detect_default_branch(url: str) -> str | None:
+    """Ask git for the remote HEAD of a local repository; remote URLs are not contacted."""
+    if not url.startswith("/"):
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "ls-remote", "--symref", url, "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.stdout.splitlines():
+        if line.startswith("ref: refs/heads/") and line.endswith("\tHEAD"):
+            return line[len("ref: refs/heads/") : -len("\tHEAD")]
+    return None
+
+
+def describe(spec: RepoSpec | str, *, forbidden_root: Path | None = None) -> tuple[str, GitHubRepo]:
+    """Key and GitHubRepo record for one repository of an environment."""
+    if isinstance(spec, str):
+        spec = RepoSpec(url=spec)
+    url, path = normalise_url(spec.url, forbidden_root=forbidden_root)
+    owner, name = _split_name(path)
+    if spec.name:
+        if not _NAME_RE.match(spec.name):
+            raise BadRequest("Repository name must look like owner/repo")
+        owner, name = spec.name.split("/", 1)
+    branch = spec.default_branch or detect_default_branch(url) or "main"
+    validate_branch_name(branch)
+    key = repo_key(url)
+    repo = GitHubRepo(
+        id=key,
+        name=name,
+        owner=GitHubRepoOwner(login=owner, id=None, type="User", avatar_url=None, url=None),
+        repository_full_name=f"{owner}/{name}",
+        clone_url=url,
+        default_branch=branch,
+        master_branch=None,
+        language=None,
+        visibility="private",
+        git_url=url,
+    )
+    return key, repo
+
+
+_BAD_REF = re.compile(r"(^[-/.])|(\.\.)|([\x00-\x20~^:?*\[\\\x7f])|(@\{)|(/\.)|(\.lock$)|([/.]$)|//")
+
+
+def validate_branch_name(branch: str) -> str:
+    """Reject names git would refuse (``git check-ref-format --branch`` rules, checked here)."""
+    if not branch or len(branch) > 255 or branch == "@" or _BAD_REF.search(branch):
+        raise BadRequest(f"Invalid branch name: {branch!r}")
+    return branch

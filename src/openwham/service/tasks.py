@@ -1,0 +1,791 @@
+"""Tasks and turns: creation (new task, follow-up), listing, details, actions and rendering."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from openwham import ids
+from openwham.config import Settings
+from openwham.store import models as m
+from openwham.wire import (
+    AssistantTurn,
+    CreateTaskRequest,
+    DenormalizedMetadata,
+    DiffStats,
+    LatestEvent,
+    LatestTurnStatusDisplay,
+    MessageInputItem,
+    PreApplyPatchInputItem,
+    SiblingTurnsResponse,
+    Task,
+    TaskDetails,
+    TaskListItem,
+    TaskListPage,
+    TaskRateLimit,
+    TaskStatusDisplay,
+    TextFragment,
+    TurnMapping,
+    TurnMappingEntry,
+    UserTurn,
+)
+
+from . import environments, usage
+from .accounts import Principal
+from .diffs import diff_stats, looks_like_unified_diff
+from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from .repos import validate_branch_name
+
+MAX_PROMPT_CHARS = 200_000
+MAX_PATCH_BYTES = 5 * 1024 * 1024
+MAX_INPUT_ITEMS = 50
+MAX_BEST_OF_N = 4
+MAX_LIST_LIMIT = 100
+DEFAULT_LIST_LIMIT = 20
+TASK_FILTERS = ("current", "all", "archived")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+TERMINAL = ("completed", "failed", "cancelled")
+ACTIVE = ("pending", "in_progress")
+MODES = ("follow_up", "new_task", "review_fix")
+_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass
+class ParsedInput:
+    """The validated input items of a create request, in their stored form."""
+
+    prompt: str
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err["loc"])
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts)
+
+
+def parse_create_request(raw: Any) -> CreateTaskRequest:
+    """Check the body in the production server's order and words, then parse it."""
+    if isinstance(raw, bytes | str):
+        raise BadRequest("Request body must be JSON (Content-Type: application/json)")
+    if not isinstance(raw, dict):
+        raise BadRequest("Request body must be a JSON object")
+    if raw.get("input_items") is None:
+        raise BadRequest("Missing input_items")
+    present = [k for k in MODES if raw.get(k) is not None]
+    if not present:
+        raise BadRequest("Must specify one of: follow_up, new_task, review_fix")
+    for key in present:
+        if not isinstance(raw[key], dict):
+            raise BadRequest(f"{key} should be object/dict")
+    if len(present) > 1:
+        raise BadRequest("Specify only one of: follow_up, new_task, review_fix")
+    if "review_fix" in present:
+        raise BadRequest("review_fix is not supported by this server")
+    if not isinstance(raw["input_items"], list):
+        raise BadRequest("input_items should be a list")
+    try:
+        return CreateTaskRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise BadRequest(f"Invalid request: {_pydantic_message(exc)}") from exc
+
+
+def _fragment_text(fragment: Any) -> str | None:
+    if isinstance(fragment, str):
+        return fragment
+    if isinstance(fragment, TextFragment):
+        return fragment.text
+    return None
+
+
+def parse_input_items(raw_items: list[Any], req_items: list[Any]) -> ParsedInput:
+    """Prompt text and stored input items; rejects what the agent could not use."""
+    if not raw_items:
+        raise BadRequest("input_items must contain a message")
+    if len(raw_items) > MAX_INPUT_ITEMS:
+        raise BadRequest(f"At most {MAX_INPUT_ITEMS} input items are allowed")
+    texts: list[str] = []
+    stored: list[dict[str, Any]] = []
+    patches = 0
+    for raw, item in zip(raw_items, req_items, strict=True):
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if isinstance(item, MessageInputItem):
+            if item.role not in (None, "user"):
+                raise BadRequest("Input messages must have role 'user'")
+            for frag in item.content:
+                text = _fragment_text(frag)
+                if text is not None:
+                    texts.append(text)
+            stored.append(
+                {
+                    "type": "message",
+                    "role": "user",
+                    "content": [
+                        f if isinstance(f, str) else f.model_dump(mode="json") for f in item.content
+                    ],
+                }
+            )
+        elif isinstance(item, PreApplyPatchInputItem):
+            patches += 1
+            if patches > 1:
+                raise BadRequest("At most one pre_apply_patch input item is allowed")
+            diff = item.output_diff.diff
+            if not isinstance(diff, str) or not diff.strip():
+                raise BadRequest("pre_apply_patch needs output_diff.diff with a unified diff")
+            if len(diff.encode()) > MAX_PATCH_BYTES:
+                raise PayloadTooLarge(
+                    f"pre_apply_patch diff is larger than {MAX_PATCH_BYTES} bytes"
+                )
+            if not looks_like_unified_diff(diff):
+                raise BadRequest("pre_apply_patch output_diff.diff is not a unified git diff")
+            stats = diff_stats(diff)
+            stored.append(
+                {
+                    "type": "pre_apply_patch",
+                    "output_diff": {
+                        "type": "output_diff",
+                        "repo_id": None,
+                        "base_commit_sha": None,
+                        "preapply_patch_base_commit_sha": None,
+                        "diff": diff,
+                        "external_storage_diff": None,
+                        "files_modified": stats.files_modified,
+                        "lines_added": stats.lines_added,
+                        "lines_removed": stats.lines_removed,
+                        "commit_message": None,
+                    },
+                }
+            )
+        else:
+            raise BadRequest(f"Unsupported input item type: {kind!r}")
+    prompt = "\n\n".join(t for t in texts if t)
+    if not prompt.strip():
+        raise BadRequest("The prompt is empty: add a message input item with text")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise PayloadTooLarge(f"The prompt is longer than {MAX_PROMPT_CHARS} characters")
+    return ParsedInput(prompt=prompt, items=stored)
+
+
+def _best_of_n(raw: dict[str, Any]) -> int:
+    meta = raw.get("metadata")
+    if meta is None:
+        return 1
+    if not isinstance(meta, dict):
+        raise BadRequest("metadata should be object/dict")
+    n = meta.get("best_of_n", 1)
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_BEST_OF_N:
+        raise BadRequest(f"metadata.best_of_n must be an integer from 1 to {MAX_BEST_OF_N}")
+    return n
+
+
+def _title(prompt: str) -> str:
+    line = next((x.strip() for x in prompt.splitlines() if x.strip()), "New task")
+    return line if len(line) <= 80 else line[:79].rstrip() + "…"
+
+
+# --------------------------------------------------------------------------- creation
+
+
+@dataclass
+class RunOptions:
+    """Per-attempt choices the engine reads from the assistant turn's private part."""
+
+    qa_mode: bool
+    model: str
+    reasoning_effort: str | None
+
+
+def _run_options(settings: Settings, spec: dict[str, Any]) -> RunOptions:
+    model = spec.get("model")
+    if model is not None and (not isinstance(model, str) or not _MODEL_RE.match(model)):
+        raise BadRequest("model must be a model slug such as 'gpt-5.1-codex'")
+    effort = spec.get("reasoning_effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise BadRequest(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}")
+    qa = spec.get("run_environment_in_qa_mode", False)
+    if qa is None:
+        qa = False
+    if not isinstance(qa, bool):
+        raise BadRequest("run_environment_in_qa_mode must be a boolean")
+    return RunOptions(qa_mode=qa, model=model or settings.model, reasoning_effort=effort)
+
+
+def _new_turns(
+    db: Session,
+    task: m.Task,
+    env: m.Environment,
+    parsed: ParsedInput,
+    options: RunOptions,
+    previous_turn_id: str | None,
+    n: int,
+) -> tuple[m.Turn, list[m.Turn]]:
+    now = time.time()
+    user = m.Turn(
+        id=ids.new_user_turn_id(task.id),
+        task_id=task.id,
+        role="user",
+        parent_id=previous_turn_id,
+        attempt_placement=None,
+        turn_status=None,
+        discarded=False,
+        viewed=True,
+        body={"input_items": parsed.items, "user_model_slug": options.model},
+        created_at=now,
+        updated_at=now,
+    )
+    db.add(user)
+    snapshot = environments.render(env, environments.task_counts(db, [env.id]).get(env.id, 0))
+    attempts = []
+    for placement in range(n):
+        turn = m.Turn(
+            id=ids.new_assistant_turn_id(task.id),
+            task_id=task.id,
+            role="assistant",
+            parent_id=user.id,
+            attempt_placement=placement,
+            turn_status="pending",
+            discarded=False,
+            viewed=False,
+            body={
+                "output_items": [],
+                "worklog": {"messages": []},
+                "error": None,
+                "latest_event": None,
+                "conversation_id": None,
+                "pull_request_status": "not_created",
+                "pull_request_data": None,
+                "internal_only_rollouts": None,
+                "environment_id": env.id,
+                "environment": snapshot.model_dump(mode="json"),
+                "branch": task.branch,
+                "base_commit_sha": None,
+                "logs": None,
+                "proxy_events": None,
+                "debug_metadata": None,
+                "run": {
+                    "qa_mode": options.qa_mode,
+                    "model": options.model,
+                    "reasoning_effort": options.reasoning_effort,
+                },
+            },
+            created_at=now,
+            updated_at=now,
+        )
+        db.add(turn)
+        attempts.append(turn)
+    task.current_user_turn_id = user.id
+    task.current_turn_id = attempts[0].id
+    task.updated_at = now
+    env.last_used_at = now
+    db.flush()
+    return user, attempts
+
+
+def create(db: Session, settings: Settings, principal: Principal, raw: Any) -> dict[str, Any]:
+    """``POST tasks``: validate everything first, then write task, turns and usage at once."""
+    req = parse_create_request(raw)
+    parsed = parse_input_items(raw["input_items"], req.input_items)
+    n = _best_of_n(raw)
+    if req.new_task is not None:
+        spec = raw["new_task"]
+        env_id = spec.get("environment_id")
+        if not isinstance(env_id, str) or not env_id:
+            raise BadRequest("new_task.environment_id is required")
+        env = environments.get_row(db, principal, env_id)
+        branch = spec.get("branch")
+        if branch is not None and not isinstance(branch, str):
+            raise BadRequest("new_task.branch must be a string")
+        if not branch:
+            first = (env.body.get("repos") or [None])[0]
+            info = (env.body.get("repo_map") or {}).get(first) or {}
+            branch = info.get("default_branch") or "main"
+        validate_branch_name(branch)
+        options = _run_options(settings, spec)
+        usage.check(db, settings, principal, n)
+        now = time.time()
+        task = m.Task(
+            id=ids.new_task_id(),
+            account_id=principal.account_id,
+            user_id=principal.user_id,
+            environment_id=env.id,
+            title=_title(parsed.prompt),
+            has_generated_title=False,
+            archived=False,
+            has_unread_turn=False,
+            branch=branch,
+            num_follow_ups=0,
+            body={"environment_label": env.label, "external_pull_requests": []},
+            created_at=now,
+            updated_at=now,
+        )
+        db.add(task)
+        db.flush()
+        user, attempts = _new_turns(db, task, env, parsed, options, None, n)
+    else:
+        spec = raw["follow_up"]
+        task, previous = _follow_up_target(db, principal, spec)
+        if task.environment_id is None:
+            raise Conflict("The environment of this task was deleted")
+        env = environments.get_row(db, principal, task.environment_id)
+        options = _run_options(settings, spec)
+        usage.check(db, settings, principal, n)
+        user, attempts = _new_turns(db, task, env, parsed, options, previous.id, n)
+        task.num_follow_ups += 1
+    usage.record(db, principal, task.id, [t.id for t in attempts])
+    db.flush()
+    rate = usage.task_rate_limit(db, settings, principal)
+    ctx = _Context.load(db, [task])
+    return {
+        "task": render_task(task, ctx).model_dump(mode="json"),
+        "user_turn": render_user_turn(user).model_dump(mode="json"),
+        "turn": render_assistant_turn(attempts[0], ctx).model_dump(mode="json"),
+        "rate_limit": _embedded_rate_limit(rate),
+    }
+
+
+def _embedded_rate_limit(rate: TaskRateLimit) -> dict[str, Any]:
+    """The ``rate_limit`` of a create response is ``tasks/rate_limit`` without ``windows``."""
+    data = rate.model_dump(mode="json")
+    data.pop("windows", None)
+    return data
+
+
+def _follow_up_target(
+    db: Session, principal: Principal, spec: dict[str, Any]
+) -> tuple[m.Task, m.Turn]:
+    task_id = spec.get("task_id")
+    turn_id = spec.get("turn_id", spec.get("previous_turn_id"))
+    if not isinstance(task_id, str) or not task_id:
+        raise BadRequest("follow_up.task_id is required")
+    if not isinstance(turn_id, str) or not turn_id:
+        raise BadRequest("follow_up.turn_id (or previous_turn_id) is required")
+    task = get_task_row(db, principal, task_id)
+    turn = db.get(m.Turn, turn_id) if len(turn_id) <= 200 else None
+    if turn is None or turn.task_id != task.id:
+        raise NotFound("Turn not found in this task")
+    if turn.role != "assistant":
+        raise BadRequest("follow_up.turn_id must name an assistant turn")
+    if turn.turn_status in ACTIVE:
+        raise Conflict(
+            f"Turn is still {turn.turn_status}; wait until it finishes or cancel it first"
+        )
+    return task, turn
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def get_task_row(db: Session, principal: Principal, task_id: str) -> m.Task:
+    task = db.get(m.Task, task_id) if len(task_id) <= 200 else None
+    if task is None or task.account_id != principal.account_id:
+        raise NotFound("Task not found")
+    return task
+
+
+def get_turn_row(db: Session, task: m.Task, turn_id: str) -> m.Turn:
+    turn = db.get(m.Turn, turn_id) if len(turn_id) <= 200 else None
+    if turn is None or turn.task_id != task.id:
+        raise NotFound("Turn not found")
+    return turn
+
+
+@dataclass
+class _Context:
+    """Turns and labels needed to render a set of tasks without N+1 queries."""
+
+    turns: dict[str, m.Turn]
+    labels: dict[str, str]
+    by_parent: dict[str | None, list[m.Turn]]
+
+    @classmethod
+    def load(cls, db: Session, tasks: list[m.Task], *, all_turns: bool = False) -> _Context:
+        turns: dict[str, m.Turn] = {}
+        if tasks:
+            if all_turns:
+                q = select(m.Turn).where(m.Turn.task_id.in_([t.id for t in tasks]))
+            else:
+                current = [t.current_turn_id for t in tasks if t.current_turn_id]
+                users = [t.current_user_turn_id for t in tasks if t.current_user_turn_id]
+                parents = select(m.Turn.parent_id).where(m.Turn.id.in_(current))
+                q = select(m.Turn).where(
+                    or_(
+                        m.Turn.id.in_(current + users),
+                        m.Turn.parent_id.in_(parents),
+                    )
+                )
+            turns = {t.id: t for t in db.scalars(q)}
+        by_parent: dict[str | None, list[m.Turn]] = {}
+        for t in sorted(turns.values(), key=lambda t: (t.created_at, t.attempt_placement or 0)):
+            by_parent.setdefault(t.parent_id, []).append(t)
+        env_ids = {t.environment_id for t in tasks if t.environment_id}
+        labels: dict[str, str] = {}
+        if env_ids:
+            rows = db.execute(
+                select(m.Environment.id, m.Environment.label).where(
+                    m.Environment.id.in_(env_ids)
+                )
+            )
+            labels = {str(i): str(label) for i, label in rows}
+        return cls(turns=turns, labels=labels, by_parent=by_parent)
+
+    def siblings(self, turn: m.Turn) -> list[m.Turn]:
+        return [
+            t
+            for t in self.by_parent.get(turn.parent_id, [])
+            if t.role == "assistant" and t.id != turn.id
+        ]
+
+    def children(self, turn: m.Turn) -> list[m.Turn]:
+        return self.by_parent.get(turn.id, [])
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _turn_diff(turn: m.Turn | None) -> dict[str, Any] | None:
+    if turn is None:
+        return None
+    for item in turn.body.get("output_items") or []:
+        if item.get("type") == "pr" and (item.get("output_diff") or {}).get("diff"):
+            return dict(item["output_diff"])
+        if item.get("type") == "output_diff" and item.get("diff"):
+            return dict(item)
+    return None
+
+
+def _stats_of(turn: m.Turn | None) -> DiffStats | None:
+    diff = _turn_diff(turn)
+    if diff is None:
+        return None
+    return DiffStats(
+        files_modified=diff.get("files_modified"),
+        lines_added=diff.get("lines_added"),
+        lines_removed=diff.get("lines_removed"),
+    )
+
+
+def render_user_turn(turn: m.Turn) -> UserTurn:
+    return UserTurn.model_validate(
+        {
+            "type": "user",
+            "id": turn.id,
+            "role": "user",
+            "input_items": turn.body.get("input_items") or [],
+            "user_model_slug": turn.body.get("user_model_slug"),
+            "previous_turn_id": turn.parent_id,
+            "created_at": turn.created_at,
+        }
+    )
+
+
+_ASSISTANT_BODY_FIELDS = (
+    "output_items",
+    "worklog",
+    "error",
+    "latest_event",
+    "conversation_id",
+    "pull_request_status",
+    "pull_request_data",
+    "internal_only_rollouts",
+    "environment_id",
+    "environment",
+    "branch",
+    "base_commit_sha",
+    "logs",
+    "proxy_events",
+    "debug_metadata",
+)
+
+
+def render_assistant_turn(turn: m.Turn, ctx: _Context) -> AssistantTurn:
+    data: dict[str, Any] = {k: turn.body.get(k) for k in _ASSISTANT_BODY_FIELDS}
+    data["output_items"] = data["output_items"] or []
+    data["worklog"] = data["worklog"] or {"messages": []}
+    data["pull_request_status"] = data["pull_request_status"] or "not_created"
+    data.update(
+        {
+            "type": "assistant",
+            "id": turn.id,
+            "role": "assistant",
+            "attempt_placement": turn.attempt_placement or 0,
+            "sibling_turn_ids": [t.id for t in ctx.siblings(turn)],
+            "child_turns": [t.id for t in ctx.children(turn)],
+            "turn_status": turn.turn_status,
+            "created_at": turn.created_at,
+            "previous_turn_id": turn.parent_id,
+            "discarded": turn.discarded,
+        }
+    )
+    return AssistantTurn.model_validate(data)
+
+
+def _status_display(task: m.Task, ctx: _Context) -> TaskStatusDisplay:
+    turn = ctx.turns.get(task.current_turn_id or "")
+    latest = None
+    if turn is not None:
+        latest = LatestTurnStatusDisplay(
+            turn_id=turn.id,
+            turn_status=turn.turn_status,
+            diff_stats=_stats_of(turn),
+            sibling_turn_ids=[t.id for t in ctx.siblings(turn)],
+            image_asset_pointer_citations=None,
+            created_at=turn.created_at,
+            updated_at=turn.updated_at,
+        )
+    return TaskStatusDisplay(
+        environment_label=ctx.labels.get(task.environment_id or "")
+        or task.body.get("environment_label"),
+        branch_name=task.branch,
+        latest_turn_status_display=latest,
+    )
+
+
+def _metadata(task: m.Task, ctx: _Context) -> DenormalizedMetadata:
+    turn = ctx.turns.get(task.current_turn_id or "")
+    user = ctx.turns.get(task.current_user_turn_id or "")
+    env = (turn.body.get("environment") if turn else None) or {}
+    repo_map = env.get("repo_map") or {}
+    stats = _stats_of(turn) or DiffStats(files_modified=None, lines_added=None, lines_removed=None)
+    return DenormalizedMetadata(
+        num_follow_ups=task.num_follow_ups,
+        repo_name_map={k: v.get("repository_full_name") for k, v in repo_map.items()},
+        last_user_turn_created_at=user.created_at if user else None,
+        last_turn_status=turn.turn_status if turn else None,
+        diff_stats=stats,
+        last_pushed_turn_id=task.body.get("last_pushed_turn_id"),
+        start_branch_name=task.branch,
+        pushed_branch_name=task.body.get("pushed_branch_name"),
+        cached_pull_request_data=None,
+    )
+
+
+def render_task(task: m.Task, ctx: _Context) -> Task:
+    return Task(
+        id=task.id,
+        title=task.title,
+        created_at=task.created_at,
+        updated_at=task.updated_at,
+        has_generated_title=task.has_generated_title,
+        current_turn_id=task.current_turn_id,
+        has_unread_turn=task.has_unread_turn,
+        denormalized_metadata=_metadata(task, ctx),
+        archived=task.archived,
+        external_pull_requests=task.body.get("external_pull_requests") or [],
+        environment_id=task.environment_id,
+        is_review=False,
+        task_status_display=_status_display(task, ctx),
+    )
+
+
+def render_list_item(task: m.Task, ctx: _Context) -> TaskListItem:
+    return TaskListItem(
+        id=task.id,
+        title=task.title,
+        has_generated_title=task.has_generated_title,
+        updated_at=task.updated_at,
+        created_at=task.created_at,
+        task_status_display=_status_display(task, ctx),
+        archived=task.archived,
+        has_unread_turn=task.has_unread_turn,
+        pull_requests=task.body.get("external_pull_requests") or [],
+    )
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def _encode_cursor(task: m.Task) -> str:
+    raw = json.dumps([task.created_at, task.id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, task_id = json.loads(raw)
+        if isinstance(created, bool) or not isinstance(created, int | float):
+            raise ValueError
+        if not isinstance(task_id, str):
+            raise ValueError
+        return float(created), task_id
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+        raise BadRequest("Invalid cursor: pass back the cursor of a previous page") from exc
+
+
+def list_tasks(
+    db: Session,
+    principal: Principal,
+    *,
+    limit: int | None,
+    task_filter: str | None,
+    environment_id: str | None,
+    cursor: str | None,
+) -> TaskListPage:
+    """Newest first, keyset-paginated on (created_at, id) so pages never skip or repeat."""
+    size = DEFAULT_LIST_LIMIT if limit is None else limit
+    if not 1 <= size <= MAX_LIST_LIMIT:
+        raise BadRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
+    filt = task_filter or "current"
+    if filt not in TASK_FILTERS:
+        raise BadRequest(f"task_filter must be one of: {', '.join(TASK_FILTERS)}")
+    q = select(m.Task).where(m.Task.account_id == principal.account_id)
+    if filt == "current":
+        q = q.where(m.Task.archived.is_(False))
+    elif filt == "archived":
+        q = q.where(m.Task.archived.is_(True))
+    if environment_id:
+        q = q.where(m.Task.environment_id == environment_id)
+    if cursor:
+        created, task_id = _decode_cursor(cursor)
+        q = q.where(
+            or_(
+                m.Task.created_at < created,
+                and_(m.Task.created_at == created, m.Task.id < task_id),
+            )
+        )
+    q = q.order_by(m.Task.created_at.desc(), m.Task.id.desc()).limit(size + 1)
+    rows = list(db.scalars(q))
+    more = len(rows) > size
+    rows = rows[:size]
+    ctx = _Context.load(db, rows)
+    return TaskListPage(
+        items=[render_list_item(t, ctx) for t in rows],
+        cursor=_encode_cursor(rows[-1]) if more and rows else None,
+    )
+
+
+def _diff_turn(task: m.Task, ctx: _Context) -> m.Turn | None:
+    """The newest attempt on the current chain that holds a diff (what `apply` applies)."""
+    turn = ctx.turns.get(task.current_turn_id or "")
+    seen: set[str] = set()
+    while turn is not None and turn.id not in seen:
+        seen.add(turn.id)
+        if turn.role == "assistant" and _turn_diff(turn) is not None:
+            return turn
+        turn = ctx.turns.get(turn.parent_id or "")
+    return None
+
+
+def details(db: Session, principal: Principal, task_id: str) -> TaskDetails:
+    task = get_task_row(db, principal, task_id)
+    ctx = _Context.load(db, [task], all_turns=True)
+    user = ctx.turns.get(task.current_user_turn_id or "")
+    current = ctx.turns.get(task.current_turn_id or "")
+    diff_turn = _diff_turn(task, ctx)
+    rendered = render_task(task, ctx)
+    return TaskDetails(
+        task=rendered,
+        task_status_display=rendered.task_status_display,
+        current_user_turn=render_user_turn(user) if user else None,
+        current_assistant_turn=render_assistant_turn(current, ctx) if current else None,
+        current_diff_task_turn=render_assistant_turn(diff_turn, ctx) if diff_turn else None,
+    )
+
+
+def render_turn(turn: m.Turn, ctx: _Context) -> UserTurn | AssistantTurn:
+    return render_user_turn(turn) if turn.role == "user" else render_assistant_turn(turn, ctx)
+
+
+def turn_mapping(db: Session, principal: Principal, task_id: str) -> TurnMapping:
+    task = get_task_row(db, principal, task_id)
+    ctx = _Context.load(db, [task], all_turns=True)
+    mapping = {
+        t.id: TurnMappingEntry(
+            id=t.id,
+            turn=render_turn(t, ctx),
+            parent=t.parent_id,
+            children=[c.id for c in ctx.children(t)],
+        )
+        for t in sorted(ctx.turns.values(), key=lambda t: (t.created_at, t.attempt_placement or 0))
+    }
+    return TurnMapping(turn_mapping=mapping, current_turn_id=task.current_turn_id)
+
+
+def get_turn(db: Session, principal: Principal, task_id: str, turn_id: str) -> UserTurn | AssistantTurn:
+    task = get_task_row(db, principal, task_id)
+    turn = get_turn_row(db, task, turn_id)
+    ctx = _Context.load(db, [task], all_turns=True)
+    return render_turn(turn, ctx)
+
+
+def sibling_turns(
+    db: Session, principal: Principal, task_id: str, turn_id: str
+) -> SiblingTurnsResponse:
+    task = get_task_row(db, principal, task_id)
+    turn = get_turn_row(db, task, turn_id)
+    if turn.role != "assistant":
+        raise BadRequest("sibling_turns needs an assistant turn id")
+    ctx = _Context.load(db, [task], all_turns=True)
+    sibs = sorted(ctx.siblings(turn), key=lambda t: (t.attempt_placement or 0, t.created_at))
+    return SiblingTurnsResponse(sibling_turns=[render_assistant_turn(t, ctx) for t in sibs])
+
+
+# --------------------------------------------------------------------------- actions
+
+
+def set_archived(db: Session, principal: Principal, task_id: str, archived: bool) -> None:
+    task = get_task_row(db, principal, task_id)
+    task.archived = archived
+    db.flush()
+
+
+def mark_read(db: Session, principal: Principal, task_id: str) -> None:
+    task = get_task_row(db, principal, task_id)
+    task.has_unread_turn = False
+    db.flush()
+
+
+def mark_viewed(db: Session, principal: Principal, task_id: str, turn_id: str) -> None:
+    task = get_task_row(db, principal, task_id)
+    turn = get_turn_row(db, task, turn_id)
+    turn.viewed = True
+    if turn.id == task.current_turn_id:
+        task.has_unread_turn = False
+    db.flush()
+
+
+def cancel(db: Session, principal: Principal, task_id: str) -> list[str]:
+    """Cancel every attempt that has not finished; returns the cancelled turn ids."""
+    task = get_task_row(db, principal, task_id)
+    now = time.time()
+    turns = db.scalars(
+        select(m.Turn).where(
+            m.Turn.task_id == task.id, m.Turn.role == "assistant", m.Turn.turn_status.in_(ACTIVE)
+        )
+    )
+    cancelled = []
+    for turn in turns:
+        turn.turn_status = "cancelled"
+        body = dict(turn.body)
+        body["latest_event"] = LatestEvent(
+            created=now, text="Cancelled", event_type="info"
+        ).model_dump(mode="json")
+        turn.body = body
+        turn.updated_at = now
+        cancelled.append(turn.id)
+    if cancelled:
+        task.updated_at = now
+    db.flush()
+    return cancelled
+
+
+def delete(db: Session, principal: Principal, task_id: str) -> None:
+    task = get_task_row(db, principal, task_id)
+    db.delete(task)
+    db.flush()

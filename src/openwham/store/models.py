@@ -1,0 +1,140 @@
+"""ORM tables. Hot, queried fields are columns; the rest of a turn's wire body is JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ID = String(200)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Account(Base):
+    """A workspace: the unit that owns environments, tasks and rate limits."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    plan_type: Mapped[str] = mapped_column(String(64), default="pro")
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[float] = mapped_column(Float)
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Membership(Base):
+    __tablename__ = "memberships"
+
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    role: Mapped[str] = mapped_column(String(32), default="member")
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Environment(Base):
+    """An environment; ``body`` holds the wire fields, ``secrets`` holds ciphertexts only."""
+
+    __tablename__ = "environments"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    creator_id: Mapped[str] = mapped_column(ID)
+    label: Mapped[str] = mapped_column(String(200))
+    is_pinned: Mapped[bool] = mapped_column(Boolean, default=False)
+    body: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    secrets: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (Index("ix_tasks_account_created", "account_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    user_id: Mapped[str] = mapped_column(ID)
+    environment_id: Mapped[str | None] = mapped_column(ID, nullable=True, index=True)
+    title: Mapped[str] = mapped_column(Text)
+    has_generated_title: Mapped[bool] = mapped_column(Boolean, default=False)
+    archived: Mapped[bool] = mapped_column(Boolean, default=False)
+    has_unread_turn: Mapped[bool] = mapped_column(Boolean, default=False)
+    branch: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    current_user_turn_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    current_turn_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    num_follow_ups: Mapped[int] = mapped_column(Integer, default=0)
+    body: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Turn(Base):
+    """A user turn or one assistant attempt; ``body`` carries the rest of its wire fields."""
+
+    __tablename__ = "turns"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    parent_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    attempt_placement: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    turn_status: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    discarded: Mapped[bool] = mapped_column(Boolean, default=False)
+    viewed: Mapped[bool] = mapped_column(Boolean, default=False)
+    body: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class UsageEvent(Base):
+    """One started attempt; kept after a task is deleted so that deleting cannot reset limits."""
+
+    __tablename__ = "usage_events"
+    __table_args__ = (Index("ix_usage_account_created", "account_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    user_id: Mapped[str] = mapped_column(ID)
+    task_id: Mapped[str] = mapped_column(ID)
+    turn_id: Mapped[str] = mapped_column(ID)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class ServerState(Base):
+    """Small key/value facts about this installation (e.g. the owner account)."""
+
+    __tablename__ = "server_state"
+    __table_args__ = (UniqueConstraint("key"),)
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

@@ -1,0 +1,36 @@
+"""Small shapes used across several endpoints."""
+
+from pydantic import Field
+
+from openwham.wire.base import WireModel
+
+
+class DiffStats(WireModel):
+    """Size of a turn's diff; each count is ``null`` until a diff exists."""
+
+    files_modified: int | None = None
+    lines_added: int | None = None
+    lines_removed: int | None = None
+
+
+class SuccessResponse(WireModel):
+    """Body of task and turn actions such as ``POST …/turns/{turn_id}/viewed``."""
+
+    success: bool = True
+
+
+class ErrorBody(WireModel):
+    """FastAPI-style error body ``{"detail": "<message>"}``."""
+
+    detail: str
+
+
+class TurnError(WireModel):
+    """``error`` of a failed assistant turn (also used in worklog message metadata).
+
+    Lives here rather than in ``turns`` so that ``worklog`` can use it without an import cycle;
+    ``openwham.wire.turns`` re-exports it.
+    """
+
+    code: str = Field(default="unknown_error", examples=["failed_to_apply_patch_error"])
+    message: str = ""

@@ -1,0 +1,174 @@
+"""User and assistant turns, the turn tree and turn logs (wham-api.md §4)."""
+
+from typing import Annotated, Any, Final
+
+from pydantic import BeforeValidator, Discriminator, Field, Tag
+
+from openwham.wire.base import WireModel, tag_value
+from openwham.wire.common import TurnError as TurnError  # re-exported: documented here
+from openwham.wire.environments import Environment
+from openwham.wire.items import InputItem, OutputItem
+from openwham.wire.worklog import Worklog
+
+TURN_STATUSES: Final = ("pending", "in_progress", "completed", "failed", "cancelled")
+TERMINAL_TURN_STATUSES: Final = ("completed", "failed", "cancelled")
+PULL_REQUEST_STATUSES: Final = ("not_created",)
+LATEST_EVENT_TEXTS: Final = ("Thinking", "Waiting", "Working", "Completing the task", "Completed")
+SETUP_LOG_TYPES: Final = ("UserSetupScript",)
+
+
+def _null_as_empty(value: Any) -> Any:
+    return [] if value is None else value
+
+
+class LatestEvent(WireModel):
+    """The live status line of a running turn (``text`` such as ``"Working"``)."""
+
+    created: float | None = None
+    text: str = ""
+    event_type: str = "info"
+
+
+class SetupLogKey(WireModel):
+    """Identifies one setup log; ``created_at`` is a naive ISO 8601 string, not epoch seconds."""
+
+    type: str = "UserSetupScript"
+    name: str = ""
+    created_at: str | None = None
+
+
+class SetupLogRef(WireModel):
+    """A setup log of a turn; ``value`` is the id of the stored log blob."""
+
+    key: SetupLogKey = Field(default_factory=SetupLogKey)
+    value: str = ""
+
+
+class TurnLogs(WireModel):
+    """``logs`` of an assistant turn: ``{"logs": [...]}``."""
+
+    logs: list[SetupLogRef] = Field(default_factory=list)
+
+
+class ProxyEvent(WireModel):
+    """One audited network request of the agent (``timestamp`` is naive ISO 8601)."""
+
+    timestamp: str | None = None
+    decision: str | None = None
+    reason: str | None = None
+    method: str | None = None
+    domain: str | None = None
+    protocol: str | None = None
+    size: int | None = None
+    path: str | None = None
+
+
+class UserTurn(WireModel):
+    """A user's prompt. ``id`` is optional only because client fixtures omit it."""
+
+    type: str = "user"
+    id: str | None = None
+    role: str = "user"
+    input_items: list[InputItem] = Field(default_factory=list)
+    user_model_slug: str | None = None
+    previous_turn_id: str | None = None
+    created_at: float | None = None
+
+
+class AssistantTurn(WireModel):
+    """One attempt of the agent at a user turn (best-of-N gives N sibling attempts).
+
+    ``id`` is optional only because the official client's fixtures omit it; openwham always
+    sets it. ``sibling_turn_ids: null`` is read as ``[]``, as the official client does.
+    """
+
+    type: str = "assistant"
+    id: str | None = None
+    role: str = "assistant"
+    attempt_placement: int = 0
+    sibling_turn_ids: Annotated[list[str], BeforeValidator(_null_as_empty)] = Field(
+        default_factory=list
+    )
+    turn_status: str = "pending"
+    input_items: list[InputItem] = Field(default_factory=list)
+    output_items: list[OutputItem] = Field(default_factory=list)
+    worklog: Worklog = Field(default_factory=Worklog)
+    error: TurnError | None = None
+    latest_event: LatestEvent | None = None
+    child_turns: list[str] = Field(default_factory=list)
+    conversation_id: str | None = None
+    pull_request_status: str = "not_created"
+    pull_request_data: Any = None
+    created_at: float | None = None
+    internal_only_rollouts: list[str] | None = None
+    environment_id: str | None = None
+    environment: Environment | None = None
+    branch: str | None = None
+    base_commit_sha: str | None = None
+    previous_turn_id: str | None = None
+    logs: TurnLogs | None = None
+    proxy_events: list[ProxyEvent] | None = None
+    debug_metadata: Any = None
+    discarded: bool = False
+
+
+_ASSISTANT_ONLY_KEYS: Final = ("output_items", "turn_status", "attempt_placement", "worklog")
+
+
+def _turn_tag(value: Any) -> str:
+    """``type`` decides; without it ``role``, then the presence of assistant-only fields."""
+    for key in ("type", "role"):
+        kind = tag_value(value, key)
+        if kind in ("user", "assistant"):
+            return str(kind)
+    if isinstance(value, dict) and not any(k in value for k in _ASSISTANT_ONLY_KEYS):
+        return "user" if "input_items" in value else "assistant"
+    return "assistant"
+
+
+Turn = Annotated[
+    Annotated[UserTurn, Tag("user")] | Annotated[AssistantTurn, Tag("assistant")],
+    Discriminator(_turn_tag),
+]
+"""A user or assistant turn, chosen by ``type``."""
+
+
+class TurnResponse(WireModel):
+    """``GET /tasks/{task_id}/turns/{turn_id}``."""
+
+    turn: Turn
+
+
+class TurnMappingEntry(WireModel):
+    """A node of the turn tree: the turn, its parent turn id and its child turn ids."""
+
+    id: str
+    turn: Turn
+    parent: str | None = None
+    children: list[str] = Field(default_factory=list)
+
+
+class TurnMapping(WireModel):
+    """``GET /tasks/{task_id}/turns``: every turn of the task keyed by turn id."""
+
+    turn_mapping: dict[str, TurnMappingEntry] = Field(default_factory=dict)
+    current_turn_id: str | None = None
+
+
+class SiblingTurnsResponse(WireModel):
+    """``GET …/turns/{turn_id}/sibling_turns``: the other attempts of the same user turn."""
+
+    sibling_turns: list[AssistantTurn] = Field(default_factory=list)
+
+
+class TurnLogLine(WireModel):
+    """One line of setup log text."""
+
+    key: SetupLogKey = Field(default_factory=SetupLogKey)
+    line: str = ""
+
+
+class TurnLogsResponse(WireModel):
+    """``GET …/turns/{turn_id}/logs``: setup log text line by line."""
+
+    logs: list[TurnLogLine] = Field(default_factory=list)

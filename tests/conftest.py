@@ -1,0 +1,281 @@
+"""Shared fixtures: databases (SQLite and a real PostgreSQL), in-process and live servers."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import make_url
+
+from openwham.config import Settings
+from openwham.server.app import create_app
+from openwham.server.state import AppState
+from openwham.service.accounts import create_account, ensure_owner, issue_token
+
+PREFIXES = ("/backend-api/wham", "/api/codex")
+WHAM = Path(sys.executable).with_name("wham")
+
+
+def shared_dir() -> Path:
+    path = Path(
+        os.environ.get("WHAM_SHARED_DIR")
+        or Path(__file__).resolve().parents[1].parent / "shared"
+    )
+    if not (path / "wham-reference").is_dir():
+        pytest.fail(f"shared reference folder not found at {path} (set WHAM_SHARED_DIR)")
+    return path
+
+
+# --------------------------------------------------------------------------- databases
+
+
+def _postgres_admin_url() -> str:
+    url = os.environ.get("WHAM_TEST_POSTGRES_URL")
+    if not url:
+        pytest.fail(
+            "WHAM_TEST_POSTGRES_URL is not set: run the suite with ./scripts/test, "
+            "which installs PostgreSQL and starts a throwaway cluster"
+        )
+    return url
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty database on the test cluster, dropped afterwards."""
+    import psycopg
+
+    admin = _postgres_admin_url()
+    plain = admin.replace("postgresql+psycopg://", "postgresql://")
+    name = f"wham_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'data' / 'openwham.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Runs a test once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return str(request.getfixturevalue("sqlite_url"))
+    return str(request.getfixturevalue("postgres_url"))
+
+
+# --------------------------------------------------------------------------- clients
+
+
+@dataclass
+class Api:
+    """A client bound to one path style and one caller's token."""
+
+    client: httpx.Client
+    token: str | None
+    prefix: str = PREFIXES[0]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def url(self, path: str) -> str:
+        return f"{self.prefix}/{path.lstrip('/')}"
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        headers = dict(self.headers)
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        headers.update(kw.pop("headers", None) or {})
+        return self.client.request(method, self.url(path), headers=headers, **kw)
+
+    def get(self, path: str, **kw: Any) -> httpx.Response:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, **kw: Any) -> httpx.Response:
+        return self.request("POST", path, **kw)
+
+    def patch(self, path: str, **kw: Any) -> httpx.Response:
+        return self.request("PATCH", path, **kw)
+
+    def delete(self, path: str, **kw: Any) -> httpx.Response:
+        return self.request("DELETE", path, **kw)
+
+    def as_(self, token: str | None) -> Api:
+        return Api(self.client, token, self.prefix, dict(self.headers))
+
+    def styled(self, prefix: str) -> Api:
+        return Api(self.client, self.token, prefix, dict(self.headers))
+
+    # conveniences -----------------------------------------------------------
+
+    def create_env(self, repo: Path | str, **body: Any) -> dict[str, Any]:
+        payload = {"label": body.pop("label", "acme/widgets"), "repos": [str(repo)], **body}
+        r = self.post("environments", json=payload)
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+    def create_task(
+        self, env_id: str, prompt: str = "Fix the failing test", **extra: Any
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "new_task": {"environment_id": env_id, **extra.pop("new_task", {})},
+            "input_items": [
+                {"type": "message", "role": "user", "content": [{"content_type": "text", "text": prompt}]}
+            ],
+            **extra,
+        }
+        r = self.post("tasks", json=body)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+
+@dataclass
+class Server:
+    """An in-process app with its owner token and helpers for a second account."""
+
+    app_state: AppState
+    api: Api
+
+    def other_account_token(self, name: str = "Other") -> str:
+        with self.app_state.db.session() as s:
+            account, user = create_account(s, name=name, email=f"{uuid.uuid4().hex}@example.com")
+            return issue_token(self.app_state.signing_key, user, account, ttl_seconds=3600)
+
+    def owner_token(self, **kw: Any) -> str:
+        with self.app_state.db.session() as s:
+            account, user = ensure_owner(s)
+            return issue_token(self.app_state.signing_key, user, account, **{"ttl_seconds": 3600, **kw})
+
+
+def make_server(tmp_path: Path, database_url: str) -> Iterator[Server]:
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
+    app = create_app(settings)
+    state: AppState = app.state.wham
+    with TestClient(app, raise_server_exceptions=False) as client:
+        server = Server(state, Api(client, None))
+        server.api.token = server.owner_token()
+        yield server
+    state.db.dispose()
+
+
+@pytest.fixture
+def server(tmp_path: Path, sqlite_url: str) -> Iterator[Server]:
+    """In-process server on SQLite."""
+    yield from make_server(tmp_path, sqlite_url)
+
+
+@pytest.fixture
+def any_server(tmp_path: Path, database_url: str) -> Iterator[Server]:
+    """In-process server, once on SQLite and once on PostgreSQL."""
+    yield from make_server(tmp_path, database_url)
+
+
+@pytest.fixture(params=PREFIXES)
+def api(request: pytest.FixtureRequest, server: Server) -> Api:
+    """The owner's client, once per path style."""
+    return server.api.styled(str(request.param))
+
+
+# --------------------------------------------------------------------------- git
+
+
+def git(*args: str, cwd: Path) -> str:
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "Test",
+        "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "Test",
+        "GIT_COMMITTER_EMAIL": "test@example.com",
+    }
+    return subprocess.run(
+        ["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True
+    ).stdout
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A small git repository with one commit on ``main``."""
+    path = tmp_path / "widgets"
+    path.mkdir()
+    git("init", "-q", "-b", "main", cwd=path)
+    (path / "README.md").write_text("# widgets\n")
+    (path / "calc.py").write_text("def add(a, b):\n    return a - b\n")
+    git("add", ".", cwd=path)
+    git("commit", "-q", "-m", "initial", cwd=path)
+    return path
+
+
+# --------------------------------------------------------------------------- live server
+
+
+@dataclass
+class LiveServer:
+    url: str
+    data_dir: Path
+    process: subprocess.Popen[str]
+
+    def token(self) -> str:
+        out = subprocess.run(
+            [str(WHAM), "token", "create", "--data-dir", str(self.data_dir)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return out.stdout.strip()
+
+
+def start_live_server(data_dir: Path, env: dict[str, str] | None = None) -> LiveServer:
+    """``wham serve --port 0`` as a real process; reads the base URL it prints."""
+    proc = subprocess.Popen(
+        [str(WHAM), "serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.match(r"openwham (http://\S+)", line)
+        if m:
+            url = m.group(1)
+            break
+    else:
+        proc.wait(10)
+        raise AssertionError("wham serve did not print its URL:\n" + "".join(lines))
+    for _ in range(200):
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    return LiveServer(url=url, data_dir=data_dir, process=proc)
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    srv = start_live_server(tmp_path / "live-data")
+    try:
+        yield srv
+    finally:
+        srv.process.terminate()
+        try:
+            srv.process.wait(10)
+        except subprocess.TimeoutExpired:
+            srv.process.kill()

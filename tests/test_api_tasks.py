@@ -1,0 +1,170 @@
+"""Task endpoints end to end (in-process), under both path styles."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import Api, Server
+
+TASK_ID = re.compile(r"^task_e_[0-9a-f]{32}$")
+
+
+def test_create_task_returns_task_turns_and_rate_limit(api: Api, repo: Path) -> None:
+    env = api.create_env(repo)
+    body = api.create_task(env["id"], "Make add() add\nThanks", metadata={"best_of_n": 3})
+    assert set(body) == {"task", "user_turn", "turn", "rate_limit"}
+    task, user, turn = body["task"], body["user_turn"], body["turn"]
+    assert TASK_ID.match(task["id"])
+    assert re.match(rf"^{task['id']}~usertrn_e_[0-9a-f]{{32}}$", user["id"])
+    assert re.match(rf"^{task['id']}~assttrn_e_[0-9a-f]{{32}}$", turn["id"])
+    assert isinstance(task["created_at"], float)
+    assert task["title"] == "Make add() add" and task["has_generated_title"] is False
+    assert task["current_turn_id"] == turn["id"]
+    assert turn["turn_status"] == "pending" and turn["latest_event"] is None
+    assert turn["logs"] is None and turn["attempt_placement"] == 0
+    assert len(turn["sibling_turn_ids"]) == 2
+    assert turn["previous_turn_id"] == user["id"] and user["previous_turn_id"] is None
+    assert turn["environment"]["id"] == env["id"] and turn["branch"] == "main"
+    assert "windows" not in body["rate_limit"]
+    assert body["rate_limit"]["remaining"] == body["rate_limit"]["limit"] - 3
+
+
+def test_list_details_turns_and_siblings(api: Api, repo: Path) -> None:
+    env = api.create_env(repo)
+    created = api.create_task(env["id"], metadata={"best_of_n": 2})
+    task_id = created["task"]["id"]
+
+    page = api.get("tasks/list", params={"task_filter": "current", "limit": 5}).json()
+    assert [i["id"] for i in page["items"]] == [task_id]
+    item = page["items"][0]
+    assert item["archived"] is False and item["has_unread_turn"] is False
+    status = item["task_status_display"]
+    assert status["environment_label"] == "acme/widgets"
+    assert status["latest_turn_status_display"]["turn_status"] == "pending"
+
+    details = api.get(f"tasks/{task_id}").json()
+    assert {"task", "current_user_turn", "current_assistant_turn", "current_diff_task_turn"} <= set(
+        details
+    )
+    assert details["current_assistant_turn"]["id"] == created["turn"]["id"]
+    assert details["current_diff_task_turn"] is None
+    prompt = details["current_user_turn"]["input_items"][0]["content"][0]["text"]
+    assert prompt == "Fix the failing test"
+
+    mapping = api.get(f"tasks/{task_id}/turns").json()
+    assert mapping["current_turn_id"] == created["turn"]["id"]
+    entries = mapping["turn_mapping"]
+    user_id = created["user_turn"]["id"]
+    assert entries[user_id]["parent"] is None
+    assert sorted(entries[user_id]["children"]) == sorted(
+        [created["turn"]["id"], *created["turn"]["sibling_turn_ids"]]
+    )
+
+    one = api.get(f"tasks/{task_id}/turns/{created['turn']['id']}").json()
+    assert one["turn"]["id"] == created["turn"]["id"]
+
+    sibs = api.get(f"tasks/{task_id}/turns/{created['turn']['id']}/sibling_turns").json()
+    assert [t["attempt_placement"] for t in sibs["sibling_turns"]] == [1]
+    assert sibs["sibling_turns"][0]["id"] == created["turn"]["sibling_turn_ids"][0]
+
+
+def test_archive_unarchive_mark_read_cancel_delete(api: Api, repo: Path) -> None:
+    env = api.create_env(repo)
+    task_id = api.create_task(env["id"], metadata={"best_of_n": 2})["task"]["id"]
+
+    assert api.post(f"tasks/{task_id}/archive").json() == {"success": True}
+    current = api.get("tasks/list").json()["items"]
+    archived = api.get("tasks/list", params={"task_filter": "archived"}).json()["items"]
+    every = api.get("tasks/list", params={"task_filter": "all"}).json()["items"]
+    assert task_id not in [i["id"] for i in current]
+    assert [i["id"] for i in archived] == [task_id] and archived[0]["archived"] is True
+    assert [i["id"] for i in every] == [task_id]
+    assert api.post(f"tasks/{task_id}/unarchive").json() == {"success": True}
+    assert [i["id"] for i in api.get("tasks/list").json()["items"]] == [task_id]
+
+    assert api.post(f"tasks/{task_id}/mark_read").json() == {"success": True}
+    assert api.get(f"tasks/{task_id}").json()["task"]["has_unread_turn"] is False
+
+    assert api.post(f"tasks/{task_id}/cancel").json() == {"success": True}
+    mapping = api.get(f"tasks/{task_id}/turns").json()["turn_mapping"]
+    statuses = [e["turn"]["turn_status"] for e in mapping.values() if e["turn"]["type"] == "assistant"]
+    assert statuses == ["cancelled", "cancelled"]
+
+    turn_id = api.get(f"tasks/{task_id}").json()["task"]["current_turn_id"]
+    assert api.post(f"tasks/{task_id}/turns/{turn_id}/viewed").json() == {"success": True}
+
+    assert api.delete(f"tasks/{task_id}").json() == {"success": True}
+    assert api.get(f"tasks/{task_id}").status_code == 404
+    assert api.get(f"tasks/{task_id}/turns").status_code == 404
+    assert api.get("tasks/list", params={"task_filter": "all"}).json()["items"] == []
+
+
+def test_keyset_pagination_is_stable(server: Server, repo: Path) -> None:
+    api = server.api
+    env = api.create_env(repo)
+    ids = [api.create_task(env["id"], f"task {i}")["task"]["id"] for i in range(7)]
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+        page = api.get("tasks/list", params=params).json()
+        seen += [i["id"] for i in page["items"]]
+        pages += 1
+        # a task created between pages must not shift later pages
+        if pages == 1:
+            api.create_task(env["id"], "late arrival")
+        cursor = page["cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(ids))
+    assert pages == 3
+
+
+def test_follow_up_creates_turns_after_chosen_attempt(server: Server, repo: Path) -> None:
+    api = server.api
+    env = api.create_env(repo)
+    created = api.create_task(env["id"])
+    task_id, first = created["task"]["id"], created["turn"]["id"]
+
+    body = {
+        "follow_up": {"task_id": task_id, "turn_id": first},
+        "input_items": [{"type": "message", "role": "user", "content": [{"content_type": "text", "text": "more"}]}],
+        "metadata": {"best_of_n": 2},
+    }
+    r = api.post("tasks", json=body)
+    assert r.status_code == 409, r.text  # still pending
+    assert "pending" in r.json()["detail"]
+
+    _finish(server, first)
+    r = api.post("tasks", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["task"]["id"] == task_id
+    assert out["user_turn"]["previous_turn_id"] == first
+    assert out["turn"]["previous_turn_id"] == out["user_turn"]["id"]
+    assert len(out["turn"]["sibling_turn_ids"]) == 1
+    assert out["task"]["denormalized_metadata"]["num_follow_ups"] == 1
+    assert out["task"]["current_turn_id"] == out["turn"]["id"]
+
+    mapping = api.get(f"tasks/{task_id}/turns").json()
+    entries = mapping["turn_mapping"]
+    assert entries[first]["children"] == [out["user_turn"]["id"]]
+    assert entries[first]["turn"]["child_turns"] == [out["user_turn"]["id"]]
+    assert entries[out["user_turn"]["id"]]["parent"] == first
+    assert mapping["current_turn_id"] == out["turn"]["id"]
+
+    # previous_turn_id is accepted as an alias of turn_id
+    _finish(server, out["turn"]["id"])
+    alias = dict(body, follow_up={"task_id": task_id, "previous_turn_id": out["turn"]["id"]})
+    assert api.post("tasks", json=alias).status_code == 200
+
+
+def _finish(server: Server, turn_id: str) -> None:
+    from openwham.store import models as m
+
+    with server.app_state.db.session() as s:
+        turn = s.get(m.Turn, turn_id)
+        assert turn is not None
+        turn.turn_status = "completed"
