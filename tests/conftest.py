@@ -29,8 +29,7 @@ WHAM = Path(sys.executable).with_name("wham")
 
 def shared_dir() -> Path:
     path = Path(
-        os.environ.get("WHAM_SHARED_DIR")
-        or Path(__file__).resolve().parents[1].parent / "shared"
+        os.environ.get("WHAM_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared"
     )
     if not (path / "wham-reference").is_dir():
         pytest.fail(f"shared reference folder not found at {path} (set WHAM_SHARED_DIR)")
@@ -134,7 +133,11 @@ class Api:
         body: dict[str, Any] = {
             "new_task": {"environment_id": env_id, **extra.pop("new_task", {})},
             "input_items": [
-                {"type": "message", "role": "user", "content": [{"content_type": "text", "text": prompt}]}
+                {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"content_type": "text", "text": prompt}],
+                }
             ],
             **extra,
         }
@@ -158,7 +161,9 @@ class Server:
     def owner_token(self, **kw: Any) -> str:
         with self.app_state.db.session() as s:
             account, user = ensure_owner(s)
-            return issue_token(self.app_state.signing_key, user, account, **{"ttl_seconds": 3600, **kw})
+            return issue_token(
+                self.app_state.signing_key, user, account, **{"ttl_seconds": 3600, **kw}
+            )
 
 
 def make_server(tmp_path: Path, database_url: str) -> Iterator[Server]:

@@ -88,7 +88,9 @@ def test_archive_unarchive_mark_read_cancel_delete(api: Api, repo: Path) -> None
 
     assert api.post(f"tasks/{task_id}/cancel").json() == {"success": True}
     mapping = api.get(f"tasks/{task_id}/turns").json()["turn_mapping"]
-    statuses = [e["turn"]["turn_status"] for e in mapping.values() if e["turn"]["type"] == "assistant"]
+    statuses = [
+        e["turn"]["turn_status"] for e in mapping.values() if e["turn"]["type"] == "assistant"
+    ]
     assert statuses == ["cancelled", "cancelled"]
 
     turn_id = api.get(f"tasks/{task_id}").json()["task"]["current_turn_id"]
@@ -130,7 +132,13 @@ def test_follow_up_creates_turns_after_chosen_attempt(server: Server, repo: Path
 
     body = {
         "follow_up": {"task_id": task_id, "turn_id": first},
-        "input_items": [{"type": "message", "role": "user", "content": [{"content_type": "text", "text": "more"}]}],
+        "input_items": [
+            {
+                "type": "message",
+                "role": "user",
+                "content": [{"content_type": "text", "text": "more"}],
+            }
+        ],
         "metadata": {"best_of_n": 2},
     }
     r = api.post("tasks", json=body)
