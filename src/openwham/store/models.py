@@ -13,7 +13,6 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
-    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -134,7 +133,5 @@ class ServerState(Base):
     """Small key/value facts about this installation (e.g. the owner account)."""
 
     __tablename__ = "server_state"
-    __table_args__ = (UniqueConstraint("key"),)
-
     key: Mapped[str] = mapped_column(String(100), primary_key=True)
     value: Mapped[str] = mapped_column(Text)

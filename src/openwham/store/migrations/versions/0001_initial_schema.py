@@ -33,7 +33,6 @@ def upgrade() -> None:
         sa.Column("key", sa.String(length=100), nullable=False),
         sa.Column("value", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("key"),
-        sa.UniqueConstraint("key"),
     )
     op.create_table(
         "users",
