@@ -30,9 +30,7 @@ REFERENCE_BODY = {
 
 
 def _client(srv: LiveServer, token: str) -> httpx.Client:
-    return httpx.Client(
-        base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
-    )
+    return httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
 
 @pytest.mark.parametrize("prefix", PREFIXES)
@@ -153,14 +151,14 @@ def test_codex_auth_writes_auth_json(live_server: LiveServer, tmp_path: Path) ->
     auth = json.loads(auth_file.read_text())
     assert auth["auth_mode"] == "chatgpt" and auth["OPENAI_API_KEY"] is None
     assert auth["tokens"]["access_token"] == token == auth["tokens"]["id_token"]
-    account = jwt.decode(token, options={"verify_signature": False})[
-        "https://api.openai.com/auth"
-    ]["chatgpt_account_id"]
+    account = jwt.decode(token, options={"verify_signature": False})["https://api.openai.com/auth"][
+        "chatgpt_account_id"
+    ]
     assert auth["tokens"]["account_id"] == account
     assert "last_refresh" in auth
-    assert f'chatgpt_base_url = "{live_server.url}/backend-api/"' in (
-        home / "config.toml"
-    ).read_text()
+    assert (
+        f'chatgpt_base_url = "{live_server.url}/backend-api/"' in (home / "config.toml").read_text()
+    )
     # the written credentials work against the server, as the Codex CLI would send them
     r = httpx.get(
         f"{live_server.url}/backend-api/wham/accounts/check",
@@ -175,13 +173,31 @@ def test_codex_auth_writes_auth_json(live_server: LiveServer, tmp_path: Path) ->
 
 def test_codex_auth_rejects_bad_input(tmp_path: Path) -> None:
     r = subprocess.run(
-        [str(WHAM), "codex-auth", "--server", "ftp://x", "--token", "t", "--codex-home", str(tmp_path)],
+        [
+            str(WHAM),
+            "codex-auth",
+            "--server",
+            "ftp://x",
+            "--token",
+            "t",
+            "--codex-home",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
     )
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(
-        [str(WHAM), "codex-auth", "--server", "http://x", "--token", "nope", "--codex-home", str(tmp_path)],
+        [
+            str(WHAM),
+            "codex-auth",
+            "--server",
+            "http://x",
+            "--token",
+            "nope",
+            "--codex-home",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
     )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import posixpath
 import re
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -37,6 +40,8 @@ _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 NETWORK_MODES = ("off", "on")
 NETWORK_PRESETS = ("none", "common_dependencies", "all")
 SHARE_SETTINGS = ("private", "workspace")
+DEFAULT_WORKSPACE_DIR = "/workspace"
+MAX_WORKSPACE_DIR = 1024
 
 MACHINE = Machine(
     id="universal",
@@ -100,12 +105,44 @@ def _repo_fields(specs: list[Any], data_dir: Path) -> tuple[list[str], dict[str,
     keys: list[str] = []
     repo_map: dict[str, Any] = {}
     for spec in specs:
-        key, repo = repos.describe(spec, forbidden_root=data_dir)
+        try:
+            key, repo = repos.describe(spec, forbidden_root=data_dir)
+        except ValidationError as exc:  # e.g. an empty URL string
+            raise BadRequest("Repository URL must be a git URL or an absolute local path") from exc
+        _check_outside(repo.clone_url or "", data_dir)
         if key in repo_map:
             raise BadRequest(f"Repository listed twice: {repo.clone_url}")
         keys.append(key)
         repo_map[key] = repo.model_dump(mode="json")
     return keys, repo_map
+
+
+def _check_outside(url: str, data_dir: Path) -> None:
+    """A local repository must not be (or lead through a symlink into) the data directory."""
+    if not url.startswith("/"):
+        return
+    real = Path(os.path.realpath(url))
+    root = Path(os.path.realpath(data_dir))
+    if real == root or root in real.parents:
+        raise BadRequest("Repository path must not be inside openwham's data directory")
+
+
+def _check_workspace_dir(value: str | None) -> str:
+    """An absolute, normalised path inside the sandbox (never ``/`` itself)."""
+    path = value or DEFAULT_WORKSPACE_DIR
+    if (
+        not path.startswith("/")
+        or len(path) > MAX_WORKSPACE_DIR
+        or posixpath.normpath(path) != path.rstrip("/")
+        or path.startswith("//")
+        or path.rstrip("/") == ""
+        or any(ord(c) < 0x20 for c in path)
+    ):
+        raise BadRequest(
+            "workspace_dir must be an absolute, normalised path such as /workspace "
+            "(no '..', not '/')"
+        )
+    return path.rstrip("/")
 
 
 def _check_label(label: str) -> str:
@@ -130,7 +167,7 @@ def create(
     payload: dict[str, Any] = {
         "description": body.description or "",
         "machine_id": MACHINE.id,
-        "workspace_dir": body.workspace_dir or "/workspace",
+        "workspace_dir": _check_workspace_dir(body.workspace_dir),
         "repos": keys,
         "repo_map": repo_map,
         "setup": _script(body.setup, "setup") or [],
@@ -209,7 +246,7 @@ def update(
         cache["post_setup_cache_enabled"] = bool(patch.cache_settings.post_setup_cache_enabled)
         payload["cache_settings"] = cache
     if "workspace_dir" in given:
-        payload["workspace_dir"] = patch.workspace_dir or "/workspace"
+        payload["workspace_dir"] = _check_workspace_dir(patch.workspace_dir)
     if "machine_id" in given and patch.machine_id not in (None, MACHINE.id):
         raise BadRequest(f"Unknown machine_id {patch.machine_id!r}; available: {MACHINE.id}")
     if "is_pinned" in given:

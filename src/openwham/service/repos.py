@@ -46,6 +46,12 @@ def normalise_url(raw: str, *, forbidden_root: Path | None = None) -> tuple[str,
             "Repository URL must be https://, http://, ssh://, git://, file://, "
             "user@host:path or an absolute local path"
         )
+    # The clone URL is shown in every environment and task response: a token or password in
+    # it would leak (for http(s) the user part alone is often a token, e.g. GitHub's).
+    if parsed.password is not None or (parsed.scheme in ("http", "https") and parsed.username):
+        raise BadRequest(
+            "Repository URL must not contain credentials; use a URL without user:password@"
+        )
     if parsed.scheme == "file":
         return normalise_url(parsed.path, forbidden_root=forbidden_root)[0], parsed.path
     return url, parsed.path
@@ -60,13 +66,15 @@ def _split_name(path: str) -> tuple[str, str]:
     return owner, name
 
 
-def detect_default_branch(url: str) -> str | None:
-    """Ask git for the remote HEAD of a local repository; remote URLs are not contacted."""
-    if not url.startswith("/"):
-        return None
+def _local_head(path: str) -> tuple[bool, str | None]:
+    """(is a git repository, branch its HEAD names) for a local path, via ``git ls-remote``.
+
+    When git itself cannot be run the answer is (True, None): nothing is known, so nothing is
+    refused here.
+    """
     try:
         out = subprocess.run(
-            ["git", "ls-remote", "--symref", url, "HEAD"],
+            ["git", "ls-remote", "--symref", path, "HEAD"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -74,11 +82,20 @@ def detect_default_branch(url: str) -> str | None:
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
-        return None
+        return True, None
+    if out.returncode != 0:
+        return False, None
     for line in out.stdout.splitlines():
         if line.startswith("ref: refs/heads/") and line.endswith("\tHEAD"):
-            return line[len("ref: refs/heads/") : -len("\tHEAD")]
-    return None
+            return True, line[len("ref: refs/heads/") : -len("\tHEAD")]
+    return True, None
+
+
+def detect_default_branch(url: str) -> str | None:
+    """Ask git for the remote HEAD of a local repository; remote URLs are not contacted."""
+    if not url.startswith("/"):
+        return None
+    return _local_head(url)[1]
 
 
 def describe(spec: RepoSpec | str, *, forbidden_root: Path | None = None) -> tuple[str, GitHubRepo]:
@@ -91,7 +108,12 @@ def describe(spec: RepoSpec | str, *, forbidden_root: Path | None = None) -> tup
         if not _NAME_RE.match(spec.name):
             raise BadRequest("Repository name must look like owner/repo")
         owner, name = spec.name.split("/", 1)
-    branch = spec.default_branch or detect_default_branch(url) or "main"
+    detected = None
+    if url.startswith("/"):
+        is_repo, detected = _local_head(url)
+        if not is_repo:
+            raise BadRequest(f"Repository path is not a git repository: {url}")
+    branch = spec.default_branch or detected or "main"
     validate_branch_name(branch)
     key = repo_key(url)
     repo = GitHubRepo(
@@ -109,7 +131,9 @@ def describe(spec: RepoSpec | str, *, forbidden_root: Path | None = None) -> tup
     return key, repo
 
 
-_BAD_REF = re.compile(r"(^[-/.])|(\.\.)|([\x00-\x20~^:?*\[\\\x7f])|(@\{)|(/\.)|(\.lock$)|([/.]$)|//")
+_BAD_REF = re.compile(
+    r"(^[-/.])|(\.\.)|([\x00-\x20~^:?*\[\\\x7f])|(@\{)|(/\.)|(\.lock$)|([/.]$)|//"
+)
 
 
 def validate_branch_name(branch: str) -> str:

@@ -16,6 +16,7 @@ from openwham.wire import (
 
 from .accounts import Principal
 from .errors import BadRequest
+from .repos import validate_branch_name
 
 BRANCH_FORMAT_MAX = 100
 CUSTOM_INSTRUCTIONS_MAX = 100_000
@@ -97,10 +98,24 @@ def validate_branch_format(fmt: str) -> None:
     for token in re.findall(r"\{[^{}]*\}", fmt):
         if token not in _TOKENS:
             raise BadRequest(
-                f"branch_format has an unknown placeholder {token}; known: {', '.join(_TOKENS)}"
+                f"branch_format has an unknown placeholder {token}; known: "
+                + ", ".join(v.value for v in SPECIAL_VALUES)
             )
-    if not _BRANCH_CHARS.match(fmt) or ".." in fmt or fmt.startswith(("/", "-", ".")):
+    example = fmt
+    for special in SPECIAL_VALUES:
+        example = example.replace(special.value, special.example or "x")
+    if "{" in example or "}" in example:
+        raise BadRequest("branch_format has an unmatched '{' or '}'")
+    if not _BRANCH_CHARS.match(fmt) or not _valid_branch(example):
         raise BadRequest("branch_format would not produce a valid git branch name")
+
+
+def _valid_branch(name: str) -> bool:
+    try:
+        validate_branch_name(name)
+    except BadRequest:
+        return False
+    return True
 
 
 def patch(db: Session, principal: Principal, body: UserSettingsPatch) -> UserSettings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -437,9 +438,7 @@ class _Context:
         labels: dict[str, str] = {}
         if env_ids:
             rows = db.execute(
-                select(m.Environment.id, m.Environment.label).where(
-                    m.Environment.id.in_(env_ids)
-                )
+                select(m.Environment.id, m.Environment.label).where(m.Environment.id.in_(env_ids))
             )
             labels = {str(i): str(label) for i, label in rows}
         return cls(turns=turns, labels=labels, by_parent=by_parent)
@@ -541,7 +540,7 @@ def _status_display(task: m.Task, ctx: _Context) -> TaskStatusDisplay:
     if turn is not None:
         latest = LatestTurnStatusDisplay(
             turn_id=turn.id,
-            turn_status=turn.turn_status,
+            turn_status=turn.turn_status or "pending",
             diff_stats=_stats_of(turn),
             sibling_turn_ids=[t.id for t in ctx.siblings(turn)],
             image_asset_pointer_citations=None,
@@ -621,10 +620,15 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
         created, task_id = json.loads(raw)
         if isinstance(created, bool) or not isinstance(created, int | float):
             raise ValueError
-        if not isinstance(task_id, str):
+        if not math.isfinite(created):
+            raise ValueError
+        # Ids are ASCII: anything else (NUL, surrogates) could not even be sent to the database.
+        if not isinstance(task_id, str) or not task_id.isascii() or "\x00" in task_id:
+            raise ValueError
+        if len(task_id) > 200:
             raise ValueError
         return float(created), task_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError) as exc:
         raise BadRequest("Invalid cursor: pass back the cursor of a previous page") from exc
 
 
@@ -717,7 +721,9 @@ def turn_mapping(db: Session, principal: Principal, task_id: str) -> TurnMapping
     return TurnMapping(turn_mapping=mapping, current_turn_id=task.current_turn_id)
 
 
-def get_turn(db: Session, principal: Principal, task_id: str, turn_id: str) -> UserTurn | AssistantTurn:
+def get_turn(
+    db: Session, principal: Principal, task_id: str, turn_id: str
+) -> UserTurn | AssistantTurn:
     task = get_task_row(db, principal, task_id)
     turn = get_turn_row(db, task, turn_id)
     ctx = _Context.load(db, [task], all_turns=True)

@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from openwham.config import Settings
@@ -70,16 +70,23 @@ def _window(db: Session, account_id: str, limit: int, seconds: int, now: float) 
     return WindowState(limit, seconds, int(used), max(0, reset_after), now)
 
 
-def windows(db: Session, settings: Settings, account_id: str) -> list[WindowState]:
+def _primary_secondary(
+    db: Session, settings: Settings, account_id: str
+) -> tuple[WindowState | None, WindowState | None]:
+    """The two windows; ``None`` for a window disabled by a limit of 0."""
     now = time.time()
-    out = []
+    out: list[WindowState | None] = []
     for limit, seconds in (
         (settings.rate_limit_primary, settings.rate_limit_primary_window_seconds),
         (settings.rate_limit_secondary, settings.rate_limit_secondary_window_seconds),
     ):
-        if limit > 0:
-            out.append(_window(db, account_id, limit, seconds, now))
-    return out
+        out.append(_window(db, account_id, limit, seconds, now) if limit > 0 else None)
+    return out[0], out[1]
+
+
+def windows(db: Session, settings: Settings, account_id: str) -> list[WindowState]:
+    """The enabled windows, primary first."""
+    return [w for w in _primary_secondary(db, settings, account_id) if w is not None]
 
 
 def _text(seconds: int) -> str:
@@ -123,10 +130,11 @@ def task_rate_limit(
 
 def status_payload(db: Session, settings: Settings, principal: Principal) -> RateLimitStatusPayload:
     """``GET usage`` in the RateLimitStatusPayload shape the Codex CLI reads."""
-    ws = windows(db, settings, principal.account_id)
-    reached = any(w.remaining == 0 for w in ws)
-    primary = ws[0].wire() if ws else None
-    secondary = ws[1].wire() if len(ws) > 1 else None
+    first, second = _primary_secondary(db, settings, principal.account_id)
+    # A disabled window is null, so a disabled primary never shows the weekly window instead.
+    reached = any(w is not None and w.remaining == 0 for w in (first, second))
+    primary = first.wire() if first else None
+    secondary = second.wire() if second else None
     return RateLimitStatusPayload(
         plan_type=principal.account.plan_type,
         rate_limit=RateLimitDetails(
@@ -137,14 +145,36 @@ def status_payload(db: Session, settings: Settings, principal: Principal) -> Rat
         ),
         credits=None,
         additional_rate_limits=None,
-        rate_limit_reached_type=RateLimitReachedType(type="rate_limit_reached") if reached else None,
+        rate_limit_reached_type=RateLimitReachedType(type="rate_limit_reached")
+        if reached
+        else None,
         spend_control=None,
         rate_limit_reset_credits=RateLimitResetCredits(available_count=0),
     )
 
 
+def _lock_account(db: Session, account_id: str) -> None:
+    """Serialise the creators of one account until this transaction ends.
+
+    A no-op UPDATE of the account row: PostgreSQL holds a row lock until commit, and SQLite
+    takes its write lock (pysqlite begins the transaction at the first write), so the count
+    below and the usage recorded after it cannot interleave with another request's.
+    """
+    db.execute(
+        update(m.Account)
+        .where(m.Account.id == account_id)
+        .values(plan_type=m.Account.plan_type)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def check(db: Session, settings: Settings, principal: Principal, need: int) -> TaskRateLimit:
-    """Raise 429 (with the payload) when ``need`` more attempts would exceed a window."""
+    """Raise 429 (with the payload) when ``need`` more attempts would exceed a window.
+
+    Call it in the transaction that then records the attempts (``record``): it locks the
+    account so that concurrent requests cannot together go over the limit.
+    """
+    _lock_account(db, principal.account_id)
     rl = task_rate_limit(db, settings, principal, need=need)
     if not rl.allowed:
         payload = rl.model_dump(mode="json")

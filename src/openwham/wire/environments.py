@@ -59,6 +59,8 @@ class GitHubRepo(WireModel):
     git_commits_url: str | None = None
     size: int | None = None
     visibility: str | None = None
+    # Only the synthetic samples carry ``permissions``; real captures lack the key.
+    omit_when_unset = ("permissions",)
 
 
 class AgentNetworkAccess(WireModel):
@@ -123,6 +125,8 @@ class Environment(WireModel):
     updated_at: float | None = None
     etag: str | None = None
     permissions: EnvironmentPermissions | None = None
+    # Seen only in third-party envelope schemas: emitted only when set.
+    omit_when_unset = ("etag", "permissions")
 
 
 EnvironmentByRepoItem = Environment

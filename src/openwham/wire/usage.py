@@ -144,6 +144,7 @@ class RateLimitStatusPayload(WireModel):
     spend_control: SpendControl | None = None
     rate_limit_reset_credits: RateLimitResetCredits | None = None
     code_review_rate_limit: CodeReviewRateLimit | None = None
+    omit_when_unset = ("code_review_rate_limit",)  # third-party source only
 
 
 class TaskRateLimitWindow(WireModel):
@@ -158,8 +159,8 @@ class TaskRateLimitWindow(WireModel):
 class TaskRateLimit(WireModel):
     """``GET /tasks/rate_limit``: the task quota (``resets_after`` in seconds).
 
-    The ``POST /tasks`` response embeds the same object without ``windows``: dump it with
-    ``exclude={"windows"}`` there. ``windows`` defaults to ``None`` for that reason.
+    The ``POST /tasks`` response embeds the same object without ``windows``: leave ``windows``
+    unset (or dump with ``exclude={"windows"}``); it is emitted only when set.
     """
 
     allowed: bool = True
@@ -170,6 +171,7 @@ class TaskRateLimit(WireModel):
     resets_after_text: str | None = None
     user_plan_type: str | None = None
     windows: list[TaskRateLimitWindow] | None = None
+    omit_when_unset = ("windows",)
 
 
 class RateLimitResetConsumeRequest(WireModel):

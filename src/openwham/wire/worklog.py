@@ -36,10 +36,22 @@ class WorklogContent(WireModel):
     language: str | None = None
     response_format_name: str | None = None
     text: str | None = None
+    # Each form carries only its own keys (captures: text form has no language/text keys).
+    omit_when_unset = ("parts", "language", "response_format_name", "text")
+
+
+class InlineReviewAnchors(WireModel):
+    """``metadata.l1239dk1`` of user messages: inline review comments the prompt refers to."""
+
+    inline_comments: list[Any] = Field(default_factory=list)
 
 
 class WorklogMessageMetadata(WireModel):
-    """Known message metadata keys; others (e.g. ``l1239dk1`` review anchors) are kept as extras."""
+    """Known message metadata keys; unknown ones are kept as extras.
+
+    Every key is optional and emitted only when set: captured messages carry different subsets
+    (the user prompt has only ``l1239dk1``, a tool call only ``first_content_token_index``).
+    """
 
     exclude_after_next_user_message: bool | None = None
     reasoning_status: str | None = None
@@ -47,6 +59,16 @@ class WorklogMessageMetadata(WireModel):
     message_content_token_count: int | None = None
     is_initial_reasoning_message: bool | None = None
     error: TurnError | None = None
+    l1239dk1: InlineReviewAnchors | None = None
+    omit_when_unset = (
+        "exclude_after_next_user_message",
+        "reasoning_status",
+        "first_content_token_index",
+        "message_content_token_count",
+        "is_initial_reasoning_message",
+        "error",
+        "l1239dk1",
+    )
 
 
 class WorklogMessage(WireModel):

@@ -42,9 +42,7 @@ def environments_with_creators(principal: PrincipalDep, db: SessionDep) -> dict[
     return {"items": items, "cursor": None}
 
 
-@router.get(
-    "/environments/by-repo/{provider}/{owner}/{repo}", response_model=list[Environment]
-)
+@router.get("/environments/by-repo/{provider}/{owner}/{repo}", response_model=list[Environment])
 def environments_by_repo(
     provider: str, owner: str, repo: str, principal: PrincipalDep, db: SessionDep
 ) -> list[Environment]:
