@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,8 @@ def _postgres_admin_url() -> str:
     return url
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
+@contextmanager
+def postgres_database() -> Iterator[str]:
     """A fresh, empty database on the test cluster, dropped afterwards."""
     import psycopg
 
@@ -64,6 +65,12 @@ def postgres_url() -> Iterator[str]:
     finally:
         with psycopg.connect(plain, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture
@@ -166,8 +173,9 @@ class Server:
             )
 
 
-def make_server(tmp_path: Path, database_url: str) -> Iterator[Server]:
-    settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
+def make_server(tmp_path: Path, database_url: str, **options: Any) -> Iterator[Server]:
+    """An in-process app on ``database_url``; ``options`` are extra ``Settings`` fields."""
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, **options)
     app = create_app(settings)
     state: AppState = app.state.wham
     with TestClient(app, raise_server_exceptions=False) as client:
@@ -211,17 +219,30 @@ def git(*args: str, cwd: Path) -> str:
     ).stdout
 
 
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
+def make_repo(path: Path) -> Path:
     """A small git repository with one commit on ``main``."""
-    path = tmp_path / "widgets"
-    path.mkdir()
+    path.mkdir(parents=True)
     git("init", "-q", "-b", "main", cwd=path)
     (path / "README.md").write_text("# widgets\n")
     (path / "calc.py").write_text("def add(a, b):\n    return a - b\n")
     git("add", ".", cwd=path)
     git("commit", "-q", "-m", "initial", cwd=path)
     return path
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return make_repo(tmp_path / "widgets")
+
+
+def finish_turn(server: Server, turn_id: str, status: str = "completed") -> None:
+    """Mark an attempt finished directly in the store (no engine runs attempts yet)."""
+    from openwham.store import models as m
+
+    with server.app_state.db.session() as s:
+        turn = s.get(m.Turn, turn_id)
+        assert turn is not None
+        turn.turn_status = status
 
 
 # --------------------------------------------------------------------------- live server

@@ -8,29 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from conftest import PREFIXES, Api, Server
-from openwham.config import Settings
-from openwham.server.app import create_app
-from openwham.server.state import AppState
-from openwham.service.accounts import ensure_owner, issue_token
+from conftest import PREFIXES, Api, Server, make_server
+from openwham.service.accounts import ensure_owner
 from openwham.store import models as m
 
 LIMIT = 3
 
 
 def _limited_server(tmp_path: Path, database_url: str, **limits: Any) -> Iterator[Server]:
-    options = {"rate_limit_primary": LIMIT, **limits}
-    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, **options)
-    app = create_app(settings)
-    state: AppState = app.state.wham
-    with TestClient(app, raise_server_exceptions=False) as client:
-        with state.db.session() as s:
-            account, user = ensure_owner(s)
-            token = issue_token(state.signing_key, user, account, ttl_seconds=3600)
-        yield Server(state, Api(client, token))
-    state.db.dispose()
+    yield from make_server(tmp_path, database_url, **{"rate_limit_primary": LIMIT, **limits})
 
 
 @pytest.fixture

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -26,12 +24,10 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 
-from conftest import Api, Server, git, make_server
+from conftest import Api, Server, finish_turn, git, make_repo, make_server, postgres_database
 from openwham.server.limits import MAX_BODY_BYTES
 from openwham.service.tasks import MAX_PATCH_BYTES, MAX_PROMPT_CHARS
-from openwham.store import models as m
 from openwham.store.models import Base
 
 # --------------------------------------------------------------------------- world
@@ -59,13 +55,6 @@ class World:
         return self.server.app_state.settings.resolved_data_dir
 
 
-def _finish(server: Server, turn_id: str) -> None:
-    with server.app_state.db.session() as s:
-        turn = s.get(m.Turn, turn_id)
-        assert turn is not None
-        turn.turn_status = "completed"
-
-
 def build_world(server: Server, repo: Path, tmp: Path) -> World:
     api = server.api
     other = api.as_(server.other_account_token())
@@ -75,7 +64,7 @@ def build_world(server: Server, repo: Path, tmp: Path) -> World:
     other_env = other.create_env(repo, label="theirs")["id"]
     theirs = other.create_task(other_env)
     for turn in (first["turn"]["id"], second["turn"]["id"], theirs["turn"]["id"]):
-        _finish(server, turn)
+        finish_turn(server, turn)
     (pending,) = first["turn"]["sibling_turn_ids"]
     return World(
         server=server,
@@ -93,34 +82,6 @@ def build_world(server: Server, repo: Path, tmp: Path) -> World:
         other_task=theirs["task"]["id"],
         other_turn=theirs["turn"]["id"],
     )
-
-
-def make_repo(path: Path) -> Path:
-    path.mkdir(parents=True)
-    git("init", "-q", "-b", "main", cwd=path)
-    (path / "README.md").write_text("hi\n")
-    git("add", ".", cwd=path)
-    git("commit", "-q", "-m", "initial", cwd=path)
-    return path
-
-
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh database on the test cluster (like conftest's ``postgres_url``, module-wide)."""
-    import psycopg
-
-    admin = os.environ.get("WHAM_TEST_POSTGRES_URL")
-    if not admin:
-        pytest.fail("WHAM_TEST_POSTGRES_URL is not set: run the suite with ./scripts/test")
-    plain = admin.replace("postgresql+psycopg://", "postgresql://")
-    name = f"wham_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(plain, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(plain, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conftest import Api, Server
+from conftest import Api, Server, finish_turn
 
 TASK_ID = re.compile(r"^task_e_[0-9a-f]{32}$")
 
@@ -145,7 +145,7 @@ def test_follow_up_creates_turns_after_chosen_attempt(server: Server, repo: Path
     assert r.status_code == 409, r.text  # still pending
     assert "pending" in r.json()["detail"]
 
-    _finish(server, first)
+    finish_turn(server, first)
     r = api.post("tasks", json=body)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -164,15 +164,6 @@ def test_follow_up_creates_turns_after_chosen_attempt(server: Server, repo: Path
     assert mapping["current_turn_id"] == out["turn"]["id"]
 
     # previous_turn_id is accepted as an alias of turn_id
-    _finish(server, out["turn"]["id"])
+    finish_turn(server, out["turn"]["id"])
     alias = dict(body, follow_up={"task_id": task_id, "previous_turn_id": out["turn"]["id"]})
     assert api.post("tasks", json=alias).status_code == 200
-
-
-def _finish(server: Server, turn_id: str) -> None:
-    from openwham.store import models as m
-
-    with server.app_state.db.session() as s:
-        turn = s.get(m.Turn, turn_id)
-        assert turn is not None
-        turn.turn_status = "completed"

@@ -21,7 +21,7 @@ import pytest
 from fastapi.routing import APIRoute, iter_route_contexts
 from sqlalchemy import select
 
-from conftest import PREFIXES, Api, Server, git, make_server
+from conftest import PREFIXES, Api, Server, finish_turn, make_repo, make_server
 from openwham import ids
 from openwham.server.app import api_router
 from openwham.service.accounts import AUTH_CLAIM, ISSUER, create_account, ensure_owner, issue_token
@@ -56,22 +56,6 @@ def db_rows(server: Server) -> dict[str, list[str]]:
             t.name: sorted(repr(tuple(r)) for r in s.execute(select(t)))
             for t in Base.metadata.sorted_tables
         }
-
-
-def finish(server: Server, turn_id: str) -> None:
-    with server.app_state.db.session() as s:
-        turn = s.get(m.Turn, turn_id)
-        assert turn is not None
-        turn.turn_status = "completed"
-
-
-def make_repo(path: Path) -> Path:
-    path.mkdir(parents=True)
-    git("init", "-q", "-b", "main", cwd=path)
-    (path / "README.md").write_text("hi\n")
-    git("add", ".", cwd=path)
-    git("commit", "-q", "-m", "initial", cwd=path)
-    return path
 
 
 @dataclass
@@ -117,7 +101,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         other_env = other.create_env(repo, label="theirs")["id"]
         theirs = other.create_task(other_env, metadata={"best_of_n": 2})
         for t in (created["turn"]["id"], theirs["turn"]["id"]):
-            finish(server, t)
+            finish_turn(server, t)
         other_account = other.get("accounts/check").json()["default_account_id"]
         yield World(
             server=server,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Depends, Query
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
 from openwham.service import tasks, usage
+from openwham.service.accounts import Principal
 from openwham.wire import (
     CreateTaskResponse,
     SiblingTurnsResponse,
@@ -26,49 +29,42 @@ from ..deps import PrincipalDep, SessionDep, StateDep
 router = APIRouter(tags=["tasks"])
 
 OK = SuccessResponse(success=True)
-ListLimit = Annotated[int | None, Query(description="Page size, 1..100 (default 20)")]
-ListFilter = Annotated[str | None, Query(description="current (default), all or archived")]
-ListEnv = Annotated[str | None, Query(description="Only tasks of this environment")]
-ListCursor = Annotated[str | None, Query(description="Opaque cursor of the previous page")]
+
+
+@dataclass
+class ListQuery:
+    """The query of ``tasks/list`` and the ``tasks`` feed."""
+
+    limit: Annotated[int | None, Query(description="Page size, 1..100 (default 20)")] = None
+    task_filter: Annotated[str | None, Query(description="current (default), all or archived")] = (
+        None
+    )
+    environment_id: Annotated[str | None, Query(description="Only this environment")] = None
+    cursor: Annotated[str | None, Query(description="Opaque cursor of the previous page")] = None
+
+    def page(self, db: Session, principal: Principal) -> TaskListPage:
+        return tasks.list_tasks(
+            db,
+            principal,
+            limit=self.limit,
+            task_filter=self.task_filter,
+            environment_id=self.environment_id,
+            cursor=self.cursor,
+        )
+
+
+ListQueryDep = Annotated[ListQuery, Depends()]
 
 
 @router.get("/tasks/list", response_model=TaskListPage)
-def list_tasks(
-    principal: PrincipalDep,
-    db: SessionDep,
-    limit: ListLimit = None,
-    task_filter: ListFilter = None,
-    environment_id: ListEnv = None,
-    cursor: ListCursor = None,
-) -> TaskListPage:
-    return tasks.list_tasks(
-        db,
-        principal,
-        limit=limit,
-        task_filter=task_filter,
-        environment_id=environment_id,
-        cursor=cursor,
-    )
+def list_tasks(principal: PrincipalDep, db: SessionDep, query: ListQueryDep) -> TaskListPage:
+    return query.page(db, principal)
 
 
 @router.get("/tasks", response_model=TaskFeedPage)
-def task_feed(
-    principal: PrincipalDep,
-    db: SessionDep,
-    limit: ListLimit = None,
-    task_filter: ListFilter = None,
-    environment_id: ListEnv = None,
-    cursor: ListCursor = None,
-) -> TaskFeedPage:
+def task_feed(principal: PrincipalDep, db: SessionDep, query: ListQueryDep) -> TaskFeedPage:
     """The web feed: each task with its current assistant turn."""
-    page = tasks.list_tasks(
-        db,
-        principal,
-        limit=limit,
-        task_filter=task_filter,
-        environment_id=environment_id,
-        cursor=cursor,
-    )
+    page = query.page(db, principal)
     items = []
     for item in page.items:
         d = tasks.details(db, principal, item.id)
