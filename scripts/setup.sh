@@ -126,6 +126,16 @@ fi
 if [ "$WITH_POSTGRES" = 1 ] && ! wham_find_pg_bindir >/dev/null; then
     WANTED_PKGS+=(postgresql)
 fi
+# The sandbox every agent command runs in.
+want_cmd bwrap bubblewrap
+# npm installs the pinned Codex CLI (tools/codex/package-lock.json).
+CODEX_DIR="$WHAM_ROOT/tools/codex"
+CODEX_STAMP="$CODEX_DIR/node_modules/.openwham-stamp"
+NEED_CODEX=0
+if [ ! -e "$CODEX_STAMP" ] || [ "$CODEX_DIR/package-lock.json" -nt "$CODEX_STAMP" ]; then
+    NEED_CODEX=1
+    want_cmd npm nodejs npm
+fi
 
 # ---------------------------------------------------------------------------
 # EXTENSION POINT: further requirements go here. Keep each check cheap
@@ -178,6 +188,17 @@ install_uv() {
 }
 
 [ -n "$UV_BIN" ] || install_uv
+
+# ---------------------------------------------------------------------------
+# The pinned Codex CLI (npm ci from the committed lockfile)
+# ---------------------------------------------------------------------------
+if [ "$NEED_CODEX" = 1 ]; then
+    progress "installing the pinned Codex CLI into $CODEX_DIR/node_modules"
+    run_logged npm ci --prefix "$CODEX_DIR" --no-audit --no-fund --loglevel=error
+    "$CODEX_DIR/node_modules/.bin/codex" --version >/dev/null 2>&1 ||
+        wham_die "setup: the Codex CLI was installed but does not run"
+    touch "$CODEX_STAMP"
+fi
 
 # ---------------------------------------------------------------------------
 # The project's virtualenv (.venv), from uv.lock exactly

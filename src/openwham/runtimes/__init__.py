@@ -1,0 +1,1 @@
+"""Agent runtimes: adapters that run an agent inside an attempt's sandbox."""
