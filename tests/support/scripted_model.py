@@ -1,0 +1,209 @@
+"""A scripted OpenAI Responses server: the one external service the tests replace.
+
+It answers ``POST /v1/responses`` (SSE) for the real Codex binary. A script is a list of
+steps; the step to play is the number of tool outputs already in the request's ``input``, so
+the server is stateless and every attempt of a task replays the same script. Tool calls are
+built from the tool list the request offers: ``exec_command`` (or ``shell``) for commands and
+the ``apply_patch`` tool for edits, falling back to running ``apply_patch`` through the shell
+tool when the request offers no patch tool.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+@dataclass
+class Shell:
+    """Run a shell command through the offered shell tool."""
+
+    command: str
+
+
+@dataclass
+class Patch:
+    """Edit files with an ``*** Begin Patch`` body through the offered patch tool."""
+
+    patch: str
+
+
+@dataclass
+class Say:
+    """Finish with an assistant message."""
+
+    text: str
+
+
+@dataclass
+class Fail:
+    """Answer with ``response.failed`` (a non-retryable model error)."""
+
+    code: str = "invalid_request_error"
+    message: str = "scripted failure"
+
+
+Step = Shell | Patch | Say | Fail
+
+
+def _tool_outputs(body: dict[str, Any]) -> int:
+    return sum(
+        1
+        for item in body.get("input") or []
+        if isinstance(item, dict)
+        and item.get("type") in ("function_call_output", "custom_tool_call_output")
+    )
+
+
+def _tools(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {str(t.get("name")): t for t in body.get("tools") or [] if isinstance(t, dict)}
+
+
+def _shell_item(tools: dict[str, dict[str, Any]], command: str) -> dict[str, Any]:
+    call_id = f"call_{uuid.uuid4().hex[:12]}"
+    if "exec_command" in tools:
+        args = {"cmd": command, "yield_time_ms": 30000}
+        return {
+            "type": "function_call",
+            "name": "exec_command",
+            "arguments": json.dumps(args),
+            "call_id": call_id,
+        }
+    if "shell" in tools:
+        args = {"command": ["bash", "-lc", command]}
+        return {
+            "type": "function_call",
+            "name": "shell",
+            "arguments": json.dumps(args),
+            "call_id": call_id,
+        }
+    raise AssertionError(f"the request offers no shell tool: {sorted(tools)}")
+
+
+def _patch_item(tools: dict[str, dict[str, Any]], patch: str) -> dict[str, Any]:
+    call_id = f"call_{uuid.uuid4().hex[:12]}"
+    tool = tools.get("apply_patch")
+    if tool is not None and tool.get("type") == "custom":
+        return {
+            "type": "custom_tool_call",
+            "name": "apply_patch",
+            "input": patch,
+            "call_id": call_id,
+        }
+    if tool is not None:
+        return {
+            "type": "function_call",
+            "name": "apply_patch",
+            "arguments": json.dumps({"input": patch}),
+            "call_id": call_id,
+        }
+    return _shell_item(tools, f"apply_patch <<'PATCH'\n{patch}\nPATCH")
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+@dataclass
+class ScriptedModel:
+    """The server; ``script`` may be replaced between tasks; ``requests`` records bodies."""
+
+    script: list[Step] = field(default_factory=list)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    delay: float = 0.0
+    on_request: Callable[[dict[str, Any]], None] | None = None
+    url: str = ""
+    _server: uvicorn.Server | None = None
+    _thread: threading.Thread | None = None
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/responses", self._responses, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+            ]
+        )
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [], "models": []})
+
+    async def _responses(self, request: Request) -> Response:
+        body = json.loads(await request.body())
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        if self.on_request is not None:
+            self.on_request(body)
+        index = _tool_outputs(body)
+        step = self.script[index] if index < len(self.script) else Say("done")
+        return StreamingResponse(self._stream(body, step), media_type="text/event-stream")
+
+    async def _stream(self, body: dict[str, Any], step: Step) -> Any:
+        import asyncio
+
+        rid = f"resp_{uuid.uuid4().hex[:16]}"
+        yield _sse({"type": "response.created", "response": {"id": rid}})
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if isinstance(step, Fail):
+            yield _sse(
+                {
+                    "type": "response.failed",
+                    "response": {"id": rid, "error": {"code": step.code, "message": step.message}},
+                }
+            )
+            return
+        tools = _tools(body)
+        if isinstance(step, Shell):
+            item = _shell_item(tools, step.command)
+        elif isinstance(step, Patch):
+            item = _patch_item(tools, step.patch)
+        else:
+            item = {
+                "type": "message",
+                "role": "assistant",
+                "id": f"msg_{uuid.uuid4().hex[:12]}",
+                "content": [{"type": "output_text", "text": step.text}],
+            }
+        yield _sse({"type": "response.output_item.added", "item": item})
+        yield _sse({"type": "response.output_item.done", "item": item})
+        usage = {
+            "input_tokens": 100,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 20,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 120,
+        }
+        yield _sse({"type": "response.completed", "response": {"id": rid, "usage": usage}})
+
+    def start(self) -> ScriptedModel:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        self._server = uvicorn.Server(uvicorn.Config(self.app(), log_level="warning"))
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
+        self._thread.start()
+        while not self._server.started:
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{port}/v1"
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(5)
