@@ -1,0 +1,1 @@
+"""Per-attempt workspaces and (next) their bubblewrap isolation."""

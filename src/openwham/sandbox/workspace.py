@@ -1,0 +1,132 @@
+"""Bare mirrors per repository and cheap per-attempt clones.
+
+A mirror is fetched under an exclusive file lock, so concurrent attempts on one repository
+neither clone twice nor read a half-fetched mirror. A workspace is ``git clone --local`` of
+the mirror: objects are hard-linked (cheap, and independent of the mirror afterwards), and the
+clone's own config is written by git, never copied from the repository.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+GIT_TIMEOUT = 600
+
+# Host-side git runs with no system/global config and no hooks.
+_GIT_ENV = {
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_AUTHOR_NAME": "openwham",
+    "GIT_AUTHOR_EMAIL": "openwham@localhost",
+    "GIT_COMMITTER_NAME": "openwham",
+    "GIT_COMMITTER_EMAIL": "openwham@localhost",
+}
+_SAFE = [
+    "-c",
+    "core.hooksPath=/dev/null",
+    "-c",
+    "core.fsmonitor=",
+    "-c",
+    "protocol.ext.allow=never",
+]
+
+
+class WorkspaceError(RuntimeError):
+    """A workspace could not be prepared; the message is shown to the user as is."""
+
+
+def git(*args: str, cwd: Path | None = None, input: str | None = None) -> str:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.devnull, **_GIT_ENV}
+    try:
+        proc = subprocess.run(
+            ["git", *_SAFE, *args],
+            cwd=cwd,
+            env=env,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise WorkspaceError(f"git {args[0]} timed out after {GIT_TIMEOUT} s") from exc
+    if proc.returncode != 0:
+        raise WorkspaceError(f"git {args[0]} failed: {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class Mirrors:
+    """``root/<key>.git``: one bare mirror per repository key."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, key: str) -> Path:
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"bad repository key {key!r}")
+        return self.root / f"{key}.git"
+
+    def ensure(self, key: str, url: str, *, fetch: bool = True) -> Path:
+        """Clone the mirror on first use, else fetch it (unless ``fetch`` is false)."""
+        mirror = self.path(key)
+        with _locked(self.root / f"{key}.lock"):
+            if not (mirror / "HEAD").exists():
+                tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+                try:
+                    git("clone", "--mirror", "--quiet", url, str(tmp / "m.git"))
+                    shutil.rmtree(mirror, ignore_errors=True)
+                    (tmp / "m.git").rename(mirror)
+                except WorkspaceError as exc:
+                    raise WorkspaceError(f"Cannot clone repository {url}: {exc}") from exc
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            elif fetch:
+                try:
+                    git("fetch", "--prune", "--quiet", "origin", cwd=mirror)
+                except WorkspaceError as exc:
+                    raise WorkspaceError(f"Cannot fetch repository {url}: {exc}") from exc
+        return mirror
+
+
+def create_workspace(mirror: Path, dest: Path, branch: str, origin_url: str) -> str:
+    """Clone ``branch`` of the mirror into ``dest``; returns the base commit sha."""
+    if dest.exists():
+        raise WorkspaceError(f"workspace {dest} already exists")
+    try:
+        git("rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}", cwd=mirror)
+    except WorkspaceError as exc:
+        raise WorkspaceError(f"Branch {branch!r} does not exist in the repository") from exc
+    git("clone", "--quiet", "--local", "--branch", branch, str(mirror), str(dest))
+    git("remote", "set-url", "origin", origin_url, cwd=dest)
+    return git("rev-parse", "HEAD", cwd=dest).strip()
+
+
+def apply_patch(dest: Path, diff: str) -> None:
+    """Apply a ``pre_apply_patch``; a patch that does not apply says where it failed."""
+    try:
+        git("apply", "--whitespace=nowarn", "--check", "-", cwd=dest, input=diff)
+    except WorkspaceError as exc:
+        detail = str(exc).removeprefix("git apply failed: ")
+        raise WorkspaceError(
+            f"The starting diff (pre_apply_patch) does not apply: {detail}"
+        ) from exc
+    git("apply", "--whitespace=nowarn", "-", cwd=dest, input=diff)
