@@ -104,3 +104,28 @@ def test_concurrent_creates_all_succeed(any_server: Server, repo: Path) -> None:
         t.join()
     assert errors == []
     assert len(api.get("tasks/list", params={"limit": 100}).json()["items"]) == 12
+
+
+def test_first_start_race_creates_one_owner(sqlite_url: str) -> None:
+    """`wham serve` and `wham token create` starting together agree on one owner."""
+    from openwham.service.accounts import ensure_owner_committed
+
+    db = Database(sqlite_url)
+    db.migrate()
+    results: list[str] = []
+
+    def start() -> None:
+        account, _ = ensure_owner_committed(db)
+        results.append(account.id)
+
+    threads = [threading.Thread(target=start) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert len(results) == 5 and len(set(results)) == 1
+        with db.session() as s:
+            assert len(s.scalars(select(m.Account)).all()) == 1
+    finally:
+        db.dispose()

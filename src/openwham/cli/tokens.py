@@ -21,7 +21,7 @@ def create(
     ),
 ) -> None:
     """Print a new API token for the owner account (use it as Authorization: Bearer)."""
-    from openwham.service.accounts import ensure_owner, issue_token
+    from openwham.service.accounts import ensure_owner_committed, issue_token
     from openwham.service.keys import signing_key
     from openwham.store.db import Database
 
@@ -33,11 +33,10 @@ def create(
     db = Database(settings.sqlalchemy_url)
     try:
         db.migrate()
-        with db.session() as session:
-            account, user = ensure_owner(session, plan_type=settings.plan_type)
-            now = time.time()
-            token = issue_token(signing_key(settings), user, account, ttl_seconds=ttl, now=now)
-            account_id, user_id, email = account.id, user.id, user.email
+        account, user = ensure_owner_committed(db, plan_type=settings.plan_type)
+        now = time.time()
+        token = issue_token(signing_key(settings), user, account, ttl_seconds=ttl, now=now)
+        account_id, user_id, email = account.id, user.id, user.email
     finally:
         db.dispose()
     if as_json:

@@ -10,7 +10,7 @@ from fastapi.routing import APIRoute
 
 from openwham import __version__
 from openwham.config import Settings
-from openwham.service.accounts import ensure_owner
+from openwham.service.accounts import ensure_owner_committed
 from openwham.store.db import Database
 from openwham.wire import CreateTaskRequest
 
@@ -40,8 +40,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     """Open (and migrate) the store, make sure the owner exists, and wire up the routes."""
     settings = settings or Settings()
     state = AppState.open(settings, db)
-    with state.db.session() as session:
-        ensure_owner(session, plan_type=settings.plan_type)
+    ensure_owner_committed(state.db, plan_type=settings.plan_type)
 
     app = FastAPI(
         title="openwham",

@@ -9,10 +9,12 @@ from typing import Any
 
 import jwt
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from openwham import ids
 from openwham.store import models as m
+from openwham.store.db import Database
 
 from .errors import Forbidden, Unauthorized
 
@@ -75,6 +77,21 @@ def ensure_owner(db: Session, plan_type: str = "pro") -> tuple[m.Account, m.User
         state.value = user.id
     db.flush()
     return account, user
+
+
+def ensure_owner_committed(db: Database, plan_type: str = "pro") -> tuple[m.Account, m.User]:
+    """``ensure_owner`` in its own transaction, safe when two processes start at once.
+
+    The loser of a first-start race hits a unique key (owner email or state row), rolls back
+    and then finds the winner's owner.
+    """
+    for _ in range(3):
+        try:
+            with db.session() as session:
+                return ensure_owner(session, plan_type=plan_type)
+        except IntegrityError:
+            continue
+    raise RuntimeError("could not create or find the owner account")
 
 
 def first_account(db: Session, user_id: str) -> m.Account | None:
