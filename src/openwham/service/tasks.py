@@ -30,6 +30,8 @@ from openwham.wire import (
     SiblingTurnsResponse,
     Task,
     TaskDetails,
+    TaskFeedItem,
+    TaskFeedPage,
     TaskListItem,
     TaskListPage,
     TaskRateLimit,
@@ -632,7 +634,14 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
         raise BadRequest("Invalid cursor: pass back the cursor of a previous page") from exc
 
 
-def list_tasks(
+@dataclass
+class _Page:
+    rows: list[m.Task]
+    cursor: str | None
+    ctx: _Context
+
+
+def _page(
     db: Session,
     principal: Principal,
     *,
@@ -640,7 +649,7 @@ def list_tasks(
     task_filter: str | None,
     environment_id: str | None,
     cursor: str | None,
-) -> TaskListPage:
+) -> _Page:
     """Newest first, keyset-paginated on (created_at, id) so pages never skip or repeat."""
     size = DEFAULT_LIST_LIMIT if limit is None else limit
     if not 1 <= size <= MAX_LIST_LIMIT:
@@ -667,11 +676,60 @@ def list_tasks(
     rows = list(db.scalars(q))
     more = len(rows) > size
     rows = rows[:size]
-    ctx = _Context.load(db, rows)
-    return TaskListPage(
-        items=[render_list_item(t, ctx) for t in rows],
-        cursor=_encode_cursor(rows[-1]) if more and rows else None,
+    return _Page(rows, _encode_cursor(rows[-1]) if more and rows else None, _Context.load(db, rows))
+
+
+def list_tasks(
+    db: Session,
+    principal: Principal,
+    *,
+    limit: int | None,
+    task_filter: str | None,
+    environment_id: str | None,
+    cursor: str | None,
+) -> TaskListPage:
+    """``tasks/list``."""
+    page = _page(
+        db,
+        principal,
+        limit=limit,
+        task_filter=task_filter,
+        environment_id=environment_id,
+        cursor=cursor,
     )
+    return TaskListPage(
+        items=[render_list_item(t, page.ctx) for t in page.rows], cursor=page.cursor
+    )
+
+
+def feed(
+    db: Session,
+    principal: Principal,
+    *,
+    limit: int | None,
+    task_filter: str | None,
+    environment_id: str | None,
+    cursor: str | None,
+) -> TaskFeedPage:
+    """The ``tasks`` feed: each task with its current attempt, from the same page query."""
+    page = _page(
+        db,
+        principal,
+        limit=limit,
+        task_filter=task_filter,
+        environment_id=environment_id,
+        cursor=cursor,
+    )
+    items = []
+    for task in page.rows:
+        turn = page.ctx.turns.get(task.current_turn_id or "")
+        items.append(
+            TaskFeedItem(
+                task=render_task(task, page.ctx),
+                turn=render_assistant_turn(turn, page.ctx) if turn else None,
+            )
+        )
+    return TaskFeedPage(items=items, cursor=page.cursor)
 
 
 def _diff_turn(task: m.Task, ctx: _Context) -> m.Turn | None:

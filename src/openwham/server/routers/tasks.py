@@ -16,7 +16,6 @@ from openwham.wire import (
     SiblingTurnsResponse,
     SuccessResponse,
     TaskDetails,
-    TaskFeedItem,
     TaskFeedPage,
     TaskListPage,
     TaskRateLimit,
@@ -43,14 +42,10 @@ class ListQuery:
     cursor: Annotated[str | None, Query(description="Opaque cursor of the previous page")] = None
 
     def page(self, db: Session, principal: Principal) -> TaskListPage:
-        return tasks.list_tasks(
-            db,
-            principal,
-            limit=self.limit,
-            task_filter=self.task_filter,
-            environment_id=self.environment_id,
-            cursor=self.cursor,
-        )
+        return tasks.list_tasks(db, principal, **vars(self))
+
+    def feed(self, db: Session, principal: Principal) -> TaskFeedPage:
+        return tasks.feed(db, principal, **vars(self))
 
 
 ListQueryDep = Annotated[ListQuery, Depends()]
@@ -64,12 +59,7 @@ def list_tasks(principal: PrincipalDep, db: SessionDep, query: ListQueryDep) -> 
 @router.get("/tasks", response_model=TaskFeedPage)
 def task_feed(principal: PrincipalDep, db: SessionDep, query: ListQueryDep) -> TaskFeedPage:
     """The web feed: each task with its current assistant turn."""
-    page = query.page(db, principal)
-    items = []
-    for item in page.items:
-        d = tasks.details(db, principal, item.id)
-        items.append(TaskFeedItem(task=d.task, turn=d.current_assistant_turn))
-    return TaskFeedPage(items=items, cursor=page.cursor)
+    return query.feed(db, principal)
 
 
 @router.get("/tasks/rate_limit", response_model=TaskRateLimit)
