@@ -27,6 +27,9 @@ def test_mirror_then_workspace_at_branch(repo: Path, tmp_path: Path) -> None:
     assert (ws / "feature.txt").read_text() == "f\n"
     assert git("remote", "get-url", "origin", cwd=ws).strip() == str(repo)
     assert not (ws / ".git" / "objects" / "info" / "alternates").exists()  # independent
+    # no object file is shared with the mirror: an agent writing one cannot poison the mirror
+    objects = [p for p in (ws / ".git" / "objects").rglob("*") if p.is_file()]
+    assert objects and all(p.stat().st_nlink == 1 for p in objects)
 
 
 def test_fetch_picks_up_new_commits(repo: Path, tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """Bare mirrors per repository and cheap per-attempt clones.
 
 A mirror is fetched under an exclusive file lock, so concurrent attempts on one repository
-neither clone twice nor read a half-fetched mirror. A workspace is ``git clone --local`` of
-the mirror: objects are hard-linked (cheap, and independent of the mirror afterwards), and the
-clone's own config is written by git, never copied from the repository.
+neither clone twice nor read a half-fetched mirror. A workspace is ``git clone --local
+--no-hardlinks`` of the mirror: objects are copied, never hard-linked, because the sandbox
+user maps to the files' owner and could otherwise rewrite a shared object in place and poison
+every later clone. The clone's own config is written by git, never copied from the repository.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def create_workspace(mirror: Path, dest: Path, branch: str, origin_url: str) -> 
         git("rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}", cwd=mirror)
     except WorkspaceError as exc:
         raise WorkspaceError(f"Branch {branch!r} does not exist in the repository") from exc
-    git("clone", "--quiet", "--local", "--branch", branch, str(mirror), str(dest))
+    git("clone", "--quiet", "--local", "--no-hardlinks", "--branch", branch, str(mirror), str(dest))
     git("remote", "set-url", "origin", origin_url, cwd=dest)
     return git("rev-parse", "HEAD", cwd=dest).strip()
 

@@ -1,0 +1,619 @@
+"""Run commands in a bubblewrap sandbox: the only way openwham runs agent code.
+
+What a sandboxed command sees and may do:
+
+- **Filesystem.** A fresh tmpfs root, remounted read-only, holding: ``/usr`` read-only (with
+  ``/bin``, ``/lib``, ``/lib64``, ``/sbin`` as on the host: symlinks on merged-/usr systems),
+  an ``/etc`` of a few read-only host files (``ETC_FILES``: TLS roots, loader cache, name
+  service config …; never ``shadow``, ``ssl/private``, ``ssh``, ``pip.conf``, ``npmrc``,
+  ``gitconfig``) plus generated ``passwd``, ``group``, ``hosts`` and ``hostname``
+  (``resolv.conf`` only with network), a private ``/proc``, a minimal read-only ``/dev``,
+  size-limited private tmpfs at ``/tmp`` (``/var/tmp`` links to it), ``/dev/shm`` and
+  ``/home`` (HOME is ``/home/openwham``, unless a bind replaces it), the workspace
+  (read-write, or read-only for Ask mode) and the caller's extra binds. Nothing else of the
+  host exists inside: not ``/root``, ``/home``, ``/var``, ``/srv``, ``/opt``, ``/run``,
+  ``/sys``, ``/work`` or the data directory. Note that the sandbox's uid is the server's uid
+  on the host (root here): whatever the server can read in a bound tree, the sandbox can.
+- **Namespaces.** Own user, PID, IPC, UTS (hostname ``openwham``), cgroup and — unless
+  ``network`` — network namespace (loopback only). The user inside is uid/gid 1000 with no
+  capabilities and cannot create further user namespaces. ``--die-with-parent`` and
+  ``--new-session`` (no terminal injection). The environment is cleared: PATH, HOME, LANG,
+  TERM and ``SandboxSpec.env`` only. bwrap's own arguments travel through a memfd, so the
+  sandbox's ``ps`` does not show host paths.
+- **Limits.** rlimits set before bwrap execs (file size, open files, CPU seconds, no core
+  files); a per-run cgroup (``openwham.sandbox.cgroups``) caps processes+threads, memory and
+  optionally CPU where the host offers one. Without cgroups, processes fall back to
+  RLIMIT_NPROC (which the kernel ignores when the server runs as root: then only the
+  wall-clock limit stops a fork bomb) and memory to a per-process RLIMIT_DATA. The wall-clock
+  limit is enforced from the host. ``host_gaps()`` lists what this host cannot enforce.
+- **Ending.** ``SandboxProcess.kill()`` SIGKILLs bwrap's process group; the sandbox's PID
+  namespace dies with its init, so every process in it dies too; the cgroup, when there is
+  one, is swept until empty. The process is spawned from a thread that lives as long as the
+  sandbox, so bubblewrap's parent-death signal fires only when the server itself dies.
+
+There is no unsandboxed mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from openwham.sandbox import cgroups
+
+SANDBOX_UID = 1000
+SANDBOX_GID = 1000
+SANDBOX_USER = "openwham"
+SANDBOX_HOSTNAME = "openwham"
+SANDBOX_HOME = "/home/openwham"
+SANDBOX_WORKSPACE = "/workspace"
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+INSTALL_HINT = (
+    "bubblewrap (bwrap) is required to run tasks and was not found on PATH. "
+    "Install it with `apt-get install bubblewrap` (Debian/Ubuntu) or `dnf install bubblewrap`, "
+    "or run scripts/setup.sh, which installs it."
+)
+
+# Host /etc entries bound read-only (when present). The sandbox's uid is the server's uid
+# outside, so it could read the server's own 0600 files: nothing is bound that may hold one.
+# Deliberately absent: shadow/gshadow, ssl/private (TLS keys), ssh (host keys), sudoers,
+# pip.conf, npmrc, gitconfig, wgetrc (may hold credentials), and the host's passwd, group,
+# hosts, hostname and resolv.conf (generated instead).
+ETC_FILES = (
+    "alternatives",
+    "bash.bashrc",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "debian_version",
+    "gai.conf",
+    "host.conf",
+    "inputrc",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "locale.alias",
+    "localtime",
+    "magic",
+    "magic.mime",
+    "mime.types",
+    "nsswitch.conf",
+    "os-release",
+    "perl",
+    "profile",
+    "protocols",
+    "python3",
+    "services",
+    "shells",
+    "ssl/certs",
+    "ssl/openssl.cnf",
+    "terminfo",
+    "timezone",
+)
+_ROOT_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+_MAX_LINE = 4 << 20
+
+
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap is missing or cannot create a sandbox here; the message says what to do."""
+
+
+def bwrap_available() -> str | None:
+    """Path of the ``bwrap`` executable, or ``None`` when it is not installed."""
+    return shutil.which("bwrap")
+
+
+def require_bwrap() -> str:
+    """Path of ``bwrap``; raises ``SandboxUnavailable`` with install instructions if absent."""
+    path = bwrap_available()
+    if path is None:
+        raise SandboxUnavailable(INSTALL_HINT)
+    return path
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Resource limits of one sandboxed run. ``None`` leaves a limit unset.
+
+    ``max_processes`` counts threads too (that is what pids.max and RLIMIT_NPROC count).
+    ``tmpfs_bytes`` caps each of /tmp, /dev/shm and /home.
+    ``max_output_bytes`` is how much of each stream ``SandboxResult`` keeps (the tail);
+    the ``on_output`` callback still sees every line.
+    """
+
+    wall_clock_seconds: float = 3600.0
+    max_processes: int | None = 1024
+    memory_bytes: int | None = 4 << 30
+    max_file_bytes: int | None = 1 << 30
+    max_open_files: int | None = 4096
+    cpu_seconds: int | None = None
+    cpus: float | None = None
+    tmpfs_bytes: int | None = 1 << 30
+    max_output_bytes: int = 4 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxSpec:
+    """What one sandboxed run sees. Host paths are bound at absolute sandbox paths."""
+
+    workspace: Path
+    workspace_dir: str = SANDBOX_WORKSPACE
+    workspace_readonly: bool = False
+    ro_binds: Mapping[Path, str] = field(default_factory=dict)
+    rw_binds: Mapping[Path, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    network: bool = False
+    cwd: str | None = None  # default: workspace_dir
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """How a run ended.
+
+    ``exit_code`` is the command's status (128+N when it died of signal N, as bwrap reports
+    it) or negative (-9) when the sandbox was killed from outside. ``killed_reason`` is set
+    when the run failed because of a limit or a kill, e.g. "wall-clock limit of 3 s reached",
+    "memory limit reached", "process limit of 64 reached", "file size limit reached";
+    several are joined with "; ".
+    """
+
+    exit_code: int
+    timed_out: bool
+    killed_reason: str | None
+    stdout: str
+    stderr: str
+    duration: float
+    output_truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.killed_reason is None
+
+
+def _check_sandbox_path(path: str) -> str:
+    norm = os.path.normpath(path)
+    if not path.startswith("/") or norm == "/" or ".." in Path(path).parts:
+        raise ValueError(f"sandbox path must be absolute and below /: {path!r}")
+    return norm
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, 0)  # no MFD_CLOEXEC: bwrap inherits it through pass_fds
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _generated_etc() -> dict[str, bytes]:
+    u, g = SANDBOX_UID, SANDBOX_GID
+    files = {
+        "passwd": (
+            "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+            f"{SANDBOX_USER}:x:{u}:{g}:{SANDBOX_USER}:{SANDBOX_HOME}:/bin/bash\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
+        "group": f"root:x:0:\n{SANDBOX_USER}:x:{g}:\nnogroup:x:65534:\n",
+        "hosts": (
+            f"127.0.0.1\tlocalhost\n127.0.1.1\t{SANDBOX_HOSTNAME}\n::1\tlocalhost ip6-localhost\n"
+        ),
+        "hostname": f"{SANDBOX_HOSTNAME}\n",
+    }
+    return {k: v.encode() for k, v in files.items()}
+
+
+def build_args(spec: SandboxSpec) -> tuple[list[str], list[int]]:
+    """bwrap's options for ``spec`` (the command follows them after ``--``) and the fds they
+    refer to (generated /etc files as memfds), which the caller passes on and then closes."""
+    workspace = spec.workspace.resolve()
+    if not workspace.is_dir():
+        raise ValueError(f"workspace {workspace} is not a directory")
+    ws_dir = _check_sandbox_path(spec.workspace_dir)
+    lim = spec.limits
+    fds: list[int] = []
+    a: list[str] = [
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        *([] if spec.network else ["--unshare-net"]),
+        "--disable-userns",
+        "--uid",
+        str(SANDBOX_UID),
+        "--gid",
+        str(SANDBOX_GID),
+        "--hostname",
+        SANDBOX_HOSTNAME,
+        "--cap-drop",
+        "ALL",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+    ]
+    env = {
+        "PATH": SANDBOX_PATH,
+        "HOME": SANDBOX_HOME,
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+        **spec.env,
+    }
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise ValueError(f"bad environment variable {key!r}")
+        a += ["--setenv", key, value]
+
+    # System: /usr read-only; top-level lib/bin dirs mirror the host (symlink or bind).
+    a += ["--ro-bind", "/usr", "/usr"]
+    for name in _ROOT_DIRS:
+        host = Path("/") / name
+        if host.is_symlink():
+            a += ["--symlink", os.readlink(host), f"/{name}"]
+        elif host.is_dir():
+            a += ["--ro-bind", str(host), f"/{name}"]
+    a += ["--perms", "0755", "--dir", "/etc"]
+    for name in ETC_FILES:
+        a += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    for name in _generated_etc():
+        a += ["--perms", "0644", "--ro-bind-data", f"{{fd:{name}}}", f"/etc/{name}"]
+    if spec.network:
+        resolv = Path("/etc/resolv.conf").resolve()
+        if resolv.is_file():
+            a += ["--ro-bind", str(resolv), "/etc/resolv.conf"]
+
+    size = ["--size", str(lim.tmpfs_bytes)] if lim.tmpfs_bytes else []
+    a += ["--proc", "/proc", "--dev", "/dev"]
+    a += ["--perms", "1777", *size, "--tmpfs", "/dev/shm"]
+    a += ["--perms", "1777", *size, "--tmpfs", "/tmp"]
+    a += ["--perms", "0755", "--dir", "/var", "--symlink", "/tmp", "/var/tmp"]
+    a += ["--perms", "0755", *size, "--tmpfs", "/home"]
+    a += ["--perms", "0700", "--dir", SANDBOX_HOME]
+
+    a += ["--ro-bind" if spec.workspace_readonly else "--bind", str(workspace), ws_dir]
+    binds = [(p, d, "--ro-bind") for p, d in spec.ro_binds.items()]
+    binds += [(p, d, "--bind") for p, d in spec.rw_binds.items()]
+    # Parents before children, so a bind inside another bind is not hidden by it.
+    for host_path, dest, flag in sorted(binds, key=lambda b: _check_sandbox_path(b[1]).count("/")):
+        if not Path(host_path).exists():
+            raise ValueError(f"bind source {host_path} does not exist")
+        a += [flag, str(Path(host_path).resolve()), _check_sandbox_path(dest)]
+
+    a += ["--remount-ro", "/dev", "--remount-ro", "/"]
+    a += ["--chdir", _check_sandbox_path(spec.cwd) if spec.cwd else ws_dir]
+    # Everything is valid: only now create the fds (nothing to leak on a ValueError).
+    for name, data in _generated_etc().items():
+        fd = _memfd(f"etc-{name}", data)
+        fds.append(fd)
+        a[a.index(f"{{fd:{name}}}")] = str(fd)
+    return a, fds
+
+
+def _rlimits(lim: Limits, cg: cgroups.CgroupHost | None) -> list[tuple[int, int, int]]:
+    have = cg.controllers if cg else frozenset()
+    wanted: list[tuple[int, int | None]] = [
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_FSIZE, lim.max_file_bytes),
+        (resource.RLIMIT_NOFILE, lim.max_open_files),
+        (resource.RLIMIT_CPU, lim.cpu_seconds),
+    ]
+    # Fallbacks when no cgroup does it better. RLIMIT_NPROC counts every process of the
+    # host uid, and the kernel ignores it for root; RLIMIT_DATA is per process.
+    if "pids" not in have:
+        wanted.append((resource.RLIMIT_NPROC, lim.max_processes))
+    if "memory" not in have:
+        wanted.append((resource.RLIMIT_DATA, lim.memory_bytes))
+    out: list[tuple[int, int, int]] = []
+    root = os.geteuid() == 0
+    for res, value in wanted:
+        if value is None:
+            continue
+        # CPU: SIGXCPU at the soft limit (a clear reason), SIGKILL a second later.
+        soft, hard = value, value + 1 if res == resource.RLIMIT_CPU else value
+        _, host_hard = resource.getrlimit(res)
+        if not root and host_hard != resource.RLIM_INFINITY:
+            soft, hard = min(soft, host_hard), min(hard, host_hard)
+        out.append((res, soft, hard))
+    return out
+
+
+def host_gaps() -> list[str]:
+    """Limits this host cannot enforce (empty when everything is); for logs and docs."""
+    cg = cgroups.host()
+    have = cg.controllers if cg else frozenset()
+    gaps: list[str] = []
+    if "pids" not in have:
+        gap = "no pids cgroup: processes are limited by RLIMIT_NPROC"
+        if os.geteuid() == 0:
+            gap += ", which does not apply to root: a fork bomb runs until the wall-clock limit"
+        gaps.append(gap)
+    if "memory" not in have:
+        gaps.append("no memory cgroup: memory is limited per process (RLIMIT_DATA), not in total")
+    if "cpu" not in have:
+        gaps.append("no cpu cgroup: `cpus` is not enforced")
+    return gaps
+
+
+def _tail_append(buf: deque[bytes], size: list[int], data: bytes, cap: int) -> bool:
+    buf.append(data)
+    size[0] += len(data)
+    dropped = False
+    while size[0] > cap and len(buf) > 1:
+        size[0] -= len(buf.popleft())
+        dropped = True
+    if size[0] > cap:
+        buf[0] = buf[0][size[0] - cap :]
+        size[0] = cap
+        dropped = True
+    return dropped
+
+
+class SandboxProcess:
+    """A running sandbox. Create with ``start``; always finish with ``wait`` or ``kill``."""
+
+    def __init__(
+        self,
+        spec: SandboxSpec,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None,
+        on_output: Callable[[str, str], None] | None,
+    ) -> None:
+        if not argv:
+            raise ValueError("empty command")
+        self.spec = spec
+        self.argv = list(argv)
+        self._bwrap = require_bwrap()
+        self._stdin = stdin
+        self._on_output = on_output
+        self._lock = threading.Lock()
+        self._started = threading.Event()
+        self._done = threading.Event()
+        self._start_error: BaseException | None = None
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._reaped = False
+        self._reasons: list[str] = []
+        self._timed_out = False
+        self._cgroup: cgroups.RunCgroup | None = None
+        self._out: dict[str, tuple[deque[bytes], list[int]]] = {
+            "stdout": (deque(), [0]),
+            "stderr": (deque(), [0]),
+        }
+        self._truncated = False
+        self._result: SandboxResult | None = None
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="sandbox", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
+
+    @property
+    def pid(self) -> int | None:
+        """Host pid of the outer bwrap process."""
+        return self._popen.pid if self._popen else None
+
+    @property
+    def cgroup(self) -> cgroups.RunCgroup | None:
+        return self._cgroup
+
+    # -- the thread that owns the process (bwrap's parent-death signal is per thread) --
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        lim = self.spec.limits
+        args, fds = build_args(self.spec)
+        cghost = cgroups.host()
+        procs_fds: list[int] = []
+        try:
+            if cghost is not None:
+                self._cgroup = cgroups.RunCgroup.create(
+                    cghost, max_pids=lim.max_processes, memory_bytes=lim.memory_bytes, cpus=lim.cpus
+                )
+                procs_fds = self._cgroup.open_procs()
+            args_fd = _memfd("bwrap-args", b"".join(x.encode() + b"\0" for x in args))
+            fds.append(args_fd)
+            limits = _rlimits(lim, cghost)
+
+            def child_setup() -> None:  # between fork and exec: keep it minimal
+                cgroups.RunCgroup.join_in_child(procs_fds)
+                for res, soft, hard in limits:
+                    resource.setrlimit(res, (soft, hard))
+
+            return subprocess.Popen(
+                [self._bwrap, "--args", str(args_fd), "--", *self.argv],
+                stdin=subprocess.PIPE if self._stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=fds,
+                start_new_session=True,
+                preexec_fn=child_setup,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
+            )
+        finally:
+            for fd in fds + procs_fds:
+                os.close(fd)
+
+    def _run(self) -> None:
+        try:
+            popen = self._spawn()
+        except BaseException as exc:
+            self._start_error = exc
+            if self._cgroup is not None:
+                self._cgroup.remove()
+            self._started.set()
+            return
+        self._popen = popen
+        self._t0 = time.monotonic()
+        pidfd = os.pidfd_open(popen.pid)
+        self._started.set()
+        try:
+            self._supervise(popen, pidfd)
+        finally:
+            os.close(pidfd)
+            self._done.set()
+
+    def _supervise(self, popen: subprocess.Popen[bytes], pidfd: int) -> None:
+        lim = self.spec.limits
+        readers = [
+            threading.Thread(target=self._read, args=(stream, name), daemon=True)
+            for stream, name in ((popen.stdout, "stdout"), (popen.stderr, "stderr"))
+        ]
+        if self._stdin is not None:
+            readers.append(threading.Thread(target=self._feed, args=(popen.stdin,), daemon=True))
+        for t in readers:
+            t.start()
+        deadline = self._t0 + lim.wall_clock_seconds
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            if time.monotonic() >= deadline:
+                self._timed_out = True
+                self._kill(f"wall-clock limit of {lim.wall_clock_seconds:g} s reached")
+                break
+        with self._lock:
+            returncode = popen.wait()
+            self._reaped = True
+        # The PID namespace died with bwrap; the cgroup sweep is the second guarantee.
+        if self._cgroup is not None:
+            self._cgroup.kill_all()
+        for t in readers:
+            t.join(timeout=2.0)
+        if not any(t.is_alive() for t in readers):  # closing under a blocked reader hangs
+            for stream in (popen.stdout, popen.stderr, popen.stdin):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+        events = self._cgroup.events() if self._cgroup is not None else None
+        if self._cgroup is not None:
+            self._cgroup.remove()
+        duration = time.monotonic() - self._t0
+        failed = returncode != 0 or self._timed_out
+        reasons = list(self._reasons)
+        if failed and events is not None:
+            if events.oom_kills:
+                reasons.append("memory limit reached")
+            if events.pids_max_hits:
+                reasons.append(f"process limit of {lim.max_processes} reached")
+        if returncode == 128 + signal.SIGXFSZ:
+            reasons.append("file size limit reached")
+        elif returncode == 128 + signal.SIGXCPU:
+            reasons.append("CPU time limit reached")
+        out = {k: b"".join(v[0]).decode("utf-8", "replace") for k, v in self._out.items()}
+        self._result = SandboxResult(
+            exit_code=returncode,
+            timed_out=self._timed_out,
+            killed_reason="; ".join(reasons) or None,
+            stdout=out["stdout"],
+            stderr=out["stderr"],
+            duration=duration,
+            output_truncated=self._truncated,
+        )
+
+    def _read(self, stream: IO[bytes] | None, name: str) -> None:
+        if stream is None:
+            return
+        buf, size = self._out[name]
+        cap = self.spec.limits.max_output_bytes
+        with contextlib.suppress(OSError, ValueError):
+            while line := stream.readline(_MAX_LINE):
+                if _tail_append(buf, size, line, cap):
+                    self._truncated = True
+                if self._on_output is not None:
+                    with contextlib.suppress(Exception):
+                        self._on_output(name, line.decode("utf-8", "replace").rstrip("\n"))
+
+    def _feed(self, stream: IO[bytes] | None) -> None:
+        if stream is None or self._stdin is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            stream.write(self._stdin)
+        with contextlib.suppress(OSError, ValueError):
+            stream.close()
+
+    def _kill(self, reason: str) -> None:
+        with self._lock:
+            if not self._reasons:
+                self._reasons.append(reason)
+            if self._popen is not None and not self._reaped:
+                # bwrap and the sandbox's init share this process group; the init's death
+                # takes the whole PID namespace with it.
+                with contextlib.suppress(OSError):
+                    os.killpg(self._popen.pid, signal.SIGKILL)
+        if self._cgroup is not None:
+            self._cgroup.kill_all(timeout=0.5)
+
+    # -- public --
+
+    def kill(self, reason: str = "killed on request") -> SandboxResult:
+        """Kill the whole process tree now and return the result (within about a second)."""
+        if not self._done.is_set():
+            self._kill(reason)
+        return self.wait()
+
+    def poll(self) -> SandboxResult | None:
+        """The result if the run has ended, else ``None``."""
+        return self._result if self._done.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> SandboxResult:
+        """Wait for the end (the wall-clock limit applies regardless); ``TimeoutError`` if
+        ``timeout`` passes first."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"sandbox still running after {timeout} s")
+        assert self._result is not None
+        return self._result
+
+    def __enter__(self) -> SandboxProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill("sandbox closed")
+
+
+def start(
+    spec: SandboxSpec,
+    argv: Sequence[str],
+    *,
+    stdin: bytes | None = None,
+    on_output: Callable[[str, str], None] | None = None,
+) -> SandboxProcess:
+    """Start ``argv`` in a sandbox. ``on_output(stream, line)`` is called from a reader
+    thread for every line of "stdout" and "stderr" as it arrives (keep it quick: the sandbox
+    waits while it runs; lines over 4 MiB arrive in pieces). ``stdin`` ``None`` means
+    /dev/null. Raises ``SandboxUnavailable`` without bwrap, ``ValueError`` for a bad spec."""
+    return SandboxProcess(spec, argv, stdin=stdin, on_output=on_output)
+
+
+def run(
+    spec: SandboxSpec,
+    argv: Sequence[str],
+    *,
+    stdin: bytes | None = None,
+    on_output: Callable[[str, str], None] | None = None,
+) -> SandboxResult:
+    """Run ``argv`` in a sandbox to its end (or its wall-clock limit)."""
+    return start(spec, argv, stdin=stdin, on_output=on_output).wait()
+
+
+def selftest() -> str | None:
+    """Run ``true`` in a minimal sandbox; ``None`` if it works, else the reason it does not."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="openwham-selftest-") as tmp:
+            result = run(SandboxSpec(workspace=Path(tmp), workspace_readonly=True), ["true"])
+    except SandboxUnavailable as exc:
+        return str(exc)
+    if result.exit_code != 0:
+        return f"bubblewrap cannot create a sandbox here: {result.stderr.strip()[-500:]}"
+    return None

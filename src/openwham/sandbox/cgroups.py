@@ -1,0 +1,348 @@
+"""Per-run cgroups for sandboxes: limits (pids, memory, CPU), membership, kill and accounting.
+
+Optional and detected: cgroup v2 (``/sys/fs/cgroup/cgroup.controllers``) or the v1
+hierarchies ``/sys/fs/cgroup/{pids,memory,cpu}``. Each run gets its own group
+``…/openwham/<pidns>-<pid>-<n>-<hex>`` under the server's own cgroup where that is possible (so the
+server's own limits still cover its sandboxes), else under the hierarchy's root. The process
+that will exec bubblewrap joins the group before the exec (``join_in_child``), so nothing the
+sandbox starts can escape it; afterwards ``kill_all`` empties it and ``remove`` deletes it.
+
+Without cgroups a sandbox still runs: the PID namespace alone guarantees the kill, but
+processes and memory are then bounded by rlimits only (see ``openwham.sandbox.bwrap``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CONTROLLERS = ("pids", "memory", "cpu")
+GROUP_NAME = "openwham"
+_CPU_PERIOD_US = 100_000
+_counter = itertools.count(1)
+
+
+def _pid_namespace() -> int:
+    """Group names start with it: a server's pid means something only inside its own PID
+    namespace, and containers may share one cgroup hierarchy."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+@dataclass(frozen=True)
+class CgroupHost:
+    """What this host offers: cgroup ``version`` (1 or 2) and, per usable controller, the
+    directory under which per-run groups are created (v2: one directory for all)."""
+
+    version: int
+    parents: dict[str, Path]
+
+    @property
+    def controllers(self) -> frozenset[str]:
+        return frozenset(self.parents)
+
+
+def _own_paths() -> dict[str, str]:
+    """``/proc/self/cgroup`` as {controller: path}; v2's line is under the key ``""``."""
+    out: dict[str, str] = {}
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        for name in parts[1].split(",") if parts[1] else [""]:
+            out[name] = parts[2]
+    return out
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _sweep_stale(parent: Path) -> None:
+    """Empty and remove groups left by dead servers of this PID namespace.
+
+    A server killed at the very moment bubblewrap was setting up can leave a sandbox behind
+    (bwrap's init arms its parent-death signal only after it forked the command); its group
+    is how the next server finds and ends it."""
+    ns = str(_pid_namespace())
+    with contextlib.suppress(OSError):
+        for child in parent.iterdir():
+            parts = child.name.split("-")
+            if not child.is_dir() or len(parts) < 2 or parts[0] != ns or not parts[1].isdigit():
+                continue
+            if int(parts[1]) == os.getpid():
+                continue
+            try:
+                os.kill(int(parts[1]), 0)
+                continue
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+            for _ in range(100):
+                try:
+                    procs = [int(x) for x in (child / "cgroup.procs").read_text().split()]
+                except (OSError, ValueError):
+                    procs = []
+                for p in procs:
+                    _kill_pid(p, child.name)
+                try:
+                    child.rmdir()
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        break
+                    time.sleep(0.01)
+
+
+def _usable_parent(base: Path) -> Path | None:
+    parent = base / GROUP_NAME
+    try:
+        parent.mkdir(exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(parent, os.W_OK):
+        return None
+    _sweep_stale(parent)
+    return parent
+
+
+def _probe_v1(root: Path) -> CgroupHost | None:
+    own = _own_paths()
+    parents: dict[str, Path] = {}
+    for ctrl in CONTROLLERS:
+        mount = root / ctrl
+        if not (mount / "cgroup.procs").is_file():
+            continue
+        rel = own.get(ctrl, "/").lstrip("/")
+        base = mount / rel if rel and (mount / rel).is_dir() else mount
+        parent = _usable_parent(base) or (_usable_parent(mount) if base != mount else None)
+        if parent is not None:
+            parents[ctrl] = parent
+    return CgroupHost(1, parents) if parents else None
+
+
+def _enable(group: Path, wanted: list[str]) -> list[str]:
+    """Enable ``wanted`` controllers for ``group``'s children; returns those enabled."""
+    try:
+        available = (group / "cgroup.controllers").read_text().split()
+    except OSError:
+        return []
+    for ctrl in wanted:
+        if ctrl in available:
+            with contextlib.suppress(OSError):
+                _write(group / "cgroup.subtree_control", f"+{ctrl}")
+    try:
+        enabled = (group / "cgroup.subtree_control").read_text().split()
+    except OSError:
+        return []
+    return [c for c in wanted if c in enabled]
+
+
+def _probe_v2(root: Path) -> CgroupHost | None:
+    rel = _own_paths().get("", "/").lstrip("/")
+    # Our own group first (delegated setups); it usually holds processes, which v2 forbids
+    # for a group whose children use controllers, so the hierarchy root is the fallback.
+    candidates = [root / rel] if rel else []
+    candidates.append(root)
+    for base in candidates:
+        if not base.is_dir() or not _enable(base, list(CONTROLLERS)):
+            continue
+        parent = _usable_parent(base)
+        if parent is None:
+            continue
+        enabled = _enable(parent, list(CONTROLLERS))
+        if enabled:
+            return CgroupHost(2, {c: parent for c in enabled})
+    return None
+
+
+def probe(root: Path = CGROUP_ROOT) -> CgroupHost | None:
+    """Detect usable cgroups (v2 first, then v1); ``None`` when there are none we may use."""
+    if (root / "cgroup.controllers").is_file():
+        return _probe_v2(root)
+    if any((root / c / "cgroup.procs").is_file() for c in CONTROLLERS):
+        return _probe_v1(root)
+    return None
+
+
+@cache
+def host() -> CgroupHost | None:
+    """``probe()`` once per process."""
+    return probe()
+
+
+@dataclass(frozen=True)
+class CgroupEvents:
+    oom_kills: int
+    pids_max_hits: int
+
+
+class RunCgroup:
+    """The cgroup(s) of one sandbox run."""
+
+    def __init__(self, cghost: CgroupHost, name: str, dirs: dict[str, Path]) -> None:
+        self.host = cghost
+        self.name = name
+        self.dirs = dirs  # controller -> directory (v2: the same one for all)
+
+    @classmethod
+    def create(
+        cls,
+        cghost: CgroupHost,
+        *,
+        max_pids: int | None,
+        memory_bytes: int | None,
+        cpus: float | None,
+    ) -> RunCgroup:
+        name = f"{_pid_namespace()}-{os.getpid()}-{next(_counter)}-{secrets.token_hex(3)}"
+        dirs: dict[str, Path] = {}
+        group = cls(cghost, name, dirs)
+        try:
+            for ctrl, parent in cghost.parents.items():
+                d = parent / name
+                if d not in dirs.values():
+                    d.mkdir()
+                dirs[ctrl] = d
+            group._limit(max_pids, memory_bytes, cpus)
+        except BaseException:
+            group.remove()
+            raise
+        return group
+
+    def _limit(self, max_pids: int | None, memory_bytes: int | None, cpus: float | None) -> None:
+        v2 = self.host.version == 2
+        if max_pids is not None and "pids" in self.dirs:
+            _write(self.dirs["pids"] / "pids.max", str(max_pids))
+        if memory_bytes is not None and "memory" in self.dirs:
+            d = self.dirs["memory"]
+            if v2:
+                _write(d / "memory.max", str(memory_bytes))
+                with contextlib.suppress(OSError):
+                    _write(d / "memory.swap.max", "0")
+            else:
+                _write(d / "memory.limit_in_bytes", str(memory_bytes))
+                with contextlib.suppress(OSError):  # absent without swap accounting
+                    _write(d / "memory.memsw.limit_in_bytes", str(memory_bytes))
+        if cpus is not None and "cpu" in self.dirs:
+            d = self.dirs["cpu"]
+            quota = max(1000, int(cpus * _CPU_PERIOD_US))
+            if v2:
+                _write(d / "cpu.max", f"{quota} {_CPU_PERIOD_US}")
+            else:
+                _write(d / "cpu.cfs_period_us", str(_CPU_PERIOD_US))
+                _write(d / "cpu.cfs_quota_us", str(quota))
+
+    def open_procs(self) -> list[int]:
+        """Write-only fds of each distinct ``cgroup.procs``, for ``join_in_child``."""
+        fds: list[int] = []
+        for d in dict.fromkeys(self.dirs.values()):
+            fds.append(os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+        return fds
+
+    @staticmethod
+    def join_in_child(fds: list[int]) -> None:
+        """Move the calling process into the group (``0`` means "myself"). Runs between fork
+        and exec, so it does as little as possible: fds were opened by the parent."""
+        for fd in fds:
+            os.write(fd, b"0")
+
+    def _procs_file(self) -> Path:
+        d = self.dirs.get("pids") or next(iter(self.dirs.values()))
+        return d / "cgroup.procs"
+
+    def pids(self) -> list[int]:
+        """Processes in the group now (empty when gone or removed)."""
+        try:
+            return [int(x) for x in self._procs_file().read_text().split()]
+        except (OSError, ValueError):
+            return []
+
+    def kill_all(self, timeout: float = 1.0) -> bool:
+        """SIGKILL everything in the group until it is empty; ``True`` when it is."""
+        kill_file = self._procs_file().parent / "cgroup.kill"
+        if self.host.version == 2 and kill_file.exists():
+            with contextlib.suppress(OSError):
+                _write(kill_file, "1")
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.pids()
+            if not pids:
+                return True
+            for pid in pids:
+                _kill_pid(pid, self.name)
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+
+    def events(self) -> CgroupEvents:
+        """OOM kills and refused forks (pids.max reached) so far."""
+        oom = 0
+        hits = 0
+        if "memory" in self.dirs:
+            d = self.dirs["memory"]
+            name = "memory.events" if self.host.version == 2 else "memory.oom_control"
+            oom = _read_key(d / name, "oom_kill")
+        if "pids" in self.dirs:
+            hits = _read_key(self.dirs["pids"] / "pids.events", "max")
+        return CgroupEvents(oom, hits)
+
+    def remove(self) -> None:
+        """Delete the group(s); retries briefly while the kernel finishes exiting tasks."""
+        for d in dict.fromkeys(self.dirs.values()):
+            for _ in range(100):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        break
+                    for pid in self.pids():
+                        _kill_pid(pid, self.name)
+                    time.sleep(0.01)
+
+
+def _kill_pid(pid: int, group: str) -> None:
+    """SIGKILL ``pid`` without risk of hitting a recycled pid: the pidfd pins the process we
+    then check is still in the run's group ``group`` (by reading its cgroup file after)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        if f"/{GROUP_NAME}/{group}" not in Path(f"/proc/{pid}/cgroup").read_text():
+            return
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:
+        pass
+    finally:
+        os.close(pidfd)
+
+
+def _read_key(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0

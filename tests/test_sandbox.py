@@ -1,0 +1,493 @@
+"""The bubblewrap sandbox, tested from the outside with real commands in the real sandbox.
+
+Each test runs shell commands (bash and coreutils only) inside ``openwham.sandbox.bwrap``
+and checks what they could see and do from the host. Limits are small so that the whole
+file stays fast: 3 s wall clock, 64 processes, 10 MB files, 64 MB memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from openwham.sandbox import bwrap, cgroups
+from openwham.sandbox.bwrap import Limits, SandboxSpec
+
+LIMITS = Limits(
+    wall_clock_seconds=3,
+    max_processes=64,
+    max_file_bytes=10 << 20,
+    memory_bytes=64 << 20,
+    tmpfs_bytes=64 << 20,
+)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "workspace"
+    ws.mkdir()
+    (ws / "README.md").write_text("hello\n")
+    subprocess.run(["git", "init", "-q", str(ws)], check=True)
+    return ws
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A fake data directory laid out like the real one, with another attempt's workspace."""
+    data = tmp_path / "data"
+    (data / "keys").mkdir(parents=True)
+    (data / "openwham.db").write_text("DATABASE-CONTENT")
+    (data / "keys" / "secret").write_text("SECRET-KEY-MATERIAL")
+    (data / "workspaces" / "other-attempt").mkdir(parents=True)
+    (data / "workspaces" / "other-attempt" / "code.py").write_text("OTHER-ATTEMPT")
+    (data / "workspaces" / "this-attempt").mkdir()
+    return data
+
+
+def spec(workspace: Path, **kw: object) -> SandboxSpec:
+    kw.setdefault("limits", LIMITS)
+    return SandboxSpec(workspace=workspace, **kw)  # type: ignore[arg-type]
+
+
+def sh(workspace: Path, script: str, **kw: object) -> bwrap.SandboxResult:
+    return bwrap.run(spec(workspace, **kw), ["bash", "-c", textwrap.dedent(script)])
+
+
+def processes_with(marker: str) -> list[int]:
+    """Host pids whose command line contains ``marker`` (zombies excluded)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def wait_gone(marker: str, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return left
+
+
+# --------------------------------------------------------------------------- visibility
+
+
+def test_data_dir_and_host_trees_are_invisible(data_dir: Path) -> None:
+    workspace = data_dir / "workspaces" / "this-attempt"  # where the engine puts it
+    r = sh(
+        workspace,
+        f"""
+        ls -A /
+        ls -A /workspace/.. | sed 's/^/PARENT /'
+        for p in {data_dir}/openwham.db {data_dir}/keys/secret \\
+                 {data_dir}/workspaces/other-attempt/code.py /workspace/../other-attempt \\
+                 /root /var/lib /srv /opt /run /sys/class /work /home/* \\
+                 /etc/shadow /etc/ssh /etc/ssl/private /etc/pip.conf; do
+          if cat "$p" 2>/dev/null || ls "$p" >/dev/null 2>&1; then echo "VISIBLE $p"; fi
+        done
+        """,
+    )
+    assert r.exit_code == 0, r.stderr
+    for secret in ("DATABASE-CONTENT", "SECRET-KEY-MATERIAL", "OTHER-ATTEMPT", "other-attempt"):
+        assert secret not in r.stdout
+    lines = r.stdout.splitlines()
+    visible = [line for line in lines if line.startswith("VISIBLE")]
+    # /home/* is only the sandbox's own empty home directory
+    assert visible in ([], ["VISIBLE /home/openwham"]), visible
+    top = {line for line in lines if not line.startswith(("VISIBLE", "PARENT"))}
+    allowed = {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "proc", "dev"}
+    allowed |= {"tmp", "var", "home", "workspace"}
+    assert top <= allowed, top - allowed
+    assert {line for line in lines if line.startswith("PARENT")} == {f"PARENT {x}" for x in top}
+
+
+def test_only_sandbox_processes_are_visible(workspace: Path) -> None:
+    r = sh(workspace, f"ls /proc | grep -E '^[0-9]+$'; kill -0 {os.getpid()} && echo KILLABLE")
+    pids = r.stdout.split()
+    assert "KILLABLE" not in pids
+    assert str(os.getpid()) not in pids
+    assert len(pids) <= 5, pids  # bwrap's init, bash, ls, grep
+    assert "1" in pids  # own PID namespace
+
+
+def test_environment_is_cleared(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WHAM_SECRET_TEST", "do-not-leak")
+    r = bwrap.run(spec(workspace, env={"EXTRA": "given"}), ["env", "-0"])
+    env = dict(item.split("=", 1) for item in r.stdout.split("\0") if item)
+    assert "WHAM_SECRET_TEST" not in env and "do-not-leak" not in r.stdout
+    assert set(env) <= {"PATH", "HOME", "LANG", "TERM", "EXTRA", "PWD"}, env
+    assert env["EXTRA"] == "given" and env["HOME"] == bwrap.SANDBOX_HOME
+
+
+def test_unprivileged_uid_without_capabilities(workspace: Path) -> None:
+    r = sh(
+        workspace,
+        """
+        id -u; id -g; hostname
+        grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb)' /proc/self/status
+        unshare --user true 2>/dev/null && echo NESTED-USERNS
+        """,
+    )
+    lines = r.stdout.splitlines()
+    assert lines[:3] == ["1000", "1000", "openwham"]
+    caps = [line.split()[1] for line in lines[3:8]]
+    assert caps == ["0000000000000000"] * 5
+    assert "NESTED-USERNS" not in r.stdout
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def test_workspace_is_the_only_writable_tree(workspace: Path) -> None:
+    marker = uuid.uuid4().hex
+    r = sh(
+        workspace,
+        f"""
+        for p in /usr/x /etc/x /x /var/x /proc/x /dev/x; do
+          echo data > "$p" 2>/dev/null && echo "WROTE $p"
+        done
+        echo {marker} > /tmp/{marker} && echo tmp-ok
+        echo {marker} > "$HOME/{marker}" && echo home-ok
+        echo changed > README.md && echo {marker} > new.txt && echo ws-ok
+        """,
+    )
+    assert "WROTE" not in r.stdout, r.stdout
+    assert {"tmp-ok", "home-ok", "ws-ok"} <= set(r.stdout.split())
+    assert (workspace / "new.txt").read_text() == f"{marker}\n"
+    assert (workspace / "README.md").read_text() == "changed\n"
+    # /tmp and HOME were private and are gone with the sandbox
+    assert not Path(f"/tmp/{marker}").exists()
+    assert not (Path.home() / marker).exists()
+    again = sh(workspace, f"cat /tmp/{marker} $HOME/{marker} 2>/dev/null; true")
+    assert again.stdout == ""
+
+
+def test_read_only_workspace_for_ask_mode(workspace: Path) -> None:
+    r = sh(workspace, "cat README.md; echo x > README.md; touch new", workspace_readonly=True)
+    assert r.exit_code != 0 and r.stdout == "hello\n"
+    assert "Read-only file system" in r.stderr
+    assert (workspace / "README.md").read_text() == "hello\n"
+    assert not (workspace / "new").exists()
+
+
+def test_extra_binds_and_workspace_dir(workspace: Path, tmp_path: Path) -> None:
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "tool.sh").write_text("#!/bin/sh\necho tool-ran\n")
+    (tools / "tool.sh").chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir()
+    r = sh(
+        workspace,
+        """
+        /opt/tools/tool.sh; touch /opt/tools/x 2>/dev/null && echo TOOLS-WRITABLE
+        echo kept > "$HOME/state"; pwd
+        """,
+        workspace_dir="/src/repo",
+        ro_binds={tools: "/opt/tools"},
+        rw_binds={home: bwrap.SANDBOX_HOME},
+    )
+    assert r.stdout.split() == ["tool-ran", "/src/repo"], r.stderr
+    assert (home / "state").read_text() == "kept\n"
+
+
+# --------------------------------------------------------------------------- network
+
+
+@contextlib.contextmanager
+def tcp_server() -> Iterator[tuple[socket.socket, int]]:
+    srv = socket.socket()
+    srv.bind(("0.0.0.0", 0))
+    srv.listen(8)
+    srv.settimeout(0.2)
+    try:
+        yield srv, srv.getsockname()[1]
+    finally:
+        srv.close()
+
+
+def host_address() -> str | None:
+    """The host's outbound IPv4 address (UDP connect sends nothing), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        addr: str = s.getsockname()[0]
+        return addr
+
+
+def test_no_network_and_no_host_services(workspace: Path) -> None:
+    with tcp_server() as (srv, port):
+        targets = ["127.0.0.1", *(a for a in [host_address()] if a), "1.1.1.1"]
+        script = "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '\n"
+        for addr in targets:
+            probe = f"timeout 2 bash -c 'echo hi > /dev/tcp/{addr}/{port}'"
+            script += f"{probe} && echo 'OPEN {addr}'\n"
+        script += "getent hosts example.com openai.com && echo RESOLVED\n"
+        r = sh(workspace, script)
+        with pytest.raises(TimeoutError):
+            srv.accept()  # nothing ever reached the host's server
+    assert r.stdout.split() == ["lo"], (r.stdout, r.stderr)
+
+
+def test_network_mode_shares_the_host_network(workspace: Path) -> None:
+    # The positive control for the test above: the same probe succeeds with network=True.
+    with tcp_server() as (srv, port):
+        r = sh(workspace, f"echo hi > /dev/tcp/127.0.0.1/{port} && echo OPEN", network=True)
+        conn, _ = srv.accept()
+        conn.close()
+    assert r.stdout.split() == ["OPEN"]
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_fork_bomb_is_contained(workspace: Path) -> None:
+    marker = f"bomb-{uuid.uuid4().hex}"
+    t0 = time.monotonic()
+    bomb = f": {marker}; :(){{ :|:& }};:; sleep 30"  # the sleep keeps the sandbox alive
+    proc = bwrap.start(spec(workspace), ["bash", "-c", bomb])
+    time.sleep(1.0)
+    # The host keeps working while the bomb runs, and the bomb stays under its cap.
+    assert subprocess.run(["true"], check=False).returncode == 0
+    assert len(processes_with(marker)) <= LIMITS.max_processes
+    result = proc.wait(timeout=10)
+    elapsed = time.monotonic() - t0
+    assert result.exit_code != 0 and result.timed_out
+    assert elapsed < LIMITS.wall_clock_seconds + 2
+    if "pids" in (cgroups.host() or cgroups.CgroupHost(1, {})).controllers:
+        assert f"process limit of {LIMITS.max_processes} reached" in (result.killed_reason or "")
+    assert "wall-clock limit of 3 s reached" in (result.killed_reason or "")
+    assert wait_gone(marker, 1.0) == []
+
+
+def test_huge_file_is_stopped_at_the_file_size_limit(workspace: Path) -> None:
+    r = sh(workspace, "head -c 2G /dev/zero > big")
+    assert r.exit_code != 0
+    assert r.killed_reason == "file size limit reached"
+    assert (workspace / "big").stat().st_size <= LIMITS.max_file_bytes  # type: ignore[operator]
+
+
+def test_endless_loop_is_killed_at_the_wall_clock_limit(workspace: Path) -> None:
+    t0 = time.monotonic()
+    r = sh(workspace, "while true; do :; done")
+    assert time.monotonic() - t0 < LIMITS.wall_clock_seconds + 2
+    assert r.timed_out and r.exit_code != 0
+    assert r.killed_reason == "wall-clock limit of 3 s reached"
+
+
+def test_cpu_time_limit(workspace: Path) -> None:
+    limits = Limits(wall_clock_seconds=5, max_processes=64, cpu_seconds=1)
+    r = sh(workspace, "while true; do :; done", limits=limits)
+    assert not r.timed_out and r.exit_code == 128 + signal.SIGXCPU
+    assert r.killed_reason == "CPU time limit reached"
+    assert r.duration < 3
+
+
+def test_memory_hog_is_stopped(workspace: Path) -> None:
+    # `tail` of an endless line buffers it all: memory grows until something stops it.
+    r = sh(workspace, "tail /dev/zero && echo tail-ended")
+    assert not r.timed_out, "a memory limit should end this before the wall clock"
+    if "memory" in (cgroups.host() or cgroups.CgroupHost(1, {})).controllers:
+        assert r.killed_reason == "memory limit reached"
+        assert r.exit_code == 128 + signal.SIGKILL
+    else:  # fallback: RLIMIT_DATA per process makes tail fail on its own
+        assert "memory exhausted" in r.stderr
+    assert "tail-ended" not in r.stdout
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def tree_script(marker: str) -> str:
+    """Sleepers named ``<marker>-1..4``: a child, an orphan, a new session and the main one."""
+    return (
+        f"(exec -a {marker}-1 sleep 300) & ( (exec -a {marker}-2 sleep 301) & ); "
+        f"setsid bash -c 'exec -a {marker}-3 sleep 302' & exec -a {marker}-4 sleep 303"
+    )
+
+
+def wait_tree(marker: str) -> None:
+    deadline = time.monotonic() + 3
+    names = [f"{marker}-{i}" for i in range(1, 5)]
+    while not all(processes_with(n) for n in names) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert all(processes_with(n) for n in names)
+
+
+def test_kill_ends_the_whole_tree_within_a_second(workspace: Path) -> None:
+    marker = f"tree-{uuid.uuid4().hex}"
+    proc = bwrap.start(spec(workspace), ["bash", "-c", tree_script(marker)])
+    wait_tree(marker)
+    t0 = time.monotonic()
+    result = proc.kill()
+    assert time.monotonic() - t0 < 1.5
+    assert wait_gone(marker, 2.0) == []
+    assert result.killed_reason == "killed on request" and not result.timed_out
+    assert proc.cgroup is None or not any(d.exists() for d in proc.cgroup.dirs.values())
+
+
+def test_sandbox_dies_with_the_server(workspace: Path) -> None:
+    """A server killed with SIGKILL leaves no sandboxed process behind."""
+    marker = f"orphan-{uuid.uuid4().hex}"
+    code = f"""
+        import time
+        from pathlib import Path
+        from openwham.sandbox import bwrap
+        spec = bwrap.SandboxSpec(workspace=Path({str(workspace)!r}))
+        bwrap.start(spec, ["bash", "-c", {tree_script(marker)!r}])
+        time.sleep(300)
+        """
+    server = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)])
+    try:
+        wait_tree(marker)
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+    assert wait_gone(marker, 2.0) == []
+
+
+def test_output_streams_live_and_stdin_is_passed(workspace: Path) -> None:
+    seen: list[tuple[float, str, str]] = []
+    lock = threading.Lock()
+
+    def on_output(stream: str, line: str) -> None:
+        with lock:
+            seen.append((time.monotonic(), stream, line))
+
+    proc = bwrap.start(
+        spec(workspace),
+        ["bash", "-c", "read -r x; echo got-$x; echo warn >&2; sleep 1; echo last"],
+        stdin=b"input\n",
+        on_output=on_output,
+    )
+    result = proc.wait(timeout=5)
+    end = time.monotonic()
+    assert result.exit_code == 0 and result.killed_reason is None
+    assert result.stdout == "got-input\nlast\n" and result.stderr == "warn\n"
+    lines = {(s, line): t for t, s, line in seen}
+    assert set(lines) == {("stdout", "got-input"), ("stderr", "warn"), ("stdout", "last")}
+    assert end - lines[("stdout", "got-input")] > 0.8  # delivered before the run ended
+
+
+def test_cgroups_are_detected_limited_and_cleaned_up(workspace: Path) -> None:
+    cg = cgroups.host()
+    limits = Limits(wall_clock_seconds=3, max_processes=64, memory_bytes=64 << 20, cpus=0.5)
+    proc = bwrap.start(spec(workspace, limits=limits), ["sleep", "0.3"])
+    if cg is None:  # rlimits only; host_gaps says what that loses
+        assert proc.cgroup is None and bwrap.host_gaps()
+    else:
+        assert proc.cgroup is not None and proc.cgroup.pids()
+        dirs = proc.cgroup.dirs
+        assert all(d.is_dir() for d in dirs.values())
+        if cg.version == 1:
+            assert (dirs["pids"] / "pids.max").read_text().strip() == "64"
+            assert (dirs["memory"] / "memory.limit_in_bytes").read_text().strip() == str(64 << 20)
+            assert (dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
+        else:
+            assert (dirs["pids"] / "pids.max").read_text().strip() == "64"
+            assert (dirs["memory"] / "memory.max").read_text().strip() == str(64 << 20)
+    assert proc.wait(timeout=5).exit_code == 0
+    if cg is not None:
+        assert not any(d.exists() for d in dirs.values())
+        if cg.controllers == {"pids", "memory", "cpu"}:
+            assert bwrap.host_gaps() == []
+
+
+def test_groups_left_by_a_dead_server_are_emptied_at_start() -> None:
+    """Crash recovery: a sandbox whose server died is found through its cgroup and ended."""
+    cg = cgroups.host()
+    if cg is None:
+        assert cgroups.probe() is None  # nothing to recover from on this host
+        return
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    name = f"{os.stat('/proc/self/ns/pid').st_ino}-{dead.pid}-1-dead00"
+    dirs = {d / name for d in cg.parents.values()}
+    for d in dirs:
+        d.mkdir()
+    fds = [os.open(d / "cgroup.procs", os.O_WRONLY) for d in dirs]
+    marker = f"stale-{uuid.uuid4().hex}"
+    try:
+        left = subprocess.Popen(
+            ["bash", "-c", f"exec -a {marker} sleep 300"],
+            preexec_fn=lambda: cgroups.RunCgroup.join_in_child(fds),
+        )
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        deadline = time.monotonic() + 2
+        while not processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert processes_with(marker)
+        assert cgroups.probe() is not None  # what the next server does first
+        assert left.wait(timeout=2) == -signal.SIGKILL
+        assert not any(d.exists() for d in dirs)
+    finally:
+        left.kill()
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def test_without_cgroups_limits_fall_back_to_rlimits(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hosts without usable cgroups: memory is capped per process (RLIMIT_DATA) and the gaps
+    are reported. (No fork bomb here: as root, RLIMIT_NPROC would not stop it.)"""
+    monkeypatch.setattr(cgroups, "host", lambda: None)
+    gaps = bwrap.host_gaps()
+    assert any(g.startswith("no pids cgroup") for g in gaps)
+    assert any(g.startswith("no memory cgroup") for g in gaps)
+    proc = bwrap.start(spec(workspace), ["bash", "-c", "tail /dev/zero && echo tail-ended"])
+    assert proc.cgroup is None
+    r = proc.wait(timeout=10)
+    assert not r.timed_out and r.exit_code != 0
+    assert "memory exhausted" in r.stderr and "tail-ended" not in r.stdout
+
+
+def test_bad_specs_are_refused(workspace: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a directory"):
+        bwrap.start(spec(tmp_path / "missing"), ["true"])
+    with pytest.raises(ValueError, match="absolute"):
+        bwrap.start(spec(workspace, workspace_dir="relative"), ["true"])
+    with pytest.raises(ValueError, match="absolute"):
+        bwrap.start(spec(workspace, rw_binds={tmp_path: "/"}), ["true"])
+    with pytest.raises(ValueError, match="does not exist"):
+        bwrap.start(spec(workspace, ro_binds={tmp_path / "nope": "/opt/x"}), ["true"])
+    with pytest.raises(ValueError, match="environment"):
+        bwrap.start(spec(workspace, env={"A=B": "x"}), ["true"])
+    with pytest.raises(ValueError, match="empty command"):
+        bwrap.start(spec(workspace), [])
+
+
+def test_missing_bwrap_is_reported_with_install_hint(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert bwrap.bwrap_available() is not None and bwrap.selftest() is None
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert bwrap.bwrap_available() is None
+    with pytest.raises(bwrap.SandboxUnavailable, match="apt-get install bubblewrap"):
+        bwrap.start(spec(workspace), ["true"])
+    assert "apt-get install bubblewrap" in (bwrap.selftest() or "")
