@@ -491,11 +491,13 @@ def test_forwarder_reaches_the_gateway_from_a_sandbox_without_network(
         " data=b'{\"input\": []}', headers={'Authorization': 'Bearer ' + input()})\n"
         "print(urllib.request.urlopen(request).read().decode().splitlines()[-2])\n"
     )
+    # The forwarder is bound at a fixed path: the checkout may itself live under /tmp,
+    # which the sandbox replaces with a private tmpfs.
     script = (
-        f"python3 -I {forwarder_path()} --listen 127.0.0.1:8080"
+        "python3 -I /run/wham/forwarder.py --listen 127.0.0.1:8080"
         " --unix /run/wham/gateway.sock > /tmp/ready &\n"
-        "until [ -s /tmp/ready ]; do sleep 0.02; done\n"
-        f'python3 -I -c "$CLIENT" <<< "$TOKEN"\n'
+        "for _ in $(seq 500); do [ -s /tmp/ready ] && break; sleep 0.02; done\n"
+        'python3 -I -c "$CLIENT" <<< "$TOKEN"\n'
         "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '\n"
     )
     sandbox = [
@@ -503,6 +505,7 @@ def test_forwarder_reaches_the_gateway_from_a_sandbox_without_network(
         "--tmpfs", "/tmp", "--tmpfs", "/run", "--unshare-all", "--die-with-parent",
         "--uid", "65534", "--gid", "65534",
         "--bind", str(stack.socket), "/run/wham/gateway.sock",
+        "--ro-bind", str(forwarder_path()), "/run/wham/forwarder.py",
         "--setenv", "CLIENT", client, "--setenv", "TOKEN", token,
         "bash", "-c", script,
     ]  # fmt: skip
