@@ -45,7 +45,7 @@ from openwham.gateway import (
     make_upstream,
 )
 from openwham.gateway.sse import SSEParser, usage_numbers
-from openwham.runtimes.codex_cli import native_binary
+from support.codex_exec import run_codex_exec
 from support.scripted_model import Say, ScriptedModel, Shell
 
 REAL_KEY = "sk-real-upstream-key-0123456789"
@@ -530,38 +530,15 @@ def test_real_codex_runs_through_forwarder_and_gateway(
     work = tmp_path / "work"
     work.mkdir()
     git("init", "-q", cwd=work)
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        'model = "openwham-test-model"\nmodel_provider = "wham"\n\n'
-        "[model_providers.wham]\n"
-        f'name = "openwham gateway"\nbase_url = "{stack.url}"\nwire_api = "responses"\n'
-        'env_key = "WHAM_GATEWAY_TOKEN"\n'
+    run = run_codex_exec(
+        tmp_path / "home",
+        work,
+        base_url=stack.url,
+        slug="openwham-test-model",
+        key=token,
+        prompt="Create the file",
     )
-    proc = subprocess.run(
-        [
-            str(native_binary()),
-            "exec",
-            "--json",
-            "--skip-git-repo-check",
-            "--dangerously-bypass-approvals-and-sandbox",
-            "-C",
-            str(work),
-            "Create the file",
-        ],
-        env={
-            "PATH": "/usr/bin:/bin",
-            "HOME": str(home),
-            "CODEX_HOME": str(home),
-            "WHAM_GATEWAY_TOKEN": token,
-        },
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    events = run.events
     done = [e["item"] for e in events if e["type"] == "item.completed"]
     commands = [i for i in done if i["type"] == "command_execution"]
     assert commands[0]["aggregated_output"] == "hello\n" and commands[0]["exit_code"] == 0
@@ -575,7 +552,7 @@ def test_real_codex_runs_through_forwarder_and_gateway(
     assert {body["model"] for body in model.requests} == {"upstream-slug"}
     usage = stack.gateway.usage("att-codex")
     assert (usage.requests, usage.responses, usage.total_tokens) == (2, 2, 240)
-    assert REAL_KEY not in proc.stdout + proc.stderr
+    assert REAL_KEY not in run.stdout + run.stderr
 
 
 # --------------------------------------------------------------------------- chatgpt upstream

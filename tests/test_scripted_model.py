@@ -6,15 +6,13 @@ scratch git repository (the sandboxed runtime comes with the execution engine).
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import git
-from openwham.runtimes.codex_cli import native_binary
+from support.codex_exec import run_codex_exec
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
 
 PATCH = "*** Begin Patch\n*** Add File: notes/b.txt\n+bee\n*** End Patch"
@@ -29,40 +27,6 @@ def model() -> Iterator[ScriptedModel]:
         server.stop()
 
 
-def _run_codex(model: ScriptedModel, home: Path, workdir: Path, slug: str) -> list[dict]:
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'model = "{slug}"\nmodel_provider = "scripted"\n\n'
-        "[model_providers.scripted]\n"
-        f'name = "scripted"\nbase_url = "{model.url}"\nwire_api = "responses"\n'
-        'env_key = "SCRIPTED_KEY"\n'
-    )
-    proc = subprocess.run(
-        [
-            str(native_binary()),
-            "exec",
-            "--json",
-            "--skip-git-repo-check",
-            "--dangerously-bypass-approvals-and-sandbox",
-            "-C",
-            str(workdir),
-            "Create the files",
-        ],
-        env={
-            "PATH": "/usr/bin:/bin",
-            "HOME": str(home),
-            "CODEX_HOME": str(home),
-            "SCRIPTED_KEY": "k-123",
-        },
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-
-
 # gpt-5.5 is offered the freeform apply_patch tool; an unknown slug edits through the shell.
 @pytest.mark.parametrize("slug", ["gpt-5.5", "openwham-test-model"])
 def test_codex_runs_scripted_commands_and_edits(
@@ -73,7 +37,14 @@ def test_codex_runs_scripted_commands_and_edits(
     git("init", "-q", cwd=work)
     model.script = [Shell("echo hello > a.txt && cat a.txt"), Patch(PATCH), Say("All done.")]
 
-    events = _run_codex(model, tmp_path / "home", work, slug)
+    events = run_codex_exec(
+        tmp_path / "home",
+        work,
+        base_url=model.url,
+        slug=slug,
+        key="k-123",
+        prompt="Create the files",
+    ).events
 
     assert (work / "a.txt").read_text() == "hello\n"
     assert (work / "notes" / "b.txt").read_text() == "bee\n"
