@@ -175,6 +175,7 @@ class Server:
 
 def make_server(tmp_path: Path, database_url: str, **options: Any) -> Iterator[Server]:
     """An in-process app on ``database_url``; ``options`` are extra ``Settings`` fields."""
+    options.setdefault("executor", "none")  # attempts stay pending unless a test runs them
     settings = Settings(data_dir=tmp_path / "data", database_url=database_url, **options)
     app = create_app(settings)
     state: AppState = app.state.wham
@@ -305,3 +306,106 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
             srv.process.wait(10)
         except subprocess.TimeoutExpired:
             srv.process.kill()
+
+
+# --------------------------------------------------------------------------- running tasks
+
+TERMINAL = ("completed", "failed", "cancelled")
+CODEX_MODEL = "gpt-5.5"  # a slug Codex knows: it offers the freeform apply_patch tool
+
+
+@pytest.fixture
+def scripted_model() -> Iterator[Any]:
+    """The scripted OpenAI-Responses server (the model is the one replaced service)."""
+    from support.scripted_model import ScriptedModel
+
+    model = ScriptedModel().start()
+    try:
+        yield model
+    finally:
+        model.stop()
+
+
+def engine_settings(model: Any, **options: Any) -> dict[str, Any]:
+    """Settings that run attempts in-process against the scripted model."""
+    return {
+        "executor": "inprocess",
+        "executor_concurrency": 2,
+        "model_provider": "openai-compatible",
+        "model_base_url": model.url,
+        "model_api_key": "sk-upstream-secret-key",
+        "model": CODEX_MODEL,
+        "attempt_timeout_seconds": 120,
+        "sandbox_memory_mb": 2048,
+        **options,
+    }
+
+
+@pytest.fixture
+def engine_server(tmp_path: Path, sqlite_url: str, scripted_model: Any) -> Iterator[Server]:
+    """An in-process server that runs attempts (sandbox, Codex, gateway) on SQLite."""
+    yield from make_server(tmp_path, sqlite_url, **engine_settings(scripted_model))
+
+
+def wait_for_task(api: Api, task_id: str, timeout: float = 90.0) -> dict[str, Any]:
+    """Poll ``GET tasks/{id}`` until the current attempt is terminal; returns the details."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = api.get(f"tasks/{task_id}")
+        assert r.status_code == 200, r.text
+        details = dict(r.json())
+        turn = details.get("current_assistant_turn") or {}
+        if turn.get("turn_status") in TERMINAL:
+            return details
+        if time.monotonic() > deadline:
+            raise AssertionError(f"task {task_id} still {turn.get('turn_status')}: {turn}")
+        time.sleep(0.1)
+
+
+def wait_for_turn(
+    api: Api, task_id: str, turn_id: str, until: Any = None, timeout: float = 90.0
+) -> dict[str, Any]:
+    """Poll one turn until ``until(turn)`` (default: terminal); returns the turn."""
+    check = until or (lambda t: t.get("turn_status") in TERMINAL)
+    deadline = time.monotonic() + timeout
+    while True:
+        r = api.get(f"tasks/{task_id}/turns/{turn_id}")
+        assert r.status_code == 200, r.text
+        turn = dict(r.json()["turn"])
+        if check(turn):
+            return turn
+        if time.monotonic() > deadline:
+            raise AssertionError(f"turn {turn_id} never matched: {turn}")
+        time.sleep(0.05)
+
+
+def parse_sse(text: str) -> list[dict[str, Any]]:
+    """Frames of an event stream: each ``{"id", "event", "data"}`` (data parsed as JSON)."""
+    import json
+
+    frames = []
+    for block in text.split("\n\n"):
+        frame: dict[str, Any] = {}
+        data = []
+        for line in block.splitlines():
+            if line.startswith(":"):
+                continue
+            key, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if key == "data":
+                data.append(value)
+            elif key in ("id", "event"):
+                frame[key] = value
+        if data:
+            frame["data"] = json.loads("\n".join(data))
+            frames.append(frame)
+    return frames
+
+
+def diff_of(details: dict[str, Any]) -> str:
+    """The diff ``codex apply`` would take: ``current_diff_task_turn``'s ``pr`` item."""
+    turn = details.get("current_diff_task_turn") or {}
+    for item in turn.get("output_items") or []:
+        if item.get("type") == "pr":
+            return str(item["output_diff"]["diff"])
+    return ""

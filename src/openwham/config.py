@@ -29,7 +29,19 @@ class Settings(BaseSettings):
     model_api_key: str | None = None
     model: str = "gpt-5.1-codex"
 
+    # "inprocess" runs attempts inside `wham serve`; "none" serves the API only (attempts stay
+    # pending until an executor picks them up).
+    executor: str = "inprocess"
     executor_concurrency: int | None = None
+    # How often an attempt whose server died is started again before it is failed.
+    attempt_max_tries: int = 2
+
+    # Limits of one attempt's sandbox.
+    attempt_timeout_seconds: int = 3600
+    sandbox_memory_mb: int = 4096
+    sandbox_max_processes: int = 1024
+    sandbox_max_file_mb: int = 1024
+    sandbox_cpus: float | None = None
 
     # Rate limits, in attempts (assistant turns) started per window; 0 disables a window.
     rate_limit_primary: int = 100
@@ -51,6 +63,13 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.resolved_data_dir / 'openwham.db'}"
+
+    @property
+    def concurrency(self) -> int:
+        """Attempts run at once: ``WHAM_EXECUTOR_CONCURRENCY``, else the number of cores."""
+        if self.executor_concurrency and self.executor_concurrency > 0:
+            return self.executor_concurrency
+        return max(1, len(os.sched_getaffinity(0)))
 
     @property
     def keys_dir(self) -> Path:

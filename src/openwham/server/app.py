@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
@@ -16,7 +19,7 @@ from openwham.wire import CreateTaskRequest
 
 from . import errors
 from .limits import BodySizeLimit
-from .routers import account, environments, tasks
+from .routers import account, environments, stream, tasks
 from .state import AppState
 
 PREFIXES = {"wham": "/backend-api/wham", "codex": "/api/codex"}
@@ -24,7 +27,7 @@ PREFIXES = {"wham": "/backend-api/wham", "codex": "/api/codex"}
 
 def api_router() -> APIRouter:
     router = APIRouter()
-    for sub in (tasks.router, environments.router, account.router):
+    for sub in (tasks.router, stream.router, environments.router, account.router):
         router.include_router(sub)
     return router
 
@@ -42,7 +45,21 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     state = AppState.open(settings, db)
     ensure_owner_committed(state.db, plan_type=settings.plan_type)
 
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        """Start the runner (gateway, executor) with the server and stop it on shutdown:
+        running attempts go back to pending and resume on the next start."""
+        runner = state.runner
+        if runner is not None:
+            await anyio.to_thread.run_sync(runner.start)
+        try:
+            yield
+        finally:
+            if runner is not None:
+                await anyio.to_thread.run_sync(runner.stop)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="openwham",
         version=__version__,
         description="Self-hosted Codex cloud: the WHAM task API. See docs/api.md.",

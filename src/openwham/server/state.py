@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from openwham.config import Settings
+from openwham.engine.runner import Runner
 from openwham.service.keys import SecretBox, secrets_key, signing_key
 from openwham.store.db import Database
+from openwham.store.events import EventBus, LocalEventBus
 
 
 @dataclass
@@ -15,15 +17,19 @@ class AppState:
     db: Database
     signing_key: bytes
     secret_box: SecretBox
+    bus: EventBus = field(default_factory=LocalEventBus)
+    runner: Runner | None = None
 
     @classmethod
     def open(cls, settings: Settings, db: Database | None = None) -> AppState:
         """Open the database (migrating it) and load or create the server keys."""
         database = db or Database(settings.sqlalchemy_url)
         database.migrate()
-        return cls(
+        state = cls(
             settings=settings,
             db=database,
             signing_key=signing_key(settings),
             secret_box=SecretBox(secrets_key(settings)),
         )
+        state.runner = Runner(settings, database, state.bus)
+        return state

@@ -40,3 +40,9 @@ class PayloadTooLarge(ServiceError):
 
 class RateLimited(ServiceError):
     status_code = 429
+
+
+class Unavailable(ServiceError):
+    """The server cannot do this now (e.g. it cannot run tasks); the detail says why."""
+
+    status_code = 503

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from openwham import ids
 from openwham.config import Settings
+from openwham.store import events
 from openwham.store import models as m
+from openwham.store.db import rowcount
 from openwham.wire import (
     AssistantTurn,
     CreateTaskRequest,
@@ -300,7 +302,15 @@ def _new_turns(
     return user, attempts
 
 
-def create(db: Session, settings: Settings, principal: Principal, raw: Any) -> dict[str, Any]:
+@dataclass
+class Created:
+    """The ``POST tasks`` response and the attempts it queued."""
+
+    response: dict[str, Any]
+    attempt_ids: list[str]
+
+
+def create(db: Session, settings: Settings, principal: Principal, raw: Any) -> Created:
     """``POST tasks``: validate everything first, then write task, turns and usage at once."""
     req = parse_create_request(raw)
     parsed = parse_input_items(raw["input_items"], req.input_items)
@@ -354,12 +364,13 @@ def create(db: Session, settings: Settings, principal: Principal, raw: Any) -> d
     db.flush()
     rate = usage.task_rate_limit(db, settings, principal)
     ctx = _Context.load(db, [task])
-    return {
+    response = {
         "task": render_task(task, ctx).model_dump(mode="json"),
         "user_turn": render_user_turn(user).model_dump(mode="json"),
         "turn": render_assistant_turn(attempts[0], ctx).model_dump(mode="json"),
         "rate_limit": _embedded_rate_limit(rate),
     }
+    return Created(response, [t.id for t in attempts])
 
 
 def _embedded_rate_limit(rate: TaskRateLimit) -> dict[str, Any]:
@@ -824,29 +835,72 @@ def mark_viewed(db: Session, principal: Principal, task_id: str, turn_id: str) -
     db.flush()
 
 
-def cancel(db: Session, principal: Principal, task_id: str) -> list[str]:
-    """Cancel every attempt that has not finished; returns the cancelled turn ids."""
-    task = get_task_row(db, principal, task_id)
+def _cancel_turns(db: Session, task: m.Task, turns: list[m.Turn]) -> list[str]:
+    """Mark attempts ``cancelled``. A pending attempt ends here (its terminal event is
+    written now); a running one is stopped by its executor, which then writes the final work
+    log and the terminal event."""
     now = time.time()
-    turns = db.scalars(
-        select(m.Turn).where(
-            m.Turn.task_id == task.id, m.Turn.role == "assistant", m.Turn.turn_status.in_(ACTIVE)
-        )
-    )
     cancelled = []
+    error = {"code": "cancelled", "message": "The attempt was cancelled"}
     for turn in turns:
-        turn.turn_status = "cancelled"
+        done = rowcount(
+            db.execute(
+                update(m.Turn)
+                .where(m.Turn.id == turn.id, m.Turn.turn_status.in_(ACTIVE))
+                .values(turn_status="cancelled", updated_at=now)
+            )
+        )
+        if not done:
+            continue
+        was = turn.turn_status
+        db.refresh(turn)
         body = dict(turn.body)
         body["latest_event"] = LatestEvent(
             created=now, text="Cancelled", event_type="info"
         ).model_dump(mode="json")
+        body["error"] = error
         turn.body = body
-        turn.updated_at = now
+        if was == "pending":
+            events.append(
+                db,
+                task.id,
+                turn.id,
+                events.TASK_TURN_EVENT,
+                events.status_payload("Cancelled", "cancelled", error=error),
+            )
         cancelled.append(turn.id)
     if cancelled:
         task.updated_at = now
     db.flush()
     return cancelled
+
+
+def cancel(db: Session, principal: Principal, task_id: str) -> list[str]:
+    """Cancel every attempt of the task that has not finished; returns their ids."""
+    task = get_task_row(db, principal, task_id)
+    turns = db.scalars(
+        select(m.Turn).where(
+            m.Turn.task_id == task.id, m.Turn.role == "assistant", m.Turn.turn_status.in_(ACTIVE)
+        )
+    ).all()
+    return _cancel_turns(db, task, list(turns))
+
+
+def cancel_turn(db: Session, principal: Principal, task_id: str, turn_id: str) -> list[str]:
+    """Cancel one attempt; cancelling a finished one is a no-op (idempotent)."""
+    task = get_task_row(db, principal, task_id)
+    turn = get_turn_row(db, task, turn_id)
+    if turn.role != "assistant":
+        raise BadRequest("Only an assistant turn (an attempt) can be cancelled")
+    return _cancel_turns(db, task, [turn])
+
+
+def active_turn_ids(db: Session, task_id: str) -> list[str]:
+    return list(
+        db.scalars(
+            select(m.Turn.id).where(m.Turn.task_id == task_id, m.Turn.turn_status.in_(ACTIVE))
+        )
+    )
 
 
 def delete(db: Session, principal: Principal, task_id: str) -> None:

@@ -135,3 +135,20 @@ class ServerState(Base):
     __tablename__ = "server_state"
     key: Mapped[str] = mapped_column(String(100), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class TurnEvent(Base):
+    """One entry of an attempt's ordered event log: what the turn stream sends, replayable.
+
+    ``id`` orders events globally; a client resumes with the last ``id`` it saw.
+    """
+
+    __tablename__ = "turn_events"
+    __table_args__ = (Index("ix_turn_events_turn_id_id", "turn_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    turn_id: Mapped[str] = mapped_column(ID)
+    item_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[float] = mapped_column(Float)

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from openwham.service import tasks, usage
 from openwham.service.accounts import Principal
+from openwham.service.errors import Unavailable
 from openwham.wire import (
     CreateTaskResponse,
     SiblingTurnsResponse,
@@ -24,6 +25,7 @@ from openwham.wire import (
 )
 
 from ..deps import PrincipalDep, SessionDep, StateDep
+from ..state import AppState
 
 router = APIRouter(tags=["tasks"])
 
@@ -86,9 +88,14 @@ def create_task(
     body: Annotated[Any, Body(include_in_schema=False)] = None,
 ) -> JSONResponse:
     """Create a task (``new_task``) or continue one (``follow_up``); see docs/api.md."""
-    result = tasks.create(db, state.settings, principal, body)
+    runner = state.runner
+    if runner is not None and runner.problem:
+        raise Unavailable(runner.problem)
+    created = tasks.create(db, state.settings, principal, body)
     db.commit()
-    return JSONResponse(result)
+    if runner is not None:
+        runner.submit(created.attempt_ids)
+    return JSONResponse(created.response)
 
 
 @router.get("/tasks/{task_id}", response_model=TaskDetails)
@@ -97,7 +104,13 @@ def get_task(task_id: str, principal: PrincipalDep, db: SessionDep) -> TaskDetai
 
 
 @router.delete("/tasks/{task_id}", response_model=SuccessResponse)
-def delete_task(task_id: str, principal: PrincipalDep, db: SessionDep) -> SuccessResponse:
+def delete_task(
+    task_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
+) -> SuccessResponse:
+    """Delete a task; its running attempts are stopped first."""
+    stopped = tasks.cancel(db, principal, task_id)
+    db.commit()
+    _stop(state, stopped)
     tasks.delete(db, principal, task_id)
     db.commit()
     return OK
@@ -125,10 +138,32 @@ def mark_read(task_id: str, principal: PrincipalDep, db: SessionDep) -> SuccessR
 
 
 @router.post("/tasks/{task_id}/cancel", response_model=SuccessResponse)
-def cancel(task_id: str, principal: PrincipalDep, db: SessionDep) -> SuccessResponse:
-    tasks.cancel(db, principal, task_id)
+def cancel(
+    task_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
+) -> SuccessResponse:
+    """Cancel every attempt of the task that is still queued or running."""
+    cancelled = tasks.cancel(db, principal, task_id)
     db.commit()
+    _stop(state, cancelled)
     return OK
+
+
+@router.post("/tasks/{task_id}/turns/{turn_id}/cancel", response_model=SuccessResponse)
+def cancel_turn(
+    task_id: str, turn_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
+) -> SuccessResponse:
+    """Cancel one attempt (a finished one stays as it is)."""
+    cancelled = tasks.cancel_turn(db, principal, task_id, turn_id)
+    db.commit()
+    _stop(state, cancelled)
+    return OK
+
+
+def _stop(state: AppState, turn_ids: list[str]) -> None:
+    for turn_id in turn_ids:
+        state.bus.publish(turn_id)
+    if state.runner is not None:
+        state.runner.cancel(turn_ids)
 
 
 @router.get("/tasks/{task_id}/turns", response_model=TurnMapping)

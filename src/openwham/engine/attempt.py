@@ -1,0 +1,486 @@
+"""``Engine.run_turn``: one attempt from ``pending`` to a terminal status.
+
+Claim the turn (``pending → in_progress``, conditional, so two executors never run one turn),
+prepare the workspace (mirror, clone at the branch, ``pre_apply_patch``), run the Codex CLI in a
+bubblewrap sandbox that reaches its model only through the gateway, turn its JSONL into the
+work log and status line, compute the diff in a second sandbox, and write the result.
+Everything the attempt does is recorded by a :class:`TurnRecorder` as it happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from openwham.config import Settings
+from openwham.gateway import Gateway, forwarder_path
+from openwham.runtimes import codex
+from openwham.runtimes.codex_cli import native_binary
+from openwham.sandbox import bwrap
+from openwham.sandbox.bwrap import Limits, SandboxProcess, SandboxSpec
+from openwham.sandbox.workspace import Mirrors, WorkspaceError, apply_patch, create_workspace
+from openwham.service.diffs import diff_stats
+from openwham.store import events
+from openwham.store import models as m
+from openwham.store.db import Database, rowcount
+from openwham.store.events import EventBus
+
+from .diff import DiffError, workspace_diff
+from .recorder import TurnRecorder, latest_event
+from .titles import generate_title
+
+log = logging.getLogger(__name__)
+
+SETTING_UP = "Setting up"
+COMPLETED = "Completed"
+FAILED = "Failed"
+CANCELLED = "Cancelled"
+STATUS_POLL_SECONDS = 1.0
+
+
+class AttemptFailed(Exception):
+    """Ends an attempt as ``failed`` with ``error{code, message}``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Control:
+    """How an executor stops an attempt: ``cancel`` kills its sandbox at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reason: str | None = None  # "cancelled" or "shutdown"
+        self._process: SandboxProcess | None = None
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            proc = self._process
+        if proc is not None:
+            proc.kill("cancelled by the user" if reason == "cancelled" else "server stopping")
+
+    def attach(self, proc: SandboxProcess | None) -> None:
+        with self._lock:
+            self._process = proc
+            stopped = self.reason is not None
+        if proc is not None and stopped:
+            proc.kill("cancelled by the user")
+
+    def check(self) -> None:
+        if self.reason is not None:
+            raise _Stopped()
+
+
+class _Stopped(Exception):
+    pass
+
+
+@dataclass
+class Claim:
+    """What an attempt needs, read when it is claimed."""
+
+    task_id: str
+    turn_id: str
+    body: dict[str, Any]
+    prompt: str
+    patch: str | None
+    branch: str
+    repo_key: str
+    repo_url: str
+    qa_mode: bool
+    model: str
+    reasoning_effort: str | None
+    custom_instructions: str | None
+    needs_title: bool
+    tries: int
+
+
+@dataclass
+class Engine:
+    """Runs attempts. One per process; ``run_turn`` is safe to call from many threads."""
+
+    settings: Settings
+    db: Database
+    bus: EventBus
+    gateway: Gateway | None
+    gateway_socket: Path | None
+    gateway_problem: str | None = None
+    executor_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    )
+
+    def __post_init__(self) -> None:
+        data = self.settings.resolved_data_dir
+        self.mirrors = Mirrors(data / "mirrors")
+        self.attempts_root = data / "attempts"
+        self.attempts_root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.attempts_root, 0o700)
+
+    @property
+    def limits(self) -> Limits:
+        s = self.settings
+        return Limits(
+            wall_clock_seconds=float(s.attempt_timeout_seconds),
+            max_processes=s.sandbox_max_processes,
+            memory_bytes=s.sandbox_memory_mb << 20,
+            max_file_bytes=s.sandbox_max_file_mb << 20,
+            cpus=s.sandbox_cpus,
+        )
+
+    # ------------------------------------------------------------------ entry point
+
+    def run_turn(self, turn_id: str, control: Control | None = None) -> str | None:
+        """Run one pending attempt to its end. Returns its final status, or ``None`` when the
+        turn was not pending (already claimed, cancelled or deleted)."""
+        control = control or Control()
+        claim = self._claim(turn_id)
+        if claim is None:
+            return None
+        rec = TurnRecorder(self.db, self.bus, claim.task_id, turn_id, claim.body)
+        attempt_dir = self.attempts_root / turn_id
+        try:
+            return self._run(claim, rec, control, attempt_dir)
+        except _Stopped:
+            return self._stopped(claim, rec, control)
+        except AttemptFailed as exc:
+            return rec.finish(
+                "failed", text=FAILED, error={"code": exc.code, "message": exc.message}
+            )
+        except Exception as exc:  # a bug or a host problem: fail the attempt, keep serving
+            log.exception("attempt %s failed unexpectedly", turn_id)
+            message = f"openwham could not run this attempt: {type(exc).__name__}: {exc}"
+            return rec.finish(
+                "failed", text=FAILED, error={"code": "internal_error", "message": message[:2000]}
+            )
+        finally:
+            if self.gateway is not None:
+                self.gateway.revoke(turn_id)
+            shutil.rmtree(attempt_dir / "workspace", ignore_errors=True)
+
+    # ------------------------------------------------------------------ claiming
+
+    def _claim(self, turn_id: str) -> Claim | None:
+        now = time.time()
+        with self.db.session() as s:
+            turn = s.get(m.Turn, turn_id)
+            if turn is None or turn.role != "assistant" or turn.turn_status != "pending":
+                return None
+            task = s.get(m.Task, turn.task_id)
+            user_turn = s.get(m.Turn, turn.parent_id) if turn.parent_id else None
+            assert task is not None
+            body = dict(turn.body)
+            run = dict(body.get("run") or {})
+            tries = int(run.get("tries") or 0) + 1
+            run.update(executor=self.executor_id, tries=tries, started_at=now)
+            body["run"] = run
+            body["latest_event"] = latest_event(SETTING_UP)
+            claimed = rowcount(
+                s.execute(
+                    update(m.Turn)
+                    .where(m.Turn.id == turn_id, m.Turn.turn_status == "pending")
+                    .values(turn_status="in_progress", body=body, updated_at=now)
+                )
+            )
+            if not claimed:
+                s.rollback()
+                return None
+            events.append(
+                s,
+                task.id,
+                turn_id,
+                events.TASK_TURN_EVENT,
+                events.status_payload(SETTING_UP, "in_progress"),
+            )
+            prompt, patch = _inputs(user_turn)
+            env_body = dict(body.get("environment") or {})
+            repos = list(env_body.get("repos") or [])
+            env = s.get(m.Environment, task.environment_id) if task.environment_id else None
+            if env is not None:  # the live environment wins over the snapshot
+                env_body = dict(env.body)
+                repos = list(env_body.get("repos") or [])
+            repo_key = repos[0] if repos else ""
+            info = (env_body.get("repo_map") or {}).get(repo_key) or {}
+            user = s.get(m.User, task.user_id)
+            instructions = (user.settings or {}).get("custom_instructions") if user else None
+            needs_title = (
+                not task.has_generated_title
+                and turn.attempt_placement in (0, None)
+                and task.num_follow_ups == 0
+            )
+            claim = Claim(
+                task_id=task.id,
+                turn_id=turn_id,
+                body=body,
+                prompt=prompt,
+                patch=patch,
+                branch=str(body.get("branch") or task.branch or info.get("default_branch") or ""),
+                repo_key=repo_key,
+                repo_url=str(info.get("clone_url") or info.get("git_url") or ""),
+                qa_mode=bool(run.get("qa_mode")),
+                model=str(run.get("model") or self.settings.model),
+                reasoning_effort=run.get("reasoning_effort"),
+                custom_instructions=instructions if isinstance(instructions, str) else None,
+                needs_title=needs_title,
+                tries=tries,
+            )
+        self.bus.publish(turn_id)
+        return claim
+
+    # ------------------------------------------------------------------ running
+
+    def _run(self, claim: Claim, rec: TurnRecorder, control: Control, attempt_dir: Path) -> str:
+        if claim.needs_title:
+            self._generate_title(claim)
+        if self.gateway is None or self.gateway_socket is None or self.gateway_problem:
+            raise AttemptFailed(
+                "model_config_error",
+                f"The model upstream is not configured: {self.gateway_problem or 'no gateway'}",
+            )
+        if not claim.repo_key or not claim.repo_url:
+            raise AttemptFailed("environment_error", "The environment has no repository")
+        if not claim.prompt.strip():
+            raise AttemptFailed("invalid_input", "The task has no prompt")
+
+        # workspace
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+        attempt_dir.mkdir(parents=True, mode=0o700)
+        workspace = attempt_dir / "workspace"
+        try:
+            mirror = self.mirrors.ensure(claim.repo_key, claim.repo_url)
+            control.check()
+            base = create_workspace(mirror, workspace, claim.branch, claim.repo_url)
+        except WorkspaceError as exc:
+            raise AttemptFailed("workspace_error", str(exc)) from exc
+        rec.set(base_commit_sha=base)
+        if claim.patch:
+            try:
+                apply_patch(workspace, claim.patch)
+            except WorkspaceError as exc:
+                raise AttemptFailed("failed_to_apply_patch_error", str(exc)) from exc
+        control.check()
+
+        # the agent
+        codex_home = attempt_dir / "codex-home"
+        codex_home.mkdir(mode=0o700)
+        files = codex.codex_home_files(
+            base_url=codex.base_url(),
+            model=claim.model,
+            reasoning_effort=claim.reasoning_effort,
+            custom_instructions=claim.custom_instructions,
+        )
+        for name, text in files.items():
+            (codex_home / name).write_text(text)
+        token = self.gateway.register_attempt(claim.turn_id, model=claim.model)
+        cmd = codex.command(claim.prompt, qa_mode=claim.qa_mode)
+        spec = SandboxSpec(
+            workspace=workspace,
+            workspace_readonly=claim.qa_mode,
+            ro_binds={
+                native_binary(): codex.SANDBOX_CODEX_BIN,
+                forwarder_path(): codex.SANDBOX_FORWARDER,
+                self.gateway_socket: codex.SANDBOX_GATEWAY_SOCKET,
+            },
+            rw_binds={codex_home: codex.SANDBOX_CODEX_HOME},
+            env=codex.sandbox_env(token),
+            network=False,
+            limits=self.limits,
+        )
+        translator = codex.EventTranslator(prompt=claim.prompt)
+        self._apply(rec, translator.take_initial())
+
+        def on_output(stream: str, line: str) -> None:
+            if stream == "stdout":
+                self._apply(rec, translator.feed(line))
+
+        proc = bwrap.start(spec, codex.launcher(cmd.argv), stdin=cmd.stdin, on_output=on_output)
+        control.attach(proc)
+        try:
+            result = self._wait(proc, rec, control)
+        finally:
+            control.attach(None)
+        self.gateway.revoke(claim.turn_id)
+        outcome = translator.finish(
+            result.exit_code,
+            killed_reason=result.killed_reason,
+            upstream_error=self.gateway.last_error(claim.turn_id),
+            stderr=result.stderr,
+        )
+        self._apply(rec, list(outcome.updates))
+        control.check()
+        if outcome.status != "completed":
+            error = outcome.error
+            raise AttemptFailed(
+                error.code if error else "agent_error",
+                error.message if error else "The agent failed",
+            )
+
+        # the result
+        answer = outcome.final_message or ""
+        items: list[dict[str, Any]] = []
+        if answer:
+            items.append(
+                {
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [{"content_type": "text", "text": answer}],
+                }
+            )
+        if not claim.qa_mode:
+            try:
+                diff = workspace_diff(workspace, base, scratch=attempt_dir).text
+            except DiffError as exc:
+                raise AttemptFailed("diff_error", str(exc)) from exc
+            if diff:
+                items.append(self._pr_item(claim, base, diff, answer))
+        control.check()
+        return rec.finish("completed", text=COMPLETED, output_items=items)
+
+    def _wait(
+        self, proc: SandboxProcess, rec: TurnRecorder, control: Control
+    ) -> bwrap.SandboxResult:
+        """Wait for the sandbox while keeping the turn alive and watching for a cancel made
+        by another process (this process's cancels arrive through ``control``)."""
+        while True:
+            try:
+                return proc.wait(timeout=STATUS_POLL_SECONDS)
+            except TimeoutError:
+                pass
+            rec.heartbeat()
+            if rec.gone or self._cancelled_elsewhere(rec.turn_id):
+                control.cancel("cancelled")
+
+    def _cancelled_elsewhere(self, turn_id: str) -> bool:
+        with self.db.sessions() as s:
+            status = s.scalar(select(m.Turn.turn_status).where(m.Turn.id == turn_id))
+        return status != "in_progress"
+
+    def _apply(self, rec: TurnRecorder, updates: list[codex.Update]) -> None:
+        for update_ in updates:
+            if isinstance(update_, codex.StatusUpdate):
+                rec.status(update_.text)
+            else:
+                rec.message(update_.message)
+
+    def _pr_item(self, claim: Claim, base: str, diff: str, answer: str) -> dict[str, Any]:
+        stats = diff_stats(diff)
+        with self.db.sessions() as s:
+            title = s.scalar(select(m.Task.title).where(m.Task.id == claim.task_id)) or "Changes"
+        return {
+            "type": "pr",
+            "pr_title": title,
+            "pr_message": answer,
+            "output_diff": {
+                "type": "output_diff",
+                "repo_id": claim.repo_key,
+                "base_commit_sha": base,
+                "preapply_patch_base_commit_sha": base if claim.patch else None,
+                "diff": diff,
+                "external_storage_diff": None,
+                "files_modified": stats.files_modified,
+                "lines_added": stats.lines_added,
+                "lines_removed": stats.lines_removed,
+                "commit_message": title,
+            },
+        }
+
+    def _generate_title(self, claim: Claim) -> None:
+        title = generate_title(claim.prompt)
+        with self.db.session() as s:
+            done = rowcount(
+                s.execute(
+                    update(m.Task)
+                    .where(m.Task.id == claim.task_id, m.Task.has_generated_title.is_(False))
+                    .values(title=title, has_generated_title=True)
+                )
+            )
+            if done:
+                events.append(
+                    s,
+                    claim.task_id,
+                    claim.turn_id,
+                    events.TASK_TITLE_GENERATED,
+                    {"title": title, "task_id": claim.task_id},
+                )
+        if done:
+            self.bus.publish(claim.turn_id)
+
+    def _stopped(self, claim: Claim, rec: TurnRecorder, control: Control) -> str:
+        if control.reason == "shutdown":
+            return self.release(claim.turn_id, rec, "The server stopped; this attempt will resume")
+        return rec.finish(
+            "cancelled",
+            text=CANCELLED,
+            error={"code": "cancelled", "message": "The attempt was cancelled"},
+        )
+
+    def release(self, turn_id: str, rec: TurnRecorder | None, note: str) -> str:
+        """Put an attempt back to ``pending`` without counting a try (graceful shutdown)."""
+        if rec is not None:
+            rec.flush()
+            rec.gone = True
+        with self.db.session() as s:
+            turn = s.get(m.Turn, turn_id)
+            if turn is None or turn.turn_status != "in_progress":
+                return str(turn.turn_status) if turn else "deleted"
+            body = dict(turn.body)
+            run = dict(body.get("run") or {})
+            run["tries"] = max(0, int(run.get("tries") or 1) - 1)
+            body["run"] = run
+            _reset_body(body)
+            turn.body = body
+            turn.turn_status = "pending"
+            turn.updated_at = time.time()
+            events.clear(s, turn_id, [events.WORK_LOG_MESSAGE])
+            events.append(s, turn.task_id, turn_id, events.LOG, {"text": note})
+            events.append(
+                s,
+                turn.task_id,
+                turn_id,
+                events.TASK_TURN_EVENT,
+                events.status_payload("Waiting", "pending"),
+            )
+        self.bus.publish(turn_id)
+        return "pending"
+
+
+def _reset_body(body: dict[str, Any]) -> None:
+    body.update(
+        output_items=[],
+        worklog={"messages": []},
+        error=None,
+        latest_event=latest_event("Waiting"),
+        base_commit_sha=None,
+    )
+
+
+def _inputs(user_turn: m.Turn | None) -> tuple[str, str | None]:
+    """The prompt text and the ``pre_apply_patch`` diff of a user turn."""
+    if user_turn is None:
+        return "", None
+    texts: list[str] = []
+    patch: str | None = None
+    for item in user_turn.body.get("input_items") or []:
+        if item.get("type") == "message":
+            for fragment in item.get("content") or []:
+                if isinstance(fragment, str):
+                    texts.append(fragment)
+                elif isinstance(fragment, dict) and isinstance(fragment.get("text"), str):
+                    texts.append(fragment["text"])
+        elif item.get("type") == "pre_apply_patch":
+            diff = (item.get("output_diff") or {}).get("diff")
+            if isinstance(diff, str) and diff:
+                patch = diff
+    return "\n\n".join(texts), patch

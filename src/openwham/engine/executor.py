@@ -1,0 +1,230 @@
+"""Executors call ``Engine.run_turn``; the in-process one runs attempts on worker threads.
+
+``Executor`` is the small interface a server talks to (submit, cancel, start, stop), so that a
+queue-backed executor (e.g. procrastinate on PostgreSQL) can replace the embedded default.
+
+Recovery: every attempt records the executor that claimed it and is kept alive by heartbeats
+(``updated_at``). On start, and every ``SWEEP_SECONDS`` after, the executor looks for attempts
+left ``in_progress`` by an executor that is gone (a dead process on this host, or no heartbeat
+for ``STALE_SECONDS``) and runs them again from scratch while they have tries left
+(``WHAM_ATTEMPT_MAX_TRIES``), else fails them with the reason. Pending attempts nobody queued
+(e.g. created while no executor ran) are queued by the same sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Protocol
+
+from sqlalchemy import select
+
+from openwham.store import events
+from openwham.store import models as m
+
+from .attempt import Control, Engine, _reset_body
+from .recorder import latest_event
+
+log = logging.getLogger(__name__)
+
+STALE_SECONDS = 60.0
+SWEEP_SECONDS = 15.0
+
+
+class Executor(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def submit(self, turn_ids: Iterable[str]) -> None:
+        """Queue pending attempts (already committed)."""
+        ...
+
+    def cancel(self, turn_id: str) -> bool:
+        """Stop a queued or running attempt at once; ``True`` if this executor had it."""
+        ...
+
+
+def _owner_gone(owner: str | None) -> bool:
+    """Whether the executor id ``host:pid:nonce`` names a process on this host that is dead."""
+    if not owner:
+        return True
+    parts = owner.split(":")
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def recover(engine: Engine, *, now: float | None = None) -> list[str]:
+    """Requeue or fail attempts whose executor is gone; returns the turns to run again."""
+    now = now or time.time()
+    again: list[str] = []
+    touched: list[str] = []
+    max_tries = max(1, engine.settings.attempt_max_tries)
+    with engine.db.session() as s:
+        rows = s.scalars(select(m.Turn).where(m.Turn.turn_status == "in_progress")).all()
+        for turn in rows:
+            run = dict(turn.body.get("run") or {})
+            owner = run.get("executor")
+            if owner == engine.executor_id:
+                continue
+            if not (_owner_gone(owner) or now - turn.updated_at > STALE_SECONDS):
+                continue
+            tries = int(run.get("tries") or 1)
+            body = dict(turn.body)
+            touched.append(turn.id)
+            if tries < max_tries:
+                _reset_body(body)
+                turn.turn_status = "pending"
+                note = (
+                    "The server running this attempt stopped; starting it again from scratch "
+                    f"(try {tries + 1} of {max_tries})"
+                )
+                events.clear(s, turn.id, [events.WORK_LOG_MESSAGE])
+                events.append(s, turn.task_id, turn.id, events.LOG, {"text": note})
+                events.append(
+                    s,
+                    turn.task_id,
+                    turn.id,
+                    events.TASK_TURN_EVENT,
+                    events.status_payload("Waiting", "pending"),
+                )
+                again.append(turn.id)
+            else:
+                error = {
+                    "code": "executor_lost",
+                    "message": f"The server running this attempt stopped {tries} time(s); "
+                    "it was not started again",
+                }
+                body.update(error=error, latest_event=latest_event("Failed"))
+                turn.turn_status = "failed"
+                events.append(
+                    s,
+                    turn.task_id,
+                    turn.id,
+                    events.TASK_TURN_EVENT,
+                    events.status_payload("Failed", "failed", error=error),
+                )
+            turn.body = body
+            turn.updated_at = now
+    for turn_id in touched:
+        engine.bus.publish(turn_id)
+    if touched:
+        log.warning("recovered %d attempt(s) left by a stopped server", len(touched))
+    return again
+
+
+class InProcessExecutor:
+    """``concurrency`` worker threads taking attempts from a FIFO queue."""
+
+    def __init__(self, engine: Engine, concurrency: int) -> None:
+        self.engine = engine
+        self.concurrency = max(1, concurrency)
+        self._cond = threading.Condition()
+        self._queue: deque[str] = deque()
+        self._queued: set[str] = set()
+        self._running: dict[str, Control] = {}
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+
+    # ------------------------------------------------------------------ interface
+
+    def start(self) -> None:
+        self._sweep()
+        for i in range(self.concurrency):
+            t = threading.Thread(target=self._work, name=f"wham-attempt-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        t = threading.Thread(target=self._sweeper, name="wham-sweeper", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop running attempts (they go back to ``pending`` and resume on the next start)."""
+        with self._cond:
+            self._stopping = True
+            running = list(self._running.values())
+            self._cond.notify_all()
+        for control in running:
+            control.cancel("shutdown")
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def submit(self, turn_ids: Iterable[str]) -> None:
+        with self._cond:
+            for turn_id in turn_ids:
+                if turn_id not in self._queued and turn_id not in self._running:
+                    self._queue.append(turn_id)
+                    self._queued.add(turn_id)
+            self._cond.notify_all()
+
+    def cancel(self, turn_id: str) -> bool:
+        with self._cond:
+            if turn_id in self._queued:
+                self._queued.discard(turn_id)
+                self._queue.remove(turn_id)
+                return True
+            control = self._running.get(turn_id)
+        if control is None:
+            return False
+        control.cancel("cancelled")
+        return True
+
+    @property
+    def running(self) -> list[str]:
+        with self._cond:
+            return list(self._running)
+
+    # ------------------------------------------------------------------ internals
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                turn_id = self._queue.popleft()
+                self._queued.discard(turn_id)
+                control = Control()
+                self._running[turn_id] = control
+            try:
+                self.engine.run_turn(turn_id, control)
+            except Exception:
+                log.exception("attempt %s: executor error", turn_id)
+            finally:
+                with self._cond:
+                    self._running.pop(turn_id, None)
+
+    def _sweeper(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait(SWEEP_SECONDS)
+                if self._stopping:
+                    return
+            try:
+                self._sweep()
+            except Exception:
+                log.exception("sweeping for orphaned attempts failed")
+
+    def _sweep(self) -> None:
+        again = recover(self.engine)
+        with self.engine.db.sessions() as s:
+            pending = s.scalars(
+                select(m.Turn.id)
+                .where(m.Turn.turn_status == "pending", m.Turn.role == "assistant")
+                .order_by(m.Turn.created_at, m.Turn.attempt_placement)
+            ).all()
+        self.submit([*again, *pending])

@@ -1,0 +1,190 @@
+"""Persists what one running attempt does: ordered events at once, the turn body in batches.
+
+Events (status lines, work-log messages, logs) are appended and published as they happen, so
+the turn stream is live. The turn's JSON body (work log, latest_event) is rewritten at most
+every ``FLUSH_SECONDS`` while the attempt runs (and at every status change), which keeps long
+attempts from rewriting a large work log per line; ``GET`` of a running turn may lag by that
+much. Every write is conditional on the turn still being ``in_progress``: once a user cancelled
+it (or deleted the task), the recorder notices, sets ``gone`` and writes nothing more but the
+final work log of a cancelled attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.exc import SQLAlchemyError
+
+from openwham.store import events
+from openwham.store import models as m
+from openwham.store.db import Database, rowcount
+from openwham.store.events import EventBus
+from openwham.wire import WorklogMessage
+
+log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 1.0
+HEARTBEAT_SECONDS = 10.0
+
+
+def latest_event(text: str) -> dict[str, Any]:
+    return {"created": time.time(), "text": text, "event_type": "info"}
+
+
+def dump_message(message: WorklogMessage) -> dict[str, Any]:
+    return message.model_dump(mode="json", by_alias=True)
+
+
+class TurnRecorder:
+    def __init__(
+        self, db: Database, bus: EventBus, task_id: str, turn_id: str, body: dict[str, Any]
+    ) -> None:
+        self.db, self.bus = db, bus
+        self.task_id, self.turn_id = task_id, turn_id
+        self.body = dict(body)
+        self._messages: dict[str, dict[str, Any]] = {
+            str(msg.get("id")): msg for msg in (self.body.get("worklog") or {}).get("messages", [])
+        }
+        self._lock = threading.RLock()
+        self._dirty = False
+        self._written = time.monotonic()
+        self.gone = False
+
+    # ------------------------------------------------------------------ recording
+
+    def status(self, text: str) -> None:
+        """A new live status line: event now, body now."""
+        with self._lock:
+            self.body["latest_event"] = latest_event(text)
+            self._dirty = True
+            self._write([(events.TASK_TURN_EVENT, events.status_payload(text, "in_progress"))])
+
+    def message(self, message: WorklogMessage) -> None:
+        """A new or updated work-log message."""
+        data = dump_message(message)
+        with self._lock:
+            self._messages[message.id] = data
+            self._dirty = True
+            self._write([(events.WORK_LOG_MESSAGE, data)], body=self._due())
+
+    def log(self, text: str) -> None:
+        with self._lock:
+            self._write([(events.LOG, {"text": text, "created": time.time()})], body=False)
+
+    def set(self, **fields: Any) -> None:
+        """Set body fields (e.g. ``base_commit_sha``); written with the next flush."""
+        with self._lock:
+            self.body.update(fields)
+            self._dirty = True
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._dirty:
+                self._write([])
+
+    def heartbeat(self) -> None:
+        """Mark the turn as alive (``updated_at``) and flush a pending work log."""
+        with self._lock:
+            if self._dirty and self._due():
+                self._write([])
+            elif time.monotonic() - self._written >= HEARTBEAT_SECONDS:
+                self._dirty = True
+                self._write([])
+
+    # ------------------------------------------------------------------ ending
+
+    def finish(
+        self,
+        status: str,
+        *,
+        text: str,
+        error: dict[str, Any] | None = None,
+        output_items: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """Write the terminal state. Returns the status the turn ended with: ``status``, or
+        ``cancelled`` when the user cancelled it meanwhile (the work log is kept either way)."""
+        with self._lock:
+            self.body["latest_event"] = latest_event(text)
+            self.body["error"] = error
+            if output_items is not None:
+                self.body["output_items"] = output_items
+            self.body["worklog"] = {"messages": list(self._messages.values())}
+            now = time.time()
+            ended = status
+            with self.db.session() as s:
+                done = rowcount(
+                    s.execute(
+                        update(m.Turn)
+                        .where(m.Turn.id == self.turn_id, m.Turn.turn_status == "in_progress")
+                        .values(turn_status=status, body=self.body, updated_at=now)
+                    )
+                )
+                if not done:
+                    current = s.get(m.Turn, self.turn_id)
+                    if current is None:
+                        return "deleted"
+                    ended = str(current.turn_status)
+                    if ended == "cancelled":
+                        # keep the work log of a cancelled attempt, and say so
+                        cancelled = dict(current.body)
+                        cancelled["worklog"] = self.body["worklog"]
+                        cancelled["latest_event"] = latest_event("Cancelled")
+                        current.body = cancelled
+                        current.updated_at = now
+                        error = cancelled.get("error")
+                        text = "Cancelled"
+                    else:
+                        return ended
+                if ended in events.TERMINAL_STATUSES:
+                    s.execute(
+                        update(m.Task)
+                        .where(m.Task.id == self.task_id)
+                        .values(updated_at=now, has_unread_turn=True)
+                    )
+                events.append(
+                    s,
+                    self.task_id,
+                    self.turn_id,
+                    events.TASK_TURN_EVENT,
+                    events.status_payload(text, ended, error=error),
+                )
+            self.gone = True
+        self.bus.publish(self.turn_id)
+        return ended
+
+    # ------------------------------------------------------------------ internals
+
+    def _due(self) -> bool:
+        return time.monotonic() - self._written >= FLUSH_SECONDS
+
+    def _write(self, items: list[tuple[str, dict[str, Any]]], *, body: bool = True) -> None:
+        if self.gone:
+            return
+        try:
+            with self.db.session() as s:
+                if body and self._dirty:
+                    self.body["worklog"] = {"messages": list(self._messages.values())}
+                    done = rowcount(
+                        s.execute(
+                            update(m.Turn)
+                            .where(m.Turn.id == self.turn_id, m.Turn.turn_status == "in_progress")
+                            .values(body=self.body, updated_at=time.time())
+                        )
+                    )
+                    if not done:
+                        self.gone = True
+                        return
+                    self._dirty = False
+                    self._written = time.monotonic()
+                for item_type, payload in items:
+                    events.append(s, self.task_id, self.turn_id, item_type, payload)
+        except SQLAlchemyError:
+            log.exception("recording attempt %s failed; stopping it", self.turn_id)
+            self.gone = True
+            return
+        if items:
+            self.bus.publish(self.turn_id)

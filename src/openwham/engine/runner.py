@@ -1,0 +1,113 @@
+"""What ``wham serve`` starts to run tasks: the model gateway, the engine and an executor.
+
+If bubblewrap cannot create sandboxes here, nothing is started and ``problem`` says why and
+how to fix it: the server then refuses new tasks with that message. There is no unsandboxed
+mode. A misconfigured model upstream does not stop the server: each attempt fails with the
+message that names the setting to fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openwham.config import Settings
+from openwham.gateway import (
+    Gateway,
+    GatewayConfigError,
+    GatewayServer,
+    check_config,
+    default_socket_path,
+)
+from openwham.gateway.server import MAX_SOCKET_PATH
+from openwham.sandbox import bwrap
+from openwham.store.db import Database
+from openwham.store.events import EventBus
+
+from .attempt import Engine
+from .executor import Executor, InProcessExecutor
+
+log = logging.getLogger(__name__)
+
+
+def _socket_path(settings: Settings) -> Path:
+    path = default_socket_path(settings)
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path
+    short = Path(tempfile.mkdtemp(prefix="wham-gw-")) / "gateway.sock"
+    log.info("data directory path too long for a UNIX socket; gateway socket at %s", short)
+    return short
+
+
+@dataclass
+class Runner:
+    settings: Settings
+    db: Database
+    bus: EventBus
+    problem: str | None = None
+    engine: Engine | None = None
+    executor: Executor | None = None
+    gateway_server: GatewayServer | None = field(default=None, repr=False)
+
+    def start(self) -> Runner:
+        if self.settings.executor == "none":
+            self.problem = None  # API only: another process runs attempts
+            return self
+        if self.settings.executor != "inprocess":
+            self.problem = (
+                f"unknown WHAM_EXECUTOR {self.settings.executor!r}: use inprocess or none"
+            )
+            return self
+        problem = bwrap.selftest()
+        if problem is not None:
+            self.problem = f"This server cannot run tasks: {problem}"
+            log.error("%s", self.problem)
+            return self
+        for gap in bwrap.host_gaps():
+            log.warning("sandbox limit not enforced on this host: %s", gap)
+        gateway_problem = check_config(self.settings)
+        gateway: Gateway | None = None
+        socket_path: Path | None = None
+        if gateway_problem is None:
+            try:
+                gateway = Gateway.from_settings(self.settings)
+            except GatewayConfigError as exc:
+                gateway_problem = str(exc)
+        if gateway is not None:
+            socket_path = _socket_path(self.settings)
+            self.gateway_server = GatewayServer(gateway, socket_path).start()
+        else:
+            log.error("model upstream: %s (tasks will fail until this is fixed)", gateway_problem)
+        self.engine = Engine(
+            settings=self.settings,
+            db=self.db,
+            bus=self.bus,
+            gateway=gateway,
+            gateway_socket=socket_path,
+            gateway_problem=gateway_problem,
+        )
+        executor = InProcessExecutor(self.engine, self.settings.concurrency)
+        executor.start()
+        self.executor = executor
+        return self
+
+    def submit(self, turn_ids: Iterable[str]) -> None:
+        if self.executor is not None:
+            self.executor.submit(turn_ids)
+
+    def cancel(self, turn_ids: Iterable[str]) -> None:
+        if self.executor is not None:
+            for turn_id in turn_ids:
+                self.executor.cancel(turn_id)
+
+    def stop(self) -> None:
+        if self.executor is not None:
+            self.executor.stop()
+            self.executor = None
+        if self.gateway_server is not None:
+            self.gateway_server.stop()
+            self.gateway_server = None

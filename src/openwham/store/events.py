@@ -1,0 +1,168 @@
+"""The ordered event log of attempts, and the bus that wakes up readers.
+
+Every status change and work-log entry of an attempt is a row in ``turn_events``; the turn
+stream replays rows after a client's ``Last-Event-ID`` and then waits on the bus. The bus only
+says "something new for turn X": readers always read the rows, so a missed wake-up costs at
+most one poll interval and nothing is ever lost. ``LocalEventBus`` serves one process; a
+multi-process deployment swaps in one built on e.g. PostgreSQL LISTEN/NOTIFY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from . import models as m
+
+# What the turn stream sends (reference/wham-api.md §5).
+TASK_TURN_EVENT = "task_turn_event"
+WORK_LOG_MESSAGE = "work_log_message"
+LOG = "log"
+TASK_TITLE_GENERATED = "task_title_generated"
+ITEM_TYPES = (TASK_TURN_EVENT, WORK_LOG_MESSAGE, LOG, TASK_TITLE_GENERATED)
+TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    task_id: str
+    turn_id: str
+    item_type: str
+    payload: dict[str, Any]
+    created_at: float
+
+    @property
+    def is_terminal(self) -> bool:
+        return (
+            self.item_type == TASK_TURN_EVENT
+            and self.payload.get("turn_status") in TERMINAL_STATUSES
+        )
+
+
+def append(
+    db: Session, task_id: str, turn_id: str, item_type: str, payload: dict[str, Any]
+) -> None:
+    """Add one event (committed with the caller's transaction)."""
+    db.add(
+        m.TurnEvent(
+            task_id=task_id,
+            turn_id=turn_id,
+            item_type=item_type,
+            payload=payload,
+            created_at=time.time(),
+        )
+    )
+
+
+def read(
+    db: Session,
+    turn_id: str,
+    *,
+    after: int = 0,
+    item_types: Sequence[str] | None = None,
+    limit: int = 500,
+) -> list[Event]:
+    """Events of one turn with ``id > after``, oldest first."""
+    q = select(m.TurnEvent).where(m.TurnEvent.turn_id == turn_id, m.TurnEvent.id > after)
+    if item_types:
+        q = q.where(m.TurnEvent.item_type.in_(list(item_types)))
+    rows = db.scalars(q.order_by(m.TurnEvent.id).limit(limit))
+    return [
+        Event(r.id, r.task_id, r.turn_id, r.item_type, dict(r.payload), r.created_at) for r in rows
+    ]
+
+
+def clear(db: Session, turn_id: str, item_types: Iterable[str]) -> None:
+    """Drop a turn's events of the given types (an attempt that starts over)."""
+    db.execute(
+        delete(m.TurnEvent).where(
+            m.TurnEvent.turn_id == turn_id, m.TurnEvent.item_type.in_(list(item_types))
+        )
+    )
+
+
+def status_payload(
+    text: str, turn_status: str, *, error: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A ``task_turn_event``: the live status line and the turn's status."""
+    payload: dict[str, Any] = {
+        "text": text,
+        "event_type": "info",
+        "turn_status": turn_status,
+        "created": time.time(),
+    }
+    if error is not None:
+        payload["error"] = error
+    return payload
+
+
+class Subscription(Protocol):
+    async def wait(self, timeout: float) -> None:
+        """Return after a ``publish`` since the last wait (or since subscribing), or after
+        ``timeout`` seconds."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class EventBus(Protocol):
+    """Wakes up readers of a turn's events after a commit that added some."""
+
+    def publish(self, turn_id: str) -> None: ...
+
+    def subscribe(self, turn_id: str) -> Subscription:
+        """Subscribe before reading, so that nothing published after the read is missed."""
+        ...
+
+
+class _LocalSubscription:
+    def __init__(self, bus: LocalEventBus, turn_id: str) -> None:
+        self.bus, self.turn_id = bus, turn_id
+        self.loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.event.wait(), timeout)
+        self.event.clear()
+
+    def close(self) -> None:
+        self.bus._remove(self)
+
+
+class LocalEventBus:
+    """In-process bus: ``publish`` may be called from any thread; ``subscribe`` from a loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subs: dict[str, set[_LocalSubscription]] = {}
+
+    def publish(self, turn_id: str) -> None:
+        with self._lock:
+            subs = list(self._subs.get(turn_id, ()))
+        for sub in subs:
+            with contextlib.suppress(RuntimeError):  # that loop is closed
+                sub.loop.call_soon_threadsafe(sub.event.set)
+
+    def subscribe(self, turn_id: str) -> _LocalSubscription:
+        sub = _LocalSubscription(self, turn_id)
+        with self._lock:
+            self._subs.setdefault(turn_id, set()).add(sub)
+        return sub
+
+    def _remove(self, sub: _LocalSubscription) -> None:
+        with self._lock:
+            subs = self._subs.get(sub.turn_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subs[sub.turn_id]
