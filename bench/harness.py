@@ -1,0 +1,363 @@
+"""The pieces the benchmark drives: the scripted model, a real ``wham serve``, plain Codex.
+
+Nothing here reaches the network: the model is ``tests/support/scripted_model.py`` on
+127.0.0.1, the repository is a local path, Codex's network features are off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+WHAM = VENV_BIN / "wham"
+MODEL = "gpt-5.5"  # a slug Codex 0.169.0 knows: it offers the freeform apply_patch tool
+TERMINAL = ("completed", "failed", "cancelled")
+PREFIX = "/backend-api/wham"
+
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
+
+from support.scripted_model import Patch, Say, ScriptedModel, Shell, Step  # noqa: E402
+
+from .repo import TARGET, TARGET_LINE  # noqa: E402
+
+MARKER = re.compile(r"bench-run-(\d+)")
+
+
+def task_script() -> list[Step]:
+    """The (b) task: a few shell commands, one apply_patch edit, a final message."""
+    return [
+        Shell("ls && git status --short | head -5"),
+        Shell("grep -rl 'def f0003_1' src | head -3"),
+        Shell(f"wc -l {TARGET} && head -5 {TARGET}"),
+        Patch(
+            "*** Begin Patch\n"
+            f"*** Update File: {TARGET}\n"
+            "@@\n"
+            f"-{TARGET_LINE.splitlines()[1]}\n"
+            f"+{TARGET_LINE.splitlines()[1].replace('x + 0', 'x + 1')}\n"
+            "*** End Patch"
+        ),
+        Shell(f"git diff --stat && python3 -c 'print(open(\"{TARGET}\").read()[:40])'"),
+        Say("I changed f0000_0 to add one."),
+    ]
+
+
+def prompt(run: str) -> str:
+    return f"bench-run-{run}: make f0000_0 in {TARGET} add one instead of zero."
+
+
+# --------------------------------------------------------------------------- scripted model
+
+
+@dataclass
+class ModelClock:
+    """Arrival times (``time.perf_counter()`` and ``time.time()``) of the first model request
+    of each run, keyed by the ``bench-run-<n>`` marker in the prompt; plus every request."""
+
+    first: dict[str, tuple[float, float]] = field(default_factory=dict)
+    requests: int = 0
+    _events: dict[str, threading.Event] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def expect(self, run: str) -> threading.Event:
+        with self._lock:
+            return self._events.setdefault(run, threading.Event())
+
+    def on_request(self, body: dict[str, Any]) -> None:
+        now = (time.perf_counter(), time.time())
+        self.requests += 1
+        found = MARKER.search(json.dumps(body.get("input") or []))
+        if not found:
+            return
+        run = found.group(1)
+        with self._lock:
+            if run in self.first:
+                return
+            self.first[run] = now
+            event = self._events.setdefault(run, threading.Event())
+        event.set()
+
+
+def start_model() -> tuple[ScriptedModel, ModelClock]:
+    clock = ModelClock()
+    model = ScriptedModel(on_request=clock.on_request).start()
+    return model, clock
+
+
+# --------------------------------------------------------------------------- wham serve
+
+
+def _clean_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WHAM_")}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class WhamServer:
+    url: str
+    data_dir: Path
+    process: subprocess.Popen[str]
+    log_path: Path
+    token: str = ""
+    client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60))
+
+    @classmethod
+    def start(
+        cls,
+        data_dir: Path,
+        model_url: str,
+        *,
+        log_path: Path,
+        module: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> WhamServer:
+        """``wham serve --port 0 --data-dir D`` (or ``python -m <module> serve …``)."""
+        env = _clean_env(
+            {
+                "WHAM_MODEL_PROVIDER": "openai-compatible",
+                "WHAM_MODEL_BASE_URL": model_url,
+                "WHAM_MODEL_API_KEY": "sk-bench-anything",
+                "WHAM_MODEL": MODEL,
+                # a fresh data dir has fresh usage windows, but N can be large
+                "WHAM_RATE_LIMIT_PRIMARY": "1000000",
+                "WHAM_RATE_LIMIT_SECONDARY": "1000000",
+                **(extra_env or {}),
+            }
+        )
+        argv = [sys.executable, "-m", module] if module else [str(WHAM)]
+        argv += ["serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir)]
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        assert proc.stdout is not None
+        log = open(log_path, "w")  # noqa: SIM115 (closed by the pump thread)
+        url = None
+        seen: list[str] = []
+        for line in proc.stdout:
+            log.write(line)
+            seen.append(line)
+            m = re.match(r"openwham (http://\S+)", line)
+            if m:
+                url = m.group(1)
+                break
+        if url is None:
+            proc.wait(10)
+            raise RuntimeError("wham serve did not print its URL:\n" + "".join(seen))
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            with log:
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+
+        threading.Thread(target=pump, daemon=True).start()
+        server = cls(url=url, data_dir=data_dir, process=proc, log_path=log_path)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if server.client.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"wham serve did not become healthy; see {log_path}")
+            time.sleep(0.05)
+        out = subprocess.run(
+            [str(WHAM), "token", "create", "--data-dir", str(data_dir)],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=_clean_env({}),
+        )
+        server.token = out.stdout.strip()
+        server.client.headers["Authorization"] = f"Bearer {server.token}"
+        return server
+
+    def stop(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+    def api(self, path: str) -> str:
+        return f"{self.url}{PREFIX}/{path.lstrip('/')}"
+
+    def create_env(self, repo: Path) -> str:
+        r = self.client.post(self.api("environments"), json={"label": "bench/repo", "repos": [str(repo)]})
+        r.raise_for_status()
+        return str(r.json()["id"])
+
+    def create_task(self, env_id: str, text: str) -> tuple[str, str]:
+        body = {
+            "new_task": {"environment_id": env_id},
+            "input_items": [
+                {"type": "message", "role": "user", "content": [{"content_type": "text", "text": text}]}
+            ],
+        }
+        r = self.client.post(self.api("tasks"), json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"POST tasks: {r.status_code} {r.text}")
+        data = r.json()
+        return str(data["task"]["id"]), str(data["turn"]["id"])
+
+    def stream(self, task_id: str, turn_id: str, timeout: float = 180) -> tuple[list[dict[str, Any]], float]:
+        """Read the turn's SSE stream to its terminal ``task_turn_event``. Returns the frames'
+        data and ``perf_counter()`` when the terminal frame arrived."""
+        frames: list[dict[str, Any]] = []
+        url = self.api(f"tasks/{task_id}/turns/{turn_id}/stream")
+        with self.client.stream("GET", url, timeout=timeout) as r:
+            r.raise_for_status()
+            data: list[str] = []
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    data.append(line[5:].lstrip(" "))
+                    continue
+                if line or not data:
+                    continue
+                frame = json.loads("\n".join(data))
+                data = []
+                frames.append(frame)
+                payload = frame.get("payload") or {}
+                if (
+                    frame.get("item_type") == "task_turn_event"
+                    and payload.get("turn_status") in TERMINAL
+                ):
+                    return frames, time.perf_counter()
+        raise RuntimeError(f"stream of {turn_id} ended without a terminal event")
+
+    def wait_cleanup(self, turn_id: str, timeout: float = 30) -> None:
+        """Wait until the engine removed the attempt's workspace (its ``finally``), so the
+        next run does not share the disk with a 5,000-file ``rm -rf``."""
+        ws = self.data_dir / "attempts" / turn_id / "workspace"
+        deadline = time.monotonic() + timeout
+        while ws.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def stream_summary(frames: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Server-side timestamps (``time.time()``) of the milestones in a turn's events."""
+    out: dict[str, float | None] = {
+        "setting_up": None,
+        "title": None,
+        "first_worklog": None,
+        "first_status_after_setup": None,
+        "terminal": None,
+    }
+    for f in frames:
+        kind, payload, ts = f.get("item_type"), f.get("payload") or {}, f.get("timestamp")
+        if kind == "task_turn_event":
+            if payload.get("text") == "Setting up" and out["setting_up"] is None:
+                out["setting_up"] = ts
+            elif payload.get("turn_status") in TERMINAL:
+                out["terminal"] = ts
+            elif out["first_status_after_setup"] is None:
+                out["first_status_after_setup"] = ts
+        elif kind == "task_title_generated" and out["title"] is None:
+            out["title"] = ts
+        elif kind == "work_log_message" and out["first_worklog"] is None:
+            out["first_worklog"] = ts
+    return out
+
+
+def final_status(frames: list[dict[str, Any]]) -> str:
+    for f in reversed(frames):
+        payload = f.get("payload") or {}
+        if f.get("item_type") == "task_turn_event" and payload.get("turn_status") in TERMINAL:
+            if payload.get("turn_status") != "completed":
+                return f"{payload.get('turn_status')}: {payload.get('error')}"
+            return "completed"
+    return "no terminal event"
+
+
+# --------------------------------------------------------------------------- plain codex
+
+
+@dataclass
+class PlainRun:
+    wall: float  # codex exec start → exit (seconds)
+    first_request: float | None  # codex exec start → first model request
+    clone: float  # the fresh `git clone` before it (not part of `wall`)
+    exit_code: int
+    completed: bool
+
+
+def run_plain_codex(
+    repo: Path, scratch: Path, model_url: str, clock: ModelClock, run: str
+) -> PlainRun:
+    """The same pinned binary, the same config (``codex_home_files`` with the provider
+    pointed straight at the scripted model), the same argv (``codex.command``), directly in a
+    fresh ``git clone`` of the repository: no server, no sandbox, no gateway."""
+    from openwham.runtimes import codex
+    from openwham.runtimes.codex_cli import native_binary
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    work, home = scratch / "work", scratch / "codex-home"
+    t0 = time.perf_counter()
+    subprocess.run(
+        ["git", "clone", "-q", str(repo), str(work)], check=True, capture_output=True
+    )
+    clone = time.perf_counter() - t0
+    home.mkdir(mode=0o700)
+    for name, text in codex.codex_home_files(base_url=model_url, model=MODEL).items():
+        (home / name).write_text(text)
+    cmd = codex.command(prompt(run), workdir=str(work), executable=str(native_binary()))
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": str(home.parent),
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+        "CODEX_HOME": str(home),
+        codex.TOKEN_ENV: "sk-bench-anything",
+    }
+    first = clock.expect(run)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd.argv, input=cmd.stdin, env=env, capture_output=True, timeout=180)
+    wall = time.perf_counter() - t0
+    arrived = clock.first.get(run)
+    completed = b'"turn.completed"' in proc.stdout
+    if not completed:
+        sys.stderr.write(proc.stderr.decode(errors="replace")[-2000:])
+    del first
+    return PlainRun(
+        wall=wall,
+        first_request=(arrived[0] - t0) if arrived else None,
+        clone=clone,
+        exit_code=proc.returncode,
+        completed=completed,
+    )
+
+
+def iter_trace(path: Path) -> Iterator[dict[str, Any]]:
+    if not path.exists():
+        return
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)

@@ -1,0 +1,619 @@
+"""Tasks run for real through the API: the engine, the sandbox, the Codex CLI and the gateway.
+
+The scripted model is the only replaced service: it makes the real Codex binary run real
+commands and edits in a bubblewrap sandbox. Each test submits tasks through the API and checks
+what a client sees: statuses and status lines, the work log, the diff, the SSE frames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import (
+    CODEX_MODEL,
+    Api,
+    Server,
+    engine_settings,
+    git,
+    make_repo,
+    make_server,
+    parse_sse,
+    wait_for_task,
+    wait_for_turn,
+)
+from openwham.runtimes.codex import ASK_MODE_INSTRUCTIONS
+from openwham.store import models as m
+from support.scripted_model import Fail, Patch, Say, ScriptedModel, Shell
+
+FIX = """\
+*** Begin Patch
+*** Update File: calc.py
+@@
+ def add(a, b):
+-    return a - b
++    return a + b
+*** Add File: NOTES.md
++Fixed add().
+*** End Patch"""
+ANSWER = "Fixed `add`: it subtracted. The test passes now."
+TEST_FILE = (
+    "import unittest\n\nfrom calc import add\n\n\n"
+    "class AddTest(unittest.TestCase):\n"
+    "    def test_add(self):\n"
+    "        self.assertEqual(add(2, 3), 5)\n"
+)
+
+
+@pytest.fixture
+def calc_repo(tmp_path: Path) -> Path:
+    """A repository whose test fails: ``add`` subtracts; plus files to delete and rename."""
+    path = make_repo(tmp_path / "calc")
+    (path / "test_calc.py").write_text(TEST_FILE)
+    (path / ".gitignore").write_text("__pycache__/\n")
+    (path / "old.txt").write_text("obsolete\n")
+    git("add", ".", cwd=path)
+    git("commit", "-q", "-m", "tests", cwd=path)
+    return path
+
+
+def fix_script() -> list[Any]:
+    return [
+        Shell("python3 -B -m unittest -q test_calc 2>&1; echo exit=$?"),
+        Patch(FIX),
+        Shell(
+            "git rm -q old.txt && git mv README.md README.rst && printf 'bin\\000ary' > data.bin"
+            " && python3 -B -m unittest -q test_calc 2>&1"
+        ),
+        Say(ANSWER),
+    ]
+
+
+def stream(api: Api, task_id: str, turn_id: str, **kw: Any) -> list[dict[str, Any]]:
+    r = api.get(f"tasks/{task_id}/turns/{turn_id}/stream", **kw)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    return parse_sse(r.text)
+
+
+def statuses(frames: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [
+        (f["data"]["payload"]["text"], f["data"]["payload"]["turn_status"])
+        for f in frames
+        if f["data"]["item_type"] == "task_turn_event"
+    ]
+
+
+def commands(turn: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(command, output message) pairs of the work log (output ``{}`` while it runs)."""
+    messages = turn["worklog"]["messages"]
+    out = []
+    for i, msg in enumerate(messages):
+        if msg.get("recipient") == "container.exec":
+            following = messages[i + 1] if i + 1 < len(messages) else {}
+            output = following if following.get("author", {}).get("role") == "tool" else {}
+            out.append((json.loads(msg["content"]["text"])["cmd"], output))
+    return out
+
+
+# =========================================================================== the whole path
+
+
+@pytest.fixture
+def any_engine_server(
+    tmp_path: Path, database_url: str, scripted_model: ScriptedModel
+) -> Iterator[Server]:
+    """A server that runs attempts, once on SQLite and once on PostgreSQL."""
+    yield from make_server(tmp_path, database_url, **engine_settings(scripted_model))
+
+
+def test_a_task_runs_to_completed_with_diff_work_log_and_events(
+    any_engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path, tmp_path: Path
+) -> None:
+    api = any_engine_server.api
+    scripted_model.script = fix_script()
+    env = api.create_env(calc_repo)
+    created = api.create_task(env["id"], "Please fix the failing test. `add` looks wrong.")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    assert created["turn"]["turn_status"] == "pending"
+
+    details = wait_for_task(api, task_id)
+    turn = details["current_assistant_turn"]
+    assert turn["turn_status"] == "completed", turn["error"]
+    assert turn["error"] is None
+    assert turn["latest_event"]["text"] == "Completed"
+    head = git("rev-parse", "HEAD", cwd=calc_repo).strip()
+    assert turn["base_commit_sha"] == head
+
+    # the answer and the diff, where `codex cloud diff/apply` and `codex apply` look
+    message, pr = turn["output_items"]
+    assert message == {
+        "type": "message",
+        "role": "assistant",
+        "content": [{"content_type": "text", "text": ANSWER}],
+    }
+    assert pr["type"] == "pr" and pr["pr_message"] == ANSWER
+    assert details["current_diff_task_turn"]["id"] == turn_id
+    diff = pr["output_diff"]["diff"]
+    assert pr["output_diff"]["base_commit_sha"] == head
+    assert "-    return a - b\n+    return a + b" in diff
+    assert "diff --git a/NOTES.md b/NOTES.md\nnew file mode 100644" in diff
+    assert "diff --git a/old.txt b/old.txt\ndeleted file mode 100644" in diff
+    assert "rename from README.md\nrename to README.rst" in diff
+    assert "diff --git a/data.bin b/data.bin" in diff and "GIT binary patch" in diff
+    assert "__pycache__" not in diff
+    stats = {k: pr["output_diff"][k] for k in ("files_modified", "lines_added", "lines_removed")}
+    assert stats == {"files_modified": 5, "lines_added": 2, "lines_removed": 2}
+    display = details["task"]["task_status_display"]["latest_turn_status_display"]
+    assert display["turn_status"] == "completed" and display["diff_stats"] == stats
+    assert details["task"]["denormalized_metadata"]["diff_stats"] == stats
+
+    # the diff applies to a fresh clone of the base commit
+    fresh = tmp_path / "fresh"
+    git("clone", "-q", str(calc_repo), str(fresh), cwd=tmp_path)
+    (fresh / ".." / "change.diff").resolve().write_text(diff)
+    git("apply", "--index", str((fresh / ".." / "change.diff").resolve()), cwd=fresh)
+    assert (fresh / "calc.py").read_text() == "def add(a, b):\n    return a + b\n"
+    assert (fresh / "data.bin").read_bytes() == b"bin\0ary"
+    assert not (fresh / "old.txt").exists() and (fresh / "README.rst").exists()
+
+    # the title was generated from the prompt
+    assert details["task"]["title"] == "Fix the failing test"
+    assert details["task"]["has_generated_title"] is True
+    assert details["task"]["has_unread_turn"] is True
+
+    # the work log: prompt, failing run, edit, passing run, answer
+    messages = turn["worklog"]["messages"]
+    assert messages[0]["author"]["role"] == "user"
+    (first, failing), (_, passing) = commands(turn)
+    assert first.startswith("python3 -B -m unittest")
+    assert "AssertionError: -1 != 5" in failing["content"]["parts"][0]
+    assert "exit=1" in failing["content"]["parts"][0]
+    assert passing["status"] == "finished_successfully" and "OK" in passing["content"]["parts"][0]
+    edits = [msg for msg in messages if msg.get("recipient") == "apply_patch"]
+    assert sorted(edits[0]["content"]["text"].splitlines()) == ["A NOTES.md", "M calc.py"]
+    assert messages[-1]["content"]["parts"] == [ANSWER]
+    assert messages[-1]["channel"] == "final"
+
+    # the events, replayed: ordered ids, status lines, title, every work-log message
+    frames = stream(api, task_id, turn_id)
+    ids = [int(f["id"]) for f in frames]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    for f in frames:
+        data = f["data"]
+        assert f["event"] == "message" and data["id"] == f["id"]
+        assert data["payload"] == data[data["item_type"]]
+        assert isinstance(data["timestamp"], float)
+    lines = statuses(frames)
+    assert lines[0] == ("Setting up", "in_progress")
+    assert lines[-1] == ("Completed", "completed")
+    texts = [t for t, _ in lines]
+    assert texts.index("Working") < texts.index("Completing the task") < len(texts) - 1
+    assert any(t.startswith("Running python3 -B -m unittest") for t in texts)
+    assert "Editing NOTES.md and 1 other file" in texts
+    (title,) = [
+        f["data"]["payload"] for f in frames if f["data"]["item_type"] == "task_title_generated"
+    ]
+    assert title["title"] == "Fix the failing test"
+    latest: dict[str, Any] = {}
+    for f in frames:
+        if f["data"]["item_type"] == "work_log_message":
+            latest[f["data"]["payload"]["id"]] = f["data"]["payload"]
+    assert list(latest.values()) == messages
+    assert frames[-1]["data"]["payload"]["turn_status"] == "completed"  # ends at the terminal
+
+    # the model: the gateway pinned the model and injected the real key; usage is metered
+    assert {body["model"] for body in scripted_model.requests} == {CODEX_MODEL}
+    assert all(
+        h["authorization"] == "Bearer sk-upstream-secret-key" for h in scripted_model.headers
+    )
+    # the workspace is gone; the attempt's Codex home stays for follow-ups
+    attempt_dir = any_engine_server.app_state.settings.resolved_data_dir / "attempts" / turn_id
+    assert not (attempt_dir / "workspace").exists() and (attempt_dir / "codex-home").is_dir()
+
+
+def test_stream_resumes_after_last_event_id_and_filters_item_types(
+    engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    api = engine_server.api
+    scripted_model.script = [Shell("echo hello"), Say("Done.")]
+    env = api.create_env(calc_repo)
+    created = api.create_task(env["id"], "Say hello")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    wait_for_task(api, task_id)
+
+    everything = stream(api, task_id, turn_id)
+    middle = everything[len(everything) // 2]["id"]
+    rest = stream(api, task_id, turn_id, headers={"Last-Event-ID": middle})
+    assert [f["id"] for f in rest] == [f["id"] for f in everything if int(f["id"]) > int(middle)]
+    by_query = api.post(f"tasks/{task_id}/turns/{turn_id}/stream?last_event_id={middle}")
+    assert [f["id"] for f in parse_sse(by_query.text)] == [f["id"] for f in rest]
+    # reconnecting after the end: nothing more, and the stream ends at once
+    started = time.monotonic()
+    assert stream(api, task_id, turn_id, headers={"Last-Event-ID": everything[-1]["id"]}) == []
+    assert time.monotonic() - started < 2
+    only = stream(api, task_id, turn_id, params={"item_type": ["task_turn_event"]})
+    assert {f["data"]["item_type"] for f in only} == {"task_turn_event"}
+    assert statuses(only) == statuses(everything)
+    two = stream(api, task_id, turn_id, params={"item_type": ["log", "task_title_generated"]})
+    assert {f["data"]["item_type"] for f in two} == {"task_title_generated"}
+
+    # bad input: 400 with a reason; other accounts: 404
+    for params, headers in (
+        ({"item_type": "nope"}, {}),
+        ({}, {"Last-Event-ID": "abc"}),
+        ({"last_event_id": "-1"}, {}),
+    ):
+        r = api.get(f"tasks/{task_id}/turns/{turn_id}/stream", params=params, headers=headers)
+        assert r.status_code == 400 and r.json()["detail"], r.text
+    other = api.as_(engine_server.other_account_token())
+    assert other.get(f"tasks/{task_id}/turns/{turn_id}/stream").status_code == 404
+    assert api.get(f"tasks/{task_id}/turns/nope/stream").status_code == 404
+    assert api.as_(None).get(f"tasks/{task_id}/turns/{turn_id}/stream").status_code == 401
+
+
+# =========================================================================== modes and options
+
+
+def test_ask_mode_answers_without_a_diff(
+    engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    api = engine_server.api
+    scripted_model.script = [
+        Shell("cat calc.py; echo changed > calc.py; echo status=$?"),
+        Patch(FIX),
+        Say("`add` returns `a - b`; it should return `a + b`."),
+    ]
+    env = api.create_env(calc_repo)
+    created = api.create_task(
+        env["id"], "Why does test_add fail?", new_task={"run_environment_in_qa_mode": True}
+    )
+    details = wait_for_task(api, created["task"]["id"])
+    turn = details["current_assistant_turn"]
+    assert turn["turn_status"] == "completed", turn["error"]
+    assert [i["type"] for i in turn["output_items"]] == ["message"]
+    assert details["current_diff_task_turn"] is None
+    ((_, output),) = commands(turn)
+    text = output["content"]["parts"][0]
+    assert "return a - b" in text and "Read-only file system" in text and "status=1" in text
+    patch_results = [
+        msg for msg in turn["worklog"]["messages"] if msg["author"].get("name") == "apply_patch"
+    ]
+    assert patch_results and patch_results[0]["status"] == "failed"
+    developer = json.dumps(scripted_model.requests[0]["input"])
+    assert json.dumps(ASK_MODE_INSTRUCTIONS)[1:-1] in developer
+
+
+def test_model_effort_and_custom_instructions_reach_the_agent(
+    engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    api = engine_server.api
+    instructions = 'Always answer in French 🇫🇷 and quote "exactly".'
+    r = api.patch("settings/user", json={"custom_instructions": instructions})
+    assert r.status_code == 200, r.text
+    scripted_model.script = [Say("Bonjour.")]
+    env = api.create_env(calc_repo)
+    created = api.create_task(
+        env["id"], "Hello", new_task={"model": "gpt-5.5-mini", "reasoning_effort": "high"}
+    )
+    details = wait_for_task(api, created["task"]["id"])
+    assert details["current_assistant_turn"]["turn_status"] == "completed"
+    (body,) = scripted_model.requests
+    assert body["model"] == "gpt-5.5-mini"
+    assert body["reasoning"]["effort"] == "high"
+    developer = [
+        part["text"]
+        for entry in body["input"]
+        if entry.get("role") == "developer"
+        for part in entry["content"]
+    ]
+    assert instructions in developer
+
+
+def test_best_of_n_runs_every_attempt(
+    engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    api = engine_server.api
+    scripted_model.script = fix_script()
+    env = api.create_env(calc_repo)
+    created = api.create_task(env["id"], "Fix it", metadata={"best_of_n": 3})
+    task_id = created["task"]["id"]
+    details = wait_for_task(api, task_id)
+    primary = details["current_assistant_turn"]
+    siblings = api.get(f"tasks/{task_id}/turns/{primary['id']}/sibling_turns").json()
+    others = siblings["sibling_turns"]
+    for turn in [primary, *others]:
+        turn = wait_for_turn(api, task_id, turn["id"])
+        assert turn["turn_status"] == "completed", turn["error"]
+        pr = turn["output_items"][-1]
+        assert pr["type"] == "pr" and "+    return a + b" in pr["output_diff"]["diff"]
+    assert sorted(t["attempt_placement"] for t in [primary, *others]) == [0, 1, 2]
+    assert len(scripted_model.requests) == 3 * 4
+
+
+# =========================================================================== inputs that fail
+
+
+def test_pre_apply_patch_is_applied_first(
+    engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    api = engine_server.api
+    scripted_model.script = [Shell("cat calc.py"), Say("Seen.")]
+    env = api.create_env(calc_repo)
+    starting = (
+        "diff --git a/calc.py b/calc.py\n--- a/calc.py\n+++ b/calc.py\n@@ -1,2 +1,2 @@\n"
+        " def add(a, b):\n-    return a - b\n+    return b - a\n"
+    )
+    created = api.create_task(
+        env["id"],
+        "Look",
+        input_items=[
+            {
+                "type": "message",
+                "role": "user",
+                "content": [{"content_type": "text", "text": "Look"}],
+            },
+            {"type": "pre_apply_patch", "output_diff": {"diff": starting}},
+        ],
+    )
+    details = wait_for_task(api, created["task"]["id"])
+    turn = details["current_assistant_turn"]
+    assert turn["turn_status"] == "completed", turn["error"]
+    ((_, output),) = commands(turn)
+    assert "return b - a" in output["content"]["parts"][0]
+    # the task's diff includes the starting diff: it is against the branch's base
+    pr = turn["output_items"][-1]
+    assert "+    return b - a" in pr["output_diff"]["diff"]
+
+
+def test_a_starting_diff_that_does_not_apply_fails_the_attempt(
+    engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    api = engine_server.api
+    env = api.create_env(calc_repo)
+    bad = (
+        "diff --git a/calc.py b/calc.py\n--- a/calc.py\n+++ b/calc.py\n@@ -1,2 +1,2 @@\n"
+        " def mul(a, b):\n-    return a / b\n+    return a * b\n"
+    )
+    created = api.create_task(
+        env["id"],
+        "x",
+        input_items=[
+            {"type": "message", "role": "user", "content": [{"content_type": "text", "text": "x"}]},
+            {"type": "pre_apply_patch", "output_diff": {"diff": bad}},
+        ],
+    )
+    turn = wait_for_task(api, created["task"]["id"])["current_assistant_turn"]
+    assert turn["turn_status"] == "failed"
+    assert turn["error"]["code"] == "failed_to_apply_patch_error"
+    assert "does not apply" in turn["error"]["message"] and "calc.py" in turn["error"]["message"]
+    assert turn["latest_event"]["text"] == "Failed"
+    assert scripted_model.requests == []  # the agent never started
+
+
+def test_a_model_failure_fails_the_attempt_and_keeps_the_work_log(
+    engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    api = engine_server.api
+    scripted_model.script = [Shell("echo one"), Fail("server_error", "the model broke")]
+    env = api.create_env(calc_repo)
+    created = api.create_task(env["id"], "Do something")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    turn = wait_for_task(api, task_id)["current_assistant_turn"]
+    assert turn["turn_status"] == "failed"
+    assert turn["error"]["code"] == "model_error"
+    assert "the model broke" in turn["error"]["message"]
+    ((_, output),) = commands(turn)
+    assert output["content"]["parts"] == ["one\n"]
+    final = statuses(stream(api, task_id, turn_id))[-1]
+    assert final == ("Failed", "failed")
+
+
+def test_an_unconfigured_upstream_fails_attempts_naming_the_setting(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    settings = engine_settings(scripted_model, model_provider="openai", model_api_key=None)
+    for server in make_server(tmp_path, sqlite_url, **settings):
+        env = server.api.create_env(calc_repo)
+        created = server.api.create_task(env["id"], "Hi")
+        turn = wait_for_task(server.api, created["task"]["id"])["current_assistant_turn"]
+        assert turn["turn_status"] == "failed"
+        assert turn["error"]["code"] == "model_config_error"
+        assert "WHAM_MODEL_API_KEY" in turn["error"]["message"]
+
+
+def test_a_server_without_bubblewrap_refuses_tasks(
+    tmp_path: Path,
+    sqlite_url: str,
+    scripted_model: ScriptedModel,
+    calc_repo: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    from openwham.sandbox import bwrap
+
+    real_which = shutil.which
+    monkeypatch.setattr(
+        bwrap.shutil, "which", lambda name, *a, **k: None if name == "bwrap" else real_which(name)
+    )
+    for server in make_server(tmp_path, sqlite_url, **engine_settings(scripted_model)):
+        env = server.api.create_env(calc_repo)
+        r = server.api.post(
+            "tasks",
+            json={
+                "new_task": {"environment_id": env["id"]},
+                "input_items": [
+                    {
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"content_type": "text", "text": "x"}],
+                    }
+                ],
+            },
+        )
+        assert r.status_code == 503
+        assert (
+            "bubblewrap" in r.json()["detail"]
+            and "apt-get install bubblewrap" in r.json()["detail"]
+        )
+        assert server.api.get("tasks/list").json()["items"] == []
+
+
+# =========================================================================== cancel
+
+
+def sandbox_pids(marker: str) -> list[int]:
+    """Host pids whose command line contains ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_cancel_stops_a_running_attempt_within_two_seconds(
+    engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    api = engine_server.api
+    marker = f"marker-{time.time_ns()}"
+    sleeper = f"python3 -c 'import time; time.sleep(300)' {marker}"
+    scripted_model.script = [Shell("echo started"), Shell(sleeper)]
+    env = api.create_env(calc_repo)
+    created = api.create_task(env["id"], "Wait")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    wait_for_turn(
+        api,
+        task_id,
+        turn_id,
+        until=lambda t: "time.sleep(300)" in (t["latest_event"] or {}).get("text", ""),
+    )
+    assert sandbox_pids(marker)
+
+    started = time.monotonic()
+    assert api.post(f"tasks/{task_id}/cancel").status_code == 200
+    turn = wait_for_turn(
+        api, task_id, turn_id, until=lambda t: t["latest_event"]["text"] == "Cancelled"
+    )
+    while sandbox_pids(marker) and time.monotonic() - started < 5:
+        time.sleep(0.02)
+    elapsed = time.monotonic() - started
+    assert not sandbox_pids(marker)
+    assert elapsed < 2.0, elapsed
+    assert turn["turn_status"] == "cancelled"
+    assert turn["error"]["code"] == "cancelled"
+    # the work log so far is kept
+    (first, echoed), (second, killed) = commands(turn)
+    assert (first, echoed["content"]["parts"]) == ("echo started", ["started\n"])
+    assert marker in second and killed == {}
+    frames = stream(api, task_id, turn_id)
+    assert statuses(frames)[-1] == ("Cancelled", "cancelled")
+    # the server keeps working, and cancelling again changes nothing
+    assert api.post(f"tasks/{task_id}/cancel").status_code == 200
+    assert (
+        api.get(f"tasks/{task_id}").json()["current_assistant_turn"]["turn_status"] == "cancelled"
+    )
+
+
+def test_cancel_one_attempt_of_several_and_a_queued_one(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    settings = engine_settings(scripted_model, executor_concurrency=1)
+    for server in make_server(tmp_path, sqlite_url, **settings):
+        api = server.api
+        scripted_model.script = [Shell("sleep 2"), Say("done")]
+        env = api.create_env(calc_repo)
+        created = api.create_task(env["id"], "Two", metadata={"best_of_n": 2})
+        task_id, first = created["task"]["id"], created["turn"]["id"]
+        (second,) = [
+            t["id"]
+            for t in api.get(f"tasks/{task_id}/turns/{first}/sibling_turns").json()["sibling_turns"]
+        ]
+        # one slot: the second attempt waits in the queue; cancel it there
+        r = api.post(f"tasks/{task_id}/turns/{second}/cancel")
+        assert r.status_code == 200
+        queued = api.get(f"tasks/{task_id}/turns/{second}").json()["turn"]
+        assert queued["turn_status"] == "cancelled"
+        assert statuses(stream(api, task_id, second)) == [("Cancelled", "cancelled")]
+        done = wait_for_turn(api, task_id, first)
+        assert done["turn_status"] == "completed", done["error"]
+        assert (
+            api.get(f"tasks/{task_id}/turns/{second}").json()["turn"]["turn_status"] == "cancelled"
+        )
+        # a finished attempt stays finished; a user turn cannot be cancelled
+        assert api.post(f"tasks/{task_id}/turns/{first}/cancel").status_code == 200
+        assert (
+            api.get(f"tasks/{task_id}/turns/{first}").json()["turn"]["turn_status"] == "completed"
+        )
+        user_turn = created["user_turn"]["id"]
+        assert api.post(f"tasks/{task_id}/turns/{user_turn}/cancel").status_code == 400
+        assert api.post(f"tasks/{task_id}/turns/nope/cancel").status_code == 404
+
+
+# =========================================================================== recovery
+
+
+def orphan(server: Server, turn_id: str, *, tries: int, owner: str) -> None:
+    """Make an attempt look like a dead server left it ``in_progress``."""
+    with server.app_state.db.session() as s:
+        turn = s.get(m.Turn, turn_id)
+        assert turn is not None
+        body = dict(turn.body)
+        body["run"] = {**body["run"], "tries": tries, "executor": owner}
+        body["latest_event"] = {"created": time.time(), "text": "Working", "event_type": "info"}
+        turn.body = body
+        turn.turn_status = "in_progress"
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_attempts_left_by_a_dead_server_run_again_or_fail(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    import socket
+
+    scripted_model.script = [Say("Recovered.")]
+    owner = f"{socket.gethostname()}:{dead_pid()}:deadbeef"
+    # a server that does not run tasks takes them; it "dies" with them in progress
+    for server in make_server(tmp_path, sqlite_url, executor="none"):
+        env = server.api.create_env(calc_repo)
+        again = server.api.create_task(env["id"], "Once more")
+        given_up = server.api.create_task(env["id"], "Too often")
+        queued = server.api.create_task(env["id"], "Never started")
+        orphan(server, again["turn"]["id"], tries=1, owner=owner)
+        orphan(server, given_up["turn"]["id"], tries=2, owner=owner)
+    # the next server finds them at once
+    for server in make_server(tmp_path, sqlite_url, **engine_settings(scripted_model)):
+        api = server.api
+        turn = wait_for_task(api, again["task"]["id"])["current_assistant_turn"]
+        assert turn["turn_status"] == "completed", turn["error"]
+        assert turn["output_items"][0]["content"][0]["text"] == "Recovered."
+        logs = [
+            f["data"]["payload"]["text"]
+            for f in stream(api, again["task"]["id"], again["turn"]["id"])
+            if f["data"]["item_type"] == "log"
+        ]
+        assert logs == [
+            "The server running this attempt stopped; starting it again from scratch (try 2 of 2)"
+        ]
+        failed = wait_for_task(api, given_up["task"]["id"])["current_assistant_turn"]
+        assert failed["turn_status"] == "failed"
+        assert failed["error"]["code"] == "executor_lost"
+        assert "stopped 2 time(s)" in failed["error"]["message"]
+        pending = wait_for_task(api, queued["task"]["id"])["current_assistant_turn"]
+        assert pending["turn_status"] == "completed"
