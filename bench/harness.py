@@ -70,6 +70,7 @@ class ModelClock:
     of each run, keyed by the ``bench-run-<n>`` marker in the prompt; plus every request."""
 
     first: dict[str, tuple[float, float]] = field(default_factory=dict)
+    arrivals: dict[str, list[float]] = field(default_factory=dict)
     requests: int = 0
     _events: dict[str, threading.Event] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -86,6 +87,7 @@ class ModelClock:
             return
         run = found.group(1)
         with self._lock:
+            self.arrivals.setdefault(run, []).append(now[0])
             if run in self.first:
                 return
             self.first[run] = now
@@ -336,7 +338,6 @@ def run_plain_codex(
         "CODEX_HOME": str(home),
         codex.TOKEN_ENV: "sk-bench-anything",
     }
-    first = clock.expect(run)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd.argv, input=cmd.stdin, env=env, capture_output=True, timeout=180)
     wall = time.perf_counter() - t0
@@ -344,7 +345,6 @@ def run_plain_codex(
     completed = b'"turn.completed"' in proc.stdout
     if not completed:
         sys.stderr.write(proc.stderr.decode(errors="replace")[-2000:])
-    del first
     return PlainRun(
         wall=wall,
         first_request=(arrived[0] - t0) if arrived else None,

@@ -41,6 +41,9 @@ def serve(
     typer.echo(f"  data directory: {settings.resolved_data_dir}")
     typer.echo(f"  API: {url}/backend-api/wham  and  {url}/api/codex")
     typer.echo(f"  token: wham token create --data-dir {settings.resolved_data_dir}", err=False)
-    config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False)
+    # open event streams must not hold a stopping server: they are cut after 5 s
+    config = uvicorn.Config(
+        app, log_level=log_level.lower(), access_log=False, timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(config)
     server.run(sockets=[sock])

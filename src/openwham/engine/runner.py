@@ -92,6 +92,12 @@ class Runner:
         )
         executor = InProcessExecutor(self.engine, self.settings.concurrency)
         executor.start()
+        log.info(
+            "running tasks: %d attempt(s) at a time in bubblewrap sandboxes; model %s via %s",
+            executor.concurrency,
+            self.settings.model,
+            self.settings.model_provider,
+        )
         self.executor = executor
         return self
 

@@ -1,0 +1,201 @@
+"""`wham serve` as a user starts it, running tasks: live SSE over HTTP, crash and restart.
+
+The server is a real process configured only through the environment
+(``WHAM_MODEL_PROVIDER=openai-compatible`` pointed at the scripted Responses server).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import CODEX_MODEL, LiveServer, git, make_repo, parse_sse, start_live_server
+from support.scripted_model import Patch, Say, ScriptedModel, Shell
+
+TERMINAL = ("completed", "failed", "cancelled")
+PREFIX = "/backend-api/wham"
+
+
+def serve_env(model: ScriptedModel) -> dict[str, str]:
+    return {
+        "WHAM_MODEL_PROVIDER": "openai-compatible",
+        "WHAM_MODEL_BASE_URL": model.url,
+        "WHAM_MODEL_API_KEY": "sk-upstream-secret-key",
+        "WHAM_MODEL": CODEX_MODEL,
+        "WHAM_EXECUTOR_CONCURRENCY": "2",
+    }
+
+
+def stop(srv: LiveServer, sig: int = signal.SIGTERM) -> None:
+    if srv.process.poll() is None:
+        srv.process.send_signal(sig)
+        try:
+            srv.process.wait(20)
+        except subprocess.TimeoutExpired:
+            srv.process.kill()
+            srv.process.wait(5)
+
+
+@pytest.fixture
+def served(tmp_path: Path, scripted_model: ScriptedModel) -> Iterator[LiveServer]:
+    srv = start_live_server(tmp_path / "data", serve_env(scripted_model))
+    try:
+        yield srv
+    finally:
+        stop(srv)
+
+
+def client(srv: LiveServer, token: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"{srv.url}{PREFIX}", headers={"Authorization": f"Bearer {token}"}, timeout=30
+    )
+
+
+def submit(c: httpx.Client, repo: Path, prompt: str) -> tuple[str, str]:
+    env = c.post("environments", json={"label": "acme/calc", "repos": [str(repo)]})
+    assert env.status_code == 201, env.text
+    body = {
+        "new_task": {"environment_id": env.json()["id"]},
+        "input_items": [
+            {
+                "type": "message",
+                "role": "user",
+                "content": [{"content_type": "text", "text": prompt}],
+            }
+        ],
+    }
+    r = c.post("tasks", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["task"]["id"], r.json()["turn"]["id"]
+
+
+def wait_turn(c: httpx.Client, task_id: str, until: Any, timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        turn = dict(c.get(f"tasks/{task_id}").json()["current_assistant_turn"])
+        if until(turn):
+            return turn
+        assert time.monotonic() < deadline, turn
+        time.sleep(0.05)
+
+
+def test_wham_serve_runs_a_task_and_streams_it_live(
+    served: LiveServer, scripted_model: ScriptedModel, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "calc")
+    scripted_model.script = [
+        Shell("sleep 1.5; echo slept"),
+        Patch(
+            "*** Begin Patch\n*** Update File: calc.py\n@@\n def add(a, b):\n"
+            "-    return a - b\n+    return a + b\n*** End Patch"
+        ),
+        Say("Fixed."),
+    ]
+    with client(served, served.token()) as c:
+        task_id, turn_id = submit(c, repo, "Fix add")
+        seen: list[tuple[float, dict[str, Any]]] = []
+        status_while_streaming = set()
+        with c.stream("GET", f"tasks/{task_id}/turns/{turn_id}/stream") as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            buffer = ""
+            for chunk in r.iter_text():
+                buffer += chunk
+                while "\n\n" in buffer:
+                    block, buffer = buffer.split("\n\n", 1)
+                    for frame in parse_sse(block + "\n\n"):
+                        seen.append((time.monotonic(), frame["data"]))
+                        if "Running sleep" in json.dumps(frame["data"]):
+                            turn = c.get(f"tasks/{task_id}").json()["current_assistant_turn"]
+                            status_while_streaming.add(turn["turn_status"])
+        ended = time.monotonic()
+        # frames arrived while the attempt ran, not all at the end
+        assert status_while_streaming == {"in_progress"}
+        running = next(t for t, d in seen if "Running sleep" in json.dumps(d))
+        assert ended - running > 1.0
+        last = seen[-1][1]
+        assert last["item_type"] == "task_turn_event"
+        assert last["payload"]["turn_status"] == "completed"
+        details = c.get(f"tasks/{task_id}").json()
+        turn = details["current_assistant_turn"]
+        assert turn["turn_status"] == "completed"
+        (pr,) = [i for i in turn["output_items"] if i["type"] == "pr"]
+        assert "+    return a + b" in pr["output_diff"]["diff"]
+        assert details["current_diff_task_turn"]["id"] == turn_id
+        # the other path style serves the same task
+        other = httpx.get(
+            f"{served.url}/api/codex/tasks/{task_id}",
+            headers={"Authorization": c.headers["Authorization"]},
+        )
+        assert other.json()["current_assistant_turn"]["turn_status"] == "completed"
+
+
+def sandbox_alive(marker: str) -> bool:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["crash", "stop"])
+def test_an_attempt_survives_a_server_crash_or_stop(
+    tmp_path: Path, scripted_model: ScriptedModel, sig: int
+) -> None:
+    repo = make_repo(tmp_path / "calc")
+    marker = f"marker-{time.time_ns()}"
+    scripted_model.script = [
+        Shell(f"python3 -c 'import time; time.sleep(3)' {marker}; echo slept"),
+        Say("Finished after all."),
+    ]
+    data = tmp_path / "data"
+    first = start_live_server(data, serve_env(scripted_model))
+    try:
+        token = first.token()
+        with client(first, token) as c:
+            task_id, turn_id = submit(c, repo, "Take your time")
+            wait_turn(c, task_id, lambda t: "time.sleep(3)" in t["latest_event"]["text"])
+            assert sandbox_alive(marker)
+    finally:
+        stop(first, sig)
+    # the sandbox died with its server
+    deadline = time.monotonic() + 5
+    while sandbox_alive(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sandbox_alive(marker)
+
+    second = start_live_server(data, serve_env(scripted_model))
+    try:
+        with client(second, token) as c:
+            turn = wait_turn(c, task_id, lambda t: t["turn_status"] in TERMINAL)
+            assert turn["turn_status"] == "completed", turn["error"]
+            assert turn["output_items"][0]["content"][0]["text"] == "Finished after all."
+            frames = parse_sse(c.get(f"tasks/{task_id}/turns/{turn_id}/stream").text)
+            logs = [f["data"]["payload"]["text"] for f in frames if f["data"]["item_type"] == "log"]
+            if sig == signal.SIGKILL:  # found orphaned: a second try
+                assert logs == [
+                    "The server running this attempt stopped; starting it again from scratch "
+                    "(try 2 of 2)"
+                ]
+            else:  # handed back on the way out: no try counted
+                assert logs == ["The server stopped; this attempt will resume"]
+            # one clean work log: the prompt, the command and its output, the answer
+            messages = turn["worklog"]["messages"]
+            assert [m["author"]["role"] for m in messages].count("user") == 1
+            assert sum(m.get("recipient") == "container.exec" for m in messages) == 1
+    finally:
+        stop(second)
+    assert not git("status", "--porcelain", cwd=repo)  # the user's repository is untouched
+    assert os.path.isdir(data / "mirrors")
