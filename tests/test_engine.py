@@ -214,6 +214,13 @@ def test_a_task_runs_to_completed_with_diff_work_log_and_events(
     assert all(
         h["authorization"] == "Bearer sk-upstream-secret-key" for h in scripted_model.headers
     )
+    # the gateway metered the attempt's usage
+    with any_engine_server.app_state.db.session() as s:
+        row = s.get(m.Turn, turn_id)
+        assert row is not None
+        usage = row.body["run"]["usage"]
+    assert usage["requests"] == usage["responses"] == 4
+    assert usage["input_tokens"] == 400 and usage["output_tokens"] == 80
     # the workspace is gone; the attempt's Codex home stays for follow-ups
     attempt_dir = any_engine_server.app_state.settings.resolved_data_dir / "attempts" / turn_id
     assert not (attempt_dir / "workspace").exists() and (attempt_dir / "codex-home").is_dir()
@@ -545,7 +552,10 @@ def test_cancel_one_attempt_of_several_and_a_queued_one(
         assert r.status_code == 200
         queued = api.get(f"tasks/{task_id}/turns/{second}").json()["turn"]
         assert queued["turn_status"] == "cancelled"
-        assert statuses(stream(api, task_id, second)) == [("Cancelled", "cancelled")]
+        assert statuses(stream(api, task_id, second)) == [
+            ("Waiting", "pending"),
+            ("Cancelled", "cancelled"),
+        ]
         done = wait_for_turn(api, task_id, first)
         assert done["turn_status"] == "completed", done["error"]
         assert (

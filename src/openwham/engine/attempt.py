@@ -9,6 +9,7 @@ Everything the attempt does is recorded by a :class:`TurnRecorder` as it happens
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -41,6 +42,7 @@ from .titles import generate_title
 
 log = logging.getLogger(__name__)
 
+WAITING = "Waiting"
 SETTING_UP = "Setting up"
 COMPLETED = "Completed"
 FAILED = "Failed"
@@ -312,6 +314,8 @@ class Engine:
         finally:
             control.attach(None)
         self.gateway.revoke(claim.turn_id)
+        usage = self.gateway.usage(claim.turn_id)
+        rec.set(run={**claim.body.get("run", {}), "usage": dataclasses.asdict(usage)})
         outcome = translator.finish(
             result.exit_code,
             killed_reason=result.killed_reason,
@@ -426,6 +430,33 @@ class Engine:
             error={"code": "cancelled", "message": "The attempt was cancelled"},
         )
 
+    def mark_waiting(self, turn_ids: list[str]) -> None:
+        """Show "Waiting" on attempts queued behind busy workers."""
+        for turn_id in turn_ids:
+            with self.db.session() as s:
+                turn = s.get(m.Turn, turn_id)
+                if turn is None or turn.turn_status != "pending":
+                    continue
+                if (turn.body.get("latest_event") or {}).get("text") == WAITING:
+                    continue
+                body = {**turn.body, "latest_event": latest_event(WAITING)}
+                done = rowcount(
+                    s.execute(
+                        update(m.Turn)
+                        .where(m.Turn.id == turn_id, m.Turn.turn_status == "pending")
+                        .values(body=body)
+                    )
+                )
+                if done:
+                    events.append(
+                        s,
+                        turn.task_id,
+                        turn_id,
+                        events.TASK_TURN_EVENT,
+                        events.status_payload(WAITING, "pending"),
+                    )
+            self.bus.publish(turn_id)
+
     def release(self, turn_id: str, rec: TurnRecorder | None, note: str) -> str:
         """Put an attempt back to ``pending`` without counting a try (graceful shutdown)."""
         if rec is not None:
@@ -450,7 +481,7 @@ class Engine:
                 turn.task_id,
                 turn_id,
                 events.TASK_TURN_EVENT,
-                events.status_payload("Waiting", "pending"),
+                events.status_payload(WAITING, "pending"),
             )
         self.bus.publish(turn_id)
         return "pending"

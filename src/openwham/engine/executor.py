@@ -168,7 +168,11 @@ class InProcessExecutor:
                 if turn_id not in self._queued and turn_id not in self._running:
                     self._queue.append(turn_id)
                     self._queued.add(turn_id)
+            free = self.concurrency - len(self._running)
+            waiting = list(self._queue)[max(0, free) :]
             self._cond.notify_all()
+        if waiting:
+            self.engine.mark_waiting(waiting)
 
     def cancel(self, turn_id: str) -> bool:
         with self._cond:
