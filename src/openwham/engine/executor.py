@@ -137,6 +137,7 @@ class InProcessExecutor:
         self._running: dict[str, Control] = {}
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._stopped = threading.Event()  # wakes the sweeper only to stop it
 
     # ------------------------------------------------------------------ interface
 
@@ -156,6 +157,7 @@ class InProcessExecutor:
             self._stopping = True
             running = list(self._running.values())
             self._cond.notify_all()
+        self._stopped.set()
         for control in running:
             control.cancel("shutdown")
         deadline = time.monotonic() + timeout
@@ -213,11 +215,7 @@ class InProcessExecutor:
                     self._running.pop(turn_id, None)
 
     def _sweeper(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait(SWEEP_SECONDS)
-                if self._stopping:
-                    return
+        while not self._stopped.wait(SWEEP_SECONDS):
             try:
                 self._sweep()
             except Exception:
