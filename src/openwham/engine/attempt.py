@@ -48,6 +48,7 @@ COMPLETED = "Completed"
 FAILED = "Failed"
 CANCELLED = "Cancelled"
 STATUS_POLL_SECONDS = 1.0
+HEARTBEAT_POLL_SECONDS = 1.0
 
 
 class AttemptFailed(Exception):
@@ -153,6 +154,10 @@ class Engine:
             return None
         rec = TurnRecorder(self.db, self.bus, claim.task_id, turn_id, claim.body)
         attempt_dir = self.attempts_root / turn_id
+        alive = threading.Event()
+        threading.Thread(
+            target=_keep_alive, args=(rec, alive), name=f"heartbeat-{turn_id[-8:]}", daemon=True
+        ).start()
         try:
             return self._run(claim, rec, control, attempt_dir)
         except _Stopped:
@@ -168,6 +173,7 @@ class Engine:
                 "failed", text=FAILED, error={"code": "internal_error", "message": message[:2000]}
             )
         finally:
+            alive.set()
             if self.gateway is not None:
                 self.gateway.revoke(turn_id)
             shutil.rmtree(attempt_dir / "workspace", ignore_errors=True)
@@ -362,7 +368,6 @@ class Engine:
                 return proc.wait(timeout=STATUS_POLL_SECONDS)
             except TimeoutError:
                 pass
-            rec.heartbeat()
             if rec.gone or self._cancelled_elsewhere(rec.turn_id):
                 control.cancel("cancelled")
 
@@ -485,6 +490,13 @@ class Engine:
             )
         self.bus.publish(turn_id)
         return "pending"
+
+
+def _keep_alive(rec: TurnRecorder, done: threading.Event) -> None:
+    """Flush the work log and beat the heartbeat while the attempt runs (also while a large
+    repository is being cloned), so no other server takes the attempt for orphaned."""
+    while not done.wait(HEARTBEAT_POLL_SECONDS):
+        rec.heartbeat()
 
 
 def _reset_body(body: dict[str, Any]) -> None:

@@ -57,6 +57,8 @@ def _owner_gone(owner: str | None) -> bool:
     parts = owner.split(":")
     if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
         return False
+    if int(parts[1]) == os.getpid():  # an earlier server with our pid (e.g. pid 1 in a container)
+        return True
     try:
         os.kill(int(parts[1]), 0)
     except ProcessLookupError:
