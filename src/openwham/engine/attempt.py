@@ -263,6 +263,7 @@ class Engine:
             raise AttemptFailed("invalid_input", "The task has no prompt")
 
         # workspace
+        started = time.monotonic()
         shutil.rmtree(attempt_dir, ignore_errors=True)
         attempt_dir.mkdir(parents=True, mode=0o700)
         workspace = attempt_dir / "workspace"
@@ -350,7 +351,9 @@ class Engine:
             )
         if not claim.qa_mode:
             try:
-                diff = workspace_diff(workspace, base, scratch=attempt_dir).text
+                # the diff counts against the attempt's wall clock (plus a grace for git)
+                left = self.limits.wall_clock_seconds - (time.monotonic() - started) + 30
+                diff = workspace_diff(workspace, base, scratch=attempt_dir, seconds=left).text
             except DiffError as exc:
                 raise AttemptFailed("diff_error", str(exc)) from exc
             if diff:

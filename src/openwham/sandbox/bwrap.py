@@ -291,7 +291,9 @@ def build_args(spec: SandboxSpec) -> tuple[list[str], list[int]]:
             raise ValueError(f"bind source {host_path} does not exist")
         a += [flag, str(Path(host_path).resolve()), _check_sandbox_path(dest)]
 
-    a += ["--remount-ro", "/dev", "--remount-ro", "/"]
+    # /proc read-only: the sandbox uid is the server's uid on the host, and for host root the
+    # kernel allows writing most of /proc/sys (core_pattern, …) without any capability.
+    a += ["--remount-ro", "/dev", "--remount-ro", "/proc", "--remount-ro", "/"]
     a += ["--chdir", _check_sandbox_path(spec.cwd) if spec.cwd else ws_dir]
     # Everything is valid: only now create the fds (nothing to leak on a ValueError).
     for name, data in _generated_etc().items():

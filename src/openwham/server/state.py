@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from openwham.config import Settings
@@ -23,6 +24,9 @@ class AppState:
     @classmethod
     def open(cls, settings: Settings, db: Database | None = None) -> AppState:
         """Open the database (migrating it) and load or create the server keys."""
+        data_dir = settings.resolved_data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(data_dir, 0o700)  # database, keys, mirrors, attempts: the server's alone
         database = db or Database(settings.sqlalchemy_url)
         database.migrate()
         state = cls(
