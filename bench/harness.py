@@ -71,6 +71,7 @@ class ModelClock:
 
     first: dict[str, tuple[float, float]] = field(default_factory=dict)
     arrivals: dict[str, list[float]] = field(default_factory=dict)
+    arrivals_wall: dict[str, list[float]] = field(default_factory=dict)
     requests: int = 0
     _events: dict[str, threading.Event] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -88,6 +89,7 @@ class ModelClock:
         run = found.group(1)
         with self._lock:
             self.arrivals.setdefault(run, []).append(now[0])
+            self.arrivals_wall.setdefault(run, []).append(now[1])
             if run in self.first:
                 return
             self.first[run] = now
@@ -211,7 +213,9 @@ class WhamServer:
         return f"{self.url}{PREFIX}/{path.lstrip('/')}"
 
     def create_env(self, repo: Path) -> str:
-        r = self.client.post(self.api("environments"), json={"label": "bench/repo", "repos": [str(repo)]})
+        r = self.client.post(
+            self.api("environments"), json={"label": "bench/repo", "repos": [str(repo)]}
+        )
         r.raise_for_status()
         return str(r.json()["id"])
 
@@ -219,7 +223,11 @@ class WhamServer:
         body = {
             "new_task": {"environment_id": env_id},
             "input_items": [
-                {"type": "message", "role": "user", "content": [{"content_type": "text", "text": text}]}
+                {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"content_type": "text", "text": text}],
+                }
             ],
         }
         r = self.client.post(self.api("tasks"), json=body)
@@ -228,7 +236,9 @@ class WhamServer:
         data = r.json()
         return str(data["task"]["id"]), str(data["turn"]["id"])
 
-    def stream(self, task_id: str, turn_id: str, timeout: float = 180) -> tuple[list[dict[str, Any]], float]:
+    def stream(
+        self, task_id: str, turn_id: str, timeout: float = 180
+    ) -> tuple[list[dict[str, Any]], float]:
         """Read the turn's SSE stream to its terminal ``task_turn_event``. Returns the frames'
         data and ``perf_counter()`` when the terminal frame arrived."""
         frames: list[dict[str, Any]] = []
@@ -304,6 +314,8 @@ def final_status(frames: list[dict[str, Any]]) -> str:
 class PlainRun:
     wall: float  # codex exec start → exit (seconds)
     first_request: float | None  # codex exec start → first model request
+    last_request: float | None  # codex exec start → last model request
+    arrivals: list[float]  # codex exec start → each model request
     clone: float  # the fresh `git clone` before it (not part of `wall`)
     exit_code: int
     completed: bool
@@ -322,9 +334,7 @@ def run_plain_codex(
     scratch.mkdir(parents=True)
     work, home = scratch / "work", scratch / "codex-home"
     t0 = time.perf_counter()
-    subprocess.run(
-        ["git", "clone", "-q", str(repo), str(work)], check=True, capture_output=True
-    )
+    subprocess.run(["git", "clone", "-q", str(repo), str(work)], check=True, capture_output=True)
     clone = time.perf_counter() - t0
     home.mkdir(mode=0o700)
     for name, text in codex.codex_home_files(base_url=model_url, model=MODEL).items():
@@ -342,12 +352,15 @@ def run_plain_codex(
     proc = subprocess.run(cmd.argv, input=cmd.stdin, env=env, capture_output=True, timeout=180)
     wall = time.perf_counter() - t0
     arrived = clock.first.get(run)
+    arrivals = clock.arrivals.get(run, [])
     completed = b'"turn.completed"' in proc.stdout
     if not completed:
         sys.stderr.write(proc.stderr.decode(errors="replace")[-2000:])
     return PlainRun(
         wall=wall,
         first_request=(arrived[0] - t0) if arrived else None,
+        last_request=(arrivals[-1] - t0) if arrivals else None,
+        arrivals=[a - t0 for a in arrivals],
         clone=clone,
         exit_code=proc.returncode,
         completed=completed,

@@ -23,9 +23,38 @@ TARGET = "src/pkg000/mod0000.py"
 TARGET_LINE = "def f0000_0(x):\n    return x + 0\n"
 
 _WORDS = (
-    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
-    "sigma tau upsilon phi chi psi omega widget gadget parser buffer cache index store"
-).split()
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+    "sigma",
+    "tau",
+    "upsilon",
+    "phi",
+    "chi",
+    "psi",
+    "omega",
+    "widget",
+    "gadget",
+    "parser",
+    "buffer",
+    "cache",
+    "index",
+    "store",
+)
 
 
 def git(*args: str, cwd: Path) -> str:
@@ -50,9 +79,11 @@ def _module(rng: random.Random, index: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def generate(dest: Path, files: int = 5000, seed: int = 1) -> Path:
-    """Write ``files`` files under ``dest`` (src/pkgNNN/modNNNN.py, 50 per package, plus a
-    README and a few docs) and commit them on ``main``."""
+def generate(dest: Path, files: int = 5000, seed: int = 1, loose: bool = False) -> Path:
+    """Write ``files`` files under ``dest`` (a README and src/pkgNNN/modNNNN.py, 50 per
+    package, ~0.6 kB each) and commit them on ``main``. The objects are packed (``git gc``),
+    as in a repository cloned from a server, unless ``loose``: then every blob stays a loose
+    object file, which ``git clone --mirror`` of a local path keeps as it is."""
     rng = random.Random(seed)
     dest.mkdir(parents=True)
     git("init", "-q", "-b", "main", cwd=dest)
@@ -70,8 +101,14 @@ def generate(dest: Path, files: int = 5000, seed: int = 1) -> Path:
         index += 1
     git("add", "-A", cwd=dest)
     git("commit", "-q", "-m", f"generated repository with {files} files", cwd=dest)
+    if not loose:
+        git("gc", "-q", "--prune=now", cwd=dest)
     return dest
 
 
-def count_files(repo: Path) -> int:
-    return len(git("ls-files", cwd=repo).splitlines())
+def describe(repo: Path) -> str:
+    """``5000 files, 3.0 MB, objects packed`` (sizes of the checked-out files)."""
+    names = git("ls-files", cwd=repo).splitlines()
+    size = sum((repo / n).stat().st_size for n in names)
+    packs = "loose objects" if not list((repo / ".git/objects/pack").glob("*.pack")) else "packed"
+    return f"{len(names)} files, {size / 1e6:.1f} MB, objects {packs}"
