@@ -8,7 +8,6 @@ what a client sees: statuses and status lines, the work log, the diff, the SSE f
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from conftest import (
 )
 from openwham.runtimes.codex import ASK_MODE_INSTRUCTIONS
 from openwham.store import models as m
+from support.procs import host_pids
 from support.scripted_model import Fail, Patch, Say, ScriptedModel, Shell
 
 FIX = """\
@@ -477,19 +477,6 @@ def test_a_server_without_bubblewrap_refuses_tasks(
 # =========================================================================== cancel
 
 
-def sandbox_pids(marker: str) -> list[int]:
-    """Host pids whose command line contains ``marker``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 def test_cancel_stops_a_running_attempt_within_two_seconds(
     engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
 ) -> None:
@@ -506,17 +493,17 @@ def test_cancel_stops_a_running_attempt_within_two_seconds(
         turn_id,
         until=lambda t: "time.sleep(300)" in (t["latest_event"] or {}).get("text", ""),
     )
-    assert sandbox_pids(marker)
+    assert host_pids(marker)
 
     started = time.monotonic()
     assert api.post(f"tasks/{task_id}/cancel").status_code == 200
     turn = wait_for_turn(
         api, task_id, turn_id, until=lambda t: t["latest_event"]["text"] == "Cancelled"
     )
-    while sandbox_pids(marker) and time.monotonic() - started < 5:
+    while host_pids(marker) and time.monotonic() - started < 5:
         time.sleep(0.02)
     elapsed = time.monotonic() - started
-    assert not sandbox_pids(marker)
+    assert not host_pids(marker)
     assert elapsed < 2.0, elapsed
     assert turn["turn_status"] == "cancelled"
     assert turn["error"]["code"] == "cancelled"

@@ -45,6 +45,7 @@ from conftest import (
 )
 from openwham.runtimes.codex import FORWARDER_PORT
 from openwham.runtimes.codex_cli import native_binary
+from support.procs import host_pids, wait_gone
 from support.scripted_model import Say, ScriptedModel, Shell
 
 UPSTREAM_KEY = "sk-upstream-secret-key"  # conftest.engine_settings' model_api_key
@@ -187,29 +188,6 @@ def run_probes(
     details = run_script(server, model, env_id, PRELUDE + script)
     assert turn_of(details)["turn_status"] == "completed", turn_of(details)
     return details, probes(details)
-
-
-def host_processes(marker: str) -> list[int]:
-    """Host pids whose command line contains ``marker`` (zombies excluded)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if marker.encode() in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def wait_gone(marker: str, timeout: float = 3.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while (left := host_processes(marker)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
 
 
 def watch_task(
@@ -596,10 +574,10 @@ probe host_init bash -c 'tr "\0\n" "  " < /proc/1/cmdline | grep -v bwrap'
     )
     visible = [line.split(" ", 2) for line in output(details).splitlines()]
     visible = [v for v in visible if v[0] == "PROC"]
-    host_pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    all_pids = [p for p in os.listdir("/proc") if p.isdigit()]
     # The sandbox's init (bwrap), Codex, the forwarder and this probe's shell with its pipes.
     assert 4 <= len(visible) <= 12, visible
-    assert len(host_pids) > len(visible) + 5  # the host has many more
+    assert len(all_pids) > len(visible) + 5  # the host has many more
     cmdlines = " | ".join(v[-1] for v in visible)
     assert "pytest" not in cmdlines
     assert visible[0][1] == "1" and "bwrap" in visible[0][2]
@@ -620,9 +598,7 @@ def test_background_processes_do_not_outlive_the_attempt(
     scripted_model.script = [Shell(script), Say("done")]
     task = engine_server.api.create_task(env["id"], "orphans")
     seen: set[int] = set()
-    details = watch_task(
-        engine_server, task["task"]["id"], lambda: seen.update(host_processes(mark))
-    )
+    details = watch_task(engine_server, task["task"]["id"], lambda: seen.update(host_pids(mark)))
     assert turn_of(details)["turn_status"] == "completed", turn_of(details)
     assert len(seen) >= 3, seen  # they really ran on the host during the attempt
     assert wait_gone(mark) == []
@@ -663,7 +639,7 @@ def test_other_repositories_mirrors_and_attempts_are_invisible(
             time.sleep(0.05)
         mirrors = sorted(p for p in (data / "mirrors").iterdir() if p.is_dir())
         assert len(mirrors) == 1  # A's
-        assert host_processes(holder), "A's command is not running"
+        assert host_pids(holder), "A's command is not running"
         # … while B (A's command already runs: the script may change) looks for it everywhere.
         q = shlex.quote
         script_b = f"D={q(str(data))} TA={q(turn_a)} MA={q(str(mirrors[0]))} RA={q(str(repo_a))}"
@@ -831,7 +807,7 @@ def test_fork_bomb_is_contained(
             peak = [0]
 
             def sample() -> None:
-                peak[0] = max(peak[0], len(host_processes(mark)))
+                peak[0] = max(peak[0], len(host_pids(mark)))
 
             details = watch_task(server, task["task"]["id"], sample)
             elapsed = time.monotonic() - t0
@@ -914,7 +890,7 @@ def test_endless_loop_is_stopped_at_the_wall_clock_limit(
         seen = [0]
 
         def sample() -> None:
-            seen[0] = max(seen[0], len(host_processes(mark)))
+            seen[0] = max(seen[0], len(host_pids(mark)))
 
         details = watch_task(server, task["task"]["id"], sample)
         elapsed = time.monotonic() - t0

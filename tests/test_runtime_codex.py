@@ -5,13 +5,12 @@ from a mirror, the model gateway on a UNIX socket with the scripted Responses se
 ``openai-compatible`` upstream, and the pinned Codex binary in a bubblewrap sandbox without
 network, reaching the gateway through the forwarder that the launcher starts. The diff is
 computed inside a second sandbox run (host git never touches a workspace the agent used).
-``run_attempt`` below is that glue; the engine is to own it.
+``run_attempt`` below is that glue, as the runtime's own end-to-end test (the engine owns it).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 
 from conftest import git
+from openwham.engine.diff import workspace_diff as engine_diff
 from openwham.gateway import Gateway, GatewayServer, OpenAIUpstream, Usage, forwarder_path
 from openwham.runtimes.codex import (
     ASK_MODE_INSTRUCTIONS,
@@ -52,6 +52,7 @@ from openwham.sandbox import bwrap
 from openwham.sandbox.bwrap import Limits, SandboxResult, SandboxSpec
 from openwham.sandbox.workspace import Mirrors, create_workspace
 from openwham.wire import WorklogMessage
+from support.procs import host_pids
 from support.scripted_model import Fail, Patch, Say, ScriptedModel, Shell
 
 LIMITS = Limits(
@@ -612,42 +613,12 @@ def run_attempt(
 
 
 def workspace_diff(ws: Workspace) -> str:
-    """``git add -A && git diff --cached --binary <base>``, run inside a sandbox: the
-    workspace's ``.git`` is agent-controlled (hooks, fsmonitor, filters, external diff)."""
-    out = Path(tempfile.mkdtemp(prefix="ow-diff-"))
-    try:
-        script = (
-            'g() { git -c core.fsmonitor= -c core.hooksPath=/dev/null "$@"; }\n'
-            'g add -A && g diff --cached --binary --no-ext-diff --no-textconv --no-color "$1" '
-            "> /openwham-out/diff"
-        )
-        result = bwrap.run(
-            SandboxSpec(workspace=ws.path, rw_binds={out: "/openwham-out"}, limits=LIMITS),
-            ["/bin/bash", "-c", script, "diff", ws.base],
-        )
-        assert result.ok, result.stderr
-        fd = os.open(out / "diff", os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as f:
-            return f.read().decode()
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-
-
-def processes_with_env(needle: str) -> list[int]:
-    """Host pids whose environment contains ``needle`` (the attempt's token)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
+    """The engine's diff of the workspace (git runs in a sandbox: ``.git`` is agent-controlled)."""
+    return engine_diff(ws.path, ws.base).text
 
 
 def assert_sandbox_gone(run: AttemptRun) -> None:
-    assert not processes_with_env(run.token)
+    assert not host_pids(run.token, source="environ")
     assert all(not d.exists() for d in run.cgroup_dirs)
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from openwham.sandbox import bwrap, cgroups
 from openwham.sandbox.bwrap import Limits, SandboxSpec
+from support.procs import host_pids, wait_gone
 
 LIMITS = Limits(
     wall_clock_seconds=3,
@@ -63,29 +64,6 @@ def spec(workspace: Path, **kw: object) -> SandboxSpec:
 
 def sh(workspace: Path, script: str, **kw: object) -> bwrap.SandboxResult:
     return bwrap.run(spec(workspace, **kw), ["bash", "-c", textwrap.dedent(script)])
-
-
-def processes_with(marker: str) -> list[int]:
-    """Host pids whose command line contains ``marker`` (zombies excluded)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker.encode() in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def wait_gone(marker: str, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while (left := processes_with(marker)) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return left
 
 
 # --------------------------------------------------------------------------- visibility
@@ -270,7 +248,7 @@ def test_fork_bomb_is_contained(workspace: Path) -> None:
     time.sleep(1.0)
     # The host keeps working while the bomb runs, and the bomb stays under its cap.
     assert subprocess.run(["true"], check=False).returncode == 0
-    assert len(processes_with(marker)) <= LIMITS.max_processes
+    assert len(host_pids(marker)) <= LIMITS.max_processes
     result = proc.wait(timeout=10)
     elapsed = time.monotonic() - t0
     assert result.exit_code != 0 and result.timed_out
@@ -330,9 +308,9 @@ def tree_script(marker: str) -> str:
 def wait_tree(marker: str) -> None:
     deadline = time.monotonic() + 3
     names = [f"{marker}-{i}" for i in range(1, 5)]
-    while not all(processes_with(n) for n in names) and time.monotonic() < deadline:
+    while not all(host_pids(n) for n in names) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert all(processes_with(n) for n in names)
+    assert all(host_pids(n) for n in names)
 
 
 def test_kill_ends_the_whole_tree_within_a_second(workspace: Path) -> None:
@@ -438,9 +416,9 @@ def test_groups_left_by_a_dead_server_are_emptied_at_start() -> None:
             os.close(fd)
     try:
         deadline = time.monotonic() + 2
-        while not processes_with(marker) and time.monotonic() < deadline:
+        while not host_pids(marker) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert processes_with(marker)
+        assert host_pids(marker)
         assert cgroups.probe() is not None  # what the next server does first
         assert left.wait(timeout=2) == -signal.SIGKILL
         assert not any(d.exists() for d in dirs)

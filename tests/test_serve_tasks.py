@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from conftest import CODEX_MODEL, LiveServer, git, make_repo, parse_sse, start_live_server
+from support.procs import host_pids, wait_gone
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -139,17 +140,6 @@ def test_wham_serve_runs_a_task_and_streams_it_live(
         assert other.json()["current_assistant_turn"]["turn_status"] == "completed"
 
 
-def sandbox_alive(marker: str) -> bool:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    return True
-            except OSError:
-                continue
-    return False
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["crash", "stop"])
 def test_an_attempt_survives_a_server_crash_or_stop(
     tmp_path: Path, scripted_model: ScriptedModel, sig: int
@@ -167,14 +157,11 @@ def test_an_attempt_survives_a_server_crash_or_stop(
         with client(first, token) as c:
             task_id, turn_id = submit(c, repo, "Take your time")
             wait_turn(c, task_id, lambda t: "time.sleep(3)" in t["latest_event"]["text"])
-            assert sandbox_alive(marker)
+            assert host_pids(marker)
     finally:
         stop(first, sig)
     # the sandbox died with its server
-    deadline = time.monotonic() + 5
-    while sandbox_alive(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not sandbox_alive(marker)
+    assert wait_gone(marker, 5) == []
 
     second = start_live_server(data, serve_env(scripted_model))
     try:

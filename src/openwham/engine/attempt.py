@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from openwham.config import Settings
 from openwham.gateway import Gateway, forwarder_path
@@ -474,23 +475,8 @@ class Engine:
             turn = s.get(m.Turn, turn_id)
             if turn is None or turn.turn_status != "in_progress":
                 return str(turn.turn_status) if turn else "deleted"
-            body = dict(turn.body)
-            run = dict(body.get("run") or {})
-            run["tries"] = max(0, int(run.get("tries") or 1) - 1)
-            body["run"] = run
-            _reset_body(body)
-            turn.body = body
-            turn.turn_status = "pending"
-            turn.updated_at = time.time()
-            events.clear(s, turn_id, [events.WORK_LOG_MESSAGE])
-            events.append(s, turn.task_id, turn_id, events.LOG, {"text": note})
-            events.append(
-                s,
-                turn.task_id,
-                turn_id,
-                events.TASK_TURN_EVENT,
-                events.status_payload(WAITING, "pending"),
-            )
+            tries = int((turn.body.get("run") or {}).get("tries") or 1)
+            requeue(s, turn, note, tries=max(0, tries - 1))
         self.bus.publish(turn_id)
         return "pending"
 
@@ -502,13 +488,26 @@ def _keep_alive(rec: TurnRecorder, done: threading.Event) -> None:
         rec.heartbeat()
 
 
-def _reset_body(body: dict[str, Any]) -> None:
+def requeue(s: Session, turn: m.Turn, note: str, *, tries: int | None = None) -> None:
+    """Put an attempt back to ``pending`` to start again from scratch: its results and
+    work-log events go, a ``log`` event says why. ``tries`` replaces the count of runs."""
+    body = dict(turn.body)
+    if tries is not None:
+        body["run"] = {**(body.get("run") or {}), "tries": tries}
     body.update(
         output_items=[],
         worklog={"messages": []},
         error=None,
-        latest_event=latest_event("Waiting"),
+        latest_event=latest_event(WAITING),
         base_commit_sha=None,
+    )
+    turn.body = body
+    turn.turn_status = "pending"
+    turn.updated_at = time.time()
+    events.clear(s, turn.id, [events.WORK_LOG_MESSAGE])
+    events.append(s, turn.task_id, turn.id, events.LOG, {"text": note})
+    events.append(
+        s, turn.task_id, turn.id, events.TASK_TURN_EVENT, events.status_payload(WAITING, "pending")
     )
 
 

@@ -27,7 +27,7 @@ from sqlalchemy import select
 from openwham.store import events
 from openwham.store import models as m
 
-from .attempt import Control, Engine, _reset_body
+from .attempt import FAILED, Control, Engine, requeue
 from .recorder import latest_event
 
 log = logging.getLogger(__name__)
@@ -84,42 +84,30 @@ def recover(engine: Engine, *, now: float | None = None) -> list[str]:
             if not (_owner_gone(owner) or now - turn.updated_at > STALE_SECONDS):
                 continue
             tries = int(run.get("tries") or 1)
-            body = dict(turn.body)
             touched.append(turn.id)
             if tries < max_tries:
-                _reset_body(body)
-                turn.turn_status = "pending"
                 note = (
                     "The server running this attempt stopped; starting it again from scratch "
                     f"(try {tries + 1} of {max_tries})"
                 )
-                events.clear(s, turn.id, [events.WORK_LOG_MESSAGE])
-                events.append(s, turn.task_id, turn.id, events.LOG, {"text": note})
-                events.append(
-                    s,
-                    turn.task_id,
-                    turn.id,
-                    events.TASK_TURN_EVENT,
-                    events.status_payload("Waiting", "pending"),
-                )
+                requeue(s, turn, note)
                 again.append(turn.id)
-            else:
-                error = {
-                    "code": "executor_lost",
-                    "message": f"The server running this attempt stopped {tries} time(s); "
-                    "it was not started again",
-                }
-                body.update(error=error, latest_event=latest_event("Failed"))
-                turn.turn_status = "failed"
-                events.append(
-                    s,
-                    turn.task_id,
-                    turn.id,
-                    events.TASK_TURN_EVENT,
-                    events.status_payload("Failed", "failed", error=error),
-                )
-            turn.body = body
+                continue
+            error = {
+                "code": "executor_lost",
+                "message": f"The server running this attempt stopped {tries} time(s); "
+                "it was not started again",
+            }
+            turn.body = {**turn.body, "error": error, "latest_event": latest_event(FAILED)}
+            turn.turn_status = "failed"
             turn.updated_at = now
+            events.append(
+                s,
+                turn.task_id,
+                turn.id,
+                events.TASK_TURN_EVENT,
+                events.status_payload(FAILED, "failed", error=error),
+            )
     for turn_id in touched:
         engine.bus.publish(turn_id)
     if touched:
