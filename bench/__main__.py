@@ -286,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run the measured server as `python -m MODULE serve …` instead of `wham serve` "
         "(e.g. bench.whatif_serve, an experiment with prototype optimizations)",
     )
+    p.add_argument(
+        "--no-standby",
+        action="store_true",
+        help="run the measured server with WHAM_STANDBY_SANDBOXES=0 (every attempt starts cold)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--json", type=Path, help="also write every measurement to this file")
     args = p.parse_args(argv)
@@ -312,7 +317,10 @@ def main(argv: list[str] | None = None) -> int:
             model.url,
             log_path=work / "serve.log",
             module=args.server_module,
-            extra_env={"BENCH_TRACE": str(work / "trace-main.jsonl")},
+            extra_env={
+                "BENCH_TRACE": str(work / "trace-main.jsonl"),
+                **({"WHAM_STANDBY_SANDBOXES": "0"} if args.no_standby else {}),
+            },
         )
         servers.append(srv)
         env_id = srv.create_env(repo)
@@ -420,6 +428,14 @@ def report(
     )
     if args.server_module:
         print(f"server: python -m {args.server_module} serve (not the plain `wham serve`)")
+    print(
+        "standby sandboxes: "
+        + (
+            "off (WHAM_STANDBY_SANDBOXES=0): every attempt clones and starts Codex"
+            if args.no_standby
+            else "on (default): each run waits until the server is idle with a standby ready"
+        )
+    )
     if a_runs:
         first = [r["first_request"] for r in a_runs]
         p50, p95 = statistics.median(first), pct(first, 95)

@@ -119,6 +119,7 @@ class WhamServer:
     process: subprocess.Popen[str]
     log_path: Path
     token: str = ""
+    standby: bool = True
     client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60))
 
     @classmethod
@@ -179,6 +180,7 @@ class WhamServer:
 
         threading.Thread(target=pump, daemon=True).start()
         server = cls(url=url, data_dir=data_dir, process=proc, log_path=log_path)
+        server.standby = env.get("WHAM_STANDBY_SANDBOXES", "2") != "0"
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -265,11 +267,37 @@ class WhamServer:
 
     def wait_cleanup(self, turn_id: str, timeout: float = 30) -> None:
         """Wait until the engine removed the attempt's workspace (its ``finally``), so the
-        next run does not share the disk with a 5,000-file ``rm -rf``."""
+        next run does not share the disk with a 5,000-file ``rm -rf``; then, if the server
+        keeps standby sandboxes, until the next one waits for its prompt (the server is idle
+        again, as between the tasks of a person)."""
         ws = self.data_dir / "attempts" / turn_id / "workspace"
         deadline = time.monotonic() + timeout
         while ws.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
+        if self.standby:
+            while not standby_waiting() and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+
+def standby_waiting() -> bool:
+    """A sandboxed Codex (argv[0] is the in-sandbox binary path) blocked reading its stdin,
+    i.e. a standby sandbox that finished its start-up; from ``/proc/PID/task/*/syscall``
+    (``0 0x0 …`` is read(0, …) on x86-64; needs the same uid as the server)."""
+    from openwham.runtimes import codex
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if argv[0].decode() != codex.SANDBOX_CODEX_BIN or b"exec" not in argv:
+                continue
+            for task in (proc / "task").iterdir():
+                if (task / "syscall").read_text().split()[:2] == ["0", "0x0"]:
+                    return True
+        except (OSError, UnicodeDecodeError, IndexError):
+            continue
+    return False
 
 
 def stream_summary(frames: list[dict[str, Any]]) -> dict[str, float | None]:

@@ -711,3 +711,24 @@ def test_chatgpt_recovers_from_401_and_explains_a_dead_sign_in(
     assert "can no longer be refreshed (refresh_token_reused)" in message
     assert "codex login" in message and str(home) in message
     assert stack.gateway.last_error("att-1") == message
+
+
+def test_a_standby_token_is_handed_to_the_attempt_that_takes_it(
+    model: ScriptedModel, stacks: Callable[..., Stack]
+) -> None:
+    stack = stacks(OpenAIUpstream("openai-compatible", model.url, REAL_KEY))
+    token = stack.gateway.register_attempt(".standby-1", model="pinned-model")
+    with stack.client(token) as client:
+        assert client.post("/responses", json=BODY).status_code == 200
+        assert stack.gateway.reassign(".standby-1", "turn-1")
+        assert client.post("/responses", json=BODY).status_code == 200
+        stack.gateway.revoke("turn-1")
+        assert client.post("/responses", json=BODY).status_code == 401
+    assert stack.gateway.usage("turn-1").requests == 1  # counted from the hand-over
+    with pytest.raises(KeyError):
+        stack.gateway.usage(".standby-1")
+    assert model.requests[-1]["model"] == "pinned-model"  # the pin moved with the token
+    assert not stack.gateway.reassign(".standby-1", "turn-2")  # gone
+    assert not stack.gateway.reassign("turn-1", "turn-2")  # revoked
+    stack.gateway.register_attempt(".standby-2", ttl_seconds=0)
+    assert not stack.gateway.reassign(".standby-2", "turn-3")  # expired

@@ -469,3 +469,34 @@ def test_missing_bwrap_is_reported_with_install_hint(
     with pytest.raises(bwrap.SandboxUnavailable, match="apt-get install bubblewrap"):
         bwrap.start(spec(workspace), ["true"])
     assert "apt-get install bubblewrap" in (bwrap.selftest() or "")
+
+
+# --------------------------------------------------------------------------- standby
+
+
+def test_a_held_sandbox_waits_for_its_input_and_keeps_its_early_output(workspace: Path) -> None:
+    lines: list[tuple[str, str]] = []
+    script = "echo early; echo READY >&2; read -r line; echo got:$line; sleep 1.5; echo done"
+    proc = bwrap.start(
+        spec(workspace, limits=Limits(wall_clock_seconds=2)),
+        ["bash", "-c", script],
+        hold=True,
+        ready_marker="READY",
+    )
+    assert proc.wait_ready(5)
+    time.sleep(1.2)  # held: the wall clock restarts at send()
+    assert proc.poll() is None
+    assert proc.send(b"hello\n", lambda stream, text: lines.append((stream, text)))
+    result = proc.wait(10)
+    assert result.ok, result
+    assert lines == [("stdout", "early"), ("stdout", "got:hello"), ("stdout", "done")]
+    assert "READY" not in result.stderr  # the marker is not output
+    with pytest.raises(RuntimeError):
+        bwrap.start(spec(workspace), ["true"]).send(b"")
+
+
+def test_a_held_sandbox_that_died_is_not_sent_to(workspace: Path) -> None:
+    proc = bwrap.start(spec(workspace), ["bash", "-c", "exit 3"], hold=True, ready_marker="X")
+    assert not proc.wait_ready(5)
+    assert proc.wait(5).exit_code == 3
+    assert not proc.send(b"late\n")

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     executor_concurrency: int | None = None
     # How often an attempt whose server died is started again before it is failed.
     attempt_max_tries: int = 2
+    # Standby sandboxes kept ready (workspace cloned, Codex started and waiting for a prompt)
+    # for the repository/branch/settings of recent attempts; 0 turns them off.
+    standby_sandboxes: int = 2
+    standby_max_age_seconds: int = 1800
 
     # Limits of one attempt's sandbox.
     attempt_timeout_seconds: int = 3600

@@ -30,7 +30,13 @@ from openwham.runtimes import codex
 from openwham.runtimes.codex_cli import native_binary
 from openwham.sandbox import bwrap
 from openwham.sandbox.bwrap import Limits, SandboxProcess, SandboxSpec
-from openwham.sandbox.workspace import Mirrors, WorkspaceError, apply_patch, create_workspace
+from openwham.sandbox.workspace import (
+    Mirrors,
+    WorkspaceError,
+    apply_patch,
+    create_workspace,
+    git,
+)
 from openwham.service.diffs import diff_stats
 from openwham.store import events
 from openwham.store import models as m
@@ -39,6 +45,7 @@ from openwham.store.events import EventBus
 
 from .diff import DiffError, workspace_diff
 from .recorder import TurnRecorder, latest_event
+from .standby import AgentKey, Prepared, StandbyPool
 from .titles import generate_title
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,7 @@ FAILED = "Failed"
 CANCELLED = "Cancelled"
 STATUS_POLL_SECONDS = 1.0
 HEARTBEAT_POLL_SECONDS = 1.0
+STANDBY_READY_SECONDS = 30.0
 
 
 class AttemptFailed(Exception):
@@ -111,6 +119,18 @@ class Claim:
     needs_title: bool
     tries: int
 
+    @property
+    def key(self) -> AgentKey:
+        return AgentKey(
+            repo_key=self.repo_key,
+            repo_url=self.repo_url,
+            branch=self.branch,
+            qa_mode=self.qa_mode,
+            model=self.model,
+            reasoning_effort=self.reasoning_effort,
+            custom_instructions=self.custom_instructions,
+        )
+
 
 @dataclass
 class Engine:
@@ -132,6 +152,17 @@ class Engine:
         self.attempts_root = data / "attempts"
         self.attempts_root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.attempts_root, 0o700)
+        _remove_orphaned_standbys(self.attempts_root)
+        self.standby = StandbyPool(
+            size=self.settings.standby_sandboxes if self.gateway is not None else 0,
+            max_age=float(self.settings.standby_max_age_seconds),
+            make=self._make_standby,
+            drop=self._drop_standby,
+        )
+
+    def close(self) -> None:
+        """Drop the standby sandboxes (the server is stopping)."""
+        self.standby.close()
 
     @property
     def limits(self) -> Limits:
@@ -177,6 +208,8 @@ class Engine:
             alive.set()
             if self.gateway is not None:
                 self.gateway.revoke(turn_id)
+            if claim.repo_key and claim.repo_url and claim.branch and control.reason != "shutdown":
+                self.standby.refill(claim.key)  # the next attempt like this one starts warm
             shutil.rmtree(attempt_dir / "workspace", ignore_errors=True)
 
     # ------------------------------------------------------------------ claiming
@@ -263,67 +296,47 @@ class Engine:
         if not claim.prompt.strip():
             raise AttemptFailed("invalid_input", "The task has no prompt")
 
-        # workspace
+        # workspace and sandbox: a standby's, or made now
         started = time.monotonic()
         shutil.rmtree(attempt_dir, ignore_errors=True)
-        attempt_dir.mkdir(parents=True, mode=0o700)
-        workspace = attempt_dir / "workspace"
         try:
             mirror = self.mirrors.ensure(claim.repo_key, claim.repo_url)
-            control.check()
-            base = create_workspace(mirror, workspace, claim.branch, claim.repo_url)
         except WorkspaceError as exc:
             raise AttemptFailed("workspace_error", str(exc)) from exc
-        rec.set(base_commit_sha=base)
-        if claim.patch:
-            try:
-                apply_patch(workspace, claim.patch)
-            except WorkspaceError as exc:
-                raise AttemptFailed("failed_to_apply_patch_error", str(exc)) from exc
         control.check()
-
-        # the agent
-        codex_home = attempt_dir / "codex-home"
-        codex_home.mkdir(mode=0o700)
-        files = codex.codex_home_files(
-            base_url=codex.base_url(),
-            model=claim.model,
-            reasoning_effort=claim.reasoning_effort,
-            custom_instructions=claim.custom_instructions,
-        )
-        for name, text in files.items():
-            (codex_home / name).write_text(text)
-        token = self.gateway.register_attempt(claim.turn_id, model=claim.model)
-        cmd = codex.command(claim.prompt, qa_mode=claim.qa_mode)
-        spec = SandboxSpec(
-            workspace=workspace,
-            workspace_readonly=claim.qa_mode,
-            ro_binds={
-                native_binary(): codex.SANDBOX_CODEX_BIN,
-                forwarder_path(): codex.SANDBOX_FORWARDER,
-                self.gateway_socket: codex.SANDBOX_GATEWAY_SOCKET,
-            },
-            rw_binds={codex_home: codex.SANDBOX_CODEX_HOME},
-            env=codex.sandbox_env(token),
-            network=False,
-            limits=self.limits,
-        )
         translator = codex.EventTranslator(prompt=claim.prompt)
-        self._apply(rec, translator.take_initial())
 
         def on_output(stream: str, line: str) -> None:
             if stream == "stdout":
                 self._apply(rec, translator.feed(line))
 
-        proc = bwrap.start(spec, codex.launcher(cmd.argv), stdin=cmd.stdin, on_output=on_output)
-        control.attach(proc)
+        run = dict(claim.body.get("run") or {})
+
+        def launch(prepared: Prepared, standby: bool) -> bool:
+            run["standby"] = standby  # for operators: did the attempt skip the start-up?
+            rec.set(base_commit_sha=prepared.base, run=run)
+            control.attach(prepared.proc)
+            self._apply(rec, translator.take_initial())
+            return prepared.proc.send(claim.prompt.encode("utf-8", "replace"), on_output)
+
+        prepared = self._take_standby(claim, mirror, attempt_dir)
+        if prepared is not None and not launch(prepared, True):  # the standby died meanwhile
+            control.attach(None)
+            self._drop_standby(prepared)
+            prepared = None
+        if prepared is None:
+            prepared = self._prepare_cold(claim, mirror, attempt_dir, control)
+            launch(prepared, False)
+        base, workspace, proc = prepared.base, attempt_dir / "workspace", prepared.proc
         try:
             result = self._wait(proc, rec, control)
         finally:
             control.attach(None)
+            if proc.poll() is None:  # only when _wait itself failed
+                proc.kill("attempt ended")
         self.gateway.revoke(claim.turn_id)
         usage = self.gateway.usage(claim.turn_id)
-        rec.set(run={**claim.body.get("run", {}), "usage": dataclasses.asdict(usage)})
+        rec.set(run={**run, "usage": dataclasses.asdict(usage)})
         outcome = translator.finish(
             result.exit_code,
             killed_reason=result.killed_reason,
@@ -361,6 +374,105 @@ class Engine:
                 items.append(self._pr_item(claim, base, diff, answer))
         control.check()
         return rec.finish("completed", text=COMPLETED, output_items=items)
+
+    def _prepare_cold(
+        self, claim: Claim, mirror: Path, attempt_dir: Path, control: Control
+    ) -> Prepared:
+        attempt_dir.mkdir(parents=True, mode=0o700)
+        workspace = attempt_dir / "workspace"
+        try:
+            base = create_workspace(mirror, workspace, claim.branch, claim.repo_url)
+        except WorkspaceError as exc:
+            raise AttemptFailed("workspace_error", str(exc)) from exc
+        if claim.patch:
+            try:
+                apply_patch(workspace, claim.patch)
+            except WorkspaceError as exc:
+                raise AttemptFailed("failed_to_apply_patch_error", str(exc)) from exc
+        control.check()
+        return self._start_agent(claim.key, attempt_dir, base, owner=claim.turn_id)
+
+    def _start_agent(self, key: AgentKey, directory: Path, base: str, *, owner: str) -> Prepared:
+        """Start Codex in a held sandbox on ``directory/workspace``: it does its start-up
+        work and waits for the prompt on stdin (:meth:`SandboxProcess.send`)."""
+        assert self.gateway is not None and self.gateway_socket is not None
+        codex_home = directory / "codex-home"
+        codex_home.mkdir(mode=0o700)
+        files = codex.codex_home_files(
+            base_url=codex.base_url(),
+            model=key.model,
+            reasoning_effort=key.reasoning_effort,
+            custom_instructions=key.custom_instructions,
+        )
+        for name, text in files.items():
+            (codex_home / name).write_text(text)
+        token = self.gateway.register_attempt(
+            owner, model=key.model, ttl_seconds=self._token_ttl(owner)
+        )
+        spec = SandboxSpec(
+            workspace=directory / "workspace",
+            workspace_readonly=key.qa_mode,
+            ro_binds={
+                native_binary(): codex.SANDBOX_CODEX_BIN,
+                forwarder_path(): codex.SANDBOX_FORWARDER,
+                self.gateway_socket: codex.SANDBOX_GATEWAY_SOCKET,
+            },
+            rw_binds={codex_home: codex.SANDBOX_CODEX_HOME},
+            env=codex.sandbox_env(token),
+            network=False,
+            limits=self.limits,
+        )
+        argv = codex.launcher(codex.exec_argv(qa_mode=key.qa_mode))
+        try:
+            proc = bwrap.start(spec, argv, hold=True, ready_marker=codex.READY_MARKER)
+        except BaseException:
+            self.gateway.forget(owner)
+            raise
+        return Prepared(key=key, dir=directory, base=base, proc=proc, owner=owner)
+
+    def _token_ttl(self, owner: str) -> float | None:
+        if not owner.startswith(_STANDBY_PREFIX):
+            return None
+        # a standby's token lives until the standby expires, then as long as an attempt
+        return float(self.settings.standby_max_age_seconds) + self.limits.wall_clock_seconds
+
+    def _take_standby(self, claim: Claim, mirror: Path, attempt_dir: Path) -> Prepared | None:
+        """A standby for this attempt, moved to ``attempt_dir`` with its token handed over.
+        Not used with a starting diff: Codex reads the repository's config and AGENTS.md at
+        start-up, before the patch could be applied."""
+        if claim.patch or self.gateway is None:
+            return None
+        prepared = self.standby.take(claim.key, lambda: _branch_head(mirror, claim.branch))
+        if prepared is None:
+            return None
+        if not self.gateway.reassign(prepared.owner, claim.turn_id):
+            self._drop_standby(prepared)
+            return None
+        os.rename(prepared.dir, attempt_dir)
+        return dataclasses.replace(prepared, dir=attempt_dir, owner=claim.turn_id)
+
+    def _make_standby(self, key: AgentKey) -> Prepared:
+        directory = self.attempts_root / f"{_STANDBY_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        directory.mkdir(mode=0o700)
+        try:
+            mirror = self.mirrors.ensure(key.repo_key, key.repo_url, fetch=False)
+            base = create_workspace(mirror, directory / "workspace", key.branch, key.repo_url)
+            prepared = self._start_agent(key, directory, base, owner=directory.name)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        # taking it renames the directory: only once bwrap has resolved the binds
+        if not prepared.proc.wait_ready(STANDBY_READY_SECONDS):
+            result = prepared.proc.kill("standby sandbox did not start")
+            self._drop_standby(prepared)
+            raise RuntimeError(f"the standby sandbox did not start: {result.stderr[-500:]}")
+        return prepared
+
+    def _drop_standby(self, prepared: Prepared) -> None:
+        prepared.proc.kill("standby sandbox dropped")
+        if self.gateway is not None:
+            self.gateway.forget(prepared.owner)
+        shutil.rmtree(prepared.dir, ignore_errors=True)
 
     def _wait(
         self, proc: SandboxProcess, rec: TurnRecorder, control: Control
@@ -479,6 +591,25 @@ class Engine:
             requeue(s, turn, note, tries=max(0, tries - 1))
         self.bus.publish(turn_id)
         return "pending"
+
+
+_STANDBY_PREFIX = ".standby-"
+
+
+def _branch_head(mirror: Path, branch: str) -> str | None:
+    try:
+        ref = f"refs/heads/{branch}^{{commit}}"
+        return git("rev-parse", "--verify", "--quiet", ref, cwd=mirror).strip()
+    except WorkspaceError:
+        return None
+
+
+def _remove_orphaned_standbys(root: Path) -> None:
+    """Standby directories of a server process that is gone (its sandboxes died with it)."""
+    for path in root.glob(f"{_STANDBY_PREFIX}*"):
+        pid = path.name.removeprefix(_STANDBY_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or not Path(f"/proc/{pid}").exists() or int(pid) == os.getpid():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _keep_alive(rec: TurnRecorder, done: threading.Event) -> None:

@@ -114,6 +114,8 @@ class Runner:
         if self.executor is not None:
             self.executor.stop()
             self.executor = None
+        if self.engine is not None:
+            self.engine.close()
         if self.gateway_server is not None:
             self.gateway_server.stop()
             self.gateway_server = None

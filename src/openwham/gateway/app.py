@@ -204,6 +204,27 @@ class Gateway:
             self._by_digest[record.digest] = record
         return token
 
+    def reassign(self, old_id: str, new_id: str, *, ttl_seconds: float | None = None) -> bool:
+        """Hand a standby's token to the attempt that takes the standby: the same token now
+        counts for ``new_id`` (usage starts at zero, validity from now). ``False`` if the old
+        token is unknown, revoked or expired."""
+        now = time.time()
+        ttl = self.token_ttl_seconds if ttl_seconds is None else ttl_seconds
+        with self._lock:
+            record = self._by_attempt.get(old_id)
+            if record is None or not record.active(now):
+                return False
+            del self._by_attempt[old_id]
+            replaced = self._by_attempt.pop(new_id, None)
+            if replaced is not None:
+                self._by_digest.pop(replaced.digest, None)
+            record.attempt_id = new_id
+            record.usage = Usage()
+            record.last_error = None
+            record.expires_at = now + ttl
+            self._by_attempt[new_id] = record
+        return True
+
     def revoke(self, attempt_id: str) -> None:
         """End the attempt's token (in-flight streams stop); usage stays readable."""
         with self._lock:

@@ -186,8 +186,22 @@ def command(
     qa_mode: bool = False,
     executable: str = SANDBOX_CODEX_BIN,
 ) -> CodexCommand:
-    """``codex exec --json … -C <workdir> -``, the prompt on stdin (no argv size limit, and
-    a prompt starting with ``-`` stays a prompt).
+    """:func:`exec_argv` and the prompt to feed on its stdin."""
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    argv = exec_argv(workdir=workdir, qa_mode=qa_mode, executable=executable)
+    return CodexCommand(argv=argv, stdin=prompt.encode("utf-8", "replace"))
+
+
+def exec_argv(
+    *,
+    workdir: str = SANDBOX_WORKDIR,
+    qa_mode: bool = False,
+    executable: str = SANDBOX_CODEX_BIN,
+) -> list[str]:
+    """``codex exec --json … -C <workdir> -``, the prompt on stdin (no argv size limit, a
+    prompt starting with ``-`` stays a prompt, and Codex can be started before the prompt is
+    known: it does its start-up work, ~100 ms, before it reads stdin).
 
     ``--dangerously-bypass-approvals-and-sandbox`` because openwham's sandbox is the sandbox:
     Codex's own (``-s read-only`` / ``workspace-write``) would start a nested bubblewrap,
@@ -197,8 +211,6 @@ def command(
     turns a config key this Codex version does not know into an error instead of a silently
     ignored setting.
     """
-    if not prompt.strip():
-        raise ValueError("the prompt is empty")
     argv = [
         executable,
         "exec",
@@ -212,8 +224,12 @@ def command(
     if qa_mode:
         argv += ["--profile", ASK_PROFILE]
     argv.append("-")
-    return CodexCommand(argv=argv, stdin=prompt.encode("utf-8", "replace"))
+    return argv
 
+
+READY_MARKER = "openwham: sandbox ready"
+"""What the launcher prints on stderr once the forwarder is up, just before it execs Codex
+(the sandbox's binds are in place by then; ``bwrap.start(ready_marker=…)`` swallows it)."""
 
 _LAUNCHER = """\
 set -u
@@ -226,8 +242,9 @@ if ! read -r -t "$timeout" line <&3 || [ "${line%% *}" != ready ]; then
   exit @FAILED@
 fi
 exec 3<&-
+echo "@READY@" >&2
 exec "$@"
-""".replace("@FAILED@", str(LAUNCHER_FAILED))
+""".replace("@FAILED@", str(LAUNCHER_FAILED)).replace("@READY@", READY_MARKER)
 
 
 def launcher(
@@ -240,7 +257,8 @@ def launcher(
     timeout_seconds: int = 10,
 ) -> list[str]:
     """The sandbox's command: bash starts the forwarder (``127.0.0.1:port`` → the gateway
-    socket), waits for its ``ready`` line, then execs ``codex_argv``. The forwarder lives as
+    socket), waits for its ``ready`` line, prints :data:`READY_MARKER` on stderr, then execs
+    ``codex_argv``. The forwarder lives as
     Codex's child and dies with the sandbox. If it does not come up, the launcher prints
     ``openwham: the model gateway forwarder did not start: …`` and exits
     :data:`LAUNCHER_FAILED`."""

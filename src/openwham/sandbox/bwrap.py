@@ -348,6 +348,9 @@ def host_gaps() -> list[str]:
     return gaps
 
 
+_MAX_HELD_LINES = 10_000
+
+
 def _tail_append(buf: deque[bytes], size: list[int], data: bytes, cap: int) -> bool:
     buf.append(data)
     size[0] += len(data)
@@ -372,14 +375,27 @@ class SandboxProcess:
         *,
         stdin: bytes | None,
         on_output: Callable[[str, str], None] | None,
+        hold: bool = False,
+        ready_marker: str | None = None,
     ) -> None:
         if not argv:
             raise ValueError("empty command")
+        if hold and stdin is not None:
+            raise ValueError("a held sandbox gets its stdin from send()")
         self.spec = spec
         self.argv = list(argv)
         self._bwrap = require_bwrap()
         self._stdin = stdin
+        self._hold = hold
+        self._released = threading.Event()
+        if not hold:
+            self._released.set()
         self._on_output = on_output
+        self._held: list[tuple[str, str]] = []
+        self._ready_marker = ready_marker
+        self._ready = threading.Event()
+        self._marker_seen = False
+        self._deadline = 0.0
         self._lock = threading.Lock()
         self._started = threading.Event()
         self._done = threading.Event()
@@ -436,7 +452,9 @@ class SandboxProcess:
 
             return subprocess.Popen(
                 [self._bwrap, "--args", str(args_fd), "--", *self.argv],
-                stdin=subprocess.PIPE if self._stdin is not None else subprocess.DEVNULL,
+                stdin=subprocess.PIPE
+                if self._stdin is not None or self._hold
+                else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 pass_fds=fds,
@@ -473,21 +491,24 @@ class SandboxProcess:
             threading.Thread(target=self._read, args=(stream, name), daemon=True)
             for stream, name in ((popen.stdout, "stdout"), (popen.stderr, "stderr"))
         ]
-        if self._stdin is not None:
+        if self._stdin is not None or self._hold:
             readers.append(threading.Thread(target=self._feed, args=(popen.stdin,), daemon=True))
         for t in readers:
             t.start()
-        deadline = self._t0 + lim.wall_clock_seconds
+        self._deadline = self._t0 + lim.wall_clock_seconds
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
-        while not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
-            if time.monotonic() >= deadline:
+        # send() may move the deadline, so wake at least every half second to re-read it
+        while not poller.poll(min(0.5, max(0.0, self._deadline - time.monotonic())) * 1000):
+            if time.monotonic() >= self._deadline:
                 self._timed_out = True
                 self._kill(f"wall-clock limit of {lim.wall_clock_seconds:g} s reached")
                 break
         with self._lock:
             returncode = popen.wait()
             self._reaped = True
+            self._released.set()  # a held sandbox that died: the stdin thread closes the pipe
+        self._ready.set()
         # The PID namespace died with bwrap; the cgroup sweep is the second guarantee.
         if self._cgroup is not None:
             self._cgroup.kill_all()
@@ -529,19 +550,31 @@ class SandboxProcess:
             return
         buf, size = self._out[name]
         cap = self.spec.limits.max_output_bytes
+        marker = self._ready_marker.encode() if self._ready_marker else None
         with contextlib.suppress(OSError, ValueError):
             while line := stream.readline(_MAX_LINE):
+                if name == "stderr" and not self._marker_seen and line.rstrip(b"\n") == marker:
+                    self._marker_seen = True
+                    self._ready.set()
+                    continue
                 if _tail_append(buf, size, line, cap):
                     self._truncated = True
-                if self._on_output is not None:
+                text = line.decode("utf-8", "replace").rstrip("\n")
+                with self._lock:
+                    callback = self._on_output
+                    if callback is None and self._hold and len(self._held) < _MAX_HELD_LINES:
+                        self._held.append((name, text))
+                if callback is not None:
                     with contextlib.suppress(Exception):
-                        self._on_output(name, line.decode("utf-8", "replace").rstrip("\n"))
+                        callback(name, text)
 
     def _feed(self, stream: IO[bytes] | None) -> None:
-        if stream is None or self._stdin is None:
+        if stream is None:
             return
-        with contextlib.suppress(OSError, ValueError):
-            stream.write(self._stdin)
+        self._released.wait()
+        if self._stdin is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.write(self._stdin)
         with contextlib.suppress(OSError, ValueError):
             stream.close()
 
@@ -558,6 +591,36 @@ class SandboxProcess:
             self._cgroup.kill_all(timeout=0.5)
 
     # -- public --
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the command printed ``ready_marker`` on stderr (its sandbox is set up:
+        binds resolved, so host paths may move). ``False`` on timeout or if it ended."""
+        return self._ready.wait(timeout) and self._marker_seen and self.poll() is None
+
+    def send(self, stdin: bytes, on_output: Callable[[str, str], None] | None = None) -> bool:
+        """Release a sandbox started with ``hold=True``: ``on_output`` gets the lines held so
+        far and then every new one, in order; ``stdin`` is written (and closed); the wall
+        clock starts again from now. ``False`` if the sandbox had already ended."""
+        if not self._hold:
+            raise RuntimeError("send() is for a sandbox started with hold=True")
+        while True:  # replay until nothing new was held meanwhile, then switch over
+            with self._lock:
+                held, self._held = self._held, []
+                if not held:
+                    self._on_output = on_output
+                    break
+            if on_output is not None:
+                for name, text in held:
+                    with contextlib.suppress(Exception):
+                        on_output(name, text)
+        with self._lock:
+            if self._released.is_set():
+                return False
+            self._stdin = stdin
+            self._t0 = time.monotonic()
+            self._deadline = self._t0 + self.spec.limits.wall_clock_seconds
+            self._released.set()
+        return True
 
     def kill(self, reason: str = "killed on request") -> SandboxResult:
         """Kill the whole process tree now and return the result (within about a second)."""
@@ -590,12 +653,21 @@ def start(
     *,
     stdin: bytes | None = None,
     on_output: Callable[[str, str], None] | None = None,
+    hold: bool = False,
+    ready_marker: str | None = None,
 ) -> SandboxProcess:
     """Start ``argv`` in a sandbox. ``on_output(stream, line)`` is called from a reader
     thread for every line of "stdout" and "stderr" as it arrives (keep it quick: the sandbox
     waits while it runs; lines over 4 MiB arrive in pieces). ``stdin`` ``None`` means
-    /dev/null. Raises ``SandboxUnavailable`` without bwrap, ``ValueError`` for a bad spec."""
-    return SandboxProcess(spec, argv, stdin=stdin, on_output=on_output)
+    /dev/null. Raises ``SandboxUnavailable`` without bwrap, ``ValueError`` for a bad spec.
+
+    ``hold=True`` starts a standby: the command runs with its stdin open and empty until
+    :meth:`SandboxProcess.send` gives it its input (a Codex started this way does its
+    start-up work and then waits for the prompt). The first stderr line equal to
+    ``ready_marker`` is not output: it marks the sandbox as set up (:meth:`wait_ready`)."""
+    return SandboxProcess(
+        spec, argv, stdin=stdin, on_output=on_output, hold=hold, ready_marker=ready_marker
+    )
 
 
 def run(

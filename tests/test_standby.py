@@ -1,0 +1,213 @@
+"""Standby sandboxes: the next attempt's workspace and Codex, started ahead of time.
+
+After an attempt ends the engine clones the next workspace for the same repository, branch
+and agent settings and starts Codex in its sandbox, waiting for a prompt. These tests check,
+through the API and the real sandbox, that a matching task takes it and gives the same result
+as a cold start, and that a task it does not fit (moved branch, starting diff, other model)
+does not, and that nothing of it outlives the server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import (
+    Server,
+    engine_settings,
+    git,
+    make_repo,
+    make_server,
+    wait_for_task,
+)
+from openwham.engine.attempt import Engine
+from openwham.runtimes import codex
+from openwham.store import models as m
+from support.procs import wait_gone
+from support.scripted_model import Patch, Say, ScriptedModel, Shell
+
+EDIT = """\
+*** Begin Patch
+*** Update File: app.py
+@@
+-VALUE = 1
++VALUE = 2
+*** End Patch"""
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    path = make_repo(tmp_path / "app")
+    (path / "app.py").write_text("VALUE = 1\n")
+    git("add", ".", cwd=path)
+    git("commit", "-q", "-m", "app", cwd=path)
+    return path
+
+
+@pytest.fixture
+def standby_server(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel
+) -> Iterator[Server]:
+    yield from make_server(
+        tmp_path, sqlite_url, **engine_settings(scripted_model, standby_sandboxes=1)
+    )
+
+
+def engine_of(server: Server) -> Engine:
+    runner = server.app_state.runner
+    assert runner is not None and runner.engine is not None
+    return runner.engine
+
+
+def wait_standby(server: Server, count: int = 1, timeout: float = 30.0) -> None:
+    """Wait until ``count`` standbys are ready and none is being prepared."""
+    engine = engine_of(server)
+    deadline = time.monotonic() + timeout
+    while len(engine.standby) < count or engine.standby.busy:
+        assert time.monotonic() < deadline, "no standby sandbox was prepared"
+        time.sleep(0.05)
+
+
+def run_info(server: Server, turn_id: str) -> dict[str, Any]:
+    with server.app_state.db.sessions() as s:
+        turn = s.get(m.Turn, turn_id)
+        assert turn is not None
+        return dict(turn.body["run"])
+
+
+def edit_task(server: Server, env_id: str, **extra: Any) -> dict[str, Any]:
+    created = server.api.create_task(env_id, "Make VALUE two", **extra)
+    turn = wait_for_task(server.api, created["task"]["id"])["current_assistant_turn"]
+    assert turn["turn_status"] == "completed", turn["error"]
+    # the engine's last step: a standby is being prepared once the workspace is gone
+    workspace = engine_of(server).attempts_root / turn["id"] / "workspace"
+    deadline = time.monotonic() + 30
+    while workspace.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return dict(turn)
+
+
+def test_the_next_attempt_starts_in_a_standby_sandbox_with_the_same_result(
+    standby_server: Server, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    api = standby_server.api
+    env = api.create_env(repo)
+    script = [Shell("cat app.py && pwd && ls -a"), Patch(EDIT), Say("VALUE is 2 now.")]
+
+    scripted_model.script = script
+    cold = edit_task(standby_server, env["id"])
+    assert run_info(standby_server, cold["id"])["standby"] is False
+    wait_standby(standby_server)
+
+    scripted_model.requests.clear()
+    scripted_model.script = script
+    warm = edit_task(standby_server, env["id"])
+    info = run_info(standby_server, warm["id"])
+    assert info["standby"] is True
+    assert info["usage"]["requests"] == 3  # counted for this attempt, from the hand-over
+    # the same diff, base and work log as a cold start; the prompt reached the model
+    assert (
+        warm["output_items"][-1]["output_diff"]["diff"]
+        == (cold["output_items"][-1]["output_diff"]["diff"])
+    )
+    assert "+VALUE = 2" in warm["output_items"][-1]["output_diff"]["diff"]
+    assert warm["base_commit_sha"] == cold["base_commit_sha"]
+    assert len(warm["worklog"]["messages"]) == len(cold["worklog"]["messages"])
+    assert "Make VALUE two" in str(scripted_model.requests[0]["input"])
+    # the attempt ran in its own directory; the standby's is gone, a new one is prepared
+    root = engine_of(standby_server).attempts_root
+    assert (root / warm["id"] / "codex-home" / "config.toml").exists()
+    wait_standby(standby_server)
+    assert len(list(root.glob(".standby-*"))) == 1
+
+
+def test_a_standby_is_not_used_when_it_does_not_fit_the_task(
+    standby_server: Server, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    api = standby_server.api
+    env = api.create_env(repo)
+    scripted_model.script = [Say("Looked.")]
+    edit_task(standby_server, env["id"])
+    wait_standby(standby_server)
+
+    # the branch moved: the standby's checkout is stale
+    (repo / "app.py").write_text("VALUE = 10\n")
+    git("commit", "-qam", "ten", cwd=repo)
+    scripted_model.script = [Shell("cat app.py"), Say("Looked.")]
+    moved = edit_task(standby_server, env["id"])
+    assert run_info(standby_server, moved["id"])["standby"] is False
+    assert moved["base_commit_sha"] == git("rev-parse", "HEAD", cwd=repo).strip()
+    assert "VALUE = 10" in str(moved["worklog"])
+
+    # a starting diff: Codex reads the repository's config before it could be applied
+    wait_standby(standby_server)
+    patch = (
+        "diff --git a/app.py b/app.py\n--- a/app.py\n+++ b/app.py\n@@ -1 +1 @@\n"
+        "-VALUE = 10\n+VALUE = 11\n"
+    )
+    items = [
+        {"type": "message", "role": "user", "content": [{"content_type": "text", "text": "x"}]},
+        {"type": "pre_apply_patch", "output_diff": {"diff": patch}},
+    ]
+    scripted_model.script = [Say("Looked.")]
+    patched = edit_task(standby_server, env["id"], input_items=items)
+    assert run_info(standby_server, patched["id"])["standby"] is False
+
+    # another model: the standby's Codex was started for the default one
+    wait_standby(standby_server)
+    scripted_model.requests.clear()
+    scripted_model.script = [Say("Looked.")]
+    other = edit_task(standby_server, env["id"], new_task={"model": "gpt-5.5-mini"})
+    assert run_info(standby_server, other["id"])["standby"] is False
+    assert scripted_model.requests[0]["model"] == "gpt-5.5-mini"
+
+    # and the settings of the last attempt are the ones kept ready: the default model again
+    # is cold once, then warm
+    wait_standby(standby_server)
+    scripted_model.script = [Say("Looked.")]
+    first = edit_task(standby_server, env["id"])
+    assert run_info(standby_server, first["id"])["standby"] is False
+    wait_standby(standby_server)
+    scripted_model.script = [Say("Looked.")]
+    second = edit_task(standby_server, env["id"])
+    assert run_info(standby_server, second["id"])["standby"] is True
+
+
+def test_standby_sandboxes_end_with_the_server_and_are_off_with_zero(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    servers = make_server(
+        tmp_path, sqlite_url, **engine_settings(scripted_model, standby_sandboxes=1)
+    )
+    server = next(servers)
+    env = server.api.create_env(repo)
+    scripted_model.script = [Say("Looked.")]
+    edit_task(server, env["id"])
+    wait_standby(server)
+    root = engine_of(server).attempts_root
+    (standby,) = engine_of(server).standby._ready.values()
+    assert standby.proc.pid is not None and Path(f"/proc/{standby.proc.pid}").exists()
+    next(servers, None)  # stops the server
+    assert standby.proc.poll() is not None
+    assert not wait_gone(codex.SANDBOX_CODEX_BIN)
+    assert not list(root.glob(".standby-*"))
+
+    off = make_server(
+        tmp_path / "off", sqlite_url, **engine_settings(scripted_model, standby_sandboxes=0)
+    )
+    server = next(off)
+    try:
+        env = server.api.create_env(repo)
+        for _ in range(2):
+            scripted_model.script = [Say("Looked.")]
+            done = edit_task(server, env["id"])
+            assert run_info(server, done["id"])["standby"] is False
+        time.sleep(0.5)
+        assert len(engine_of(server).standby) == 0
+    finally:
+        next(off, None)
