@@ -275,8 +275,20 @@ class WhamServer:
         while ws.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         if self.standby:
-            while not standby_waiting() and time.monotonic() < deadline:
+            while not (standby_waiting() and self._standby_settled()):
+                if time.monotonic() > deadline:
+                    break
                 time.sleep(0.02)
+
+    def _standby_settled(self) -> bool:
+        """The engine rewrote a standby's index after its checkout (1 s after the clone)."""
+        for git_dir in (self.data_dir / "attempts").glob(".standby-*/workspace/.git"):
+            try:
+                if (git_dir / "index").stat().st_mtime - (git_dir / "HEAD").stat().st_mtime > 1:
+                    return True
+            except OSError:
+                continue
+        return False
 
 
 def standby_waiting() -> bool:
@@ -354,7 +366,8 @@ def run_plain_codex(
 ) -> PlainRun:
     """The same pinned binary, the same config (``codex_home_files`` with the provider
     pointed straight at the scripted model), the same argv (``codex.command``), directly in a
-    fresh ``git clone`` of the repository: no server, no sandbox, no gateway."""
+    fresh ``git clone`` of the repository (settled, see below): no server, no sandbox, no
+    gateway."""
     from openwham.runtimes import codex
     from openwham.runtimes.codex_cli import native_binary
 
@@ -364,6 +377,11 @@ def run_plain_codex(
     t0 = time.perf_counter()
     subprocess.run(["git", "clone", "-q", str(repo), str(work)], check=True, capture_output=True)
     clone = time.perf_counter() - t0
+    # Settle the clone like any clone older than a second (and like openwham's standby
+    # workspaces): otherwise every index entry is "racily clean" and the task's first `git
+    # status` re-reads all 5,000 files.
+    time.sleep(1.05)
+    subprocess.run(["git", "update-index", "-q", "--refresh"], cwd=work, check=True)
     home.mkdir(mode=0o700)
     for name, text in codex.codex_home_files(base_url=model_url, model=MODEL).items():
         (home / name).write_text(text)

@@ -106,20 +106,33 @@ def install() -> None:
 
     start = bwrap.start
 
-    def traced_start(spec: Any, argv: Any, *, stdin: Any = None, on_output: Any = None) -> Any:
-        turn = getattr(_local, "turn", None)
+    def traced_start(spec: Any, argv: Any, **kw: Any) -> Any:
+        turn = [getattr(_local, "turn", None)]  # None for a standby until it is taken
         seen = {"stdout": False, "stderr": False}
 
-        def hook(stream: str, line: str) -> None:
-            if not seen.get(stream):
-                seen[stream] = True
-                emit(f"sandbox_first_{stream}", time.time(), turn=turn, line=line[:120])
-            if on_output is not None:
-                on_output(stream, line)
+        def hooked(on_output: Any) -> Any:
+            def hook(stream: str, line: str) -> None:
+                if not seen.get(stream):
+                    seen[stream] = True
+                    emit(f"sandbox_first_{stream}", time.time(), turn=turn[0], line=line[:120])
+                if on_output is not None:
+                    on_output(stream, line)
 
+            return hook
+
+        if kw.get("on_output") is not None:
+            kw["on_output"] = hooked(kw["on_output"])
         t0 = time.time()
-        proc = start(spec, argv, stdin=stdin, on_output=hook)
-        emit("bwrap_start_call", t0, time.time(), argv0=str(argv[0]))
+        proc = start(spec, argv, **kw)
+        emit("bwrap_start_call", t0, time.time(), turn=turn[0], argv0=str(argv[0]))
+        send = proc.send
+
+        def traced_send(stdin: Any, on_output: Any = None) -> Any:
+            turn[0] = getattr(_local, "turn", None)
+            emit("prompt_sent", time.time(), turn=turn[0])
+            return send(stdin, hooked(on_output))
+
+        setattr(proc, "send", traced_send)  # noqa: B010
         wait = proc.wait
         done = [False]
 
@@ -128,7 +141,7 @@ def install() -> None:
             if not done[0]:
                 done[0] = True
                 duration = getattr(result, "duration", None)
-                emit("sandbox_exit", time.time(), turn=turn, duration=duration)
+                emit("sandbox_exit", time.time(), turn=turn[0], duration=duration)
             return result
 
         setattr(proc, "wait", traced_wait)  # noqa: B010

@@ -921,3 +921,38 @@ def test_wall_clock_limit_also_covers_work_left_for_the_diff(
         elapsed = time.monotonic() - t0
         assert commands(details)[0][1:] == ("set\n", 0)  # the agent's part took no time
         assert elapsed < timeout + 3, f"the attempt ran {elapsed:.1f} s with a {timeout} s limit"
+
+
+def test_the_agent_cannot_bend_the_diff_computed_in_its_sandbox(
+    engine_server: Server, scripted_model: ScriptedModel, repo: Path, tmp_path: Path
+) -> None:
+    """The diff runs in the agent's sandbox after Codex exits: the agent's leftover
+    processes are killed first, and its git settings (repository config, ~/.gitconfig,
+    .git/info/attributes) do not shape the diff."""
+    mark = f"ticker-{uuid.uuid4().hex[:12]}"
+    env = engine_server.api.create_env(repo)
+    script = (
+        "git config core.fsmonitor 'touch /workspace/FSMONITOR-RAN; echo'\n"
+        "git config diff.noprefix true && git config color.ui always\n"
+        "git config diff.external /bin/false\n"
+        "printf '[diff]\\n\\tmnemonicPrefix = true\\n\\trenames = false\\n' > ~/.gitconfig\n"
+        "echo '* -diff' > .git/info/attributes\n"
+        "echo changed >> README.md\n"
+        f"setsid nohup bash -c 'while :; do : {mark}; date +%N > ticker; sleep 0.01; done' "
+        ">/dev/null 2>&1 </dev/null &\n"
+        "sleep 0.5; echo set"
+    )
+    scripted_model.script = [Shell(script), Say("done")]
+    task = engine_server.api.create_task(env["id"], "bend the diff")
+    details = wait_for_task(engine_server.api, task["task"]["id"])
+    assert turn_of(details)["turn_status"] == "completed", turn_of(details)
+    diff = diff_of(details)
+    assert diff.startswith("diff --git a/"), diff[:200]
+    assert "\x1b[" not in diff and "Binary files" not in diff
+    assert "+changed" in diff and "FSMONITOR-RAN" not in diff
+    assert "diff --git a/ticker b/ticker" in diff  # written by the loop until it was killed
+    assert wait_gone(mark) == []
+    clone = tmp_path / "check"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    (tmp_path / "change.diff").write_text(diff)
+    git("apply", "--check", str(tmp_path / "change.diff"), cwd=clone)

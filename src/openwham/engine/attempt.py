@@ -9,6 +9,7 @@ Everything the attempt does is recorded by a :class:`TurnRecorder` as it happens
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -43,7 +44,8 @@ from openwham.store import models as m
 from openwham.store.db import Database, rowcount
 from openwham.store.events import EventBus
 
-from .diff import DiffError, workspace_diff
+from . import diff as diffs
+from .diff import DiffError
 from .recorder import TurnRecorder, latest_event
 from .standby import AgentKey, Prepared, StandbyPool
 from .titles import generate_title
@@ -56,7 +58,7 @@ COMPLETED = "Completed"
 FAILED = "Failed"
 CANCELLED = "Cancelled"
 STATUS_POLL_SECONDS = 1.0
-HEARTBEAT_POLL_SECONDS = 1.0
+HEARTBEAT_POLL_SECONDS = 0.5
 STANDBY_READY_SECONDS = 30.0
 
 
@@ -158,6 +160,7 @@ class Engine:
             max_age=float(self.settings.standby_max_age_seconds),
             make=self._make_standby,
             drop=self._drop_standby,
+            settle=lambda prepared: _settle_index(prepared.dir / "workspace"),
         )
 
     def close(self) -> None:
@@ -297,7 +300,6 @@ class Engine:
             raise AttemptFailed("invalid_input", "The task has no prompt")
 
         # workspace and sandbox: a standby's, or made now
-        started = time.monotonic()
         shutil.rmtree(attempt_dir, ignore_errors=True)
         try:
             mirror = self.mirrors.ensure(claim.repo_key, claim.repo_url)
@@ -327,7 +329,7 @@ class Engine:
         if prepared is None:
             prepared = self._prepare_cold(claim, mirror, attempt_dir, control)
             launch(prepared, False)
-        base, workspace, proc = prepared.base, attempt_dir / "workspace", prepared.proc
+        base, proc = prepared.base, prepared.proc
         try:
             result = self._wait(proc, rec, control)
         finally:
@@ -364,14 +366,12 @@ class Engine:
                 }
             )
         if not claim.qa_mode:
-            try:
-                # the diff counts against the attempt's wall clock (plus a grace for git)
-                left = self.limits.wall_clock_seconds - (time.monotonic() - started) + 30
-                diff = workspace_diff(workspace, base, scratch=attempt_dir, seconds=left).text
+            try:  # written by the launcher's `after` script once Codex had exited
+                diff = diffs.read_result(attempt_dir / "out", killed_reason=result.killed_reason)
             except DiffError as exc:
                 raise AttemptFailed("diff_error", str(exc)) from exc
-            if diff:
-                items.append(self._pr_item(claim, base, diff, answer))
+            if diff.text:
+                items.append(self._pr_item(claim, base, diff.text, answer))
         control.check()
         return rec.finish("completed", text=COMPLETED, output_items=items)
 
@@ -398,6 +398,13 @@ class Engine:
         assert self.gateway is not None and self.gateway_socket is not None
         codex_home = directory / "codex-home"
         codex_home.mkdir(mode=0o700)
+        rw_binds = {codex_home: codex.SANDBOX_CODEX_HOME}
+        after = ""
+        if not key.qa_mode:  # the diff, computed in this sandbox after Codex exits
+            out = directory / "out"
+            out.mkdir(mode=0o700)
+            rw_binds[out] = diffs.OUT_DIR
+            after = diffs.script(base)
         files = codex.codex_home_files(
             base_url=codex.base_url(),
             model=key.model,
@@ -417,12 +424,12 @@ class Engine:
                 forwarder_path(): codex.SANDBOX_FORWARDER,
                 self.gateway_socket: codex.SANDBOX_GATEWAY_SOCKET,
             },
-            rw_binds={codex_home: codex.SANDBOX_CODEX_HOME},
+            rw_binds=rw_binds,
             env=codex.sandbox_env(token),
             network=False,
             limits=self.limits,
         )
-        argv = codex.launcher(codex.exec_argv(qa_mode=key.qa_mode))
+        argv = codex.launcher(codex.exec_argv(qa_mode=key.qa_mode), after=after)
         try:
             proc = bwrap.start(spec, argv, hold=True, ready_marker=codex.READY_MARKER)
         except BaseException:
@@ -602,6 +609,24 @@ def _branch_head(mirror: Path, branch: str) -> str | None:
         return git("rev-parse", "--verify", "--quiet", ref, cwd=mirror).strip()
     except WorkspaceError:
         return None
+
+
+_SETTLE_LIMITS = Limits(wall_clock_seconds=60, max_processes=64, memory_bytes=1 << 30)
+
+
+def _settle_index(workspace: Path) -> None:
+    """Rewrite a standby's index as the agent's git will see it. A fresh clone's index holds
+    the host's view of each file (owner, and entries "smudged" as racily clean because the
+    files and the index were written within one second), so the first ``git status`` or
+    ``add`` inside the sandbox re-reads every file and rewrites the index (60 ms for 5,000
+    files, paid by the agent's first git command or the diff). The pool calls this a second
+    after the clone while the standby is unused, in a sandbox of its own (same uid mapping
+    as the agent's), on files that are still the clone's own."""
+    with contextlib.suppress(OSError, bwrap.SandboxUnavailable):
+        bwrap.run(
+            SandboxSpec(workspace=workspace, limits=_SETTLE_LIMITS),
+            ["git", "-c", "core.hooksPath=/dev/null", "update-index", "-q", "--refresh"],
+        )
 
 
 def _remove_orphaned_standbys(root: Path) -> None:

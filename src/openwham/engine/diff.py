@@ -3,37 +3,56 @@
 The workspace's ``.git`` is agent-controlled after the run (hooks, ``core.fsmonitor``, filters,
 external diff drivers, ``.gitattributes``), so host-side git never touches it: git runs in a
 fresh sandbox without network, with those features switched off on the command line, and writes
-the diff to a directory bound only for this run.
+the diff to a directory bound only for this run. The same script runs in the agent's own
+sandbox once Codex has exited (``codex.launcher(after=…)``), which saves starting a second one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shlex
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from openwham.sandbox import bwrap
-from openwham.sandbox.bwrap import Limits, SandboxSpec
+from openwham.sandbox.bwrap import SANDBOX_WORKSPACE, Limits, SandboxSpec
 
 MAX_DIFF_BYTES = 20 << 20
+OUT_DIR = "/openwham-out"
+_SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
 # The agent controlled .git/config: filters ("clean" commands run by `git add`), fsmonitor,
-# hooks paths, worktree and attributes settings. Replace it with a plain one first; the
-# workspace is thrown away afterwards. Drivers named in .gitattributes are then undefined.
-_SCRIPT = (
-    "set -e\n"
-    "fmt=$(git config --file .git/config extensions.objectformat || true)\n"
-    "rm -f .git/config .git/info/attributes\n"
-    "printf '[core]\\n\\trepositoryformatversion = 0\\n\\tbare = false\\n' > .git/config\n"
-    'if [ -n "$fmt" ]; then git config --file .git/config core.repositoryformatversion 1;'
-    ' git config --file .git/config extensions.objectformat "$fmt"; fi\n'
-    'g() { git -c core.fsmonitor= -c core.hooksPath=/dev/null -c core.quotePath=false "$@"; }\n'
-    "g add -A >/dev/null\n"
-    "g diff --cached --binary --find-renames --no-ext-diff --no-textconv --no-color"
-    ' "$1" > /openwham-out/diff'
-)
+# hooks paths, worktree and attributes settings; and $HOME (~/.gitconfig). Replace the
+# repository's config with a plain one first and read no other; the workspace is thrown
+# away afterwards. Drivers named in .gitattributes are then undefined. The script reports
+# through files in OUT_DIR: `diff` (at most MAX_DIFF_BYTES + 1 bytes), `status`, `error`.
+_SCRIPT = """\
+set -u
+out=@OUT@
+rm -rf "$out/diff" "$out/status" "$out/error"
+(
+  set -e -o pipefail
+  export GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null HOME=/nonexistent
+  unset XDG_CONFIG_HOME
+  cd @WORKSPACE@
+  fmt=$(git config --file .git/config extensions.objectformat || true)
+  rm -f .git/config .git/info/attributes
+  printf '[core]\\n\\trepositoryformatversion = 0\\n\\tbare = false\\n' > .git/config
+  if [ -n "$fmt" ]; then
+    git config --file .git/config core.repositoryformatversion 1
+    git config --file .git/config extensions.objectformat "$fmt"
+  fi
+  g() { git -c core.fsmonitor= -c core.hooksPath=/dev/null -c core.quotePath=false "$@"; }
+  g add -A >/dev/null
+  g diff --cached --binary --find-renames --no-ext-diff --no-textconv --no-color @BASE@ \\
+    | head -c @LIMIT@ > "$out/diff"
+) 2>"$out/error"
+echo $? > "$out/status"
+"""
 DIFF_SECONDS = 300.0
 _LIMITS = Limits(
     wall_clock_seconds=DIFF_SECONDS,
@@ -41,6 +60,20 @@ _LIMITS = Limits(
     memory_bytes=2 << 30,
     max_file_bytes=MAX_DIFF_BYTES + (1 << 20),
 )
+
+
+def script(base: str, *, workspace: str = SANDBOX_WORKSPACE) -> str:
+    """The bash script that writes the diff of ``workspace`` against ``base`` (a commit
+    sha) into :data:`OUT_DIR`; run in a sandbox that binds a fresh host directory there,
+    then read with :func:`read_result`."""
+    if not _SHA.fullmatch(base):
+        raise ValueError(f"not a commit sha: {base!r}")
+    return (
+        _SCRIPT.replace("@OUT@", OUT_DIR)
+        .replace("@WORKSPACE@", shlex.quote(workspace))
+        .replace("@BASE@", base)
+        .replace("@LIMIT@", str(MAX_DIFF_BYTES + 1))
+    )
 
 
 class DiffError(RuntimeError):
@@ -55,24 +88,45 @@ class Diff:
 def workspace_diff(
     workspace: Path, base: str, *, scratch: Path | None = None, seconds: float = DIFF_SECONDS
 ) -> Diff:
-    """``git add -A && git diff --cached --binary <base>`` in a sandbox, within ``seconds``."""
+    """The diff computed in a sandbox of its own, within ``seconds`` (the engine instead
+    runs :func:`script` in the agent's sandbox after Codex exits)."""
     out = Path(tempfile.mkdtemp(prefix="diff-", dir=scratch))
     limits = dataclasses.replace(_LIMITS, wall_clock_seconds=max(1.0, min(seconds, DIFF_SECONDS)))
     try:
         result = bwrap.run(
-            SandboxSpec(workspace=workspace, rw_binds={out: "/openwham-out"}, limits=limits),
-            ["/bin/bash", "-c", _SCRIPT, "diff", base],
+            SandboxSpec(workspace=workspace, rw_binds={out: OUT_DIR}, limits=limits),
+            ["/bin/bash", "-c", script(base)],
         )
-        if not result.ok:
+        if not result.ok and not (out / "status").exists():
             reason = result.killed_reason or result.stderr.strip()[-1000:]
-            if "file size limit" in (result.killed_reason or ""):
-                raise DiffError(f"The change is larger than {MAX_DIFF_BYTES >> 20} MiB")
             raise DiffError(f"Computing the diff failed: {reason}")
-        fd = os.open(out / "diff", os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(MAX_DIFF_BYTES + 1)
-        if len(data) > MAX_DIFF_BYTES:
-            raise DiffError(f"The change is larger than {MAX_DIFF_BYTES >> 20} MiB")
-        return Diff(data.decode("utf-8", errors="replace"))
+        return read_result(out, killed_reason=result.killed_reason)
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def read_result(out: Path, *, killed_reason: str | None = None) -> Diff:
+    """What :func:`script` left in ``out`` (the host side of :data:`OUT_DIR`). Nothing
+    there is trusted: files are opened without following links and read with a size cap."""
+    data = _read(out / "diff", MAX_DIFF_BYTES + 1)
+    if data is not None and len(data) > MAX_DIFF_BYTES:
+        raise DiffError(f"The change is larger than {MAX_DIFF_BYTES >> 20} MiB")
+    status = (_read(out / "status", 16) or b"").strip()
+    if status != b"0" or data is None:
+        if killed_reason and "file size limit" in killed_reason:
+            raise DiffError(f"The change is larger than {MAX_DIFF_BYTES >> 20} MiB")
+        error = (_read(out / "error", 64 << 10) or b"").decode("utf-8", "replace").strip()
+        reason = killed_reason or error[-1000:] or f"exit status {status.decode() or '?'}"
+        raise DiffError(f"Computing the diff failed: {reason}")
+    return Diff(data.decode("utf-8", errors="replace"))
+
+
+def _read(path: Path, limit: int) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        return f.read(limit)

@@ -2,11 +2,12 @@
 
 Events (status lines, work-log messages, logs) are appended and published as they happen, so
 the turn stream is live. The turn's JSON body (work log, latest_event) is rewritten at most
-every ``FLUSH_SECONDS`` while the attempt runs (and at every status change), which keeps long
-attempts from rewriting a large work log per line; ``GET`` of a running turn may lag by that
-much. Every write is conditional on the turn still being ``in_progress``: once a user cancelled
-it (or deleted the task), the recorder notices, sets ``gone`` and writes nothing more but the
-final work log of a cancelled attempt.
+every ``FLUSH_SECONDS`` while the attempt runs (the heartbeat thread flushes what is pending),
+which keeps long attempts from rewriting a large work log per line and keeps the server's CPU
+for the agent's model requests; ``GET`` of a running turn may lag by about that much. Every
+write is conditional on the turn still being ``in_progress``: once a user cancelled it (or
+deleted the task), the recorder notices, sets ``gone`` and writes nothing more but the final
+work log of a cancelled attempt.
 """
 
 from __future__ import annotations
@@ -57,11 +58,14 @@ class TurnRecorder:
     # ------------------------------------------------------------------ recording
 
     def status(self, text: str) -> None:
-        """A new live status line: event now, body now."""
+        """A new live status line: event now, body with the next flush."""
         with self._lock:
             self.body["latest_event"] = latest_event(text)
             self._dirty = True
-            self._write([(events.TASK_TURN_EVENT, events.status_payload(text, "in_progress"))])
+            self._write(
+                [(events.TASK_TURN_EVENT, events.status_payload(text, "in_progress"))],
+                body=self._due(),
+            )
 
     def message(self, message: WorklogMessage) -> None:
         """A new or updated work-log message."""

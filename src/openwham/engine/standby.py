@@ -61,8 +61,12 @@ class StandbyPool:
         max_age: float,
         make: Callable[[AgentKey], Prepared],
         drop: Callable[[Prepared], None],
+        settle: Callable[[Prepared], None] | None = None,
+        settle_after: float = 1.1,
     ) -> None:
         self.size = size
+        self._settle = settle
+        self._settle_after = settle_after
         self.max_age = max_age
         self._make = make
         self._drop = drop
@@ -137,22 +141,33 @@ class StandbyPool:
 
     def _fill(self, key: AgentKey) -> None:
         try:
-            prepared: Prepared | None = self._make(key)
+            prepared = self._make(key)
         except Exception as exc:  # the next attempt starts cold and reports the real error
             log.info("no standby sandbox for %s: %s", key.repo_key, exc)
-            prepared = None
+            self._forget_filling(key)
+            return
         evicted: list[Prepared] = []
         with self._lock:
             self._filling.pop(key, None)
-            if prepared is not None and not self._closed.is_set():
+            closed = self._closed.is_set()
+            if not closed:
                 self._ready[key] = prepared
                 while len(self._ready) > self.size:
                     evicted.append(self._ready.popitem(last=False)[1])
-                prepared = None
         for old in evicted:
             self._drop(old)
-        if prepared is not None:  # closed meanwhile
+        if closed:
             self._drop(prepared)
+            return
+        # settle() changes the standby's files: only while it is still in the pool
+        if self._settle is not None and not self._closed.wait(self._settle_after):
+            with self._lock:
+                if self._ready.get(key) is prepared:
+                    self._settle(prepared)
+
+    def _forget_filling(self, key: AgentKey) -> None:
+        with self._lock:
+            self._filling.pop(key, None)
 
     def _drop_later(self, prepared: Prepared) -> None:
         threading.Thread(target=self._drop, args=(prepared,), daemon=True).start()

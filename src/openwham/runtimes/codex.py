@@ -233,8 +233,8 @@ READY_MARKER = "openwham: sandbox ready"
 
 _LAUNCHER = """\
 set -u
-python=$1 forwarder=$2 listen=$3 socket=$4 timeout=$5
-shift 5
+python=$1 forwarder=$2 listen=$3 socket=$4 timeout=$5 after=$6
+shift 6
 log=/tmp/.openwham-forwarder.log
 exec 3< <(exec "$python" -I "$forwarder" --listen "$listen" --unix "$socket" </dev/null 2>"$log")
 if ! read -r -t "$timeout" line <&3 || [ "${line%% *}" != ready ]; then
@@ -243,7 +243,12 @@ if ! read -r -t "$timeout" line <&3 || [ "${line%% *}" != ready ]; then
 fi
 exec 3<&-
 echo "@READY@" >&2
-exec "$@"
+if [ -z "$after" ]; then exec "$@"; fi
+"$@"
+status=$?
+kill -KILL -1 2>/dev/null  # every process left in the sandbox but this shell (and init)
+/bin/bash -c "$after" openwham-after </dev/null >/dev/null 2>&1
+exit $status
 """.replace("@FAILED@", str(LAUNCHER_FAILED)).replace("@READY@", READY_MARKER)
 
 
@@ -255,13 +260,20 @@ def launcher(
     forwarder: str = SANDBOX_FORWARDER,
     socket: str = SANDBOX_GATEWAY_SOCKET,
     timeout_seconds: int = 10,
+    after: str = "",
 ) -> list[str]:
     """The sandbox's command: bash starts the forwarder (``127.0.0.1:port`` → the gateway
     socket), waits for its ``ready`` line, prints :data:`READY_MARKER` on stderr, then execs
-    ``codex_argv``. The forwarder lives as
-    Codex's child and dies with the sandbox. If it does not come up, the launcher prints
-    ``openwham: the model gateway forwarder did not start: …`` and exits
-    :data:`LAUNCHER_FAILED`."""
+    ``codex_argv``. The forwarder lives as Codex's child and dies with the sandbox. If it does
+    not come up, the launcher prints ``openwham: the model gateway forwarder did not start: …``
+    and exits :data:`LAUNCHER_FAILED`.
+
+    ``after``: a bash script to run in the same sandbox once Codex has exited (the engine's
+    diff, which so needs no second sandbox). Codex then runs as a child instead of being
+    exec'd; when it exits, every other process in the sandbox is killed first (the agent's
+    leftovers cannot change the workspace under the script), the script runs with no
+    stdin/stdout/stderr (it reports through files), and the launcher exits with Codex's
+    status."""
     if not codex_argv:
         raise ValueError("empty Codex command")
     return [
@@ -274,6 +286,7 @@ def launcher(
         f"127.0.0.1:{port}",
         socket,
         str(timeout_seconds),
+        after,
         *codex_argv,
     ]
 
