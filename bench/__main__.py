@@ -164,7 +164,8 @@ def traced_breakdown(trace: Path, runs: list[dict[str, Any]]) -> list[Row]:
         def f(name: str, cmd: str | None = None, recs: list[dict[str, Any]] = recs) -> Any:
             return _first(recs, name, cmd)
 
-        ws, clone, bw = f("create_workspace"), f("git", "clone"), f("bwrap_start_call")
+        ws, clone = f("create_workspace"), f("git", "clone")
+        bw = f("bwrap_start_call") if ws else None  # a standby's sandbox started earlier
         out1, gw = f("sandbox_first_stdout"), f("gateway_request")
         rows: list[Row] = [
             (
@@ -175,16 +176,23 @@ def traced_breakdown(trace: Path, runs: list[dict[str, Any]]) -> list[Row]:
             ("claim (conditional UPDATE + event, commit)", _dur(f("claim"))),
             ("title (UPDATE + event, commit)", _dur(f("title"))),
             ("mirror fetch (git fetch --prune, under the file lock)", _dur(f("mirror_ensure"))),
-            ("workspace: git clone --local --no-hardlinks", _dur(clone)),
             (
-                "workspace: rev-parse, remote set-url, rev-parse",
+                "standby taken (rename, token hand-over) -> prompt sent",
+                _between(_t(f("mirror_ensure"), "t1"), _t(f("prompt_sent"))),
+            ),
+            ("cold start only: git clone --local --no-hardlinks", _dur(clone)),
+            (
+                "cold start only: rev-parse, remote set-url, rev-parse",
                 (_dur(ws) or 0) - (_dur(clone) or 0) if ws else None,
             ),
-            ("CODEX_HOME, gateway token, prompt work-log event", _between(_t(ws, "t1"), _t(bw))),
-            ("bwrap.start() call (cgroups, Popen)", _dur(bw)),
             (
-                "sandbox running -> Codex's first JSON line (bwrap, forwarder, Codex init)",
-                _between(_t(bw, "t1"), _t(out1)),
+                "cold start only: CODEX_HOME, gateway token, work-log event",
+                _between(_t(ws, "t1"), _t(bw)),
+            ),
+            ("cold start only: bwrap.start() call (cgroups, Popen)", _dur(bw)),
+            (
+                "prompt sent -> Codex's first JSON line",
+                _between(_t(f("prompt_sent")), _t(out1)),
             ),
             ("Codex's first JSON line -> request at the gateway", _between(_t(out1), _t(gw))),
             ("gateway -> scripted model", _between(_t(gw), r["first_request_wall"])),
@@ -204,10 +212,9 @@ def after_breakdown(trace: Path, runs: list[dict[str, Any]]) -> list[Row]:
         gws = [x for x in recs if x["name"] == "gateway_request"]
         rows: list[Row] = [
             (
-                "last model request -> Codex's sandbox gone",
+                "last model request -> sandbox gone (Codex's exit, the diff in the same sandbox)",
                 _between(_t(gws[-1]) if gws else None, _t(exit_)),
             ),
-            ("diff in a second sandbox (workspace_diff)", _dur(_first(recs, "workspace_diff"))),
             ("finish (final UPDATE + terminal event)", _dur(_first(recs, "recorder_finish"))),
         ]
         for name, value in rows:
@@ -284,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--server-module",
         help="run the measured server as `python -m MODULE serve …` instead of `wham serve` "
-        "(e.g. bench.whatif_serve, an experiment with prototype optimizations)",
+        "(e.g. bench.traced_serve, which adds timing wrappers)",
     )
     p.add_argument(
         "--no-standby",
