@@ -326,6 +326,7 @@ class Engine:
             control.attach(None)
             self._drop_standby(prepared)
             prepared = None
+            control.check()  # or was killed by a cancel
         if prepared is None:
             prepared = self._prepare_cold(claim, mirror, attempt_dir, control)
             launch(prepared, False)
