@@ -35,8 +35,8 @@ from openwham.sandbox.workspace import (
     Mirrors,
     WorkspaceError,
     apply_patch,
+    branch_head,
     create_workspace,
-    git,
 )
 from openwham.service.diffs import diff_stats
 from openwham.store import events
@@ -436,7 +436,7 @@ class Engine:
         except BaseException:
             self.gateway.forget(owner)
             raise
-        return Prepared(key=key, dir=directory, base=base, proc=proc, owner=owner)
+        return Prepared(dir=directory, base=base, proc=proc, owner=owner)
 
     def _token_ttl(self, owner: str) -> float | None:
         if not owner.startswith(_STANDBY_PREFIX):
@@ -450,7 +450,7 @@ class Engine:
         start-up, before the patch could be applied."""
         if claim.patch or self.gateway is None:
             return None
-        prepared = self.standby.take(claim.key, lambda: _branch_head(mirror, claim.branch))
+        prepared = self.standby.take(claim.key, lambda: branch_head(mirror, claim.branch))
         if prepared is None:
             return None
         if not self.gateway.reassign(prepared.owner, claim.turn_id):
@@ -602,14 +602,6 @@ class Engine:
 
 
 _STANDBY_PREFIX = ".standby-"
-
-
-def _branch_head(mirror: Path, branch: str) -> str | None:
-    try:
-        ref = f"refs/heads/{branch}^{{commit}}"
-        return git("rev-parse", "--verify", "--quiet", ref, cwd=mirror).strip()
-    except WorkspaceError:
-        return None
 
 
 _SETTLE_LIMITS = Limits(wall_clock_seconds=60, max_processes=64, memory_bytes=1 << 30)

@@ -42,7 +42,6 @@ class Prepared:
     """A workspace at ``base`` and a held sandbox running Codex, waiting for its prompt.
     ``owner`` is the id its gateway token counts for."""
 
-    key: AgentKey
     dir: Path
     base: str
     proc: SandboxProcess

@@ -108,14 +108,21 @@ class Mirrors:
         return mirror
 
 
+def branch_head(mirror: Path, branch: str) -> str | None:
+    """The commit ``branch`` points at in the mirror, or ``None`` if there is no such branch."""
+    ref = f"refs/heads/{branch}^{{commit}}"
+    try:
+        return git("rev-parse", "--verify", "--quiet", ref, cwd=mirror).strip() or None
+    except WorkspaceError:
+        return None
+
+
 def create_workspace(mirror: Path, dest: Path, branch: str, origin_url: str) -> str:
     """Clone ``branch`` of the mirror into ``dest``; returns the base commit sha."""
     if dest.exists():
         raise WorkspaceError(f"workspace {dest} already exists")
-    try:
-        git("rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}", cwd=mirror)
-    except WorkspaceError as exc:
-        raise WorkspaceError(f"Branch {branch!r} does not exist in the repository") from exc
+    if branch_head(mirror, branch) is None:
+        raise WorkspaceError(f"Branch {branch!r} does not exist in the repository")
     git("clone", "--quiet", "--local", "--no-hardlinks", "--branch", branch, str(mirror), str(dest))
     git("remote", "set-url", "origin", origin_url, cwd=dest)
     return git("rev-parse", "HEAD", cwd=dest).strip()
