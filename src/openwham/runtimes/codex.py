@@ -617,6 +617,29 @@ class EventTranslator:
         entry.message, entry.done = message, done
         target.append(WorklogUpdate(message.model_copy(deep=True), new=False))
 
+    def _tool_result(
+        self,
+        key: str,
+        name: str,
+        content: WorklogContent,
+        *,
+        ok: bool,
+        out: list[Update],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """The finished answer of a tool (a command's output, a patch's result) as the
+        ``tool`` message that follows its call in the work log."""
+        message = self._message(
+            key,
+            role="tool",
+            name=name,
+            content=content,
+            status="finished_successfully" if ok else "failed",
+            channel="analysis",
+            metadata=metadata,
+        )
+        self._put(key, message, done=True, out=out)
+
     def _message(
         self,
         key: str,
@@ -799,19 +822,8 @@ class EventTranslator:
         if done:
             if result is not None:
                 text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
-                self._put(
-                    key + "/result",
-                    self._message(
-                        key + "/result",
-                        role="tool",
-                        name=recipient,
-                        content=WorklogContent(content_type="text", parts=[_cap_output(text)]),
-                        status="failed" if failed else "finished_successfully",
-                        channel="analysis",
-                    ),
-                    done=True,
-                    out=out,
-                )
+                content = WorklogContent(content_type="text", parts=[_cap_output(text)])
+                self._tool_result(key + "/result", recipient, content, ok=not failed, out=out)
             self._set_status(WORKING, out)
         else:
             self._set_status(status_text, out)
@@ -841,19 +853,13 @@ class EventTranslator:
         exit_code = item.get("exit_code")
         ok = exit_code == 0 and item.get("status") != "failed"
         output = _cap_output(str(item.get("aggregated_output") or ""))
-        self._put(
+        self._tool_result(
             key + "/output",
-            self._message(
-                key + "/output",
-                role="tool",
-                name="container.exec",
-                content=WorklogContent(content_type="terminal_output", parts=[output]),
-                status="finished_successfully" if ok else "failed",
-                channel="analysis",
-                metadata={"exit_code": exit_code} if isinstance(exit_code, int) else None,
-            ),
-            done=True,
+            "container.exec",
+            WorklogContent(content_type="terminal_output", parts=[output]),
+            ok=ok,
             out=out,
+            metadata={"exit_code": exit_code} if isinstance(exit_code, int) else None,
         )
         self._set_status(WORKING, out)
 
@@ -895,17 +901,11 @@ class EventTranslator:
             if failed
             else "Success. Updated the following files:\n" + listing
         )
-        self._put(
+        self._tool_result(
             key + "/result",
-            self._message(
-                key + "/result",
-                role="tool",
-                name="apply_patch",
-                content=WorklogContent(content_type="text", parts=[result]),
-                status="failed" if failed else "finished_successfully",
-                channel="analysis",
-            ),
-            done=True,
+            "apply_patch",
+            WorklogContent(content_type="text", parts=[result]),
+            ok=not failed,
             out=out,
         )
         self._set_status(WORKING, out)
