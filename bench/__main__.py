@@ -351,12 +351,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "b"):
             model.script = h.task_script()
             log(f"bench: (b) {args.runs} x (openwham, plain codex exec), interleaved")
+            plain_home = work / "plain-codex-home"
+            # Warm-up: plain Codex creates its state in the kept CODEX_HOME (not counted).
+            h.run_plain_codex(repo, work / "plain", plain_home, model.url, clock, counter.next())
             for i in range(args.runs):
                 b_ow.append(
                     run_openwham_task(srv, env_id, clock, counter.next(), stream_at_once=True)
                 )
                 time.sleep(0.2)
-                plain = h.run_plain_codex(repo, work / "plain", model.url, clock, counter.next())
+                plain = h.run_plain_codex(
+                    repo, work / "plain", plain_home, model.url, clock, counter.next()
+                )
                 if not plain.completed:
                     raise RuntimeError(f"plain codex exec run {i}: exit {plain.exit_code}")
                 b_plain.append(plain)

@@ -362,18 +362,20 @@ class PlainRun:
 
 
 def run_plain_codex(
-    repo: Path, scratch: Path, model_url: str, clock: ModelClock, run: str
+    repo: Path, scratch: Path, home: Path, model_url: str, clock: ModelClock, run: str
 ) -> PlainRun:
     """The same pinned binary, the same config (``codex_home_files`` with the provider
     pointed straight at the scripted model), the same argv (``codex.command``), directly in a
     fresh ``git clone`` of the repository (settled, see below): no server, no sandbox, no
-    gateway."""
+    gateway. ``home`` is kept between runs, as a user's ``~/.codex`` is: Codex's state
+    databases exist after the first run (a fresh CODEX_HOME would charge plain Codex for
+    creating them, which openwham's standby does before the task)."""
     from openwham.runtimes import codex
     from openwham.runtimes.codex_cli import native_binary
 
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    work, home = scratch / "work", scratch / "codex-home"
+    work = scratch / "work"
     t0 = time.perf_counter()
     subprocess.run(["git", "clone", "-q", str(repo), str(work)], check=True, capture_output=True)
     clone = time.perf_counter() - t0
@@ -382,13 +384,13 @@ def run_plain_codex(
     # status` re-reads all 5,000 files.
     time.sleep(1.05)
     subprocess.run(["git", "update-index", "-q", "--refresh"], cwd=work, check=True)
-    home.mkdir(mode=0o700)
+    home.mkdir(mode=0o700, exist_ok=True)
     for name, text in codex.codex_home_files(base_url=model_url, model=MODEL).items():
         (home / name).write_text(text)
     cmd = codex.command(prompt(run), workdir=str(work), executable=str(native_binary()))
     env = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": str(home.parent),
+        "HOME": str(scratch),
         "LANG": "C.UTF-8",
         "TERM": "dumb",
         "CODEX_HOME": str(home),

@@ -267,14 +267,18 @@ def sandbox_steps(
             k = i % len(variants)
             for name, kw in variants[k:] + variants[:k]:
                 add(name, sandboxed(ws, **kw))
-            plain = h.run_plain_codex(repo, work / f"plain{i}", model_url, clock, str(80000 + i))
+            plain = h.run_plain_codex(
+                repo, work / f"plain{i}", work / "plain-home", model_url, clock, str(80000 + i)
+            )
             add("plain Codex, no sandbox: exec -> first model request", plain.first_request)
             shutil.rmtree(ws)
 
             tws = work / f"tiny{i}"
             create_workspace(tiny, tws, "main", str(tiny))
             add("sandboxed Codex, 1-file workspace", sandboxed(tws))
-            plain = h.run_plain_codex(tiny, work / f"plaint{i}", model_url, clock, str(90000 + i))
+            plain = h.run_plain_codex(
+                tiny, work / f"plaint{i}", work / "plain-home", model_url, clock, str(90000 + i)
+            )
             add("plain Codex, 1-file workspace", plain.first_request)
             shutil.rmtree(tws)
     finally:

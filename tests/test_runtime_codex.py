@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import tempfile
 import time
 import tomllib
@@ -835,3 +836,49 @@ def test_launcher_reports_a_forwarder_that_does_not_start(workspace: Workspace) 
     assert error is not None
     assert error.message.startswith("the model gateway forwarder did not start:"), error
     assert "/nonexistent/python3" in error.message
+
+
+@pytest.mark.parametrize("signalled", [True, False])
+def test_launcher_runs_its_after_script_while_codex_exits_when_signalled(
+    workspace: Workspace, signalled: bool
+) -> None:
+    """With ``after``, the host's SIGUSR1 (sent on turn.completed) makes the launcher kill
+    every other process and run the script while Codex is still closing down; without it
+    the script runs once Codex has exited. Either way the leftovers are gone before the
+    script runs and the launcher exits with Codex's status."""
+    mark = f"leftover-{uuid.uuid4().hex[:12]}"
+    fake_codex = (
+        # (the mark is put together at run time: init's command line holds this script)
+        f'm={mark[:5]}; bash -c "while :; do : $m{mark[5:]}; sleep 0.05; done" '
+        "</dev/null >/dev/null 2>&1 &\n"
+        "mkfifo /tmp/wait; exec 9<>/tmp/wait\n"
+        'echo \'{"type":"turn.completed"}\'\n'
+        # closing down takes a second, without a child process (those are killed)
+        "read -r -t 1 -u 9; echo exited > /workspace/codex-exited; exit 3"
+    )
+    after = (
+        "[ -e /workspace/codex-exited ] && when=late || when=early\n"
+        "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' ' > /workspace/procs\n"
+        "echo $when > /workspace/after"
+    )
+    spec = SandboxSpec(
+        workspace=workspace.path,
+        ro_binds={forwarder_path(): SANDBOX_FORWARDER},
+        limits=LIMITS,
+    )
+    procs: list[bwrap.SandboxProcess] = []
+    sent: list[bool] = []
+
+    def on_output(stream: str, line: str) -> None:
+        if signalled and stream == "stdout" and "turn.completed" in line:
+            sent.append(procs[0].signal_command(signal.SIGUSR1))
+
+    argv = launcher(["/bin/bash", "-c", fake_codex], after=after)
+    procs.append(bwrap.start(spec, argv, on_output=on_output))
+    result = procs[0].wait()
+    assert sent == ([True] if signalled else [])
+    assert result.exit_code == 3, result
+    assert (workspace.path / "after").read_text().strip() == ("early" if signalled else "late")
+    assert (workspace.path / "codex-exited").exists()  # Codex was let finish either way
+    assert mark not in (workspace.path / "procs").read_text()
+    assert host_pids(mark) == []

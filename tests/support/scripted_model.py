@@ -189,7 +189,11 @@ class ScriptedModel:
         yield _sse({"type": "response.completed", "response": {"id": rid, "usage": usage}})
 
     def start(self) -> ScriptedModel:
-        sock = socket.socket()
+        # IPPROTO_TCP spelled out: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose
+        # proto says TCP, and ``socket.socket()`` has proto 0. With Nagle on, every streamed
+        # event after the first waited ~40 ms for the client's delayed ACK on a kept-alive
+        # connection, which real Responses servers do not do.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         self._server = uvicorn.Server(uvicorn.Config(self.app(), log_level="warning"))

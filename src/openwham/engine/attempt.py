@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -308,13 +309,20 @@ class Engine:
         control.check()
         translator = codex.EventTranslator(prompt=claim.prompt)
 
+        launched: list[SandboxProcess] = []
+
         def on_output(stream: str, line: str) -> None:
-            if stream == "stdout":
-                self._apply(rec, translator.feed(line))
+            if stream != "stdout":
+                return
+            self._apply(rec, translator.feed(line))
+            if launched and translator.turn_completed and not claim.qa_mode:
+                # the launcher starts the diff while Codex exits (codex.launcher, `after`)
+                launched.pop().signal_command(signal.SIGUSR1)
 
         run = dict(claim.body.get("run") or {})
 
         def launch(prepared: Prepared, standby: bool) -> bool:
+            launched[:] = [prepared.proc]
             run["standby"] = standby  # for operators: did the attempt skip the start-up?
             rec.set(base_commit_sha=prepared.base, run=run)
             control.attach(prepared.proc)

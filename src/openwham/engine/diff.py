@@ -39,13 +39,8 @@ rm -rf "$out/diff" "$out/status" "$out/error"
   export GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null HOME=/nonexistent
   unset XDG_CONFIG_HOME
   cd @WORKSPACE@
-  fmt=$(git config --file .git/config extensions.objectformat || true)
   rm -f .git/config .git/info/attributes
-  printf '[core]\\n\\trepositoryformatversion = 0\\n\\tbare = false\\n' > .git/config
-  if [ -n "$fmt" ]; then
-    git config --file .git/config core.repositoryformatversion 1
-    git config --file .git/config extensions.objectformat "$fmt"
-  fi
+  printf '@CONFIG@' > .git/config
   g() { git -c core.fsmonitor= -c core.hooksPath=/dev/null -c core.quotePath=false "$@"; }
   g add -A >/dev/null
   g diff --cached --binary --find-renames --no-ext-diff --no-textconv --no-color @BASE@ \\
@@ -68,8 +63,17 @@ def script(base: str, *, workspace: str = SANDBOX_WORKSPACE) -> str:
     then read with :func:`read_result`."""
     if not _SHA.fullmatch(base):
         raise ValueError(f"not a commit sha: {base!r}")
+    # The object format follows from the base's length (a SHA-256 repository's shas have
+    # 64 digits), so the agent's config is not read at all.
+    config = "[core]\\n\\trepositoryformatversion = 0\\n\\tbare = false\\n"
+    if len(base) == 64:
+        config = (
+            "[core]\\n\\trepositoryformatversion = 1\\n\\tbare = false\\n"
+            "[extensions]\\n\\tobjectformat = sha256\\n"
+        )
     return (
         _SCRIPT.replace("@OUT@", OUT_DIR)
+        .replace("@CONFIG@", config)
         .replace("@WORKSPACE@", shlex.quote(workspace))
         .replace("@BASE@", base)
         .replace("@LIMIT@", str(MAX_DIFF_BYTES + 1))

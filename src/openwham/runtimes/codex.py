@@ -244,8 +244,38 @@ fi
 exec 3<&-
 echo "@READY@" >&2
 if [ -z "$after" ]; then exec "$@"; fi
-"$@"
+early=0
+trap 'early=1' USR1
+"$@" <&0 &  # (a background command's stdin is /dev/null unless redirected)
+codex=$!
+[ "$early" = 1 ] || wait "$codex"
 status=$?
+trap '' USR1
+if [ "$early" = 1 ]; then
+  # The host saw turn.completed: Codex is only closing down (its session files) and runs no
+  # more tools. Kill everything else and run the script while Codex exits. Pass after pass,
+  # until a pass finds no process it had not killed before: a killed process cannot fork,
+  # so a child it forked before the kill shows up in the next pass.
+  killed=" "
+  for _ in 1 2 3 4 5 6 7 8; do
+    left=0
+    for d in /proc/[0-9]*; do
+      p=${d#/proc/}
+      case " 1 $$ $codex$killed" in *" $p "*) continue ;; esac
+      kill -KILL "$p" 2>/dev/null
+      killed="$killed$p "
+      left=1
+    done
+    [ "$left" = 0 ] && break
+  done
+  if [ "$left" = 0 ]; then
+    /bin/bash -c "$after" openwham-after </dev/null >/dev/null 2>&1
+    wait "$codex"
+    exit $?
+  fi
+  wait "$codex"
+  status=$?
+fi
 kill -KILL -1 2>/dev/null  # every process left in the sandbox but this shell (and init)
 /bin/bash -c "$after" openwham-after </dev/null >/dev/null 2>&1
 exit $status
@@ -273,7 +303,9 @@ def launcher(
     exec'd; when it exits, every other process in the sandbox is killed first (the agent's
     leftovers cannot change the workspace under the script), the script runs with no
     stdin/stdout/stderr (it reports through files), and the launcher exits with Codex's
-    status."""
+    status. A ``SIGUSR1`` to the launcher (the host sends it on ``turn.completed``) starts the
+    script early: every process but Codex is killed and the script runs while Codex writes
+    its session files and exits (~20 ms saved per attempt)."""
     if not codex_argv:
         raise ValueError("empty Codex command")
     return [
@@ -475,6 +507,11 @@ class EventTranslator:
         with self._lock:
             entries = list(self._entries.values())
             return Worklog(messages=[e.message.model_copy(deep=True) for e in entries])
+
+    @property
+    def turn_completed(self) -> bool:
+        """Codex reported ``turn.completed``: it runs no more tools, only exits."""
+        return self._turn == "completed"
 
     @property
     def final_message(self) -> str | None:

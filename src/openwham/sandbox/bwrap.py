@@ -365,6 +365,14 @@ def _tail_append(buf: deque[bytes], size: list[int], data: bytes, cap: int) -> b
     return dropped
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 class SandboxProcess:
     """A running sandbox. Create with ``start``; always finish with ``wait`` or ``kill``."""
 
@@ -427,6 +435,27 @@ class SandboxProcess:
     @property
     def cgroup(self) -> cgroups.RunCgroup | None:
         return self._cgroup
+
+    def signal_command(self, signum: int) -> bool:
+        """Send ``signum`` to the sandbox's command only: pid 2 of its PID namespace, a child
+        of bwrap's init (the outer bwrap's child). False when it is gone."""
+        outer = self.pid
+        if outer is None or self._done.is_set():
+            return False
+        for init in _children(outer):
+            for pid in _children(init):
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        nspid = next((ln.split()[1:] for ln in f if ln.startswith("NSpid:")), [])
+                except OSError:
+                    continue
+                if nspid[-1:] == ["2"] and len(nspid) > 1:
+                    try:
+                        os.kill(pid, signum)
+                    except ProcessLookupError:
+                        return False
+                    return True
+        return False
 
     # -- the thread that owns the process (bwrap's parent-death signal is per thread) --
 
