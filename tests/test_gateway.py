@@ -732,3 +732,36 @@ def test_a_standby_token_is_handed_to_the_attempt_that_takes_it(
     assert not stack.gateway.reassign("turn-1", "turn-2")  # revoked
     stack.gateway.register_attempt(".standby-2", ttl_seconds=0)
     assert not stack.gateway.reassign(".standby-2", "turn-3")  # expired
+
+
+def test_a_held_token_waits_until_released_and_fails_once_dropped(
+    model: ScriptedModel, stacks: Callable[..., Stack]
+) -> None:
+    """A standby's agent may ask before the engine knows the standby fits: its requests wait
+    in the gateway (nothing reaches the model) until released, and get 401 if the standby
+    is dropped instead."""
+    stack = stacks(OpenAIUpstream("openai-compatible", model.url, REAL_KEY))
+    answers: dict[str, int] = {}
+
+    def ask(name: str, token: str) -> threading.Thread:
+        def run() -> None:
+            with stack.client(token) as client:
+                answers[name] = client.post("/responses", json=BODY).status_code
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    kept = stack.gateway.register_attempt(".standby-1")
+    dropped = stack.gateway.register_attempt(".standby-2")
+    assert stack.gateway.reassign(".standby-1", "turn-1", hold=True)
+    assert stack.gateway.reassign(".standby-2", "turn-2", hold=True)
+    threads = [ask("kept", kept), ask("dropped", dropped)]
+    time.sleep(0.3)
+    assert answers == {} and model.requests == []  # both wait, nothing went upstream
+    stack.gateway.release("turn-1")
+    stack.gateway.forget("turn-2")
+    for thread in threads:
+        thread.join(10)
+    assert answers == {"kept": 200, "dropped": 401}
+    assert len(model.requests) == 1 and stack.gateway.usage("turn-1").requests == 1

@@ -138,11 +138,30 @@ def test_a_standby_is_not_used_when_it_does_not_fit_the_task(
     # the branch moved: the standby's checkout is stale
     (repo / "app.py").write_text("VALUE = 10\n")
     git("commit", "-qam", "ten", cwd=repo)
+    # (the standby's agent got the prompt while the mirror was fetched, here made slow
+    # enough for the agent to ask the model: it is dropped, and nothing of it reaches the
+    # model or the work log)
+    mirrors = engine_of(standby_server).mirrors
+    fetch = mirrors.ensure
+
+    def slow_fetch(*args: Any, **kwargs: Any) -> Path:
+        time.sleep(1.5)
+        return fetch(*args, **kwargs)
+
+    scripted_model.requests.clear()
     scripted_model.script = [Shell("cat app.py"), Say("Looked.")]
-    moved = edit_task(standby_server, env["id"])
+    mirrors.ensure = slow_fetch  # type: ignore[method-assign]
+    try:
+        moved = edit_task(standby_server, env["id"])
+    finally:
+        mirrors.ensure = fetch  # type: ignore[method-assign]
     assert run_info(standby_server, moved["id"])["standby"] is False
     assert moved["base_commit_sha"] == git("rev-parse", "HEAD", cwd=repo).strip()
     assert "VALUE = 10" in str(moved["worklog"])
+    assert len(scripted_model.requests) == 2  # the cold attempt's two, no more
+    messages = moved["worklog"]["messages"]
+    assert [m["author"]["role"] for m in messages].count("user") == 1
+    assert sum("cat app.py" in str(m["content"]) for m in messages) == 1
 
     # a starting diff: Codex reads the repository's config before it could be applied
     wait_standby(standby_server)

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,34 @@ class Control:
 
 class _Stopped(Exception):
     pass
+
+
+OutputSink = Callable[[str, str], None]
+
+
+class _Gate:
+    """An output sink that holds lines back until :meth:`open` (then passes them on in
+    order, and every later line at once); lines of a gate never opened are dropped."""
+
+    def __init__(self, sink: OutputSink) -> None:
+        self._sink = sink
+        self._held: list[tuple[str, str]] = []
+        self._open = False
+        self._lock = threading.Lock()
+
+    def __call__(self, stream: str, line: str) -> None:
+        with self._lock:
+            if not self._open:
+                self._held.append((stream, line))
+                return
+        self._sink(stream, line)
+
+    def open(self) -> None:
+        with self._lock:  # the reader waits meanwhile: the order is kept
+            for stream, line in self._held:
+                self._sink(stream, line)
+            self._held.clear()
+            self._open = True
 
 
 @dataclass
@@ -302,13 +331,7 @@ class Engine:
 
         # workspace and sandbox: a standby's, or made now
         shutil.rmtree(attempt_dir, ignore_errors=True)
-        try:
-            mirror = self.mirrors.ensure(claim.repo_key, claim.repo_url)
-        except WorkspaceError as exc:
-            raise AttemptFailed("workspace_error", str(exc)) from exc
-        control.check()
         translator = codex.EventTranslator(prompt=claim.prompt)
-
         launched: list[SandboxProcess] = []
 
         def on_output(stream: str, line: str) -> None:
@@ -321,23 +344,45 @@ class Engine:
 
         run = dict(claim.body.get("run") or {})
 
-        def launch(prepared: Prepared, standby: bool) -> bool:
+        def launch(prepared: Prepared, standby: bool, sink: OutputSink) -> bool:
             launched[:] = [prepared.proc]
             run["standby"] = standby  # for operators: did the attempt skip the start-up?
             rec.set(base_commit_sha=prepared.base, run=run)
             control.attach(prepared.proc)
             self._apply(rec, translator.take_initial())
-            return prepared.proc.send(claim.prompt.encode("utf-8", "replace"), on_output)
+            return prepared.proc.send(claim.prompt.encode("utf-8", "replace"), sink)
 
-        prepared = self._take_standby(claim, mirror, attempt_dir)
-        if prepared is not None and not launch(prepared, True):  # the standby died meanwhile
+        # A standby's agent gets the prompt at once, while the mirror is fetched: its output
+        # is held back and its model requests wait in the gateway until the fetch shows the
+        # standby's checkout is still the branch head (the fetch ends long before Codex's
+        # first request). If the branch moved, the standby is dropped and the attempt starts
+        # cold; nothing of the standby's run is kept.
+        gate = _Gate(on_output)
+        prepared = self._take_standby(claim, attempt_dir)
+        if prepared is not None and not launch(prepared, True, gate):  # died meanwhile
             control.attach(None)
             self._drop_standby(prepared)
             prepared = None
             control.check()  # or was killed by a cancel
-        if prepared is None:
+        try:
+            mirror = self.mirrors.ensure(claim.repo_key, claim.repo_url)
+            fits = prepared is not None and branch_head(mirror, claim.branch) == prepared.base
+        except WorkspaceError as exc:
+            if prepared is not None:
+                control.attach(None)
+                self._drop_standby(prepared)
+            raise AttemptFailed("workspace_error", str(exc)) from exc
+        if prepared is not None and not fits:
+            control.attach(None)
+            self._drop_standby(prepared)
+            prepared = None
+        if prepared is not None:
+            self.gateway.release(claim.turn_id)
+            gate.open()
+        else:
+            control.check()
             prepared = self._prepare_cold(claim, mirror, attempt_dir, control)
-            launch(prepared, False)
+            launch(prepared, False, on_output)
         base, proc = prepared.base, prepared.proc
         try:
             result = self._wait(proc, rec, control)
@@ -452,16 +497,17 @@ class Engine:
         # a standby's token lives until the standby expires, then as long as an attempt
         return float(self.settings.standby_max_age_seconds) + self.limits.wall_clock_seconds
 
-    def _take_standby(self, claim: Claim, mirror: Path, attempt_dir: Path) -> Prepared | None:
-        """A standby for this attempt, moved to ``attempt_dir`` with its token handed over.
-        Not used with a starting diff: Codex reads the repository's config and AGENTS.md at
-        start-up, before the patch could be applied."""
+    def _take_standby(self, claim: Claim, attempt_dir: Path) -> Prepared | None:
+        """A standby for this attempt, moved to ``attempt_dir`` with its token handed over
+        and held (the caller checks the branch head, then releases it). Not used with a
+        starting diff: Codex reads the repository's config and AGENTS.md at start-up, before
+        the patch could be applied."""
         if claim.patch or self.gateway is None:
             return None
-        prepared = self.standby.take(claim.key, lambda: branch_head(mirror, claim.branch))
+        prepared = self.standby.take(claim.key)
         if prepared is None:
             return None
-        if not self.gateway.reassign(prepared.owner, claim.turn_id):
+        if not self.gateway.reassign(prepared.owner, claim.turn_id, hold=True):
             self._drop_standby(prepared)
             return None
         os.rename(prepared.dir, attempt_dir)

@@ -75,10 +75,11 @@ class StandbyPool:
         self._closed = threading.Event()
         self._pruner: threading.Thread | None = None
 
-    def take(self, key: AgentKey, head: Callable[[], str | None]) -> Prepared | None:
-        """The standby for ``key`` if it is alive, fresh, and at the branch head ``head()``
-        returns now; else ``None`` (a stale one is dropped in the background). A standby
-        being prepared for the key is waited for: it started earlier than a cold start would."""
+    def take(self, key: AgentKey) -> Prepared | None:
+        """The standby for ``key`` if it is alive and fresh, else ``None`` (a stale one is
+        dropped in the background); whether its checkout is still the branch head is the
+        caller's to check. A standby being prepared for the key is waited for: it started
+        earlier than a cold start would."""
         with self._lock:
             filling = self._filling.get(key)
         if filling is not None:
@@ -87,7 +88,7 @@ class StandbyPool:
             prepared = self._ready.pop(key, None)
         if prepared is None:
             return None
-        if self._usable(prepared) and prepared.base == head():
+        if self._usable(prepared):
             return prepared
         self._drop_later(prepared)
         return None

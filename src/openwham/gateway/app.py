@@ -84,6 +84,7 @@ _DROP_RESPONSE = HOP_BY_HOP | {
 
 DEFAULT_TOKEN_TTL_SECONDS = 6 * 3600.0
 RETAIN_SECONDS = 3600.0
+HOLD_POLL_SECONDS = 0.005  # a held request checks this often whether it may go on
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class _Attempt:
     usage: Usage = field(default_factory=Usage)
     last_error: str | None = None
     revoked_at: float | None = None
+    held: bool = False
 
     def active(self, now: float) -> bool:
         return self.revoked_at is None and now < self.expires_at
@@ -204,10 +206,14 @@ class Gateway:
             self._by_digest[record.digest] = record
         return token
 
-    def reassign(self, old_id: str, new_id: str, *, ttl_seconds: float | None = None) -> bool:
+    def reassign(
+        self, old_id: str, new_id: str, *, ttl_seconds: float | None = None, hold: bool = False
+    ) -> bool:
         """Hand a standby's token to the attempt that takes the standby: the same token now
         counts for ``new_id`` (usage starts at zero, validity from now). ``False`` if the old
-        token is unknown, revoked or expired."""
+        token is unknown, revoked or expired. With ``hold`` its requests wait (they are not
+        sent upstream) until :meth:`release`, or fail with 401 once it is revoked: the engine
+        starts a standby's agent before it has checked that the standby fits."""
         now = time.time()
         ttl = self.token_ttl_seconds if ttl_seconds is None else ttl_seconds
         with self._lock:
@@ -222,8 +228,16 @@ class Gateway:
             record.usage = Usage()
             record.last_error = None
             record.expires_at = now + ttl
+            record.held = hold
             self._by_attempt[new_id] = record
         return True
+
+    def release(self, attempt_id: str) -> None:
+        """Let a held attempt's requests (waiting ones too) through to the upstream."""
+        with self._lock:
+            record = self._by_attempt.get(attempt_id)
+            if record is not None:
+                record.held = False
 
     def revoke(self, attempt_id: str) -> None:
         """End the attempt's token (in-flight streams stop); usage stays readable."""
@@ -256,6 +270,16 @@ class Gateway:
             if now - ended > RETAIN_SECONDS:
                 del self._by_attempt[record.attempt_id]
                 self._by_digest.pop(record.digest, None)
+
+    async def _admitted(self, request: Request) -> _Attempt | None:
+        """The request's attempt once it is not held (``None``: refuse with 401)."""
+        record = self._authenticate(request)
+        while record is not None and record.held:
+            await anyio.sleep(HOLD_POLL_SECONDS)
+            with self._lock:
+                current = self._by_digest.get(record.digest)
+            record = current if current is record and record.active(time.time()) else None
+        return record
 
     def _authenticate(self, request: Request) -> _Attempt | None:
         header = request.headers.get("authorization", "")
@@ -343,13 +367,13 @@ class Gateway:
         )
 
     async def _models(self, request: Request) -> Response:
-        record = self._authenticate(request)
+        record = await self._admitted(request)
         if record is None:
             return self._unauthorized()
         return await self._forward(request, record, "models", body=None, meter=False)
 
     async def _responses(self, request: Request) -> Response:
-        record = self._authenticate(request)
+        record = await self._admitted(request)
         if record is None:
             return self._unauthorized()
         if request.headers.get("content-encoding", "identity").lower() != "identity":
