@@ -175,10 +175,13 @@ def traced_breakdown(trace: Path, runs: list[dict[str, Any]]) -> list[Row]:
             ("submit -> worker thread in run_turn", _between(_t(f("submit")), _t(f("run_turn")))),
             ("claim (conditional UPDATE + event, commit)", _dur(f("claim"))),
             ("title (UPDATE + event, commit)", _dur(f("title"))),
-            ("mirror fetch (git fetch --prune, under the file lock)", _dur(f("mirror_ensure"))),
             (
-                "standby taken (rename, token hand-over) -> prompt sent",
-                _between(_t(f("mirror_ensure"), "t1"), _t(f("prompt_sent"))),
+                "standby taken (rename, held token hand-over) -> prompt sent",
+                _between(_t(f("title") or f("claim"), "t1"), _t(f("prompt_sent"))),
+            ),
+            (
+                "mirror fetch (git fetch --prune; with a standby: after the prompt, overlapped)",
+                _dur(f("mirror_ensure")),
             ),
             ("cold start only: git clone --local --no-hardlinks", _dur(clone)),
             (
