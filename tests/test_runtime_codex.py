@@ -851,6 +851,7 @@ def test_launcher_runs_its_after_script_while_codex_exits_when_signalled(
         # (the mark is put together at run time: init's command line holds this script)
         f'm={mark[:5]}; bash -c "while :; do : $m{mark[5:]}; sleep 0.05; done" '
         "</dev/null >/dev/null 2>&1 &\n"
+        "grep SigIgn /proc/self/status > /workspace/sigign\n"
         "mkfifo /tmp/wait; exec 9<>/tmp/wait\n"
         'echo \'{"type":"turn.completed"}\'\n'
         # closing down takes a second, without a child process (those are killed)
@@ -881,4 +882,8 @@ def test_launcher_runs_its_after_script_while_codex_exits_when_signalled(
     assert (workspace.path / "after").read_text().strip() == ("early" if signalled else "late")
     assert (workspace.path / "codex-exited").exists()  # Codex was let finish either way
     assert mark not in (workspace.path / "procs").read_text()
+    # Codex runs as a background job, yet with SIGINT and SIGQUIT not ignored (its commands
+    # inherit that: a test suite's Ctrl-C handling must behave as on a terminal)
+    ignored = int((workspace.path / "sigign").read_text().split()[1], 16)
+    assert ignored & (1 << (signal.SIGINT - 1) | 1 << (signal.SIGQUIT - 1)) == 0
     assert host_pids(mark) == []

@@ -246,7 +246,9 @@ echo "@READY@" >&2
 if [ -z "$after" ]; then exec "$@"; fi
 early=0
 trap 'early=1' USR1
-"$@" <&0 &  # (a background command's stdin is /dev/null unless redirected)
+# In the background, bash would give Codex (and every command it runs) /dev/null as stdin
+# and SIGINT/SIGQUIT ignored: both put back.
+( trap - INT QUIT; exec "$@" ) <&0 &
 codex=$!
 [ "$early" = 1 ] || wait "$codex"
 status=$?
