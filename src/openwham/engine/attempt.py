@@ -357,11 +357,14 @@ class Engine:
         # standby's checkout is still the branch head (the fetch ends long before Codex's
         # first request). If the branch moved, the standby is dropped and the attempt starts
         # cold; nothing of the standby's run is kept.
+        def abandon(standby: Prepared) -> None:
+            control.attach(None)
+            self._drop_standby(standby)
+
         gate = _Gate(on_output)
         prepared = self._take_standby(claim, attempt_dir)
         if prepared is not None and not launch(prepared, True, gate):  # died meanwhile
-            control.attach(None)
-            self._drop_standby(prepared)
+            abandon(prepared)
             prepared = None
             control.check()  # or was killed by a cancel
         try:
@@ -369,12 +372,10 @@ class Engine:
             fits = prepared is not None and branch_head(mirror, claim.branch) == prepared.base
         except WorkspaceError as exc:
             if prepared is not None:
-                control.attach(None)
-                self._drop_standby(prepared)
+                abandon(prepared)
             raise AttemptFailed("workspace_error", str(exc)) from exc
         if prepared is not None and not fits:
-            control.attach(None)
-            self._drop_standby(prepared)
+            abandon(prepared)
             prepared = None
         if prepared is not None:
             self.gateway.release(claim.turn_id)
