@@ -79,6 +79,7 @@ def run_openwham_task(
     if not stream_at_once and not event.wait(120):
         raise RuntimeError(f"run {run}: no model request within 120 s; see {srv.log_path}")
     frames, t_end = srv.stream(task_id, turn_id)
+    end_wall = wall0 + (t_end - t0)
     status = h.final_status(frames)
     if status != "completed":
         raise RuntimeError(f"run {run}: task ended {status}; server log: {srv.log_path}")
@@ -94,6 +95,7 @@ def run_openwham_task(
         "requests": len(arrivals),
         "wall": t_end - t0,
         "wall0": wall0,
+        "end_wall": end_wall,
         "first_request_wall": first[1] if first else None,
         "arrivals_wall": clock.arrivals_wall.get(run, []),
         "marks": h.stream_summary(frames),
@@ -213,12 +215,26 @@ def after_breakdown(trace: Path, runs: list[dict[str, Any]]) -> list[Row]:
         recs = turns.get(r["turn"], [])
         exit_ = _first(recs, "sandbox_exit")
         gws = [x for x in recs if x["name"] == "gateway_request"]
+        completed = _first(recs, "turn_completed_line")
+        written = _first(recs, "result_written")
+        finish = _first(recs, "recorder_finish")
+        last = _t(gws[-1]) if gws else None
         rows: list[Row] = [
+            ("last model request -> Codex's turn.completed line", _between(last, _t(completed))),
             (
-                "last model request -> sandbox gone (Codex's exit, the diff in the same sandbox)",
-                _between(_t(gws[-1]) if gws else None, _t(exit_)),
+                "turn.completed -> diff written (launcher: kill the rest, git add -A, diff)",
+                _between(_t(completed), _t(written)),
             ),
-            ("finish (final UPDATE + terminal event)", _dur(_first(recs, "recorder_finish"))),
+            (
+                "diff written -> finish starts (read diff, stats, title)",
+                _between(_t(written), _t(finish)),
+            ),
+            ("finish (final UPDATE + terminal event)", _dur(finish)),
+            (
+                "finish -> terminal event at the client (SSE)",
+                _between(_t(finish, "t1"), r["end_wall"]),
+            ),
+            ("(off the path) last model request -> sandbox gone", _between(last, _t(exit_))),
         ]
         for name, value in rows:
             cols.setdefault(name, []).append(value)

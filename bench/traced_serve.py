@@ -115,6 +115,10 @@ def install() -> None:
                 if not seen.get(stream):
                     seen[stream] = True
                     emit(f"sandbox_first_{stream}", time.time(), turn=turn[0], line=line[:120])
+                if stream == "stdout" and '"turn.completed"' in line:
+                    emit("turn_completed_line", time.time(), turn=turn[0])
+                elif stream == "stderr" and line == getattr(codex, "WRITTEN_MARKER", None):
+                    emit("result_written", time.time(), turn=turn[0])
                 if on_output is not None:
                     on_output(stream, line)
 
@@ -133,18 +137,12 @@ def install() -> None:
             return send(stdin, hooked(on_output))
 
         setattr(proc, "send", traced_send)  # noqa: B010
-        wait = proc.wait
-        done = [False]
 
-        def traced_wait(*args: Any, **kwargs: Any) -> Any:
-            result = wait(*args, **kwargs)
-            if not done[0]:
-                done[0] = True
-                duration = getattr(result, "duration", None)
-                emit("sandbox_exit", time.time(), turn=turn[0], duration=duration)
-            return result
+        def on_exit() -> None:
+            result = proc.wait()
+            emit("sandbox_exit", time.time(), turn=turn[0], duration=result.duration)
 
-        setattr(proc, "wait", traced_wait)  # noqa: B010
+        threading.Thread(target=on_exit, daemon=True).start()
         return proc
 
     setattr(bwrap, "start", traced_start)  # noqa: B010

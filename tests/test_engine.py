@@ -221,8 +221,12 @@ def test_a_task_runs_to_completed_with_diff_work_log_and_events(
         usage = row.body["run"]["usage"]
     assert usage["requests"] == usage["responses"] == 4
     assert usage["input_tokens"] == 400 and usage["output_tokens"] == 80
-    # the workspace is gone; the attempt's Codex home stays for follow-ups
+    # the workspace goes once Codex has closed down (the attempt completes as soon as its
+    # result is in, meanwhile); the attempt's Codex home stays for follow-ups
     attempt_dir = any_engine_server.app_state.settings.resolved_data_dir / "attempts" / turn_id
+    deadline = time.monotonic() + 10
+    while (attempt_dir / "workspace").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert not (attempt_dir / "workspace").exists() and (attempt_dir / "codex-home").is_dir()
 
 

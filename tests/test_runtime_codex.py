@@ -36,6 +36,7 @@ from openwham.runtimes.codex import (
     SANDBOX_FORWARDER,
     SANDBOX_GATEWAY_SOCKET,
     TOKEN_ENV,
+    WRITTEN_MARKER,
     EventTranslator,
     Outcome,
     StatusUpdate,
@@ -870,9 +871,13 @@ def test_launcher_runs_its_after_script_while_codex_exits_when_signalled(
     procs: list[bwrap.SandboxProcess] = []
     sent: list[bool] = []
 
+    written: list[bool] = []  # WRITTEN_MARKER seen: had Codex exited by then?
+
     def on_output(stream: str, line: str) -> None:
         if signalled and stream == "stdout" and "turn.completed" in line:
             sent.append(procs[0].signal_command(signal.SIGUSR1))
+        if stream == "stderr" and line == WRITTEN_MARKER:
+            written.append((workspace.path / "codex-exited").exists())
 
     argv = launcher(["/bin/bash", "-c", fake_codex], after=after)
     procs.append(bwrap.start(spec, argv, on_output=on_output))
@@ -880,6 +885,8 @@ def test_launcher_runs_its_after_script_while_codex_exits_when_signalled(
     assert sent == ([True] if signalled else [])
     assert result.exit_code == 3, result
     assert (workspace.path / "after").read_text().strip() == ("early" if signalled else "late")
+    # the launcher says when the script's result is in: while Codex closes down, if signalled
+    assert written == [not signalled]
     assert (workspace.path / "codex-exited").exists()  # Codex was let finish either way
     assert mark not in (workspace.path / "procs").read_text()
     # Codex runs as a background job, yet with SIGINT and SIGQUIT not ignored (its commands

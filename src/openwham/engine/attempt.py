@@ -62,6 +62,7 @@ CANCELLED = "Cancelled"
 STATUS_POLL_SECONDS = 1.0
 HEARTBEAT_POLL_SECONDS = 0.5
 STANDBY_READY_SECONDS = 30.0
+CLOSE_SECONDS = 10.0  # how long Codex may take to close down after its result is in
 
 
 class AttemptFailed(Exception):
@@ -334,8 +335,17 @@ class Engine:
         translator = codex.EventTranslator(prompt=claim.prompt)
         launched: list[SandboxProcess] = []
 
+        # Set when the sandbox has ended, or when the launcher's diff is written after
+        # Codex's turn.completed: the result is then final and the attempt finishes while
+        # Codex still closes down (its session files) and the sandbox is torn down.
+        wake = threading.Event()
+        written = threading.Event()
+
         def on_output(stream: str, line: str) -> None:
             if stream != "stdout":
+                if line == codex.WRITTEN_MARKER and translator.turn_completed:
+                    written.set()
+                    wake.set()
                 return
             self._apply(rec, translator.feed(line))
             if launched and translator.turn_completed and not claim.qa_mode:
@@ -385,20 +395,41 @@ class Engine:
             prepared = self._prepare_cold(claim, mirror, attempt_dir, control)
             launch(prepared, False, on_output)
         base, proc = prepared.base, prepared.proc
+        proc.notify_on_exit(wake)
         try:
-            result = self._wait(proc, rec, control)
+            result = self._wait(proc, rec, control, wake, written)
+            return self._result(claim, rec, control, translator, result, base, attempt_dir, run)
         finally:
             control.attach(None)
-            if proc.poll() is None:  # only when _wait itself failed
+            if proc.poll() is None and written.is_set():  # Codex is closing down
+                with contextlib.suppress(TimeoutError):
+                    proc.wait(timeout=CLOSE_SECONDS)
+            if proc.poll() is None:
                 proc.kill("attempt ended")
+
+    def _result(
+        self,
+        claim: Claim,
+        rec: TurnRecorder,
+        control: Control,
+        translator: codex.EventTranslator,
+        result: bwrap.SandboxResult | None,
+        base: str,
+        attempt_dir: Path,
+        run: dict[str, Any],
+    ) -> str:
+        """Finish the attempt from what Codex reported and the diff the launcher wrote
+        (``result`` is ``None`` when the sandbox is still closing down after both)."""
+        assert self.gateway is not None
         self.gateway.revoke(claim.turn_id)
         usage = self.gateway.usage(claim.turn_id)
         rec.set(run={**run, "usage": dataclasses.asdict(usage)})
+        killed_reason = result.killed_reason if result is not None else None
         outcome = translator.finish(
-            result.exit_code,
-            killed_reason=result.killed_reason,
+            result.exit_code if result is not None else None,
+            killed_reason=killed_reason,
             upstream_error=self.gateway.last_error(claim.turn_id),
-            stderr=result.stderr,
+            stderr=_without(result.stderr, codex.WRITTEN_MARKER) if result is not None else "",
         )
         self._apply(rec, list(outcome.updates))
         control.check()
@@ -421,8 +452,8 @@ class Engine:
                 }
             )
         if not claim.qa_mode:
-            try:  # written by the launcher's `after` script once Codex had exited
-                diff = diffs.read_result(attempt_dir / "out", killed_reason=result.killed_reason)
+            try:  # written by the launcher's `after` script (codex.WRITTEN_MARKER)
+                diff = diffs.read_result(attempt_dir / "out", killed_reason=killed_reason)
             except DiffError as exc:
                 raise AttemptFailed("diff_error", str(exc)) from exc
             if diff.text:
@@ -538,15 +569,23 @@ class Engine:
         shutil.rmtree(prepared.dir, ignore_errors=True)
 
     def _wait(
-        self, proc: SandboxProcess, rec: TurnRecorder, control: Control
-    ) -> bwrap.SandboxResult:
-        """Wait for the sandbox while keeping the turn alive and watching for a cancel made
-        by another process (this process's cancels arrive through ``control``)."""
+        self,
+        proc: SandboxProcess,
+        rec: TurnRecorder,
+        control: Control,
+        wake: threading.Event,
+        written: threading.Event,
+    ) -> bwrap.SandboxResult | None:
+        """Wait for the sandbox to end, or for its result to be written (``None``), while
+        watching for a cancel made by another process (this process's cancels arrive through
+        ``control``). ``wake`` is set on either."""
         while True:
-            try:
-                return proc.wait(timeout=STATUS_POLL_SECONDS)
-            except TimeoutError:
-                pass
+            wake.wait(STATUS_POLL_SECONDS)
+            result = proc.poll()
+            if result is not None:
+                return result
+            if written.is_set():
+                return None
             if rec.gone or self._cancelled_elsewhere(rec.turn_id):
                 control.cancel("cancelled")
 
@@ -675,6 +714,11 @@ def _settle_index(workspace: Path) -> None:
             SandboxSpec(workspace=workspace, limits=_SETTLE_LIMITS),
             ["git", "-c", "core.hooksPath=/dev/null", "update-index", "-q", "--refresh"],
         )
+
+
+def _without(text: str, line: str) -> str:
+    """``text`` without the lines equal to ``line``."""
+    return "\n".join(x for x in text.split("\n") if x != line)
 
 
 def _remove_orphaned_standbys(root: Path) -> None:

@@ -231,6 +231,10 @@ READY_MARKER = "openwham: sandbox ready"
 """What the launcher prints on stderr once the forwarder is up, just before it execs Codex
 (the sandbox's binds are in place by then; ``bwrap.start(ready_marker=…)`` swallows it)."""
 
+WRITTEN_MARKER = "openwham: after-script done"
+"""What the launcher prints on stderr once its ``after`` script has ended (possibly while
+Codex is still closing down): the engine may read the script's result from then on."""
+
 _LAUNCHER = """\
 set -u
 python=$1 forwarder=$2 listen=$3 socket=$4 timeout=$5 after=$6
@@ -272,6 +276,7 @@ if [ "$early" = 1 ]; then
   done
   if [ "$left" = 0 ]; then
     /bin/bash -c "$after" openwham-after </dev/null >/dev/null 2>&1
+    echo "@WRITTEN@" >&2
     wait "$codex"
     exit $?
   fi
@@ -280,8 +285,14 @@ if [ "$early" = 1 ]; then
 fi
 kill -KILL -1 2>/dev/null  # every process left in the sandbox but this shell (and init)
 /bin/bash -c "$after" openwham-after </dev/null >/dev/null 2>&1
+echo "@WRITTEN@" >&2
 exit $status
-""".replace("@FAILED@", str(LAUNCHER_FAILED)).replace("@READY@", READY_MARKER)
+"""
+_LAUNCHER = (
+    _LAUNCHER.replace("@FAILED@", str(LAUNCHER_FAILED))
+    .replace("@READY@", READY_MARKER)
+    .replace("@WRITTEN@", WRITTEN_MARKER)
+)
 
 
 def launcher(
@@ -307,7 +318,8 @@ def launcher(
     stdin/stdout/stderr (it reports through files), and the launcher exits with Codex's
     status. A ``SIGUSR1`` to the launcher (the host sends it on ``turn.completed``) starts the
     script early: every process but Codex is killed and the script runs while Codex writes
-    its session files and exits (~20 ms saved per attempt)."""
+    its session files and exits (~20 ms saved per attempt). Either way the launcher prints
+    :data:`WRITTEN_MARKER` on stderr when the script has ended."""
     if not codex_argv:
         raise ValueError("empty Codex command")
     return [

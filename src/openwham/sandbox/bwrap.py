@@ -407,6 +407,7 @@ class SandboxProcess:
         self._lock = threading.Lock()
         self._started = threading.Event()
         self._done = threading.Event()
+        self._exit_events: list[threading.Event] = []
         self._start_error: BaseException | None = None
         self._popen: subprocess.Popen[bytes] | None = None
         self._reaped = False
@@ -512,7 +513,10 @@ class SandboxProcess:
             self._supervise(popen, pidfd)
         finally:
             os.close(pidfd)
-            self._done.set()
+            with self._lock:
+                self._done.set()
+                for event in self._exit_events:
+                    event.set()
 
     def _supervise(self, popen: subprocess.Popen[bytes], pidfd: int) -> None:
         lim = self.spec.limits
@@ -656,6 +660,15 @@ class SandboxProcess:
         if not self._done.is_set():
             self._kill(reason)
         return self.wait()
+
+    def notify_on_exit(self, event: threading.Event) -> None:
+        """Set ``event`` when the run has ended (at once if it has): a caller can wait for
+        the end or for something else with one ``event.wait``."""
+        with self._lock:
+            if self._done.is_set():
+                event.set()
+            else:
+                self._exit_events.append(event)
 
     def poll(self) -> SandboxResult | None:
         """The result if the run has ended, else ``None``."""
