@@ -273,6 +273,35 @@ def test_stream_resumes_after_last_event_id_and_filters_item_types(
 # =========================================================================== modes and options
 
 
+def test_the_diff_is_computed_anew_when_the_agent_went_on_after_its_last_response(
+    engine_server: Server,
+    scripted_model: ScriptedModel,
+    calc_repo: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The launcher's diff starts when a turn-ending response goes through the gateway. Codex
+    asks the model again only after a tool call, so the case where it went on anyway cannot
+    be produced with the real binary: the gateway is made to report it. The attempt then
+    waits for the sandbox to end and computes the diff in a sandbox of its own."""
+    runner = engine_server.app_state.runner
+    assert runner is not None and runner.engine is not None
+    assert runner.engine.gateway is not None
+    monkeypatch.setattr(runner.engine.gateway, "continued_after_final", lambda attempt: True)
+    scripted_model.script = fix_script()
+    api = engine_server.api
+    env = api.create_env(calc_repo)
+    created = api.create_task(env["id"], "Please fix the failing test.")
+    with caplog.at_level("WARNING", logger="openwham.engine.attempt"):
+        details = wait_for_task(api, created["task"]["id"])
+    turn = details["current_assistant_turn"]
+    assert turn["turn_status"] == "completed", turn["error"]
+    assert "went on after its diff" in caplog.text
+    diff = turn["output_items"][1]["output_diff"]["diff"]
+    assert "-    return a - b\n+    return a + b" in diff
+    assert "rename from README.md\nrename to README.rst" in diff and "GIT binary patch" in diff
+
+
 def test_ask_mode_answers_without_a_diff(
     engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
 ) -> None:

@@ -765,3 +765,49 @@ def test_a_held_token_waits_until_released_and_fails_once_dropped(
         thread.join(10)
     assert answers == {"kept": 200, "dropped": 401}
     assert len(model.requests) == 1 and stack.gateway.usage("turn-1").requests == 1
+
+
+def test_a_turn_ending_response_calls_the_hook_before_its_last_bytes(
+    model: ScriptedModel, stacks: Callable[..., Stack]
+) -> None:
+    """The engine starts the diff when the agent's last model response goes through: one
+    with a message and no tool call. The hook runs before the agent has that response's
+    ``response.completed``; a request after it shows as ``continued_after_final``."""
+    stack = stacks(OpenAIUpstream("openai-compatible", model.url, REAL_KEY))
+    token = stack.gateway.register_attempt("turn-1")
+    fired: list[float] = []
+    stack.gateway.on_final_response("turn-1", lambda: fired.append(time.monotonic()))
+
+    def ask() -> tuple[list[str], float]:
+        """The response's event types, and when its response.completed arrived."""
+        kinds, completed_at = [], 0.0
+        body = {**BODY, "tools": [{"type": "function", "name": "shell", "parameters": {}}]}
+        with (
+            stack.client(token) as client,
+            client.stream("POST", "/responses", json=body) as response,
+        ):
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    kinds.append(json.loads(line[6:])["type"])
+                    if kinds[-1] == "response.completed":
+                        completed_at = time.monotonic()
+        return kinds, completed_at
+
+    model.script = [Shell("ls")]  # a tool call: the turn goes on
+    kinds, _ = ask()
+    assert kinds[-1] == "response.completed" and fired == []
+    assert not stack.gateway.continued_after_final("turn-1")
+    model.script = [Say("All done.")]
+    _, completed_at = ask()
+    assert len(fired) == 1 and fired[0] <= completed_at
+    assert not stack.gateway.continued_after_final("turn-1")
+    ask()  # the agent asked again after all (and got another final answer)
+    assert stack.gateway.continued_after_final("turn-1") and len(fired) == 2
+    # a token handed to another attempt starts without the hook and the marks
+    standby = stack.gateway.register_attempt(".standby-1")
+    stack.gateway.on_final_response(".standby-1", lambda: fired.append(0.0))
+    assert stack.gateway.reassign(".standby-1", "turn-2")
+    token = standby
+    ask()
+    assert len(fired) == 2  # the standby's hook went with the hand-over
+    assert not stack.gateway.continued_after_final("turn-2")

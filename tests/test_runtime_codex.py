@@ -843,10 +843,10 @@ def test_launcher_reports_a_forwarder_that_does_not_start(workspace: Workspace) 
 def test_launcher_runs_its_after_script_while_codex_exits_when_signalled(
     workspace: Workspace, signalled: bool
 ) -> None:
-    """With ``after``, the host's SIGUSR1 (sent on turn.completed) makes the launcher kill
-    every other process and run the script while Codex is still closing down; without it
-    the script runs once Codex has exited. Either way the leftovers are gone before the
-    script runs and the launcher exits with Codex's status."""
+    """With ``after``, the host's SIGUSR1 (sent at the agent's last model response) makes
+    the launcher kill every other process but the forwarder and run the script while Codex
+    is still closing down; without it the script runs once Codex has exited. Either way the
+    leftovers are gone before the script runs and the launcher exits with Codex's status."""
     mark = f"leftover-{uuid.uuid4().hex[:12]}"
     fake_codex = (
         # (the mark is put together at run time: init's command line holds this script)
@@ -888,7 +888,10 @@ def test_launcher_runs_its_after_script_while_codex_exits_when_signalled(
     # the launcher says when the script's result is in: while Codex closes down, if signalled
     assert written == [not signalled]
     assert (workspace.path / "codex-exited").exists()  # Codex was let finish either way
-    assert mark not in (workspace.path / "procs").read_text()
+    procs_seen = (workspace.path / "procs").read_text()
+    assert mark not in procs_seen
+    # signalled, the forwarder is spared (should Codex ask the model again, it gets through)
+    assert (f"-I {SANDBOX_FORWARDER} --listen" in procs_seen) == signalled
     # Codex runs as a background job, yet with SIGINT and SIGQUIT not ignored (its commands
     # inherit that: a test suite's Ctrl-C handling must behave as on a terminal)
     ignored = int((workspace.path / "sigign").read_text().split()[1], 16)

@@ -186,7 +186,8 @@ class ScriptedModel:
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": 120,
         }
-        yield _sse({"type": "response.completed", "response": {"id": rid, "usage": usage}})
+        response = {"id": rid, "status": "completed", "output": [item], "usage": usage}
+        yield _sse({"type": "response.completed", "response": response})
 
     def start(self) -> ScriptedModel:
         # IPPROTO_TCP spelled out: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose

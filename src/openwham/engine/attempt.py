@@ -335,27 +335,48 @@ class Engine:
         translator = codex.EventTranslator(prompt=claim.prompt)
         launched: list[SandboxProcess] = []
 
-        # Set when the sandbox has ended, or when the launcher's diff is written after
-        # Codex's turn.completed: the result is then final and the attempt finishes while
-        # Codex still closes down (its session files) and the sandbox is torn down.
-        wake = threading.Event()
-        written = threading.Event()
+        # The diff starts as soon as the agent's last model response goes through the
+        # gateway (or, failing that, on turn.completed): the launcher kills every process
+        # but Codex and runs it while Codex finishes its turn (codex.launcher, `after`).
+        # Once it is written and Codex reported turn.completed without asking the model
+        # again, the result is final: the attempt finishes (``ready``) while Codex closes
+        # down and the sandbox is torn down. ``wake`` is set on that or on the sandbox's end.
+        gateway = self.gateway
+        wake, written, ready = threading.Event(), threading.Event(), threading.Event()
+
+        def early_diff() -> None:
+            try:
+                proc = launched.pop()
+            except IndexError:  # signalled already
+                return
+            proc.signal_command(signal.SIGUSR1)
+
+        def check_ready() -> None:
+            if (
+                written.is_set()
+                and translator.turn_completed
+                and not gateway.continued_after_final(claim.turn_id)
+            ):
+                ready.set()
+                wake.set()
 
         def on_output(stream: str, line: str) -> None:
             if stream != "stdout":
-                if line == codex.WRITTEN_MARKER and translator.turn_completed:
+                if line == codex.WRITTEN_MARKER:
                     written.set()
-                    wake.set()
+                    check_ready()
                 return
             self._apply(rec, translator.feed(line))
-            if launched and translator.turn_completed and not claim.qa_mode:
-                # the launcher starts the diff while Codex exits (codex.launcher, `after`)
-                launched.pop().signal_command(signal.SIGUSR1)
+            if translator.turn_completed and not claim.qa_mode:
+                early_diff()
+                check_ready()
 
         run = dict(claim.body.get("run") or {})
 
         def launch(prepared: Prepared, standby: bool, sink: OutputSink) -> bool:
             launched[:] = [prepared.proc]
+            if not claim.qa_mode:
+                gateway.on_final_response(claim.turn_id, early_diff)
             run["standby"] = standby  # for operators: did the attempt skip the start-up?
             rec.set(base_commit_sha=prepared.base, run=run)
             control.attach(prepared.proc)
@@ -397,11 +418,11 @@ class Engine:
         base, proc = prepared.base, prepared.proc
         proc.notify_on_exit(wake)
         try:
-            result = self._wait(proc, rec, control, wake, written)
+            result = self._wait(proc, rec, control, wake, ready)
             return self._result(claim, rec, control, translator, result, base, attempt_dir, run)
         finally:
             control.attach(None)
-            if proc.poll() is None and written.is_set():  # Codex is closing down
+            if proc.poll() is None and ready.is_set():  # Codex is closing down
                 with contextlib.suppress(TimeoutError):
                     proc.wait(timeout=CLOSE_SECONDS)
             if proc.poll() is None:
@@ -452,8 +473,16 @@ class Engine:
                 }
             )
         if not claim.qa_mode:
-            try:  # written by the launcher's `after` script (codex.WRITTEN_MARKER)
-                diff = diffs.read_result(attempt_dir / "out", killed_reason=killed_reason)
+            try:
+                if self.gateway.continued_after_final(claim.turn_id):
+                    # the launcher's diff started at a response that did not end the turn
+                    # after all; the sandbox has ended since, so compute it anew
+                    log.warning("attempt %s: the agent went on after its diff", claim.turn_id)
+                    diff = diffs.workspace_diff(
+                        attempt_dir / "workspace", base, scratch=attempt_dir
+                    )
+                else:  # written by the launcher's `after` script (codex.WRITTEN_MARKER)
+                    diff = diffs.read_result(attempt_dir / "out", killed_reason=killed_reason)
             except DiffError as exc:
                 raise AttemptFailed("diff_error", str(exc)) from exc
             if diff.text:
@@ -574,17 +603,17 @@ class Engine:
         rec: TurnRecorder,
         control: Control,
         wake: threading.Event,
-        written: threading.Event,
+        ready: threading.Event,
     ) -> bwrap.SandboxResult | None:
-        """Wait for the sandbox to end, or for its result to be written (``None``), while
-        watching for a cancel made by another process (this process's cancels arrive through
-        ``control``). ``wake`` is set on either."""
+        """Wait for the sandbox to end, or for the attempt's result to be ``ready`` (then
+        ``None``), while watching for a cancel made by another process (this process's
+        cancels arrive through ``control``). ``wake`` is set on either."""
         while True:
             wake.wait(STATUS_POLL_SECONDS)
             result = proc.poll()
             if result is not None:
                 return result
-            if written.is_set():
+            if ready.is_set():
                 return None
             if rec.gone or self._cancelled_elsewhere(rec.turn_id):
                 control.cancel("cancelled")

@@ -17,7 +17,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -124,6 +124,9 @@ class _Attempt:
     last_error: str | None = None
     revoked_at: float | None = None
     held: bool = False
+    on_final: Callable[[], None] | None = None
+    final_seen: bool = False  # a response that ends the agent's turn went through
+    continued: bool = False  # ... and yet another request came after it
 
     def active(self, now: float) -> bool:
         return self.revoked_at is None and now < self.expires_at
@@ -229,8 +232,36 @@ class Gateway:
             record.last_error = None
             record.expires_at = now + ttl
             record.held = hold
+            record.on_final, record.final_seen, record.continued = None, False, False
             self._by_attempt[new_id] = record
         return True
+
+    def on_final_response(self, attempt_id: str, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` (on the gateway's loop: keep it quick) when a response that ends
+        the agent's turn passes through: a completed response whose output is only messages
+        and reasoning, no tool call. It fires before the agent has the response's last
+        bytes; the engine starts the attempt's diff then. An agent that sends yet another
+        request afterwards shows in :meth:`continued_after_final`."""
+        with self._lock:
+            record = self._by_attempt.get(attempt_id)
+            if record is not None:
+                record.on_final = callback
+
+    def continued_after_final(self, attempt_id: str) -> bool:
+        """Whether the attempt sent a model request after a turn-ending response."""
+        with self._lock:
+            record = self._by_attempt.get(attempt_id)
+            return record is not None and record.continued
+
+    def _final_response(self, record: _Attempt) -> None:
+        with self._lock:
+            record.final_seen = True
+            callback = record.on_final
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                log.exception("model gateway, attempt %s: final-response hook", record.attempt_id)
 
     def release(self, attempt_id: str) -> None:
         """Let a held attempt's requests (waiting ones too) through to the upstream."""
@@ -325,6 +356,8 @@ class Gateway:
                     f"({usage.total_tokens} used)"
                 )
             record.usage = replace(usage, requests=usage.requests + 1)
+            if record.final_seen:
+                record.continued = True
         return None
 
     # ------------------------------------------------------------------ serving
@@ -541,15 +574,27 @@ class _Passthrough(Response):
         content_type = upstream.headers.get("content-type", "")
         self.sse = meter and content_type.startswith("text/event-stream")
         self.parser: SSEParser | JSONBody | None = None
+        self.item_types: list[str] = []  # of the response's output items, as they are done
         if self.sse:
-            self.parser = SSEParser(self._on_terminal)
+            self.parser = SSEParser(self._on_event, extra=(_ITEM_DONE,))
         elif meter and "json" in content_type:
             self.parser = JSONBody(self._on_json)
 
-    def _on_terminal(self, event: dict[str, Any]) -> None:
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("type") == _ITEM_DONE:
+            item = event.get("item")
+            self.item_types.append(str(item.get("type")) if isinstance(item, dict) else "")
+            return
         response = event.get("response")
         if not isinstance(response, dict):
             return
+        if event.get("type") == "response.completed":
+            output = response.get("output")
+            types = list(self.item_types)
+            if isinstance(output, list):
+                types += [str(x.get("type")) if isinstance(x, dict) else "" for x in output]
+            if "message" in types and set(types) <= _FINAL_ITEM_TYPES:
+                self.gateway._final_response(self.record)
         numbers = usage_numbers(response.get("usage"))
         if numbers is not None:
             self.gateway._add_usage(self.record, numbers)
@@ -621,6 +666,12 @@ class _Passthrough(Response):
                 "response.completed",
             )
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+_ITEM_DONE = "response.output_item.done"
+# A completed response with only these output items (and a message among them) ends the
+# agent's turn: Codex asks for more only after a tool call.
+_FINAL_ITEM_TYPES = frozenset({"message", "reasoning"})
 
 
 def _failed_frame(message: str) -> bytes:

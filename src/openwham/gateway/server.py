@@ -143,7 +143,9 @@ class GatewayServer:
 
         def run() -> None:
             try:
-                asyncio.run(server.serve(sockets=[sock]))
+                # uvicorn's choice of loop (uvloop when installed), as `wham serve` gets it
+                with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+                    runner.run(server.serve(sockets=[sock]))
             except BaseException as exc:  # reported by start() / stop()
                 self._error = exc
             finally:

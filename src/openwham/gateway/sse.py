@@ -3,7 +3,8 @@
 The gateway forwards every chunk as it arrives; :class:`StreamMeter` looks at the same bytes
 on the side. For a Responses SSE stream it splits events (``data:`` lines up to a blank line,
 any of the three SSE line endings, across chunk boundaries) and hands the terminal events
-(``response.completed``, ``response.incomplete``, ``response.failed``) to a callback. For a
+(``response.completed``, ``response.incomplete``, ``response.failed``), and any ``extra``
+event types asked for, to a callback. For a
 non-streaming JSON answer (``stream: false``) it keeps the body (bounded) and reports it whole.
 """
 
@@ -14,9 +15,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-# Events whose ``response`` object carries usage or an error; only these are decoded.
+# Events whose ``response`` object carries usage or an error; only these (and the ``extra``
+# events a parser is asked for) are decoded.
 TERMINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
-_TERMINAL_MARKERS = tuple(f'"{name}"'.encode() for name in TERMINAL_EVENTS)
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 EventHandler = Callable[[dict[str, Any]], None]
@@ -25,8 +26,16 @@ EventHandler = Callable[[dict[str, Any]], None]
 class SSEParser:
     """Splits an SSE byte stream into events and passes the interesting ones on."""
 
-    def __init__(self, on_event: EventHandler, *, max_event_bytes: int = 32 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        on_event: EventHandler,
+        *,
+        extra: tuple[str, ...] = (),
+        max_event_bytes: int = 32 * 1024 * 1024,
+    ) -> None:
         self._on_event = on_event
+        self._types = frozenset(TERMINAL_EVENTS + extra)
+        self._markers = tuple(f'"{name}"'.encode() for name in self._types)
         self._max = max_event_bytes
         self._buffer = bytearray()
         self._scanned = 0
@@ -90,14 +99,15 @@ class SSEParser:
         self._data = []
         self._size = 0
         self._oversized = False
-        if not data or not any(marker in data for marker in _TERMINAL_MARKERS):
+        if not data or not any(marker in data for marker in self._markers):
             return
         try:
             event = json.loads(data)
         except ValueError:
             return
-        if isinstance(event, dict) and event.get("type") in TERMINAL_EVENTS:
-            self.terminal_seen = str(event["type"])
+        if isinstance(event, dict) and event.get("type") in self._types:
+            if event["type"] in TERMINAL_EVENTS:
+                self.terminal_seen = str(event["type"])
             self._on_event(event)
 
 

@@ -241,6 +241,7 @@ python=$1 forwarder=$2 listen=$3 socket=$4 timeout=$5 after=$6
 shift 6
 log=/tmp/.openwham-forwarder.log
 exec 3< <(exec "$python" -I "$forwarder" --listen "$listen" --unix "$socket" </dev/null 2>"$log")
+fwd_pid=$!
 if ! read -r -t "$timeout" line <&3 || [ "${line%% *}" != ready ]; then
   echo "openwham: the model gateway forwarder did not start: $(tail -c 2000 "$log" 2>/dev/null)" >&2
   exit @FAILED@
@@ -258,16 +259,18 @@ codex=$!
 status=$?
 trap '' USR1
 if [ "$early" = 1 ]; then
-  # The host saw turn.completed: Codex is only closing down (its session files) and runs no
-  # more tools. Kill everything else and run the script while Codex exits. Pass after pass,
-  # until a pass finds no process it had not killed before: a killed process cannot fork,
-  # so a child it forked before the kill shows up in the next pass.
+  # The host saw the agent's last model response (or turn.completed): Codex runs no more
+  # tools, only closes down (its session files). Kill everything else but the forwarder
+  # (should Codex ask the model again after all, it still gets through; the host then
+  # computes the diff anew) and run the script while Codex exits. Pass after pass, until a
+  # pass finds no process it had not killed before: a killed process cannot fork, so a
+  # child it forked before the kill shows up in the next pass.
   killed=" "
   for _ in 1 2 3 4 5 6 7 8; do
     left=0
     for d in /proc/[0-9]*; do
       p=${d#/proc/}
-      case " 1 $$ $codex$killed" in *" $p "*) continue ;; esac
+      case " 1 $$ $codex $fwd_pid$killed" in *" $p "*) continue ;; esac
       kill -KILL "$p" 2>/dev/null
       killed="$killed$p "
       left=1
@@ -316,10 +319,12 @@ def launcher(
     exec'd; when it exits, every other process in the sandbox is killed first (the agent's
     leftovers cannot change the workspace under the script), the script runs with no
     stdin/stdout/stderr (it reports through files), and the launcher exits with Codex's
-    status. A ``SIGUSR1`` to the launcher (the host sends it on ``turn.completed``) starts the
-    script early: every process but Codex is killed and the script runs while Codex writes
-    its session files and exits (~20 ms saved per attempt). Either way the launcher prints
-    :data:`WRITTEN_MARKER` on stderr when the script has ended."""
+    status. A ``SIGUSR1`` to the launcher (the host sends it when the agent's last model
+    response goes through the gateway, or on ``turn.completed``) starts the script early:
+    every process but Codex and the forwarder is killed and the script runs while Codex
+    finishes its turn, writes its session files and exits (~40 ms saved per attempt).
+    Either way the launcher prints :data:`WRITTEN_MARKER` on stderr when the script has
+    ended."""
     if not codex_argv:
         raise ValueError("empty Codex command")
     return [

@@ -88,17 +88,16 @@ def _authorize(state: AppState, request: Request, task_id: str, turn_id: str) ->
         tasks.get_turn_row(s, task, turn_id)
 
 
-def _read(
-    state: AppState, turn_id: str, after: int
-) -> tuple[list[Event], str | None, bool, dict[str, Any]]:
-    """New events, the turn's status, whether a terminal event exists at or before ``after``."""
+def _read(state: AppState, turn_id: str, after: int) -> tuple[list[Event], str | None, bool]:
+    """New events, the turn's status, whether a terminal event exists at or before ``after``.
+    (Not the turn's body: it holds the whole work log, and this runs on every event.)"""
     with state.db.sessions() as s:
         batch = events.read(s, turn_id, after=after)
-        turn = s.get(m.Turn, turn_id)
-        if turn is None:
-            return batch, None, True, {}
+        status = s.scalar(select(m.Turn.turn_status).where(m.Turn.id == turn_id))
+        if status is None:
+            return batch, None, True
         ended_before = False
-        if not batch and turn.turn_status in events.TERMINAL_STATUSES:
+        if not batch and status in events.TERMINAL_STATUSES:
             last_status = s.scalar(
                 select(func.max(m.TurnEvent.id)).where(
                     m.TurnEvent.turn_id == turn_id,
@@ -111,7 +110,13 @@ def _read(
                 ended_before = bool(
                     row and row.payload.get("turn_status") in events.TERMINAL_STATUSES
                 )
-        return batch, turn.turn_status, ended_before, dict(turn.body)
+        return batch, status, ended_before
+
+
+def _body(state: AppState, turn_id: str) -> dict[str, Any]:
+    with state.db.sessions() as s:
+        body = s.scalar(select(m.Turn.body).where(m.Turn.id == turn_id))
+    return dict(body or {})
 
 
 async def _frames(
@@ -122,7 +127,7 @@ async def _frames(
         last = after
         grace: float | None = None
         while True:
-            batch, status, ended_before, body = await anyio.to_thread.run_sync(
+            batch, status, ended_before = await anyio.to_thread.run_sync(
                 _read, state, turn_id, last
             )
             for event in batch:
@@ -140,6 +145,7 @@ async def _frames(
                 now = anyio.current_time()
                 grace = grace if grace is not None else now + TERMINAL_GRACE_SECONDS
                 if now >= grace:
+                    body = await anyio.to_thread.run_sync(_body, state, turn_id)
                     yield _synthetic_end(turn_id, status, body)
                     return
                 await sub.wait(0.25)
