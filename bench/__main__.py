@@ -176,11 +176,11 @@ def traced_breakdown(trace: Path, runs: list[dict[str, Any]]) -> list[Row]:
             ),
             ("submit -> worker thread in run_turn", _between(_t(f("submit")), _t(f("run_turn")))),
             ("claim (conditional UPDATE + event, commit)", _dur(f("claim"))),
-            ("title (UPDATE + event, commit)", _dur(f("title"))),
             (
                 "standby taken (rename, held token hand-over) -> prompt sent",
-                _between(_t(f("title") or f("claim"), "t1"), _t(f("prompt_sent"))),
+                _between(_t(f("claim"), "t1"), _t(f("prompt_sent"))),
             ),
+            ("title (UPDATE + event, commit; after the prompt)", _dur(f("title"))),
             (
                 "mirror fetch (git fetch --prune; with a standby: after the prompt, overlapped)",
                 _dur(f("mirror_ensure")),

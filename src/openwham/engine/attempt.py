@@ -151,6 +151,7 @@ class Claim:
     custom_instructions: str | None
     needs_title: bool
     tries: int
+    titled: bool = False
 
     @property
     def key(self) -> AgentKey:
@@ -227,13 +228,17 @@ class Engine:
         try:
             return self._run(claim, rec, control, attempt_dir)
         except _Stopped:
+            self._ensure_title(claim)
             return self._stopped(claim, rec, control)
         except AttemptFailed as exc:
+            self._ensure_title(claim)
             return rec.finish(
                 "failed", text=FAILED, error={"code": exc.code, "message": exc.message}
             )
         except Exception as exc:  # a bug or a host problem: fail the attempt, keep serving
             log.exception("attempt %s failed unexpectedly", turn_id)
+            with contextlib.suppress(Exception):
+                self._ensure_title(claim)
             message = f"openwham could not run this attempt: {type(exc).__name__}: {exc}"
             return rec.finish(
                 "failed", text=FAILED, error={"code": "internal_error", "message": message[:2000]}
@@ -318,8 +323,6 @@ class Engine:
     # ------------------------------------------------------------------ running
 
     def _run(self, claim: Claim, rec: TurnRecorder, control: Control, attempt_dir: Path) -> str:
-        if claim.needs_title:
-            self._generate_title(claim)
         if self.gateway is None or self.gateway_socket is None or self.gateway_problem:
             raise AttemptFailed(
                 "model_config_error",
@@ -398,6 +401,7 @@ class Engine:
             abandon(prepared)
             prepared = None
             control.check()  # or was killed by a cancel
+        self._ensure_title(claim)  # with a standby: while its agent starts on the prompt
         try:
             mirror = self.mirrors.ensure(claim.repo_key, claim.repo_url)
             fits = prepared is not None and branch_head(mirror, claim.branch) == prepared.base
@@ -651,6 +655,13 @@ class Engine:
                 "commit_message": title,
             },
         }
+
+    def _ensure_title(self, claim: Claim) -> None:
+        """The task's title from the prompt, once: before the attempt's terminal event (a
+        stream ends there) and, with a standby, after its agent has the prompt."""
+        if claim.needs_title and not claim.titled:
+            claim.titled = True
+            self._generate_title(claim)
 
     def _generate_title(self, claim: Claim) -> None:
         title = generate_title(claim.prompt)
