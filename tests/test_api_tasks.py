@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from conftest import Api, Server, finish_turn
 
 TASK_ID = re.compile(r"^task_e_[0-9a-f]{32}$")
@@ -122,6 +124,24 @@ def test_keyset_pagination_is_stable(server: Server, repo: Path) -> None:
             break
     assert seen == list(reversed(ids))
     assert pages == 3
+
+
+@pytest.mark.parametrize("status", ["failed", "cancelled"])
+def test_a_follow_up_needs_a_completed_attempt(server: Server, repo: Path, status: str) -> None:
+    """A failed or cancelled attempt left no tree and no finished conversation to continue."""
+    api = server.api
+    env = api.create_env(repo)
+    created = api.create_task(env["id"])
+    finish_turn(server, created["turn"]["id"], status)
+    body = {
+        "follow_up": {"task_id": created["task"]["id"], "turn_id": created["turn"]["id"]},
+        "input_items": [{"type": "message", "role": "user", "content": ["again"]}],
+    }
+    before = api.get(f"tasks/{created['task']['id']}/turns").json()
+    r = api.post("tasks", json=body)
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"].startswith(f"Turn {status}: it left no result to continue from")
+    assert api.get(f"tasks/{created['task']['id']}/turns").json() == before  # nothing created
 
 
 def test_follow_up_creates_turns_after_chosen_attempt(server: Server, repo: Path) -> None:

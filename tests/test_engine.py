@@ -302,6 +302,91 @@ def test_the_diff_is_computed_anew_when_the_agent_went_on_after_its_last_respons
     assert "rename from README.md\nrename to README.rst" in diff and "GIT binary patch" in diff
 
 
+def follow_up(api: Api, task_id: str, turn_id: str, prompt: str, **spec: Any) -> dict[str, Any]:
+    body = {
+        "follow_up": {"task_id": task_id, "turn_id": turn_id, **spec},
+        "input_items": [
+            {
+                "type": "message",
+                "role": "user",
+                "content": [{"content_type": "text", "text": prompt}],
+            }
+        ],
+    }
+    r = api.post("tasks", json=body)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def test_follow_ups_continue_the_conversation_and_the_tree(
+    engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    """A follow-up resumes the chosen attempt's Codex session (the model sees the whole
+    conversation) in a workspace holding that attempt's change on the task's original base
+    (even when the branch moved since); its diff is against that base, so it shows the
+    whole change. An Ask-mode follow-up changes nothing: the next one starts from the tree
+    the Ask attempt had."""
+    api = engine_server.api
+    env = api.create_env(calc_repo)
+    scripted_model.script = fix_script()
+    created = api.create_task(env["id"], "Please fix the failing test.")
+    task_id = created["task"]["id"]
+    first = wait_for_task(api, task_id)["current_assistant_turn"]
+    assert first["turn_status"] == "completed", first["error"]
+    base = first["base_commit_sha"]
+    (calc_repo / "LATER.md").write_text("pushed after the task started\n")
+    git("add", "LATER.md", cwd=calc_repo)
+    git("commit", "-q", "-m", "later", cwd=calc_repo)
+
+    # 1. a code follow-up: the script index counts the tool outputs in the request, and the
+    # resumed conversation brings the first attempt's three
+    skip = [Say("(not reached)")] * 3
+    scripted_model.requests.clear()
+    scripted_model.script = [
+        *skip,
+        Shell(
+            "cat NOTES.md; test -e old.txt || echo no-old.txt; test -e LATER.md || echo no-later"
+        ),
+        Patch(
+            "*** Begin Patch\n*** Update File: NOTES.md\n@@\n Fixed add().\n+Then more.\n"
+            "*** End Patch"
+        ),
+        Say("Added a line to the notes."),
+    ]
+    out = follow_up(api, task_id, first["id"], "Now add a second line to NOTES.md.")
+    second = wait_for_task(api, task_id)["current_assistant_turn"]
+    assert second["id"] == out["turn"]["id"] and second["turn_status"] == "completed", second
+    history = json.dumps(scripted_model.requests[0]["input"])
+    assert "Please fix the failing test." in history and json.dumps(ANSWER)[1:-1] in history
+    assert "Now add a second line to NOTES.md." in history
+    _, shown = commands(second)[0]
+    text = shown["content"]["parts"][0]
+    assert "Fixed add()." in text and "no-old.txt" in text and "no-later" in text
+    assert second["base_commit_sha"] == base
+    diff = second["output_items"][1]["output_diff"]["diff"]
+    assert "-    return a - b\n+    return a + b" in diff  # the first attempt's change too
+    assert "+Fixed add().\n+Then more." in diff and "rename to README.rst" in diff
+    assert "LATER.md" not in diff
+
+    # 2. an Ask-mode follow-up of it: an answer, no diff
+    scripted_model.script = [*skip, Say("(no)"), Say("(no)"), Shell("cat NOTES.md"), Say("Two.")]
+    follow_up(api, task_id, second["id"], "How many lines?", run_environment_in_qa_mode=True)
+    third = wait_for_task(api, task_id)["current_assistant_turn"]
+    assert third["turn_status"] == "completed", third["error"]
+    assert [i["type"] for i in third["output_items"]] == ["message"]
+
+    # 3. a code follow-up of the Ask attempt starts from the tree it had
+    scripted_model.script = [*skip, *[Say("(no)")] * 3, Shell("cat NOTES.md"), Say("Same.")]
+    follow_up(api, task_id, third["id"], "Show the notes again.")
+    fourth = wait_for_task(api, task_id)["current_assistant_turn"]
+    assert fourth["turn_status"] == "completed", fourth["error"]
+    ((_, shown),) = commands(fourth)
+    assert "Fixed add().\nThen more." in shown["content"]["parts"][0]
+    assert fourth["output_items"][1]["output_diff"]["diff"] == diff
+    details = api.get(f"tasks/{task_id}").json()
+    assert details["task"]["denormalized_metadata"]["num_follow_ups"] == 3
+
+
 def test_ask_mode_answers_without_a_diff(
     engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
 ) -> None:

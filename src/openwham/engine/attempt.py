@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -39,6 +40,7 @@ from openwham.sandbox.workspace import (
     apply_patch,
     branch_head,
     create_workspace,
+    reset_to,
 )
 from openwham.service.diffs import diff_stats
 from openwham.store import events
@@ -63,6 +65,7 @@ STATUS_POLL_SECONDS = 1.0
 HEARTBEAT_POLL_SECONDS = 0.5
 STANDBY_READY_SECONDS = 30.0
 CLOSE_SECONDS = 10.0  # how long Codex may take to close down after its result is in
+CLOSED_MARKER = "closed"  # in the attempt's directory once its sandbox is gone
 
 
 class AttemptFailed(Exception):
@@ -133,6 +136,16 @@ class _Gate:
             self._open = True
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a follow-up continues: the previous attempt's Codex conversation and tree."""
+
+    previous_turn_id: str
+    thread_id: str
+    base: str  # the task's original base commit: the follow-up's diff is against it too
+    tree: str | None  # the previous attempt's whole change against ``base`` (None: none)
+
+
 @dataclass
 class Claim:
     """What an attempt needs, read when it is claimed."""
@@ -151,6 +164,7 @@ class Claim:
     custom_instructions: str | None
     needs_title: bool
     tries: int
+    resume: Resume | str | None = None  # a follow-up's starting point (str: why there is none)
     titled: bool = False
 
     @property
@@ -286,6 +300,11 @@ class Engine:
                 events.status_payload(SETTING_UP, "in_progress"),
             )
             prompt, patch = _inputs(user_turn)
+            resume = (
+                _resume_point(s, user_turn.parent_id)
+                if user_turn is not None and user_turn.parent_id
+                else None
+            )
             env_body = dict(body.get("environment") or {})
             repos = list(env_body.get("repos") or [])
             env = s.get(m.Environment, task.environment_id) if task.environment_id else None
@@ -316,6 +335,7 @@ class Engine:
                 custom_instructions=instructions if isinstance(instructions, str) else None,
                 needs_title=needs_title,
                 tries=tries,
+                resume=resume,
             )
         self.bus.publish(turn_id)
         return claim
@@ -332,6 +352,8 @@ class Engine:
             raise AttemptFailed("environment_error", "The environment has no repository")
         if not claim.prompt.strip():
             raise AttemptFailed("invalid_input", "The task has no prompt")
+        if isinstance(claim.resume, str):
+            raise AttemptFailed("follow_up_error", claim.resume)
 
         # workspace and sandbox: a standby's, or made now
         shutil.rmtree(attempt_dir, ignore_errors=True)
@@ -431,6 +453,8 @@ class Engine:
                     proc.wait(timeout=CLOSE_SECONDS)
             if proc.poll() is None:
                 proc.kill("attempt ended")
+            with contextlib.suppress(OSError):  # a follow-up may copy its Codex home now
+                (attempt_dir / CLOSED_MARKER).touch()
 
     def _result(
         self,
@@ -448,7 +472,8 @@ class Engine:
         assert self.gateway is not None
         self.gateway.revoke(claim.turn_id)
         usage = self.gateway.usage(claim.turn_id)
-        rec.set(run={**run, "usage": dataclasses.asdict(usage)})
+        # the thread id: a follow-up resumes this conversation (codex.resume_argv)
+        rec.set(run={**run, "usage": dataclasses.asdict(usage), "thread_id": translator.thread_id})
         killed_reason = result.killed_reason if result is not None else None
         outcome = translator.finish(
             result.exit_code if result is not None else None,
@@ -499,24 +524,36 @@ class Engine:
     ) -> Prepared:
         attempt_dir.mkdir(parents=True, mode=0o700)
         workspace = attempt_dir / "workspace"
+        resume = claim.resume if isinstance(claim.resume, Resume) else None
         try:
             base = create_workspace(mirror, workspace, claim.branch, claim.repo_url)
+            if resume is not None:  # the previous attempt's tree, on the task's base
+                reset_to(workspace, resume.base)
+                base = resume.base
+                if resume.tree:
+                    apply_patch(workspace, resume.tree, what="The previous attempt's change")
         except WorkspaceError as exc:
             raise AttemptFailed("workspace_error", str(exc)) from exc
-        if claim.patch:
+        if claim.patch and resume is None:
             try:
                 apply_patch(workspace, claim.patch)
             except WorkspaceError as exc:
                 raise AttemptFailed("failed_to_apply_patch_error", str(exc)) from exc
         control.check()
-        return self._start_agent(claim.key, attempt_dir, base, owner=claim.turn_id)
+        return self._start_agent(claim.key, attempt_dir, base, owner=claim.turn_id, resume=resume)
 
-    def _start_agent(self, key: AgentKey, directory: Path, base: str, *, owner: str) -> Prepared:
+    def _start_agent(
+        self, key: AgentKey, directory: Path, base: str, *, owner: str, resume: Resume | None = None
+    ) -> Prepared:
         """Start Codex in a held sandbox on ``directory/workspace``: it does its start-up
-        work and waits for the prompt on stdin (:meth:`SandboxProcess.send`)."""
+        work and waits for the prompt on stdin (:meth:`SandboxProcess.send`). A follow-up's
+        Codex resumes the previous attempt's conversation from a copy of its Codex home."""
         assert self.gateway is not None and self.gateway_socket is not None
         codex_home = directory / "codex-home"
-        codex_home.mkdir(mode=0o700)
+        if resume is None:
+            codex_home.mkdir(mode=0o700)
+        else:
+            self._copy_codex_home(resume.previous_turn_id, codex_home)
         rw_binds = {codex_home: codex.SANDBOX_CODEX_HOME}
         after = ""
         if not key.qa_mode:  # the diff, computed in this sandbox after Codex exits
@@ -531,6 +568,7 @@ class Engine:
             custom_instructions=key.custom_instructions,
         )
         for name, text in files.items():
+            (codex_home / name).unlink(missing_ok=True)  # never through an agent's symlink
             (codex_home / name).write_text(text)
         token = self.gateway.register_attempt(
             owner, model=key.model, ttl_seconds=self._token_ttl(owner)
@@ -548,13 +586,52 @@ class Engine:
             network=False,
             limits=self.limits,
         )
-        argv = codex.launcher(codex.exec_argv(qa_mode=key.qa_mode), after=after)
+        agent = (
+            codex.exec_argv(qa_mode=key.qa_mode)
+            if resume is None
+            else codex.resume_argv(
+                resume.thread_id,
+                qa_mode=key.qa_mode,
+                custom_instructions=key.custom_instructions,
+            )
+        )
+        argv = codex.launcher(agent, after=after)
         try:
             proc = bwrap.start(spec, argv, hold=True, ready_marker=codex.READY_MARKER)
         except BaseException:
             self.gateway.forget(owner)
             raise
         return Prepared(dir=directory, base=base, proc=proc, owner=owner)
+
+    def _copy_codex_home(self, previous_turn_id: str, dest: Path) -> None:
+        """Copy the previous attempt's Codex home (its session files) once that attempt's
+        sandbox is gone. The agent wrote there: links are copied as links, anything but
+        files and directories is left out (a FIFO would block the copy)."""
+        source = self.attempts_root / previous_turn_id / "codex-home"
+        closed = self.attempts_root / previous_turn_id / CLOSED_MARKER
+        deadline = time.monotonic() + CLOSE_SECONDS + 5
+        while not closed.exists() and source.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not source.is_dir():
+            raise AttemptFailed(
+                "follow_up_error",
+                "The previous attempt's Codex session is gone (its task data was deleted?): "
+                "start a new task instead",
+            )
+
+        def special(directory: str, names: list[str]) -> set[str]:
+            return {
+                n
+                for n in names
+                if not (
+                    stat.S_ISREG(mode := os.lstat(os.path.join(directory, n)).st_mode)
+                    or stat.S_ISDIR(mode)
+                    or stat.S_ISLNK(mode)
+                )
+            }
+
+        shutil.copytree(source, dest, symlinks=True, ignore=special)
+        os.chmod(dest, 0o700)
 
     def _token_ttl(self, owner: str) -> float | None:
         if not owner.startswith(_STANDBY_PREFIX):
@@ -567,7 +644,7 @@ class Engine:
         and held (the caller checks the branch head, then releases it). Not used with a
         starting diff: Codex reads the repository's config and AGENTS.md at start-up, before
         the patch could be applied."""
-        if claim.patch or self.gateway is None:
+        if claim.patch or claim.resume is not None or self.gateway is None:
             return None
         prepared = self.standby.take(claim.key)
         if prepared is None:
@@ -797,6 +874,40 @@ def requeue(s: Session, turn: m.Turn, note: str, *, tries: int | None = None) ->
     events.append(
         s, turn.task_id, turn.id, events.TASK_TURN_EVENT, events.status_payload(WAITING, "pending")
     )
+
+
+def _resume_point(s: Session, previous_turn_id: str) -> Resume | str:
+    """Where a follow-up of ``previous_turn_id`` starts, or why it cannot. Its tree is the
+    previous attempt's diff (each attempt's diff is against the task's original base, so it
+    holds the whole change); an Ask-mode attempt changed nothing, so its tree is the one it
+    started from."""
+    previous = s.get(m.Turn, previous_turn_id)
+    if previous is None or previous.turn_status != "completed":
+        return "The attempt this follow-up continues did not complete"
+    thread_id = (previous.body.get("run") or {}).get("thread_id")
+    base = previous.body.get("base_commit_sha")
+    if not isinstance(thread_id, str) or not thread_id or not isinstance(base, str):
+        return "The attempt this follow-up continues kept no Codex session to resume"
+    tree: str | None = None
+    turn: m.Turn | None = previous
+    for _ in range(10_000):  # the chain of follow-ups, newest first
+        if turn is None:
+            break
+        tree = _diff_of(turn)
+        if tree or not (turn.body.get("run") or {}).get("qa_mode"):
+            break
+        user = s.get(m.Turn, turn.parent_id) if turn.parent_id else None
+        turn = s.get(m.Turn, user.parent_id) if user is not None and user.parent_id else None
+    return Resume(previous.id, thread_id, base, tree)
+
+
+def _diff_of(turn: m.Turn) -> str | None:
+    for item in turn.body.get("output_items") or []:
+        if isinstance(item, dict) and item.get("type") == "pr":
+            diff = (item.get("output_diff") or {}).get("diff")
+            if isinstance(diff, str) and diff:
+                return diff
+    return None
 
 
 def _inputs(user_turn: m.Turn | None) -> tuple[str, str | None]:

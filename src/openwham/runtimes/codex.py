@@ -24,6 +24,7 @@ under ``/tmp``: Codex 0.169.0 then refuses its helper binaries.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import threading
 import time
@@ -225,6 +226,35 @@ def exec_argv(
         argv += ["--profile", ASK_PROFILE]
     argv.append("-")
     return argv
+
+
+def resume_argv(
+    thread_id: str,
+    *,
+    qa_mode: bool = False,
+    custom_instructions: str | None = None,
+    executable: str = SANDBOX_CODEX_BIN,
+) -> list[str]:
+    """``codex exec resume --json … <thread id> -``: a follow-up continues the previous
+    attempt's conversation (its session files are in the new attempt's CODEX_HOME), the new
+    prompt on stdin. ``resume`` has neither ``-C`` (the sandbox starts in the workspace) nor
+    ``--profile``: Ask mode's instructions come as a ``-c`` override instead."""
+    if not re.fullmatch(r"[0-9A-Za-z-]{8,64}", thread_id):
+        raise ValueError(f"not a Codex thread id: {thread_id!r}")
+    argv = [
+        executable,
+        "exec",
+        "resume",
+        "--json",
+        "--strict-config",
+        "--skip-git-repo-check",
+        "--dangerously-bypass-approvals-and-sandbox",
+    ]
+    if qa_mode:
+        custom = (custom_instructions or "").strip()
+        ask = f"{custom}\n\n{ASK_MODE_INSTRUCTIONS}" if custom else ASK_MODE_INSTRUCTIONS
+        argv += ["-c", f"developer_instructions={_toml_string(ask)}"]
+    return [*argv, thread_id, "-"]
 
 
 READY_MARKER = "openwham: sandbox ready"

@@ -128,13 +128,25 @@ def create_workspace(mirror: Path, dest: Path, branch: str, origin_url: str) -> 
     return git("rev-parse", "HEAD", cwd=dest).strip()
 
 
-def apply_patch(dest: Path, diff: str) -> None:
-    """Apply a ``pre_apply_patch``; a patch that does not apply says where it failed."""
+def reset_to(dest: Path, sha: str) -> None:
+    """Point a fresh workspace's branch at ``sha`` (a follow-up starts from the task's
+    original base commit, wherever the branch is now)."""
+    try:
+        git("reset", "--quiet", "--hard", f"{sha}^{{commit}}", cwd=dest)
+    except WorkspaceError as exc:
+        raise WorkspaceError(
+            f"The task's base commit {sha[:12]} is no longer in the repository"
+        ) from exc
+
+
+def apply_patch(
+    dest: Path, diff: str, *, what: str = "The starting diff (pre_apply_patch)"
+) -> None:
+    """Apply a ``pre_apply_patch`` (or a follow-up's starting tree, ``what`` names it); a
+    patch that does not apply says where it failed."""
     try:
         git("apply", "--whitespace=nowarn", "--check", "-", cwd=dest, input=diff)
     except WorkspaceError as exc:
         detail = str(exc).removeprefix("git apply failed: ")
-        raise WorkspaceError(
-            f"The starting diff (pre_apply_patch) does not apply: {detail}"
-        ) from exc
+        raise WorkspaceError(f"{what} does not apply: {detail}") from exc
     git("apply", "--whitespace=nowarn", "-", cwd=dest, input=diff)

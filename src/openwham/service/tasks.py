@@ -399,6 +399,11 @@ def _follow_up_target(
         raise Conflict(
             f"Turn is still {turn.turn_status}; wait until it finishes or cancel it first"
         )
+    if turn.turn_status != "completed":
+        raise Conflict(
+            f"Turn {turn.turn_status}: it left no result to continue from; follow up on a "
+            "completed attempt"
+        )
     return task, turn
 
 
