@@ -137,8 +137,19 @@ class Api:
     def create_task(
         self, env_id: str, prompt: str = "Fix the failing test", **extra: Any
     ) -> dict[str, Any]:
+        """``POST tasks`` with ``new_task`` (``extra``: more top-level keys)."""
+        new_task = {"environment_id": env_id, **extra.pop("new_task", {})}
+        return self._create({"new_task": new_task}, prompt, extra)
+
+    def follow_up(self, task_id: str, turn_id: str, prompt: str, **spec: Any) -> dict[str, Any]:
+        """``POST tasks`` with ``follow_up`` (``spec``: more ``follow_up`` keys)."""
+        return self._create(
+            {"follow_up": {"task_id": task_id, "turn_id": turn_id, **spec}}, prompt, {}
+        )
+
+    def _create(self, mode: dict[str, Any], prompt: str, extra: dict[str, Any]) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "new_task": {"environment_id": env_id, **extra.pop("new_task", {})},
+            **mode,
             "input_items": [
                 {
                     "type": "message",

@@ -302,22 +302,6 @@ def test_the_diff_is_computed_anew_when_the_agent_went_on_after_its_last_respons
     assert "rename from README.md\nrename to README.rst" in diff and "GIT binary patch" in diff
 
 
-def follow_up(api: Api, task_id: str, turn_id: str, prompt: str, **spec: Any) -> dict[str, Any]:
-    body = {
-        "follow_up": {"task_id": task_id, "turn_id": turn_id, **spec},
-        "input_items": [
-            {
-                "type": "message",
-                "role": "user",
-                "content": [{"content_type": "text", "text": prompt}],
-            }
-        ],
-    }
-    r = api.post("tasks", json=body)
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
 def test_follow_ups_continue_the_conversation_and_the_tree(
     engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
 ) -> None:
@@ -353,7 +337,7 @@ def test_follow_ups_continue_the_conversation_and_the_tree(
         ),
         Say("Added a line to the notes."),
     ]
-    out = follow_up(api, task_id, first["id"], "Now add a second line to NOTES.md.")
+    out = api.follow_up(task_id, first["id"], "Now add a second line to NOTES.md.")
     second = wait_for_task(api, task_id)["current_assistant_turn"]
     assert second["id"] == out["turn"]["id"] and second["turn_status"] == "completed", second
     history = json.dumps(scripted_model.requests[0]["input"])
@@ -370,14 +354,14 @@ def test_follow_ups_continue_the_conversation_and_the_tree(
 
     # 2. an Ask-mode follow-up of it: an answer, no diff
     scripted_model.script = [*skip, Say("(no)"), Say("(no)"), Shell("cat NOTES.md"), Say("Two.")]
-    follow_up(api, task_id, second["id"], "How many lines?", run_environment_in_qa_mode=True)
+    api.follow_up(task_id, second["id"], "How many lines?", run_environment_in_qa_mode=True)
     third = wait_for_task(api, task_id)["current_assistant_turn"]
     assert third["turn_status"] == "completed", third["error"]
     assert [i["type"] for i in third["output_items"]] == ["message"]
 
     # 3. a code follow-up of the Ask attempt starts from the tree it had
     scripted_model.script = [*skip, *[Say("(no)")] * 3, Shell("cat NOTES.md"), Say("Same.")]
-    follow_up(api, task_id, third["id"], "Show the notes again.")
+    api.follow_up(task_id, third["id"], "Show the notes again.")
     fourth = wait_for_task(api, task_id)["current_assistant_turn"]
     assert fourth["turn_status"] == "completed", fourth["error"]
     ((_, shown),) = commands(fourth)
