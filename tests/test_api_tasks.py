@@ -187,3 +187,39 @@ def test_follow_up_creates_turns_after_chosen_attempt(server: Server, repo: Path
     finish_turn(server, out["turn"]["id"])
     alias = dict(body, follow_up={"task_id": task_id, "previous_turn_id": out["turn"]["id"]})
     assert api.post("tasks", json=alias).status_code == 200
+
+
+def test_discard_sets_an_attempt_aside_and_undo_brings_the_siblings_back(
+    server: Server, repo: Path
+) -> None:
+    api = server.api
+    env = api.create_env(repo)
+    created = api.create_task(env["id"], metadata={"best_of_n": 3})
+    task_id, first = created["task"]["id"], created["turn"]["id"]
+    siblings = created["turn"]["sibling_turn_ids"]
+
+    r = api.post(f"tasks/{task_id}/turns/{first}/discard")
+    assert r.status_code == 409 and "cancel it before discarding" in r.json()["detail"]
+    r = api.post(f"tasks/{task_id}/turns/{created['user_turn']['id']}/discard")
+    assert r.status_code == 400
+    assert api.post(f"tasks/{task_id}/turns/nope/discard").status_code == 404
+    assert api.get(f"tasks/{task_id}").json()["current_assistant_turn"]["discarded"] is False
+
+    for turn_id in [first, *siblings]:
+        finish_turn(server, turn_id)
+    assert api.post(f"tasks/{task_id}/turns/{first}/discard").json() == {"success": True}
+    details = api.get(f"tasks/{task_id}").json()
+    # the current attempt moved to the first sibling still kept
+    assert details["task"]["current_turn_id"] == siblings[0]
+    assert api.get(f"tasks/{task_id}/turns/{first}").json()["turn"]["discarded"] is True
+    api.post(f"tasks/{task_id}/turns/{siblings[1]}/discard")
+    kept = api.get(f"tasks/{task_id}/turns/{siblings[0]}/sibling_turns").json()["sibling_turns"]
+    assert sorted((t["id"], t["discarded"]) for t in kept) == sorted(
+        [(first, True), (siblings[1], True)]
+    )
+
+    r = api.post(f"tasks/{task_id}/turns/{siblings[0]}/undo_all_discards_for_siblings")
+    assert r.json() == {"success": True}
+    turns = [api.get(f"tasks/{task_id}/turns/{t}").json()["turn"] for t in [first, *siblings]]
+    assert [t["discarded"] for t in turns] == [False, False, False]
+    assert api.get(f"tasks/{task_id}").json()["task"]["current_turn_id"] == siblings[0]

@@ -840,6 +840,51 @@ def mark_viewed(db: Session, principal: Principal, task_id: str, turn_id: str) -
     db.flush()
 
 
+def discard(db: Session, principal: Principal, task_id: str, turn_id: str) -> None:
+    """Set an attempt aside (``discarded``; a client hides it among its siblings). If it was
+    the task's current attempt, the first sibling still kept becomes current."""
+    task = get_task_row(db, principal, task_id)
+    turn = get_turn_row(db, task, turn_id)
+    if turn.role != "assistant":
+        raise BadRequest("Only an attempt (an assistant turn) can be discarded")
+    if turn.turn_status in ACTIVE:
+        raise Conflict(f"Turn is still {turn.turn_status}; cancel it before discarding it")
+    turn.discarded = True
+    if task.current_turn_id == turn.id:
+        kept = db.scalars(
+            select(m.Turn)
+            .where(
+                m.Turn.parent_id == turn.parent_id,
+                m.Turn.role == "assistant",
+                m.Turn.discarded.is_(False),
+                m.Turn.id != turn.id,
+            )
+            .order_by(m.Turn.attempt_placement)
+        ).first()
+        if kept is not None:
+            task.current_turn_id = kept.id
+    db.flush()
+
+
+def undo_discards(db: Session, principal: Principal, task_id: str, turn_id: str) -> None:
+    """Bring back every discarded attempt among ``turn_id`` and its siblings (the task's
+    current attempt stays as it is)."""
+    task = get_task_row(db, principal, task_id)
+    turn = get_turn_row(db, task, turn_id)
+    if turn.role != "assistant":
+        raise BadRequest("undo_all_discards_for_siblings takes an attempt (an assistant turn)")
+    db.execute(
+        update(m.Turn)
+        .where(
+            m.Turn.task_id == task.id,
+            m.Turn.parent_id == turn.parent_id,
+            m.Turn.role == "assistant",
+        )
+        .values(discarded=False)
+    )
+    db.flush()
+
+
 def _cancel_turns(db: Session, task: m.Task, turns: list[m.Turn]) -> list[str]:
     """Mark attempts ``cancelled``. A pending attempt ends here (its terminal event is
     written now); a running one is stopped by its executor, which then writes the final work

@@ -166,6 +166,27 @@ def _stop(state: AppState, turn_ids: list[str]) -> None:
         state.runner.cancel(turn_ids)
 
 
+@router.post("/tasks/{task_id}/turns/{turn_id}/discard", response_model=SuccessResponse)
+def discard(task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep) -> SuccessResponse:
+    """Set a finished attempt aside; the task's current attempt moves to a kept sibling."""
+    tasks.discard(db, principal, task_id, turn_id)
+    db.commit()
+    return OK
+
+
+@router.post(
+    "/tasks/{task_id}/turns/{turn_id}/undo_all_discards_for_siblings",
+    response_model=SuccessResponse,
+)
+def undo_all_discards_for_siblings(
+    task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep
+) -> SuccessResponse:
+    """Bring back the discarded attempts among this one and its siblings."""
+    tasks.undo_discards(db, principal, task_id, turn_id)
+    db.commit()
+    return OK
+
+
 @router.get("/tasks/{task_id}/turns", response_model=TurnMapping)
 def turn_mapping(task_id: str, principal: PrincipalDep, db: SessionDep) -> TurnMapping:
     return tasks.turn_mapping(db, principal, task_id)
