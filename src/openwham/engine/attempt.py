@@ -42,7 +42,7 @@ from openwham.sandbox.workspace import (
     create_workspace,
     reset_to,
 )
-from openwham.service.diffs import diff_stats
+from openwham.service.diffs import diff_stats, output_diff
 from openwham.store import events
 from openwham.store import models as m
 from openwham.store.db import Database, rowcount
@@ -893,21 +893,12 @@ def _resume_point(s: Session, previous_turn_id: str) -> Resume | str:
     for _ in range(10_000):  # the chain of follow-ups, newest first
         if turn is None:
             break
-        tree = _diff_of(turn)
+        tree = (output_diff(turn.body.get("output_items")) or {}).get("diff")
         if tree or not (turn.body.get("run") or {}).get("qa_mode"):
             break
         user = s.get(m.Turn, turn.parent_id) if turn.parent_id else None
         turn = s.get(m.Turn, user.parent_id) if user is not None and user.parent_id else None
     return Resume(previous.id, thread_id, base, tree)
-
-
-def _diff_of(turn: m.Turn) -> str | None:
-    for item in turn.body.get("output_items") or []:
-        if isinstance(item, dict) and item.get("type") == "pr":
-            diff = (item.get("output_diff") or {}).get("diff")
-            if isinstance(diff, str) and diff:
-                return diff
-    return None
 
 
 def _inputs(user_turn: m.Turn | None) -> tuple[str, str | None]:

@@ -159,7 +159,7 @@ def codex_home_files(
         "plugins = false",
         "",
     ]
-    ask = f"{custom}\n\n{ASK_MODE_INSTRUCTIONS}" if custom else ASK_MODE_INSTRUCTIONS
+    ask = _ask_instructions(custom)
     return {
         "config.toml": "\n".join(lines),
         f"{ASK_PROFILE}.config.toml": (
@@ -167,6 +167,11 @@ def codex_home_files(
             f"developer_instructions = {_toml_string(ask)}\n"
         ),
     }
+
+
+def _ask_instructions(custom: str) -> str:
+    """Ask mode's developer instructions: the user's own (stripped), then the Ask note."""
+    return f"{custom}\n\n{ASK_MODE_INSTRUCTIONS}" if custom else ASK_MODE_INSTRUCTIONS
 
 
 # ----------------------------------------------------------------------------- command line
@@ -251,8 +256,7 @@ def resume_argv(
         "--dangerously-bypass-approvals-and-sandbox",
     ]
     if qa_mode:
-        custom = (custom_instructions or "").strip()
-        ask = f"{custom}\n\n{ASK_MODE_INSTRUCTIONS}" if custom else ASK_MODE_INSTRUCTIONS
+        ask = _ask_instructions((custom_instructions or "").strip())
         argv += ["-c", f"developer_instructions={_toml_string(ask)}"]
     return [*argv, thread_id, "-"]
 

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from openwham.wire import DiffStats
+
+
+def output_diff(output_items: Any) -> dict[str, Any] | None:
+    """The ``output_diff`` of an attempt's output items (inside its ``pr`` item, or on its
+    own), when it holds a non-empty diff."""
+    for item in output_items or []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "pr" and (item.get("output_diff") or {}).get("diff"):
+            return dict(item["output_diff"])
+        if item.get("type") == "output_diff" and item.get("diff"):
+            return dict(item)
+    return None
 
 
 def looks_like_unified_diff(text: str) -> bool:

@@ -46,7 +46,7 @@ from openwham.wire import (
 
 from . import environments, usage
 from .accounts import Principal
-from .diffs import diff_stats, looks_like_unified_diff
+from .diffs import diff_stats, looks_like_unified_diff, output_diff
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from .repos import validate_branch_name
 
@@ -476,14 +476,7 @@ class _Context:
 
 
 def _turn_diff(turn: m.Turn | None) -> dict[str, Any] | None:
-    if turn is None:
-        return None
-    for item in turn.body.get("output_items") or []:
-        if item.get("type") == "pr" and (item.get("output_diff") or {}).get("diff"):
-            return dict(item["output_diff"])
-        if item.get("type") == "output_diff" and item.get("diff"):
-            return dict(item)
-    return None
+    return None if turn is None else output_diff(turn.body.get("output_items"))
 
 
 def _stats_of(turn: m.Turn | None) -> DiffStats | None:
