@@ -4,8 +4,9 @@
 #
 #   scripts/setup.sh [--with-postgres] [--quiet]
 #
-#   (no flag)        system packages git, ca-certificates, python3 (>= 3.11) +
-#                    python3-venv if needed; uv; the project's .venv
+#   (no flag)        system packages git, ca-certificates, bubblewrap, curl,
+#                    iproute2, python3 (>= 3.11) + python3-venv if needed,
+#                    npm for the pinned Codex CLI; uv; the project's .venv
 #                    (`uv sync --frozen`, dev tools included)
 #   --with-postgres  also a PostgreSQL server (Debian's `postgresql`) unless
 #                    /usr/lib/postgresql/*/bin/initdb already exists
@@ -128,6 +129,12 @@ if [ "$WITH_POSTGRES" = 1 ] && ! wham_find_pg_bindir >/dev/null; then
 fi
 # The sandbox every agent command runs in.
 want_cmd bwrap bubblewrap
+# Tools setup scripts and agents expect in the sandbox (it sees the host's /usr).
+want_cmd curl curl
+# The in-sandbox forwarders (model gateway, egress proxy) run with the system Python.
+[ -x /usr/bin/python3 ] || WANTED_PKGS+=(python3)
+# The test suite's outside host lives in a network namespace (ip netns, veth).
+want_cmd ip iproute2
 # npm installs the pinned Codex CLI (tools/codex/package-lock.json).
 CODEX_DIR="$WHAM_ROOT/tools/codex"
 CODEX_STAMP="$CODEX_DIR/node_modules/.openwham-stamp"

@@ -420,3 +420,17 @@ def diff_of(details: dict[str, Any]) -> str:
         if item.get("type") == "pr":
             return str(item["output_diff"]["diff"])
     return ""
+
+
+@pytest.fixture(scope="session")
+def net_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A test host on a network of its own (support/nethost.py), serving ``hello.txt``."""
+    from support import nethost
+
+    root = tmp_path_factory.mktemp("nethost")
+    (root / "hello.txt").write_text("hello from the test host\n")
+    host = nethost.start(root)
+    try:
+        yield host
+    finally:
+        nethost.stop(host)

@@ -416,7 +416,8 @@ probe control_origin_is_host_path git remote get-url origin
     )
 
     # /tmp, $HOME and /dev/shm were the first attempt's own: the next one starts without
-    # them, and none of those files ever existed on the host.
+    # them, and none of those files is left on the host ($HOME lives in the attempt's
+    # directory, shared with its setup phase, and goes with the workspace).
     places = {"tmp": f"/tmp/{mark}-tmp", "home": f"$HOME/{mark}-home"}
     places |= {"shm": f"/dev/shm/{mark}-shm", "workspace": f"/workspace/{mark}-ws"}
     script2 = "\n".join(f'probe see:{name} cat "{path}"' for name, path in places.items())

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     sandbox_max_processes: int = 1024
     sandbox_max_file_mb: int = 1024
     sandbox_cpus: float | None = None
+    # The environment's setup script: its wall-clock limit.
+    setup_timeout_seconds: int = 1200
+    # Private networks (comma-separated CIDRs, e.g. a package mirror at 10.1.2.3/32) that the
+    # egress proxy may reach; host addresses, loopback and link-local never are.
+    egress_allow_networks: str = ""
 
     # Rate limits, in attempts (assistant turns) started per window; 0 disables a window.
     rate_limit_primary: int = 100

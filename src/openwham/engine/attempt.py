@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import stat
+import tempfile
 import threading
 import time
 import uuid
@@ -33,7 +34,8 @@ from openwham.gateway import Gateway, forwarder_path
 from openwham.runtimes import codex
 from openwham.runtimes.codex_cli import native_binary
 from openwham.sandbox import bwrap
-from openwham.sandbox.bwrap import Limits, SandboxProcess, SandboxSpec
+from openwham.sandbox.bwrap import SANDBOX_HOME, Limits, SandboxProcess, SandboxSpec
+from openwham.sandbox.egress import AddressGuard, EgressProxy
 from openwham.sandbox.workspace import (
     Mirrors,
     WorkspaceError,
@@ -43,14 +45,18 @@ from openwham.sandbox.workspace import (
     reset_to,
 )
 from openwham.service.diffs import diff_stats, output_diff
+from openwham.service.environments import is_reserved_var
+from openwham.service.keys import SecretBox, secrets_key
 from openwham.store import events
 from openwham.store import models as m
 from openwham.store.db import Database, rowcount
 from openwham.store.events import EventBus
 
 from . import diff as diffs
+from . import setup as setup_phase
 from .diff import DiffError
 from .recorder import TurnRecorder, latest_event
+from .redact import Redactor
 from .standby import AgentKey, Prepared, StandbyPool
 from .titles import generate_title
 
@@ -166,6 +172,15 @@ class Claim:
     tries: int
     resume: Resume | str | None = None  # a follow-up's starting point (str: why there is none)
     titled: bool = False
+    setup_script: str = ""
+    env_vars: dict[str, str] = field(default_factory=dict)  # setup and agent
+    secrets: dict[str, str] = field(default_factory=dict)  # setup only (decrypted)
+    secrets_problem: str | None = None
+
+    @property
+    def plain(self) -> bool:
+        """No setup script, variables or secrets: any sandbox for the key will do."""
+        return not (self.setup_script.strip() or self.env_vars or self.secrets)
 
     @property
     def key(self) -> AgentKey:
@@ -193,6 +208,7 @@ class Engine:
     executor_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     )
+    _box: SecretBox | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         data = self.settings.resolved_data_dir
@@ -200,6 +216,10 @@ class Engine:
         self.attempts_root = data / "attempts"
         self.attempts_root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.attempts_root, 0o700)
+        self.egress = EgressProxy(
+            _socket_dir(data / "run" / "egress"),
+            AddressGuard.from_setting(self.settings.egress_allow_networks),
+        )
         _remove_orphaned_standbys(self.attempts_root)
         self.standby = StandbyPool(
             size=self.settings.standby_sandboxes if self.gateway is not None else 0,
@@ -212,6 +232,7 @@ class Engine:
     def close(self) -> None:
         """Drop the standby sandboxes (the server is stopping)."""
         self.standby.close()
+        self.egress.stop()
 
     @property
     def limits(self) -> Limits:
@@ -233,7 +254,9 @@ class Engine:
         claim = self._claim(turn_id)
         if claim is None:
             return None
-        rec = TurnRecorder(self.db, self.bus, claim.task_id, turn_id, claim.body)
+        rec = TurnRecorder(
+            self.db, self.bus, claim.task_id, turn_id, claim.body, Redactor(claim.secrets.values())
+        )
         attempt_dir = self.attempts_root / turn_id
         alive = threading.Event()
         threading.Thread(
@@ -261,9 +284,16 @@ class Engine:
             alive.set()
             if self.gateway is not None:
                 self.gateway.revoke(turn_id)
-            if claim.repo_key and claim.repo_url and claim.branch and control.reason != "shutdown":
+            if (
+                claim.repo_key
+                and claim.repo_url
+                and claim.branch
+                and claim.plain
+                and control.reason != "shutdown"
+            ):
                 self.standby.refill(claim.key)  # the next attempt like this one starts warm
             shutil.rmtree(attempt_dir / "workspace", ignore_errors=True)
+            shutil.rmtree(attempt_dir / "home", ignore_errors=True)
 
     # ------------------------------------------------------------------ claiming
 
@@ -320,6 +350,8 @@ class Engine:
                 and turn.attempt_placement in (0, None)
                 and task.num_follow_ups == 0
             )
+            setup = env_body.get("setup") or []
+            sealed = dict(env.secrets) if env is not None else {}
             claim = Claim(
                 task_id=task.id,
                 turn_id=turn_id,
@@ -336,9 +368,20 @@ class Engine:
                 needs_title=needs_title,
                 tries=tries,
                 resume=resume,
+                setup_script="\n".join(setup) if isinstance(setup, list) else str(setup),
+                env_vars=_usable_vars(env_body.get("env_vars")),
             )
         self.bus.publish(turn_id)
+        try:
+            claim.secrets = _usable_vars(self._secret_box().open_all(sealed))
+        except RuntimeError as exc:
+            claim.secrets_problem = str(exc)
         return claim
+
+    def _secret_box(self) -> SecretBox:
+        if self._box is None:
+            self._box = SecretBox(secrets_key(self.settings))
+        return self._box
 
     # ------------------------------------------------------------------ running
 
@@ -354,6 +397,10 @@ class Engine:
             raise AttemptFailed("invalid_input", "The task has no prompt")
         if isinstance(claim.resume, str):
             raise AttemptFailed("follow_up_error", claim.resume)
+        if claim.secrets_problem:
+            raise AttemptFailed(
+                "environment_error", f"The environment's secrets: {claim.secrets_problem}"
+            )
 
         # workspace and sandbox: a standby's, or made now
         shutil.rmtree(attempt_dir, ignore_errors=True)
@@ -439,7 +486,7 @@ class Engine:
             gate.open()
         else:
             control.check()
-            prepared = self._prepare_cold(claim, mirror, attempt_dir, control)
+            prepared = self._prepare_cold(claim, rec, mirror, attempt_dir, control)
             launch(prepared, False, on_output)
         base, proc = prepared.base, prepared.proc
         proc.notify_on_exit(wake)
@@ -520,7 +567,7 @@ class Engine:
         return rec.finish("completed", text=COMPLETED, output_items=items)
 
     def _prepare_cold(
-        self, claim: Claim, mirror: Path, attempt_dir: Path, control: Control
+        self, claim: Claim, rec: TurnRecorder, mirror: Path, attempt_dir: Path, control: Control
     ) -> Prepared:
         attempt_dir.mkdir(parents=True, mode=0o700)
         workspace = attempt_dir / "workspace"
@@ -540,10 +587,52 @@ class Engine:
             except WorkspaceError as exc:
                 raise AttemptFailed("failed_to_apply_patch_error", str(exc)) from exc
         control.check()
-        return self._start_agent(claim.key, attempt_dir, base, owner=claim.turn_id, resume=resume)
+        (attempt_dir / "home").mkdir(mode=0o700)
+        if claim.setup_script.strip():
+            self._setup(claim, rec, attempt_dir, control)
+        return self._start_agent(
+            claim.key,
+            attempt_dir,
+            base,
+            owner=claim.turn_id,
+            resume=resume,
+            env_vars=claim.env_vars,
+        )
+
+    def _setup(self, claim: Claim, rec: TurnRecorder, attempt_dir: Path, control: Control) -> None:
+        """The environment's setup script (engine/setup.py); a failure fails the attempt
+        with its exit code, and its log stays on the turn."""
+        limits = dataclasses.replace(
+            self.limits, wall_clock_seconds=float(self.settings.setup_timeout_seconds)
+        )
+        result = setup_phase.run(
+            claim.setup_script,
+            workspace=attempt_dir / "workspace",
+            home=attempt_dir / "home",
+            env={**claim.env_vars, **claim.secrets},
+            egress=self.egress,
+            limits=limits,
+            rec=rec,
+            attach=control.attach,
+        )
+        control.check()
+        if result.exit_code == setup_phase.LAUNCHER_FAILED and not result.killed_reason:
+            raise AttemptFailed(
+                "setup_failed", "The setup script could not start (see the setup log)"
+            )
+        if not result.ok:
+            why = result.killed_reason or f"exited with code {result.exit_code}"
+            raise AttemptFailed("setup_failed", f"The setup script {why} (see the setup log)")
 
     def _start_agent(
-        self, key: AgentKey, directory: Path, base: str, *, owner: str, resume: Resume | None = None
+        self,
+        key: AgentKey,
+        directory: Path,
+        base: str,
+        *,
+        owner: str,
+        resume: Resume | None = None,
+        env_vars: dict[str, str] | None = None,
     ) -> Prepared:
         """Start Codex in a held sandbox on ``directory/workspace``: it does its start-up
         work and waits for the prompt on stdin (:meth:`SandboxProcess.send`). A follow-up's
@@ -554,7 +643,9 @@ class Engine:
             codex_home.mkdir(mode=0o700)
         else:
             self._copy_codex_home(resume.previous_turn_id, codex_home)
-        rw_binds = {codex_home: codex.SANDBOX_CODEX_HOME}
+        home = directory / "home"  # the setup phase's, if there was one
+        home.mkdir(mode=0o700, exist_ok=True)
+        rw_binds = {home: SANDBOX_HOME, codex_home: codex.SANDBOX_CODEX_HOME}
         after = ""
         if not key.qa_mode:  # the diff, computed in this sandbox after Codex exits
             out = directory / "out"
@@ -582,7 +673,7 @@ class Engine:
                 self.gateway_socket: codex.SANDBOX_GATEWAY_SOCKET,
             },
             rw_binds=rw_binds,
-            env=codex.sandbox_env(token),
+            env={**(env_vars or {}), **codex.sandbox_env(token)},
             network=False,
             limits=self.limits,
         )
@@ -644,7 +735,7 @@ class Engine:
         and held (the caller checks the branch head, then releases it). Not used with a
         starting diff: Codex reads the repository's config and AGENTS.md at start-up, before
         the patch could be applied."""
-        if claim.patch or claim.resume is not None or self.gateway is None:
+        if claim.patch or claim.resume is not None or not claim.plain or self.gateway is None:
             return None
         prepared = self.standby.take(claim.key)
         if prepared is None:
@@ -833,6 +924,25 @@ def _settle_index(workspace: Path) -> None:
         )
 
 
+def _usable_vars(values: Any) -> dict[str, str]:
+    """An environment's variables or secrets without the names openwham sets itself (the API
+    refuses them; this guards rows written before it did)."""
+    if not isinstance(values, dict):
+        return {}
+    return {
+        str(k): str(v)
+        for k, v in values.items()
+        if isinstance(v, str) and not is_reserved_var(str(k))
+    }
+
+
+def _socket_dir(path: Path) -> Path:
+    """``path``, or a short temporary directory when socket paths in it would be too long."""
+    if len(os.fsencode(path)) + 22 <= 107:
+        return path
+    return Path(tempfile.mkdtemp(prefix="wham-egress-"))
+
+
 def _without(text: str, line: str) -> str:
     """``text`` without the lines equal to ``line``."""
     return "\n".join(x for x in text.split("\n") if x != line)
@@ -865,12 +975,19 @@ def requeue(s: Session, turn: m.Turn, note: str, *, tries: int | None = None) ->
         error=None,
         latest_event=latest_event(WAITING),
         base_commit_sha=None,
+        logs=None,
+        proxy_events=None,
     )
     turn.body = body
     turn.turn_status = "pending"
     turn.updated_at = time.time()
-    events.clear(s, turn.id, [events.WORK_LOG_MESSAGE])
-    events.append(s, turn.task_id, turn.id, events.LOG, {"text": note})
+    # its setup log goes with it; the server's notes (log events without a key) stay
+    notes = [e.payload for e in events.read(s, turn.id, item_types=[events.LOG], limit=10_000)]
+    events.clear(s, turn.id, [events.WORK_LOG_MESSAGE, events.LOG])
+    for payload in notes:
+        if "key" not in payload:
+            events.append(s, turn.task_id, turn.id, events.LOG, payload)
+    events.append(s, turn.task_id, turn.id, events.LOG, {"text": note, "created": time.time()})
     events.append(
         s, turn.task_id, turn.id, events.TASK_TURN_EVENT, events.status_payload(WAITING, "pending")
     )

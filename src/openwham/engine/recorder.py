@@ -8,6 +8,10 @@ for the agent's model requests; ``GET`` of a running turn may lag by about that 
 write is conditional on the turn still being ``in_progress``: once a user cancelled it (or
 deleted the task), the recorder notices, sets ``gone`` and writes nothing more but the final
 work log of a cancelled attempt.
+
+Everything stored passes through the attempt's :class:`Redactor` first (the environment's
+secret values become ``[redacted]``): status lines, work-log messages, setup log lines, proxy
+events, the result's output items and error.
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ from openwham.store.db import Database, rowcount
 from openwham.store.events import EventBus
 from openwham.wire import WorklogMessage
 
+from .redact import Redactor
+
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 1.0
 HEARTBEAT_SECONDS = 10.0
+MAX_PROXY_EVENTS = 1000  # kept on the turn; later ones are not
 
 
 def latest_event(text: str) -> dict[str, Any]:
@@ -42,9 +49,16 @@ def dump_message(message: WorklogMessage) -> dict[str, Any]:
 
 class TurnRecorder:
     def __init__(
-        self, db: Database, bus: EventBus, task_id: str, turn_id: str, body: dict[str, Any]
+        self,
+        db: Database,
+        bus: EventBus,
+        task_id: str,
+        turn_id: str,
+        body: dict[str, Any],
+        redactor: Redactor | None = None,
     ) -> None:
         self.db, self.bus = db, bus
+        self.redactor = redactor or Redactor()
         self.task_id, self.turn_id = task_id, turn_id
         self.body = dict(body)
         self._messages: dict[str, dict[str, Any]] = {
@@ -59,6 +73,7 @@ class TurnRecorder:
 
     def status(self, text: str) -> None:
         """A new live status line: event now, body with the next flush."""
+        text = self.redactor.text(text)
         with self._lock:
             self.body["latest_event"] = latest_event(text)
             self._dirty = True
@@ -69,20 +84,46 @@ class TurnRecorder:
 
     def message(self, message: WorklogMessage) -> None:
         """A new or updated work-log message."""
-        data = dump_message(message)
+        data = self.redactor.data(dump_message(message))
         with self._lock:
             self._messages[message.id] = data
             self._dirty = True
             self._write([(events.WORK_LOG_MESSAGE, data)], body=self._due())
 
     def log(self, text: str) -> None:
+        """A note of the server's own (a ``log`` event without a ``key``)."""
+        text = self.redactor.text(text)
         with self._lock:
             self._write([(events.LOG, {"text": text, "created": time.time()})], body=False)
+
+    def setup_log(self, key: dict[str, Any], lines: list[tuple[str, str]]) -> None:
+        """Lines of a setup log (``(stream, line)``), one ``log`` event each, in one write."""
+        now = time.time()
+        items = [
+            (
+                events.LOG,
+                {"key": key, "line": self.redactor.text(line), "stream": stream, "created": now},
+            )
+            for stream, line in lines
+        ]
+        with self._lock:
+            self._write(items, body=False)
+
+    def proxy_event(self, event: dict[str, Any]) -> None:
+        """A request through the egress proxy, kept in the turn's ``proxy_events``."""
+        event = self.redactor.data(event)
+        with self._lock:
+            kept = list(self.body.get("proxy_events") or [])
+            if len(kept) >= MAX_PROXY_EVENTS:
+                return
+            kept.append(event)
+            self.body["proxy_events"] = kept
+            self._dirty = True
 
     def set(self, **fields: Any) -> None:
         """Set body fields (e.g. ``base_commit_sha``); written with the next flush."""
         with self._lock:
-            self.body.update(fields)
+            self.body.update(self.redactor.data(fields))
             self._dirty = True
 
     def flush(self) -> None:
@@ -111,6 +152,8 @@ class TurnRecorder:
     ) -> str:
         """Write the terminal state. Returns the status the turn ended with: ``status``, or
         ``cancelled`` when the user cancelled it meanwhile (the work log is kept either way)."""
+        text, error = self.redactor.text(text), self.redactor.data(error)
+        output_items = self.redactor.data(output_items)
         with self._lock:
             self.body["latest_event"] = latest_event(text)
             self.body["error"] = error

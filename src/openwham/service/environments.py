@@ -61,12 +61,29 @@ def get_row(db: Session, principal: Principal, env_id: str) -> m.Environment:
     return row
 
 
+RESERVED_VARS = frozenset(
+    {"HOME", "CODEX_HOME", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"}
+    | {"no_proxy", "NO_PROXY"}
+)
+RESERVED_PREFIX = "OPENWHAM_"
+
+
+def is_reserved_var(name: str) -> bool:
+    """Names the sandbox sets itself (home, Codex's home, the proxy, openwham's own)."""
+    return name in RESERVED_VARS or name.upper().startswith(RESERVED_PREFIX)
+
+
 def _check_vars(kind: str, values: dict[str, Any], *, allow_null: bool) -> None:
     if len(values) > MAX_VARS:
         raise BadRequest(f"At most {MAX_VARS} {kind} are allowed")
     for name, value in values.items():
         if not _VAR_NAME.match(name):
             raise BadRequest(f"Invalid {kind[:-1]} name {name!r}: use letters, digits and _")
+        if is_reserved_var(name) and not (value is None and allow_null):
+            raise BadRequest(
+                f"{kind[:-1].capitalize()} name {name!r} is reserved: openwham sets it in the "
+                "sandbox"
+            )
         if value is None and allow_null:
             continue
         if not isinstance(value, str):

@@ -52,3 +52,7 @@ class SecretBox:
             return self._fernet.decrypt(token.encode()).decode()
         except InvalidToken as exc:  # wrong key file: say so instead of a bare crypto error
             raise RuntimeError("secret cannot be decrypted with this server's secrets.key") from exc
+
+    def open_all(self, sealed: dict[str, str]) -> dict[str, str]:
+        """Every value of ``sealed`` decrypted (``RuntimeError`` if one cannot be)."""
+        return {name: self.open(token) for name, token in sealed.items()}

@@ -172,3 +172,18 @@ class TurnLogsResponse(WireModel):
     """``GET …/turns/{turn_id}/logs``: setup log text line by line."""
 
     logs: list[TurnLogLine] = Field(default_factory=list)
+
+
+class TaskLogEntry(WireModel):
+    """One entry of ``GET tasks/{task_id}/logs`` (``timestamp`` is naive ISO 8601)."""
+
+    timestamp: str | None = None
+    level: str = "info"
+    message: str = ""
+    source: str = ""
+
+
+class TaskLogsResponse(WireModel):
+    """``GET tasks/{task_id}/logs``: the setup logs and server notes of a task's attempts."""
+
+    logs: list[TaskLogEntry] = Field(default_factory=list)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, Query
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
-from openwham.service import tasks, usage
+from openwham.service import logs, tasks, usage
 from openwham.service.accounts import Principal
 from openwham.service.errors import Unavailable
 from openwham.wire import (
@@ -19,7 +19,9 @@ from openwham.wire import (
     TaskDetails,
     TaskFeedPage,
     TaskListPage,
+    TaskLogsResponse,
     TaskRateLimit,
+    TurnLogsResponse,
     TurnMapping,
     TurnResponse,
 )
@@ -202,6 +204,18 @@ def sibling_turns(
     task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep
 ) -> SiblingTurnsResponse:
     return tasks.sibling_turns(db, principal, task_id, turn_id)
+
+
+@router.get("/tasks/{task_id}/turns/{turn_id}/logs", response_model=TurnLogsResponse)
+def turn_logs(
+    task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep
+) -> TurnLogsResponse:
+    return logs.turn_logs(db, principal, task_id, turn_id)
+
+
+@router.get("/tasks/{task_id}/logs", response_model=TaskLogsResponse)
+def task_logs(task_id: str, principal: PrincipalDep, db: SessionDep) -> TaskLogsResponse:
+    return logs.task_logs(db, principal, task_id)
 
 
 @router.post("/tasks/{task_id}/turns/{turn_id}/viewed", response_model=SuccessResponse)

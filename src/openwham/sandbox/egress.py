@@ -1,0 +1,412 @@
+"""The egress proxy: the one way out of a sandbox's network namespace.
+
+A sandbox has its own network namespace with nothing but loopback. When a phase may use the
+network (an environment's setup script; later, the agent under an allowlist), the engine opens
+an *egress session*: a UNIX socket of its own (``DATA_DIR/run/egress/<random>.sock``),
+bind-mounted into that sandbox only, where the stdlib forwarder (``gateway/forwarder.py``)
+bridges ``127.0.0.1:PORT`` to it and ``http_proxy`` / ``https_proxy`` point there. Holding the
+socket is the capability: a sandbox without it has no way out, and closing the session
+closes it.
+
+This side speaks HTTP proxy: ``CONNECT host:port`` tunnels (HTTPS, git over HTTPS, anything
+TLS) and absolute-form ``http://`` requests (sent on as one request with ``Connection:
+close``). Every request is decided twice:
+
+1. by the session's :class:`EgressPolicy` (domains and methods; setup allows everything, the
+   agent's allowlist will narrow it), and
+2. by the :class:`AddressGuard` on the addresses the name resolves to, *after* resolving (a
+   name that resolves to a forbidden address is refused; the connection goes to the checked
+   address, so a second lookup cannot swap it): loopback, link-local (cloud metadata at
+   169.254.169.254), unspecified, multicast and reserved addresses, every address of this host
+   (an address the host can bind to is its own: the database, the API server, anything
+   listening on 0.0.0.0), and private networks (RFC 1918, CGNAT, IPv6 ULA) unless the
+   operator lists them in ``WHAM_EGRESS_ALLOW_NETWORKS``.
+
+Each request becomes a :class:`ProxyEvent` (the shape of a turn's ``proxy_events``). The
+proxy runs on an event loop in a thread of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+CHUNK = 64 * 1024
+HEAD_LIMIT = 64 * 1024
+HEAD_SECONDS = 30.0
+CONNECT_SECONDS = 10.0
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+PRIVATE_NETWORKS: tuple[IPNetwork, ...] = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",  # carrier-grade NAT
+        "fc00::/7",  # unique local
+    )
+)
+_HOP_HEADERS = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization"}
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """Which requests a session lets out. ``domains``: ``None`` lets any name out; otherwise a
+    name must equal an entry or end in ``.entry`` (``*.example.com`` is the same as
+    ``example.com``). ``methods``: ``None`` lets any method out (a CONNECT tunnel is judged as
+    CONNECT: what travels inside TLS is not visible here)."""
+
+    domains: frozenset[str] | None = None
+    methods: frozenset[str] | None = None
+
+    def refusal(self, method: str, host: str) -> str | None:
+        """Why this request may not leave, or ``None``."""
+        if self.methods is not None and method.upper() not in self.methods:
+            return f"method {method} is not allowed"
+        if self.domains is not None:
+            name = host.lower().rstrip(".")
+            for entry in self.domains:
+                entry = entry.lower().removeprefix("*.").rstrip(".")
+                if name == entry or name.endswith("." + entry):
+                    return None
+            return f"{host} is not on the allowlist"
+        return None
+
+
+class AddressGuard:
+    """Refuses addresses that belong to this host or its private networks (see the module)."""
+
+    def __init__(self, allow_networks: Iterable[str] = ()) -> None:
+        self.allowed = tuple(ipaddress.ip_network(n.strip(), strict=False) for n in allow_networks)
+
+    @classmethod
+    def from_setting(cls, value: str) -> AddressGuard:
+        """From ``WHAM_EGRESS_ALLOW_NETWORKS``: comma-separated CIDRs (ValueError if bad)."""
+        return cls([n for n in value.split(",") if n.strip()])
+
+    def refusal(self, address: str) -> str | None:
+        """Why a connection to ``address`` is refused, or ``None``."""
+        ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_loopback:
+            return "loopback addresses are host services"
+        if ip.is_link_local:
+            return "link-local addresses (cloud metadata) are not reachable"
+        if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
+            return f"{ip} is not a routable destination"
+        if _is_own(ip):
+            return f"{ip} is an address of this host"
+        if any(ip in net for net in PRIVATE_NETWORKS) and not any(
+            ip.version == net.version and ip in net for net in self.allowed
+        ):
+            return f"{ip} is in a private network (see WHAM_EGRESS_ALLOW_NETWORKS)"
+        return None
+
+
+def _is_own(ip: IPAddress) -> bool:
+    """Whether ``ip`` is an address of this host: only those can be bound to."""
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((str(ip), 0))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class ProxyEvent:
+    """One request through the proxy, as a turn's ``proxy_events`` entry shows it."""
+
+    timestamp: str
+    decision: str  # "allow" or "deny"
+    reason: str
+    method: str
+    domain: str
+    protocol: str
+    size: int
+    path: str | None
+
+    def wire(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+EventSink = Callable[[ProxyEvent], None]
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class EgressSession:
+    """One sandbox's way out: a socket of its own, a policy and an event sink."""
+
+    def __init__(
+        self, proxy: EgressProxy, path: Path, policy: EgressPolicy, on_event: EventSink | None
+    ) -> None:
+        self.proxy, self.socket, self.policy, self.on_event = proxy, path, policy, on_event
+        self.server: asyncio.AbstractServer | None = None
+        self.connections: set[asyncio.Task[None]] = set()
+
+    def close(self) -> None:
+        """Stop listening and cut every open connection (the phase is over)."""
+        self.proxy._close(self)
+
+    def __enter__(self) -> EgressSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EgressProxy:
+    """Host side of sandbox egress; ``open`` a session per sandbox phase that may go out."""
+
+    def __init__(self, directory: Path, guard: AddressGuard | None = None) -> None:
+        self.directory = directory
+        self.guard = guard or AddressGuard()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                os.chmod(self.directory, 0o700)
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="egress-proxy", daemon=True).start()
+                self._loop = loop
+            return self._loop
+
+    def open(self, policy: EgressPolicy, on_event: EventSink | None = None) -> EgressSession:
+        """A new session listening on a fresh socket (0600) in ``directory``."""
+        loop = self._ensure_loop()
+        path = self.directory / f"{secrets.token_hex(8)}.sock"
+        session = EgressSession(self, path, policy, on_event)
+
+        async def listen() -> None:
+            session.server = await asyncio.start_unix_server(
+                lambda r, w: self._accept(session, r, w), path=str(path), limit=HEAD_LIMIT
+            )
+            os.chmod(path, 0o600)
+
+        asyncio.run_coroutine_threadsafe(listen(), loop).result(10)
+        return session
+
+    def _close(self, session: EgressSession) -> None:
+        loop = self._loop
+        if loop is None or session.server is None:
+            return
+
+        async def stop() -> None:
+            assert session.server is not None
+            session.server.close()
+            for task in list(session.connections):
+                task.cancel()
+            await asyncio.gather(*session.connections, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+        session.server = None
+        session.socket.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        with self._lock:
+            loop, self._loop = self._loop, None
+            thread, self._thread = self._thread, None
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+
+    # -- one connection --
+
+    def _accept(
+        self, session: EgressSession, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.ensure_future(self._handle(session, reader, writer))
+        session.connections.add(task)
+        task.add_done_callback(session.connections.discard)
+
+    async def _handle(
+        self, session: EgressSession, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        method, domain, protocol, path = "", "", "", None
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_SECONDS)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+                return
+            line, _, headers = head.partition(b"\r\n")
+            parts = line.decode("latin-1").split(" ")
+            if len(parts) != 3:
+                raise _Refused(400, "not an HTTP proxy request")
+            method, target, protocol = parts
+            host, port, path = _target(method, target)
+            domain = host
+            refusal = session.policy.refusal(method, host)
+            if refusal is not None:
+                raise _Refused(403, refusal)
+            up_reader, up_writer = await self._connect(host, port)
+            moved = [0]
+            try:
+                if method == "CONNECT":
+                    writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                else:
+                    up_writer.write(_origin_request(method, path or "/", protocol, headers))
+                await _splice(reader, writer, up_reader, up_writer, moved)
+            finally:  # also when the session closes under it
+                self._record(
+                    session, "allow", "checks passed", method, domain, protocol, moved[0], path
+                )
+                await _close(up_writer)
+        except _Refused as refused:
+            self._record(session, "deny", refused.reason, method, domain, protocol, 0, path)
+            with contextlib.suppress(ConnectionError, OSError):
+                writer.write(_error(refused.status, refused.reason))
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            await _close(writer)
+
+    async def _connect(
+        self, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise _Refused(502, f"cannot resolve {host}: {exc}") from exc
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        refusals = {a: self.guard.refusal(a) for a in addresses}
+        allowed = [a for a in addresses if refusals[a] is None]
+        if not allowed:
+            raise _Refused(403, next(iter(refusals.values())) or f"{host} has no address")
+        error: Exception | None = None
+        for address in allowed:
+            try:
+                return await asyncio.wait_for(
+                    asyncio.open_connection(address, port, limit=CHUNK), CONNECT_SECONDS
+                )
+            except (OSError, TimeoutError) as exc:
+                error = exc
+        raise _Refused(502, f"cannot connect to {host}:{port}: {error or 'no address'}")
+
+    def _record(
+        self,
+        session: EgressSession,
+        decision: str,
+        reason: str,
+        method: str,
+        domain: str,
+        protocol: str,
+        size: int,
+        path: str | None,
+    ) -> None:
+        if session.on_event is None or not method:
+            return
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat()
+        event = ProxyEvent(now, decision, reason, method, domain, protocol, size, path)
+        with contextlib.suppress(Exception):
+            session.on_event(event)
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+def _target(method: str, target: str) -> tuple[str, int, str | None]:
+    """Host, port and path of a request target (authority form for CONNECT)."""
+    if method == "CONNECT":
+        host, sep, port = target.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise _Refused(400, f"bad CONNECT target {target!r}")
+        return host.strip("[]"), int(port), None
+    url = urlsplit(target)
+    if url.scheme != "http" or not url.hostname:
+        raise _Refused(400, "a proxy request needs an absolute http:// URL (or CONNECT)")
+    try:
+        number = url.port or 80
+    except ValueError as exc:
+        raise _Refused(400, f"bad port in {target!r}") from exc
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    return url.hostname, number, path
+
+
+def _origin_request(method: str, path: str, protocol: str, headers: bytes) -> bytes:
+    """The request as the origin server takes it: origin-form target, no proxy headers,
+    one request per connection."""
+    kept = [
+        h
+        for h in headers.split(b"\r\n")
+        if h and h.split(b":", 1)[0].strip().lower() not in _HOP_HEADERS
+    ]
+    first = f"{method} {path} {protocol}".encode("latin-1")
+    return b"\r\n".join([first, *kept, b"Connection: close", b"", b""])
+
+
+def _error(status: int, reason: str) -> bytes:
+    text = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway"}.get(status, "Error")
+    body = f"openwham egress proxy: {reason}\n".encode()
+    return (
+        f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, moved: list[int]
+) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+            moved[0] += len(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+
+async def _splice(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    up_reader: asyncio.StreamReader,
+    up_writer: asyncio.StreamWriter,
+    moved: list[int],
+) -> None:
+    """Both directions until the server's side is done (``moved`` counts the bytes)."""
+    up = asyncio.ensure_future(_pipe(reader, up_writer, moved))
+    down = asyncio.ensure_future(_pipe(up_reader, writer, moved))
+    try:
+        await asyncio.wait({down})  # the server's answer ends it (or the tunnel closing)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(up), 1.0)
+    finally:
+        up.cancel()
+        down.cancel()
+        await asyncio.gather(up, down, return_exceptions=True)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError, OSError):
+        await writer.wait_closed()

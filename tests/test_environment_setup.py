@@ -1,0 +1,182 @@
+"""Environments at work: the setup script (variables, secrets, network through the egress
+proxy, its log) and then the agent phase (variables only, no network), with the real Codex
+CLI against the scripted model. The outside world is a test host in its own network
+namespace (support/nethost.py); host services are TCP listeners on this host's loopback
+and on its own address on the test network."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Server, parse_sse, wait_for_task
+from support.scripted_model import Say, ScriptedModel, Shell
+from test_egress import Listener
+from test_engine import commands
+
+SECRET = "tok-5ecret-VALUE-42"
+SECRET_SHA = hashlib.sha256(SECRET.encode()).hexdigest()
+
+
+def setup_script(net_host: Any, loopback: Listener, on_host: Listener) -> list[str]:
+    return [
+        'echo "setting up in $PWD as $(id -un)"',
+        f"curl -sS --max-time 10 -o ~/hello.txt {net_host.url('hello.txt')}",
+        'echo "fetched: $(cat ~/hello.txt)"',
+        'printf %s "$API_TOKEN" | sha256sum',
+        'echo "the token is $API_TOKEN"',
+        'echo "MY_VAR=$MY_VAR"',
+        "printf '%s\\n' \"$API_TOKEN\" > ~/token.txt",
+        f"for url in http://127.0.0.1:{loopback.port}/ "
+        f"http://{net_host.host_side}:{on_host.port}/; do",
+        '  curl -sS --max-time 5 --noproxy \'\' -o /dev/null -w "%{http_code} $url\\n" "$url"',
+        "done",
+        f"curl -sS --max-time 5 http://127.0.0.1:{loopback.port}/ >/dev/null 2>&1 "
+        "|| echo 'loopback: nothing there'",
+        f"curl -sS --max-time 5 --noproxy '*' {net_host.url('hello.txt')} >/dev/null 2>&1 "
+        "|| echo 'direct: no way out'",
+        "echo setup done",
+    ]
+
+
+def agent_script(net_host: Any, loopback: Listener) -> list[Any]:
+    url = net_host.url("hello.txt")
+    return [
+        Shell(
+            "cat ~/hello.txt; cat ~/token.txt; "
+            "env | grep -E '^(MY_VAR|API_TOKEN|https?_proxy)=' ; echo env-done"
+        ),
+        Shell(
+            f"curl -sS --max-time 5 {url} 2>&1; echo exit=$?; "
+            f"curl -sS --max-time 5 --proxy http://127.0.0.1:3128 {url} 2>&1; echo exit=$?; "
+            f"curl -sS --max-time 5 http://127.0.0.1:{loopback.port}/ 2>&1; echo exit=$?"
+        ),
+        Shell("cp ~/token.txt leaked.txt && echo copied"),
+        Say(f"Done. By the way, the token was {SECRET}."),
+    ]
+
+
+@pytest.fixture
+def listeners(net_host: Any) -> Any:
+    loopback, on_host = Listener("127.0.0.1"), Listener(net_host.host_side)
+    yield loopback, on_host
+    loopback.close()
+    on_host.close()
+
+
+def test_setup_has_secrets_and_network_the_agent_has_neither_and_secrets_stay_hidden(
+    engine_server: Server,
+    scripted_model: ScriptedModel,
+    repo: Path,
+    net_host: Any,
+    listeners: tuple[Listener, Listener],
+) -> None:
+    api = engine_server.api
+    loopback, on_host = listeners
+    scripted_model.script = agent_script(net_host, loopback)
+    env = api.create_env(
+        repo,
+        setup=setup_script(net_host, loopback, on_host),
+        env_vars={"MY_VAR": "plain-value"},
+        secrets={"API_TOKEN": SECRET},
+    )
+    created = api.create_task(env["id"], "Look around")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    details = wait_for_task(api, task_id)
+    turn = details["current_assistant_turn"]
+    assert turn["turn_status"] == "completed", turn["error"]
+
+    # the setup log: served by the turn, by the task, and on the stream
+    (ref,) = turn["logs"]["logs"]
+    assert ref["key"]["type"] == "UserSetupScript"
+    assert ref["key"]["name"].startswith("userscript_") and ref["value"].startswith("file_")
+    r = api.get(f"tasks/{task_id}/turns/{turn_id}/logs")
+    assert r.status_code == 200, r.text
+    lines = [entry["line"] for entry in r.json()["logs"]]
+    assert all(entry["key"] == ref["key"] for entry in r.json()["logs"])
+    assert lines[0] == "setting up in /workspace as openwham"
+    assert "fetched: hello from the test host" in lines  # setup reached the outside host
+    assert f"{SECRET_SHA}  -" in lines  # the secret was there ...
+    assert "the token is [redacted]" in lines  # ... and is shown redacted
+    assert "MY_VAR=plain-value" in lines
+    assert f"403 http://127.0.0.1:{loopback.port}/" in lines  # host loopback: refused
+    assert f"403 http://{net_host.host_side}:{on_host.port}/" in lines  # host address: refused
+    assert "loopback: nothing there" in lines  # the sandbox's own loopback
+    assert "direct: no way out" in lines  # only the proxy leads out
+    assert lines[-1] == "setup done"
+    task_logs = api.get(f"tasks/{task_id}/logs").json()["logs"]
+    assert [e["message"] for e in task_logs if e["source"] == "setup"] == lines
+    frames = parse_sse(api.get(f"tasks/{task_id}/turns/{turn_id}/stream").text)
+    streamed = [f["data"]["payload"]["line"] for f in frames if f["data"]["item_type"] == "log"]
+    assert streamed == lines
+
+    # the proxy's audit of setup's requests
+    decisions = [(e["decision"], e["method"], e["domain"]) for e in turn["proxy_events"]]
+    assert ("allow", "GET", net_host.address) in decisions
+    assert ("deny", "GET", "127.0.0.1") in decisions
+    assert ("deny", "GET", net_host.host_side) in decisions
+    assert loopback.connections == 0 and on_host.connections == 0
+
+    # the agent phase: setup's files and the variables, no secret, no network
+    outputs = [out["content"]["parts"][0] for _, out in commands(turn)]
+    assert "hello from the test host" in outputs[0]
+    assert "[redacted]" in outputs[0] and "MY_VAR=plain-value" in outputs[0]
+    assert "API_TOKEN=" not in outputs[0] and "_proxy=" not in outputs[0]
+    assert "hello from the test host" not in outputs[1]
+    exits = [line for line in outputs[1].splitlines() if line.startswith("exit=")]
+    assert len(exits) == 3 and "exit=0" not in exits, outputs[1]
+    assert loopback.connections == 0
+
+    # the secret appears nowhere: messages, work log, diff, logs, stream, database
+    (message, pr) = turn["output_items"]
+    assert message["content"][0]["text"] == "Done. By the way, the token was [redacted]."
+    assert "+[redacted]" in pr["output_diff"]["diff"]
+    seen = [
+        json.dumps(details),
+        api.get(f"tasks/{task_id}/turns/{turn_id}").text,
+        api.get(f"tasks/{task_id}/turns").text,
+        api.get(f"tasks/{task_id}/turns/{turn_id}/logs").text,
+        api.get(f"tasks/{task_id}/logs").text,
+        api.get(f"tasks/{task_id}/turns/{turn_id}/stream").text,
+        api.get("tasks/list").text,
+        api.get(f"environments/{env['id']}").text,
+    ]
+    for text in seen:
+        assert SECRET not in text
+    data_dir = engine_server.app_state.settings.resolved_data_dir
+    for path in data_dir.glob("openwham.db*"):
+        assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_a_failing_setup_fails_the_attempt_with_its_exit_code_and_keeps_its_log(
+    engine_server: Server, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    api = engine_server.api
+    scripted_model.script = [Say("never asked")]
+    env = api.create_env(repo, setup=["echo preparing", "false", "echo not reached"])
+    created = api.create_task(env["id"], "Anything")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    turn = wait_for_task(api, task_id)["current_assistant_turn"]
+    assert turn["turn_status"] == "failed"
+    assert turn["error"] == {
+        "code": "setup_failed",
+        "message": "The setup script exited with code 1 (see the setup log)",
+    }
+    lines = [e["line"] for e in api.get(f"tasks/{task_id}/turns/{turn_id}/logs").json()["logs"]]
+    assert lines == ["preparing"]
+    assert scripted_model.requests == []  # the agent never started
+
+
+def test_reserved_variable_names_are_refused(engine_server: Server, repo: Path) -> None:
+    api = engine_server.api
+    for field, name in (
+        ("env_vars", "HOME"),
+        ("secrets", "https_proxy"),
+        ("env_vars", "OPENWHAM_X"),
+    ):
+        r = api.post("environments", json={"label": "x", "repos": [str(repo)], field: {name: "v"}})
+        assert r.status_code == 400 and "reserved" in r.json()["detail"], r.text
