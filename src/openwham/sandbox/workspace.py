@@ -44,8 +44,18 @@ class WorkspaceError(RuntimeError):
     """A workspace could not be prepared; the message is shown to the user as is."""
 
 
-def git(*args: str, cwd: Path | None = None, input: str | None = None) -> str:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.devnull, **_GIT_ENV}
+def git(
+    *args: str,
+    cwd: Path | None = None,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+) -> str:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.devnull,
+        **_GIT_ENV,
+        **(env or {}),
+    }
     try:
         proc = subprocess.run(
             ["git", *_SAFE, *args],
@@ -150,3 +160,75 @@ def apply_patch(
         detail = str(exc).removeprefix("git apply failed: ")
         raise WorkspaceError(f"{what} does not apply: {detail}") from exc
     git("apply", "--whitespace=nowarn", "-", cwd=dest, input=diff)
+
+
+class PushRejected(WorkspaceError):
+    """The remote refused the push (the branch exists there with other history)."""
+
+
+def commit_and_push(
+    mirror: Path,
+    url: str,
+    *,
+    base: str,
+    diff: str,
+    parent: str | None,
+    branch: str,
+    message: str,
+    author: tuple[str, str],
+    scratch: Path,
+) -> str:
+    """Commit ``diff`` (against ``base``) as a child of ``parent`` (default ``base``) and push
+    it to ``refs/heads/<branch>`` at ``url``; returns the commit. No work tree is involved:
+    a scratch bare repository borrows the mirror's objects, the diff is applied to an index
+    (``git apply --cached``), and the commit is pushed from there (fast-forward only)."""
+    repo = Path(tempfile.mkdtemp(prefix="pr-", dir=scratch))
+    try:
+        git("init", "--quiet", "--bare", "--template=", str(repo))
+        (repo / "objects" / "info").mkdir(parents=True, exist_ok=True)
+        (repo / "objects" / "info" / "alternates").write_text(f"{mirror / 'objects'}\n")
+        index = {"GIT_INDEX_FILE": str(repo / "index")}
+        git("read-tree", base, cwd=repo, env=index)
+        try:
+            git(
+                "apply",
+                "--cached",
+                "--binary",
+                "--whitespace=nowarn",
+                "-",
+                cwd=repo,
+                input=diff,
+                env=index,
+            )
+        except WorkspaceError as exc:
+            detail = str(exc).removeprefix("git apply failed: ")
+            raise WorkspaceError(f"The attempt's diff does not apply to {base}: {detail}") from exc
+        tree = git("write-tree", cwd=repo, env=index).strip()
+        name, email = author
+        who = {
+            "GIT_AUTHOR_NAME": name,
+            "GIT_AUTHOR_EMAIL": email,
+            "GIT_COMMITTER_NAME": name,
+            "GIT_COMMITTER_EMAIL": email,
+        }
+        commit = git(
+            "commit-tree",
+            tree,
+            "-p",
+            parent or base,
+            "-F",
+            "-",
+            cwd=repo,
+            input=message,
+            env=who,
+        ).strip()
+        try:
+            git("push", "--quiet", url, f"{commit}:refs/heads/{branch}", cwd=repo)
+        except WorkspaceError as exc:
+            text = str(exc)
+            if any(w in text for w in ("rejected", "non-fast-forward", "fetch first")):
+                raise PushRejected(text) from exc
+            raise WorkspaceError(f"Cannot push to {url}: {text}") from exc
+        return commit
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)

@@ -46,3 +46,9 @@ class Unavailable(ServiceError):
     """The server cannot do this now (e.g. it cannot run tasks); the detail says why."""
 
     status_code = 503
+
+
+class BadGateway(ServiceError):
+    """A remote openwham talks to for the caller (a git remote) failed."""
+
+    status_code = 502

@@ -9,11 +9,13 @@ from fastapi import APIRouter, Body, Depends, Query
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
-from openwham.service import logs, tasks, usage
+from openwham.engine import prs as engine_prs
+from openwham.service import logs, prs, tasks, usage
 from openwham.service.accounts import Principal
 from openwham.service.errors import Unavailable
 from openwham.wire import (
     CreateTaskResponse,
+    ExternalPullRequest,
     SiblingTurnsResponse,
     SuccessResponse,
     TaskDetails,
@@ -204,6 +206,22 @@ def sibling_turns(
     task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep
 ) -> SiblingTurnsResponse:
     return tasks.sibling_turns(db, principal, task_id, turn_id)
+
+
+@router.post("/tasks/{task_id}/turns/{turn_id}/pr", response_model=ExternalPullRequest)
+def create_pr(
+    task_id: str, turn_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
+) -> dict[str, Any]:
+    """Commit the attempt's change on the task's branch and push it (engine/prs.py)."""
+    with engine_prs.task_lock(task_id):
+        plan = prs.plan(db, principal, task_id, turn_id)
+        if plan.existing is not None:
+            return plan.existing
+        db.rollback()  # no transaction held while git talks to the remote
+        branch, commit = engine_prs.push(state.settings, plan)
+        entry = prs.record(db, principal, plan, branch=branch, commit=commit)
+        db.commit()
+    return entry
 
 
 @router.get("/tasks/{task_id}/turns/{turn_id}/logs", response_model=TurnLogsResponse)

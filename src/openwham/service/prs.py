@@ -1,0 +1,197 @@
+"""PR branches: what ``POST tasks/{id}/turns/{turn_id}/pr`` pushes, and how it is recorded.
+
+The push itself (a commit of the attempt's diff on its base, sent to the environment's git
+remote) is the engine's (``engine.prs``); this module decides the branch and the commit's
+parent and message before it, and records the result after it. One task has one branch:
+the first push names it from the user's ``branch_format``; pushing a later attempt (a
+follow-up, another attempt of best-of-N) adds a commit on top of the last one pushed, whose
+tree is that attempt's whole change, so the branch always shows the chosen attempt's result
+and its history shows what was pushed when.
+
+No pull request is opened on a hosting service (openwham has no GitHub App or token yet):
+the record says so with ``pull_request.state`` ``"pushed"`` and ``number`` ``0``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import secrets
+import string
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from openwham.store import models as m
+
+from . import settings as user_settings
+from .accounts import Principal
+from .diffs import output_diff
+from .errors import BadRequest, Conflict
+from .repos import validate_branch_name
+from .tasks import get_task_row, get_turn_row
+
+FEATURE_CHARS = 60
+BRANCH_CHARS = 60
+_UNSAFE = re.compile(r"[^A-Za-z0-9._/-]+")
+
+
+def _slug(text: str, limit: int) -> str:
+    """``text`` as a branch-name part: lower case, ``-`` between words, at most ``limit``."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    out = ""
+    for word in words:
+        candidate = f"{out}-{word}" if out else word
+        if len(candidate) > limit:
+            break
+        out = candidate
+    return out or (words[0][:limit] if words else "changes")
+
+
+def _safe_ref_part(text: str, limit: int) -> str:
+    part = _UNSAFE.sub("-", text)[:limit]
+    part = re.sub(r"\.{2,}|/{2,}|@\{", "-", part).strip("./-")
+    return part.removesuffix(".lock") or "branch"
+
+
+def branch_name(fmt: str, *, title: str, base_branch: str, now: float) -> str:
+    """The branch a task's change is pushed to, from a ``branch_format`` like
+    ``codex/{feature}`` (placeholders as ``settings/configs/user-preferences`` lists them)."""
+    when = dt.datetime.fromtimestamp(now, dt.UTC)
+    alphabet = string.ascii_lowercase + string.digits
+    values = {
+        "{feature}": _slug(title, FEATURE_CHARS),
+        "{branch}": _safe_ref_part(base_branch, BRANCH_CHARS),
+        "{uuid}": "".join(secrets.choice(alphabet) for _ in range(6)),
+        "{ts}": str(int(now)),
+        "{date}": when.strftime("%Y-%m-%d"),
+        "{time}": when.strftime("%H-%M-%S"),
+    }
+    name = fmt
+    for token, value in values.items():
+        name = name.replace(token, value)
+    name = name.strip("/")
+    try:
+        return validate_branch_name(name)
+    except BadRequest:
+        return f"codex/{values['{feature}']}"
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    """Everything the engine needs to push one attempt's change."""
+
+    task_id: str
+    turn_id: str
+    repo_key: str
+    repo_url: str
+    base: str
+    diff: str
+    parent: str | None  # the last commit pushed for this task, or None (then: base)
+    branch: str
+    new_branch: bool
+    message: str
+    author: tuple[str, str]
+    existing: dict[str, Any] | None = None  # this attempt is what the branch holds already
+
+
+def plan(db: Session, principal: Principal, task_id: str, turn_id: str) -> PushPlan:
+    """Check that the attempt has a change to push and decide branch, parent and message."""
+    task = get_task_row(db, principal, task_id)
+    turn = get_turn_row(db, task, turn_id)
+    if turn.role != "assistant":
+        raise BadRequest("A PR is made from an assistant turn (an attempt), not a user turn")
+    if turn.turn_status != "completed":
+        raise Conflict(f"Turn {turn.turn_status}: only a completed attempt has a change to push")
+    diff_item = output_diff(turn.body.get("output_items")) or {}
+    diff, base = diff_item.get("diff"), diff_item.get("base_commit_sha")
+    if not isinstance(diff, str) or not diff or not isinstance(base, str):
+        raise Conflict("This attempt changed no files: there is nothing to push")
+    env_body = dict(turn.body.get("environment") or {})
+    env = db.get(m.Environment, task.environment_id) if task.environment_id else None
+    if env is not None and env.account_id == task.account_id:
+        env_body = dict(env.body)
+    repo_key = str(diff_item.get("repo_id") or (env_body.get("repos") or [""])[0])
+    info = (env_body.get("repo_map") or {}).get(repo_key) or {}
+    url = str(info.get("clone_url") or info.get("git_url") or "")
+    if not url:
+        raise Conflict("The environment of this task has no git remote to push to")
+    pushed = task.body.get("pushed_branch_name")
+    parent = task.body.get("last_pushed_commit")
+    existing = None
+    if task.body.get("last_pushed_turn_id") == turn.id:
+        existing = next(iter(task.body.get("external_pull_requests") or []), None)
+    title = task.title or "Changes"
+    if isinstance(pushed, str) and pushed:
+        branch, new = pushed, False
+    else:
+        fmt = user_settings.get(principal).branch_format or "codex/{feature}"
+        base_branch = str(turn.body.get("branch") or task.branch or base)
+        branch, new = branch_name(fmt, title=title, base_branch=base_branch, now=time.time()), True
+        parent = None
+    answer = next(
+        (
+            str(item.get("pr_message") or "")
+            for item in turn.body.get("output_items") or []
+            if item.get("type") == "pr"
+        ),
+        "",
+    )
+    message = f"{title}\n\n{answer}".strip() + "\n"
+    user = principal.user
+    return PushPlan(
+        task_id=task.id,
+        turn_id=turn.id,
+        repo_key=repo_key,
+        repo_url=url,
+        base=base,
+        diff=diff,
+        parent=parent if isinstance(parent, str) and parent else None,
+        branch=branch,
+        new_branch=new,
+        message=message,
+        author=(user.name or "openwham", user.email or "openwham@localhost"),
+        existing=existing,
+    )
+
+
+def record(
+    db: Session, principal: Principal, plan_: PushPlan, *, branch: str, commit: str
+) -> dict[str, Any]:
+    """Store the pushed branch on the task (``external_pull_requests``, the metadata's
+    ``pushed_branch_name`` / ``last_pushed_turn_id``) and the turn; returns the entry."""
+    task = get_task_row(db, principal, plan_.task_id)
+    turn = get_turn_row(db, task, plan_.turn_id)
+    pull_request = {
+        "number": 0,
+        "url": plan_.repo_url,
+        "state": "pushed",
+        "merged": False,
+        "mergeable": False,
+        "draft": False,
+        "title": task.title,
+        "body": plan_.message.split("\n\n", 1)[1].strip() if "\n\n" in plan_.message else "",
+        "base": str(turn.body.get("branch") or task.branch or ""),
+        "head": branch,
+        "base_sha": plan_.base,
+        "head_sha": commit,
+    }
+    entry = {
+        "id": f"pr_{plan_.task_id.removeprefix('task_e_')[:24]}",
+        "assistant_turn_id": plan_.turn_id,
+        "pull_request": pull_request,
+        "codex_updated_sha": commit,
+    }
+    body = dict(task.body)
+    body.update(
+        external_pull_requests=[entry],
+        pushed_branch_name=branch,
+        last_pushed_turn_id=plan_.turn_id,
+        last_pushed_commit=commit,
+    )
+    task.body = body
+    task.updated_at = time.time()
+    turn.body = {**turn.body, "pull_request_status": "pushed", "pull_request_data": pull_request}
+    return entry

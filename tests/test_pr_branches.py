@@ -1,0 +1,157 @@
+"""PR branches: ``POST tasks/{id}/turns/{turn_id}/pr`` commits an attempt's change on a
+branch named by the user's ``branch_format`` and pushes it to the environment's remote (a
+local bare repository here); follow-ups add commits to the same branch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import Server, git, make_repo, wait_for_task
+from support.scripted_model import Patch, Say, ScriptedModel, Shell
+
+FIX = """\
+*** Begin Patch
+*** Update File: calc.py
+@@
+ def add(a, b):
+-    return a - b
++    return a + b
+*** End Patch"""
+MORE = """\
+*** Begin Patch
+*** Add File: NOTES.md
++add() adds.
+*** End Patch"""
+
+
+def bare_remote(tmp_path: Path) -> Path:
+    work = make_repo(tmp_path / "work")
+    remote = tmp_path / "remote.git"
+    git("clone", "-q", "--bare", str(work), str(remote), cwd=tmp_path)
+    return remote
+
+
+def test_a_pr_branch_is_pushed_recorded_and_updated_by_a_follow_up(
+    engine_server: Server, scripted_model: ScriptedModel, tmp_path: Path
+) -> None:
+    api = engine_server.api
+    remote = bare_remote(tmp_path)
+    base = git("rev-parse", "main", cwd=remote).strip()
+    r = api.patch("settings/user", json={"branch_format": "codex/{feature}-{date}"})
+    assert r.status_code == 200, r.text
+    env = api.create_env(str(remote))
+    scripted_model.script = [Patch(FIX), Say("Fixed add.")]
+    created = api.create_task(env["id"], "Fix the add function please")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    assert wait_for_task(api, task_id)["current_assistant_turn"]["turn_status"] == "completed"
+
+    r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
+    assert r.status_code == 200, r.text
+    entry = r.json()
+    pr = entry["pull_request"]
+    branch = pr["head"]
+    assert branch.startswith("codex/fix-the-add-function-please-20") and len(branch) == 44
+    assert entry["assistant_turn_id"] == turn_id and entry["codex_updated_sha"] == pr["head_sha"]
+    assert (pr["state"], pr["number"], pr["base"], pr["base_sha"]) == ("pushed", 0, "main", base)
+    # the remote has the branch: one commit on the base with exactly the attempt's change
+    head = git("rev-parse", branch, cwd=remote).strip()
+    assert head == pr["head_sha"]
+    assert git("rev-parse", f"{branch}~1", cwd=remote).strip() == base
+    assert git("log", "-1", "--format=%s%n%n%b%an <%ae>", branch, cwd=remote).startswith(
+        "Fix the add function please\n\nFixed add.\n"
+    )
+    assert git("show", f"{branch}:calc.py", cwd=remote) == "def add(a, b):\n    return a + b\n"
+    assert git("rev-parse", "main", cwd=remote).strip() == base  # nothing else moved
+
+    # recorded on the task, in the list and on the turn
+    details = api.get(f"tasks/{task_id}").json()
+    assert details["task"]["external_pull_requests"] == [entry]
+    meta = details["task"]["denormalized_metadata"]
+    assert (meta["pushed_branch_name"], meta["last_pushed_turn_id"]) == (branch, turn_id)
+    (item,) = [t for t in api.get("tasks/list").json()["items"] if t["id"] == task_id]
+    assert item["pull_requests"] == [entry]
+    assert details["current_assistant_turn"]["pull_request_status"] == "pushed"
+    # asking again for the same attempt changes nothing
+    again = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
+    assert again.status_code == 200 and again.json() == entry
+    assert git("rev-parse", branch, cwd=remote).strip() == head
+
+    # a follow-up's change goes on top, on the same branch
+    # (the script index counts tool outputs: the resumed conversation brings the first one)
+    scripted_model.script = [Say("(not reached)"), Patch(MORE), Say("Added notes.")]
+    follow = api.follow_up(task_id, turn_id, "Add a note")
+    turn2 = follow["turn"]["id"]
+    assert wait_for_task(api, task_id)["current_assistant_turn"]["turn_status"] == "completed"
+    r = api.post(f"tasks/{task_id}/turns/{turn2}/pr")
+    assert r.status_code == 200, r.text
+    assert r.json()["pull_request"]["head"] == branch
+    assert git("rev-parse", f"{branch}~1", cwd=remote).strip() == head
+    assert git("show", f"{branch}:NOTES.md", cwd=remote) == "add() adds.\n"
+    assert git("show", f"{branch}:calc.py", cwd=remote) == "def add(a, b):\n    return a + b\n"
+    meta = api.get(f"tasks/{task_id}").json()["task"]["denormalized_metadata"]
+    assert meta["last_pushed_turn_id"] == turn2
+
+
+def test_pr_requests_that_cannot_push_are_refused_clearly(
+    engine_server: Server, scripted_model: ScriptedModel, tmp_path: Path
+) -> None:
+    api = engine_server.api
+    remote = bare_remote(tmp_path)
+    env = api.create_env(str(remote))
+    scripted_model.script = [Shell("true"), Say("Nothing to change.")]
+    created = api.create_task(env["id"], "Look only")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    assert wait_for_task(api, task_id)["current_assistant_turn"]["turn_status"] == "completed"
+    branches_before = git("branch", "--list", cwd=remote)
+
+    r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
+    assert r.status_code == 409 and "nothing to push" in r.json()["detail"]
+    user_turn = created["user_turn"]["id"]
+    r = api.post(f"tasks/{task_id}/turns/{user_turn}/pr")
+    assert r.status_code == 400 and "assistant turn" in r.json()["detail"]
+    assert api.post(f"tasks/{task_id}/turns/nope/pr").status_code == 404
+    assert api.post(f"tasks/task_e_nope/turns/{turn_id}/pr").status_code == 404
+    other = api.as_(engine_server.other_account_token())
+    assert other.post(f"tasks/{task_id}/turns/{turn_id}/pr").status_code == 404
+    assert git("branch", "--list", cwd=remote) == branches_before
+
+
+def test_a_taken_branch_name_gets_a_suffix_and_a_moved_task_branch_is_left_alone(
+    engine_server: Server, scripted_model: ScriptedModel, tmp_path: Path
+) -> None:
+    api = engine_server.api
+    remote = bare_remote(tmp_path)
+    work = tmp_path / "work"
+    # someone else's branch under the name openwham will choose
+    git("checkout", "-q", "-b", "codex/fix-add", cwd=work)
+    (work / "other.txt").write_text("theirs\n")
+    git("add", ".", cwd=work)
+    git("commit", "-q", "-m", "theirs", cwd=work)
+    git("push", "-q", str(remote), "codex/fix-add", cwd=work)
+    theirs = git("rev-parse", "HEAD", cwd=work).strip()
+    env = api.create_env(str(remote))
+    scripted_model.script = [Patch(FIX), Say("Fixed.")]
+    created = api.create_task(env["id"], "Fix add")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    assert wait_for_task(api, task_id)["current_assistant_turn"]["turn_status"] == "completed"
+
+    r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
+    assert r.status_code == 200, r.text
+    branch = r.json()["pull_request"]["head"]
+    assert branch.startswith("codex/fix-add-") and len(branch) == len("codex/fix-add-") + 6
+    assert git("rev-parse", "codex/fix-add", cwd=remote).strip() == theirs  # untouched
+
+    # the task's branch moves on the remote; the next push does not overwrite it
+    git("fetch", "-q", str(remote), f"{branch}:{branch}", cwd=work)
+    git("checkout", "-q", branch, cwd=work)
+    (work / "later.txt").write_text("later\n")
+    git("add", ".", cwd=work)
+    git("commit", "-q", "-m", "later", cwd=work)
+    git("push", "-q", str(remote), branch, cwd=work)
+    moved = git("rev-parse", "HEAD", cwd=work).strip()
+    scripted_model.script = [Say("(not reached)"), Patch(MORE), Say("More.")]
+    follow = api.follow_up(task_id, turn_id, "More")
+    assert wait_for_task(api, task_id)["current_assistant_turn"]["turn_status"] == "completed"
+    r = api.post(f"tasks/{task_id}/turns/{follow['turn']['id']}/pr")
+    assert r.status_code == 409 and "left as it is" in r.json()["detail"], r.text
+    assert git("rev-parse", branch, cwd=remote).strip() == moved
