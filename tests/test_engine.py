@@ -429,22 +429,46 @@ def test_model_effort_and_custom_instructions_reach_the_agent(
 def test_best_of_n_runs_every_attempt(
     engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
 ) -> None:
+    """Three attempts, two at a time (the executor's concurrency): each in its own sandbox
+    and workspace (each writes a random id into its diff), each with its own result; the
+    task shows attempt 0 and counts three."""
     api = engine_server.api
-    scripted_model.script = fix_script()
+    scripted_model.script = [
+        Patch(FIX),
+        Shell("cat /proc/sys/kernel/random/uuid > attempt-id.txt; cat attempt-id.txt"),
+        Say(ANSWER),
+    ]
     env = api.create_env(calc_repo)
     created = api.create_task(env["id"], "Fix it", metadata={"best_of_n": 3})
     task_id = created["task"]["id"]
     details = wait_for_task(api, task_id)
     primary = details["current_assistant_turn"]
+    assert primary["id"] == created["turn"]["id"] and primary["attempt_placement"] == 0
     siblings = api.get(f"tasks/{task_id}/turns/{primary['id']}/sibling_turns").json()
     others = siblings["sibling_turns"]
+    ids = set()
+    waited = 0
     for turn in [primary, *others]:
         turn = wait_for_turn(api, task_id, turn["id"])
         assert turn["turn_status"] == "completed", turn["error"]
-        pr = turn["output_items"][-1]
-        assert pr["type"] == "pr" and "+    return a + b" in pr["output_diff"]["diff"]
+        message, pr = turn["output_items"]
+        assert message["content"][0]["text"] == ANSWER
+        diff = pr["output_diff"]["diff"]
+        assert pr["type"] == "pr" and "+    return a + b" in diff
+        (line,) = [x for x in diff.splitlines() if x.startswith("+") and len(x) == 37]
+        ids.add(line)
+        (_, output), *_ = [c for c in commands(turn) if "attempt-id" in c[0]]
+        assert output["content"]["parts"][0].strip() == line[1:]  # its own work log
+        waited += ("Waiting", "pending") in statuses(stream(api, task_id, turn["id"]))
+        everyone = {t["id"] for t in [primary, *others]}
+        assert set(turn["sibling_turn_ids"]) == everyone - {turn["id"]}
+    assert len(ids) == 3  # three workspaces
+    assert waited >= 1  # two ran at once; the third waited for a slot
     assert sorted(t["attempt_placement"] for t in [primary, *others]) == [0, 1, 2]
-    assert len(scripted_model.requests) == 3 * 4
+    display = api.get(f"tasks/{task_id}").json()["task"]["task_status_display"]
+    latest = display["latest_turn_status_display"]
+    assert latest["turn_id"] == primary["id"] and len(latest["sibling_turn_ids"]) == 2
+    assert len(scripted_model.requests) == 3 * 3
 
 
 # =========================================================================== inputs that fail

@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import socket
-import stat
 import tempfile
 import threading
 import time
@@ -54,6 +53,7 @@ from openwham.store.events import EventBus
 
 from . import diff as diffs
 from . import setup as setup_phase
+from . import storage
 from .diff import DiffError
 from .recorder import TurnRecorder, latest_event
 from .redact import Redactor
@@ -71,7 +71,7 @@ STATUS_POLL_SECONDS = 1.0
 HEARTBEAT_POLL_SECONDS = 0.5
 STANDBY_READY_SECONDS = 30.0
 CLOSE_SECONDS = 10.0  # how long Codex may take to close down after its result is in
-CLOSED_MARKER = "closed"  # in the attempt's directory once its sandbox is gone
+CLOSED_MARKER = storage.CLOSED_MARKER
 
 
 class AttemptFailed(Exception):
@@ -221,6 +221,7 @@ class Engine:
             AddressGuard.from_setting(self.settings.egress_allow_networks),
         )
         _remove_orphaned_standbys(self.attempts_root)
+        storage.sweep(self.attempts_root, self.db)
         self.standby = StandbyPool(
             size=self.settings.standby_sandboxes if self.gateway is not None else 0,
             max_age=float(self.settings.standby_max_age_seconds),
@@ -710,19 +711,7 @@ class Engine:
                 "start a new task instead",
             )
 
-        def special(directory: str, names: list[str]) -> set[str]:
-            return {
-                n
-                for n in names
-                if not (
-                    stat.S_ISREG(mode := os.lstat(os.path.join(directory, n)).st_mode)
-                    or stat.S_ISDIR(mode)
-                    or stat.S_ISLNK(mode)
-                )
-            }
-
-        shutil.copytree(source, dest, symlinks=True, ignore=special)
-        os.chmod(dest, 0o700)
+        storage.copy_codex_home(source, dest)
 
     def _token_ttl(self, owner: str) -> float | None:
         if not owner.startswith(_STANDBY_PREFIX):
@@ -964,8 +953,9 @@ def _keep_alive(rec: TurnRecorder, done: threading.Event) -> None:
 
 
 def requeue(s: Session, turn: m.Turn, note: str, *, tries: int | None = None) -> None:
-    """Put an attempt back to ``pending`` to start again from scratch: its results and
-    work-log events go, a ``log`` event says why. ``tries`` replaces the count of runs."""
+    """Put an attempt back to ``pending`` to start again from scratch: its results, status
+    lines (a terminal one would end a new stream at once), work log and setup log go, a
+    ``log`` event says why. ``tries`` replaces the count of runs."""
     body = dict(turn.body)
     if tries is not None:
         body["run"] = {**(body.get("run") or {}), "tries": tries}
@@ -983,7 +973,7 @@ def requeue(s: Session, turn: m.Turn, note: str, *, tries: int | None = None) ->
     turn.updated_at = time.time()
     # its setup log goes with it; the server's notes (log events without a key) stay
     notes = [e.payload for e in events.read(s, turn.id, item_types=[events.LOG], limit=10_000)]
-    events.clear(s, turn.id, [events.WORK_LOG_MESSAGE, events.LOG])
+    events.clear(s, turn.id, [events.WORK_LOG_MESSAGE, events.LOG, events.TASK_TURN_EVENT])
     for payload in notes:
         if "key" not in payload:
             events.append(s, turn.task_id, turn.id, events.LOG, payload)

@@ -946,7 +946,10 @@ def active_turn_ids(db: Session, task_id: str) -> list[str]:
     )
 
 
-def delete(db: Session, principal: Principal, task_id: str) -> None:
+def delete(db: Session, principal: Principal, task_id: str) -> list[str]:
+    """Delete the task with its turns and events; returns the turn ids (their files go too)."""
     task = get_task_row(db, principal, task_id)
+    turn_ids = list(db.scalars(select(m.Turn.id).where(m.Turn.task_id == task.id)))
     db.delete(task)
     db.flush()
+    return turn_ids

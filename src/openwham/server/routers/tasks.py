@@ -10,7 +10,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from openwham.engine import prs as engine_prs
-from openwham.service import logs, prs, tasks, usage
+from openwham.engine import storage
+from openwham.engine.attempt import requeue
+from openwham.service import lifecycle, logs, prs, tasks, usage
 from openwham.service.accounts import Principal
 from openwham.service.errors import Unavailable
 from openwham.wire import (
@@ -111,13 +113,49 @@ def get_task(task_id: str, principal: PrincipalDep, db: SessionDep) -> TaskDetai
 def delete_task(
     task_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
 ) -> SuccessResponse:
-    """Delete a task; its running attempts are stopped first."""
+    """Delete a task; its running attempts are stopped first, and its attempts' files go
+    with it (workspaces, homes, Codex sessions)."""
     stopped = tasks.cancel(db, principal, task_id)
     db.commit()
     _stop(state, stopped)
-    tasks.delete(db, principal, task_id)
+    turn_ids = tasks.delete(db, principal, task_id)
     db.commit()
+    storage.remove(state.settings.resolved_data_dir / "attempts", turn_ids)
     return OK
+
+
+@router.post("/tasks/{task_id}/recover", response_model=SuccessResponse)
+def recover(
+    task_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
+) -> SuccessResponse:
+    """Run the latest turn's failed and cancelled attempts again (service/lifecycle.py)."""
+    if state.runner is not None and state.runner.problem:
+        raise Unavailable(state.runner.problem)
+    turns = lifecycle.recoverable(db, state.settings, principal, task_id)
+    for turn in turns:
+        requeue(db, turn, "Recovered: this attempt runs again from the start", tries=0)
+    db.commit()
+    ids = [t.id for t in turns]
+    for turn_id in ids:
+        state.bus.publish(turn_id)
+    if state.runner is not None:
+        state.runner.submit(ids)
+    return OK
+
+
+@router.post("/tasks/{task_id}/fork", response_model=TaskDetails)
+def fork(
+    task_id: str,
+    state: StateDep,
+    principal: PrincipalDep,
+    db: SessionDep,
+    body: Annotated[Any, Body()] = None,
+) -> TaskDetails:
+    """A new task that starts from a chosen completed attempt (service/lifecycle.py)."""
+    forked = lifecycle.fork(db, principal, task_id, body)
+    db.commit()
+    storage.copy_sessions(state.settings.resolved_data_dir / "attempts", forked.copied)
+    return tasks.details(db, principal, forked.task_id)
 
 
 @router.post("/tasks/{task_id}/archive", response_model=SuccessResponse)

@@ -1,0 +1,134 @@
+"""Task actions that run or copy attempts, through the API with the real agent: ``recover``
+(a failed attempt runs again), ``fork`` (a new task from a chosen attempt, which follow-ups
+continue on their own) and ``delete`` (the attempts' files go with the task)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from conftest import Server, diff_of, parse_sse, wait_for_task
+from support.scripted_model import Fail, Patch, Say, ScriptedModel
+
+FIX = """\
+*** Begin Patch
+*** Update File: calc.py
+@@
+ def add(a, b):
+-    return a - b
++    return a + b
+*** End Patch"""
+NOTE = """\
+*** Begin Patch
+*** Add File: NOTES.md
++forked
+*** End Patch"""
+
+
+def test_recover_runs_a_failed_attempt_again(
+    engine_server: Server, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    api = engine_server.api
+    scripted_model.script = [Fail(message="upstream broke")]
+    env = api.create_env(repo)
+    created = api.create_task(env["id"], "Fix add")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    failed = wait_for_task(api, task_id)["current_assistant_turn"]
+    assert failed["turn_status"] == "failed"
+    used = api.get("tasks/rate_limit").json()["remaining"]
+
+    scripted_model.script = [Patch(FIX), Say("Fixed add.")]
+    r = api.post(f"tasks/{task_id}/recover")
+    assert r.status_code == 200 and r.json() == {"success": True}
+    details = wait_for_task(api, task_id)
+    turn = details["current_assistant_turn"]
+    assert turn["id"] == turn_id and turn["turn_status"] == "completed", turn["error"]
+    assert turn["error"] is None and "+    return a + b" in diff_of(details)
+    assert api.get("tasks/rate_limit").json()["remaining"] == used - 1  # counted
+    # the stream of the recovered attempt shows the new run to its end, with the note
+    frames = parse_sse(api.get(f"tasks/{task_id}/turns/{turn_id}/stream").text)
+    ends = [
+        f["data"]["payload"]["turn_status"]
+        for f in frames
+        if f["data"]["item_type"] == "task_turn_event"
+        and f["data"]["payload"]["turn_status"] in ("completed", "failed")
+    ]
+    assert ends == ["completed"]
+    notes = [f["data"]["payload"].get("text") for f in frames if f["data"]["item_type"] == "log"]
+    assert "Recovered: this attempt runs again from the start" in notes
+
+    # nothing left to recover
+    r = api.post(f"tasks/{task_id}/recover")
+    assert r.status_code == 409 and "Nothing to recover" in r.json()["detail"]
+    assert api.post("tasks/task_e_nope/recover").status_code == 404
+
+
+def test_fork_starts_a_new_task_from_a_chosen_attempt(
+    engine_server: Server, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    api = engine_server.api
+    scripted_model.script = [Patch(FIX), Say("Fixed add.")]
+    env = api.create_env(repo)
+    created = api.create_task(env["id"], "Fix add")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    original = wait_for_task(api, task_id)
+    assert original["current_assistant_turn"]["turn_status"] == "completed"
+
+    r = api.post(f"tasks/{task_id}/fork", json={"turn_id": turn_id})
+    assert r.status_code == 200, r.text
+    forked = r.json()
+    new_id = forked["task"]["id"]
+    assert new_id != task_id and forked["task"]["title"] == original["task"]["title"]
+    copy = forked["current_assistant_turn"]
+    assert copy["id"] != turn_id and copy["turn_status"] == "completed"
+    assert copy["output_items"] == original["current_assistant_turn"]["output_items"]
+    assert diff_of(forked) == diff_of(original)
+    assert (
+        forked["current_user_turn"]["input_items"] == original["current_user_turn"]["input_items"]
+    )
+    ids = {t["id"] for t in api.get("tasks/list").json()["items"]}
+    assert {task_id, new_id} <= ids
+
+    # a follow-up of the fork continues its conversation and tree; the original is untouched
+    scripted_model.requests.clear()
+    scripted_model.script = [Say("(not reached)"), Patch(NOTE), Say("Noted.")]
+    follow = api.follow_up(new_id, copy["id"], "Add a note")
+    details = wait_for_task(api, new_id)
+    assert details["current_assistant_turn"]["turn_status"] == "completed", details[
+        "current_assistant_turn"
+    ]["error"]
+    assert details["current_assistant_turn"]["id"] == follow["turn"]["id"]
+    diff = diff_of(details)
+    assert "+    return a + b" in diff and "+forked" in diff
+    history = str(scripted_model.requests[0]["input"])
+    assert "Fix add" in history and "Add a note" in history  # the whole conversation
+    again = api.get(f"tasks/{task_id}").json()
+    assert again["task"]["denormalized_metadata"]["num_follow_ups"] == 0
+    assert again["current_assistant_turn"]["id"] == turn_id
+
+    # bad requests
+    user_turn = created["user_turn"]["id"]
+    assert api.post(f"tasks/{task_id}/fork", json={"turn_id": user_turn}).status_code == 400
+    assert api.post(f"tasks/{task_id}/fork", json={"turn_id": "nope"}).status_code == 404
+    assert api.post(f"tasks/{task_id}/fork", json=[1]).status_code == 400
+    other = api.as_(engine_server.other_account_token())
+    assert other.post(f"tasks/{task_id}/fork", json={}).status_code == 404
+
+
+def test_deleting_a_task_removes_its_attempts_files(
+    engine_server: Server, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    api = engine_server.api
+    scripted_model.script = [Patch(FIX), Say("Fixed add.")]
+    env = api.create_env(repo)
+    created = api.create_task(env["id"], "Fix add")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    wait_for_task(api, task_id)
+    attempt_dir = engine_server.app_state.settings.resolved_data_dir / "attempts" / turn_id
+    deadline = time.monotonic() + 10
+    while not (attempt_dir / "closed").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (attempt_dir / "codex-home").is_dir()
+    assert api.delete(f"tasks/{task_id}").status_code == 200
+    assert not attempt_dir.exists()
+    assert api.get(f"tasks/{task_id}").status_code == 404
