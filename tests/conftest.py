@@ -373,6 +373,20 @@ def wait_for_task(api: Api, task_id: str, timeout: float = 90.0) -> dict[str, An
         time.sleep(0.1)
 
 
+def completed_task(
+    api: Api, model: Any, env_id: str, prompt: str, script: list[Any]
+) -> tuple[str, str, dict[str, Any]]:
+    """Run a task whose agent follows ``script``; asserts that its attempt completed.
+    Returns the task id, the attempt id and the task's details."""
+    model.script = script
+    created = api.create_task(env_id, prompt)
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    details = wait_for_task(api, task_id)
+    turn = details["current_assistant_turn"]
+    assert turn["turn_status"] == "completed", turn["error"]
+    return task_id, turn_id, details
+
+
 def wait_for_turn(
     api: Api, task_id: str, turn_id: str, until: Any = None, timeout: float = 90.0
 ) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import Server, git, make_repo, wait_for_task
+from conftest import Server, completed_task, git, make_repo, wait_for_task
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
 
 FIX = """\
@@ -40,10 +40,13 @@ def test_a_pr_branch_is_pushed_recorded_and_updated_by_a_follow_up(
     r = api.patch("settings/user", json={"branch_format": "codex/{feature}-{date}"})
     assert r.status_code == 200, r.text
     env = api.create_env(str(remote))
-    scripted_model.script = [Patch(FIX), Say("Fixed add.")]
-    created = api.create_task(env["id"], "Fix the add function please")
-    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
-    assert wait_for_task(api, task_id)["current_assistant_turn"]["turn_status"] == "completed"
+    task_id, turn_id, _ = completed_task(
+        api,
+        scripted_model,
+        env["id"],
+        "Fix the add function please",
+        [Patch(FIX), Say("Fixed add.")],
+    )
 
     r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
     assert r.status_code == 200, r.text
@@ -98,15 +101,14 @@ def test_pr_requests_that_cannot_push_are_refused_clearly(
     api = engine_server.api
     remote = bare_remote(tmp_path)
     env = api.create_env(str(remote))
-    scripted_model.script = [Shell("true"), Say("Nothing to change.")]
-    created = api.create_task(env["id"], "Look only")
-    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
-    assert wait_for_task(api, task_id)["current_assistant_turn"]["turn_status"] == "completed"
+    task_id, turn_id, details = completed_task(
+        api, scripted_model, env["id"], "Look only", [Shell("true"), Say("Nothing to change.")]
+    )
     branches_before = git("branch", "--list", cwd=remote)
 
     r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
     assert r.status_code == 409 and "nothing to push" in r.json()["detail"]
-    user_turn = created["user_turn"]["id"]
+    user_turn = details["current_user_turn"]["id"]
     r = api.post(f"tasks/{task_id}/turns/{user_turn}/pr")
     assert r.status_code == 400 and "assistant turn" in r.json()["detail"]
     assert api.post(f"tasks/{task_id}/turns/nope/pr").status_code == 404
@@ -130,10 +132,9 @@ def test_a_taken_branch_name_gets_a_suffix_and_a_moved_task_branch_is_left_alone
     git("push", "-q", str(remote), "codex/fix-add", cwd=work)
     theirs = git("rev-parse", "HEAD", cwd=work).strip()
     env = api.create_env(str(remote))
-    scripted_model.script = [Patch(FIX), Say("Fixed.")]
-    created = api.create_task(env["id"], "Fix add")
-    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
-    assert wait_for_task(api, task_id)["current_assistant_turn"]["turn_status"] == "completed"
+    task_id, turn_id, _ = completed_task(
+        api, scripted_model, env["id"], "Fix add", [Patch(FIX), Say("Fixed.")]
+    )
 
     r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
     assert r.status_code == 200, r.text

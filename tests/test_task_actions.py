@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conftest import Server, diff_of, parse_sse, wait_for_task
+from conftest import Server, completed_task, diff_of, parse_sse, wait_for_task
 from support.scripted_model import Fail, Patch, Say, ScriptedModel
 
 FIX = """\
@@ -67,12 +67,10 @@ def test_fork_starts_a_new_task_from_a_chosen_attempt(
     engine_server: Server, scripted_model: ScriptedModel, repo: Path
 ) -> None:
     api = engine_server.api
-    scripted_model.script = [Patch(FIX), Say("Fixed add.")]
     env = api.create_env(repo)
-    created = api.create_task(env["id"], "Fix add")
-    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
-    original = wait_for_task(api, task_id)
-    assert original["current_assistant_turn"]["turn_status"] == "completed"
+    task_id, turn_id, original = completed_task(
+        api, scripted_model, env["id"], "Fix add", [Patch(FIX), Say("Fixed add.")]
+    )
 
     r = api.post(f"tasks/{task_id}/fork", json={"turn_id": turn_id})
     assert r.status_code == 200, r.text
@@ -107,7 +105,7 @@ def test_fork_starts_a_new_task_from_a_chosen_attempt(
     assert again["current_assistant_turn"]["id"] == turn_id
 
     # bad requests
-    user_turn = created["user_turn"]["id"]
+    user_turn = original["current_user_turn"]["id"]
     assert api.post(f"tasks/{task_id}/fork", json={"turn_id": user_turn}).status_code == 400
     assert api.post(f"tasks/{task_id}/fork", json={"turn_id": "nope"}).status_code == 404
     assert api.post(f"tasks/{task_id}/fork", json=[1]).status_code == 400
@@ -119,11 +117,10 @@ def test_deleting_a_task_removes_its_attempts_files(
     engine_server: Server, scripted_model: ScriptedModel, repo: Path
 ) -> None:
     api = engine_server.api
-    scripted_model.script = [Patch(FIX), Say("Fixed add.")]
     env = api.create_env(repo)
-    created = api.create_task(env["id"], "Fix add")
-    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
-    wait_for_task(api, task_id)
+    task_id, turn_id, _ = completed_task(
+        api, scripted_model, env["id"], "Fix add", [Patch(FIX), Say("Fixed add.")]
+    )
     attempt_dir = engine_server.app_state.settings.resolved_data_dir / "attempts" / turn_id
     deadline = time.monotonic() + 10
     while not (attempt_dir / "closed").exists() and time.monotonic() < deadline:

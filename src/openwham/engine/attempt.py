@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from openwham.config import Settings
 from openwham.gateway import Gateway, forwarder_path
+from openwham.gateway.server import MAX_SOCKET_PATH
 from openwham.runtimes import codex
 from openwham.runtimes.codex_cli import native_binary
 from openwham.sandbox import bwrap
@@ -44,7 +45,12 @@ from openwham.sandbox.workspace import (
     reset_to,
 )
 from openwham.service.diffs import diff_stats, output_diff
-from openwham.service.environments import is_reserved_var
+from openwham.service.environments import (
+    is_reserved_var,
+    repo_info,
+    repo_url,
+    run_environment,
+)
 from openwham.service.keys import SecretBox, secrets_key
 from openwham.store import events
 from openwham.store import models as m
@@ -336,14 +342,10 @@ class Engine:
                 if user_turn is not None and user_turn.parent_id
                 else None
             )
-            env_body = dict(body.get("environment") or {})
+            env, env_body = run_environment(s, task, turn)
             repos = list(env_body.get("repos") or [])
-            env = s.get(m.Environment, task.environment_id) if task.environment_id else None
-            if env is not None:  # the live environment wins over the snapshot
-                env_body = dict(env.body)
-                repos = list(env_body.get("repos") or [])
             repo_key = repos[0] if repos else ""
-            info = (env_body.get("repo_map") or {}).get(repo_key) or {}
+            info = repo_info(env_body, repo_key)
             user = s.get(m.User, task.user_id)
             instructions = (user.settings or {}).get("custom_instructions") if user else None
             needs_title = (
@@ -361,7 +363,7 @@ class Engine:
                 patch=patch,
                 branch=str(body.get("branch") or task.branch or info.get("default_branch") or ""),
                 repo_key=repo_key,
-                repo_url=str(info.get("clone_url") or info.get("git_url") or ""),
+                repo_url=repo_url(env_body, repo_key),
                 qa_mode=bool(run.get("qa_mode")),
                 model=str(run.get("model") or self.settings.model),
                 reasoning_effort=run.get("reasoning_effort"),
@@ -927,7 +929,7 @@ def _usable_vars(values: Any) -> dict[str, str]:
 
 def _socket_dir(path: Path) -> Path:
     """``path``, or a short temporary directory when socket paths in it would be too long."""
-    if len(os.fsencode(path)) + 22 <= 107:
+    if len(os.fsencode(path)) + len("/0123456789abcdef.sock") <= MAX_SOCKET_PATH:
         return path
     return Path(tempfile.mkdtemp(prefix="wham-egress-"))
 

@@ -11,7 +11,6 @@ phase then starts in a new sandbox without the secrets and without the egress so
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import time
 import uuid
@@ -20,17 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from openwham.gateway import forwarder_path
+from openwham.runtimes import codex
 from openwham.sandbox import bwrap
 from openwham.sandbox.bwrap import SANDBOX_HOME, Limits, SandboxProcess, SandboxSpec
 from openwham.sandbox.egress import EgressPolicy, EgressProxy
+from openwham.wire.common import naive_iso
 
 from .recorder import TurnRecorder
 
-SANDBOX_PYTHON = "/usr/bin/python3"
-SANDBOX_FORWARDER = "/opt/openwham/forwarder.py"
 SANDBOX_EGRESS_SOCKET = "/run/wham/egress.sock"
 PROXY_LISTEN = "127.0.0.1:3128"
-LAUNCHER_FAILED = 125
+# the same forwarder, Python and launcher status as the agent's gateway forwarder
+SANDBOX_PYTHON, SANDBOX_FORWARDER = codex.SANDBOX_PYTHON, codex.SANDBOX_FORWARDER
+LAUNCHER_FAILED = codex.LAUNCHER_FAILED
 FLUSH_SECONDS = 0.2
 MAX_LOG_LINES = 20_000  # per setup log; later lines are dropped with a note
 MAX_LINE_CHARS = 16_000
@@ -76,8 +77,11 @@ def argv(script: str) -> list[str]:
 def log_key(now: float | None = None) -> dict[str, Any]:
     """The key of a setup log (reference/wham-api.md §4.9): its name carries the start time."""
     now = time.time() if now is None else now
-    created = dt.datetime.fromtimestamp(now, dt.UTC).replace(tzinfo=None).isoformat()
-    return {"type": "UserSetupScript", "name": f"userscript_{int(now)}", "created_at": created}
+    return {
+        "type": "UserSetupScript",
+        "name": f"userscript_{int(now)}",
+        "created_at": naive_iso(now),
+    }
 
 
 class _Lines:

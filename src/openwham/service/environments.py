@@ -378,3 +378,26 @@ def by_repo(db: Session, principal: Principal, owner: str, repo: str) -> list[m.
 def secret_values(row: m.Environment, box: SecretBox) -> dict[str, str]:
     """Decrypted secrets, for the setup phase only (never rendered)."""
     return {k: box.open(v) for k, v in row.secrets.items()}
+
+
+def run_environment(
+    db: Session, task: m.Task, turn: m.Turn
+) -> tuple[m.Environment | None, dict[str, Any]]:
+    """The environment an attempt of ``task`` works with: the live one (its current
+    repositories, scripts, variables and secrets) or, once that is deleted, the snapshot the
+    attempt was created with (``None`` and the snapshot's body)."""
+    env = db.get(m.Environment, task.environment_id) if task.environment_id else None
+    if env is not None and env.account_id == task.account_id:
+        return env, dict(env.body)
+    return None, dict(turn.body.get("environment") or {})
+
+
+def repo_info(env_body: dict[str, Any], key: str) -> dict[str, Any]:
+    """The ``repo_map`` entry of repository ``key`` (empty when unknown)."""
+    return dict((env_body.get("repo_map") or {}).get(key) or {})
+
+
+def repo_url(env_body: dict[str, Any], key: str) -> str:
+    """Where repository ``key`` is cloned from and pushed to."""
+    info = repo_info(env_body, key)
+    return str(info.get("clone_url") or info.get("git_url") or "")

@@ -7,7 +7,6 @@ a ``text``. Values were redacted when recorded.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from sqlalchemy import select
@@ -16,6 +15,7 @@ from sqlalchemy.orm import Session
 from openwham.store import events
 from openwham.store import models as m
 from openwham.wire import TaskLogEntry, TaskLogsResponse, TurnLogLine, TurnLogsResponse
+from openwham.wire.common import naive_iso
 
 from .accounts import Principal
 from .errors import BadRequest
@@ -25,9 +25,7 @@ MAX_LINES = 100_000
 
 
 def _iso(created: Any) -> str | None:
-    if not isinstance(created, int | float):
-        return None
-    return dt.datetime.fromtimestamp(created, dt.UTC).replace(tzinfo=None).isoformat()
+    return naive_iso(created) if isinstance(created, int | float) else None
 
 
 def turn_logs(db: Session, principal: Principal, task_id: str, turn_id: str) -> TurnLogsResponse:

@@ -24,11 +24,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from openwham.store import models as m
-
 from . import settings as user_settings
 from .accounts import Principal
 from .diffs import output_diff
+from .environments import repo_url, run_environment
 from .errors import BadRequest, Conflict
 from .repos import validate_branch_name
 from .tasks import get_task_row, get_turn_row
@@ -109,13 +108,9 @@ def plan(db: Session, principal: Principal, task_id: str, turn_id: str) -> PushP
     diff, base = diff_item.get("diff"), diff_item.get("base_commit_sha")
     if not isinstance(diff, str) or not diff or not isinstance(base, str):
         raise Conflict("This attempt changed no files: there is nothing to push")
-    env_body = dict(turn.body.get("environment") or {})
-    env = db.get(m.Environment, task.environment_id) if task.environment_id else None
-    if env is not None and env.account_id == task.account_id:
-        env_body = dict(env.body)
+    _, env_body = run_environment(db, task, turn)
     repo_key = str(diff_item.get("repo_id") or (env_body.get("repos") or [""])[0])
-    info = (env_body.get("repo_map") or {}).get(repo_key) or {}
-    url = str(info.get("clone_url") or info.get("git_url") or "")
+    url = repo_url(env_body, repo_key)
     if not url:
         raise Conflict("The environment of this task has no git remote to push to")
     pushed = task.body.get("pushed_branch_name")

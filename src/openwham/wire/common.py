@@ -1,5 +1,7 @@
 """Small shapes used across several endpoints."""
 
+import datetime as dt
+
 from pydantic import Field
 
 from openwham.wire.base import WireModel
@@ -34,3 +36,8 @@ class TurnError(WireModel):
 
     code: str = Field(default="unknown_error", examples=["failed_to_apply_patch_error"])
     message: str = ""
+
+
+def naive_iso(epoch: float) -> str:
+    """A timestamp as setup-log keys and proxy events carry it: naive ISO 8601, in UTC."""
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).replace(tzinfo=None).isoformat()
