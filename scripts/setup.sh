@@ -9,7 +9,9 @@
 #                    npm for the pinned Codex CLI; uv; the project's .venv
 #                    (`uv sync --frozen`, dev tools included)
 #   --with-postgres  also a PostgreSQL server (Debian's `postgresql`) unless
-#                    /usr/lib/postgresql/*/bin/initdb already exists
+#                    /usr/lib/postgresql/*/bin/initdb already exists, and
+#                    Codex CLI 0.151.0 for the compatibility tests
+#                    (tools/codex-cloud/package-lock.json); scripts/test uses it
 #   --quiet          no progress lines (errors are still reported)
 #
 # Idempotent and fast when nothing is missing (it then prints nothing).
@@ -143,6 +145,16 @@ if [ ! -e "$CODEX_STAMP" ] || [ "$CODEX_DIR/package-lock.json" -nt "$CODEX_STAMP
     NEED_CODEX=1
     want_cmd npm nodejs npm
 fi
+# Test-only: Codex CLI 0.151.0, whose `codex cloud` still accepts a custom
+# CODEX_CLOUD_TASKS_BASE_URL (tools/codex-cloud/package-lock.json).
+CLOUD_CLI_DIR="$WHAM_ROOT/tools/codex-cloud"
+CLOUD_CLI_STAMP="$CLOUD_CLI_DIR/node_modules/.openwham-stamp"
+NEED_CLOUD_CLI=0
+if [ "$WITH_POSTGRES" = 1 ] && { [ ! -e "$CLOUD_CLI_STAMP" ] ||
+    [ "$CLOUD_CLI_DIR/package-lock.json" -nt "$CLOUD_CLI_STAMP" ]; }; then
+    NEED_CLOUD_CLI=1
+    want_cmd npm nodejs npm
+fi
 
 # ---------------------------------------------------------------------------
 # EXTENSION POINT: further requirements go here. Keep each check cheap
@@ -205,6 +217,13 @@ if [ "$NEED_CODEX" = 1 ]; then
     "$CODEX_DIR/node_modules/.bin/codex" --version >/dev/null 2>&1 ||
         wham_die "setup: the Codex CLI was installed but does not run"
     touch "$CODEX_STAMP"
+fi
+if [ "$NEED_CLOUD_CLI" = 1 ]; then
+    progress "installing Codex CLI 0.151.0 (compatibility tests) into $CLOUD_CLI_DIR/node_modules"
+    run_logged npm ci --prefix "$CLOUD_CLI_DIR" --no-audit --no-fund --loglevel=error
+    "$CLOUD_CLI_DIR/node_modules/.bin/codex" --version >/dev/null 2>&1 ||
+        wham_die "setup: Codex CLI 0.151.0 was installed but does not run"
+    touch "$CLOUD_CLI_STAMP"
 fi
 
 # ---------------------------------------------------------------------------
