@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "openwham"
 # layer -> the openwham layers it may import (itself always allowed)
 ALLOWED: dict[str, set[str]] = {
     "ids": set(),
+    "codexauth": set(),
     "config": set(),
     "wire": set(),
     "store": set(),
@@ -19,10 +20,10 @@ ALLOWED: dict[str, set[str]] = {
     "engine": {"wire", "store", "config", "ids", "service", "sandbox", "runtimes", "gateway"},
     "sandbox": {"config"},
     "runtimes": {"config", "wire"},
-    "gateway": {"config", "store"},
-    "client": {"wire"},
+    "gateway": {"config", "store", "codexauth"},
+    "client": {"wire", "codexauth"},
     "server": {"wire", "store", "config", "ids", "service", "engine"},
-    "cli": {"wire", "store", "config", "ids", "service", "engine", "server", "client"},
+    "cli": {"wire", "store", "config", "ids", "service", "engine", "server", "client", "codexauth"},
 }
 
 
