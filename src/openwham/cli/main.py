@@ -4,15 +4,37 @@ from __future__ import annotations
 
 import typer
 
-from . import codex_auth, serve, tokens
+from . import account, codex_auth, envs, serve, tasks, tokens
 
 app = typer.Typer(
     name="wham",
-    help="openwham: a self-hostable Codex cloud, and a client for it and for chatgpt.com.",
+    help="openwham: a self-hostable Codex cloud, and a client for it and for chatgpt.com.\n\n"
+    "Client commands talk to the profile chosen with --profile (or $WHAM_PROFILE, or "
+    "$WHAM_URL + $WHAM_TOKEN, or the default profile, else chatgpt.com).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    profile: str | None = typer.Option(
+        None, "--profile", "-p", help="Profile to use (see `wham status`)"
+    ),
+) -> None:
+    """Global options."""
+    ctx.obj = {"profile": profile}
+
+
+app.add_typer(tasks.app, name="task")
+app.add_typer(envs.app, name="env")
+app.command("usage")(account.usage)
+app.command("login")(account.login)
+app.command("logout")(account.logout)
+app.command("status")(account.status)
 app.command("serve")(serve.serve)
 app.add_typer(tokens.app, name="token")
 app.command("codex-auth")(codex_auth.codex_auth)

@@ -1,0 +1,214 @@
+"""How tasks, attempts, live events and usage look in a terminal (and as ``--json``)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.markup import escape
+
+from openwham.client import StreamEvent, readiness, turn_messages
+from openwham.client.attempts import list_status
+from openwham.wire import (
+    AssistantTurn,
+    RateLimitStatusPayload,
+    RateLimitWindow,
+    TaskDetails,
+    TaskListItem,
+    WorklogMessage,
+)
+
+STATUS_STYLE = {"ready": "green", "error": "red", "pending": "yellow"}
+OUTPUT_LINES = 12  # command output lines shown by `task watch` (the rest is elided)
+
+
+def age(epoch: float | None, now: float | None = None) -> str:
+    if epoch is None:
+        return "-"
+    seconds = max(0, int((now or time.time()) - epoch))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return "just now"
+
+
+def summary(files: int, added: int, removed: int) -> str:
+    return f"+{added}/-{removed} • {files} file{'' if files == 1 else 's'}"
+
+
+def list_row(item: TaskListItem) -> dict[str, Any]:
+    """One task of `task list`, as printed and as ``--json``."""
+    display = item.task_status_display
+    latest = display.latest_turn_status_display if display else None
+    stats = latest.diff_stats if latest else None
+    status = list_status(item)
+    return {
+        "id": item.id,
+        "title": item.title,
+        "status": readiness(status),
+        "turn_status": status,
+        "environment_label": display.environment_label if display else None,
+        "branch": display.branch_name if display else None,
+        "updated_at": item.updated_at,
+        "summary": {
+            "files_changed": stats.files_modified if stats else 0,
+            "lines_added": stats.lines_added if stats else 0,
+            "lines_removed": stats.lines_removed if stats else 0,
+        },
+        "attempt_total": len(latest.sibling_turn_ids) + 1 if latest else 1,
+        "has_unread_turn": item.has_unread_turn,
+        "archived": item.archived,
+    }
+
+
+def list_lines(row: dict[str, Any], url: str) -> list[str]:
+    s = row["summary"]
+    unread = " •" if row["has_unread_turn"] else ""
+    attempts = f" • {row['attempt_total']} attempts" if row["attempt_total"] > 1 else ""
+    style = STATUS_STYLE.get(row["status"], "white")
+    return [
+        f"[bold]{escape(row['id'])}[/]{unread}  [dim]{escape(url)}[/]",
+        f"  [{style}]\\[{row['status'].upper()}][/] {escape(row['title'])}",
+        f"  {escape(row['environment_label'] or '-')} • {escape(row['branch'] or '-')} • "
+        f"{age(row['updated_at'])}{attempts} • "
+        f"{summary(s['files_changed'], s['lines_added'], s['lines_removed'])}",
+    ]
+
+
+def attempt_row(turn: AssistantTurn, index: int) -> dict[str, Any]:
+    stats = next(
+        (
+            (i.output_diff.files_modified, i.output_diff.lines_added, i.output_diff.lines_removed)
+            for i in turn.output_items
+            if getattr(i, "type", None) == "pr" and hasattr(i, "output_diff")
+        ),
+        None,
+    )
+    return {
+        "attempt": index,
+        "turn_id": turn.id,
+        "turn_status": turn.turn_status,
+        "status_text": turn.latest_event.text if turn.latest_event else None,
+        "error": turn.error.model_dump(mode="json") if turn.error else None,
+        "summary": {
+            "files_changed": (stats[0] or 0) if stats else 0,
+            "lines_added": (stats[1] or 0) if stats else 0,
+            "lines_removed": (stats[2] or 0) if stats else 0,
+        },
+        "messages": turn_messages(turn),
+    }
+
+
+def details_lines(details: TaskDetails, attempts: list[AssistantTurn], url: str) -> list[str]:
+    task = details.task
+    display = details.task_status_display or task.task_status_display
+    current = details.current_assistant_turn
+    state = readiness(current.turn_status if current else None)
+    style = STATUS_STYLE[state]
+    lines = [
+        f"[bold]{escape(task.title)}[/]",
+        f"[{style}]\\[{state.upper()}][/] {escape(url)}",
+        f"environment: {escape((display.environment_label if display else None) or '-')}"
+        f"  branch: {escape((display.branch_name if display else None) or '-')}",
+    ]
+    for index, turn in enumerate(attempts, 1):
+        row = attempt_row(turn, index)
+        s = row["summary"]
+        text = row["status_text"] or turn.turn_status
+        lines.append(
+            f"  attempt {index}: {escape(turn.turn_status)} ({escape(text)}) "
+            f"{summary(s['files_changed'], s['lines_added'], s['lines_removed'])}"
+        )
+        if row["error"]:
+            lines.append(f"    [red]{escape(str(row['error'].get('message') or ''))}[/]")
+    for message in turn_messages(current):
+        lines += ["", escape(message)]
+    return lines
+
+
+def event_lines(event: StreamEvent, last_status: list[str]) -> list[str]:
+    """Lines `task watch` prints for one stream event (``last_status`` de-duplicates)."""
+    payload = event.payload
+    if event.item_type == "task_turn_event":
+        text = str(payload.get("text") or payload.get("turn_status") or "")
+        if last_status and last_status[-1] == text:
+            return []
+        last_status.append(text)
+        lines = [f"[bold cyan]● {escape(text)}[/]"]
+        error = payload.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            lines.append(f"[red]  {escape(str(error['message']))}[/]")
+        return lines
+    if event.item_type == "log":
+        return [f"[dim]setup │ {escape(str(payload.get('line', '')))}[/]"]
+    if event.item_type == "task_title_generated":
+        return [f"[dim]title: {escape(str(payload.get('title', '')))}[/]"]
+    if event.item_type == "work_log_message":
+        try:
+            message = WorklogMessage.model_validate(payload)
+        except ValueError:
+            return []
+        return worklog_lines(message)
+    return []
+
+
+def _text(message: WorklogMessage) -> str:
+    content = message.content
+    if content.text is not None:
+        return content.text
+    parts = content.parts or []
+    return "".join(p if isinstance(p, str) else str(getattr(p, "text", "") or "") for p in parts)
+
+
+def worklog_lines(message: WorklogMessage) -> list[str]:
+    role = message.author.role
+    text = _text(message).rstrip()
+    if role == "user" or not text:
+        return []
+    kind = message.content.content_type
+    if role == "assistant" and kind == "code":
+        if message.recipient == "apply_patch":
+            return [
+                "[magenta]✎ apply_patch[/]",
+                *(f"  {escape(line)}" for line in text.splitlines()),
+            ]
+        return [f"[bold]$ {escape(text)}[/]"]
+    if role == "tool":
+        lines = text.splitlines()
+        shown = lines[-OUTPUT_LINES:]
+        more = (
+            [f"[dim]  … {len(lines) - len(shown)} more lines[/]"] if len(lines) > len(shown) else []
+        )
+        return more + [f"[dim]  {escape(line)}[/]" for line in shown]
+    if message.channel == "analysis" or message.metadata.reasoning_status:
+        return [f"[italic dim]{escape(text)}[/]"]
+    return [escape(text)]
+
+
+def _window(name: str, window: RateLimitWindow | None) -> dict[str, Any] | None:
+    if window is None:
+        return None
+    reset = window.reset_at
+    return {
+        "window": name,
+        "used_percent": window.used_percent,
+        "limit_window_seconds": window.limit_window_seconds,
+        "reset_at": reset,
+        "resets": datetime.fromtimestamp(reset, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        if reset
+        else None,
+    }
+
+
+def usage_rows(payload: RateLimitStatusPayload) -> list[dict[str, Any]]:
+    limit = payload.rate_limit
+    if limit is None:
+        return []
+    rows = [_window("primary", limit.primary_window), _window("secondary", limit.secondary_window)]
+    return [r for r in rows if r is not None]
+
+
+def bar(percent: float, width: int = 30) -> str:
+    filled = max(0, min(width, round(percent / 100 * width)))
+    return "█" * filled + "░" * (width - filled)

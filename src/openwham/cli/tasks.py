@@ -1,0 +1,362 @@
+"""``wham task …``: submit, list, show, watch, diff, apply, follow up, cancel, archive, PR."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from openwham.client import StreamEvent, WhamClient, readiness, task_url
+from openwham.client.attempts import TERMINAL
+from openwham.client.urls import task_id_from
+from openwham.wire import CreateTaskResponse, TaskDetails
+
+from . import render
+from .common import print_json
+from .context import (
+    FAILED,
+    OK,
+    PENDING,
+    USAGE,
+    die,
+    handles_errors,
+    open_client,
+    out,
+    read_prompt,
+)
+
+app = typer.Typer(
+    help="Tasks: submit, follow, review and apply the agent's work.", no_args_is_help=True
+)
+
+JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON")
+AttemptOption = typer.Option(1, "--attempt", "-a", min=1, max=4, help="Attempt number (1-based)")
+
+
+def _exit_for(details: TaskDetails, attempts_done: bool = True) -> int:
+    """0 when ready, 3 while running, 1 when it failed or was cancelled."""
+    turn = details.current_assistant_turn
+    state = readiness(turn.turn_status if turn else None)
+    if state == "ready" and attempts_done:
+        return OK
+    return PENDING if state == "pending" or not attempts_done else FAILED
+
+
+def _show(wham: WhamClient, task_id: str, as_json: bool) -> int:
+    details = wham.get_task(task_id)
+    attempts = wham.attempts(task_id)
+    url = task_url(wham.base_url, task_id)
+    done = all(t.turn_status in TERMINAL for t in attempts)
+    if as_json:
+        print_json(
+            {
+                "id": details.task.id,
+                "url": url,
+                "title": details.task.title,
+                "status": readiness(details.current_assistant_turn.turn_status)
+                if details.current_assistant_turn
+                else "pending",
+                "environment_id": details.task.environment_id,
+                "archived": details.task.archived,
+                "attempts": [render.attempt_row(t, i) for i, t in enumerate(attempts, 1)],
+                "task": details.model_dump(mode="json"),
+            }
+        )
+    else:
+        for line in render.details_lines(details, attempts, url):
+            out.print(line)
+    return _exit_for(details, done)
+
+
+def _watch(wham: WhamClient, task_id: str, turn_id: str | None, as_json: bool) -> None:
+    seen: list[str] = []
+    event: StreamEvent
+    for event in wham.stream(task_id, turn_id):
+        if as_json:
+            print_json({"id": event.id, "item_type": event.item_type, "payload": event.payload})
+            sys.stdout.flush()
+            continue
+        for line in render.event_lines(event, seen):
+            out.print(line)
+
+
+def _created(wham: WhamClient, created: CreateTaskResponse, as_json: bool, follow: str) -> str:
+    task_id = created.task.id
+    if as_json and follow == "":
+        print_json(
+            {
+                "id": task_id,
+                "url": task_url(wham.base_url, task_id),
+                "turn_id": created.turn.id,
+                "user_turn_id": created.user_turn.id,
+            }
+        )
+    elif not as_json:
+        out.print(task_url(wham.base_url, task_id), markup=False)
+    return task_id
+
+
+def _follow(
+    wham: WhamClient, task_id: str, turn_id: str | None, wait: bool, watch: bool, as_json: bool
+) -> None:
+    if watch:
+        _watch(wham, task_id, turn_id, as_json)
+    if wait or watch:
+        wham.wait(task_id)
+        raise typer.Exit(_show(wham, task_id, as_json))
+
+
+@app.command("new")
+@handles_errors
+def new(
+    ctx: typer.Context,
+    prompt: str | None = typer.Argument(None, help="What to do ('-' or omitted: read stdin)"),
+    env: str | None = typer.Option(
+        None, "--env", "-e", help="Environment label or id (default: the one for this checkout)"
+    ),
+    branch: str | None = typer.Option(None, "--branch", "-b", help="Branch to start from"),
+    attempts: int = typer.Option(1, "--attempts", "-n", min=1, max=4, help="Best-of-N (1-4)"),
+    ask: bool = typer.Option(False, "--ask", help="Ask mode: answer only, no changes"),
+    starting_diff: Path | None = typer.Option(
+        None, "--starting-diff", help="A patch to apply before the agent starts"
+    ),
+    model: str | None = typer.Option(None, "--model", help="Model (openwham)"),
+    wait: bool = typer.Option(False, "--wait", help="Wait until finished; exit as `task show`"),
+    watch: bool = typer.Option(False, "--watch", help="Stream the work live, then wait"),
+    as_json: bool = JsonOption,
+) -> None:
+    """Submit a task; prints its URL."""
+    text = read_prompt(prompt)
+    diff = None
+    if starting_diff is not None:
+        try:
+            diff = starting_diff.read_text()
+        except OSError as e:
+            die(f"cannot read {starting_diff}: {e.strerror}", USAGE)
+    with open_client(ctx) as wham:
+        environment = wham.resolve_environment(env, repo=Path.cwd())
+        created = wham.create_task(
+            text,
+            environment.id,
+            branch=branch,
+            attempts=attempts,
+            ask=ask,
+            starting_diff=diff,
+            model=model,
+        )
+        follow = "watch" if watch else "wait" if wait else ""
+        task_id = _created(wham, created, as_json, follow)
+        _follow(wham, task_id, created.turn.id, wait, watch, as_json)
+
+
+@app.command("list")
+@handles_errors
+def list_(
+    ctx: typer.Context,
+    env: str | None = typer.Option(None, "--env", "-e", help="Only this environment (label or id)"),
+    task_filter: str = typer.Option(
+        "current", "--filter", help="current, archived or all", case_sensitive=False
+    ),
+    limit: int = typer.Option(20, "--limit", min=1, max=100, help="Tasks per page"),
+    cursor: str | None = typer.Option(None, "--cursor", help="Page cursor from an earlier list"),
+    as_json: bool = JsonOption,
+) -> None:
+    """List tasks, newest first, one page at a time."""
+    if task_filter not in ("current", "archived", "all"):
+        die("--filter must be current, archived or all", USAGE)
+    with open_client(ctx) as wham:
+        env_id = wham.resolve_environment(env, repo=None).id if env else None
+        page = wham.list_tasks(
+            task_filter=task_filter,  # type: ignore[arg-type]
+            limit=limit,
+            cursor=cursor,
+            environment_id=env_id,
+        )
+        rows = [render.list_row(item) for item in page.items]
+        if as_json:
+            for row in rows:
+                row["url"] = task_url(wham.base_url, row["id"])
+            print_json({"tasks": rows, "cursor": page.cursor})
+            return
+        if not rows:
+            out.print("No tasks found.")
+        for row in rows:
+            for line in render.list_lines(row, task_url(wham.base_url, row["id"])):
+                out.print(line)
+        if page.cursor:
+            out.print(f"\nmore: wham task list --cursor '{page.cursor}'", markup=False)
+
+
+@app.command("show")
+@handles_errors
+def show(
+    ctx: typer.Context,
+    task: str = typer.Argument(..., help="Task id or URL"),
+    as_json: bool = JsonOption,
+) -> None:
+    """Show a task: status, attempts, stats, final message. Exit 0 only when ready."""
+    with open_client(ctx) as wham:
+        raise typer.Exit(_show(wham, task_id_from(task), as_json))
+
+
+@app.command("watch")
+@handles_errors
+def watch(
+    ctx: typer.Context,
+    task: str = typer.Argument(..., help="Task id or URL"),
+    attempt: int = AttemptOption,
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per event"),
+) -> None:
+    """Follow an attempt live: status line, commands with output, messages."""
+    task_id = task_id_from(task)
+    with open_client(ctx) as wham:
+        turn = wham.attempts(task_id)
+        if not turn:
+            die(f"task {task_id} has no attempts yet", FAILED)
+        if attempt > len(turn):
+            die(f"task {task_id} has {len(turn)} attempt(s)", USAGE)
+        _watch(wham, task_id, turn[attempt - 1].id, as_json)
+        if not as_json:
+            raise typer.Exit(_show(wham, task_id, False))
+
+
+@app.command("diff")
+@handles_errors
+def diff(
+    ctx: typer.Context,
+    task: str = typer.Argument(..., help="Task id or URL"),
+    attempt: int = AttemptOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Print an attempt's unified diff."""
+    task_id = task_id_from(task)
+    with open_client(ctx) as wham:
+        text = wham.diff(task_id, attempt=attempt)
+    if as_json:
+        print_json({"id": task_id, "attempt": attempt, "diff": text})
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+@app.command("apply")
+@handles_errors
+def apply(
+    ctx: typer.Context,
+    task: str = typer.Argument(..., help="Task id or URL"),
+    attempt: int = AttemptOption,
+    check: bool = typer.Option(False, "--check", help="Only check that it applies"),
+    repo: Path = typer.Option(Path("."), "--repo", help="The git checkout to apply to"),
+    as_json: bool = JsonOption,
+) -> None:
+    """Apply an attempt's diff to a local checkout (git apply --3way; changes are staged)."""
+    task_id = task_id_from(task)
+    with open_client(ctx) as wham:
+        result = wham.apply(task_id, repo, attempt=attempt, check=check)
+    if as_json:
+        print_json(
+            {
+                "id": task_id,
+                "attempt": attempt,
+                "status": result.status,
+                "checked_only": result.checked_only,
+                "applied": result.applied,
+                "skipped": result.skipped,
+                "conflicts": result.conflicts,
+            }
+        )
+    else:
+        out.print(f"{task_id}: {result.message}", markup=False)
+        for path in result.conflicts:
+            out.print(f"  conflict: {path}", markup=False)
+        for path in result.skipped:
+            out.print(f"  skipped: {path}", markup=False)
+    raise typer.Exit(OK if result.status == "success" else FAILED)
+
+
+@app.command("follow-up")
+@handles_errors
+def follow_up(
+    ctx: typer.Context,
+    task: str = typer.Argument(..., help="Task id or URL"),
+    message: str | None = typer.Argument(None, help="The follow-up ('-' or omitted: stdin)"),
+    turn: str | None = typer.Option(None, "--turn", help="Attempt turn id (default: current)"),
+    attempts: int = typer.Option(1, "--attempts", "-n", min=1, max=4, help="Best-of-N (1-4)"),
+    ask: bool = typer.Option(False, "--ask", help="Ask mode: answer only, no changes"),
+    wait: bool = typer.Option(False, "--wait", help="Wait until finished; exit as `task show`"),
+    watch: bool = typer.Option(False, "--watch", help="Stream the work live, then wait"),
+    as_json: bool = JsonOption,
+) -> None:
+    """Continue a task with another message."""
+    text = read_prompt(message, "message")
+    with open_client(ctx) as wham:
+        created = wham.follow_up(task_id_from(task), text, turn_id=turn, attempts=attempts, ask=ask)
+        follow = "watch" if watch else "wait" if wait else ""
+        task_id = _created(wham, created, as_json, follow)
+        _follow(wham, task_id, created.turn.id, wait, watch, as_json)
+
+
+def _action(ctx: typer.Context, task: str, verb: str, as_json: bool) -> None:
+    task_id = task_id_from(task)
+    with open_client(ctx) as wham:
+        done = {
+            "cancel": wham.cancel,
+            "archive": wham.archive,
+            "unarchive": wham.unarchive,
+        }[verb](task_id)
+    if as_json:
+        print_json({"id": task_id, "action": verb, "success": done})
+    else:
+        out.print(f"{task_id}: {verb}{'led' if verb == 'cancel' else 'd'}", markup=False)
+
+
+@app.command("cancel")
+@handles_errors
+def cancel(
+    ctx: typer.Context,
+    task: str = typer.Argument(..., help="Task id or URL"),
+    as_json: bool = JsonOption,
+) -> None:
+    """Stop the task's running attempts."""
+    _action(ctx, task, "cancel", as_json)
+
+
+@app.command("archive")
+@handles_errors
+def archive(
+    ctx: typer.Context,
+    task: str = typer.Argument(..., help="Task id or URL"),
+    as_json: bool = JsonOption,
+) -> None:
+    """Move a task to the archived list."""
+    _action(ctx, task, "archive", as_json)
+
+
+@app.command("unarchive")
+@handles_errors
+def unarchive(
+    ctx: typer.Context,
+    task: str = typer.Argument(..., help="Task id or URL"),
+    as_json: bool = JsonOption,
+) -> None:
+    """Bring an archived task back."""
+    _action(ctx, task, "unarchive", as_json)
+
+
+@app.command("pr")
+@handles_errors
+def pr(
+    ctx: typer.Context,
+    task: str = typer.Argument(..., help="Task id or URL"),
+    attempt: int = AttemptOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Push an attempt's change to a branch of the environment's remote."""
+    task_id = task_id_from(task)
+    with open_client(ctx) as wham:
+        result = wham.create_pr(task_id, attempt=attempt)
+    if as_json:
+        print_json(result.model_dump(mode="json"))
+        return
+    pull = result.pull_request
+    out.print(f"{task_id}: pushed branch {pull.head or '?'} ({pull.url})", markup=False)

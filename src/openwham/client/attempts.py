@@ -1,0 +1,97 @@
+"""Reading results out of turns, by the rules the Codex CLI uses (codex-cli.md §4.4, §4.5).
+
+Pure functions on wire models, shared by both clients and the CLI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+from openwham.wire import (
+    AssistantTurn,
+    MessageOutputItem,
+    OutputDiffItem,
+    PrOutputItem,
+    TaskDetails,
+    TaskListItem,
+    TextFragment,
+)
+
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+Readiness = Literal["pending", "ready", "error"]
+
+
+def readiness(turn_status: str | None) -> Readiness:
+    """The Codex CLI's task status: ``completed`` → ready, failed/cancelled → error."""
+    if turn_status == "completed":
+        return "ready"
+    if turn_status in ("failed", "cancelled"):
+        return "error"
+    return "pending"
+
+
+def list_status(item: TaskListItem) -> str | None:
+    """The latest attempt's ``turn_status`` of a list entry (``None`` when not shown)."""
+    display = item.task_status_display
+    latest = display.latest_turn_status_display if display else None
+    return latest.turn_status if latest else None
+
+
+def details_status(details: TaskDetails) -> str:
+    """The current attempt's status (``pending`` before one exists)."""
+    turn = details.current_assistant_turn
+    return turn.turn_status if turn else "pending"
+
+
+def sort_attempts(turns: Iterable[AssistantTurn]) -> list[AssistantTurn]:
+    """All attempts of a user turn in the CLI's order: placement, then creation, then id.
+    Duplicates (the current attempt is also among the siblings) are dropped."""
+    seen: dict[str, AssistantTurn] = {}
+    for turn in turns:
+        seen.setdefault(turn.id or f"#{len(seen)}", turn)
+    return sorted(
+        seen.values(), key=lambda t: (t.attempt_placement, t.created_at or 0.0, t.id or "")
+    )
+
+
+def turn_diff(turn: AssistantTurn | None) -> str | None:
+    """The first non-empty ``output_diff`` or ``pr`` diff of a turn."""
+    if turn is None:
+        return None
+    for item in turn.output_items:
+        if isinstance(item, PrOutputItem) and item.output_diff.diff:
+            return item.output_diff.diff
+        if isinstance(item, OutputDiffItem) and item.diff:
+            return item.diff
+    return None
+
+
+def details_diff(details: TaskDetails) -> str | None:
+    """``current_diff_task_turn`` first, then ``current_assistant_turn`` (as the CLI reads)."""
+    return turn_diff(details.current_diff_task_turn) or turn_diff(details.current_assistant_turn)
+
+
+def turn_messages(turn: AssistantTurn | None) -> list[str]:
+    """The assistant's message texts of a turn (final answers, not the work log)."""
+    if turn is None:
+        return []
+    texts: list[str] = []
+    for item in turn.output_items:
+        if isinstance(item, MessageOutputItem):
+            parts = [
+                f if isinstance(f, str) else f.text
+                for f in item.content
+                if isinstance(f, str | TextFragment)
+            ]
+            text = "".join(parts).strip()
+            if text:
+                texts.append(text)
+    return texts
+
+
+def looks_unified(diff: str) -> bool:
+    """The CLI's check that a diff is a unified git diff."""
+    return diff.startswith("diff --git ") or (
+        "\n--- " in diff and "\n+++ " in diff and "@@ " in diff
+    )
