@@ -29,6 +29,7 @@ from openwham.client.errors import (
     ServerError,
     TransportError,
     Unauthorized,
+    UnexpectedAnswer,
     WhamError,
 )
 from openwham.client.resolve import UnknownEnvironment
@@ -53,6 +54,7 @@ __all__ = [
     "StreamEvent",
     "TransportError",
     "Unauthorized",
+    "UnexpectedAnswer",
     "UnknownEnvironment",
     "WhamClient",
     "WhamError",

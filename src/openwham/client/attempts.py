@@ -47,9 +47,9 @@ def details_status(details: TaskDetails) -> str:
 def sort_attempts(turns: Iterable[AssistantTurn]) -> list[AssistantTurn]:
     """All attempts of a user turn in the CLI's order: placement, then creation, then id.
     Duplicates (the current attempt is also among the siblings) are dropped."""
-    seen: dict[str, AssistantTurn] = {}
+    seen: dict[tuple[str, int], AssistantTurn] = {}
     for turn in turns:
-        seen.setdefault(turn.id or f"#{len(seen)}", turn)
+        seen.setdefault((turn.id or f"#{len(seen)}", turn.attempt_placement), turn)
     return sorted(
         seen.values(), key=lambda t: (t.attempt_placement, t.created_at or 0.0, t.id or "")
     )

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import httpx
+from pydantic import ValidationError
 
-from openwham.client.errors import APIError, error_for
+from openwham.client.errors import APIError, UnexpectedAnswer, error_for
 
 T = TypeVar("T")
 
@@ -53,16 +54,20 @@ class Call(Generic[T]):
             raise api_error(response)
         if not self.expect_body or response.status_code == 204 or not response.content:
             return self.parse(None)
+        where = f"{self.method} {response.url}"
         try:
             data = response.json()
-        except json.JSONDecodeError as e:
-            raise APIError(
-                response.status_code,
-                f"the server answered {response.headers.get('content-type', '?')}, not JSON",
-                method=self.method,
-                url=str(response.url),
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            kind = response.headers.get("content-type", "?")
+            raise UnexpectedAnswer(f"{where} answered {kind}, not JSON") from e
+        try:
+            return self.parse(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "body"
+            raise UnexpectedAnswer(
+                f"{where} answered an unexpected shape ({field}: {first['msg']})"
             ) from e
-        return self.parse(data)
 
 
 @dataclass(frozen=True)

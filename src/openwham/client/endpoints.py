@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 from pydantic import TypeAdapter
 
-from openwham.client.attempts import TERMINAL, sort_attempts, turn_diff
+from openwham.client.attempts import TERMINAL, details_diff, sort_attempts, turn_diff
 from openwham.client.core import Call, Op, Sleep
 from openwham.client.errors import Conflict, WhamError
 from openwham.wire import (
@@ -288,9 +288,11 @@ def pick_attempt(task_id: str, attempts: list[AssistantTurn], attempt: int) -> A
 
 def diff_op(task_id: str, attempt: int = 1) -> Op[str]:
     """The unified diff of one attempt; :class:`Conflict` while it has none yet."""
-    _, found = yield from attempts_op(task_id)
+    details, found = yield from attempts_op(task_id)
     turn = pick_attempt(task_id, found, attempt)
     diff = turn_diff(turn)
+    if not diff and turn is details.current_assistant_turn:
+        diff = details_diff(details)  # the CLI's rule: current_diff_task_turn first
     if diff:
         return diff
     status = turn.turn_status

@@ -24,6 +24,10 @@ class TransportError(WhamError):
     """The server could not be reached, or the connection broke (after retries)."""
 
 
+class UnexpectedAnswer(WhamError):
+    """The server answered 2xx with a body that is not the documented shape."""
+
+
 class AuthError(WhamError):
     """Credentials are missing, expired for good, or were refused."""
 
