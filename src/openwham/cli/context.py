@@ -15,7 +15,6 @@ from openwham.client import (
     AuthError,
     Conflict,
     NotFound,
-    PatchDoesNotApply,
     RateLimited,
     WhamClient,
     WhamError,
@@ -85,10 +84,6 @@ def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except PatchDoesNotApply as e:
-            for path in e.result.skipped:
-                err.print(f"  does not apply: {path}", markup=False)
-            die(str(e), FAILED, _hint_for(e))
         except WhamError as e:
             die(str(e), _code_for(e), _hint_for(e))
         except KeyboardInterrupt:

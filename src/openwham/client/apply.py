@@ -42,7 +42,8 @@ class PatchDoesNotApply(WhamError):
         self.result = result
         super().__init__(
             f"the patch does not apply: {', '.join(result.skipped) or 'see git output'}",
-            hint="update your checkout to the task's base branch, or apply with --3way by hand",
+            hint="check out the branch the task started from (and commit or stash local "
+            "changes to those files), then apply again",
         )
 
 

@@ -1,0 +1,379 @@
+"""The SDK (sync and async) and the ``wham`` CLI against ``wham serve`` running real tasks:
+the real Codex CLI in the sandbox, answered by the scripted model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import WHAM, LiveServer, git, make_repo, start_live_server
+from openwham.client import (
+    AsyncWhamClient,
+    Conflict,
+    NotFound,
+    UnknownEnvironment,
+    WhamClient,
+    turn_diff,
+)
+from support.scripted_model import Patch, Say, ScriptedModel, Shell
+from test_serve_tasks import serve_env, stop
+
+FIX_ADD = Patch(
+    "*** Begin Patch\n*** Update File: calc.py\n@@\n def add(a, b):\n"
+    "-    return a - b\n+    return a + b\n*** End Patch"
+)
+# Every attempt writes a random number of its own, so the attempts' diffs differ.
+RANDOM_NOTE = Shell(
+    "printf '%s\\n' \"$(od -An -N8 -tx1 /dev/urandom | tr -d ' \\n')\" > NOTE.txt && cat NOTE.txt"
+)
+SCRIPT = [RANDOM_NOTE, FIX_ADD, Say("Fixed add() and left a note.")]
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[ScriptedModel]:
+    m = ScriptedModel().start()
+    m.script = SCRIPT
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture(scope="module")
+def gate(model: ScriptedModel) -> threading.Event:
+    """While cleared, the model holds every request: attempts stay running."""
+    event = threading.Event()
+    event.set()
+    model.on_request = lambda body: event.wait(60) or None
+    return event
+
+
+@pytest.fixture(scope="module")
+def served(
+    tmp_path_factory: pytest.TempPathFactory, model: ScriptedModel, gate: threading.Event
+) -> Iterator[LiveServer]:
+    srv = start_live_server(tmp_path_factory.mktemp("sdk") / "data", serve_env(model))
+    try:
+        yield srv
+    finally:
+        gate.set()
+        stop(srv)
+
+
+@pytest.fixture(scope="module")
+def token(served: LiveServer) -> str:
+    return served.token()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_repo(tmp_path_factory.mktemp("origin") / "widgets")
+
+
+@pytest.fixture(scope="module")
+def wham(served: LiveServer, token: str) -> Iterator[WhamClient]:
+    with WhamClient(served.url, token=token) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def env_id(wham: WhamClient, repo: Path) -> str:
+    return wham.create_environment({"label": "acme/widgets", "repos": [str(repo)]}).id
+
+
+def clone(repo: Path, dest: Path) -> Path:
+    subprocess.run(["git", "clone", "-q", str(repo), str(dest)], check=True)
+    return dest
+
+
+def note(diff: str) -> str:
+    lines = [ln for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return next(ln[1:] for ln in lines if len(ln) == 17)
+
+
+# ----------------------------------------------------------------------------- SDK
+
+
+def test_sdk_runs_a_best_of_two_task_end_to_end(
+    wham: WhamClient, env_id: str, repo: Path, tmp_path: Path
+) -> None:
+    checkout = clone(repo, tmp_path / "checkout")
+    assert wham.resolve_environment(repo=checkout).id == env_id  # by the checkout's remote
+    assert wham.resolve_environment("ACME/widgets").id == env_id
+    with pytest.raises(UnknownEnvironment, match="known: acme/widgets"):
+        wham.resolve_environment("nope")
+
+    created = wham.create_task("Fix add()", env_id, attempts=2)
+    task_id, turn_id = created.task.id, created.turn.id
+    assert turn_id is not None
+    events = list(wham.stream(task_id, turn_id))
+    kinds = {e.item_type for e in events}
+    assert {"task_turn_event", "work_log_message"} <= kinds
+    assert events[-1].is_terminal and events[-1].turn_status == "completed"
+    texts = [e.payload.get("text") for e in events if e.item_type == "task_turn_event"]
+    assert "Working" in " ".join(str(t) for t in texts)
+
+    details = wham.wait(task_id, poll=0.2, timeout=120)
+    attempts = wham.attempts(task_id)
+    assert [t.attempt_placement for t in attempts] == [0, 1]
+    assert all(t.turn_status == "completed" for t in attempts)
+    first, second = wham.diff(task_id), wham.diff(task_id, attempt=2)
+    assert first == turn_diff(details.current_diff_task_turn)
+    assert note(first) != note(second)
+    with pytest.raises(Exception, match="2 attempt"):
+        wham.diff(task_id, attempt=3)
+
+    assert wham.apply(task_id, checkout, attempt=2, check=True).status == "success"
+    assert not (checkout / "NOTE.txt").exists()
+    result = wham.apply(task_id, checkout, attempt=2)
+    assert result.status == "success" and sorted(result.applied) == ["NOTE.txt", "calc.py"]
+    assert (checkout / "NOTE.txt").read_text().strip() == note(second)
+    assert "return a + b" in (checkout / "calc.py").read_text()
+
+    follow = wham.follow_up(task_id, "Now add a docstring.")
+    assert follow.task.id == task_id
+    done = wham.wait(task_id, poll=0.2, timeout=120)
+    assert done.current_assistant_turn is not None
+    assert done.current_assistant_turn.id == follow.turn.id
+    assert done.current_assistant_turn.turn_status == "completed"
+
+    pr = wham.create_pr(task_id)
+    assert pr.pull_request.head and pr.assistant_turn_id == follow.turn.id
+    branches = git("branch", "--list", pr.pull_request.head, cwd=repo)
+    assert pr.pull_request.head in branches
+
+    assert wham.archive(task_id)
+    assert task_id in [t.id for t in wham.iter_tasks(task_filter="archived")]
+    assert task_id not in [t.id for t in wham.iter_tasks()]
+    assert wham.unarchive(task_id)
+    with pytest.raises(NotFound):
+        wham.get_task("task_e_doesnotexist")
+
+
+def test_sdk_lists_every_page_and_reads_account(wham: WhamClient, env_id: str) -> None:
+    for i in range(3):
+        wham.create_task(f"Task {i}", env_id)
+    pages = [wham.list_tasks(limit=2)]
+    while pages[-1].cursor:
+        pages.append(wham.list_tasks(limit=2, cursor=pages[-1].cursor))
+    assert len(pages) >= 2
+    ids = [t.id for t in wham.iter_tasks(page_size=2)]
+    assert ids == [t.id for p in pages for t in p.items] and len(set(ids)) == len(ids) >= 3
+    assert wham.usage().plan_type
+    assert wham.settings() is not None
+    env = wham.update_environment(env_id, {"description": "widgets repo"})
+    assert env.description == "widgets repo"
+    assert wham.get_environment(env_id).description == "widgets repo"
+    for t in list(wham.iter_tasks()):
+        wham.wait(t.id, poll=0.2, timeout=120)
+
+
+def test_async_client_does_the_same(
+    served: LiveServer, token: str, env_id: str, repo: Path, tmp_path: Path
+) -> None:
+    checkout = clone(repo, tmp_path / "checkout")
+
+    async def run() -> tuple[list[str], str, str]:
+        async with AsyncWhamClient(f"{served.url}/backend-api", token=token) as c:
+            env = await c.resolve_environment(repo=checkout)
+            created = await c.create_task("Fix add()", env.id)
+            kinds = [e.item_type async for e in c.stream(created.task.id)]
+            await c.wait(created.task.id, poll=0.2, timeout=120)
+            diff = await c.diff(created.task.id)
+            result = await c.apply(created.task.id, checkout)
+            return kinds, diff, result.status
+
+    kinds, diff, status = asyncio.run(run())
+    assert kinds[-1] == "task_turn_event" and "work_log_message" in kinds
+    assert status == "success" and "NOTE.txt" in diff
+    assert (checkout / "NOTE.txt").read_text().strip() == note(diff)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def cli_env(
+    tmp_path_factory: pytest.TempPathFactory, served: LiveServer, token: str
+) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("cli-home")
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "WHAM_CONFIG_DIR": str(home / "config"),
+        "CODEX_HOME": str(home / "codex"),
+    }
+    out = run_cli(env, "login", "--server", served.url, "--token", token, "--name", "local")
+    assert out.returncode == 0, out.stderr
+    assert f"logged in to {served.url}" in out.stdout
+    return env
+
+
+def run_cli(
+    env: dict[str, str], *args: str, cwd: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(WHAM), *args],
+        env=env,
+        cwd=cwd,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_cli_walkthrough(
+    cli_env: dict[str, str], served: LiveServer, env_id: str, repo: Path, tmp_path: Path
+) -> None:
+    new = run_cli(cli_env, "task", "new", "Fix add()", "--env", "acme/widgets", "-n", "2", "--wait")
+    assert new.returncode == 0, new.stderr
+    url = new.stdout.splitlines()[0]
+    assert url.startswith(f"{served.url}/codex/tasks/task_e_")
+    task_id = url.rsplit("/", 1)[1]
+    assert "[READY]" in new.stdout and "attempt 2: completed" in new.stdout
+
+    listed = json.loads(run_cli(cli_env, "task", "list", "--json").stdout)
+    row = next(t for t in listed["tasks"] if t["id"] == task_id)
+    assert row["status"] == "ready" and row["attempt_total"] == 2
+    assert row["summary"]["files_changed"] == 2 and row["environment_label"] == "acme/widgets"
+
+    show = run_cli(cli_env, "task", "show", url)
+    assert show.returncode == 0 and "Fixed add() and left a note." in show.stdout
+    shown = json.loads(run_cli(cli_env, "task", "show", task_id, "--json").stdout)
+    assert [a["turn_status"] for a in shown["attempts"]] == ["completed", "completed"]
+
+    diff2 = run_cli(cli_env, "task", "diff", task_id, "--attempt", "2")
+    assert diff2.returncode == 0 and diff2.stdout.startswith("diff --git")
+    checkout = clone(repo, tmp_path / "co")
+    check = run_cli(cli_env, "task", "apply", task_id, "--attempt", "2", "--check", cwd=checkout)
+    assert check.returncode == 0 and "would apply cleanly" in check.stdout
+    applied = run_cli(cli_env, "task", "apply", task_id, "--attempt", "2", cwd=checkout)
+    assert applied.returncode == 0, applied.stderr
+    assert (checkout / "NOTE.txt").read_text().strip() == note(diff2.stdout)
+    moved = clone(repo, tmp_path / "moved")
+    git("rm", "-q", "calc.py", cwd=moved)
+    git("commit", "-qm", "calc.py is gone", cwd=moved)
+    again = run_cli(cli_env, "task", "apply", task_id, "--attempt", "2", cwd=moved)
+    assert again.returncode == 1
+    assert again.stderr.startswith("error: the patch does not apply")
+    assert "Traceback" not in again.stderr
+
+    watch = run_cli(cli_env, "task", "watch", task_id)
+    assert watch.returncode == 0
+    assert "$ " in watch.stdout and "● Completed" in watch.stdout
+    assert "Fixed add() and left a note." in watch.stdout
+
+    follow = run_cli(cli_env, "task", "follow-up", task_id, "--wait", stdin="Add a docstring.\n")
+    assert follow.returncode == 0, follow.stderr
+    assert "Reading prompt from stdin" in follow.stderr
+
+    pr = run_cli(cli_env, "task", "pr", task_id, "--json")
+    assert pr.returncode == 0 and json.loads(pr.stdout)["pull_request"]["head"]
+
+    for verb in ("archive", "unarchive", "cancel"):
+        r = run_cli(cli_env, "task", verb, task_id, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["success"] is True
+    piped = run_cli(cli_env, "task", "new", "--env", env_id, "--json", stdin="From stdin\n")
+    assert piped.returncode == 0 and json.loads(piped.stdout)["id"].startswith("task_e_")
+    assert run_cli(cli_env, "usage").stdout.startswith("plan: ")
+
+
+def test_cli_environments(cli_env: dict[str, str], repo: Path, tmp_path: Path) -> None:
+    made = run_cli(
+        cli_env,
+        "env",
+        "create",
+        "--label",
+        "tools",
+        "--repo",
+        str(repo),
+        "--var",
+        "A=1",
+        "--secret",
+        "TOKEN=s3cret",
+        "--json",
+    )
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    assert created["env_vars"] == {"A": "1"} and "s3cret" not in made.stdout
+    listed = run_cli(cli_env, "env", "list")
+    assert "tools" in listed.stdout and "acme/widgets" in listed.stdout
+    upd = run_cli(cli_env, "env", "update", "tools", "--pin", "--unset-secret", "TOKEN", "--json")
+    assert upd.returncode == 0 and json.loads(upd.stdout)["is_pinned"] is True
+    assert json.loads(upd.stdout)["secrets"] == {}
+    shown = run_cli(cli_env, "env", "show", "tools")
+    assert "(pinned)" in shown.stdout and "A" in shown.stdout
+    checkout = clone(repo, tmp_path / "co")
+    # two environments hold this repository; the pinned one wins
+    resolved = run_cli(cli_env, "env", "resolve", "--json", cwd=checkout)
+    assert json.loads(resolved.stdout)["label"] == "tools"
+    gone = run_cli(cli_env, "env", "delete", "tools", "--yes")
+    assert gone.returncode == 0 and "deleted" in gone.stdout
+    assert "tools" not in run_cli(cli_env, "env", "list").stdout
+
+
+def test_cli_errors_are_one_line_with_a_fix(
+    cli_env: dict[str, str], wham: WhamClient, env_id: str, gate: threading.Event
+) -> None:
+    unknown = run_cli(cli_env, "task", "new", "x", "--env", "nope")
+    assert unknown.returncode == 1
+    assert (
+        unknown.stderr.splitlines()[0] == "error: unknown environment 'nope'; known: acme/widgets"
+    )
+
+    logged_out = run_cli({**cli_env, "WHAM_PROFILE": "chatgpt"}, "task", "list")
+    assert logged_out.returncode == 4
+    assert logged_out.stderr.startswith("error: ") and "wham login" in logged_out.stderr
+    assert "Traceback" not in logged_out.stderr
+
+    missing = run_cli(cli_env, "task", "show", "task_e_doesnotexist")
+    assert missing.returncode == 1 and missing.stderr.startswith("error: 404")
+
+    bad = run_cli(cli_env, "task", "new", "x", "--attempts", "9")
+    assert bad.returncode == 2
+
+    gate.clear()
+    try:
+        created = wham.create_task("Slow one", env_id)
+        task_id = created.task.id
+        deadline = time.monotonic() + 60
+        while wham.get_task(task_id).current_assistant_turn.turn_status != "in_progress":  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        running = run_cli(cli_env, "task", "diff", task_id)
+        assert running.returncode == 3
+        assert "still running" in running.stderr.splitlines()[0]
+        status = run_cli(cli_env, "task", "show", task_id)
+        assert status.returncode == 3 and "[PENDING]" in status.stdout
+        with pytest.raises(Conflict):
+            wham.diff(task_id)
+        assert run_cli(cli_env, "task", "cancel", task_id).returncode == 0
+    finally:
+        gate.set()
+    done = wham.wait(task_id, poll=0.2, timeout=60)
+    assert done.current_assistant_turn is not None
+    assert done.current_assistant_turn.turn_status == "cancelled"
+    assert run_cli(cli_env, "task", "show", task_id).returncode == 1
+
+
+def test_cli_status_and_help(cli_env: dict[str, str], served: LiveServer) -> None:
+    status = run_cli(cli_env, "status", "--json")
+    rows = {r["profile"]: r for r in json.loads(status.stdout)}
+    assert rows["local"]["logged_in"] and rows["local"]["current"]
+    assert rows["local"]["url"] == served.url
+    assert rows["chatgpt"]["logged_in"] is False
+    text = run_cli(cli_env, "status").stdout
+    assert f"* local  {served.url}  logged in as" in text
+    helped = run_cli(cli_env, "--help")
+    for noun in ("task", "env", "login", "usage", "serve"):
+        assert noun in helped.stdout
