@@ -126,7 +126,7 @@ def apply_diff(
     the preflight fails (the checkout is untouched then)."""
     if not looks_unified(diff):
         raise WhamError("the task's diff is not a unified git diff")
-    root = repo_root(repo)
+    root = repo_root(repo.expanduser())
     with tempfile.TemporaryDirectory(prefix="wham-apply-") as tmp:
         patch = Path(tmp) / "task.diff"
         patch.write_text(diff if diff.endswith("\n") else diff + "\n")
