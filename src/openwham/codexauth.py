@@ -123,12 +123,14 @@ class ChatGPTTokens:
 
 class CodexAuthError(Exception):
     """``auth.json`` cannot be used. ``kind``: ``missing``, ``unreadable``, ``not_object``,
-    ``no_tokens`` or ``locked``; callers turn it into their own error type."""
+    ``no_tokens`` or ``locked``; callers turn it into their own error type. ``detail`` is the
+    message without the sign-in hint."""
 
-    def __init__(self, message: str, *, kind: str) -> None:
+    def __init__(self, message: str, *, kind: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.kind = kind
+        self.detail = detail or message
 
 
 class CodexAuthFile:
@@ -149,25 +151,20 @@ class CodexAuthFile:
         """The exception to raise for ``exc`` (by default ``exc`` itself)."""
         return exc
 
+    def _fail(self, kind: str, detail: str) -> Exception:
+        return self.error(
+            CodexAuthError(f"{detail}: {self.login_hint()}", kind=kind, detail=detail)
+        )
+
     def load(self) -> dict[str, Any]:
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
-            raise self.error(
-                CodexAuthError(f"{self.path} does not exist: {self.login_hint()}", kind="missing")
-            ) from None
+            raise self._fail("missing", f"{self.path} does not exist") from None
         except (OSError, ValueError) as exc:
-            raise self.error(
-                CodexAuthError(
-                    f"cannot read {self.path} ({exc}): {self.login_hint()}", kind="unreadable"
-                )
-            ) from None
+            raise self._fail("unreadable", f"cannot read {self.path} ({exc})") from None
         if not isinstance(data, dict):
-            raise self.error(
-                CodexAuthError(
-                    f"{self.path} is not a JSON object: {self.login_hint()}", kind="not_object"
-                )
-            )
+            raise self._fail("not_object", f"{self.path} is not a JSON object")
         return data
 
     def tokens(self, data: dict[str, Any] | None = None) -> ChatGPTTokens:
@@ -178,11 +175,8 @@ class CodexAuthFile:
             or not isinstance(tokens.get("access_token"), str)
             or not isinstance(tokens.get("refresh_token"), str)
         ):
-            raise self.error(
-                CodexAuthError(
-                    f"{self.path} holds no ChatGPT tokens (an API-key login?): {self.login_hint()}",
-                    kind="no_tokens",
-                )
+            raise self._fail(
+                "no_tokens", f"{self.path} holds no ChatGPT tokens (an API-key login?)"
             )
         account_id = tokens.get("account_id")
         id_token = tokens.get("id_token")
@@ -199,13 +193,11 @@ class CodexAuthFile:
         )
 
     def _locked_error(self, timeout: float) -> Exception:
-        return self.error(
-            CodexAuthError(
-                f"{self.lock_path} stayed locked for {timeout:.0f} s: another process is "
-                "refreshing the ChatGPT tokens; try again",
-                kind="locked",
-            )
+        message = (
+            f"{self.lock_path} stayed locked for {timeout:.0f} s: another process is "
+            "refreshing the ChatGPT tokens; try again"
         )
+        return self.error(CodexAuthError(message, kind="locked"))
 
     def _open_lock(self) -> int:
         self.home.mkdir(parents=True, exist_ok=True)
