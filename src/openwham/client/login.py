@@ -9,9 +9,9 @@ device-code flow, logout (revoke, then delete) and an offline status. The result
 
 The issuer is, in order: the ``issuer`` argument, ``WHAM_AUTH_ISSUER``, ``https://auth.openai.com``
 (a test stand-in or a staging issuer replaces it); the client id: the ``client_id`` argument,
-``CODEX_APP_SERVER_LOGIN_CLIENT_ID``, the public Codex client id. The Codex CLI only reads the
-file when its credential store is ``file`` (``cli_auth_credentials_store``, the default where no
-keyring is available).
+``CODEX_APP_SERVER_LOGIN_CLIENT_ID``, the public Codex client id. The Codex CLI reads this
+file when its credential store allows files (``cli_auth_credentials_store = "file"`` guarantees
+it, §6.1).
 """
 
 from __future__ import annotations
