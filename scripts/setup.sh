@@ -11,7 +11,9 @@
 #   --with-postgres  also a PostgreSQL server (Debian's `postgresql`) unless
 #                    /usr/lib/postgresql/*/bin/initdb already exists, and
 #                    Codex CLI 0.151.0 for the compatibility tests
-#                    (tools/codex-cloud/package-lock.json); scripts/test uses it
+#                    (tools/codex-cloud/package-lock.json), and Debian's
+#                    `chromium` for the web UI's browser tests; scripts/test
+#                    uses it
 #   --quiet          no progress lines (errors are still reported)
 #
 # Idempotent and fast when nothing is missing (it then prints nothing).
@@ -167,6 +169,11 @@ fi
 #               "$WHAM_TOOLS_DIR/bin"
 #   - UI tests: want_cmd chromium chromium chromium-driver
 # ---------------------------------------------------------------------------
+# Test-only: the web UI's browser tests drive Debian's Chromium with Playwright
+# (tests/support/browser.py; Playwright's own browser download cannot be used).
+if [ "$WITH_POSTGRES" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+    WANTED_PKGS+=(chromium)
+fi
 
 if [ "${#WANTED_PKGS[@]}" -gt 0 ]; then
     ensure_apt_packages "${WANTED_PKGS[@]}"

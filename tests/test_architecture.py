@@ -22,7 +22,8 @@ ALLOWED: dict[str, set[str]] = {
     "runtimes": {"config", "wire"},
     "gateway": {"config", "store", "codexauth"},
     "client": {"wire", "codexauth"},
-    "server": {"wire", "store", "config", "ids", "service", "engine"},
+    "server": {"wire", "store", "config", "ids", "service", "engine", "web"},
+    "web": {"wire", "store", "config", "ids", "service"},
     "cli": {"wire", "store", "config", "ids", "service", "engine", "server", "client", "codexauth"},
 }
 

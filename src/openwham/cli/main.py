@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import account, codex_auth, envs, serve, tasks, tokens
+from . import account, codex_auth, envs, serve, tasks, tokens, web
 
 app = typer.Typer(
     name="wham",
@@ -38,6 +38,7 @@ app.command("status")(account.status)
 app.command("serve")(serve.serve)
 app.add_typer(tokens.app, name="token")
 app.command("codex-auth")(codex_auth.codex_auth)
+app.add_typer(web.app, name="web")
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from . import errors
 from .limits import BodySizeLimit
 from .routers import account, environments, stream, tasks
 from .state import AppState
+from .webui import mount as mount_web_ui
 
 PREFIXES = {"wham": "/backend-api/wham", "codex": "/api/codex"}
 
@@ -76,6 +77,8 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
+
+    mount_web_ui(app, state)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:

@@ -1,0 +1,907 @@
+"""The web UI's pages: server-rendered HTML (Jinja2, autoescaped) with a little vanilla JS.
+
+Every page needs a signed-in browser session (``session.py``); every POST form carries the
+session's CSRF token. Domain work goes through ``openwham.service`` (or, for what needs the
+executor, through the server's ``Backend``), so the UI can do nothing the API could not.
+Mistakes in a form come back as the form with the message and a 4xx status.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the dependency aliases
+# (local to WebUI._routes) as real objects, not as strings it cannot resolve.
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qs, quote, urlencode
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from openwham.service import environments as envs
+from openwham.service import logs, tasks, usage, webauth
+from openwham.service.accounts import Principal, authenticate
+from openwham.service.errors import BadRequest, ServiceError
+from openwham.wire import (
+    AgentNetworkAccess,
+    CacheSettings,
+    EnvironmentCreate,
+    EnvironmentUpdate,
+    RepoSpec,
+)
+
+from . import diffview, session, views
+from .backend import Backend
+
+HERE = Path(__file__).parent
+TEMPLATES = HERE / "templates"
+STATIC = HERE / "static"
+PAGE_SIZE = 20
+MAX_FORM_BYTES = 1024 * 1024
+SECURITY_HEADERS = {
+    # Scripts and styles come only from /static; no inline code, no other origin.
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+
+class LoginRequired(Exception):
+    """The page needs a signed-in session: redirect to the sign-in page."""
+
+
+class CsrfFailed(Exception):
+    """A form came without this session's token (another site, or an old page)."""
+
+
+class FormTooLarge(Exception):
+    pass
+
+
+@dataclass
+class Form:
+    """An ``application/x-www-form-urlencoded`` body (parsed without extra packages)."""
+
+    fields: dict[str, list[str]]
+
+    def get(self, name: str, default: str = "") -> str:
+        values = self.fields.get(name)
+        return values[0] if values else default
+
+    def getlist(self, name: str) -> list[str]:
+        return list(self.fields.get(name) or [])
+
+    def checked(self, name: str) -> bool:
+        return self.get(name) in ("on", "true", "1")
+
+
+class WebUI:
+    """The router and what its handlers share: the backend, templates and the cookie key."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.key = session.derive_key(backend.signing_key)
+        self.templates = Environment(
+            loader=FileSystemLoader(TEMPLATES),
+            autoescape=select_autoescape(default=True, default_for_string=True),
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.templates.globals["status_labels"] = views.STATUS_LABELS
+        self.static_version = str(int(max(p.stat().st_mtime for p in STATIC.iterdir())))
+        self.router = APIRouter(route_class=self._route_class(), include_in_schema=False)
+        self._routes()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _route_class(self) -> type[APIRoute]:
+        ui = self
+
+        class UIRoute(APIRoute):
+            """Errors on UI pages become HTML pages (the API's are JSON)."""
+
+            def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+                handler = super().get_route_handler()
+
+                async def guarded(request: Request) -> Response:
+                    try:
+                        return await handler(request)
+                    except LoginRequired:
+                        target = request.url.path
+                        if request.url.query:
+                            target += "?" + request.url.query
+                        if request.method != "GET" or request.headers.get("X-Requested-With"):
+                            return ui.error_page(request, 401, "Please sign in again.")
+                        return RedirectResponse(
+                            "/login?" + urlencode({"next": target}), status_code=303
+                        )
+                    except CsrfFailed:
+                        return ui.error_page(
+                            request,
+                            403,
+                            "This form has expired or came from another site. "
+                            "Go back, reload the page and try again.",
+                        )
+                    except FormTooLarge:
+                        return ui.error_page(request, 413, "The form is too large.")
+                    except ServiceError as exc:
+                        return ui.error_page(request, exc.status_code, exc.detail)
+
+                return guarded
+
+        return UIRoute
+
+    def session_of(self, request: Request) -> session.WebSession:
+        found = session.decode(self.key, request.cookies.get(session.COOKIE))
+        return found or session.new_session()
+
+    def db(self) -> Iterator[Session]:
+        with self.backend.db.sessions() as s:
+            try:
+                yield s
+            finally:
+                s.rollback()
+
+    def principal(self, request: Request, db: Session) -> tuple[session.WebSession, Principal]:
+        sess = self.session_of(request)
+        if not sess.signed_in or sess.generation != webauth.generation(db):
+            raise LoginRequired()
+        assert sess.user_id is not None and sess.account_id is not None
+        found = webauth.principal_for(db, sess.user_id, sess.account_id)
+        if found is None:
+            raise LoginRequired()
+        return sess, found
+
+    async def form(self, request: Request) -> Form:
+        """The posted form, after checking its CSRF token against the session cookie."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/x-www-form-urlencoded":
+            raise BadRequest("Send the form as application/x-www-form-urlencoded")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                raise FormTooLarge()
+        try:
+            text = body.decode("utf-8")
+            fields = parse_qs(text, keep_blank_values=True, errors="strict")
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise BadRequest("The form is not valid UTF-8 form data") from exc
+        for values in fields.values():
+            for value in values:
+                if "\x00" in value:
+                    raise BadRequest("The form contains a NUL character")
+        found = session.decode(self.key, request.cookies.get(session.COOKIE))
+        if found is None or not session.csrf_ok(self.key, found, (fields.get("csrf") or [""])[0]):
+            raise CsrfFailed()
+        return Form(fields)
+
+    def _with_cookie(self, response: Response, request: Request, sess: session.WebSession) -> None:
+        if sess.fresh:
+            response.set_cookie(
+                session.COOKIE,
+                session.encode(self.key, sess),
+                max_age=session.MAX_AGE_SECONDS,
+                path="/",
+                httponly=True,
+                samesite="lax",
+                secure=request.url.scheme == "https",
+            )
+
+    def _headers(self, response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    def render(
+        self,
+        request: Request,
+        name: str,
+        context: dict[str, Any],
+        *,
+        status: int = 200,
+        sess: session.WebSession | None = None,
+        principal: Principal | None = None,
+    ) -> HTMLResponse:
+        sess = sess or self.session_of(request)
+        page = self.templates.get_template(name).render(
+            csrf=session.csrf_token(self.key, sess),
+            me=principal.user if principal else None,
+            path=request.url.path,
+            static=f"/static/{{}}?v={self.static_version}",
+            **context,
+        )
+        response = HTMLResponse(page, status_code=status)
+        self._with_cookie(response, request, sess)
+        return self._headers(response)  # type: ignore[return-value]
+
+    def error_page(self, request: Request, status: int, message: str) -> HTMLResponse:
+        sess = self.session_of(request)
+        return self.render(
+            request,
+            "error.html",
+            {"status": status, "message": message, "signed_in": sess.signed_in},
+            status=status,
+            sess=sess,
+        )
+
+    def redirect(self, url: str, sess: session.WebSession | None = None) -> RedirectResponse:
+        response = RedirectResponse(url, status_code=303)
+        if sess is not None:
+            response.set_cookie(
+                session.COOKIE,
+                session.encode(self.key, sess),
+                max_age=session.MAX_AGE_SECONDS,
+                path="/",
+                httponly=True,
+                samesite="lax",
+            )
+        self._headers(response)
+        return response
+
+    # ------------------------------------------------------------------ routes
+
+    def _routes(self) -> None:
+        r = self.router
+        DbDep = Annotated[Session, Depends(self.db)]
+        FormDep = Annotated[Form, Depends(self.form)]
+
+        @r.get("/login")
+        def login_page(request: Request, db: DbDep, next: str = "/") -> Response:
+            sess = self.session_of(request)
+            if sess.signed_in and sess.generation == webauth.generation(db):
+                return self.redirect(_safe_next(next))
+            return self._login(request, db, sess, next=next)
+
+        @r.post("/login")
+        def login(request: Request, db: DbDep, form: FormDep) -> Response:
+            target = _safe_next(form.get("next", "/"))
+            token = form.get("token").strip()
+            password = form.get("password")
+            principal: Principal | None = None
+            if token:
+                try:
+                    principal = authenticate(db, self.backend.signing_key, token, None)
+                except ServiceError:
+                    principal = None
+            elif password:
+                principal = webauth.owner_by_password(db, password)
+            if principal is None:
+                what = "API token" if token else "password"
+                if not token and not password:
+                    message = "Enter an API token or the owner password."
+                else:
+                    message = f"That {what} is not valid."
+                return self._login(
+                    request, db, self.session_of(request), next=target, error=message, status=401
+                )
+            new = session.new_session(
+                principal.user_id, principal.account_id, webauth.generation(db)
+            )
+            return self.redirect(target, new)
+
+        @r.post("/logout")
+        def logout(request: Request, form: FormDep) -> Response:
+            return self.redirect("/login", session.new_session())
+
+        @r.get("/")
+        def tasks_page(
+            request: Request,
+            db: DbDep,
+            tab: str = "current",
+            cursor: str | None = None,
+        ) -> Response:
+            sess, principal = self.principal(request, db)
+            return self._tasks_page(request, db, sess, principal, tab=tab, cursor=cursor)
+
+        @r.get("/rows")
+        def rows(
+            request: Request, db: DbDep, tab: str = "current", cursor: str | None = None
+        ) -> Response:
+            """A page of task rows (HTML), for "Load more" and the list's live refresh."""
+            _, principal = self.principal(request, db)
+            page = self._page(db, principal, tab, cursor)
+            html = self.templates.get_template("_rows.html").render(
+                rows=page["rows"], next_cursor=page["next_cursor"], tab=page["tab"]
+            )
+            return self._headers(HTMLResponse(html))
+
+        @r.post("/tasks")
+        def create_task(request: Request, db: DbDep, form: FormDep) -> Response:
+            sess, principal = self.principal(request, db)
+            prompt = form.get("prompt")
+            values = {
+                "prompt": prompt,
+                "environment_id": form.get("environment_id"),
+                "branch": form.get("branch").strip(),
+                "attempts": form.get("attempts", "1"),
+                "mode": form.get("mode", "code"),
+            }
+            try:
+                body = _task_body(
+                    {
+                        "new_task": {
+                            "environment_id": values["environment_id"],
+                            **({"branch": values["branch"]} if values["branch"] else {}),
+                            "run_environment_in_qa_mode": values["mode"] == "ask",
+                        }
+                    },
+                    prompt,
+                    values["attempts"],
+                )
+                created = self.backend.create_task(db, principal, body)
+            except ServiceError as exc:
+                db.rollback()
+                return self._tasks_page(
+                    request,
+                    db,
+                    sess,
+                    principal,
+                    tab="current",
+                    cursor=None,
+                    error=exc.detail,
+                    values=values,
+                    status=exc.status_code,
+                )
+            return self.redirect(f"/tasks/{quote(created['task']['id'])}")
+
+        @r.get("/tasks/{task_id}")
+        def task_page(
+            request: Request, task_id: str, db: DbDep, turn: str | None = None
+        ) -> Response:
+            sess, principal = self.principal(request, db)
+            return self._task_page(request, db, sess, principal, task_id, turn)
+
+        @r.post("/tasks/{task_id}/follow-up")
+        def follow_up(request: Request, task_id: str, db: DbDep, form: FormDep) -> Response:
+            sess, principal = self.principal(request, db)
+            turn_id = form.get("turn_id")
+            values = {
+                "prompt": form.get("prompt"),
+                "attempts": form.get("attempts", "1"),
+                "mode": form.get("mode", "code"),
+            }
+            try:
+                body = _task_body(
+                    {
+                        "follow_up": {
+                            "task_id": task_id,
+                            "turn_id": turn_id,
+                            "run_environment_in_qa_mode": values["mode"] == "ask",
+                        }
+                    },
+                    values["prompt"],
+                    values["attempts"],
+                )
+                self.backend.create_task(db, principal, body)
+            except ServiceError as exc:
+                db.rollback()
+                return self._task_page(
+                    request,
+                    db,
+                    sess,
+                    principal,
+                    task_id,
+                    turn_id or None,
+                    error=exc.detail,
+                    values=values,
+                    status=exc.status_code,
+                )
+            return self.redirect(f"/tasks/{quote(task_id)}")
+
+        @r.post("/tasks/{task_id}/action")
+        def task_action(request: Request, task_id: str, db: DbDep, form: FormDep) -> Response:
+            _, principal = self.principal(request, db)
+            action = form.get("action")
+            turn_id = form.get("turn_id")
+            back = f"/tasks/{quote(task_id)}" + (f"?turn={quote(turn_id)}" if turn_id else "")
+            if action == "archive":
+                tasks.set_archived(db, principal, task_id, True)
+                db.commit()
+            elif action == "unarchive":
+                tasks.set_archived(db, principal, task_id, False)
+                db.commit()
+            elif action == "mark_read":
+                tasks.mark_read(db, principal, task_id)
+                db.commit()
+            elif action == "cancel":
+                self.backend.cancel_task(db, principal, task_id)
+            elif action == "push":
+                if not turn_id:
+                    raise BadRequest("Choose the attempt to push")
+                self.backend.push_branch(db, principal, task_id, turn_id)
+            else:
+                raise BadRequest("Unknown action")
+            return self.redirect(back)
+
+        @r.get("/tasks/{task_id}/events/{turn_id}")
+        async def task_events(
+            request: Request, task_id: str, turn_id: str, last_event_id: str | None = None
+        ) -> Response:
+            """The attempt's turn stream for the browser's EventSource (cookie-authenticated,
+            so no API token ever reaches the page)."""
+            import anyio
+
+            def check() -> None:
+                with self.backend.db.sessions() as db:
+                    _, principal = self.principal(request, db)
+                    task = tasks.get_task_row(db, principal, task_id)
+                    tasks.get_turn_row(db, task, turn_id)
+
+            await anyio.to_thread.run_sync(check)
+            raw = request.headers.get("Last-Event-ID") or last_event_id or "0"
+            if not raw.isdigit() or len(raw) > 18:
+                raise BadRequest("Last-Event-ID must be an event id from this stream")
+            stream: AsyncIterator[bytes] = self.backend.events(turn_id, int(raw))
+            return StreamingResponse(
+                stream,
+                media_type="text/event-stream; charset=utf-8",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+
+        # -------------------------------------------------------------- environments
+
+        @r.get("/environments")
+        def environments_page(request: Request, db: DbDep) -> Response:
+            sess, principal = self.principal(request, db)
+            rows = envs.render_many(db, envs.list_rows(db, principal))
+            return self.render(
+                request,
+                "environments.html",
+                {"environments": [e.model_dump(mode="json") for e in rows]},
+                sess=sess,
+                principal=principal,
+            )
+
+        @r.get("/environments/new")
+        def new_environment(request: Request, db: DbDep) -> Response:
+            sess, principal = self.principal(request, db)
+            return self._env_form(request, sess, principal, None, _env_values(None))
+
+        @r.post("/environments")
+        def create_environment(request: Request, db: DbDep, form: FormDep) -> Response:
+            sess, principal = self.principal(request, db)
+            values = _env_form_values(form)
+            try:
+                body = EnvironmentCreate.model_validate(_env_payload(values, None, form))
+                row = envs.create(
+                    db,
+                    principal,
+                    body,
+                    self.backend.secret_box,
+                    self.backend.settings.resolved_data_dir,
+                )
+                db.commit()
+            except (ServiceError, ValidationError, ValueError) as exc:
+                db.rollback()
+                return self._env_form(
+                    request, sess, principal, None, values, error=_message(exc), status=400
+                )
+            return self.redirect(f"/environments/{quote(row.id)}?saved=1")
+
+        @r.get("/environments/{env_id}")
+        def environment_page(
+            request: Request, env_id: str, db: DbDep, saved: str | None = None
+        ) -> Response:
+            sess, principal = self.principal(request, db)
+            env = envs.render_many(db, [envs.get_row(db, principal, env_id)])[0]
+            data = env.model_dump(mode="json")
+            return self._env_form(
+                request, sess, principal, data, _env_values(data), saved=saved == "1"
+            )
+
+        @r.post("/environments/{env_id}")
+        def update_environment(request: Request, env_id: str, db: DbDep, form: FormDep) -> Response:
+            sess, principal = self.principal(request, db)
+            current = envs.render_many(db, [envs.get_row(db, principal, env_id)])[0]
+            data = current.model_dump(mode="json")
+            values = _env_form_values(form)
+            try:
+                body = EnvironmentUpdate.model_validate(_env_payload(values, data, form))
+                envs.update(
+                    db,
+                    principal,
+                    env_id,
+                    body,
+                    self.backend.secret_box,
+                    self.backend.settings.resolved_data_dir,
+                )
+                db.commit()
+            except (ServiceError, ValidationError, ValueError) as exc:
+                db.rollback()
+                return self._env_form(
+                    request, sess, principal, data, values, error=_message(exc), status=400
+                )
+            return self.redirect(f"/environments/{quote(env_id)}?saved=1")
+
+        @r.post("/environments/{env_id}/reset-cache")
+        def reset_cache(request: Request, env_id: str, db: DbDep, form: FormDep) -> Response:
+            _, principal = self.principal(request, db)
+            envs.reset_cache(db, principal, env_id)
+            db.commit()
+            return self.redirect(f"/environments/{quote(env_id)}?saved=1")
+
+        @r.post("/environments/{env_id}/delete")
+        def delete_environment(request: Request, env_id: str, db: DbDep, form: FormDep) -> Response:
+            _, principal = self.principal(request, db)
+            envs.delete(db, principal, env_id)
+            db.commit()
+            return self.redirect("/environments")
+
+        @r.get("/usage")
+        def usage_page(request: Request, db: DbDep) -> Response:
+            sess, principal = self.principal(request, db)
+            settings = self.backend.settings
+            now = time.time()
+            enabled = iter(usage.windows(db, settings, principal.account_id))
+            windows: list[dict[str, Any]] = []
+            for name, limit in (
+                ("Primary", settings.rate_limit_primary),
+                ("Secondary", settings.rate_limit_secondary),
+            ):
+                if limit <= 0:
+                    windows.append({"name": name, "disabled": True})
+                    continue
+                w = next(enabled)
+                windows.append(
+                    {
+                        "name": name,
+                        "disabled": False,
+                        "used": w.used,
+                        "limit": w.limit,
+                        "percent": w.used_percent,
+                        "window": _duration(w.window_seconds),
+                        "resets_in": _duration(w.reset_after),
+                        "resets_at": views.iso(now + w.reset_after),
+                        "resets_local": time.strftime(
+                            "%Y-%m-%d %H:%M", time.localtime(now + w.reset_after)
+                        ),
+                    }
+                )
+            return self.render(
+                request, "usage.html", {"windows": windows}, sess=sess, principal=principal
+            )
+
+    # ------------------------------------------------------------------ page builders
+
+    def _login(
+        self,
+        request: Request,
+        db: Session,
+        sess: session.WebSession,
+        *,
+        next: str,
+        error: str | None = None,
+        status: int = 200,
+    ) -> HTMLResponse:
+        return self.render(
+            request,
+            "login.html",
+            {
+                "next": _safe_next(next),
+                "error": error,
+                "has_password": webauth.has_owner_password(db),
+            },
+            status=status,
+            sess=sess,
+        )
+
+    def _page(
+        self, db: Session, principal: Principal, tab: str, cursor: str | None
+    ) -> dict[str, Any]:
+        tab = tab if tab in ("current", "archived") else "current"
+        page = tasks.list_tasks(
+            db, principal, limit=PAGE_SIZE, task_filter=tab, environment_id=None, cursor=cursor
+        )
+        now = time.time()
+        return {
+            "tab": tab,
+            "rows": [views.row(item, now) for item in page.items],
+            "next_cursor": page.cursor,
+        }
+
+    def _tasks_page(
+        self,
+        request: Request,
+        db: Session,
+        sess: session.WebSession,
+        principal: Principal,
+        *,
+        tab: str,
+        cursor: str | None,
+        error: str | None = None,
+        values: dict[str, str] | None = None,
+        status: int = 200,
+    ) -> HTMLResponse:
+        page = self._page(db, principal, tab, cursor)
+        environments = [
+            e.model_dump(mode="json") for e in envs.render_many(db, envs.list_rows(db, principal))
+        ]
+        return self.render(
+            request,
+            "tasks.html",
+            {
+                **page,
+                "paged": cursor is not None,
+                "environments": environments,
+                "error": error,
+                "values": values or {},
+            },
+            status=status,
+            sess=sess,
+            principal=principal,
+        )
+
+    def _task_page(
+        self,
+        request: Request,
+        db: Session,
+        sess: session.WebSession,
+        principal: Principal,
+        task_id: str,
+        selected: str | None,
+        *,
+        error: str | None = None,
+        values: dict[str, str] | None = None,
+        status: int = 200,
+    ) -> HTMLResponse:
+        details = tasks.details(db, principal, task_id).model_dump(mode="json")
+        mapping = tasks.turn_mapping(db, principal, task_id).model_dump(mode="json")["turn_mapping"]
+        task = details["task"]
+        current = details.get("current_assistant_turn") or {}
+        chosen = selected if selected and selected in mapping else current.get("id")
+        if chosen and mapping.get(chosen, {}).get("turn", {}).get("role") != "assistant":
+            chosen = current.get("id")
+        exchanges = views.chain(mapping, chosen) if chosen else []
+        last = exchanges[-1] if exchanges else None
+        attempt = last.attempt if last else None
+        diff = attempt.diff if attempt else None
+        diff_text = str(diff.get("diff") or "") if diff else ""
+        worklog: dict[str, Any] = {"messages": [], "logs": []}
+        if attempt is not None and not attempt.active:
+            worklog["messages"] = (attempt.turn.get("worklog") or {}).get("messages") or []
+            worklog["logs"] = [
+                entry.line for entry in logs.turn_logs(db, principal, task_id, attempt.id).logs
+            ]
+        diff_turn = details.get("current_diff_task_turn") or {}
+        pushed = [
+            pr.get("pull_request") or {}
+            for pr in task.get("external_pull_requests") or []
+            if isinstance(pr, dict)
+        ]
+        display = task.get("task_status_display") or {}
+        return self.render(
+            request,
+            "task.html",
+            {
+                "task": task,
+                "environment": display.get("environment_label") or "",
+                "branch": display.get("branch_name") or "",
+                "exchanges": exchanges,
+                "attempt": attempt,
+                "running": any(a.active for ex in exchanges[-1:] for a in ex.siblings),
+                "diff": diffview.parse(diff_text) if diff_text else None,
+                "diff_stats": diff,
+                "diff_text": diff_text,
+                "is_current_diff": bool(attempt and diff_turn.get("id") == attempt.id),
+                "worklog": worklog,
+                "events_url": (
+                    f"/tasks/{quote(task_id)}/events/{quote(attempt.id)}"
+                    if attempt is not None and attempt.active
+                    else ""
+                ),
+                "pushed": pushed,
+                "error": error,
+                "values": values or {},
+                "heredoc": _heredoc_marker(diff_text),
+            },
+            status=status,
+            sess=sess,
+            principal=principal,
+        )
+
+    def _env_form(
+        self,
+        request: Request,
+        sess: session.WebSession,
+        principal: Principal,
+        env: dict[str, Any] | None,
+        values: dict[str, Any],
+        *,
+        error: str | None = None,
+        saved: bool = False,
+        status: int = 200,
+    ) -> HTMLResponse:
+        return self.render(
+            request,
+            "environment.html",
+            {"env": env, "values": values, "error": error, "saved": saved},
+            status=status,
+            sess=sess,
+            principal=principal,
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _safe_next(target: str) -> str:
+    """Only a path on this site (``/x``; not ``//host`` or ``/\\host``) may follow sign-in."""
+    if not target.startswith("/") or target.startswith(("//", "/\\")) or "\n" in target:
+        return "/"
+    return target
+
+
+def _message(exc: Exception) -> str:
+    if isinstance(exc, ServiceError):
+        return exc.detail
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return "; ".join(parts)
+    return str(exc)
+
+
+def _task_body(mode: dict[str, Any], prompt: str, attempts: str) -> dict[str, Any]:
+    if not prompt.strip():
+        raise BadRequest("Write a prompt first")
+    if attempts not in ("1", "2", "3", "4"):
+        raise BadRequest("Attempts must be 1 to 4")
+    return {
+        **mode,
+        "input_items": [
+            {
+                "type": "message",
+                "role": "user",
+                "content": [{"content_type": "text", "text": prompt}],
+            }
+        ],
+        "metadata": {"best_of_n": int(attempts)},
+    }
+
+
+def _heredoc_marker(diff: str) -> str:
+    """A heredoc delimiter that is no line of the diff."""
+    marker = "WHAM_PATCH"
+    lines = set(diff.splitlines())
+    while marker in lines:
+        marker = f"WHAM_PATCH_{secrets.token_hex(3).upper()}"
+    return marker
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    if seconds < 48 * 3600:
+        return f"{round(seconds / 3600)} h"
+    return f"{round(seconds / 86400)} days"
+
+
+def _script_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "\n".join(str(v) for v in value)
+    return str(value)
+
+
+def _env_values(env: dict[str, Any] | None) -> dict[str, Any]:
+    """The environment form's fields, filled from an environment (or empty)."""
+    if env is None:
+        return {
+            "label": "",
+            "description": "",
+            "repos": "",
+            "default_branch": "",
+            "setup": "",
+            "maintenance_setup": "",
+            "env_vars": "",
+            "secret_names": [],
+            "new_secrets": "",
+            "network_mode": "off",
+            "network_preset": "none",
+            "network_domains": "",
+            "network_safe": False,
+            "cache_enabled": False,
+        }
+    repo_map = env.get("repo_map") or {}
+    repos = [repo_map.get(k) or {} for k in env.get("repos") or []]
+    net = env.get("agent_network_access") or {}
+    return {
+        "label": env.get("label") or "",
+        "description": env.get("description") or "",
+        "repos": "\n".join(str(r.get("clone_url") or "") for r in repos),
+        "default_branch": (repos[0].get("default_branch") or "") if repos else "",
+        "setup": _script_text(env.get("setup")),
+        "maintenance_setup": _script_text(env.get("maintenance_setup")),
+        "env_vars": "\n".join(f"{k}={v}" for k, v in (env.get("env_vars") or {}).items()),
+        "secret_names": sorted((env.get("secrets") or {}).keys()),
+        "new_secrets": "",
+        "network_mode": net.get("mode") or "off",
+        "network_preset": net.get("preset_allowlist") or "none",
+        "network_domains": net.get("allowlist_domains") or "",
+        "network_safe": bool(net.get("safe_methods_only")),
+        "cache_enabled": bool((env.get("cache_settings") or {}).get("post_setup_cache_enabled")),
+    }
+
+
+def _env_form_values(form: Form) -> dict[str, Any]:
+    """What the user typed, to show again with an error (never the new secrets' values)."""
+    return {
+        "label": form.get("label"),
+        "description": form.get("description"),
+        "repos": form.get("repos"),
+        "default_branch": form.get("default_branch").strip(),
+        "setup": form.get("setup"),
+        "maintenance_setup": form.get("maintenance_setup"),
+        "env_vars": form.get("env_vars"),
+        "secret_names": form.getlist("secret_name"),
+        "new_secrets": "",
+        "network_mode": form.get("network_mode", "off"),
+        "network_preset": form.get("network_preset", "none"),
+        "network_domains": form.get("network_domains"),
+        "network_safe": form.checked("network_safe"),
+        "cache_enabled": form.checked("cache_enabled"),
+    }
+
+
+def _env_payload(
+    values: dict[str, Any], current: dict[str, Any] | None, form: Form
+) -> dict[str, Any]:
+    """The create/update body from the form. Secrets: new ``NAME=value`` lines are set,
+    ticked names removed; existing values are never needed (or shown)."""
+    urls = [line.strip() for line in str(values["repos"]).splitlines() if line.strip()]
+    known: dict[str, str | None] = {}
+    if current is not None:
+        for key in current.get("repos") or []:
+            info = (current.get("repo_map") or {}).get(key) or {}
+            known[str(info.get("clone_url") or "")] = info.get("default_branch")
+    repos: list[dict[str, Any]] = []
+    for i, url in enumerate(urls):
+        spec: dict[str, Any] = {"url": url}
+        branch = values["default_branch"] if i == 0 else known.get(url)
+        if branch:
+            spec["default_branch"] = branch
+        repos.append(RepoSpec.model_validate(spec).model_dump(exclude_none=True))
+    new_secrets = views.parse_pairs(form.get("new_secrets"), "Secrets")
+    payload: dict[str, Any] = {
+        "label": str(values["label"]).strip(),
+        "description": values["description"],
+        "repos": repos,
+        "setup": values["setup"] or None,
+        "maintenance_setup": values["maintenance_setup"] or None,
+        "env_vars": views.parse_pairs(str(values["env_vars"]), "Variables"),
+        "agent_network_access": AgentNetworkAccess(
+            mode=values["network_mode"],
+            preset_allowlist=values["network_preset"],
+            allowlist_domains=str(values["network_domains"]).strip(),
+            safe_methods_only=bool(values["network_safe"]),
+        ).model_dump(),
+        "cache_settings": CacheSettings(
+            post_setup_cache_enabled=bool(values["cache_enabled"])
+        ).model_dump(exclude={"cache_invalidation_key"}),
+    }
+    if current is None:
+        payload["secrets"] = new_secrets
+    else:
+        changes: dict[str, str | None] = {name: None for name in form.getlist("remove_secret")}
+        changes.update(new_secrets)
+        payload["secrets"] = changes
+    return payload

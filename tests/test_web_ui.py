@@ -1,0 +1,694 @@
+"""The web UI: sign-in, sessions and CSRF over HTTP, then a real browser against `wham serve`.
+
+The HTTP tests use the in-process app. The browser tests drive Debian's Chromium (Playwright)
+against a real ``wham serve`` whose model is the scripted Responses server, so the agent runs
+real commands and edits in its sandbox while the page watches. Screenshots of the main pages
+are saved to ``WHAM_TEST_ARTIFACTS`` (default: under pytest's temporary directory).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import WHAM, LiveServer, Server, make_repo, start_live_server
+from openwham.store import models as m
+from support.browser import artifacts_dir, chromium, csrf_of
+from support.procs import wait_gone
+from support.scripted_model import Patch, Say, ScriptedModel, Shell
+from test_serve_tasks import serve_env, stop
+
+EVIL = "<script>alert('x')</script><img src=x onerror=alert(1)>"
+FIX_ADD = Patch(
+    "*** Begin Patch\n*** Update File: calc.py\n@@\n def add(a, b):\n"
+    "-    return a - b\n+    return a + b\n*** End Patch"
+)
+
+
+# --------------------------------------------------------------------------- HTTP level
+
+
+def sign_in(client: Any, token: str) -> str:
+    """Sign in through the form; returns the signed-in session's CSRF token."""
+    page = client.get("/login")
+    r = client.post(
+        "/login",
+        data={"csrf": csrf_of(page.text), "token": token, "next": "/"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303, r.text
+    return csrf_of(client.get("/").text)
+
+
+def test_pages_need_a_session_whose_cookie_is_httponly_and_samesite(server: Server) -> None:
+    client = server.api.client
+    r = client.get("/environments", follow_redirects=False)
+    assert r.status_code == 303
+    assert r.headers["location"] == "/login?next=%2Fenvironments"
+    page = client.get("/login")
+    assert page.status_code == 200
+    cookie = page.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Path=/" in cookie
+    before = client.cookies.get("wham_session")
+
+    bad = client.post(
+        "/login", data={"csrf": csrf_of(page.text), "token": "not-a-token"}, follow_redirects=False
+    )
+    assert bad.status_code == 401 and "not valid" in bad.text
+
+    token = server.api.token
+    assert token
+    ok = client.post(
+        "/login",
+        data={"csrf": csrf_of(page.text), "token": token, "next": "//evil.example/"},
+        follow_redirects=False,
+    )
+    assert ok.status_code == 303
+    assert ok.headers["location"] == "/"  # only local paths follow sign-in
+    cookie = ok.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie
+    after = client.cookies.get("wham_session")
+    assert after and after != before  # a new session at sign-in
+    home = client.get("/")
+    assert home.status_code == 200
+    # no secret value is ever sent to the browser: not the API token, not the cookie key
+    assert token not in home.text and token not in client.get("/login", follow_redirects=True).text
+    for name in ("Content-Security-Policy", "X-Frame-Options", "X-Content-Type-Options"):
+        assert name in home.headers
+    assert "script-src 'self'" in home.headers["Content-Security-Policy"]
+    # the session cookie is not an API credential
+    api = httpx.Headers({"Authorization": f"Bearer {after}"})
+    assert client.get("/backend-api/wham/tasks/list", headers=api).status_code == 401
+
+    # sign out: a fresh anonymous session, pages redirect again
+    out = client.post("/logout", data={"csrf": csrf_of(home.text)}, follow_redirects=False)
+    assert out.status_code == 303 and out.headers["location"] == "/login"
+    assert client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_every_form_needs_the_sessions_csrf_token(server: Server, repo: Path) -> None:
+    client = server.api.client
+    env = server.api.create_env(repo)
+    task = server.api.create_task(env["id"], "Keep me current")
+    task_id = task["task"]["id"]
+    csrf = sign_in(client, server.api.token or "")
+
+    # another session's token, a made-up one, none: all refused, nothing changes
+    other = httpx.Client(transport=client._transport, base_url=str(client.base_url))
+    foreign = csrf_of(other.get("/login").text)
+    for token in (foreign, "forged", None):
+        data = {"action": "archive"} | ({"csrf": token} if token else {})
+        r = client.post(f"/tasks/{task_id}/action", data=data)
+        assert r.status_code == 403, r.text
+        assert "expired or came from another site" in r.text
+        r = client.post("/environments", data={"label": "x", "repos": str(repo)} | data)
+        assert r.status_code == 403
+        r = client.post(
+            "/tasks", data={"prompt": "x", "environment_id": env["id"], "csrf": token or ""}
+        )
+        assert r.status_code == 403
+        r = client.post("/logout", data=data)
+        assert r.status_code == 403
+    assert server.api.get(f"tasks/{task_id}").json()["task"]["archived"] is False
+    assert len(server.api.get("environments").json()) == 1
+    assert len(server.api.get("tasks/list").json()["items"]) == 1
+    assert client.get("/", follow_redirects=False).status_code == 200  # still signed in
+
+    # with the right token the same form works
+    r = client.post(
+        f"/tasks/{task_id}/action", data={"action": "archive", "csrf": csrf}, follow_redirects=False
+    )
+    assert r.status_code == 303
+    assert server.api.get(f"tasks/{task_id}").json()["task"]["archived"] is True
+
+
+def _finish_with(server: Server, task_id: str, turn_id: str, text: str, diff: str) -> None:
+    """Give an attempt a result directly in the store (this server runs no attempts)."""
+    with server.app_state.db.session() as s:
+        turn = s.get(m.Turn, turn_id)
+        assert turn is not None
+        turn.turn_status = "completed"
+        turn.body = {
+            **turn.body,
+            "output_items": [
+                {"type": "message", "role": "assistant", "content": [text]},
+                {
+                    "type": "pr",
+                    "pr_title": text,
+                    "pr_message": text,
+                    "output_diff": {
+                        "diff": diff,
+                        "files_modified": 1,
+                        "lines_added": 2,
+                        "lines_removed": 1,
+                    },
+                },
+            ],
+            "worklog": {
+                "messages": [
+                    {
+                        "id": "m1",
+                        "author": {"role": "assistant"},
+                        "content": {"content_type": "text", "parts": [text]},
+                        "status": "finished_successfully",
+                    }
+                ]
+            },
+        }
+
+
+def test_user_text_shows_as_text_everywhere(server: Server, repo: Path) -> None:
+    client = server.api.client
+    env = server.api.create_env(repo, label=f"env {EVIL}", env_vars={"NOTE": EVIL})
+    created = server.api.create_task(env["id"], f"Prompt {EVIL}")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    diff = (
+        f"diff --git a/x{EVIL}.html b/x{EVIL}.html\n--- a/x{EVIL}.html\n+++ b/x{EVIL}.html\n"
+        f"@@ -1 +1,2 @@\n-<b>old</b>\n+{EVIL}\n+</script><script>alert(2)</script>\n"
+    )
+    _finish_with(server, task_id, turn_id, f"Answer {EVIL}", diff)
+    sign_in(client, server.api.token or "")
+
+    pages = {
+        "tasks": client.get("/").text,
+        "task": client.get(f"/tasks/{task_id}").text,
+        "environments": client.get("/environments").text,
+        "environment": client.get(f"/environments/{env['id']}").text,
+    }
+    for name, html in pages.items():
+        assert "<script>alert" not in html, name
+        assert "<img src=x" not in html, name
+        assert "</script><script>" not in html, name
+    escaped = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;"
+    task_page = pages["task"]
+    assert f"Prompt {escaped}" in task_page  # the prompt
+    assert f"Answer {escaped}" in task_page  # the final message
+    assert f"x{escaped}.html" in task_page  # a file name in the diff
+    assert "&lt;/script&gt;&lt;script&gt;alert(2)&lt;/script&gt;" in task_page  # a diff line
+    # the work log goes to the page as JSON for the script: no tag can close its element
+    data = re.search(
+        r'<script type="application/json" id="worklog-data">(.*?)</script>', task_page, re.S
+    )
+    assert data and "\\u003cscript\\u003e" in data.group(1)
+    assert f"env {escaped}" in pages["tasks"] and f"env {escaped}" in pages["environments"]
+    assert f"NOTE={escaped}" in pages["environment"]
+
+
+def test_secret_values_are_never_sent_to_the_browser(server: Server, repo: Path) -> None:
+    client = server.api.client
+    csrf = sign_in(client, server.api.token or "")
+    value = "s3cr3t-value-for-the-setup-only"
+    r = client.post(
+        "/environments",
+        data={
+            "csrf": csrf,
+            "label": "with secrets",
+            "repos": str(repo),
+            "new_secrets": f"DEPLOY_KEY={value}\nOTHER=also-{value}",
+            "network_mode": "off",
+            "network_preset": "none",
+        },
+        follow_redirects=False,
+    )
+    assert r.status_code == 303, r.text
+    env_url = r.headers["location"].split("?")[0]
+    env_id = env_url.rsplit("/", 1)[1]
+    page = client.get(env_url).text
+    assert "DEPLOY_KEY" in page and "OTHER" in page
+    assert value not in page
+    # the environment still runs with them: stored encrypted, not lost by an edit
+    row_before = dict(server.api.get(f"environments/{env_id}").json()["secrets"])
+    assert row_before == {"DEPLOY_KEY": "<REDACTED>", "OTHER": "<REDACTED>"}
+    form = {
+        "csrf": csrf,
+        "label": "with secrets",
+        "repos": str(repo),
+        "secret_name": ["DEPLOY_KEY", "OTHER"],
+        "remove_secret": "OTHER",
+        "new_secrets": "",
+        "network_mode": "on",
+        "network_preset": "common_dependencies",
+        "network_domains": "pypi.org",
+    }
+    r = client.post(env_url, data=form, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    env = server.api.get(f"environments/{env_id}").json()
+    assert env["secrets"] == {"DEPLOY_KEY": "<REDACTED>"}
+    assert env["agent_network_access"]["mode"] == "on"
+    assert env["agent_network_access"]["preset_allowlist"] == "common_dependencies"
+    with server.app_state.db.sessions() as s:
+        row = s.get(m.Environment, env_id)
+        assert row is not None
+        assert server.app_state.secret_box.open(row.secrets["DEPLOY_KEY"]) == value
+    assert value not in client.get(env_url).text
+
+
+def test_owner_password_signs_in_and_changing_it_ends_sessions(
+    server: Server, tmp_path: Path
+) -> None:
+    client = server.api.client
+    data_dir = server.app_state.settings.resolved_data_dir
+    page = client.get("/login")
+    assert 'name="password"' not in page.text  # no password set yet: token only
+    short = subprocess.run(
+        [str(WHAM), "web", "set-password", "--password-stdin", "--data-dir", str(data_dir)],
+        input="short\n",
+        capture_output=True,
+        text=True,
+    )
+    assert short.returncode == 2 and "at least 8" in short.stderr
+    done = subprocess.run(
+        [str(WHAM), "web", "set-password", "--password-stdin", "--data-dir", str(data_dir)],
+        input="correct horse battery\n",
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    page = client.get("/login")
+    assert 'name="password"' in page.text
+    wrong = client.post("/login", data={"csrf": csrf_of(page.text), "password": "nope nope"})
+    assert wrong.status_code == 401
+    r = client.post(
+        "/login",
+        data={"csrf": csrf_of(page.text), "password": "correct horse battery", "next": "/usage"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303 and r.headers["location"] == "/usage"
+    assert client.get("/usage").status_code == 200
+    # a new password signs every browser out
+    subprocess.run(
+        [str(WHAM), "web", "set-password", "--password-stdin", "--data-dir", str(data_dir)],
+        input="another long password\n",
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert client.get("/usage", follow_redirects=False).status_code == 303
+
+
+def test_bad_input_gets_a_clear_4xx_page(server: Server, repo: Path) -> None:
+    client = server.api.client
+    env = server.api.create_env(repo)
+    created = server.api.create_task(env["id"], "Something")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    csrf = sign_in(client, server.api.token or "")
+    cases = [
+        (client.get("/tasks/task_e_" + "0" * 32), 404, "Task not found"),
+        (client.get("/tasks/" + "x" * 500), 404, "Task not found"),
+        (client.get("/environments/nope"), 404, "not found"),
+        (client.get("/?cursor=%%%"), 400, "cursor"),
+        (client.get(f"/tasks/{task_id}/events/{turn_id}?last_event_id=abc"), 400, "Last-Event-ID"),
+        (client.get(f"/tasks/{task_id}/events/nope"), 404, "not found"),
+        (
+            client.post(
+                "/tasks",
+                data={"csrf": csrf, "prompt": "x", "environment_id": env["id"], "attempts": "7"},
+            ),
+            400,
+            "Attempts must be 1 to 4",
+        ),
+        (
+            client.post("/tasks", data={"csrf": csrf, "prompt": " ", "environment_id": env["id"]}),
+            400,
+            "Write a prompt first",
+        ),
+        (
+            client.post("/tasks", data={"csrf": csrf, "prompt": "x", "environment_id": "nope"}),
+            404,
+            "Environment not found",
+        ),
+        (
+            client.post(
+                "/tasks",
+                data={"csrf": csrf, "prompt": "x", "environment_id": env["id"], "branch": "a..b"},
+            ),
+            400,
+            "branch",
+        ),
+        (
+            client.post(f"/tasks/{task_id}/action", data={"csrf": csrf, "action": "explode"}),
+            400,
+            "Unknown action",
+        ),
+        (
+            client.post(
+                f"/tasks/{task_id}/follow-up",
+                data={"csrf": csrf, "prompt": "more", "turn_id": turn_id},
+            ),
+            409,
+            "still pending",
+        ),
+        (
+            client.post(
+                "/environments",
+                data={"csrf": csrf, "label": "x", "repos": "relative/path"},
+            ),
+            400,
+            "",
+        ),
+        (
+            client.post(
+                "/environments",
+                data={"csrf": csrf, "label": "x", "repos": str(repo), "env_vars": "NO_EQUALS"},
+            ),
+            400,
+            "NAME=value",
+        ),
+        (
+            client.post("/tasks", content=b"{}", headers={"content-type": "application/json"}),
+            400,
+            "",
+        ),
+        (
+            client.post(
+                "/tasks",
+                content=b"csrf=" + csrf.encode() + b"&prompt=%FF",
+                headers={"content-type": "application/x-www-form-urlencoded"},
+            ),
+            400,
+            "UTF-8",
+        ),
+    ]
+    for response, status, text in cases:
+        assert response.status_code == status, (response.request.url, response.text[:300])
+        assert response.headers["content-type"].startswith("text/html")
+        assert text in response.text
+    # the form comes back with what was typed
+    again = client.post(
+        "/tasks",
+        data={
+            "csrf": csrf,
+            "prompt": "keep this text",
+            "environment_id": env["id"],
+            "attempts": "9",
+        },
+    )
+    assert "keep this text" in again.text
+    assert len(server.api.get("tasks/list").json()["items"]) == 1
+
+
+# --------------------------------------------------------------------------- browser
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[ScriptedModel]:
+    scripted = ScriptedModel().start()
+    try:
+        yield scripted
+    finally:
+        scripted.stop()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, model: ScriptedModel) -> Iterator[LiveServer]:
+    srv = start_live_server(tmp_path_factory.mktemp("web-ui") / "data", serve_env(model))
+    try:
+        yield srv
+    finally:
+        stop(srv)
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = artifacts_dir(tmp_path_factory.getbasetemp() / "web-ui-screenshots")
+    print(f"web UI screenshots: {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def repo_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_repo(tmp_path_factory.mktemp("repos") / "calc")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def context(browser: Any, live: LiveServer) -> Iterator[Any]:
+    """A signed-in browser context (signed in once, through the form, with a token)."""
+    ctx = browser.new_context(base_url=live.url, viewport={"width": 1280, "height": 900})
+    ctx.set_default_timeout(30_000)
+    page = ctx.new_page()
+    page.goto("/")
+    assert page.url.endswith("/login?next=%2F")
+    page.get_by_label("API token").fill(live.token())
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{live.url}/")
+    page.close()
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+@pytest.fixture
+def page(context: Any) -> Iterator[Any]:
+    p = context.new_page()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture(scope="module")
+def env_id(context: Any, repo_path: Path, shots: Path) -> str:
+    """An environment made through the form, with a setup script."""
+    p = context.new_page()
+    try:
+        p.goto("/environments")
+        p.get_by_role("link", name="New environment").click()
+        p.get_by_label("Name", exact=True).fill("acme/calc")
+        p.get_by_label("Repositories").fill(str(repo_path))
+        p.get_by_label("Setup script").fill("echo preparing the workspace")
+        p.get_by_label("Environment variables").fill("GREETING=hello")
+        p.get_by_role("button", name="Create environment").click()
+        p.wait_for_url(re.compile(r"/environments/[0-9a-f]{32}\?saved=1$"))
+        assert p.get_by_role("status").inner_text() == "Saved."
+        assert p.get_by_label("Default branch").input_value() == "main"  # detected
+        p.screenshot(path=str(shots / "environment.png"), full_page=True)
+        found = re.search(r"/environments/([0-9a-f]{32})", p.url)
+        assert found
+        p.goto("/environments")
+        assert p.get_by_role("link", name="acme/calc").is_visible()
+        p.screenshot(path=str(shots / "environments.png"), full_page=True)
+        return found.group(1)
+    finally:
+        p.close()
+
+
+def submit_task(page: Any, prompt: str, *, attempts: str = "1") -> str:
+    """Type a task on the tasks page and start it with Ctrl+Enter; returns the task id."""
+    page.goto("/")
+    page.get_by_label("Prompt").fill(prompt)
+    page.get_by_label("Attempts").select_option(attempts)
+    page.get_by_label("Prompt").press("Control+Enter")
+    page.wait_for_url(re.compile(r"/tasks/task_e_[0-9a-f]{32}$"))
+    return str(page.url.rsplit("/", 1)[1])
+
+
+def wait_status(page: Any, label: str, timeout: float = 90_000) -> None:
+    page.locator("#attempt-badge", has_text=label).wait_for(timeout=timeout)
+
+
+def test_browser_runs_a_task_with_a_live_log_and_a_diff(
+    page: Any, model: ScriptedModel, env_id: str, shots: Path
+) -> None:
+    model.script = [
+        Shell("sleep 2; echo hello-from-the-agent"),
+        FIX_ADD,
+        Say("Fixed `add`: it subtracted. <b>not bold</b>"),
+    ]
+    submit_task(page, "Fix the add function <i>please</i>")
+    # the page watches the attempt: setup log, then the command while it runs
+    page.locator(".step.setup", has_text="preparing the workspace").wait_for()
+    running = page.locator(".step.cmd.running", has_text="$ sleep 2")
+    running.wait_for()
+    assert page.locator("#attempt-badge").inner_text() == "Running"
+    assert "Running" in page.locator("#status-line").inner_text()
+    page.screenshot(path=str(shots / "task-running.png"), full_page=True)
+    # the answer and the diff once it completes (the page reloads itself)
+    page.locator("#final-message").wait_for(timeout=90_000)
+    assert page.locator("#attempt-badge").inner_text() == "Completed"
+    assert "<b>not bold</b>" in page.locator("#final-message .text").inner_text()
+    assert (
+        page.locator("#prompt .text").inner_text().strip() == "Fix the add function <i>please</i>"
+    )
+    # the work log of the finished attempt: command with its output (collapsed until opened)
+    page.get_by_text("Work log").click()
+    command = page.locator(".step.cmd", has_text="$ sleep 2")
+    command.locator("summary").click()
+    assert "hello-from-the-agent" in command.locator("pre.output").inner_text()
+    assert "exit 0" in command.inner_text()
+    # diff: unified by default, with stats; split on request
+    diff = page.locator("#diff")
+    assert "+1" in diff.locator(".diff-stats").inner_text()
+    assert "1 file" in diff.locator(".diff-stats").inner_text()
+    unified = diff.locator("table.unified")
+    assert unified.is_visible()
+    assert unified.locator("tr.k-add").inner_text().strip().endswith("return a + b")
+    assert unified.locator("tr.k-del").inner_text().strip().endswith("return a - b")
+    page.screenshot(path=str(shots / "task.png"), full_page=True)
+    page.get_by_role("button", name="Split").click()
+    assert diff.locator("table.split").is_visible() and not unified.is_visible()
+    split_row = diff.locator("table.split tr", has=page.locator("td.k-add"))
+    assert "return a - b" in split_row.inner_text() and "return a + b" in split_row.inner_text()
+    page.screenshot(path=str(shots / "task-split.png"), full_page=True)
+    page.get_by_role("button", name="Unified").click()
+    # per-file collapse
+    page.locator("details.file summary").click()
+    assert not unified.is_visible()
+    page.locator("details.file summary").click()
+    # the commands to copy
+    task_id = page.url.rsplit("/", 1)[1]
+    assert page.get_by_label("With wham").input_value() == f"wham task apply {task_id}"
+    git_apply = page.get_by_label("With git apply").input_value()
+    assert git_apply.startswith("git apply <<'WHAM_PATCH'\ndiff --git a/calc.py b/calc.py")
+    assert git_apply.endswith("\nWHAM_PATCH")
+
+
+def test_browser_best_of_two_switches_attempts(
+    page: Any, model: ScriptedModel, env_id: str, shots: Path
+) -> None:
+    model.script = [FIX_ADD, Say("Done in one edit.")]
+    task_id = submit_task(page, "Fix add, twice over", attempts="2")
+    wait_status(page, "Completed")
+    attempts = page.get_by_role("navigation", name="Attempts").get_by_role("link")
+    assert attempts.count() == 2
+    first, second = attempts.nth(0), attempts.nth(1)
+    assert first.get_attribute("aria-current") == "true"
+    page.locator(".attempts a", has_text="Attempt 2").locator(
+        ".badge", has_text="Completed"
+    ).wait_for()
+    first_url = page.url
+    second.click()
+    page.wait_for_url(re.compile(rf"/tasks/{task_id}\?turn=.+assttrn_e_"))
+    assert page.url != first_url
+    current = page.get_by_role("navigation", name="Attempts").locator("a[aria-current]")
+    assert current.inner_text().startswith("Attempt 2")
+    assert page.locator("#final-message .text").inner_text().strip() == "Done in one edit."
+    assert page.locator("#diff table.unified tr.k-add").is_visible()
+    page.screenshot(path=str(shots / "task-attempts.png"), full_page=True)
+
+
+def test_browser_follow_up_continues_the_task(
+    page: Any, model: ScriptedModel, env_id: str, shots: Path
+) -> None:
+    model.script = [FIX_ADD, Say("First answer.")]
+    task_id = submit_task(page, "Fix add and tell me")
+    wait_status(page, "Completed")
+    # a follow-up replays the history (one tool output), so its first step is step 1
+    model.script = [Say("unused"), Say("Second answer, after the follow-up.")]
+    page.get_by_label("Follow-up prompt").fill("Now explain what you changed")
+    page.get_by_label("Follow-up prompt").press("Control+Enter")
+    page.wait_for_url(f"**/tasks/{task_id}")
+    wait_status(page, "Completed")
+    prompts = page.locator(".prompt .text").all_inner_texts()
+    assert prompts == ["Fix add and tell me", "Now explain what you changed"]
+    assert "First answer." in page.locator(".exchange").first.inner_text()
+    assert page.locator("#final-message .text").inner_text().strip() == (
+        "Second answer, after the follow-up."
+    )
+    # the diff shown is the whole change against the original base
+    assert page.locator("#diff table.unified tr.k-add").inner_text().strip().endswith("a + b")
+    page.screenshot(path=str(shots / "task-follow-up.png"), full_page=True)
+
+
+def test_browser_cancels_a_running_task(page: Any, model: ScriptedModel, env_id: str) -> None:
+    marker = f"web-cancel-{time.time_ns()}"
+    model.script = [Shell(f"sleep 60; echo {marker}"), Say("never")]
+    submit_task(page, "Take your time")
+    page.locator(".step.cmd.running", has_text="$ sleep 60").wait_for()
+    page.get_by_role("button", name="Cancel").click()
+    wait_status(page, "Cancelled", timeout=30_000)
+    assert page.get_by_role("button", name="Cancel").count() == 0
+    assert (
+        "was cancelled; follow up on a completed attempt" in page.locator(".follow-up").inner_text()
+    )
+    assert wait_gone(marker, 10) == []  # the sandbox was killed, not left running
+
+
+def test_browser_task_list_updates_without_reload_and_archives(
+    page: Any, model: ScriptedModel, env_id: str, live: LiveServer, shots: Path
+) -> None:
+    model.script = [Shell("sleep 2"), Say("Listed.")]
+    page.goto("/")
+    page.evaluate("window.__no_reload = true")
+    token = live.token()
+    body = {
+        "new_task": {"environment_id": env_id},
+        "input_items": [
+            {
+                "type": "message",
+                "role": "user",
+                "content": [{"content_type": "text", "text": "From the API"}],
+            }
+        ],
+    }
+    r = httpx.post(
+        f"{live.url}/backend-api/wham/tasks",
+        json=body,
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert r.status_code == 200, r.text
+    task_id = r.json()["task"]["id"]
+    row = page.locator(f'tr[data-task-id="{task_id}"]')
+    row.locator(".badge", has_text="Running").wait_for(timeout=30_000)
+    row.locator(".badge", has_text="Completed").wait_for(timeout=90_000)
+    assert page.evaluate("window.__no_reload") is True  # the same page: no reload
+    assert row.locator(".dot").count() == 1  # unread
+    assert "acme/calc" in row.inner_text() and "main" in row.inner_text()
+    page.screenshot(path=str(shots / "tasks.png"), full_page=True)
+
+    row.get_by_role("link").click()
+    page.get_by_role("button", name="Mark read").click()
+    page.wait_for_load_state()
+    assert page.get_by_role("button", name="Mark read").count() == 0
+    page.get_by_role("button", name="Archive").click()
+    page.get_by_role("button", name="Unarchive").wait_for()
+    page.goto("/")
+    assert page.locator(f'tr[data-task-id="{task_id}"]').count() == 0
+    page.get_by_role("link", name="Archived").click()
+    assert page.locator(f'tr[data-task-id="{task_id}"]').is_visible()
+
+
+def test_browser_usage_and_small_screens(
+    browser: Any, context: Any, live: LiveServer, env_id: str, shots: Path
+) -> None:
+    page = context.new_page()
+    try:
+        page.goto("/usage")
+        bars = page.get_by_role("progressbar")
+        assert bars.count() == 2
+        used = int(bars.first.get_attribute("aria-valuenow") or "-1")
+        assert used >= 1  # the tasks above count
+        assert "resets in" in page.locator(".window").first.inner_text()
+        page.screenshot(path=str(shots / "usage.png"), full_page=True)
+        page.goto("/")
+        first_task = page.locator("a.task-title").first.get_attribute("href")
+    finally:
+        page.close()
+    cookies = context.cookies()
+    for name, options in (
+        ("phone", {"viewport": {"width": 390, "height": 844}, "is_mobile": True}),
+        ("dark", {"viewport": {"width": 1280, "height": 900}, "color_scheme": "dark"}),
+    ):
+        ctx = browser.new_context(base_url=live.url, **options)
+        ctx.add_cookies(cookies)
+        p = ctx.new_page()
+        p.goto(str(first_task))
+        width = p.evaluate("document.documentElement.scrollWidth")
+        assert width <= p.viewport_size["width"] + 1, f"{name}: page wider than the screen"
+        p.screenshot(path=str(shots / f"task-{name}.png"), full_page=True)
+        p.goto("/")
+        p.screenshot(path=str(shots / f"tasks-{name}.png"), full_page=True)
+        ctx.close()
