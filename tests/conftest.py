@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -317,6 +319,68 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
             srv.process.wait(10)
         except subprocess.TimeoutExpired:
             srv.process.kill()
+
+
+# --------------------------------------------------------------------------- wham serve, per module
+
+
+def serve_env(model: Any) -> dict[str, str]:
+    """``wham serve``'s environment for running tasks against the scripted model."""
+    return {
+        "WHAM_MODEL_PROVIDER": "openai-compatible",
+        "WHAM_MODEL_BASE_URL": model.url,
+        "WHAM_MODEL_API_KEY": "sk-upstream-secret-key",
+        "WHAM_MODEL": CODEX_MODEL,
+        "WHAM_EXECUTOR_CONCURRENCY": "2",
+    }
+
+
+def stop(srv: LiveServer, sig: int = signal.SIGTERM) -> None:
+    if srv.process.poll() is None:
+        srv.process.send_signal(sig)
+        try:
+            srv.process.wait(20)
+        except subprocess.TimeoutExpired:
+            srv.process.kill()
+            srv.process.wait(5)
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[Any]:
+    """One scripted model for a module (set ``model.script`` per test)."""
+    from support.scripted_model import ScriptedModel
+
+    m = ScriptedModel().start()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture(scope="module")
+def gate(model: Any) -> threading.Event:
+    """While cleared, the model holds every request: attempts stay unfinished."""
+    event = threading.Event()
+    event.set()
+    model.on_request = lambda body: event.wait(60) or None
+    return event
+
+
+@pytest.fixture(scope="module")
+def served(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    model: Any,
+    gate: threading.Event,
+) -> Iterator[LiveServer]:
+    """One ``wham serve`` process for a module, running tasks against ``model``."""
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    srv = start_live_server(tmp_path_factory.mktemp(name) / "data", serve_env(model))
+    try:
+        yield srv
+    finally:
+        gate.set()
+        stop(srv)
 
 
 # --------------------------------------------------------------------------- running tasks

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WHAM, LiveServer, git, make_repo, start_live_server
+from conftest import WHAM, LiveServer, git, make_repo
 from openwham.client import (
     AsyncWhamClient,
     Conflict,
@@ -23,8 +23,7 @@ from openwham.client import (
     WhamClient,
     turn_diff,
 )
-from support.scripted_model import Patch, Say, ScriptedModel, Shell
-from test_serve_tasks import serve_env, stop
+from support.scripted_model import Patch, Say, Shell
 
 FIX_ADD = Patch(
     "*** Begin Patch\n*** Update File: calc.py\n@@\n def add(a, b):\n"
@@ -35,37 +34,6 @@ RANDOM_NOTE = Shell(
     "printf '%s\\n' \"$(od -An -N8 -tx1 /dev/urandom | tr -d ' \\n')\" > NOTE.txt && cat NOTE.txt"
 )
 SCRIPT = [RANDOM_NOTE, FIX_ADD, Say("Fixed add() and left a note.")]
-
-
-@pytest.fixture(scope="module")
-def model() -> Iterator[ScriptedModel]:
-    m = ScriptedModel().start()
-    m.script = SCRIPT
-    try:
-        yield m
-    finally:
-        m.stop()
-
-
-@pytest.fixture(scope="module")
-def gate(model: ScriptedModel) -> threading.Event:
-    """While cleared, the model holds every request: attempts stay running."""
-    event = threading.Event()
-    event.set()
-    model.on_request = lambda body: event.wait(60) or None
-    return event
-
-
-@pytest.fixture(scope="module")
-def served(
-    tmp_path_factory: pytest.TempPathFactory, model: ScriptedModel, gate: threading.Event
-) -> Iterator[LiveServer]:
-    srv = start_live_server(tmp_path_factory.mktemp("sdk") / "data", serve_env(model))
-    try:
-        yield srv
-    finally:
-        gate.set()
-        stop(srv)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +53,8 @@ def wham(served: LiveServer, token: str) -> Iterator[WhamClient]:
 
 
 @pytest.fixture(scope="module")
-def env_id(wham: WhamClient, repo: Path) -> str:
+def env_id(wham: WhamClient, repo: Path, model: ScriptedModel) -> str:
+    model.script = SCRIPT
     return wham.create_environment({"label": "acme/widgets", "repos": [str(repo)]}).id
 
 

@@ -24,11 +24,10 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from conftest import WHAM, LiveServer, git, make_repo, start_live_server
+from conftest import WHAM, LiveServer, git, make_repo
 from support.codex_cloud import CLOUD_VERSION, CodexUser, RecordingProxy, cloud_binary
 from support.codex_cloud import current_binary as current_codex
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
-from test_serve_tasks import serve_env, stop
 
 STYLES = {"api-codex": ("", "/api/codex/"), "backend-api": ("/backend-api", "/backend-api/wham/")}
 FIX_ADD = Patch(
@@ -52,36 +51,6 @@ LIST_KEYS = {
     "is_review",
     "attempt_total",
 }
-
-
-@pytest.fixture(scope="module")
-def model() -> Iterator[ScriptedModel]:
-    m = ScriptedModel().start()
-    try:
-        yield m
-    finally:
-        m.stop()
-
-
-@pytest.fixture(scope="module")
-def gate(model: ScriptedModel) -> threading.Event:
-    """While cleared, the model holds every request: attempts stay unfinished."""
-    event = threading.Event()
-    event.set()
-    model.on_request = lambda body: event.wait(60) or None
-    return event
-
-
-@pytest.fixture(scope="module")
-def served(
-    tmp_path_factory: pytest.TempPathFactory, model: ScriptedModel, gate: threading.Event
-) -> Iterator[LiveServer]:
-    srv = start_live_server(tmp_path_factory.mktemp("compat") / "data", serve_env(model))
-    try:
-        yield srv
-    finally:
-        gate.set()
-        stop(srv)
 
 
 @pytest.fixture(scope="module")

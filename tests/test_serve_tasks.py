@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,32 +17,12 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import CODEX_MODEL, LiveServer, git, make_repo, parse_sse, start_live_server
+from conftest import LiveServer, git, make_repo, parse_sse, serve_env, start_live_server, stop
 from support.procs import host_pids, wait_gone
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
 
 TERMINAL = ("completed", "failed", "cancelled")
 PREFIX = "/backend-api/wham"
-
-
-def serve_env(model: ScriptedModel) -> dict[str, str]:
-    return {
-        "WHAM_MODEL_PROVIDER": "openai-compatible",
-        "WHAM_MODEL_BASE_URL": model.url,
-        "WHAM_MODEL_API_KEY": "sk-upstream-secret-key",
-        "WHAM_MODEL": CODEX_MODEL,
-        "WHAM_EXECUTOR_CONCURRENCY": "2",
-    }
-
-
-def stop(srv: LiveServer, sig: int = signal.SIGTERM) -> None:
-    if srv.process.poll() is None:
-        srv.process.send_signal(sig)
-        try:
-            srv.process.wait(20)
-        except subprocess.TimeoutExpired:
-            srv.process.kill()
-            srv.process.wait(5)
 
 
 @pytest.fixture
