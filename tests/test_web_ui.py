@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import WHAM, LiveServer, Server, make_repo, start_live_server
+from conftest import WHAM, LiveServer, Server, git, make_repo, start_live_server
 from openwham.store import models as m
 from support.browser import artifacts_dir, chromium, csrf_of
 from support.procs import wait_gone
@@ -501,14 +501,14 @@ def wait_status(page: Any, label: str, timeout: float = 90_000) -> None:
 
 
 def test_browser_runs_a_task_with_a_live_log_and_a_diff(
-    page: Any, model: ScriptedModel, env_id: str, shots: Path
+    page: Any, model: ScriptedModel, env_id: str, shots: Path, repo_path: Path
 ) -> None:
     model.script = [
         Shell("sleep 2; echo hello-from-the-agent"),
         FIX_ADD,
-        Say("Fixed `add`: it subtracted. <b>not bold</b>"),
+        Say("Fixed `add` in calc.py: it returned a - b, it now returns a + b."),
     ]
-    submit_task(page, "Fix the add function <i>please</i>")
+    submit_task(page, "Fix the add function in calc.py, it subtracts")
     # the page watches the attempt: setup log, then the command while it runs
     page.locator(".step.setup", has_text="preparing the workspace").wait_for()
     running = page.locator(".step.cmd.running", has_text="$ sleep 2")
@@ -519,9 +519,10 @@ def test_browser_runs_a_task_with_a_live_log_and_a_diff(
     # the answer and the diff once it completes (the page reloads itself)
     page.locator("#final-message").wait_for(timeout=90_000)
     assert page.locator("#attempt-badge").inner_text() == "Completed"
-    assert "<b>not bold</b>" in page.locator("#final-message .text").inner_text()
+    assert "it now returns a + b" in page.locator("#final-message .text").inner_text()
     assert (
-        page.locator("#prompt .text").inner_text().strip() == "Fix the add function <i>please</i>"
+        page.locator("#prompt .text").inner_text().strip()
+        == "Fix the add function in calc.py, it subtracts"
     )
     # the work log of the finished attempt: command with its output (collapsed until opened)
     page.get_by_text("Work log").click()
@@ -554,6 +555,14 @@ def test_browser_runs_a_task_with_a_live_log_and_a_diff(
     git_apply = page.get_by_label("With git apply").input_value()
     assert git_apply.startswith("git apply <<'WHAM_PATCH'\ndiff --git a/calc.py b/calc.py")
     assert git_apply.endswith("\nWHAM_PATCH")
+    assert page.locator(".step.edit .call-text").inner_text() == "Edited calc.py"
+    # a PR branch, pushed to the environment's repository
+    page.get_by_role("button", name="Create PR branch").click()
+    pill = page.locator(".pill.pushed")
+    pill.wait_for()
+    branch = pill.inner_text().removeprefix("Branch ")
+    assert branch.startswith("codex/")
+    assert "return a + b" in git("show", f"{branch}:calc.py", cwd=repo_path)
 
 
 def test_browser_best_of_two_switches_attempts(
@@ -587,17 +596,18 @@ def test_browser_follow_up_continues_the_task(
     task_id = submit_task(page, "Fix add and tell me")
     wait_status(page, "Completed")
     # a follow-up replays the history (one tool output), so its first step is step 1
-    model.script = [Say("unused"), Say("Second answer, after the follow-up.")]
-    page.get_by_label("Follow-up prompt").fill("Now explain what you changed")
+    model.script = [Say("unused"), Say("Second answer: <b>not bold</b>.")]
+    page.get_by_label("Follow-up prompt").fill("Now explain what you changed <i>briefly</i>")
     page.get_by_label("Follow-up prompt").press("Control+Enter")
     page.wait_for_url(f"**/tasks/{task_id}")
     wait_status(page, "Completed")
     prompts = page.locator(".prompt .text").all_inner_texts()
-    assert prompts == ["Fix add and tell me", "Now explain what you changed"]
+    assert prompts == ["Fix add and tell me", "Now explain what you changed <i>briefly</i>"]
     assert "First answer." in page.locator(".exchange").first.inner_text()
     assert page.locator("#final-message .text").inner_text().strip() == (
-        "Second answer, after the follow-up."
+        "Second answer: <b>not bold</b>."
     )
+    assert page.locator("#final-message b, .prompt i").count() == 0  # shown as text
     # the diff shown is the whole change against the original base
     assert page.locator("#diff table.unified tr.k-add").inner_text().strip().endswith("a + b")
     page.screenshot(path=str(shots / "task-follow-up.png"), full_page=True)
@@ -692,3 +702,63 @@ def test_browser_usage_and_small_screens(
         p.goto("/")
         p.screenshot(path=str(shots / f"tasks-{name}.png"), full_page=True)
         ctx.close()
+
+
+def test_browser_edits_resets_and_deletes_an_environment(page: Any, repo_path: Path) -> None:
+    page.goto("/environments/new")
+    page.get_by_label("Name", exact=True).fill("throwaway")
+    page.get_by_label("Repositories").fill(str(repo_path))
+    page.get_by_label("Secrets").fill("API_KEY=very-secret-value")
+    page.get_by_role("button", name="Create environment").click()
+    page.wait_for_url(re.compile(r"\?saved=1$"))
+    assert page.locator("ul.secrets").inner_text().startswith("API_KEY")
+    assert "very-secret-value" not in page.content()
+    page.get_by_label("Description").fill("edited in the browser")
+    page.get_by_label("Access").select_option("on")
+    page.get_by_role("button", name="Save").click()
+    page.wait_for_url(re.compile(r"\?saved=1$"))
+    assert page.get_by_label("Description").input_value() == "edited in the browser"
+    assert page.get_by_label("Access").input_value() == "on"
+    page.get_by_role("button", name="Reset cache").click()
+    assert page.get_by_role("status").inner_text() == "Saved."
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete environment").click()
+    page.wait_for_url(re.compile(r"/environments$"))
+    assert page.get_by_role("link", name="throwaway").count() == 0
+
+
+def test_browser_loads_more_tasks_by_cursor(browser: Any, tmp_path: Path, repo_path: Path) -> None:
+    """A server that runs nothing (``WHAM_EXECUTOR=none``) with more tasks than a page."""
+    srv = start_live_server(tmp_path / "idle", {"WHAM_EXECUTOR": "none"})
+    try:
+        token = srv.token()
+        api = httpx.Client(
+            base_url=f"{srv.url}/backend-api/wham", headers={"Authorization": f"Bearer {token}"}
+        )
+        env = api.post("environments", json={"label": "many", "repos": [str(repo_path)]}).json()
+        for i in range(23):
+            prompt = {"content_type": "text", "text": f"Task number {i}"}
+            body = {
+                "new_task": {"environment_id": env["id"]},
+                "input_items": [{"type": "message", "role": "user", "content": [prompt]}],
+            }
+            assert api.post("tasks", json=body).status_code == 200
+        ctx = browser.new_context(base_url=srv.url)
+        p = ctx.new_page()
+        p.goto("/login")
+        p.get_by_label("API token").fill(token)
+        p.get_by_label("API token").press("Enter")
+        p.wait_for_url(f"{srv.url}/")
+        rows = p.locator("tr.task-row")
+        assert rows.count() == 20
+        assert rows.first.locator(".task-title").inner_text() == "Task number 22"
+        p.get_by_role("link", name="Load more").click()
+        p.locator("tr.task-row", has_text="Task number 0").wait_for()
+        assert rows.count() == 23
+        assert p.get_by_role("link", name="Load more").count() == 0
+        p.wait_for_timeout(3500)  # a refresh of the first page keeps the loaded ones
+        assert rows.count() == 23
+        assert p.get_by_role("link", name="Load more").count() == 0
+        ctx.close()
+    finally:
+        stop(srv)

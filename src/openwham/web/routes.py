@@ -669,8 +669,9 @@ class WebUI:
         attempt = last.attempt if last else None
         diff = attempt.diff if attempt else None
         diff_text = str(diff.get("diff") or "") if diff else ""
-        worklog: dict[str, Any] = {"messages": [], "logs": []}
+        worklog: dict[str, Any] = {"messages": [], "logs": [], "hide_final": False}
         if attempt is not None and not attempt.active:
+            worklog["hide_final"] = bool(attempt.final)
             worklog["messages"] = (attempt.turn.get("worklog") or {}).get("messages") or []
             worklog["logs"] = [
                 entry.line for entry in logs.turn_logs(db, principal, task_id, attempt.id).logs

@@ -218,7 +218,16 @@
           summaryText.textContent = "$ " + text;
         } else if (msg.recipient === "apply_patch") {
           node.classList.add("edit");
-          summaryText.textContent = "Edited " + text.split("\n").join(", ");
+          const verbs = { A: "Added", D: "Deleted", M: "Edited" };
+          summaryText.textContent = text
+            .split("\n")
+            .filter((line) => line.trim())
+            .map((line) => {
+              const flag = line.slice(0, 2);
+              const verb = verbs[flag.trim()];
+              return verb && flag[1] === " " ? `${verb} ${line.slice(2)}` : line;
+            })
+            .join(", ");
         } else {
           summaryText.textContent = (msg.recipient || "tool") + " " + text;
         }
@@ -252,7 +261,10 @@
       data = {};
     }
     (data.logs || []).forEach((line) => log.setupLine(line));
-    (data.messages || []).forEach((msg) => log.message(msg));
+    // The answer of a finished attempt is shown below the log: not twice.
+    (data.messages || [])
+      .filter((msg) => !(data.hide_final && msg.channel === "final"))
+      .forEach((msg) => log.message(msg));
     if (!root.children.length && !root.dataset.events) {
       root.appendChild(el("p", "hint", "Nothing was logged."));
     }
