@@ -23,7 +23,7 @@ from openwham.client import (
     WhamClient,
     turn_diff,
 )
-from support.scripted_model import Patch, Say, Shell
+from support.scripted_model import Patch, Say, ScriptedModel, Shell
 
 FIX_ADD = Patch(
     "*** Begin Patch\n*** Update File: calc.py\n@@\n def add(a, b):\n"
@@ -335,7 +335,7 @@ def test_cli_errors_are_one_line_with_a_fix(
     assert run_cli(cli_env, "task", "show", task_id).returncode == 1
 
 
-def test_cli_status_and_help(cli_env: dict[str, str], served: LiveServer) -> None:
+def test_cli_status_and_help(cli_env: dict[str, str], served: LiveServer, token: str) -> None:
     status = run_cli(cli_env, "status", "--json")
     rows = {r["profile"]: r for r in json.loads(status.stdout)}
     assert rows["local"]["logged_in"] and rows["local"]["current"]
@@ -346,3 +346,23 @@ def test_cli_status_and_help(cli_env: dict[str, str], served: LiveServer) -> Non
     helped = run_cli(cli_env, "--help")
     for noun in ("task", "env", "login", "usage", "serve"):
         assert noun in helped.stdout
+    home = Path(cli_env["HOME"]) / "codex-for-cli"
+    written = run_cli(
+        cli_env,
+        "codex-auth",
+        "--server",
+        served.url,
+        "--token",
+        token,
+        "--codex-home",
+        str(home),
+        "--json",
+    )
+    assert written.returncode == 0, written.stderr
+    assert json.loads(written.stdout)["auth_json"] == str(home / "auth.json")
+    assert json.loads((home / "auth.json").read_text())["tokens"]["access_token"] == token
+    # last: sign out of the server profile (the other tests of this module use it)
+    out = run_cli(cli_env, "logout", "--json")
+    assert json.loads(out.stdout) == {"profile": "local", "kind": "openwham", "was_logged_in": True}
+    after = run_cli(cli_env, "task", "list")
+    assert after.returncode == 4 and "wham login" in after.stderr

@@ -203,3 +203,21 @@ def test_codex_auth_rejects_bad_input(tmp_path: Path) -> None:
     )
     assert r.returncode == 2 and "not an openwham API token" in r.stderr
     assert not (tmp_path / "auth.json").exists()
+
+
+def test_serve_json_prints_its_addresses(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [str(WHAM), "serve", "--port", "0", "--json", "--data-dir", str(tmp_path / "d")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        assert info["url"].startswith("http://127.0.0.1:")
+        assert info["api"] == [f"{info['url']}/backend-api/wham", f"{info['url']}/api/codex"]
+        assert info["data_dir"] == str(tmp_path / "d")
+    finally:
+        proc.terminate()
+        proc.wait(20)

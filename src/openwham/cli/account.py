@@ -48,6 +48,7 @@ def login(
     ),
     port: int = typer.Option(1455, "--port", help="Local callback port of the browser flow"),
     no_browser: bool = typer.Option(False, "--no-browser", help="Print the URL, do not open it"),
+    as_json: bool = JsonOption,
 ) -> None:
     """Sign in: to chatgpt.com (browser PKCE or --device), or save an openwham server token."""
     store = ProfileStore()
@@ -63,7 +64,10 @@ def login(
             wham.usage()  # proves the URL and the token before saving them
         store.put(profile, make_default=True)
         who = _token_claims(token).get("email") or "owner"
-        out.print(f"logged in to {url} as {who} (profile {profile.name})", markup=False)
+        if as_json:
+            print_json({"profile": profile.name, "kind": "openwham", "url": url, "email": who})
+        else:
+            out.print(f"logged in to {url} as {who} (profile {profile.name})", markup=False)
         return
     from openwham.client import login as flows
 
@@ -87,21 +91,37 @@ def login(
         result = flows.login_browser(home, port=port, open_browser=open_browser, **kwargs)
     if codex_home is not None:
         store.put(Profile(name or CHATGPT, "chatgpt", CHATGPT_BASE_URL, codex_home=str(codex_home)))
-    out.print(f"logged in to chatgpt.com as {result.email or result.account_id}", markup=False)
+    if as_json:
+        print_json(
+            {
+                "profile": name or CHATGPT,
+                "kind": "chatgpt",
+                "auth_file": str(result.path),
+                "email": result.email,
+                "account_id": result.account_id,
+                "plan_type": result.plan_type,
+            }
+        )
+    else:
+        out.print(f"logged in to chatgpt.com as {result.email or result.account_id}", markup=False)
 
 
 @handles_errors
-def logout(ctx: typer.Context) -> None:
+def logout(ctx: typer.Context, as_json: bool = JsonOption) -> None:
     """Sign out of the chosen profile (chatgpt.com: revoke and remove auth.json)."""
     profile = selected_profile(ctx)
     if profile.kind == "chatgpt":
         from openwham.client import login as flows
 
-        flows.logout(profile.auth_home())
-        out.print(f"logged out of chatgpt.com ({profile.auth_home() / 'auth.json'})", markup=False)
-        return
-    ProfileStore().remove(profile.name)
-    out.print(f"removed profile {profile.name} ({profile.url})", markup=False)
+        had = flows.logout(profile.auth_home())
+        text = f"logged out of chatgpt.com ({profile.auth_home() / 'auth.json'})"
+    else:
+        had = ProfileStore().remove(profile.name)
+        text = f"removed profile {profile.name} ({profile.url})"
+    if as_json:
+        print_json({"profile": profile.name, "kind": profile.kind, "was_logged_in": had})
+    else:
+        out.print(text if had else f"{profile.name}: not logged in", markup=False)
 
 
 def _describe(profile: Profile) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import jwt
 import typer
 
-from .common import fail
+from .common import fail, print_json
 
 AUTH_CLAIM = "https://api.openai.com/auth"
 
@@ -52,6 +52,7 @@ def codex_auth(
     server: str = typer.Option(..., "--server", help="openwham base URL, e.g. http://host:8080"),
     token: str = typer.Option(..., "--token", help="API token from `wham token create`"),
     codex_home: Path = typer.Option(..., "--codex-home", help="CODEX_HOME to write auth.json to"),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON"),
 ) -> None:
     """Write CODEX_HOME/auth.json (and a config.toml if none exists) for this server."""
     base = server.rstrip("/")
@@ -71,5 +72,15 @@ def codex_auth(
             f'chatgpt_base_url = "{root}/backend-api/"\n'
             'cli_auth_credentials_store = "file"\n'
         )
+    if as_json:
+        print_json(
+            {
+                "auth_json": str(codex_home / "auth.json"),
+                "config_toml": str(config),
+                "codex_cloud_tasks_base_url": f"{root}/backend-api",
+                "chatgpt_base_url": f"{root}/backend-api/",
+            }
+        )
+        return
     typer.echo(f"wrote {codex_home / 'auth.json'}")
     typer.echo(f"codex cloud: export CODEX_CLOUD_TASKS_BASE_URL={root}/backend-api")

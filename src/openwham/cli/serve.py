@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from pathlib import Path
@@ -17,6 +18,9 @@ def serve(
     port: int = typer.Option(8080, "--port", help="Port to listen on (0 picks a free one)"),
     data_dir: Path | None = DataDirOption,
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the addresses as one JSON line instead of text"
+    ),
 ) -> None:
     """Start openwham and print its base URL."""
     from openwham.server.app import create_app
@@ -37,10 +41,18 @@ def serve(
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{actual}"
-    typer.echo(f"openwham {url}", err=False)
-    typer.echo(f"  data directory: {settings.resolved_data_dir}")
-    typer.echo(f"  API: {url}/backend-api/wham  and  {url}/api/codex")
-    typer.echo(f"  token: wham token create --data-dir {settings.resolved_data_dir}", err=False)
+    if as_json:
+        info = {
+            "url": url,
+            "data_dir": str(settings.resolved_data_dir),
+            "api": [f"{url}/backend-api/wham", f"{url}/api/codex"],
+        }
+        typer.echo(json.dumps(info))
+    else:
+        typer.echo(f"openwham {url}", err=False)
+        typer.echo(f"  data directory: {settings.resolved_data_dir}")
+        typer.echo(f"  API: {url}/backend-api/wham  and  {url}/api/codex")
+        typer.echo(f"  token: wham token create --data-dir {settings.resolved_data_dir}")
     # open event streams must not hold a stopping server: they are cut after 5 s
     config = uvicorn.Config(
         app, log_level=log_level.lower(), access_log=False, timeout_graceful_shutdown=5
