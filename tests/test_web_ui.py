@@ -586,6 +586,7 @@ def test_browser_best_of_two_switches_attempts(
     assert current.inner_text().startswith("Attempt 2")
     assert page.locator("#final-message .text").inner_text().strip() == "Done in one edit."
     assert page.locator("#diff table.unified tr.k-add").is_visible()
+    assert page.get_by_label("With wham").input_value() == f"wham task apply {task_id} --attempt 2"
     page.screenshot(path=str(shots / "task-attempts.png"), full_page=True)
 
 

@@ -696,7 +696,7 @@ class WebUI:
                 "diff": diffview.parse(diff_text) if diff_text else None,
                 "diff_stats": diff,
                 "diff_text": diff_text,
-                "is_current_diff": bool(attempt and diff_turn.get("id") == attempt.id),
+                "apply_command": _apply_command(task_id, diff_turn, last),
                 "worklog": worklog,
                 "events_url": (
                     f"/tasks/{quote(task_id)}/events/{quote(attempt.id)}"
@@ -773,6 +773,17 @@ def _task_body(mode: dict[str, Any], prompt: str, attempts: str) -> dict[str, An
         ],
         "metadata": {"best_of_n": int(attempts)},
     }
+
+
+def _apply_command(task_id: str, diff_turn: dict[str, Any], shown: views.Exchange | None) -> str:
+    """``wham task apply`` for the attempt shown, when the CLI can name it: its
+    ``--attempt N`` counts the attempts of the turn that holds the task's current diff."""
+    if shown is None or shown.attempt is None:
+        return ""
+    if not any(a.id == diff_turn.get("id") for a in shown.siblings):
+        return ""
+    number = shown.attempt.index + 1
+    return f"wham task apply {task_id}" + (f" --attempt {number}" if number > 1 else "")
 
 
 def _heredoc_marker(diff: str) -> str:
