@@ -763,3 +763,32 @@ def test_browser_loads_more_tasks_by_cursor(browser: Any, tmp_path: Path, repo_p
         ctx.close()
     finally:
         stop(srv)
+
+
+UNLABELLED = """() => Array.from(document.querySelectorAll('input, select, textarea, button'))
+  .filter((el) => el.type !== 'hidden')
+  .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+    && !(el.tagName === 'BUTTON' && el.textContent.trim()))
+  .map((el) => el.outerHTML.slice(0, 120))"""
+
+
+def test_browser_controls_are_labelled_and_keyboard_reachable(
+    page: Any, model: ScriptedModel, env_id: str
+) -> None:
+    model.script = [Say("Labelled.")]
+    task_id = submit_task(page, "Check the labels")
+    wait_status(page, "Completed")
+    task = f"/tasks/{task_id}"
+    for path in ("/", task, "/environments", f"/environments/{env_id}", "/usage"):
+        page.goto(path)
+        assert page.evaluate(UNLABELLED) == [], path
+    # from the top of the tasks page, Tab reaches the skip link, then the prompt
+    page.goto("/")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "prompt":
+            break
+    else:
+        raise AssertionError("Tab never reached the prompt")

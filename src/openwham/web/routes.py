@@ -44,6 +44,7 @@ TEMPLATES = HERE / "templates"
 STATIC = HERE / "static"
 PAGE_SIZE = 20
 MAX_FORM_BYTES = 1024 * 1024
+FAILED_SIGN_IN_DELAY = 0.5
 SECURITY_HEADERS = {
     # Scripts and styles come only from /static; no inline code, no other origin.
     "Content-Security-Policy": (
@@ -237,17 +238,13 @@ class WebUI:
             sess=sess,
         )
 
-    def redirect(self, url: str, sess: session.WebSession | None = None) -> RedirectResponse:
+    def redirect(
+        self, url: str, sess: session.WebSession | None = None, request: Request | None = None
+    ) -> RedirectResponse:
+        """A 303 to ``url``; with ``sess`` (a new session) it also sets the cookie."""
         response = RedirectResponse(url, status_code=303)
-        if sess is not None:
-            response.set_cookie(
-                session.COOKIE,
-                session.encode(self.key, sess),
-                max_age=session.MAX_AGE_SECONDS,
-                path="/",
-                httponly=True,
-                samesite="lax",
-            )
+        if sess is not None and request is not None:
+            self._with_cookie(response, request, sess)
         self._headers(response)
         return response
 
@@ -279,6 +276,7 @@ class WebUI:
             elif password:
                 principal = webauth.owner_by_password(db, password)
             if principal is None:
+                time.sleep(FAILED_SIGN_IN_DELAY)  # slows down guessing (one thread per try)
                 what = "API token" if token else "password"
                 if not token and not password:
                     message = "Enter an API token or the owner password."
@@ -290,11 +288,11 @@ class WebUI:
             new = session.new_session(
                 principal.user_id, principal.account_id, webauth.generation(db)
             )
-            return self.redirect(target, new)
+            return self.redirect(target, new, request)
 
         @r.post("/logout")
         def logout(request: Request, form: FormDep) -> Response:
-            return self.redirect("/login", session.new_session())
+            return self.redirect("/login", session.new_session(), request)
 
         @r.get("/")
         def tasks_page(
