@@ -18,12 +18,20 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import WHAM, LiveServer, Server, git, make_repo, start_live_server
+from conftest import (
+    WHAM,
+    LiveServer,
+    Server,
+    git,
+    make_repo,
+    serve_env,
+    start_live_server,
+    stop,
+)
 from openwham.store import models as m
 from support.browser import artifacts_dir, chromium, csrf_of
 from support.procs import wait_gone
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
-from test_serve_tasks import serve_env, stop
 
 EVIL = "<script>alert('x')</script><img src=x onerror=alert(1)>"
 FIX_ADD = Patch(
