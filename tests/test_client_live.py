@@ -310,6 +310,8 @@ def test_cli_errors_are_one_line_with_a_fix(
 
     bad = run_cli(cli_env, "task", "new", "x", "--attempts", "9")
     assert bad.returncode == 2
+    url = run_cli({**cli_env, "WHAM_URL": "localhost:1", "WHAM_TOKEN": "t"}, "task", "list")
+    assert url.returncode == 1 and url.stderr.startswith("error: not an http(s) URL")
 
     gate.clear()
     try:

@@ -99,8 +99,10 @@ def test_task_urls_and_ids() -> None:
     assert task_url("https://chatgpt.com", "task_e_1") == "https://chatgpt.com/codex/tasks/task_e_1"
     assert task_id_from("http://h:1/codex/tasks/task_e_9?x=1#y") == "task_e_9"
     assert task_id_from(" task_e_9 ") == "task_e_9"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not an http"):
         api_root("ftp://nope")
+    with pytest.raises(WhamError, match="not an http"):
+        WhamClient("localhost:8080")
 
 
 def test_headers_token_and_account() -> None:

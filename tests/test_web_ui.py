@@ -8,6 +8,7 @@ are saved to ``WHAM_TEST_ARTIFACTS`` (default: under pytest's temporary director
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -291,13 +292,15 @@ def test_owner_password_signs_in_and_changing_it_ends_sessions(
     assert r.status_code == 303 and r.headers["location"] == "/usage"
     assert client.get("/usage").status_code == 200
     # a new password signs every browser out
-    subprocess.run(
-        [str(WHAM), "web", "set-password", "--password-stdin", "--data-dir", str(data_dir)],
+    dd = data_dir
+    changed = subprocess.run(
+        [str(WHAM), "web", "set-password", "--password-stdin", "--json", "--data-dir", str(dd)],
         input="another long password\n",
         check=True,
         capture_output=True,
         text=True,
     )
+    assert json.loads(changed.stdout) == {"password_set": True}
     assert client.get("/usage", follow_redirects=False).status_code == 303
 
 

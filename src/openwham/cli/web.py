@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from .common import DataDirOption, fail, settings_for
+from .common import DataDirOption, fail, print_json, settings_for
 
 app = typer.Typer(help="The web UI served by `wham serve`.", no_args_is_help=True)
 
@@ -41,6 +41,7 @@ def set_password(
     password_stdin: bool = typer.Option(
         False, "--password-stdin", help="Read the password from standard input (one line)"
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON"),
 ) -> None:
     """Set the owner's web UI password (asks twice on a terminal); signs all browsers out."""
     if password_stdin:
@@ -50,11 +51,20 @@ def set_password(
             fail("no terminal to ask on: pipe the password in with --password-stdin", 2)
         password = typer.prompt("New password", hide_input=True, confirmation_prompt=True)
     _store(data_dir, password)
-    typer.echo("Password set. Sign in at the server's address with it.")
+    if as_json:
+        print_json({"password_set": True})
+    else:
+        typer.echo("Password set. Sign in at the server's address with it.")
 
 
 @app.command("clear-password")
-def clear_password(data_dir: Path | None = DataDirOption) -> None:
+def clear_password(
+    data_dir: Path | None = DataDirOption,
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON"),
+) -> None:
     """Remove the owner's web UI password (API tokens still sign in); signs all browsers out."""
     _store(data_dir, None)
-    typer.echo("Password removed.")
+    if as_json:
+        print_json({"password_set": False})
+    else:
+        typer.echo("Password removed.")

@@ -20,6 +20,10 @@ class WhamError(Exception):
             self.hint = hint
 
 
+class InvalidURL(WhamError, ValueError):
+    """A base URL that is not http(s)://host[…]."""
+
+
 class TransportError(WhamError):
     """The server could not be reached, or the connection broke (after retries)."""
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from openwham.client.errors import InvalidURL
+
 CHATGPT_BASE_URL = "https://chatgpt.com/backend-api"
 _CHATGPT_HOSTS = ("https://chatgpt.com", "https://chat.openai.com")
 
@@ -18,7 +20,7 @@ def normalize_base_url(url: str) -> str:
     base = url.strip().rstrip("/")
     parts = urlsplit(base)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"not an http(s) URL: {url!r}")
+        raise InvalidURL(f"not an http(s) URL: {url!r}", hint="use e.g. http://127.0.0.1:8080")
     if base.startswith(_CHATGPT_HOSTS) and "/backend-api" not in base:
         base += "/backend-api"
     return base
