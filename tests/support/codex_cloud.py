@@ -8,21 +8,18 @@ whose top-level ``codex apply`` follows ``chatgpt_base_url``.
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from openwham.runtimes.codex_cli import native_binary, pinned_version, tools_dir
+from support.app_thread import AppThread
 
 CLOUD_DIR = tools_dir().parent / "codex-cloud"
 CLOUD_VERSION = "0.151.0"
@@ -91,8 +88,7 @@ class RecordingProxy:
     upstream: str
     calls: list[Call] = field(default_factory=list)
     url: str = ""
-    _server: uvicorn.Server | None = None
-    _thread: threading.Thread | None = None
+    _runner: AppThread = field(default_factory=AppThread)
 
     def paths(self) -> list[str]:
         return [c.path for c in self.calls]
@@ -131,21 +127,8 @@ class RecordingProxy:
                 )
             ]
         )
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
-        )
-        self._thread.start()
-        while not self._server.started:
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = self._runner.start(app)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(5)
+        self._runner.stop()

@@ -24,7 +24,6 @@ import asyncio
 import base64
 import hashlib
 import secrets
-import socket
 import threading
 import time
 import uuid
@@ -34,13 +33,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 import jwt
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from openwham.codexauth import jwt_claims
+from support.app_thread import AppThread
 
 AUTH_CLAIM = "https://api.openai.com/auth"
 CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
@@ -113,8 +112,7 @@ class Issuer:
     _devices: dict[str, dict[str, Any]] = field(default_factory=dict)
     _id_tokens: set[str] = field(default_factory=set)
     _mutex: threading.Lock = field(default_factory=threading.Lock)
-    _server: uvicorn.Server | None = None
-    _thread: threading.Thread | None = None
+    _runner: AppThread = field(default_factory=AppThread)
 
     # ------------------------------------------------------------------ tokens
 
@@ -365,24 +363,11 @@ class Issuer:
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> Issuer:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app(), log_level="warning"))
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
-        )
-        self._thread.start()
-        while not self._server.started:
-            time.sleep(0.01)
+        self.url = self._runner.start(self.app())
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(5)
+        self._runner.stop()
 
 
 def decode(token: str) -> dict[str, Any]:

@@ -11,19 +11,17 @@ tool when the request offers no patch tool.
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from support.app_thread import AppThread
 
 
 @dataclass
@@ -126,8 +124,7 @@ class ScriptedModel:
     delay: float = 0.0
     on_request: Callable[[dict[str, Any]], None] | None = None
     url: str = ""
-    _server: uvicorn.Server | None = None
-    _thread: threading.Thread | None = None
+    _runner: AppThread = field(default_factory=AppThread)
 
     def app(self) -> Starlette:
         return Starlette(
@@ -190,25 +187,8 @@ class ScriptedModel:
         yield _sse({"type": "response.completed", "response": response})
 
     def start(self) -> ScriptedModel:
-        # IPPROTO_TCP spelled out: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose
-        # proto says TCP, and ``socket.socket()`` has proto 0. With Nagle on, every streamed
-        # event after the first waited ~40 ms for the client's delayed ACK on a kept-alive
-        # connection, which real Responses servers do not do.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(self.app(), log_level="warning"))
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
-        )
-        self._thread.start()
-        while not self._server.started:
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{port}/v1"
+        self.url = self._runner.start(self.app()) + "/v1"
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(5)
+        self._runner.stop()
