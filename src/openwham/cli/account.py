@@ -7,26 +7,18 @@ import webbrowser
 from pathlib import Path
 from typing import Any
 
-import jwt
 import typer
 
 from openwham.client import WhamClient
 from openwham.client.profiles import CHATGPT, Profile, ProfileStore, client_kwargs
 from openwham.client.urls import CHATGPT_BASE_URL, normalize_base_url
+from openwham.codexauth import jwt_claims
 
 from . import render
 from .common import print_json
 from .context import USAGE, die, handles_errors, open_client, out, profile_name, selected_profile
 
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON")
-
-
-def _token_claims(token: str) -> dict[str, Any]:
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        return {}
-    return claims if isinstance(claims, dict) else {}
 
 
 @handles_errors
@@ -63,7 +55,7 @@ def login(
         with WhamClient(**client_kwargs(profile)) as wham:
             wham.usage()  # proves the URL and the token before saving them
         store.put(profile, make_default=True)
-        who = _token_claims(token).get("email") or "owner"
+        who = jwt_claims(token).get("email") or "owner"
         if as_json:
             print_json({"profile": profile.name, "kind": "openwham", "url": url, "email": who})
         else:
@@ -127,7 +119,7 @@ def logout(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 def _describe(profile: Profile) -> dict[str, Any]:
     row: dict[str, Any] = {"profile": profile.name, "kind": profile.kind, "url": profile.url}
     if profile.kind == "openwham":
-        claims = _token_claims(profile.token or "")
+        claims = jwt_claims(profile.token or "")
         exp = claims.get("exp")
         row.update(
             logged_in=bool(profile.token),

@@ -12,6 +12,7 @@ from openwham.client import StreamEvent, readiness, turn_messages
 from openwham.client.attempts import list_status
 from openwham.wire import (
     AssistantTurn,
+    PrOutputItem,
     RateLimitStatusPayload,
     RateLimitWindow,
     TaskDetails,
@@ -81,7 +82,7 @@ def attempt_row(turn: AssistantTurn, index: int) -> dict[str, Any]:
         (
             (i.output_diff.files_modified, i.output_diff.lines_added, i.output_diff.lines_removed)
             for i in turn.output_items
-            if getattr(i, "type", None) == "pr" and hasattr(i, "output_diff")
+            if isinstance(i, PrOutputItem)
         ),
         None,
     )

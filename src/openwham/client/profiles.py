@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from openwham.client.auth import CodexAuth, default_codex_home
 from openwham.client.errors import NotLoggedIn, WhamError
 from openwham.client.urls import CHATGPT_BASE_URL, normalize_base_url
 
@@ -37,11 +38,6 @@ def config_dir() -> Path:
     return Path(xdg) / "openwham"
 
 
-def codex_home() -> Path:
-    """``$CODEX_HOME``, default ``~/.codex`` (as the Codex CLI)."""
-    return Path(os.environ.get("CODEX_HOME") or Path.home() / ".codex")
-
-
 @dataclass
 class Profile:
     """One target. ``token`` only for openwham; ``codex_home`` only for chatgpt."""
@@ -54,7 +50,7 @@ class Profile:
     codex_home: str | None = None
 
     def auth_home(self) -> Path:
-        return Path(self.codex_home) if self.codex_home else codex_home()
+        return Path(self.codex_home) if self.codex_home else default_codex_home()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -162,6 +158,4 @@ def client_kwargs(profile: Profile) -> dict[str, Any]:
                 f"--profile {profile.name}`",
             )
         return {"base_url": profile.url, "token": profile.token, "account_id": profile.account_id}
-    from openwham.client.auth import CodexAuth
-
     return {"base_url": profile.url, "auth": CodexAuth(profile.auth_home())}
