@@ -17,8 +17,11 @@ def settings_for(data_dir: Path | None) -> Settings:
     return Settings(data_dir=data_dir) if data_dir is not None else Settings()
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
+def fail(message: str, code: int = 1, hint: str | None = None) -> NoReturn:
+    """One line on stderr (and the fix, when there is one); never a traceback."""
     typer.echo(f"error: {message}", err=True)
+    if hint:
+        typer.echo(f"hint: {hint}", err=True)
     raise typer.Exit(code)
 
 

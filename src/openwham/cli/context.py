@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import NoReturn, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,6 +20,8 @@ from openwham.client import (
     WhamError,
 )
 from openwham.client.profiles import Profile, ProfileStore, client_kwargs
+
+from .common import fail
 
 # Exit codes (README, "Exit codes").
 OK = 0
@@ -50,11 +52,7 @@ def open_client(ctx: typer.Context) -> WhamClient:
     return WhamClient(**client_kwargs(selected_profile(ctx)))
 
 
-def die(message: str, code: int = FAILED, hint: str | None = None) -> NoReturn:
-    err.print(f"error: {message}", markup=False)
-    if hint:
-        err.print(f"hint: {hint}", markup=False)
-    raise typer.Exit(code)
+die = fail  # one way to end a command with an error line (cli.common)
 
 
 def _code_for(e: WhamError) -> int:
