@@ -166,6 +166,33 @@ def test_async_client_does_the_same(
     assert (checkout / "NOTE.txt").read_text().strip() == note(diff)
 
 
+def test_every_streamed_event_has_text_as_the_readme_prints_it(
+    wham: WhamClient, env_id: str
+) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "for event in wham.stream(task.id):" in readme and "print(event.text)" in readme
+    created = wham.create_task("Fix add()", env_id)
+    events = list(wham.stream(created.task.id))
+    assert {"task_turn_event", "work_log_message", "task_title_generated"} <= {
+        e.item_type for e in events
+    }
+    texts = [e.text for e in events]
+    assert all(t.strip() for t in texts), [(e.item_type, e.text) for e in events]
+    commands = [t for t in texts if t.startswith("$ ")]
+    assert commands and all("{" not in t.split("\n")[0] for t in commands)  # a shell line
+    assert commands[0].startswith("$ printf '%s\\n'")
+    output = next(e.text for e in events if e.payload.get("author", {}).get("role") == "tool")
+    assert len(output.strip()) == 16  # the note printed by `cat NOTE.txt`
+    for line in (
+        "Prompt: Fix add()",
+        "Edited calc.py",
+        "Fixed add() and left a note.",
+        "Completed",
+    ):
+        assert line in texts, texts
+    assert any(t.startswith("Title: ") for t in texts)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

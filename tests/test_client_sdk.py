@@ -33,7 +33,7 @@ from openwham.client import (
 )
 from openwham.client.apply import apply_diff
 from openwham.client.resolve import choose, github_repo
-from openwham.client.sse import StreamReader
+from openwham.client.sse import StreamEvent, StreamReader
 from openwham.client.urls import api_root, task_id_from, task_url
 from openwham.wire import (
     CodeReviewSettingsPage,
@@ -457,6 +457,94 @@ def test_stream_reader_parses_multiline_and_ignores_comments() -> None:
     lines = [": hi", "id: 7", 'data: {"item_type": "log",', 'data: "payload": {"line": "a"}}', ""]
     events = [e for line in lines if (e := reader.feed(line)) is not None]
     assert len(events) == 1 and events[0].payload == {"line": "a"} and reader.last_event_id == "7"
+
+
+def _event(item_type: str, payload: dict[str, Any]) -> StreamEvent:
+    return StreamEvent(id="1", item_type=item_type, payload=payload)
+
+
+def _work(role: str, content: dict[str, Any], **fields: Any) -> StreamEvent:
+    return _event(
+        "work_log_message", {"id": "m", "author": {"role": role}, "content": content, **fields}
+    )
+
+
+def test_every_kind_of_stream_event_reads_as_text() -> None:
+    code = {"content_type": "code", "language": "unknown"}
+    failed = {"text": "Failed", "turn_status": "failed", "error": {"message": "Setup failed"}}
+    cases = [
+        (_event("task_turn_event", {"text": "Working", "turn_status": "in_progress"}), "Working"),
+        (_event("task_turn_event", failed), "Failed: Setup failed"),
+        (_event("task_turn_event", {"turn_status": "completed"}), "completed"),
+        (_event("task_title_generated", {"title": "Fix add()"}), "Title: Fix add()"),
+        (_event("log", {"key": {"type": "UserSetupScript"}, "line": "ok"}), "setup: ok"),
+        (_event("log", {"text": "Recovered: again"}), "Recovered: again"),
+        (_work("user", {"content_type": "text", "parts": ["Fix add()"]}), "Prompt: Fix add()"),
+        (
+            _work(
+                "assistant", {**code, "text": '{"cmd": "pytest -q"}'}, recipient="container.exec"
+            ),
+            "$ pytest -q",
+        ),
+        (
+            _work(
+                "assistant",
+                {**code, "text": '{"cmd": ["bash", "-lc", "ls -a"]}'},
+                recipient="container.exec",
+            ),
+            "$ ls -a",
+        ),
+        (
+            _work(
+                "assistant",
+                {**code, "text": '{"cmd": ["git", "log", "a b"]}'},
+                recipient="container.exec",
+            ),
+            "$ git log 'a b'",
+        ),
+        (
+            _work("assistant", {**code, "text": "M calc.py\nA new.py"}, recipient="apply_patch"),
+            "Edited calc.py, Added new.py",
+        ),
+        (
+            _work("assistant", {**code, "text": '{"q": "x"}'}, recipient="web.search"),
+            'web.search {"q": "x"}',
+        ),
+        (
+            _work(
+                "tool",
+                {"content_type": "terminal_output", "parts": ["1 passed\n"]},
+                metadata={"exit_code": 0},
+            ),
+            "1 passed",
+        ),
+        (
+            _work(
+                "tool",
+                {"content_type": "terminal_output", "parts": ["boom\n"]},
+                metadata={"exit_code": 2},
+            ),
+            "boom\n(exit 2)",
+        ),
+        (_work("tool", {"content_type": "terminal_output", "parts": [""]}), "(no output)"),
+        (
+            _work(
+                "assistant",
+                {"content_type": "text", "parts": ["Hmm"]},
+                metadata={"reasoning_status": "is_reasoning"},
+            ),
+            "Thinking: Hmm",
+        ),
+        (
+            _work(
+                "assistant", {"content_type": "text", "parts": [{"text": "Done."}]}, channel="final"
+            ),
+            "Done.",
+        ),
+        (_event("something_new", {"a": 1}), 'something_new: {"a": 1}'),
+    ]
+    for event, text in cases:
+        assert event.text == text, event
 
 
 # ----------------------------------------------------------------------------- apply

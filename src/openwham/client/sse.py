@@ -9,6 +9,7 @@ the attempt's terminal status) and when to give up reconnecting.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,111 @@ class StreamEvent:
     @property
     def is_terminal(self) -> bool:
         return self.turn_status in TERMINAL
+
+    @property
+    def text(self) -> str:
+        """A one-glance line (or lines) for this event, never empty: see :func:`describe`."""
+        return describe(self)
+
+
+def describe(event: StreamEvent) -> str:
+    """What a person wants to read for an event of any kind.
+
+    Status changes read as their status line (and the error, when the attempt failed), the
+    title as ``Title: …``, setup-log lines as ``setup: …``, and work-log messages as in the
+    web UI: the prompt, a command as ``$ <shell line>``, its output (and a non-zero exit
+    code), file edits as ``Edited calc.py``, and the agent's messages as their text. Frames of
+    a kind this client does not know are shown as their type and payload.
+    """
+    payload = event.payload
+    if event.item_type == TASK_TURN_EVENT:
+        text = _string(payload.get("text")) or event.turn_status or "status"
+        error = payload.get("error")
+        message = _string(error.get("message")) if isinstance(error, dict) else ""
+        return f"{text}: {message}" if message and message != text else text
+    if event.item_type == TITLE:
+        return f"Title: {_string(payload.get('title'))}"
+    if event.item_type == LOG:
+        if "line" in payload:
+            return f"setup: {_string(payload.get('line'))}"
+        return _string(payload.get("text")) or f"log: {json.dumps(payload)}"
+    if event.item_type == WORK_LOG_MESSAGE:
+        return worklog_text(payload)
+    return f"{event.item_type or 'event'}: {json.dumps(payload, ensure_ascii=False)}"
+
+
+def worklog_text(message: dict[str, Any]) -> str:
+    """A work-log message (``work_log_message`` payload) as text; never empty."""
+    author = message.get("author")
+    role = _string(author.get("role")) if isinstance(author, dict) else ""
+    content = message.get("content")
+    content = content if isinstance(content, dict) else {}
+    recipient = _string(message.get("recipient"))
+    body = _content_text(content)
+    if role == "user":
+        return f"Prompt: {body.strip()}"
+    if content.get("content_type") == "code":
+        if recipient == "container.exec":
+            return f"$ {command_line(body)}"
+        if recipient == "apply_patch":
+            return edit_summary(body) or "Editing files"
+        return f"{recipient or 'tool'} {body}".rstrip()
+    if role == "tool":
+        metadata = message.get("metadata")
+        code = metadata.get("exit_code") if isinstance(metadata, dict) else None
+        output = body.rstrip("\n") or "(no output)"
+        return f"{output}\n(exit {code})" if isinstance(code, int) and code != 0 else output
+    metadata = message.get("metadata")
+    thinking = isinstance(metadata, dict) and metadata.get("reasoning_status")
+    text = body.strip() or "(empty message)"
+    return f"Thinking: {text}" if thinking else text
+
+
+def command_line(text: str) -> str:
+    """A ``container.exec`` call (``{"cmd": "<script>"}`` or ``{"cmd": [argv…]}``) as the
+    shell line it runs; text that is not such JSON is returned as it is."""
+    try:
+        call = json.loads(text)
+    except ValueError:
+        return text
+    cmd = call.get("cmd") if isinstance(call, dict) else None
+    if isinstance(cmd, str):
+        return cmd
+    if isinstance(cmd, list) and all(isinstance(a, str) for a in cmd):
+        if len(cmd) == 3 and cmd[1] in ("-lc", "-c") and cmd[0].endswith("sh"):
+            return str(cmd[2])
+        return shlex.join(cmd)
+    return text
+
+
+_VERBS = {"A": "Added", "D": "Deleted", "M": "Edited"}
+
+
+def edit_summary(text: str) -> str:
+    """An ``apply_patch`` listing (``M calc.py`` lines) as ``Edited calc.py, Added x.py``."""
+    items = []
+    for line in text.splitlines():
+        verb = _VERBS.get(line[:1]) if line[1:2] == " " else None
+        if line.strip():
+            items.append(f"{verb} {line[2:]}" if verb else line.strip())
+    return ", ".join(items)
+
+
+def _content_text(content: dict[str, Any]) -> str:
+    text = content.get("text")
+    if isinstance(text, str):
+        return text
+    parts = content.get("parts")
+    if not isinstance(parts, list):
+        return ""
+    return "".join(
+        p if isinstance(p, str) else _string(p.get("text")) if isinstance(p, dict) else ""
+        for p in parts
+    )
+
+
+def _string(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else str(value)
 
 
 @dataclass
