@@ -88,14 +88,20 @@ def test_archive_unarchive_mark_read_cancel_delete(api: Api, repo: Path) -> None
     assert api.post(f"tasks/{task_id}/mark_read").json() == {"success": True}
     assert api.get(f"tasks/{task_id}").json()["task"]["has_unread_turn"] is False
 
-    assert api.post(f"tasks/{task_id}/cancel").json() == {"success": True}
+    cancelled = api.post(f"tasks/{task_id}/cancel").json()
     mapping = api.get(f"tasks/{task_id}/turns").json()["turn_mapping"]
-    statuses = [
-        e["turn"]["turn_status"] for e in mapping.values() if e["turn"]["type"] == "assistant"
-    ]
-    assert statuses == ["cancelled", "cancelled"]
+    attempts = [e["turn"] for e in mapping.values() if e["turn"]["type"] == "assistant"]
+    assert [t["turn_status"] for t in attempts] == ["cancelled", "cancelled"]
+    assert cancelled["success"] is True
+    assert sorted(cancelled["cancelled_turn_ids"]) == sorted(t["id"] for t in attempts)
+    # Nothing left to cancel: still a success (safe to retry), and it says nothing was cancelled.
+    again = api.post(f"tasks/{task_id}/cancel")
+    assert again.status_code == 200
+    assert again.json() == {"success": True, "cancelled_turn_ids": []}
 
     turn_id = api.get(f"tasks/{task_id}").json()["task"]["current_turn_id"]
+    done = api.post(f"tasks/{task_id}/turns/{turn_id}/cancel").json()
+    assert done == {"success": True, "cancelled_turn_ids": []}
     assert api.post(f"tasks/{task_id}/turns/{turn_id}/viewed").json() == {"success": True}
 
     assert api.delete(f"tasks/{task_id}").json() == {"success": True}

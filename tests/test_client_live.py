@@ -276,9 +276,11 @@ def test_cli_walkthrough(
     pr = run_cli(cli_env, "task", "pr", task_id, "--json")
     assert pr.returncode == 0 and json.loads(pr.stdout)["pull_request"]["head"]
 
-    for verb in ("archive", "unarchive", "cancel"):
+    for verb in ("archive", "unarchive"):
         r = run_cli(cli_env, "task", verb, task_id, "--json")
         assert r.returncode == 0 and json.loads(r.stdout)["success"] is True
+    r = run_cli(cli_env, "task", "cancel", task_id, "--json")  # it is finished
+    assert r.returncode == 1 and json.loads(r.stdout)["success"] is False
     piped = run_cli(cli_env, "task", "new", "--env", env_id, "--json", stdin="From stdin\n")
     assert piped.returncode == 0 and json.loads(piped.stdout)["id"].startswith("task_e_")
     assert run_cli(cli_env, "usage").stdout.startswith("plan: ")

@@ -128,6 +128,20 @@ def details_lines(details: TaskDetails, attempts: list[AssistantTurn], url: str)
     return lines
 
 
+def cancelled_rows(turn_ids: list[str], attempts: list[AssistantTurn]) -> list[dict[str, Any]]:
+    """The attempts a cancel stopped, numbered as `task show` numbers them (``attempt`` is
+    ``None`` for an attempt of an earlier turn)."""
+    numbers = {t.id: i for i, t in enumerate(attempts, 1)}
+    return [{"attempt": numbers.get(turn_id), "turn_id": turn_id} for turn_id in turn_ids]
+
+
+def attempts_text(rows: list[dict[str, Any]]) -> str:
+    """``attempt 1, attempt 2`` (an attempt of an earlier turn by its id)."""
+    return ", ".join(
+        f"attempt {r['attempt']}" if r["attempt"] else f"attempt {r['turn_id']}" for r in rows
+    )
+
+
 def event_lines(event: StreamEvent, last_status: list[str]) -> list[str]:
     """Lines `task watch` prints for one stream event (``last_status`` de-duplicates)."""
     payload = event.payload

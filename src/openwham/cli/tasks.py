@@ -299,15 +299,11 @@ def follow_up(
 def _action(ctx: typer.Context, task: str, verb: str, as_json: bool) -> None:
     task_id = task_id_from(task)
     with open_client(ctx) as wham:
-        done = {
-            "cancel": wham.cancel,
-            "archive": wham.archive,
-            "unarchive": wham.unarchive,
-        }[verb](task_id)
+        done = {"archive": wham.archive, "unarchive": wham.unarchive}[verb](task_id)
     if as_json:
         print_json({"id": task_id, "action": verb, "success": done})
     else:
-        out.print(f"{task_id}: {verb}{'led' if verb == 'cancel' else 'd'}", markup=False)
+        out.print(f"{task_id}: {verb}d", markup=False)
 
 
 @app.command("cancel")
@@ -317,8 +313,34 @@ def cancel(
     task: str = typer.Argument(..., help="Task id or URL"),
     as_json: bool = JsonOption,
 ) -> None:
-    """Stop the task's running attempts."""
-    _action(ctx, task, "cancel", as_json)
+    """Stop the task's queued and running attempts; exit 1 when none was left to cancel."""
+    task_id = task_id_from(task)
+    with open_client(ctx) as wham:
+        before = wham.attempts(task_id)
+        ids = wham.cancel(task_id).cancelled_turn_ids
+        if ids is None:  # a server that does not say (chatgpt.com): those that were running
+            ids = [t.id for t in before if t.id and t.turn_status not in TERMINAL]
+        current = wham.get_task(task_id).current_assistant_turn
+    status = current.turn_status if current else "pending"
+    cancelled = render.cancelled_rows(ids, before)
+    if as_json:
+        print_json(
+            {
+                "id": task_id,
+                "action": "cancel",
+                "success": bool(ids),
+                "cancelled": cancelled,
+                "status": readiness(status),
+                "turn_status": status,
+            }
+        )
+    elif ids:
+        out.print(f"{task_id}: cancelled {render.attempts_text(cancelled)}", markup=False)
+    if not ids:
+        if not as_json:
+            state = "ready" if status == "completed" else status
+            die(f"nothing to cancel: task {task_id} is already {state}", FAILED)
+        raise typer.Exit(FAILED)
 
 
 @app.command("archive")

@@ -17,6 +17,7 @@ from openwham.client.core import Call, Op, Sleep
 from openwham.client.errors import Conflict, WhamError
 from openwham.wire import (
     AssistantTurn,
+    CancelResponse,
     CreateTaskResponse,
     Environment,
     ExternalPullRequest,
@@ -179,9 +180,18 @@ def task_action(task_id: str, action: TaskAction) -> Call[bool]:
     return Call("POST", f"tasks/{_seg(task_id)}/{action}", _success, idempotent=True)
 
 
-def cancel_turn(task_id: str, turn_id: str) -> Call[bool]:
+def _cancelled(data: Any) -> CancelResponse:
+    return CancelResponse.model_validate(data or {"success": True})
+
+
+def cancel(task_id: str) -> Call[CancelResponse]:
+    """Cancel the task's queued and running attempts (``cancelled_turn_ids``: which)."""
+    return Call("POST", f"tasks/{_seg(task_id)}/cancel", _cancelled, idempotent=True)
+
+
+def cancel_turn(task_id: str, turn_id: str) -> Call[CancelResponse]:
     path = f"tasks/{_seg(task_id)}/turns/{_seg(turn_id)}/cancel"
-    return Call("POST", path, _success, idempotent=True)
+    return Call("POST", path, _cancelled, idempotent=True)
 
 
 def delete_task(task_id: str) -> Call[bool]:

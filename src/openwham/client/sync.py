@@ -20,6 +20,7 @@ from openwham.client.resolve import resolve_op
 from openwham.client.sse import StreamEvent, StreamReader
 from openwham.wire import (
     AssistantTurn,
+    CancelResponse,
     CreateTaskResponse,
     Environment,
     ExternalPullRequest,
@@ -293,11 +294,12 @@ class WhamClient:
         diff = self.diff(task_id, attempt=attempt)
         return apply_diff(diff, Path(repo), check=check, git_config=git_config)
 
-    def cancel(self, task_id: str, turn_id: str | None = None) -> bool:
-        """Cancel the task's running attempts (or one attempt)."""
+    def cancel(self, task_id: str, turn_id: str | None = None) -> CancelResponse:
+        """Cancel the task's queued and running attempts (or one attempt). A finished task is
+        no error: ``cancelled_turn_ids`` is then empty (``None`` from chatgpt.com)."""
         if turn_id is not None:
             return self._call(ep.cancel_turn(task_id, turn_id))
-        return self._call(ep.task_action(task_id, "cancel"))
+        return self._call(ep.cancel(task_id))
 
     def archive(self, task_id: str) -> bool:
         return self._call(ep.task_action(task_id, "archive"))

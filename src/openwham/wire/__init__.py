@@ -20,6 +20,7 @@ from openwham.wire.base import (
     WireModel,
 )
 from openwham.wire.common import (
+    CancelResponse,
     DiffStats,
     ErrorBody,
     SuccessResponse,
@@ -219,6 +220,7 @@ __all__ = [
     "AutoSetupSettings",
     "BranchFormatSpecialValue",
     "CacheSettings",
+    "CancelResponse",
     "CodeReviewRateLimit",
     "CodeReviewSettingsPage",
     "ConfigBundle",

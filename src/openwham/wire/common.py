@@ -21,6 +21,15 @@ class SuccessResponse(WireModel):
     success: bool = True
 
 
+class CancelResponse(SuccessResponse):
+    """Body of ``POST tasks/{id}/cancel`` and ``…/turns/{turn_id}/cancel``: chatgpt.com's
+    ``{"success": true}``, plus the attempts this request cancelled (openwham; ``[]`` when none
+    was still queued or running). ``None`` when the server does not say (chatgpt.com)."""
+
+    cancelled_turn_ids: list[str] | None = None
+    omit_when_unset = ("cancelled_turn_ids",)
+
+
 class ErrorBody(WireModel):
     """FastAPI-style error body ``{"detail": "<message>"}``."""
 

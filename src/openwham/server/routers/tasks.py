@@ -16,6 +16,7 @@ from openwham.service import lifecycle, logs, prs, tasks, usage
 from openwham.service.accounts import Principal
 from openwham.service.errors import Unavailable
 from openwham.wire import (
+    CancelResponse,
     CreateTaskResponse,
     ExternalPullRequest,
     SiblingTurnsResponse,
@@ -179,26 +180,27 @@ def mark_read(task_id: str, principal: PrincipalDep, db: SessionDep) -> SuccessR
     return OK
 
 
-@router.post("/tasks/{task_id}/cancel", response_model=SuccessResponse)
+@router.post("/tasks/{task_id}/cancel", response_model=CancelResponse)
 def cancel(
     task_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
-) -> SuccessResponse:
-    """Cancel every attempt of the task that is still queued or running."""
+) -> CancelResponse:
+    """Cancel every attempt of the task that is still queued or running. A finished task is
+    not an error (cancel stays safe to retry); ``cancelled_turn_ids`` says what was stopped."""
     cancelled = tasks.cancel(db, principal, task_id)
     db.commit()
     _stop(state, cancelled)
-    return OK
+    return CancelResponse(success=True, cancelled_turn_ids=cancelled)
 
 
-@router.post("/tasks/{task_id}/turns/{turn_id}/cancel", response_model=SuccessResponse)
+@router.post("/tasks/{task_id}/turns/{turn_id}/cancel", response_model=CancelResponse)
 def cancel_turn(
     task_id: str, turn_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
-) -> SuccessResponse:
-    """Cancel one attempt (a finished one stays as it is)."""
+) -> CancelResponse:
+    """Cancel one attempt (a finished one stays as it is: ``cancelled_turn_ids`` is empty)."""
     cancelled = tasks.cancel_turn(db, principal, task_id, turn_id)
     db.commit()
     _stop(state, cancelled)
-    return OK
+    return CancelResponse(success=True, cancelled_turn_ids=cancelled)
 
 
 def _stop(state: AppState, turn_ids: list[str]) -> None:
