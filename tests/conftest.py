@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from openwham.config import Settings
 from openwham.server.app import create_app
 from openwham.server.state import AppState
-from openwham.service.accounts import create_account, ensure_owner, issue_token
+from openwham.service.accounts import create_account, create_api_token, ensure_owner
 
 PREFIXES = ("/backend-api/wham", "/api/codex")
 WHAM = Path(sys.executable).with_name("wham")
@@ -176,14 +176,19 @@ class Server:
     def other_account_token(self, name: str = "Other") -> str:
         with self.app_state.db.session() as s:
             account, user = create_account(s, name=name, email=f"{uuid.uuid4().hex}@example.com")
-            return issue_token(self.app_state.signing_key, user, account, ttl_seconds=3600)
+            _, token = create_api_token(
+                s, self.app_state.signing_key, user, account, ttl_seconds=3600
+            )
+            return token
 
     def owner_token(self, **kw: Any) -> str:
+        """A new API token (with its row) for the owner; ``kw``: ``create_api_token``'s."""
         with self.app_state.db.session() as s:
             account, user = ensure_owner(s)
-            return issue_token(
-                self.app_state.signing_key, user, account, **{"ttl_seconds": 3600, **kw}
+            _, token = create_api_token(
+                s, self.app_state.signing_key, user, account, **{"ttl_seconds": 3600, **kw}
             )
+            return token
 
 
 def make_server(tmp_path: Path, database_url: str, **options: Any) -> Iterator[Server]:

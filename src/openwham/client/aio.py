@@ -37,6 +37,7 @@ from openwham.wire import (
     TurnResponse,
     UserSettings,
 )
+from openwham.wire.tokens import ApiTokenCreated, ApiTokenInfo, ApiTokenList
 
 T = TypeVar("T")
 
@@ -367,6 +368,20 @@ class AsyncWhamClient:
 
     async def update_settings(self, changes: dict[str, Any]) -> UserSettings:
         return await self._call(ep.update_settings(changes))
+
+    async def list_tokens(self) -> ApiTokenList:
+        """The caller's API tokens that are not revoked, newest first (openwham only)."""
+        return await self._call(ep.list_tokens())
+
+    async def create_token(
+        self, *, name: str | None = None, expires_in_days: float | None = None
+    ) -> ApiTokenCreated:
+        """A new API token (``.token`` is the secret, shown this once)."""
+        return await self._call(ep.create_token(name=name, expires_in_days=expires_in_days))
+
+    async def revoke_token(self, token_id: str) -> ApiTokenInfo:
+        """Revoke one of the caller's tokens; every server node refuses it from now on."""
+        return await self._call(ep.revoke_token(token_id))
 
     async def get(self, path: str, model: Any) -> Any:
         """Any other read (e.g. ``"github/installations"``), parsed into ``model``."""

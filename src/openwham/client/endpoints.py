@@ -35,6 +35,7 @@ from openwham.wire import (
     TurnResponse,
     UserSettings,
 )
+from openwham.wire.tokens import ApiTokenCreate, ApiTokenCreated, ApiTokenInfo, ApiTokenList
 
 TaskFilter = Literal["current", "all", "archived"]
 _ENVIRONMENTS = TypeAdapter(list[Environment])
@@ -263,6 +264,26 @@ def get_settings() -> Call[UserSettings]:
 
 def update_settings(changes: dict[str, Any]) -> Call[UserSettings]:
     return Call("PATCH", "settings/user", UserSettings.model_validate, json=changes)
+
+
+def list_tokens() -> Call[ApiTokenList]:
+    """The caller's API tokens (openwham only)."""
+    return Call("GET", "tokens", ApiTokenList.model_validate, idempotent=True)
+
+
+def create_token(
+    *, name: str | None = None, expires_in_days: float | None = None
+) -> Call[ApiTokenCreated]:
+    """A new API token for the caller; not retried (each call makes one)."""
+    body = ApiTokenCreate(name=name, expires_in_days=expires_in_days)
+    return Call(
+        "POST", "tokens", ApiTokenCreated.model_validate, json=body.model_dump(exclude_none=True)
+    )
+
+
+def revoke_token(token_id: str) -> Call[ApiTokenInfo]:
+    """Revoke one of the caller's tokens (the one in use too); every node refuses it at once."""
+    return Call("DELETE", f"tokens/{_seg(token_id)}", ApiTokenInfo.model_validate)
 
 
 def get(path: str, model: Any) -> Call[Any]:

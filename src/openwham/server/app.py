@@ -19,7 +19,7 @@ from openwham.wire import CreateTaskRequest
 
 from . import errors
 from .limits import BodySizeLimit
-from .routers import account, environments, stream, tasks
+from .routers import account, environments, stream, tasks, tokens
 from .state import AppState
 from .webui import mount as mount_web_ui
 
@@ -28,7 +28,7 @@ PREFIXES = {"wham": "/backend-api/wham", "codex": "/api/codex"}
 
 def api_router() -> APIRouter:
     router = APIRouter()
-    for sub in (tasks.router, stream.router, environments.router, account.router):
+    for sub in (tasks.router, stream.router, environments.router, account.router, tokens.router):
         router.include_router(sub)
     return router
 

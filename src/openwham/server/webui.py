@@ -18,6 +18,7 @@ from openwham.config import Settings
 from openwham.service.accounts import Principal
 from openwham.service.keys import SecretBox
 from openwham.store.db import Database
+from openwham.web import tokens as token_pages
 from openwham.web.routes import STATIC, WebUI
 
 from .routers import stream
@@ -65,5 +66,6 @@ class ServerBackend:
 def mount(app: FastAPI, state: AppState) -> None:
     """Serve the UI at ``/`` (pages) and ``/static`` (CSS, JS); the API keeps its prefixes."""
     ui = WebUI(ServerBackend(state))
+    token_pages.add_routes(ui)
     app.include_router(ui.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -1,4 +1,5 @@
-"""Accounts, users and API tokens (JWTs carrying the claims the Codex CLI reads)."""
+"""Accounts, users and API tokens (JWTs carrying the claims the Codex CLI reads; the rows that
+make them listable and revocable are ``service.tokens``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from openwham import ids
 from openwham.store import models as m
 from openwham.store.db import Database
 
+from . import tokens
 from .errors import Forbidden, Unauthorized
 
 AUTH_CLAIM = "https://api.openai.com/auth"
@@ -30,6 +32,7 @@ class Principal:
 
     user: m.User
     account: m.Account
+    token_id: str | None = None  # the API token the request came with (None: web password)
 
     @property
     def user_id(self) -> str:
@@ -116,16 +119,26 @@ def user_accounts(db: Session, user_id: str) -> list[m.Account]:
 
 
 def issue_token(
-    key: bytes, user: m.User, account: m.Account, *, ttl_seconds: int, now: float | None = None
+    key: bytes,
+    user: m.User,
+    account: m.Account,
+    *,
+    ttl_seconds: int,
+    now: float | None = None,
+    jti: str | None = None,
 ) -> str:
-    """An HS256 JWT with ``exp`` and the ``https://api.openai.com/auth`` claim set."""
+    """An HS256 JWT with ``exp`` and the ``https://api.openai.com/auth`` claim set.
+
+    Only the signed claims: the server accepts it only with an ``api_tokens`` row whose id is
+    ``jti`` (``create_api_token`` makes both).
+    """
     issued = int(now if now is not None else time.time())
     claims: dict[str, Any] = {
         "iss": ISSUER,
         "sub": user.id,
         "iat": issued,
         "exp": issued + ttl_seconds,
-        "jti": uuid.uuid4().hex,
+        "jti": jti or uuid.uuid4().hex,
         "email": user.email,
         AUTH_CLAIM: {
             "chatgpt_account_id": account.id,
@@ -138,8 +151,27 @@ def issue_token(
     return jwt.encode(claims, key, algorithm="HS256")
 
 
+def create_api_token(
+    db: Session,
+    key: bytes,
+    user: m.User,
+    account: m.Account,
+    *,
+    ttl_seconds: int,
+    name: str | None = None,
+    now: float | None = None,
+) -> tuple[m.ApiToken, str]:
+    """A new API token: its row (flushed, not committed) and the JWT naming it."""
+    when = time.time() if now is None else now
+    row = tokens.record(
+        db, user_id=user.id, account_id=account.id, name=name, ttl_seconds=ttl_seconds, now=when
+    )
+    return row, issue_token(key, user, account, ttl_seconds=ttl_seconds, now=when, jti=row.id)
+
+
 def authenticate(db: Session, key: bytes, token: str, account_header: str | None) -> Principal:
-    """Check a bearer token and pick the account (header, else the user's first account)."""
+    """Check a bearer token (signature, expiry, and its row: not revoked) and pick the account
+    (header, else the user's first account). Records the token's use (``tokens.touch``)."""
     try:
         claims = jwt.decode(
             token,
@@ -155,6 +187,8 @@ def authenticate(db: Session, key: bytes, token: str, account_header: str | None
     user = db.get(m.User, str(claims["sub"]))
     if user is None:
         raise Unauthorized("Invalid bearer token")
+    now = time.time()
+    row = tokens.check(db, claims.get("jti"), user.id, now)
     if account_header:
         membership = db.get(m.Membership, (account_header, user.id))
         if membership is None:
@@ -165,4 +199,5 @@ def authenticate(db: Session, key: bytes, token: str, account_header: str | None
         account = first_account(db, user.id)
     if account is None:
         raise Forbidden("This user belongs to no account")
-    return Principal(user=user, account=account)
+    tokens.touch(db, row, now)
+    return Principal(user=user, account=account, token_id=row.id)

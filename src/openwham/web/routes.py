@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from openwham.service import environments as envs
 from openwham.service import logs, tasks, usage, webauth
+from openwham.service import tokens as api_tokens
 from openwham.service.accounts import Principal, authenticate
 from openwham.service.errors import BadRequest, ServiceError
 from openwham.wire import (
@@ -161,7 +162,7 @@ class WebUI:
             raise LoginRequired()
         assert sess.user_id is not None and sess.account_id is not None
         found = webauth.principal_for(db, sess.user_id, sess.account_id)
-        if found is None:
+        if found is None or (sess.token_id and not api_tokens.is_active(db, sess.token_id)):
             raise LoginRequired()
         return sess, found
 
@@ -286,7 +287,7 @@ class WebUI:
                     request, db, self.session_of(request), next=target, error=message, status=401
                 )
             new = session.new_session(
-                principal.user_id, principal.account_id, webauth.generation(db)
+                principal.user_id, principal.account_id, webauth.generation(db), principal.token_id
             )
             return self.redirect(target, new, request)
 

@@ -1,8 +1,9 @@
 """Browser sessions: an HMAC-signed cookie, and CSRF tokens derived from it.
 
-The cookie holds a random session id, who is signed in (user and account ids, never a token)
-and the session generation it was issued under (``service.webauth``: changing the owner
-password ends older sessions). It is signed with a key derived from the server's token
+The cookie holds a random session id, who is signed in (user and account ids, never a token),
+the id of the API token used to sign in (revoking that token ends the session) and the session
+generation it was issued under (``service.webauth``: changing the owner password ends older
+sessions). It is signed with a key derived from the server's token
 signing key, so a cookie is never a valid API token and an API token never a valid cookie.
 Every visitor gets a session (signed in or not), so the sign-in form has a CSRF token too.
 """
@@ -32,6 +33,7 @@ class WebSession:
     user_id: str | None = None
     account_id: str | None = None
     generation: int = 0
+    token_id: str | None = None  # signed in with this API token (None: the owner password)
     expires: float = 0.0
     fresh: bool = False  # made for this request: the response must set the cookie
 
@@ -41,7 +43,10 @@ class WebSession:
 
 
 def new_session(
-    user_id: str | None = None, account_id: str | None = None, generation: int = 0
+    user_id: str | None = None,
+    account_id: str | None = None,
+    generation: int = 0,
+    token_id: str | None = None,
 ) -> WebSession:
     """A new session id (also at sign-in, so an id seen before sign-in is worth nothing)."""
     return WebSession(
@@ -49,6 +54,7 @@ def new_session(
         user_id=user_id,
         account_id=account_id,
         generation=generation,
+        token_id=token_id,
         expires=time.time() + MAX_AGE_SECONDS,
         fresh=True,
     )
@@ -68,6 +74,7 @@ def encode(key: bytes, session: WebSession) -> str:
         "uid": session.user_id,
         "aid": session.account_id,
         "gen": session.generation,
+        "tid": session.token_id,
         "exp": int(session.expires),
     }
     body = _b64(json.dumps(data, separators=(",", ":")).encode())
@@ -90,6 +97,7 @@ def decode(key: bytes, raw: str | None) -> WebSession | None:
             user_id=str(data["uid"]) if data.get("uid") else None,
             account_id=str(data["aid"]) if data.get("aid") else None,
             generation=int(data.get("gen") or 0),
+            token_id=str(data["tid"]) if data.get("tid") else None,
             expires=float(data["exp"]),
         )
     except (ValueError, KeyError, TypeError):
