@@ -9,14 +9,23 @@ from typing import Any
 
 import typer
 
-from openwham.client import WhamClient
+from openwham.client import AuthError, TransportError, WhamClient, WhamError
 from openwham.client.profiles import CHATGPT, Profile, ProfileStore, client_kwargs
 from openwham.client.urls import CHATGPT_BASE_URL, normalize_base_url
 from openwham.codexauth import jwt_claims
 
 from . import render
 from .common import print_json
-from .context import USAGE, die, handles_errors, open_client, out, profile_name, selected_profile
+from .context import (
+    FAILED,
+    USAGE,
+    die,
+    handles_errors,
+    open_client,
+    out,
+    profile_name,
+    selected_profile,
+)
 
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON")
 
@@ -98,22 +107,71 @@ def login(
         out.print(f"logged in to chatgpt.com as {result.email or result.account_id}", markup=False)
 
 
+def _revoke_on_server(profile: Profile) -> tuple[str, str | None]:
+    """Revoke an openwham profile's token on its server: (``revoked``, ``already invalid``
+    (the server answers 401: revoked, expired or unknown) or ``still valid``; why not)."""
+    token_id = jwt_claims(profile.token or "").get("jti")
+    try:
+        with WhamClient(**client_kwargs(profile)) as wham:
+            wham.revoke_token(str(token_id or "-"))
+    except AuthError:
+        return "already invalid", None
+    except TransportError as e:
+        return "still valid", str(e)  # "cannot reach URL: why"
+    except WhamError as e:
+        return "still valid", f"{profile.url} did not revoke it: {e}"
+    return "revoked", None
+
+
+def _still_valid(problem: str, claims: dict[str, Any]) -> str:
+    """The error line of a logout whose token the server did not revoke: how long it stays
+    valid and how to revoke it there."""
+    exp = claims.get("exp")
+    until = (
+        time.strftime(" until %Y-%m-%d %H:%M UTC", time.gmtime(exp))
+        if isinstance(exp, int | float)
+        else ""
+    )
+    return (
+        f"{problem}; the token is still valid{until}: revoke it on the server "
+        f"(`wham token revoke {claims.get('jti') or 'ID'}` or the web UI's Tokens page)"
+    )
+
+
 @handles_errors
 def logout(ctx: typer.Context, as_json: bool = JsonOption) -> None:
-    """Sign out of the chosen profile (chatgpt.com: revoke and remove auth.json)."""
+    """Sign out of the chosen profile. chatgpt.com: revoke and remove auth.json. An openwham
+    profile: revoke its token on the server, then forget the profile; when the server cannot
+    be reached the profile is forgotten all the same, and the exit code is 1 with a line saying
+    the token is still valid."""
     profile = selected_profile(ctx)
+    result: dict[str, Any] = {"profile": profile.name, "kind": profile.kind}
+    problem: str | None = None
     if profile.kind == "chatgpt":
         from openwham.client import login as flows
 
         had = flows.logout(profile.auth_home())
         text = f"logged out of chatgpt.com ({profile.auth_home() / 'auth.json'})"
     else:
-        had = ProfileStore().remove(profile.name)
+        state, problem = _revoke_on_server(profile) if profile.token else ("none", None)
+        had = ProfileStore().remove(profile.name) or bool(profile.token)
         text = f"removed profile {profile.name} ({profile.url})"
+        if state == "revoked":
+            text = f"revoked the token on {profile.url}; {text}"
+        elif state == "already invalid":
+            text = f"the server already refused the token (revoked or expired); {text}"
+        claims = jwt_claims(profile.token or "")
+        result.update(token=state, token_id=claims.get("jti"))
+        if problem is not None:
+            problem = _still_valid(problem, claims)
+            result["error"] = problem
+    result["was_logged_in"] = had
     if as_json:
-        print_json({"profile": profile.name, "kind": profile.kind, "was_logged_in": had})
+        print_json(result)
     else:
         out.print(text if had else f"{profile.name}: not logged in", markup=False)
+    if problem is not None:
+        die(problem, FAILED)
 
 
 def _describe(profile: Profile) -> dict[str, Any]:

@@ -4,6 +4,7 @@ the documented exit codes."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
@@ -15,6 +16,7 @@ from openwham.client import (
     AuthError,
     Conflict,
     NotFound,
+    NotLoggedIn,
     RateLimited,
     WhamClient,
     WhamError,
@@ -49,7 +51,30 @@ def selected_profile(ctx: typer.Context) -> Profile:
 
 
 def open_client(ctx: typer.Context) -> WhamClient:
-    return WhamClient(**client_kwargs(selected_profile(ctx)))
+    """A client for the chosen profile. With no profile at all and no chatgpt.com sign-in,
+    ``NotLoggedIn`` whose hint names both ways in (an openwham server, chatgpt.com)."""
+    profile = selected_profile(ctx)
+    auth_file = profile.auth_home() / "auth.json"
+    if profile.kind == "chatgpt" and not _profile_chosen(ctx) and not auth_file.exists():
+        raise NotLoggedIn(
+            f"not logged in: no profile, and no chatgpt.com sign-in ({auth_file})",
+            hint=NO_PROFILE_HINT,
+        )
+    return WhamClient(**client_kwargs(profile))
+
+
+NO_PROFILE_HINT = (
+    "log in to an openwham server with `wham login --server URL --token TOKEN` (a token from "
+    "`wham token create` on the server), or to chatgpt.com with `wham login`"
+)
+
+
+def _profile_chosen(ctx: typer.Context) -> bool:
+    """Whether anything picked a profile (``--profile``, ``$WHAM_PROFILE``, ``$WHAM_URL``, a
+    default in the profiles file) rather than the built-in ``chatgpt`` fallback."""
+    if profile_name(ctx) or os.environ.get("WHAM_PROFILE") or os.environ.get("WHAM_URL"):
+        return True
+    return ProfileStore().default_name() is not None
 
 
 die = fail  # one way to end a command with an error line (cli.common)
