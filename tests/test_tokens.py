@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -20,6 +21,7 @@ from conftest import PREFIXES, WHAM, Api, Server
 from openwham.client import AsyncWhamClient, AuthError, NotFound, WhamClient
 from openwham.config import Settings
 from openwham.server.app import create_app
+from openwham.server.routers import stream as stream_router
 from openwham.server.state import AppState
 from openwham.service import tokens as api_tokens
 from openwham.service.accounts import create_api_token, ensure_owner, issue_token
@@ -197,6 +199,37 @@ def test_revoking_the_token_in_use_ends_it(server: Server) -> None:
     own = server.api.as_(server.owner_token())
     assert own.delete(f"tokens/{token_id_of(own)}").status_code == 200
     assert own.get("tokens").status_code == 401
+
+
+def test_an_open_stream_ends_when_its_token_is_revoked(
+    server: Server, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream outlives the request that checked the token: it rechecks every keep-alive."""
+    monkeypatch.setattr(stream_router, "KEEPALIVE_SECONDS", 0.3)
+    env = server.api.create_env(repo)
+    created = server.api.create_task(env["id"])  # executor "none": the attempt stays pending
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    token = server.owner_token()
+    token_id = token_id_of(server.api.as_(token))
+    url, stop = _serve(server)
+    try:
+        with (
+            httpx.Client(base_url=url, timeout=10) as client,
+            client.stream(
+                "GET",
+                f"/api/codex/tasks/{task_id}/turns/{turn_id}/stream",
+                headers={"Authorization": f"Bearer {token}"},
+            ) as response,
+        ):
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert ": keep-alive" in lines  # open and idle
+            assert server.api.delete(f"tokens/{token_id}").status_code == 200
+            deadline = time.monotonic() + 10
+            for _ in lines:  # ends (a stream that stayed open would keep sending keep-alives)
+                assert time.monotonic() < deadline, "the stream stayed open"
+    finally:
+        stop()
 
 
 # --------------------------------------------------------------------------- SDK

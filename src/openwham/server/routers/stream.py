@@ -21,6 +21,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy import func, select
 
 from openwham.service import tasks
+from openwham.service import tokens as api_tokens
 from openwham.service.accounts import authenticate
 from openwham.service.errors import BadRequest, Unauthorized
 from openwham.store import events
@@ -76,7 +77,8 @@ def _parse_last_id(header: str | None, query: str | None) -> int:
     return int(raw)
 
 
-def _authorize(state: AppState, request: Request, task_id: str, turn_id: str) -> None:
+def _authorize(state: AppState, request: Request, task_id: str, turn_id: str) -> str | None:
+    """Checks the caller and the turn; returns the caller's API token id."""
     scheme, token = get_authorization_scheme_param(request.headers.get("Authorization"))
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("Missing bearer token: send Authorization: Bearer <token>")
@@ -86,6 +88,12 @@ def _authorize(state: AppState, request: Request, task_id: str, turn_id: str) ->
         )
         task = tasks.get_task_row(s, principal, task_id)
         tasks.get_turn_row(s, task, turn_id)
+    return principal.token_id
+
+
+def _token_active(state: AppState, token_id: str) -> bool:
+    with state.db.sessions() as s:
+        return api_tokens.is_active(s, token_id)
 
 
 def _read(state: AppState, turn_id: str, after: int) -> tuple[list[Event], str | None, bool]:
@@ -120,13 +128,24 @@ def _body(state: AppState, turn_id: str) -> dict[str, Any]:
 
 
 async def _frames(
-    state: AppState, turn_id: str, after: int, types: set[str] | None
+    state: AppState,
+    turn_id: str,
+    after: int,
+    types: set[str] | None,
+    token_id: str | None = None,
 ) -> AsyncIterator[bytes]:
+    """The stream's frames; with ``token_id``, it ends within ``KEEPALIVE_SECONDS`` of that
+    token being revoked or expiring (a stream outlives the request that checked the token)."""
     sub = state.bus.subscribe(turn_id)
     try:
         last = after
         grace: float | None = None
+        recheck = anyio.current_time() + KEEPALIVE_SECONDS
         while True:
+            if token_id is not None and anyio.current_time() >= recheck:
+                if not await anyio.to_thread.run_sync(_token_active, state, token_id):
+                    return
+                recheck = anyio.current_time() + KEEPALIVE_SECONDS
             batch, status, ended_before = await anyio.to_thread.run_sync(
                 _read, state, turn_id, last
             )
@@ -168,7 +187,7 @@ async def stream(
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     """Live events of one attempt (status lines, work-log messages, logs, title)."""
-    await anyio.to_thread.run_sync(_authorize, state, request, task_id, turn_id)
+    token_id = await anyio.to_thread.run_sync(_authorize, state, request, task_id, turn_id)
     after = _parse_last_id(last_event_id_header, last_event_id)
     types: set[str] | None = None
     if item_type:
@@ -179,7 +198,7 @@ async def stream(
             )
         types = set(item_type)
     return StreamingResponse(
-        _frames(state, turn_id, after, types),
+        _frames(state, turn_id, after, types, token_id),
         media_type="text/event-stream; charset=utf-8",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
