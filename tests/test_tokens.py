@@ -27,7 +27,7 @@ from openwham.service import tokens as api_tokens
 from openwham.service.accounts import create_api_token, ensure_owner, issue_token
 from openwham.store import models as m
 from support.app_thread import AppThread
-from support.browser import csrf_of
+from support.browser import artifacts_dir, chromium, csrf_of
 
 
 def token_row(server: Server, token_id: str) -> m.ApiToken:
@@ -438,3 +438,37 @@ def test_touch_writes_once_per_interval(server: Server) -> None:
         api_tokens.touch(first, a, now)
         api_tokens.touch(second, b, now + 1)  # stale copy: still thinks it was never used
     assert token_row(server, token_id).last_used_at == now
+
+
+@pytest.mark.browser
+def test_browser_tokens_page(server: Server, tmp_path: Path) -> None:
+    """Chromium: the nav link, creating a token (shown once), revoking another one."""
+    url, stop = _serve(server)
+    shots = artifacts_dir(tmp_path / "screenshots")
+    old = server.api.post("tokens", json={"name": "old laptop"}).json()
+    try:
+        with chromium() as browser:
+            page = browser.new_page(base_url=url)
+            page.set_default_timeout(30_000)
+            page.goto("/login")
+            page.get_by_label("API token").fill(server.owner_token(name="browser"))
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(f"{url}/")
+            page.get_by_role("link", name="Tokens").click()
+            page.wait_for_url(f"{url}/settings/tokens")
+            row = page.locator("tr", has_text="browser")
+            assert "(this session)" in row.inner_text()
+            page.get_by_label("Name").fill("ci runner")
+            page.get_by_label("Expires in (days)").fill("7")
+            page.get_by_role("button", name="Create token").click()
+            secret = page.get_by_label("The new token").input_value()
+            assert server.api.as_(secret).get("usage").status_code == 200
+            page.screenshot(path=str(shots / "tokens.png"), full_page=True)
+
+            page.locator("tr", has_text="old laptop").get_by_role("button", name="Revoke").click()
+            page.wait_for_url(f"{url}/settings/tokens")
+            assert page.locator("tr", has_text="old laptop").count() == 0
+            assert page.locator("tr", has_text="ci runner").count() == 1
+            assert server.api.as_(old["token"]).get("usage").status_code == 401
+    finally:
+        stop()

@@ -77,7 +77,7 @@ def add_routes(ui: WebUI) -> None:
             "created": created,
             "error": error,
             "values": values or {"name": "", "expires_in_days": ""},
-            "default_days": round(ui.backend.settings.token_ttl_seconds / 86400, 2),
+            "default_days": f"{ui.backend.settings.token_ttl_seconds / 86400:g}",
         }
         return ui.render(
             request, "tokens.html", context, status=status, sess=sess, principal=principal
