@@ -9,12 +9,13 @@ from typing import Any
 from rich.markup import escape
 
 from openwham.client import StreamEvent, readiness, turn_messages
-from openwham.client.attempts import list_status
+from openwham.client.attempts import Exchange, list_status
 from openwham.wire import (
     AssistantTurn,
     PrOutputItem,
     RateLimitStatusPayload,
     RateLimitWindow,
+    Task,
     TaskDetails,
     TaskListItem,
     WorklogMessage,
@@ -101,7 +102,73 @@ def attempt_row(turn: AssistantTurn, index: int) -> dict[str, Any]:
     }
 
 
-def details_lines(details: TaskDetails, attempts: list[AssistantTurn], url: str) -> list[str]:
+def pr_branch(task: Task) -> dict[str, Any] | None:
+    """The branch a PR push made for the task (``wham task pr``), with where it went."""
+    pushed = task.external_pull_requests[-1] if task.external_pull_requests else None
+    meta = task.denormalized_metadata
+    branch = (pushed.pull_request.head if pushed else None) or meta.pushed_branch_name
+    if not branch:
+        return None
+    return {
+        "branch": branch,
+        "url": pushed.pull_request.url if pushed else None,
+        "turn_id": (pushed.assistant_turn_id if pushed else None) or meta.last_pushed_turn_id,
+    }
+
+
+def _outcome(turn: AssistantTurn) -> str:
+    """What an attempt without an answer has to say instead."""
+    if turn.turn_status == "completed":
+        return "(no answer)"
+    if turn.turn_status in ("failed", "cancelled"):
+        message = turn.error.message if turn.error else None
+        return f"({turn.turn_status}{': ' + message if message else ''})"
+    now = turn.latest_event.text if turn.latest_event and turn.latest_event.text else None
+    return (
+        f"({'queued' if turn.turn_status == 'pending' else 'running'}{': ' + now if now else ''})"
+    )
+
+
+def exchange_rows(exchanges: list[Exchange]) -> list[dict[str, Any]]:
+    """The conversation of `task show` (``--json``: ``conversation``), oldest first."""
+    return [
+        {
+            "prompt": e.prompt,
+            "turn_id": e.attempt.id,
+            "attempt": e.attempt.attempt_placement + 1,
+            "attempt_total": e.attempt_total,
+            "turn_status": e.attempt.turn_status,
+            "answer": "\n\n".join(e.answer) or None,
+        }
+        for e in exchanges
+    ]
+
+
+def conversation_lines(exchanges: list[Exchange]) -> list[str]:
+    """Each prompt, then the answer of the attempt the conversation went on from."""
+    lines: list[str] = []
+    for index, row in enumerate(exchange_rows(exchanges)):
+        label = "Prompt" if index == 0 else f"Follow-up {index}"
+        which = f" (attempt {row['attempt']} of {row['attempt_total']})"
+        answer = row["answer"] or _outcome(exchanges[index].attempt)
+        lines += ["", f"[bold]{label}[/]", *_indented(row["prompt"] or "(no prompt)")]
+        lines += [f"[bold]Answer[/]{which if row['attempt_total'] > 1 else ''}"]
+        lines += _indented(answer)
+    return lines
+
+
+def _indented(text: str) -> list[str]:
+    return [f"  {escape(line)}" if line else "" for line in text.splitlines()]
+
+
+def details_lines(
+    details: TaskDetails,
+    attempts: list[AssistantTurn],
+    url: str,
+    exchanges: list[Exchange] | None = None,
+) -> list[str]:
+    """`task show`: header, PR branch, attempts, then the conversation (or, without it, the
+    current attempt's answer)."""
     task = details.task
     display = details.task_status_display or task.task_status_display
     current = details.current_assistant_turn
@@ -113,6 +180,10 @@ def details_lines(details: TaskDetails, attempts: list[AssistantTurn], url: str)
         f"environment: {escape((display.environment_label if display else None) or '-')}"
         f"  branch: {escape((display.branch_name if display else None) or '-')}",
     ]
+    pushed = pr_branch(task)
+    if pushed:
+        where = f" ({escape(pushed['url'])})" if pushed["url"] else ""
+        lines.append(f"PR branch: {escape(pushed['branch'])}{where}")
     for index, turn in enumerate(attempts, 1):
         row = attempt_row(turn, index)
         s = row["summary"]
@@ -123,6 +194,8 @@ def details_lines(details: TaskDetails, attempts: list[AssistantTurn], url: str)
         )
         if row["error"]:
             lines.append(f"    [red]{escape(str(row['error'].get('message') or ''))}[/]")
+    if exchanges:
+        return lines + conversation_lines(exchanges)
     for message in turn_messages(current):
         lines += ["", escape(message)]
     return lines

@@ -8,11 +8,11 @@ from pathlib import Path
 import typer
 
 from openwham.client import StreamEvent, WhamClient, readiness, task_url
-from openwham.client.attempts import TERMINAL
+from openwham.client.attempts import TERMINAL, conversation
 from openwham.client.urls import task_id_from
 from openwham.wire import CreateTaskResponse, TaskDetails
 
-from . import render
+from . import diffs, pager, render
 from .common import print_json
 from .context import (
     FAILED,
@@ -46,25 +46,29 @@ def _exit_for(details: TaskDetails, attempts_done: bool = True) -> int:
 def _show(wham: WhamClient, task_id: str, as_json: bool) -> int:
     details = wham.get_task(task_id)
     attempts = wham.attempts(task_id)
+    current = details.current_assistant_turn
+    exchanges = conversation(wham.turns(task_id), current.id) if current and current.id else []
     url = task_url(wham.base_url, task_id)
     done = all(t.turn_status in TERMINAL for t in attempts)
     if as_json:
+        rows = render.exchange_rows(exchanges)
         print_json(
             {
                 "id": details.task.id,
                 "url": url,
                 "title": details.task.title,
-                "status": readiness(details.current_assistant_turn.turn_status)
-                if details.current_assistant_turn
-                else "pending",
+                "status": readiness(current.turn_status) if current else "pending",
                 "environment_id": details.task.environment_id,
                 "archived": details.task.archived,
                 "attempts": [render.attempt_row(t, i) for i, t in enumerate(attempts, 1)],
+                "prompt": rows[0]["prompt"] if rows else None,
+                "conversation": rows,
+                "pr_branch": render.pr_branch(details.task),
                 "task": details.model_dump(mode="json"),
             }
         )
     else:
-        for line in render.details_lines(details, attempts, url):
+        for line in render.details_lines(details, attempts, url, exchanges):
             out.print(line)
     return _exit_for(details, done)
 
@@ -227,16 +231,48 @@ def diff(
     ctx: typer.Context,
     task: str = typer.Argument(..., help="Task id or URL"),
     attempt: int = AttemptOption,
+    stat: bool = typer.Option(
+        False, "--stat", help="Lines added and removed per file, and a summary (git diff --stat)"
+    ),
+    color: str = typer.Option(
+        "auto",
+        "--color",
+        help="auto (on a terminal unless NO_COLOR is set), always or never",
+        case_sensitive=False,
+    ),
+    no_pager: bool = typer.Option(
+        False, "--no-pager", help="Print directly (on a terminal: $WHAM_PAGER, $PAGER, less -FRX)"
+    ),
     as_json: bool = JsonOption,
 ) -> None:
-    """Print an attempt's unified diff."""
+    """Print an attempt's unified diff; coloured and paged on a terminal, as git does."""
+    choice = color.lower()
+    if choice not in pager.COLOR_CHOICES:
+        die("--color must be auto, always or never", USAGE)
     task_id = task_id_from(task)
     with open_client(ctx) as wham:
         text = wham.diff(task_id, attempt=attempt)
+    files = diffs.stats(text) if stat else []
     if as_json:
-        print_json({"id": task_id, "attempt": attempt, "diff": text})
+        body: dict[str, object] = {"id": task_id, "attempt": attempt, "diff": text}
+        if stat:
+            body["files"] = [
+                {"path": f.path, "added": f.added, "removed": f.removed, "binary": f.binary}
+                for f in files
+            ]
+            body["summary"] = {
+                "files_changed": len(files),
+                "lines_added": sum(f.added for f in files),
+                "lines_removed": sum(f.removed for f in files),
+            }
+        print_json(body)
+        return
+    paint = pager.wants_color(choice)
+    if stat:
+        shown = diffs.stat_text(files, color=paint)
     else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        shown = diffs.colored(text) if paint else text if text.endswith("\n") else text + "\n"
+    pager.show(shown, page=not no_pager)
 
 
 @app.command("apply")

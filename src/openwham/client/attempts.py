@@ -6,16 +6,21 @@ Pure functions on wire models, shared by both clients and the CLI.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 from openwham.wire import (
     AssistantTurn,
+    Fragment,
+    MessageInputItem,
     MessageOutputItem,
     OutputDiffItem,
     PrOutputItem,
     TaskDetails,
     TaskListItem,
     TextFragment,
+    TurnMapping,
+    UserTurn,
 )
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
@@ -72,22 +77,71 @@ def details_diff(details: TaskDetails) -> str | None:
     return turn_diff(details.current_diff_task_turn) or turn_diff(details.current_assistant_turn)
 
 
+def _fragments_text(content: Iterable[Fragment]) -> str:
+    parts = [
+        f if isinstance(f, str) else f.text for f in content if isinstance(f, str | TextFragment)
+    ]
+    return "".join(parts).strip()
+
+
 def turn_messages(turn: AssistantTurn | None) -> list[str]:
     """The assistant's message texts of a turn (final answers, not the work log)."""
     if turn is None:
         return []
-    texts: list[str] = []
-    for item in turn.output_items:
-        if isinstance(item, MessageOutputItem):
-            parts = [
-                f if isinstance(f, str) else f.text
-                for f in item.content
-                if isinstance(f, str | TextFragment)
-            ]
-            text = "".join(parts).strip()
-            if text:
-                texts.append(text)
-    return texts
+    texts = [
+        _fragments_text(i.content) for i in turn.output_items if isinstance(i, MessageOutputItem)
+    ]
+    return [t for t in texts if t]
+
+
+def turn_prompt(turn: UserTurn | None) -> str:
+    """The text the user typed for a user turn (its ``message`` input items)."""
+    if turn is None:
+        return ""
+    texts = [
+        _fragments_text(i.content) for i in turn.input_items if isinstance(i, MessageInputItem)
+    ]
+    return "\n\n".join(t for t in texts if t)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One step of a task's conversation: a prompt and the attempt that answered it."""
+
+    user_turn: UserTurn | None
+    attempt: AssistantTurn
+    attempt_total: int  # attempts the prompt got (best-of-N)
+
+    @property
+    def prompt(self) -> str:
+        return turn_prompt(self.user_turn)
+
+    @property
+    def answer(self) -> list[str]:
+        return turn_messages(self.attempt)
+
+
+def conversation(mapping: TurnMapping, attempt_id: str) -> list[Exchange]:
+    """The prompts and answers leading to attempt ``attempt_id``, oldest first.
+
+    A task's history is a tree (a follow-up continues one attempt); this is the path to the
+    given attempt: each prompt with the attempt that was followed up (or the given one).
+    """
+    turns = mapping.turn_mapping
+    out: list[Exchange] = []
+    seen: set[str] = set()
+    current: str | None = attempt_id
+    while current and current in turns and current not in seen:
+        seen.add(current)
+        entry = turns[current]
+        if not isinstance(entry.turn, AssistantTurn):
+            break
+        parent = turns.get(entry.parent or "")
+        user = parent.turn if parent and isinstance(parent.turn, UserTurn) else None
+        out.append(Exchange(user, entry.turn, 1 + len(entry.turn.sibling_turn_ids)))
+        current = parent.parent if parent else None
+    out.reverse()
+    return out
 
 
 def looks_unified(diff: str) -> bool:
