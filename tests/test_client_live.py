@@ -23,6 +23,7 @@ from openwham.client import (
     WhamClient,
     turn_diff,
 )
+from openwham.codexauth import jwt_claims
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
 
 FIX_ADD = Patch(
@@ -394,6 +395,12 @@ def test_cli_status_and_help(cli_env: dict[str, str], served: LiveServer, token:
     assert json.loads((home / "auth.json").read_text())["tokens"]["access_token"] == token
     # last: sign out of the server profile (the other tests of this module use it)
     out = run_cli(cli_env, "logout", "--json")
-    assert json.loads(out.stdout) == {"profile": "local", "kind": "openwham", "was_logged_in": True}
+    assert json.loads(out.stdout) == {
+        "profile": "local",
+        "kind": "openwham",
+        "token": "revoked",  # on the server, which now refuses it
+        "token_id": jwt_claims(token)["jti"],
+        "was_logged_in": True,
+    }
     after = run_cli(cli_env, "task", "list")
     assert after.returncode == 4 and "wham login" in after.stderr
