@@ -373,9 +373,11 @@ def cancel(
     elif ids:
         out.print(f"{task_id}: cancelled {render.attempts_text(cancelled)}", markup=False)
     if not ids:
-        if not as_json:
+        if not as_json and status in TERMINAL:
             state = "ready" if status == "completed" else status
             die(f"nothing to cancel: task {task_id} is already {state}", FAILED)
+        if not as_json:  # a race: another attempt started after the cancel
+            die(f"nothing was cancelled: task {task_id} is {status}", FAILED)
         raise typer.Exit(FAILED)
 
 
