@@ -517,6 +517,13 @@ CREATE_CASES = [
     ],
     P(create(spec(branch=5)), "branch_number"),
     P(create(spec(branch=["main"])), "branch_list"),
+    # a valid name that is not a branch of the repository: refused at submit, not later
+    P(create(spec(branch="nope"), contains="Branch 'nope' not found in "), "branch_missing"),
+    P(
+        create(spec(branch="feature/x"), contains="Branch 'feature/x' not found in "),
+        "branch_missing_nested",
+    ),
+    P(create(spec(branch="HEAD"), contains="Branch 'HEAD' not found in "), "branch_head_ref"),
     P(create(spec(model=""), contains="model"), "model_empty"),
     P(create(spec(model="gpt 5"), contains="model"), "model_space"),
     P(create(spec(model="m" * 300), contains="model"), "model_too_long"),

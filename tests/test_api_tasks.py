@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import Api, Server, finish_turn
+from conftest import Api, Server, finish_turn, git
 
 TASK_ID = re.compile(r"^task_e_[0-9a-f]{32}$")
 
@@ -229,3 +230,80 @@ def test_discard_sets_an_attempt_aside_and_undo_brings_the_siblings_back(
     turns = [api.get(f"tasks/{task_id}/turns/{t}").json()["turn"] for t in [first, *siblings]]
     assert [t["discarded"] for t in turns] == [False, False, False]
     assert api.get(f"tasks/{task_id}").json()["task"]["current_turn_id"] == siblings[0]
+
+
+def _counts(server: Server) -> tuple[int, int, int]:
+    from sqlalchemy import func, select
+
+    from openwham.store import models as m
+
+    with server.app_state.db.session() as s:
+        return (
+            int(s.scalar(select(func.count()).select_from(m.Task)) or 0),
+            int(s.scalar(select(func.count()).select_from(m.Turn)) or 0),
+            int(s.scalar(select(func.count()).select_from(m.UsageEvent)) or 0),
+        )
+
+
+def test_a_branch_the_repository_lacks_is_refused_at_submit(server: Server, repo: Path) -> None:
+    """400 naming the branch and the repository; no task, turn or usage event is stored."""
+    api = server.api
+    env = api.create_env(repo, label="acme/widgets", repos=[{"url": str(repo), "name": "acme/w"}])
+    r = api.post("tasks", json=_new_task_body(env["id"], branch="nope"))
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == "Branch 'nope' not found in acme/w"
+    assert _counts(server) == (0, 0, 0)
+    # a branch made since is found (the remote is asked, not a stale answer)
+    git("branch", "feature/new", cwd=repo)
+    ok = api.post("tasks", json=_new_task_body(env["id"], branch="feature/new"))
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["turn"]["branch"] == "feature/new"
+
+
+def test_an_unreachable_repository_is_a_400_and_a_fresh_mirror_needs_no_remote(
+    server: Server, repo: Path, tmp_path: Path
+) -> None:
+    """A branch the engine's mirror has is accepted without asking the remote; anything else
+    needs the remote, and a remote that is gone is a 400 that says so (nothing stored)."""
+    from openwham.sandbox.workspace import Mirrors
+
+    api = server.api
+    env = api.create_env(repo)
+    key = env["repos"][0]
+    data = server.app_state.settings.resolved_data_dir
+    Mirrors(data / "mirrors").ensure(key, str(repo))
+    shutil.rmtree(repo)
+    counts = _counts(server)
+    r = api.post("tasks", json=_new_task_body(env["id"], branch="nope"))
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith(f"Repository not reachable: {repo} (")
+    assert _counts(server) == counts
+    ok = api.post("tasks", json=_new_task_body(env["id"], branch="main"))
+    assert ok.status_code == 200, ok.text  # from the mirror alone
+
+
+def test_a_follow_up_on_a_branch_deleted_since_is_refused(server: Server, repo: Path) -> None:
+    api = server.api
+    git("checkout", "-q", "-b", "topic", cwd=repo)
+    git("checkout", "-q", "main", cwd=repo)
+    env = api.create_env(repo, repos=[{"url": str(repo), "name": "acme/widgets"}])
+    created = api.create_task(env["id"], new_task={"branch": "topic"})
+    finish_turn(server, created["turn"]["id"])
+    git("branch", "-q", "-D", "topic", cwd=repo)
+    counts = _counts(server)
+    body = {
+        "follow_up": {"task_id": created["task"]["id"], "turn_id": created["turn"]["id"]},
+        "input_items": [_message("And more")],
+    }
+    r = api.post("tasks", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == "Branch 'topic' not found in acme/widgets"
+    assert _counts(server) == counts
+
+
+def _message(text: str) -> dict[str, object]:
+    return {"type": "message", "role": "user", "content": [{"content_type": "text", "text": text}]}
+
+
+def _new_task_body(env_id: str, **spec: object) -> dict[str, object]:
+    return {"new_task": {"environment_id": env_id, **spec}, "input_items": [_message("Fix it")]}

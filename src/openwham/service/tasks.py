@@ -9,7 +9,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 from sqlalchemy import and_, or_, select, update
@@ -302,6 +302,26 @@ def _new_turns(
     return user, attempts
 
 
+class BranchLookup(Protocol):
+    """Whether a branch exists in a repository (``engine.branches.branch_exists``: git is the
+    engine's). Raises a ``ServiceError`` (400) when the repository cannot be reached."""
+
+    def __call__(self, repo_key: str, url: str, branch: str) -> bool: ...
+
+
+def _check_branch(lookup: BranchLookup | None, env_body: dict[str, Any], branch: str) -> None:
+    """Refuse a branch the environment's (first) repository does not have, naming both."""
+    repos = env_body.get("repos") or []
+    if lookup is None or not repos:
+        return
+    key = str(repos[0])
+    info = environments.repo_info(env_body, key)
+    url = environments.repo_url(env_body, key)
+    if url and not lookup(key, url, branch):
+        name = info.get("repository_full_name") or url
+        raise BadRequest(f"Branch {branch!r} not found in {name}")
+
+
 @dataclass
 class Created:
     """The ``POST tasks`` response and the attempts it queued."""
@@ -310,8 +330,16 @@ class Created:
     attempt_ids: list[str]
 
 
-def create(db: Session, settings: Settings, principal: Principal, raw: Any) -> Created:
-    """``POST tasks``: validate everything first, then write task, turns and usage at once."""
+def create(
+    db: Session,
+    settings: Settings,
+    principal: Principal,
+    raw: Any,
+    *,
+    branch_lookup: BranchLookup | None = None,
+) -> Created:
+    """``POST tasks``: validate everything first (with ``branch_lookup``: that the branch
+    exists), then write task, turns and usage at once."""
     req = parse_create_request(raw)
     parsed = parse_input_items(raw["input_items"], req.input_items)
     n = _best_of_n(raw)
@@ -331,6 +359,7 @@ def create(db: Session, settings: Settings, principal: Principal, raw: Any) -> C
         validate_branch_name(branch)
         options = _run_options(settings, spec)
         usage.check(db, settings, principal, n)
+        _check_branch(branch_lookup, env.body, branch)
         now = time.time()
         task = m.Task(
             id=ids.new_task_id(),
@@ -358,6 +387,8 @@ def create(db: Session, settings: Settings, principal: Principal, raw: Any) -> C
         env = environments.get_row(db, principal, task.environment_id)
         options = _run_options(settings, spec)
         usage.check(db, settings, principal, n)
+        if task.branch:  # a follow-up's clone starts from the task's branch
+            _check_branch(branch_lookup, env.body, task.branch)
         user, attempts = _new_turns(db, task, env, parsed, options, previous.id, n)
         task.num_follow_ups += 1
     usage.record(db, principal, task.id, [t.id for t in attempts])

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Body, Depends, Query
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
+from openwham.engine import branches, storage
 from openwham.engine import prs as engine_prs
-from openwham.engine import storage
 from openwham.engine.attempt import requeue
 from openwham.service import lifecycle, logs, prs, tasks, usage
 from openwham.service.accounts import Principal
@@ -98,7 +98,14 @@ def create_task(
     runner = state.runner
     if runner is not None and runner.problem:
         raise Unavailable(runner.problem)
-    created = tasks.create(db, state.settings, principal, body)
+    settings = state.settings
+    created = tasks.create(
+        db,
+        settings,
+        principal,
+        body,
+        branch_lookup=lambda key, url, branch: branches.branch_exists(settings, key, url, branch),
+    )
     db.commit()
     if runner is not None:
         runner.submit(created.attempt_ids)
