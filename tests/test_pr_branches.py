@@ -93,6 +93,16 @@ def test_a_pr_branch_is_pushed_recorded_and_updated_by_a_follow_up(
     assert git("show", f"{branch}:calc.py", cwd=remote) == "def add(a, b):\n    return a + b\n"
     meta = api.get(f"tasks/{task_id}").json()["task"]["denormalized_metadata"]
     assert meta["last_pushed_turn_id"] == turn2
+    # its commit: the title, then every answer of the conversation, each after its prompt
+    title = api.get(f"tasks/{task_id}").json()["task"]["title"]
+    assert git("log", "-1", "--format=%B", branch, cwd=remote) == (
+        f"{title}\n\n"
+        "Prompt: Fix the add function please\n\nFixed add.\n\n"
+        "Prompt: Add a note\n\nAdded notes.\n\n"
+    )
+    assert r.json()["pull_request"]["body"] == (
+        "Prompt: Fix the add function please\n\nFixed add.\n\nPrompt: Add a note\n\nAdded notes."
+    )
 
 
 def test_pr_requests_that_cannot_push_are_refused_clearly(

@@ -24,6 +24,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from openwham.store import models as m
+
 from . import settings as user_settings
 from .accounts import Principal
 from .diffs import output_diff
@@ -126,15 +128,7 @@ def plan(db: Session, principal: Principal, task_id: str, turn_id: str) -> PushP
         base_branch = str(turn.body.get("branch") or task.branch or base)
         branch, new = branch_name(fmt, title=title, base_branch=base_branch, now=time.time()), True
         parent = None
-    answer = next(
-        (
-            str(item.get("pr_message") or "")
-            for item in turn.body.get("output_items") or []
-            if item.get("type") == "pr"
-        ),
-        "",
-    )
-    message = f"{title}\n\n{answer}".strip() + "\n"
+    message = f"{title}\n\n{conversation_body(db, turn)}".strip() + "\n"
     user = principal.user
     return PushPlan(
         task_id=task.id,
@@ -149,6 +143,63 @@ def plan(db: Session, principal: Principal, task_id: str, turn_id: str) -> PushP
         message=message,
         author=(user.name or "openwham", user.email or "openwham@localhost"),
         existing=existing,
+    )
+
+
+PROMPT_LABEL_CHARS = 72
+
+
+def _answer(turn: m.Turn) -> str:
+    """An attempt's final answer: its ``message`` output item (else the ``pr`` item's)."""
+    items = [i for i in turn.body.get("output_items") or [] if isinstance(i, dict)]
+    for item in items:
+        if item.get("type") == "message":
+            parts = [
+                str(c.get("text") or "")
+                for c in item.get("content") or []
+                if isinstance(c, dict) and c.get("content_type", "text") == "text"
+            ]
+            if any(parts):
+                return "\n".join(p for p in parts if p).strip()
+    return next(
+        (str(i.get("pr_message") or "").strip() for i in items if i.get("type") == "pr"), ""
+    )
+
+
+def _prompt(user: m.Turn) -> str:
+    """A user turn's prompt as one line for a label, cut at a word with "…"."""
+    texts = []
+    for item in user.body.get("input_items") or []:
+        if isinstance(item, dict) and item.get("type") == "message":
+            for frag in item.get("content") or []:
+                text = frag if isinstance(frag, str) else (frag or {}).get("text")
+                if isinstance(text, str):
+                    texts.append(text)
+    line = " ".join(" ".join(texts).split())
+    if len(line) <= PROMPT_LABEL_CHARS:
+        return line
+    cut = line[:PROMPT_LABEL_CHARS].rsplit(" ", 1)[0] or line[:PROMPT_LABEL_CHARS]
+    return cut.rstrip(" ,;:-") + "…"
+
+
+def conversation_body(db: Session, turn: m.Turn) -> str:
+    """The commit body for ``turn``: every answer of the conversation that led to it, in
+    order. A task without follow-ups has just its answer; with follow-ups each answer is
+    introduced by the prompt it answered (``Prompt: …``), so the branch's commit tells the
+    whole story, not only the last step."""
+    steps: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    current: m.Turn | None = turn
+    while current is not None and current.id not in seen and current.role == "assistant":
+        seen.add(current.id)
+        user = db.get(m.Turn, current.parent_id) if current.parent_id else None
+        steps.append((_prompt(user) if user is not None else "", _answer(current)))
+        current = db.get(m.Turn, user.parent_id) if user is not None and user.parent_id else None
+    steps.reverse()
+    if len(steps) == 1:
+        return steps[0][1]
+    return "\n\n".join(
+        f"Prompt: {prompt}\n\n{answer}".rstrip() if prompt else answer for prompt, answer in steps
     )
 
 
