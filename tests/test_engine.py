@@ -28,7 +28,9 @@ from conftest import (
     wait_for_task,
     wait_for_turn,
 )
+from openwham.engine.titles import derived_title
 from openwham.runtimes.codex import ASK_MODE_INSTRUCTIONS
+from openwham.service.text import MAX_TITLE_CHARS
 from openwham.store import models as m
 from support.procs import host_pids
 from support.scripted_model import Fail, Patch, Say, ScriptedModel, Shell
@@ -119,6 +121,7 @@ def test_a_task_runs_to_completed_with_diff_work_log_and_events(
 ) -> None:
     api = any_engine_server.api
     scripted_model.script = fix_script()
+    scripted_model.title = Say('"Fix add() so the unit test passes."')
     env = api.create_env(calc_repo)
     created = api.create_task(env["id"], "Please fix the failing test. `add` looks wrong.")
     task_id, turn_id = created["task"]["id"], created["turn"]["id"]
@@ -164,8 +167,12 @@ def test_a_task_runs_to_completed_with_diff_work_log_and_events(
     assert (fresh / "data.bin").read_bytes() == b"bin\0ary"
     assert not (fresh / "old.txt").exists() and (fresh / "README.rst").exists()
 
-    # the title was generated from the prompt
-    assert details["task"]["title"] == "Fix the failing test"
+    # the title came from the model (quotes and final period dropped), asked once with the
+    # prompt, through the gateway with the task's model and the real key
+    assert details["task"]["title"] == "Fix add() so the unit test passes"
+    (asked,) = scripted_model.title_requests
+    assert asked["model"] == CODEX_MODEL and asked["stream"] is True
+    assert "Please fix the failing test. `add` looks wrong." in json.dumps(asked["input"])
     assert details["task"]["has_generated_title"] is True
     assert details["task"]["has_unread_turn"] is True
 
@@ -201,7 +208,7 @@ def test_a_task_runs_to_completed_with_diff_work_log_and_events(
     (title,) = [
         f["data"]["payload"] for f in frames if f["data"]["item_type"] == "task_title_generated"
     ]
-    assert title["title"] == "Fix the failing test"
+    assert title["title"] == "Fix add() so the unit test passes"
     latest: dict[str, Any] = {}
     for f in frames:
         if f["data"]["item_type"] == "work_log_message":
@@ -221,6 +228,10 @@ def test_a_task_runs_to_completed_with_diff_work_log_and_events(
         usage = row.body["run"]["usage"]
     assert usage["requests"] == usage["responses"] == 4
     assert usage["input_tokens"] == 400 and usage["output_tokens"] == 80
+    # ... and the title request's, recorded on the attempt beside it
+    title_usage = row.body["run"]["title_usage"]
+    assert title_usage["requests"] == title_usage["responses"] == 1
+    assert title_usage["input_tokens"] == 100 and title_usage["total_tokens"] == 120
     # the workspace goes once Codex has closed down (the attempt completes as soon as its
     # result is in, meanwhile); the attempt's Codex home stays for follow-ups
     attempt_dir = any_engine_server.app_state.settings.resolved_data_dir / "attempts" / turn_id
@@ -740,3 +751,99 @@ def test_attempts_left_by_a_dead_server_run_again_or_fail(
         assert "stopped 2 time(s)" in failed["error"]["message"]
         pending = wait_for_task(api, queued["task"]["id"])["current_assistant_turn"]
         assert pending["turn_status"] == "completed"
+
+
+# =========================================================================== titles
+
+
+@pytest.mark.parametrize(
+    ("prompt", "title"),
+    [
+        ("Please fix the failing test. `add` looks wrong.", "Fix the failing test"),
+        (
+            "Refactor the configuration loader so that environment variables override files",
+            "Refactor the configuration loader so that environment…",
+        ),
+        ("x" * 70, "X" + "x" * 69),  # one long word is kept whole, not cut inside
+        # a long word across the limit: the cut goes before it (it used to go inside it)
+        (
+            "Update the parse_configuration_value_from_environment_variables_and_files helper",
+            "Update the…",
+        ),
+    ],
+)
+def test_derived_titles_are_never_cut_inside_a_word(prompt: str, title: str | None) -> None:
+    got = derived_title(prompt)
+    if title is not None:
+        assert got == title
+    if got.endswith("…"):
+        assert len(got) <= MAX_TITLE_CHARS
+        assert got[:-1].split()[-1] in prompt.split()  # the last word kept is a whole word
+
+
+def test_the_title_on_creation_is_not_cut_inside_a_word(api: Any, calc_repo: Path) -> None:
+    env = api.create_env(calc_repo)
+    prompt = "Make the importer accept configuration files " + "everywhere " * 6 + "please"
+    title = api.create_task(env["id"], prompt)["task"]["title"]
+    assert title.endswith("…") and len(title) <= 80
+    assert prompt.startswith(title[:-1] + " ")
+
+
+def _title_server(tmp_path: Path, database_url: str, model: ScriptedModel, timeout: float) -> Any:
+    return make_server(
+        tmp_path, database_url, **engine_settings(model, title_timeout_seconds=timeout)
+    )
+
+
+@pytest.mark.parametrize("failure", ["error", "slow"])
+def test_the_prompt_gives_the_title_when_the_model_fails_or_is_slow(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, calc_repo: Path, failure: str
+) -> None:
+    if failure == "error":
+        scripted_model.title = Fail("server_error", "no titles today")
+    else:
+        scripted_model.title_delay = 30.0
+    gen = _title_server(tmp_path, sqlite_url, scripted_model, timeout=2.0)
+    server = next(gen)
+    try:
+        api = server.api
+        scripted_model.script = [Say("Done.")]
+        env = api.create_env(calc_repo)
+        created = api.create_task(env["id"], "Please fix the failing test. `add` looks wrong.")
+        task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+        details = wait_for_task(api, task_id, timeout=60)
+        assert details["current_assistant_turn"]["turn_status"] == "completed"
+        assert len(scripted_model.title_requests) == 1
+        assert details["task"]["title"] == "Fix the failing test"
+        assert details["task"]["has_generated_title"] is True
+        frames = stream(api, task_id, turn_id)
+        kinds = [f["data"]["item_type"] for f in frames]
+        assert kinds.count("task_title_generated") == 1
+        assert kinds.index("task_title_generated") < len(kinds) - 1  # before the terminal
+    finally:
+        gen.close()
+
+
+def test_the_attempt_does_not_wait_for_its_title(
+    engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    """The model's title arrives while the agent already works; it is written when it comes,
+    still before the terminal event."""
+    agent_started: list[float] = []
+    scripted_model.on_request = lambda body: agent_started.append(time.monotonic()) or None
+    scripted_model.title = Say("Fix add")
+    scripted_model.title_delay = 4.0
+    api = engine_server.api
+    scripted_model.script = [Say("Done.")]
+    env = api.create_env(calc_repo)
+    t0 = time.monotonic()
+    created = api.create_task(env["id"], "Please fix the failing test.")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    details = wait_for_task(api, task_id, timeout=60)
+    assert details["current_assistant_turn"]["turn_status"] == "completed"
+    assert agent_started and agent_started[0] - t0 < 4.0  # the agent did not wait 4 s
+    assert details["task"]["title"] == "Fix add"
+    frames = stream(api, task_id, turn_id)
+    kinds = [f["data"]["item_type"] for f in frames]
+    assert kinds.count("task_title_generated") == 1
+    assert kinds.index("task_title_generated") < len(kinds) - 1

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     sandbox_cpus: float | None = None
     # The environment's setup script: its wall-clock limit.
     setup_timeout_seconds: int = 1200
+    # How long a task's title may take the model; after that the prompt-derived title is used.
+    title_timeout_seconds: float = 30.0
     # Private networks (comma-separated CIDRs, e.g. a package mirror at 10.1.2.3/32) that the
     # egress proxy may reach; host addresses, loopback and link-local never are.
     egress_allow_networks: str = ""

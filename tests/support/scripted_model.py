@@ -6,6 +6,11 @@ the server is stateless and every attempt of a task replays the same script. Too
 built from the tool list the request offers: ``exec_command`` (or ``shell``) for commands and
 the ``apply_patch`` tool for edits, falling back to running ``apply_patch`` through the shell
 tool when the request offers no patch tool.
+
+The engine's title request (instructions :data:`openwham.engine.titles.TITLE_INSTRUCTIONS`)
+is answered apart: by ``title`` (a :class:`Say` or :class:`Fail`; default: the prompt's
+first six words), after ``title_delay`` seconds, recorded in ``title_requests`` and not in
+``requests`` (which hold the agent's requests only, as tests count them).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from openwham.engine.titles import TITLE_INSTRUCTIONS
 from support.app_thread import AppThread
 
 
@@ -110,6 +116,18 @@ def _patch_item(tools: dict[str, dict[str, Any]], patch: str) -> dict[str, Any]:
     return _shell_item(tools, f"apply_patch <<'PATCH'\n{patch}\nPATCH")
 
 
+def _default_title(body: dict[str, Any]) -> str:
+    """The scripted model's title when a test sets none: the prompt's first six words."""
+    texts = [
+        str(c.get("text") or "")
+        for item in body.get("input") or []
+        if isinstance(item, dict)
+        for c in item.get("content") or []
+        if isinstance(c, dict)
+    ]
+    return " ".join(" ".join(texts).split()[:6]) or "Untitled"
+
+
 def _sse(event: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
 
@@ -123,6 +141,9 @@ class ScriptedModel:
     headers: list[dict[str, str]] = field(default_factory=list)
     delay: float = 0.0
     on_request: Callable[[dict[str, Any]], None] | None = None
+    title: Say | Fail | None = None
+    title_delay: float = 0.0
+    title_requests: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
     _runner: AppThread = field(default_factory=AppThread)
 
@@ -139,6 +160,12 @@ class ScriptedModel:
 
     async def _responses(self, request: Request) -> Response:
         body = json.loads(await request.body())
+        if body.get("instructions") == TITLE_INSTRUCTIONS:
+            self.title_requests.append(body)
+            step = self.title if self.title is not None else Say(_default_title(body))
+            return StreamingResponse(
+                self._stream(body, step, delay=self.title_delay), media_type="text/event-stream"
+            )
         self.requests.append(body)
         self.headers.append(dict(request.headers))
         if self.on_request is not None:
@@ -147,13 +174,14 @@ class ScriptedModel:
         step = self.script[index] if index < len(self.script) else Say("done")
         return StreamingResponse(self._stream(body, step), media_type="text/event-stream")
 
-    async def _stream(self, body: dict[str, Any], step: Step) -> Any:
+    async def _stream(self, body: dict[str, Any], step: Step, delay: float | None = None) -> Any:
         import asyncio
 
         rid = f"resp_{uuid.uuid4().hex[:16]}"
         yield _sse({"type": "response.created", "response": {"id": rid}})
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        wait = self.delay if delay is None else delay
+        if wait:
+            await asyncio.sleep(wait)
         if isinstance(step, Fail):
             yield _sse(
                 {

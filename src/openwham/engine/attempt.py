@@ -64,7 +64,7 @@ from .diff import DiffError
 from .recorder import TurnRecorder, latest_event
 from .redact import Redactor
 from .standby import AgentKey, Prepared, StandbyPool
-from .titles import generate_title
+from .titles import TitleJob
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class Claim:
     needs_title: bool
     tries: int
     resume: Resume | str | None = None  # a follow-up's starting point (str: why there is none)
-    titled: bool = False
+    title: TitleJob | None = None  # the title being made (first attempt of a new task)
     setup_script: str = ""
     env_vars: dict[str, str] = field(default_factory=dict)  # setup and agent
     secrets: dict[str, str] = field(default_factory=dict)  # setup only (decrypted)
@@ -264,6 +264,7 @@ class Engine:
         rec = TurnRecorder(
             self.db, self.bus, claim.task_id, turn_id, claim.body, Redactor(claim.secrets.values())
         )
+        self._start_title(claim)  # beside the attempt: it never waits for the title
         attempt_dir = self.attempts_root / turn_id
         alive = threading.Event()
         threading.Thread(
@@ -272,7 +273,7 @@ class Engine:
         try:
             return self._run(claim, rec, control, attempt_dir)
         except _Stopped:
-            self._ensure_title(claim)
+            self._ensure_title(claim, wait=False)
             return self._stopped(claim, rec, control)
         except AttemptFailed as exc:
             self._ensure_title(claim)
@@ -473,7 +474,6 @@ class Engine:
             abandon(prepared)
             prepared = None
             control.check()  # or was killed by a cancel
-        self._ensure_title(claim)  # with a standby: while its agent starts on the prompt
         try:
             mirror = self.mirrors.ensure(claim.repo_key, claim.repo_url)
             fits = prepared is not None and branch_head(mirror, claim.branch) == prepared.base
@@ -522,6 +522,9 @@ class Engine:
         assert self.gateway is not None
         self.gateway.revoke(claim.turn_id)
         usage = self.gateway.usage(claim.turn_id)
+        self._ensure_title(claim)
+        if claim.title is not None and claim.title.usage is not None:
+            run["title_usage"] = claim.title.usage  # the title request's tokens
         # the thread id: a follow-up resumes this conversation (codex.resume_argv)
         rec.set(run={**run, "usage": dataclasses.asdict(usage), "thread_id": translator.thread_id})
         killed_reason = result.killed_reason if result is not None else None
@@ -815,15 +818,29 @@ class Engine:
             },
         }
 
-    def _ensure_title(self, claim: Claim) -> None:
-        """The task's title from the prompt, once: before the attempt's terminal event (a
-        stream ends there) and, with a standby, after its agent has the prompt."""
-        if claim.needs_title and not claim.titled:
-            claim.titled = True
-            self._generate_title(claim)
+    def _start_title(self, claim: Claim) -> None:
+        """Ask the model for the task's title (first attempt of a new task), through the
+        gateway as ``<turn>:title``; without a usable gateway the derived title is written
+        when the attempt ends (:meth:`_ensure_title`)."""
+        if not claim.needs_title:
+            return
+        claim.title = TitleJob(
+            claim.prompt,
+            lambda title: self._write_title(claim, title),
+            timeout=float(self.settings.title_timeout_seconds),
+        )
+        gateway, socket_path = self.gateway, self.gateway_socket
+        if gateway and socket_path and not self.gateway_problem and claim.prompt.strip():
+            claim.title.start(gateway, socket_path, f"{claim.turn_id}:title", claim.model)
 
-    def _generate_title(self, claim: Claim) -> None:
-        title = generate_title(claim.prompt)
+    def _ensure_title(self, claim: Claim, *, wait: bool = True) -> None:
+        """Before the attempt's terminal event (a stream ends there): the model's title, or
+        the derived one if the model failed or has not answered in time (``wait`` false:
+        not waiting at all, for a cancel)."""
+        if claim.title is not None:
+            claim.title.settle(wait=wait)
+
+    def _write_title(self, claim: Claim, title: str) -> None:
         with self.db.session() as s:
             done = rowcount(
                 s.execute(

@@ -33,6 +33,7 @@ from .environments import repo_url, run_environment
 from .errors import BadRequest, Conflict
 from .repos import validate_branch_name
 from .tasks import get_task_row, get_turn_row
+from .text import shorten
 
 FEATURE_CHARS = 60
 BRANCH_CHARS = 60
@@ -175,11 +176,7 @@ def _prompt(user: m.Turn) -> str:
                 text = frag if isinstance(frag, str) else (frag or {}).get("text")
                 if isinstance(text, str):
                     texts.append(text)
-    line = " ".join(" ".join(texts).split())
-    if len(line) <= PROMPT_LABEL_CHARS:
-        return line
-    cut = line[:PROMPT_LABEL_CHARS].rsplit(" ", 1)[0] or line[:PROMPT_LABEL_CHARS]
-    return cut.rstrip(" ,;:-") + "…"
+    return shorten(" ".join(texts), PROMPT_LABEL_CHARS)
 
 
 def conversation_body(db: Session, turn: m.Turn) -> str:

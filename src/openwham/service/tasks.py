@@ -49,6 +49,7 @@ from .accounts import Principal
 from .diffs import diff_stats, looks_like_unified_diff, output_diff
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from .repos import validate_branch_name
+from .text import shorten
 
 MAX_PROMPT_CHARS = 200_000
 MAX_PATCH_BYTES = 5 * 1024 * 1024
@@ -200,8 +201,9 @@ def _best_of_n(raw: dict[str, Any]) -> int:
 
 
 def _title(prompt: str) -> str:
+    """The title until the engine writes the generated one: the prompt's first line."""
     line = next((x.strip() for x in prompt.splitlines() if x.strip()), "New task")
-    return line if len(line) <= 80 else line[:79].rstrip() + "…"
+    return shorten(line, 80)
 
 
 # --------------------------------------------------------------------------- creation
