@@ -12,8 +12,8 @@
 #                    /usr/lib/postgresql/*/bin/initdb already exists, and
 #                    Codex CLI 0.151.0 for the compatibility tests
 #                    (tools/codex-cloud/package-lock.json), and Debian's
-#                    `chromium` for the web UI's browser tests; scripts/test
-#                    uses it
+#                    `chromium` for the web UI's browser tests, and `tmux`
+#                    for the Codex TUI's tests; scripts/test uses it
 #   --quiet          no progress lines (errors are still reported)
 #
 # Idempotent and fast when nothing is missing (it then prints nothing).
@@ -173,6 +173,10 @@ fi
 # (tests/support/browser.py; Playwright's own browser download cannot be used).
 if [ "$WITH_POSTGRES" = 1 ] && [ ! -x /usr/bin/chromium ]; then
     WANTED_PKGS+=(chromium)
+fi
+# Test-only: the compatibility tests drive `codex cloud`'s interactive TUI in tmux.
+if [ "$WITH_POSTGRES" = 1 ]; then
+    want_cmd tmux tmux
 fi
 
 if [ "${#WANTED_PKGS[@]}" -gt 0 ]; then
