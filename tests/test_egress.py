@@ -4,6 +4,7 @@ services on this host's loopback (which it must refuse)."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 from collections.abc import Iterator
@@ -98,6 +99,74 @@ def test_the_guard_refuses_host_loopback_link_local_and_private_addresses(net_ho
     assert AddressGuard(["127.0.0.0/8"]).refusal("127.0.0.1") is not None  # never loopback
     with pytest.raises(ValueError):
         AddressGuard.from_setting("not-a-network")
+
+
+def _v4_in(form: str, v4: str) -> str:
+    """``v4`` written in one of the IPv6 forms that carry an IPv4 address."""
+    n = int(ipaddress.IPv4Address(v4))
+    base = {
+        "mapped": int(ipaddress.IPv6Address("::ffff:0:0")) | n,
+        "compatible": n,
+        "6to4": int(ipaddress.IPv6Address("2002::")) | (n << 80) | 1,
+        # Teredo: the server is bits 32-63; the client (here a public one) is inverted
+        "teredo-server": int(ipaddress.IPv6Address("2001::"))
+        | (n << 64)
+        | (int(ipaddress.IPv4Address("93.184.215.14")) ^ 0xFFFFFFFF),
+        "teredo-client": int(ipaddress.IPv6Address("2001::"))
+        | (int(ipaddress.IPv4Address("93.184.215.14")) << 64)
+        | (n ^ 0xFFFFFFFF),
+        "nat64": int(ipaddress.IPv6Address("64:ff9b::")) | n,
+        "nat64-local-96": int(ipaddress.IPv6Address("64:ff9b:1::")) | n,
+        # RFC 6052 /48 layout: 16 bits, the zero u octet, 16 bits
+        "nat64-local-48": int(ipaddress.IPv6Address("64:ff9b:1::"))
+        | ((n >> 16) << 64)
+        | ((n & 0xFFFF) << 40),
+    }[form]
+    return str(ipaddress.IPv6Address(base))
+
+
+IPV6_FORMS = (
+    "mapped",
+    "compatible",
+    "6to4",
+    "teredo-server",
+    "teredo-client",
+    "nat64",
+    "nat64-local-96",
+    "nat64-local-48",
+)
+
+
+@pytest.mark.parametrize("form", IPV6_FORMS)
+def test_the_guard_judges_ipv4_addresses_inside_ipv6_addresses(form: str, net_host: Any) -> None:
+    """A relay (6to4, Teredo) or translator (NAT64) delivers to the embedded IPv4 address:
+    loopback, metadata, private and this host's own addresses must not pass in disguise."""
+    guard = AddressGuard()
+    assert "loopback" in (guard.refusal(_v4_in(form, "127.0.0.1")) or ""), form
+    assert "loopback" in (guard.refusal(_v4_in(form, "127.53.0.9")) or ""), form
+    metadata = _v4_in(form, "169.254.169.254")
+    assert "link-local" in (guard.refusal(metadata) or ""), metadata
+    for private in ("10.1.2.3", "172.20.0.1", "192.168.1.1", "100.64.0.1"):
+        assert "private network" in (guard.refusal(_v4_in(form, private)) or ""), private
+    own = _v4_in(form, net_host.host_side)
+    assert f"{net_host.host_side} is an address of this host" in (guard.refusal(own) or ""), own
+    assert guard.refusal(_v4_in(form, "0.0.0.0")) is not None
+    for public in ("93.184.215.14", "8.8.8.8", net_host.address):
+        assert guard.refusal(_v4_in(form, public)) is None, (form, public)
+    # an operator's allowed network is allowed in any form
+    assert AddressGuard(["10.1.2.0/24"]).refusal(_v4_in(form, "10.1.2.3")) is None
+
+
+def test_the_guard_reads_every_layout_of_a_local_nat64_prefix() -> None:
+    """64:ff9b:1::/48's prefix length is the operator's choice: an address that fits the /96
+    layout with a private address and another layout with a public one is refused."""
+    guard = AddressGuard()
+    assert "private network" in (guard.refusal("64:ff9b:1:5db8:d7:e00:a00:1") or "")
+    assert guard.refusal("64:ff9b:1:5db8:d7:e00::") is None  # /48 of 93.184.215.14
+    assert "loopback" in (guard.refusal("64:ff9b:1:0:7f:0:100::") or "")  # /64 of 127.0.0.1
+    # the IPv6 rules still apply first: ::1 is loopback, :: unspecified
+    assert guard.refusal("::1") == "loopback addresses are host services"
+    assert guard.refusal("::") is not None
 
 
 def test_requests_reach_an_outside_host_and_are_recorded(proxy: EgressProxy, net_host: Any) -> None:

@@ -98,15 +98,40 @@ class AddressGuard:
         return cls([n for n in value.split(",") if n.strip()])
 
     def refusal(self, address: str) -> str | None:
-        """Why a connection to ``address`` is refused, or ``None``."""
+        """Why a connection to ``address`` is refused, or ``None``.
+
+        An IPv6 address that carries IPv4 addresses (IPv4-mapped and -compatible, 6to4,
+        Teredo, NAT64) is judged by each of them as well: a relay or translator on the way
+        would deliver it to that IPv4 address, so a loopback or metadata address must not
+        pass in an IPv6 disguise.
+        """
         ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        if isinstance(ip, ipaddress.IPv6Address):
+            embedded = embedded_ipv4(ip)
+            if ip.ipv4_mapped is not None:
+                return self._judge(ip.ipv4_mapped)
+            if embedded:
+                # the v6 rules first (``::1`` is loopback, not 0.0.0.1), except "reserved":
+                # ::/96 and 64:ff9b::/96 are inside ::/8, whose embedded address decides
+                if (reason := self._judge(ip, reserved_ok=True)) is not None:
+                    return reason
+                for v4 in embedded:
+                    if (reason := self._judge(v4)) is not None:
+                        return f"{reason} (embedded in {ip})"
+                return None
+        return self._judge(ip)
+
+    def _judge(self, ip: IPAddress, *, reserved_ok: bool = False) -> str | None:
         if ip.is_loopback:
             return "loopback addresses are host services"
         if ip.is_link_local:
             return "link-local addresses (cloud metadata) are not reachable"
-        if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
+        if (
+            ip.is_unspecified
+            or ip.is_multicast
+            or (ip.is_reserved and not reserved_ok)
+            or ip in _THIS_NETWORK
+        ):
             return f"{ip} is not a routable destination"
         if _is_own(ip):
             return f"{ip} is an address of this host"
@@ -115,6 +140,45 @@ class AddressGuard:
         ):
             return f"{ip} is in a private network (see WHAM_EGRESS_ALLOW_NETWORKS)"
         return None
+
+
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+_NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+# RFC 6052 layouts of an IPv4 address in a NAT64 prefix of length /48, /56 and /64: the byte
+# positions of the IPv4 address, then the first byte of the suffix (which must be zero, as
+# must byte 8, the "u" octet). /96 (bytes 12-15) is read separately.
+_RFC6052_LAYOUTS = (((6, 7, 9, 10), 11), ((7, 9, 10, 11), 12), ((9, 10, 11, 12), 13))
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address ``ip`` carries that a relay or translator might deliver to.
+
+    IPv4-mapped (``::ffff:0:0/96``), IPv4-compatible (``::/96``, deprecated), 6to4
+    (``2002::/16``), Teredo (``2001::/32``: the server and the client, whose bits are
+    inverted) and NAT64 (``64:ff9b::/96``; the local-use ``64:ff9b:1::/48``, whose prefix
+    length the operator chooses, is read in every RFC 6052 layout the address fits).
+    """
+    found: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip in _IPV4_COMPATIBLE or ip in _NAT64_WELL_KNOWN:
+        found.append(ipaddress.IPv4Address(ip.packed[12:]))
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    if ip in _NAT64_LOCAL:
+        raw = ip.packed
+        readings = [ipaddress.IPv4Address(raw[12:])]
+        if raw[8] == 0:
+            for positions, suffix in _RFC6052_LAYOUTS:
+                if not any(raw[suffix:]):
+                    readings.append(ipaddress.IPv4Address(bytes(raw[i] for i in positions)))
+        # an all-zero reading is the padding of another layout, not a destination
+        found.extend([r for r in readings if int(r)] or readings)
+    return found
 
 
 def _is_own(ip: IPAddress) -> bool:
