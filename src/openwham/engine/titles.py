@@ -201,11 +201,13 @@ class TitleJob:
         return clean_model_title(answer) if answer else None
 
     def _put(self, title: str, source: str) -> None:
+        # Written under the lock: once ``settle`` returns, the title (and its event) is
+        # stored, whichever side wrote it, so the terminal event comes after it.
         with self._lock:
             if self.source:
                 return
+            self.write(title)
             self.source = source
-        self.write(title)
 
     def settle(self, *, wait: bool = True) -> None:
         """Make sure a title is written: wait for the model (at most until its timeout; not
