@@ -58,6 +58,8 @@ class World:
 def build_world(server: Server, repo: Path, tmp: Path) -> World:
     api = server.api
     other = api.as_(server.other_account_token())
+    # a second account may use local paths only inside WHAM_LOCAL_REPO_ROOTS
+    server.app_state.settings.local_repo_roots = str(repo.parent)
     env = api.create_env(repo)["id"]
     first = api.create_task(env, metadata={"best_of_n": 2})
     second = api.create_task(env, "second task")

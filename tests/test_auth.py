@@ -111,7 +111,8 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("auth")
     repo = make_repo(tmp / "widgets")
-    gen = make_server(tmp, f"sqlite:///{tmp / 'data' / 'openwham.db'}")
+    # the second account's local repository must be inside WHAM_LOCAL_REPO_ROOTS
+    gen = make_server(tmp, f"sqlite:///{tmp / 'data' / 'openwham.db'}", local_repo_roots=str(tmp))
     server = next(gen)
     try:
         owner = server.api

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     # Private networks (comma-separated CIDRs, e.g. a package mirror at 10.1.2.3/32) that the
     # egress proxy may reach; host addresses, loopback and link-local never are.
     egress_allow_networks: str = ""
+    # Where local repositories (absolute paths) may live, os.pathsep-separated. Unset: the
+    # server owner's account may use any local path, other accounts none; set, it binds every
+    # account. The data directory is never allowed.
+    local_repo_roots: str | None = None
 
     # Rate limits, in attempts (assistant turns) started per window; 0 disables a window.
     rate_limit_primary: int = 100
@@ -81,6 +85,14 @@ class Settings(BaseSettings):
         if self.executor_concurrency and self.executor_concurrency > 0:
             return self.executor_concurrency
         return max(1, len(os.sched_getaffinity(0)))
+
+    @property
+    def local_repo_root_paths(self) -> tuple[Path, ...] | None:
+        """``WHAM_LOCAL_REPO_ROOTS`` as absolute real paths; ``None`` when it is not set."""
+        if self.local_repo_roots is None:
+            return None
+        parts = (p.strip() for p in self.local_repo_roots.split(os.pathsep))
+        return tuple(Path(os.path.realpath(Path(p).expanduser())) for p in parts if p)
 
     @property
     def keys_dir(self) -> Path:

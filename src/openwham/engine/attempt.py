@@ -42,6 +42,7 @@ from openwham.sandbox.workspace import (
     apply_patch,
     branch_head,
     create_workspace,
+    local_repo_policy,
     reset_to,
 )
 from openwham.service.diffs import diff_stats, output_diff
@@ -218,7 +219,7 @@ class Engine:
 
     def __post_init__(self) -> None:
         data = self.settings.resolved_data_dir
-        self.mirrors = Mirrors(data / "mirrors")
+        self.mirrors = Mirrors(data / "mirrors", local_repo_policy(self.settings))
         self.attempts_root = data / "attempts"
         self.attempts_root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.attempts_root, 0o700)
@@ -837,8 +838,10 @@ class Engine:
         """Before the attempt's terminal event (a stream ends there): the model's title, or
         the derived one if the model failed or has not answered in time (``wait`` false:
         not waiting at all, for a cancel)."""
+        log.warning("DEBUGTITLE ensure %s wait=%s job=%s", claim.turn_id, wait, claim.title)
         if claim.title is not None:
             claim.title.settle(wait=wait)
+        log.warning("DEBUGTITLE settled %s", claim.title and claim.title.source)
 
     def _write_title(self, claim: Claim, title: str) -> None:
         with self.db.session() as s:

@@ -16,7 +16,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from openwham.config import Settings
-from openwham.sandbox.workspace import Mirrors, PushRejected, WorkspaceError, commit_and_push
+from openwham.sandbox.workspace import (
+    Mirrors,
+    PushRejected,
+    WorkspaceError,
+    commit_and_push,
+    local_repo_policy,
+)
 from openwham.service.errors import BadGateway, Conflict
 from openwham.service.prs import PushPlan
 
@@ -35,7 +41,8 @@ def push(settings: Settings, plan: PushPlan) -> tuple[str, str]:
     scratch = data / "tmp"
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        mirror = Mirrors(data / "mirrors").ensure(plan.repo_key, plan.repo_url)
+        mirrors = Mirrors(data / "mirrors", local_repo_policy(settings))
+        mirror = mirrors.ensure(plan.repo_key, plan.repo_url)
         return _push(mirror, scratch, plan, plan.branch)
     except PushRejected as exc:
         if not plan.new_branch:

@@ -18,6 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from openwham.config import Settings
+from openwham.gitpaths import LocalRepoPolicy
+
 GIT_TIMEOUT = 600
 
 # Host-side git runs with no system/global config and no hooks.
@@ -85,11 +88,30 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-class Mirrors:
-    """``root/<key>.git``: one bare mirror per repository key."""
+def local_repo_policy(settings: Settings) -> LocalRepoPolicy:
+    """The engine's check before git opens a local repository: never the data directory,
+    and inside ``WHAM_LOCAL_REPO_ROOTS`` when set. (Unset, which account may use local paths
+    at all is decided per account when an environment is saved and a task is started.)"""
+    return LocalRepoPolicy(settings.resolved_data_dir, settings.local_repo_root_paths)
 
-    def __init__(self, root: Path) -> None:
+
+class Mirrors:
+    """``root/<key>.git``: one bare mirror per repository key.
+
+    A local repository is judged by ``policy`` (default: never inside ``root``) before every
+    clone and fetch: the directory may have changed since its environment was saved, e.g. a
+    ``.git`` file or alternates now pointing into the data directory.
+    """
+
+    def __init__(self, root: Path, policy: LocalRepoPolicy | None = None) -> None:
         self.root = root
+        self.policy = policy or LocalRepoPolicy(data_dir=root)
+
+    def check(self, url: str) -> None:
+        """Raise :class:`WorkspaceError` when git must not open the local repository ``url``."""
+        path = url.removeprefix("file://") if url.startswith("file:///") else url
+        if path.startswith("/") and (reason := self.policy.refusal(path)) is not None:
+            raise WorkspaceError(reason)
 
     def path(self, key: str) -> Path:
         if not key or "/" in key or key.startswith("."):
@@ -99,6 +121,7 @@ class Mirrors:
     def ensure(self, key: str, url: str, *, fetch: bool = True) -> Path:
         """Clone the mirror on first use, else fetch it (unless ``fetch`` is false)."""
         mirror = self.path(key)
+        self.check(url)
         with _locked(self.root / f"{key}.lock"):
             if not (mirror / "HEAD").exists():
                 tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))

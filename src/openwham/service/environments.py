@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import posixpath
 import re
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -15,6 +13,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from openwham import ids
+from openwham.config import Settings
+from openwham.gitpaths import LocalRepoPolicy
 from openwham.store import models as m
 from openwham.wire import (
     AgentNetworkAccess,
@@ -116,17 +116,16 @@ def _network(value: AgentNetworkAccess | None) -> dict[str, Any]:
     return data
 
 
-def _repo_fields(specs: list[Any], data_dir: Path) -> tuple[list[str], dict[str, Any]]:
+def _repo_fields(specs: list[Any], policy: LocalRepoPolicy) -> tuple[list[str], dict[str, Any]]:
     if not specs:
         raise BadRequest("An environment needs at least one repository")
     keys: list[str] = []
     repo_map: dict[str, Any] = {}
     for spec in specs:
         try:
-            key, repo = repos.describe(spec, forbidden_root=data_dir)
+            key, repo = repos.describe(spec, policy=policy)
         except ValidationError as exc:  # e.g. an empty URL string
             raise BadRequest("Repository URL must be a git URL or an absolute local path") from exc
-        _check_outside(repo.clone_url or "", data_dir)
         if key in repo_map:
             raise BadRequest(f"Repository listed twice: {repo.clone_url}")
         keys.append(key)
@@ -134,14 +133,21 @@ def _repo_fields(specs: list[Any], data_dir: Path) -> tuple[list[str], dict[str,
     return keys, repo_map
 
 
-def _check_outside(url: str, data_dir: Path) -> None:
-    """A local repository must not be (or lead through a symlink into) the data directory."""
-    if not url.startswith("/"):
-        return
-    real = Path(os.path.realpath(url))
-    root = Path(os.path.realpath(data_dir))
-    if real == root or root in real.parents:
-        raise BadRequest("Repository path must not be inside openwham's data directory")
+def _policy(db: Session, account_id: str, settings: Settings) -> LocalRepoPolicy:
+    return repos.local_policy(
+        db, account_id, settings.resolved_data_dir, settings.local_repo_root_paths
+    )
+
+
+def check_repo_paths(db: Session, row: m.Environment, settings: Settings) -> None:
+    """Judge the environment's local repositories again, as git is about to open them: the
+    directories may have changed since the environment was saved (a ``.git`` file or
+    alternates pointing into the data directory, a root no longer configured)."""
+    policy = _policy(db, row.account_id, settings)
+    for key in row.body.get("repos") or []:
+        url = repo_url(row.body, str(key))
+        if url.startswith("/") and (reason := policy.refusal(url)) is not None:
+            raise BadRequest(reason)
 
 
 def _check_workspace_dir(value: str | None) -> str:
@@ -170,7 +176,7 @@ def _check_label(label: str) -> str:
 
 
 def create(
-    db: Session, principal: Principal, body: EnvironmentCreate, box: SecretBox, data_dir: Path
+    db: Session, principal: Principal, body: EnvironmentCreate, box: SecretBox, settings: Settings
 ) -> m.Environment:
     label = _check_label(body.label)
     _check_vars("env_vars", body.env_vars, allow_null=False)
@@ -179,7 +185,7 @@ def create(
         raise BadRequest(f"share_settings must be one of {SHARE_SETTINGS}")
     if body.machine_id not in (None, MACHINE.id):
         raise BadRequest(f"Unknown machine_id {body.machine_id!r}; available: {MACHINE.id}")
-    keys, repo_map = _repo_fields(list(body.repos), data_dir)
+    keys, repo_map = _repo_fields(list(body.repos), _policy(db, principal.account_id, settings))
     now = time.time()
     payload: dict[str, Any] = {
         "description": body.description or "",
@@ -226,7 +232,7 @@ def update(
     env_id: str,
     patch: EnvironmentUpdate,
     box: SecretBox,
-    data_dir: Path,
+    settings: Settings,
 ) -> m.Environment:
     """Partial update: given fields replace; ``secrets`` merge (a null value deletes one)."""
     row = get_row(db, principal, env_id)
@@ -239,7 +245,8 @@ def update(
     if "description" in given:
         payload["description"] = patch.description or ""
     if "repos" in given:
-        keys, repo_map = _repo_fields(list(patch.repos or []), data_dir)
+        policy = _policy(db, principal.account_id, settings)
+        keys, repo_map = _repo_fields(list(patch.repos or []), policy)
         payload["repos"], payload["repo_map"] = keys, repo_map
     if "setup" in given:
         payload["setup"] = _script(patch.setup, "setup") or []

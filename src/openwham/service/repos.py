@@ -9,8 +9,14 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from openwham.gitpaths import LocalRepoPolicy
+from openwham.store import models as m
 from openwham.wire import GitHubRepo, GitHubRepoOwner, RepoSpec
 
+from .accounts import OWNER_KEY
 from .errors import BadRequest
 
 _SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:(?!//)(?P<path>.+)$")
@@ -23,17 +29,39 @@ def repo_key(url: str) -> str:
     return "repo-" + hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
-def normalise_url(raw: str, *, forbidden_root: Path | None = None) -> tuple[str, str]:
-    """Return (clone URL, path part) or raise BadRequest with what is wrong."""
+def local_policy(
+    db: Session, account_id: str, data_dir: Path, roots: tuple[Path, ...] | None
+) -> LocalRepoPolicy:
+    """Where ``account_id``'s local repositories may be: ``WHAM_LOCAL_REPO_ROOTS`` (``roots``)
+    when set; unset, anywhere outside the data directory for the server owner's account (a
+    single-user install) and nowhere for every other account."""
+    if roots is None and not owns_server(db, account_id):
+        roots = ()
+    return LocalRepoPolicy(data_dir=data_dir, roots=roots)
+
+
+def owns_server(db: Session, account_id: str) -> bool:
+    """Whether the server owner is the one and only member of ``account_id`` (their own
+    accounts; an account shared with anyone else is not single-user)."""
+    state = db.get(m.ServerState, OWNER_KEY)
+    if state is None:
+        return False
+    members = set(
+        db.scalars(select(m.Membership.user_id).where(m.Membership.account_id == account_id))
+    )
+    return members == {state.value}
+
+
+def normalise_url(raw: str, *, policy: LocalRepoPolicy | None = None) -> tuple[str, str]:
+    """Return (clone URL, path part) or raise BadRequest with what is wrong; a local path is
+    judged by ``policy`` (by everything git would open for it) before anything else."""
     url = raw.strip()
     if not url or len(url) > 2000 or any(c in url for c in "\n\r\0"):
         raise BadRequest("Repository URL must be a git URL or an absolute local path")
     if url.startswith("/"):
         path = Path(os.path.normpath(url))
-        if forbidden_root is not None and (
-            path == forbidden_root or forbidden_root in path.parents
-        ):
-            raise BadRequest("Repository path must not be inside openwham's data directory")
+        if policy is not None and (reason := policy.refusal(path)) is not None:
+            raise BadRequest(reason)
         if not path.is_dir():
             raise BadRequest(f"Repository path does not exist or is not a directory: {url}")
         return str(path), str(path)
@@ -53,7 +81,7 @@ def normalise_url(raw: str, *, forbidden_root: Path | None = None) -> tuple[str,
             "Repository URL must not contain credentials; use a URL without user:password@"
         )
     if parsed.scheme == "file":
-        return normalise_url(parsed.path, forbidden_root=forbidden_root)[0], parsed.path
+        return normalise_url(parsed.path, policy=policy)[0], parsed.path
     return url, parsed.path
 
 
@@ -98,11 +126,13 @@ def detect_default_branch(url: str) -> str | None:
     return _local_head(url)[1]
 
 
-def describe(spec: RepoSpec | str, *, forbidden_root: Path | None = None) -> tuple[str, GitHubRepo]:
+def describe(
+    spec: RepoSpec | str, *, policy: LocalRepoPolicy | None = None
+) -> tuple[str, GitHubRepo]:
     """Key and GitHubRepo record for one repository of an environment."""
     if isinstance(spec, str):
         spec = RepoSpec(url=spec)
-    url, path = normalise_url(spec.url, forbidden_root=forbidden_root)
+    url, path = normalise_url(spec.url, policy=policy)
     owner, name = _split_name(path)
     if spec.name:
         if not _NAME_RE.match(spec.name):

@@ -351,6 +351,7 @@ def create(
         if not isinstance(env_id, str) or not env_id:
             raise BadRequest("new_task.environment_id is required")
         env = environments.get_row(db, principal, env_id)
+        environments.check_repo_paths(db, env, settings)  # it may have changed since
         branch = spec.get("branch")
         if branch is not None and not isinstance(branch, str):
             raise BadRequest("new_task.branch must be a string")
@@ -387,6 +388,7 @@ def create(
         if task.environment_id is None:
             raise Conflict("The environment of this task was deleted")
         env = environments.get_row(db, principal, task.environment_id)
+        environments.check_repo_paths(db, env, settings)
         options = _run_options(settings, spec)
         usage.check(db, settings, principal, n)
         if task.branch:  # a follow-up's clone starts from the task's branch

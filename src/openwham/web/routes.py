@@ -480,7 +480,7 @@ class WebUI:
                     principal,
                     body,
                     self.backend.secret_box,
-                    self.backend.settings.resolved_data_dir,
+                    self.backend.settings,
                 )
                 db.commit()
             except (ServiceError, ValidationError, ValueError) as exc:
@@ -515,7 +515,7 @@ class WebUI:
                     env_id,
                     body,
                     self.backend.secret_box,
-                    self.backend.settings.resolved_data_dir,
+                    self.backend.settings,
                 )
                 db.commit()
             except (ServiceError, ValidationError, ValueError) as exc:

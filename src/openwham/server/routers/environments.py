@@ -54,7 +54,7 @@ def environments_by_repo(
 def create_environment(
     body: EnvironmentCreate, state: StateDep, principal: PrincipalDep, db: SessionDep
 ) -> Environment:
-    row = envs.create(db, principal, body, state.secret_box, state.settings.resolved_data_dir)
+    row = envs.create(db, principal, body, state.secret_box, state.settings)
     db.commit()
     return envs.render(row, 0)
 
@@ -82,9 +82,7 @@ def update_environment(
     principal: PrincipalDep,
     db: SessionDep,
 ) -> Environment:
-    row = envs.update(
-        db, principal, env_id, body, state.secret_box, state.settings.resolved_data_dir
-    )
+    row = envs.update(db, principal, env_id, body, state.secret_box, state.settings)
     db.commit()
     return envs.render_many(db, [row])[0]
 
