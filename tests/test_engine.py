@@ -621,6 +621,7 @@ def test_cancel_stops_a_running_attempt_within_two_seconds(
     marker = f"marker-{time.time_ns()}"
     sleeper = f"python3 -c 'import time; time.sleep(300)' {marker}"
     scripted_model.script = [Shell("echo started"), Shell(sleeper)]
+    scripted_model.title_delay = 60.0  # the model's title is still to come at the cancel
     env = api.create_env(calc_repo)
     created = api.create_task(env["id"], "Wait")
     task_id, turn_id = created["task"]["id"], created["turn"]["id"]
@@ -650,6 +651,11 @@ def test_cancel_stops_a_running_attempt_within_two_seconds(
     assert marker in second and killed == {}
     frames = stream(api, task_id, turn_id)
     assert statuses(frames)[-1] == ("Cancelled", "cancelled")
+    # the cancel did not wait for the model's title: the prompt gave it, before the terminal
+    kinds = [f["data"]["item_type"] for f in frames]
+    assert kinds.count("task_title_generated") == 1
+    assert kinds.index("task_title_generated") < len(kinds) - 1
+    assert api.get(f"tasks/{task_id}").json()["task"]["title"] == "Wait"
     # the server keeps working, and cancelling again changes nothing
     assert api.post(f"tasks/{task_id}/cancel").status_code == 200
     assert (

@@ -301,8 +301,7 @@ class Engine:
                 and control.reason != "shutdown"
             ):
                 self.standby.refill(claim.key)  # the next attempt like this one starts warm
-            shutil.rmtree(attempt_dir / "workspace", ignore_errors=True)
-            shutil.rmtree(attempt_dir / "home", ignore_errors=True)
+            storage.tidy(self.attempts_root, self.db, turn_id)  # keeps what follow-ups need
 
     # ------------------------------------------------------------------ claiming
 
@@ -523,7 +522,7 @@ class Engine:
         assert self.gateway is not None
         self.gateway.revoke(claim.turn_id)
         usage = self.gateway.usage(claim.turn_id)
-        self._ensure_title(claim)
+        self._ensure_title(claim, control=control)
         if claim.title is not None and claim.title.usage is not None:
             run["title_usage"] = claim.title.usage  # the title request's tokens
         # the thread id: a follow-up resumes this conversation (codex.resume_argv)
@@ -834,14 +833,15 @@ class Engine:
         if gateway and socket_path and not self.gateway_problem and claim.prompt.strip():
             claim.title.start(gateway, socket_path, f"{claim.turn_id}:title", claim.model)
 
-    def _ensure_title(self, claim: Claim, *, wait: bool = True) -> None:
+    def _ensure_title(
+        self, claim: Claim, *, wait: bool = True, control: Control | None = None
+    ) -> None:
         """Before the attempt's terminal event (a stream ends there): the model's title, or
-        the derived one if the model failed or has not answered in time (``wait`` false:
-        not waiting at all, for a cancel)."""
-        log.warning("DEBUGTITLE ensure %s wait=%s job=%s", claim.turn_id, wait, claim.title)
+        the derived one if the model failed or has not answered in time (``wait`` false, or
+        ``control`` cancelled: not waiting, so a cancel ends the attempt at once)."""
         if claim.title is not None:
-            claim.title.settle(wait=wait)
-        log.warning("DEBUGTITLE settled %s", claim.title and claim.title.source)
+            stop = (lambda: control.reason is not None) if control is not None else None
+            claim.title.settle(wait=wait, stop=stop)
 
     def _write_title(self, claim: Claim, title: str) -> None:
         with self.db.session() as s:

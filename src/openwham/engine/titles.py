@@ -209,10 +209,13 @@ class TitleJob:
             self.write(title)
             self.source = source
 
-    def settle(self, *, wait: bool = True) -> None:
-        """Make sure a title is written: wait for the model (at most until its timeout; not
-        at all with ``wait`` false), else write the derived title."""
+    def settle(self, *, wait: bool = True, stop: Callable[[], bool] | None = None) -> None:
+        """Make sure a title is written: wait for the model (at most until its timeout, and
+        not at all with ``wait`` false or once ``stop()`` says so, e.g. on a cancel), else
+        write the derived title."""
         if wait and self._thread is not None:
-            remaining = self.timeout - (time.monotonic() - self.started)
-            self._done.wait(max(0.0, remaining) + 1.0)
+            deadline = self.started + self.timeout + 1.0
+            while not self._done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline or (stop is not None and stop()):
+                    break
         self._put(derived_title(self.prompt), "prompt")
