@@ -27,6 +27,7 @@ from sqlalchemy import select
 from openwham.store import events
 from openwham.store import models as m
 
+from . import storage
 from .attempt import FAILED, Control, Engine, requeue
 from .recorder import latest_event
 
@@ -73,6 +74,7 @@ def recover(engine: Engine, *, now: float | None = None) -> list[str]:
     now = now or time.time()
     again: list[str] = []
     touched: list[str] = []
+    lost: list[str] = []
     max_tries = max(1, engine.settings.attempt_max_tries)
     with engine.db.session() as s:
         rows = s.scalars(select(m.Turn).where(m.Turn.turn_status == "in_progress")).all()
@@ -98,6 +100,7 @@ def recover(engine: Engine, *, now: float | None = None) -> list[str]:
                 "message": f"The server running this attempt stopped {tries} time(s); "
                 "it was not started again",
             }
+            lost.append(turn.id)
             turn.body = {**turn.body, "error": error, "latest_event": latest_event(FAILED)}
             turn.turn_status = "failed"
             turn.updated_at = now
@@ -110,6 +113,8 @@ def recover(engine: Engine, *, now: float | None = None) -> list[str]:
             )
     for turn_id in touched:
         engine.bus.publish(turn_id)
+    for turn_id in lost:  # nothing of a failed attempt is needed again
+        storage.tidy(engine.attempts_root, engine.db, turn_id)
     if touched:
         log.warning("recovered %d attempt(s) left by a stopped server", len(touched))
     return again

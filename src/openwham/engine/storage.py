@@ -1,14 +1,18 @@
 """An attempt's files outside the database: ``DATA_DIR/attempts/<turn id>``.
 
-While an attempt runs the directory holds its workspace, home, Codex home and result files;
-afterwards only the Codex home stays (a follow-up resumes from it). Deleting a task removes
-its attempts' directories; a fork copies the Codex homes of the attempts it copies; at start
-the engine removes directories whose turn no longer exists (a delete that crashed half-way,
-or one served by an API-only server on another host).
+While an attempt runs the directory holds its workspace, home, Codex home and result files
+(``out``). What stays afterwards depends on how it ended (:func:`tidy`): a completed attempt
+keeps only its Codex home and the ``closed`` marker (a follow-up resumes its session from
+them); a failed or cancelled one keeps nothing (follow-ups start only from completed
+attempts). Deleting a task removes its attempts' directories; a fork copies the Codex homes
+of the attempts it copies. At start the engine sweeps the directory (:func:`sweep`): whatever
+a deleted turn, a crash (an attempt failed as ``executor_lost``) or an older version left
+behind is tidied the same way; attempts still pending or running are not touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -71,14 +75,69 @@ def copy_sessions(root: Path, mapping: dict[str, str]) -> None:
         (dest / CLOSED_MARKER).touch()
 
 
+KEEP_AFTER_COMPLETION = frozenset({CODEX_HOME, CLOSED_MARKER})
+ACTIVE = frozenset({"pending", "in_progress"})
+
+
+def _statuses(db: Database, turn_ids: list[str]) -> dict[str, str]:
+    with db.sessions() as s:
+        rows = s.execute(select(m.Turn.id, m.Turn.turn_status).where(m.Turn.id.in_(turn_ids)))
+        return {turn_id: status or "" for turn_id, status in rows}
+
+
+def _prune(path: Path, keep: frozenset[str]) -> int:
+    """Remove every entry of ``path`` but ``keep``; how many were removed."""
+    removed = 0
+    with os.scandir(path) as entries:
+        for entry in list(entries):
+            if entry.name in keep:
+                continue
+            removed += 1
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    return removed
+
+
+def _tidy_one(root: Path, turn_id: str, status: str | None, *, active: bool) -> bool:
+    """Tidy one attempt directory by its turn's ``status`` (``None``: the turn is gone);
+    ``active``: also prune an attempt still pending or running (its own executor, at the
+    end of its run). Whether anything was removed."""
+    path = _dir(root, turn_id)
+    if path is None or not path.is_dir():
+        return False
+    if status is None or (status not in ACTIVE and status != "completed"):
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    if status in ACTIVE and not active:
+        return False
+    return _prune(path, KEEP_AFTER_COMPLETION) > 0
+
+
+def tidy(root: Path, db: Database, turn_id: str) -> None:
+    """The end of an attempt (called by the executor that ran it): keep what a follow-up
+    needs, remove the rest (workspace, home, ``out`` and anything else the run left)."""
+    try:
+        status = _statuses(db, [turn_id]).get(turn_id)
+    except Exception:  # the database is away: the next start-up sweep finishes the job
+        log.warning("could not look up attempt %s; removing its workspace only", turn_id)
+        for name in ("workspace", "home", "out"):
+            shutil.rmtree(root / turn_id / name, ignore_errors=True)
+        return
+    _tidy_one(root, turn_id, status, active=True)
+
+
 def sweep(root: Path, db: Database) -> None:
-    """Remove the directories of turns that are gone from the database."""
+    """Tidy every attempt directory by its turn (gone, failed and cancelled: removed;
+    completed: its Codex home only); attempts pending or running are left alone."""
     names = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    tidied = 0
     for start in range(0, len(names), 500):
         chunk = names[start : start + 500]
-        with db.sessions() as s:
-            known = set(s.scalars(select(m.Turn.id).where(m.Turn.id.in_(chunk))))
-        gone = [n for n in chunk if n not in known]
-        if gone:
-            log.info("removing the files of %d deleted attempt(s)", len(gone))
-            remove(root, gone)
+        statuses = _statuses(db, chunk)
+        for name in chunk:
+            tidied += _tidy_one(root, name, statuses.get(name), active=False)
+    if tidied:
+        log.info("tidied the files of %d finished or deleted attempt(s)", tidied)
