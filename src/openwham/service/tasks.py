@@ -648,8 +648,19 @@ def render_list_item(task: m.Task, ctx: _Context) -> TaskListItem:
         task_status_display=_status_display(task, ctx),
         archived=task.archived,
         has_unread_turn=task.has_unread_turn,
-        pull_requests=task.body.get("external_pull_requests") or [],
+        pull_requests=[
+            pr for pr in task.body.get("external_pull_requests") or [] if not _branch_only(pr)
+        ],
     )
+
+
+def _branch_only(entry: Any) -> bool:
+    """A pushed branch with no pull request opened on a hosting service (``state``
+    ``"pushed"``, ``number`` 0). The task keeps it in ``external_pull_requests``; lists leave it
+    out of ``pull_requests``, because Codex's ``codex cloud`` TUI takes a task with any list
+    ``pull_requests`` for a code-review task and hides it."""
+    pr = entry.get("pull_request") if isinstance(entry, dict) else None
+    return isinstance(pr, dict) and pr.get("state") == "pushed"
 
 
 # --------------------------------------------------------------------------- queries
