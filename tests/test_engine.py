@@ -186,8 +186,11 @@ def test_a_task_runs_to_completed_with_diff_work_log_and_events(
     assert passing["status"] == "finished_successfully" and "OK" in passing["content"]["parts"][0]
     edits = [msg for msg in messages if msg.get("recipient") == "apply_patch"]
     assert sorted(edits[0]["content"]["text"].splitlines()) == ["A NOTES.md", "M calc.py"]
-    assert messages[-1]["content"]["parts"] == [ANSWER]
-    assert messages[-1]["channel"] == "final"
+    # the answer is the turn's message item, not in the work log too (the official client
+    # shows both: it would read it twice)
+    (answer_item,) = [i for i in turn["output_items"] if i["type"] == "message"]
+    assert answer_item["content"] == [{"content_type": "text", "text": ANSWER}]
+    assert all(ANSWER not in json.dumps(msg) for msg in messages)
 
     # the events, replayed: ordered ids, status lines, title, every work-log message
     frames = stream(api, task_id, turn_id)
@@ -213,7 +216,10 @@ def test_a_task_runs_to_completed_with_diff_work_log_and_events(
     for f in frames:
         if f["data"]["item_type"] == "work_log_message":
             latest[f["data"]["payload"]["id"]] = f["data"]["payload"]
-    assert list(latest.values()) == messages
+    # the stream has every work-log message, then the answer (marked final)
+    *steps, answer = latest.values()
+    assert steps == messages
+    assert (answer["content"]["parts"], answer["channel"]) == ([ANSWER], "final")
     assert frames[-1]["data"]["payload"]["turn_status"] == "completed"  # ends at the terminal
 
     # the model: the gateway pinned the model and injected the real key; usage is metered

@@ -47,6 +47,18 @@ def dump_message(message: WorklogMessage) -> dict[str, Any]:
     return message.model_dump(mode="json", by_alias=True)
 
 
+def _without_answer(
+    messages: dict[str, dict[str, Any]], output_items: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """The work log to keep once the attempt ended: when its answer is a ``message`` output
+    item, not the answer's work-log message too (``channel`` ``final``). The official Codex
+    client shows a turn's ``message`` items *and* every assistant work-log text, so keeping
+    both showed each answer twice; chatgpt.com's captured work logs hold the steps, not the
+    answer. The event stream still carries it, as the attempt's last message."""
+    answered = any(isinstance(i, dict) and i.get("type") == "message" for i in output_items or [])
+    return [msg for msg in messages.values() if not (answered and msg.get("channel") == "final")]
+
+
 class TurnRecorder:
     def __init__(
         self,
@@ -159,7 +171,7 @@ class TurnRecorder:
             self.body["error"] = error
             if output_items is not None:
                 self.body["output_items"] = output_items
-            self.body["worklog"] = {"messages": list(self._messages.values())}
+            self.body["worklog"] = {"messages": _without_answer(self._messages, output_items)}
             now = time.time()
             ended = status
             with self.db.session() as s:

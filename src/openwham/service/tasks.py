@@ -28,7 +28,9 @@ from openwham.wire import (
     LatestEvent,
     LatestTurnStatusDisplay,
     MessageInputItem,
+    OutputDiffItem,
     PreApplyPatchInputItem,
+    PrOutputItem,
     SiblingTurnsResponse,
     Task,
     TaskDetails,
@@ -42,6 +44,7 @@ from openwham.wire import (
     TurnMapping,
     TurnMappingEntry,
     UserTurn,
+    Worklog,
 )
 
 from . import environments, usage
@@ -811,8 +814,18 @@ def details(db: Session, principal: Principal, task_id: str) -> TaskDetails:
         task_status_display=rendered.task_status_display,
         current_user_turn=render_user_turn(user) if user else None,
         current_assistant_turn=render_assistant_turn(current, ctx) if current else None,
-        current_diff_task_turn=render_assistant_turn(diff_turn, ctx) if diff_turn else None,
+        current_diff_task_turn=render_diff_turn(diff_turn, ctx) if diff_turn else None,
     )
+
+
+def render_diff_turn(turn: m.Turn, ctx: _Context) -> AssistantTurn:
+    """``current_diff_task_turn``: the attempt that holds the diff, with its diff items only
+    (no ``message`` items, an empty work log), as in Codex's own fixtures. The official client
+    collects the answers of this turn *and* of ``current_assistant_turn``, which usually is
+    the same attempt: with its messages here too, every answer would show twice."""
+    rendered = render_assistant_turn(turn, ctx)
+    items = [i for i in rendered.output_items if isinstance(i, PrOutputItem | OutputDiffItem)]
+    return rendered.model_copy(update={"output_items": items, "worklog": Worklog()})
 
 
 def render_turn(turn: m.Turn, ctx: _Context) -> UserTurn | AssistantTurn:
