@@ -169,3 +169,87 @@ def test_an_attempt_survives_a_server_crash_or_stop(
         stop(second)
     assert not git("status", "--porcelain", cwd=repo)  # the user's repository is untouched
     assert os.path.isdir(data / "mirrors")
+
+
+def test_a_crash_leaves_no_attempt_files_behind_and_follow_ups_still_resume(
+    tmp_path: Path, scripted_model: ScriptedModel
+) -> None:
+    """Issue 16 item 8: a finished attempt keeps only its Codex home (what a follow-up
+    resumes); an attempt lost with its server (``executor_lost``) keeps nothing after the
+    restart, where before its workspace stayed on disk for good."""
+    quick = make_repo(tmp_path / "quick")
+    slow = make_repo(tmp_path / "slow")
+    (slow / "slow").write_text("take your time\n")
+    git("add", "slow", cwd=slow)
+    git("commit", "-q", "-m", "slow", cwd=slow)
+    marker = f"leftover-{time.time_ns()}"
+    scripted_model.script = [
+        Shell(
+            f"if [ -e slow ]; then python3 -c 'import time; time.sleep(60)' {marker}; fi; echo ok"
+        ),
+        Say("Done."),
+    ]
+    data = tmp_path / "data"
+    attempts = data / "attempts"
+    env = {**serve_env(scripted_model), "WHAM_ATTEMPT_MAX_TRIES": "1"}
+    first = start_live_server(data, env)
+    try:
+        token = first.token()
+        with client(first, token) as c:
+            done_task, done_turn = submit(c, quick, "Remember the word pelican")
+            turn = wait_turn(c, done_task, lambda t: t["turn_status"] in TERMINAL)
+            assert turn["turn_status"] == "completed", turn["error"]
+            # the end of the attempt: only what a follow-up needs
+            deadline = time.monotonic() + 10
+            while len(os.listdir(attempts / done_turn)) > 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sorted(os.listdir(attempts / done_turn)) == ["closed", "codex-home"]
+            lost_task, lost_turn = submit(c, slow, "Work slowly")
+            deadline = time.monotonic() + 60
+            while not host_pids(marker):
+                assert time.monotonic() < deadline, "the slow command never started"
+                time.sleep(0.05)
+            assert (attempts / lost_turn / "workspace" / "slow").is_file()
+    finally:
+        stop(first, signal.SIGKILL)
+    assert wait_gone(marker, 5) == []
+    assert (attempts / lost_turn / "workspace").is_dir()  # what the crash left
+
+    second = start_live_server(data, env)
+    try:
+        with client(second, token) as c:
+            lost = wait_turn(c, lost_task, lambda t: t["turn_status"] in TERMINAL)
+            assert lost["turn_status"] == "failed"
+            assert lost["error"]["code"] == "executor_lost"
+            deadline = time.monotonic() + 10
+            while (attempts / lost_turn).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not (attempts / lost_turn).exists()
+            assert sorted(os.listdir(attempts / done_turn)) == ["closed", "codex-home"]
+            # the completed attempt's follow-up resumes its conversation
+            before = len(scripted_model.requests)
+            r = c.post(
+                "tasks",
+                json={
+                    "follow_up": {"task_id": done_task, "turn_id": done_turn},
+                    "input_items": [
+                        {
+                            "type": "message",
+                            "role": "user",
+                            "content": [{"content_type": "text", "text": "And now?"}],
+                        }
+                    ],
+                },
+            )
+            assert r.status_code == 200, r.text
+            follow_turn = r.json()["turn"]["id"]
+            turn = wait_turn(
+                c, done_task, lambda t: t["id"] == follow_turn and t["turn_status"] in TERMINAL
+            )
+            assert turn["turn_status"] == "completed", turn["error"]
+            resumed = json.dumps(scripted_model.requests[before:])
+            assert "Remember the word pelican" in resumed and "And now?" in resumed
+    finally:
+        stop(second)
+    left = sorted(n for n in os.listdir(attempts) if not n.startswith("."))  # not standbys
+    assert left == sorted([done_turn, follow_turn])

@@ -1,0 +1,74 @@
+"""What stays of an attempt on disk (engine/storage.py): a completed attempt's Codex home and
+nothing of failed, cancelled or deleted ones; attempts pending or running are not touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import Server, finish_turn
+from openwham.engine import storage
+
+
+def _leave_files(root: Path, turn_id: str) -> Path:
+    """An attempt directory as a crash (or an older version) leaves it."""
+    path = root / turn_id
+    for sub in ("workspace/.git", "home/.cache", "out", "codex-home/sessions"):
+        (path / sub).mkdir(parents=True)
+    (path / "codex-home" / "sessions" / "rollout.jsonl").write_text("{}\n")
+    (path / "out" / "diff").write_text("x" * 1000)
+    (path / "closed").touch()
+    (path / "scratch.idx").write_text("index")
+    return path
+
+
+def test_the_start_up_sweep_keeps_only_what_follow_ups_need(server: Server, repo: Path) -> None:
+    api = server.api
+    env = api.create_env(repo)
+    turns = {}
+    for status in ("completed", "failed", "cancelled", "pending", "in_progress"):
+        turn = api.create_task(env["id"], f"task {status}")["turn"]["id"]
+        if status != "pending":
+            finish_turn(server, turn, status)
+        turns[status] = turn
+    root = server.app_state.settings.resolved_data_dir / "attempts"
+    root.mkdir(parents=True, exist_ok=True)
+    for turn in turns.values():
+        _leave_files(root, turn)
+    _leave_files(root, "turn_deleted0000")
+    (root / ".standby-1-abc").mkdir()  # the engine's own (standbys are swept elsewhere)
+
+    storage.sweep(root, server.app_state.db)
+
+    assert sorted(p.name for p in (root / turns["completed"]).iterdir()) == [
+        "closed",
+        "codex-home",
+    ]
+    assert (root / turns["completed"] / "codex-home" / "sessions" / "rollout.jsonl").is_file()
+    for gone in (turns["failed"], turns["cancelled"], "turn_deleted0000"):
+        assert not (root / gone).exists(), gone
+    for active in (turns["pending"], turns["in_progress"]):  # may be running elsewhere
+        assert (root / active / "workspace").is_dir()
+        assert (root / active / "out" / "diff").is_file()
+    assert (root / ".standby-1-abc").is_dir()
+
+
+def test_the_end_of_an_attempt_keeps_its_codex_home_only_when_it_completed(
+    server: Server, repo: Path
+) -> None:
+    api = server.api
+    env = api.create_env(repo)
+    done = api.create_task(env["id"], "one")["turn"]["id"]
+    failed = api.create_task(env["id"], "two")["turn"]["id"]
+    requeued = api.create_task(env["id"], "three")["turn"]["id"]  # pending again
+    finish_turn(server, done, "completed")
+    finish_turn(server, failed, "failed")
+    root = server.app_state.settings.resolved_data_dir / "attempts"
+    db = server.app_state.db
+    for turn in (done, failed, requeued):
+        _leave_files(root, turn)
+        storage.tidy(root, db, turn)
+    assert sorted(p.name for p in (root / done).iterdir()) == ["closed", "codex-home"]
+    assert not (root / failed).exists()
+    # its own executor ends a requeued attempt: the workspace goes (a retry starts afresh)
+    assert not (root / requeued / "workspace").exists()
+    assert not (root / requeued / "out").exists()
