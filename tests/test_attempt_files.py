@@ -72,3 +72,20 @@ def test_the_end_of_an_attempt_keeps_its_codex_home_only_when_it_completed(
     # its own executor ends a requeued attempt: the workspace goes (a retry starts afresh)
     assert not (root / requeued / "workspace").exists()
     assert not (root / requeued / "out").exists()
+
+
+def test_a_clone_cut_short_leaves_no_temporary_mirror(tmp_path: Path) -> None:
+    from conftest import make_repo
+    from openwham.sandbox.workspace import Mirrors
+
+    repo = make_repo(tmp_path / "src")
+    root = tmp_path / "mirrors"
+    stale = root / ".repo-k.abc123" / "m.git"  # what a kill -9 during `git clone` leaves
+    stale.mkdir(parents=True)
+    (stale / "HEAD").write_text("ref: refs/heads/main\n")
+    other = root / ".repo-other.xyz"  # another key's clone may be running: not touched
+    other.mkdir()
+    Mirrors(root).ensure("repo-k", str(repo))
+    assert not (root / ".repo-k.abc123").exists()
+    assert other.is_dir()
+    assert (root / "repo-k.git" / "HEAD").is_file()

@@ -123,6 +123,10 @@ class Mirrors:
         mirror = self.path(key)
         self.check(url)
         with _locked(self.root / f"{key}.lock"):
+            # a clone cut short by a crash left its temporary directory: none is in use now
+            for stale in self.root.glob(f".{key}.*"):
+                if "." not in stale.name[len(key) + 2 :]:  # mkdtemp's suffix, not "key.x"'s
+                    shutil.rmtree(stale, ignore_errors=True)
             if not (mirror / "HEAD").exists():
                 tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
                 try:
