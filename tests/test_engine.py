@@ -28,7 +28,7 @@ from conftest import (
     wait_for_task,
     wait_for_turn,
 )
-from openwham.engine.titles import derived_title
+from openwham.engine.titles import clean_model_title, derived_title
 from openwham.runtimes.codex import ASK_MODE_INSTRUCTIONS
 from openwham.service.text import MAX_TITLE_CHARS
 from openwham.store import models as m
@@ -791,6 +791,24 @@ def test_derived_titles_are_never_cut_inside_a_word(prompt: str, title: str | No
     if got.endswith("…"):
         assert len(got) <= MAX_TITLE_CHARS
         assert got[:-1].split()[-1] in prompt.split()  # the last word kept is a whole word
+
+
+@pytest.mark.parametrize(
+    ("answer", "title"),
+    [
+        ("Fix the date parser", "Fix the date parser"),
+        ('Title: "Fix the date parser."', "Fix the date parser"),
+        ("**fix the date parser**\n\nThis title says what the task does.", "Fix the date parser"),
+        (
+            "<think>The user wants a title.\nShort.</think>\n# Fix the date parser",
+            "Fix the date parser",
+        ),
+        ("   \n", None),
+        ("Make " + "every " * 20 + "test pass", "Make" + " every" * 9 + "…"),
+    ],
+)
+def test_the_models_answer_is_cleaned_into_a_title(answer: str, title: str | None) -> None:
+    assert clean_model_title(answer) == title
 
 
 def test_the_title_on_creation_is_not_cut_inside_a_word(api: Any, calc_repo: Path) -> None:

@@ -50,6 +50,7 @@ _PREFIX = re.compile(
 )
 _MARKUP = re.compile(r"^(?:#+\s*|[-*+]\s+|\d+[.)]\s+|>\s*)")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+_THINK = re.compile(r"<think>.*?(</think>|$)", re.S | re.I)
 _LABEL = re.compile(r"^(?:task\s+)?title\s*:\s*", re.I)
 _QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb"  # straight, curly and angle quotes
 
@@ -77,6 +78,7 @@ def derived_title(prompt: str) -> str:
 def clean_model_title(text: str) -> str | None:
     """The model's answer as a title (first line, no label, quotes, markdown or final
     period, shortened at a word); ``None`` when nothing usable is left."""
+    text = _THINK.sub(" ", text)  # open models often show their reasoning first
     line = next((x.strip() for x in text.splitlines() if x.strip()), "")
     line = _MARKUP.sub("", line).replace("**", "").replace("`", "")
     line = _LABEL.sub("", line).strip().strip(_QUOTES).strip()
