@@ -93,7 +93,7 @@ def install() -> None:
     setattr(executor.InProcessExecutor, "submit", traced_submit)  # noqa: B010
 
     _wrap(attempt.Engine, "_claim", "claim")
-    _wrap(attempt.Engine, "_generate_title", "title")
+    _wrap(attempt.Engine, "_write_title", "title")
     _wrap(workspace.Mirrors, "ensure", "mirror_ensure")
     _wrap(attempt, "create_workspace", "create_workspace")  # the name Engine._run calls
     _wrap(workspace, "git", "git", describe=lambda *a, **k: {"cmd": a[0] if a else "?"})
