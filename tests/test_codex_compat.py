@@ -4,7 +4,8 @@ One ``wham serve`` (the real process, the scripted model behind it) for the modu
 recording proxy in front of it shows which paths the CLI used. Codex CLI 0.151.0, the last
 release that accepts a custom ``CODEX_CLOUD_TASKS_BASE_URL``, runs ``codex cloud exec``,
 ``status``, ``list``, ``diff`` and ``apply`` against both path styles (``http://host:port`` →
-``/api/codex/…``, ``http://host:port/backend-api`` → ``/backend-api/wham/…``); the current CLI
+``/api/codex/…``, ``http://host:port/backend-api`` → ``/backend-api/wham/…``), and its
+interactive TUI (``codex cloud`` in tmux: list, details, attempts, diffs); the current CLI
 runs the top-level ``codex apply``. Credentials come from ``wham codex-auth``.
 """
 
@@ -15,7 +16,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from conftest import WHAM, LiveServer, git, make_repo
 from support.codex_cloud import CLOUD_VERSION, CodexUser, RecordingProxy, cloud_binary
 from support.codex_cloud import current_binary as current_codex
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
+from support.tmux import Tmux
 
 STYLES = {"api-codex": ("", "/api/codex/"), "backend-api": ("/backend-api", "/backend-api/wham/")}
 FIX_ADD = Patch(
@@ -128,8 +130,8 @@ def wait_completed(api: httpx.Client, task_id: str, timeout: float = 120) -> dic
         time.sleep(0.1)
 
 
-def create_task(api: httpx.Client, env_id: str, prompt: str) -> str:
-    body = {
+def create_task(api: httpx.Client, env_id: str, prompt: str, attempts: int = 1) -> str:
+    body: dict[str, Any] = {
         "new_task": {"environment_id": env_id},
         "input_items": [
             {
@@ -139,6 +141,8 @@ def create_task(api: httpx.Client, env_id: str, prompt: str) -> str:
             }
         ],
     }
+    if attempts > 1:
+        body["metadata"] = {"best_of_n": attempts}
     r = api.post("tasks", json=body)
     assert r.status_code == 200, r.text
     return str(r.json()["task"]["id"])
@@ -410,3 +414,126 @@ def test_top_level_codex_apply_stages_the_diff(
     assert (checkout / "hello.txt").read_text() == "hello\n"
     diff = pr_diff(listed["widget_details"]["current_diff_task_turn"])
     assert git("diff", "--cached", cwd=checkout).rstrip("\n") == diff.rstrip("\n")
+
+
+# --------------------------------------------------------------------------- codex cloud TUI
+
+
+@pytest.fixture(scope="module")
+def tui_tasks(
+    api: httpx.Client, model: ScriptedModel, envs: dict[str, Any], listed: dict[str, Any]
+) -> dict[str, Any]:
+    """Besides ``listed``'s tasks: a best-of-2 task, and a task whose attempt was pushed as a
+    PR branch to the environment's repository."""
+    model.script = [RANDOM_NOTE, FIX_ADD, Say("Two ways to fix add.")]
+    best = create_task(api, envs["widgets"]["id"], "Fix add twice", attempts=2)
+    best_details = wait_completed(api, best)
+    model.script = [Shell("echo pushed > pushed.txt"), Say("Wrote the pushed note.")]
+    pushed = create_task(api, envs["gadgets"]["id"], "Write the pushed note")
+    pushed_details = wait_completed(api, pushed)
+    turn_id = pushed_details["current_assistant_turn"]["id"]
+    r = api.post(f"tasks/{pushed}/turns/{turn_id}/pr")
+    assert r.status_code == 200, r.text
+    assert r.json()["pull_request"]["state"] == "pushed"
+    return {"best": best, "best_details": best_details, "pushed": pushed}
+
+
+def _selected(title: str) -> Callable[[str], bool]:
+    marker = "\u203a"  # the list's selection mark
+    return lambda screen: re.search(rf"{marker}\s*\[READY\] {re.escape(title)}", screen) is not None
+
+
+def _details(term: Tmux, task_title: str, titles: list[str]) -> None:
+    """Select the task in the list (↓ from the top) and open it (Enter)."""
+    term.keys(*["Up"] * len(titles))  # ↑ stops at the first task
+    for _ in range(titles.index(task_title)):
+        term.keys("Down")
+    term.wait_for(_selected(task_title))
+    term.keys("Enter")
+    term.wait_for(f"Details: {task_title}")
+
+
+def test_codex_cloud_tui_lists_every_task_and_shows_attempts_and_diffs(
+    user: CodexUser,
+    proxy: RecordingProxy,
+    api: httpx.Client,
+    tui_tasks: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    """`codex cloud` (the interactive TUI) under tmux: every task is listed (the one with a
+    pushed PR branch too), Enter opens a task on its prompt and answer (once), → shows the
+    diff, Tab switches attempts."""
+    items = api.get("tasks/list", params={"limit": 20}).json()["items"]
+    assert 6 <= len(items) < 10  # one screen of the TUI's list
+    titles = [t["title"] for t in items]
+    best = next(t["title"] for t in items if t["id"] == tui_tasks["best"])
+    pushed = next(t["title"] for t in items if t["id"] == tui_tasks["pushed"])
+    assert titles.count(best) == titles.count(pushed) == 1
+    first = tui_tasks["best_details"]["current_assistant_turn"]
+    (second,) = api.get(f"tasks/{tui_tasks['best']}/turns/{first['id']}/sibling_turns").json()[
+        "sibling_turns"
+    ]
+    notes = [note_value(pr_diff(first)), note_value(pr_diff(second))]
+    # `codex cloud list` and `status` show the task with the pushed branch, not as a review
+    base = f"{proxy.url}/backend-api"
+    r = user.cloud("list", "--json", cwd=tmp_path, base_url=base)
+    assert r.returncode == 0, r.stderr
+    (row,) = [t for t in json.loads(r.stdout)["tasks"] if t["id"] == tui_tasks["pushed"]]
+    assert (row["title"], row["status"], row["is_review"]) == (pushed, "ready", False)
+    r = user.cloud("status", tui_tasks["pushed"], cwd=tmp_path, base_url=base)
+    assert r.returncode == 0 and status_lines(r)[0] == f"[READY] {pushed}", (r.stdout, r.stderr)
+    term = Tmux(width=200, height=50)
+    try:
+        term.start(
+            [str(cloud_binary()), "cloud"],
+            cwd=tmp_path,  # not a checkout
+            env=user.env(base),
+        )
+        # outside a checkout the TUI picks the environment with the most tasks ...
+        term.wait_for(re.compile(r"Cloud Tasks • acme/\w+"))
+        # ... o: the environment filter, whose first row is all environments
+        term.keys("o")
+        term.wait_for("acme/widgets")
+        term.keys("Enter")
+        screen = term.wait_for(
+            lambda s: "Cloud Tasks • All" in s and all(f"[READY] {t}" in s for t in titles)
+        )
+        listed = re.findall(r"\[READY\] (.+?)\s*│", screen)
+        assert listed == titles, screen  # every task, the pushed one too, in the API's order
+        assert pushed in listed
+
+        # the best-of-2 task opens on attempt 1: the prompt and its answer, once
+        _details(term, best, listed)
+        screen = term.wait_for(lambda s: "Attempt 1/2" in s and "Two ways to fix add." in s)
+        assert "User prompt" in screen and "Fix add twice" in screen
+        assert screen.count("Two ways to fix add.") == 1, screen
+        # →: attempt 1's diff
+        term.keys("Right")
+        screen = term.wait_for(notes[0])
+        assert "+    return a + b" in screen and notes[1] not in screen
+        # Tab: attempt 2's diff, then (←) its answer, once
+        term.keys("Tab")
+        screen = term.wait_for(notes[1])
+        assert "Attempt 2/2" in screen and notes[0] not in screen
+        term.keys("Left")
+        screen = term.wait_for(lambda s: "[Prompt]" in s and "Two ways to fix add." in s)
+        assert "Attempt 2/2" in screen and screen.count("Two ways to fix add.") == 1, screen
+        # Tab again: back to attempt 1
+        term.keys("Tab")
+        screen = term.wait_for(lambda s: "Attempt 1/2" in s and "Two ways to fix add." in s)
+        assert screen.count("Two ways to fix add.") == 1, screen
+
+        # the task with the pushed branch opens too: its diff, then its answer once
+        term.keys("Escape")
+        term.wait_for(lambda s: "Details:" not in s)
+        _details(term, pushed, listed)
+        screen = term.wait_for("Wrote the pushed note.")
+        assert screen.count("Wrote the pushed note.") == 1, screen
+        term.keys("Right")
+        term.wait_for("+pushed")
+        term.keys("Escape")
+        term.wait_for(lambda s: "Details:" not in s)
+        term.keys("q")
+        term.wait_for(lambda s: "[READY]" not in s)
+    finally:
+        term.kill()

@@ -42,6 +42,13 @@ class CodexUser:
 
     home: Path
 
+    def env(self, base_url: str | None = None) -> dict[str, str]:
+        """The whole environment the CLI runs with (``CODEX_CLOUD_TASKS_BASE_URL`` if given)."""
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(self.home), "CODEX_HOME": str(self.home)}
+        if base_url is not None:
+            env["CODEX_CLOUD_TASKS_BASE_URL"] = base_url
+        return env
+
     def run(
         self,
         binary: Path,
@@ -50,13 +57,10 @@ class CodexUser:
         base_url: str | None = None,
         timeout: float = 60,
     ) -> subprocess.CompletedProcess[str]:
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(self.home), "CODEX_HOME": str(self.home)}
-        if base_url is not None:
-            env["CODEX_CLOUD_TASKS_BASE_URL"] = base_url
         return subprocess.run(
             [str(binary), *args],
             cwd=cwd,
-            env=env,
+            env=self.env(base_url),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
