@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -404,3 +405,34 @@ def test_cli_status_and_help(cli_env: dict[str, str], served: LiveServer, token:
     }
     after = run_cli(cli_env, "task", "list")
     assert after.returncode == 4 and "wham login" in after.stderr
+
+
+def test_cli_watch_shows_each_step_once(
+    cli_env: dict[str, str], wham: WhamClient, env_id: str
+) -> None:
+    """`wham task watch`, live and replayed: the command once, as the shell line it runs, then
+    its output, the edit, the answer once (the stream sends a message again each time it
+    changes; the summary at the end does not repeat the answer)."""
+    created = wham.create_task("Fix add()", env_id)
+    live = run_cli(cli_env, "task", "watch", created.task.id)
+    replay = run_cli(cli_env, "task", "watch", created.task.id)
+    script = RANDOM_NOTE.command  # as written, not as JSON
+    for watch in (live, replay):
+        assert watch.returncode == 0, watch.stderr
+        lines = watch.stdout.splitlines()
+        assert [ln for ln in lines if ln.startswith("$ ")] == [f"$ {script}"], watch.stdout
+        assert '"cmd"' not in watch.stdout
+        output = lines[lines.index(f"$ {script}") + 1]
+        assert re.fullmatch(r"  [0-9a-f]{16}", output), watch.stdout
+        assert watch.stdout.count(output.strip()) == 1
+        assert [ln for ln in lines if "calc.py" in ln] == ["✎ Edited calc.py"], watch.stdout
+        assert watch.stdout.count("Fixed add() and left a note.") == 1, watch.stdout
+        assert not any(ln.startswith("● Running") for ln in lines), watch.stdout
+        steps = [ln for ln in lines if ln.startswith(("$ ", "✎ ", "Fixed add()", "● Completed"))]
+        assert steps == [
+            f"$ {script}",
+            "✎ Edited calc.py",
+            "Fixed add() and left a note.",
+            "● Completed",
+        ]
+        assert "[READY]" in watch.stdout and "attempt 1: completed" in watch.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,6 +11,7 @@ from rich.markup import escape
 
 from openwham.client import StreamEvent, readiness, turn_messages
 from openwham.client.attempts import Exchange, list_status
+from openwham.client.sse import command_line, edit_summary
 from openwham.wire import (
     AssistantTurn,
     PrOutputItem,
@@ -166,9 +168,12 @@ def details_lines(
     attempts: list[AssistantTurn],
     url: str,
     exchanges: list[Exchange] | None = None,
+    *,
+    answers: bool = True,
 ) -> list[str]:
     """`task show`: header, PR branch, attempts, then the conversation (or, without it, the
-    current attempt's answer)."""
+    current attempt's answer). ``answers=False``: no conversation, no answer (`task watch`
+    ends with this, after it printed the answer as it came)."""
     task = details.task
     display = details.task_status_display or task.task_status_display
     current = details.current_assistant_turn
@@ -194,6 +199,8 @@ def details_lines(
         )
         if row["error"]:
             lines.append(f"    [red]{escape(str(row['error'].get('message') or ''))}[/]")
+    if not answers:
+        return lines
     if exchanges:
         return lines + conversation_lines(exchanges)
     for message in turn_messages(current):
@@ -215,30 +222,61 @@ def attempts_text(rows: list[dict[str, Any]]) -> str:
     )
 
 
-def event_lines(event: StreamEvent, last_status: list[str]) -> list[str]:
-    """Lines `task watch` prints for one stream event (``last_status`` de-duplicates)."""
-    payload = event.payload
-    if event.item_type == "task_turn_event":
-        text = str(payload.get("text") or payload.get("turn_status") or "")
-        if last_status and last_status[-1] == text:
-            return []
-        last_status.append(text)
-        lines = [f"[bold cyan]● {escape(text)}[/]"]
-        error = payload.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            lines.append(f"[red]  {escape(str(error['message']))}[/]")
-        return lines
-    if event.item_type == "log":
-        return [f"[dim]setup │ {escape(str(payload.get('line', '')))}[/]"]
-    if event.item_type == "task_title_generated":
-        return [f"[dim]title: {escape(str(payload.get('title', '')))}[/]"]
-    if event.item_type == "work_log_message":
-        try:
-            message = WorklogMessage.model_validate(payload)
-        except ValueError:
-            return []
-        return worklog_lines(message)
-    return []
+# Status lines that only name the step the work log shows anyway (or that the agent is busy).
+_STEP_STATUSES = ("Running ", "Editing ", "Calling ", "Searching the web")
+_BUSY_STATUSES = ("Working", "Thinking")
+
+
+@dataclass
+class WatchView:
+    """What `task watch` prints, event by event: each step once.
+
+    The stream sends a work-log message again whenever it changes (a command when it starts
+    and when it ends, the answer when it is written and again when the turn marks it final):
+    a message is printed once, by id — a command as soon as it starts (as the shell line it
+    runs), its output and any text once they are finished. Status lines that only name the
+    current step or say the agent is busy are left out (the step itself is printed), and a
+    status is not repeated."""
+
+    status: str | None = None
+    shown: set[str] = field(default_factory=set)
+
+    def lines(self, event: StreamEvent) -> list[str]:
+        payload = event.payload
+        if event.item_type == "task_turn_event":
+            text = str(payload.get("text") or payload.get("turn_status") or "")
+            error = payload.get("error")
+            failed = isinstance(error, dict) and bool(error.get("message"))
+            if not failed and (
+                text.startswith(_STEP_STATUSES)
+                or (text in _BUSY_STATUSES and self.status in _BUSY_STATUSES)
+                or text == self.status
+            ):
+                return []
+            self.status = text
+            lines = [f"[bold cyan]● {escape(text)}[/]"]
+            if isinstance(error, dict) and error.get("message"):
+                lines.append(f"[red]  {escape(str(error['message']))}[/]")
+            return lines
+        if event.item_type == "log":
+            return [f"[dim]setup │ {escape(str(payload.get('line', '')))}[/]"]
+        if event.item_type == "task_title_generated":
+            return [f"[dim]title: {escape(str(payload.get('title', '')))}[/]"]
+        if event.item_type == "work_log_message":
+            try:
+                message = WorklogMessage.model_validate(payload)
+            except ValueError:
+                return []
+            if message.id in self.shown:
+                return []
+            started = message.author.role == "assistant" and message.content.content_type == "code"
+            if message.status == "in_progress" and not started:
+                return []  # text and output: once they are complete
+            lines = worklog_lines(message)
+            if lines:
+                self.shown.add(message.id)
+            return lines
+        return []
 
 
 def _text(message: WorklogMessage) -> str:
@@ -250,6 +288,9 @@ def _text(message: WorklogMessage) -> str:
 
 
 def worklog_lines(message: WorklogMessage) -> list[str]:
+    """A work-log message as terminal lines: a command as ``$ <shell line>``, an edit as the
+    files it changed, a command's output (its last lines, and a non-zero exit code), the
+    agent's text; nothing for the prompt."""
     role = message.author.role
     text = _text(message).rstrip()
     if role == "user" or not text:
@@ -257,18 +298,22 @@ def worklog_lines(message: WorklogMessage) -> list[str]:
     kind = message.content.content_type
     if role == "assistant" and kind == "code":
         if message.recipient == "apply_patch":
-            return [
-                "[magenta]✎ apply_patch[/]",
-                *(f"  {escape(line)}" for line in text.splitlines()),
-            ]
-        return [f"[bold]$ {escape(text)}[/]"]
+            return [f"[magenta]✎ {escape(edit_summary(text) or text)}[/]"]
+        if message.recipient == "container.exec":
+            first, *rest = command_line(text).splitlines() or [""]
+            return [f"[bold]$ {escape(first)}[/]", *(f"[bold]  {escape(ln)}[/]" for ln in rest)]
+        return [f"[bold]→ {escape(message.recipient or 'tool')}[/] {escape(text)}"]
     if role == "tool":
+        if message.author.name == "apply_patch" and message.status != "failed":
+            return []  # the edit's files are already shown
         lines = text.splitlines()
         shown = lines[-OUTPUT_LINES:]
         more = (
             [f"[dim]  … {len(lines) - len(shown)} more lines[/]"] if len(lines) > len(shown) else []
         )
-        return more + [f"[dim]  {escape(line)}[/]" for line in shown]
+        code = (message.metadata.model_extra or {}).get("exit_code")
+        failed = [f"[red]  (exit {code})[/]"] if isinstance(code, int) and code != 0 else []
+        return more + [f"[dim]  {escape(line)}[/]" for line in shown] + failed
     if message.channel == "analysis" or message.metadata.reasoning_status:
         return [f"[italic dim]{escape(text)}[/]"]
     return [escape(text)]

@@ -43,7 +43,7 @@ def _exit_for(details: TaskDetails, attempts_done: bool = True) -> int:
     return PENDING if state == "pending" or not attempts_done else FAILED
 
 
-def _show(wham: WhamClient, task_id: str, as_json: bool) -> int:
+def _show(wham: WhamClient, task_id: str, as_json: bool, *, answers: bool = True) -> int:
     details = wham.get_task(task_id)
     attempts = wham.attempts(task_id)
     current = details.current_assistant_turn
@@ -68,20 +68,20 @@ def _show(wham: WhamClient, task_id: str, as_json: bool) -> int:
             }
         )
     else:
-        for line in render.details_lines(details, attempts, url, exchanges):
+        for line in render.details_lines(details, attempts, url, exchanges, answers=answers):
             out.print(line)
     return _exit_for(details, done)
 
 
 def _watch(wham: WhamClient, task_id: str, turn_id: str | None, as_json: bool) -> None:
-    seen: list[str] = []
+    view = render.WatchView()
     event: StreamEvent
     for event in wham.stream(task_id, turn_id):
         if as_json:
             print_json({"id": event.id, "item_type": event.item_type, "payload": event.payload})
             sys.stdout.flush()
             continue
-        for line in render.event_lines(event, seen):
+        for line in view.lines(event):
             out.print(line)
 
 
@@ -108,7 +108,7 @@ def _follow(
         _watch(wham, task_id, turn_id, as_json)
     if wait or watch:
         wham.wait(task_id)
-        raise typer.Exit(_show(wham, task_id, as_json))
+        raise typer.Exit(_show(wham, task_id, as_json, answers=not watch))
 
 
 @app.command("new")
@@ -222,7 +222,7 @@ def watch(
             die(f"task {task_id} has {len(turn)} attempt(s)", USAGE)
         _watch(wham, task_id, turn[attempt - 1].id, as_json)
         if not as_json:
-            raise typer.Exit(_show(wham, task_id, False))
+            raise typer.Exit(_show(wham, task_id, False, answers=False))
 
 
 @app.command("diff")
