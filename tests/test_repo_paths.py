@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from conftest import Api, Server, finish_turn, git, make_repo, make_server
+from conftest import Api, Server, completed_task, finish_turn, git, make_repo, make_server
 from openwham.gitpaths import LocalRepoPolicy, opened_paths
 from openwham.sandbox.workspace import Mirrors, WorkspaceError, local_repo_policy
+from support.scripted_model import Patch, Say, ScriptedModel
 
 DATA_DIR_REFUSAL = "leads into openwham's data directory"
 
@@ -252,3 +253,35 @@ def _follow_up_body(task_id: str, turn_id: str) -> dict[str, Any]:
             {"type": "message", "role": "user", "content": [{"content_type": "text", "text": "x"}]}
         ],
     }
+
+
+FIX = (
+    "*** Begin Patch\n*** Update File: calc.py\n@@\n def add(a, b):\n"
+    "-    return a - b\n+    return a + b\n*** End Patch"
+)
+
+
+def test_a_pr_push_never_lands_in_a_mirror_through_a_changed_repository(
+    engine_server: Server, scripted_model: ScriptedModel, tmp_path: Path
+) -> None:
+    """The reported attack, end to end: the repository of a finished task is turned into a
+    ``.git`` file pointing at the engine's mirror; pushing the PR branch is refused (409)
+    and the mirror gets no branch, and a new task on the environment is refused (400)."""
+    api = engine_server.api
+    repo = make_repo(tmp_path / "calc")
+    env = api.create_env(repo)
+    task_id, turn_id, _ = completed_task(
+        api, scripted_model, env["id"], "Fix add", [Patch(FIX), Say("Fixed.")]
+    )
+    data = engine_server.app_state.settings.resolved_data_dir
+    mirror = data / "mirrors" / f"{env['repos'][0]}.git"
+    assert (mirror / "HEAD").is_file()
+    branches = git("for-each-ref", "refs/heads", cwd=mirror)
+    shutil.rmtree(repo / ".git")
+    (repo / ".git").write_text(f"gitdir: {mirror}\n")
+    r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
+    assert r.status_code == 409, r.text
+    assert DATA_DIR_REFUSAL in r.json()["detail"]
+    assert git("for-each-ref", "refs/heads", cwd=mirror) == branches
+    r = api.post("tasks", json=_task_body(env["id"]))
+    assert r.status_code == 400 and DATA_DIR_REFUSAL in r.json()["detail"], r.text

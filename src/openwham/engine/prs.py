@@ -19,6 +19,7 @@ from openwham.config import Settings
 from openwham.sandbox.workspace import (
     Mirrors,
     PushRejected,
+    RepositoryRefused,
     WorkspaceError,
     commit_and_push,
     local_repo_policy,
@@ -55,6 +56,8 @@ def push(settings: Settings, plan: PushPlan) -> tuple[str, str]:
             return _push(mirror, scratch, plan, f"{plan.branch}-{suffix}")
         except WorkspaceError as again:
             raise BadGateway(str(again)) from again
+    except RepositoryRefused as exc:  # changed since it was accepted: not the remote's fault
+        raise Conflict(str(exc)) from exc
     except WorkspaceError as exc:
         raise BadGateway(str(exc)) from exc
 

@@ -47,6 +47,10 @@ class WorkspaceError(RuntimeError):
     """A workspace could not be prepared; the message is shown to the user as is."""
 
 
+class RepositoryRefused(WorkspaceError):
+    """Git must not open this local repository (data directory, ``WHAM_LOCAL_REPO_ROOTS``)."""
+
+
 def git(
     *args: str,
     cwd: Path | None = None,
@@ -108,10 +112,11 @@ class Mirrors:
         self.policy = policy or LocalRepoPolicy(data_dir=root)
 
     def check(self, url: str) -> None:
-        """Raise :class:`WorkspaceError` when git must not open the local repository ``url``."""
+        """Raise :class:`RepositoryRefused` when git must not open the local repository
+        ``url``."""
         path = url.removeprefix("file://") if url.startswith("file:///") else url
         if path.startswith("/") and (reason := self.policy.refusal(path)) is not None:
-            raise WorkspaceError(reason)
+            raise RepositoryRefused(reason)
 
     def path(self, key: str) -> Path:
         if not key or "/" in key or key.startswith("."):
