@@ -122,10 +122,11 @@ def ask_model(socket_path: Path, token: str, body: dict[str, Any], timeout: floa
     answer's text (``None`` on any failure; the gateway logs the upstream's)."""
     deadline = time.monotonic() + timeout
     transport = httpx.HTTPTransport(uds=str(socket_path))
+    # nothing from the environment (proxies, .netrc): the request goes to the socket as is
     headers = {"authorization": f"Bearer {token}", "accept": "text/event-stream"}
     deltas: list[str] = []
     with (
-        httpx.Client(transport=transport, timeout=timeout) as client,
+        httpx.Client(transport=transport, timeout=timeout, trust_env=False) as client,
         client.stream("POST", "http://gateway/v1/responses", json=body, headers=headers) as r,
     ):
         if r.status_code != 200:
