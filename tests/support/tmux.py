@@ -95,7 +95,10 @@ class Tmux:
             time.sleep(interval)
 
     def kill(self) -> None:
-        """End this tmux server and the program running in it."""
+        """End this tmux server and the program running in it, and remove its socket."""
         if self.started:
+            socket = self._tmux("display-message", "-p", "#{socket_path}", check=False)
             self._tmux("kill-server", check=False)
             self.started = False
+            if socket.returncode == 0 and socket.stdout.strip():
+                Path(socket.stdout.strip()).unlink(missing_ok=True)
