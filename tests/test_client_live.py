@@ -436,3 +436,54 @@ def test_cli_watch_shows_each_step_once(
             "● Completed",
         ]
         assert "[READY]" in watch.stdout and "attempt 1: completed" in watch.stdout
+
+
+def test_watch_view_prints_a_failing_command_and_a_streamed_answer_once() -> None:
+    """What `task watch` prints for the stream the engine records from Codex's events (the
+    real translator): a command started then failed, reasoning, an answer marked final at the
+    end. Each once; the failing command's output with its exit code."""
+    from openwham.cli.render import WatchView
+    from openwham.client import StreamEvent
+    from openwham.runtimes.codex import EventTranslator, StatusUpdate, WorklogUpdate
+
+    def item(kind: str, **fields: object) -> str:
+        return json.dumps({"type": f"item.{kind}", "item": fields})
+
+    cmd = "/bin/bash -lc 'python -m pytest -q'"
+    lines = [
+        json.dumps({"type": "thread.started", "thread_id": "t-1"}),
+        json.dumps({"type": "turn.started"}),
+        item("started", id="r", type="reasoning", text="Looking"),
+        item("completed", id="r", type="reasoning", text="Looking at the tests"),
+        item("started", id="c", type="command_execution", command=cmd, status="in_progress"),
+        item(
+            "completed",
+            id="c",
+            type="command_execution",
+            command=cmd,
+            aggregated_output="1 failed\n",
+            exit_code=1,
+            status="failed",
+        ),
+        item("completed", id="a", type="agent_message", text="The test fails."),
+        json.dumps({"type": "turn.completed", "usage": {}}),
+    ]
+    tr = EventTranslator(prompt="Run the tests")
+    events = []
+    for update in tr.take_initial() + [u for line in lines for u in tr.feed(line)]:
+        if isinstance(update, WorklogUpdate):
+            payload = update.message.model_dump(mode="json", by_alias=True)
+            events.append(StreamEvent("1", "work_log_message", payload))
+        elif isinstance(update, StatusUpdate):
+            events.append(StreamEvent("1", "task_turn_event", {"text": update.text}))
+    view = WatchView()
+    printed = [line for event in events for line in view.lines(event)]
+    assert printed == [
+        "[bold cyan]● Working[/]",
+        "[italic dim]Looking at the tests[/]",
+        "[bold]$ python -m pytest -q[/]",
+        "[dim]  1 failed[/]",
+        "[red]  (exit 1)[/]",
+        "The test fails.",
+        "[bold cyan]● Completing the task[/]",
+    ]
