@@ -89,3 +89,20 @@ def test_a_clone_cut_short_leaves_no_temporary_mirror(tmp_path: Path) -> None:
     assert not (root / ".repo-k.abc123").exists()
     assert other.is_dir()
     assert (root / "repo-k.git" / "HEAD").is_file()
+
+
+def test_pr_push_scratch_left_by_a_crash_is_swept_when_old(tmp_path: Path) -> None:
+    import os
+    import time
+
+    scratch = tmp_path / "tmp"
+    old, fresh = scratch / "pr-old123", scratch / "pr-new456"
+    for path in (old, fresh):
+        (path / "objects").mkdir(parents=True)
+    hour_ago = time.time() - 2 * storage.SCRATCH_MAX_AGE
+    os.utime(old, (hour_ago, hour_ago))
+    (scratch / "pr-link").symlink_to(tmp_path)  # never followed
+    storage.sweep_scratch(scratch)
+    assert not old.exists()
+    assert fresh.is_dir()  # maybe another process's push under way
+    assert (scratch / "pr-link").is_symlink() and tmp_path.is_dir()

@@ -229,6 +229,7 @@ class Engine:
         )
         _remove_orphaned_standbys(self.attempts_root)
         storage.sweep(self.attempts_root, self.db)
+        storage.sweep_scratch(data / "tmp")
         self.standby = StandbyPool(
             size=self.settings.standby_sandboxes if self.gateway is not None else 0,
             max_age=float(self.settings.standby_max_age_seconds),

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import stat
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -141,3 +142,18 @@ def sweep(root: Path, db: Database) -> None:
             tidied += _tidy_one(root, name, statuses.get(name), active=False)
     if tidied:
         log.info("tidied the files of %d finished or deleted attempt(s)", tidied)
+
+
+SCRATCH_MAX_AGE = 3600.0  # a PR push's scratch repository lives seconds (git times out at 600)
+
+
+def sweep_scratch(directory: Path, *, max_age: float = SCRATCH_MAX_AGE) -> None:
+    """Remove PR pushes' scratch repositories (``DATA_DIR/tmp/pr-*``) a crash left behind:
+    those older than ``max_age`` (a younger one may be another process's push under way)."""
+    if not directory.is_dir():
+        return
+    cutoff = time.time() - max_age
+    for path in directory.glob("pr-*"):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
