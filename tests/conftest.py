@@ -30,13 +30,12 @@ PREFIXES = ("/backend-api/wham", "/api/codex")
 WHAM = Path(sys.executable).with_name("wham")
 
 
-def shared_dir() -> Path:
-    path = Path(
-        os.environ.get("WHAM_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared"
-    )
-    if not (path / "wham-reference").is_dir():
-        pytest.fail(f"shared reference folder not found at {path} (set WHAM_SHARED_DIR)")
-    return path
+REFERENCE_DIR = Path(__file__).resolve().parent / "fixtures" / "wham-reference"
+
+
+def reference_dir() -> Path:
+    """The captured WHAM payloads copied into the project (origins and licenses in its README)."""
+    return REFERENCE_DIR
 
 
 # --------------------------------------------------------------------------- databases

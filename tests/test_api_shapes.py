@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, TypeAdapter
 
-from conftest import Api, Server, git, make_server, shared_dir
+from conftest import Api, Server, git, make_server, reference_dir
 from openwham import wire
 from openwham.store import models as m
 
@@ -586,7 +586,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
 
 
 def _reference() -> Path:
-    return shared_dir() / "wham-reference"
+    return reference_dir()
 
 
 def load_example(name: str) -> Any:

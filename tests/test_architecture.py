@@ -70,3 +70,47 @@ def test_imports_point_one_way(path: Path) -> None:
     assert layer in ALLOWED, f"new top-level module {layer}: add it to ALLOWED and ARCHITECTURE.md"
     bad = {x for x in _imports(path) if x != layer and x not in ALLOWED[layer] and x != "__init__"}
     assert not bad, f"{path.relative_to(PACKAGE)} ({layer}) must not import {sorted(bad)}"
+
+
+# ------------------------------------------------------------------ the project stands alone
+
+ROOT = PACKAGE.parents[1]
+# What a clone of the project holds and runs: none of it may reach outside the clone for the
+# reference material that sits beside our own checkouts (it is copied into tests/fixtures and
+# docs/reference instead). Spelled in pieces so that this file does not match itself.
+_OUTSIDE = ("../" + "shared", "WHAM_" + "SHARED_DIR", 'parent / "' + 'shared"')
+
+
+def _project_files() -> list[Path]:
+    found = []
+    for top in ("src", "tests", "scripts", "bench", "docs", ".ci", "tools"):
+        for path in sorted((ROOT / top).rglob("*")):
+            if not path.is_file() or "node_modules" in path.parts or "__pycache__" in path.parts:
+                continue
+            found.append(path)
+    return found + [ROOT / "README.md", ROOT / "pyproject.toml", ROOT / "wham"]
+
+
+def test_nothing_in_the_project_reaches_outside_the_clone() -> None:
+    offenders = []
+    for path in _project_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        offenders += [
+            f"{path.relative_to(ROOT)}: {needle}" for needle in _OUTSIDE if needle in text
+        ]
+    assert not offenders, offenders
+
+
+def test_the_reference_payloads_are_in_the_project() -> None:
+    reference = ROOT / "tests" / "fixtures" / "wham-reference"
+    assert len(list((reference / "examples").glob("*.json"))) >= 30
+    assert {p.name for p in (reference / "openai-codex-fixtures").glob("*.json")} == {
+        "task_details_with_diff.json",
+        "task_details_with_error.json",
+    }
+    readme = (reference / "README.md").read_text()
+    for license_file in ("LICENSE-gpt-api-intel.txt", "LICENSE-openai-codex.txt"):
+        assert license_file in readme and (reference / license_file).is_file()

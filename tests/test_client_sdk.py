@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydantic import TypeAdapter
 
-from conftest import shared_dir
+from conftest import reference_dir
 from openwham.client import (
     AsyncWhamClient,
     BadRequest,
@@ -244,7 +244,7 @@ def test_create_body_matches_codex_cloud_exec() -> None:
 
 
 def _load(folder: str, name: str) -> Any:
-    return json.loads((shared_dir() / "wham-reference" / folder / name).read_text())
+    return json.loads((reference_dir() / folder / name).read_text())
 
 
 WITH_CREATOR = EnvironmentWithCreatorAndMachine
@@ -321,7 +321,7 @@ NOT_PAYLOADS = {"samples_metadata.json"}  # capture metadata, not an answer
 
 
 def test_every_captured_payload_is_covered() -> None:
-    names = {p.name for p in (shared_dir() / "wham-reference" / "examples").glob("*.json")}
+    names = {p.name for p in (reference_dir() / "examples").glob("*.json")}
     assert names - NOT_PAYLOADS - set(PAYLOADS) == {"sibling_turns_sample.json"}
 
 

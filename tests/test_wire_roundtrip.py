@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +52,7 @@ from openwham.wire import (
     WorklogMessage,
 )
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("WHAM_SHARED_DIR") or _REPO_ROOT.parent / "shared")
-REFERENCE = SHARED / "wham-reference"
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "wham-reference"
 
 # file name -> model (or TypeAdapter for bare arrays)
 EXAMPLES: dict[str, Any] = {
@@ -112,17 +109,8 @@ ALLOWED_EXTRAS = {
 }
 
 
-def _require_reference() -> Path:
-    if not REFERENCE.is_dir():
-        pytest.fail(
-            f"WHAM reference data not found at {REFERENCE}. Expected the shared folder beside "
-            f"the repository ({_REPO_ROOT.parent / 'shared'}) or set WHAM_SHARED_DIR to it."
-        )
-    return REFERENCE
-
-
 def _load(folder: str, name: str) -> Any:
-    return json.loads((_require_reference() / folder / name).read_text(encoding="utf-8"))
+    return json.loads((REFERENCE / folder / name).read_text(encoding="utf-8"))
 
 
 def _parse(model: Any, data: Any) -> Any:
@@ -156,7 +144,7 @@ def _walk(value: Any) -> list[BaseModel]:
 
 def test_reference_folder_is_complete() -> None:
     """Every JSON file shipped in the reference folders is covered by the mapping below."""
-    ref = _require_reference()
+    ref = REFERENCE
     for folder, mapping in (("examples", EXAMPLES), ("openai-codex-fixtures", FIXTURES)):
         present = {p.name for p in (ref / folder).glob("*.json")}
         assert present - NOT_WIRE == set(mapping), f"unmapped or missing files in {folder}"

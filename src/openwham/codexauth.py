@@ -2,7 +2,7 @@
 
 A leaf module (stdlib only, no openwham imports) shared by the model gateway's ``chatgpt``
 upstream and the SDK's ``CodexAuth``, so both keep the file in the one form the Codex CLI
-reads (``../shared/reference/codex-cli.md`` §6.3, §6.5):
+reads (`docs/reference/codex-cli.md` §6.3, §6.5):
 
 - writes are atomic (temporary file, ``fsync``, ``rename``), mode 0600, and keep every field
   they do not own (``agent_identity``, ``personal_access_token``, fields of later versions);

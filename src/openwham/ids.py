@@ -1,4 +1,4 @@
-"""Identifier formats of Codex cloud (see reference/wham-api.md §1.3)."""
+"""Identifier formats of Codex cloud (see docs/reference/wham-api.md §1.3)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A local stand-in for auth.openai.com (the real issuer is unreachable from the tests).
 
-It speaks the protocol of ``../shared/reference/codex-cli.md`` §6.4-§6.7 and checks what a
+It speaks the protocol of `docs/reference/codex-cli.md` §6.4-§6.7 and checks what a
 real issuer would check: PKCE (S256 of the verifier must equal the challenge the code was
 issued for), the client id, the redirect URI, single-use codes, and refresh-token rotation
 (a refresh token already traded in answers ``refresh_token_reused``). Tokens are real JWTs

@@ -32,7 +32,7 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def auth_json(token: str, claims: dict[str, Any]) -> dict[str, Any]:
-    """The minimal auth.json every Codex command accepts (reference/codex-cli.md §6.3)."""
+    """The minimal auth.json every Codex command accepts (docs/reference/codex-cli.md §6.3)."""
     account_id = claims[AUTH_CLAIM]["chatgpt_account_id"]
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return {

@@ -1,7 +1,7 @@
 """``httpx.Auth`` for the SDK: Codex ``auth.json`` tokens (chatgpt.com) and static bearer tokens.
 
 ``CodexAuth`` reads the same ``$CODEX_HOME/auth.json`` as the Codex CLI and keeps it usable by
-it (``../shared/reference/codex-cli.md`` §6.3-§6.5): the access token is refreshed when it
+it (`docs/reference/codex-cli.md` §6.3-§6.5): the access token is refreshed when it
 expires within 60 s (or, without ``exp``, when ``last_refresh`` is 8 days old) and once after a
 401, under ``flock(auth.json.lock)``, writing the rotated tokens back atomically. One auth flow
 serves ``httpx.Client`` and ``httpx.AsyncClient``: the refresh is a request the flow yields (as

@@ -1,6 +1,6 @@
 """Sign in to ChatGPT the way the Codex CLI does, writing the ``auth.json`` it reads.
 
-Implements ``../shared/reference/codex-cli.md`` §6.3, §6.5-§6.7 (Codex CLI 0.169.0): the
+Implements `docs/reference/codex-cli.md` §6.3, §6.5-§6.7 (Codex CLI 0.169.0): the
 browser flow (authorization code + PKCE, local callback server on ``127.0.0.1:1455``), the
 device-code flow, logout (revoke, then delete) and an offline status. The result is the file
 ``codex login`` writes (``auth_mode: "chatgpt"``, ``tokens`` with ``oauth_provenance`` and

@@ -1,6 +1,6 @@
 """Base URLs and path styles, chosen exactly as the Codex CLI chooses them.
 
-reference/codex-cli.md §3.2: trim a trailing ``/``; a chatgpt.com (or chat.openai.com) URL
+docs/reference/codex-cli.md §3.2: trim a trailing ``/``; a chatgpt.com (or chat.openai.com) URL
 without ``/backend-api`` gets it appended; a base containing ``/backend-api`` uses the
 ChatGPT style ``{base}/wham/…``, any other base the Codex style ``{base}/api/codex/…``.
 """

@@ -75,7 +75,7 @@ def argv(script: str) -> list[str]:
 
 
 def log_key(now: float | None = None) -> dict[str, Any]:
-    """The key of a setup log (reference/wham-api.md §4.9): its name carries the start time."""
+    """The key of a setup log (docs/reference/wham-api.md §4.9): its name carries the start time."""
     now = time.time() if now is None else now
     return {
         "type": "UserSetupScript",

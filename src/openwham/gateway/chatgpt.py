@@ -1,7 +1,7 @@
 """The ``chatgpt`` upstream: a ChatGPT plan's Codex access, from a Codex ``auth.json``.
 
 Implemented from the documented behaviour of Codex CLI 0.169.0
-(``../shared/reference/codex-cli.md`` §6.3, §6.5, §7.1); **untested against the live
+(`docs/reference/codex-cli.md` §6.3, §6.5, §7.1); **untested against the live
 service** (the tests use local stand-ins for the issuer and the backend).
 
 - Requests go to ``https://chatgpt.com/backend-api/codex/responses`` (``WHAM_MODEL_BASE_URL``

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from . import models as m
 
-# What the turn stream sends (reference/wham-api.md §5).
+# What the turn stream sends (docs/reference/wham-api.md §5).
 TASK_TURN_EVENT = "task_turn_event"
 WORK_LOG_MESSAGE = "work_log_message"
 LOG = "log"

@@ -1,4 +1,4 @@
-"""Usage, settings and the start-up calls of Codex clients (reference/wham-api.md §6, §8)."""
+"""Usage, settings and the start-up calls of Codex clients (docs/reference/wham-api.md §6, §8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Environments and machines (reference/wham-api.md §7); bodies documented in docs/api.md."""
+"""Environments and machines (docs/reference/wham-api.md §7); bodies documented in docs/api.md."""
 
 from __future__ import annotations
 

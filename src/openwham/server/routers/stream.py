@@ -1,7 +1,7 @@
 """``tasks/{task_id}/turns/{turn_id}/stream``: an attempt's events as Server-Sent Events.
 
 Frames are ``id: <n>`` / ``event: message`` / ``data: {"id", "item_type", "timestamp",
-"payload", "<item_type>": payload}`` (reference/wham-api.md §5 leaves the payload key open, so
+"payload", "<item_type>": payload}`` (docs/reference/wham-api.md §5 leaves the payload key open, so
 both are sent). ``Last-Event-ID`` (or ``?last_event_id=``) replays what came after it. The
 stream ends after the attempt's terminal ``task_turn_event``; a client that reconnects after
 that gets an empty stream that ends at once. A comment line every ``KEEPALIVE_SECONDS`` keeps

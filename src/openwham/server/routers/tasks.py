@@ -1,4 +1,4 @@
-"""Tasks and turns (reference/wham-api.md §3, §4)."""
+"""Tasks and turns (docs/reference/wham-api.md §3, §4)."""
 
 from __future__ import annotations
 
