@@ -620,7 +620,8 @@ def test_other_repositories_mirrors_and_attempts_are_invisible(
     (repo_b / "role-b").write_text("B\n")
     git("add", ".", cwd=repo_b)
     git("commit", "-q", "-m", "b", cwd=repo_b)
-    holder = "sleep\x0031\x00"  # the command line of A's `sleep 31`
+    hold = f"31.{uuid.uuid4().int % 10**9:09d}"  # A's `sleep`, with a duration no one else uses
+    holder = f"sleep\x00{hold}\x00"  # its command line
 
     with engine(tmp_path, sqlite_url, scripted_model, executor_concurrency=2) as server:
         data = data_dir(server)
@@ -628,7 +629,7 @@ def test_other_repositories_mirrors_and_attempts_are_invisible(
         env_b = server.api.create_env(repo_b, label="acme/b")
         # A keeps its secret in its workspace and its /tmp and stays running …
         scripted_model.script = [
-            Shell("cp role-a secret-a.txt; cp role-a /tmp/secret-a; sleep 31"),
+            Shell(f"cp role-a secret-a.txt; cp role-a /tmp/secret-a; sleep {hold}"),
             Say("done"),
         ]
         task_a = server.api.create_task(env_a["id"], "hold a secret")
@@ -644,6 +645,7 @@ def test_other_repositories_mirrors_and_attempts_are_invisible(
         # … while B (A's command already runs: the script may change) looks for it everywhere.
         q = shlex.quote
         script_b = f"D={q(str(data))} TA={q(turn_a)} MA={q(str(mirrors[0]))} RA={q(str(repo_a))}"
+        script_b += f" HOLD={q('sleep ' + hold + ' ')}"
         script_b += r"""
 P="SECRET""-A-"
 probe control_own_repo cat /workspace/role-b
@@ -662,7 +664,7 @@ probe grep_everywhere bash -c 'grep -rlsF -D skip "$0" / \
 probe find_secret_file bash -c 'find / \( -path /proc -o -path /sys -o -path /usr \) -prune \
   -o -name "secret-a*" -print 2>/dev/null | grep .'
 probe processes_of_a bash -c 'for p in /proc/[0-9]*; do
-  [ "$(tr "\0" " " < $p/cmdline)" = "sleep 31 " ] && exit 0; done; exit 1'
+  [ "$(tr "\0" " " < $p/cmdline)" = "$0" ] && exit 0; done; exit 1' "$HOLD"
 """
         details_b = run_script(server, scripted_model, env_b["id"], PRELUDE + script_b)
         # B ran while A was still holding its secret.

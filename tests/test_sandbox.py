@@ -24,7 +24,13 @@ import pytest
 
 from openwham.sandbox import bwrap, cgroups
 from openwham.sandbox.bwrap import Limits, SandboxSpec
-from support.procs import host_pids, wait_gone
+from support.procs import (
+    foreign_process,
+    host_pids,
+    namespace_pids,
+    sandbox_namespace,
+    wait_gone,
+)
 
 LIMITS = Limits(
     wall_clock_seconds=3,
@@ -500,3 +506,27 @@ def test_a_held_sandbox_that_died_is_not_sent_to(workspace: Path) -> None:
     assert not proc.wait_ready(5)
     assert proc.wait(5).exit_code == 3
     assert not proc.send(b"late\n")
+
+
+# ------------------------------------------------------------ the tests' view of host processes
+
+
+def test_the_tests_refuse_to_look_for_processes_by_a_generic_needle() -> None:
+    """A needle like the Codex binary's path matches every openwham on the machine."""
+    for needle in ("/opt/openwham/codex", "sleep\x0031\x00", "codex exec"):
+        with pytest.raises(ValueError, match="not unique to this test"):
+            host_pids(needle)
+    assert host_pids(f"marker-{uuid.uuid4().hex}") == []
+
+
+def test_a_sandbox_is_told_from_look_alike_processes_of_other_programs(workspace: Path) -> None:
+    marker = f"ns-{uuid.uuid4().hex}"
+    with foreign_process("/opt/openwham/codex", "exec", "--json") as other:
+        proc = bwrap.start(spec(workspace), ["bash", "-c", f"exec -a {marker} sleep 300"])
+        sandbox = sandbox_namespace(proc.pid)
+        inside = namespace_pids(sandbox)
+        assert inside and other not in inside
+        assert set(host_pids(marker)) & set(namespace_pids(sandbox))  # its sleeper is in there
+        proc.kill()
+        assert wait_gone(namespace=sandbox) == []
+        assert Path(f"/proc/{other}").exists()  # not ours: left alone, and not counted

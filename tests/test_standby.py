@@ -27,7 +27,7 @@ from conftest import (
 from openwham.engine.attempt import Engine
 from openwham.runtimes import codex
 from openwham.store import models as m
-from support.procs import wait_gone
+from support.procs import foreign_process, namespace_pids, sandbox_namespace, wait_gone
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
 
 EDIT = """\
@@ -211,9 +211,14 @@ def test_standby_sandboxes_end_with_the_server_and_are_off_with_zero(
     root = engine_of(server).attempts_root
     (standby,) = engine_of(server).standby._ready.values()
     assert standby.proc.pid is not None and Path(f"/proc/{standby.proc.pid}").exists()
-    next(servers, None)  # stops the server
-    assert standby.proc.poll() is not None
-    assert not wait_gone(codex.SANDBOX_CODEX_BIN)
+    sandbox = sandbox_namespace(standby.proc.pid)
+    assert namespace_pids(sandbox)
+    # Another openwham's Codex on the machine is not this server's to stop, nor a leftover.
+    with foreign_process(codex.SANDBOX_CODEX_BIN, "exec", "--json") as other:
+        next(servers, None)  # stops the server
+        assert standby.proc.poll() is not None
+        assert not wait_gone(namespace=sandbox)
+        assert Path(f"/proc/{other}").exists()
     assert not list(root.glob(".standby-*"))
 
     off = make_server(
