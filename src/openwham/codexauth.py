@@ -30,7 +30,6 @@ from typing import Any
 CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 ISSUER = "https://auth.openai.com"
 TOKEN_URL = f"{ISSUER}/oauth/token"
-REVOKE_URL = f"{ISSUER}/oauth/revoke"
 ORIGINATOR = "codex_cli_rs"
 REFRESH_MARGIN_SECONDS = 60.0
 STALE_AFTER = timedelta(days=8)

@@ -43,12 +43,6 @@ def list_status(item: TaskListItem) -> str | None:
     return latest.turn_status if latest else None
 
 
-def details_status(details: TaskDetails) -> str:
-    """The current attempt's status (``pending`` before one exists)."""
-    turn = details.current_assistant_turn
-    return turn.turn_status if turn else "pending"
-
-
 def sort_attempts(turns: Iterable[AssistantTurn]) -> list[AssistantTurn]:
     """All attempts of a user turn in the CLI's order: placement, then creation, then id.
     Duplicates (the current attempt is also among the siblings) are dropped."""

@@ -119,13 +119,6 @@ def _local_head(path: str) -> tuple[bool, str | None]:
     return True, None
 
 
-def detect_default_branch(url: str) -> str | None:
-    """Ask git for the remote HEAD of a local repository; remote URLs are not contacted."""
-    if not url.startswith("/"):
-        return None
-    return _local_head(url)[1]
-
-
 def describe(
     spec: RepoSpec | str, *, policy: LocalRepoPolicy | None = None
 ) -> tuple[str, GitHubRepo]:

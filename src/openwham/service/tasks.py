@@ -997,14 +997,6 @@ def cancel_turn(db: Session, principal: Principal, task_id: str, turn_id: str) -
     return _cancel_turns(db, task, [turn])
 
 
-def active_turn_ids(db: Session, task_id: str) -> list[str]:
-    return list(
-        db.scalars(
-            select(m.Turn.id).where(m.Turn.task_id == task_id, m.Turn.turn_status.in_(ACTIVE))
-        )
-    )
-
-
 def delete(db: Session, principal: Principal, task_id: str) -> list[str]:
     """Delete the task with its turns and events; returns the turn ids (their files go too)."""
     task = get_task_row(db, principal, task_id)
