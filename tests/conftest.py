@@ -30,6 +30,61 @@ PREFIXES = ("/backend-api/wham", "/api/codex")
 WHAM = Path(sys.executable).with_name("wham")
 
 
+# --------------------------------------------------------------------------- tiers
+# Markers (registered in pyproject.toml) let the fast contract tier run alone:
+#   ./scripts/test --fast   (= -m "not sandbox and not browser and not slow")
+# They are given here, from what a test uses, so that no test can forget its marker:
+# `scripts/test --fast` runs that tier with a bubblewrap that refuses to start, so a test
+# that starts a sandbox without being marked fails there.
+
+# Modules whose tests run attempts or sandboxes throughout (their own servers and helpers).
+SANDBOX_MODULES = {
+    "test_attempt_files",
+    "test_client_live",
+    "test_cli_tasks",
+    "test_codex_compat",
+    "test_engine",
+    "test_engine_sandbox",
+    "test_environment_setup",
+    "test_pr_branches",
+    "test_repo_paths",
+    "test_runtime_codex",
+    "test_sandbox",
+    "test_serve_tasks",
+    "test_standby",
+    "test_task_actions",
+    "test_workspace",
+}
+SANDBOX_FIXTURES = {"engine_server", "served", "gate", "scripted_serve"}
+BROWSER_FIXTURES = {"browser", "context", "page"}
+# Slow: live `wham serve` processes, many `wham` command start-ups, crash tests, the TUI.
+SLOW_MODULES = {
+    "test_cli_login",
+    "test_codex_compat",
+    "test_live_server",
+    "test_serve_tasks",
+    "test_standby",
+    "test_web_ui",
+}
+SLOW_FIXTURES = {"live_server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        module = item.module.__name__ if getattr(item, "module", None) else ""
+        callspec = getattr(item, "callspec", None)
+        params = set(map(str, callspec.params.values())) if callspec else set()
+        if module in SANDBOX_MODULES or names & SANDBOX_FIXTURES:
+            item.add_marker(pytest.mark.sandbox)
+        if names & BROWSER_FIXTURES:
+            item.add_marker(pytest.mark.browser)
+        if "postgres_url" in names or "postgres" in params:
+            item.add_marker(pytest.mark.postgres)
+        if module in SLOW_MODULES or names & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
+
 REFERENCE_DIR = Path(__file__).resolve().parent / "fixtures" / "wham-reference"
 
 
@@ -254,13 +309,17 @@ def repo(tmp_path: Path) -> Path:
 
 
 def finish_turn(server: Server, turn_id: str, status: str = "completed") -> None:
-    """Mark an attempt finished directly in the store (no engine runs attempts yet)."""
+    """Mark an attempt finished directly in the store (no engine runs attempts here), with
+    the terminal status event the engine would write, so its stream ends at once."""
+    from openwham.store import events
     from openwham.store import models as m
 
     with server.app_state.db.session() as s:
         turn = s.get(m.Turn, turn_id)
         assert turn is not None
         turn.turn_status = status
+        payload = events.status_payload(status.capitalize(), status)
+        events.append(s, turn.task_id, turn_id, events.TASK_TURN_EVENT, payload)
 
 
 # --------------------------------------------------------------------------- live server

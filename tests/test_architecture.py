@@ -88,7 +88,7 @@ def _project_files() -> list[Path]:
             if not path.is_file() or "node_modules" in path.parts or "__pycache__" in path.parts:
                 continue
             found.append(path)
-    return found + [ROOT / "README.md", ROOT / "pyproject.toml", ROOT / "wham"]
+    return [*found, ROOT / "README.md", ROOT / "pyproject.toml", ROOT / "wham"]
 
 
 def test_nothing_in_the_project_reaches_outside_the_clone() -> None:

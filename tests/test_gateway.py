@@ -480,6 +480,7 @@ def test_forwarder_explains_a_missing_gateway(tmp_path: Path) -> None:
     assert "model gateway" in response.json()["error"]["message"]
 
 
+@pytest.mark.sandbox
 def test_forwarder_reaches_the_gateway_from_a_sandbox_without_network(
     model: ScriptedModel, stacks: Callable[..., Stack]
 ) -> None:

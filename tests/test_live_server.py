@@ -33,6 +33,7 @@ def _client(srv: LiveServer, token: str) -> httpx.Client:
     return httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
 
+@pytest.mark.sandbox  # its server runs attempts
 @pytest.mark.parametrize("prefix", PREFIXES)
 def test_reference_flow_over_http(live_server: LiveServer, repo: Path, prefix: str) -> None:
     token = live_server.token()
@@ -77,6 +78,7 @@ def test_openapi_is_served(live_server: LiveServer) -> None:
     assert "CreateTaskRequest" in doc["components"]["schemas"]
 
 
+@pytest.mark.sandbox  # its server runs attempts
 def test_data_survives_a_restart(tmp_path: Path, repo: Path) -> None:
     data = tmp_path / "data"
     first = start_live_server(data)

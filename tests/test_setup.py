@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+import pytest
+
 from openwham.runtimes.codex_cli import native_binary, pinned_version
 
 
@@ -16,6 +18,7 @@ def test_pinned_codex_cli_is_installed_and_runs() -> None:
     assert pinned_version() >= "0.169.0"
 
 
+@pytest.mark.sandbox
 def test_bubblewrap_isolates_a_command() -> None:
     bwrap = shutil.which("bwrap")
     assert bwrap, "bubblewrap missing: scripts/setup.sh installs it"

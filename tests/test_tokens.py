@@ -282,6 +282,7 @@ def wham(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow  # each wham command is a Python start-up
 def test_cli_create_list_and_revoke(tmp_path: Path) -> None:
     data = tmp_path / "data"
     out = wham("token", "create", "--data-dir", str(data), "--name", "deploy", "--json")
@@ -329,6 +330,7 @@ def test_cli_create_list_and_revoke(tmp_path: Path) -> None:
     assert empty.stdout.startswith("no tokens")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
