@@ -4,7 +4,7 @@
 #
 #   scripts/setup.sh [--with-postgres] [--quiet]
 #
-#   (no flag)        system packages git, ca-certificates, bubblewrap, curl,
+#   (no flag)        system packages git, ca-certificates, bubblewrap, libseccomp2, curl,
 #                    iproute2, python3 (>= 3.11) + python3-venv if needed,
 #                    npm for the pinned Codex CLI; uv; the project's .venv
 #                    (`uv sync --frozen`, dev tools included)
@@ -133,6 +133,8 @@ if [ "$WITH_POSTGRES" = 1 ] && ! wham_find_pg_bindir >/dev/null; then
 fi
 # The sandbox every agent command runs in.
 want_cmd bwrap bubblewrap
+# libseccomp builds the sandboxes' seccomp filter (loaded by pyseccomp through ctypes).
+apt_pkg_installed libseccomp2 || WANTED_PKGS+=(libseccomp2)
 # Tools setup scripts and agents expect in the sandbox (it sees the host's /usr).
 want_cmd curl curl
 # The in-sandbox forwarders (model gateway, egress proxy) run with the system Python.

@@ -138,6 +138,76 @@ def test_unprivileged_uid_without_capabilities(workspace: Path) -> None:
     assert "NESTED-USERNS" not in r.stdout
 
 
+# --------------------------------------------------------------------------- system calls
+
+# Each probe is made so that the kernel itself would answer something other than EPERM (it
+# succeeds, or a bad pointer gives EFAULT, or the disabled user namespaces give ENOSPC): EPERM
+# then means the seccomp filter refused the call before the kernel saw it.
+SYSCALL_PROBE = r"""
+import ctypes, errno, os, platform, subprocess
+NR = {
+    "x86_64": {"bpf": 321, "perf_event_open": 298, "keyctl": 250, "io_uring_setup": 425,
+               "personality": 135, "userfaultfd": 323},
+    "aarch64": {"bpf": 280, "perf_event_open": 241, "keyctl": 219, "io_uring_setup": 425,
+                "personality": 92, "userfaultfd": 282},
+}[platform.machine()]
+libc = ctypes.CDLL(None, use_errno=True)
+def call(fn, *args):
+    f = getattr(libc, fn)
+    f.restype = ctypes.c_long
+    ctypes.set_errno(0)
+    r = f(*[ctypes.c_ulong(a) if isinstance(a, int) else a for a in args])
+    return "ok" if r != -1 else errno.errorcode.get(ctypes.get_errno(), "?")
+bad = ctypes.c_void_p(8)  # an unmapped address
+print("ptrace", call("ptrace", 16, 1, 0, 0))  # PTRACE_ATTACH to bwrap's init
+print("mount", call("mount", b"none", b"/tmp", bad, 0, None))
+print("unshare-user", call("unshare", 0x10000000))
+u = subprocess.run(["unshare", "-U", "true"], capture_output=True, text=True)
+print("unshare-cmd", "EPERM" if "Operation not permitted" in u.stderr else u.stderr.strip())
+print("bpf", call("syscall", NR["bpf"], 0, bad, 72))
+print("perf_event_open", call("syscall", NR["perf_event_open"], bad, 0, 0xFFFFFFFF, 0xFFFFFFFF, 0))
+print("keyctl", call("syscall", NR["keyctl"], 0, 0xFFFFFFFD, 0))  # KEYCTL_GET_KEYRING_ID
+print("io_uring_setup", call("syscall", NR["io_uring_setup"], 1, bad))
+print("userfaultfd", call("syscall", NR["userfaultfd"], 0))
+print("personality", call("syscall", NR["personality"], 0x0400000))  # READ_IMPLIES_EXEC
+print("personality-query", call("syscall", NR["personality"], 0xFFFFFFFF))
+print("init", next(l.split()[1] for l in open("/proc/1/status") if l.startswith("State:")))
+"""
+
+
+def test_seccomp_refuses_dangerous_system_calls(workspace: Path) -> None:
+    """ptrace, mount, new user namespaces, bpf, perf_event_open, keyrings, io_uring,
+    userfaultfd and personality changes fail with EPERM from the filter; the personality
+    query still works and bwrap's init was not stopped."""
+    r = bwrap.run(spec(workspace), ["python3", "-c", SYSCALL_PROBE])
+    assert r.exit_code == 0, r
+    got = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    refused = ["ptrace", "mount", "unshare-user", "unshare-cmd", "bpf", "perf_event_open"]
+    refused += ["keyctl", "io_uring_setup", "userfaultfd", "personality"]
+    assert {k: got.get(k) for k in refused} == dict.fromkeys(refused, "EPERM")
+    assert got["personality-query"] == "ok"
+    assert got["init"] in {"S", "R"}, got  # not T: nobody stopped it
+
+
+def test_ptrace_of_init_neither_stops_nor_hangs_the_sandbox(workspace: Path) -> None:
+    """The reported attack: PTRACE_ATTACH to pid 1 and exit. Refused, the sandbox's init
+    keeps running and the run ends at once (it used to hang until its time limit)."""
+    script = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "r = libc.ptrace(ctypes.c_long(16), ctypes.c_long(1), None, None)\n"
+        "print('attach', r, os.strerror(ctypes.get_errno()) if r else 'ok', flush=True)\n"
+    )
+    r = bwrap.run(spec(workspace), ["bash", "-c", 'python3 -c "$0"; exit 7', script])
+    assert r.stdout.strip() == "attach -1 Operation not permitted", r
+    assert r.exit_code == 7 and not r.timed_out and r.duration < 2.5, r
+
+
+def test_seccomp_filter_is_inherited_and_covers_bwraps_init(workspace: Path) -> None:
+    r = sh(workspace, "grep -h '^Seccomp:' /proc/1/status /proc/self/status")
+    assert r.stdout.split() == ["Seccomp:", "2", "Seccomp:", "2"], r
+
+
 # --------------------------------------------------------------------------- writes
 
 

@@ -17,7 +17,11 @@ What a sandboxed command sees and may do:
 - **Namespaces.** Own user, PID, IPC, UTS (hostname ``openwham``), cgroup and — unless
   ``network`` — network namespace (loopback only). The user inside is uid/gid 1000 with no
   capabilities and cannot create further user namespaces. ``--die-with-parent`` and
-  ``--new-session`` (no terminal injection). The environment is cleared: PATH, HOME, LANG,
+  ``--new-session`` (no terminal injection).
+- **System calls.** A seccomp filter (``openwham.sandbox.seccomp``) refuses ptrace, mount,
+  bpf, perf_event_open, userfaultfd, keyrings, io_uring, new user namespaces, personality
+  changes and more with EPERM; bwrap applies it to its init too (no ptrace-stopping it).
+- **Environment.** The environment is cleared: PATH, HOME, LANG,
   TERM and ``SandboxSpec.env`` only. bwrap's own arguments travel through a memfd, so the
   sandbox's ``ps`` does not show host paths.
 - **Limits.** rlimits set before bwrap execs (file size, open files, CPU seconds, no core
@@ -52,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from openwham.sandbox import cgroups
+from openwham.sandbox import cgroups, seccomp
 
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
@@ -296,10 +300,21 @@ def build_args(spec: SandboxSpec) -> tuple[list[str], list[int]]:
     a += ["--remount-ro", "/dev", "--remount-ro", "/proc", "--remount-ro", "/"]
     a += ["--chdir", _check_sandbox_path(spec.cwd) if spec.cwd else ws_dir]
     # Everything is valid: only now create the fds (nothing to leak on a ValueError).
-    for name, data in _generated_etc().items():
-        fd = _memfd(f"etc-{name}", data)
+    try:
+        for name, data in _generated_etc().items():
+            fd = _memfd(f"etc-{name}", data)
+            fds.append(fd)
+            a[a.index(f"{{fd:{name}}}")] = str(fd)
+        try:
+            fd = seccomp.program_fd()  # the command runs under it (and everything it starts)
+        except seccomp.SeccompUnavailable as exc:  # no unfiltered fallback
+            raise SandboxUnavailable(str(exc)) from exc
         fds.append(fd)
-        a[a.index(f"{{fd:{name}}}")] = str(fd)
+        a += ["--seccomp", str(fd)]
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     return a, fds
 
 
