@@ -4,6 +4,7 @@ the real Codex CLI in the sandbox, answered by the scripted model."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from openwham.client import (
     AsyncWhamClient,
     Conflict,
     NotFound,
+    Steps,
     UnknownEnvironment,
     WhamClient,
     turn_diff,
@@ -172,9 +174,20 @@ def test_every_streamed_event_has_text_as_the_readme_prints_it(
     wham: WhamClient, env_id: str
 ) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert "for event in wham.stream(task.id):" in readme and "print(event.text)" in readme
+    for line in ("steps = Steps()", "for event in wham.stream(task.id):", "if steps.new(event):"):
+        assert line in readme
+    assert "print(event.text)" in readme
     created = wham.create_task("Fix add()", env_id)
     events = list(wham.stream(created.task.id))
+    steps = Steps()
+    printed = [e.text for e in events if steps.new(e)]  # what the README's loop prints
+    # each step once: one line per command, edit, output and answer, no status said twice
+    for line in ("Edited calc.py", "Fixed add() and left a note.", "Completed"):
+        assert printed.count(line) == 1, printed
+    assert len([t for t in printed if t.startswith("$ ")]) == len(
+        {e.payload.get("id") for e in events if e.text.startswith("$ ")}
+    )
+    assert all(a != b for a, b in itertools.pairwise(printed)), printed
     assert {"task_turn_event", "work_log_message", "task_title_generated"} <= {
         e.item_type for e in events
     }
@@ -394,17 +407,22 @@ def test_cli_status_and_help(cli_env: dict[str, str], served: LiveServer, token:
     assert written.returncode == 0, written.stderr
     assert json.loads(written.stdout)["auth_json"] == str(home / "auth.json")
     assert json.loads((home / "auth.json").read_text())["tokens"]["access_token"] == token
-    # last: sign out of the server profile (the other tests of this module use it)
-    out = run_cli(cli_env, "logout", "--json")
+    # sign out of a profile of its own (the other tests of this module use "local")
+    spare = served.token()
+    login = run_cli(cli_env, "login", "--server", served.url, "--token", spare, "--name", "spare")
+    assert login.returncode == 0, login.stderr
+    env = {**cli_env, "WHAM_PROFILE": "spare"}
+    out = run_cli(env, "logout", "--json")
     assert json.loads(out.stdout) == {
-        "profile": "local",
+        "profile": "spare",
         "kind": "openwham",
         "token": "revoked",  # on the server, which now refuses it
-        "token_id": jwt_claims(token)["jti"],
+        "token_id": jwt_claims(spare)["jti"],
         "was_logged_in": True,
     }
-    after = run_cli(cli_env, "task", "list")
-    assert after.returncode == 4 and "wham login" in after.stderr
+    after = run_cli({**cli_env, "WHAM_URL": served.url, "WHAM_TOKEN": spare}, "task", "list")
+    assert after.returncode == 4 and "revoked" in after.stderr, after.stderr
+    assert run_cli(cli_env, "task", "list").returncode == 0  # the module's own token still works
 
 
 def test_cli_watch_shows_each_step_once(

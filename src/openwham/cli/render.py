@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from openwham.client import StreamEvent, readiness, turn_messages
 from openwham.client.attempts import Exchange, list_status
-from openwham.client.sse import command_line, edit_summary
+from openwham.client.sse import Steps, command_line, edit_summary
 from openwham.wire import (
     AssistantTurn,
     PrOutputItem,
@@ -222,39 +222,21 @@ def attempts_text(rows: list[dict[str, Any]]) -> str:
     )
 
 
-# Status lines that only name the step the work log shows anyway (or that the agent is busy).
-_STEP_STATUSES = ("Running ", "Editing ", "Calling ", "Searching the web")
-_BUSY_STATUSES = ("Working", "Thinking")
-
-
 @dataclass
 class WatchView:
-    """What `task watch` prints, event by event: each step once.
+    """What `task watch` prints, event by event: each step once (the SDK's
+    :class:`~openwham.client.sse.Steps` decides which events), formatted for the terminal."""
 
-    The stream sends a work-log message again whenever it changes (a command when it starts
-    and when it ends, the answer when it is written and again when the turn marks it final):
-    a message is printed once, by id — a command as soon as it starts (as the shell line it
-    runs), its output and any text once they are finished. Status lines that only name the
-    current step or say the agent is busy are left out (the step itself is printed), and a
-    status is not repeated."""
-
-    status: str | None = None
-    shown: set[str] = field(default_factory=set)
+    steps: Steps = field(default_factory=Steps)
 
     def lines(self, event: StreamEvent) -> list[str]:
+        if not self.steps.new(event):
+            return []
         payload = event.payload
         if event.item_type == "task_turn_event":
             text = str(payload.get("text") or payload.get("turn_status") or "")
-            error = payload.get("error")
-            failed = isinstance(error, dict) and bool(error.get("message"))
-            if not failed and (
-                text.startswith(_STEP_STATUSES)
-                or (text in _BUSY_STATUSES and self.status in _BUSY_STATUSES)
-                or text == self.status
-            ):
-                return []
-            self.status = text
             lines = [f"[bold cyan]● {escape(text)}[/]"]
+            error = payload.get("error")
             if isinstance(error, dict) and error.get("message"):
                 lines.append(f"[red]  {escape(str(error['message']))}[/]")
             return lines
@@ -267,15 +249,7 @@ class WatchView:
                 message = WorklogMessage.model_validate(payload)
             except ValueError:
                 return []
-            if message.id in self.shown:
-                return []
-            started = message.author.role == "assistant" and message.content.content_type == "code"
-            if message.status == "in_progress" and not started:
-                return []  # text and output: once they are complete
-            lines = worklog_lines(message)
-            if lines:
-                self.shown.add(message.id)
-            return lines
+            return worklog_lines(message)
         return []
 
 

@@ -33,7 +33,7 @@ from openwham.client.errors import (
     WhamError,
 )
 from openwham.client.resolve import UnknownEnvironment
-from openwham.client.sse import StreamEvent
+from openwham.client.sse import Steps, StreamEvent
 from openwham.client.sync import WhamClient
 from openwham.client.urls import CHATGPT_BASE_URL, task_url
 
@@ -51,6 +51,7 @@ __all__ = [
     "PatchDoesNotApply",
     "RateLimited",
     "ServerError",
+    "Steps",
     "StreamEvent",
     "TransportError",
     "Unauthorized",

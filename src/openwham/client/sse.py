@@ -149,6 +149,55 @@ def _string(value: Any) -> str:
     return value if isinstance(value, str) else "" if value is None else str(value)
 
 
+# Status lines that only name the step the work log shows anyway, or that the agent is busy.
+_STEP_STATUSES = ("Running ", "Editing ", "Calling ", "Searching the web")
+_BUSY_STATUSES = ("Working", "Thinking")
+
+
+@dataclass
+class Steps:
+    """Picks out each step of a turn stream once, for a reader that prints as it goes.
+
+    The stream sends a work-log message again whenever it changes (a command when it starts
+    and when it ends, the answer when it is written and again when the turn marks it final).
+    :meth:`new` is true once per message id — for a command as soon as it starts, for output
+    and text once they are finished — and for a status line unless it only names the current
+    step (the step itself is shown), says the agent is busy again, or repeats the last one.
+    ``wham task watch`` prints by this rule; ``if steps.new(event): print(event.text)`` too.
+    """
+
+    status: str | None = None
+    shown: set[str] = field(default_factory=set)
+
+    def new(self, event: StreamEvent) -> bool:
+        payload = event.payload
+        if event.item_type == TASK_TURN_EVENT:
+            text = _string(payload.get("text")) or event.turn_status or ""
+            error = payload.get("error")
+            failed = isinstance(error, dict) and bool(error.get("message"))
+            if not failed and (
+                text.startswith(_STEP_STATUSES)
+                or (text in _BUSY_STATUSES and self.status in _BUSY_STATUSES)
+                or text == self.status
+            ):
+                return False
+            self.status = text
+            return True
+        if event.item_type != WORK_LOG_MESSAGE:
+            return True
+        message_id = _string(payload.get("id"))
+        if message_id in self.shown:
+            return False
+        author = payload.get("author")
+        role = _string(author.get("role")) if isinstance(author, dict) else ""
+        content = payload.get("content")
+        code = isinstance(content, dict) and content.get("content_type") == "code"
+        if payload.get("status") == "in_progress" and not (role == "assistant" and code):
+            return False  # text and output: once they are complete
+        self.shown.add(message_id)
+        return True
+
+
 @dataclass
 class StreamReader:
     """SSE line parser plus the reconnect bookkeeping of one turn's stream."""
