@@ -959,3 +959,83 @@ def test_the_agent_cannot_bend_the_diff_computed_in_its_sandbox(
     git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
     (tmp_path / "change.diff").write_text(diff)
     git("apply", "--check", str(tmp_path / "change.diff"), cwd=clone)
+
+
+# --------------------------------------------------------------------------- 9. stalls
+
+PTRACE_INIT = (
+    "python3 -c 'import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
+    "r = libc.ptrace(ctypes.c_long(16), ctypes.c_long(1), None, None); "
+    'print("attach", r, os.strerror(ctypes.get_errno()) if r else "ok")\''
+)
+
+
+def setup_lines(server: Server, task_id: str, turn_id: str) -> list[str]:
+    r = server.api.get(f"tasks/{task_id}/turns/{turn_id}/logs")
+    return [str(e["line"]) for e in r.json()["logs"]]
+
+
+def test_a_setup_script_that_ptraces_init_is_refused_and_does_not_hang(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    """The reported attack: the setup script PTRACE_ATTACHes bwrap's init (pid 1). The
+    seccomp filter refuses it, so setup goes on and the attempt completes at once (it used to
+    show "Setting up" until the setup time limit)."""
+    with engine(tmp_path, sqlite_url, scripted_model, setup_timeout_seconds=40) as server:
+        env = server.api.create_env(repo, setup=[PTRACE_INIT, "echo setup went on"])
+        scripted_model.script = [Say("done")]
+        t0 = time.monotonic()
+        created = server.api.create_task(env["id"], "ptrace init")
+        details = wait_for_task(server.api, created["task"]["id"], timeout=60)
+        turn = turn_of(details)
+        assert turn["turn_status"] == "completed", turn
+        assert time.monotonic() - t0 < 25
+        lines = setup_lines(server, created["task"]["id"], created["turn"]["id"])
+        assert lines == ["attach -1 Operation not permitted", "setup went on"], lines
+
+
+def test_a_stopped_setup_sandbox_is_failed_as_stalled_and_frees_its_slot(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    """The setup script stops its own process group: nothing in the sandbox can run again.
+    The watchdog fails the attempt after ``attempt_stall_seconds`` (not the setup time
+    limit) with ``sandbox_stalled``, and the only executor slot is free for the next task."""
+    opts = {"attempt_stall_seconds": 2, "setup_timeout_seconds": 60, "executor_concurrency": 1}
+    with engine(tmp_path, sqlite_url, scripted_model, **opts) as server:
+        stuck = server.api.create_env(repo, setup=["echo stopping", "kill -STOP 0"])
+        t0 = time.monotonic()
+        created = server.api.create_task(stuck["id"], "stop myself")
+        details = wait_for_task(server.api, created["task"]["id"], timeout=60)
+        elapsed = time.monotonic() - t0
+        turn = turn_of(details)
+        assert turn["turn_status"] == "failed", turn
+        assert turn["error"]["code"] == "sandbox_stalled", turn["error"]
+        message = turn["error"]["message"]
+        assert message.startswith("The setup script's sandbox stalled: no output"), message
+        assert "for 2 s" in message and "stopped or zombie" in message, message
+        assert 2 <= elapsed < 20, elapsed
+        assert setup_lines(server, created["task"]["id"], created["turn"]["id"]) == ["stopping"]
+        env = server.api.create_env(repo, label="acme/plain")
+        assert_still_serving(server, scripted_model, env["id"])
+
+
+def test_an_agent_command_that_stops_every_process_fails_the_attempt_as_stalled(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    """A command SIGSTOPs every process it may (Codex, the launcher, the forwarder) and
+    exits, left a zombie of the stopped Codex: the attempt fails with ``sandbox_stalled``
+    after the stall time, and the next task completes on the one executor slot."""
+    opts = {"attempt_stall_seconds": 2, "executor_concurrency": 1}
+    with engine(tmp_path, sqlite_url, scripted_model, **opts) as server:
+        env = server.api.create_env(repo)
+        scripted_model.script = [Shell("kill -STOP -1; echo stopped-all"), Say("never")]
+        t0 = time.monotonic()
+        task = server.api.create_task(env["id"], "stop everything")
+        details = wait_for_task(server.api, task["task"]["id"], timeout=90)
+        elapsed = time.monotonic() - t0
+        turn = turn_of(details)
+        assert turn["turn_status"] == "failed", turn
+        assert turn["error"]["code"] == "sandbox_stalled", turn["error"]
+        assert turn["error"]["message"].startswith("The agent's sandbox stalled: "), turn
+        assert elapsed < 30, elapsed
+        assert_still_serving(server, scripted_model, env["id"])

@@ -8,6 +8,7 @@ file stays fast: 3 s wall clock, 64 processes, 10 MB files, 64 MB memory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -203,9 +204,34 @@ def test_ptrace_of_init_neither_stops_nor_hangs_the_sandbox(workspace: Path) -> 
     assert r.exit_code == 7 and not r.timed_out and r.duration < 2.5, r
 
 
-def test_seccomp_filter_is_inherited_and_covers_bwraps_init(workspace: Path) -> None:
-    r = sh(workspace, "grep -h '^Seccomp:' /proc/1/status /proc/self/status")
+def test_seccomp_filter_is_inherited(workspace: Path) -> None:
+    r = sh(
+        workspace, "grep -h '^Seccomp:' /proc/$$/status; bash -c 'grep ^Seccomp: /proc/self/status'"
+    )
     assert r.stdout.split() == ["Seccomp:", "2", "Seccomp:", "2"], r
+
+
+def test_watchdog_kills_a_sandbox_whose_processes_are_all_stopped(workspace: Path) -> None:
+    """Everything stopped (SIGSTOP of its own process group, a child left a zombie): no
+    output and nothing that could run. The watchdog ends it after ``stall_seconds``, long
+    before the wall clock, and says what it saw."""
+    limits = dataclasses.replace(LIMITS, wall_clock_seconds=30, stall_seconds=1.5)
+    script = "sleep 0.2 & (exec sleep 300) & sleep 0.5; echo stopping; kill -STOP 0; echo never"
+    t0 = time.monotonic()
+    r = bwrap.run(spec(workspace, limits=limits), ["bash", "-c", script])
+    assert r.stalled and not r.timed_out and r.stdout == "stopping\n", r
+    assert 1.5 <= time.monotonic() - t0 < 6, r
+    assert r.killed_reason is not None and r.killed_reason.startswith("stalled: ")
+    assert "stopped or zombie: 1 T, 1 Z" in r.killed_reason or "2 T" in r.killed_reason, r
+
+
+def test_watchdog_leaves_quiet_but_running_sandboxes_alone(workspace: Path) -> None:
+    """Silence alone is no stall: a sleeping process (a model request, a build) may go on,
+    and so may a sandbox with one stopped job beside a running shell."""
+    limits = dataclasses.replace(LIMITS, wall_clock_seconds=30, stall_seconds=0.5)
+    script = "sleep 300 & kill -STOP $!; sleep 2.5; kill -9 $!; echo done"
+    r = bwrap.run(spec(workspace, limits=limits), ["bash", "-c", script])
+    assert r.ok and not r.stalled and r.stdout == "done\n", r
 
 
 # --------------------------------------------------------------------------- writes

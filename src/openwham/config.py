@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     sandbox_max_processes: int = 1024
     sandbox_max_file_mb: int = 1024
     sandbox_cpus: float | None = None
+    # The stall watchdog: a sandbox with no output while all its processes are stopped or
+    # zombies (it can never go on) for this long is killed and its attempt failed.
+    attempt_stall_seconds: float = 120.0
     # The environment's setup script: its wall-clock limit.
     setup_timeout_seconds: int = 1200
     # How long a task's title may take the model; after that the prompt-derived title is used.

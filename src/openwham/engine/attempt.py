@@ -252,6 +252,7 @@ class Engine:
             memory_bytes=s.sandbox_memory_mb << 20,
             max_file_bytes=s.sandbox_max_file_mb << 20,
             cpus=s.sandbox_cpus,
+            stall_seconds=s.attempt_stall_seconds,
         )
 
     # ------------------------------------------------------------------ entry point
@@ -537,6 +538,8 @@ class Engine:
         )
         self._apply(rec, list(outcome.updates))
         control.check()
+        if outcome.status != "completed" and result is not None and result.stalled:
+            raise AttemptFailed("sandbox_stalled", f"The agent's sandbox {result.killed_reason}")
         if outcome.status != "completed":
             error = outcome.error
             raise AttemptFailed(
@@ -627,6 +630,10 @@ class Engine:
             raise AttemptFailed(
                 "setup_failed", "The setup script could not start (see the setup log)"
             )
+        if result.stalled:  # the watchdog: stopped or defunct, it would never have ended
+            raise AttemptFailed(
+                "sandbox_stalled", f"The setup script's sandbox {result.killed_reason}"
+            )
         if not result.ok:
             why = result.killed_reason or f"exited with code {result.exit_code}"
             raise AttemptFailed("setup_failed", f"The setup script {why} (see the setup log)")
@@ -683,6 +690,8 @@ class Engine:
             env={**(env_vars or {}), **codex.sandbox_env(token)},
             network=False,
             limits=self.limits,
+            # the gateway forwarder, and the launcher that only waits for Codex
+            idle_helpers=(codex.SANDBOX_FORWARDER, "openwham-launch"),
         )
         agent = (
             codex.exec_argv(qa_mode=key.qa_mode)

@@ -131,6 +131,7 @@ def run(
             rw_binds={home: SANDBOX_HOME},
             env={**env, **proxy_env()},
             limits=limits,
+            idle_helpers=(SANDBOX_FORWARDER,),
         )
         proc = bwrap.start(spec, argv(script), on_output=lines.add)
         attach(proc)

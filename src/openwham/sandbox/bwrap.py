@@ -20,7 +20,7 @@ What a sandboxed command sees and may do:
   ``--new-session`` (no terminal injection).
 - **System calls.** A seccomp filter (``openwham.sandbox.seccomp``) refuses ptrace, mount,
   bpf, perf_event_open, userfaultfd, keyrings, io_uring, new user namespaces, personality
-  changes and more with EPERM; bwrap applies it to its init too (no ptrace-stopping it).
+  changes and more with EPERM. The stall watchdog (below) covers what it does not.
 - **Environment.** The environment is cleared: PATH, HOME, LANG,
   TERM and ``SandboxSpec.env`` only. bwrap's own arguments travel through a memfd, so the
   sandbox's ``ps`` does not show host paths.
@@ -29,7 +29,9 @@ What a sandboxed command sees and may do:
   optionally CPU where the host offers one. Without cgroups, processes fall back to
   RLIMIT_NPROC (which the kernel ignores when the server runs as root: then only the
   wall-clock limit stops a fork bomb) and memory to a per-process RLIMIT_DATA. The wall-clock
-  limit is enforced from the host. ``host_gaps()`` lists what this host cannot enforce.
+  limit is enforced from the host, and so is the stall watchdog (``Limits.stall_seconds``:
+  no output while every process is stopped or a zombie). ``host_gaps()`` lists what this
+  host cannot enforce.
 - **Ending.** ``SandboxProcess.kill()`` SIGKILLs bwrap's process group; the sandbox's PID
   namespace dies with its init, so every process in it dies too; the cgroup, when there is
   one, is swept until empty. The process is spawned from a thread that lives as long as the
@@ -50,7 +52,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +138,9 @@ class Limits:
     ``tmpfs_bytes`` caps each of /tmp, /dev/shm and /home.
     ``max_output_bytes`` is how much of each stream ``SandboxResult`` keeps (the tail);
     the ``on_output`` callback still sees every line.
+    ``stall_seconds``: the watchdog kills a run that printed nothing while every one of its
+    processes was stopped (state T/t: SIGSTOP, a ptrace stop) or a zombie for this long — it
+    could never go on by itself (a process waiting for the model sleeps, state S).
     """
 
     wall_clock_seconds: float = 3600.0
@@ -147,6 +152,7 @@ class Limits:
     cpus: float | None = None
     tmpfs_bytes: int | None = 1 << 30
     max_output_bytes: int = 4 << 20
+    stall_seconds: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,6 +168,9 @@ class SandboxSpec:
     network: bool = False
     cwd: str | None = None  # default: workspace_dir
     limits: Limits = field(default_factory=Limits)
+    # Helpers the stall watchdog does not count: a process with one of these words in its
+    # argv (the in-sandbox forwarders, which sleep on a socket whatever the rest does).
+    idle_helpers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,7 @@ class SandboxResult:
     stderr: str
     duration: float
     output_truncated: bool = False
+    stalled: bool = False  # killed by the watchdog (``Limits.stall_seconds``)
 
     @property
     def ok(self) -> bool:
@@ -388,6 +398,67 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+_STOPPED_STATES = frozenset("TtZX")
+
+
+def _task_states(pid: int) -> list[str] | None:
+    """The state letter of each thread of ``pid`` (``None`` when it is gone)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    states = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                states.append(f.read().rsplit(b")", 1)[1].split()[0].decode())
+        except (OSError, IndexError):
+            continue
+    return states
+
+
+def _is_helper(pid: int, helpers: tuple[str, ...]) -> bool:
+    if not helpers:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(h.encode() in words for h in helpers)
+
+
+def _stalled_tree(outer: int, helpers: tuple[str, ...] = ()) -> list[str] | None:
+    """The states of the sandbox's processes when all of them are stopped or zombies;
+    ``None`` as soon as one thread may still make progress. The outer bwrap and bwrap's init
+    (pid 1 inside) are not counted: they only wait for their children; nor are ``helpers``."""
+    seen: list[str] = []
+    todo = [(outer, 0)]
+    while todo:
+        pid, depth = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    todo += [(int(x), depth + 1) for x in f.read().split()]
+            except OSError:
+                continue
+        if depth < 2 or _is_helper(pid, helpers):
+            continue
+        states = _task_states(pid)
+        if states is None:
+            continue
+        if any(st not in _STOPPED_STATES for st in states):
+            return None
+        seen.append("Z" if "Z" in states else states[0])
+        if len(seen) > 100_000:
+            break
+    return seen or None
+
+
 class SandboxProcess:
     """A running sandbox. Create with ``start``; always finish with ``wait`` or ``kill``."""
 
@@ -436,6 +507,8 @@ class SandboxProcess:
         self._truncated = False
         self._result: SandboxResult | None = None
         self._t0 = time.monotonic()
+        self._last_progress = self._t0  # output, or a thread not stopped (the watchdog)
+        self._stalled = False
         self._thread = threading.Thread(target=self._run, name="sandbox", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -521,7 +594,7 @@ class SandboxProcess:
             self._started.set()
             return
         self._popen = popen
-        self._t0 = time.monotonic()
+        self._t0 = self._last_progress = time.monotonic()
         pidfd = os.pidfd_open(popen.pid)
         self._started.set()
         try:
@@ -548,9 +621,12 @@ class SandboxProcess:
         poller.register(pidfd, select.POLLIN)
         # send() may move the deadline, so wake at least every half second to re-read it
         while not poller.poll(min(0.5, max(0.0, self._deadline - time.monotonic())) * 1000):
-            if time.monotonic() >= self._deadline:
+            now = time.monotonic()
+            if now >= self._deadline:
                 self._timed_out = True
                 self._kill(f"wall-clock limit of {lim.wall_clock_seconds:g} s reached")
+                break
+            if lim.stall_seconds is not None and self._watch_stall(popen.pid, now):
                 break
         with self._lock:
             returncode = popen.wait()
@@ -591,7 +667,28 @@ class SandboxProcess:
             stderr=out["stderr"],
             duration=duration,
             output_truncated=self._truncated,
+            stalled=self._stalled,
         )
+
+    def _watch_stall(self, outer: int, now: float) -> bool:
+        """The watchdog's look at the process tree (only after a second without output);
+        True when it killed the run for having stalled."""
+        stall = self.spec.limits.stall_seconds
+        if stall is None or now - self._last_progress < min(1.0, stall):
+            return False
+        states = _stalled_tree(outer, self.spec.idle_helpers)
+        if states is None:
+            self._last_progress = now
+            return False
+        if now - self._last_progress < stall:
+            return False
+        counts = ", ".join(f"{n} {st}" for st, n in sorted(Counter(states).items()))
+        self._stalled = True
+        self._kill(
+            f"stalled: no output and no process able to run for {stall:g} s "
+            f"(all {len(states)} processes stopped or zombie: {counts})"
+        )
+        return True
 
     def _read(self, stream: IO[bytes] | None, name: str) -> None:
         if stream is None:
@@ -605,6 +702,7 @@ class SandboxProcess:
                     self._marker_seen = True
                     self._ready.set()
                     continue
+                self._last_progress = time.monotonic()
                 if _tail_append(buf, size, line, cap):
                     self._truncated = True
                 text = line.decode("utf-8", "replace").rstrip("\n")
@@ -666,6 +764,7 @@ class SandboxProcess:
                 return False
             self._stdin = stdin
             self._t0 = time.monotonic()
+            self._last_progress = self._t0
             self._deadline = self._t0 + self.spec.limits.wall_clock_seconds
             self._released.set()
         return True
