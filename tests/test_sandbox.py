@@ -170,6 +170,7 @@ print("perf_event_open", call("syscall", NR["perf_event_open"], bad, 0, 0xFFFFFF
 print("keyctl", call("syscall", NR["keyctl"], 0, 0xFFFFFFFD, 0))  # KEYCTL_GET_KEYRING_ID
 print("io_uring_setup", call("syscall", NR["io_uring_setup"], 1, bad))
 print("userfaultfd", call("syscall", NR["userfaultfd"], 0))
+print("vsock", call("socket", 40, 1, 0))  # AF_VSOCK, SOCK_STREAM
 print("personality", call("syscall", NR["personality"], 0x0400000))  # READ_IMPLIES_EXEC
 print("personality-query", call("syscall", NR["personality"], 0xFFFFFFFF))
 print("init", next(l.split()[1] for l in open("/proc/1/status") if l.startswith("State:")))
@@ -178,13 +179,13 @@ print("init", next(l.split()[1] for l in open("/proc/1/status") if l.startswith(
 
 def test_seccomp_refuses_dangerous_system_calls(workspace: Path) -> None:
     """ptrace, mount, new user namespaces, bpf, perf_event_open, keyrings, io_uring,
-    userfaultfd and personality changes fail with EPERM from the filter; the personality
+    userfaultfd, VM sockets and personality changes fail with EPERM from the filter; the personality
     query still works and bwrap's init was not stopped."""
     r = bwrap.run(spec(workspace), ["python3", "-c", SYSCALL_PROBE])
     assert r.exit_code == 0, r
     got = dict(line.split(" ", 1) for line in r.stdout.splitlines())
     refused = ["ptrace", "mount", "unshare-user", "unshare-cmd", "bpf", "perf_event_open"]
-    refused += ["keyctl", "io_uring_setup", "userfaultfd", "personality"]
+    refused += ["keyctl", "io_uring_setup", "userfaultfd", "personality", "vsock"]
     assert {k: got.get(k) for k in refused} == dict.fromkeys(refused, "EPERM")
     assert got["personality-query"] == "ok"
     assert got["init"] in {"S", "R"}, got  # not T: nobody stopped it

@@ -65,6 +65,7 @@ DENIED: tuple[tuple[str, str], ...] = (
 )
 
 CLONE_NEWUSER = 0x10000000
+AF_VSOCK = 40
 
 
 class SeccompUnavailable(RuntimeError):
@@ -106,6 +107,11 @@ def build() -> Any:
     _deny(f, "unshare", newuser)
     _deny(f, "clone", newuser)
     _deny(f, "clone3", err=errno.ENOSYS)
+    # VM sockets are not network-namespaced: they reach the host's (or hypervisor's)
+    # services past the sandbox's loopback-only network (Codex's filter denies them too).
+    vsock = sc.Arg(0, sc.EQ, AF_VSOCK)
+    _deny(f, "socket", vsock)
+    _deny(f, "socketpair", vsock)
     # personality: the query (0xffffffff) and the default (PER_LINUX, 0) are fine; any other
     # value (READ_IMPLIES_EXEC, ADDR_NO_RANDOMIZE, …) is a change and refused. A rule may
     # compare an argument once, so "neither all zeros nor all ones" is spelled as: some bit i
