@@ -151,7 +151,13 @@ def test_the_guard_judges_ipv4_addresses_inside_ipv6_addresses(form: str, net_ho
     own = _v4_in(form, net_host.host_side)
     assert f"{net_host.host_side} is an address of this host" in (guard.refusal(own) or ""), own
     assert guard.refusal(_v4_in(form, "0.0.0.0")) is not None
-    for public in ("93.184.215.14", "8.8.8.8", net_host.address):
+    publics = ["93.184.215.14", "8.8.8.8"]
+    if form != "nat64-local-48":
+        # The local-use prefix is read in every RFC 6052 layout and refused when any reading
+        # is (see the next test): the test host's random 198.51.100.x can read as 100.x.0.0,
+        # a private address, in another layout. Fixed addresses that read public in all do.
+        publics.append(net_host.address)
+    for public in publics:
         assert guard.refusal(_v4_in(form, public)) is None, (form, public)
     # an operator's allowed network is allowed in any form
     assert AddressGuard(["10.1.2.0/24"]).refusal(_v4_in(form, "10.1.2.3")) is None
