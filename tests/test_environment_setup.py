@@ -180,3 +180,109 @@ def test_reserved_variable_names_are_refused(engine_server: Server, repo: Path) 
     ):
         r = api.post("environments", json={"label": "x", "repos": [str(repo)], field: {name: "v"}})
         assert r.status_code == 400 and "reserved" in r.json()["detail"], r.text
+
+
+# Prints a value in each encoding a script could leak it in, each inside a longer stream
+# (so base64 is tested at its three alignments), one ``label form`` per line.
+ENCODE = """\
+import base64, json, sys, urllib.parse as u
+v = sys.argv[1]
+b = v.encode()
+for lead in (b"", b"x", b"xy"):
+    print("b64", base64.b64encode(lead + b + b"tail").decode())
+    print("b64url", base64.urlsafe_b64encode(lead + b + b"tail").decode())
+print("hex", "<" + b.hex() + ">")
+print("HEX", "<" + b.hex().upper() + ">")
+print("url", "q=" + u.quote(v, safe="") + "&x")
+print("url+", "q=" + u.quote_plus(v) + "&x")
+print("json", json.dumps({"k": v}))
+print("json8", json.dumps({"k": v}, ensure_ascii=False))
+print("rev", "<" + v[::-1] + ">")
+"""
+LABELS = ["b64", "b64url"] * 3 + ["hex", "HEX", "url", "url+", "json", "json8", "rev"]
+ODD_SECRET = 'Pw/5e "q"+&\u00e9~42!'  # encodes differently in each form
+
+
+def encoded_lines(text: str) -> list[str]:
+    """The ENCODE output lines in ``text`` (a log or a command's output), in order."""
+    labels = set(LABELS)
+    return [line for line in text.splitlines() if line.split(" ", 1)[0] in labels]
+
+
+def plain_forms(value: str) -> list[str]:
+    """What ENCODE prints, computed here, unredacted: none of it may be seen."""
+    import base64
+    import urllib.parse as u
+
+    b = value.encode()
+    out = []
+    for lead in (b"", b"x", b"xy"):
+        out.append(base64.b64encode(lead + b + b"tail").decode())
+        out.append(base64.urlsafe_b64encode(lead + b + b"tail").decode())
+    out += [b.hex(), b.hex().upper(), u.quote(value, safe=""), u.quote_plus(value)]
+    out += [json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1], value[::-1]]
+    return out
+
+
+def assert_redacted(lines: list[str], where: str) -> None:
+    """Each ENCODE line has the mark and keeps at most a few characters of context."""
+    assert [line.split(" ", 1)[0] for line in lines] == LABELS, (where, lines)
+    for line in lines:
+        form = line.split(" ", 1)[1]
+        assert "[redacted]" in form, (where, line)
+        assert len(form.replace("[redacted]", "")) <= 12, (where, line)
+
+
+def test_encoded_secrets_are_redacted_in_logs_work_log_stream_task_json_and_web_ui(
+    engine_server: Server, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    """base64 (three alignments), base64url, hex, URL and JSON forms and the reversed value
+    of a secret, printed by the setup script and by the agent, show up as [redacted]."""
+    import html
+    import shlex
+
+    from test_web_ui import sign_in
+
+    api = engine_server.api
+    encode = f"python3 -c {shlex.quote(ENCODE)}"
+    scripted_model.script = [
+        Shell(f'{encode} "$(cat ~/odd.txt)"; {encode} "$(cat ~/token.txt)"'),
+        Say("Printed them."),
+    ]
+    env = api.create_env(
+        repo,
+        setup=[
+            f'{encode} "$ODD_TOKEN"',
+            f'{encode} "$API_TOKEN"',
+            'printf %s "$ODD_TOKEN" > ~/odd.txt',
+            'printf %s "$API_TOKEN" > ~/token.txt',
+        ],
+        secrets={"API_TOKEN": SECRET, "ODD_TOKEN": ODD_SECRET},
+    )
+    created = api.create_task(env["id"], "Print the encodings")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    details = wait_for_task(api, task_id)
+    turn = details["current_assistant_turn"]
+    assert turn["turn_status"] == "completed", turn["error"]
+
+    setup = [e["line"] for e in api.get(f"tasks/{task_id}/turns/{turn_id}/logs").json()["logs"]]
+    assert_redacted(encoded_lines("\n".join(setup))[: len(LABELS)], "setup log (odd)")
+    assert_redacted(encoded_lines("\n".join(setup))[len(LABELS) :], "setup log (token)")
+    (output,) = [out["content"]["parts"][0] for _, out in commands(turn)]
+    assert_redacted(encoded_lines(output)[: len(LABELS)], "work log (odd)")
+    assert_redacted(encoded_lines(output)[len(LABELS) :], "work log (token)")
+
+    sign_in(api.client, api.token or "")
+    seen = {
+        "task": json.dumps(details),
+        "turn": api.get(f"tasks/{task_id}/turns/{turn_id}").text,
+        "logs": api.get(f"tasks/{task_id}/logs").text,
+        "stream": api.get(f"tasks/{task_id}/turns/{turn_id}/stream").text,
+        "web": html.unescape(api.client.get(f"/tasks/{task_id}").text),
+    }
+    forms = plain_forms(SECRET) + plain_forms(ODD_SECRET) + [SECRET, ODD_SECRET]
+    for where, text in seen.items():
+        for form in forms:
+            assert form not in text, (where, form)
+            assert json.dumps(form)[1:-1] not in text, (where, form)  # as JSON carries it
+    assert "b64 " in seen["web"] and "[redacted]" in seen["web"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import socket
 import stat
 import subprocess
@@ -302,6 +303,71 @@ def test_upstream_failures_are_explained(
     assert REAL_KEY not in response.text
     if status == 404:
         assert "check WHAM_MODEL_BASE_URL" in response.json()["error"]["message"]
+
+
+def _key_forms(key: str) -> list[str]:
+    """The key as an upstream error body might echo it (each inside a longer text)."""
+    raw = key.encode()
+    return [
+        key,
+        base64.b64encode(b"Bearer " + raw).decode(),  # an echoed Authorization header
+        base64.b64encode(b"x" + raw + b"y").decode(),
+        base64.urlsafe_b64encode(b"xy" + raw).decode(),
+        raw.hex(),
+        raw.hex().upper(),
+        key[::-1],
+    ]
+
+
+@pytest.mark.parametrize("status", [400, 401, 429, 503])
+def test_an_upstream_error_echoing_the_key_in_any_encoding_reaches_no_one(
+    stacks: Callable[..., Stack], caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    """Nor the agent (the body passed on), nor the task's error, nor the server log; also
+    a key hidden behind JSON escapes, and in a streamed ``response.failed``."""
+    forms = _key_forms(REAL_KEY)
+    escaped = "".join(f"\\u{ord(c):04x}" for c in REAL_KEY)  # JSON decodes it to the key
+    text = " ".join(forms) + " " + escaped
+    body = json.dumps({"error": {"message": text}}).replace("\\\\u", "\\u").encode()
+    upstream = OpenAIUpstream("openai-compatible", "http://model.invalid/v1", REAL_KEY)
+    stack = stacks(upstream, transport=_mock(status, body))
+    token = stack.gateway.register_attempt("att-1")
+    with caplog.at_level(logging.DEBUG), stack.client(token) as client:
+        response = client.post("/responses", json=BODY)
+    assert response.status_code >= 400
+    seen = {
+        "answer": json.loads(response.text)["error"]["message"] + response.text,
+        "task error": stack.gateway.last_error("att-1") or "",
+        "server log": caplog.text,
+    }
+    assert status == 401 or "[redacted]" in seen["task error"]
+    inner = [f[2:-2] for f in forms]  # what is left whatever the surrounding text
+    for where, text in seen.items():
+        for form in inner:
+            assert form not in text, (where, form)
+
+
+def test_a_streamed_response_failed_echoing_the_key_stays_out_of_the_task_error(
+    stacks: Callable[..., Stack], caplog: pytest.LogCaptureFixture
+) -> None:
+    encoded = base64.b64encode(REAL_KEY.encode()).decode()
+    event = {
+        "type": "response.failed",
+        "response": {"id": "r", "error": {"code": "bad", "message": f"key {encoded} bad"}},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        frame = f"data: {json.dumps(event)}\n\n".encode()
+        return httpx.Response(200, content=frame, headers={"content-type": "text/event-stream"})
+
+    upstream = OpenAIUpstream("openai-compatible", "http://model.invalid/v1", REAL_KEY)
+    stack = stacks(upstream, transport=httpx.MockTransport(handler))
+    token = stack.gateway.register_attempt("att-1")
+    with caplog.at_level(logging.DEBUG), stack.client(token) as client:
+        client.post("/responses", json=BODY)
+    error = stack.gateway.last_error("att-1") or ""
+    assert "key [redacted]" in error and encoded[2:-2] not in error
+    assert encoded[2:-2] not in caplog.text
 
 
 def test_a_stream_broken_midway_ends_with_response_failed(stacks: Callable[..., Stack]) -> None:

@@ -513,7 +513,15 @@ class Gateway:
         finally:
             await upstream.aclose()
         text = self.upstream.redact(raw.decode("utf-8", "replace"))
-        detail = _error_message(text)
+        try:  # a JSON body could spell the key in escapes (\u0073…) that decode to it
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        if parsed is not None:
+            cleaned = _map_strings(parsed, self.upstream.redact)
+            if cleaned != parsed:
+                text = json.dumps(cleaned)
+        detail = self.upstream.redact(_error_message(text))  # JSON escapes decoded
         if status in (401, 403):
             message = self.upstream.rejected_message(status)
             kind = ("upstream_auth_error", "upstream_auth_failed")
@@ -541,6 +549,17 @@ def _connection_tokens(value: str | None) -> frozenset[str]:
 def _response_headers(headers: httpx.Headers) -> dict[str, str]:
     dropped = _DROP_RESPONSE | _connection_tokens(headers.get("connection"))
     return {k: v for k, v in headers.items() if k.lower() not in dropped}
+
+
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """``value`` (parsed JSON) with ``fn`` applied to every string in it, keys too."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {fn(str(k)): _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    return value
 
 
 def _error_message(text: str) -> str:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from openwham.config import Settings
+from openwham.redaction import Redactor
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 PROVIDERS = ("openai", "openai-compatible", "chatgpt")
@@ -99,12 +100,13 @@ class Upstream(ABC):
         )
 
     def redact(self, text: str) -> str:
-        """``text`` without any credential (nor a password inside the base URL)."""
+        """``text`` without any credential (nor a password inside the base URL), also in
+        the encodings an upstream error body may echo it in (base64, hex, URL, JSON: see
+        :mod:`openwham.engine.redact`). Every upstream body that reaches a task error, the
+        agent or the server log passes through here first."""
         userinfo = urlsplit(self.base_url).netloc.rpartition("@")[0]
-        for secret in sorted([*self.secrets(), userinfo], key=len, reverse=True):
-            if secret and (len(secret) >= 6 or secret is userinfo):
-                text = text.replace(secret, "[redacted]")
-        return text
+        values = [s for s in self.secrets() if s and len(s) >= 6]
+        return Redactor([*values, userinfo]).text(text)
 
 
 class OpenAIUpstream(Upstream):
