@@ -4,9 +4,11 @@ local bare repository here); follow-ups add commits to the same branch."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from conftest import Server, completed_task, git, make_repo, wait_for_task
+from openwham.store import models as m
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
 
 FIX = """\
@@ -168,3 +170,84 @@ def test_a_taken_branch_name_gets_a_suffix_and_a_moved_task_branch_is_left_alone
     r = api.post(f"tasks/{task_id}/turns/{follow['turn']['id']}/pr")
     assert r.status_code == 409 and "left as it is" in r.json()["detail"], r.text
     assert git("rev-parse", branch, cwd=remote).strip() == moved
+
+
+SECRET = "tok-push-5ecret-77"
+
+
+def test_a_change_with_a_secret_is_refused_naming_the_secret_and_file_not_its_value(
+    engine_server: Server, scripted_model: ScriptedModel, tmp_path: Path
+) -> None:
+    """The recorded diff has [redacted] where the value was: pushing it would be neither
+    the agent's change nor safe, and pushing the real one would publish the secret. An
+    encoded value counts too (here base64, in a second file)."""
+    api = engine_server.api
+    remote = bare_remote(tmp_path)
+    env = api.create_env(
+        str(remote),
+        setup=['printf %s "$API_TOKEN" > ~/token.txt'],
+        secrets={"API_TOKEN": SECRET},
+    )
+    script = (
+        "printf 'token=%s\\n' \"$(cat ~/token.txt)\" > settings.ini && "
+        "base64 ~/token.txt > encoded.txt && echo 'unrelated' > notes.txt && echo written"
+    )
+    task_id, turn_id, details = completed_task(
+        api, scripted_model, env["id"], "Write the settings", [Shell(script), Say("Done.")]
+    )
+    assert (
+        "+token=[redacted]"
+        in details["current_assistant_turn"]["output_items"][-1]["output_diff"]["diff"]
+    )
+    branches_before = git("branch", "--list", cwd=remote)
+
+    r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
+    assert r.status_code == 409, r.text
+    detail = r.json()["detail"]
+    assert "'API_TOKEN' in 'settings.ini'" in detail and "'API_TOKEN' in 'encoded.txt'" in detail
+    assert "notes.txt" not in detail and SECRET not in r.text
+    assert git("branch", "--list", cwd=remote) == branches_before  # nothing pushed
+    # the record of it is not served
+    assert "diff_secrets" not in api.get(f"tasks/{task_id}/turns/{turn_id}").text
+    assert "diff_secrets" not in api.get(f"tasks/{task_id}").text
+
+
+def test_a_change_without_secrets_is_pushed_exactly_even_with_a_redaction_mark_in_it(
+    engine_server: Server, scripted_model: ScriptedModel, tmp_path: Path
+) -> None:
+    """An environment with secrets, an agent that does not use them: its change (here text
+    that merely looks like a redaction) goes to the remote byte for byte."""
+    api = engine_server.api
+    remote = bare_remote(tmp_path)
+    env = api.create_env(str(remote), secrets={"API_TOKEN": SECRET})
+    text = "password: [redacted]\nnot a tok-push secret\n"
+    task_id, turn_id, _ = completed_task(
+        api,
+        scripted_model,
+        env["id"],
+        "Document redaction",
+        [Shell(f"printf %s {shlex.quote(text)} > REDACTION.md"), Say("Done.")],
+    )
+    r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
+    assert r.status_code == 200, r.text
+    branch = r.json()["pull_request"]["head"]
+    assert git("show", f"{branch}:REDACTION.md", cwd=remote) == text
+
+
+def test_an_old_attempt_with_redaction_marks_and_no_secret_record_is_not_pushed(
+    engine_server: Server, scripted_model: ScriptedModel, tmp_path: Path
+) -> None:
+    """Attempts recorded before the engine noted which secrets a change holds: the marks are
+    all there is to go by, and pushing them would push ``[redacted]`` files."""
+    api = engine_server.api
+    remote = bare_remote(tmp_path)
+    env = api.create_env(str(remote))
+    task_id, turn_id, _ = completed_task(
+        api, scripted_model, env["id"], "Mark", [Shell("echo '[redacted]' > x.txt"), Say("Ok.")]
+    )
+    with engine_server.app_state.db.session() as s:
+        row = s.get(m.Turn, turn_id)
+        assert row is not None and row.body.get("diff_secrets") == []
+        row.body = {k: v for k, v in row.body.items() if k != "diff_secrets"}
+    r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
+    assert r.status_code == 409 and "[redacted]" in r.json()["detail"], r.text

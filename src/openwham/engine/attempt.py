@@ -63,7 +63,7 @@ from . import setup as setup_phase
 from . import storage
 from .diff import DiffError
 from .recorder import TurnRecorder, latest_event
-from .redact import Redactor
+from .redact import Redactor, secrets_in_diff
 from .standby import AgentKey, Prepared, StandbyPool
 from .titles import TitleJob
 
@@ -265,7 +265,7 @@ class Engine:
         if claim is None:
             return None
         rec = TurnRecorder(
-            self.db, self.bus, claim.task_id, turn_id, claim.body, Redactor(claim.secrets.values())
+            self.db, self.bus, claim.task_id, turn_id, claim.body, self._redactor(claim)
         )
         self._start_title(claim)  # beside the attempt: it never waits for the title
         attempt_dir = self.attempts_root / turn_id
@@ -573,6 +573,9 @@ class Engine:
                 raise AttemptFailed("diff_error", str(exc)) from exc
             if diff.text:
                 items.append(self._pr_item(claim, base, diff.text, answer))
+                # the stored diff is redacted: remember (names and files only) which
+                # secrets the real change holds, so a push can refuse it (service.prs)
+                rec.set(diff_secrets=secrets_in_diff(self._redactor(claim, named=True), diff.text))
         control.check()
         return rec.finish("completed", text=COMPLETED, output_items=items)
 
@@ -805,6 +808,19 @@ class Engine:
                 rec.status(update_.text)
             else:
                 rec.message(update_.message)
+
+    def _redactor(self, claim: Claim, *, named: bool = False) -> Redactor:
+        """What an attempt's records are cleaned of: the environment's secrets and the model
+        upstream's credentials (an upstream error could echo them into Codex's own error),
+        each also in its encodings. ``named``: keyed by the secret's name (for
+        :func:`secrets_in_diff`)."""
+        values: dict[str, str] = {}
+        upstream = self.gateway.upstream.secrets() if self.gateway is not None else []
+        for i, value in enumerate(upstream):
+            values[f"(the model upstream's credential {i + 1})" if named else value] = value
+        for name, value in claim.secrets.items():
+            values[name if named else value] = value
+        return Redactor(values)
 
     def _pr_item(self, claim: Claim, base: str, diff: str, answer: str) -> dict[str, Any]:
         stats = diff_stats(diff)

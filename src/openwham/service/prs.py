@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from openwham.redaction import MARK
 from openwham.store import models as m
 
 from . import settings as user_settings
@@ -111,6 +112,7 @@ def plan(db: Session, principal: Principal, task_id: str, turn_id: str) -> PushP
     diff, base = diff_item.get("diff"), diff_item.get("base_commit_sha")
     if not isinstance(diff, str) or not diff or not isinstance(base, str):
         raise Conflict("This attempt changed no files: there is nothing to push")
+    _refuse_secrets(turn, diff)
     _, env_body = run_environment(db, task, turn)
     repo_key = str(diff_item.get("repo_id") or (env_body.get("repos") or [""])[0])
     url = repo_url(env_body, repo_key)
@@ -145,6 +147,31 @@ def plan(db: Session, principal: Principal, task_id: str, turn_id: str) -> PushP
         author=(user.name or "openwham", user.email or "openwham@localhost"),
         existing=existing,
     )
+
+
+def _refuse_secrets(turn: m.Turn, diff: str) -> None:
+    """409 when the attempt's change holds a secret's value (in any encoding the redactor
+    knows). The stored diff has ``[redacted]`` in its place, which is not the agent's change,
+    and pushing the value would publish the secret: neither is pushed. The engine recorded
+    which secrets and files (``diff_secrets``, names only) when the attempt finished; an
+    attempt recorded before that is judged by the redaction marks in its diff. A change
+    without secrets is the stored diff exactly as the agent made it."""
+    found = turn.body.get("diff_secrets")
+    if isinstance(found, list) and found:
+        where = "; ".join(
+            f"secret {str(f.get('secret'))!r} in {str(f.get('file'))!r}"
+            for f in found[:10]
+            if isinstance(f, dict)
+        )
+        raise Conflict(
+            f"This change contains the value of an environment secret ({where}), so it is "
+            "not pushed: remove the secret from the change (a follow-up can) and push that"
+        )
+    if found is None and MARK in diff:
+        raise Conflict(
+            f"This change has {MARK} where a secret's value was; it was recorded before "
+            "openwham kept track of which secret, and is not pushed: run the task again"
+        )
 
 
 PROMPT_LABEL_CHARS = 72
