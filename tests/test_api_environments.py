@@ -128,6 +128,58 @@ def test_create_rejects_bad_input_with_4xx_and_creates_nothing(
     assert api.get("environments").json() == []
 
 
+LOADER_NAMES = [
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "LD_AUDIT",
+    "BASH_ENV",
+    "ENV",
+    "PATH",
+    "IFS",
+    "PS4",
+    "SHELLOPTS",
+    "GIT_DIR",
+    "GIT_SSH_COMMAND",
+    "GIT_CONFIG_GLOBAL",
+    "PYTHONSTARTUP",
+    "PYTHONPATH",
+    "NODE_OPTIONS",
+    "PERL5OPT",
+]
+
+
+def test_names_that_change_how_programs_load_are_refused_on_create_and_update(
+    api: Api, repo: Path
+) -> None:
+    """As variables or secrets, at create and at update: 400 naming the variable and why;
+    nothing stored. Look-alikes that do not change loading are fine."""
+    for name in LOADER_NAMES:
+        for field in ("env_vars", "secrets"):
+            r = api.post(
+                "environments", json={"label": "x", "repos": [str(repo)], field: {name: "v"}}
+            )
+            assert r.status_code == 400, (name, field, r.text)
+            detail = r.json()["detail"]
+            assert f"{name!r} is not allowed: it " in detail and "docs/api.md" in detail, detail
+    assert api.get("environments").json() == []
+    env = api.create_env(
+        repo, env_vars={"GITHUB_USER": "me", "path": "lower case is not PATH", "LDFLAGS": "-s"}
+    )
+    for name in ("GIT_DIR", "LD_PRELOAD", "BASH_ENV"):
+        for field in ("env_vars", "secrets"):
+            r = api.patch(f"environments/{env['id']}", json={field: {name: "v"}})
+            assert r.status_code == 400 and repr(name) in r.json()["detail"], (name, r.text)
+    stored = api.get(f"environments/{env['id']}").json()
+    assert stored["env_vars"] == {
+        "GITHUB_USER": "me",
+        "path": "lower case is not PATH",
+        "LDFLAGS": "-s",
+    }
+    # deleting such a secret (an old row's) stays possible
+    r = api.patch(f"environments/{env['id']}", json={"secrets": {"GIT_DIR": None}})
+    assert r.status_code == 200, r.text
+
+
 def test_a_directory_that_is_not_a_git_repository_is_refused(api: Api, tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     plain.mkdir()

@@ -961,6 +961,45 @@ def test_the_agent_cannot_bend_the_diff_computed_in_its_sandbox(
     git("apply", "--check", str(tmp_path / "change.diff"), cwd=clone)
 
 
+def test_git_and_loader_variables_stored_on_an_old_environment_do_not_bend_the_diff(
+    engine_server: Server, scripted_model: ScriptedModel, repo: Path, tmp_path: Path
+) -> None:
+    """Such names are refused now (400), but a row stored before may have them: the diff
+    step runs with an environment of its own, so ``GIT_DIR`` and friends do not reach git."""
+    from openwham.store import models as m
+
+    api = engine_server.api
+    env = api.create_env(repo)
+    with engine_server.app_state.db.session() as s:
+        row = s.get(m.Environment, env["id"])
+        assert row is not None
+        old = {
+            "GIT_DIR": "/tmp/not-the-repository",
+            "GIT_WORK_TREE": "/",
+            "GIT_INDEX_FILE": "/tmp/elsewhere.index",
+            "GIT_DIFF_OPTS": "--unified=0",
+            "GIT_EXTERNAL_DIFF": "/bin/false",
+        }
+        row.body = {**row.body, "env_vars": old}
+    scripted_model.script = [
+        Shell("echo changed >> README.md; echo 'new file' > added.txt; env | grep ^GIT_DIR="),
+        Say("done"),
+    ]
+    task = api.create_task(env["id"], "change two files")
+    details = wait_for_task(api, task["task"]["id"])
+    assert turn_of(details)["turn_status"] == "completed", turn_of(details)
+    # the agent's own commands had them (the owner's choice back then) ...
+    assert commands(details)[0][1].strip() == "GIT_DIR=/tmp/not-the-repository"
+    # ... the diff did not
+    diff = diff_of(details)
+    assert "diff --git a/README.md b/README.md" in diff and "+changed" in diff, diff
+    assert "diff --git a/added.txt b/added.txt" in diff and "+new file" in diff, diff
+    clone = tmp_path / "check"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    (tmp_path / "change.diff").write_text(diff)
+    git("apply", "--check", str(tmp_path / "change.diff"), cwd=clone)
+
+
 # --------------------------------------------------------------------------- 9. stalls
 
 PTRACE_INIT = (

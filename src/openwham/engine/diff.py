@@ -28,10 +28,15 @@ _SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
 # The agent controlled .git/config: filters ("clean" commands run by `git add`), fsmonitor,
 # hooks paths, worktree and attributes settings; and $HOME (~/.gitconfig). Replace the
 # repository's config with a plain one first and read no other; the workspace is thrown
-# away afterwards. Drivers named in .gitattributes are then undefined. The script reports
+# away afterwards. Drivers named in .gitattributes are then undefined. The environment's
+# variables are none of git's business either (GIT_DIR, GIT_WORK_TREE, LD_PRELOAD, ... from
+# an environment stored before such names were refused): the launcher starts the script with
+# an empty environment and the script unsets whatever else it got. The script reports
 # through files in OUT_DIR: `diff` (at most MAX_DIFF_BYTES + 1 bytes), `status`, `error`.
 _SCRIPT = """\
 set -u
+for v in $(compgen -e); do unset "$v" 2>/dev/null; done
+export PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8
 out=@OUT@
 rm -rf "$out/diff" "$out/status" "$out/error"
 (

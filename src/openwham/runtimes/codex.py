@@ -312,7 +312,7 @@ if [ "$early" = 1 ]; then
     [ "$left" = 0 ] && break
   done
   if [ "$left" = 0 ]; then
-    /bin/bash -c "$after" openwham-after </dev/null >/dev/null 2>&1
+    (exec -c /bin/bash -c "$after" openwham-after) </dev/null >/dev/null 2>&1
     echo "@WRITTEN@" >&2
     wait "$codex"
     exit $?
@@ -321,7 +321,7 @@ if [ "$early" = 1 ]; then
   status=$?
 fi
 kill -KILL -1 2>/dev/null  # every process left in the sandbox but this shell (and init)
-/bin/bash -c "$after" openwham-after </dev/null >/dev/null 2>&1
+(exec -c /bin/bash -c "$after" openwham-after) </dev/null >/dev/null 2>&1
 echo "@WRITTEN@" >&2
 exit $status
 """
@@ -352,7 +352,9 @@ def launcher(
     diff, which so needs no second sandbox). Codex then runs as a child instead of being
     exec'd; when it exits, every other process in the sandbox is killed first (the agent's
     leftovers cannot change the workspace under the script), the script runs with no
-    stdin/stdout/stderr (it reports through files), and the launcher exits with Codex's
+    stdin/stdout/stderr (it reports through files) and an empty environment (``exec -c``:
+    none of the environment's variables, e.g. an old row's ``GIT_DIR`` or ``BASH_ENV``, reach
+    it; the script sets what it needs), and the launcher exits with Codex's
     status. A ``SIGUSR1`` to the launcher (the host sends it when the agent's last model
     response goes through the gateway, or on ``turn.completed``) starts the script early:
     every process but Codex and the forwarder is killed and the script runs while Codex

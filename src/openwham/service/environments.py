@@ -73,6 +73,56 @@ def is_reserved_var(name: str) -> bool:
     return name in RESERVED_VARS or name.upper().startswith(RESERVED_PREFIX)
 
 
+# Names that change how programs are loaded or run rather than what they work on: set for a
+# whole sandbox they would act on every program in it, openwham's own steps too (the setup
+# shell, git in the diff step, Codex and its tools), and one of them once broke a diff.
+# Refused at create/update; docs/api.md lists them with the reasons.
+LOADER_VARS = {
+    # the dynamic loader: code injected into every program, libraries swapped
+    "LD_PRELOAD": "loads code into every program",
+    "LD_LIBRARY_PATH": "replaces the libraries every program loads",
+    "LD_AUDIT": "loads code into every program",
+    "LD_DEBUG": "changes what every program prints",
+    "LD_BIND_NOW": "changes how every program is loaded",
+    "GCONV_PATH": "loads code into programs that convert text",
+    "MALLOC_CHECK_": "changes every program's memory allocator",
+    # shells: files sourced, and how scripts are split and traced
+    "BASH_ENV": "makes every bash script source a file first",
+    "ENV": "makes every sh script source a file first",
+    "SHELLOPTS": "changes how every bash script runs",
+    "BASHOPTS": "changes how every bash script runs",
+    "IFS": "changes how every shell script splits words",
+    "PS4": "is evaluated by every traced shell script",
+    "CDPATH": "changes where scripts' cd commands go",
+    "PROMPT_COMMAND": "runs a command in every bash shell",
+    "PATH": "changes which programs run (set it in the setup script instead)",
+    # interpreters: code run at start-up, modules swapped
+    "PYTHONSTARTUP": "runs code in Python",
+    "PYTHONPATH": "replaces the modules Python (and openwham's forwarder) loads",
+    "PYTHONHOME": "replaces Python's standard library",
+    "PYTHONINSPECT": "changes how Python runs",
+    "NODE_OPTIONS": "loads code into every Node.js program",
+    "PERL5OPT": "loads code into every Perl program",
+    "PERL5LIB": "replaces the modules Perl loads",
+    "PERLLIB": "replaces the modules Perl loads",
+    "RUBYOPT": "loads code into every Ruby program",
+    "RUBYLIB": "replaces the libraries Ruby loads",
+    "JAVA_TOOL_OPTIONS": "loads agents into every JVM",
+    "_JAVA_OPTIONS": "loads agents into every JVM",
+}
+LOADER_PREFIXES = {
+    "GIT_": "changes which repository and settings git uses (openwham's diff runs git)",
+    "LD_": "changes how the dynamic loader loads every program",
+}
+
+
+def loader_var_reason(name: str) -> str | None:
+    """Why ``name`` may not be an environment's variable or secret, or ``None``."""
+    if name in LOADER_VARS:
+        return LOADER_VARS[name]
+    return next((why for p, why in LOADER_PREFIXES.items() if name.startswith(p)), None)
+
+
 def _check_vars(kind: str, values: dict[str, Any], *, allow_null: bool) -> None:
     if len(values) > MAX_VARS:
         raise BadRequest(f"At most {MAX_VARS} {kind} are allowed")
@@ -83,6 +133,12 @@ def _check_vars(kind: str, values: dict[str, Any], *, allow_null: bool) -> None:
             raise BadRequest(
                 f"{kind[:-1].capitalize()} name {name!r} is reserved: openwham sets it in the "
                 "sandbox"
+            )
+        reason = loader_var_reason(name)
+        if reason is not None and not (value is None and allow_null):
+            raise BadRequest(
+                f"{kind[:-1].capitalize()} name {name!r} is not allowed: it {reason} "
+                "(docs/api.md lists the refused names)"
             )
         if value is None and allow_null:
             continue

@@ -195,7 +195,9 @@ class EnvironmentCreate(StrictWireModel):
 
     ``repos`` entries are :class:`RepoSpec` objects or bare URL strings (1 to 10 of them).
     ``secrets`` are write-only: stored encrypted, given to the setup phase only. ``setup`` and
-    ``maintenance_setup`` are a script or its lines. Unknown fields are rejected.
+    ``maintenance_setup`` are a script or its lines. Unknown fields are rejected. Names of
+    ``env_vars`` and ``secrets`` that change how programs load or run (``LD_*``, ``GIT_*``,
+    ``PATH``, ``BASH_ENV``, ...: ``service.environments.LOADER_VARS``) are refused (400).
     """
 
     label: str = Field(min_length=1, max_length=MAX_LABEL_LENGTH)
