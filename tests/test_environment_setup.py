@@ -286,3 +286,36 @@ def test_encoded_secrets_are_redacted_in_logs_work_log_stream_task_json_and_web_
             assert form not in text, (where, form)
             assert json.dumps(form)[1:-1] not in text, (where, form)  # as JSON carries it
     assert "b64 " in seen["web"] and "[redacted]" in seen["web"]
+
+
+def test_redaction_of_encodings_at_every_offset_and_its_short_secret_floor() -> None:
+    """The matching itself: base64 of a value anywhere in a stream (any prefix length, any
+    bytes around it), and the floor below which only the value itself is matched (a 3-letter
+    secret's base64 would blank out unrelated base64 everywhere)."""
+    import base64
+    import os
+
+    from openwham.redaction import MIN_ENCODED, Redactor, secrets_in_diff
+
+    redactor = Redactor({"API_TOKEN": SECRET, "ODD_TOKEN": ODD_SECRET})
+    for value in (SECRET, ODD_SECRET):
+        for lead in range(7):
+            stream = os.urandom(lead) + value.encode() + os.urandom(5)
+            for encode in (base64.b64encode, base64.urlsafe_b64encode):
+                text = encode(stream).decode()
+                redacted = redactor.text(text)
+                assert "[redacted]" in redacted, (lead, text)
+                left = len(redacted.replace("[redacted]", ""))  # the random bytes around
+                assert left <= (lead + 5) * 4 // 3 + 4, (lead, redacted)
+    assert redactor.names_in(f"x {SECRET.encode().hex().upper()} y") == ["API_TOKEN"]
+    short = Redactor(["abc"])
+    assert MIN_ENCODED == 6 and short.text("abc YWJj 616263 cba") == "[redacted] YWJj 616263 cba"
+    diff = (
+        "diff --git a/a.txt b/a.txt\n+plain\n"
+        f"diff --git a/b.txt b/b.txt\n+{base64.b64encode(SECRET.encode()).decode()}\n"
+        f"diff --git a/c_{SECRET}.txt b/c_{SECRET}.txt\n+x\n"
+    )
+    assert secrets_in_diff(redactor, diff) == [
+        {"secret": "API_TOKEN", "file": "b.txt"},
+        {"secret": "API_TOKEN", "file": "c_[redacted].txt"},
+    ]
