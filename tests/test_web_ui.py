@@ -8,6 +8,7 @@ are saved to ``WHAM_TEST_ARTIFACTS`` (default: under pytest's temporary director
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -100,6 +102,65 @@ def test_pages_need_a_session_whose_cookie_is_httponly_and_samesite(server: Serv
     out = client.post("/logout", data={"csrf": csrf_of(home.text)}, follow_redirects=False)
     assert out.status_code == 303 and out.headers["location"] == "/login"
     assert client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_printed_task_urls_open_the_task_page_through_sign_in(server: Server, repo: Path) -> None:
+    """``{base}/codex/tasks/{id}`` (what wham, the SDK and codex cloud print) is the task
+    page; signed out, sign-in comes first and then the task; ``next`` stays on this site."""
+    client = server.api.client
+    env = server.api.create_env(repo)
+    task_id = server.api.create_task(env["id"], "Open me from a link")["task"]["id"]
+    for path in (f"/codex/tasks/{task_id}", f"/codex/tasks/{task_id}/diff/turn_x"):
+        r = client.get(path, follow_redirects=False)
+        assert r.status_code == 303, path
+        assert r.headers["location"] == "/login?" + urlencode({"next": path})
+    page = client.get(f"/codex/tasks/{task_id}", follow_redirects=True)
+    assert 'name="next"' in page.text and f"/codex/tasks/{task_id}" in page.text
+    r = client.post(
+        "/login",
+        data={
+            "csrf": csrf_of(page.text),
+            "token": server.api.token,
+            "next": f"/codex/tasks/{task_id}",
+        },
+        follow_redirects=False,
+    )
+    assert r.status_code == 303 and r.headers["location"] == f"/codex/tasks/{task_id}"
+    r = client.get(r.headers["location"], follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/tasks/{task_id}"
+    task_page = client.get(r.headers["location"])
+    assert task_page.status_code == 200 and "Open me from a link" in task_page.text
+    sub = client.get(f"/codex/tasks/{task_id}/turns/x", follow_redirects=False)
+    assert sub.headers["location"] == f"/tasks/{task_id}"
+    # an unknown task is the task page's 404, not a blank redirect loop
+    assert client.get("/codex/tasks/task_e_nope", follow_redirects=True).status_code == 404
+
+    # open redirects: sign-in never sends the browser to another site
+    for evil in ("//evil.example", "https://evil.example", "/\\evil.example", "http:/x", "evil"):
+        login = client.get("/login?" + urlencode({"next": evil}), follow_redirects=False)
+        assert login.status_code == 303 and login.headers["location"] == "/", evil
+        out = client.post("/logout", data={"csrf": csrf_of(client.get("/").text)})
+        assert out.status_code == 200
+        form = client.get("/login?" + urlencode({"next": evil}))
+        assert "evil.example" not in form.text
+        r = client.post(
+            "/login",
+            data={"csrf": csrf_of(form.text), "token": server.api.token, "next": evil},
+            follow_redirects=False,
+        )
+        assert r.status_code == 303 and r.headers["location"] == "/", evil
+
+
+def test_version_in_cli_health_and_footer(server: Server) -> None:
+    """One version everywhere: the installed package's (pyproject.toml)."""
+    expected = importlib.metadata.version("openwham")
+    out = subprocess.run([str(WHAM), "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"wham {expected}"
+    health = server.api.client.get("/healthz")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "version": expected}
+    login = server.api.client.get("/login", follow_redirects=True)
+    assert f"openwham {expected}</a></footer>" in login.text
 
 
 def test_every_form_needs_the_sessions_csrf_token(server: Server, repo: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from openwham import __version__
+
 from . import account, codex_auth, envs, serve, tasks, tokens, web
 
 app = typer.Typer(
@@ -18,11 +20,25 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    """``--version``: print the installed package's version and stop."""
+    if value:
+        typer.echo(f"wham {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def root(
     ctx: typer.Context,
     profile: str | None = typer.Option(
         None, "--profile", "-p", help="Profile to use (see `wham status`)"
+    ),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the version and exit",
+        callback=_print_version,
+        is_eager=True,
     ),
 ) -> None:
     """Global options."""

@@ -24,6 +24,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
+from openwham import __version__
 from openwham.service import environments as envs
 from openwham.service import logs, tasks, usage, webauth
 from openwham.service import tokens as api_tokens
@@ -102,6 +103,7 @@ class WebUI:
             lstrip_blocks=True,
         )
         self.templates.globals["status_labels"] = views.STATUS_LABELS
+        self.templates.globals["version"] = __version__
         self.static_version = str(int(max(p.stat().st_mtime for p in STATIC.iterdir())))
         self.router = APIRouter(route_class=self._route_class(), include_in_schema=False)
         self._routes()
@@ -362,6 +364,18 @@ class WebUI:
         ) -> Response:
             sess, principal = self.principal(request, db)
             return self._task_page(request, db, sess, principal, task_id, turn)
+
+        @r.get("/codex/tasks/{task_id}")
+        def codex_task_link(request: Request, task_id: str, db: DbDep) -> Response:
+            """The task URL the CLI, the SDK and ``codex cloud`` print: the task page."""
+            self.principal(request, db)  # signed out: sign-in, then back here
+            return self.redirect(f"/tasks/{quote(task_id, safe='')}")
+
+        @r.get("/codex/tasks/{task_id}/{rest:path}")
+        def codex_task_sub_link(request: Request, task_id: str, rest: str, db: DbDep) -> Response:
+            """Codex cloud's sub-pages of a task (``/diff``, ``/turns/...``): the task page."""
+            self.principal(request, db)
+            return self.redirect(f"/tasks/{quote(task_id, safe='')}")
 
         @r.post("/tasks/{task_id}/follow-up")
         def follow_up(request: Request, task_id: str, db: DbDep, form: FormDep) -> Response:
