@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import re
 import subprocess
 import time
@@ -864,3 +865,116 @@ def test_browser_controls_are_labelled_and_keyboard_reachable(
             break
     else:
         raise AssertionError("Tab never reached the prompt")
+
+
+def test_browser_opens_the_url_wham_task_new_prints_through_sign_in(
+    browser: Any, live: LiveServer, env_id: str, model: ScriptedModel, tmp_path: Path
+) -> None:
+    """The link the CLI prints opens the task page in Chromium, sign-in first."""
+    model.script = [Say("Linked answer.")]
+    token = live.token()
+    home = tmp_path / "home"
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "WHAM_CONFIG_DIR": str(home / "config"),
+        "CODEX_HOME": str(home / "codex"),
+        "WHAM_URL": live.url,
+        "WHAM_TOKEN": token,
+    }
+    new = subprocess.run(
+        [str(WHAM), "task", "new", "Open me from the CLI", "--env", env_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert new.returncode == 0, new.stderr
+    url = new.stdout.splitlines()[0]
+    assert url.startswith(f"{live.url}/codex/tasks/task_e_")
+    task_id = url.rsplit("/", 1)[1]
+    ctx = browser.new_context(base_url=live.url)  # signed out
+    try:
+        p = ctx.new_page()
+        p.goto(url)
+        p.wait_for_url(re.compile(r"/login\?next="))
+        p.get_by_label("API token").fill(token)
+        p.get_by_role("button", name="Sign in").click()
+        p.wait_for_url(re.compile(rf"/tasks/{task_id}$"))
+        assert p.locator("#task-title").is_visible()
+        assert "Open me from the CLI" in p.locator("#prompt").inner_text()
+        p.goto(f"{url}/diff")  # codex cloud's sub-page of a task
+        p.wait_for_url(re.compile(rf"/tasks/{task_id}$"))
+    finally:
+        ctx.close()
+
+
+def test_browser_badges_and_follow_up_follow_the_attempt_live(
+    page: Any, model: ScriptedModel, env_id: str, gate: Any
+) -> None:
+    """Every attempt's tab and the badge go Queued → Running → Completed with no reload by
+    hand, and the follow-up box is usable once the badge says Completed (not before)."""
+    model.script = [Say("Held, then done.")]
+    gate.clear()
+    try:
+        submit_task(page, "Hold me for a moment", attempts="2")
+        tabs = page.get_by_role("navigation", name="Attempts")
+        for n in (1, 2):
+            tab = tabs.locator(f"a[data-attempt='{n}'] .badge")
+            page.wait_for_function(
+                "el => el.textContent.trim() === 'Running'",
+                arg=tab.element_handle(),
+                timeout=60_000,
+            )
+        wait_status(page, "Running")
+        assert page.locator(".follow-up", has_text="once this attempt has finished").is_visible()
+        assert page.locator("#follow-prompt").count() == 0
+        # Report any moment the badge says Completed above a box that still says wait.
+        seen: list[str] = []
+        page.on("console", lambda msg: seen.append(msg.text))
+        page.evaluate(
+            """() => {
+              const check = () => {
+                const badge = document.getElementById("attempt-badge");
+                const box = document.querySelector(".follow-up");
+                if (badge && box && badge.textContent.trim() === "Completed"
+                    && box.textContent.includes("once this attempt has finished")) {
+                  console.log("wham-mismatch");
+                }
+              };
+              new MutationObserver(check).observe(document.body, {
+                subtree: true, childList: true, characterData: true, attributes: true,
+              });
+            }"""
+        )
+    finally:
+        gate.set()
+    for n in (1, 2):
+        page.locator(f".attempts a[data-attempt='{n}'] .badge", has_text="Completed").wait_for(
+            timeout=60_000
+        )
+    wait_status(page, "Completed")
+    prompt = page.locator("#follow-prompt")
+    assert prompt.is_visible() and prompt.is_enabled()
+    assert page.locator(".follow-up", has_text="once this attempt has finished").count() == 0
+    assert "wham-mismatch" not in seen
+
+
+def test_opening_a_task_clears_unread(server: Server, repo: Path) -> None:
+    client = server.api.client
+    env = server.api.create_env(repo)
+    created = server.api.create_task(env["id"], "Read me")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    _finish_with(server, task_id, turn_id, "Done.", "")
+    with server.app_state.db.session() as s:
+        row = s.get(m.Task, task_id)
+        assert row is not None
+        row.has_unread_turn = True
+    sign_in(client, server.api.token or "")
+    assert 'class="task-row unread"' in client.get("/").text
+    assert server.api.get(f"tasks/{task_id}").json()["task"]["has_unread_turn"] is True
+    page = client.get(f"/tasks/{task_id}")
+    assert page.status_code == 200 and "Unread" not in page.text
+    assert server.api.get(f"tasks/{task_id}").json()["task"]["has_unread_turn"] is False
+    assert 'class="task-row unread"' not in client.get("/").text

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlencode
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
@@ -377,6 +377,22 @@ class WebUI:
             self.principal(request, db)
             return self.redirect(f"/tasks/{quote(task_id, safe='')}")
 
+        @r.get("/tasks/{task_id}/attempts")
+        def attempt_statuses(
+            request: Request, task_id: str, db: DbDep, turn: str | None = None
+        ) -> Response:
+            """The statuses of the shown prompt's attempts (JSON), for the task page's live
+            tabs and badge: the turn stream follows one attempt, the tabs show them all."""
+            _, principal = self.principal(request, db)
+            exchanges = self._exchanges(db, principal, task_id, turn)
+            siblings = exchanges[-1].siblings if exchanges else []
+            body = {
+                "attempts": [
+                    {"id": a.id, "status": a.status, "label": a.status_label} for a in siblings
+                ]
+            }
+            return self._headers(JSONResponse(body))
+
         @r.post("/tasks/{task_id}/follow-up")
         def follow_up(request: Request, task_id: str, db: DbDep, form: FormDep) -> Response:
             sess, principal = self.principal(request, db)
@@ -670,14 +686,13 @@ class WebUI:
         values: dict[str, str] | None = None,
         status: int = 200,
     ) -> HTMLResponse:
+        if tasks.get_task_row(db, principal, task_id).has_unread_turn:
+            # Opening the task is reading it (as in Codex cloud): "Unread" clears.
+            tasks.mark_read(db, principal, task_id)
+            db.commit()
         details = tasks.details(db, principal, task_id).model_dump(mode="json")
-        mapping = tasks.turn_mapping(db, principal, task_id).model_dump(mode="json")["turn_mapping"]
         task = details["task"]
-        current = details.get("current_assistant_turn") or {}
-        chosen = selected if selected and selected in mapping else current.get("id")
-        if chosen and mapping.get(chosen, {}).get("turn", {}).get("role") != "assistant":
-            chosen = current.get("id")
-        exchanges = views.chain(mapping, chosen) if chosen else []
+        exchanges = self._exchanges(db, principal, task_id, selected, details)
         last = exchanges[-1] if exchanges else None
         attempt = last.attempt if last else None
         diff = attempt.diff if attempt else None
@@ -725,6 +740,24 @@ class WebUI:
             sess=sess,
             principal=principal,
         )
+
+    def _exchanges(
+        self,
+        db: Session,
+        principal: Principal,
+        task_id: str,
+        selected: str | None,
+        details: dict[str, Any] | None = None,
+    ) -> list[views.Exchange]:
+        """The conversation shown: the path to attempt ``selected`` (default: the current)."""
+        if details is None:
+            details = tasks.details(db, principal, task_id).model_dump(mode="json")
+        mapping = tasks.turn_mapping(db, principal, task_id).model_dump(mode="json")["turn_mapping"]
+        current = details.get("current_assistant_turn") or {}
+        chosen = selected if selected and selected in mapping else current.get("id")
+        if chosen and mapping.get(chosen, {}).get("turn", {}).get("role") != "assistant":
+            chosen = current.get("id")
+        return views.chain(mapping, chosen) if chosen else []
 
     def _env_form(
         self,

@@ -249,6 +249,62 @@
     }
   }
 
+  // ------------------------------------------------------------------ live status
+
+  // Every badge of attempt `turn` (its tab and, when shown, the one above the log).
+  function setBadges(status, turn) {
+    document.querySelectorAll(".badge[data-turn]").forEach((node) => {
+      if (node.dataset.turn !== turn) return;
+      node.textContent = STATUS_LABELS[status] || status;
+      node.className = "badge s-" + status;
+    });
+  }
+
+  // The shown attempt ended: its answer, diff and follow-up box are the server's to render,
+  // so reload now rather than show "Completed" above a box that still says wait.
+  let reloading = false;
+  function attemptEnded() {
+    if (reloading) return;
+    reloading = true;
+    window.location.reload();
+  }
+
+  // The turn stream follows the shown attempt only; the other attempts' tabs (and the shown
+  // one, should the stream drop) follow the server's statuses by polling.
+  function attemptStatuses() {
+    const article = document.querySelector("article.task[data-attempts]");
+    if (!article) return;
+    const badge = document.getElementById("attempt-badge");
+    const shownActive = badge && !TERMINAL.includes(badge.dataset.status);
+    let timer = 0;
+    const poll = async () => {
+      if (document.hidden) return;
+      let body;
+      try {
+        const response = await fetch(article.dataset.attempts, {
+          headers: { "X-Requested-With": "fetch" },
+        });
+        if (!response.ok) return;
+        body = await response.json();
+      } catch (err) {
+        return; /* offline for a moment: try again on the next tick */
+      }
+      const attempts = body.attempts || [];
+      attempts.forEach((a) => {
+        if (badge && a.id === badge.dataset.turn) {
+          if (TERMINAL.includes(a.status)) {
+            if (shownActive) attemptEnded();
+            return;
+          }
+        }
+        setBadges(a.status, a.id);
+      });
+      if (attempts.every((a) => TERMINAL.includes(a.status))) window.clearInterval(timer);
+    };
+    timer = window.setInterval(poll, 2000);
+    poll();
+  }
+
   function workLog() {
     const root = document.getElementById("worklog");
     const dataNode = document.getElementById("worklog-data");
@@ -302,18 +358,16 @@
           break;
         }
         case "task_turn_event":
+          if (TERMINAL.includes(payload.turn_status)) {
+            if (!finished) {
+              finished = true;
+              source.close();
+              attemptEnded();
+            }
+            break;
+          }
           if (statusLine && payload.text) statusLine.textContent = payload.text;
-          if (badge && payload.turn_status) {
-            badge.textContent = STATUS_LABELS[payload.turn_status] || payload.turn_status;
-            badge.className = "badge s-" + payload.turn_status;
-          }
-          if (TERMINAL.includes(payload.turn_status) && !finished) {
-            finished = true;
-            source.close();
-            if (statusLine) statusLine.classList.remove("live");
-            // The answer and the diff are rendered by the server: show them.
-            window.setTimeout(() => window.location.reload(), 400);
-          }
+          if (badge && payload.turn_status) setBadges(payload.turn_status, badge.dataset.turn);
           break;
       }
     };
@@ -379,6 +433,7 @@
     submitShortcuts();
     taskList();
     workLog();
+    attemptStatuses();
     diffView();
     copyButtons();
   });
