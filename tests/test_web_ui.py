@@ -260,7 +260,10 @@ def test_user_text_shows_as_text_everywhere(server: Server, repo: Path) -> None:
     escaped = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;"
     task_page = pages["task"]
     assert f"Prompt {escaped}" in task_page  # the prompt
-    assert f"Answer {escaped}" in task_page  # the final message
+    # the final message, as markdown: its HTML escaped as text
+    assert "Answer &lt;script&gt;alert('x')&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in (
+        task_page
+    )
     assert f"x{escaped}.html" in task_page  # a file name in the diff
     assert "&lt;/script&gt;&lt;script&gt;alert(2)&lt;/script&gt;" in task_page  # a diff line
     # the work log goes to the page as JSON for the script: no tag can close its element
@@ -270,6 +273,42 @@ def test_user_text_shows_as_text_everywhere(server: Server, repo: Path) -> None:
     assert data and "\\u003cscript\\u003e" in data.group(1)
     assert f"env {escaped}" in pages["tasks"] and f"env {escaped}" in pages["environments"]
     assert f"NOTE={escaped}" in pages["environment"]
+
+
+def test_answers_render_as_sanitised_markdown(server: Server, repo: Path) -> None:
+    """The agent's markdown becomes HTML, but none of its own HTML, script links or
+    inline styles get through; code blocks are highlighted with classes (strict CSP)."""
+    client = server.api.client
+    env = server.api.create_env(repo)
+    created = server.api.create_task(env["id"], "Explain")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    answer = (
+        "**Fixed** `add()`.\n\n<script>alert(1)</script>\n\n<img src=x onerror=alert(2)>\n\n"
+        "[click](javascript:alert(3)) <javascript:alert(4)> [docs](https://example.com/d) "
+        "[mail](mailto:dev@example.com) ![pic](https://evil.example/p.png)\n\n"
+        "```python\ndef add(a, b):\n    return a + b  # <b>sum</b>\n```\n"
+    )
+    _finish_with(server, task_id, turn_id, answer, "")
+    sign_in(client, server.api.token or "")
+    r = client.get(f"/tasks/{task_id}")
+    html = r.text
+    final = html[html.index('id="final-message"') :]
+    final = final[: final.index("</section>")]
+    assert "<strong>Fixed</strong>" in final and "<code>add()</code>" in final
+    assert "<script>" not in final and "&lt;script&gt;alert(1)&lt;/script&gt;" in final
+    assert "<img" not in final and "&lt;img src=x onerror=alert(2)&gt;" in final
+    assert "[click](javascript:alert(3))" in final  # left as text, not a link
+    assert 'href="javascript' not in final
+    assert '<a href="https://example.com/d" rel="noopener noreferrer">docs</a>' in final
+    assert '<a href="mailto:dev@example.com" rel="noopener noreferrer">mail</a>' in final
+    links = re.findall(r"<a [^>]*>", final)
+    assert links and all('rel="noopener noreferrer"' in a for a in links)
+    assert 'class="language-python"' in final
+    assert '<span class="t-k">def</span>' in final  # highlighted by Pygments
+    assert "&lt;b&gt;sum&lt;/b&gt;" in final and "<b>" not in final
+    assert "style=" not in final
+    assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+    assert "unsafe-inline" not in r.headers["Content-Security-Policy"]
 
 
 def test_secret_values_are_never_sent_to_the_browser(server: Server, repo: Path) -> None:

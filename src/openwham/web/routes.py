@@ -38,7 +38,7 @@ from openwham.wire import (
     RepoSpec,
 )
 
-from . import diffview, session, views
+from . import diffview, markdown, session, views
 from .backend import Backend
 
 HERE = Path(__file__).parent
@@ -104,6 +104,7 @@ class WebUI:
         )
         self.templates.globals["status_labels"] = views.STATUS_LABELS
         self.templates.globals["version"] = __version__
+        self.templates.filters["markdown"] = markdown.render
         self.static_version = str(int(max(p.stat().st_mtime for p in STATIC.iterdir())))
         self.router = APIRouter(route_class=self._route_class(), include_in_schema=False)
         self._routes()
