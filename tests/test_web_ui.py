@@ -311,6 +311,66 @@ def test_answers_render_as_sanitised_markdown(server: Server, repo: Path) -> Non
     assert "unsafe-inline" not in r.headers["Content-Security-Policy"]
 
 
+def test_composer_starts_on_the_last_environment_and_lists_its_branches(
+    server: Server, repo: Path, tmp_path: Path
+) -> None:
+    client = server.api.client
+    other = make_repo(tmp_path / "other")
+    git("branch", "feature/x", cwd=other)
+    first = server.api.create_env(repo, label="aaa first alphabetically")
+    last = server.api.create_env(other, label="zzz used last")
+    sign_in(client, server.api.token or "")
+    selected = re.compile(r'<option value="([0-9a-f]{32})"[^>]*selected')
+    # no task yet: the browser's default (the first)
+    assert selected.search(client.get("/").text) is None
+    server.api.create_task(first["id"], "older")
+    server.api.create_task(last["id"], "newer")
+    found = selected.findall(client.get("/").text)
+    assert found == [last["id"]]
+    assert 'list="branch-list"' in client.get("/").text
+
+    # the branches of the environment's repository: git ls-remote while there is no mirror
+    r = client.get(f"/environments/{last['id']}/branches")
+    assert r.status_code == 200 and r.json() == {"branches": ["feature/x", "main"]}
+    # the engine's mirror, when there is one, answers without asking the remote
+    key = last["repos"][0]
+    mirror = server.app_state.settings.resolved_data_dir / "mirrors" / f"{key}.git"
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    git("clone", "-q", "--mirror", str(other), str(mirror), cwd=tmp_path)
+    git("branch", "only-in-the-mirror", "main", cwd=mirror)
+    r = client.get(f"/environments/{last['id']}/branches")
+    assert r.json() == {"branches": ["feature/x", "main", "only-in-the-mirror"]}
+    # a repository that cannot be reached: no suggestions, no error page
+    gone = server.api.create_env(repo, label="gone")
+    with server.app_state.db.session() as s:
+        row = s.get(m.Environment, gone["id"])
+        assert row is not None
+        body = dict(row.body)
+        rkey = body["repos"][0]
+        info = dict(body["repo_map"][rkey])
+        info["clone_url"] = "https://127.0.0.1:9/nothing.git"
+        body["repo_map"] = {**body["repo_map"], rkey: info}
+        row.body = body
+    r = client.get(f"/environments/{gone['id']}/branches")
+    assert r.status_code == 200 and r.json() == {"branches": []}
+    # someone else's or an unknown environment: 404; signed out: sign in first
+    assert client.get("/environments/nope/branches").status_code == 404
+    anon = httpx.Client(transport=client._transport, base_url=str(client.base_url))
+    assert anon.get(f"/environments/{last['id']}/branches").status_code in (303, 401)
+
+
+def test_controls_for_features_not_built_say_so(server: Server, repo: Path) -> None:
+    client = server.api.client
+    env = server.api.create_env(repo)
+    sign_in(client, server.api.token or "")
+    page = client.get(f"/environments/{env['id']}").text
+    for legend in ("Maintenance script", "Agent internet access", "Cache"):
+        at = page.index(legend)
+        assert "not built yet: stored only" in page[at : at + 400], legend
+    assert "not built yet: containers are not cached" in page
+    assert page.count("not built yet") == 4
+
+
 def test_secret_values_are_never_sent_to_the_browser(server: Server, repo: Path) -> None:
     client = server.api.client
     csrf = sign_in(client, server.api.token or "")
@@ -1017,3 +1077,9 @@ def test_opening_a_task_clears_unread(server: Server, repo: Path) -> None:
     assert page.status_code == 200 and "Unread" not in page.text
     assert server.api.get(f"tasks/{task_id}").json()["task"]["has_unread_turn"] is False
     assert 'class="task-row unread"' not in client.get("/").text
+
+
+def test_browser_composer_suggests_the_repositorys_branches(page: Any, env_id: str) -> None:
+    page.goto("/")
+    page.locator("#branch-list option[value='main']").wait_for(state="attached", timeout=30_000)
+    assert page.locator("#branch").get_attribute("list") == "branch-list"

@@ -49,3 +49,8 @@ class Backend(Protocol):
     def events(self, turn_id: str, after: int) -> AsyncIterator[bytes]:
         """The turn stream's SSE frames after event ``after`` (the caller checked access)."""
         ...
+
+    def branches(self, db: Session, principal: Principal, env_id: str) -> list[str]:
+        """The branches of the environment's (first) repository, for the composer; ``[]``
+        when the repository does not answer in a few seconds."""
+        ...

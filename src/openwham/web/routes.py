@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Stre
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from openwham import __version__
@@ -30,6 +31,7 @@ from openwham.service import logs, tasks, usage, webauth
 from openwham.service import tokens as api_tokens
 from openwham.service.accounts import Principal, authenticate
 from openwham.service.errors import BadRequest, ServiceError
+from openwham.store import models as m
 from openwham.wire import (
     AgentNetworkAccess,
     CacheSettings,
@@ -556,6 +558,13 @@ class WebUI:
                 )
             return self.redirect(f"/environments/{quote(env_id)}?saved=1")
 
+        @r.get("/environments/{env_id}/branches")
+        def environment_branches(request: Request, env_id: str, db: DbDep) -> Response:
+            """The repository's branches (JSON) for the composer's branch suggestions."""
+            _, principal = self.principal(request, db)
+            found = self.backend.branches(db, principal, env_id)
+            return self._headers(JSONResponse({"branches": found}))
+
         @r.post("/environments/{env_id}/reset-cache")
         def reset_cache(request: Request, env_id: str, db: DbDep, form: FormDep) -> Response:
             _, principal = self.principal(request, db)
@@ -659,6 +668,20 @@ class WebUI:
         environments = [
             e.model_dump(mode="json") for e in envs.render_many(db, envs.list_rows(db, principal))
         ]
+        # The composer starts on the environment of this user's latest task, not the first.
+        last_env = db.scalar(
+            select(m.Task.environment_id)
+            .where(
+                m.Task.account_id == principal.account_id,
+                m.Task.user_id == principal.user_id,
+                m.Task.environment_id.is_not(None),
+            )
+            .order_by(m.Task.created_at.desc(), m.Task.id.desc())
+            .limit(1)
+        )
+        values = dict(values or {})
+        if not values.get("environment_id") and last_env:
+            values["environment_id"] = last_env
         return self.render(
             request,
             "tasks.html",
@@ -667,7 +690,7 @@ class WebUI:
                 "paged": cursor is not None,
                 "environments": environments,
                 "error": error,
-                "values": values or {},
+                "values": values,
             },
             status=status,
             sess=sess,

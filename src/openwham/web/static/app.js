@@ -55,9 +55,34 @@
     const envSelect = document.getElementById("environment_id");
     const branch = document.getElementById("branch");
     if (envSelect && branch) {
+      const list = document.getElementById("branch-list");
+      let asked = 0;
+      // The repository's branches as suggestions; fetched after the page is up, so a slow
+      // remote never holds the page (the field takes any name either way).
+      const suggest = async (envId) => {
+        if (!list || !envId) return;
+        const ask = ++asked;
+        list.textContent = "";
+        try {
+          const response = await fetch(`/environments/${encodeURIComponent(envId)}/branches`, {
+            headers: { "X-Requested-With": "fetch" },
+          });
+          if (!response.ok || ask !== asked) return;
+          const body = await response.json();
+          if (ask !== asked) return;
+          (body.branches || []).forEach((name) => {
+            const option = document.createElement("option");
+            option.value = name;
+            list.appendChild(option);
+          });
+        } catch (err) {
+          /* no suggestions: the field still takes any name */
+        }
+      };
       const update = () => {
         const option = envSelect.selectedOptions[0];
         branch.placeholder = (option && option.dataset.branch) || "default branch";
+        suggest(envSelect.value);
       };
       envSelect.addEventListener("change", update);
       update();
