@@ -92,16 +92,12 @@ class AsyncWhamClient:
             except httpx.TransportError as e:
                 if not self.retry.should_retry(call, attempt, None):
                     raise TransportError(f"cannot reach {self.base_url}: {e}") from e
-                await self._pause(self.retry.delay(attempt, None))
+                await self._sleep(self.retry.delay(attempt, None))
                 continue
             if self.retry.should_retry(call, attempt, response):
-                await self._pause(self.retry.delay(attempt, response))
+                await self._sleep(self.retry.delay(attempt, response))
                 continue
             return call.result(response)
-
-    async def _pause(self, seconds: float) -> None:
-        self.retry.sleeps.append(seconds)
-        await self._sleep(seconds)
 
     async def _run(self, op: Op[T]) -> T:
         try:

@@ -114,8 +114,6 @@ class CodexAuth(httpx.Auth):
         ).rstrip("/")
         self.refresh_margin = refresh_margin
         self._pat_account: dict[str, str | None] = {}
-        #: refreshes this object made (for tests and diagnostics)
-        self.refreshes = 0
 
     @property
     def path(self) -> Path:
@@ -259,7 +257,6 @@ class CodexAuth(httpx.Auth):
                 )
             apply_refresh(data, payload, replace_account_id=True)
             self.file.write(data)
-            self.refreshes += 1
             return self.file.tokens(data)
         finally:
             self.file.unlock(fd)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -99,7 +99,6 @@ class RetryPolicy:
     retries: int = 3
     backoff: float = 0.5
     max_delay: float = 8.0
-    sleeps: list[float] = field(default_factory=list)  # what was slept, for tests and logs
 
     def delay(self, attempt: int, response: httpx.Response | None) -> float:
         """Seconds before retry ``attempt`` (1-based): ``Retry-After`` when given, else

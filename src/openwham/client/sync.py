@@ -98,16 +98,12 @@ class WhamClient:
             except httpx.TransportError as e:
                 if not self.retry.should_retry(call, attempt, None):
                     raise TransportError(f"cannot reach {self.base_url}: {e}") from e
-                self._pause(self.retry.delay(attempt, None))
+                self._sleep(self.retry.delay(attempt, None))
                 continue
             if self.retry.should_retry(call, attempt, response):
-                self._pause(self.retry.delay(attempt, response))
+                self._sleep(self.retry.delay(attempt, response))
                 continue
             return call.result(response)
-
-    def _pause(self, seconds: float) -> None:
-        self.retry.sleeps.append(seconds)
-        self._sleep(seconds)
 
     def _run(self, op: Op[T]) -> T:
         try:

@@ -101,8 +101,6 @@ class ChatGPTUpstream(Upstream):
         self.refresh_margin = refresh_margin
         self._tokens: ChatGPTTokens | None = None
         self._mutex: asyncio.Lock | None = None
-        #: how many refreshes this process made (for tests and diagnostics)
-        self.refreshes = 0
 
     def _lock(self) -> asyncio.Lock:
         if self._mutex is None:
@@ -174,7 +172,6 @@ class ChatGPTUpstream(Upstream):
                 )
             apply_refresh(data, payload)
             self.auth.write(data)
-            self.refreshes += 1
             return self.auth.tokens(data)
 
     def secrets(self) -> list[str]:
