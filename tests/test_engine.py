@@ -642,7 +642,7 @@ def test_cancel_stops_a_running_attempt_within_two_seconds(
     started = time.monotonic()
     assert api.post(f"tasks/{task_id}/cancel").status_code == 200
     turn = wait_for_turn(
-        api, task_id, turn_id, until=lambda t: t["latest_event"]["text"] == "Cancelled"
+        api, task_id, turn_id, until=lambda t: (t["latest_event"] or {}).get("text") == "Cancelled"
     )
     while host_pids(marker) and time.monotonic() - started < 5:
         time.sleep(0.02)

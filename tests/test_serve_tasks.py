@@ -135,7 +135,12 @@ def test_an_attempt_survives_a_server_crash_or_stop(
         token = first.token()
         with client(first, token) as c:
             task_id, turn_id = submit(c, repo, "Take your time")
-            wait_turn(c, task_id, lambda t: "time.sleep(3)" in t["latest_event"]["text"])
+            wait_turn(
+                c,
+                task_id,
+                # before its first status line the turn has no latest_event
+                lambda t: "time.sleep(3)" in (t["latest_event"] or {}).get("text", ""),
+            )
             # Codex reports the command as started just before it spawns it
             deadline = time.monotonic() + 2
             while not host_pids(marker) and time.monotonic() < deadline:
