@@ -691,7 +691,7 @@ def test_browser_runs_a_task_with_a_live_log_and_a_diff(
     # the answer and the diff once it completes (the page reloads itself)
     page.locator("#final-message").wait_for(timeout=90_000)
     assert page.locator("#attempt-badge").inner_text() == "Completed"
-    assert "it now returns a + b" in page.locator("#final-message .text").inner_text()
+    assert "it now returns a + b" in page.locator("#final-message .md").inner_text()
     assert (
         page.locator("#prompt .text").inner_text().strip()
         == "Fix the add function in calc.py, it subtracts"
@@ -756,7 +756,7 @@ def test_browser_best_of_two_switches_attempts(
     assert page.url != first_url
     current = page.get_by_role("navigation", name="Attempts").locator("a[aria-current]")
     assert current.inner_text().startswith("Attempt 2")
-    assert page.locator("#final-message .text").inner_text().strip() == "Done in one edit."
+    assert page.locator("#final-message .md").inner_text().strip() == "Done in one edit."
     assert page.locator("#diff table.unified tr.k-add").is_visible()
     assert page.get_by_label("With wham").input_value() == f"wham task apply {task_id} --attempt 2"
     page.screenshot(path=str(shots / "task-attempts.png"), full_page=True)
@@ -777,7 +777,7 @@ def test_browser_follow_up_continues_the_task(
     prompts = page.locator(".prompt .text").all_inner_texts()
     assert prompts == ["Fix add and tell me", "Now explain what you changed <i>briefly</i>"]
     assert "First answer." in page.locator(".exchange").first.inner_text()
-    assert page.locator("#final-message .text").inner_text().strip() == (
+    assert page.locator("#final-message .md").inner_text().strip() == (
         "Second answer: <b>not bold</b>."
     )
     assert page.locator("#final-message b, .prompt i").count() == 0  # shown as text
@@ -832,10 +832,12 @@ def test_browser_task_list_updates_without_reload_and_archives(
     assert "acme/calc" in row.inner_text() and "main" in row.inner_text()
     page.screenshot(path=str(shots / "tasks.png"), full_page=True)
 
-    row.get_by_role("link").click()
-    page.get_by_role("button", name="Mark read").click()
-    page.wait_for_load_state()
-    assert page.get_by_role("button", name="Mark read").count() == 0
+    row.get_by_role("link").click()  # opening the task reads it
+    page.wait_for_url(f"**/tasks/{task_id}")
+    assert page.locator(".unread-pill").count() == 0
+    page.goto("/")
+    assert page.locator(f'tr[data-task-id="{task_id}"] .dot').count() == 0
+    page.goto(f"/tasks/{task_id}")
     page.get_by_role("button", name="Archive").click()
     page.get_by_role("button", name="Unarchive").wait_for()
     page.goto("/")
