@@ -512,15 +512,17 @@ def test_codex_cloud_tui_lists_every_task_and_shows_attempts_and_diffs(
         screen = term.wait_for(notes[0])
         assert "+    return a + b" in screen and notes[1] not in screen
         # Tab: attempt 2's diff, then (←) its answer, once
-        term.keys("Tab")
-        screen = term.wait_for(notes[1])
+        screen = term.press("Tab", notes[1], unchanged="Attempt 1/2")
         assert "Attempt 2/2" in screen and notes[0] not in screen
         term.keys("Left")
         screen = term.wait_for(lambda s: "[Prompt]" in s and "Two ways to fix add." in s)
         assert "Attempt 2/2" in screen and screen.count("Two ways to fix add.") == 1, screen
         # Tab again: back to attempt 1
-        term.keys("Tab")
-        screen = term.wait_for(lambda s: "Attempt 1/2" in s and "Two ways to fix add." in s)
+        screen = term.press(
+            "Tab",
+            lambda s: "Attempt 1/2" in s and "Two ways to fix add." in s,
+            unchanged="Attempt 2/2",
+        )
         assert screen.count("Two ways to fix add.") == 1, screen
 
         # the task with the pushed branch opens too: its diff, then its answer once

@@ -64,6 +64,28 @@ class Tmux:
         """``send-keys``: tmux key names (``Enter``, ``Tab``, ``Escape``, ``Down``, ``q``)."""
         self._tmux("send-keys", "-t", self.session, *keys)
 
+    def press(
+        self,
+        key: str,
+        until: str | re.Pattern[str] | Callable[[str], bool],
+        *,
+        unchanged: str,
+        timeout: float = 30,
+        retry_after: float = 5,
+    ) -> str:
+        """Send ``key`` and wait for ``until``. A program busy redrawing can miss a key (seen
+        with the Codex TUI's Tab on a loaded machine): when the screen still shows
+        ``unchanged`` (what the key changes) after ``retry_after`` seconds, the key is sent
+        again. Only for keys whose effect ``unchanged`` tells, so a retry never doubles one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.keys(key)
+            try:
+                return self.wait_for(until, timeout=retry_after)
+            except AssertionError:
+                if time.monotonic() > deadline or unchanged not in self.screen():
+                    return self.wait_for(until, timeout=max(0.0, deadline - time.monotonic()))
+
     def screen(self) -> str:
         """The visible screen as text (``capture-pane -p``), trailing blanks removed."""
         out = self._tmux("capture-pane", "-p", "-t", self.session).stdout
