@@ -26,6 +26,7 @@ from conftest import (
     WHAM,
     LiveServer,
     Server,
+    finish_turn,
     git,
     make_repo,
     serve_env,
@@ -357,6 +358,31 @@ def test_composer_starts_on_the_last_environment_and_lists_its_branches(
     assert client.get("/environments/nope/branches").status_code == 404
     anon = httpx.Client(transport=client._transport, base_url=str(client.base_url))
     assert anon.get(f"/environments/{last['id']}/branches").status_code in (303, 401)
+
+
+def test_attempt_statuses_feed_every_tab(server: Server, repo: Path) -> None:
+    """The JSON the task page polls: each attempt of the shown prompt with its status, and
+    each tab's badge names its attempt so the script can update it."""
+    client = server.api.client
+    env = server.api.create_env(repo)
+    created = server.api.create_task(env["id"], "Two ways", metadata={"best_of_n": 2})
+    task_id, first = created["task"]["id"], created["turn"]["id"]
+    sign_in(client, server.api.token or "")
+    r = client.get(f"/tasks/{task_id}/attempts")
+    assert r.status_code == 200
+    attempts = r.json()["attempts"]
+    assert [a["status"] for a in attempts] == ["pending", "pending"]
+    assert attempts[0]["id"] == first and attempts[0]["label"] == "Queued"
+    second = attempts[1]["id"]
+    finish_turn(server, second)
+    r = client.get(f"/tasks/{task_id}/attempts", params={"turn": first})
+    by_id = {a["id"]: a for a in r.json()["attempts"]}
+    assert by_id[second]["status"] == "completed" and by_id[second]["label"] == "Completed"
+    page = client.get(f"/tasks/{task_id}?turn={first}").text
+    assert f'data-attempts="/tasks/{task_id}/attempts?turn={first}"' in page
+    for turn_id in (first, second):
+        assert f'data-turn="{turn_id}"' in page
+    assert client.get("/tasks/task_e_nope/attempts").status_code == 404
 
 
 def test_controls_for_features_not_built_say_so(server: Server, repo: Path) -> None:
