@@ -23,11 +23,12 @@ from openwham.gitpaths import LocalRepoPolicy
 
 GIT_TIMEOUT = 600
 
-# Host-side git runs with no system/global config and no hooks.
+# Host-side git runs with no system/global config, no hooks and no prompts.
 _GIT_ENV = {
     "GIT_CONFIG_NOSYSTEM": "1",
     "GIT_CONFIG_GLOBAL": os.devnull,
     "GIT_TERMINAL_PROMPT": "0",
+    "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",
     "GIT_AUTHOR_NAME": "openwham",
     "GIT_AUTHOR_EMAIL": "openwham@localhost",
     "GIT_COMMITTER_NAME": "openwham",
@@ -46,6 +47,11 @@ _SAFE = [
 class WorkspaceError(RuntimeError):
     """A workspace could not be prepared; the message is shown to the user as is."""
 
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        #: git's own reason (its first error line), for callers that word their own message
+        self.reason = reason or message
+
 
 class RepositoryRefused(WorkspaceError):
     """Git must not open this local repository (data directory, ``WHAM_LOCAL_REPO_ROOTS``)."""
@@ -56,7 +62,10 @@ def git(
     cwd: Path | None = None,
     input: str | None = None,
     env: dict[str, str] | None = None,
+    timeout: float = GIT_TIMEOUT,
 ) -> str:
+    """Host-side git (no system/global config, hooks, prompts or ext transport); its output,
+    or :class:`WorkspaceError` when it fails or takes longer than ``timeout`` seconds."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.devnull,
@@ -71,13 +80,19 @@ def git(
             input=input,
             capture_output=True,
             text=True,
-            timeout=GIT_TIMEOUT,
+            timeout=timeout,
             check=False,
         )
     except subprocess.TimeoutExpired as exc:
-        raise WorkspaceError(f"git {args[0]} timed out after {GIT_TIMEOUT} s") from exc
+        raise WorkspaceError(
+            f"git {args[0]} timed out after {timeout:g} s", f"no answer in {timeout:g} s"
+        ) from exc
+    except OSError as exc:
+        raise WorkspaceError(f"git {args[0]} could not run: {exc}", str(exc)) from exc
     if proc.returncode != 0:
-        raise WorkspaceError(f"git {args[0]} failed: {proc.stderr.strip()[-2000:]}")
+        lines = [x.strip() for x in proc.stderr.splitlines() if x.strip()]
+        reason = lines[0].removeprefix("fatal: ")[:500] if lines else f"git exit {proc.returncode}"
+        raise WorkspaceError(f"git {args[0]} failed: {proc.stderr.strip()[-2000:]}", reason)
     return proc.stdout
 
 

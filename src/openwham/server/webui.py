@@ -7,8 +7,6 @@ calling the API's own handlers, so the browser and the API share one code path.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,11 +26,6 @@ from openwham.web.routes import STATIC, WebUI
 from .routers import stream
 from .routers import tasks as task_routes
 from .state import AppState
-
-# The composer's branch list must never hold up the page: a remote that is slow to answer
-# gives an empty list (the field still takes any name, checked at submit).
-LS_REMOTE_TIMEOUT = 5.0
-MAX_BRANCHES = 500
 
 
 class ServerBackend:
@@ -78,45 +71,7 @@ class ServerBackend:
         if not repos:
             return []
         key = str(repos[0])
-        return list_branches(self.settings, key, envs.repo_url(env.body, key))
-
-
-def _git(args: list[str], timeout: float) -> str | None:
-    """Host-side git as ``engine.branches`` runs it (no config, prompts or ext transport)."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.devnull}
-    env.update(branch_checks._ENV)
-    try:
-        proc = subprocess.run(
-            ["git", "-c", "protocol.ext.allow=never", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except (subprocess.TimeoutExpired, OSError):
-        return None
-    return proc.stdout if proc.returncode == 0 else None
-
-
-def list_branches(settings: Settings, key: str, url: str) -> list[str]:
-    """The repository's branches: from its mirror when there is one (no network), else from
-    ``git ls-remote --heads`` with a short timeout; ``[]`` when neither answers."""
-    # the engine's mirror of the repository (sandbox.workspace.Mirrors: root/<key>.git)
-    mirror = settings.resolved_data_dir / "mirrors" / f"{key}.git"
-    out: str | None = None
-    if "/" not in key and not key.startswith(".") and (mirror / "HEAD").exists():
-        out = _git(
-            ["--git-dir", str(mirror), "for-each-ref", "--format=%(refname)", "refs/heads/"],
-            LS_REMOTE_TIMEOUT,
-        )
-    if out is None and url:
-        listed = _git(["ls-remote", "--heads", "--", url], LS_REMOTE_TIMEOUT)
-        out = "\n".join(line.split("\t", 1)[-1] for line in (listed or "").splitlines())
-    names = sorted(
-        {ref.strip().removeprefix("refs/heads/") for ref in (out or "").splitlines() if ref.strip()}
-    )
-    return names[:MAX_BRANCHES]
+        return branch_checks.list_branches(self.settings, key, envs.repo_url(env.body, key))
 
 
 def mount(app: FastAPI, state: AppState) -> None:
