@@ -1029,7 +1029,7 @@ def test_browser_opens_the_url_wham_task_new_prints_through_sign_in(
         p.get_by_label("API token").fill(token)
         p.get_by_role("button", name="Sign in").click()
         p.wait_for_url(re.compile(rf"/tasks/{task_id}$"))
-        assert p.locator("#task-title").is_visible()
+        p.locator("#task-title").wait_for()  # (the page reloads itself when the attempt ends)
         assert "Open me from the CLI" in p.locator("#prompt").inner_text()
         p.goto(f"{url}/diff")  # codex cloud's sub-page of a task
         p.wait_for_url(re.compile(rf"/tasks/{task_id}$"))
