@@ -34,10 +34,11 @@ WHAM = Path(sys.executable).with_name("wham")
 # Markers (registered in pyproject.toml) let the fast contract tier run alone:
 #   ./scripts/test --fast   (= -m "not sandbox and not browser and not slow")
 # They are given here, from what a test uses, so that no test can forget its marker:
-# `scripts/test --fast` runs that tier with a bubblewrap that refuses to start, so a test
-# that starts a sandbox without being marked fails there.
+# `scripts/test --fast` runs that tier with a bubblewrap and a Codex CLI (WHAM_CODEX_BIN) that
+# refuse to start, so a test that starts either without being marked fails there.
 
-# Modules whose tests run attempts or sandboxes throughout (their own servers and helpers).
+# Modules whose tests run attempts, sandboxes or the real Codex CLI throughout (their own
+# servers and helpers); single tests that run the Codex CLI carry @pytest.mark.sandbox.
 SANDBOX_MODULES = {
     "test_attempt_files",
     "test_client_live",
@@ -50,6 +51,7 @@ SANDBOX_MODULES = {
     "test_repo_paths",
     "test_runtime_codex",
     "test_sandbox",
+    "test_scripted_model",
     "test_serve_tasks",
     "test_standby",
     "test_task_actions",

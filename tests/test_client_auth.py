@@ -158,6 +158,7 @@ def check_codex_format(data: dict[str, Any], issuer: Issuer) -> None:
 # --------------------------------------------------------------------------- browser login
 
 
+@pytest.mark.sandbox  # codex login status of the real Codex CLI
 def test_browser_login_with_pkce_writes_the_codex_auth_json(issuer: Issuer, tmp_path: Path) -> None:
     home = tmp_path / "codex-home"
     pages: list[httpx.Response] = []
@@ -293,6 +294,7 @@ class Clock:
         self.sleeps.append(seconds)
 
 
+@pytest.mark.sandbox  # codex login status of the real Codex CLI
 def test_device_login_shows_the_code_polls_and_saves_tokens(issuer: Issuer, tmp_path: Path) -> None:
     home = tmp_path / "codex-home"
     issuer.device_script = ["pending", "approve"]
@@ -382,6 +384,7 @@ def get_protected(
     return asyncio.run(run())
 
 
+@pytest.mark.sandbox  # codex login status of the real Codex CLI
 @pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
 def test_proactive_refresh_rotates_the_refresh_token_and_keeps_the_file_codex_readable(
     issuer: Issuer, tmp_path: Path, use_async: bool

@@ -591,6 +591,7 @@ def test_forwarder_reaches_the_gateway_from_a_sandbox_without_network(
 # --------------------------------------------------------------------------- the real agent
 
 
+@pytest.mark.sandbox
 def test_real_codex_runs_through_forwarder_and_gateway(
     model: ScriptedModel, stacks: Callable[..., Stack], tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ import pytest
 from openwham.runtimes.codex_cli import native_binary, pinned_version
 
 
+@pytest.mark.sandbox
 def test_pinned_codex_cli_is_installed_and_runs() -> None:
     out = subprocess.run(
         [str(native_binary()), "--version"], capture_output=True, text=True, check=True
