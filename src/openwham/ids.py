@@ -33,4 +33,3 @@ def new_account_id() -> str:
 
 def new_user_id() -> str:
     return f"user-{secrets.token_urlsafe(18).replace('-', 'A').replace('_', 'B')}"
-
