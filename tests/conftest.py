@@ -324,6 +324,39 @@ def finish_turn(server: Server, turn_id: str, status: str = "completed") -> None
         events.append(s, turn.task_id, turn_id, events.TASK_TURN_EVENT, payload)
 
 
+# --------------------------------------------------------------------------- the wham CLI
+
+
+def run_cli(
+    env: dict[str, str], *args: str, cwd: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``wham ARGS`` as a user runs it, with exactly ``env``."""
+    return subprocess.run(
+        [str(WHAM), *args],
+        env=env,
+        cwd=cwd,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def cli_user(home: Path, url: str, token: str, *login: str) -> dict[str, str]:
+    """The environment of a CLI user with their own home, logged in to ``url``."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "WHAM_CONFIG_DIR": str(home / "config"),
+        "CODEX_HOME": str(home / "codex"),
+    }
+    out = run_cli(env, "login", "--server", url, "--token", token, *login)
+    assert out.returncode == 0, out.stderr
+    assert f"logged in to {url}" in out.stdout
+    return env
+
+
 # --------------------------------------------------------------------------- live server
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WHAM, LiveServer, git, make_repo
+from conftest import WHAM, LiveServer, cli_user, git, make_repo, run_cli
 from openwham.cli import diffs
 from openwham.client import WhamClient
 from support.scripted_model import Patch, Say, ScriptedModel
@@ -53,27 +53,7 @@ def env_id(wham: WhamClient, model: ScriptedModel, tmp_path_factory: pytest.Temp
 def cli_env(
     tmp_path_factory: pytest.TempPathFactory, served: LiveServer, token: str
 ) -> dict[str, str]:
-    home = tmp_path_factory.mktemp("cli-home")
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(home),
-        "WHAM_CONFIG_DIR": str(home / "config"),
-        "CODEX_HOME": str(home / "codex"),
-    }
-    login = run_cli(env, "login", "--server", served.url, "--token", token)
-    assert login.returncode == 0, login.stderr
-    return env
-
-
-def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(WHAM), *args],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return cli_user(tmp_path_factory.mktemp("cli-home"), served.url, token)
 
 
 # The child makes the pty its controlling terminal (less reads keys from /dev/tty), then

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import re
 import subprocess
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WHAM, LiveServer, git, make_repo
+from conftest import LiveServer, cli_user, git, make_repo, run_cli
 from openwham.client import (
     AsyncWhamClient,
     Conflict,
@@ -215,32 +214,7 @@ def test_every_streamed_event_has_text_as_the_readme_prints_it(
 def cli_env(
     tmp_path_factory: pytest.TempPathFactory, served: LiveServer, token: str
 ) -> dict[str, str]:
-    home = tmp_path_factory.mktemp("cli-home")
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(home),
-        "WHAM_CONFIG_DIR": str(home / "config"),
-        "CODEX_HOME": str(home / "codex"),
-    }
-    out = run_cli(env, "login", "--server", served.url, "--token", token, "--name", "local")
-    assert out.returncode == 0, out.stderr
-    assert f"logged in to {served.url}" in out.stdout
-    return env
-
-
-def run_cli(
-    env: dict[str, str], *args: str, cwd: Path | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(WHAM), *args],
-        env=env,
-        cwd=cwd,
-        input=stdin,
-        stdin=None if stdin is not None else subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return cli_user(tmp_path_factory.mktemp("cli-home"), served.url, token, "--name", "local")
 
 
 def test_cli_walkthrough(

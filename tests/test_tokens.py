@@ -27,7 +27,7 @@ from openwham.service import tokens as api_tokens
 from openwham.service.accounts import create_api_token, ensure_owner, issue_token
 from openwham.store import models as m
 from support.app_thread import AppThread
-from support.browser import artifacts_dir, chromium, csrf_of
+from support.browser import artifacts_dir, chromium, csrf_of, sign_in
 
 
 def token_row(server: Server, token_id: str) -> m.ApiToken:
@@ -351,16 +351,6 @@ def test_cli_create_refuses_bad_values(tmp_path: Path, args: list[str], message:
 
 
 # --------------------------------------------------------------------------- web UI
-
-
-def sign_in(client: Any, token: str) -> None:
-    page = client.get("/login")
-    r = client.post(
-        "/login",
-        data={"csrf": csrf_of(page.text), "token": token, "next": "/"},
-        follow_redirects=False,
-    )
-    assert r.status_code == 303, r.text
 
 
 def test_web_tokens_page_lists_creates_and_revokes(server: Server) -> None:

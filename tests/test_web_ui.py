@@ -34,7 +34,7 @@ from conftest import (
     stop,
 )
 from openwham.store import models as m
-from support.browser import artifacts_dir, chromium, csrf_of
+from support.browser import artifacts_dir, chromium, csrf_of, sign_in
 from support.procs import wait_gone
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
 
@@ -46,18 +46,6 @@ FIX_ADD = Patch(
 
 
 # --------------------------------------------------------------------------- HTTP level
-
-
-def sign_in(client: Any, token: str) -> str:
-    """Sign in through the form; returns the signed-in session's CSRF token."""
-    page = client.get("/login")
-    r = client.post(
-        "/login",
-        data={"csrf": csrf_of(page.text), "token": token, "next": "/"},
-        follow_redirects=False,
-    )
-    assert r.status_code == 303, r.text
-    return csrf_of(client.get("/").text)
 
 
 def test_pages_need_a_session_whose_cookie_is_httponly_and_samesite(server: Server) -> None:

@@ -45,3 +45,16 @@ def csrf_of(html: str) -> str:
     found = re.search(r'name="csrf" value="([^"]+)"', html)
     assert found, "no CSRF field on the page"
     return found.group(1)
+
+
+def sign_in(client: Any, token: str) -> str:
+    """Sign a test client in to the web UI through its form; returns the signed-in session's
+    CSRF token."""
+    page = client.get("/login")
+    r = client.post(
+        "/login",
+        data={"csrf": csrf_of(page.text), "token": token, "next": "/"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303, r.text
+    return csrf_of(client.get("/").text)
