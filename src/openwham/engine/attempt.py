@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from openwham.config import Settings
 from openwham.gateway import Gateway, forwarder_path
 from openwham.gateway.server import MAX_SOCKET_PATH
+from openwham.redaction import Redactor, secrets_in_diff
 from openwham.runtimes import codex
 from openwham.runtimes.codex_cli import native_binary
 from openwham.sandbox import bwrap
@@ -63,7 +64,6 @@ from . import setup as setup_phase
 from . import storage
 from .diff import DiffError
 from .recorder import TurnRecorder, latest_event
-from .redact import Redactor, secrets_in_diff
 from .standby import AgentKey, Prepared, StandbyPool
 from .titles import TitleJob
 

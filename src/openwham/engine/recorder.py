@@ -24,13 +24,12 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 
+from openwham.redaction import Redactor
 from openwham.store import events
 from openwham.store import models as m
 from openwham.store.db import Database, rowcount
 from openwham.store.events import EventBus
 from openwham.wire import WorklogMessage
-
-from .redact import Redactor
 
 log = logging.getLogger(__name__)
 

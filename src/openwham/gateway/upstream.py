@@ -102,7 +102,7 @@ class Upstream(ABC):
     def redact(self, text: str) -> str:
         """``text`` without any credential (nor a password inside the base URL), also in
         the encodings an upstream error body may echo it in (base64, hex, URL, JSON: see
-        :mod:`openwham.engine.redact`). Every upstream body that reaches a task error, the
+        :mod:`openwham.redaction`). Every upstream body that reaches a task error, the
         agent or the server log passes through here first."""
         userinfo = urlsplit(self.base_url).netloc.rpartition("@")[0]
         values = [s for s in self.secrets() if s and len(s) >= 6]
