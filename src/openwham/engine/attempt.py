@@ -58,6 +58,7 @@ from openwham.store import events
 from openwham.store import models as m
 from openwham.store.db import Database, rowcount
 from openwham.store.events import EventBus
+from openwham.store.status import TurnStatus
 
 from . import diff as diffs
 from . import setup as setup_phase
@@ -1017,7 +1018,7 @@ def requeue(s: Session, turn: m.Turn, note: str, *, tries: int | None = None) ->
         proxy_events=None,
     )
     turn.body = body
-    turn.turn_status = "pending"
+    turn.turn_status = TurnStatus.PENDING
     turn.updated_at = time.time()
     # its setup log goes with it; the server's notes (log events without a key) stay
     notes = [e.payload for e in events.read(s, turn.id, item_types=[events.LOG], limit=10_000)]

@@ -26,6 +26,7 @@ from sqlalchemy import select
 
 from openwham.store import events
 from openwham.store import models as m
+from openwham.store.status import TurnStatus
 
 from . import storage
 from .attempt import FAILED, Control, Engine, requeue
@@ -102,7 +103,7 @@ def recover(engine: Engine, *, now: float | None = None) -> list[str]:
             }
             lost.append(turn.id)
             turn.body = {**turn.body, "error": error, "latest_event": latest_event(FAILED)}
-            turn.turn_status = "failed"
+            turn.turn_status = TurnStatus.FAILED
             turn.updated_at = now
             events.append(
                 s,

@@ -14,9 +14,27 @@ from sqlalchemy import (
     String,
     Text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from .status import TurnStatus
 
 ID = String(200)
+
+
+class TurnStatusType(TypeDecorator[TurnStatus]):
+    """``VARCHAR(32)`` holding a :class:`TurnStatus` value: rows load as enum members, and a
+    string that is not a status is refused when bound (not stored)."""
+
+    impl = String(32)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else TurnStatus(value).value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> TurnStatus | None:
+        return None if value is None else TurnStatus(value)
 
 
 class Base(DeclarativeBase):
@@ -107,7 +125,10 @@ class Turn(Base):
     role: Mapped[str] = mapped_column(String(16))
     parent_id: Mapped[str | None] = mapped_column(ID, nullable=True)
     attempt_placement: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    turn_status: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    # changed only by store.turnstate (tests/test_architecture.py checks that)
+    turn_status: Mapped[TurnStatus | None] = mapped_column(
+        TurnStatusType(), nullable=True, index=True
+    )
     discarded: Mapped[bool] = mapped_column(Boolean, default=False)
     viewed: Mapped[bool] = mapped_column(Boolean, default=False)
     body: Mapped[dict[str, Any]] = mapped_column(default=dict)

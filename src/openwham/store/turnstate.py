@@ -1,0 +1,193 @@
+"""The one place where an attempt's status changes (docs/ARCHITECTURE.md, "Turn states").
+
+Every transition is a conditional update, ``UPDATE turns SET turn_status = :to … WHERE id =
+:id AND turn_status IN (:allowed sources)``, that returns whether it applied. Two executors,
+API nodes or workers racing on one attempt therefore cannot both win: the database decides,
+and the loser is told so (and must leave the attempt alone). The allowed sources and the
+target of each transition are data (``TRANSITIONS``), tested one by one.
+
+The terminal statuses are final, with one exception a user asks for: ``recover`` runs a
+failed or cancelled attempt again. ``completed`` never changes.
+
+The functions take the caller's session and do not commit: what goes with a transition
+(events, the task's fields) is written in the same transaction. Nothing else writes
+``turn_status`` (``tests/test_architecture.py`` fails when a module does); new rows get
+theirs from :func:`new_attempt` and :func:`copied`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from . import models as m
+from .db import rowcount
+from .status import ACTIVE, TERMINAL, TurnStatus
+
+__all__ = [
+    "ACTIVE",
+    "TERMINAL",
+    "TRANSITIONS",
+    "Move",
+    "Transition",
+    "TurnStatus",
+    "cancel",
+    "claim",
+    "copied",
+    "fail",
+    "finish",
+    "move",
+    "new_attempt",
+    "record",
+    "recover",
+    "requeue",
+    "wait",
+]
+
+P, R, C, F, X = (
+    TurnStatus.PENDING,
+    TurnStatus.IN_PROGRESS,
+    TurnStatus.COMPLETED,
+    TurnStatus.FAILED,
+    TurnStatus.CANCELLED,
+)
+
+
+class Transition(StrEnum):
+    CLAIM = "claim"
+    WAIT = "wait"
+    RECORD = "record"
+    FINISH = "finish"
+    FAIL = "fail"
+    CANCEL = "cancel"
+    REQUEUE = "requeue"
+    RECOVER = "recover"
+
+
+@dataclass(frozen=True)
+class Move:
+    sources: frozenset[TurnStatus]
+    target: TurnStatus
+    why: str
+
+
+TRANSITIONS: Final[Mapping[Transition, Move]] = {
+    Transition.CLAIM: Move(frozenset({P}), R, "an executor takes the attempt; only one can"),
+    Transition.WAIT: Move(frozenset({P}), P, "queued behind busy workers (the Waiting line)"),
+    Transition.RECORD: Move(
+        frozenset({R}), R, "a running attempt's writes: work log, status line, heartbeat"
+    ),
+    Transition.FINISH: Move(frozenset({R}), C, "the agent ended with a result"),
+    Transition.FAIL: Move(frozenset({R}), F, "it cannot go on; the error says why (code)"),
+    Transition.CANCEL: Move(frozenset({P, R}), X, "a user cancelled it (or the task)"),
+    Transition.REQUEUE: Move(
+        frozenset({R}), P, "its executor stopped or is gone; it starts again from scratch"
+    ),
+    Transition.RECOVER: Move(frozenset({F, X}), P, "a user runs a failed or cancelled one again"),
+}
+
+
+def move(
+    s: Session,
+    turn_id: str,
+    transition: Transition,
+    *,
+    body: dict[str, Any] | None = None,
+    now: float | None = None,
+) -> bool:
+    """Apply ``transition`` to the attempt if its current status allows it (one conditional
+    UPDATE, with ``body`` when given); whether it applied. Not committed here."""
+    rule = TRANSITIONS[transition]
+    values: dict[str, Any] = {
+        "turn_status": rule.target,
+        "updated_at": time.time() if now is None else now,
+    }
+    if body is not None:
+        values["body"] = body
+    result = s.execute(
+        update(m.Turn)
+        .where(
+            m.Turn.id == turn_id,
+            m.Turn.role == "assistant",
+            m.Turn.turn_status.in_(sorted(rule.sources)),
+        )
+        .values(**values)
+    )
+    return rowcount(result) == 1
+
+
+def claim(s: Session, turn_id: str, *, body: dict[str, Any], now: float | None = None) -> bool:
+    """``pending`` → ``in_progress``: this executor runs the attempt (``body`` records it)."""
+    return move(s, turn_id, Transition.CLAIM, body=body, now=now)
+
+
+def wait(s: Session, turn_id: str, *, body: dict[str, Any]) -> bool:
+    """``pending`` stays ``pending`` with a new ``body`` (the Waiting status line)."""
+    return move(s, turn_id, Transition.WAIT, body=body)
+
+
+def record(s: Session, turn_id: str, *, body: dict[str, Any], now: float | None = None) -> bool:
+    """A running attempt writes its ``body`` (and heartbeat); refused once it is no longer
+    ``in_progress`` (cancelled, requeued, deleted), which tells the writer to stop."""
+    return move(s, turn_id, Transition.RECORD, body=body, now=now)
+
+
+def finish(s: Session, turn_id: str, *, body: dict[str, Any], now: float | None = None) -> bool:
+    """``in_progress`` → ``completed``."""
+    return move(s, turn_id, Transition.FINISH, body=body, now=now)
+
+
+def fail(
+    s: Session,
+    turn_id: str,
+    *,
+    body: dict[str, Any],
+    error: Mapping[str, Any],
+    now: float | None = None,
+) -> bool:
+    """``in_progress`` → ``failed``, with the reason in the body's ``error`` (a ``code`` such
+    as ``setup_failed`` or ``executor_lost`` and a ``message``; both required)."""
+    code, message = error.get("code"), error.get("message")
+    if not isinstance(code, str) or not code or not isinstance(message, str) or not message:
+        raise ValueError("a failed attempt needs an error code and message")
+    return move(s, turn_id, Transition.FAIL, body={**body, "error": dict(error)}, now=now)
+
+
+def cancel(
+    s: Session, turn_id: str, *, body: dict[str, Any] | None = None, now: float | None = None
+) -> bool:
+    """``pending`` or ``in_progress`` → ``cancelled``. A running attempt's executor notices
+    (its ``record`` is refused, or it is told) and stops."""
+    return move(s, turn_id, Transition.CANCEL, body=body, now=now)
+
+
+def requeue(s: Session, turn_id: str, *, body: dict[str, Any], now: float | None = None) -> bool:
+    """``in_progress`` → ``pending``: its executor stopped (graceful stop) or is gone."""
+    return move(s, turn_id, Transition.REQUEUE, body=body, now=now)
+
+
+def recover(s: Session, turn_id: str, *, body: dict[str, Any], now: float | None = None) -> bool:
+    """``failed`` or ``cancelled`` → ``pending``: run the attempt again (a user's recover)."""
+    return move(s, turn_id, Transition.RECOVER, body=body, now=now)
+
+
+# ---------------------------------------------------------------------- new rows
+
+
+def new_attempt(**fields: Any) -> m.Turn:
+    """A new attempt row (an assistant turn): always ``pending``."""
+    return m.Turn(**fields, role="assistant", turn_status=TurnStatus.PENDING)
+
+
+def copied(old: m.Turn, **fields: Any) -> m.Turn:
+    """A copy of a finished turn (a fork): same role and status. An attempt still pending or
+    running is not copied (two rows would then claim one run)."""
+    if old.turn_status is not None and old.turn_status not in TERMINAL:
+        raise ValueError(f"a {old.turn_status} attempt cannot be copied")
+    return m.Turn(**fields, role=old.role, turn_status=old.turn_status)
