@@ -70,6 +70,11 @@ class Settings(BaseSettings):
 
     token_ttl_seconds: int = 30 * 24 * 3600
 
+    # The most of an attempt's diff that task details and turns carry inline (UTF-8 bytes);
+    # a longer one is cut (``truncated: true``) and served whole by ``…/turns/{id}/diff``.
+    # The official Codex CLI, which cannot follow that endpoint, always gets it whole.
+    inline_diff_max_bytes: int = Field(default=1 << 20, ge=1024)
+
     @cached_property
     def resolved_data_dir(self) -> Path:
         """Absolute data directory (created on first use by the callers that write to it)."""

@@ -228,6 +228,10 @@ class AsyncWhamClient:
         """Every attempt of the current user turn, in the Codex CLI's order."""
         return (await self._run(ep.attempts_op(task_id)))[1]
 
+    async def turn_diff(self, task_id: str, turn_id: str) -> str:
+        """An attempt's whole diff by turn id (openwham: details cut big diffs)."""
+        return await self._call(ep.turn_diff(task_id, turn_id))
+
     async def turn_logs(self, task_id: str, turn_id: str) -> TurnLogsResponse:
         return await self._call(ep.turn_logs(task_id, turn_id))
 
@@ -273,7 +277,8 @@ class AsyncWhamClient:
             await self._sleep(reader.backoff())
 
     async def diff(self, task_id: str, *, attempt: int = 1) -> str:
-        """The unified diff of attempt ``attempt`` (1-based)."""
+        """The whole unified diff of attempt ``attempt`` (1-based), fetched from the diff
+        endpoint when the details carry it cut (``truncated``)."""
         return await self._run(ep.diff_op(task_id, attempt))
 
     async def apply(

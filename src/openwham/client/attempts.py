@@ -14,6 +14,7 @@ from openwham.wire import (
     Fragment,
     MessageInputItem,
     MessageOutputItem,
+    OutputDiff,
     OutputDiffItem,
     PrOutputItem,
     TaskDetails,
@@ -63,6 +64,19 @@ def turn_diff(turn: AssistantTurn | None) -> str | None:
             return item.output_diff.diff
         if isinstance(item, OutputDiffItem) and item.diff:
             return item.diff
+    return None
+
+
+def turn_diff_item(turn: AssistantTurn | None) -> OutputDiff | None:
+    """The diff item :func:`turn_diff` reads, also when openwham cut its text
+    (``truncated: true``; then the text may even be empty)."""
+    if turn is None:
+        return None
+    for item in turn.output_items:
+        if isinstance(item, PrOutputItem) and (item.output_diff.diff or item.output_diff.truncated):
+            return item.output_diff
+        if isinstance(item, OutputDiffItem) and (item.diff or item.truncated):
+            return item
     return None
 
 

@@ -39,6 +39,7 @@ class Call(Generic[T]):
     json: Any = None
     idempotent: bool = False
     expect_body: bool = True
+    text: bool = False  # the answer is text (a diff), given to ``parse`` as a string
 
     def request(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
         params = {k: v for k, v in (self.params or {}).items() if v is not None}
@@ -52,6 +53,8 @@ class Call(Generic[T]):
     def result(self, response: httpx.Response) -> T:
         if response.status_code >= 400:
             raise api_error(response)
+        if self.text:
+            return self.parse(response.text)
         if not self.expect_body or response.status_code == 204 or not response.content:
             return self.parse(None)
         where = f"{self.method} {response.url}"

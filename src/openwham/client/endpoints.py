@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 from pydantic import TypeAdapter
 
-from openwham.client.attempts import TERMINAL, details_diff, sort_attempts, turn_diff
+from openwham.client.attempts import TERMINAL, sort_attempts, turn_diff_item
 from openwham.client.core import Call, Op, Sleep
 from openwham.client.errors import Conflict, WhamError
 from openwham.wire import (
@@ -161,6 +161,12 @@ def get_turn(task_id: str, turn_id: str) -> Call[TurnResponse]:
 def sibling_turns(task_id: str, turn_id: str) -> Call[SiblingTurnsResponse]:
     path = f"tasks/{_seg(task_id)}/turns/{_seg(turn_id)}/sibling_turns"
     return Call("GET", path, SiblingTurnsResponse.model_validate, idempotent=True)
+
+
+def turn_diff(task_id: str, turn_id: str) -> Call[str]:
+    """An attempt's whole diff (openwham only: details cut big ones, ``truncated: true``)."""
+    path = f"tasks/{_seg(task_id)}/turns/{_seg(turn_id)}/diff"
+    return Call("GET", path, str, idempotent=True, text=True)
 
 
 def turn_logs(task_id: str, turn_id: str) -> Call[TurnLogsResponse]:
@@ -318,14 +324,26 @@ def pick_attempt(task_id: str, attempts: list[AssistantTurn], attempt: int) -> A
 
 
 def diff_op(task_id: str, attempt: int = 1) -> Op[str]:
-    """The unified diff of one attempt; :class:`Conflict` while it has none yet."""
+    """The whole unified diff of one attempt; :class:`Conflict` while it has none yet. A diff
+    the details carry cut (``truncated``) is fetched whole from its own endpoint, so a caller
+    never gets part of a patch."""
     details, found = yield from attempts_op(task_id)
     turn = pick_attempt(task_id, found, attempt)
-    diff = turn_diff(turn)
-    if not diff and turn is details.current_assistant_turn:
-        diff = details_diff(details)  # the CLI's rule: current_diff_task_turn first
-    if diff:
-        return diff
+    source, item = turn, turn_diff_item(turn)
+    if item is None and turn is details.current_assistant_turn:
+        # the CLI's rule: current_diff_task_turn first
+        for candidate in (details.current_diff_task_turn, details.current_assistant_turn):
+            item = turn_diff_item(candidate)
+            if candidate is not None and item is not None:
+                source = candidate
+                break
+    if item is not None and item.truncated:
+        if not source.id:
+            raise WhamError(f"task {task_id}: the server cut the diff and named no turn for it")
+        whole: str = yield turn_diff(task_id, source.id)
+        return whole
+    if item is not None and item.diff:
+        return item.diff
     status = turn.turn_status
     why = "it is still running" if status not in TERMINAL else f"it {status} without one"
     raise Conflict(409, f"No diff available for task {task_id} attempt {attempt}: {why}")

@@ -231,6 +231,10 @@ class WhamClient:
         """Every attempt of the current user turn, in the Codex CLI's order."""
         return self._run(ep.attempts_op(task_id))[1]
 
+    def turn_diff(self, task_id: str, turn_id: str) -> str:
+        """An attempt's whole diff by turn id (openwham: details cut big diffs)."""
+        return self._call(ep.turn_diff(task_id, turn_id))
+
     def turn_logs(self, task_id: str, turn_id: str) -> TurnLogsResponse:
         return self._call(ep.turn_logs(task_id, turn_id))
 
@@ -274,7 +278,8 @@ class WhamClient:
             self._sleep(reader.backoff())
 
     def diff(self, task_id: str, *, attempt: int = 1) -> str:
-        """The unified diff of attempt ``attempt`` (1-based)."""
+        """The whole unified diff of attempt ``attempt`` (1-based), fetched from the diff
+        endpoint when the details carry it cut (``truncated``)."""
         return self._run(ep.diff_op(task_id, attempt))
 
     def apply(

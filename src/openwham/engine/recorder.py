@@ -178,7 +178,7 @@ class TurnRecorder:
                     s.execute(
                         update(m.Turn)
                         .where(m.Turn.id == self.turn_id, m.Turn.turn_status == "in_progress")
-                        .values(turn_status=status, body=self.body, updated_at=now)
+                        .values(turn_status=status, updated_at=now, **m.Turn.body_values(self.body))
                     )
                 )
                 if not done:
@@ -230,7 +230,7 @@ class TurnRecorder:
                         s.execute(
                             update(m.Turn)
                             .where(m.Turn.id == self.turn_id, m.Turn.turn_status == "in_progress")
-                            .values(body=self.body, updated_at=time.time())
+                            .values(updated_at=time.time(), **m.Turn.body_values(self.body))
                         )
                     )
                     if not done:

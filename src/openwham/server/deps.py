@@ -45,3 +45,21 @@ def get_principal(
 StateDep = Annotated[AppState, Depends(get_state)]
 SessionDep = Annotated[Session, Depends(get_session)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+# User-Agent prefixes of the official Codex CLI (``codex cloud``, its TUI, ``codex apply``):
+# ``{originator}/{version} (…)``, ``codex-cli`` without one (docs/reference/codex-cli.md §4.1).
+OFFICIAL_CLIENT_AGENTS = ("codex_cli_rs/", "codex_exec/", "codex-cli")
+
+
+def inline_diff_limit(request: Request, state: StateDep) -> int | None:
+    """How much of a diff task details and turns carry inline: ``WHAM_INLINE_DIFF_MAX_BYTES``,
+    or all of it (``None``) for the official Codex CLI, whose ``codex apply`` and ``codex
+    cloud diff/apply`` read only the inline diff and cannot follow ``…/turns/{id}/diff``
+    (docs/api.md, "Big diffs"). Not a permission: the whole diff is the caller's anyway."""
+    agent = request.headers.get("user-agent", "")
+    if agent.startswith(OFFICIAL_CLIENT_AGENTS) or "originator" in request.headers:
+        return None
+    return state.settings.inline_diff_max_bytes
+
+
+InlineDiffDep = Annotated[int | None, Depends(inline_diff_limit)]

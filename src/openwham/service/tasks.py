@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from openwham import ids
 from openwham.config import Settings
@@ -49,7 +49,7 @@ from openwham.wire import (
 
 from . import environments, usage
 from .accounts import Principal
-from .diffs import diff_stats, looks_like_unified_diff, output_diff
+from .diffs import diff_stats, inline_output_items, looks_like_unified_diff, output_diff
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from .repos import validate_branch_name
 from .text import shorten
@@ -471,7 +471,11 @@ class _Context:
     by_parent: dict[str | None, list[m.Turn]]
 
     @classmethod
-    def load(cls, db: Session, tasks: list[m.Task], *, all_turns: bool = False) -> _Context:
+    def load(
+        cls, db: Session, tasks: list[m.Task], *, all_turns: bool = False, bodies: bool = True
+    ) -> _Context:
+        """``bodies=False`` (lists) leaves the turns' JSON bodies in the database: a body can
+        hold a diff of many MB, and a list needs only columns (reading one raises)."""
         turns: dict[str, m.Turn] = {}
         if tasks:
             if all_turns:
@@ -486,6 +490,8 @@ class _Context:
                         m.Turn.parent_id.in_(parents),
                     )
                 )
+            if not bodies:
+                q = q.options(defer(m.Turn.body, raiseload=True))
             turns = {t.id: t for t in db.scalars(q)}
         by_parent: dict[str | None, list[m.Turn]] = {}
         for t in sorted(turns.values(), key=lambda t: (t.created_at, t.attempt_placement or 0)):
@@ -518,13 +524,13 @@ def _turn_diff(turn: m.Turn | None) -> dict[str, Any] | None:
 
 
 def _stats_of(turn: m.Turn | None) -> DiffStats | None:
-    diff = _turn_diff(turn)
-    if diff is None:
+    """The diff's stats from the turn's columns (lists never load the body with the diff)."""
+    if turn is None or not turn.has_diff:
         return None
     return DiffStats(
-        files_modified=diff.get("files_modified"),
-        lines_added=diff.get("lines_added"),
-        lines_removed=diff.get("lines_removed"),
+        files_modified=turn.diff_files_modified,
+        lines_added=turn.diff_lines_added,
+        lines_removed=turn.diff_lines_removed,
     )
 
 
@@ -561,9 +567,13 @@ _ASSISTANT_BODY_FIELDS = (
 )
 
 
-def render_assistant_turn(turn: m.Turn, ctx: _Context) -> AssistantTurn:
+def render_assistant_turn(
+    turn: m.Turn, ctx: _Context, inline_diff: int | None = None
+) -> AssistantTurn:
+    """An attempt as the API answers it; its diff cut to ``inline_diff`` bytes (``None``:
+    whole, ``0``: none) with ``truncated: true`` when cut (``service.diffs.truncate_diff``)."""
     data: dict[str, Any] = {k: turn.body.get(k) for k in _ASSISTANT_BODY_FIELDS}
-    data["output_items"] = data["output_items"] or []
+    data["output_items"] = inline_output_items(data["output_items"] or [], inline_diff)
     data["worklog"] = data["worklog"] or {"messages": []}
     data["pull_request_status"] = data["pull_request_status"] or "not_created"
     data.update(
@@ -707,6 +717,7 @@ def _page(
     task_filter: str | None,
     environment_id: str | None,
     cursor: str | None,
+    bodies: bool,
 ) -> _Page:
     """Newest first, keyset-paginated on (created_at, id) so pages never skip or repeat."""
     size = DEFAULT_LIST_LIMIT if limit is None else limit
@@ -734,7 +745,8 @@ def _page(
     rows = list(db.scalars(q))
     more = len(rows) > size
     rows = rows[:size]
-    return _Page(rows, _encode_cursor(rows[-1]) if more and rows else None, _Context.load(db, rows))
+    cursor_out = _encode_cursor(rows[-1]) if more and rows else None
+    return _Page(rows, cursor_out, _Context.load(db, rows, bodies=bodies))
 
 
 def list_tasks(
@@ -746,7 +758,8 @@ def list_tasks(
     environment_id: str | None,
     cursor: str | None,
 ) -> TaskListPage:
-    """``tasks/list``."""
+    """``tasks/list``: each task's latest attempt with its diff stats, never its diff (read
+    from columns; no turn body is loaded, so the cost does not grow with the diffs)."""
     page = _page(
         db,
         principal,
@@ -754,6 +767,7 @@ def list_tasks(
         task_filter=task_filter,
         environment_id=environment_id,
         cursor=cursor,
+        bodies=False,
     )
     return TaskListPage(
         items=[render_list_item(t, page.ctx) for t in page.rows], cursor=page.cursor
@@ -769,7 +783,9 @@ def feed(
     environment_id: str | None,
     cursor: str | None,
 ) -> TaskFeedPage:
-    """The ``tasks`` feed: each task with its current attempt, from the same page query."""
+    """The ``tasks`` feed: each task with its current attempt, from the same page query. It
+    is a list: the attempts' diffs are left out (``diff: ""``, ``truncated: true``, stats
+    kept); ``GET tasks/{id}`` or the turn's ``diff`` endpoint has them."""
     page = _page(
         db,
         principal,
@@ -777,6 +793,7 @@ def feed(
         task_filter=task_filter,
         environment_id=environment_id,
         cursor=cursor,
+        bodies=True,
     )
     items = []
     for task in page.rows:
@@ -784,7 +801,7 @@ def feed(
         items.append(
             TaskFeedItem(
                 task=render_task(task, page.ctx),
-                turn=render_assistant_turn(turn, page.ctx) if turn else None,
+                turn=render_assistant_turn(turn, page.ctx, inline_diff=0) if turn else None,
             )
         )
     return TaskFeedPage(items=items, cursor=page.cursor)
@@ -802,7 +819,10 @@ def _diff_turn(task: m.Task, ctx: _Context) -> m.Turn | None:
     return None
 
 
-def details(db: Session, principal: Principal, task_id: str) -> TaskDetails:
+def details(
+    db: Session, principal: Principal, task_id: str, *, inline_diff: int | None = None
+) -> TaskDetails:
+    """``GET tasks/{id}``; diffs cut to ``inline_diff`` bytes (``render_assistant_turn``)."""
     task = get_task_row(db, principal, task_id)
     ctx = _Context.load(db, [task], all_turns=True)
     user = ctx.turns.get(task.current_user_turn_id or "")
@@ -813,32 +833,42 @@ def details(db: Session, principal: Principal, task_id: str) -> TaskDetails:
         task=rendered,
         task_status_display=rendered.task_status_display,
         current_user_turn=render_user_turn(user) if user else None,
-        current_assistant_turn=render_assistant_turn(current, ctx) if current else None,
-        current_diff_task_turn=render_diff_turn(diff_turn, ctx) if diff_turn else None,
+        current_assistant_turn=(
+            render_assistant_turn(current, ctx, inline_diff) if current else None
+        ),
+        current_diff_task_turn=(
+            render_diff_turn(diff_turn, ctx, inline_diff) if diff_turn else None
+        ),
     )
 
 
-def render_diff_turn(turn: m.Turn, ctx: _Context) -> AssistantTurn:
+def render_diff_turn(turn: m.Turn, ctx: _Context, inline_diff: int | None = None) -> AssistantTurn:
     """``current_diff_task_turn``: the attempt that holds the diff, with its diff items only
     (no ``message`` items, an empty work log), as in Codex's own fixtures. The official client
     collects the answers of this turn *and* of ``current_assistant_turn``, which usually is
     the same attempt: with its messages here too, every answer would show twice."""
-    rendered = render_assistant_turn(turn, ctx)
+    rendered = render_assistant_turn(turn, ctx, inline_diff)
     items = [i for i in rendered.output_items if isinstance(i, PrOutputItem | OutputDiffItem)]
     return rendered.model_copy(update={"output_items": items, "worklog": Worklog()})
 
 
-def render_turn(turn: m.Turn, ctx: _Context) -> UserTurn | AssistantTurn:
-    return render_user_turn(turn) if turn.role == "user" else render_assistant_turn(turn, ctx)
+def render_turn(
+    turn: m.Turn, ctx: _Context, inline_diff: int | None = None
+) -> UserTurn | AssistantTurn:
+    if turn.role == "user":
+        return render_user_turn(turn)
+    return render_assistant_turn(turn, ctx, inline_diff)
 
 
-def turn_mapping(db: Session, principal: Principal, task_id: str) -> TurnMapping:
+def turn_mapping(
+    db: Session, principal: Principal, task_id: str, *, inline_diff: int | None = None
+) -> TurnMapping:
     task = get_task_row(db, principal, task_id)
     ctx = _Context.load(db, [task], all_turns=True)
     mapping = {
         t.id: TurnMappingEntry(
             id=t.id,
-            turn=render_turn(t, ctx),
+            turn=render_turn(t, ctx, inline_diff),
             parent=t.parent_id,
             children=[c.id for c in ctx.children(t)],
         )
@@ -848,16 +878,39 @@ def turn_mapping(db: Session, principal: Principal, task_id: str) -> TurnMapping
 
 
 def get_turn(
-    db: Session, principal: Principal, task_id: str, turn_id: str
+    db: Session,
+    principal: Principal,
+    task_id: str,
+    turn_id: str,
+    *,
+    inline_diff: int | None = None,
 ) -> UserTurn | AssistantTurn:
     task = get_task_row(db, principal, task_id)
     turn = get_turn_row(db, task, turn_id)
     ctx = _Context.load(db, [task], all_turns=True)
-    return render_turn(turn, ctx)
+    return render_turn(turn, ctx, inline_diff)
+
+
+def whole_diff(db: Session, principal: Principal, task_id: str, turn_id: str) -> str:
+    """The whole diff of an attempt (``GET tasks/{id}/turns/{turn_id}/diff``), never cut."""
+    task = get_task_row(db, principal, task_id)
+    turn = get_turn_row(db, task, turn_id)
+    if turn.role != "assistant":
+        raise BadRequest("Only an attempt (an assistant turn) has a diff")
+    diff = _turn_diff(turn)
+    if diff is None:
+        why = "it is still running" if turn.turn_status in ACTIVE else "it made no change"
+        raise NotFound(f"This attempt has no diff: {why}")
+    return str(diff["diff"])
 
 
 def sibling_turns(
-    db: Session, principal: Principal, task_id: str, turn_id: str
+    db: Session,
+    principal: Principal,
+    task_id: str,
+    turn_id: str,
+    *,
+    inline_diff: int | None = None,
 ) -> SiblingTurnsResponse:
     task = get_task_row(db, principal, task_id)
     turn = get_turn_row(db, task, turn_id)
@@ -865,7 +918,9 @@ def sibling_turns(
         raise BadRequest("sibling_turns needs an assistant turn id")
     ctx = _Context.load(db, [task], all_turns=True)
     sibs = sorted(ctx.siblings(turn), key=lambda t: (t.attempt_placement or 0, t.created_at))
-    return SiblingTurnsResponse(sibling_turns=[render_assistant_turn(t, ctx) for t in sibs])
+    return SiblingTurnsResponse(
+        sibling_turns=[render_assistant_turn(t, ctx, inline_diff) for t in sibs]
+    )
 
 
 # --------------------------------------------------------------------------- actions

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    event,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -134,6 +135,60 @@ class Turn(Base):
     body: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # The diff's stats, copied out of ``body`` whenever it is written, so that lists read
+    # three integers instead of loading (and parsing) bodies that hold multi-MB diffs.
+    diff_files_modified: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    diff_lines_added: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    diff_lines_removed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Whether ``body`` holds a non-empty diff (the stats may be unknown for one).
+    has_diff: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    @staticmethod
+    def body_values(body: dict[str, Any]) -> dict[str, Any]:
+        """The column values of a new ``body`` (for Core ``update().values(...)``, which the
+        ORM's attribute event below does not see)."""
+        return {"body": body, **diff_columns(body)}
+
+
+def body_diff(body: Any) -> dict[str, Any] | None:
+    """The ``output_diff`` of a turn body (see :func:`items_diff`)."""
+    return items_diff(body.get("output_items") if isinstance(body, dict) else None)
+
+
+def items_diff(items: Any) -> dict[str, Any] | None:
+    """The ``output_diff`` of an attempt's output items (inside its ``pr`` item, or a bare
+    ``output_diff`` item) when it holds a non-empty diff."""
+    for item in items or []:
+        if not isinstance(item, dict):
+            continue
+        inner = item.get("output_diff")
+        if item.get("type") == "pr" and isinstance(inner, dict) and inner.get("diff"):
+            return dict(inner)
+        if item.get("type") == "output_diff" and item.get("diff"):
+            return dict(item)
+    return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def diff_columns(body: Any) -> dict[str, Any]:
+    """``diff_*`` and ``has_diff`` for a turn body."""
+    diff = body_diff(body) or {}
+    return {
+        "diff_files_modified": _int_or_none(diff.get("files_modified")),
+        "diff_lines_added": _int_or_none(diff.get("lines_added")),
+        "diff_lines_removed": _int_or_none(diff.get("lines_removed")),
+        "has_diff": bool(diff),
+    }
+
+
+@event.listens_for(Turn.body, "set")
+def _body_set(target: Turn, value: Any, _old: Any, _initiator: Any) -> None:
+    """Every ORM write of a turn's ``body`` keeps its diff columns in step."""
+    for key, column_value in diff_columns(value).items():
+        setattr(target, key, column_value)
 
 
 class UsageEvent(Base):

@@ -39,6 +39,12 @@ class OutputDiff(WireModel):
     lines_added: int | None = None
     lines_removed: int | None = None
     commit_message: str | None = None
+    # openwham: ``diff`` is only the start of the change (lists: empty; details: capped at
+    # ``WHAM_INLINE_DIFF_MAX_BYTES``); the whole one is ``GET tasks/{id}/turns/{turn}/diff``.
+    # ``diff_bytes`` is the whole diff's size in UTF-8 bytes. Both appear only when truncated.
+    truncated: bool | None = None
+    diff_bytes: int | None = None
+    omit_when_unset = ("truncated", "diff_bytes")
 
 
 class MessageInputItem(WireModel):

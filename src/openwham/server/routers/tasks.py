@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session
 
 from openwham.engine import branches, storage
@@ -31,7 +31,7 @@ from openwham.wire import (
     TurnResponse,
 )
 
-from ..deps import PrincipalDep, SessionDep, StateDep
+from ..deps import InlineDiffDep, PrincipalDep, SessionDep, StateDep
 from ..state import AppState
 
 router = APIRouter(tags=["tasks"])
@@ -113,8 +113,12 @@ def create_task(
 
 
 @router.get("/tasks/{task_id}", response_model=TaskDetails)
-def get_task(task_id: str, principal: PrincipalDep, db: SessionDep) -> TaskDetails:
-    return tasks.details(db, principal, task_id)
+def get_task(
+    task_id: str, principal: PrincipalDep, db: SessionDep, inline: InlineDiffDep
+) -> TaskDetails:
+    """The task with its current turns; a diff over ``WHAM_INLINE_DIFF_MAX_BYTES`` is cut
+    (``truncated: true``; the whole one: ``…/turns/{turn_id}/diff``)."""
+    return tasks.details(db, principal, task_id, inline_diff=inline)
 
 
 @router.delete("/tasks/{task_id}", response_model=SuccessResponse)
@@ -157,13 +161,14 @@ def fork(
     state: StateDep,
     principal: PrincipalDep,
     db: SessionDep,
+    inline: InlineDiffDep,
     body: Annotated[Any, Body()] = None,
 ) -> TaskDetails:
     """A new task that starts from a chosen completed attempt (service/lifecycle.py)."""
     forked = lifecycle.fork(db, principal, task_id, body)
     db.commit()
     storage.copy_sessions(state.settings.resolved_data_dir / "attempts", forked.copied)
-    return tasks.details(db, principal, forked.task_id)
+    return tasks.details(db, principal, forked.task_id, inline_diff=inline)
 
 
 @router.post("/tasks/{task_id}/archive", response_model=SuccessResponse)
@@ -239,20 +244,44 @@ def undo_all_discards_for_siblings(
 
 
 @router.get("/tasks/{task_id}/turns", response_model=TurnMapping)
-def turn_mapping(task_id: str, principal: PrincipalDep, db: SessionDep) -> TurnMapping:
-    return tasks.turn_mapping(db, principal, task_id)
+def turn_mapping(
+    task_id: str, principal: PrincipalDep, db: SessionDep, inline: InlineDiffDep
+) -> TurnMapping:
+    return tasks.turn_mapping(db, principal, task_id, inline_diff=inline)
 
 
 @router.get("/tasks/{task_id}/turns/{turn_id}", response_model=TurnResponse)
-def get_turn(task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep) -> TurnResponse:
-    return TurnResponse(turn=tasks.get_turn(db, principal, task_id, turn_id))
+def get_turn(
+    task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep, inline: InlineDiffDep
+) -> TurnResponse:
+    return TurnResponse(turn=tasks.get_turn(db, principal, task_id, turn_id, inline_diff=inline))
+
+
+DIFF_MEDIA_TYPE = "text/x-diff; charset=utf-8"
+
+
+@router.get(
+    "/tasks/{task_id}/turns/{turn_id}/diff",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The attempt's whole unified diff, as `git diff` prints it",
+            "content": {"text/x-diff": {"schema": {"type": "string"}}},
+        }
+    },
+)
+def turn_diff(task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep) -> Response:
+    """The whole diff of an attempt, never cut (details cut theirs at
+    ``WHAM_INLINE_DIFF_MAX_BYTES``): ``curl … | git apply``. No diff yet or none made: 404."""
+    text = tasks.whole_diff(db, principal, task_id, turn_id)
+    return Response(content=text.encode(), media_type=DIFF_MEDIA_TYPE)
 
 
 @router.get("/tasks/{task_id}/turns/{turn_id}/sibling_turns", response_model=SiblingTurnsResponse)
 def sibling_turns(
-    task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep
+    task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep, inline: InlineDiffDep
 ) -> SiblingTurnsResponse:
-    return tasks.sibling_turns(db, principal, task_id, turn_id)
+    return tasks.sibling_turns(db, principal, task_id, turn_id, inline_diff=inline)
 
 
 @router.post("/tasks/{task_id}/turns/{turn_id}/pr", response_model=ExternalPullRequest)
