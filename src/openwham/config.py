@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     # The official Codex CLI, which cannot follow that endpoint, always gets it whole.
     inline_diff_max_bytes: int = Field(default=1 << 20, ge=1024)
 
+    # API and web UI requests served at once, each with its own database connection (a pool
+    # of this size, apart from the executor's); more wait in a queue of ``request_queue``
+    # for at most ``request_queue_seconds``, and beyond that get 503 with Retry-After at once.
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    request_queue: int = Field(default=256, ge=0)
+    request_queue_seconds: float = Field(default=3.0, gt=0)
+
     @cached_property
     def resolved_data_dir(self) -> Path:
         """Absolute data directory (created on first use by the callers that write to it)."""

@@ -9,15 +9,18 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from openwham import __version__
 from openwham.config import Settings
 from openwham.service.accounts import ensure_owner_committed
 from openwham.store.db import Database
-from openwham.wire import CreateTaskRequest
+from openwham.wire import CreateTaskRequest, DatabaseHealth, Health, HealthStatus, RequestLoad
 
 from . import errors
+from .admission import AdmissionGate, Gate
+from .health import HealthProbe
 from .limits import BodySizeLimit
 from .routers import account, environments, stream, tasks, tokens
 from .state import AppState
@@ -69,14 +72,40 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     )
     app.state.wham = state
     errors.install(app)
+    # The gate inside the body limit: a slow upload is read before the request takes a slot.
+    gate = Gate(state.db.request_pool, settings.request_queue, settings.request_queue_seconds)
+    app.add_middleware(AdmissionGate, gate=gate)
     app.add_middleware(BodySizeLimit)
     router = api_router()
     for style, prefix in PREFIXES.items():
         app.include_router(router, prefix=prefix, generate_unique_id_function=_unique_id(style))
 
-    @app.get("/healthz", tags=["meta"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    probe = HealthProbe(state.db)
+
+    @app.get(
+        "/healthz",
+        tags=["meta"],
+        response_model=Health,
+        responses={503: {"model": Health, "description": "The database does not answer"}},
+    )
+    async def healthz() -> JSONResponse:
+        """Liveness and the database: 200 ``ok``, or 503 ``degraded`` when the database did
+        not answer within 2 s. Overload does not make it fail (``requests`` shows the load)."""
+        db_ok = await probe.database_ok()
+        load = gate.stats()
+        health = Health(
+            status=HealthStatus.OK if db_ok else HealthStatus.DEGRADED,
+            version=__version__,
+            database=DatabaseHealth.OK if db_ok else DatabaseHealth.UNAVAILABLE,
+            requests=RequestLoad(
+                capacity=load.capacity,
+                queue=load.queue,
+                active=load.active,
+                waiting=load.waiting,
+                refused=load.refused,
+            ),
+        )
+        return JSONResponse(health.model_dump(mode="json"), status_code=200 if db_ok else 503)
 
     mount_web_ui(app, state)
 

@@ -17,14 +17,17 @@ from .state import AppState
 bearer = HTTPBearer(auto_error=False, description="API token from `wham token create`")
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    """Async: a plain lookup needs no worker thread."""
     state: AppState = request.app.state.wham
     return state
 
 
 def get_session(state: Annotated[AppState, Depends(get_state)]) -> Iterator[Session]:
-    """One session per request; handlers commit their writes before they answer."""
-    with state.db.sessions() as session:
+    """One session per request, on the request pool (the admission gate guarantees its
+    connection); the principal and the handler share it. Handlers commit their writes before
+    they answer."""
+    with state.db.requests() as session:
         try:
             yield session
         finally:

@@ -27,7 +27,7 @@ class AppState:
         data_dir = settings.resolved_data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(data_dir, 0o700)  # database, keys, mirrors, attempts: the server's alone
-        database = db or Database(settings.sqlalchemy_url)
+        database = db or Database(settings.sqlalchemy_url, request_pool=settings.db_pool_size)
         database.migrate()
         state = cls(
             settings=settings,

@@ -1,7 +1,19 @@
-"""Engine creation and migrations: SQLite (WAL) by default, PostgreSQL by URL."""
+"""Engine creation and migrations: SQLite (WAL) by default, PostgreSQL by URL.
+
+A :class:`Database` holds three connection pools, so that no user of one can starve another:
+
+- ``sessions``: the engine's own work (executor, recorder, standby, event streams' reads) and
+  the CLI; grows as needed (``max_overflow``).
+- ``requests``: API and web UI requests only, a fixed number of connections (``request_pool``,
+  no overflow). The server admits at most that many requests at once
+  (``server.admission``), so an admitted request never waits for a connection; see
+  docs/ARCHITECTURE.md, "Request path".
+- ``ping``: ``/healthz``'s probe, a fresh connection each time (no pool to be exhausted).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,8 +21,9 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -24,16 +37,25 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str) -> Engine:
-    """An engine tuned for the backend: WAL + busy timeout for SQLite, pre-ping for servers."""
+# Connections for API requests (``WHAM_DB_POOL_SIZE``): as many requests are served at once.
+DEFAULT_REQUEST_POOL = 10
+# An admitted request gets its connection at once; this only bounds a bug's damage.
+REQUEST_POOL_TIMEOUT = 10.0
+
+
+def make_engine(url: str, **pool: Any) -> Engine:
+    """An engine tuned for the backend: WAL + busy timeout for SQLite, pre-ping for servers.
+    ``pool``: ``create_engine``'s pool arguments (default: 10 connections, 20 more at need)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 15})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 15}, **pool
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, **{"pool_size": 10, "max_overflow": 20, **pool})
 
 
 def alembic_config(url: str) -> Config:
@@ -52,12 +74,21 @@ def migrate(engine: Engine) -> None:
 
 
 class Database:
-    """The engine plus a session factory; one per process."""
+    """The engines and session factories of one process (pools: see the module's doc)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, request_pool: int = DEFAULT_REQUEST_POOL) -> None:
         self.url = url
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.request_pool = max(1, request_pool)
+        self.request_engine = make_engine(
+            url,
+            pool_size=self.request_pool,
+            max_overflow=0,
+            pool_timeout=REQUEST_POOL_TIMEOUT,
+        )
+        self.requests = sessionmaker(self.request_engine, expire_on_commit=False)
+        self._ping_engine: Engine | None = None
 
     def migrate(self) -> None:
         migrate(self.engine)
@@ -73,8 +104,23 @@ class Database:
                 s.rollback()
                 raise
 
+    def ping(self, timeout: float) -> None:
+        """Raise unless the database answers ``SELECT 1`` on a new connection (``/healthz``;
+        ``timeout`` bounds the connect; the caller also bounds the whole call)."""
+        if self._ping_engine is None:
+            if self.url.startswith("sqlite"):
+                args: dict[str, Any] = {"check_same_thread": False, "timeout": timeout}
+            else:
+                args = {"connect_timeout": max(1, math.ceil(timeout))}
+            self._ping_engine = create_engine(self.url, poolclass=NullPool, connect_args=args)
+        with self._ping_engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
     def dispose(self) -> None:
         self.engine.dispose()
+        self.request_engine.dispose()
+        if self._ping_engine is not None:
+            self._ping_engine.dispose()
 
 
 def rowcount(result: Result[Any]) -> int:

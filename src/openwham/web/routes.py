@@ -155,7 +155,9 @@ class WebUI:
         return found or session.new_session()
 
     def db(self) -> Iterator[Session]:
-        with self.backend.db.sessions() as s:
+        """A page's session, on the request pool (the server's admission gate holds a
+        connection of it for every request it lets in)."""
+        with self.backend.db.requests() as s:
             try:
                 yield s
             finally:
@@ -467,7 +469,7 @@ class WebUI:
             import anyio
 
             def check() -> None:
-                with self.backend.db.sessions() as db:
+                with self.backend.db.requests() as db:
                     _, principal = self.principal(request, db)
                     task = tasks.get_task_row(db, principal, task_id)
                     tasks.get_turn_row(db, task, turn_id)

@@ -21,8 +21,12 @@ from openwham.wire.base import (
 )
 from openwham.wire.common import (
     CancelResponse,
+    DatabaseHealth,
     DiffStats,
     ErrorBody,
+    Health,
+    HealthStatus,
+    RequestLoad,
     SuccessResponse,
     TurnError,
 )
@@ -228,6 +232,7 @@ __all__ = [
     "CreateTaskResponse",
     "Credits",
     "DailyUsageBucket",
+    "DatabaseHealth",
     "DenormalizedMetadata",
     "DiffStats",
     "Environment",
@@ -258,6 +263,8 @@ __all__ = [
     "GitPullRequest",
     "GitPullRequestUser",
     "GroupSpendLimit",
+    "Health",
+    "HealthStatus",
     "InlineReviewAnchors",
     "InputItem",
     "LatestEvent",
@@ -287,6 +294,7 @@ __all__ = [
     "RepoFileCitation",
     "RepoReviewSetting",
     "RepoSpec",
+    "RequestLoad",
     "SetupLogKey",
     "SetupLogRef",
     "SiblingTurnsResponse",

@@ -1,6 +1,7 @@
 """Small shapes used across several endpoints."""
 
 import datetime as dt
+from enum import StrEnum
 
 from pydantic import Field
 
@@ -50,3 +51,35 @@ class TurnError(WireModel):
 def naive_iso(epoch: float) -> str:
     """A timestamp as setup-log keys and proxy events carry it: naive ISO 8601, in UTC."""
     return dt.datetime.fromtimestamp(epoch, dt.UTC).replace(tzinfo=None).isoformat()
+
+
+class HealthStatus(StrEnum):
+    OK = "ok"
+    DEGRADED = "degraded"  # the process answers, its database does not
+
+
+class DatabaseHealth(StrEnum):
+    OK = "ok"
+    UNAVAILABLE = "unavailable"
+
+
+class RequestLoad(WireModel):
+    """The admission gate's state (``server.admission``): requests at work (``active``, at
+    most ``capacity``), waiting (at most ``queue``), and refused with 503 since the start."""
+
+    capacity: int
+    queue: int
+    active: int
+    waiting: int
+    refused: int
+
+
+class Health(WireModel):
+    """``GET /healthz`` (openwham): 200 with ``status: ok``, or 503 with ``status: degraded``
+    when the database did not answer ``SELECT 1`` within ``database_timeout_seconds``.
+    Never gated, so it answers under any load."""
+
+    status: HealthStatus
+    version: str
+    database: DatabaseHealth
+    requests: RequestLoad

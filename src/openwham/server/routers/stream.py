@@ -78,11 +78,12 @@ def _parse_last_id(header: str | None, query: str | None) -> int:
 
 
 def _authorize(state: AppState, request: Request, task_id: str, turn_id: str) -> str | None:
-    """Checks the caller and the turn; returns the caller's API token id."""
+    """Checks the caller and the turn; returns the caller's API token id. (On the request
+    pool: this runs while the request holds its admission slot, before the stream starts.)"""
     scheme, token = get_authorization_scheme_param(request.headers.get("Authorization"))
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("Missing bearer token: send Authorization: Bearer <token>")
-    with state.db.sessions() as s:
+    with state.db.requests() as s:
         principal = authenticate(
             s, state.signing_key, token, request.headers.get("ChatGPT-Account-Id")
         )

@@ -1,0 +1,404 @@
+"""``python -m bench.load`` (or ``./bench/load``): the API under a team's load.
+
+For SQLite and for PostgreSQL, a real ``wham serve`` (``WHAM_EXECUTOR=none``) with N finished
+tasks (written by the engine's own ``TurnRecorder``: a work log, an answer, a diff) is driven
+on loopback:
+
+1. **burst**: B concurrent ``GET tasks/{id}`` (64 on SQLite, 128 on PostgreSQL; asyncio +
+   httpx, one connection each), ``/healthz`` asked in the middle of it, and one more GET
+   after it: how many were served, how many refused (503 + Retry-After), latency
+   percentiles, and whether the server answers normally afterwards.
+2. **throughput**: ``wrk`` (Debian's, installed by ``scripts/setup.sh --with-postgres``) on
+   task details and on ``tasks/list?limit=100`` at 1, 32 and 128 connections, a few seconds
+   each: requests per second, min / p50 / p90 / p99 / max latency, non-2xx answers, and the
+   ratio to the issue's targets.
+
+See bench/README.md ("Load").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from . import harness as h
+from .repo import generate
+
+LUA = Path(__file__).with_name("load.lua")
+# (rps at least, p99 at most in ms) at 32 connections, issue 20
+TARGETS = {"details": (1000.0, 50.0), "list": (300.0, 100.0)}
+BURST_TARGET_P99_MS = {"sqlite": 50.0, "postgres": 100.0}
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- databases
+
+
+@contextmanager
+def postgres_database(admin_url: str) -> Iterator[str]:
+    """A fresh database on the cluster of ``admin_url``, dropped afterwards."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    plain = admin_url.replace("postgresql+psycopg://", "postgresql://")
+    name = f"wham_load_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --------------------------------------------------------------------------- seeding
+
+DIFF_LINES = 120
+
+
+def _diff(n: int) -> str:
+    """A diff of one file, ``DIFF_LINES`` changed lines (about 6 kB), as an attempt leaves."""
+    lines = [
+        f"diff --git a/src/mod{n:04d}.py b/src/mod{n:04d}.py",
+        "index 1111111..2222222 100644",
+        f"--- a/src/mod{n:04d}.py",
+        f"+++ b/src/mod{n:04d}.py",
+        f"@@ -1,{DIFF_LINES // 2} +1,{DIFF_LINES // 2} @@",
+    ]
+    for i in range(DIFF_LINES // 2):
+        lines.append(f"-def f{i}(x):  return x + {i}  # the old line of the function")
+        lines.append(f"+def f{i}(x):  return x + {i + 1}  # the new line of the function")
+    return "\n".join(lines) + "\n"
+
+
+def finish_tasks(url: str, turns: list[tuple[str, str]]) -> None:
+    """Give every pending attempt what a finished one holds, through the engine's recorder:
+    a dozen work-log messages (commands and their output), the answer and a PR item."""
+    from sqlalchemy import update
+
+    from openwham.engine.recorder import TurnRecorder
+    from openwham.service.diffs import diff_stats
+    from openwham.store import models as m
+    from openwham.store.db import Database
+    from openwham.store.events import LocalEventBus
+    from openwham.wire.worklog import WorklogMessage
+
+    db = Database(url)
+    bus = LocalEventBus()
+    try:
+        for n, (task_id, turn_id) in enumerate(turns):
+            with db.session() as s:
+                s.execute(
+                    update(m.Turn).where(m.Turn.id == turn_id).values(turn_status="in_progress")
+                )
+                row = s.get(m.Turn, turn_id)
+                assert row is not None
+                body = dict(row.body)
+            rec = TurnRecorder(db, bus, task_id, turn_id, body)
+            now = time.time()
+            for i in range(12):
+                rec.message(
+                    WorklogMessage.model_validate(
+                        {
+                            "id": f"msg-{n}-{i}",
+                            "author": {"role": "tool" if i % 2 else "assistant"},
+                            "create_time": now,
+                            "update_time": now,
+                            "content": {
+                                "content_type": "text",
+                                "parts": [f"step {i}: ran `pytest -q tests/test_{i}.py`\n" * 8],
+                            },
+                        }
+                    )
+                )
+            diff = _diff(n)
+            stats = diff_stats(diff)
+            answer = "I changed the functions to add one and the tests pass."
+            rec.finish(
+                "completed",
+                text="Completed",
+                output_items=[
+                    {
+                        "type": "message",
+                        "role": "assistant",
+                        "content": [{"content_type": "text", "text": answer}],
+                    },
+                    {
+                        "type": "pr",
+                        "pr_title": f"Task {n}",
+                        "pr_message": answer,
+                        "output_diff": {
+                            "type": "output_diff",
+                            "repo_id": "bench/repo",
+                            "base_commit_sha": "0" * 40,
+                            "preapply_patch_base_commit_sha": None,
+                            "diff": diff,
+                            "external_storage_diff": None,
+                            "files_modified": stats.files_modified,
+                            "lines_added": stats.lines_added,
+                            "lines_removed": stats.lines_removed,
+                            "commit_message": f"Task {n}",
+                        },
+                    },
+                ],
+            )
+    finally:
+        db.dispose()
+
+
+# --------------------------------------------------------------------------- burst
+
+
+@dataclass
+class Burst:
+    concurrency: int
+    statuses: dict[int, int] = field(default_factory=dict)
+    errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    retry_after_missing: int = 0
+    healthz_ms: float | None = None
+    healthz: dict[str, Any] | None = None
+    after_ms: float | None = None
+    after_status: int | None = None
+    wall_s: float = 0.0
+
+
+async def _burst(srv: h.WhamServer, paths: list[str], concurrency: int) -> Burst:
+    out = Burst(concurrency)
+    headers = {"Authorization": f"Bearer {srv.token}"}
+    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=srv.url, limits=limits, timeout=90) as client:
+
+        async def one(path: str) -> None:
+            t0 = time.perf_counter()
+            try:
+                r = await client.get(path, headers=headers)
+            except httpx.HTTPError:
+                out.errors += 1
+                return
+            out.latencies_ms.append((time.perf_counter() - t0) * 1000)
+            out.statuses[r.status_code] = out.statuses.get(r.status_code, 0) + 1
+            if r.status_code == 503 and "retry-after" not in r.headers:
+                out.retry_after_missing += 1
+
+        async def health() -> None:
+            await asyncio.sleep(0.05)
+            t0 = time.perf_counter()
+            try:
+                r = await client.get("/healthz")
+                out.healthz = dict(r.json())
+            except (httpx.HTTPError, ValueError):
+                out.healthz = {"error": "no answer"}
+            out.healthz_ms = (time.perf_counter() - t0) * 1000
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(paths[i % len(paths)]) for i in range(concurrency)), health())
+        out.wall_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        r = await client.get(paths[0], headers=headers)
+        out.after_ms = (time.perf_counter() - t1) * 1000
+        out.after_status = r.status_code
+    return out
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+def wrk(url: str, token: str, paths: list[str], connections: int, seconds: float) -> dict[str, Any]:
+    """One ``wrk`` run over ``paths``; its figures (see load.lua)."""
+    binary = shutil.which("wrk")
+    if binary is None:
+        raise SystemExit("wrk is not installed: run scripts/setup.sh --with-postgres")
+    with tempfile.NamedTemporaryFile("w", suffix=".paths") as f:
+        f.write("\n".join(paths) + "\n")
+        f.flush()
+        argv = [
+            binary,
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "30s",
+            "-s",
+            str(LUA),
+            "-H",
+            f"Authorization: Bearer {token}",
+            url,
+        ]
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "BENCH_PATHS": f.name},
+            timeout=seconds + 60,
+            check=False,
+        )
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            data: dict[str, Any] = json.loads(line.split(" ", 1)[1])
+            data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+            return data
+    raise RuntimeError(f"wrk printed no result: {done.stdout}\n{done.stderr}")
+
+
+# --------------------------------------------------------------------------- one database
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest rank, as ``bench.__main__.pct``."""
+    s = sorted(values)
+    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
+
+
+def run_database(
+    kind: str, url: str | None, args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
+    repo = generate(work / "repo", files=3)
+    data_dir = work / f"data-{kind}"
+    env = {"WHAM_EXECUTOR": "none", **({"WHAM_DATABASE_URL": url} if url else {})}
+    env.update(dict(kv.split("=", 1) for kv in args.env))
+    srv = h.WhamServer.start(
+        data_dir,
+        "http://127.0.0.1:9",
+        log_path=work / f"serve-{kind}.log",
+        module=args.server_module,
+        extra_env=env,
+    )
+    result: dict[str, Any] = {"database": kind}
+    try:
+        env_id = srv.create_env(repo)
+        log(f"[{kind}] seeding {args.tasks} finished tasks")
+        turns = [srv.create_task(env_id, f"load task {i}") for i in range(args.tasks)]
+        finish_tasks(url or f"sqlite:///{data_dir / 'openwham.db'}", turns)
+        details = [f"{h.PREFIX}/tasks/{task_id}" for task_id, _ in turns]
+        listing = [f"{h.PREFIX}/tasks/list?limit=100"]
+        sizes = {
+            "details": len(srv.client.get(srv.url + details[0]).content),
+            "list": len(srv.client.get(srv.url + listing[0]).content),
+        }
+        result["bytes"] = sizes
+
+        burst_n = args.burst or (64 if kind == "sqlite" else 128)
+        log(f"[{kind}] burst of {burst_n} concurrent GETs")
+        burst = asyncio.run(_burst(srv, details, burst_n))
+        result["burst"] = vars(burst)
+        for name, paths in (("details", details), ("list", listing)):
+            for c in args.connections:
+                log(f"[{kind}] wrk {name} at {c} connection(s), {args.seconds:g} s")
+                result[f"{name}@{c}"] = wrk(srv.url, srv.token, paths, c, args.seconds)
+        ok = srv.client.get(srv.url + details[0])
+        result["after_status"] = ok.status_code
+    finally:
+        srv.stop()
+    return result
+
+
+def report(result: dict[str, Any], args: argparse.Namespace) -> None:
+    kind = result["database"]
+    b = result["burst"]
+    lat = b["latencies_ms"]
+    print(
+        f"\n== {kind}: {args.tasks} finished tasks; details {result['bytes']['details']} B, "
+        f"list?limit=100 {result['bytes']['list']} B"
+    )
+    served = b["statuses"].get(200, 0)
+    refused = b["statuses"].get(503, 0)
+    other = sum(v for k, v in b["statuses"].items() if k not in (200, 503)) + b["errors"]
+    print(
+        f"burst of {b['concurrency']} concurrent GETs: {served} served, {refused} refused (503), "
+        f"{other} other/errors, {b['retry_after_missing']} 503 without Retry-After; "
+        f"all answered in {b['wall_s']:.2f} s"
+    )
+    if lat:
+        target = BURST_TARGET_P99_MS[kind]
+        p99 = percentile(lat, 99)
+        print(
+            f"  latency ms min/p50/p99/max {min(lat):.1f} / {statistics.median(lat):.1f} / "
+            f"{p99:.1f} / {max(lat):.1f}   p99 / target {target:.0f} ms = {p99 / target:.2f}"
+        )
+    print(f"  /healthz during it: {b['healthz_ms']:.1f} ms {json.dumps(b['healthz'])}")
+    print(f"  next GET after it: {b['after_status']} in {b['after_ms']:.1f} ms")
+    print(
+        f"{'wrk':<8} {'conns':>5} {'rps':>7} {'min':>6} {'p50':>6} {'p90':>6} {'p99':>7} "
+        f"{'max':>7} {'non-2xx':>7}  vs target (32 connections)"
+    )
+    for name in ("details", "list"):
+        for c in args.connections:
+            r = result[f"{name}@{c}"]
+            bad = r["status_errors"] + r["read_errors"] + r["timeouts"] + r["connect_errors"]
+            vs = ""
+            if c == 32:
+                rps_t, p99_t = TARGETS[name]
+                vs = (
+                    f"  rps/{rps_t:.0f} = {r['rps'] / rps_t:.2f}, "
+                    f"p99/{p99_t:.0f} ms = {r['p99_us'] / 1000 / p99_t:.2f}"
+                )
+            print(
+                f"{name:<8} {c:>5} {r['rps']:>7.0f} {r['min_us'] / 1000:>6.1f} "
+                f"{r['p50_us'] / 1000:>6.1f} {r['p90_us'] / 1000:>6.1f} "
+                f"{r['p99_us'] / 1000:>7.1f} {r['max_us'] / 1000:>7.1f} {bad:>7}{vs}"
+            )
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n")[0])
+    p.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both")
+    p.add_argument(
+        "--postgres-url",
+        default=os.environ.get("WHAM_TEST_POSTGRES_URL"),
+        help="an admin URL of a PostgreSQL cluster (./bench/load starts a throwaway one)",
+    )
+    p.add_argument("--tasks", type=int, default=200, help="finished tasks to seed (200)")
+    p.add_argument("--seconds", type=float, default=5.0, help="length of each wrk run (5)")
+    p.add_argument(
+        "--connections",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 32, 128],
+        help="wrk connection counts (1,32,128)",
+    )
+    p.add_argument("--burst", type=int, default=0, help="burst size (64 SQLite, 128 PostgreSQL)")
+    p.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for wham serve")
+    p.add_argument("--server-module", default=None, help="python -m MODULE serve instead of wham")
+    p.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    args = p.parse_args(argv)
+    if args.db in ("postgres", "both") and not args.postgres_url:
+        p.error("PostgreSQL needs --postgres-url or WHAM_TEST_POSTGRES_URL (use ./bench/load)")
+    log(f"load average: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="wham-load-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        if args.db in ("sqlite", "both"):
+            results.append(run_database("sqlite", None, args, work))
+            report(results[-1], args)
+        if args.db in ("postgres", "both"):
+            with postgres_database(args.postgres_url) as url:
+                results.append(run_database("postgres", url, args, work))
+            report(results[-1], args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

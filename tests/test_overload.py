@@ -1,0 +1,235 @@
+"""Overload: many concurrent requests against a small request pool get an answer (200, or 503
+with Retry-After) instead of a stall, ``/healthz`` answers meanwhile, and the server serves
+normally afterwards (issue 20, "The stall"); the admission gate's rules; ``/healthz``'s
+database field.
+
+The servers here are real uvicorn servers (``support.app_thread``) around ``create_app``, so
+requests really run concurrently in AnyIO's worker threads, as under ``wham serve``. Nothing
+is timed tightly: before the gate, the burst below left every worker thread waiting for a
+connection inside ``get_principal`` and the requests ended in 500s after the pool's 30 s
+timeout (or in the client's timeout), which the generous bounds here still catch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from conftest import make_repo
+from openwham.config import Settings
+from openwham.server.admission import Gate
+from openwham.server.app import create_app
+from openwham.server.state import AppState
+from openwham.service.accounts import create_api_token, ensure_owner
+from support.app_thread import AppThread
+
+PREFIX = "/backend-api/wham"
+BURST = 200
+# Far above what a served burst takes here (a second or two), far below a stall (30 s).
+ANSWER_WITHIN_SECONDS = 20.0
+
+
+class Running:
+    def __init__(self, url: str, state: AppState, token: str, task_id: str) -> None:
+        self.url, self.state, self.token, self.task_id = url, state, token, task_id
+
+
+def _serve(tmp_path: Path, database_url: str, **options: Any) -> Iterator[Running]:
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=database_url, executor="none", **options
+    )
+    app = create_app(settings)
+    state: AppState = app.state.wham
+    with state.db.session() as s:
+        account, user = ensure_owner(s)
+        _, token = create_api_token(s, state.signing_key, user, account, ttl_seconds=3600)
+    server = AppThread()
+    url = server.start(app)
+    try:
+        headers = {"Authorization": f"Bearer {token}"}
+        repo = make_repo(tmp_path / "widgets")
+        env = httpx.post(
+            f"{url}{PREFIX}/environments",
+            json={"label": "acme/widgets", "repos": [str(repo)]},
+            headers=headers,
+            timeout=30,
+        )
+        assert env.status_code == 201, env.text
+        task = httpx.post(
+            f"{url}{PREFIX}/tasks",
+            json={
+                "new_task": {"environment_id": env.json()["id"]},
+                "input_items": [
+                    {
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"content_type": "text", "text": "Fix the test"}],
+                    }
+                ],
+            },
+            headers=headers,
+            timeout=30,
+        )
+        assert task.status_code == 200, task.text
+        yield Running(url, state, token, task.json()["task"]["id"])
+    finally:
+        server.stop()
+        state.db.dispose()
+
+
+@pytest.fixture
+def small_pool(tmp_path: Path, database_url: str) -> Iterator[Running]:
+    """A server whose request pool holds two connections (the default queue)."""
+    yield from _serve(tmp_path, database_url, db_pool_size=2)
+
+
+@pytest.fixture
+def tiny_queue(tmp_path: Path, database_url: str) -> Iterator[Running]:
+    """Two connections and a queue of four: most of a burst must be refused."""
+    yield from _serve(tmp_path, database_url, db_pool_size=2, request_queue=4)
+
+
+async def _burst(srv: Running, n: int) -> tuple[list[tuple[int, dict[str, str]]], Any, float]:
+    """``n`` concurrent GETs of the task (and of the task list), one connection each, with
+    ``/healthz`` asked while they run; returns (status, headers) of each, the health answer
+    and the wall time."""
+    headers = {"Authorization": f"Bearer {srv.token}"}
+    limits = httpx.Limits(max_connections=n + 1, max_keepalive_connections=0)
+    paths = [f"{PREFIX}/tasks/{srv.task_id}", f"{PREFIX}/tasks/list?limit=100"]
+    async with httpx.AsyncClient(
+        base_url=srv.url, limits=limits, timeout=ANSWER_WITHIN_SECONDS
+    ) as client:
+
+        async def one(i: int) -> tuple[int, dict[str, str]]:
+            r = await client.get(paths[i % 2], headers=headers)
+            return r.status_code, dict(r.headers)
+
+        async def health() -> httpx.Response:
+            await asyncio.sleep(0.05)
+            return await client.get("/healthz")
+
+        t0 = time.monotonic()
+        *answers, healthz = await asyncio.gather(*(one(i) for i in range(n)), health())
+        return list(answers), healthz, time.monotonic() - t0
+
+
+def _check_burst(srv: Running, answers: list[tuple[int, dict[str, str]]], wall: float) -> None:
+    statuses = sorted({status for status, _ in answers})
+    assert set(statuses) <= {200, 503}, statuses
+    assert any(status == 200 for status, _ in answers)
+    for status, headers in answers:
+        if status == 503:
+            assert headers.get("retry-after") == "1"
+    assert wall < ANSWER_WITHIN_SECONDS
+    # ... and it serves normally afterwards, with nothing left waiting or at work
+    r = httpx.get(
+        f"{srv.url}{PREFIX}/tasks/{srv.task_id}",
+        headers={"Authorization": f"Bearer {srv.token}"},
+        timeout=10,
+    )
+    assert r.status_code == 200
+    health = httpx.get(f"{srv.url}/healthz", timeout=10).json()
+    assert health["requests"]["active"] == 0 and health["requests"]["waiting"] == 0
+
+
+def test_burst_against_a_small_pool_is_answered(small_pool: Running) -> None:
+    answers, healthz, wall = asyncio.run(_burst(small_pool, BURST))
+    _check_burst(small_pool, answers, wall)
+    assert healthz.status_code == 200
+    body = healthz.json()
+    assert body["status"] == "ok" and body["database"] == "ok"
+    assert body["requests"]["capacity"] == 2
+
+
+def test_burst_beyond_the_queue_is_refused_with_retry_after(tiny_queue: Running) -> None:
+    answers, healthz, wall = asyncio.run(_burst(tiny_queue, BURST))
+    _check_burst(tiny_queue, answers, wall)
+    refused = sum(1 for status, _ in answers if status == 503)
+    assert refused >= BURST // 2  # at most 2 at work + 4 waiting at any time
+    assert healthz.status_code == 200 and healthz.json()["database"] == "ok"
+    assert httpx.get(f"{tiny_queue.url}/healthz").json()["requests"]["refused"] >= refused
+
+
+# --------------------------------------------------------------------------- the gate
+
+
+def test_gate_admits_capacity_queues_then_refuses() -> None:
+    async def run() -> list[str]:
+        seen: list[str] = []
+        gate = Gate(capacity=2, queue=1, wait=30)
+        assert await gate.acquire() and await gate.acquire()
+        async with anyio.create_task_group() as tg:
+
+            async def waiter() -> None:
+                seen.append(f"queued:{await gate.acquire()}")
+
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            assert gate.stats().waiting == 1
+            seen.append(f"refused:{not await gate.acquire()}")  # the queue is full
+            gate.release()  # handed to the waiter, not freed
+        assert gate.stats().active == 2 and gate.stats().waiting == 0
+        gate.release()
+        gate.release()
+        assert gate.stats().active == 0 and gate.stats().refused == 1
+        return seen
+
+    assert anyio.run(run) == ["refused:True", "queued:True"]
+
+
+def test_gate_wait_runs_out_and_cancelled_waiters_leave_no_slot() -> None:
+    async def run() -> None:
+        gate = Gate(capacity=1, queue=5, wait=0.05)
+        assert await gate.acquire()
+        assert not await gate.acquire()  # waited 50 ms, then refused
+        assert gate.stats().waiting == 0 and gate.stats().refused == 1
+        gate.wait = 30
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(gate.acquire)
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()
+        assert gate.stats().waiting == 0
+        gate.release()
+        assert gate.stats().active == 0
+        assert await gate.acquire()  # the slot is there, not lost to the cancelled waiter
+
+    anyio.run(run)
+
+
+# --------------------------------------------------------------------------- /healthz
+
+
+def test_healthz_reports_a_database_that_does_not_answer(tmp_path: Path) -> None:
+    """The database goes away under a running server: /healthz answers 503 ``degraded``
+    with ``database: unavailable`` (within its probe's timeout) instead of hanging or 200."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from conftest import postgres_database
+
+    with postgres_database() as url:
+        serving = _serve(tmp_path, url)
+        srv = next(serving)
+        try:
+            first = httpx.get(f"{srv.url}/healthz", timeout=10)
+            assert first.status_code == 200
+            assert first.json()["status"] == "ok" and first.json()["database"] == "ok"
+            name = make_url(url).database
+            plain = url.replace("postgresql+psycopg://", "postgresql://")
+            with psycopg.connect(plain.rsplit("/", 1)[0] + "/postgres", autocommit=True) as c:
+                c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            time.sleep(1.1)  # past the probe's kept answer
+            r = httpx.get(f"{srv.url}/healthz", timeout=10)
+            assert r.status_code == 503
+            body = r.json()
+            assert body["status"] == "degraded" and body["database"] == "unavailable"
+            assert body["version"] and body["requests"]["capacity"] >= 1
+        finally:
+            serving.close()
