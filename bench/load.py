@@ -273,7 +273,7 @@ def percentile(values: list[float], p: float) -> float:
 def run_database(
     kind: str, url: str | None, args: argparse.Namespace, work: Path
 ) -> dict[str, Any]:
-    repo = generate(work / "repo", files=3)
+    repo = generate(work / f"repo-{kind}", files=3)
     data_dir = work / f"data-{kind}"
     env = {"WHAM_EXECUTOR": "none", **({"WHAM_DATABASE_URL": url} if url else {})}
     env.update(dict(kv.split("=", 1) for kv in args.env))
@@ -286,6 +286,16 @@ def run_database(
     )
     result: dict[str, Any] = {"database": kind}
     try:
+        if url:  # the harness made its token without WHAM_DATABASE_URL: in SQLite
+            out = subprocess.run(
+                [str(h.WHAM), "token", "create", "--data-dir", str(data_dir)],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "WHAM_DATABASE_URL": url},
+            )
+            srv.token = out.stdout.strip()
+            srv.client.headers["Authorization"] = f"Bearer {srv.token}"
         env_id = srv.create_env(repo)
         log(f"[{kind}] seeding {args.tasks} finished tasks")
         turns = [srv.create_task(env_id, f"load task {i}") for i in range(args.tasks)]

@@ -12,8 +12,9 @@
 #                    /usr/lib/postgresql/*/bin/initdb already exists, and
 #                    Codex CLI 0.151.0 for the compatibility tests
 #                    (tools/codex-cloud/package-lock.json), and Debian's
-#                    `chromium` for the web UI's browser tests, and `tmux`
-#                    for the Codex TUI's tests; scripts/test uses it
+#                    `chromium` for the web UI's browser tests, `tmux`
+#                    for the Codex TUI's tests, and `wrk` for bench/load;
+#                    scripts/test uses it
 #   --quiet          no progress lines (errors are still reported)
 #
 # Idempotent and fast when nothing is missing (it then prints nothing).
@@ -179,6 +180,10 @@ fi
 # Test-only: the compatibility tests drive `codex cloud`'s interactive TUI in tmux.
 if [ "$WITH_POSTGRES" = 1 ]; then
     want_cmd tmux tmux
+fi
+# Benchmark-only: bench/load drives the API with wrk (loopback).
+if [ "$WITH_POSTGRES" = 1 ]; then
+    want_cmd wrk wrk
 fi
 
 if [ "${#WANTED_PKGS[@]}" -gt 0 ]; then
