@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from conftest import Api, Server, cli_user, git, make_repo, make_server, run_cli
 from openwham.client import AsyncWhamClient, WhamClient
@@ -253,6 +254,14 @@ def test_the_diff_endpoint_refuses_bad_ids_other_accounts_and_turns_without_a_di
     assert r.status_code == 404
     assert r.json() == api.get(f"tasks/task_e_{'0' * 32}/turns/{turn_id}/diff").json()
     assert api.as_(None).get(f"tasks/{task_id}/turns/{turn_id}/diff").status_code == 401
+
+
+def test_on_sqlite_the_turn_body_is_the_last_column(server: Server) -> None:
+    """Lists read turn columns only; on SQLite a column stored after a multi-MB body costs a
+    walk over its overflow pages (measured: list throughput fell 4x with 4 MB diffs)."""
+    with server.app_state.db.session() as s:
+        columns = [row[1] for row in s.execute(text("PRAGMA table_info(turns)"))]
+    assert columns[-1] == "body" and "diff_lines_added" in columns
 
 
 # --------------------------------------------------------------------------- SDK and CLI

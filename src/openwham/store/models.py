@@ -117,7 +117,12 @@ class Task(Base):
 
 
 class Turn(Base):
-    """A user turn or one assistant attempt; ``body`` carries the rest of its wire fields."""
+    """A user turn or one assistant attempt; ``body`` carries the rest of its wire fields.
+
+    ``body`` (which can hold a diff of many MB) is the table's last column on SQLite
+    (migration 0005): SQLite reaches a column stored after a big value by walking its overflow
+    pages, so a migration adding a column here puts it before ``body``
+    (``batch_alter_table(recreate="always", partial_reordering=…)``)."""
 
     __tablename__ = "turns"
 
