@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import text
 
@@ -20,6 +21,7 @@ from openwham.client import AsyncWhamClient, WhamClient
 from openwham.service.diffs import diff_stats, truncate_diff
 from openwham.store import models as m
 from support.app_thread import AppThread
+from support.browser import sign_in
 
 CAP = 1 << 20
 CODEX_AGENT = "codex_cli_rs/0.151.0 (Debian 12.0.0; x86_64) xterm (codex_cloud_tasks_diff)"
@@ -314,3 +316,41 @@ def test_the_sdk_twins_and_the_cli_get_the_whole_diff(
     assert "return a + b" in (checkout / "calc.py").read_text()
     lines = (checkout / "big.txt").read_text().splitlines()
     assert len(lines) == big.count("\n+line") and lines[-1].startswith("line ")
+
+
+# --------------------------------------------------------------------------- web UI
+
+
+def test_the_web_ui_shows_a_big_diff_cut_and_offers_it_whole(server: Server, repo: Path) -> None:
+    env = server.api.create_env(repo)
+    big = big_diff(3 * CAP)
+    task_id, turn_id = task_with_diff(server, server.api, env["id"], big)
+    small_id, _ = task_with_diff(server, server.api, env["id"], big_diff(2_000))
+    client = server.api.client
+    sign_in(client, server.api.token or "")
+
+    listing = client.get("/")
+    assert listing.status_code == 200 and len(listing.content) < 100_000
+    assert f"+{3 * CAP // 100 + 1}" in listing.text  # the stats, from the list
+
+    page = client.get(f"/tasks/{task_id}")
+    assert page.status_code == 200
+    assert len(page.content) < 2.5 * CAP * 2  # the cut diff laid out, not 3 MiB of it twice
+    assert "only its first" in page.text and "Download the whole diff" in page.text
+    assert "git apply <<'" not in page.text  # no partial patch to paste
+    assert f"+{3 * CAP // 100 + 1}" in page.text  # the whole diff's stats, not the shown part's
+    url = f"/tasks/{task_id}/turns/{turn_id}/diff"
+    assert f'href="{url}"' in page.text
+    whole = client.get(url)
+    assert whole.status_code == 200 and whole.text == big
+    assert whole.headers["content-type"] == "text/x-diff; charset=utf-8"
+    assert whole.headers["content-disposition"].startswith("attachment;")
+
+    small = client.get(f"/tasks/{small_id}")
+    assert "only its first" not in small.text and "git apply <<'" in small.text
+
+    # another account's session gets the same 404 as an id that does not exist
+    other = httpx.Client(transport=client._transport, base_url=str(client.base_url))
+    sign_in(other, server.other_account_token())
+    assert other.get(url).status_code == 404
+    assert client.get(f"/tasks/{task_id}/turns/nope/diff").status_code == 404

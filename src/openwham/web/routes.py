@@ -9,6 +9,7 @@ Mistakes in a form come back as the form with the message and a 4xx status.
 # No `from __future__ import annotations` here: FastAPI must see the dependency aliases
 # (local to WebUI._routes) as real objects, not as strings it cannot resolve.
 
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -112,6 +113,11 @@ class WebUI:
         self._routes()
 
     # ------------------------------------------------------------------ plumbing
+
+    @property
+    def _inline(self) -> int:
+        """The most of a diff the pages carry (``WHAM_INLINE_DIFF_MAX_BYTES``)."""
+        return self.backend.settings.inline_diff_max_bytes
 
     def _route_class(self) -> type[APIRoute]:
         ui = self
@@ -381,6 +387,19 @@ class WebUI:
             """Codex cloud's sub-pages of a task (``/diff``, ``/turns/...``): the task page."""
             self.principal(request, db)
             return self.redirect(f"/tasks/{quote(task_id, safe='')}")
+
+        @r.get("/tasks/{task_id}/turns/{turn_id}/diff")
+        def whole_diff(request: Request, task_id: str, turn_id: str, db: DbDep) -> Response:
+            """An attempt's whole diff as a download (the page shows a big one cut)."""
+            _, principal = self.principal(request, db)
+            text = tasks.whole_diff(db, principal, task_id, turn_id)
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{task_id}.diff")[:120]
+            response = Response(
+                text.encode(),
+                media_type="text/x-diff; charset=utf-8",
+                headers={"Content-Disposition": f'attachment; filename="{name}"'},
+            )
+            return self._headers(response)
 
         @r.get("/tasks/{task_id}/attempts")
         def attempt_statuses(
@@ -716,13 +735,24 @@ class WebUI:
             # Opening the task is reading it (as in Codex cloud): "Unread" clears.
             tasks.mark_read(db, principal, task_id)
             db.commit()
-        details = tasks.details(db, principal, task_id).model_dump(mode="json")
+        details = tasks.details(db, principal, task_id, inline_diff=self._inline).model_dump(
+            mode="json"
+        )
         task = details["task"]
         exchanges = self._exchanges(db, principal, task_id, selected, details)
         last = exchanges[-1] if exchanges else None
         attempt = last.attempt if last else None
         diff = attempt.diff if attempt else None
         diff_text = str(diff.get("diff") or "") if diff else ""
+        # A diff over WHAM_INLINE_DIFF_MAX_BYTES comes cut: the page shows the start and says
+        # so, and offers the whole one as a download (never a partial patch to paste).
+        diff_cut = None
+        if attempt is not None and diff and diff.get("truncated"):
+            diff_cut = {
+                "shown": _size(len(diff_text.encode())),
+                "total": _size(int(diff.get("diff_bytes") or 0)),
+                "url": f"/tasks/{quote(task_id, safe='')}/turns/{quote(attempt.id, safe='')}/diff",
+            }
         worklog: dict[str, Any] = {"messages": [], "logs": [], "hide_final": False}
         if attempt is not None and not attempt.active:
             worklog["hide_final"] = bool(attempt.final)
@@ -747,8 +777,9 @@ class WebUI:
                 "exchanges": exchanges,
                 "attempt": attempt,
                 "running": any(a.active for ex in exchanges[-1:] for a in ex.siblings),
-                "diff": diffview.parse(diff_text) if diff_text else None,
+                "diff": diffview.parse(diff_text) if diff_text or diff_cut else None,
                 "diff_stats": diff,
+                "diff_cut": diff_cut,
                 "diff_text": diff_text,
                 "apply_command": _apply_command(task_id, diff_turn, last),
                 "worklog": worklog,
@@ -777,8 +808,12 @@ class WebUI:
     ) -> list[views.Exchange]:
         """The conversation shown: the path to attempt ``selected`` (default: the current)."""
         if details is None:
-            details = tasks.details(db, principal, task_id).model_dump(mode="json")
-        mapping = tasks.turn_mapping(db, principal, task_id).model_dump(mode="json")["turn_mapping"]
+            details = tasks.details(db, principal, task_id, inline_diff=self._inline).model_dump(
+                mode="json"
+            )
+        mapping = tasks.turn_mapping(db, principal, task_id, inline_diff=self._inline).model_dump(
+            mode="json"
+        )["turn_mapping"]
         current = details.get("current_assistant_turn") or {}
         chosen = selected if selected and selected in mapping else current.get("id")
         if chosen and mapping.get(chosen, {}).get("turn", {}).get("role") != "assistant":
@@ -856,6 +891,13 @@ def _apply_command(task_id: str, diff_turn: dict[str, Any], shown: views.Exchang
         return ""
     number = shown.attempt.index + 1
     return f"wham task apply {task_id}" + (f" --attempt {number}" if number > 1 else "")
+
+
+def _size(n: int) -> str:
+    """``17.6 MB``: a byte count for people."""
+    if n >= 1_000_000:
+        return f"{n / 1_000_000:.1f} MB"
+    return f"{max(1, round(n / 1000))} KB"
 
 
 def _heredoc_marker(diff: str) -> str:
