@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,135 @@ def test_the_reference_payloads_are_in_the_project() -> None:
     readme = (reference / "README.md").read_text()
     for license_file in ("LICENSE-gpt-api-intel.txt", "LICENSE-openai-codex.txt"):
         assert license_file in readme and (reference / license_file).is_file()
+
+
+# ------------------------------------------------------------------ one owner of turn_status
+
+# store.turnstate holds every transition of an attempt (conditional updates); nothing else may
+# write the column, so no path can change a status without its guard.
+TURN_STATE_OWNER = PACKAGE / "store" / "turnstate.py"
+_STATUS = "turn_status"
+# calls that write rows: a turn_status anywhere in their arguments is a write of the column
+_WRITING_CALLS = {
+    "values",
+    "ordered_values",
+    "update",
+    "insert",
+    "Turn",
+    "setattr",
+    "bulk_update_mappings",
+    "bulk_insert_mappings",
+    "on_conflict_do_update",
+    "merge",
+}
+# raw SQL (text(), exec_driver_sql, a DB-API cursor) that sets the column
+_SQL_WRITE = re.compile(
+    r"(?is)\b(update\s+\"?turns\"?\s.*\bset\b|insert\s+into\s+\"?turns\"?\b|replace\s+into\s+\"?turns\"?\b).*\bturn_status\b"
+)
+
+
+def _callee(node: ast.Call) -> str:
+    """The called name; ``x.update(…)``/``x.insert(…)`` only as SQLAlchemy's (``sa.update``),
+    not a dict's or a list's."""
+    func = node.func
+    if isinstance(func, ast.Name):
+        return func.id
+    if not isinstance(func, ast.Attribute):
+        return ""
+    if func.attr in ("update", "insert"):
+        owner = func.value
+        return func.attr if isinstance(owner, ast.Name) and owner.id in ("sa", "sqlalchemy") else ""
+    return func.attr
+
+
+def _mentions_status(node: ast.AST) -> bool:
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Attribute) and sub.attr == _STATUS:
+            return True
+        if isinstance(sub, ast.keyword) and sub.arg == _STATUS:
+            return True
+        if isinstance(sub, ast.Constant) and isinstance(sub.value, str) and _STATUS in sub.value:
+            return True
+    return False
+
+
+def status_writes(source: str) -> list[str]:
+    """Where ``source`` writes ``turn_status``: an assignment (or ``del``) of the attribute, a
+    row-writing call (``update``/``values``/``insert``/``Turn(...)``/``setattr``/raw SQL) with
+    the column among its arguments, or an SQL string that updates or inserts it."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        line = getattr(node, "lineno", 0)
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr == _STATUS
+            and isinstance(node.ctx, ast.Store | ast.Del)
+        ):
+            found.append(f"line {line}: assigns .{_STATUS}")
+        elif isinstance(node, ast.Call) and _callee(node) in _WRITING_CALLS:
+            if any(_mentions_status(a) for a in [*node.args, *node.keywords]):
+                found.append(f"line {line}: {_callee(node)}(…) with {_STATUS}")
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and _SQL_WRITE.search(node.value)
+        ):
+            found.append(f"line {line}: SQL writing {_STATUS}")
+    return found
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_only_turnstate_writes_turn_status(path: Path) -> None:
+    if path == TURN_STATE_OWNER or "migrations" in path.relative_to(PACKAGE).parts:
+        return
+    writes = status_writes(path.read_text())
+    assert not writes, (
+        f"{path.relative_to(PACKAGE)} writes turn_status (use store.turnstate): {writes}"
+    )
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "turn.turn_status = 'failed'",
+        "turn.turn_status: str = 'failed'",
+        "a.b.turn_status += 'x'",
+        "for turn.turn_status in x: pass",
+        "del turn.turn_status",
+        "s.execute(update(m.Turn).values(turn_status='pending'))",
+        "s.execute(update(m.Turn).values({m.Turn.turn_status: 'pending'}))",
+        "s.execute(update(m.Turn).values(**{'turn_status': 'pending'}))",
+        "s.execute(update(m.Turn).ordered_values((m.Turn.turn_status, 'x')))",
+        "s.execute(insert(m.Turn).values(id='x', turn_status='pending'))",
+        "s.execute(sa.update(m.Turn, **{'turn_status': 'x'}))",
+        "s.add(m.Turn(id='x', turn_status='pending'))",
+        "s.add(Turn(id='x', **{'turn_status': 'pending'}))",
+        "setattr(turn, 'turn_status', 'failed')",
+        "s.execute(text(\"UPDATE turns SET turn_status = 'failed'\"))",
+        "s.exec_driver_sql('update turns set turn_status=%s where id=1', ('x',))",
+        "cur.execute('UPDATE \"turns\" SET body = 1, turn_status = 2')",
+        "Q = '''INSERT INTO turns (id, turn_status) VALUES (1, 2)'''",
+        "s.bulk_update_mappings(m.Turn, [{'id': 'x', 'turn_status': 'failed'}])",
+    ],
+)
+def test_the_turn_status_check_finds_writes(snippet: str) -> None:
+    assert status_writes(snippet), snippet
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "x = turn.turn_status",
+        "s.scalar(select(m.Turn.turn_status).where(m.Turn.id == i))",
+        "s.execute(update(m.Turn).where(m.Turn.turn_status == 'x').values(body={}))",
+        "TaskTurn(turn_status=turn.turn_status or 'pending')",
+        "payload = {'turn_status': status}",
+        "data.update({'turn_status': turn.turn_status})",
+        "events.status_payload('Cancelled', 'cancelled')",
+        "s.execute(update(m.Turn).where(m.Turn.turn_status.in_(A)).values(body=b))",
+        "s.execute(text('SELECT turn_status FROM turns WHERE id = :id'))",
+        '"""Each update of a turn is conditional on its turn_status."""',
+    ],
+)
+def test_the_turn_status_check_lets_reads_be(snippet: str) -> None:
+    assert not status_writes(snippet), snippet

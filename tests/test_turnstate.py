@@ -79,7 +79,7 @@ def _apply(db: Database, turn_id: str, transition: Transition) -> bool:
             Transition.RECORD: lambda: turnstate.record(s, turn_id, body=body),
             Transition.FINISH: lambda: turnstate.finish(s, turn_id, body=body),
             Transition.FAIL: lambda: turnstate.fail(s, turn_id, body=body, error=ERROR),
-            Transition.CANCEL: lambda: turnstate.cancel(s, turn_id, body=body),
+            Transition.CANCEL: lambda: turnstate.cancel(s, turn_id, body=body) is not None,
             Transition.REQUEUE: lambda: turnstate.requeue(s, turn_id, body=body),
             Transition.RECOVER: lambda: turnstate.recover(s, turn_id, body=body),
         }
@@ -147,6 +147,16 @@ def test_a_user_turn_has_no_transitions(db: Database) -> None:
         s.flush()
         s.execute(update(m.Turn).where(m.Turn.id == "u").values(turn_status=TurnStatus.PENDING))
     assert not _apply(db, "u", Transition.CLAIM)
+
+
+def test_cancel_says_what_it_cancelled(db: Database) -> None:
+    """The canceller learns the status it won against (a pending attempt's terminal event is
+    then its to write; a running one's executor writes it)."""
+    for status in TurnStatus:
+        turn_id = _attempt(db, status, f"c-{status}")
+        with db.session() as s:
+            was = turnstate.cancel(s, turn_id)
+        assert was == (status if status in turnstate.ACTIVE else None)
 
 
 def test_fail_needs_a_stated_reason(db: Database) -> None:

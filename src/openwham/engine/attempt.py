@@ -54,11 +54,10 @@ from openwham.service.environments import (
     run_environment,
 )
 from openwham.service.keys import SecretBox, secrets_key
-from openwham.store import events
+from openwham.store import events, turnstate
 from openwham.store import models as m
 from openwham.store.db import Database, rowcount
 from openwham.store.events import EventBus
-from openwham.store.status import TurnStatus
 
 from . import diff as diffs
 from . import setup as setup_phase
@@ -323,14 +322,7 @@ class Engine:
             run.update(executor=self.executor_id, tries=tries, started_at=now)
             body["run"] = run
             body["latest_event"] = latest_event(SETTING_UP)
-            claimed = rowcount(
-                s.execute(
-                    update(m.Turn)
-                    .where(m.Turn.id == turn_id, m.Turn.turn_status == "pending")
-                    .values(turn_status="in_progress", body=body, updated_at=now)
-                )
-            )
-            if not claimed:
+            if not turnstate.claim(s, turn_id, body=body, now=now):
                 s.rollback()
                 return None
             events.append(
@@ -909,14 +901,7 @@ class Engine:
                 if (turn.body.get("latest_event") or {}).get("text") == WAITING:
                     continue
                 body = {**turn.body, "latest_event": latest_event(WAITING)}
-                done = rowcount(
-                    s.execute(
-                        update(m.Turn)
-                        .where(m.Turn.id == turn_id, m.Turn.turn_status == "pending")
-                        .values(body=body)
-                    )
-                )
-                if done:
+                if turnstate.wait(s, turn_id, body=body):
                     events.append(
                         s,
                         turn.task_id,
@@ -936,7 +921,9 @@ class Engine:
             if turn is None or turn.turn_status != "in_progress":
                 return str(turn.turn_status) if turn else "deleted"
             tries = int((turn.body.get("run") or {}).get("tries") or 1)
-            requeue(s, turn, note, tries=max(0, tries - 1))
+            if not requeue(s, turn, note, tries=max(0, tries - 1)):  # moved meanwhile
+                now = s.scalar(select(m.Turn.turn_status).where(m.Turn.id == turn_id))
+                return str(now or "deleted")
         self.bus.publish(turn_id)
         return "pending"
 
@@ -1001,10 +988,14 @@ def _keep_alive(rec: TurnRecorder, done: threading.Event) -> None:
         rec.heartbeat()
 
 
-def requeue(s: Session, turn: m.Turn, note: str, *, tries: int | None = None) -> None:
+def requeue(
+    s: Session, turn: m.Turn, note: str, *, tries: int | None = None, recover: bool = False
+) -> bool:
     """Put an attempt back to ``pending`` to start again from scratch: its results, status
     lines (a terminal one would end a new stream at once), work log and setup log go, a
-    ``log`` event says why. ``tries`` replaces the count of runs."""
+    ``log`` event says why. ``tries`` replaces the count of runs. A running attempt
+    (``turnstate.requeue``), or with ``recover`` a failed or cancelled one
+    (``turnstate.recover``); whether it applied (someone else may have moved it first)."""
     body = dict(turn.body)
     if tries is not None:
         body["run"] = {**(body.get("run") or {}), "tries": tries}
@@ -1017,9 +1008,9 @@ def requeue(s: Session, turn: m.Turn, note: str, *, tries: int | None = None) ->
         logs=None,
         proxy_events=None,
     )
-    turn.body = body
-    turn.turn_status = TurnStatus.PENDING
-    turn.updated_at = time.time()
+    move = turnstate.recover if recover else turnstate.requeue
+    if not move(s, turn.id, body=body):
+        return False
     # its setup log goes with it; the server's notes (log events without a key) stay
     notes = [e.payload for e in events.read(s, turn.id, item_types=[events.LOG], limit=10_000)]
     events.clear(s, turn.id, [events.WORK_LOG_MESSAGE, events.LOG, events.TASK_TURN_EVENT])
@@ -1030,6 +1021,7 @@ def requeue(s: Session, turn: m.Turn, note: str, *, tries: int | None = None) ->
     events.append(
         s, turn.task_id, turn.id, events.TASK_TURN_EVENT, events.status_payload(WAITING, "pending")
     )
+    return True
 
 
 def _resume_point(s: Session, previous_turn_id: str) -> Resume | str:

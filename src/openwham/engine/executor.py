@@ -24,9 +24,8 @@ from typing import Protocol
 
 from sqlalchemy import select
 
-from openwham.store import events
+from openwham.store import events, turnstate
 from openwham.store import models as m
-from openwham.store.status import TurnStatus
 
 from . import storage
 from .attempt import FAILED, Control, Engine, requeue
@@ -93,18 +92,18 @@ def recover(engine: Engine, *, now: float | None = None) -> list[str]:
                     "The server running this attempt stopped; starting it again from scratch "
                     f"(try {tries + 1} of {max_tries})"
                 )
-                requeue(s, turn, note)
-                again.append(turn.id)
+                if requeue(s, turn, note):
+                    again.append(turn.id)
                 continue
             error = {
                 "code": "executor_lost",
                 "message": f"The server running this attempt stopped {tries} time(s); "
                 "it was not started again",
             }
+            body = {**turn.body, "latest_event": latest_event(FAILED)}
+            if not turnstate.fail(s, turn.id, body=body, error=error, now=now):
+                continue  # cancelled or taken meanwhile
             lost.append(turn.id)
-            turn.body = {**turn.body, "error": error, "latest_event": latest_event(FAILED)}
-            turn.turn_status = TurnStatus.FAILED
-            turn.updated_at = now
             events.append(
                 s,
                 turn.task_id,

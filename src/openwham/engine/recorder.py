@@ -23,12 +23,14 @@ from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from openwham.redaction import Redactor
-from openwham.store import events
+from openwham.store import events, turnstate
 from openwham.store import models as m
-from openwham.store.db import Database, rowcount
+from openwham.store.db import Database
 from openwham.store.events import EventBus
+from openwham.store.turnstate import TurnStatus
 from openwham.wire import WorklogMessage
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,17 @@ def _without_answer(
     answer. The event stream still carries it, as the attempt's last message."""
     answered = any(isinstance(i, dict) and i.get("type") == "message" for i in output_items or [])
     return [msg for msg in messages.values() if not (answered and msg.get("channel") == "final")]
+
+
+def _end(s: Session, turn_id: str, status: TurnStatus, body: dict[str, Any], now: float) -> bool:
+    """The terminal transition to ``status`` of a running attempt; whether it applied."""
+    if status is TurnStatus.COMPLETED:
+        return turnstate.finish(s, turn_id, body=body, now=now)
+    if status is TurnStatus.FAILED:
+        return turnstate.fail(s, turn_id, body=body, error=body["error"], now=now)
+    if status is TurnStatus.CANCELLED:
+        return turnstate.cancel(s, turn_id, body=body, now=now) is not None
+    raise ValueError(f"{status} is not how an attempt ends")
 
 
 class TurnRecorder:
@@ -165,6 +178,9 @@ class TurnRecorder:
         ``cancelled`` when the user cancelled it meanwhile (the work log is kept either way)."""
         text, error = self.redactor.text(text), self.redactor.data(error)
         output_items = self.redactor.data(output_items)
+        if status == TurnStatus.FAILED:  # always with a reason, even when an exception had none
+            code = str((error or {}).get("code") or "internal_error")
+            error = {**(error or {}), "code": code, "message": (error or {}).get("message") or code}
         with self._lock:
             self.body["latest_event"] = latest_event(text)
             self.body["error"] = error
@@ -174,13 +190,7 @@ class TurnRecorder:
             now = time.time()
             ended = status
             with self.db.session() as s:
-                done = rowcount(
-                    s.execute(
-                        update(m.Turn)
-                        .where(m.Turn.id == self.turn_id, m.Turn.turn_status == "in_progress")
-                        .values(turn_status=status, updated_at=now, **m.Turn.body_values(self.body))
-                    )
-                )
+                done = _end(s, self.turn_id, TurnStatus(status), self.body, now)
                 if not done:
                     current = s.get(m.Turn, self.turn_id)
                     if current is None:
@@ -226,14 +236,7 @@ class TurnRecorder:
             with self.db.session() as s:
                 if body and self._dirty:
                     self.body["worklog"] = {"messages": list(self._messages.values())}
-                    done = rowcount(
-                        s.execute(
-                            update(m.Turn)
-                            .where(m.Turn.id == self.turn_id, m.Turn.turn_status == "in_progress")
-                            .values(updated_at=time.time(), **m.Turn.body_values(self.body))
-                        )
-                    )
-                    if not done:
+                    if not turnstate.record(s, self.turn_id, body=self.body):
                         self.gone = True
                         return
                     self._dirty = False

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from openwham import ids
 from openwham.config import Settings
-from openwham.store import events
+from openwham.store import events, turnstate
 from openwham.store import models as m
 
 from . import usage
@@ -136,13 +136,12 @@ def fork(db: Session, principal: Principal, task_id: str, raw: Any) -> Forked:
         if old.role == "assistant":
             copy_body["pull_request_status"] = "not_created"
         db.add(
-            m.Turn(
+            turnstate.copied(
+                old,
                 id=mapping[old.id],
                 task_id=new_task_id,
-                role=old.role,
                 parent_id=mapping.get(old.parent_id) if old.parent_id else None,
                 attempt_placement=0 if old.role == "assistant" else old.attempt_placement,
-                turn_status=old.turn_status,
                 discarded=False,
                 viewed=old.viewed,
                 body=copy_body,

@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session, defer
 
 from openwham import ids
 from openwham.config import Settings
-from openwham.store import events
+from openwham.store import events, turnstate
 from openwham.store import models as m
-from openwham.store.db import rowcount
+from openwham.store.turnstate import TurnStatus
 from openwham.wire import (
     AssistantTurn,
     CreateTaskRequest,
@@ -252,7 +252,6 @@ def _new_turns(
         role="user",
         parent_id=previous_turn_id,
         attempt_placement=None,
-        turn_status=None,
         discarded=False,
         viewed=True,
         body={"input_items": parsed.items, "user_model_slug": options.model},
@@ -263,13 +262,11 @@ def _new_turns(
     snapshot = environments.render(env, environments.task_counts(db, [env.id]).get(env.id, 0))
     attempts = []
     for placement in range(n):
-        turn = m.Turn(
+        turn = turnstate.new_attempt(
             id=ids.new_assistant_turn_id(task.id),
             task_id=task.id,
-            role="assistant",
             parent_id=user.id,
             attempt_placement=placement,
-            turn_status="pending",
             discarded=False,
             viewed=False,
             body={
@@ -1000,16 +997,9 @@ def _cancel_turns(db: Session, task: m.Task, turns: list[m.Turn]) -> list[str]:
     cancelled = []
     error = {"code": "cancelled", "message": "The attempt was cancelled"}
     for turn in turns:
-        done = rowcount(
-            db.execute(
-                update(m.Turn)
-                .where(m.Turn.id == turn.id, m.Turn.turn_status.in_(ACTIVE))
-                .values(turn_status="cancelled", updated_at=now)
-            )
-        )
-        if not done:
+        was = turnstate.cancel(db, turn.id, now=now)
+        if was is None:
             continue
-        was = turn.turn_status
         db.refresh(turn)
         body = dict(turn.body)
         body["latest_event"] = LatestEvent(
@@ -1017,7 +1007,7 @@ def _cancel_turns(db: Session, task: m.Task, turns: list[m.Turn]) -> list[str]:
         ).model_dump(mode="json")
         body["error"] = error
         turn.body = body
-        if was == "pending":
+        if was is TurnStatus.PENDING:
             events.append(
                 db,
                 task.id,

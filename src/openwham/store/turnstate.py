@@ -104,18 +104,29 @@ def move(
     """Apply ``transition`` to the attempt if its current status allows it (one conditional
     UPDATE, with ``body`` when given); whether it applied. Not committed here."""
     rule = TRANSITIONS[transition]
+    return _update(s, turn_id, rule.sources, rule.target, body, now)
+
+
+def _update(
+    s: Session,
+    turn_id: str,
+    sources: frozenset[TurnStatus],
+    target: TurnStatus,
+    body: dict[str, Any] | None,
+    now: float | None,
+) -> bool:
     values: dict[str, Any] = {
-        "turn_status": rule.target,
+        "turn_status": target,
         "updated_at": time.time() if now is None else now,
     }
     if body is not None:
-        values["body"] = body
+        values.update(m.Turn.body_values(body))  # with the diff stat columns it carries
     result = s.execute(
         update(m.Turn)
         .where(
             m.Turn.id == turn_id,
             m.Turn.role == "assistant",
-            m.Turn.turn_status.in_(sorted(rule.sources)),
+            m.Turn.turn_status.in_(sorted(sources)),
         )
         .values(**values)
     )
@@ -161,10 +172,16 @@ def fail(
 
 def cancel(
     s: Session, turn_id: str, *, body: dict[str, Any] | None = None, now: float | None = None
-) -> bool:
-    """``pending`` or ``in_progress`` → ``cancelled``. A running attempt's executor notices
-    (its ``record`` is refused, or it is told) and stops."""
-    return move(s, turn_id, Transition.CANCEL, body=body, now=now)
+) -> TurnStatus | None:
+    """``pending`` or ``in_progress`` → ``cancelled``; the status it was cancelled from (a
+    pending attempt ends here, a running one's executor notices, as its ``record`` is refused
+    or it is told, and stops), or ``None`` if it was neither. One conditional update per
+    source, so the answer is exact even while an executor claims the attempt."""
+    rule = TRANSITIONS[Transition.CANCEL]
+    for source in sorted(rule.sources):
+        if _update(s, turn_id, frozenset({source}), rule.target, body, now):
+            return source
+    return None
 
 
 def requeue(s: Session, turn_id: str, *, body: dict[str, Any], now: float | None = None) -> bool:

@@ -143,11 +143,10 @@ def recover(
     """Run the latest turn's failed and cancelled attempts again (service/lifecycle.py)."""
     if state.runner is not None and state.runner.problem:
         raise Unavailable(state.runner.problem)
+    note = "Recovered: this attempt runs again from the start"
     turns = lifecycle.recoverable(db, state.settings, principal, task_id)
-    for turn in turns:
-        requeue(db, turn, "Recovered: this attempt runs again from the start", tries=0)
+    ids = [t.id for t in turns if requeue(db, t, note, tries=0, recover=True)]
     db.commit()
-    ids = [t.id for t in turns]
     for turn_id in ids:
         state.bus.publish(turn_id)
     if state.runner is not None:
