@@ -3,6 +3,7 @@ nothing of failed, cancelled or deleted ones; attempts pending or running are no
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from conftest import Server, finish_turn
@@ -106,3 +107,31 @@ def test_pr_push_scratch_left_by_a_crash_is_swept_when_old(tmp_path: Path) -> No
     assert not old.exists()
     assert fresh.is_dir()  # maybe another process's push under way
     assert (scratch / "pr-link").is_symlink() and tmp_path.is_dir()
+
+
+def test_trees_an_agent_shaped_against_removal_are_removed(server: Server, repo: Path) -> None:
+    """A failed attempt's workspace holds 3,000 nested directories (deeper than
+    ``shutil.rmtree`` can recurse: it raised RecursionError out of the attempt's end) and
+    directories made unreadable: the end of the attempt and the sweep remove them."""
+    api = server.api
+    env = api.create_env(repo)
+    root = server.app_state.settings.resolved_data_dir / "attempts"
+    db = server.app_state.db
+    turns = [api.create_task(env["id"], f"task {i}")["turn"]["id"] for i in range(2)]
+    for turn in turns:
+        finish_turn(server, turn, "failed")
+        path = _leave_files(root, turn)
+        fd = os.open(path / "workspace", os.O_RDONLY)
+        for _ in range(3000):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.close(fd)
+        (path / "home" / "a" / "b").mkdir(parents=True)
+        (path / "home" / "a" / "b" / "f").write_text("x")
+        os.chmod(path / "home" / "a" / "b", 0)
+        os.chmod(path / "home" / "a", 0)
+    storage.tidy(root, db, turns[0])
+    storage.sweep(root, db)
+    assert not any((root / turn).exists() for turn in turns)

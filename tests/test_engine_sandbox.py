@@ -1078,3 +1078,127 @@ def test_an_agent_command_that_stops_every_process_fails_the_attempt_as_stalled(
         assert turn["error"]["message"].startswith("The agent's sandbox stalled: "), turn
         assert elapsed < 30, elapsed
         assert_still_serving(server, scripted_model, env["id"])
+
+
+# --------------------------------------------------------------------------- 10. disk budget
+
+DISK_MB = 50
+OVER_BUDGET = f"The attempt wrote more than {DISK_MB} MB (WHAM_SANDBOX_DISK_MB)"
+# What each MODE of an environment makes its commands do: write past a 50 MB budget in files
+# of 8 MB (under the file-size limit) and wait (`fill`), or end at once (`quick`: only the
+# last measures can see it); 20,000 empty files (an inode each: 80 MB); 60 MB in a directory
+# made unreadable; 60 MB in a file deleted while open; or (`fine`) a 6 MB file with 300 hard
+# links and a 20 GB sparse file, well within the budget. Everything goes to the home, part of
+# the attempt's directory but not of its diff.
+DISK_MODES = r"""
+case "${MODE:-}" in
+fill) for i in $(seq 12); do head -c 8M /dev/zero > ~/fill$i; done; echo wrote; sleep 60 ;;
+quick) for i in $(seq 8); do head -c 8M /dev/zero > ~/fill$i; done; echo wrote ;;
+small) python3 -c 'import os
+for i in range(20000): os.close(os.open(os.path.expanduser(f"~/e{i}"), os.O_CREAT))'
+       echo wrote; sleep 60 ;;
+hidden) mkdir -p ~/a/b; for i in $(seq 8); do head -c 8M /dev/zero > ~/a/b/f$i; done
+        chmod 000 ~/a/b ~/a; echo wrote; sleep 60 ;;
+deleted) python3 -c 'import os, time
+fd = os.open(os.path.expanduser("~"), os.O_TMPFILE | os.O_RDWR)
+for _ in range(8): os.write(fd, bytes(8 << 20))
+print("wrote", flush=True); time.sleep(60)' ;;
+fine) head -c 6M /dev/urandom > ~/f; mkdir ~/l; for i in $(seq 300); do ln ~/f ~/l/$i; done
+      truncate -s 20G ~/sparse; sleep 2; echo within ;;
+*) echo plain ;;
+esac
+"""
+
+
+def attempt_files(server: Server, details: dict[str, Any]) -> Path:
+    return data_dir(server) / "attempts" / turn_of(details)["id"]
+
+
+def assert_over_disk(server: Server, details: dict[str, Any], elapsed: float) -> None:
+    """Failed with ``disk_quota_exceeded`` well before the command's 60 s sleep ended, and
+    the attempt's files are gone."""
+    turn = turn_of(details)
+    assert turn["turn_status"] == "failed", turn
+    assert turn["error"] == {"code": "disk_quota_exceeded", "message": OVER_BUDGET}, turn["error"]
+    assert elapsed < 40, elapsed
+    files = attempt_files(server, details)
+    deadline = time.monotonic() + 10  # removed right after the terminal status is written
+    while files.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not files.exists(), sorted(p.name for p in files.iterdir())
+
+
+def test_an_agent_that_writes_past_its_disk_budget_fails_while_the_task_beside_it_completes(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    """The reported attack (an attempt wrote 2.7 GB to the host's disk), at 50 MB: the
+    agent's command writes past the budget and waits; the monitor kills its sandbox and the
+    attempt fails saying why, while a task started beside it on the other executor slot
+    completes. A command that writes and ends at once is caught too."""
+    with engine(tmp_path, sqlite_url, scripted_model, sandbox_disk_mb=DISK_MB) as server:
+        filler = server.api.create_env(repo, env_vars={"MODE": "fill"})
+        plain = server.api.create_env(repo, label="acme/plain")
+        scripted_model.script = [Shell(DISK_MODES), Say("done")]
+        t0 = time.monotonic()
+        bad = server.api.create_task(filler["id"], "fill the disk")
+        good = server.api.create_task(plain["id"], "beside it")
+        details = wait_for_task(server.api, bad["task"]["id"], timeout=90)
+        assert_over_disk(server, details, time.monotonic() - t0)
+        beside = wait_for_task(server.api, good["task"]["id"], timeout=90)
+        assert turn_of(beside)["turn_status"] == "completed", turn_of(beside)
+        assert commands(beside)[0][1] == "plain\n"
+
+        quick = server.api.create_env(repo, label="acme/quick", env_vars={"MODE": "quick"})
+        t0 = time.monotonic()
+        task = server.api.create_task(quick["id"], "write and stop")
+        details = wait_for_task(server.api, task["task"]["id"], timeout=90)
+        assert_over_disk(server, details, time.monotonic() - t0)
+        assert_still_serving(server, scripted_model, plain["id"])
+
+
+def test_a_setup_script_that_writes_past_the_disk_budget_fails_while_the_task_beside_it_completes(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    """The same from the setup script (its sandbox, the same budget): the attempt fails
+    before the agent starts, and the task beside it completes."""
+    opts = {"sandbox_disk_mb": DISK_MB, "setup_timeout_seconds": 120}
+    with engine(tmp_path, sqlite_url, scripted_model, **opts) as server:
+        filler = server.api.create_env(repo, env_vars={"MODE": "fill"}, setup=[DISK_MODES])
+        plain = server.api.create_env(repo, label="acme/plain")
+        scripted_model.script = [Shell(DISK_MODES), Say("done")]
+        t0 = time.monotonic()
+        bad = server.api.create_task(filler["id"], "fill the disk in setup")
+        good = server.api.create_task(plain["id"], "beside it")
+        details = wait_for_task(server.api, bad["task"]["id"], timeout=90)
+        assert_over_disk(server, details, time.monotonic() - t0)
+        assert commands(details) == []  # the agent never started
+        beside = wait_for_task(server.api, good["task"]["id"], timeout=90)
+        assert turn_of(beside)["turn_status"] == "completed", turn_of(beside)
+
+
+@pytest.mark.parametrize("mode", ["small", "hidden", "deleted"])
+def test_files_hidden_from_the_disk_budget_still_count(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, repo: Path, mode: str
+) -> None:
+    """Attacks on the measure: many empty files (no data blocks), a directory made
+    unreadable, a file written after it was deleted (held open). Each still fails the
+    attempt with ``disk_quota_exceeded``."""
+    with engine(tmp_path, sqlite_url, scripted_model, sandbox_disk_mb=DISK_MB) as server:
+        env = server.api.create_env(repo, env_vars={"MODE": mode})
+        scripted_model.script = [Shell(DISK_MODES), Say("done")]
+        t0 = time.monotonic()
+        task = server.api.create_task(env["id"], f"hide {mode}")
+        details = wait_for_task(server.api, task["task"]["id"], timeout=90)
+        assert_over_disk(server, details, time.monotonic() - t0)
+
+
+def test_hard_links_and_sparse_files_are_no_reason_to_fail(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    """No false kill: 300 names of one 6 MB file and a 20 GB sparse file fit in 50 MB."""
+    opts = {"sandbox_disk_mb": DISK_MB, "sandbox_max_file_mb": 32 << 10}
+    with engine(tmp_path, sqlite_url, scripted_model, **opts) as server:
+        env = server.api.create_env(repo, env_vars={"MODE": "fine"})
+        details = run_script(server, scripted_model, env["id"], DISK_MODES)
+        assert turn_of(details)["turn_status"] == "completed", turn_of(details)
+        assert commands(details)[0][1:] == ("within\n", 0)

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from openwham.sandbox import bwrap, cgroups
+from openwham.sandbox import bwrap, cgroups, disk
 from openwham.sandbox.bwrap import Limits, SandboxSpec
+from openwham.sandbox.disk import DiskBudget
 from support.procs import (
     foreign_process,
     host_pids,
@@ -233,6 +234,170 @@ def test_watchdog_leaves_quiet_but_running_sandboxes_alone(workspace: Path) -> N
     script = "sleep 300 & kill -STOP $!; sleep 2.5; kill -9 $!; echo done"
     r = bwrap.run(spec(workspace, limits=limits), ["bash", "-c", script])
     assert r.ok and not r.stalled and r.stdout == "done\n", r
+
+
+# --------------------------------------------------------------------------- disk budget
+
+DISK_MB = 20
+
+
+def budget(*paths: Path, mb: int = DISK_MB) -> DiskBudget:
+    """``mb`` on top of what ``paths`` hold now (as the engine gives an attempt)."""
+    return DiskBudget(paths=paths, max_bytes=disk.usage(paths) + (mb << 20), limit_mb=mb)
+
+
+def disk_run(workspace: Path, script: str, **kw: object) -> tuple[bwrap.SandboxResult, float]:
+    """``script`` in a sandbox with a ``DISK_MB`` budget on the workspace and a home of its
+    own (both measured); the result and how long it took."""
+    home = workspace.parent / "home"
+    home.mkdir(exist_ok=True)
+    limits = dataclasses.replace(LIMITS, wall_clock_seconds=40, max_file_bytes=100 << 20)
+    kw.setdefault("disk", budget(workspace, home))
+    kw.setdefault("limits", limits)
+    t0 = time.monotonic()
+    r = sh(workspace, script, rw_binds={home: "/home/openwham"}, **kw)
+    return r, time.monotonic() - t0
+
+
+def assert_over_budget(r: bwrap.SandboxResult, elapsed: float) -> None:
+    """Killed by the disk monitor long before the wall clock (the script sleeps 30 s after
+    writing), with the budget in the reason."""
+    assert r.disk_exceeded and not r.timed_out, r
+    assert r.disk_reason == f"the sandbox wrote more than {DISK_MB} MB", r
+    assert r.killed_reason == r.disk_reason
+    assert "slept" not in r.stdout, r  # killed while writing, or after
+    assert elapsed < 20, elapsed
+
+
+def test_disk_budget_kills_a_sandbox_that_writes_past_it(workspace: Path) -> None:
+    """Files of 4 MB into the workspace and the home, in turn, then a long sleep: the monitor
+    kills the run about a second after it passed 20 MB, and the files stay under the
+    file-size limit, so only the budget can have stopped it."""
+    script = (
+        "for i in $(seq 15); do head -c 4M /dev/zero > w$i; head -c 4M /dev/zero > ~/h$i; done\n"
+        "echo wrote; sleep 30; echo slept"
+    )
+    assert_over_budget(*disk_run(workspace, script))
+
+
+def test_disk_budget_counts_what_is_left_at_the_end(workspace: Path) -> None:
+    """Written and gone before the first measure: the last measure, at the end, finds it."""
+    r, _ = disk_run(workspace, "head -c 30M /dev/zero > big; echo wrote")
+    assert r.disk_exceeded and r.exit_code == 0 and not r.ok, r
+    assert r.killed_reason == f"the sandbox wrote more than {DISK_MB} MB"
+
+
+def test_disk_budget_many_small_files_count_by_inode(workspace: Path) -> None:
+    """Ten thousand empty files take no data blocks but an inode each: they count one block
+    (4 KiB) apiece, 40 MB here."""
+    script = (
+        "python3 -c 'import os\nfor i in range(10000): os.close(os.open(f\"e{i}\", os.O_CREAT))'\n"
+        "echo wrote; sleep 30; echo slept"
+    )
+    assert_over_budget(*disk_run(workspace, script))
+
+
+def test_disk_budget_sees_into_unreadable_directories(workspace: Path) -> None:
+    """What the sandbox puts in a directory it then makes unreadable (chmod 000, even its
+    parent) still counts."""
+    script = (
+        "mkdir -p a/b; for i in $(seq 8); do head -c 4M /dev/zero > a/b/f$i; done\n"
+        "chmod 000 a/b a; echo wrote; sleep 30; echo slept"
+    )
+    assert_over_budget(*disk_run(workspace, script))
+
+
+def test_disk_budget_counts_deleted_files_still_open(workspace: Path) -> None:
+    """A file unlinked while open (or made with O_TMPFILE) takes space until it is closed:
+    the monitor counts the deleted files the sandbox's processes hold."""
+    script = (
+        "python3 - <<'PY' &\n"
+        "import os, time\n"
+        "fd = os.open('.', os.O_TMPFILE | os.O_RDWR)\n"
+        "g = os.open('gone', os.O_CREAT | os.O_RDWR); os.unlink('gone')\n"
+        "for f in (fd, g):\n"
+        "    for _ in range(4): os.write(f, bytes(4 << 20))\n"
+        "print('wrote', flush=True); time.sleep(30); print('slept')\n"
+        "PY\n"
+        "wait"
+    )
+    assert_over_budget(*disk_run(workspace, script))
+
+
+def test_disk_budget_is_not_fooled_into_a_kill_by_links_or_sparse_files(workspace: Path) -> None:
+    """A 6 MB file with 500 hard links is 6 MB (plus 256 bytes a name), a 10 GB sparse file
+    takes nothing: neither is near the 20 MB budget, and the run ends on its own."""
+    limits = dataclasses.replace(LIMITS, wall_clock_seconds=40, max_file_bytes=20 << 30)
+    script = (
+        "head -c 6M /dev/urandom > f; mkdir l; for i in $(seq 500); do ln f l/$i; done\n"
+        "truncate -s 10G sparse; sleep 2.5; echo done"
+    )
+    r, _ = disk_run(workspace, script, limits=limits)
+    assert r.ok and not r.disk_exceeded and r.stdout == "done\n", r
+    assert os.stat(workspace / "sparse").st_size == 10 << 30  # really written
+
+
+def test_disk_budget_refuses_trees_too_deep_to_measure(workspace: Path) -> None:
+    """The walk holds a descriptor per level, so directories nested deeper than
+    ``disk.MAX_DEPTH`` are not walked: the budget counts as exceeded."""
+    script = (
+        'python3 -c \'import os\nfor i in range(400): os.mkdir("d"); os.chdir("d")\'\n'
+        "echo wrote; sleep 30; echo slept"
+    )
+    r, elapsed = disk_run(workspace, script)
+    assert r.disk_exceeded and elapsed < 20, r
+    assert r.disk_reason == (
+        "the sandbox made what its disk budget cannot measure: "
+        f"directories nested more than {disk.MAX_DEPTH} deep"
+    )
+
+
+def test_disk_budget_follows_its_directory_when_it_is_renamed(tmp_path: Path) -> None:
+    """A standby sandbox's directory is renamed to its attempt's while it runs: the budget
+    still measures it."""
+    standby = tmp_path / ".standby"
+    (standby / "workspace").mkdir(parents=True)
+    proc = bwrap.start(
+        spec(
+            standby / "workspace",
+            limits=dataclasses.replace(LIMITS, wall_clock_seconds=40, max_file_bytes=100 << 20),
+            disk=budget(standby),
+        ),
+        ["bash", "-c", "echo set-up >&2; sleep 1; head -c 30M /dev/zero > big; sleep 30"],
+        ready_marker="set-up",
+    )
+    assert proc.wait_ready(10)  # bwrap has bound the workspace: the host path may move
+    os.rename(standby, tmp_path / "attempt")
+    r = proc.wait(timeout=30)
+    assert r.disk_exceeded and not r.timed_out, r
+    assert (tmp_path / "attempt" / "workspace" / "big").exists()
+
+
+def test_a_frozen_run_cannot_write_and_is_thawed_to_be_killed(workspace: Path) -> None:
+    """While the disk monitor measures, the run's cgroup is frozen: no file can be moved
+    behind the walk. A frozen cgroup v1 process does not even die of SIGKILL, so kills
+    thaw first."""
+    cg = cgroups.host()
+    if cg is None or "freezer" not in cg.controllers:
+        assert any(g.startswith("no cgroup freezer") for g in bwrap.host_gaps())
+        return
+    script = "while :; do date +%s%N > tick; done"
+    proc = bwrap.start(
+        spec(workspace, limits=dataclasses.replace(LIMITS, wall_clock_seconds=30)),
+        ["bash", "-c", script],
+    )
+    group = proc.cgroup
+    assert group is not None
+    deadline = time.monotonic() + 5
+    while not (workspace / "tick").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert group.freeze()
+    before = (workspace / "tick").read_text()
+    time.sleep(0.3)
+    assert (workspace / "tick").read_text() == before  # nothing ran
+    t0 = time.monotonic()
+    r = proc.kill()
+    assert r.exit_code != 0 and time.monotonic() - t0 < 3, r
 
 
 # --------------------------------------------------------------------------- writes
@@ -491,7 +656,7 @@ def test_cgroups_are_detected_limited_and_cleaned_up(workspace: Path) -> None:
     assert proc.wait(timeout=5).exit_code == 0
     if cg is not None:
         assert not any(d.exists() for d in dirs.values())
-        if cg.controllers == {"pids", "memory", "cpu"}:
+        if cg.controllers >= {"pids", "memory", "cpu", "freezer"}:
             assert bwrap.host_gaps() == []
 
 
@@ -522,6 +687,8 @@ def test_groups_left_by_a_dead_server_are_emptied_at_start() -> None:
         while not host_pids(marker) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert host_pids(marker)
+        frozen = cgroups.RunCgroup(cg, name, {c: d / name for c, d in cg.parents.items()})
+        assert frozen.freeze() == ("freezer" in cg.controllers)  # killed while measuring
         assert cgroups.probe() is not None  # what the next server does first
         assert left.wait(timeout=2) == -signal.SIGKILL
         assert not any(d.exists() for d in dirs)

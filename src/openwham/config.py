@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     sandbox_max_processes: int = 1024
     sandbox_max_file_mb: int = 1024
     sandbox_cpus: float | None = None
+    # What one attempt may write to disk (its workspace, home and Codex home; the checkout
+    # it starts from not counted), setup, agent and diff together; beyond it the attempt
+    # fails with disk_quota_exceeded. 0 turns the budget off.
+    sandbox_disk_mb: int = 10240
     # The stall watchdog: a sandbox with no output while all its processes are stopped or
     # zombies (it can never go on) for this long is killed and its attempt failed.
     attempt_stall_seconds: float = 120.0

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import signal
 import socket
 import tempfile
@@ -34,8 +33,9 @@ from openwham.gateway.server import MAX_SOCKET_PATH
 from openwham.redaction import Redactor, secrets_in_diff
 from openwham.runtimes import codex
 from openwham.runtimes.codex_cli import native_binary
-from openwham.sandbox import bwrap
+from openwham.sandbox import bwrap, disk
 from openwham.sandbox.bwrap import SANDBOX_HOME, Limits, SandboxProcess, SandboxSpec
+from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.egress import AddressGuard, EgressProxy
 from openwham.sandbox.workspace import (
     Mirrors,
@@ -87,6 +87,14 @@ class AttemptFailed(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
+
+
+DISK_QUOTA_EXCEEDED = "disk_quota_exceeded"
+DISK_SETTING = "WHAM_SANDBOX_DISK_MB"
+
+
+def _over_disk(reason: str) -> AttemptFailed:
+    return AttemptFailed(DISK_QUOTA_EXCEEDED, reason[:1].upper() + reason[1:])
 
 
 class Control:
@@ -402,7 +410,7 @@ class Engine:
             )
 
         # workspace and sandbox: a standby's, or made now
-        shutil.rmtree(attempt_dir, ignore_errors=True)
+        storage.remove_tree(attempt_dir)
         translator = codex.EventTranslator(prompt=claim.prompt)
         launched: list[SandboxProcess] = []
 
@@ -490,7 +498,14 @@ class Engine:
         proc.notify_on_exit(wake)
         try:
             result = self._wait(proc, rec, control, wake, ready)
-            return self._result(claim, rec, control, translator, result, base, attempt_dir, run)
+            if result is None and proc.check_disk():  # what it wrote since the last measure
+                result = proc.wait()
+            disk_budget = proc.spec.disk
+            if disk_budget is not None:  # the diff's own sandbox, if any, measures here
+                disk_budget = dataclasses.replace(disk_budget, paths=(attempt_dir,))
+            return self._result(
+                claim, rec, control, translator, result, base, attempt_dir, run, disk_budget
+            )
         finally:
             control.attach(None)
             if proc.poll() is None and ready.is_set():  # Codex is closing down
@@ -511,6 +526,7 @@ class Engine:
         base: str,
         attempt_dir: Path,
         run: dict[str, Any],
+        disk_budget: DiskBudget | None = None,
     ) -> str:
         """Finish the attempt from what Codex reported and the diff the launcher wrote
         (``result`` is ``None`` when the sandbox is still closing down after both)."""
@@ -531,6 +547,8 @@ class Engine:
         )
         self._apply(rec, list(outcome.updates))
         control.check()
+        if result is not None and result.disk_reason is not None:
+            raise _over_disk(result.disk_reason)
         if outcome.status != "completed" and result is not None and result.stalled:
             raise AttemptFailed("sandbox_stalled", f"The agent's sandbox {result.killed_reason}")
         if outcome.status != "completed":
@@ -558,10 +576,12 @@ class Engine:
                     # after all; the sandbox has ended since, so compute it anew
                     log.warning("attempt %s: the agent went on after its diff", claim.turn_id)
                     diff = diffs.workspace_diff(
-                        attempt_dir / "workspace", base, scratch=attempt_dir
+                        attempt_dir / "workspace", base, scratch=attempt_dir, disk=disk_budget
                     )
                 else:  # written by the launcher's `after` script (codex.WRITTEN_MARKER)
                     diff = diffs.read_result(attempt_dir / "out", killed_reason=killed_reason)
+            except diffs.DiskExceeded as exc:
+                raise _over_disk(str(exc)) from exc
             except DiffError as exc:
                 raise AttemptFailed("diff_error", str(exc)) from exc
             if diff.text:
@@ -594,8 +614,9 @@ class Engine:
                 raise AttemptFailed("failed_to_apply_patch_error", str(exc)) from exc
         control.check()
         (attempt_dir / "home").mkdir(mode=0o700)
+        budget = self._disk_budget(attempt_dir)  # from here on, what the attempt writes
         if claim.setup_script.strip():
-            self._setup(claim, rec, attempt_dir, control)
+            self._setup(claim, rec, attempt_dir, control, budget)
         return self._start_agent(
             claim.key,
             attempt_dir,
@@ -603,9 +624,31 @@ class Engine:
             owner=claim.turn_id,
             resume=resume,
             env_vars=claim.env_vars,
+            budget=budget,
         )
 
-    def _setup(self, claim: Claim, rec: TurnRecorder, attempt_dir: Path, control: Control) -> None:
+    def _disk_budget(self, directory: Path) -> DiskBudget | None:
+        """What an attempt's directory may hold: what it holds now (the checkout) plus
+        ``WHAM_SANDBOX_DISK_MB``, for every sandbox of the attempt (None: no budget)."""
+        mb = self.settings.sandbox_disk_mb
+        if mb <= 0:
+            return None
+        return DiskBudget(
+            paths=(directory,),
+            max_bytes=disk.usage([directory]) + (mb << 20),
+            what="the attempt",
+            limit_mb=mb,
+            setting=DISK_SETTING,
+        )
+
+    def _setup(
+        self,
+        claim: Claim,
+        rec: TurnRecorder,
+        attempt_dir: Path,
+        control: Control,
+        budget: DiskBudget | None,
+    ) -> None:
         """The environment's setup script (engine/setup.py); a failure fails the attempt
         with its exit code, and its log stays on the turn."""
         limits = dataclasses.replace(
@@ -620,8 +663,11 @@ class Engine:
             limits=limits,
             rec=rec,
             attach=control.attach,
+            disk=budget,
         )
         control.check()
+        if result.disk_reason is not None:
+            raise _over_disk(result.disk_reason)
         if result.exit_code == setup_phase.LAUNCHER_FAILED and not result.killed_reason:
             raise AttemptFailed(
                 "setup_failed", "The setup script could not start (see the setup log)"
@@ -643,6 +689,7 @@ class Engine:
         owner: str,
         resume: Resume | None = None,
         env_vars: dict[str, str] | None = None,
+        budget: DiskBudget | None = None,
     ) -> Prepared:
         """Start Codex in a held sandbox on ``directory/workspace``: it does its start-up
         work and waits for the prompt on stdin (:meth:`SandboxProcess.send`). A follow-up's
@@ -671,6 +718,8 @@ class Engine:
         for name, text in files.items():
             (codex_home / name).unlink(missing_ok=True)  # never through an agent's symlink
             (codex_home / name).write_text(text)
+        if budget is None:  # a standby's (or an attempt's without setup): from its checkout
+            budget = self._disk_budget(directory)
         token = self.gateway.register_attempt(
             owner, model=key.model, ttl_seconds=self._token_ttl(owner)
         )
@@ -688,6 +737,7 @@ class Engine:
             limits=self.limits,
             # the gateway forwarder, and the launcher that only waits for Codex
             idle_helpers=(codex.SANDBOX_FORWARDER, "openwham-launch"),
+            disk=budget,
         )
         agent = (
             codex.exec_argv(qa_mode=key.qa_mode)
@@ -754,7 +804,7 @@ class Engine:
             base = create_workspace(mirror, directory / "workspace", key.branch, key.repo_url)
             prepared = self._start_agent(key, directory, base, owner=directory.name)
         except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
+            storage.remove_tree(directory)
             raise
         # taking it renames the directory: only once bwrap has resolved the binds
         if not prepared.proc.wait_ready(STANDBY_READY_SECONDS):
@@ -767,7 +817,7 @@ class Engine:
         prepared.proc.kill("standby sandbox dropped")
         if self.gateway is not None:
             self.gateway.forget(prepared.owner)
-        shutil.rmtree(prepared.dir, ignore_errors=True)
+        storage.remove_tree(prepared.dir)
 
     def _wait(
         self,
@@ -978,7 +1028,7 @@ def _remove_orphaned_standbys(root: Path) -> None:
     for path in root.glob(f"{_STANDBY_PREFIX}*"):
         pid = path.name.removeprefix(_STANDBY_PREFIX).split("-", 1)[0]
         if not pid.isdigit() or not Path(f"/proc/{pid}").exists() or int(pid) == os.getpid():
-            shutil.rmtree(path, ignore_errors=True)
+            storage.remove_tree(path)
 
 
 def _keep_alive(rec: TurnRecorder, done: threading.Event) -> None:

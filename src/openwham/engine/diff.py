@@ -21,6 +21,7 @@ from pathlib import Path
 
 from openwham.sandbox import bwrap
 from openwham.sandbox.bwrap import SANDBOX_WORKSPACE, Limits, SandboxSpec
+from openwham.sandbox.disk import DiskBudget
 
 MAX_DIFF_BYTES = 20 << 20
 OUT_DIR = "/openwham-out"
@@ -89,23 +90,35 @@ class DiffError(RuntimeError):
     """The diff could not be computed; the message is shown to the user."""
 
 
+class DiskExceeded(DiffError):
+    """The diff's sandbox found the attempt over its disk budget (the message: the reason)."""
+
+
 @dataclass(frozen=True)
 class Diff:
     text: str
 
 
 def workspace_diff(
-    workspace: Path, base: str, *, scratch: Path | None = None, seconds: float = DIFF_SECONDS
+    workspace: Path,
+    base: str,
+    *,
+    scratch: Path | None = None,
+    seconds: float = DIFF_SECONDS,
+    disk: DiskBudget | None = None,
 ) -> Diff:
     """The diff computed in a sandbox of its own, within ``seconds`` (the engine instead
-    runs :func:`script` in the agent's sandbox after Codex exits)."""
+    runs :func:`script` in the agent's sandbox after Codex exits) and ``disk``, the
+    attempt's disk budget (:class:`DiskExceeded` beyond it)."""
     out = Path(tempfile.mkdtemp(prefix="diff-", dir=scratch))
     limits = dataclasses.replace(_LIMITS, wall_clock_seconds=max(1.0, min(seconds, DIFF_SECONDS)))
     try:
         result = bwrap.run(
-            SandboxSpec(workspace=workspace, rw_binds={out: OUT_DIR}, limits=limits),
+            SandboxSpec(workspace=workspace, rw_binds={out: OUT_DIR}, limits=limits, disk=disk),
             ["/bin/bash", "-c", script(base)],
         )
+        if result.disk_reason is not None:
+            raise DiskExceeded(result.disk_reason)
         if not result.ok and not (out / "status").exists():
             reason = result.killed_reason or result.stderr.strip()[-1000:]
             raise DiffError(f"Computing the diff failed: {reason}")

@@ -69,6 +69,7 @@ class Runner:
             return self
         for gap in bwrap.host_gaps():
             log.warning("sandbox limit not enforced on this host: %s", gap)
+        log.info("disk budget: %s", bwrap.disk_enforcement(self.settings.sandbox_disk_mb))
         gateway_problem = check_config(self.settings)
         gateway: Gateway | None = None
         socket_path: Path | None = None

@@ -22,6 +22,7 @@ from openwham.gateway import forwarder_path
 from openwham.runtimes import codex
 from openwham.sandbox import bwrap
 from openwham.sandbox.bwrap import SANDBOX_HOME, Limits, SandboxProcess, SandboxSpec
+from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.egress import EgressPolicy, EgressProxy
 from openwham.wire.common import naive_iso
 
@@ -119,8 +120,10 @@ def run(
     limits: Limits,
     rec: TurnRecorder,
     attach: Callable[[SandboxProcess | None], None],
+    disk: DiskBudget | None = None,
 ) -> bwrap.SandboxResult:
-    """Run ``script`` to its end, recording its log and network requests on ``rec``."""
+    """Run ``script`` to its end, recording its log and network requests on ``rec``;
+    ``disk`` is the attempt's disk budget."""
     key = log_key()
     rec.set(logs={"logs": [{"key": key, "value": f"file_{uuid.uuid4().hex}"}]})
     lines = _Lines()
@@ -132,6 +135,7 @@ def run(
             env={**env, **proxy_env()},
             limits=limits,
             idle_helpers=(SANDBOX_FORWARDER,),
+            disk=disk,
         )
         proc = bwrap.start(spec, argv(script), on_output=lines.add)
         attach(proc)

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import stat
+import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,12 +39,33 @@ def _dir(root: Path, turn_id: str) -> Path | None:
     return root / turn_id
 
 
+def remove_tree(path: Path) -> None:
+    """Remove a tree an agent wrote, whatever shape it gave it: ``shutil.rmtree`` stops at
+    Python's recursion limit (a few thousand nested directories, made in a second) and,
+    for a server that is not root, at directories made unreadable (``chmod 000``, its own
+    files); ``rm -rf`` after ``chmod -R u+rwx`` removes what it left."""
+    with contextlib.suppress(RecursionError):
+        shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path):
+        return
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if os.geteuid() != 0 and not path.is_symlink():
+            subprocess.run(
+                ["chmod", "-R", "u+rwx", "--", str(path)], capture_output=True, timeout=600
+            )
+        subprocess.run(
+            ["rm", "-rf", "--one-file-system", "--", str(path)], capture_output=True, timeout=600
+        )
+    if os.path.lexists(path):
+        log.warning("could not remove %s", path)
+
+
 def remove(root: Path, turn_ids: Iterable[str]) -> None:
     """Remove the attempts' directories (whatever is left of them)."""
     for turn_id in turn_ids:
         path = _dir(root, turn_id)
         if path is not None:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
 
 
 def _special(directory: str, names: list[str]) -> set[str]:
@@ -95,7 +117,7 @@ def _prune(path: Path, keep: frozenset[str]) -> int:
                 continue
             removed += 1
             if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
+                remove_tree(Path(entry.path))
             else:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
@@ -110,7 +132,7 @@ def _tidy_one(root: Path, turn_id: str, status: str | None, *, active: bool) -> 
     if path is None or not path.is_dir():
         return False
     if status is None or (status not in ACTIVE and status != "completed"):
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
         return True
     if status in ACTIVE and not active:
         return False
@@ -125,7 +147,7 @@ def tidy(root: Path, db: Database, turn_id: str) -> None:
     except Exception:  # the database is away: the next start-up sweep finishes the job
         log.warning("could not look up attempt %s; removing its workspace only", turn_id)
         for name in ("workspace", "home", "out"):
-            shutil.rmtree(root / turn_id / name, ignore_errors=True)
+            remove_tree(root / turn_id / name)
         return
     _tidy_one(root, turn_id, status, active=True)
 

@@ -32,6 +32,11 @@ What a sandboxed command sees and may do:
   limit is enforced from the host, and so is the stall watchdog (``Limits.stall_seconds``:
   no output while every process is stopped or a zombie). ``host_gaps()`` lists what this
   host cannot enforce.
+- **Disk.** ``SandboxSpec.disk`` (``openwham.sandbox.disk``): the host directories it names
+  may hold so much at most. A monitor measures them (with the sandbox frozen, where the host
+  has a freezer) about once a second, sooner when the file system's free space drops by
+  more than what is left of the budget, and once more when the sandbox ends; beyond the
+  budget the sandbox is killed (``SandboxResult.disk_exceeded``).
 - **Ending.** ``SandboxProcess.kill()`` SIGKILLs bwrap's process group; the sandbox's PID
   namespace dies with its init, so every process in it dies too; the cgroup, when there is
   one, is swept until empty. The process is spawned from a thread that lives as long as the
@@ -58,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from openwham.sandbox import cgroups, seccomp
+from openwham.sandbox import cgroups, disk, seccomp
 
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
@@ -111,6 +116,8 @@ ETC_FILES = (
 )
 _ROOT_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 _MAX_LINE = 4 << 20
+DISK_INTERVAL = 1.0  # seconds between two disk measures at least …
+DISK_DUTY = 4.0  # … and this many times as long as the last one took
 
 
 class SandboxUnavailable(RuntimeError):
@@ -171,6 +178,8 @@ class SandboxSpec:
     # Helpers the stall watchdog does not count: a process with one of these words in its
     # argv (the in-sandbox forwarders, which sleep on a socket whatever the rest does).
     idle_helpers: tuple[str, ...] = ()
+    # What the host directories the sandbox writes to may hold (``openwham.sandbox.disk``).
+    disk: disk.DiskBudget | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +201,11 @@ class SandboxResult:
     duration: float
     output_truncated: bool = False
     stalled: bool = False  # killed by the watchdog (``Limits.stall_seconds``)
+    disk_reason: str | None = None  # over ``SandboxSpec.disk`` (killed, or found at the end)
+
+    @property
+    def disk_exceeded(self) -> bool:
+        return self.disk_reason is not None
 
     @property
     def ok(self) -> bool:
@@ -356,6 +370,23 @@ def _rlimits(lim: Limits, cg: cgroups.CgroupHost | None) -> list[tuple[int, int,
     return out
 
 
+def disk_enforcement(limit_mb: int) -> str:
+    """How this host enforces an attempt's disk budget of ``limit_mb`` (for the log)."""
+    if limit_mb <= 0:
+        return "off (WHAM_SANDBOX_DISK_MB=0): an attempt may fill the disk"
+    cg = cgroups.host()
+    frozen = cg is not None and "freezer" in cg.controllers
+    how = (
+        "measured with the sandbox frozen (cgroup freezer)"
+        if frozen
+        else "measured while the sandbox runs (no cgroup freezer)"
+    )
+    return (
+        f"{limit_mb} MB per attempt (WHAM_SANDBOX_DISK_MB), enforced by a usage monitor "
+        f"(no size-limited file system), {how}"
+    )
+
+
 def host_gaps() -> list[str]:
     """Limits this host cannot enforce (empty when everything is); for logs and docs."""
     cg = cgroups.host()
@@ -370,6 +401,11 @@ def host_gaps() -> list[str]:
         gaps.append("no memory cgroup: memory is limited per process (RLIMIT_DATA), not in total")
     if "cpu" not in have:
         gaps.append("no cpu cgroup: `cpus` is not enforced")
+    if "freezer" not in have:
+        gaps.append(
+            "no cgroup freezer: the disk budget is measured while the sandbox runs, "
+            "so a file moved from directory to directory during a measure can escape it"
+        )
     return gaps
 
 
@@ -426,6 +462,24 @@ def _is_helper(pid: int, helpers: tuple[str, ...]) -> bool:
     except OSError:
         return False
     return any(h.encode() in words for h in helpers)
+
+
+def _tree_pids(outer: int) -> list[int]:
+    """``outer`` and every process below it (the sandbox's processes, seen from the host)."""
+    seen: list[int] = []
+    todo = [outer]
+    while todo and len(seen) < 100_000:
+        pid = todo.pop()
+        seen.append(pid)
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            children = f"/proc/{pid}/task/{tid}/children"
+            with contextlib.suppress(OSError, ValueError), open(children) as f:
+                todo += [int(x) for x in f.read().split()]
+    return seen
 
 
 def _stalled_tree(outer: int, helpers: tuple[str, ...] = ()) -> list[str] | None:
@@ -509,6 +563,12 @@ class SandboxProcess:
         self._t0 = time.monotonic()
         self._last_progress = self._t0  # output, or a thread not stopped (the watchdog)
         self._stalled = False
+        self._meter: disk.Meter | None = None
+        self._disk_lock = threading.Lock()
+        self._disk_reason: str | None = None
+        self._disk_next = 0.0
+        self._disk_free = -1  # the file system's free bytes at the last measure
+        self._disk_bytes = 0  # what the last measure found
         self._thread = threading.Thread(target=self._run, name="sandbox", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -554,6 +614,8 @@ class SandboxProcess:
         cghost = cgroups.host()
         procs_fds: list[int] = []
         try:
+            if self.spec.disk is not None:
+                self._meter = disk.Meter(self.spec.disk.paths)
             if cghost is not None:
                 self._cgroup = cgroups.RunCgroup.create(
                     cghost, max_pids=lim.max_processes, memory_bytes=lim.memory_bytes, cpus=lim.cpus
@@ -591,6 +653,8 @@ class SandboxProcess:
             self._start_error = exc
             if self._cgroup is not None:
                 self._cgroup.remove()
+            if self._meter is not None:
+                self._meter.close()
             self._started.set()
             return
         self._popen = popen
@@ -601,6 +665,10 @@ class SandboxProcess:
             self._supervise(popen, pidfd)
         finally:
             os.close(pidfd)
+            with self._disk_lock:
+                if self._meter is not None:
+                    self._meter.close()
+                    self._meter = None
             with self._lock:
                 self._done.set()
                 for event in self._exit_events:
@@ -628,11 +696,15 @@ class SandboxProcess:
                 break
             if lim.stall_seconds is not None and self._watch_stall(popen.pid, now):
                 break
+            if self._meter is not None and self._watch_disk(popen.pid, now):
+                break
         with self._lock:
             returncode = popen.wait()
             self._reaped = True
             self._released.set()  # a held sandbox that died: the stdin thread closes the pipe
         self._ready.set()
+        if self._meter is not None and self._disk_reason is None:
+            self._measure_disk(None)  # what it left: written after the last measure?
         # The PID namespace died with bwrap; the cgroup sweep is the second guarantee.
         if self._cgroup is not None:
             self._cgroup.kill_all()
@@ -668,6 +740,7 @@ class SandboxProcess:
             duration=duration,
             output_truncated=self._truncated,
             stalled=self._stalled,
+            disk_reason=self._disk_reason,
         )
 
     def _watch_stall(self, outer: int, now: float) -> bool:
@@ -689,6 +762,58 @@ class SandboxProcess:
             f"(all {len(states)} processes stopped or zombie: {counts})"
         )
         return True
+
+    def _watch_disk(self, outer: int, now: float) -> bool:
+        """The disk monitor's turn (about once a second, or at once when the file system's
+        free space dropped by more than what is left of the budget); True when it killed
+        the run."""
+        budget, meter = self.spec.disk, self._meter
+        assert budget is not None and meter is not None
+        if now < self._disk_next:
+            try:
+                st = os.fstatvfs(meter.fd)
+            except OSError:
+                return False
+            drop = self._disk_free - st.f_bavail * st.f_frsize
+            if self._disk_free < 0 or drop <= budget.max_bytes - self._disk_bytes:
+                return False
+        return self._measure_disk(outer)
+
+    def _measure_disk(self, outer: int | None) -> bool:
+        """Measure the disk budget's directories (``outer``: the running sandbox, frozen
+        meanwhile where the host can, and the deleted files its processes hold); over the
+        budget, kill the run. True when it is over."""
+        budget = self.spec.disk
+        assert budget is not None
+        with self._disk_lock:
+            meter = self._meter
+            if meter is None or self._disk_reason is not None:
+                return self._disk_reason is not None
+            t0 = time.monotonic()
+            cg = self._cgroup if outer is not None else None
+            frozen = cg is not None and cg.freeze()
+            try:
+                pids = _tree_pids(outer) if outer is not None else []
+                usage = meter.measure(budget.max_bytes, pids)
+                with contextlib.suppress(OSError):
+                    st = os.fstatvfs(meter.fd)
+                    self._disk_free = st.f_bavail * st.f_frsize
+            finally:
+                if frozen and cg is not None:
+                    cg.thaw()
+            took = time.monotonic() - t0
+            self._disk_next = time.monotonic() + max(DISK_INTERVAL, DISK_DUTY * took)
+            self._disk_bytes = usage.bytes
+            over = usage.over_reason is not None or usage.bytes > budget.max_bytes
+            reason = budget.reason(usage) if over else None
+            self._disk_reason = reason
+        if reason is not None:
+            if outer is None:
+                with self._lock:
+                    self._reasons.append(reason)
+            else:
+                self._kill(reason)
+        return reason is not None
 
     def _read(self, stream: IO[bytes] | None, name: str) -> None:
         if stream is None:
@@ -768,6 +893,14 @@ class SandboxProcess:
             self._deadline = self._t0 + self.spec.limits.wall_clock_seconds
             self._released.set()
         return True
+
+    def check_disk(self) -> bool:
+        """Measure the disk budget now (the run's result is in, but its sandbox still closes
+        down); over it, the run is killed and ``True`` returned."""
+        if self._meter is None or self._done.is_set():
+            return self._disk_reason is not None
+        outer = self.pid
+        return self._measure_disk(outer) if outer is not None else False
 
     def kill(self, reason: str = "killed on request") -> SandboxResult:
         """Kill the whole process tree now and return the result (within about a second)."""

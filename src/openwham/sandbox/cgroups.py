@@ -1,7 +1,7 @@
 """Per-run cgroups for sandboxes: limits (pids, memory, CPU), membership, kill and accounting.
 
 Optional and detected: cgroup v2 (``/sys/fs/cgroup/cgroup.controllers``) or the v1
-hierarchies ``/sys/fs/cgroup/{pids,memory,cpu}``. Each run gets its own group
+hierarchies ``/sys/fs/cgroup/{pids,memory,cpu,freezer}``. Each run gets its own group
 ``…/openwham/<pidns>-<pid>-<n>-<hex>`` under the server's own cgroup where that is possible (so the
 server's own limits still cover its sandboxes), else under the hierarchy's root. The process
 that will exec bubblewrap joins the group before the exec (``join_in_child``), so nothing the
@@ -9,6 +9,10 @@ sandbox starts can escape it; afterwards ``kill_all`` empties it and ``remove`` 
 
 Without cgroups a sandbox still runs: the PID namespace alone guarantees the kill, but
 processes and memory are then bounded by rlimits only (see ``openwham.sandbox.bwrap``).
+
+``freeze``/``thaw`` stop a run's processes while its disk use is measured
+(``openwham.sandbox.disk``): v2's ``cgroup.freeze``, v1's freezer hierarchy. A v1-frozen
+process does not even die of SIGKILL until thawed, so every kill thaws first.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("pids", "memory", "cpu")
+FREEZER = "freezer"  # v1's hierarchy; v2 has cgroup.freeze in every group
 GROUP_NAME = "openwham"
 _CPU_PERIOD_US = 100_000
 _counter = itertools.count(1)
@@ -50,7 +55,8 @@ class CgroupHost:
 
     @property
     def controllers(self) -> frozenset[str]:
-        return frozenset(self.parents)
+        """Usable controllers; ``freezer`` when runs can be frozen (always on v2)."""
+        return frozenset(self.parents) | ({FREEZER} if self.version == 2 else frozenset())
 
 
 def _own_paths() -> dict[str, str]:
@@ -95,6 +101,7 @@ def _sweep_stale(parent: Path) -> None:
                 pass
             except OSError:
                 continue
+            _thaw_dir(child)  # a server killed while measuring a run's disk use left it frozen
             for _ in range(100):
                 try:
                     procs = [int(x) for x in (child / "cgroup.procs").read_text().split()]
@@ -126,7 +133,9 @@ def _usable_parent(base: Path) -> Path | None:
 def _probe_v1(root: Path) -> CgroupHost | None:
     own = _own_paths()
     parents: dict[str, Path] = {}
-    for ctrl in CONTROLLERS:
+    # the freezer first: its sweep thaws what a killed server left frozen, which would not
+    # die of the other hierarchies' sweeps
+    for ctrl in (FREEZER, *CONTROLLERS):
         mount = root / ctrl
         if not (mount / "cgroup.procs").is_file():
             continue
@@ -274,8 +283,48 @@ class RunCgroup:
         except (OSError, ValueError):
             return []
 
+    def freeze(self, timeout: float = 1.0) -> bool:
+        """Stop every process of the run (they cannot run, fork or write until
+        :meth:`thaw`); ``True`` once all are frozen, ``False`` without a freezer or when
+        they did not freeze within ``timeout`` (then they are thawed again)."""
+        d = self._freezer_dir()
+        if d is None:
+            return False
+        v2 = self.host.version == 2
+        try:
+            _write(d / ("cgroup.freeze" if v2 else "freezer.state"), "1" if v2 else "FROZEN")
+        except OSError:
+            return False
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if v2:
+                    frozen = _read_key(d / "cgroup.events", "frozen") == 1
+                else:
+                    frozen = (d / "freezer.state").read_text().strip() == "FROZEN"
+            except OSError:
+                frozen = False
+            if frozen:
+                return True
+            if time.monotonic() > deadline:
+                self.thaw()
+                return False
+            time.sleep(0.001)
+
+    def thaw(self) -> None:
+        """Let the run's processes go on (nothing happens when they are not frozen)."""
+        d = self._freezer_dir()
+        if d is not None:
+            _thaw_dir(d)
+
+    def _freezer_dir(self) -> Path | None:
+        if self.host.version == 2:
+            return next(iter(self.dirs.values()), None)
+        return self.dirs.get(FREEZER)
+
     def kill_all(self, timeout: float = 1.0) -> bool:
         """SIGKILL everything in the group until it is empty; ``True`` when it is."""
+        self.thaw()  # a frozen v1 process would not die
         kill_file = self._procs_file().parent / "cgroup.kill"
         if self.host.version == 2 and kill_file.exists():
             with contextlib.suppress(OSError):
@@ -305,6 +354,7 @@ class RunCgroup:
 
     def remove(self) -> None:
         """Delete the group(s); retries briefly while the kernel finishes exiting tasks."""
+        self.thaw()
         for d in dict.fromkeys(self.dirs.values()):
             for _ in range(100):
                 try:
@@ -318,6 +368,14 @@ class RunCgroup:
                     for pid in self.pids():
                         _kill_pid(pid, self.name)
                     time.sleep(0.01)
+
+
+def _thaw_dir(group: Path) -> None:
+    with contextlib.suppress(OSError):
+        if (group / "cgroup.freeze").exists():
+            _write(group / "cgroup.freeze", "0")
+        elif (group / "freezer.state").exists():
+            _write(group / "freezer.state", "THAWED")
 
 
 def _kill_pid(pid: int, group: str) -> None:
