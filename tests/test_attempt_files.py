@@ -4,6 +4,7 @@ nothing of failed, cancelled or deleted ones; attempts pending or running are no
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 from conftest import Server, finish_turn
@@ -132,6 +133,9 @@ def test_trees_an_agent_shaped_against_removal_are_removed(server: Server, repo:
         (path / "home" / "a" / "b" / "f").write_text("x")
         os.chmod(path / "home" / "a" / "b", 0)
         os.chmod(path / "home" / "a", 0)
-    storage.tidy(root, db, turns[0])
-    storage.sweep(root, db)
-    assert not any((root / turn).exists() for turn in turns)
+    try:
+        storage.tidy(root, db, turns[0])
+        storage.sweep(root, db)
+        assert not any((root / turn).exists() for turn in turns)
+    finally:  # pytest's own clean-up of old temporary directories would choke on it too
+        subprocess.run(["rm", "-rf", *(str(root / turn) for turn in turns)], check=True)

@@ -633,9 +633,11 @@ class Engine:
         mb = self.settings.sandbox_disk_mb
         if mb <= 0:
             return None
+        start = disk.usage([directory])
         return DiskBudget(
             paths=(directory,),
-            max_bytes=disk.usage([directory]) + (mb << 20),
+            max_bytes=start + (mb << 20),
+            start_bytes=start,
             what="the attempt",
             limit_mb=mb,
             setting=DISK_SETTING,

@@ -34,9 +34,11 @@ What a sandboxed command sees and may do:
   host cannot enforce.
 - **Disk.** ``SandboxSpec.disk`` (``openwham.sandbox.disk``): the host directories it names
   may hold so much at most. A monitor measures them (with the sandbox frozen, where the host
-  has a freezer) about once a second, sooner when the file system's free space drops by
-  more than what is left of the budget, and once more when the sandbox ends; beyond the
-  budget the sandbox is killed (``SandboxResult.disk_exceeded``).
+  has a freezer): at most once a second while signs of growth (bytes its processes wrote,
+  the file system's free bytes and inodes) show more than 1 MiB since the last measure, at
+  once when they show more than is left of the budget, every 10 s regardless, and once
+  more when the sandbox ends; beyond the budget the sandbox is killed
+  (``SandboxResult.disk_exceeded``). Not while a held sandbox waits for its input.
 - **Ending.** ``SandboxProcess.kill()`` SIGKILLs bwrap's process group; the sandbox's PID
   namespace dies with its init, so every process in it dies too; the cgroup, when there is
   one, is swept until empty. The process is spawned from a thread that lives as long as the
@@ -117,7 +119,7 @@ ETC_FILES = (
 _ROOT_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 _MAX_LINE = 4 << 20
 DISK_INTERVAL = 1.0  # seconds between two disk measures at least …
-DISK_DUTY = 4.0  # … and this many times as long as the last one took
+DISK_DUTY = 4.0  # … and this many times as long as the last one took (unless it may be over)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -566,9 +568,10 @@ class SandboxProcess:
         self._meter: disk.Meter | None = None
         self._disk_lock = threading.Lock()
         self._disk_reason: str | None = None
-        self._disk_next = 0.0
-        self._disk_free = -1  # the file system's free bytes at the last measure
-        self._disk_bytes = 0  # what the last measure found
+        self._disk_next = 0.0  # no measure before (unless it may be over)
+        self._disk_walked = 0.0  # when the last measure was
+        self._disk_snap: disk.Signals | None = None  # the signs of growth then
+        self._disk_bytes = spec.disk.start_bytes if spec.disk else 0  # what it found
         self._thread = threading.Thread(target=self._run, name="sandbox", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -659,6 +662,10 @@ class SandboxProcess:
             return
         self._popen = popen
         self._t0 = self._last_progress = time.monotonic()
+        if self._meter is not None:  # growth is counted from here (the budget's start_bytes)
+            with contextlib.suppress(OSError):
+                self._disk_snap = disk.signals(self._meter.fd, [popen.pid])
+            self._disk_walked = self._t0
         pidfd = os.pidfd_open(popen.pid)
         self._started.set()
         try:
@@ -764,18 +771,27 @@ class SandboxProcess:
         return True
 
     def _watch_disk(self, outer: int, now: float) -> bool:
-        """The disk monitor's turn (about once a second, or at once when the file system's
-        free space dropped by more than what is left of the budget); True when it killed
-        the run."""
+        """The disk monitor's turn; True when it killed the run."""
+        if not self._released.is_set():  # a held standby: Codex waits for its prompt
+            return False
+        return self._disk_due(outer, now, quiet=now - self._disk_walked < disk.QUIET_SECONDS)
+
+    def _disk_due(self, outer: int, now: float, *, quiet: bool) -> bool:
+        """Measure when the signs of growth since the last measure show it may be over the
+        budget, or (no sooner than ``_disk_next``) more than ``QUIET_BYTES``, or always
+        once ``quiet`` is false; True when the measure found it over."""
         budget, meter = self.spec.disk, self._meter
-        assert budget is not None and meter is not None
-        if now < self._disk_next:
+        snap = self._disk_snap
+        if budget is None or meter is None:
+            return False
+        if snap is not None:
             try:
-                st = os.fstatvfs(meter.fd)
+                growth = disk.signals(meter.fd, _tree_pids(outer)).growth_since(snap)
             except OSError:
-                return False
-            drop = self._disk_free - st.f_bavail * st.f_frsize
-            if self._disk_free < 0 or drop <= budget.max_bytes - self._disk_bytes:
+                growth = budget.max_bytes
+            may_be_over = growth > budget.max_bytes - self._disk_bytes
+            small = quiet and growth <= disk.QUIET_BYTES
+            if not may_be_over and (now < self._disk_next or small):
                 return False
         return self._measure_disk(outer)
 
@@ -794,15 +810,15 @@ class SandboxProcess:
             frozen = cg is not None and cg.freeze()
             try:
                 pids = _tree_pids(outer) if outer is not None else []
+                with contextlib.suppress(OSError):  # before the walk: what follows is growth
+                    self._disk_snap = disk.signals(meter.fd, pids)
                 usage = meter.measure(budget.max_bytes, pids)
-                with contextlib.suppress(OSError):
-                    st = os.fstatvfs(meter.fd)
-                    self._disk_free = st.f_bavail * st.f_frsize
             finally:
                 if frozen and cg is not None:
                     cg.thaw()
-            took = time.monotonic() - t0
-            self._disk_next = time.monotonic() + max(DISK_INTERVAL, DISK_DUTY * took)
+            self._disk_walked = time.monotonic()
+            took = self._disk_walked - t0
+            self._disk_next = self._disk_walked + max(DISK_INTERVAL, DISK_DUTY * took)
             self._disk_bytes = usage.bytes
             over = usage.over_reason is not None or usage.bytes > budget.max_bytes
             reason = budget.reason(usage) if over else None
@@ -895,12 +911,13 @@ class SandboxProcess:
         return True
 
     def check_disk(self) -> bool:
-        """Measure the disk budget now (the run's result is in, but its sandbox still closes
-        down); over it, the run is killed and ``True`` returned."""
-        if self._meter is None or self._done.is_set():
-            return self._disk_reason is not None
+        """Check the disk budget now (the run's result is in, but its sandbox still closes
+        down): measured unless the signs of growth show less than ``QUIET_BYTES`` since the
+        last measure. Over it, the run is killed and ``True`` returned."""
         outer = self.pid
-        return self._measure_disk(outer) if outer is not None else False
+        if self._meter is None or self._done.is_set() or outer is None:
+            return self._disk_reason is not None
+        return self._disk_due(outer, float("inf"), quiet=True) or self._disk_reason is not None
 
     def kill(self, reason: str = "killed on request") -> SandboxResult:
         """Kill the whole process tree now and return the result (within about a second)."""

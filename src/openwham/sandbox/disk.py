@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MIN_CHARGE = 4096  # bytes an inode counts at least (one block)
+QUIET_BYTES = 1 << 20  # growth signals below this between two measures: no new measure …
+QUIET_SECONDS = 10.0  # … for at most this long
 LINK_CHARGE = 256  # bytes each further name of a hard-linked inode counts
 MAX_DEPTH = 256
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -50,6 +52,7 @@ class DiskBudget:
 
     paths: tuple[Path, ...]
     max_bytes: int
+    start_bytes: int = 0  # what they held when the budget was made (the first measure)
     what: str = "the sandbox"
     limit_mb: int | None = None
     setting: str = ""
@@ -231,6 +234,44 @@ class Meter:
                 os.chmod(proc, mode)
         finally:
             os.close(path_fd)
+
+
+@dataclass(frozen=True)
+class Signals:
+    """Cheap signs of growth, read between measures: what the sandbox's processes wrote
+    (``write_bytes`` of ``/proc/PID/io``: every page they dirtied, reaped children included
+    in their parents') and the file system's free bytes and inodes (``fallocate``, empty
+    files). None of them is attributable alone, and together they can be fooled (another
+    attempt freeing space meanwhile); they only decide when to measure, never whether the
+    budget holds."""
+
+    written: int
+    free: int
+    free_inodes: int
+
+    def growth_since(self, earlier: Signals) -> int:
+        """The most the directories can have grown since ``earlier``, by these signs."""
+        return max(
+            self.written - earlier.written,
+            earlier.free - self.free,
+            (earlier.free_inodes - self.free_inodes) * MIN_CHARGE,
+        )
+
+
+def signals(fd: int, pids: Iterable[int]) -> Signals:
+    """:class:`Signals` of the file system of ``fd`` and the processes ``pids``."""
+    written = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/io", "rb") as f:
+                for line in f:
+                    if line.startswith(b"write_bytes:"):
+                        written += int(line.split()[1])
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    st = os.fstatvfs(fd)
+    return Signals(written, st.f_bavail * st.f_frsize, st.f_favail)
 
 
 def usage(paths: Iterable[Path]) -> int:
