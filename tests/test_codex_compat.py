@@ -539,3 +539,41 @@ def test_codex_cloud_tui_lists_every_task_and_shows_attempts_and_diffs(
         term.wait_for(lambda s: "[READY]" not in s)
     finally:
         term.kill()
+
+
+# --------------------------------------------------------------------------- big diffs
+
+
+def test_the_codex_cli_gets_and_applies_a_diff_over_the_inline_cap(
+    user: CodexUser,
+    proxy: RecordingProxy,
+    api: httpx.Client,
+    model: ScriptedModel,
+    tmp_path: Path,
+) -> None:
+    """Details cut a diff over ``WHAM_INLINE_DIFF_MAX_BYTES`` (1 MiB) for other clients; the
+    official CLI, which reads only the inline diff, gets it whole: ``codex cloud diff`` prints
+    it and top-level ``codex apply`` applies all of it. (Last in the module: its task is
+    archived at the end, so the TUI's list above never sees it.)"""
+    repo = make_repo(tmp_path / "bigdiff")
+    r = api.post("environments", json={"label": "acme/bigdiff", "repos": [str(repo)]})
+    assert r.status_code == 201, r.text
+    model.script = [Shell("seq 1 300000 > big.txt"), Say("Wrote a big file.")]
+    task_id = create_task(api, r.json()["id"], "Write a big file")
+    details = wait_completed(api, task_id)
+    (item,) = [i for i in details["current_diff_task_turn"]["output_items"] if i["type"] == "pr"]
+    assert item["output_diff"]["truncated"] is True  # this client (httpx) gets it cut
+    turn_id = details["current_assistant_turn"]["id"]
+    whole = api.get(f"tasks/{task_id}/turns/{turn_id}/diff").text
+    assert len(whole.encode()) > 1 << 20 and whole.endswith("\n+300000\n")
+
+    r = user.cloud("diff", task_id, cwd=tmp_path, base_url=proxy.url + "/backend-api")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == whole.rstrip("\n")
+
+    checkout = clone(repo, tmp_path / "checkout")
+    r = user.run(current_codex(), "apply", task_id, cwd=checkout, timeout=120)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "Successfully applied diff" in r.stdout
+    assert (checkout / "big.txt").read_text() == "".join(f"{i}\n" for i in range(1, 300001))
+    assert api.post(f"tasks/{task_id}/archive").status_code == 200
