@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 from conftest import PREFIXES, WHAM, Api, Server
 from openwham.client import AsyncWhamClient, AuthError, NotFound, WhamClient
 from openwham.config import Settings
+from openwham.server import fanout
 from openwham.server.app import create_app
-from openwham.server.routers import stream as stream_router
 from openwham.server.state import AppState
 from openwham.service import tokens as api_tokens
 from openwham.service.accounts import create_api_token, ensure_owner, issue_token
@@ -205,7 +205,7 @@ def test_an_open_stream_ends_when_its_token_is_revoked(
     server: Server, repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stream outlives the request that checked the token: it rechecks every keep-alive."""
-    monkeypatch.setattr(stream_router, "KEEPALIVE_SECONDS", 0.3)
+    monkeypatch.setattr(fanout, "KEEPALIVE_SECONDS", 0.3)
     env = server.api.create_env(repo)
     created = server.api.create_task(env["id"])  # executor "none": the attempt stays pending
     task_id, turn_id = created["task"]["id"], created["turn"]["id"]

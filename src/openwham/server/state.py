@@ -11,6 +11,8 @@ from openwham.service.keys import SecretBox, secrets_key, signing_key
 from openwham.store.db import Database
 from openwham.store.events import EventBus, LocalEventBus
 
+from .fanout import FanOut
+
 
 @dataclass
 class AppState:
@@ -20,6 +22,10 @@ class AppState:
     secret_box: SecretBox
     bus: EventBus = field(default_factory=LocalEventBus)
     runner: Runner | None = None
+    fanout: FanOut = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fanout = FanOut(self.db, self.bus)
 
     @classmethod
     def open(cls, settings: Settings, db: Database | None = None) -> AppState:

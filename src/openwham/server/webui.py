@@ -23,7 +23,6 @@ from openwham.store.db import Database
 from openwham.web import tokens as token_pages
 from openwham.web.routes import STATIC, WebUI
 
-from .routers import stream
 from .routers import tasks as task_routes
 from .state import AppState
 
@@ -62,7 +61,7 @@ class ServerBackend:
         return task_routes.create_pr(task_id, turn_id, self.state, principal, db)
 
     def events(self, turn_id: str, after: int) -> AsyncIterator[bytes]:
-        return stream._frames(self.state, turn_id, after, None)
+        return self.state.fanout.frames(turn_id, after, None)
 
     def branches(self, db: Session, principal: Principal, env_id: str) -> list[str]:
         env = envs.get_row(db, principal, env_id)

@@ -3,8 +3,10 @@
 Every status change and work-log entry of an attempt is a row in ``turn_events``; the turn
 stream replays rows after a client's ``Last-Event-ID`` and then waits on the bus. The bus only
 says "something new for turn X": readers always read the rows, so a missed wake-up costs at
-most one poll interval and nothing is ever lost. ``LocalEventBus`` serves one process; a
-multi-process deployment swaps in one built on e.g. PostgreSQL LISTEN/NOTIFY.
+most one poll interval and nothing is ever lost. Its one reader per turn and node is the
+server's fan-out (``server/fanout.py``), which shares what it reads among that turn's
+streams. ``LocalEventBus`` serves one process; a multi-process deployment swaps in one built
+on e.g. PostgreSQL LISTEN/NOTIFY, which only has to carry "turn X has new events".
 """
 
 from __future__ import annotations
@@ -70,11 +72,14 @@ def read(
     turn_id: str,
     *,
     after: int = 0,
+    until: int | None = None,
     item_types: Sequence[str] | None = None,
     limit: int = 500,
 ) -> list[Event]:
-    """Events of one turn with ``id > after``, oldest first."""
+    """Events of one turn with ``after < id <= until``, oldest first."""
     q = select(m.TurnEvent).where(m.TurnEvent.turn_id == turn_id, m.TurnEvent.id > after)
+    if until is not None:
+        q = q.where(m.TurnEvent.id <= until)
     if item_types:
         q = q.where(m.TurnEvent.item_type.in_(list(item_types)))
     rows = db.scalars(q.order_by(m.TurnEvent.id).limit(limit))

@@ -4,67 +4,31 @@ Frames are ``id: <n>`` / ``event: message`` / ``data: {"id", "item_type", "times
 "payload", "<item_type>": payload}`` (docs/reference/wham-api.md §5 leaves the payload key open, so
 both are sent). ``Last-Event-ID`` (or ``?last_event_id=``) replays what came after it. The
 stream ends after the attempt's terminal ``task_turn_event``; a client that reconnects after
-that gets an empty stream that ends at once. A comment line every ``KEEPALIVE_SECONDS`` keeps
-proxies from closing a quiet stream. The stream holds no database connection while it waits.
+that gets an empty stream that ends at once. A comment line every ``fanout.KEEPALIVE_SECONDS``
+keeps proxies from closing a quiet stream. The stream holds no database connection while it
+waits, and does not read the database itself once it has caught up: ``server/fanout.py``
+reads each turn once for all its streams. A stream that cannot keep up is ended (the client
+resumes with ``Last-Event-ID``).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from fastapi.security.utils import get_authorization_scheme_param
-from sqlalchemy import func, select
 
 from openwham.service import tasks
-from openwham.service import tokens as api_tokens
 from openwham.service.accounts import authenticate
 from openwham.service.errors import BadRequest, Unauthorized
 from openwham.store import events
-from openwham.store import models as m
-from openwham.store.events import Event
 
 from ..deps import StateDep
 from ..state import AppState
 
 router = APIRouter(tags=["tasks"])
-
-KEEPALIVE_SECONDS = 15.0
-# How long a stream waits for the terminal event of an attempt whose status is already
-# terminal (a running attempt that was cancelled: its executor writes the last frames).
-TERMINAL_GRACE_SECONDS = 5.0
-
-
-def _frame(event: Event) -> bytes:
-    data = {
-        "id": str(event.id),
-        "item_type": event.item_type,
-        "timestamp": event.created_at,
-        "payload": event.payload,
-        event.item_type: event.payload,
-    }
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"id: {event.id}\nevent: message\ndata: {text}\n\n".encode()
-
-
-def _synthetic_end(turn_id: str, status: str, body: dict[str, Any]) -> bytes:
-    latest = body.get("latest_event") or {}
-    payload = events.status_payload(
-        str(latest.get("text") or status.capitalize()), status, error=body.get("error")
-    )
-    data = {
-        "id": None,
-        "item_type": events.TASK_TURN_EVENT,
-        "timestamp": payload["created"],
-        "payload": payload,
-        events.TASK_TURN_EVENT: payload,
-        "turn_id": turn_id,
-    }
-    return f"event: message\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
 def _parse_last_id(header: str | None, query: str | None) -> int:
@@ -92,92 +56,6 @@ def _authorize(state: AppState, request: Request, task_id: str, turn_id: str) ->
     return principal.token_id
 
 
-def _token_active(state: AppState, token_id: str) -> bool:
-    with state.db.sessions() as s:
-        return api_tokens.is_active(s, token_id)
-
-
-def _read(state: AppState, turn_id: str, after: int) -> tuple[list[Event], str | None, bool]:
-    """New events, the turn's status, whether a terminal event exists at or before ``after``.
-    (Not the turn's body: it holds the whole work log, and this runs on every event.)"""
-    with state.db.sessions() as s:
-        batch = events.read(s, turn_id, after=after)
-        status = s.scalar(select(m.Turn.turn_status).where(m.Turn.id == turn_id))
-        if status is None:
-            return batch, None, True
-        ended_before = False
-        if not batch and status in events.TERMINAL_STATUSES:
-            last_status = s.scalar(
-                select(func.max(m.TurnEvent.id)).where(
-                    m.TurnEvent.turn_id == turn_id,
-                    m.TurnEvent.item_type == events.TASK_TURN_EVENT,
-                    m.TurnEvent.id <= after,
-                )
-            )
-            if last_status is not None:
-                row = s.get(m.TurnEvent, last_status)
-                ended_before = bool(
-                    row and row.payload.get("turn_status") in events.TERMINAL_STATUSES
-                )
-        return batch, status, ended_before
-
-
-def _body(state: AppState, turn_id: str) -> dict[str, Any]:
-    with state.db.sessions() as s:
-        body = s.scalar(select(m.Turn.body).where(m.Turn.id == turn_id))
-    return dict(body or {})
-
-
-async def _frames(
-    state: AppState,
-    turn_id: str,
-    after: int,
-    types: set[str] | None,
-    token_id: str | None = None,
-) -> AsyncIterator[bytes]:
-    """The stream's frames; with ``token_id``, it ends within ``KEEPALIVE_SECONDS`` of that
-    token being revoked or expiring (a stream outlives the request that checked the token)."""
-    sub = state.bus.subscribe(turn_id)
-    try:
-        last = after
-        grace: float | None = None
-        recheck = anyio.current_time() + KEEPALIVE_SECONDS
-        while True:
-            if token_id is not None and anyio.current_time() >= recheck:
-                if not await anyio.to_thread.run_sync(_token_active, state, token_id):
-                    return
-                recheck = anyio.current_time() + KEEPALIVE_SECONDS
-            batch, status, ended_before = await anyio.to_thread.run_sync(
-                _read, state, turn_id, last
-            )
-            for event in batch:
-                last = event.id
-                if types is None or event.item_type in types:
-                    yield _frame(event)
-                if event.is_terminal:
-                    return
-            if batch:
-                grace = None
-                continue
-            if status is None or ended_before:
-                return
-            if status in events.TERMINAL_STATUSES:
-                now = anyio.current_time()
-                grace = grace if grace is not None else now + TERMINAL_GRACE_SECONDS
-                if now >= grace:
-                    body = await anyio.to_thread.run_sync(_body, state, turn_id)
-                    yield _synthetic_end(turn_id, status, body)
-                    return
-                await sub.wait(0.25)
-                continue
-            before = anyio.current_time()
-            await sub.wait(KEEPALIVE_SECONDS)
-            if anyio.current_time() - before >= KEEPALIVE_SECONDS - 0.01:
-                yield b": keep-alive\n\n"
-    finally:
-        sub.close()
-
-
 async def stream(
     task_id: str,
     turn_id: str,
@@ -199,7 +77,7 @@ async def stream(
             )
         types = set(item_type)
     return StreamingResponse(
-        _frames(state, turn_id, after, types, token_id),
+        state.fanout.frames(turn_id, after, types, token_id),
         media_type="text/event-stream; charset=utf-8",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
