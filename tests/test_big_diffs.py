@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import text
 
 from conftest import Api, Server, cli_user, git, make_repo, make_server, run_cli
-from openwham.client import AsyncWhamClient, WhamClient
+from openwham.client import AsyncWhamClient, WhamClient, WhamError, turn_diff
 from openwham.service.diffs import diff_stats, truncate_diff
 from openwham.store import models as m
 from support.app_thread import AppThread
@@ -354,3 +354,47 @@ def test_the_web_ui_shows_a_big_diff_cut_and_offers_it_whole(server: Server, rep
     sign_in(other, server.other_account_token())
     assert other.get(url).status_code == 404
     assert client.get(f"/tasks/{task_id}/turns/nope/diff").status_code == 404
+
+
+# --------------------------------------------------------------------------- SDK edge cases
+
+
+def _details_with(item: dict[str, Any], turn_id: str | None = "task_e_1~assttrn_e_1") -> Any:
+    turn = {"type": "assistant", "turn_status": "completed", "output_items": [item]}
+    if turn_id:
+        turn["id"] = turn_id
+    return {"task": {"id": "task_e_1"}, "current_assistant_turn": turn}
+
+
+def _cut(diff: str = "") -> dict[str, Any]:
+    return {
+        "type": "pr",
+        "output_diff": {"diff": diff, "truncated": True, "diff_bytes": 12_345_678},
+    }
+
+
+def test_the_sdk_fetches_a_cut_diff_even_when_nothing_of_it_is_inline() -> None:
+    whole = big_diff(3_000)
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path.endswith("/diff"):
+            return httpx.Response(200, text=whole, headers={"content-type": "text/x-diff"})
+        return httpx.Response(200, json=_details_with(_cut()))
+
+    with WhamClient("http://wham.test", token="t", transport=httpx.MockTransport(handler)) as c:
+        assert c.diff("task_e_1") == whole
+    assert seen[-1] == "/api/codex/tasks/task_e_1/turns/task_e_1~assttrn_e_1/diff"
+
+
+def test_the_sdk_never_passes_a_cut_diff_for_the_whole_one() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=_details_with(_cut(big_diff(3_000)[:500]), turn_id=None))
+
+    with WhamClient("http://wham.test", token="t", transport=httpx.MockTransport(handler)) as c:
+        with pytest.raises(WhamError, match="cut the diff"):
+            c.diff("task_e_1")
+        details = c.get_task("task_e_1")
+    with pytest.raises(WhamError, match="cut its diff"):
+        turn_diff(details.current_assistant_turn)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from openwham.client.errors import WhamError
 from openwham.wire import (
     AssistantTurn,
     Fragment,
@@ -56,15 +57,19 @@ def sort_attempts(turns: Iterable[AssistantTurn]) -> list[AssistantTurn]:
 
 
 def turn_diff(turn: AssistantTurn | None) -> str | None:
-    """The first non-empty ``output_diff`` or ``pr`` diff of a turn."""
-    if turn is None:
+    """The first non-empty ``output_diff`` or ``pr`` diff of a turn. A diff openwham cut
+    (``truncated: true``) raises :class:`WhamError` instead of passing for the whole change:
+    ``client.diff`` / ``client.turn_diff`` fetch it whole."""
+    item = turn_diff_item(turn)
+    if item is None:
         return None
-    for item in turn.output_items:
-        if isinstance(item, PrOutputItem) and item.output_diff.diff:
-            return item.output_diff.diff
-        if isinstance(item, OutputDiffItem) and item.diff:
-            return item.diff
-    return None
+    if item.truncated:
+        raise WhamError(
+            f"attempt {turn.id if turn else '?'}: the server cut its diff ({item.diff_bytes} "
+            "bytes in all); get it whole with client.diff(task_id) or "
+            "client.turn_diff(task_id, turn_id)"
+        )
+    return item.diff
 
 
 def turn_diff_item(turn: AssistantTurn | None) -> OutputDiff | None:
