@@ -58,6 +58,7 @@ from openwham.store import events, turnstate
 from openwham.store import models as m
 from openwham.store.db import Database, rowcount
 from openwham.store.events import EventBus
+from openwham.store.status import TurnStatus
 
 from . import diff as diffs
 from . import setup as setup_phase
@@ -289,7 +290,7 @@ class Engine:
         except AttemptFailed as exc:
             self._ensure_title(claim)
             return rec.finish(
-                "failed", text=FAILED, error={"code": exc.code, "message": exc.message}
+                TurnStatus.FAILED, text=FAILED, error={"code": exc.code, "message": exc.message}
             )
         except Exception as exc:  # a bug or a host problem: fail the attempt, keep serving
             log.exception("attempt %s failed unexpectedly", turn_id)
@@ -297,7 +298,9 @@ class Engine:
                 self._ensure_title(claim)
             message = f"openwham could not run this attempt: {type(exc).__name__}: {exc}"
             return rec.finish(
-                "failed", text=FAILED, error={"code": "internal_error", "message": message[:2000]}
+                TurnStatus.FAILED,
+                text=FAILED,
+                error={"code": "internal_error", "message": message[:2000]},
             )
         finally:
             alive.set()
@@ -319,7 +322,7 @@ class Engine:
         now = time.time()
         with self.db.session() as s:
             turn = s.get(m.Turn, turn_id)
-            if turn is None or turn.role != "assistant" or turn.turn_status != "pending":
+            if turn is None or turn.role != "assistant" or turn.turn_status != TurnStatus.PENDING:
                 return None
             task = s.get(m.Task, turn.task_id)
             user_turn = s.get(m.Turn, turn.parent_id) if turn.parent_id else None
@@ -338,7 +341,7 @@ class Engine:
                 task.id,
                 turn_id,
                 events.TASK_TURN_EVENT,
-                events.status_payload(SETTING_UP, "in_progress"),
+                events.status_payload(SETTING_UP, TurnStatus.IN_PROGRESS),
             )
             prompt, patch = _inputs(user_turn)
             resume = (
@@ -590,7 +593,7 @@ class Engine:
                 # secrets the real change holds, so a push can refuse it (service.prs)
                 rec.set(diff_secrets=secrets_in_diff(self._redactor(claim, named=True), diff.text))
         control.check()
-        return rec.finish("completed", text=COMPLETED, output_items=items)
+        return rec.finish(TurnStatus.COMPLETED, text=COMPLETED, output_items=items)
 
     def _prepare_cold(
         self, claim: Claim, rec: TurnRecorder, mirror: Path, attempt_dir: Path, control: Control
@@ -845,7 +848,7 @@ class Engine:
     def _cancelled_elsewhere(self, turn_id: str) -> bool:
         with self.db.sessions() as s:
             status = s.scalar(select(m.Turn.turn_status).where(m.Turn.id == turn_id))
-        return status != "in_progress"
+        return status != TurnStatus.IN_PROGRESS
 
     def _apply(self, rec: TurnRecorder, updates: list[codex.Update]) -> None:
         for update_ in updates:
@@ -938,7 +941,7 @@ class Engine:
         if control.reason == "shutdown":
             return self.release(claim.turn_id, rec, "The server stopped; this attempt will resume")
         return rec.finish(
-            "cancelled",
+            TurnStatus.CANCELLED,
             text=CANCELLED,
             error={"code": "cancelled", "message": "The attempt was cancelled"},
         )
@@ -948,7 +951,7 @@ class Engine:
         for turn_id in turn_ids:
             with self.db.session() as s:
                 turn = s.get(m.Turn, turn_id)
-                if turn is None or turn.turn_status != "pending":
+                if turn is None or turn.turn_status != TurnStatus.PENDING:
                     continue
                 if (turn.body.get("latest_event") or {}).get("text") == WAITING:
                     continue
@@ -959,7 +962,7 @@ class Engine:
                         turn.task_id,
                         turn_id,
                         events.TASK_TURN_EVENT,
-                        events.status_payload(WAITING, "pending"),
+                        events.status_payload(WAITING, TurnStatus.PENDING),
                     )
             self.bus.publish(turn_id)
 
@@ -970,7 +973,7 @@ class Engine:
             rec.gone = True
         with self.db.session() as s:
             turn = s.get(m.Turn, turn_id)
-            if turn is None or turn.turn_status != "in_progress":
+            if turn is None or turn.turn_status != TurnStatus.IN_PROGRESS:
                 return str(turn.turn_status) if turn else "deleted"
             tries = int((turn.body.get("run") or {}).get("tries") or 1)
             if not requeue(s, turn, note, tries=max(0, tries - 1)):  # moved meanwhile
@@ -1071,7 +1074,11 @@ def requeue(
             events.append(s, turn.task_id, turn.id, events.LOG, payload)
     events.append(s, turn.task_id, turn.id, events.LOG, {"text": note, "created": time.time()})
     events.append(
-        s, turn.task_id, turn.id, events.TASK_TURN_EVENT, events.status_payload(WAITING, "pending")
+        s,
+        turn.task_id,
+        turn.id,
+        events.TASK_TURN_EVENT,
+        events.status_payload(WAITING, TurnStatus.PENDING),
     )
     return True
 
@@ -1082,7 +1089,7 @@ def _resume_point(s: Session, previous_turn_id: str) -> Resume | str:
     holds the whole change); an Ask-mode attempt changed nothing, so its tree is the one it
     started from."""
     previous = s.get(m.Turn, previous_turn_id)
-    if previous is None or previous.turn_status != "completed":
+    if previous is None or previous.turn_status != TurnStatus.COMPLETED:
         return "The attempt this follow-up continues did not complete"
     thread_id = (previous.body.get("run") or {}).get("thread_id")
     base = previous.body.get("base_commit_sha")

@@ -26,6 +26,7 @@ from sqlalchemy import select
 
 from openwham.store import events, turnstate
 from openwham.store import models as m
+from openwham.store.status import TurnStatus
 
 from . import storage
 from .attempt import FAILED, Control, Engine, requeue
@@ -77,7 +78,7 @@ def recover(engine: Engine, *, now: float | None = None) -> list[str]:
     lost: list[str] = []
     max_tries = max(1, engine.settings.attempt_max_tries)
     with engine.db.session() as s:
-        rows = s.scalars(select(m.Turn).where(m.Turn.turn_status == "in_progress")).all()
+        rows = s.scalars(select(m.Turn).where(m.Turn.turn_status == TurnStatus.IN_PROGRESS)).all()
         for turn in rows:
             run = dict(turn.body.get("run") or {})
             owner = run.get("executor")
@@ -109,7 +110,7 @@ def recover(engine: Engine, *, now: float | None = None) -> list[str]:
                 turn.task_id,
                 turn.id,
                 events.TASK_TURN_EVENT,
-                events.status_payload(FAILED, "failed", error=error),
+                events.status_payload(FAILED, TurnStatus.FAILED, error=error),
             )
     for turn_id in touched:
         engine.bus.publish(turn_id)
@@ -221,7 +222,7 @@ class InProcessExecutor:
         with self.engine.db.sessions() as s:
             pending = s.scalars(
                 select(m.Turn.id)
-                .where(m.Turn.turn_status == "pending", m.Turn.role == "assistant")
+                .where(m.Turn.turn_status == TurnStatus.PENDING, m.Turn.role == "assistant")
                 .order_by(m.Turn.created_at, m.Turn.attempt_placement)
             ).all()
         self.submit([*again, *pending])

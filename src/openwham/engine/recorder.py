@@ -102,7 +102,7 @@ class TurnRecorder:
             self.body["latest_event"] = latest_event(text)
             self._dirty = True
             self._write(
-                [(events.TASK_TURN_EVENT, events.status_payload(text, "in_progress"))],
+                [(events.TASK_TURN_EVENT, events.status_payload(text, TurnStatus.IN_PROGRESS))],
                 body=self._due(),
             )
 
@@ -196,7 +196,7 @@ class TurnRecorder:
                     if current is None:
                         return "deleted"
                     ended = str(current.turn_status)
-                    if ended == "cancelled":
+                    if ended == TurnStatus.CANCELLED:
                         # keep the work log of a cancelled attempt, and say so
                         cancelled = dict(current.body)
                         cancelled["worklog"] = self.body["worklog"]

@@ -26,6 +26,7 @@ from sqlalchemy import select
 
 from openwham.store import models as m
 from openwham.store.db import Database
+from openwham.store.status import ACTIVE, TurnStatus
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,6 @@ def copy_sessions(root: Path, mapping: dict[str, str]) -> None:
 
 
 KEEP_AFTER_COMPLETION = frozenset({CODEX_HOME, CLOSED_MARKER})
-ACTIVE = frozenset({"pending", "in_progress"})
 
 
 def _statuses(db: Database, turn_ids: list[str]) -> dict[str, str]:
@@ -131,7 +131,7 @@ def _tidy_one(root: Path, turn_id: str, status: str | None, *, active: bool) -> 
     path = _dir(root, turn_id)
     if path is None or not path.is_dir():
         return False
-    if status is None or (status not in ACTIVE and status != "completed"):
+    if status is None or (status not in ACTIVE and status is not TurnStatus.COMPLETED):
         remove_tree(path)
         return True
     if status in ACTIVE and not active:

@@ -26,11 +26,12 @@ from openwham import ids
 from openwham.config import Settings
 from openwham.store import events, turnstate
 from openwham.store import models as m
+from openwham.store.status import ACTIVE, TurnStatus
 
 from . import usage
 from .accounts import Principal
 from .errors import BadRequest, Conflict
-from .tasks import ACTIVE, get_task_row, get_turn_row
+from .tasks import get_task_row, get_turn_row
 
 
 def recoverable(
@@ -49,7 +50,7 @@ def recoverable(
     )
     if any(t.turn_status in ACTIVE for t in attempts):
         raise Conflict("An attempt of this turn is still running: wait for it or cancel it")
-    chosen = [t for t in attempts if t.turn_status in ("failed", "cancelled")]
+    chosen = [t for t in attempts if t.turn_status in (TurnStatus.FAILED, TurnStatus.CANCELLED)]
     if not chosen:
         raise Conflict("Nothing to recover: no attempt of the latest turn failed or was cancelled")
     usage.check(db, settings, principal, len(chosen))
@@ -84,7 +85,7 @@ def fork(db: Session, principal: Principal, task_id: str, raw: Any) -> Forked:
     turn = get_turn_row(db, task, turn_id)
     if turn.role != "assistant":
         raise BadRequest("A task is forked at an assistant turn (an attempt), not a user turn")
-    if turn.turn_status != "completed":
+    if turn.turn_status != TurnStatus.COMPLETED:
         raise Conflict(f"Turn {turn.turn_status}: only a completed attempt can be forked")
     now = time.time()
     new_task_id = ids.new_task_id()

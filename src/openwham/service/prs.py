@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from openwham.redaction import MARK
 from openwham.store import models as m
+from openwham.store.status import TurnStatus
 
 from . import settings as user_settings
 from .accounts import Principal
@@ -106,7 +107,7 @@ def plan(db: Session, principal: Principal, task_id: str, turn_id: str) -> PushP
     turn = get_turn_row(db, task, turn_id)
     if turn.role != "assistant":
         raise BadRequest("A PR is made from an assistant turn (an attempt), not a user turn")
-    if turn.turn_status != "completed":
+    if turn.turn_status != TurnStatus.COMPLETED:
         raise Conflict(f"Turn {turn.turn_status}: only a completed attempt has a change to push")
     diff_item = output_diff(turn.body.get("output_items")) or {}
     diff, base = diff_item.get("diff"), diff_item.get("base_commit_sha")

@@ -19,7 +19,7 @@ from openwham import ids
 from openwham.config import Settings
 from openwham.store import events, turnstate
 from openwham.store import models as m
-from openwham.store.turnstate import TurnStatus
+from openwham.store.status import ACTIVE, TurnStatus
 from openwham.wire import (
     AssistantTurn,
     CreateTaskRequest,
@@ -62,8 +62,6 @@ MAX_LIST_LIMIT = 100
 DEFAULT_LIST_LIMIT = 20
 TASK_FILTERS = ("current", "all", "archived")
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
-TERMINAL = ("completed", "failed", "cancelled")
-ACTIVE = ("pending", "in_progress")
 MODES = ("follow_up", "new_task", "review_fix")
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
 
@@ -434,7 +432,7 @@ def _follow_up_target(
         raise Conflict(
             f"Turn is still {turn.turn_status}; wait until it finishes or cancel it first"
         )
-    if turn.turn_status != "completed":
+    if turn.turn_status != TurnStatus.COMPLETED:
         raise Conflict(
             f"Turn {turn.turn_status}: it left no result to continue from; follow up on a "
             "completed attempt"
@@ -1013,7 +1011,7 @@ def _cancel_turns(db: Session, task: m.Task, turns: list[m.Turn]) -> list[str]:
                 task.id,
                 turn.id,
                 events.TASK_TURN_EVENT,
-                events.status_payload("Cancelled", "cancelled", error=error),
+                events.status_payload("Cancelled", TurnStatus.CANCELLED, error=error),
             )
         cancelled.append(turn.id)
     if cancelled:
@@ -1027,7 +1025,9 @@ def cancel(db: Session, principal: Principal, task_id: str) -> list[str]:
     task = get_task_row(db, principal, task_id)
     turns = db.scalars(
         select(m.Turn).where(
-            m.Turn.task_id == task.id, m.Turn.role == "assistant", m.Turn.turn_status.in_(ACTIVE)
+            m.Turn.task_id == task.id,
+            m.Turn.role == "assistant",
+            m.Turn.turn_status.in_(sorted(ACTIVE)),
         )
     ).all()
     return _cancel_turns(db, task, list(turns))

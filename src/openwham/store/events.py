@@ -23,6 +23,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from . import models as m
+from .status import TERMINAL
 
 # What the turn stream sends (docs/reference/wham-api.md §5).
 TASK_TURN_EVENT = "task_turn_event"
@@ -30,7 +31,7 @@ WORK_LOG_MESSAGE = "work_log_message"
 LOG = "log"
 TASK_TITLE_GENERATED = "task_title_generated"
 ITEM_TYPES = (TASK_TURN_EVENT, WORK_LOG_MESSAGE, LOG, TASK_TITLE_GENERATED)
-TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+TERMINAL_STATUSES = TERMINAL  # the statuses whose task_turn_event ends a stream
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,12 @@ def clear(db: Session, turn_id: str, item_types: Iterable[str]) -> None:
 def status_payload(
     text: str, turn_status: str, *, error: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """A ``task_turn_event``: the live status line and the turn's status."""
+    """A ``task_turn_event``: the live status line and the turn's status (a ``TurnStatus``,
+    or the string a client sent), stored as the plain wire string."""
     payload: dict[str, Any] = {
         "text": text,
         "event_type": "info",
-        "turn_status": turn_status,
+        "turn_status": str(turn_status),
         "created": time.time(),
     }
     if error is not None:

@@ -10,16 +10,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from openwham.store.status import ACTIVE, TurnStatus
 from openwham.wire import TaskListItem
 
-STATUS_LABELS = {
-    "pending": "Queued",
-    "in_progress": "Running",
-    "completed": "Completed",
-    "failed": "Failed",
-    "cancelled": "Cancelled",
+STATUS_LABELS: dict[str, str] = {
+    TurnStatus.PENDING: "Queued",
+    TurnStatus.IN_PROGRESS: "Running",
+    TurnStatus.COMPLETED: "Completed",
+    TurnStatus.FAILED: "Failed",
+    TurnStatus.CANCELLED: "Cancelled",
 }
-ACTIVE = ("pending", "in_progress")
 
 
 def ago(ts: float | None, now: float | None = None) -> str:
