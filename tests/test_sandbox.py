@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -253,7 +256,8 @@ def disk_run(workspace: Path, script: str, **kw: object) -> tuple[bwrap.SandboxR
     home = workspace.parent / "home"
     home.mkdir(exist_ok=True)
     limits = dataclasses.replace(LIMITS, wall_clock_seconds=40, max_file_bytes=100 << 20)
-    kw.setdefault("disk", budget(workspace, home))
+    if "disk" not in kw:
+        kw["disk"] = budget(workspace, home)
     kw.setdefault("limits", limits)
     t0 = time.monotonic()
     r = sh(workspace, script, rw_binds={home: "/home/openwham"}, **kw)
@@ -306,6 +310,52 @@ def test_disk_budget_sees_into_unreadable_directories(workspace: Path) -> None:
         "chmod 000 a/b a; echo wrote; sleep 30; echo slept"
     )
     assert_over_budget(*disk_run(workspace, script))
+
+
+NOBODY = 65534
+MEASURE_AS_NOBODY = """
+import importlib.util, os, stat, sys
+spec = importlib.util.spec_from_file_location("disk_copy", sys.argv[1])
+disk = importlib.util.module_from_spec(spec)
+sys.modules["disk_copy"] = disk
+spec.loader.exec_module(disk)
+print(os.geteuid(), disk.usage([sys.argv[2]]))
+"""
+
+
+def test_disk_budget_reads_unreadable_directories_as_a_server_that_is_not_root(
+    tmp_path: Path,
+) -> None:
+    """A server that is not root owns the sandbox's files but cannot read a directory made
+    ``chmod 000``: the meter lends itself the owner's rights for the moment, counts what is
+    inside and puts the mode back. Run as ``nobody`` with the system's Python on a copy of
+    ``openwham/sandbox/disk.py`` (stdlib only), in a directory ``nobody`` can reach."""
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    assert python is not None
+    work = Path(tempfile.mkdtemp(prefix="wham-disk-nobody-", dir="/tmp"))
+    try:
+        os.chmod(work, 0o755)
+        shutil.copy(disk.__file__, work / "disk.py")
+        tree = work / "tree"
+        (tree / "a" / "b").mkdir(parents=True)
+        (tree / "a" / "b" / "f").write_bytes(os.urandom(2 << 20))
+        for path in (tree, tree / "a", tree / "a" / "b", tree / "a" / "b" / "f"):
+            os.chown(path, NOBODY, NOBODY)
+        os.chmod(tree / "a" / "b", 0)
+        os.chmod(tree / "a", 0)
+        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        out = subprocess.run(
+            [*as_nobody, python, "-I", "-c", MEASURE_AS_NOBODY, str(work / "disk.py"), str(tree)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert out[0] == str(NOBODY)
+        assert int(out[1]) >= (2 << 20) + 3 * disk.MIN_CHARGE, out
+        assert stat.S_IMODE(os.stat(tree / "a").st_mode) == 0  # put back
+        assert stat.S_IMODE(os.stat(tree / "a" / "b").st_mode) == 0
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=True)
 
 
 def test_disk_budget_counts_deleted_files_still_open(workspace: Path) -> None:
@@ -378,8 +428,8 @@ def test_disk_monitor_walks_only_when_something_grew(
     workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Walks cost (about 20 ms per 5,000 files, with the sandbox frozen): a sandbox whose
-    processes write little and whose file system does not shrink is measured once, at its
-    end; one that writes is measured while it runs."""
+    processes write little is measured once, at its end, however busy the file system is;
+    one that writes is measured while it runs."""
     walks: list[float] = []
     real = disk.Meter.measure
 
@@ -388,7 +438,9 @@ def test_disk_monitor_walks_only_when_something_grew(
         return real(self, *args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(disk.Meter, "measure", counted)
-    r, _ = disk_run(workspace, "echo small > f; sleep 3.5; echo done")
+    (workspace.parent / "home").mkdir()
+    roomy = budget(workspace, workspace.parent / "home", mb=100_000)  # others' writes: far off
+    r, _ = disk_run(workspace, "echo small > f; sleep 3.5; echo done", disk=roomy)
     # the budget's first measure (disk.usage), then only the end's
     assert r.ok and r.stdout == "done\n" and len(walks) == 2, (r, walks)
     walks.clear()

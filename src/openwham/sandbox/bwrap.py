@@ -34,9 +34,9 @@ What a sandboxed command sees and may do:
   host cannot enforce.
 - **Disk.** ``SandboxSpec.disk`` (``openwham.sandbox.disk``): the host directories it names
   may hold so much at most. A monitor measures them (with the sandbox frozen, where the host
-  has a freezer): at most once a second while signs of growth (bytes its processes wrote,
-  the file system's free bytes and inodes) show more than 1 MiB since the last measure, at
-  once when they show more than is left of the budget, every 10 s regardless, and once
+  has a freezer): at most once a second while its processes wrote more than 1 MiB since
+  the last measure, at once when any sign of growth (those writes, the file system's free
+  bytes and inodes) shows more than is left of the budget, every 10 s regardless, and once
   more when the sandbox ends; beyond the budget the sandbox is killed
   (``SandboxResult.disk_exceeded``). Not while a held sandbox waits for its input.
 - **Ending.** ``SandboxProcess.kill()`` SIGKILLs bwrap's process group; the sandbox's PID
@@ -778,19 +778,24 @@ class SandboxProcess:
 
     def _disk_due(self, outer: int, now: float, *, quiet: bool) -> bool:
         """Measure when the signs of growth since the last measure show it may be over the
-        budget, or (no sooner than ``_disk_next``) more than ``QUIET_BYTES``, or always
-        once ``quiet`` is false; True when the measure found it over."""
+        budget (any sign: its processes' writes, the file system's free bytes or inodes),
+        or (no sooner than ``_disk_next``) when its processes wrote more than
+        ``QUIET_BYTES``, or always once ``quiet`` is false. The file system's signs alone
+        do not make a measure below the budget: on a busy host they move all the time.
+        True when the measure found it over."""
         budget, meter = self.spec.disk, self._meter
         snap = self._disk_snap
         if budget is None or meter is None:
             return False
         if snap is not None:
             try:
-                growth = disk.signals(meter.fd, _tree_pids(outer)).growth_since(snap)
+                now_signals = disk.signals(meter.fd, _tree_pids(outer))
+                growth = now_signals.growth_since(snap)
+                written = now_signals.written_since(snap)
             except OSError:
-                growth = budget.max_bytes
+                growth = written = budget.max_bytes
             may_be_over = growth > budget.max_bytes - self._disk_bytes
-            small = quiet and growth <= disk.QUIET_BYTES
+            small = quiet and written <= disk.QUIET_BYTES
             if not may_be_over and (now < self._disk_next or small):
                 return False
         return self._measure_disk(outer)

@@ -165,33 +165,35 @@ class Meter:
     def _walk(self, top: int, usage: Usage, limit: int | None) -> None:
         usage.add(os.fstat(top))
         dev = os.fstat(top).st_dev
-        stack: list[tuple[int, list[str]]] = []
+        # per open directory: its fd, the subdirectories still to walk, and the mode to put
+        # back once it is done (when the walk lent itself rights to it)
+        stack: list[tuple[int, list[str], int | None]] = []
         try:
             fd = os.dup(top)
-            stack.append((fd, self._list(fd, dev, usage, limit)))
+            stack.append((fd, [], None))
+            stack[-1] = (fd, self._list(fd, dev, usage, limit), None)
             while stack:
-                fd, names = stack[-1]
+                fd, names, mode = stack[-1]
                 if not names:
                     stack.pop()
-                    os.close(fd)
+                    _close(fd, mode)
                     continue
                 try:
-                    child = self._open(fd, names.pop())
+                    opened = self._open(fd, names.pop())
                 except OSError as exc:
                     usage.over_reason = f"a directory the disk monitor cannot read ({exc})"
                     raise _Over from exc
-                if child is None:
+                if opened is None:
                     continue
-                if len(stack) >= MAX_DEPTH:
-                    os.close(child)
+                child, child_mode = opened
+                stack.append((child, [], child_mode))  # closed by ``finally`` if listing fails
+                if len(stack) > MAX_DEPTH:
                     usage.over_reason = f"directories nested more than {MAX_DEPTH} deep"
                     raise _Over
-                stack.append((child, []))  # closed by ``finally`` if listing it fails
-                stack[-1] = (child, self._list(child, dev, usage, limit))
+                stack[-1] = (child, self._list(child, dev, usage, limit), child_mode)
         finally:
-            for fd, _ in stack:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            for fd, _, mode in reversed(stack):
+                _close(fd, mode)
 
     def _list(self, fd: int, dev: int, usage: Usage, limit: int | None) -> list[str]:
         """Charge every entry of the directory ``fd``; its subdirectories' names."""
@@ -210,12 +212,14 @@ class Meter:
             self._check(usage, limit)
         return subdirs
 
-    def _open(self, parent: int, name: str) -> int | None:
-        """The subdirectory ``name`` of ``parent`` for reading; ``None`` when it is gone or
-        no longer a directory. A server that is not root reads through ``chmod 000`` by
-        lending itself the owner's rights (it owns the sandbox's files) for the moment."""
+    def _open(self, parent: int, name: str) -> tuple[int, int | None] | None:
+        """The subdirectory ``name`` of ``parent`` for reading, and the mode to put back
+        when done; ``None`` when it is gone or no longer a directory. A server that is not
+        root reads through ``chmod 000`` by lending itself the owner's rights (it owns the
+        sandbox's files) until the walk leaves the directory (the sandbox is frozen
+        meanwhile, where the host can)."""
         try:
-            return os.open(name, _DIR_FLAGS, dir_fd=parent)
+            return os.open(name, _DIR_FLAGS, dir_fd=parent), None
         except PermissionError:
             if self._root:
                 raise
@@ -229,11 +233,19 @@ class Meter:
             proc = f"/proc/self/fd/{path_fd}"
             os.chmod(proc, mode | stat.S_IRWXU)
             try:
-                return os.open(proc, _DIR_FLAGS)
-            finally:
+                return os.open(proc, _DIR_FLAGS & ~os.O_NOFOLLOW), mode  # the magic link
+            except BaseException:
                 os.chmod(proc, mode)
+                raise
         finally:
             os.close(path_fd)
+
+
+def _close(fd: int, mode: int | None) -> None:
+    with contextlib.suppress(OSError):
+        if mode is not None:
+            os.fchmod(fd, mode)
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -249,10 +261,15 @@ class Signals:
     free: int
     free_inodes: int
 
+    def written_since(self, earlier: Signals) -> int:
+        """What the sandbox's own processes wrote since ``earlier`` (attributable)."""
+        return self.written - earlier.written
+
     def growth_since(self, earlier: Signals) -> int:
-        """The most the directories can have grown since ``earlier``, by these signs."""
+        """The most the directories can have grown since ``earlier``, by any of the signs
+        (the file system's may come from other programs)."""
         return max(
-            self.written - earlier.written,
+            self.written_since(earlier),
             earlier.free - self.free,
             (earlier.free_inodes - self.free_inodes) * MIN_CHARGE,
         )
