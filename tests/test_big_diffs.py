@@ -243,7 +243,7 @@ def test_the_diff_endpoint_refuses_bad_ids_other_accounts_and_turns_without_a_di
         f"tasks/{task_id}/turns/{'x' * 5000}/diff": 404,
         f"tasks/{pending['task']['id']}/turns/{turn_id}/diff": 404,  # a turn of another task
         f"tasks/{pending['task']['id']}/turns/{pending['turn']['id']}/diff": 404,  # no diff yet
-        f"tasks/{task_id}/turns/{user_turn}/diff": 400,
+        f"tasks/{task_id}/turns/{user_turn}/diff": 404,  # a prompt without a starting patch
     }
     for path, status in cases.items():
         r = api.get(path)
@@ -266,11 +266,48 @@ def test_on_sqlite_the_turn_body_is_the_last_column(server: Server) -> None:
     assert columns[-1] == "body" and "diff_lines_added" in columns
 
 
+def test_a_big_starting_patch_is_cut_like_a_diff(any_server: Server, env_id: str) -> None:
+    """``pre_apply_patch`` (up to 5 MiB) comes back in every details answer's prompt."""
+    api = any_server.api
+    patch = big_diff(2 * CAP)
+    item = {"type": "pre_apply_patch", "output_diff": {"diff": patch}}
+    body = {
+        "new_task": {"environment_id": env_id},
+        "input_items": [
+            {
+                "type": "message",
+                "role": "user",
+                "content": [{"content_type": "text", "text": "Go"}],
+            },
+            item,
+        ],
+    }
+    r = api.post("tasks", json=body)
+    assert r.status_code == 200, r.text
+    task_id, user_turn = r.json()["task"]["id"], r.json()["user_turn"]["id"]
+    details = api.get(f"tasks/{task_id}")
+    assert details.status_code == 200 and len(details.content) < 1.1 * CAP
+    [carried] = [
+        i
+        for i in details.json()["current_user_turn"]["input_items"]
+        if i["type"] == "pre_apply_patch"
+    ]
+    assert carried["output_diff"]["truncated"] is True
+    assert patch.startswith(carried["output_diff"]["diff"])
+    whole = api.get(f"tasks/{task_id}/turns/{user_turn}/diff")
+    assert whole.status_code == 200 and whole.text == patch
+    official = api.get(f"tasks/{task_id}", headers={"User-Agent": CODEX_AGENT}).json()
+    [carried] = [
+        i for i in official["current_user_turn"]["input_items"] if i["type"] == "pre_apply_patch"
+    ]
+    assert carried["output_diff"]["diff"] == patch
+
+
 # --------------------------------------------------------------------------- SDK and CLI
 
 
 @pytest.fixture
-def served(server: Server) -> Iterator[str]:
+def app_url(server: Server) -> Iterator[str]:
     thread = AppThread()
     url = thread.start(server.api.client.app)
     yield url
@@ -278,7 +315,7 @@ def served(server: Server) -> Iterator[str]:
 
 
 def test_the_sdk_twins_and_the_cli_get_the_whole_diff(
-    server: Server, served: str, tmp_path: Path
+    server: Server, app_url: str, tmp_path: Path
 ) -> None:
     repo = make_repo(tmp_path / "origin")
     env = server.api.create_env(repo)
@@ -286,7 +323,7 @@ def test_the_sdk_twins_and_the_cli_get_the_whole_diff(
     task_id, turn_id = task_with_diff(server, server.api, env["id"], big)
     token = server.api.token or ""
 
-    with WhamClient(served, token=token) as wham:
+    with WhamClient(app_url, token=token) as wham:
         details = wham.get_task(task_id)
         assert details.current_diff_task_turn is not None
         [item] = [i for i in details.current_diff_task_turn.output_items if i.type == "pr"]
@@ -300,12 +337,12 @@ def test_the_sdk_twins_and_the_cli_get_the_whole_diff(
         assert len((checkout / "big.txt").read_text().splitlines()) == big.count("\n+line")
 
     async def aio() -> tuple[str, str]:
-        async with AsyncWhamClient(served, token=token) as client:
+        async with AsyncWhamClient(app_url, token=token) as client:
             return await client.diff(task_id), await client.turn_diff(task_id, turn_id)
 
     assert asyncio.run(aio()) == (big, big)
 
-    env_vars = cli_user(tmp_path / "home", served, token)
+    env_vars = cli_user(tmp_path / "home", app_url, token)
     out = run_cli(env_vars, "task", "diff", task_id)
     assert out.returncode == 0, out.stderr
     assert out.stdout == big

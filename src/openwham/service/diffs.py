@@ -116,6 +116,32 @@ def inline_output_items(items: list[Any], max_bytes: int | None) -> list[Any]:
     return out
 
 
+def inline_input_items(items: list[Any], max_bytes: int | None) -> list[Any]:
+    """Input items with a ``pre_apply_patch``'s diff cut as :func:`inline_output_items` does."""
+    if max_bytes is None:
+        return items
+    out: list[Any] = []
+    for item in items:
+        inner = item.get("output_diff") if isinstance(item, dict) else None
+        if item_is_patch(item) and isinstance(inner, dict) and isinstance(inner.get("diff"), str):
+            item = {**item, "output_diff": _cap(inner, max_bytes)}
+        out.append(item)
+    return out
+
+
+def item_is_patch(item: Any) -> bool:
+    return isinstance(item, dict) and item.get("type") == "pre_apply_patch"
+
+
+def starting_patch(input_items: Any) -> str | None:
+    """A prompt's starting patch (its ``pre_apply_patch`` item's diff), if it has one."""
+    for item in input_items or []:
+        inner = item.get("output_diff") if item_is_patch(item) else None
+        if isinstance(inner, dict) and isinstance(inner.get("diff"), str) and inner["diff"]:
+            return str(inner["diff"])
+    return None
+
+
 def _cap(diff_item: dict[str, Any], max_bytes: int) -> dict[str, Any]:
     text: str = diff_item["diff"]
     if len(text) * 4 <= max_bytes:  # no UTF-8 character is longer than 4 bytes

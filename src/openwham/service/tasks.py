@@ -49,7 +49,14 @@ from openwham.wire import (
 
 from . import environments, usage
 from .accounts import Principal
-from .diffs import diff_stats, inline_output_items, looks_like_unified_diff, output_diff
+from .diffs import (
+    diff_stats,
+    inline_input_items,
+    inline_output_items,
+    looks_like_unified_diff,
+    output_diff,
+    starting_patch,
+)
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from .repos import validate_branch_name
 from .text import shorten
@@ -529,13 +536,15 @@ def _stats_of(turn: m.Turn | None) -> DiffStats | None:
     )
 
 
-def render_user_turn(turn: m.Turn) -> UserTurn:
+def render_user_turn(turn: m.Turn, inline_diff: int | None = None) -> UserTurn:
+    """A prompt as the API answers it; a starting patch (``pre_apply_patch``) is cut to
+    ``inline_diff`` bytes like an attempt's diff (``render_assistant_turn``)."""
     return UserTurn.model_validate(
         {
             "type": "user",
             "id": turn.id,
             "role": "user",
-            "input_items": turn.body.get("input_items") or [],
+            "input_items": inline_input_items(turn.body.get("input_items") or [], inline_diff),
             "user_model_slug": turn.body.get("user_model_slug"),
             "previous_turn_id": turn.parent_id,
             "created_at": turn.created_at,
@@ -827,7 +836,7 @@ def details(
     return TaskDetails(
         task=rendered,
         task_status_display=rendered.task_status_display,
-        current_user_turn=render_user_turn(user) if user else None,
+        current_user_turn=render_user_turn(user, inline_diff) if user else None,
         current_assistant_turn=(
             render_assistant_turn(current, ctx, inline_diff) if current else None
         ),
@@ -851,7 +860,7 @@ def render_turn(
     turn: m.Turn, ctx: _Context, inline_diff: int | None = None
 ) -> UserTurn | AssistantTurn:
     if turn.role == "user":
-        return render_user_turn(turn)
+        return render_user_turn(turn, inline_diff)
     return render_assistant_turn(turn, ctx, inline_diff)
 
 
@@ -887,11 +896,15 @@ def get_turn(
 
 
 def whole_diff(db: Session, principal: Principal, task_id: str, turn_id: str) -> str:
-    """The whole diff of an attempt (``GET tasks/{id}/turns/{turn_id}/diff``), never cut."""
+    """The whole diff of an attempt, or a prompt's starting patch (``GET
+    tasks/{id}/turns/{turn_id}/diff``), never cut."""
     task = get_task_row(db, principal, task_id)
     turn = get_turn_row(db, task, turn_id)
     if turn.role != "assistant":
-        raise BadRequest("Only an attempt (an assistant turn) has a diff")
+        patch = starting_patch(turn.body.get("input_items"))
+        if patch is None:
+            raise NotFound("This prompt has no starting patch")
+        return patch
     diff = _turn_diff(turn)
     if diff is None:
         why = "it is still running" if turn.turn_status in ACTIVE else "it made no change"
