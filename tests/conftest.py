@@ -44,6 +44,7 @@ SANDBOX_MODULES = {
     "test_client_live",
     "test_cli_tasks",
     "test_codex_compat",
+    "test_crash_batch",
     "test_engine",
     "test_engine_sandbox",
     "test_environment_setup",
@@ -63,6 +64,7 @@ BROWSER_FIXTURES = {"browser", "context", "page"}
 SLOW_MODULES = {
     "test_cli_login",
     "test_codex_compat",
+    "test_crash_batch",
     "test_live_server",
     "test_serve_tasks",
     "test_standby",

@@ -54,6 +54,25 @@ def test_the_start_up_sweep_keeps_only_what_follow_ups_need(server: Server, repo
     assert (root / ".standby-1-abc").is_dir()
 
 
+def test_the_sweep_marks_closed_a_completed_attempt_whose_server_died_before_marking_it(
+    server: Server, repo: Path
+) -> None:
+    """SIGKILL after an attempt's result was written but before its sandbox was marked gone
+    (Codex may take seconds to close down): without the marker, a follow-up of that attempt
+    waited 15 s for a sandbox that died with the server."""
+    api = server.api
+    env = api.create_env(repo)
+    done = api.create_task(env["id"], "one")["turn"]["id"]
+    finish_turn(server, done, "completed")
+    root = server.app_state.settings.resolved_data_dir / "attempts"
+    path = _leave_files(root, done)
+    (path / "closed").unlink()
+
+    storage.sweep(root, server.app_state.db)
+
+    assert sorted(p.name for p in path.iterdir()) == ["closed", "codex-home"]
+
+
 def test_the_end_of_an_attempt_keeps_its_codex_home_only_when_it_completed(
     server: Server, repo: Path
 ) -> None:

@@ -3,14 +3,14 @@
 The service plans the push (branch, parent, message: ``service.prs``); this does the git
 part on the host with the repository's mirror: a commit of the diff on its base (or on the
 task's last pushed commit), pushed fast-forward only. If a new branch name is taken on the
-remote by other history, a ``-<6 random>`` suffix is tried once; an existing task branch that
-moved on the remote is left alone (409). One push per task at a time in this process.
+remote by other history, a ``-<6 characters>`` suffix is tried once (derived from the attempt and
+the plan's time, so a push retried after a crash picks the same one); an existing task branch
+that moved on the remote is left alone (409). One push per task at a time in this process.
 """
 
 from __future__ import annotations
 
-import secrets
-import string
+import hashlib
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -51,7 +51,8 @@ def push(settings: Settings, plan: PushPlan) -> tuple[str, str]:
                 f"The branch {plan.branch} has commits on the remote that openwham did not "
                 "push; it was left as it is"
             ) from exc
-        suffix = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(6))
+        digest = hashlib.sha256(f"{plan.turn_id}:{plan.at!r}".encode()).hexdigest()
+        suffix = digest[:6]
         try:
             return _push(mirror, scratch, plan, f"{plan.branch}-{suffix}")
         except WorkspaceError as again:
@@ -72,6 +73,7 @@ def _push(mirror: Path, scratch: Path, plan: PushPlan, branch: str) -> tuple[str
         branch=branch,
         message=plan.message,
         author=plan.author,
+        at=plan.at,
         scratch=scratch,
     )
     return branch, commit

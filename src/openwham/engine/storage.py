@@ -7,7 +7,9 @@ them); a failed or cancelled one keeps nothing (follow-ups start only from compl
 attempts). Deleting a task removes its attempts' directories; a fork copies the Codex homes
 of the attempts it copies. At start the engine sweeps the directory (:func:`sweep`): whatever
 a deleted turn, a crash (an attempt failed as ``executor_lost``) or an older version left
-behind is tidied the same way; attempts still pending or running are not touched.
+behind is tidied the same way (a completed attempt whose server died before it wrote the
+``closed`` marker gets it: its sandbox died with that server); attempts still pending or
+running are not touched.
 """
 
 from __future__ import annotations
@@ -136,7 +138,14 @@ def _tidy_one(root: Path, turn_id: str, status: str | None, *, active: bool) -> 
         return True
     if status in ACTIVE and not active:
         return False
-    return _prune(path, KEEP_AFTER_COMPLETION) > 0
+    removed = _prune(path, KEEP_AFTER_COMPLETION)
+    if not active and not (path / CLOSED_MARKER).exists():
+        # completed, but its server died before marking the sandbox gone (it went with the
+        # server): without the marker a follow-up would wait for it before copying the session
+        with contextlib.suppress(OSError):
+            (path / CLOSED_MARKER).touch()
+        return True
+    return removed > 0
 
 
 def tidy(root: Path, db: Database, turn_id: str) -> None:

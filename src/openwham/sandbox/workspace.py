@@ -223,9 +223,11 @@ def commit_and_push(
     branch: str,
     message: str,
     author: tuple[str, str],
+    at: float,
     scratch: Path,
 ) -> str:
-    """Commit ``diff`` (against ``base``) as a child of ``parent`` (default ``base``) and push
+    """Commit ``diff`` (against ``base``) as a child of ``parent`` (default ``base``), dated
+    ``at`` (the same inputs make the same commit: a retried push is a no-op), and push
     it to ``refs/heads/<branch>`` at ``url``; returns the commit. No work tree is involved:
     a scratch bare repository borrows the mirror's objects, the diff is applied to an index
     (``git apply --cached``), and the commit is pushed from there (fast-forward only)."""
@@ -257,6 +259,8 @@ def commit_and_push(
             "GIT_AUTHOR_EMAIL": email,
             "GIT_COMMITTER_NAME": name,
             "GIT_COMMITTER_EMAIL": email,
+            "GIT_AUTHOR_DATE": f"{int(at)} +0000",
+            "GIT_COMMITTER_DATE": f"{int(at)} +0000",
         }
         commit = git(
             "commit-tree",

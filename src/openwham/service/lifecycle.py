@@ -106,6 +106,7 @@ def fork(db: Session, principal: Principal, task_id: str, raw: Any) -> Forked:
             "pushed_branch_name",
             "last_pushed_turn_id",
             "last_pushed_commit",
+            "pr_push",
         )
     }
     new = m.Task(

@@ -10,6 +10,14 @@ and its history shows what was pushed when.
 
 No pull request is opened on a hosting service (openwham has no GitHub App or token yet):
 the record says so with ``pull_request.state`` ``"pushed"`` and ``number`` ``0``.
+
+A push is idempotent across crashes: before git talks to the remote, the plan (branch, parent
+and commit time) is kept on the task (:func:`reserve`, ``pr_push``). A server killed after the
+push but before :func:`record` leaves it there; asking again for the same attempt reuses it,
+so the commit is the same object and goes to the same branch (a no-op on the remote if the
+first push got through), instead of a second branch for the same change. Asking for another
+attempt of the task finishes the cut-short push first (:func:`unfinished`), so the new commit
+goes on top of it on the same branch.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from . import settings as user_settings
 from .accounts import Principal
 from .diffs import output_diff
 from .environments import repo_url, run_environment
-from .errors import BadRequest, Conflict
+from .errors import BadRequest, Conflict, ServiceError
 from .repos import validate_branch_name
 from .tasks import get_task_row, get_turn_row
 from .text import shorten
@@ -98,6 +106,7 @@ class PushPlan:
     new_branch: bool
     message: str
     author: tuple[str, str]
+    at: float  # the commit's author and committer time: a retried push makes the same commit
     existing: dict[str, Any] | None = None  # this attempt is what the branch holds already
 
 
@@ -125,12 +134,23 @@ def plan(db: Session, principal: Principal, task_id: str, turn_id: str) -> PushP
     if task.body.get("last_pushed_turn_id") == turn.id:
         existing = next(iter(task.body.get("external_pull_requests") or []), None)
     title = task.title or "Changes"
-    if isinstance(pushed, str) and pushed:
+    at = time.time()
+    unfinished = task.body.get("pr_push")
+    if (
+        existing is None
+        and isinstance(unfinished, dict)
+        and unfinished.get("turn_id") == turn.id
+        and isinstance(unfinished.get("branch"), str)
+        and isinstance(unfinished.get("at"), int | float)
+    ):  # a push of this attempt that a crash cut short: the same branch, parent and commit
+        branch, new = unfinished["branch"], bool(unfinished.get("new_branch"))
+        parent, at = unfinished.get("parent"), float(unfinished["at"])
+    elif isinstance(pushed, str) and pushed:
         branch, new = pushed, False
     else:
         fmt = user_settings.get(principal).branch_format or "codex/{feature}"
         base_branch = str(turn.body.get("branch") or task.branch or base)
-        branch, new = branch_name(fmt, title=title, base_branch=base_branch, now=time.time()), True
+        branch, new = branch_name(fmt, title=title, base_branch=base_branch, now=at), True
         parent = None
     message = f"{title}\n\n{conversation_body(db, turn)}".strip() + "\n"
     user = principal.user
@@ -146,8 +166,46 @@ def plan(db: Session, principal: Principal, task_id: str, turn_id: str) -> PushP
         new_branch=new,
         message=message,
         author=(user.name or "openwham", user.email or "openwham@localhost"),
+        at=at,
         existing=existing,
     )
+
+
+def unfinished(db: Session, principal: Principal, task_id: str, turn_id: str) -> PushPlan | None:
+    """The push of another attempt of this task that a crash cut short, to finish before
+    pushing ``turn_id`` (the branch may hold its commit already: the next one goes on top);
+    ``None`` if there is none, or it can no longer be pushed (then it is dropped)."""
+    task = get_task_row(db, principal, task_id)
+    earlier = task.body.get("pr_push")
+    if not isinstance(earlier, dict) or earlier.get("turn_id") in (None, turn_id):
+        return None
+    try:
+        return plan(db, principal, task_id, str(earlier["turn_id"]))
+    except ServiceError:  # deleted, no longer completed, holds a secret: nothing to finish
+        drop_unfinished(db, principal, task_id)
+        return None
+
+
+def drop_unfinished(db: Session, principal: Principal, task_id: str) -> None:
+    """Forget a push a crash cut short (the caller commits)."""
+    task = get_task_row(db, principal, task_id)
+    task.body = {k: v for k, v in task.body.items() if k != "pr_push"}
+
+
+def reserve(db: Session, principal: Principal, plan_: PushPlan) -> None:
+    """Keep the plan on the task before pushing (the caller commits), so that a push a crash
+    cut short is finished the same way when it is asked for again (:func:`plan`)."""
+    task = get_task_row(db, principal, plan_.task_id)
+    task.body = {
+        **task.body,
+        "pr_push": {
+            "turn_id": plan_.turn_id,
+            "branch": plan_.branch,
+            "new_branch": plan_.new_branch,
+            "parent": plan_.parent,
+            "at": plan_.at,
+        },
+    }
 
 
 def _refuse_secrets(turn: m.Turn, diff: str) -> None:
@@ -256,6 +314,7 @@ def record(
         "codex_updated_sha": commit,
     }
     body = dict(task.body)
+    body.pop("pr_push", None)
     body.update(
         external_pull_requests=[entry],
         pushed_branch_name=branch,

@@ -14,7 +14,7 @@ from openwham.engine import prs as engine_prs
 from openwham.engine.attempt import requeue
 from openwham.service import lifecycle, logs, prs, tasks, usage
 from openwham.service.accounts import Principal
-from openwham.service.errors import Unavailable
+from openwham.service.errors import ServiceError, Unavailable
 from openwham.wire import (
     CancelResponse,
     CreateTaskResponse,
@@ -287,15 +287,29 @@ def sibling_turns(
 def create_pr(
     task_id: str, turn_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
 ) -> dict[str, Any]:
-    """Commit the attempt's change on the task's branch and push it (engine/prs.py)."""
+    """Commit the attempt's change on the task's branch and push it (engine/prs.py). A push
+    of another attempt that a crash cut short is finished first (service/prs.py)."""
     with engine_prs.task_lock(task_id):
+        earlier = prs.unfinished(db, principal, task_id, turn_id)
+        if earlier is not None:
+            try:
+                _push(state, db, principal, earlier)
+            except ServiceError:  # it cannot be finished (the branch moved): it is dropped
+                db.rollback()
+                prs.drop_unfinished(db, principal, task_id)
+                db.commit()
         plan = prs.plan(db, principal, task_id, turn_id)
         if plan.existing is not None:
             return plan.existing
-        db.rollback()  # no transaction held while git talks to the remote
-        branch, commit = engine_prs.push(state.settings, plan)
-        entry = prs.record(db, principal, plan, branch=branch, commit=commit)
-        db.commit()
+        return _push(state, db, principal, plan)
+
+
+def _push(state: AppState, db: Session, principal: Principal, plan: prs.PushPlan) -> dict[str, Any]:
+    prs.reserve(db, principal, plan)
+    db.commit()  # kept before the push; no transaction held while git talks to the remote
+    branch, commit = engine_prs.push(state.settings, plan)
+    entry = prs.record(db, principal, plan, branch=branch, commit=commit)
+    db.commit()
     return entry
 
 
