@@ -307,3 +307,24 @@ def _message(text: str) -> dict[str, object]:
 
 def _new_task_body(env_id: str, **spec: object) -> dict[str, object]:
     return {"new_task": {"environment_id": env_id, **spec}, "input_items": [_message("Fix it")]}
+
+
+def test_cancelling_a_pending_attempt_ends_its_stream_at_once(server: Server, repo: Path) -> None:
+    """A queued attempt that is cancelled gets its terminal event from the cancel itself (no
+    executor will run it), not a stand-in that a stream invents after waiting for one."""
+    from openwham.store import events
+
+    api = server.api
+    env = api.create_env(repo)
+    created = api.create_task(env["id"], metadata={"best_of_n": 2})
+    task_id, first = created["task"]["id"], created["turn"]["id"]
+    cancelled = api.post(f"tasks/{task_id}/turns/{first}/cancel").json()["cancelled_turn_ids"]
+    assert cancelled == [first]
+    with server.app_state.db.sessions() as s:
+        ends = [e for e in events.read(s, first) if e.is_terminal]
+        (other,) = [t for t in created["turn"]["sibling_turn_ids"] if t != first]
+        assert not [e for e in events.read(s, other) if e.is_terminal]
+    assert [(e.payload["text"], e.payload["turn_status"]) for e in ends] == [
+        ("Cancelled", "cancelled")
+    ]
+    assert ends[0].payload["error"]["code"] == "cancelled"
