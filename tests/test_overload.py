@@ -233,3 +233,59 @@ def test_healthz_reports_a_database_that_does_not_answer(tmp_path: Path) -> None
             assert body["version"] and body["requests"]["capacity"] >= 1
         finally:
             serving.close()
+
+
+# --------------------------------------------------------------------------- request cost
+
+
+def test_task_details_costs_four_statements(tmp_path: Path, sqlite_url: str) -> None:
+    """The token, its user and the account come in one query (not one each) on every
+    request; task details then read the task, its turns and the environment labels."""
+    from sqlalchemy import event
+
+    serving = _serve(tmp_path, sqlite_url)
+    srv = next(serving)
+    try:
+        statements: list[str] = []
+
+        def seen(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
+            statements.append(statement)
+
+        engine = srv.state.db.request_engine
+        event.listen(engine, "before_cursor_execute", seen)
+        try:
+            r = httpx.get(
+                f"{srv.url}{PREFIX}/tasks/{srv.task_id}",
+                headers={"Authorization": f"Bearer {srv.token}"},
+                timeout=10,
+            )
+        finally:
+            event.remove(engine, "before_cursor_execute", seen)
+        assert r.status_code == 200
+        assert len(statements) == 4, statements
+        assert "api_tokens" in statements[0] and "memberships" in statements[0]
+    finally:
+        serving.close()
+
+
+def test_only_models_that_omit_keys_carry_a_python_serializer() -> None:
+    """A Python model serializer on every wire model made serialising a task several times
+    slower; only ``OmittingWireModel``s have one, and ``omit_when_unset`` needs that base."""
+    from pydantic import BaseModel
+
+    from openwham.wire import AssistantTurn, TaskDetails, WorklogMessage
+    from openwham.wire.base import OmittingWireModel, WireModel
+
+    models: list[type[BaseModel]] = [TaskDetails, AssistantTurn, WorklogMessage]
+    for model in models:
+        assert not model.__pydantic_decorators__.model_serializers, model
+    with pytest.raises(TypeError, match="OmittingWireModel"):
+
+        class Bad(WireModel):
+            omit_when_unset = ("x",)
+
+    class Good(OmittingWireModel):
+        omit_when_unset = ("x",)
+        x: int | None = None
+
+    assert Good().model_dump() == {} and Good(x=None).model_dump() == {"x": None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -23,26 +24,41 @@ async def get_state(request: Request) -> AppState:
     return state
 
 
-def get_session(state: Annotated[AppState, Depends(get_state)]) -> Iterator[Session]:
+@dataclass(frozen=True)
+class RequestDb:
+    """The request's session and its caller."""
+
+    session: Session
+    principal: Principal
+
+
+def open_request(
+    state: Annotated[AppState, Depends(get_state)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    chatgpt_account_id: Annotated[str | None, Header(alias="ChatGPT-Account-Id")] = None,
+) -> Iterator[RequestDb]:
     """One session per request, on the request pool (the admission gate guarantees its
-    connection); the principal and the handler share it. Handlers commit their writes before
-    they answer."""
+    connection), opened and authenticated in one worker-thread call; the principal and the
+    handler share it. Handlers commit their writes before they answer."""
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("Missing bearer token: send Authorization: Bearer <token>")
     with state.db.requests() as session:
         try:
-            yield session
+            principal = authenticate(
+                session, state.signing_key, credentials.credentials, chatgpt_account_id
+            )
+            yield RequestDb(session, principal)
         finally:
             session.rollback()
 
 
-def get_principal(
-    state: Annotated[AppState, Depends(get_state)],
-    db: Annotated[Session, Depends(get_session)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    chatgpt_account_id: Annotated[str | None, Header(alias="ChatGPT-Account-Id")] = None,
-) -> Principal:
-    if credentials is None or not credentials.credentials:
-        raise Unauthorized("Missing bearer token: send Authorization: Bearer <token>")
-    return authenticate(db, state.signing_key, credentials.credentials, chatgpt_account_id)
+async def get_session(ctx: Annotated[RequestDb, Depends(open_request)]) -> Session:
+    """Async: a lookup needs no worker thread (each thread hop costs as much as a query)."""
+    return ctx.session
+
+
+async def get_principal(ctx: Annotated[RequestDb, Depends(open_request)]) -> Principal:
+    return ctx.principal
 
 
 StateDep = Annotated[AppState, Depends(get_state)]

@@ -833,16 +833,20 @@ def details(
     current = ctx.turns.get(task.current_turn_id or "")
     diff_turn = _diff_turn(task, ctx)
     rendered = render_task(task, ctx)
+    assistant = render_assistant_turn(current, ctx, inline_diff) if current else None
+    diff_rendered = None
+    if diff_turn is not None:
+        # usually the same attempt: render (validate) its body once
+        same = assistant is not None and current is not None and diff_turn.id == current.id
+        diff_rendered = _diff_items_only(
+            assistant if same and assistant else render_assistant_turn(diff_turn, ctx, inline_diff)
+        )
     return TaskDetails(
         task=rendered,
         task_status_display=rendered.task_status_display,
         current_user_turn=render_user_turn(user, inline_diff) if user else None,
-        current_assistant_turn=(
-            render_assistant_turn(current, ctx, inline_diff) if current else None
-        ),
-        current_diff_task_turn=(
-            render_diff_turn(diff_turn, ctx, inline_diff) if diff_turn else None
-        ),
+        current_assistant_turn=assistant,
+        current_diff_task_turn=diff_rendered,
     )
 
 
@@ -851,7 +855,10 @@ def render_diff_turn(turn: m.Turn, ctx: _Context, inline_diff: int | None = None
     (no ``message`` items, an empty work log), as in Codex's own fixtures. The official client
     collects the answers of this turn *and* of ``current_assistant_turn``, which usually is
     the same attempt: with its messages here too, every answer would show twice."""
-    rendered = render_assistant_turn(turn, ctx, inline_diff)
+    return _diff_items_only(render_assistant_turn(turn, ctx, inline_diff))
+
+
+def _diff_items_only(rendered: AssistantTurn) -> AssistantTurn:
     items = [i for i in rendered.output_items if isinstance(i, PrOutputItem | OutputDiffItem)]
     return rendered.model_copy(update={"output_items": items, "worklog": Worklog()})
 

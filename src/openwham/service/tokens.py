@@ -94,11 +94,21 @@ def record(
 def check(db: Session, token_id: object, user_id: str, now: float) -> m.ApiToken:
     """The row of a token presented by ``user_id``; 401 when unknown, revoked or expired."""
     row = db.get(m.ApiToken, token_id) if isinstance(token_id, str) and token_id else None
+    return check_row(row, user_id, now)
+
+
+def unknown() -> Unauthorized:
+    """The 401 for a token without a row (or another user's)."""
+    return Unauthorized(
+        "Unknown API token (tokens made before tokens could be revoked are no longer "
+        f"accepted); {CREATE_HINT}"
+    )
+
+
+def check_row(row: m.ApiToken | None, user_id: str, now: float) -> m.ApiToken:
+    """:func:`check` on a row the caller loaded (``None``: no such token)."""
     if row is None or row.user_id != user_id:
-        raise Unauthorized(
-            "Unknown API token (tokens made before tokens could be revoked are no longer "
-            f"accepted); {CREATE_HINT}"
-        )
+        raise unknown()
     if row.revoked_at is not None:
         raise Unauthorized(f"This token was revoked; {CREATE_HINT}")
     if row.expires_at <= now:

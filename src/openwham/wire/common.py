@@ -5,7 +5,7 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from openwham.wire.base import WireModel
+from openwham.wire.base import OmittingWireModel, WireModel
 
 
 class DiffStats(WireModel):
@@ -22,7 +22,7 @@ class SuccessResponse(WireModel):
     success: bool = True
 
 
-class CancelResponse(SuccessResponse):
+class CancelResponse(SuccessResponse, OmittingWireModel):
     """Body of ``POST tasks/{id}/cancel`` and ``…/turns/{turn_id}/cancel``: chatgpt.com's
     ``{"success": true}``, plus the attempts this request cancelled (openwham; ``[]`` when none
     was still queued or running). ``None`` when the server does not say (chatgpt.com)."""

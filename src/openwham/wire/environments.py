@@ -9,7 +9,7 @@ from typing import Final
 
 from pydantic import Field
 
-from openwham.wire.base import StrictWireModel, WireModel
+from openwham.wire.base import OmittingWireModel, StrictWireModel, WireModel
 
 NETWORK_MODES: Final = ("off", "on")
 NETWORK_PRESETS: Final = ("none", "all")
@@ -37,7 +37,7 @@ class GitHubRepoPermissions(WireModel):
     pull: bool = False
 
 
-class GitHubRepo(WireModel):
+class GitHubRepo(OmittingWireModel):
     """A repository of an environment (values of ``repo_map``); ``id`` may be a string or int."""
 
     id: str | int | None = None
@@ -96,7 +96,7 @@ class EnvironmentPermissions(WireModel):
     can_delete: bool = True
 
 
-class Environment(WireModel):
+class Environment(OmittingWireModel):
     """An environment: repositories, scripts, variables and network policy a task runs with.
 
     ``secrets`` is write-only: responses carry the names with a redacted value, never the value.

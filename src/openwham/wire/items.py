@@ -9,7 +9,7 @@ from typing import Annotated, Any, Final
 
 from pydantic import Discriminator, Field, Tag
 
-from openwham.wire.base import UnknownObject, WireModel, tag_value
+from openwham.wire.base import OmittingWireModel, UnknownObject, WireModel, tag_value
 from openwham.wire.content import Fragment
 
 INPUT_ITEM_TYPES: Final = ("message", "pre_apply_patch")
@@ -23,7 +23,7 @@ class ExternalStorageDiff(WireModel):
     ttl: float | None = None
 
 
-class OutputDiff(WireModel):
+class OutputDiff(OmittingWireModel):
     """A unified git diff plus its context; ``diff`` is what ``codex apply`` applies.
 
     The request form of ``pre_apply_patch`` carries only ``diff``; the stored form has all fields.

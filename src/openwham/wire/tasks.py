@@ -4,7 +4,7 @@ from typing import Any, Final
 
 from pydantic import Field
 
-from openwham.wire.base import WireModel
+from openwham.wire.base import OmittingWireModel, WireModel
 from openwham.wire.common import DiffStats
 from openwham.wire.turns import AssistantTurn, UserTurn
 
@@ -67,7 +67,7 @@ class DenormalizedMetadata(WireModel):
     cached_pull_request_data: Any = None
 
 
-class LatestTurnStatusDisplay(WireModel):
+class LatestTurnStatusDisplay(OmittingWireModel):
     """Summary of the latest assistant turn; the CLI derives task status from ``turn_status``."""
 
     turn_id: str | None = None
@@ -82,7 +82,7 @@ class LatestTurnStatusDisplay(WireModel):
     omit_when_unset = ("intent", "issue_counts")
 
 
-class TaskStatusDisplay(WireModel):
+class TaskStatusDisplay(OmittingWireModel):
     """Status summary of a task (free-form map in the OpenAPI model; known keys here).
 
     ``state`` is a legacy key the CLI reads only when ``latest_turn_status_display`` is absent.

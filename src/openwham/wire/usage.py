@@ -2,7 +2,7 @@
 
 from typing import Any, Final
 
-from openwham.wire.base import WireModel
+from openwham.wire.base import OmittingWireModel, WireModel
 
 PLAN_TYPES: Final = (
     "guest",
@@ -133,7 +133,7 @@ class CodeReviewRateLimit(WireModel):
     primary_window: RateLimitWindow | None = None
 
 
-class RateLimitStatusPayload(WireModel):
+class RateLimitStatusPayload(OmittingWireModel):
     """``GET /usage``: plan and rate-limit snapshot (``plan_type`` values in ``PLAN_TYPES``)."""
 
     plan_type: str
@@ -156,7 +156,7 @@ class TaskRateLimitWindow(WireModel):
     limit_window_mins: int | None = None
 
 
-class TaskRateLimit(WireModel):
+class TaskRateLimit(OmittingWireModel):
     """``GET /tasks/rate_limit``: the task quota (``resets_after`` in seconds).
 
     The ``POST /tasks`` response embeds the same object without ``windows``: leave ``windows``

@@ -4,7 +4,7 @@ from typing import Any, Final
 
 from pydantic import Field
 
-from openwham.wire.base import WireModel
+from openwham.wire.base import OmittingWireModel, WireModel
 from openwham.wire.common import TurnError
 from openwham.wire.content import Fragment
 
@@ -23,7 +23,7 @@ class WorklogAuthor(WireModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-class WorklogContent(WireModel):
+class WorklogContent(OmittingWireModel):
     """Message body in one of two forms.
 
     Text form: ``{content_type: "text", parts: [...]}``. Code form (a tool call):
@@ -46,7 +46,7 @@ class InlineReviewAnchors(WireModel):
     inline_comments: list[Any] = Field(default_factory=list)
 
 
-class WorklogMessageMetadata(WireModel):
+class WorklogMessageMetadata(OmittingWireModel):
     """Known message metadata keys; unknown ones are kept as extras.
 
     Every key is optional and emitted only when set: captured messages carry different subsets
