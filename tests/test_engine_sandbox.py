@@ -1085,14 +1085,15 @@ def test_an_agent_command_that_stops_every_process_fails_the_attempt_as_stalled(
 DISK_MB = 50
 OVER_BUDGET = f"The attempt wrote more than {DISK_MB} MB (WHAM_SANDBOX_DISK_MB)"
 # What each MODE of an environment makes its commands do: write past a 50 MB budget in files
-# of 8 MB (under the file-size limit) and wait (`fill`), or end at once (`quick`: only the
-# last measures can see it); 20,000 empty files (an inode each: 80 MB); 60 MB in a directory
-# made unreadable; 60 MB in a file deleted while open; or (`fine`) a 6 MB file with 300 hard
-# links and a 20 GB sparse file, well within the budget. Everything goes to the home, part of
-# the attempt's directory but not of its diff.
+# of 8 MB (under the file-size limit) beside a process that waits (`fill`; MARK names it),
+# or end at once (`quick`: only the last measures may see it); 20,000 empty files (an inode
+# each: 80 MB); 60 MB in a directory made unreadable; 60 MB in a file deleted while open; or
+# (`fine`) a 6 MB file with 300 hard links and a 20 GB sparse file, well within the budget.
+# Everything goes to the home, part of the attempt's directory but not of its diff.
 DISK_MODES = r"""
 case "${MODE:-}" in
-fill) for i in $(seq 12); do head -c 8M /dev/zero > ~/fill$i; done; echo wrote; sleep 60 ;;
+fill) (exec -a "sleeper-$MARK" sleep 60) & sleep 1
+      for i in $(seq 12); do head -c 8M /dev/zero > ~/fill$i; done; echo wrote; wait ;;
 quick) for i in $(seq 8); do head -c 8M /dev/zero > ~/fill$i; done; echo wrote ;;
 small) python3 -c 'import os
 for i in range(20000): os.close(os.open(os.path.expanduser(f"~/e{i}"), os.O_CREAT))'
@@ -1135,15 +1136,23 @@ def test_an_agent_that_writes_past_its_disk_budget_fails_while_the_task_beside_i
     agent's command writes past the budget and waits; the monitor kills its sandbox and the
     attempt fails saying why, while a task started beside it on the other executor slot
     completes. A command that writes and ends at once is caught too."""
+    mark = f"disk-{uuid.uuid4().hex[:12]}"
     with engine(tmp_path, sqlite_url, scripted_model, sandbox_disk_mb=DISK_MB) as server:
-        filler = server.api.create_env(repo, env_vars={"MODE": "fill"})
+        filler = server.api.create_env(repo, env_vars={"MODE": "fill", "MARK": mark})
         plain = server.api.create_env(repo, label="acme/plain")
         scripted_model.script = [Shell(DISK_MODES), Say("done")]
         t0 = time.monotonic()
         bad = server.api.create_task(filler["id"], "fill the disk")
         good = server.api.create_task(plain["id"], "beside it")
-        details = wait_for_task(server.api, bad["task"]["id"], timeout=90)
+        seen = [0]
+
+        def sample() -> None:
+            seen[0] = max(seen[0], len(host_pids(f"sleeper-{mark}")))
+
+        details = watch_task(server, bad["task"]["id"], sample, timeout=90)
         assert_over_disk(server, details, time.monotonic() - t0)
+        assert seen[0] == 1  # it ran …
+        assert wait_gone(f"sleeper-{mark}") == []  # … and died with the sandbox
         beside = wait_for_task(server.api, good["task"]["id"], timeout=90)
         assert turn_of(beside)["turn_status"] == "completed", turn_of(beside)
         assert commands(beside)[0][1] == "plain\n"
