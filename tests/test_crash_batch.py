@@ -41,7 +41,7 @@ from conftest import (
     start_live_server,
     stop,
 )
-from support.procs import host_pids, namespace_pids, pid_namespace, unique_marker
+from support.procs import cwd_pids, host_pids, namespace_pids, pid_namespace, unique_marker
 from support.scripted_model import Say, ScriptedModel, Shell
 
 PREFIX = "/backend-api/wham"
@@ -106,6 +106,7 @@ class Run:
     setup_marker: str
     last_step: threading.Event  # the agent's last model request came: the diff is next
     pushing: Path  # a push reached the remote (its post-receive hook runs)
+    unanswered: int = 0  # POSTs the kill may have cut off
     tasks: dict[str, str] = field(default_factory=dict)  # task id -> environment kind
     attempts: dict[str, int] = field(default_factory=dict)  # user turn id -> attempts asked
     started: float = field(default_factory=time.monotonic)
@@ -125,6 +126,25 @@ class Run:
         self.tasks[task_id] = kind
         self.attempts[r.json()["user_turn"]["id"]] = n
         return task_id
+
+    def post_in_flight(self, c: httpx.Client, prompt: str) -> None:
+        """``POST tasks`` while the server is being killed (``unanswered`` counts those whose
+        answer may be lost)."""
+        with contextlib.suppress(httpx.HTTPError):
+            self.post_task(c, "plain", prompt)
+            self.unanswered -= 1
+
+    def adopt_unanswered(self, c: httpx.Client) -> None:
+        """Tasks whose ``POST`` got no answer but were created: at most one per such POST,
+        each checked like the others from here on."""
+        listed = [t["id"] for t in c.get("tasks/list", params={"limit": 100}).json()["items"]]
+        extra = [t for t in listed if t not in self.tasks]
+        assert len(extra) <= self.unanswered, (extra, self.unanswered)
+        for task_id in extra:
+            self.tasks[task_id] = "plain"
+            for turn in _turns(c, task_id):
+                if turn["role"] == "user":
+                    self.attempts[turn["id"]] = 1
 
     def maybe_follow_up(self, c: httpx.Client) -> None:
         """The follow-up of the best-of-2 task, once its current attempt completed."""
@@ -266,11 +286,11 @@ def test_sigkill_at_random_points_loses_nothing_leaves_nothing_stuck_or_twice(
                     assert r.status_code == 201, r.text
                     run.env_ids[kind] = r.json()["id"]
             for i, phase in enumerate(phases):
-                with _client(srv, token) as c:
+                with _client(srv, token) as c:  # open while requests are cut off
                     _round(c, run, phase, i)
-                watcher.sample()
-                stop(srv, signal.SIGKILL)
-                _assert_nothing_left(watcher, data.name)
+                    watcher.sample()
+                    stop(srv, signal.SIGKILL)
+                _assert_nothing_left(watcher, data)
                 srv = start_live_server(data, env)
                 servers.append(srv)
             with _client(srv, token) as c:
@@ -279,7 +299,7 @@ def test_sigkill_at_random_points_loses_nothing_leaves_nothing_stuck_or_twice(
         finally:
             for s in servers:
                 stop(s)
-        _assert_nothing_left(watcher, data.name)
+        _assert_nothing_left(watcher, data)
     _assert_attempt_dirs(data / "attempts", attempts)
     print(
         f"crash batch: {len(phases)} kills, {len(run.tasks)} tasks, {len(attempts)} attempts, "
@@ -296,6 +316,9 @@ def _round(c: httpx.Client, run: Run, phase: str, i: int) -> None:
     run.maybe_follow_up(c)
     if phase == "after_post":
         run.post_task(c, rng.choice(["plain", "setup"]), f"Plain task number {i}")
+        # and one more whose answer the kill may cut off: it exists once or not at all
+        run.unanswered += 1
+        threading.Thread(target=run.post_in_flight, args=(c, f"In flight number {i}")).start()
         time.sleep(rng.uniform(0, 0.2))
     elif phase == "setup":
         run.post_task(c, "setup", f"Setup task number {i}")
@@ -341,6 +364,7 @@ def _finish(c: httpx.Client, run: Run) -> None:
         )
 
     print(f"{time.monotonic() - run.started:5.1f} s: waiting for the batch to end")
+    run.adopt_unanswered(c)
     left = DEADLINE - (time.monotonic() - run.started)
     assert _wait("every attempt ended", settled, max(left, 30)), "attempts are stuck"
     for task_id in run.tasks:
@@ -408,12 +432,17 @@ def _assert_attempt_dirs(root: Path, attempts: list[str]) -> None:
         assert entries == ["closed", "codex-home"], (name, entries)
 
 
-def _assert_nothing_left(watcher: Watcher, needle: str) -> None:
+def _assert_nothing_left(watcher: Watcher, data: Path) -> None:
     """No process of a killed server: nothing with its data directory on the command line
-    (bubblewrap, git), nothing in the PID namespace of any sandbox it ran."""
+    (bubblewrap, git) or as its working directory (git on the host), nothing in the PID
+    namespace of any sandbox it ran."""
     deadline = time.monotonic() + 15
     while True:
-        left = host_pids(needle) + [p for ns in watcher.namespaces for p in namespace_pids(ns)]
+        left = (
+            host_pids(data.name)
+            + cwd_pids(data)
+            + [p for ns in watcher.namespaces for p in namespace_pids(ns)]
+        )
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.1)

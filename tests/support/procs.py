@@ -60,6 +60,18 @@ def host_pids(needle: str, *, source: str = "cmdline") -> list[int]:
     return _scan(lambda entry: data in (entry / source).read_bytes())
 
 
+def cwd_pids(directory: Path) -> list[int]:
+    """Live host pids working inside ``directory`` (e.g. git run by a server in its data
+    directory), whose path must be unique to the calling test."""
+    _require_unique(str(directory))
+    inside = os.fspath(directory.resolve()) + os.sep
+
+    def match(entry: Path) -> bool:
+        return (os.readlink(entry / "cwd") + os.sep).startswith(inside)
+
+    return _scan(match)
+
+
 def pid_namespace(pid: int) -> str:
     """The PID namespace of a process (``pid:[inode]``)."""
     return os.readlink(f"/proc/{pid}/ns/pid")
