@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -12,7 +14,7 @@ from sqlalchemy import inspect, select, text
 
 from conftest import Server
 from openwham.store import models as m
-from openwham.store.db import Database, alembic_config
+from openwham.store.db import Database, alembic_config, make_engine
 
 
 def test_migrations_create_schema_and_are_idempotent(database_url: str) -> None:
@@ -129,3 +131,62 @@ def test_first_start_race_creates_one_owner(sqlite_url: str) -> None:
             assert len(s.scalars(select(m.Account)).all()) == 1
     finally:
         db.dispose()
+
+
+def test_migration_0004_fills_the_diff_stats_of_stored_turns(database_url: str) -> None:
+    """Turns stored before the diff stat columns get them from their bodies; on SQLite the
+    table is rebuilt with the body last (0005) and keeps every row."""
+    engine = make_engine(database_url)
+    cfg = alembic_config(database_url)
+    pr = {
+        "type": "pr",
+        "output_diff": {"diff": "diff --git a/x b/x\n", "files_modified": 1, "lines_added": 7},
+    }
+    rows = {"t1": [pr], "t2": [], "t3": [{"type": "output_diff", "diff": "d", "lines_removed": 2}]}
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0003")
+            conn.execute(
+                text("INSERT INTO accounts VALUES ('a', 'A', 'pro', 0)"),
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO tasks (id, account_id, user_id, title, has_generated_title,"
+                    " archived, has_unread_turn, num_follow_ups, body, created_at, updated_at)"
+                    " VALUES ('task', 'a', 'u', 't', false, false, false, 0, '{}', 0, 0)"
+                )
+            )
+            for turn_id, items in rows.items():
+                conn.execute(
+                    text(
+                        "INSERT INTO turns (id, task_id, role, discarded, viewed, body,"
+                        " created_at, updated_at) VALUES (:id, 'task', 'assistant', false,"
+                        " false, :body, 1, 2)"
+                    ),
+                    {"id": turn_id, "body": json.dumps({"output_items": items})},
+                )
+        db = Database(database_url)
+        try:
+            db.migrate()
+            with db.session() as s:
+                got = {
+                    t.id: (
+                        t.has_diff,
+                        t.diff_files_modified,
+                        t.diff_lines_added,
+                        t.diff_lines_removed,
+                        t.created_at,
+                        t.body["output_items"],
+                    )
+                    for t in s.scalars(select(m.Turn))
+                }
+        finally:
+            db.dispose()
+        assert got == {
+            "t1": (True, 1, 7, None, 1.0, [pr]),
+            "t2": (False, None, None, None, 1.0, []),
+            "t3": (True, None, None, 2, 1.0, rows["t3"]),
+        }
+    finally:
+        engine.dispose()
