@@ -7,10 +7,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import event, select, text, update
 
 from openwham.store import models as m
 from openwham.store import turnstate
@@ -282,3 +283,62 @@ def _wait_until_blocked_by(db: Database, pid: Any) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("the second claim never waited for the first")
+
+
+def test_a_node_judging_an_attempt_lost_cannot_undo_a_newer_write(db: Database) -> None:
+    """Node A reads an attempt as stale; before A's requeue lands, B requeues and claims it
+    (or its owner heartbeats): A's requeue, conditional on the ``updated_at`` it judged by,
+    is refused, and B's run stands."""
+    turn_id = _attempt(db, TurnStatus.IN_PROGRESS)
+    with db.sessions() as s:
+        seen = s.scalar(select(m.Turn.updated_at).where(m.Turn.id == turn_id))
+    assert seen is not None
+    with db.session() as s:  # node B
+        assert turnstate.requeue(s, turn_id, body={"by": "B"}, seen=seen)
+    with db.session() as s:
+        assert turnstate.claim(s, turn_id, body={"by": "B"})
+    with db.session() as s:  # node A, late
+        assert not turnstate.requeue(s, turn_id, body={"by": "A"}, seen=seen)
+        assert not turnstate.fail(s, turn_id, body={"by": "A"}, error=ERROR, seen=seen)
+    status, body, _ = _row(db, turn_id)
+    assert status is TurnStatus.IN_PROGRESS and body == {"by": "B"}
+
+
+@pytest.mark.parametrize("tries", [1, 2], ids=["requeue", "fail"])
+def test_recovery_leaves_an_attempt_that_heartbeats_meanwhile(
+    db: Database, tmp_path: Path, tries: int
+) -> None:
+    """The executor's sweep judges an attempt lost (old heartbeat; with tries left it would
+    run again, else fail); its owner writes a heartbeat between that judgement and the sweep's
+    update: the sweep leaves it."""
+    from openwham.config import Settings
+    from openwham.engine.attempt import Engine
+    from openwham.engine.executor import recover
+    from openwham.store.events import LocalEventBus
+
+    turn_id = _attempt(db, TurnStatus.IN_PROGRESS)
+    with db.session() as s:
+        body = {"run": {"executor": "elsewhere:1:gone", "tries": tries}}
+        s.execute(update(m.Turn).where(m.Turn.id == turn_id).values(body=body, updated_at=1.0))
+    settings = Settings(data_dir=tmp_path / "data", database_url=str(db.url), executor="none")
+    engine = Engine(settings, db, LocalEventBus(), None, None)
+    beats = []
+
+    def heartbeat_first(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE TURNS") and not beats:
+            beats.append(time.time())
+            with db.engine.connect() as other:  # the owner, on its own connection
+                other.execute(
+                    update(m.Turn).where(m.Turn.id == turn_id).values(updated_at=beats[0])
+                )
+                other.commit()
+
+    event.listen(db.engine, "before_cursor_execute", heartbeat_first)
+    try:
+        assert recover(engine) == []
+    finally:
+        event.remove(db.engine, "before_cursor_execute", heartbeat_first)
+        engine.close()
+    status, body, updated = _row(db, turn_id)
+    assert beats and updated == beats[0]
+    assert status is TurnStatus.IN_PROGRESS and body["run"]["executor"] == "elsewhere:1:gone"

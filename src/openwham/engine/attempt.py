@@ -1044,13 +1044,20 @@ def _keep_alive(rec: TurnRecorder, done: threading.Event) -> None:
 
 
 def requeue(
-    s: Session, turn: m.Turn, note: str, *, tries: int | None = None, recover: bool = False
+    s: Session,
+    turn: m.Turn,
+    note: str,
+    *,
+    tries: int | None = None,
+    recover: bool = False,
+    seen: float | None = None,
 ) -> bool:
     """Put an attempt back to ``pending`` to start again from scratch: its results, status
     lines (a terminal one would end a new stream at once), work log and setup log go, a
     ``log`` event says why. ``tries`` replaces the count of runs. A running attempt
     (``turnstate.requeue``), or with ``recover`` a failed or cancelled one
-    (``turnstate.recover``); whether it applied (someone else may have moved it first)."""
+    (``turnstate.recover``); whether it applied (someone else may have moved it first).
+    ``seen``: only if its ``updated_at`` is still that (see ``turnstate.requeue``)."""
     body = dict(turn.body)
     if tries is not None:
         body["run"] = {**(body.get("run") or {}), "tries": tries}
@@ -1063,8 +1070,11 @@ def requeue(
         logs=None,
         proxy_events=None,
     )
-    move = turnstate.recover if recover else turnstate.requeue
-    if not move(s, turn.id, body=body):
+    if recover:
+        moved = turnstate.recover(s, turn.id, body=body)
+    else:
+        moved = turnstate.requeue(s, turn.id, body=body, seen=seen)
+    if not moved:
         return False
     # its setup log goes with it; the server's notes (log events without a key) stay
     notes = [e.payload for e in events.read(s, turn.id, item_types=[events.LOG], limit=10_000)]

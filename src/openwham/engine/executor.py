@@ -93,7 +93,7 @@ def recover(engine: Engine, *, now: float | None = None) -> list[str]:
                     "The server running this attempt stopped; starting it again from scratch "
                     f"(try {tries + 1} of {max_tries})"
                 )
-                if requeue(s, turn, note):
+                if requeue(s, turn, note, seen=turn.updated_at):
                     again.append(turn.id)
                 continue
             error = {
@@ -102,8 +102,9 @@ def recover(engine: Engine, *, now: float | None = None) -> list[str]:
                 "it was not started again",
             }
             body = {**turn.body, "latest_event": latest_event(FAILED)}
-            if not turnstate.fail(s, turn.id, body=body, error=error, now=now):
-                continue  # cancelled or taken meanwhile
+            seen = turn.updated_at  # judged by this: a heartbeat since means it lives
+            if not turnstate.fail(s, turn.id, body=body, error=error, now=now, seen=seen):
+                continue  # alive after all, cancelled, or taken by another node meanwhile
             lost.append(turn.id)
             events.append(
                 s,

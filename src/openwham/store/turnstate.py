@@ -100,11 +100,14 @@ def move(
     *,
     body: dict[str, Any] | None = None,
     now: float | None = None,
+    seen: float | None = None,
 ) -> bool:
     """Apply ``transition`` to the attempt if its current status allows it (one conditional
-    UPDATE, with ``body`` when given); whether it applied. Not committed here."""
+    UPDATE, with ``body`` when given); whether it applied. Not committed here. ``seen``: only
+    if the row's ``updated_at`` is still this value, i.e. nothing (no heartbeat, no other
+    node's requeue and claim) wrote it since the caller read it."""
     rule = TRANSITIONS[transition]
-    return _update(s, turn_id, rule.sources, rule.target, body, now)
+    return _update(s, turn_id, rule.sources, rule.target, body, now, seen)
 
 
 def _update(
@@ -114,6 +117,7 @@ def _update(
     target: TurnStatus,
     body: dict[str, Any] | None,
     now: float | None,
+    seen: float | None = None,
 ) -> bool:
     values: dict[str, Any] = {
         "turn_status": target,
@@ -121,15 +125,14 @@ def _update(
     }
     if body is not None:
         values.update(m.Turn.body_values(body))  # with the diff stat columns it carries
-    result = s.execute(
-        update(m.Turn)
-        .where(
-            m.Turn.id == turn_id,
-            m.Turn.role == "assistant",
-            m.Turn.turn_status.in_(sorted(sources)),
-        )
-        .values(**values)
+    statement = update(m.Turn).where(
+        m.Turn.id == turn_id,
+        m.Turn.role == "assistant",
+        m.Turn.turn_status.in_(sorted(sources)),
     )
+    if seen is not None:
+        statement = statement.where(m.Turn.updated_at == seen)
+    result = s.execute(statement.values(**values))
     return rowcount(result) == 1
 
 
@@ -161,13 +164,16 @@ def fail(
     body: dict[str, Any],
     error: Mapping[str, Any],
     now: float | None = None,
+    seen: float | None = None,
 ) -> bool:
     """``in_progress`` → ``failed``, with the reason in the body's ``error`` (a ``code`` such
-    as ``setup_failed`` or ``executor_lost`` and a ``message``; both required)."""
+    as ``setup_failed`` or ``executor_lost`` and a ``message``; both required). ``seen``: as
+    for :func:`requeue`."""
     code, message = error.get("code"), error.get("message")
     if not isinstance(code, str) or not code or not isinstance(message, str) or not message:
         raise ValueError("a failed attempt needs an error code and message")
-    return move(s, turn_id, Transition.FAIL, body={**body, "error": dict(error)}, now=now)
+    body = {**body, "error": dict(error)}
+    return move(s, turn_id, Transition.FAIL, body=body, now=now, seen=seen)
 
 
 def cancel(
@@ -184,9 +190,18 @@ def cancel(
     return None
 
 
-def requeue(s: Session, turn_id: str, *, body: dict[str, Any], now: float | None = None) -> bool:
-    """``in_progress`` → ``pending``: its executor stopped (graceful stop) or is gone."""
-    return move(s, turn_id, Transition.REQUEUE, body=body, now=now)
+def requeue(
+    s: Session,
+    turn_id: str,
+    *,
+    body: dict[str, Any],
+    now: float | None = None,
+    seen: float | None = None,
+) -> bool:
+    """``in_progress`` → ``pending``: its executor stopped (graceful stop) or is gone. A node
+    that judged another's attempt lost passes the ``updated_at`` it judged by (``seen``), so
+    its requeue cannot undo a newer claim of the same attempt."""
+    return move(s, turn_id, Transition.REQUEUE, body=body, now=now, seen=seen)
 
 
 def recover(s: Session, turn_id: str, *, body: dict[str, Any], now: float | None = None) -> bool:
