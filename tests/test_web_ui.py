@@ -148,7 +148,8 @@ def test_version_in_cli_health_and_footer(server: Server) -> None:
     assert out.returncode == 0 and out.stdout.strip() == f"wham {expected}"
     health = server.api.client.get("/healthz")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "version": expected}
+    body = health.json()
+    assert (body["status"], body["version"], body["database"]) == ("ok", expected, "ok")
     login = server.api.client.get("/login", follow_redirects=True)
     assert f"openwham {expected}</a></footer>" in login.text
 
