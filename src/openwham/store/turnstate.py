@@ -7,7 +7,10 @@ and the loser is told so (and must leave the attempt alone). The allowed sources
 target of each transition are data (``TRANSITIONS``), tested one by one.
 
 The terminal statuses are final, with one exception a user asks for: ``recover`` runs a
-failed or cancelled attempt again. ``completed`` never changes.
+failed or cancelled attempt again. ``completed`` never changes. The wire has one running
+status, so starting is the claim, and what a running attempt is doing (setting up, waiting
+for a standby, working) is its status line, written by ``record``; ``wait`` is the status
+line of an attempt still queued.
 
 The functions take the caller's session and do not commit: what goes with a transition
 (events, the task's fields) is written in the same transaction. Nothing else writes
