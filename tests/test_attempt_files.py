@@ -16,6 +16,9 @@ def _leave_files(root: Path, turn_id: str) -> Path:
     path = root / turn_id
     for sub in ("workspace/.git", "home/.cache", "out", "codex-home/sessions"):
         (path / sub).mkdir(parents=True)
+    (path / "codex-home" / "skills" / ".system").mkdir(parents=True)
+    (path / "codex-home" / "config.toml").write_text("model = 'x'\n")
+    (path / "codex-home" / "state_5.sqlite-wal").write_bytes(b"\0" * 1000)
     (path / "codex-home" / "sessions" / "rollout.jsonl").write_text("{}\n")
     (path / "out" / "diff").write_text("x" * 1000)
     (path / "closed").touch()
@@ -71,6 +74,36 @@ def test_the_sweep_marks_closed_a_completed_attempt_whose_server_died_before_mar
     storage.sweep(root, server.app_state.db)
 
     assert sorted(p.name for p in path.iterdir()) == ["closed", "codex-home"]
+    # cut down as the attempt's own end would have: its session and configuration only
+    assert sorted(p.name for p in (path / "codex-home").iterdir()) == ["config.toml", "sessions"]
+
+
+def test_a_codex_home_is_cut_to_its_sessions_without_following_the_agents_links(
+    tmp_path: Path,
+) -> None:
+    """Issue 20: a finished attempt kept 1.43 MB of Codex home (bundled skills, sqlite WALs).
+    The agent wrote there: a link named like what is dropped is removed, not followed."""
+    outside = tmp_path / "outside"
+    (outside / ".system").mkdir(parents=True)
+    (outside / ".system" / "precious").write_text("host file")
+    (outside / "db.sqlite-wal").write_text("host file")
+    home = tmp_path / "codex-home"
+    (home / "sessions" / "2026").mkdir(parents=True)
+    (home / "sessions" / "2026" / "rollout-1.jsonl").write_text("{}\n")
+    (home / "config.toml").write_text("model = 'x'\n")
+    (home / "tmp" / "arg0").mkdir(parents=True)
+    (home / "state_5.sqlite").write_bytes(b"\0" * 300_000)
+    (home / "state_5.sqlite-wal").symlink_to(outside / "db.sqlite-wal")
+    (home / "skills").symlink_to(outside)
+    storage.compact_codex_home(home)
+    assert sorted(p.name for p in home.iterdir()) == ["config.toml", "sessions"]
+    assert (home / "sessions" / "2026" / "rollout-1.jsonl").is_file()
+    assert (outside / ".system" / "precious").read_text() == "host file"
+    assert (outside / "db.sqlite-wal").read_text() == "host file"
+    (home / "sessions").rename(tmp_path / "moved")
+    (home / "sessions").symlink_to(outside)  # links to directories it keeps stay links
+    storage.compact_codex_home(home)
+    assert (outside / ".system" / "precious").is_file()
 
 
 def test_the_end_of_an_attempt_keeps_its_codex_home_only_when_it_completed(

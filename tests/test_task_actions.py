@@ -4,6 +4,7 @@ continue on their own) and ``delete`` (the attempts' files go with the task)."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -129,3 +130,53 @@ def test_deleting_a_task_removes_its_attempts_files(
     assert api.delete(f"tasks/{task_id}").status_code == 200
     assert not attempt_dir.exists()
     assert api.get(f"tasks/{task_id}").status_code == 404
+
+
+def _kept_bytes(path: Path) -> int:
+    return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir())
+
+
+def _wait_tidied(path: Path) -> None:
+    """Until the end of the attempt has tidied its directory (its sandbox gone first)."""
+    deadline = time.monotonic() + 15
+    while sorted(os.listdir(path)) != ["closed", "codex-home"]:
+        assert time.monotonic() < deadline, os.listdir(path)
+        time.sleep(0.02)
+
+
+def test_a_finished_attempt_keeps_little_and_its_follow_up_and_fork_still_resume(
+    engine_server: Server, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    """Issue 20: a completed attempt kept 1.43 MB (its whole Codex home: a 569 KB sqlite WAL,
+    400 KB of bundled skills Codex re-creates). What stays must be ≤ 150 KB (the diff and
+    logs are in the database) and still resume in a follow-up and in a fork's follow-up."""
+    api = engine_server.api
+    env = api.create_env(repo)
+    task_id, turn_id, _ = completed_task(
+        api, scripted_model, env["id"], "Fix add, remember pelican", [Patch(FIX), Say("Fixed.")]
+    )
+    root = engine_server.app_state.settings.resolved_data_dir / "attempts"
+    kept = root / turn_id
+    _wait_tidied(kept)
+    assert list((kept / "codex-home").rglob("rollout-*.jsonl"))  # the session
+    size = _kept_bytes(kept)
+    assert size <= 150_000, sorted(
+        (p.lstat().st_size, str(p.relative_to(kept))) for p in kept.rglob("*") if p.is_file()
+    )
+
+    r = api.post(f"tasks/{task_id}/fork", json={"turn_id": turn_id})
+    assert r.status_code == 200, r.text
+    fork_id, fork_turn = r.json()["task"]["id"], r.json()["current_assistant_turn"]["id"]
+    assert _kept_bytes(root / fork_turn) <= 150_000
+    for task, turn, prompt in ((task_id, turn_id, "And now?"), (fork_id, fork_turn, "Fork?")):
+        scripted_model.requests.clear()
+        scripted_model.script = [Say(f"Answered {prompt}")]
+        follow = api.follow_up(task, turn, prompt)
+        details = wait_for_task(api, task)
+        current = details["current_assistant_turn"]
+        assert current["id"] == follow["turn"]["id"]
+        assert current["turn_status"] == "completed", current["error"]
+        history = str(scripted_model.requests[0]["input"])
+        assert "remember pelican" in history and prompt in history  # resumed, not restarted
+        _wait_tidied(root / current["id"])
+        assert _kept_bytes(root / current["id"]) <= 150_000

@@ -516,6 +516,7 @@ class Engine:
                     proc.wait(timeout=CLOSE_SECONDS)
             if proc.poll() is None:
                 proc.kill("attempt ended")
+            storage.compact_codex_home(attempt_dir / storage.CODEX_HOME)
             with contextlib.suppress(OSError):  # a follow-up may copy its Codex home now
                 (attempt_dir / CLOSED_MARKER).touch()
 

@@ -2,7 +2,8 @@
 
 While an attempt runs the directory holds its workspace, home, Codex home and result files
 (``out``). What stays afterwards depends on how it ended (:func:`tidy`): a completed attempt
-keeps only its Codex home and the ``closed`` marker (a follow-up resumes its session from
+keeps only its Codex home, cut down to its session rollouts and configuration
+(:func:`compact_codex_home`), and the ``closed`` marker (a follow-up resumes its session from
 them); a failed or cancelled one keeps nothing (follow-ups start only from completed
 attempts). Deleting a task removes its attempts' directories; a fork copies the Codex homes
 of the attempts it copies. At start the engine sweeps the directory (:func:`sweep`): whatever
@@ -90,14 +91,50 @@ def copy_codex_home(source: Path, dest: Path) -> None:
     os.chmod(dest, 0o700)
 
 
+# What Codex writes in its home that a follow-up does not need: its bundled skills (~400 KB,
+# written again at every start), scratch files, and its state databases (a schema of some
+# 70 tables is ~280 KB with no rows that matter; WALs reach 600 KB): resuming reads the
+# session rollout under ``sessions/`` and Codex creates the databases again.
+_DROPPED_DIRS = frozenset({"skills", "tmp", "shell_snapshots", "thread-writer-locks"})
+_DROPPED_SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm", ".sqlite-journal")
+
+
+def compact_codex_home(home: Path) -> None:
+    """Cut an ended attempt's Codex home down to what a follow-up or a fork resumes from
+    (its session rollouts and configuration): called once its sandbox is gone, before the
+    ``closed`` marker lets a follow-up copy it. The agent wrote there: entries are removed
+    as links, never followed."""
+    if home.is_symlink() or not home.is_dir():
+        return
+    with os.scandir(home) as entries:
+        for entry in list(entries):
+            if entry.name in _DROPPED_DIRS or entry.name.endswith(_DROPPED_SUFFIXES):
+                if entry.is_dir(follow_symlinks=False):
+                    remove_tree(Path(entry.path))
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
+
+FORK_WAIT_SECONDS = 5.0  # Codex closes in well under a second once its result is in
+
+
 def copy_sessions(root: Path, mapping: dict[str, str]) -> None:
-    """Copy each old attempt's Codex home to the new attempt's directory (a fork)."""
+    """Copy each old attempt's Codex home to the new attempt's directory (a fork). An
+    attempt forked the moment it completed may still be closing down: wait a little for
+    its ``closed`` marker, and whatever its end removes meanwhile is not needed (the copy
+    is cut down the same way)."""
     for old, new in mapping.items():
         source, dest = _dir(root, old), _dir(root, new)
         if source is None or dest is None or not (source / CODEX_HOME).is_dir():
             continue
+        deadline = time.monotonic() + FORK_WAIT_SECONDS
+        while not (source / CLOSED_MARKER).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
         dest.mkdir(parents=True, mode=0o700, exist_ok=True)
-        copy_codex_home(source / CODEX_HOME, dest / CODEX_HOME)
+        with contextlib.suppress(shutil.Error):  # files the source's end removed meanwhile
+            copy_codex_home(source / CODEX_HOME, dest / CODEX_HOME)
+        compact_codex_home(dest / CODEX_HOME)
         (dest / CLOSED_MARKER).touch()
 
 
@@ -142,6 +179,7 @@ def _tidy_one(root: Path, turn_id: str, status: str | None, *, active: bool) -> 
     if not active and not (path / CLOSED_MARKER).exists():
         # completed, but its server died before marking the sandbox gone (it went with the
         # server): without the marker a follow-up would wait for it before copying the session
+        compact_codex_home(path / CODEX_HOME)
         with contextlib.suppress(OSError):
             (path / CLOSED_MARKER).touch()
         return True
