@@ -37,8 +37,9 @@ ANSWER_WITHIN_SECONDS = 20.0
 
 
 class Running:
-    def __init__(self, url: str, state: AppState, token: str, task_id: str) -> None:
-        self.url, self.state, self.token, self.task_id = url, state, token, task_id
+    def __init__(self, url: str, state: AppState, token: str, task_id: str, turn_id: str) -> None:
+        self.url, self.state, self.token = url, state, token
+        self.task_id, self.turn_id = task_id, turn_id
 
 
 def _serve(tmp_path: Path, database_url: str, **options: Any) -> Iterator[Running]:
@@ -78,7 +79,7 @@ def _serve(tmp_path: Path, database_url: str, **options: Any) -> Iterator[Runnin
             timeout=30,
         )
         assert task.status_code == 200, task.text
-        yield Running(url, state, token, task.json()["task"]["id"])
+        yield Running(url, state, token, task.json()["task"]["id"], task.json()["turn"]["id"])
     finally:
         server.stop()
         state.db.dispose()
@@ -155,6 +156,29 @@ def test_burst_beyond_the_queue_is_refused_with_retry_after(tiny_queue: Running)
     assert refused >= BURST // 2  # at most 2 at work + 4 waiting at any time
     assert healthz.status_code == 200 and healthz.json()["database"] == "ok"
     assert httpx.get(f"{tiny_queue.url}/healthz").json()["requests"]["refused"] >= refused
+
+
+def test_an_open_stream_holds_no_slot(tmp_path: Path, sqlite_url: str) -> None:
+    """A turn stream gives its slot back once its headers are out: with one slot and a
+    stream open (the attempt stays pending: no executor), other requests are still served."""
+    serving = _serve(tmp_path, sqlite_url, db_pool_size=1, request_queue_seconds=10)
+    srv = next(serving)
+    try:
+        headers = {"Authorization": f"Bearer {srv.token}"}
+        stream_url = f"{srv.url}{PREFIX}/tasks/{srv.task_id}/turns/{srv.turn_id}/stream"
+        with (
+            httpx.Client(timeout=30) as client,
+            client.stream("GET", stream_url, headers=headers) as streamed,
+        ):
+            assert streamed.status_code == 200
+            health = client.get(f"{srv.url}/healthz").json()
+            assert health["requests"]["active"] == 0
+            t0 = time.monotonic()
+            r = client.get(f"{srv.url}{PREFIX}/tasks/{srv.task_id}", headers=headers)
+            assert r.status_code == 200
+            assert time.monotonic() - t0 < 5  # not after the queue's 10 s
+    finally:
+        serving.close()
 
 
 # --------------------------------------------------------------------------- the gate
