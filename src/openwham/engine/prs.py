@@ -5,14 +5,13 @@ part on the host with the repository's mirror: a commit of the diff on its base 
 task's last pushed commit), pushed fast-forward only. If a new branch name is taken on the
 remote by other history, a ``-<6 characters>`` suffix is tried once (derived from the attempt and
 the plan's time, so a push retried after a crash picks the same one); an existing task branch
-that moved on the remote is left alone (409). One push per task at a time in this process.
+that moved on the remote is left alone (409). One push per task at a time: the caller holds
+the task's lock (``openwham.locks``), which holds across processes and nodes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import defaultdict
 from pathlib import Path
 
 from openwham.config import Settings
@@ -27,13 +26,13 @@ from openwham.sandbox.workspace import (
 from openwham.service.errors import BadGateway, Conflict
 from openwham.service.prs import PushPlan
 
-_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
-_locks_guard = threading.Lock()
+# how long a second push of one task waits for the first (a push is bounded by git's timeout)
+LOCK_SECONDS = 120.0
 
 
-def task_lock(task_id: str) -> threading.Lock:
-    with _locks_guard:
-        return _locks[task_id]
+def lock_key(task_id: str) -> str:
+    """The lock a task's pushes are serialised by (``openwham.locks``)."""
+    return f"pr-push:{task_id}"
 
 
 def push(settings: Settings, plan: PushPlan) -> tuple[str, str]:

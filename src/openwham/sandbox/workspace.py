@@ -9,17 +9,15 @@ every later clone. The clone's own config is written by git, never copied from t
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from openwham.config import Settings
 from openwham.gitpaths import LocalRepoPolicy
+from openwham.locks import file_lock as _locked  # per node: mirrors are the node's own
 
 GIT_TIMEOUT = 600
 
@@ -94,17 +92,6 @@ def git(
         reason = lines[0].removeprefix("fatal: ")[:500] if lines else f"git exit {proc.returncode}"
         raise WorkspaceError(f"git {args[0]} failed: {proc.stderr.strip()[-2000:]}", reason)
     return proc.stdout
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def local_repo_policy(settings: Settings) -> LocalRepoPolicy:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from openwham.config import Settings
 from openwham.engine.runner import Runner
+from openwham.locks import Locks, database_locks
 from openwham.service.keys import SecretBox, secrets_key, signing_key
 from openwham.store.db import Database
 from openwham.store.events import EventBus, LocalEventBus
@@ -20,6 +21,8 @@ class AppState:
     db: Database
     signing_key: bytes
     secret_box: SecretBox
+    #: locks shared with every process and node on this database (PR pushes)
+    locks: Locks
     bus: EventBus = field(default_factory=LocalEventBus)
     runner: Runner | None = None
     fanout: FanOut = field(init=False)
@@ -40,6 +43,7 @@ class AppState:
             db=database,
             signing_key=signing_key(settings),
             secret_box=SecretBox(secrets_key(settings)),
+            locks=database_locks(database.url, data_dir),
         )
         state.runner = Runner(settings, database, state.bus)
         return state

@@ -12,9 +12,10 @@ from sqlalchemy.orm import Session
 from openwham.engine import branches, storage
 from openwham.engine import prs as engine_prs
 from openwham.engine.attempt import requeue
+from openwham.locks import LockTimeout
 from openwham.service import lifecycle, logs, prs, tasks, usage
 from openwham.service.accounts import Principal
-from openwham.service.errors import ServiceError, Unavailable
+from openwham.service.errors import Conflict, ServiceError, Unavailable
 from openwham.wire import (
     CancelResponse,
     CreateTaskResponse,
@@ -288,20 +289,24 @@ def create_pr(
     task_id: str, turn_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
 ) -> dict[str, Any]:
     """Commit the attempt's change on the task's branch and push it (engine/prs.py). A push
-    of another attempt that a crash cut short is finished first (service/prs.py)."""
-    with engine_prs.task_lock(task_id):
-        earlier = prs.unfinished(db, principal, task_id, turn_id)
-        if earlier is not None:
-            try:
-                _push(state, db, principal, earlier)
-            except ServiceError:  # it cannot be finished (the branch moved): it is dropped
-                db.rollback()
-                prs.drop_unfinished(db, principal, task_id)
-                db.commit()
-        plan = prs.plan(db, principal, task_id, turn_id)
-        if plan.existing is not None:
-            return plan.existing
-        return _push(state, db, principal, plan)
+    of another attempt that a crash cut short is finished first (service/prs.py). One push
+    per task at a time across processes and nodes (``state.locks``)."""
+    try:
+        with state.locks.hold(engine_prs.lock_key(task_id), engine_prs.LOCK_SECONDS):
+            earlier = prs.unfinished(db, principal, task_id, turn_id)
+            if earlier is not None:
+                try:
+                    _push(state, db, principal, earlier)
+                except ServiceError:  # it cannot be finished (the branch moved): it is dropped
+                    db.rollback()
+                    prs.drop_unfinished(db, principal, task_id)
+                    db.commit()
+            plan = prs.plan(db, principal, task_id, turn_id)
+            if plan.existing is not None:
+                return plan.existing
+            return _push(state, db, principal, plan)
+    except LockTimeout as exc:  # another node's push of this task is still running
+        raise Conflict(str(exc)) from exc
 
 
 def _push(state: AppState, db: Session, principal: Principal, plan: prs.PushPlan) -> dict[str, Any]:
