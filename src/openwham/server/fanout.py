@@ -43,6 +43,8 @@ KEEPALIVE_SECONDS = 15.0
 TERMINAL_GRACE_SECONDS = 5.0
 GRACE_POLL_SECONDS = 0.25
 READ_LIMIT = 500
+# Streams woken per turn of the event loop (``TurnTail._broadcast``).
+BROADCAST_SLICE = 64
 KEEPALIVE_FRAME = b": keep-alive\n\n"
 
 log = logging.getLogger(__name__)
@@ -169,19 +171,22 @@ class Subscriber:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def next(self) -> Batch | None:
-        """The next batch, or None once closed and drained."""
+    async def take(self) -> list[Batch]:
+        """Every batch queued so far (one write for all of them: a stream that fell behind
+        catches up in one send, so the busier the loop, the fewer sends per event); ``[]``
+        once closed and drained."""
         while not self.pending:
             if self.closed:
-                return None
+                return []
             self.waiter = asyncio.get_running_loop().create_future()
             try:
                 await self.waiter
             finally:
                 self.waiter = None
-        batch = self.pending.popleft()
-        self.pending_bytes -= batch.size
-        return batch
+        batches = list(self.pending)
+        self.pending.clear()
+        self.pending_bytes = 0
+        return batches
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,9 +307,16 @@ class TurnTail:
         if self.users <= 0 and not self.ended:
             self._stop()
 
-    def _broadcast(self, batch: Batch) -> None:
+    async def _broadcast(self, batch: Batch) -> None:
+        """Queue ``batch`` for every stream, ``BROADCAST_SLICE`` streams per turn of the event
+        loop: each woken stream writes in the loop's next turn, so API requests that became
+        ready meanwhile wait for one slice of writes, not for a thousand."""
         limits = self.hub.limits
-        for sub in list(self.subs):
+        for i, sub in enumerate(list(self.subs)):
+            if i and i % BROADCAST_SLICE == 0:
+                await asyncio.sleep(0)
+            if sub.closed:
+                continue
             if not sub.push(batch, limits):
                 self.subs.discard(sub)
                 sub.close(dropped=True)
@@ -324,13 +336,13 @@ class TurnTail:
             self.bytes -= len(old.data)
             self.base = old.id
 
-    def _finish(self, batch: Batch | None) -> None:
+    async def _finish(self, batch: Batch | None) -> None:
         """End every stream (after ``batch``) and leave the hub: a later stream of the turn
         opens a new tail, which reads the turn afresh (a recovered attempt starts over)."""
         self.ended = True
         if batch is not None:
             self.end = batch.extra
-            self._broadcast(batch)
+            await self._broadcast(batch)
         for sub in self.subs:
             sub.close()
         self.subs.clear()
@@ -352,7 +364,7 @@ class TurnTail:
             log.exception("turn stream reader of %s failed", self.turn_id)
             self.failed = exc
             self.ready.set()
-            self._finish(None)
+            await self._finish(None)
 
     async def _follow(self) -> None:
         db, turn_id = self.hub.db, self.turn_id
@@ -363,7 +375,7 @@ class TurnTail:
         self.last = opened.last
         self.ready.set()
         if opened.status is None or opened.ended:
-            self._finish(Batch((), ends=True))
+            await self._finish(Batch((), ends=True))
             return
         now = time.monotonic()
         grace = now + TERMINAL_GRACE_SECONDS if opened.status in events.TERMINAL_STATUSES else None
@@ -392,27 +404,28 @@ class TurnTail:
                 self._keep(frames)
                 out = Batch(tuple(frames), ends=frames[-1].terminal)
                 if out.ends:
-                    self._finish(out)
+                    await self._finish(out)
                     return
-                self._broadcast(out)
+                await self._broadcast(out)
                 sent = now
                 # a cancelled attempt's executor is still writing: wait for its end again
                 grace = now + TERMINAL_GRACE_SECONDS if status in events.TERMINAL_STATUSES else None
                 more = len(batch) == READ_LIMIT
             elif status is None:
-                self._finish(Batch((), ends=True))
+                await self._finish(Batch((), ends=True))
                 return
             elif status in events.TERMINAL_STATUSES:
                 grace = grace if grace is not None else now + TERMINAL_GRACE_SECONDS
                 if now >= grace:
                     body = await anyio.to_thread.run_sync(_body, db, turn_id)
-                    self._finish(Batch((), extra=synthetic_end(turn_id, status, body), ends=True))
+                    end = synthetic_end(turn_id, status, body)
+                    await self._finish(Batch((), extra=end, ends=True))
                     return
             if now >= recheck + keepalive:
                 await self._check_tokens()
                 recheck = time.monotonic()
             if now >= sent + keepalive - 0.01:
-                self._broadcast(KEEPALIVE)
+                await self._broadcast(KEEPALIVE)
                 sent = now
 
     async def _check_tokens(self) -> None:
@@ -493,11 +506,16 @@ class FanOut:
                     yield start.end
                 return
             while True:
-                item = await sub.next()
-                if item is None:
+                batches = await sub.take()
+                if not batches:
                     return
-                chunk = item.chunk(last, types)
-                last = max(last, item.last_id)
+                chunks = []
+                for item in batches:
+                    chunks.append(item.chunk(last, types))
+                    last = max(last, item.last_id)
+                    if item.ends:
+                        break
+                chunk = b"".join(chunks)
                 if chunk:
                     yield chunk
                 if item.ends:
