@@ -96,8 +96,9 @@ async def _until_attached(hub: FanOut, turn_id: str, count: int) -> None:
 
 
 def test_200_subscribers_get_every_event_once_in_order_from_one_reader(
-    server: Server, repo: Path
+    any_server: Server, repo: Path
 ) -> None:
+    server = any_server
     task_id, turn_id = _turn(server, repo)
     hub = server.app_state.fanout
     n = 60
@@ -156,10 +157,11 @@ def test_a_subscriber_that_stops_reading_is_dropped_and_resumes_without_loss(
 
 
 def test_replay_from_the_database_joins_the_tail_without_gap_or_duplicate(
-    server: Server, repo: Path
+    any_server: Server, repo: Path
 ) -> None:
     """Joiners at every point, while events are written: those older than the (small) tail
     replay from the database first, then take the tail and what follows."""
+    server = any_server
     task_id, turn_id = _turn(server, repo)
     hub = FanOut(server.app_state.db, server.app_state.bus, Limits(tail_frames=8))
 
