@@ -313,3 +313,42 @@ def test_only_models_that_omit_keys_carry_a_python_serializer() -> None:
         x: int | None = None
 
     assert Good().model_dump() == {} and Good(x=None).model_dump() == {"x": None}
+
+
+def test_hot_reads_take_one_worker_thread_for_their_dependencies() -> None:
+    """Every sync dependency is a worker-thread hand-off of its own (a class dependency too):
+    on task details and the task lists only ``open_request`` (session and authentication
+    together) may be sync, the rest are lookups done on the event loop."""
+    import inspect
+
+    from fastapi.routing import APIRoute
+
+    from openwham.server.routers import tasks as task_routes
+
+    def calls(dep: Any) -> Iterator[Any]:
+        for sub in dep.dependencies:
+            if sub.call is not None:
+                yield sub.call
+            yield from calls(sub)
+
+    def runs_on_the_loop(call: Any) -> bool:
+        if inspect.isclass(call):
+            return False
+        if inspect.isfunction(call):
+            return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+        return inspect.iscoroutinefunction(type(call).__call__)  # e.g. HTTPBearer
+
+    checked = 0
+    for route in task_routes.router.routes:
+        if not isinstance(route, APIRoute) or "GET" not in route.methods:
+            continue
+        if route.path not in ("/tasks/{task_id}", "/tasks/list", "/tasks"):
+            continue
+        checked += 1
+        sync = {
+            getattr(call, "__name__", repr(call))
+            for call in calls(route.dependant)
+            if not runs_on_the_loop(call)
+        }
+        assert sync == {"open_request"}, (route.path, sync)
+    assert checked == 3

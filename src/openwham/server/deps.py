@@ -70,11 +70,12 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
 OFFICIAL_CLIENT_AGENTS = ("codex_cli_rs/", "codex_exec/", "codex-cli")
 
 
-def inline_diff_limit(request: Request, state: StateDep) -> int | None:
+async def inline_diff_limit(request: Request, state: StateDep) -> int | None:
     """How much of a diff task details and turns carry inline: ``WHAM_INLINE_DIFF_MAX_BYTES``,
     or all of it (``None``) for the official Codex CLI, whose ``codex apply`` and ``codex
     cloud diff/apply`` read only the inline diff and cannot follow ``…/turns/{id}/diff``
-    (docs/api.md, "Big diffs"). Not a permission: the whole diff is the caller's anyway."""
+    (docs/api.md, "Big diffs"). Not a permission: the whole diff is the caller's anyway.
+    Async: a header lookup needs no worker thread."""
     agent = request.headers.get("user-agent", "")
     if agent.startswith(OFFICIAL_CLIENT_AGENTS) or "originator" in request.headers:
         return None

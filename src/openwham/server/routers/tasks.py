@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -58,7 +59,14 @@ class ListQuery:
         return tasks.feed(db, principal, **vars(self))
 
 
-ListQueryDep = Annotated[ListQuery, Depends()]
+async def list_query(**fields: Any) -> ListQuery:
+    """``ListQuery`` from the query string. Async with the dataclass's signature: FastAPI runs
+    a class dependency in a worker thread, one more hand-off per request for a constructor."""
+    return ListQuery(**fields)
+
+
+list_query.__signature__ = inspect.signature(ListQuery)  # type: ignore[attr-defined]
+ListQueryDep = Annotated[ListQuery, Depends(list_query)]
 
 
 @router.get("/tasks/list", response_model=TaskListPage)
