@@ -877,3 +877,27 @@ def test_the_attempt_does_not_wait_for_its_title(
     kinds = [f["data"]["item_type"] for f in frames]
     assert kinds.count("task_title_generated") == 1
     assert kinds.index("task_title_generated") < len(kinds) - 1
+
+
+def test_the_gateway_forgets_an_attempt_once_it_ended(
+    engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    """Issue 20 (server memory over many tasks): the gateway kept every ended attempt's
+    token record for an hour after revoking it, though its usage was already recorded."""
+    runner = engine_server.app_state.runner
+    assert runner is not None and runner.engine is not None
+    gateway = runner.engine.gateway
+    assert gateway is not None
+    scripted_model.script = [Say("Nothing to do.")]
+    api = engine_server.api
+    env = api.create_env(calc_repo)
+    created = api.create_task(env["id"], "Say something")
+    turn_id = created["turn"]["id"]
+    turn = wait_for_task(api, created["task"]["id"])["current_assistant_turn"]
+    assert turn["turn_status"] == "completed", turn["error"]
+    workspace = engine_server.app_state.settings.resolved_data_dir / "attempts" / turn_id
+    deadline = time.monotonic() + 15
+    while (workspace / "workspace").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the end of the attempt (its finally) has run
+    with pytest.raises(KeyError):
+        gateway.usage(turn_id)

@@ -304,8 +304,9 @@ class Engine:
             )
         finally:
             alive.set()
-            if self.gateway is not None:
+            if self.gateway is not None:  # its usage is recorded: nothing reads it again
                 self.gateway.revoke(turn_id)
+                self.gateway.forget(turn_id)
             if (
                 claim.repo_key
                 and claim.repo_url
