@@ -17,6 +17,7 @@ from pathlib import Path
 
 from openwham.config import Settings
 from openwham.gitpaths import LocalRepoPolicy
+from openwham.lifeline import die_with_parent
 from openwham.locks import file_lock as _locked  # per node: mirrors are the node's own
 
 GIT_TIMEOUT = 600
@@ -80,6 +81,7 @@ def git(
             text=True,
             timeout=timeout,
             check=False,
+            preexec_fn=die_with_parent(),  # a killed server's fetch or push ends with it
         )
     except subprocess.TimeoutExpired as exc:
         raise WorkspaceError(

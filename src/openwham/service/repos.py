@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from openwham.gitpaths import LocalRepoPolicy
+from openwham.lifeline import die_with_parent
 from openwham.store import models as m
 from openwham.wire import GitHubRepo, GitHubRepoOwner, RepoSpec
 
@@ -108,6 +109,7 @@ def _local_head(path: str) -> tuple[bool, str | None]:
             timeout=10,
             env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
             check=False,
+            preexec_fn=die_with_parent(),
         )
     except (OSError, subprocess.TimeoutExpired):
         return True, None
