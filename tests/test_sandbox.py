@@ -869,3 +869,75 @@ def test_a_sandbox_is_told_from_look_alike_processes_of_other_programs(workspace
         proc.kill()
         assert wait_gone(namespace=sandbox) == []
         assert Path(f"/proc/{other}").exists()  # not ours: left alone, and not counted
+
+
+# --------------------------------------------------------------------------- shared objects
+
+
+def _tree_digest(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``root``: its mode and content (what an attack could change)."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_mode, p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def test_agent_cannot_change_the_shared_mirror_objects_or_another_attempt(tmp_path: Path) -> None:
+    """Workspaces borrow the mirror's objects (alternates to a read-only bind beside
+    /workspace): git works, but every way of writing, removing or re-pointing them fails, and
+    a second attempt on the same mirror keeps its files and objects."""
+    from conftest import git, make_repo
+    from openwham.engine.diff import workspace_diff
+    from openwham.sandbox.workspace import Mirrors, create_workspace
+
+    repo = make_repo(tmp_path / "repo")
+    data = tmp_path / "data"
+    mirror = Mirrors(data / "mirrors").ensure("k", str(repo))
+    attempts = data / "attempts"
+    ws_a, ws_b = attempts / "a" / "workspace", attempts / "b" / "workspace"
+    for ws in (ws_a, ws_b):
+        ws.parent.mkdir(parents=True)
+        base = create_workspace(mirror, ws, "main", str(repo))
+    mirror_before = _tree_digest(mirror)
+    b_before = _tree_digest(ws_b)
+
+    r = sh(
+        ws_a,
+        """
+        cd /workspace
+        git cat-file -e HEAD^{tree} && echo GIT-READS-SHARED
+        (cd .git/objects && cd "$(cat info/alternates)" && pwd) | sed 's/^/RESOLVES /'
+        try() { if eval "$1" 2>/dev/null; then echo "CHANGED: $1"; else echo REFUSED; fi; }
+        files=$(find /mirror-objects -type f | head -3)
+        test -n "$files" || echo NO-FILES
+        for f in $files $(echo "$files" | sed 's|^/|.git/objects/../../../|'); do
+          try "echo junk >> '$f'"
+          try "rm -f '$f' && ! test -e '$f'"
+          try "chmod 666 '$f'"
+          try "truncate -s 0 '$f'"
+          try "mv '$f' '$f.x'"
+        done
+        try "touch /mirror-objects/evil"
+        try "mkdir -p /mirror-objects/ab && echo x > /mirror-objects/ab/cd"
+        try "echo x > /mirror-objects/info/alternates"
+        try "mount -o remount,rw /mirror-objects"
+        try "umount /mirror-objects && touch /mirror-objects/evil"
+        try "ls /workspace/../b"
+        try "ls /workspace/../../attempts"
+        # its own workspace is its own: re-point alternates, write its objects
+        echo /tmp > .git/objects/info/alternates.x && echo OWN-OK
+        echo changed > README.md
+        """,
+    )
+    assert r.exit_code == 0, r.stderr
+    assert "GIT-READS-SHARED" in r.stdout
+    assert "RESOLVES /mirror-objects" in r.stdout
+    assert "CHANGED" not in r.stdout and "NO-FILES" not in r.stdout, r.stdout
+    assert r.stdout.count("REFUSED") >= 5 * 6 + 7
+    assert _tree_digest(mirror) == mirror_before
+    assert _tree_digest(ws_b) == b_before
+    assert git("status", "--porcelain", cwd=ws_b) == ""
+    # the diff step (git in a sandbox of its own) reads the base through the shared objects
+    diff = workspace_diff(ws_a, base).text
+    assert "-# widgets\n+changed" in diff

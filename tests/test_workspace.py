@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import git
+from openwham.sandbox.bwrap import SHARED_OBJECTS
 from openwham.sandbox.workspace import Mirrors, WorkspaceError, apply_patch, create_workspace
 
 
@@ -26,10 +27,36 @@ def test_mirror_then_workspace_at_branch(repo: Path, tmp_path: Path) -> None:
     assert base == feature_sha
     assert (ws / "feature.txt").read_text() == "f\n"
     assert git("remote", "get-url", "origin", cwd=ws).strip() == str(repo)
-    assert not (ws / ".git" / "objects" / "info" / "alternates").exists()  # independent
-    # no object file is shared with the mirror: an agent writing one cannot poison the mirror
+    # objects are borrowed from the mirror through the sibling link, by a relative path (the
+    # same entry resolves in the sandbox, where the link is a read-only bind), never hard-linked
+    alternates = ws / ".git" / "objects" / "info" / "alternates"
+    assert alternates.read_text() == f"../../../{SHARED_OBJECTS}\n"
+    assert (tmp_path / SHARED_OBJECTS).resolve() == (mirror / "objects").resolve()
     objects = [p for p in (ws / ".git" / "objects").rglob("*") if p.is_file()]
-    assert objects and all(p.stat().st_nlink == 1 for p in objects)
+    assert all(p.stat().st_nlink == 1 for p in objects)
+    assert git("status", "--porcelain", cwd=ws) == ""
+
+
+def test_workspace_survives_its_directory_being_renamed(repo: Path, tmp_path: Path) -> None:
+    """A standby's directory is renamed when an attempt takes it: the relative entry follows."""
+    mirror = Mirrors(tmp_path / "mirrors").ensure("k", str(repo))
+    (tmp_path / "standby").mkdir()
+    base = create_workspace(mirror, tmp_path / "standby" / "workspace", "main", str(repo))
+    (tmp_path / "standby").rename(tmp_path / "attempt")
+    ws = tmp_path / "attempt" / "workspace"
+    assert git("rev-parse", "HEAD^{tree}", cwd=ws).strip()
+    assert git("diff", "--stat", base, cwd=ws) == ""
+
+
+def test_one_directory_never_shares_two_repositories(repo: Path, tmp_path: Path) -> None:
+    mirrors = Mirrors(tmp_path / "mirrors")
+    a = mirrors.ensure("a", str(repo))
+    b = mirrors.ensure("b", str(repo))
+    (tmp_path / "att").mkdir()
+    create_workspace(a, tmp_path / "att" / "workspace", "main", str(repo))
+    with pytest.raises(WorkspaceError, match="another repository"):
+        create_workspace(b, tmp_path / "att" / "other", "main", str(repo))
+    assert (tmp_path / "att" / SHARED_OBJECTS).resolve() == (a / "objects").resolve()
 
 
 def test_fetch_picks_up_new_commits(repo: Path, tmp_path: Path) -> None:

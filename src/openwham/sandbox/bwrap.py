@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import resource
 import select
 import shutil
@@ -73,6 +74,9 @@ SANDBOX_USER = "openwham"
 SANDBOX_HOSTNAME = "openwham"
 SANDBOX_HOME = "/home/openwham"
 SANDBOX_WORKSPACE = "/workspace"
+# The workspace's sibling through which it borrows its mirror's git objects (on the host a
+# symlink the engine made, in the sandbox a read-only bind of its target: see workspace.py).
+SHARED_OBJECTS = "mirror-objects"
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 INSTALL_HINT = (
@@ -313,6 +317,10 @@ def build_args(spec: SandboxSpec) -> tuple[list[str], list[int]]:
     a += ["--perms", "0700", "--dir", SANDBOX_HOME]
 
     a += ["--ro-bind" if spec.workspace_readonly else "--bind", str(workspace), ws_dir]
+    shared = workspace.parent / SHARED_OBJECTS
+    if shared.is_symlink() and shared.is_dir():  # read-only: the mirror is every attempt's
+        dest = posixpath.join(posixpath.dirname(ws_dir), SHARED_OBJECTS)
+        a += ["--ro-bind", str(shared.resolve()), dest]
     binds = [(p, d, "--ro-bind") for p, d in spec.ro_binds.items()]
     binds += [(p, d, "--bind") for p, d in spec.rw_binds.items()]
     # Parents before children, so a bind inside another bind is not hidden by it.

@@ -1,10 +1,17 @@
 """Bare mirrors per repository and cheap per-attempt clones.
 
 A mirror is fetched under an exclusive file lock, so concurrent attempts on one repository
-neither clone twice nor read a half-fetched mirror. A workspace is ``git clone --local
---no-hardlinks`` of the mirror: objects are copied, never hard-linked, because the sandbox
-user maps to the files' owner and could otherwise rewrite a shared object in place and poison
-every later clone. The clone's own config is written by git, never copied from the repository.
+neither clone twice nor read a half-fetched mirror. A workspace is ``git clone --shared`` of
+the mirror: it borrows the mirror's objects instead of copying the whole history into every
+attempt (time and disk per attempt for a large history). The borrowing goes through
+:data:`~openwham.sandbox.bwrap.SHARED_OBJECTS` beside the workspace: on the host a symlink to
+the mirror's ``objects`` in the attempt's directory (which no sandbox binds), in the sandbox a
+read-only bind beside ``/workspace``; the workspace's ``objects/info/alternates`` names it by
+a relative path, so it resolves in both and after the attempt's directory is renamed. The
+sandbox user maps to the files' owner, so only the read-only bind keeps an agent from
+rewriting a shared object and poisoning every later workspace (never hard links: those would
+be writable). Mirrors never run ``git gc`` (``gc.auto=0``), so no object a workspace borrows
+disappears. The clone's own config is written by git, never copied from the repository.
 """
 
 from __future__ import annotations
@@ -19,6 +26,10 @@ from openwham.config import Settings
 from openwham.gitpaths import LocalRepoPolicy
 from openwham.lifeline import die_with_parent
 from openwham.locks import file_lock as _locked  # per node: mirrors are the node's own
+from openwham.sandbox.bwrap import SHARED_OBJECTS
+
+# The workspace's alternates entry, relative to its ``.git/objects``: the workspace's sibling.
+_ALTERNATE = f"../../../{SHARED_OBJECTS}"
 
 GIT_TIMEOUT = 600
 
@@ -40,6 +51,8 @@ _SAFE = [
     "core.fsmonitor=",
     "-c",
     "protocol.ext.allow=never",
+    "-c",
+    "gc.auto=0",  # a mirror's objects are borrowed by workspaces: never pruned or repacked
 ]
 
 
@@ -164,14 +177,24 @@ def branch_head(mirror: Path, branch: str) -> str | None:
 
 
 def create_workspace(mirror: Path, dest: Path, branch: str, origin_url: str) -> str:
-    """Clone ``branch`` of the mirror into ``dest``; returns the base commit sha."""
+    """Clone ``branch`` of the mirror into ``dest``, borrowing the mirror's objects through
+    ``dest``'s sibling :data:`SHARED_OBJECTS` (the sandbox binds it read-only); returns the
+    base commit sha."""
     if dest.exists():
         raise WorkspaceError(f"workspace {dest} already exists")
     if branch_head(mirror, branch) is None:
         raise WorkspaceError(f"Branch {branch!r} does not exist in the repository")
-    git("clone", "--quiet", "--local", "--no-hardlinks", "--branch", branch, str(mirror), str(dest))
+    objects = mirror.resolve() / "objects"
+    link = dest.parent / SHARED_OBJECTS
+    if not link.is_symlink():
+        link.symlink_to(objects, target_is_directory=True)
+    elif link.resolve() != objects:  # one workspace per directory: never re-point another's
+        raise WorkspaceError(f"{link} already shares another repository's objects")
+    git("clone", "--quiet", "--shared", "--no-checkout", "--branch", branch, str(mirror), str(dest))
+    (dest / ".git" / "objects" / "info" / "alternates").write_text(f"{_ALTERNATE}\n")
+    git("reset", "--quiet", "--hard", cwd=dest)  # the checkout, through the relative entry
     git("remote", "set-url", "origin", origin_url, cwd=dest)
-    return git("rev-parse", "HEAD", cwd=dest).strip()
+    return git("rev-parse", "HEAD^{commit}", cwd=dest).strip()
 
 
 def reset_to(dest: Path, sha: str) -> None:
