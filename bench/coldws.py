@@ -1,0 +1,84 @@
+"""``python -m bench.coldws``: a cold workspace, before and after sharing the mirror's objects.
+
+Side by side in one run, interleaved, on the generated repository (5,000 files by default):
+
+- before: the previous ``create_workspace`` (``git clone --local --no-hardlinks``, which
+  copies every object of the mirror, then ``remote set-url`` and ``rev-parse``);
+- after: today's ``create_workspace`` (``git clone --shared --no-checkout``, the relative
+  alternates entry, ``reset --hard`` for the checkout, ``remote set-url``, ``rev-parse``);
+- the first ``git status`` in each (what the agent's first command pays).
+
+Prints min/median/max in ms and the ratio of the medians. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from openwham.sandbox.workspace import Mirrors, create_workspace, git
+
+from .repo import describe, generate
+
+
+def _before(mirror: Path, dest: Path, branch: str, origin: str) -> str:
+    """``create_workspace`` as it was: every object copied."""
+    git("clone", "--quiet", "--local", "--no-hardlinks", "--branch", branch, str(mirror), str(dest))
+    git("remote", "set-url", "origin", origin, cwd=dest)
+    return git("rev-parse", "HEAD", cwd=dest).strip()
+
+
+def _timed(fn: Callable[..., object], *args: object, **kw: object) -> float:
+    t = time.perf_counter()
+    fn(*args, **kw)
+    return time.perf_counter() - t
+
+
+def _row(name: str, values: list[float]) -> str:
+    ms = sorted(v * 1000 for v in values)
+    return f"{name:<44} {ms[0]:8.0f} {statistics.median(ms):8.0f} {ms[-1]:8.0f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.coldws", description=__doc__)
+    ap.add_argument("--files", type=int, default=5000)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-coldws-", dir=args.workdir))
+    try:
+        repo = generate(work / "repo", files=args.files)
+        print(describe(repo))
+        mirror = Mirrors(work / "mirrors").ensure("bench", str(repo))  # not timed
+        out: dict[str, list[float]] = {}
+        for i in range(args.runs):
+            for name, make in (("before", _before), ("after", create_workspace)):
+                attempt = work / f"{name}{i}"
+                attempt.mkdir()
+                ws = attempt / "workspace"
+                out.setdefault(f"{name}: create_workspace", []).append(
+                    _timed(make, mirror, ws, "main", str(repo))
+                )
+                out.setdefault(f"{name}: first git status", []).append(
+                    _timed(git, "status", "--porcelain", cwd=ws)
+                )
+                shutil.rmtree(attempt)
+        head = f"ms, {args.runs} runs each, interleaved"
+        print(f"{head:<44} {'min':>8} {'median':>8} {'max':>8}")
+        for name, values in out.items():
+            print(_row(name, values))
+        before = statistics.median(out["before: create_workspace"])
+        after = statistics.median(out["after: create_workspace"])
+        print(f"cold workspace, median before / after: {before / after:.1f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
