@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import git, make_repo, serve_env, start_live_server, stop
 from support.procs import unique_marker
 from support.scripted_model import Say, ScriptedModel, Shell
@@ -96,6 +98,8 @@ def test_host_git_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
         proc.wait(10)
 
 
+@pytest.mark.sandbox
+@pytest.mark.slow
 def test_a_pr_push_held_at_the_remote_dies_with_a_killed_server(
     tmp_path: Path, scripted_model: ScriptedModel
 ) -> None:

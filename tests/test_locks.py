@@ -121,6 +121,7 @@ def two_nodes(
                 pass
 
 
+@pytest.mark.sandbox
 def test_two_nodes_pushing_a_pr_for_one_task_at_once_make_one_branch(
     two_nodes: tuple[Server, Server], scripted_model: ScriptedModel, tmp_path: Path
 ) -> None:
