@@ -24,11 +24,16 @@ def serve(
 ) -> None:
     """Start openwham and print its base URL."""
     from openwham.server.app import create_app
+    from openwham.service.keys import KeysMismatch
 
     settings = settings_for(data_dir)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations are routine on start
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except KeysMismatch as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

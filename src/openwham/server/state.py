@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from openwham.config import Settings
 from openwham.engine.runner import Runner
 from openwham.locks import Locks, database_locks
-from openwham.service.keys import SecretBox, secrets_key, signing_key
+from openwham.service.keys import SecretBox, check_fingerprint, secrets_key, signing_key
 from openwham.store.db import Database
 from openwham.store.events import EventBus, LocalEventBus
 
@@ -32,17 +32,21 @@ class AppState:
 
     @classmethod
     def open(cls, settings: Settings, db: Database | None = None) -> AppState:
-        """Open the database (migrating it) and load or create the server keys."""
+        """Open the database (migrating it), load or create the server keys and check that
+        they are the database's (:class:`KeysMismatch` otherwise)."""
         data_dir = settings.resolved_data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(data_dir, 0o700)  # database, keys, mirrors, attempts: the server's alone
         database = db or Database(settings.sqlalchemy_url, request_pool=settings.db_pool_size)
         database.migrate()
+        signing, sealing = signing_key(settings), secrets_key(settings)
+        with database.session() as s:  # KeysMismatch: this node's keys are not the others'
+            check_fingerprint(s, settings, signing, sealing)
         state = cls(
             settings=settings,
             db=database,
-            signing_key=signing_key(settings),
-            secret_box=SecretBox(secrets_key(settings)),
+            signing_key=signing,
+            secret_box=SecretBox(sealing),
             locks=database_locks(database.url, data_dir),
         )
         state.runner = Runner(settings, database, state.bus)

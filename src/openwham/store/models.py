@@ -249,3 +249,15 @@ class ApiToken(Base):
     expires_at: Mapped[float] = mapped_column(Float)
     last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class KeyFingerprint(Base):
+    """A fingerprint of the server keys the database was first opened with (an HMAC of a
+    fixed text under each key, never the keys): a node started with other keys is refused
+    instead of failing tokens and secrets later (``service.keys.check_fingerprint``)."""
+
+    __tablename__ = "key_fingerprints"
+
+    name: Mapped[str] = mapped_column(ID, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(ID)
+    created_at: Mapped[float] = mapped_column(Float)
