@@ -60,8 +60,10 @@ SANDBOX_MODULES = {
 }
 SANDBOX_FIXTURES = {"engine_server", "served", "gate", "scripted_serve"}
 BROWSER_FIXTURES = {"browser", "context", "page"}
-# Slow: live `wham serve` processes, many `wham` command start-ups, crash tests, the TUI.
+# Slow: live `wham serve` processes, many `wham` command start-ups, crash tests, the TUI, the
+# schemathesis fuzz.
 SLOW_MODULES = {
+    "test_api_fuzz",
     "test_cli_login",
     "test_codex_compat",
     "test_crash_batch",

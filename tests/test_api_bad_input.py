@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -192,10 +193,37 @@ def check(w: World, case: Case, *, compare: Callable[[World], Any] | None = None
         assert detail == case.detail
     if case.contains is not None:
         assert case.contains.lower() in detail.lower(), detail
+    declared = declared_statuses(w, r.request.method, r.request.url.path)
+    assert declared is None or str(r.status_code) in declared, (
+        f"{r.status_code} is not in /openapi.json for {r.request.method} {r.request.url.path}:"
+        f" {sorted(declared)}"
+    )
     assert row_counts(w.server) == counts
     assert rows(w.server) == before
     if compare:
         assert compare(w) == seen
+
+
+_OPERATIONS: dict[int, list[tuple[re.Pattern[str], str, set[str]]]] = {}
+
+
+def declared_statuses(w: World, method: str, path: str) -> set[str] | None:
+    """The statuses ``/openapi.json`` declares for the operation that serves ``path`` (None
+    when no operation does: the router's own 404). Literal paths win over templates."""
+    key = id(w.server.app_state)
+    if key not in _OPERATIONS:
+        doc = w.api.client.get("/openapi.json").json()
+        table = []
+        for template, ops in doc["paths"].items():
+            pattern = re.compile("^" + re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template)) + "$")
+            for name, op in ops.items():
+                table.append((pattern, name.upper(), set(op["responses"])))
+        table.sort(key=lambda row: row[0].pattern.count("[^/]+"))
+        _OPERATIONS[key] = table
+    for pattern, name, statuses in _OPERATIONS[key]:
+        if name == method and pattern.match(path):
+            return statuses
+    return None
 
 
 def P(case: Case, id: str) -> Any:

@@ -16,7 +16,14 @@ from openwham import __version__
 from openwham.config import Settings
 from openwham.service.accounts import ensure_owner_committed
 from openwham.store.db import Database
-from openwham.wire import CreateTaskRequest, DatabaseHealth, Health, HealthStatus, RequestLoad
+from openwham.wire import (
+    CreateTaskRequest,
+    DatabaseHealth,
+    ErrorBody,
+    Health,
+    HealthStatus,
+    RequestLoad,
+)
 
 from . import errors
 from .admission import AdmissionGate, Gate
@@ -41,6 +48,28 @@ def _unique_id(style: str) -> Any:
         return f"{style}_{route.name}"
 
     return make
+
+
+def _declare_errors(schema: dict[str, Any]) -> None:
+    """The error answers every API operation can give, in place of FastAPI's 422 (which this
+    app never sends: bad input is a 400, ``errors.install``); 503 is the admission gate's
+    (overload). Routes declare their own others (409, 429, 502) with ``errors.error_responses``."""
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for path, operations in schema.get("paths", {}).items():
+        if not path.startswith(tuple(PREFIXES.values())):
+            continue
+        for method, operation in operations.items():
+            codes = [400, 401, 403, 503]
+            if "{" in path:
+                codes.append(404)
+            if method != "get":
+                codes.append(413)
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            for code in codes:
+                responses.setdefault(
+                    str(code), {"description": errors.ERROR_MEANINGS[code], "content": body}
+                )
 
 
 def create_app(settings: Settings | None = None, *, db: Database | None = None) -> FastAPI:
@@ -119,6 +148,8 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(extra.pop("$defs", {}))
         components["CreateTaskRequest"] = extra
+        components["ErrorBody"] = ErrorBody.model_json_schema()
+        _declare_errors(schema)
         app.openapi_schema = schema
         return schema
 

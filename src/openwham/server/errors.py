@@ -12,8 +12,28 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openwham.service.errors import ServiceError, Unauthorized
+from openwham.wire import ErrorBody
 
 log = logging.getLogger("openwham.server")
+
+# What each error status means on this API; the OpenAPI document declares them (``responses``).
+ERROR_MEANINGS = {
+    400: "Bad input: the detail names the field and the problem",
+    401: "Missing, invalid, expired or revoked bearer token",
+    403: "ChatGPT-Account-Id names an account this user is not in",
+    404: "No such object for this account (or not this account's)",
+    409: "Not possible in the object's current state: the detail says why",
+    413: "Request body (or prompt) over the server's limit",
+    429: "Task rate limit reached: the body carries the limit's state",
+    502: "A remote openwham talks to for the caller (a git remote) failed",
+    503: "This server cannot do this now (busy: retry after Retry-After; or it cannot run"
+    " tasks): the detail says why",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """``responses`` for a route: each status with the ``{"detail": ...}`` body."""
+    return {code: {"model": ErrorBody, "description": ERROR_MEANINGS[code]} for code in codes}
 
 
 def _loc(loc: Any) -> str:

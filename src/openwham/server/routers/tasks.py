@@ -34,6 +34,7 @@ from openwham.wire import (
 )
 
 from ..deps import InlineDiffDep, PrincipalDep, SessionDep, StateDep
+from ..errors import error_responses
 from ..state import AppState
 
 router = APIRouter(tags=["tasks"])
@@ -88,6 +89,7 @@ def task_rate_limit(state: StateDep, principal: PrincipalDep, db: SessionDep) ->
 @router.post(
     "/tasks",
     response_model=CreateTaskResponse,
+    responses=error_responses(404, 409, 429),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -145,7 +147,11 @@ def delete_task(
     return OK
 
 
-@router.post("/tasks/{task_id}/recover", response_model=SuccessResponse)
+@router.post(
+    "/tasks/{task_id}/recover",
+    response_model=SuccessResponse,
+    responses=error_responses(409, 429),
+)
 def recover(
     task_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
 ) -> SuccessResponse:
@@ -163,7 +169,7 @@ def recover(
     return OK
 
 
-@router.post("/tasks/{task_id}/fork", response_model=TaskDetails)
+@router.post("/tasks/{task_id}/fork", response_model=TaskDetails, responses=error_responses(409))
 def fork(
     task_id: str,
     state: StateDep,
@@ -230,7 +236,11 @@ def _stop(state: AppState, turn_ids: list[str]) -> None:
         state.runner.cancel(turn_ids)
 
 
-@router.post("/tasks/{task_id}/turns/{turn_id}/discard", response_model=SuccessResponse)
+@router.post(
+    "/tasks/{task_id}/turns/{turn_id}/discard",
+    response_model=SuccessResponse,
+    responses=error_responses(409),
+)
 def discard(task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep) -> SuccessResponse:
     """Set a finished attempt aside; the task's current attempt moves to a kept sibling."""
     tasks.discard(db, principal, task_id, turn_id)
@@ -292,7 +302,11 @@ def sibling_turns(
     return tasks.sibling_turns(db, principal, task_id, turn_id, inline_diff=inline)
 
 
-@router.post("/tasks/{task_id}/turns/{turn_id}/pr", response_model=ExternalPullRequest)
+@router.post(
+    "/tasks/{task_id}/turns/{turn_id}/pr",
+    response_model=ExternalPullRequest,
+    responses=error_responses(409, 502),
+)
 def create_pr(
     task_id: str, turn_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
 ) -> dict[str, Any]:
