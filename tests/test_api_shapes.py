@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import schemathesis
 from pydantic import BaseModel, TypeAdapter
 
 from conftest import Api, Server, git, make_server, reference_dir
@@ -474,6 +475,7 @@ class Scenario:
     created: dict[str, Any]
     task_id: str
     responses: dict[str, Any] = field(default_factory=dict)
+    requests: dict[str, tuple[str, dict[str, Any] | None]] = field(default_factory=dict)
 
 
 def _finish_task(server: Server, task_id: str) -> None:
@@ -575,6 +577,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         resp = api.get(path, params=params)
         assert resp.status_code == 200, f"{path}: {resp.status_code} {resp.text}"
         r[name] = resp.json()
+        sc.requests[name] = (path, params)
     viewed = api.post(f"tasks/{task_id}/turns/{turn_id}/viewed")
     assert viewed.status_code == 200, viewed.text
     r["viewed"] = viewed.json()
@@ -756,6 +759,22 @@ def test_responses_validate_into_wire_models(scenario: Scenario, name: str) -> N
         again = parsed.model_dump(mode="json")
     assert extra_field_problems(parsed) == []
     assert again == data
+
+
+def test_responses_match_the_published_openapi_schema(scenario: Scenario) -> None:
+    """Each answer validates against ``/openapi.json`` (what the fuzz checks on every case):
+    completed best-of-4 attempts with messages, a ``pr`` item and work logs included."""
+    schema = schemathesis.openapi.from_asgi("/openapi.json", scenario.api.client.app)
+    failures = []
+    for name, (path, params) in scenario.requests.items():
+        resp = scenario.api.get(path, params=params)
+        operation = schema.find_operation_by_path("GET", scenario.api.url(path))
+        assert operation is not None, path
+        try:
+            operation.validate_response(resp)
+        except (AssertionError, BaseExceptionGroup) as exc:
+            failures.append(f"{name}: {exc}")
+    assert failures == []
 
 
 def test_both_path_styles_answer_the_same(scenario: Scenario) -> None:

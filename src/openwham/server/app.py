@@ -72,6 +72,21 @@ def _declare_errors(schema: dict[str, Any]) -> None:
                 )
 
 
+def _one_of_as_any_of(node: Any) -> None:
+    """``oneOf`` without a ``discriminator`` becomes ``anyOf``, in place. Pydantic writes
+    ``oneOf`` for unions whose member a callable discriminator picks by tag, but the members
+    overlap (``UnknownObject`` takes any object, a user turn fits the assistant turn's lenient
+    shape), so a real answer matches more than one and ``oneOf`` would call it invalid."""
+    if isinstance(node, dict):
+        if "oneOf" in node and "discriminator" not in node:
+            node["anyOf"] = node.pop("oneOf")
+        for value in node.values():
+            _one_of_as_any_of(value)
+    elif isinstance(node, list):
+        for value in node:
+            _one_of_as_any_of(value)
+
+
 def create_app(settings: Settings | None = None, *, db: Database | None = None) -> FastAPI:
     """Open (and migrate) the store, make sure the owner exists, and wire up the routes."""
     settings = settings or Settings()
@@ -150,6 +165,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
         components["CreateTaskRequest"] = extra
         components["ErrorBody"] = ErrorBody.model_json_schema()
         _declare_errors(schema)
+        _one_of_as_any_of(schema)
         app.openapi_schema = schema
         return schema
 
