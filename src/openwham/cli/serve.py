@@ -24,8 +24,10 @@ def serve(
 ) -> None:
     """Start openwham and print its base URL."""
     from openwham.server.app import create_app
+    from openwham.server.malloc import limit_arenas
     from openwham.service.keys import KeysMismatch
 
+    limit_arenas()  # before any thread: many short-lived ones fragment per-thread arenas
     settings = settings_for(data_dir)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations are routine on start
