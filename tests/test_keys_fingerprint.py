@@ -40,6 +40,16 @@ def test_a_node_with_other_keys_is_refused_and_one_with_the_same_keys_starts(
         assert f"{tmp_path / 'node-b' / 'keys'}" in message
         assert "copy the keys/ directory of a node already serving this database into " in message
         assert "Traceback" not in other.stderr
+        # nor does it mint tokens the serving node would refuse
+        token = subprocess.run(
+            [str(WHAM), "token", "create", "--data-dir", str(tmp_path / "node-b")],
+            env={**os.environ, "WHAM_DATABASE_URL": postgres_url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert token.returncode == 1 and token.stdout == ""
+        assert "copy the keys/ directory" in token.stderr and "Traceback" not in token.stderr
 
         # with the first node's keys, it joins
         joined = tmp_path / "node-c"

@@ -81,12 +81,18 @@ def create(
     """Print a new API token for the owner account (use it as Authorization: Bearer)."""
     from openwham.service import tokens
     from openwham.service.accounts import create_api_token, ensure_owner
-    from openwham.service.keys import signing_key
+    from openwham.service.keys import KeysMismatch, check_fingerprint, secrets_key, signing_key
 
     days = expires_in if expires_in is not None else ttl_days
-    key = signing_key(settings_for(data_dir))
+    settings = settings_for(data_dir)
+    key = signing_key(settings)
     now = time.time()
     with _owner_session(data_dir) as (session, _, default_ttl):
+        try:  # a token signed with other keys than the servers' would be refused by them
+            check_fingerprint(session, settings, key, secrets_key(settings))
+        except KeysMismatch as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
         ttl = _service(lambda: tokens.lifetime_seconds(days, default_ttl))
         account, user = ensure_owner(session)
         row, token = _service(
