@@ -9,6 +9,7 @@ does not, and that nothing of it outlives the server.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +24,10 @@ from conftest import (
     make_repo,
     make_server,
     wait_for_task,
+    wait_for_turn,
 )
 from openwham.engine.attempt import Engine
+from openwham.engine.standby import AgentKey, Prepared, StandbyPool
 from openwham.runtimes import codex
 from openwham.store import models as m
 from support.procs import foreign_process, namespace_pids, sandbox_namespace, wait_gone
@@ -209,7 +212,7 @@ def test_standby_sandboxes_end_with_the_server_and_are_off_with_zero(
     edit_task(server, env["id"])
     wait_standby(server)
     root = engine_of(server).attempts_root
-    (standby,) = engine_of(server).standby._ready.values()
+    ((standby,),) = engine_of(server).standby._ready.values()
     assert standby.proc.pid is not None and Path(f"/proc/{standby.proc.pid}").exists()
     sandbox = sandbox_namespace(standby.proc.pid)
     assert namespace_pids(sandbox)
@@ -235,3 +238,108 @@ def test_standby_sandboxes_end_with_the_server_and_are_off_with_zero(
         assert len(engine_of(server).standby) == 0
     finally:
         next(off, None)
+
+
+# --------------------------------------------------------------------------- several per key
+
+
+class _Proc:
+    """What the pool asks of a standby's sandbox: whether it still runs."""
+
+    def __init__(self) -> None:
+        self.alive = True
+
+    def poll(self) -> object:
+        return None if self.alive else object()
+
+
+def _pool(
+    size: int, made: list[Prepared], dropped: list[Prepared], gate: threading.Event
+) -> StandbyPool:
+    def make(key: AgentKey) -> Prepared:
+        gate.wait(10)
+        proc: Any = _Proc()
+        prepared = Prepared(dir=Path("/nonexistent"), base="b", proc=proc, owner="o")
+        made.append(prepared)
+        return prepared
+
+    return StandbyPool(size=size, max_age=60.0, make=make, drop=dropped.append)
+
+
+def _key(name: str) -> AgentKey:
+    return AgentKey(name, f"/{name}", "main", False, "m", None, None)
+
+
+def test_a_best_of_n_finds_n_standbys_prepared_in_parallel() -> None:
+    made: list[Prepared] = []
+    dropped: list[Prepared] = []
+    gate = threading.Event()
+    pool = _pool(4, made, dropped, gate)
+    try:
+        pool.refill(_key("a"), 4)
+        # all four are being prepared at once (each make blocks until the gate opens)
+        fills = [t for t in threading.enumerate() if t.name == "standby-fill"]
+        assert len(fills) == 4 and pool.busy
+        pool.refill(_key("a"), 4)  # nothing more: four are on their way
+        assert len([t for t in threading.enumerate() if t.name == "standby-fill"]) == 4
+        gate.set()
+        deadline = time.monotonic() + 10
+        while pool.busy or len(pool) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        taken = [pool.take(_key("a")) for _ in range(4)]
+        assert all(p is not None for p in taken) and len({id(p) for p in taken}) == 4
+        assert pool.take(_key("a")) is None and len(pool) == 0
+        assert dropped == []
+    finally:
+        gate.set()
+        pool.close()
+
+
+def test_standbys_beyond_the_size_evict_the_least_recently_refilled_key() -> None:
+    made: list[Prepared] = []
+    dropped: list[Prepared] = []
+    gate = threading.Event()
+    gate.set()
+    pool = _pool(3, made, dropped, gate)
+    try:
+        pool.refill(_key("a"), 2)
+        deadline = time.monotonic() + 10
+        while pool.busy or len(pool) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pool.refill(_key("b"), 5)  # capped at the size: three for b, a's two evicted first
+        while pool.busy or len(dropped) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert len(pool) == 3
+        assert pool.take(_key("a")) is None
+        assert all(pool.take(_key("b")) is not None for _ in range(3))
+        assert set(map(id, dropped)) == set(map(id, made[:2]))
+    finally:
+        pool.close()
+
+
+def test_a_best_of_two_task_finds_a_standby_for_each_attempt(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    """After a best-of-2 task, two standbys are prepared for the next one like it, and both
+    of its attempts start in one (with one standby kept per key, the second started cold)."""
+    for server in make_server(
+        tmp_path, sqlite_url, **engine_settings(scripted_model, standby_sandboxes=2)
+    ):
+        api = server.api
+        env = api.create_env(repo)
+        scripted_model.script = [Say("ok")]
+        ids = []
+        for _ in range(2):
+            created = api.create_task(env["id"], "Look", metadata={"best_of_n": 2})
+            task_id = created["task"]["id"]
+            first = wait_for_task(api, task_id)["current_assistant_turn"]
+            others = api.get(f"tasks/{task_id}/turns/{first['id']}/sibling_turns").json()
+            turns = [first["id"], *(t["id"] for t in others["sibling_turns"])]
+            for turn_id in turns:
+                assert wait_for_turn(api, task_id, turn_id)["turn_status"] == "completed"
+            ids.append(turns)
+            wait_standby(server, count=2)
+        assert [run_info(server, t)["standby"] for t in ids[1]] == [True, True]

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     attempt_max_tries: int = 2
     # Standby sandboxes kept ready (workspace cloned, Codex started and waiting for a prompt)
     # for the repository/branch/settings of recent attempts; 0 turns them off.
-    standby_sandboxes: int = 2
+    standby_sandboxes: int = 4
     standby_max_age_seconds: int = 1800
 
     # Limits of one attempt's sandbox.

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from openwham.config import Settings
@@ -187,6 +187,7 @@ class Claim:
     needs_title: bool
     tries: int
     resume: Resume | str | None = None  # a follow-up's starting point (str: why there is none)
+    attempts: int = 1  # the task's attempts for this prompt (best-of-N): standbys to refill
     title: TitleJob | None = None  # the title being made (first attempt of a new task)
     setup_script: str = ""
     env_vars: dict[str, str] = field(default_factory=dict)  # setup and agent
@@ -314,7 +315,8 @@ class Engine:
                 and claim.plain
                 and control.reason != "shutdown"
             ):
-                self.standby.refill(claim.key)  # the next attempt like this one starts warm
+                # the next task like this one starts warm, each of its attempts
+                self.standby.refill(claim.key, claim.attempts)
             storage.tidy(self.attempts_root, self.db, turn_id)  # keeps what follow-ups need
 
     # ------------------------------------------------------------------ claiming
@@ -381,6 +383,7 @@ class Engine:
                 resume=resume,
                 setup_script="\n".join(setup) if isinstance(setup, list) else str(setup),
                 env_vars=_usable_vars(env_body.get("env_vars")),
+                attempts=_attempts_for(s, turn),
             )
         self.bus.publish(turn_id)
         try:
@@ -989,6 +992,18 @@ _STANDBY_PREFIX = ".standby-"
 
 
 _SETTLE_LIMITS = Limits(wall_clock_seconds=60, max_processes=64, memory_bytes=1 << 30)
+
+
+def _attempts_for(s: Session, turn: m.Turn) -> int:
+    """How many attempts answer ``turn``'s prompt (its best-of-N siblings and itself)."""
+    if turn.parent_id is None:
+        return 1
+    count = s.scalar(
+        select(func.count())
+        .select_from(m.Turn)
+        .where(m.Turn.parent_id == turn.parent_id, m.Turn.role == "assistant")
+    )
+    return max(1, int(count or 1))
 
 
 def _settle_index(workspace: Path) -> None:

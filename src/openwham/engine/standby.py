@@ -6,7 +6,9 @@ bubblewrap and the gateway forwarder, and Codex's own start-up before it reads i
 one for the same repository, branch and agent settings in the background; the next attempt
 that matches takes it (a ``rename`` of its directory and a token hand-over) and only writes
 its prompt. A standby is used only while the branch head is unchanged, is dropped after
-``max_age`` seconds, and at most ``size`` are kept (least recently used go first).
+``max_age`` seconds, and at most ``size`` are kept (least recently used go first). A key may
+have several (``refill(key, count)``): a best-of-N task's attempts each find one, prepared in
+parallel after the last such task, instead of all but one starting cold.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ class StandbyPool:
         self._make = make
         self._drop = drop
         self._lock = threading.Lock()
-        self._ready: OrderedDict[AgentKey, Prepared] = OrderedDict()
-        self._filling: dict[AgentKey, threading.Thread] = {}
+        self._ready: OrderedDict[AgentKey, list[Prepared]] = OrderedDict()
+        self._filling: dict[AgentKey, list[threading.Thread]] = {}
         self._closed = threading.Event()
         self._pruner: threading.Thread | None = None
 
@@ -81,11 +83,12 @@ class StandbyPool:
         caller's to check. A standby being prepared for the key is waited for: it started
         earlier than a cold start would."""
         with self._lock:
-            filling = self._filling.get(key)
-        if filling is not None:
-            filling.join()
-        with self._lock:
-            prepared = self._ready.pop(key, None)
+            prepared = self._pop(key)
+            filling = list(self._filling.get(key, ())) if prepared is None else []
+        if filling:
+            filling[0].join()
+            with self._lock:
+                prepared = self._pop(key)
         if prepared is None:
             return None
         if self._usable(prepared):
@@ -93,33 +96,37 @@ class StandbyPool:
         self._drop_later(prepared)
         return None
 
-    def refill(self, key: AgentKey) -> None:
-        """Prepare a standby for ``key`` in the background unless there is one already."""
+    def refill(self, key: AgentKey, count: int = 1) -> None:
+        """Prepare standbys for ``key`` in the background, in parallel, until ``count`` (at
+        most ``size``) are ready or being prepared."""
         if self.size <= 0 or self._closed.is_set():
             return
         with self._lock:
-            if key in self._filling or key in self._ready:
+            have = len(self._ready.get(key, ())) + len(self._filling.get(key, ()))
+            threads = [
+                threading.Thread(target=self._fill, args=(key,), name="standby-fill", daemon=True)
+                for _ in range(max(0, min(count, self.size) - have))
+            ]
+            if not threads:
                 return
-            thread = threading.Thread(
-                target=self._fill, args=(key,), name="standby-fill", daemon=True
-            )
-            self._filling[key] = thread
+            self._filling.setdefault(key, []).extend(threads)
             if self._pruner is None:
                 self._pruner = threading.Thread(
                     target=self._prune_loop, name="standby-prune", daemon=True
                 )
                 self._pruner.start()
-        thread.start()
+        for thread in threads:
+            thread.start()
 
     def close(self) -> None:
         """Drop every standby (server stopping); nothing is prepared afterwards."""
         self._closed.set()
         with self._lock:
-            filling = list(self._filling.values())
+            filling = [t for threads in self._filling.values() for t in threads]
         for thread in filling:
             thread.join(timeout=30)
         with self._lock:
-            ready = list(self._ready.values())
+            ready = [p for prepared in self._ready.values() for p in prepared]
             self._ready.clear()
         for prepared in ready:
             self._drop(prepared)
@@ -132,9 +139,19 @@ class StandbyPool:
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._ready)
+            return sum(len(prepared) for prepared in self._ready.values())
 
     # ------------------------------------------------------------------ internals
+
+    def _pop(self, key: AgentKey) -> Prepared | None:
+        """The key's oldest ready standby, taken out of the pool (lock held)."""
+        ready = self._ready.get(key)
+        if not ready:
+            return None
+        prepared = ready.pop(0)
+        if not ready:
+            del self._ready[key]
+        return prepared
 
     def _usable(self, prepared: Prepared) -> bool:
         return prepared.proc.poll() is None and time.monotonic() - prepared.created < self.max_age
@@ -148,12 +165,15 @@ class StandbyPool:
             return
         evicted: list[Prepared] = []
         with self._lock:
-            self._filling.pop(key, None)
+            self._forget_thread(key)
             closed = self._closed.is_set()
             if not closed:
-                self._ready[key] = prepared
-                while len(self._ready) > self.size:
-                    evicted.append(self._ready.popitem(last=False)[1])
+                self._ready.setdefault(key, []).append(prepared)
+                self._ready.move_to_end(key)
+                while sum(len(p) for p in self._ready.values()) > self.size:
+                    oldest = self._pop(next(iter(self._ready)))  # least recently refilled key
+                    assert oldest is not None
+                    evicted.append(oldest)
         for old in evicted:
             self._drop(old)
         if closed:
@@ -162,12 +182,20 @@ class StandbyPool:
         # settle() changes the standby's files: only while it is still in the pool
         if self._settle is not None and not self._closed.wait(self._settle_after):
             with self._lock:
-                if self._ready.get(key) is prepared:
+                if any(p is prepared for p in self._ready.get(key, ())):
                     self._settle(prepared)
+
+    def _forget_thread(self, key: AgentKey) -> None:
+        """This fill thread is done (lock held)."""
+        threads = self._filling.get(key, [])
+        if threading.current_thread() in threads:
+            threads.remove(threading.current_thread())
+        if not threads:
+            self._filling.pop(key, None)
 
     def _forget_filling(self, key: AgentKey) -> None:
         with self._lock:
-            self._filling.pop(key, None)
+            self._forget_thread(key)
 
     def _drop_later(self, prepared: Prepared) -> None:
         threading.Thread(target=self._drop, args=(prepared,), daemon=True).start()
@@ -175,7 +203,14 @@ class StandbyPool:
     def _prune_loop(self) -> None:
         while not self._closed.wait(min(30.0, max(1.0, self.max_age / 4))):
             with self._lock:
-                stale = [k for k, p in self._ready.items() if not self._usable(p)]
-                dropped = [self._ready.pop(k) for k in stale]
+                dropped: list[Prepared] = []
+                for key in list(self._ready):
+                    keep: list[Prepared] = []
+                    for p in self._ready[key]:
+                        (keep if self._usable(p) else dropped).append(p)
+                    if keep:
+                        self._ready[key] = keep
+                    else:
+                        del self._ready[key]
             for prepared in dropped:
                 self._drop(prepared)
