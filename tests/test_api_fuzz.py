@@ -10,7 +10,7 @@ does not match it, and on a request that does not answer in 30 s. Attempts never
 (``executor=none``): no sandbox starts. Runs on SQLite and PostgreSQL.
 
 The run is seeded and bounded: about ``WHAM_FUZZ_CASES`` requests in all (default 400, split
-evenly over the databases and operations, at least 3 per operation on each: ~560), seed
+evenly over the databases and operations, at least 3 per operation on each: ~540), seed
 ``WHAM_FUZZ_SEED`` (default 16). The release run (README, "Running the tests") is
 
     WHAM_FUZZ_CASES=12000 ./scripts/test tests/test_api_fuzz.py -s
