@@ -1,0 +1,108 @@
+"""``python -m bench.bestof``: the wall time of a best-of-4 task over a single attempt (issue 20).
+
+A real ``wham serve`` (scripted model: one command, then an answer; generated repository of
+``--files`` files; ``WHAM_EXECUTOR_CONCURRENCY`` = ``--concurrency``) runs, interleaved,
+``--runs`` single-attempt tasks and ``--runs`` best-of-4 tasks (``metadata.best_of_n``). Each
+is timed from ``POST tasks`` until every attempt is terminal; between runs the server is left
+idle until the attempts' workspaces are gone and the standbys wait for their prompts (as a
+person's next task finds it). One warm-up of each kind first (mirror, standbys for both).
+Prints min / median / max of each and the ratio of the medians (target ≤ 1.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import harness as h
+from .repo import generate
+
+
+def run_task(server: h.WhamServer, env_id: str, n: int, tag: str) -> float:
+    """POST a task of ``n`` attempts; seconds until all of them ended."""
+    body = {
+        "new_task": {"environment_id": env_id},
+        "input_items": [
+            {
+                "type": "message",
+                "role": "user",
+                "content": [{"content_type": "text", "text": f"bench-run-{tag}: say hi"}],
+            }
+        ],
+        "metadata": {"best_of_n": n},
+    }
+    t0 = time.perf_counter()
+    r = server.client.post(server.api("tasks"), json=body)
+    r.raise_for_status()
+    task_id, turn_id = r.json()["task"]["id"], r.json()["turn"]["id"]
+    deadline = time.monotonic() + 600
+    while True:
+        r = server.client.get(server.api(f"tasks/{task_id}/turns/{turn_id}/sibling_turns"))
+        r.raise_for_status()
+        turns = r.json()["sibling_turns"]
+        first = server.client.get(server.api(f"tasks/{task_id}")).json()["current_assistant_turn"]
+        statuses = [t.get("turn_status") for t in [first, *turns]]
+        if len(statuses) == n and all(s in h.TERMINAL for s in statuses):
+            wall = time.perf_counter() - t0
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"task {task_id} never ended: {statuses}")
+        time.sleep(0.02)
+    for tid in [first["id"], *(t["id"] for t in turns)]:
+        server.wait_cleanup(tid)
+    return wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.bestof", description=__doc__)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--files", type=int, default=5000)
+    ap.add_argument("--concurrency", type=int, default=4, help="WHAM_EXECUTOR_CONCURRENCY")
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="wham-bench-bestof-", dir="/var/tmp"))
+    model, _ = h.start_model()
+    model.script = [h.Shell("echo hi"), h.Say("Hi.")]
+    server = None
+    try:
+        repo = generate(work / "repo", args.files)
+        server = h.WhamServer.start(
+            work / "data",
+            model.url,
+            log_path=work / "serve.log",
+            extra_env={"WHAM_EXECUTOR_CONCURRENCY": str(args.concurrency)},
+        )
+        env_id = server.create_env(repo)
+        run_task(server, env_id, 1, "warm-1")
+        run_task(server, env_id, 4, "warm-4")
+        single: list[float] = []
+        best: list[float] = []
+        for i in range(args.runs):
+            best.append(run_task(server, env_id, 4, f"4-{i}"))
+            single.append(run_task(server, env_id, 1, f"1-{i}"))
+            print(
+                f"run {i + 1}: single {single[-1]:.2f} s, best-of-4 {best[-1]:.2f} s",
+                file=sys.stderr,
+            )
+        for name, values in (("single attempt", single), ("best-of-4", best)):
+            print(
+                f"{name:<16} s: min {min(values):.2f} median {statistics.median(values):.2f} "
+                f"max {max(values):.2f}"
+            )
+        ratio = statistics.median(best) / statistics.median(single)
+        print(f"best-of-4 / single, medians: {ratio:.2f} (target <= 1.5)")
+        return 0
+    finally:
+        if server is not None:
+            server.stop()
+        model.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
