@@ -343,3 +343,45 @@ def test_a_best_of_two_task_finds_a_standby_for_each_attempt(
             ids.append(turns)
             wait_standby(server, count=2)
         assert [run_info(server, t)["standby"] for t in ids[1]] == [True, True]
+
+
+def test_attempts_waiting_together_each_take_a_standby_being_prepared() -> None:
+    """Two attempts arrive while two standbys are being prepared, one fast and one slow:
+    each gets one (the second waits for the slow fill instead of starting cold when the
+    fast one is taken); a third, with no fill left under way, starts cold at once."""
+    first, second = threading.Event(), threading.Event()
+    gates = [first, second]
+    lock = threading.Lock()
+
+    def make(key: AgentKey) -> Prepared:
+        with lock:
+            gate = gates.pop(0)
+        gate.wait(10)
+        proc: Any = _Proc()
+        return Prepared(dir=Path("/nonexistent"), base="b", proc=proc, owner="o")
+
+    pool = StandbyPool(size=4, max_age=60.0, make=make, drop=lambda p: None)
+    try:
+        pool.refill(_key("a"), 2)
+        got: list[Prepared | None] = []
+        takers = [threading.Thread(target=lambda: got.append(pool.take(_key("a")))) for _ in "ab"]
+        for t in takers:
+            t.start()
+        time.sleep(0.2)
+        assert got == []  # both wait for the fills
+        first.set()  # one fill ends: one taker has it, the other keeps waiting
+        deadline = time.monotonic() + 10
+        while len(got) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert len(got) == 1 and got[0] is not None
+        second.set()
+        for t in takers:
+            t.join(10)
+        assert len(got) == 2 and got[1] is not None and got[0] is not got[1]
+        assert pool.take(_key("a")) is None
+    finally:
+        first.set()
+        second.set()
+        pool.close()

@@ -72,6 +72,7 @@ class StandbyPool:
         self._make = make
         self._drop = drop
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a fill ended (ready or failed)
         self._ready: OrderedDict[AgentKey, list[Prepared]] = OrderedDict()
         self._filling: dict[AgentKey, list[threading.Thread]] = {}
         self._closed = threading.Event()
@@ -82,12 +83,13 @@ class StandbyPool:
         dropped in the background); whether its checkout is still the branch head is the
         caller's to check. A standby being prepared for the key is waited for: it started
         earlier than a cold start would."""
-        with self._lock:
+        with self._changed:
             prepared = self._pop(key)
-            filling = list(self._filling.get(key, ())) if prepared is None else []
-        if filling:
-            filling[0].join()
-            with self._lock:
+            # wait while fills for the key are under way: each ends in one standby, and the
+            # attempts of a best-of-N waiting together take one each (none waits on a fill
+            # another has taken; when none is left, the rest start cold)
+            while prepared is None and self._filling.get(key) and not self._closed.is_set():
+                self._changed.wait(1.0)
                 prepared = self._pop(key)
         if prepared is None:
             return None
@@ -186,7 +188,8 @@ class StandbyPool:
                     self._settle(prepared)
 
     def _forget_thread(self, key: AgentKey) -> None:
-        """This fill thread is done (lock held)."""
+        """This fill thread is done (lock held); takers waiting for it look again."""
+        self._changed.notify_all()
         threads = self._filling.get(key, [])
         if threading.current_thread() in threads:
             threads.remove(threading.current_thread())
