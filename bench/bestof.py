@@ -4,9 +4,9 @@ A real ``wham serve`` (scripted model: one command, then an answer; generated re
 ``--files`` files; ``WHAM_EXECUTOR_CONCURRENCY`` = ``--concurrency``) runs, interleaved,
 ``--runs`` single-attempt tasks and ``--runs`` best-of-4 tasks (``metadata.best_of_n``). Each
 is timed from ``POST tasks`` until every attempt is terminal; between runs the server is left
-idle until the attempts' workspaces are gone and the standbys wait for their prompts (as a
-person's next task finds it). One warm-up of each kind first (mirror, standbys for both).
-Prints min / median / max of each and the ratio of the medians (target ≤ 1.5).
+idle until the attempts' workspaces are gone and as many standbys as the task had attempts
+are prepared and settled (as a person's next task finds it). One warm-up of each kind first
+(mirror, standbys). Prints min / median / max of each and the ratio of the medians (target ≤ 1.5).
 """
 
 from __future__ import annotations
@@ -55,7 +55,25 @@ def run_task(server: h.WhamServer, env_id: str, n: int, tag: str) -> float:
         time.sleep(0.02)
     for tid in [first["id"], *(t["id"] for t in turns)]:
         server.wait_cleanup(tid)
+    wait_standbys(server, n)
     return wall
+
+
+def wait_standbys(server: h.WhamServer, n: int, timeout: float = 120) -> None:
+    """Until ``n`` standbys are prepared and settled (their index rewritten a second after
+    the checkout), as after a pause between a person's tasks."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        settled = 0
+        for git_dir in (server.data_dir / "attempts").glob(".standby-*/workspace/.git"):
+            try:
+                if (git_dir / "index").stat().st_mtime - (git_dir / "HEAD").stat().st_mtime > 1:
+                    settled += 1
+            except OSError:
+                continue
+        if settled >= n:
+            return
+        time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:
