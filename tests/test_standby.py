@@ -224,8 +224,11 @@ def test_standby_sandboxes_end_with_the_server_and_are_off_with_zero(
         assert Path(f"/proc/{other}").exists()
     assert not list(root.glob(".standby-*"))
 
+    # A server of its own (data directory and database): another data directory on the same
+    # database holds other keys, which the database's key fingerprint refuses.
+    off_url = f"sqlite:///{tmp_path / 'off' / 'data' / 'openwham.db'}"
     off = make_server(
-        tmp_path / "off", sqlite_url, **engine_settings(scripted_model, standby_sandboxes=0)
+        tmp_path / "off", off_url, **engine_settings(scripted_model, standby_sandboxes=0)
     )
     server = next(off)
     try:
