@@ -342,3 +342,33 @@ def test_recovery_leaves_an_attempt_that_heartbeats_meanwhile(
     status, body, updated = _row(db, turn_id)
     assert beats and updated == beats[0]
     assert status is TurnStatus.IN_PROGRESS and body["run"]["executor"] == "elsewhere:1:gone"
+
+
+def test_events_of_one_turn_become_visible_in_id_order(db: Database) -> None:
+    """Writer A inserts and holds its transaction, writer B inserts and commits, a reader
+    reads, A commits, the reader reads again: the reader gets both events, in order. Without
+    the per-turn lock in events.append, B's higher id is read first and A's lower one, committed
+    later, is skipped forever by a reader resuming after the last id it saw."""
+    from openwham.store import events
+
+    _attempt(db, TurnStatus.IN_PROGRESS)
+    seen: list[events.Event] = []
+
+    def read() -> None:
+        with db.sessions() as s:
+            seen.extend(events.read(s, "turn", after=seen[-1].id if seen else 0))
+
+    def writer_b() -> None:
+        with db.session() as s:
+            events.append(s, "task", "turn", events.LOG, {"text": "B"})
+
+    b = threading.Thread(target=writer_b)
+    with db.session() as a:
+        events.append(a, "task", "turn", events.LOG, {"text": "A"})
+        b.start()
+        b.join(timeout=2)  # without the fix B commits here; with it B waits for A
+        read()
+    b.join()
+    read()
+    assert [e.payload["text"] for e in seen] == ["A", "B"]
+    assert [e.id for e in seen] == sorted(e.id for e in seen)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, text
 from sqlalchemy.orm import Session
 
 from . import models as m
@@ -56,7 +56,14 @@ def append(
 ) -> None:
     """Add one event (committed with the caller's transaction). A Core insert: events are
     written for every line an agent prints, and the ORM's unit of work costs several times
-    more CPU per row (it runs in the server process, beside the gateway)."""
+    more CPU per row (it runs in the server process, beside the gateway).
+
+    On PostgreSQL the writers of one turn are serialised by a transaction-scoped advisory
+    lock taken before the id is allocated: ids of one turn then commit in order, so a reader
+    that resumes after the last id it saw can never skip a lower id committed later (SQLite
+    has one writer at a time already)."""
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(text("SELECT pg_advisory_xact_lock(hashtext(:turn))"), {"turn": turn_id})
     db.execute(
         insert(m.TurnEvent).values(
             task_id=task_id,
