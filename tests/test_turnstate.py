@@ -22,9 +22,9 @@ from openwham.wire.turns import TERMINAL_TURN_STATUSES, TURN_STATUSES
 ERROR = {"code": "setup_failed", "message": "The setup script exited with 1"}
 
 
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
+def _with_a_task(url: str) -> Database:
+    """A migrated database holding one account, user and task (no turns yet)."""
+    database = Database(url)
     database.migrate()
     now = time.time()
     with database.session() as s:
@@ -41,6 +41,12 @@ def db(database_url: str) -> Iterator[Database]:
                 updated_at=now,
             )
         )
+    return database
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    database = _with_a_task(database_url)
     try:
         yield database
     finally:
@@ -229,24 +235,8 @@ def test_a_claim_blocked_by_another_nodes_claim_loses(postgres_url: str) -> None
     """PostgreSQL, interleaved for certain: node A has claimed (not committed yet), node B's
     claim waits for A's row lock, A commits, and B's claim re-checks the row and is refused;
     likewise a cancel that lands first makes a claim fail."""
-    database = Database(postgres_url)
-    database.migrate()
+    database = _with_a_task(postgres_url)
     try:
-        now = time.time()
-        with database.session() as s:
-            s.add(m.Account(id="acct", name="a", created_at=now))
-            s.add(m.User(id="user", email="u@example.com", name="u", created_at=now))
-            s.flush()
-            s.add(
-                m.Task(
-                    id="task",
-                    account_id="acct",
-                    user_id="user",
-                    title="t",
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
         for first in (Transition.CLAIM, Transition.CANCEL):
             turn_id = _attempt(database, TurnStatus.PENDING, f"t-{first}")
             result: list[bool] = []
