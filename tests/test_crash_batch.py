@@ -213,6 +213,26 @@ def _quietly(call: Callable[[str], Any], path: str) -> None:
         call(path)
 
 
+def _push_held_at_the_remote(
+    c: httpx.Client, repo: Path, prompt: str, held: Path, hold_timeout: float
+) -> tuple[str, dict[str, Any]]:
+    """Run a task on ``repo`` to completion and start its PR push in a thread; return once
+    the remote's hook says it holds the push (``held`` exists). The task id and its turn."""
+    r = c.post("environments", json={"label": "acme/repo", "repos": [str(repo)]})
+    assert r.status_code == 201, r.text
+    body = {"new_task": {"environment_id": r.json()["id"]}, "input_items": _message(prompt)}
+    r = c.post("tasks", json=body)
+    assert r.status_code == 200, r.text
+    task_id = str(r.json()["task"]["id"])
+    assert _wait("completed", lambda: _current(c, task_id)["turn_status"] in TERMINAL, 90)
+    turn = _current(c, task_id)
+    assert turn["turn_status"] == "completed", turn["error"]
+    pr = f"tasks/{task_id}/turns/{turn['id']}/pr"
+    threading.Thread(target=_quietly, args=(c.post, pr), daemon=True).start()
+    assert _wait("the push at the remote", held.exists, hold_timeout)
+    return task_id, turn
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def database(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     """The server's database: the embedded SQLite, or PostgreSQL (``WHAM_DATABASE_URL``)."""
@@ -479,21 +499,8 @@ def test_a_pr_push_cut_short_by_a_crash_is_finished_on_the_same_branch_not_a_sec
     try:
         token = _token(data, env)
         with _client(first, token) as c:
-            r = c.post("environments", json={"label": "acme/repo", "repos": [str(repo)]})
-            assert r.status_code == 201, r.text
-            body = {
-                "new_task": {"environment_id": r.json()["id"]},
-                "input_items": _message("Add notes"),
-            }
-            r = c.post("tasks", json=body)
-            assert r.status_code == 200, r.text
-            task_id = r.json()["task"]["id"]
-            assert _wait("completed", lambda: _current(c, task_id)["turn_status"] in TERMINAL, 90)
-            turn = _current(c, task_id)
-            assert turn["turn_status"] == "completed", turn["error"]
+            task_id, turn = _push_held_at_the_remote(c, repo, "Add notes", held, 30)
             pr = f"tasks/{task_id}/turns/{turn['id']}/pr"
-            threading.Thread(target=_quietly, args=(c.post, pr), daemon=True).start()
-            assert _wait("the push at the remote", held.exists, 30)
     finally:
         stop(first, signal.SIGKILL)
     release.touch()  # the orphaned push completes: the branch is on the remote, unrecorded

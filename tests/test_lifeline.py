@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from conftest import git, make_repo, serve_env, start_live_server, stop
 from support.procs import unique_marker
 from support.scripted_model import Say, ScriptedModel, Shell
-from test_crash_batch import TERMINAL, _client, _current, _message, _quietly, _token, _wait
+from test_crash_batch import _client, _push_held_at_the_remote, _token, _wait
 
 PUSH = """
 import sys
@@ -111,18 +110,7 @@ def test_a_pr_push_held_at_the_remote_dies_with_a_killed_server(
     srv = start_live_server(data, env)
     try:
         with _client(srv, _token(data, env)) as c:
-            r = c.post("environments", json={"label": "acme/repo", "repos": [str(repo)]})
-            assert r.status_code == 201, r.text
-            body = {"new_task": {"environment_id": r.json()["id"]}, "input_items": _message("Go")}
-            r = c.post("tasks", json=body)
-            assert r.status_code == 200, r.text
-            task_id = r.json()["task"]["id"]
-            assert _wait("completed", lambda: _current(c, task_id)["turn_status"] in TERMINAL, 90)
-            turn = _current(c, task_id)
-            assert turn["turn_status"] == "completed", turn["error"]
-            pr = f"tasks/{task_id}/turns/{turn['id']}/pr"
-            threading.Thread(target=_quietly, args=(c.post, pr), daemon=True).start()
-            assert _wait("the push at the remote", held.exists, 60)
+            _push_held_at_the_remote(c, repo, "Go", held, 60)
             pushes = _git_processes(srv.process.pid, "push")
             assert len(pushes) == 1
         stop(srv, signal.SIGKILL)
