@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # The official Codex CLI, which cannot follow that endpoint, always gets it whole.
     inline_diff_max_bytes: int = Field(default=1 << 20, ge=1024)
 
+    # The most one artifact may hold before compression (what a later attempt reads of an
+    # earlier one on another node: a completed attempt's Codex session, in the database).
+    # A bigger session is not stored: follow-ups of it on other nodes say so, naming this.
+    artifact_max_mb: int = Field(default=64, ge=1, le=1024)
+
     # API and web UI requests served at once, each with its own database connection (a pool
     # of this size, apart from the executor's); more wait in a queue of ``request_queue``
     # for at most ``request_queue_seconds``, and beyond that get 503 with Retry-After at once.

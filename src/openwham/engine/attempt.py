@@ -56,6 +56,7 @@ from openwham.service.environments import (
 from openwham.service.keys import SecretBox, secrets_key
 from openwham.store import events, turnstate
 from openwham.store import models as m
+from openwham.store.artifacts import ArtifactError, ArtifactStore, DatabaseArtifactStore
 from openwham.store.db import Database, rowcount
 from openwham.store.events import EventBus
 from openwham.store.status import TurnStatus
@@ -226,9 +227,12 @@ class Engine:
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     )
     _box: SecretBox | None = field(default=None, init=False, repr=False)
+    #: what later attempts read of earlier ones on any node (engine/storage.py)
+    artifacts: ArtifactStore = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         data = self.settings.resolved_data_dir
+        self.artifacts = DatabaseArtifactStore(self.db, self.settings.artifact_max_mb << 20)
         self.mirrors = Mirrors(data / "mirrors", local_repo_policy(self.settings))
         self.attempts_root = data / "attempts"
         self.attempts_root.mkdir(parents=True, exist_ok=True)
@@ -238,7 +242,7 @@ class Engine:
             AddressGuard.from_setting(self.settings.egress_allow_networks),
         )
         _remove_orphaned_standbys(self.attempts_root)
-        storage.sweep(self.attempts_root, self.db)
+        storage.sweep(self.attempts_root, self.db, self.artifacts)
         storage.sweep_scratch(data / "tmp")
         self.standby = StandbyPool(
             size=self.settings.standby_sandboxes if self.gateway is not None else 0,
@@ -317,7 +321,8 @@ class Engine:
             ):
                 # the next task like this one starts warm, each of its attempts
                 self.standby.refill(claim.key, claim.attempts)
-            storage.tidy(self.attempts_root, self.db, turn_id)  # keeps what follow-ups need
+            # keeps what follow-ups need, and stores it for the other nodes
+            storage.tidy(self.attempts_root, self.db, turn_id, self.artifacts)
 
     # ------------------------------------------------------------------ claiming
 
@@ -768,21 +773,17 @@ class Engine:
 
     def _copy_codex_home(self, previous_turn_id: str, dest: Path) -> None:
         """Copy the previous attempt's Codex home (its session files) once that attempt's
-        sandbox is gone. The agent wrote there: links are copied as links, anything but
-        files and directories is left out (a FIFO would block the copy)."""
-        source = self.attempts_root / previous_turn_id / "codex-home"
-        closed = self.attempts_root / previous_turn_id / CLOSED_MARKER
-        deadline = time.monotonic() + CLOSE_SECONDS + 5
-        while not closed.exists() and source.is_dir() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not source.is_dir():
-            raise AttemptFailed(
-                "follow_up_error",
-                "The previous attempt's Codex session is gone (its task data was deleted?): "
-                "start a new task instead",
+        sandbox is gone: this node's files, else its stored session (engine/storage.py)."""
+        try:
+            storage.restore_codex_home(
+                self.attempts_root,
+                self.artifacts,
+                previous_turn_id,
+                dest,
+                wait=CLOSE_SECONDS + 5,
             )
-
-        storage.copy_codex_home(source, dest)
+        except ArtifactError as exc:
+            raise AttemptFailed("follow_up_error", str(exc)) from exc
 
     def _token_ttl(self, owner: str) -> float | None:
         if not owner.startswith(_STANDBY_PREFIX):

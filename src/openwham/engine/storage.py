@@ -11,6 +11,13 @@ a deleted turn, a crash (an attempt failed as ``executor_lost``) or an older ver
 behind is tidied the same way (a completed attempt whose server died before it wrote the
 ``closed`` marker gets it: its sandbox died with that server); attempts still pending or
 running are not touched.
+
+Other nodes cannot read this directory, so a completed attempt's compacted Codex home is
+also stored in the deployment's :class:`~openwham.store.artifacts.ArtifactStore` (the
+database by default) at the end of its run (:func:`tidy`), or by the start-up sweep when its
+server died first (:func:`store_session`); a follow-up or a fork on a node without the files
+unpacks it from there (:func:`restore_codex_home`, :func:`copy_sessions`). The files here stay
+as this node's copy (a follow-up here does not wait for the store).
 """
 
 from __future__ import annotations
@@ -28,8 +35,11 @@ from pathlib import Path
 from sqlalchemy import select
 
 from openwham.store import models as m
+from openwham.store.artifacts import ArtifactError, ArtifactStore, ArtifactTooLarge
 from openwham.store.db import Database
 from openwham.store.status import ACTIVE, TurnStatus
+
+from . import artifacts as packing
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +74,15 @@ def remove_tree(path: Path) -> None:
         log.warning("could not remove %s", path)
 
 
-def remove(root: Path, turn_ids: Iterable[str]) -> None:
-    """Remove the attempts' directories (whatever is left of them)."""
+def remove(root: Path, turn_ids: Iterable[str], artifacts: ArtifactStore | None = None) -> None:
+    """Remove the attempts' directories (whatever is left of them) and their artifacts."""
+    turn_ids = list(turn_ids)
     for turn_id in turn_ids:
         path = _dir(root, turn_id)
         if path is not None:
             remove_tree(path)
+    if artifacts is not None:
+        artifacts.delete(turn_ids)
 
 
 def _special(directory: str, names: list[str]) -> set[str]:
@@ -117,16 +130,31 @@ def compact_codex_home(home: Path) -> None:
 
 
 FORK_WAIT_SECONDS = 5.0  # Codex closes in well under a second once its result is in
+# How long a fork or a follow-up on a node without the attempt's files waits for its stored
+# session: the node that ran it stores it once Codex closed (at most ~10 s after completion).
+STORED_WAIT_SECONDS = 30.0
+_POLL_SECONDS = 0.2
 
 
-def copy_sessions(root: Path, mapping: dict[str, str]) -> None:
-    """Copy each old attempt's Codex home to the new attempt's directory (a fork). An
-    attempt forked the moment it completed may still be closing down: wait a little for
-    its ``closed`` marker, and whatever its end removes meanwhile is not needed (the copy
-    is cut down the same way)."""
+class SessionUnavailable(ArtifactError):
+    """A follow-up cannot resume the previous attempt's Codex session; the message says why."""
+
+
+def copy_sessions(
+    root: Path, mapping: dict[str, str], artifacts: ArtifactStore | None = None
+) -> None:
+    """Copy each old attempt's Codex home to the new attempt (a fork): its files when this
+    node has them, and its stored session (``artifacts``) for the other nodes. An attempt
+    forked the moment it completed may still be closing down: wait a little for its
+    ``closed`` marker (or its stored session), and whatever its end removes meanwhile is
+    not needed (the copy is cut down the same way)."""
     for old, new in mapping.items():
         source, dest = _dir(root, old), _dir(root, new)
-        if source is None or dest is None or not (source / CODEX_HOME).is_dir():
+        if source is None or dest is None:
+            continue
+        if not (source / CODEX_HOME).is_dir():  # ran on another node: its stored session
+            if artifacts is not None:
+                _copy_stored(artifacts, old, new, wait=STORED_WAIT_SECONDS)
             continue
         deadline = time.monotonic() + FORK_WAIT_SECONDS
         while not (source / CLOSED_MARKER).exists() and time.monotonic() < deadline:
@@ -136,6 +164,93 @@ def copy_sessions(root: Path, mapping: dict[str, str]) -> None:
             copy_codex_home(source / CODEX_HOME, dest / CODEX_HOME)
         compact_codex_home(dest / CODEX_HOME)
         (dest / CLOSED_MARKER).touch()
+        if artifacts is not None:
+            store_session(artifacts, dest, new)
+
+
+def _wait_stored(artifacts: ArtifactStore, turn_id: str, wait: float) -> str | None:
+    """The name under which ``turn_id``'s session (or why there is none) is stored, waiting
+    up to ``wait`` seconds for it; ``None`` when nothing came."""
+    deadline = time.monotonic() + wait
+    while True:
+        for name in (packing.CODEX_HOME, packing.CODEX_HOME_MISSING):
+            if artifacts.present([turn_id], name):
+                return name
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(_POLL_SECONDS)
+
+
+def _copy_stored(artifacts: ArtifactStore, old: str, new: str, *, wait: float) -> None:
+    name = _wait_stored(artifacts, old, wait)
+    data = artifacts.get(old, name) if name is not None else None
+    if name is None or data is None:
+        why = "Its Codex session was not stored yet when the task was forked"
+        artifacts.put(new, packing.CODEX_HOME_MISSING, why.encode())
+    else:
+        artifacts.put(new, name, data)
+
+
+def store_session(artifacts: ArtifactStore, attempt_dir: Path, turn_id: str) -> None:
+    """Store a completed attempt's (compacted) Codex home for follow-ups and forks on other
+    nodes. One too big for the store (``WHAM_ARTIFACT_MAX_MB``) is not stored; why is, so
+    that a follow-up elsewhere says so (a follow-up on this node still resumes from the
+    files)."""
+    home = attempt_dir / CODEX_HOME
+    if home.is_symlink() or not home.is_dir():
+        return
+    try:
+        data = packing.pack(home, artifacts.max_bytes)
+    except ArtifactTooLarge as exc:
+        log.warning("attempt %s: %s; not stored for other nodes", turn_id, exc)
+        artifacts.put(turn_id, packing.CODEX_HOME_MISSING, str(exc).encode())
+        return
+    artifacts.put(turn_id, packing.CODEX_HOME, data)
+
+
+def restore_codex_home(
+    root: Path,
+    artifacts: ArtifactStore | None,
+    previous_turn_id: str,
+    dest: Path,
+    *,
+    wait: float,
+    stored_wait: float = STORED_WAIT_SECONDS,
+) -> None:
+    """Make ``dest`` (a follow-up's Codex home, not there yet) a copy of the previous
+    attempt's: from this node's files once that attempt's sandbox is gone (``closed``,
+    waiting up to ``wait``), else from its stored session (waiting up to ``stored_wait``
+    for the node that ran it to store it). :class:`ArtifactError` says why it cannot."""
+    source = root / previous_turn_id / CODEX_HOME
+    closed = root / previous_turn_id / CLOSED_MARKER
+    deadline = time.monotonic() + wait
+    while not closed.exists() and source.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if source.is_dir():
+        copy_codex_home(source, dest)
+        return
+    name = data = None
+    if artifacts is not None:
+        name = _wait_stored(artifacts, previous_turn_id, stored_wait)
+        data = artifacts.get(previous_turn_id, name) if name is not None else None
+    if artifacts is None or name is None or data is None:
+        raise SessionUnavailable(
+            "The previous attempt's Codex session is neither on this node nor stored for "
+            f"other nodes (waited {stored_wait:.0f} s; its task data was deleted, or the "
+            "node that ran it stopped before storing it: it does when it starts again, "
+            "then recover this attempt)"
+        )
+    if name == packing.CODEX_HOME_MISSING:
+        why = data.decode("utf-8", "replace")
+        raise SessionUnavailable(
+            f"The previous attempt ran on another node and its Codex session was not stored "
+            f"for other nodes: {why}. Start a new task instead"
+        )
+    try:
+        packing.unpack(data, dest, artifacts.max_bytes)
+    except BaseException:
+        remove_tree(dest)
+        raise
 
 
 KEEP_AFTER_COMPLETION = frozenset({CODEX_HOME, CLOSED_MARKER})
@@ -163,6 +278,11 @@ def _prune(path: Path, keep: frozenset[str]) -> int:
     return removed
 
 
+def _removes(status: str | None) -> bool:
+    """Whether an attempt in ``status`` (``None``: the turn is gone) keeps nothing."""
+    return status is None or (status not in ACTIVE and status is not TurnStatus.COMPLETED)
+
+
 def _tidy_one(root: Path, turn_id: str, status: str | None, *, active: bool) -> bool:
     """Tidy one attempt directory by its turn's ``status`` (``None``: the turn is gone);
     ``active``: also prune an attempt still pending or running (its own executor, at the
@@ -170,7 +290,7 @@ def _tidy_one(root: Path, turn_id: str, status: str | None, *, active: bool) -> 
     path = _dir(root, turn_id)
     if path is None or not path.is_dir():
         return False
-    if status is None or (status not in ACTIVE and status is not TurnStatus.COMPLETED):
+    if _removes(status):
         remove_tree(path)
         return True
     if status in ACTIVE and not active:
@@ -186,9 +306,10 @@ def _tidy_one(root: Path, turn_id: str, status: str | None, *, active: bool) -> 
     return removed > 0
 
 
-def tidy(root: Path, db: Database, turn_id: str) -> None:
+def tidy(root: Path, db: Database, turn_id: str, artifacts: ArtifactStore | None = None) -> None:
     """The end of an attempt (called by the executor that ran it): keep what a follow-up
-    needs, remove the rest (workspace, home, ``out`` and anything else the run left)."""
+    needs, remove the rest (workspace, home, ``out`` and anything else the run left), and
+    store a completed attempt's session for the other nodes (``artifacts``)."""
     try:
         status = _statuses(db, [turn_id]).get(turn_id)
     except Exception:  # the database is away: the next start-up sweep finishes the job
@@ -197,20 +318,58 @@ def tidy(root: Path, db: Database, turn_id: str) -> None:
             remove_tree(root / turn_id / name)
         return
     _tidy_one(root, turn_id, status, active=True)
+    if artifacts is None or _dir(root, turn_id) is None:
+        return
+    try:
+        if status is TurnStatus.COMPLETED:
+            store_session(artifacts, root / turn_id, turn_id)
+        elif _removes(status):
+            artifacts.delete([turn_id])
+    except Exception:  # the database is away: the next start-up sweep stores it
+        log.warning("could not store the session of attempt %s", turn_id, exc_info=True)
 
 
-def sweep(root: Path, db: Database) -> None:
+def sweep(root: Path, db: Database, artifacts: ArtifactStore | None = None) -> None:
     """Tidy every attempt directory by its turn (gone, failed and cancelled: removed;
-    completed: its Codex home only); attempts pending or running are left alone."""
+    completed: its Codex home only); attempts pending or running are left alone. With
+    ``artifacts``: completed attempts whose session is not stored yet (their server died
+    first, or ran an older version) get it stored, and removed ones lose theirs."""
     names = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    tidied = 0
+    tidied = stored = 0
     for start in range(0, len(names), 500):
         chunk = names[start : start + 500]
         statuses = _statuses(db, chunk)
         for name in chunk:
             tidied += _tidy_one(root, name, statuses.get(name), active=False)
+        if artifacts is not None:
+            stored += _sweep_stored(root, artifacts, chunk, statuses)
     if tidied:
         log.info("tidied the files of %d finished or deleted attempt(s)", tidied)
+    if stored:
+        log.info("stored the Codex sessions of %d completed attempt(s)", stored)
+
+
+def _sweep_stored(
+    root: Path, artifacts: ArtifactStore, names: list[str], statuses: dict[str, str]
+) -> int:
+    """Store the sessions of the completed attempts among ``names`` that have none stored;
+    delete those of removed attempts. How many were stored."""
+    gone = [n for n in names if _removes(statuses.get(n))]
+    done = [n for n in names if statuses.get(n) is TurnStatus.COMPLETED]
+    stored = 0
+    try:
+        if gone:
+            artifacts.delete(gone)
+        if done:
+            have = artifacts.present(done, packing.CODEX_HOME)
+            have |= artifacts.present(done, packing.CODEX_HOME_MISSING)
+            for name in done:
+                if name not in have and (root / name / CODEX_HOME).is_dir():
+                    store_session(artifacts, root / name, name)
+                    stored += 1
+    except Exception:
+        log.warning("could not store the sessions of completed attempts", exc_info=True)
+    return stored
 
 
 SCRATCH_MAX_AGE = 3600.0  # a PR push's scratch repository lives seconds (git times out at 600)

@@ -9,6 +9,7 @@ from openwham.config import Settings
 from openwham.engine.runner import Runner
 from openwham.locks import Locks, database_locks
 from openwham.service.keys import SecretBox, check_fingerprint, secrets_key, signing_key
+from openwham.store.artifacts import ArtifactStore, DatabaseArtifactStore
 from openwham.store.db import Database
 from openwham.store.events import EventBus, LocalEventBus
 
@@ -26,9 +27,12 @@ class AppState:
     bus: EventBus = field(default_factory=LocalEventBus)
     runner: Runner | None = None
     fanout: FanOut = field(init=False)
+    #: what later attempts read of earlier ones, on every node (forks copy, deletes remove)
+    artifacts: ArtifactStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.fanout = FanOut(self.db, self.bus)
+        self.artifacts = DatabaseArtifactStore(self.db, self.settings.artifact_max_mb << 20)
 
     @classmethod
     def open(cls, settings: Settings, db: Database | None = None) -> AppState:

@@ -11,6 +11,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     event,
@@ -260,4 +261,20 @@ class KeyFingerprint(Base):
 
     name: Mapped[str] = mapped_column(ID, primary_key=True)
     fingerprint: Mapped[str] = mapped_column(ID)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Artifact(Base):
+    """What a later attempt needs from an earlier one, for every node (``store.artifacts``):
+    a compressed blob per (turn, name), gone with its turn."""
+
+    __tablename__ = "artifacts"
+
+    turn_id: Mapped[str] = mapped_column(
+        ForeignKey("turns.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(ID, primary_key=True)
+    codec: Mapped[str] = mapped_column(String(16))
+    size: Mapped[int] = mapped_column(Integer)  # before compression
+    data: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[float] = mapped_column(Float)

@@ -143,7 +143,7 @@ def delete_task(
     _stop(state, stopped)
     turn_ids = tasks.delete(db, principal, task_id)
     db.commit()
-    storage.remove(state.settings.resolved_data_dir / "attempts", turn_ids)
+    storage.remove(state.settings.resolved_data_dir / "attempts", turn_ids, state.artifacts)
     return OK
 
 
@@ -181,7 +181,9 @@ def fork(
     """A new task that starts from a chosen completed attempt (service/lifecycle.py)."""
     forked = lifecycle.fork(db, principal, task_id, body)
     db.commit()
-    storage.copy_sessions(state.settings.resolved_data_dir / "attempts", forked.copied)
+    storage.copy_sessions(
+        state.settings.resolved_data_dir / "attempts", forked.copied, state.artifacts
+    )
     return tasks.details(db, principal, forked.task_id, inline_diff=inline)
 
 
