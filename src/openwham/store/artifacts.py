@@ -41,14 +41,17 @@ class ArtifactTooLarge(ArtifactError):
 
     def __init__(self, what: str, size: int, max_bytes: int) -> None:
         super().__init__(
-            f"{what} is {_mb(size)} MB, more than the {_mb(max_bytes)} MB an artifact may hold "
-            f"({MAX_MB_SETTING})"
+            f"{what} is {_mb(size)} MB, more than the {_mb(max_bytes, up=False)} MB an "
+            f"artifact may hold ({MAX_MB_SETTING})"
         )
         self.size, self.max_bytes = size, max_bytes
 
 
-def _mb(n: int) -> str:
-    return f"{n / (1 << 20):.1f}".removesuffix(".0")
+def _mb(n: int, *, up: bool = True) -> str:
+    """``n`` bytes in MB to a tenth, rounded up (a size just over the cap never reads as
+    the cap) or down."""
+    tenths = -(-n * 10 // (1 << 20)) if up else n * 10 // (1 << 20)
+    return f"{tenths / 10:.1f}".removesuffix(".0")
 
 
 class ArtifactStore(Protocol):
