@@ -3,7 +3,9 @@ a bounded tail, slow subscribers dropped and resumed with ``Last-Event-ID``.
 
 Events are written as the recorder writes them (``events.append``, commit, ``bus.publish``);
 subscribers are the very async generators the stream route returns, driven on an event loop
-of the test's own, so hundreds of them cost no sockets. One test goes through HTTP.
+of the test's own, so hundreds of them cost no sockets. One test goes through HTTP. On
+PostgreSQL the events are published on a bus of their own, as by another process, so the
+server's streams wake only through LISTEN/NOTIFY (store/pgbus.py).
 """
 
 from __future__ import annotations
@@ -18,13 +20,39 @@ from typing import Any
 
 import anyio
 import httpx
+import pytest
 from sqlalchemy import event
 
 from conftest import Server, finish_turn, parse_sse
 from openwham.server import fanout
 from openwham.server.fanout import FanOut, Limits
 from openwham.store import events
+from openwham.store.events import EventBus
+from openwham.store.pgbus import PgEventBus
 from support.app_thread import AppThread
+
+# the bus events are published on, per server (a remote one on PostgreSQL)
+_PUBLISHERS: dict[int, EventBus] = {}
+
+
+@pytest.fixture(autouse=True)
+def _remote_publisher(request: pytest.FixtureRequest) -> Iterator[None]:
+    """On PostgreSQL, ``_write`` publishes on another bus instance (another origin): like a
+    worker process's recorder, it reaches the server's streams only through NOTIFY."""
+    if "any_server" not in request.fixturenames:
+        yield
+        return
+    server: Server = request.getfixturevalue("any_server")
+    if not isinstance(server.app_state.bus, PgEventBus):
+        yield
+        return
+    remote = PgEventBus(server.app_state.db.url)
+    _PUBLISHERS[id(server)] = remote
+    try:
+        yield
+    finally:
+        del _PUBLISHERS[id(server)]
+        remote.close()
 
 
 def _turn(server: Server, repo: Path) -> tuple[str, str]:
@@ -37,12 +65,13 @@ def _write(server: Server, task_id: str, turn_id: str, n: int, *, end: bool = Fa
     """``n`` work-log events (and the terminal status event), each committed and published
     on its own, as the recorder does."""
     state = server.app_state
+    bus = _PUBLISHERS.get(id(server), state.bus)
     for i in range(n):
         with state.db.session() as s:
             events.append(
                 s, task_id, turn_id, events.WORK_LOG_MESSAGE, {"id": f"m{i}", "text": "x" * 40}
             )
-        state.bus.publish(turn_id)
+        bus.publish(turn_id)
     if end:
         with state.db.session() as s:
             events.append(
@@ -52,7 +81,7 @@ def _write(server: Server, task_id: str, turn_id: str, n: int, *, end: bool = Fa
                 events.TASK_TURN_EVENT,
                 events.status_payload("Done", "completed"),
             )
-        state.bus.publish(turn_id)
+        bus.publish(turn_id)
 
 
 def _all_ids(server: Server, turn_id: str) -> list[int]:

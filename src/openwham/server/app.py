@@ -105,6 +105,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
         finally:
             if runner is not None:
                 await anyio.to_thread.run_sync(runner.stop)
+            await anyio.to_thread.run_sync(state.bus.close)  # after the runner's last publish
 
     app = FastAPI(
         lifespan=lifespan,

@@ -12,6 +12,7 @@ from openwham.service.keys import SecretBox, check_fingerprint, secrets_key, sig
 from openwham.store.artifacts import ArtifactStore, DatabaseArtifactStore
 from openwham.store.db import Database
 from openwham.store.events import EventBus, LocalEventBus
+from openwham.store.pgbus import event_bus
 
 from .fanout import FanOut
 
@@ -24,6 +25,7 @@ class AppState:
     secret_box: SecretBox
     #: locks shared with every process and node on this database (PR pushes)
     locks: Locks
+    #: wakes turn streams: across processes and nodes on PostgreSQL (``store.pgbus``)
     bus: EventBus = field(default_factory=LocalEventBus)
     runner: Runner | None = None
     fanout: FanOut = field(init=False)
@@ -52,6 +54,7 @@ class AppState:
             signing_key=signing,
             secret_box=SecretBox(sealing),
             locks=database_locks(database.url, data_dir),
+            bus=event_bus(database),
         )
         state.runner = Runner(settings, database, state.bus)
         return state

@@ -5,8 +5,9 @@ stream replays rows after a client's ``Last-Event-ID`` and then waits on the bus
 says "something new for turn X": readers always read the rows, so a missed wake-up costs at
 most one poll interval and nothing is ever lost. Its one reader per turn and node is the
 server's fan-out (``server/fanout.py``), which shares what it reads among that turn's
-streams. ``LocalEventBus`` serves one process; a multi-process deployment swaps in one built
-on e.g. PostgreSQL LISTEN/NOTIFY, which only has to carry "turn X has new events".
+streams. ``LocalEventBus`` serves one process (SQLite); on PostgreSQL ``store.pgbus`` carries
+"turn X has new events" between processes and nodes with LISTEN/NOTIFY (``pgbus.event_bus``
+picks one).
 """
 
 from __future__ import annotations
@@ -139,6 +140,10 @@ class EventBus(Protocol):
         """Subscribe before reading, so that nothing published after the read is missed."""
         ...
 
+    def close(self) -> None:
+        """The process stops: send what is still queued, release connections."""
+        ...
+
 
 class _LocalSubscription:
     def __init__(self, bus: LocalEventBus, turn_id: str) -> None:
@@ -174,6 +179,9 @@ class LocalEventBus:
         with self._lock:
             self._subs.setdefault(turn_id, set()).add(sub)
         return sub
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def _remove(self, sub: _LocalSubscription) -> None:
         with self._lock:
