@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from conftest import (
     Server,
@@ -27,12 +28,16 @@ from conftest import (
 )
 from openwham.engine import artifacts as packing
 from openwham.engine import storage
+from openwham.service.artifacts import open_store
 from openwham.store import models as m
 from openwham.store.artifacts import (
     ArtifactError,
+    ArtifactStore,
     ArtifactTooLarge,
     DatabaseArtifactStore,
 )
+from openwham.store.s3 import S3ArtifactStore
+from support.s3server import S3Server, s3_server
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
 
 MB = 1 << 20
@@ -66,11 +71,69 @@ def _files(path: Path) -> dict[str, bytes]:
 # --------------------------------------------------------------------------- the store
 
 
-def test_the_database_store_round_trips_compresses_caps_and_deletes(
-    any_server: Server, repo: Path
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3-compatible server (SeaweedFS) for this module's tests."""
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgres", "s3"])
+def store_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    """A server whose artifact store is the database (SQLite, PostgreSQL) or an S3 bucket."""
+    if request.param == "s3":
+        s3: S3Server = request.getfixturevalue("s3")
+        url = str(request.getfixturevalue("sqlite_url"))
+        yield from make_server(tmp_path, url, **s3.settings())
+    else:
+        yield from make_server(tmp_path, str(request.getfixturevalue(f"{request.param}_url")))
+
+
+def _store(server: Server, max_mb: int) -> ArtifactStore:
+    """A store like the server's with another cap (another node's setting)."""
+    settings = server.app_state.settings.model_copy(update={"artifact_max_mb": max_mb})
+    return open_store(settings, server.app_state.db)
+
+
+def _stored_bytes(store: ArtifactStore, turn: str, name: str) -> bytes:
+    """What the store holds for the artifact (compressed)."""
+    if isinstance(store, S3ArtifactStore):
+        response = store.client.get_object(store.bucket, f"{store.prefix}{turn}/{name}")
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+    assert isinstance(store, DatabaseArtifactStore)
+    with store.db.session() as s:
+        row = s.get(m.Artifact, (turn, name))
+        assert row is not None
+        return row.data
+
+
+def _tamper(store: ArtifactStore, turn: str, name: str, packed: bytes) -> None:
+    """Replace the stored blob as someone with access to the store could."""
+    if isinstance(store, S3ArtifactStore):
+        store.client.put_object(
+            store.bucket,
+            f"{store.prefix}{turn}/{name}",
+            io.BytesIO(packed),
+            len(packed),
+            metadata={"codec": "zlib"},
+        )
+        return
+    assert isinstance(store, DatabaseArtifactStore)
+    with store.db.session() as s:
+        row = s.get(m.Artifact, (turn, name))
+        assert row is not None
+        row.data = packed
+
+
+def test_the_store_round_trips_compresses_caps_and_deletes(
+    store_server: Server, repo: Path
 ) -> None:
-    first, second = _turns(any_server, repo, 2)
-    store = DatabaseArtifactStore(any_server.app_state.db, MB)
+    first, second = _turns(store_server, repo, 2)
+    store = _store(store_server, 1)
     data = b'{"type": "message", "text": "remember pelican"}\n' * 2000
     store.put(first, "codex-home", data)
     store.put(first, "other", b"x")
@@ -78,10 +141,8 @@ def test_the_database_store_round_trips_compresses_caps_and_deletes(
     assert store.get(first, "codex-home") == data
     assert store.get(first, "missing") is None and store.get("turn_nothere", "x") is None
     assert store.present([first, second, "turn_nothere"], "codex-home") == {first, second}
-    with any_server.app_state.db.session() as s:
-        row = s.get(m.Artifact, (first, "codex-home"))
-        assert row is not None and row.size == len(data)
-        assert len(row.data) < len(data) // 10 and zlib.decompress(row.data) == data
+    packed = _stored_bytes(store, first, "codex-home")
+    assert len(packed) < len(data) // 10 and zlib.decompress(packed) == data
     store.put(first, "codex-home", b"replaced")
     assert store.get(first, "codex-home") == b"replaced"
 
@@ -92,29 +153,47 @@ def test_the_database_store_round_trips_compresses_caps_and_deletes(
     store.delete([first])
     assert store.present([first, second], "codex-home") == {second}
     assert store.get(first, "other") is None
-    # a task's artifacts go with it (its turns, by the foreign key, and the API's delete)
-    task_id = any_server.api.get("tasks/list").json()["items"][0]["id"]
-    assert any_server.api.delete(f"tasks/{task_id}").status_code == 200
+    # a task's artifacts go with it (the delete command; in the database also its turns'
+    # foreign key)
+    task_id = store_server.api.get("tasks/list").json()["items"][0]["id"]
+    assert store_server.api.delete(f"tasks/{task_id}").status_code == 200
     assert store.present([first, second], "codex-home") == set()
 
 
 def test_a_stored_blob_that_would_inflate_past_the_cap_is_refused_not_inflated(
-    any_server: Server, repo: Path
+    store_server: Server, repo: Path
 ) -> None:
-    """A zlib bomb in the table (32 MB of zeros in ~32 KB) read by a node whose cap is 1 MB:
+    """A zlib bomb in the store (32 MB of zeros in ~32 KB) read by a node whose cap is 1 MB:
     it stops inflating at the cap and says so, naming the setting; a damaged blob is an
     error too, not a crash."""
-    (turn,) = _turns(any_server, repo, 1)
-    db = any_server.app_state.db
-    DatabaseArtifactStore(db, 64 * MB).put(turn, "codex-home", bytes(32 * MB))
+    (turn,) = _turns(store_server, repo, 1)
+    big = _store(store_server, 64)
+    big.put(turn, "codex-home", bytes(32 * MB))
     with pytest.raises(ArtifactTooLarge, match="WHAM_ARTIFACT_MAX_MB"):
-        DatabaseArtifactStore(db, MB).get(turn, "codex-home")
-    with db.session() as s:
-        row = s.get(m.Artifact, (turn, "codex-home"))
-        assert row is not None
-        row.data = row.data[: len(row.data) // 2]
+        _store(store_server, 1).get(turn, "codex-home")
+    packed = _stored_bytes(big, turn, "codex-home")
+    _tamper(big, turn, "codex-home", packed[: len(packed) // 2])
     with pytest.raises(ArtifactError, match=r"damaged|cut short"):
-        DatabaseArtifactStore(db, 64 * MB).get(turn, "codex-home")
+        big.get(turn, "codex-home")
+
+
+def test_a_node_whose_bucket_is_missing_or_keys_wrong_refuses_to_start(
+    s3: S3Server, tmp_path: Path, sqlite_url: str
+) -> None:
+    """``WHAM_ARTIFACT_STORE=s3`` is checked at start (``wham serve`` exits 1 with the
+    message), not at the first follow-up on another node."""
+    from openwham.config import Settings
+    from openwham.server.state import AppState
+
+    for extra, message in (
+        ({"artifact_s3_bucket": None}, "needs WHAM_ARTIFACT_S3_BUCKET"),
+        ({"artifact_s3_bucket": "nothere"}, "'nothere' does not exist"),
+        ({"artifact_s3_secret_access_key": "wrong"}, "openwham-test"),
+    ):
+        options = s3.settings(**extra)
+        settings = Settings(data_dir=tmp_path / "data", database_url=sqlite_url, **options)
+        with pytest.raises(ArtifactError, match=message):
+            AppState.open(settings)
 
 
 # --------------------------------------------------------------------------- the archive
@@ -295,6 +374,13 @@ def test_the_end_of_an_attempt_and_the_sweep_store_sessions_and_drop_removed_one
     storage.sweep(root, db, store)
     assert store.present([done, swept, failed], packing.CODEX_HOME) == {done, swept}
     assert not (root / failed).exists()
+    # the next start asks the store nothing about them: their markers say they are stored
+    assert (root / done / "closed").read_text() == (root / swept / "closed").read_text()
+    asked: list[str] = []
+    real_present = store.present
+    store.present = lambda ids, name: asked.extend(ids) or real_present(ids, name)  # type: ignore[method-assign]
+    storage.sweep(root, db, store)
+    assert asked == []
     dest = root / "restored"
     storage.restore_codex_home(root, store, swept, dest, wait=0)  # local files first
     shutil.rmtree(root / swept)
@@ -331,15 +417,24 @@ def _node(tmp_path: Path, url: str, model: ScriptedModel, **options: Any) -> Ite
 
 
 @pytest.mark.sandbox
+@pytest.mark.parametrize("kind", ["database", "s3"])
 def test_a_follow_up_and_a_fork_run_on_a_node_without_the_first_attempts_files(
-    tmp_path: Path, postgres_url: str, scripted_model: ScriptedModel, repo: Path
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    postgres_url: str,
+    scripted_model: ScriptedModel,
+    repo: Path,
+    kind: str,
 ) -> None:
     """Issue 17: node A runs a task; A stops and its attempt files are gone; node B (its own
     data directory, A's keys, the same database) runs a follow-up and a fork's follow-up,
     which resume the same Codex session (the model sees the first conversation). A task
     whose session is over ``WHAM_ARTIFACT_MAX_MB`` completes, and its follow-up on B says
-    why it cannot resume."""
-    node_a = _node(tmp_path / "a", postgres_url, scripted_model, artifact_max_mb=1)
+    why it cannot resume. Once with the database as the store, once with an S3 bucket."""
+    store: dict[str, Any] = {}
+    if kind == "s3":
+        store = request.getfixturevalue("s3").settings()
+    node_a = _node(tmp_path / "a", postgres_url, scripted_model, artifact_max_mb=1, **store)
     a = next(node_a)
     env = a.api.create_env(repo)
     task_id, turn_id, _ = completed_task(
@@ -354,12 +449,15 @@ def test_a_follow_up_and_a_fork_run_on_a_node_without_the_first_attempts_files(
     ):
         assert time.monotonic() < deadline, "the sessions were never stored"
         time.sleep(0.1)
+    with a.app_state.db.session() as s:  # where the sessions went
+        rows = s.scalar(select(func.count()).select_from(m.Artifact))
+    assert rows == (0 if kind == "s3" else 2)
     next(node_a, None)  # node A stops
     shutil.rmtree(tmp_path / "a" / "data" / "attempts")
     (tmp_path / "b" / "data").mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "data" / "keys", tmp_path / "b" / "data" / "keys")
 
-    node_b = _node(tmp_path / "b", postgres_url, scripted_model)
+    node_b = _node(tmp_path / "b", postgres_url, scripted_model, **store)
     b = next(node_b)
     try:
         for task, turn, prompt in ((task_id, turn_id, "And now?"),):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -83,6 +84,17 @@ class Settings(BaseSettings):
     # earlier one on another node: a completed attempt's Codex session, in the database).
     # A bigger session is not stored: follow-ups of it on other nodes say so, naming this.
     artifact_max_mb: int = Field(default=64, ge=1, le=1024)
+    # Where artifacts live: "database" (the default: the table ``artifacts``) or "s3", an
+    # S3-compatible bucket (which must exist) at ``artifact_s3_endpoint`` (unset: AWS S3),
+    # objects under ``artifact_s3_prefix``; keys from the two settings below, else from
+    # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    artifact_store: Literal["database", "s3"] = "database"
+    artifact_s3_endpoint: str = "https://s3.amazonaws.com"
+    artifact_s3_bucket: str | None = None
+    artifact_s3_prefix: str = "openwham/"
+    artifact_s3_region: str = "us-east-1"
+    artifact_s3_access_key_id: str | None = None
+    artifact_s3_secret_access_key: str | None = None
 
     # API and web UI requests served at once, each with its own database connection (a pool
     # of this size, apart from the executor's); more wait in a queue of ``request_queue``

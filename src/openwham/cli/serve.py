@@ -26,6 +26,7 @@ def serve(
     from openwham.server.app import create_app
     from openwham.server.malloc import limit_arenas
     from openwham.service.keys import KeysMismatch
+    from openwham.store.artifacts import ArtifactError
 
     limit_arenas()  # before any thread: many short-lived ones fragment per-thread arenas
     settings = settings_for(data_dir)
@@ -33,7 +34,7 @@ def serve(
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations are routine on start
     try:
         app = create_app(settings)
-    except KeysMismatch as exc:
+    except (KeysMismatch, ArtifactError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -46,6 +46,7 @@ from openwham.sandbox.workspace import (
     local_repo_policy,
     reset_to,
 )
+from openwham.service.artifacts import open_store
 from openwham.service.diffs import diff_stats, output_diff
 from openwham.service.environments import (
     is_reserved_var,
@@ -56,7 +57,7 @@ from openwham.service.environments import (
 from openwham.service.keys import SecretBox, secrets_key
 from openwham.store import events, turnstate
 from openwham.store import models as m
-from openwham.store.artifacts import ArtifactError, ArtifactStore, DatabaseArtifactStore
+from openwham.store.artifacts import ArtifactError, ArtifactStore
 from openwham.store.db import Database, rowcount
 from openwham.store.events import EventBus
 from openwham.store.status import TurnStatus
@@ -232,7 +233,7 @@ class Engine:
 
     def __post_init__(self) -> None:
         data = self.settings.resolved_data_dir
-        self.artifacts = DatabaseArtifactStore(self.db, self.settings.artifact_max_mb << 20)
+        self.artifacts = open_store(self.settings, self.db)
         self.mirrors = Mirrors(data / "mirrors", local_repo_policy(self.settings))
         self.attempts_root = data / "attempts"
         self.attempts_root.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 CODEX_HOME = "codex-home"
 CLOSED_MARKER = "closed"  # in an attempt's directory once its sandbox is gone
+STORED = "stored\n"  # the closed marker's text once its session is in the ArtifactStore
 
 
 def _dir(root: Path, turn_id: str) -> Path | None:
@@ -204,8 +205,23 @@ def store_session(artifacts: ArtifactStore, attempt_dir: Path, turn_id: str) -> 
     except ArtifactTooLarge as exc:
         log.warning("attempt %s: %s; not stored for other nodes", turn_id, exc)
         artifacts.put(turn_id, packing.CODEX_HOME_MISSING, str(exc).encode())
-        return
-    artifacts.put(turn_id, packing.CODEX_HOME, data)
+    else:
+        artifacts.put(turn_id, packing.CODEX_HOME, data)
+    _mark_stored(attempt_dir)
+
+
+def _mark_stored(attempt_dir: Path) -> None:
+    """Note in the ``closed`` marker (the attempt's directory is the server's, never bound
+    into a sandbox) that the session is stored, so the start-up sweep does not ask again."""
+    with contextlib.suppress(OSError):
+        (attempt_dir / CLOSED_MARKER).write_text(STORED)
+
+
+def _marked_stored(attempt_dir: Path) -> bool:
+    try:
+        return (attempt_dir / CLOSED_MARKER).read_text() == STORED
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def restore_codex_home(
@@ -355,7 +371,13 @@ def _sweep_stored(
     """Store the sessions of the completed attempts among ``names`` that have none stored;
     delete those of removed attempts. How many were stored."""
     gone = [n for n in names if _removes(statuses.get(n))]
-    done = [n for n in names if statuses.get(n) is TurnStatus.COMPLETED]
+    done = [
+        n
+        for n in names
+        if statuses.get(n) is TurnStatus.COMPLETED
+        and (root / n / CODEX_HOME).is_dir()
+        and not _marked_stored(root / n)
+    ]
     stored = 0
     try:
         if gone:
@@ -364,7 +386,9 @@ def _sweep_stored(
             have = artifacts.present(done, packing.CODEX_HOME)
             have |= artifacts.present(done, packing.CODEX_HOME_MISSING)
             for name in done:
-                if name not in have and (root / name / CODEX_HOME).is_dir():
+                if name in have:
+                    _mark_stored(root / name)
+                else:
                     store_session(artifacts, root / name, name)
                     stored += 1
     except Exception:

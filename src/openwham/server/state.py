@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from openwham.config import Settings
 from openwham.engine.runner import Runner
 from openwham.locks import Locks, database_locks
+from openwham.service.artifacts import check_store, open_store
 from openwham.service.keys import SecretBox, check_fingerprint, secrets_key, signing_key
-from openwham.store.artifacts import ArtifactStore, DatabaseArtifactStore
+from openwham.store.artifacts import ArtifactStore
 from openwham.store.db import Database
 from openwham.store.events import EventBus, LocalEventBus
 from openwham.store.pgbus import event_bus
@@ -34,12 +35,13 @@ class AppState:
 
     def __post_init__(self) -> None:
         self.fanout = FanOut(self.db, self.bus)
-        self.artifacts = DatabaseArtifactStore(self.db, self.settings.artifact_max_mb << 20)
+        self.artifacts = open_store(self.settings, self.db)
 
     @classmethod
     def open(cls, settings: Settings, db: Database | None = None) -> AppState:
         """Open the database (migrating it), load or create the server keys and check that
-        they are the database's (:class:`KeysMismatch` otherwise)."""
+        they are the database's (:class:`KeysMismatch` otherwise), and that the artifact
+        store can be used (``ArtifactError`` otherwise)."""
         data_dir = settings.resolved_data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(data_dir, 0o700)  # database, keys, mirrors, attempts: the server's alone
@@ -56,5 +58,6 @@ class AppState:
             locks=database_locks(database.url, data_dir),
             bus=event_bus(database),
         )
+        check_store(state.artifacts)
         state.runner = Runner(settings, database, state.bus)
         return state

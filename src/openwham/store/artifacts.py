@@ -11,8 +11,8 @@ database, which every node reads already.
 (session rollouts are JSON lines, a fifth to a tenth of their size once compressed), each
 blob at most ``max_bytes`` before compression (``WHAM_ARTIFACT_MAX_MB``); a row goes with
 its turn (``ON DELETE CASCADE``), so deleting a task deletes its artifacts in the same
-transaction. An S3-compatible store would implement the same four methods
-(docs/ARCHITECTURE.md says why there is none yet).
+transaction. ``store.s3.S3ArtifactStore`` keeps the same blobs in an S3-compatible bucket
+(``WHAM_ARTIFACT_STORE=s3``).
 """
 
 from __future__ import annotations
@@ -78,6 +78,30 @@ class ArtifactStore(Protocol):
         ...
 
 
+def deflate(name: str, data: bytes, max_bytes: int, level: int = 6) -> bytes:
+    """``data`` compressed for a store; :class:`ArtifactTooLarge` above ``max_bytes``."""
+    if len(data) > max_bytes:
+        raise ArtifactTooLarge(f"The artifact {name!r}", len(data), max_bytes)
+    return zlib.compress(data, level)
+
+
+def inflate(name: str, codec: str, packed: bytes, max_bytes: int) -> bytes:
+    """A stored blob uncompressed, with a bound: one that would inflate to more than
+    ``max_bytes`` is refused (:class:`ArtifactTooLarge`), not inflated."""
+    if codec != ZLIB:
+        raise ArtifactError(f"The artifact {name!r} has an unknown encoding ({codec})")
+    stream = zlib.decompressobj()
+    try:
+        data = stream.decompress(packed, max_bytes + 1)
+    except zlib.error as exc:
+        raise ArtifactError(f"The artifact {name!r} is damaged ({exc})") from exc
+    if len(data) > max_bytes or stream.unconsumed_tail:
+        raise ArtifactTooLarge(f"The artifact {name!r}", len(data), max_bytes)
+    if not stream.eof:
+        raise ArtifactError(f"The artifact {name!r} is damaged (cut short)")
+    return data
+
+
 def _chunks(ids: Iterable[str]) -> Iterable[list[str]]:
     items = list(dict.fromkeys(ids))
     for start in range(0, len(items), _CHUNK):
@@ -93,9 +117,7 @@ class DatabaseArtifactStore:
         self.level = level
 
     def put(self, turn_id: str, name: str, data: bytes) -> None:
-        if len(data) > self.max_bytes:
-            raise ArtifactTooLarge(f"The artifact {name!r}", len(data), self.max_bytes)
-        packed = zlib.compress(data, self.level)
+        packed = deflate(name, data, self.max_bytes, self.level)
         with self.db.session() as s:
             row = s.get(m.Artifact, (turn_id, name))
             if row is None:
@@ -113,19 +135,7 @@ class DatabaseArtifactStore:
         if row is None:
             return None
         codec, packed = row
-        if codec != ZLIB:
-            raise ArtifactError(f"The artifact {name!r} has an unknown encoding ({codec})")
-        # bounded: a blob that would unpack to more than the cap is refused, not inflated
-        inflate = zlib.decompressobj()
-        try:
-            data = inflate.decompress(packed, self.max_bytes + 1)
-        except zlib.error as exc:
-            raise ArtifactError(f"The artifact {name!r} is damaged ({exc})") from exc
-        if len(data) > self.max_bytes or inflate.unconsumed_tail:
-            raise ArtifactTooLarge(f"The artifact {name!r}", len(data), self.max_bytes)
-        if not inflate.eof:
-            raise ArtifactError(f"The artifact {name!r} is damaged (cut short)")
-        return data
+        return inflate(name, codec, packed, self.max_bytes)
 
     def present(self, turn_ids: Iterable[str], name: str) -> set[str]:
         found: set[str] = set()
