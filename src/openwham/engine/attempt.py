@@ -46,7 +46,7 @@ from openwham.sandbox.workspace import (
     local_repo_policy,
     reset_to,
 )
-from openwham.service.artifacts import open_store
+from openwham.service.artifacts import check_store, open_store
 from openwham.service.diffs import diff_stats, output_diff
 from openwham.service.environments import (
     is_reserved_var,
@@ -234,6 +234,7 @@ class Engine:
     def __post_init__(self) -> None:
         data = self.settings.resolved_data_dir
         self.artifacts = open_store(self.settings, self.db)
+        check_store(self.artifacts)  # a worker with a wrong bucket or keys stops here
         self.mirrors = Mirrors(data / "mirrors", local_repo_policy(self.settings))
         self.attempts_root = data / "attempts"
         self.attempts_root.mkdir(parents=True, exist_ok=True)
