@@ -342,3 +342,56 @@ def test_a_cancelled_attempt_without_its_terminal_event_ends_with_a_synthetic_on
         frames = parse_sse(b"".join(chunks).decode())
         assert frames[-1]["data"]["id"] is None
         assert frames[-1]["data"]["payload"]["turn_status"] == "cancelled"
+
+
+def test_a_stream_joining_after_the_attempt_started_over_gets_no_deleted_frames(
+    any_server: Server, repo: Path
+) -> None:
+    """Recovery requeues a running attempt (``turnstate.requeue`` deletes its events in the
+    same transaction, as ``engine.attempt.requeue`` does): a tail opened before must not
+    hand the deleted frames to a stream that joins later."""
+    from openwham.store import models as m
+    from openwham.store import turnstate
+
+    server = any_server
+    task_id, turn_id = _turn(server, repo)
+    db = server.app_state.db
+    with db.session() as s:
+        turn = s.get(m.Turn, turn_id)
+        assert turn is not None
+        assert turnstate.claim(s, turn_id, body=dict(turn.body))
+    hub = server.app_state.fanout
+    _write(server, task_id, turn_id, 5)
+    old = _all_ids(server, turn_id)
+
+    def start_over() -> None:
+        with db.session() as s:
+            turn = s.get(m.Turn, turn_id)
+            assert turn is not None
+            assert turnstate.requeue(s, turn_id, body=dict(turn.body))
+            events.clear(s, turn_id, [events.WORK_LOG_MESSAGE, events.LOG, events.TASK_TURN_EVENT])
+            events.append(s, task_id, turn_id, events.LOG, {"text": "again", "created": 0.0})
+        _PUBLISHERS.get(id(server), server.app_state.bus).publish(turn_id)
+
+    async def main() -> tuple[list[bytes], list[bytes]]:
+        first: list[bytes] = []
+        opened = asyncio.ensure_future(_collect(hub.frames(turn_id, 0, None), first))
+        with anyio.fail_after(30):
+            while _ids(first) != old:  # the tail holds the first run's frames
+                await asyncio.sleep(0.01)
+        await anyio.to_thread.run_sync(start_over)
+        new = await anyio.to_thread.run_sync(_all_ids, server, turn_id)
+        with anyio.fail_after(30):
+            while _ids(first)[-1:] != new[-1:]:  # the tail read the new run's first event
+                await asyncio.sleep(0.01)
+        late = asyncio.ensure_future(_collect(hub.frames(turn_id, 0, None)))
+        await _until_attached(hub, turn_id, 2)
+        await anyio.to_thread.run_sync(lambda: _write(server, task_id, turn_id, 2, end=True))
+        with anyio.fail_after(60):
+            return await opened, await late
+
+    first, late = asyncio.run(main())
+    now = _all_ids(server, turn_id)
+    assert not set(old) & set(now)
+    assert _ids(late) == now  # only what the database holds, in order
+    assert _ids(first) == old + now  # an open stream keeps what it was sent

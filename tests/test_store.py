@@ -190,3 +190,54 @@ def test_migration_0004_fills_the_diff_stats_of_stored_turns(database_url: str) 
         }
     finally:
         engine.dispose()
+
+
+def test_event_ids_are_never_given_again_after_a_delete(database_url: str) -> None:
+    """An attempt that starts over loses its events (the newest rows): its new events must
+    get larger ids than those deleted, or a reader resuming after an id it saw skips them.
+    On SQLite this needs AUTOINCREMENT (migration 0008 rebuilds the table with it, keeping
+    the rows and counting on from the largest id)."""
+    from openwham.store import events
+
+    engine = make_engine(database_url)
+    cfg = alembic_config(database_url)
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0007")
+            conn.execute(text("INSERT INTO accounts VALUES ('a', 'A', 'pro', 0)"))
+            conn.execute(
+                text(
+                    "INSERT INTO tasks (id, account_id, user_id, title, has_generated_title,"
+                    " archived, has_unread_turn, num_follow_ups, body, created_at, updated_at)"
+                    " VALUES ('task', 'a', 'u', 't', false, false, false, 0, '{}', 0, 0)"
+                )
+            )
+            for i in range(3):
+                conn.execute(
+                    text(
+                        "INSERT INTO turn_events (task_id, turn_id, item_type, payload,"
+                        " created_at) VALUES ('task', 'old', 'log', :p, 0)"
+                    ),
+                    {"p": json.dumps({"text": f"kept {i}"})},
+                )
+        db = Database(database_url)
+        try:
+            db.migrate()
+            with db.session() as s:
+                kept = [e.id for e in events.read(s, "old")]
+                for i in range(4):
+                    events.append(s, "task", "turn", events.LOG, {"text": f"first run {i}"})
+            with db.session() as s:
+                first = [e.id for e in events.read(s, "turn")]
+                events.clear(s, "turn", [events.LOG])
+                events.append(s, "task", "turn", events.LOG, {"text": "second run"})
+            with db.session() as s:
+                second = [e.id for e in events.read(s, "turn")]
+        finally:
+            db.dispose()
+        assert len(kept) == 3 and len(first) == 4 and len(second) == 1
+        assert max(kept) < min(first)
+        assert second[0] > max(first)
+    finally:
+        engine.dispose()

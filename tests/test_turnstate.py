@@ -131,15 +131,19 @@ def test_each_transition_from_each_status(
     rule = TRANSITIONS[transition]
     applied = _apply(db, turn_id, transition)
     status, body, updated = _row(db, turn_id)
+    with db.sessions() as s:
+        epoch = s.scalar(select(m.Turn.events_epoch).where(m.Turn.id == turn_id))
     if source in rule.sources:
         assert applied
         assert status is rule.target  # loaded as the enum
         assert body["n"] == 1 and updated > 0
         if transition is Transition.FAIL:
             assert body["error"] == ERROR
+        # the attempt starts over (its events go): turn streams' tails forget theirs
+        assert epoch == (1 if transition in turnstate.STARTS_OVER else 0)
     else:
         assert not applied
-        assert (status, body, updated) == (source, {"n": 0}, 0.0)  # untouched
+        assert (status, body, updated, epoch) == (source, {"n": 0}, 0.0, 0)  # untouched
 
 
 def test_a_completed_attempt_never_changes(db: Database) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import anyio
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from openwham.service import tokens as api_tokens
 from openwham.store import events
@@ -204,18 +205,27 @@ class Attached:
 @dataclass(frozen=True, slots=True)
 class _Opened:
     status: str | None
+    epoch: int
     frames: list[Frame]  # oldest first
     base: int
     last: int
     ended: bool
 
 
+def _state(s: Session, turn_id: str) -> tuple[str | None, int]:
+    """The turn's status and events epoch (``None, 0`` once it is deleted)."""
+    row = s.execute(
+        select(m.Turn.turn_status, m.Turn.events_epoch).where(m.Turn.id == turn_id)
+    ).first()
+    return (None, 0) if row is None else (row[0], row[1])
+
+
 def _open(db: Database, turn_id: str, limits: Limits) -> _Opened:
     """The turn's status and its newest events, as many as the tail holds."""
     with db.sessions() as s:
-        status = s.scalar(select(m.Turn.turn_status).where(m.Turn.id == turn_id))
+        status, epoch = _state(s, turn_id)  # before the rows: a restart after shows later
         if status is None:
-            return _Opened(None, [], 0, 0, True)
+            return _Opened(None, 0, [], 0, 0, True)
         rows = s.scalars(
             select(m.TurnEvent)
             .where(m.TurnEvent.turn_id == turn_id)
@@ -248,14 +258,16 @@ def _open(db: Database, turn_id: str, limits: Limits) -> _Opened:
                 .limit(1)
             ).first()
             ended = bool(row and row.payload.get("turn_status") in events.TERMINAL_STATUSES)
-        return _Opened(status, frames, base, last, ended)
+        return _Opened(status, epoch, frames, base, last, ended)
 
 
-def _read(db: Database, turn_id: str, after: int) -> tuple[list[Event], str | None]:
+def _read(db: Database, turn_id: str, after: int) -> tuple[list[Event], str | None, int]:
+    """New rows after ``after``, and the turn's status and events epoch, read before them
+    (an epoch that changed means the rows the tail holds may be gone)."""
     with db.sessions() as s:
+        status, epoch = _state(s, turn_id)
         batch = events.read(s, turn_id, after=after, limit=READ_LIMIT)
-        status = s.scalar(select(m.Turn.turn_status).where(m.Turn.id == turn_id))
-        return batch, status
+        return batch, status, epoch
 
 
 def _replay(db: Database, turn_id: str, after: int, until: int) -> list[Event]:
@@ -283,6 +295,7 @@ class TurnTail:
         self.bytes = 0
         self.base = 0  # every event of the turn with a larger id (up to last) is in frames
         self.last = 0
+        self.epoch = 0  # the turn's events_epoch the frames belong to
         self.subs: set[Subscriber] = set()
         self.users = 0  # streams joined or joining
         self.ended = False
@@ -336,6 +349,14 @@ class TurnTail:
             self.bytes -= len(old.data)
             self.base = old.id
 
+    def _forget(self) -> None:
+        """The attempt started over (requeue, recover: its events were deleted): drop the
+        frames held, so joiners read what is left from the database. Streams already open
+        keep what they were sent; new events have larger ids and follow as usual."""
+        self.frames.clear()
+        self.bytes = 0
+        self.base = self.last
+
     async def _finish(self, batch: Batch | None) -> None:
         """End every stream (after ``batch``) and leave the hub: a later stream of the turn
         opens a new tail, which reads the turn afresh (a recovered attempt starts over)."""
@@ -373,6 +394,7 @@ class TurnTail:
         self._keep(opened.frames)
         self.base = max(self.base, opened.base)
         self.last = opened.last
+        self.epoch = opened.epoch
         self.ready.set()
         if opened.status is None or opened.ended:
             await self._finish(Batch((), ends=True))
@@ -391,9 +413,12 @@ class TurnTail:
                 else:
                     timeout = max(0.0, min(sent, recheck) + keepalive - time.monotonic())
                 await self._bus.wait(timeout)
-            batch, status = await anyio.to_thread.run_sync(_read, db, turn_id, self.last)
+            batch, status, epoch = await anyio.to_thread.run_sync(_read, db, turn_id, self.last)
             self.reads += 1
             now = time.monotonic()
+            if epoch != self.epoch:
+                self.epoch = epoch
+                self._forget()
             if batch:
                 frames = []
                 for event in batch:

@@ -148,6 +148,9 @@ class Turn(Base):
     diff_lines_removed: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Whether ``body`` holds a non-empty diff (the stats may be unknown for one).
     has_diff: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Bumped by store.turnstate when the attempt starts over and its events are deleted
+    # (requeue, recover): turn streams' in-memory tails forget what they hold (0008).
+    events_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     @staticmethod
     def body_values(body: dict[str, Any]) -> dict[str, Any]:
@@ -226,7 +229,12 @@ class TurnEvent(Base):
     """
 
     __tablename__ = "turn_events"
-    __table_args__ = (Index("ix_turn_events_turn_id_id", "turn_id", "id"),)
+    # AUTOINCREMENT on SQLite: ids of deleted events (an attempt that started over) are
+    # never given again, so a reader resuming after an id it saw skips nothing (0008)
+    __table_args__ = (
+        Index("ix_turn_events_turn_id_id", "turn_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)

@@ -35,6 +35,7 @@ from .status import ACTIVE, TERMINAL, TurnStatus
 
 __all__ = [
     "ACTIVE",
+    "STARTS_OVER",
     "TERMINAL",
     "TRANSITIONS",
     "Move",
@@ -96,6 +97,11 @@ TRANSITIONS: Final[Mapping[Transition, Move]] = {
 }
 
 
+# The attempt runs again from scratch: its events are deleted in the same transaction, so
+# the turn's ``events_epoch`` is bumped (turn streams' tails forget what they hold).
+STARTS_OVER: Final = frozenset({Transition.REQUEUE, Transition.RECOVER})
+
+
 def move(
     s: Session,
     turn_id: str,
@@ -110,7 +116,8 @@ def move(
     if the row's ``updated_at`` is still this value, i.e. nothing (no heartbeat, no other
     node's requeue and claim) wrote it since the caller read it."""
     rule = TRANSITIONS[transition]
-    return _update(s, turn_id, rule.sources, rule.target, body, now, seen)
+    restart = transition in STARTS_OVER
+    return _update(s, turn_id, rule.sources, rule.target, body, now, seen, restart=restart)
 
 
 def _update(
@@ -121,11 +128,15 @@ def _update(
     body: dict[str, Any] | None,
     now: float | None,
     seen: float | None = None,
+    *,
+    restart: bool = False,
 ) -> bool:
     values: dict[str, Any] = {
         "turn_status": target,
         "updated_at": time.time() if now is None else now,
     }
+    if restart:
+        values["events_epoch"] = m.Turn.events_epoch + 1
     if body is not None:
         values.update(m.Turn.body_values(body))  # with the diff stat columns it carries
     statement = update(m.Turn).where(
