@@ -196,7 +196,8 @@ class WhamServer:
             check=True,
             capture_output=True,
             text=True,
-            env=_clean_env({}),
+            # the server's database (a token made in another one would be refused)
+            env=_clean_env({k: v for k, v in env.items() if k == "WHAM_DATABASE_URL"}),
         )
         server.token = out.stdout.strip()
         server.client.headers["Authorization"] = f"Bearer {server.token}"
