@@ -553,6 +553,21 @@ def completed_task(
     return task_id, turn_id, details
 
 
+def wait_stored(server: Server, turn_id: str, timeout: float = 30.0) -> bytes:
+    """Until a completed attempt's end has stored its Codex session (``ArtifactStore``) and
+    removed its directory (every node reads the session from the store); returns the
+    stored archive."""
+    store = server.app_state.artifacts
+    directory = server.app_state.settings.resolved_data_dir / "attempts" / turn_id
+    deadline = time.monotonic() + timeout
+    while not store.present([turn_id], "codex-home") or directory.exists():
+        assert time.monotonic() < deadline, f"attempt {turn_id}: session never stored"
+        time.sleep(0.02)
+    data = store.get(turn_id, "codex-home")
+    assert data is not None
+    return data
+
+
 def wait_for_turn(
     api: Api, task_id: str, turn_id: str, until: Any = None, timeout: float = 90.0
 ) -> dict[str, Any]:

@@ -346,47 +346,61 @@ def test_a_follow_up_without_the_files_here_resumes_from_the_store_or_says_why(
     with pytest.raises(ArtifactError, match=r"not stored .*MB.*WHAM_ARTIFACT_MAX_MB"):
         storage.restore_codex_home(other, store, big, other / "n2" / "codex-home", wait=5)
     started = time.monotonic()
-    with pytest.raises(ArtifactError, match="neither on this node nor stored"):
+    with pytest.raises(ArtifactError, match="neither stored nor on this node"):
         storage.restore_codex_home(
             other, store, lost, other / "n3" / "codex-home", wait=5, stored_wait=0.5
         )
     assert 0.4 < time.monotonic() - started < 5
-    # on the node that has the files, they are used (the big one resumes there)
+    # the node that ran the big one kept its files: it resumes there
     storage.restore_codex_home(root, store, big, tmp_path / "n4", wait=5)
     assert (tmp_path / "n4" / "sessions" / "big").stat().st_size == MB + 10
+    # a stored session is used even where the files are still there (the store is the truth)
+    (root / done / storage.CODEX_HOME / "config.toml").write_text("changed here")
+    storage.restore_codex_home(root, store, done, tmp_path / "n5", wait=5)
+    assert _files(tmp_path / "n5") == _files(other / "new" / "codex-home")
 
 
 def test_the_end_of_an_attempt_and_the_sweep_store_sessions_and_drop_removed_ones(
-    server: Server, repo: Path
+    server: Server, repo: Path, tmp_path: Path
 ) -> None:
-    """``tidy`` stores a completed attempt's session; the start-up sweep stores those whose
-    server died first (or ran a version without the store) and deletes removed attempts'."""
-    done, swept, failed = _turns(server, repo, 3)
+    """``tidy`` stores a completed attempt's session and removes its directory; the
+    start-up sweep does so for those whose server died first (or ran a version without the
+    store), removes the directories of attempts whose session is stored already, keeps a
+    session too big for the store (marked, so the next sweep asks nothing), and deletes
+    removed attempts' artifacts."""
+    done, swept, already, big, failed = _turns(server, repo, 5)
     finish_turn(server, failed, "failed")
-    db, store = server.app_state.db, server.app_state.artifacts
+    db = server.app_state.db
+    store = DatabaseArtifactStore(db, MB)
     root = server.app_state.settings.resolved_data_dir / "attempts"
-    for turn in (done, swept, failed):
+    for turn in (done, swept, already, big, failed):
         _home(root / turn / storage.CODEX_HOME)
         (root / turn / "workspace").mkdir()
+    (root / big / storage.CODEX_HOME / "big.bin").write_bytes(os.urandom(MB + 10))
+    store.put(already, packing.CODEX_HOME, packing.pack(root / already / "codex-home", MB))
     store.put(failed, packing.CODEX_HOME, b"left by an earlier run")
     storage.tidy(root, db, done, store)
+    assert not (root / done).exists()
     assert store.present([done, swept], packing.CODEX_HOME) == {done}
+
     storage.sweep(root, db, store)
-    assert store.present([done, swept, failed], packing.CODEX_HOME) == {done, swept}
-    assert not (root / failed).exists()
-    # the next start asks the store nothing about them: their markers say they are stored
-    assert (root / done / "closed").read_text() == (root / swept / "closed").read_text()
+    assert store.present([done, swept, already, big, failed], packing.CODEX_HOME) == {
+        done,
+        swept,
+        already,
+    }
+    assert store.present([big], packing.CODEX_HOME_MISSING) == {big}
+    assert sorted(p.name for p in root.iterdir()) == [big]
+    assert sorted(p.name for p in (root / big).iterdir()) == ["closed", "codex-home"]
+    # the next start asks the store nothing: the big one's marker says why it stays
     asked: list[str] = []
     real_present = store.present
     store.present = lambda ids, name: asked.extend(ids) or real_present(ids, name)  # type: ignore[method-assign]
     storage.sweep(root, db, store)
     assert asked == []
-    dest = root / "restored"
-    storage.restore_codex_home(root, store, swept, dest, wait=0)  # local files first
-    shutil.rmtree(root / swept)
-    shutil.rmtree(dest)
-    storage.restore_codex_home(root, store, swept, dest, wait=0)  # then the store
-    assert _files(dest) == _files(root / done / storage.CODEX_HOME)
+    dest = tmp_path / "restored"
+    storage.restore_codex_home(root, store, swept, dest, wait=0)
+    assert _files(dest) == _files(_home(tmp_path / "expected"))
 
 
 def test_a_fork_on_a_node_without_the_files_copies_the_stored_session(

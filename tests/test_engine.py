@@ -27,6 +27,7 @@ from conftest import (
     parse_sse,
     wait_for_task,
     wait_for_turn,
+    wait_stored,
 )
 from openwham.engine.titles import clean_model_title, derived_title
 from openwham.runtimes.codex import ASK_MODE_INSTRUCTIONS
@@ -238,13 +239,9 @@ def test_a_task_runs_to_completed_with_diff_work_log_and_events(
     title_usage = row.body["run"]["title_usage"]
     assert title_usage["requests"] == title_usage["responses"] == 1
     assert title_usage["input_tokens"] == 100 and title_usage["total_tokens"] == 120
-    # the workspace goes once Codex has closed down (the attempt completes as soon as its
-    # result is in, meanwhile); the attempt's Codex home stays for follow-ups
-    attempt_dir = any_engine_server.app_state.settings.resolved_data_dir / "attempts" / turn_id
-    deadline = time.monotonic() + 10
-    while (attempt_dir / "workspace").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not (attempt_dir / "workspace").exists() and (attempt_dir / "codex-home").is_dir()
+    # the attempt's files go once Codex has closed down (the attempt completes as soon as
+    # its result is in, meanwhile); its Codex session is stored for follow-ups
+    assert b"sessions/" in wait_stored(any_engine_server, turn_id)
 
 
 def test_stream_resumes_after_last_event_id_and_filters_item_types(

@@ -25,6 +25,7 @@ from conftest import (
     make_server,
     wait_for_task,
     wait_for_turn,
+    wait_stored,
 )
 from openwham.engine.attempt import Engine
 from openwham.engine.standby import AgentKey, Prepared, StandbyPool
@@ -122,9 +123,10 @@ def test_the_next_attempt_starts_in_a_standby_sandbox_with_the_same_result(
     assert warm["base_commit_sha"] == cold["base_commit_sha"]
     assert len(warm["worklog"]["messages"]) == len(cold["worklog"]["messages"])
     assert "Make VALUE two" in str(scripted_model.requests[0]["input"])
-    # the attempt ran in its own directory; the standby's is gone, a new one is prepared
+    # the attempt ran in its own directory (its session is stored under its id); the
+    # standby's is gone, a new one is prepared
     root = engine_of(standby_server).attempts_root
-    assert (root / warm["id"] / "codex-home" / "config.toml").exists()
+    assert b"config.toml" in wait_stored(standby_server, warm["id"])
     wait_standby(standby_server)
     assert len(list(root.glob(".standby-*"))) == 1
 

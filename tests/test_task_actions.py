@@ -4,11 +4,11 @@ continue on their own) and ``delete`` (the attempts' files go with the task)."""
 
 from __future__ import annotations
 
-import os
-import time
+import io
+import tarfile
 from pathlib import Path
 
-from conftest import Server, completed_task, diff_of, parse_sse, wait_for_task
+from conftest import Server, completed_task, diff_of, parse_sse, wait_for_task, wait_stored
 from support.scripted_model import Fail, Patch, Say, ScriptedModel
 
 FIX = """\
@@ -123,51 +123,41 @@ def test_deleting_a_task_removes_its_attempts_files(
         api, scripted_model, env["id"], "Fix add", [Patch(FIX), Say("Fixed add.")]
     )
     attempt_dir = engine_server.app_state.settings.resolved_data_dir / "attempts" / turn_id
-    deadline = time.monotonic() + 10
-    while not (attempt_dir / "closed").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert (attempt_dir / "codex-home").is_dir()
+    wait_stored(engine_server, turn_id)  # its files here are gone; its session is stored
     assert api.delete(f"tasks/{task_id}").status_code == 200
     assert not attempt_dir.exists()
+    assert engine_server.app_state.artifacts.present([turn_id], "codex-home") == set()
     assert api.get(f"tasks/{task_id}").status_code == 404
 
 
-def _kept_bytes(path: Path) -> int:
-    return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir())
-
-
-def _wait_tidied(path: Path) -> None:
-    """Until the end of the attempt has tidied its directory (its sandbox gone first)."""
-    deadline = time.monotonic() + 15
-    while sorted(os.listdir(path)) != ["closed", "codex-home"]:
-        assert time.monotonic() < deadline, os.listdir(path)
-        time.sleep(0.02)
+def _members(archive: bytes) -> dict[str, int]:
+    """The files of a stored Codex home (a tar) and their sizes."""
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        return {m.name: m.size for m in tar if m.isreg()}
 
 
 def test_a_finished_attempt_keeps_little_and_its_follow_up_and_fork_still_resume(
     engine_server: Server, scripted_model: ScriptedModel, repo: Path
 ) -> None:
     """Issue 20: a completed attempt kept 1.43 MB (its whole Codex home: a 569 KB sqlite WAL,
-    400 KB of bundled skills Codex re-creates). What stays must be ≤ 150 KB (the diff and
-    logs are in the database) and still resume in a follow-up and in a fork's follow-up."""
+    400 KB of bundled skills Codex re-creates). What is kept (now its stored session; the
+    diff and logs are in the database, and nothing stays in the attempt's directory) must be
+    ≤ 150 KB and still resume in a follow-up and in a fork's follow-up."""
     api = engine_server.api
     env = api.create_env(repo)
     task_id, turn_id, _ = completed_task(
         api, scripted_model, env["id"], "Fix add, remember pelican", [Patch(FIX), Say("Fixed.")]
     )
-    root = engine_server.app_state.settings.resolved_data_dir / "attempts"
-    kept = root / turn_id
-    _wait_tidied(kept)
-    assert list((kept / "codex-home").rglob("rollout-*.jsonl"))  # the session
-    size = _kept_bytes(kept)
-    assert size <= 150_000, sorted(
-        (p.lstat().st_size, str(p.relative_to(kept))) for p in kept.rglob("*") if p.is_file()
-    )
+    store = engine_server.app_state.artifacts
+    kept = wait_stored(engine_server, turn_id)
+    files = _members(kept)
+    assert any(name.startswith("sessions/") and "rollout-" in name for name in files), files
+    assert len(kept) <= 150_000, sorted((size, name) for name, size in files.items())
 
     r = api.post(f"tasks/{task_id}/fork", json={"turn_id": turn_id})
     assert r.status_code == 200, r.text
     fork_id, fork_turn = r.json()["task"]["id"], r.json()["current_assistant_turn"]["id"]
-    assert _kept_bytes(root / fork_turn) <= 150_000
+    assert store.get(fork_turn, "codex-home") == kept
     for task, turn, prompt in ((task_id, turn_id, "And now?"), (fork_id, fork_turn, "Fork?")):
         scripted_model.requests.clear()
         scripted_model.script = [Say(f"Answered {prompt}")]
@@ -178,5 +168,4 @@ def test_a_finished_attempt_keeps_little_and_its_follow_up_and_fork_still_resume
         assert current["turn_status"] == "completed", current["error"]
         history = str(scripted_model.requests[0]["input"])
         assert "remember pelican" in history and prompt in history  # resumed, not restarted
-        _wait_tidied(root / current["id"])
-        assert _kept_bytes(root / current["id"]) <= 150_000
+        assert len(wait_stored(engine_server, current["id"])) <= 150_000

@@ -12,12 +12,16 @@ behind is tidied the same way (a completed attempt whose server died before it w
 ``closed`` marker gets it: its sandbox died with that server); attempts still pending or
 running are not touched.
 
-Other nodes cannot read this directory, so a completed attempt's compacted Codex home is
-also stored in the deployment's :class:`~openwham.store.artifacts.ArtifactStore` (the
-database by default) at the end of its run (:func:`tidy`), or by the start-up sweep when its
-server died first (:func:`store_session`); a follow-up or a fork on a node without the files
-unpacks it from there (:func:`restore_codex_home`, :func:`copy_sessions`). The files here stay
-as this node's copy (a follow-up here does not wait for the store).
+Other nodes cannot read this directory, so with an
+:class:`~openwham.store.artifacts.ArtifactStore` (the database by default; every engine has
+one) a completed attempt's compacted Codex home goes to the store at the end of its run
+(:func:`tidy`), or at the start-up sweep when its server died first (:func:`store_session`),
+and its directory is removed then: a node keeps only what it needs itself (workspaces of
+running attempts, standbys, mirrors), and deleting a task deletes its sessions on every node
+at once. Follow-ups and forks on any node unpack the stored session
+(:func:`restore_codex_home`, :func:`copy_sessions`). A session too big for the store
+(``WHAM_ARTIFACT_MAX_MB``) stays here, as before the store: the store records why, and only
+this node can resume it.
 """
 
 from __future__ import annotations
@@ -144,19 +148,34 @@ class SessionUnavailable(ArtifactError):
 def copy_sessions(
     root: Path, mapping: dict[str, str], artifacts: ArtifactStore | None = None
 ) -> None:
-    """Copy each old attempt's Codex home to the new attempt (a fork): its files when this
-    node has them, and its stored session (``artifacts``) for the other nodes. An attempt
-    forked the moment it completed may still be closing down: wait a little for its
-    ``closed`` marker (or its stored session), and whatever its end removes meanwhile is
-    not needed (the copy is cut down the same way)."""
+    """Copy each old attempt's Codex session to the new attempt (a fork): its stored one
+    (``artifacts``), else (too big for the store, or no store) its files on this node. An
+    attempt forked the moment it completed may still be closing down: wait a little for
+    its stored session or its ``closed`` marker."""
     for old, new in mapping.items():
         source, dest = _dir(root, old), _dir(root, new)
         if source is None or dest is None:
             continue
-        if not (source / CODEX_HOME).is_dir():  # ran on another node: its stored session
-            if artifacts is not None:
-                _copy_stored(artifacts, old, new, wait=STORED_WAIT_SECONDS)
-            continue
+        if artifacts is not None:
+            name = _wait_stored(artifacts, old, STORED_WAIT_SECONDS)
+            data = artifacts.get(old, name) if name is not None else None
+            if name == packing.CODEX_HOME and data is not None:
+                artifacts.put(new, name, data)
+                continue
+            if not (source / CODEX_HOME).is_dir():
+                why = "Its Codex session was not stored yet when the task was forked"
+                if name == packing.CODEX_HOME_MISSING and data is not None:
+                    why = data.decode("utf-8", "replace")
+                artifacts.put(new, packing.CODEX_HOME_MISSING, why.encode())
+                continue
+        _copy_local(source, dest)
+        if artifacts is not None and store_session(artifacts, dest, new):
+            remove_tree(dest)
+
+
+def _copy_local(source: Path, dest: Path) -> None:
+    """A fork's copy of this node's files of an attempt's Codex home."""
+    if (source / CODEX_HOME).is_dir():
         deadline = time.monotonic() + FORK_WAIT_SECONDS
         while not (source / CLOSED_MARKER).exists() and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -165,8 +184,6 @@ def copy_sessions(
             copy_codex_home(source / CODEX_HOME, dest / CODEX_HOME)
         compact_codex_home(dest / CODEX_HOME)
         (dest / CLOSED_MARKER).touch()
-        if artifacts is not None:
-            store_session(artifacts, dest, new)
 
 
 def _wait_stored(artifacts: ArtifactStore, turn_id: str, wait: float) -> str | None:
@@ -182,37 +199,29 @@ def _wait_stored(artifacts: ArtifactStore, turn_id: str, wait: float) -> str | N
         time.sleep(_POLL_SECONDS)
 
 
-def _copy_stored(artifacts: ArtifactStore, old: str, new: str, *, wait: float) -> None:
-    name = _wait_stored(artifacts, old, wait)
-    data = artifacts.get(old, name) if name is not None else None
-    if name is None or data is None:
-        why = "Its Codex session was not stored yet when the task was forked"
-        artifacts.put(new, packing.CODEX_HOME_MISSING, why.encode())
-    else:
-        artifacts.put(new, name, data)
-
-
-def store_session(artifacts: ArtifactStore, attempt_dir: Path, turn_id: str) -> None:
-    """Store a completed attempt's (compacted) Codex home for follow-ups and forks on other
-    nodes. One too big for the store (``WHAM_ARTIFACT_MAX_MB``) is not stored; why is, so
-    that a follow-up elsewhere says so (a follow-up on this node still resumes from the
-    files)."""
+def store_session(artifacts: ArtifactStore, attempt_dir: Path, turn_id: str) -> bool:
+    """Store a completed attempt's (compacted) Codex home for follow-ups and forks on every
+    node; whether it is stored (then the files here are not needed). One too big for the
+    store (``WHAM_ARTIFACT_MAX_MB``) is not: why is, so that a follow-up elsewhere says so,
+    and the files stay for follow-ups on this node."""
     home = attempt_dir / CODEX_HOME
     if home.is_symlink() or not home.is_dir():
-        return
+        return False
     try:
         data = packing.pack(home, artifacts.max_bytes)
     except ArtifactTooLarge as exc:
         log.warning("attempt %s: %s; not stored for other nodes", turn_id, exc)
         artifacts.put(turn_id, packing.CODEX_HOME_MISSING, str(exc).encode())
-    else:
-        artifacts.put(turn_id, packing.CODEX_HOME, data)
-    _mark_stored(attempt_dir)
+        _mark_stored(attempt_dir)
+        return False
+    artifacts.put(turn_id, packing.CODEX_HOME, data)
+    return True
 
 
 def _mark_stored(attempt_dir: Path) -> None:
     """Note in the ``closed`` marker (the attempt's directory is the server's, never bound
-    into a sandbox) that the session is stored, so the start-up sweep does not ask again."""
+    into a sandbox) that why its session is not stored is, so that the start-up sweep does
+    not ask again."""
     with contextlib.suppress(OSError):
         (attempt_dir / CLOSED_MARKER).write_text(STORED)
 
@@ -234,39 +243,40 @@ def restore_codex_home(
     stored_wait: float = STORED_WAIT_SECONDS,
 ) -> None:
     """Make ``dest`` (a follow-up's Codex home, not there yet) a copy of the previous
-    attempt's: from this node's files once that attempt's sandbox is gone (``closed``,
-    waiting up to ``wait``), else from its stored session (waiting up to ``stored_wait``
-    for the node that ran it to store it). :class:`ArtifactError` says why it cannot."""
+    attempt's: its stored session (waiting up to ``stored_wait`` for the node that ran it
+    to store it once Codex closed), else (too big for the store, or no store) this node's
+    files once that attempt's sandbox is gone (``closed``, waiting up to ``wait``).
+    :class:`ArtifactError` says why it cannot."""
+    name = data = None
+    if artifacts is not None:
+        name = _wait_stored(artifacts, previous_turn_id, stored_wait)
+        data = artifacts.get(previous_turn_id, name) if name is not None else None
+        if name == packing.CODEX_HOME and data is not None:
+            try:
+                packing.unpack(data, dest, artifacts.max_bytes)
+            except BaseException:
+                remove_tree(dest)
+                raise
+            return
     source = root / previous_turn_id / CODEX_HOME
     closed = root / previous_turn_id / CLOSED_MARKER
     deadline = time.monotonic() + wait
     while not closed.exists() and source.is_dir() and time.monotonic() < deadline:
         time.sleep(0.02)
-    if source.is_dir():
+    if source.is_dir():  # the node that ran it, which could not store it
         copy_codex_home(source, dest)
         return
-    name = data = None
-    if artifacts is not None:
-        name = _wait_stored(artifacts, previous_turn_id, stored_wait)
-        data = artifacts.get(previous_turn_id, name) if name is not None else None
-    if artifacts is None or name is None or data is None:
-        raise SessionUnavailable(
-            "The previous attempt's Codex session is neither on this node nor stored for "
-            f"other nodes (waited {stored_wait:.0f} s; its task data was deleted, or the "
-            "node that ran it stopped before storing it: it does when it starts again, "
-            "then recover this attempt)"
-        )
-    if name == packing.CODEX_HOME_MISSING:
+    if name == packing.CODEX_HOME_MISSING and data is not None:
         why = data.decode("utf-8", "replace")
         raise SessionUnavailable(
             f"The previous attempt ran on another node and its Codex session was not stored "
             f"for other nodes: {why}. Start a new task instead"
         )
-    try:
-        packing.unpack(data, dest, artifacts.max_bytes)
-    except BaseException:
-        remove_tree(dest)
-        raise
+    raise SessionUnavailable(
+        "The previous attempt's Codex session is neither stored nor on this node (waited "
+        f"{stored_wait:.0f} s; its task data was deleted, or the node that ran it stopped "
+        "before storing it: it does when it starts again, then recover this attempt)"
+    )
 
 
 KEEP_AFTER_COMPLETION = frozenset({CODEX_HOME, CLOSED_MARKER})
@@ -338,10 +348,11 @@ def tidy(root: Path, db: Database, turn_id: str, artifacts: ArtifactStore | None
         return
     try:
         if status is TurnStatus.COMPLETED:
-            store_session(artifacts, root / turn_id, turn_id)
+            if store_session(artifacts, root / turn_id, turn_id):
+                remove_tree(root / turn_id)  # every node reads it from the store now
         elif _removes(status):
             artifacts.delete([turn_id])
-    except Exception:  # the database is away: the next start-up sweep stores it
+    except Exception:  # the store is away: the next start-up sweep stores it
         log.warning("could not store the session of attempt %s", turn_id, exc_info=True)
 
 
@@ -349,7 +360,8 @@ def sweep(root: Path, db: Database, artifacts: ArtifactStore | None = None) -> N
     """Tidy every attempt directory by its turn (gone, failed and cancelled: removed;
     completed: its Codex home only); attempts pending or running are left alone. With
     ``artifacts``: completed attempts whose session is not stored yet (their server died
-    first, or ran an older version) get it stored, and removed ones lose theirs."""
+    first, or ran an older version) get it stored and their files removed, and removed
+    attempts lose theirs."""
     names = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     tidied = stored = 0
     for start in range(0, len(names), 500):
@@ -368,8 +380,9 @@ def sweep(root: Path, db: Database, artifacts: ArtifactStore | None = None) -> N
 def _sweep_stored(
     root: Path, artifacts: ArtifactStore, names: list[str], statuses: dict[str, str]
 ) -> int:
-    """Store the sessions of the completed attempts among ``names`` that have none stored;
-    delete those of removed attempts. How many were stored."""
+    """Store the sessions of the completed attempts among ``names`` that have none stored
+    and remove their files (stored already: only remove them); delete those of removed
+    attempts. How many were stored."""
     gone = [n for n in names if _removes(statuses.get(n))]
     done = [
         n
@@ -384,12 +397,14 @@ def _sweep_stored(
             artifacts.delete(gone)
         if done:
             have = artifacts.present(done, packing.CODEX_HOME)
-            have |= artifacts.present(done, packing.CODEX_HOME_MISSING)
+            missing = artifacts.present(done, packing.CODEX_HOME_MISSING)
             for name in done:
                 if name in have:
+                    remove_tree(root / name)
+                elif name in missing:
                     _mark_stored(root / name)
-                else:
-                    store_session(artifacts, root / name, name)
+                elif store_session(artifacts, root / name, name):
+                    remove_tree(root / name)
                     stored += 1
     except Exception:
         log.warning("could not store the sessions of completed attempts", exc_info=True)
