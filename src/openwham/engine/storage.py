@@ -334,8 +334,8 @@ def _tidy_one(root: Path, turn_id: str, status: str | None, *, active: bool) -> 
 
 def tidy(root: Path, db: Database, turn_id: str, artifacts: ArtifactStore | None = None) -> None:
     """The end of an attempt (called by the executor that ran it): keep what a follow-up
-    needs, remove the rest (workspace, home, ``out`` and anything else the run left), and
-    store a completed attempt's session for the other nodes (``artifacts``)."""
+    needs, remove the rest (workspace, home, ``out`` and anything else the run left); with
+    ``artifacts``, store a completed attempt's session there and remove the directory."""
     try:
         status = _statuses(db, [turn_id]).get(turn_id)
     except Exception:  # the database is away: the next start-up sweep finishes the job
