@@ -138,7 +138,7 @@ FORK_WAIT_SECONDS = 5.0  # Codex closes in well under a second once its result i
 # How long a fork or a follow-up on a node without the attempt's files waits for its stored
 # session: the node that ran it stores it once Codex closed (at most ~10 s after completion).
 STORED_WAIT_SECONDS = 30.0
-_POLL_SECONDS = 0.2
+_POLL_SECONDS = 0.05
 
 
 class SessionUnavailable(ArtifactError):
