@@ -79,15 +79,15 @@ def remove_tree(path: Path) -> None:
         log.warning("could not remove %s", path)
 
 
-def remove(root: Path, turn_ids: Iterable[str], artifacts: ArtifactStore | None = None) -> None:
-    """Remove the attempts' directories (whatever is left of them) and their artifacts."""
+def remove(root: Path, turn_ids: Iterable[str], artifacts: ArtifactStore) -> None:
+    """Remove the attempts' directories (whatever is left of them) and their artifacts (a
+    deleted task: its sessions go for every node)."""
     turn_ids = list(turn_ids)
     for turn_id in turn_ids:
         path = _dir(root, turn_id)
         if path is not None:
             remove_tree(path)
-    if artifacts is not None:
-        artifacts.delete(turn_ids)
+    artifacts.delete(turn_ids)
 
 
 def _special(directory: str, names: list[str]) -> set[str]:
@@ -145,31 +145,28 @@ class SessionUnavailable(ArtifactError):
     """A follow-up cannot resume the previous attempt's Codex session; the message says why."""
 
 
-def copy_sessions(
-    root: Path, mapping: dict[str, str], artifacts: ArtifactStore | None = None
-) -> None:
-    """Copy each old attempt's Codex session to the new attempt (a fork): its stored one
-    (``artifacts``), else (too big for the store, or no store) its files on this node. An
-    attempt forked the moment it completed may still be closing down: wait a little for
-    its stored session or its ``closed`` marker."""
+def copy_sessions(root: Path, mapping: dict[str, str], artifacts: ArtifactStore) -> None:
+    """Copy each old attempt's Codex session to the new attempt (a fork): its stored one,
+    else (too big for the store) its files on this node. An attempt forked the moment it
+    completed may still be closing down: wait a little for its stored session or its
+    ``closed`` marker."""
     for old, new in mapping.items():
         source, dest = _dir(root, old), _dir(root, new)
         if source is None or dest is None:
             continue
-        if artifacts is not None:
-            name = _wait_stored(artifacts, old, STORED_WAIT_SECONDS)
-            data = artifacts.get(old, name) if name is not None else None
-            if name == packing.CODEX_HOME and data is not None:
-                artifacts.put(new, name, data)
-                continue
-            if not (source / CODEX_HOME).is_dir():
-                why = "Its Codex session was not stored yet when the task was forked"
-                if name == packing.CODEX_HOME_MISSING and data is not None:
-                    why = data.decode("utf-8", "replace")
-                artifacts.put(new, packing.CODEX_HOME_MISSING, why.encode())
-                continue
-        _copy_local(source, dest)
-        if artifacts is not None and store_session(artifacts, dest, new):
+        name = _wait_stored(artifacts, old, STORED_WAIT_SECONDS)
+        data = artifacts.get(old, name) if name is not None else None
+        if name == packing.CODEX_HOME and data is not None:
+            artifacts.put(new, name, data)
+            continue
+        if not (source / CODEX_HOME).is_dir():
+            why = "Its Codex session was not stored yet when the task was forked"
+            if name == packing.CODEX_HOME_MISSING and data is not None:
+                why = data.decode("utf-8", "replace")
+            artifacts.put(new, packing.CODEX_HOME_MISSING, why.encode())
+            continue
+        _copy_local(source, dest)  # too big for the store: this node's files
+        if store_session(artifacts, dest, new):
             remove_tree(dest)
 
 
