@@ -152,8 +152,9 @@ def test_200_subscribers_get_every_event_once_in_order_from_one_reader(
 
 
 def test_a_subscriber_that_stops_reading_is_dropped_and_resumes_without_loss(
-    server: Server, repo: Path
+    any_server: Server, repo: Path
 ) -> None:
+    server = any_server
     task_id, turn_id = _turn(server, repo)
     hub = FanOut(server.app_state.db, server.app_state.bus, Limits(queue_batches=4))
     _write(server, task_id, turn_id, 1)  # what the slow one reads before it stops
