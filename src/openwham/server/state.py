@@ -10,6 +10,7 @@ from openwham.engine.runner import Runner
 from openwham.locks import Locks, database_locks
 from openwham.service.artifacts import check_store, open_store
 from openwham.service.keys import SecretBox, check_fingerprint, secrets_key, signing_key
+from openwham.service.rendercache import RenderCache
 from openwham.store.artifacts import ArtifactStore
 from openwham.store.db import Database
 from openwham.store.events import EventBus, LocalEventBus
@@ -32,6 +33,8 @@ class AppState:
     fanout: FanOut = field(init=False)
     #: what later attempts read of earlier ones, on every node (forks copy, deletes remove)
     artifacts: ArtifactStore = field(init=False)
+    #: rendered task details and list items, keyed by a digest of their rows
+    renders: RenderCache = field(default_factory=RenderCache)
 
     def __post_init__(self) -> None:
         self.fanout = FanOut(self.db, self.bus)

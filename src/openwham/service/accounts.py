@@ -3,13 +3,14 @@ make them listable and revocable are ``service.tokens``)."""
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
-from sqlalchemy import and_, select, true
+from sqlalchemy import and_, bindparam, select, true
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -169,11 +170,31 @@ def create_api_token(
     return row, issue_token(key, user, account, ttl_seconds=ttl_seconds, now=when, jti=row.id)
 
 
-def authenticate(db: Session, key: bytes, token: str, account_header: str | None) -> Principal:
-    """Check a bearer token (signature, expiry, and its row: not revoked) and pick the account
-    (header, else the user's first account). Records the token's use (``tokens.touch``)."""
+def _principal_query(membership: Any) -> Any:
+    """The token's row, its user and an account, built once: a statement built per request
+    cost as much as running it (its cache key is memoised on the statement object)."""
+    return (
+        select(m.ApiToken, m.User, m.Account)
+        .join(m.User, m.User.id == m.ApiToken.user_id)
+        .outerjoin(m.Membership, and_(m.Membership.user_id == m.User.id, membership))
+        .outerjoin(m.Account, m.Account.id == m.Membership.account_id)
+        .where(m.ApiToken.id == bindparam("jti"), m.User.id == bindparam("user_id"))
+        .order_by(m.Membership.created_at, m.Account.id)
+        .limit(1)
+    )
+
+
+_PRINCIPAL = _principal_query(true())
+_PRINCIPAL_FOR_ACCOUNT = _principal_query(m.Membership.account_id == bindparam("account_id"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _verified_claims(token: str, key: bytes) -> dict[str, Any]:
+    """The claims of a token whose signature checked out, kept per token: verifying it is a
+    pure function of the token and the key. Expiry is checked by the caller on every use, and
+    revocation by the token's row (``authenticate``). Failures are not kept."""
     try:
-        claims = jwt.decode(
+        claims: dict[str, Any] = jwt.decode(
             token,
             key,
             algorithms=["HS256"],
@@ -184,25 +205,23 @@ def authenticate(db: Session, key: bytes, token: str, account_header: str | None
         raise Unauthorized("Token expired; create a new one with `wham token create`") from exc
     except jwt.PyJWTError as exc:
         raise Unauthorized("Invalid bearer token") from exc
-    user_id, jti = str(claims["sub"]), claims.get("jti")
+    return claims
+
+
+def authenticate(db: Session, key: bytes, token: str, account_header: str | None) -> Principal:
+    """Check a bearer token (signature, expiry, and its row: not revoked) and pick the account
+    (header, else the user's first account). Records the token's use (``tokens.touch``)."""
     now = time.time()
+    claims = _verified_claims(token, key)
+    if not isinstance(claims.get("exp"), int | float) or claims["exp"] <= now:
+        raise Unauthorized("Token expired; create a new one with `wham token create`")
+    user_id, jti = str(claims["sub"]), claims.get("jti")
     # One query on every request: the token's row, its user and the account (the header's,
     # if the user is a member; else the user's first), instead of one query for each.
     found = (
         db.execute(
-            select(m.ApiToken, m.User, m.Account)
-            .join(m.User, m.User.id == m.ApiToken.user_id)
-            .outerjoin(
-                m.Membership,
-                and_(
-                    m.Membership.user_id == m.User.id,
-                    m.Membership.account_id == account_header if account_header else true(),
-                ),
-            )
-            .outerjoin(m.Account, m.Account.id == m.Membership.account_id)
-            .where(m.ApiToken.id == jti, m.User.id == user_id)
-            .order_by(m.Membership.created_at, m.Account.id)
-            .limit(1)
+            _PRINCIPAL_FOR_ACCOUNT if account_header else _PRINCIPAL,
+            {"jti": jti, "user_id": user_id, "account_id": account_header},
         ).first()
         if isinstance(jti, str) and jti
         else None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pydantic import ValidationError
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Text, and_, bindparam, cast, or_, select, update
 from sqlalchemy.orm import Session, defer
 
 from openwham import ids
@@ -58,6 +58,7 @@ from .diffs import (
     starting_patch,
 )
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from .rendercache import RenderCache, digest
 from .repos import validate_branch_name
 from .text import shorten
 
@@ -495,9 +496,6 @@ class _Context:
             if not bodies:
                 q = q.options(defer(m.Turn.body, raiseload=True))
             turns = {t.id: t for t in db.scalars(q)}
-        by_parent: dict[str | None, list[m.Turn]] = {}
-        for t in sorted(turns.values(), key=lambda t: (t.created_at, t.attempt_placement or 0)):
-            by_parent.setdefault(t.parent_id, []).append(t)
         env_ids = {t.environment_id for t in tasks if t.environment_id}
         labels: dict[str, str] = {}
         if env_ids:
@@ -505,6 +503,13 @@ class _Context:
                 select(m.Environment.id, m.Environment.label).where(m.Environment.id.in_(env_ids))
             )
             labels = {str(i): str(label) for i, label in rows}
+        return cls.of(turns, labels)
+
+    @classmethod
+    def of(cls, turns: dict[str, m.Turn], labels: dict[str, str]) -> _Context:
+        by_parent: dict[str | None, list[m.Turn]] = {}
+        for t in sorted(turns.values(), key=lambda t: (t.created_at, t.attempt_placement or 0)):
+            by_parent.setdefault(t.parent_id, []).append(t)
         return cls(turns=turns, labels=labels, by_parent=by_parent)
 
     def siblings(self, turn: m.Turn) -> list[m.Turn]:
@@ -683,7 +688,17 @@ def _branch_only(entry: Any) -> bool:
 # --------------------------------------------------------------------------- queries
 
 
-def _encode_cursor(task: m.Task) -> str:
+_TASK_COLUMNS = [c for c in m.Task.__table__.c if c.key != "body"]
+_TURN_COLUMNS = [c for c in m.Turn.__table__.c if c.key != "body"]
+
+
+def _json_text(column: Any) -> Any:
+    """A JSON column as the text the database holds (parsed only on a cache miss)."""
+    return cast(column, Text).label("body")
+
+
+def _encode_cursor(task: Any) -> str:
+    """From a task's ``created_at`` and ``id`` (an ORM object or a Core row)."""
     raw = json.dumps([task.created_at, task.id], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -724,33 +739,46 @@ def _page(
     bodies: bool,
 ) -> _Page:
     """Newest first, keyset-paginated on (created_at, id) so pages never skip or repeat."""
-    size = DEFAULT_LIST_LIMIT if limit is None else limit
-    if not 1 <= size <= MAX_LIST_LIMIT:
-        raise BadRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
-    filt = task_filter or "current"
-    if filt not in TASK_FILTERS:
-        raise BadRequest(f"task_filter must be one of: {', '.join(TASK_FILTERS)}")
-    q = select(m.Task).where(m.Task.account_id == principal.account_id)
-    if filt == "current":
-        q = q.where(m.Task.archived.is_(False))
-    elif filt == "archived":
-        q = q.where(m.Task.archived.is_(True))
-    if environment_id:
-        q = q.where(m.Task.environment_id == environment_id)
-    if cursor:
-        created, task_id = _decode_cursor(cursor)
-        q = q.where(
-            or_(
-                m.Task.created_at < created,
-                and_(m.Task.created_at == created, m.Task.id < task_id),
-            )
-        )
+    size, where = _page_where(principal, limit, task_filter, environment_id, cursor)
+    q = select(m.Task).where(*where)
     q = q.order_by(m.Task.created_at.desc(), m.Task.id.desc()).limit(size + 1)
     rows = list(db.scalars(q))
     more = len(rows) > size
     rows = rows[:size]
     cursor_out = _encode_cursor(rows[-1]) if more and rows else None
     return _Page(rows, cursor_out, _Context.load(db, rows, bodies=bodies))
+
+
+def _page_where(
+    principal: Principal,
+    limit: int | None,
+    task_filter: str | None,
+    environment_id: str | None,
+    cursor: str | None,
+) -> tuple[int, list[Any]]:
+    """The page size and the conditions of a page of the caller's tasks."""
+    size = DEFAULT_LIST_LIMIT if limit is None else limit
+    if not 1 <= size <= MAX_LIST_LIMIT:
+        raise BadRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
+    filt = task_filter or "current"
+    if filt not in TASK_FILTERS:
+        raise BadRequest(f"task_filter must be one of: {', '.join(TASK_FILTERS)}")
+    where: list[Any] = [m.Task.account_id == principal.account_id]
+    if filt == "current":
+        where.append(m.Task.archived.is_(False))
+    elif filt == "archived":
+        where.append(m.Task.archived.is_(True))
+    if environment_id:
+        where.append(m.Task.environment_id == environment_id)
+    if cursor:
+        created, task_id = _decode_cursor(cursor)
+        where.append(
+            or_(
+                m.Task.created_at < created,
+                and_(m.Task.created_at == created, m.Task.id < task_id),
+            )
+        )
+    return size, where
 
 
 def list_tasks(
@@ -775,6 +803,79 @@ def list_tasks(
     )
     return TaskListPage(
         items=[render_list_item(t, page.ctx) for t in page.rows], cursor=page.cursor
+    )
+
+
+_LIST_TURNS = select(*_TURN_COLUMNS).where(
+    or_(
+        m.Turn.id.in_(bindparam("current", expanding=True)),
+        m.Turn.parent_id.in_(
+            select(m.Turn.parent_id).where(m.Turn.id.in_(bindparam("parents", expanding=True)))
+        ),
+    )
+)
+
+
+def list_json(
+    db: Session,
+    principal: Principal,
+    cache: RenderCache,
+    *,
+    limit: int | None,
+    task_filter: str | None,
+    environment_id: str | None,
+    cursor: str | None,
+) -> bytes:
+    """``tasks/list`` as JSON bytes, the same as ``list_tasks`` serialised: Core rows (no ORM
+    objects), and each item rendered only when no rendering of exactly its rows (the task
+    with its environment's label, its current attempt, that attempt's siblings) is kept."""
+    size, where = _page_where(principal, limit, task_filter, environment_id, cursor)
+    conn = db.connection()
+    rows = conn.execute(
+        select(*_TASK_COLUMNS, m.Environment.label.label("env_label"), _json_text(m.Task.body))
+        .outerjoin(m.Environment, m.Environment.id == m.Task.environment_id)
+        .where(*where)
+        .order_by(m.Task.created_at.desc(), m.Task.id.desc())
+        .limit(size + 1)
+    ).all()
+    more = len(rows) > size
+    rows = rows[:size]
+    current = [str(r.current_turn_id) for r in rows if r.current_turn_id]
+    turns: dict[str, Any] = {}
+    if current:
+        params = {"current": current, "parents": current}
+        turns = {str(t.id): t for t in conn.execute(_LIST_TURNS, params)}
+    by_parent: dict[str | None, list[Any]] = {}
+    for t in sorted(turns.values(), key=lambda t: (t.created_at, t.attempt_placement or 0)):
+        by_parent.setdefault(t.parent_id, []).append(t)
+    items: list[bytes] = []
+    for row in rows:
+        turn = turns.get(row.current_turn_id or "")
+        siblings = (
+            [
+                t
+                for t in by_parent.get(turn.parent_id, [])
+                if t.role == "assistant" and t is not turn
+            ]
+            if turn is not None
+            else []
+        )
+        key = (tuple(row), tuple(turn) if turn else None, tuple(tuple(t) for t in siblings))
+        item = cache.get("list", str(row.id), key)
+        if item is None:
+            task = m.Task(**_orm_values(row._mapping, _TASK_COLUMNS))
+            ctx_turns = {
+                str(t.id): m.Turn(**{c.key: t._mapping[c.key] for c in _TURN_COLUMNS})
+                for t in ([turn, *siblings] if turn is not None else [])
+            }
+            labels = {str(row.environment_id): str(row.env_label)} if row.env_label else {}
+            model = render_list_item(task, _Context.of(ctx_turns, labels))
+            item = model.__pydantic_serializer__.to_json(model, by_alias=True)
+            cache.put("list", str(row.id), key, item)
+        items.append(item)
+    cursor_out = _encode_cursor(rows[-1]) if more and rows else None
+    return (
+        b'{"items":[' + b",".join(items) + b'],"cursor":' + json.dumps(cursor_out).encode() + b"}"
     )
 
 
@@ -828,7 +929,10 @@ def details(
 ) -> TaskDetails:
     """``GET tasks/{id}``; diffs cut to ``inline_diff`` bytes (``render_assistant_turn``)."""
     task = get_task_row(db, principal, task_id)
-    ctx = _Context.load(db, [task], all_turns=True)
+    return _render_details(task, _Context.load(db, [task], all_turns=True), inline_diff)
+
+
+def _render_details(task: m.Task, ctx: _Context, inline_diff: int | None) -> TaskDetails:
     user = ctx.turns.get(task.current_user_turn_id or "")
     current = ctx.turns.get(task.current_turn_id or "")
     diff_turn = _diff_turn(task, ctx)
@@ -848,6 +952,59 @@ def details(
         current_assistant_turn=assistant,
         current_diff_task_turn=diff_rendered,
     )
+
+
+# Built once (a statement built per request costs about as much as running it).
+_DETAILS_TASK = (
+    select(*_TASK_COLUMNS, m.Environment.label.label("env_label"), _json_text(m.Task.body))
+    .outerjoin(m.Environment, m.Environment.id == m.Task.environment_id)
+    .where(m.Task.id == bindparam("task_id"))
+)
+_DETAILS_TURNS = select(*_TURN_COLUMNS, _json_text(m.Turn.body)).where(
+    m.Turn.task_id == bindparam("task_id")
+)
+
+
+def details_json(
+    db: Session,
+    principal: Principal,
+    task_id: str,
+    cache: RenderCache,
+    *,
+    inline_diff: int | None = None,
+) -> bytes:
+    """``GET tasks/{id}`` as JSON bytes, the same as ``details`` serialised: the task's rows
+    are read with two Core statements (no ORM objects) and the answer rendered only when no
+    rendering of exactly these rows is kept (``service.rendercache``)."""
+    if len(task_id) > 200:
+        raise NotFound("Task not found")
+    conn = db.connection()  # Core rows: no ORM objects, no ORM statement handling
+    row = conn.execute(_DETAILS_TASK, {"task_id": task_id}).first()
+    if row is None or row.account_id != principal.account_id:
+        raise NotFound("Task not found")
+    turn_rows = sorted(
+        conn.execute(_DETAILS_TURNS, {"task_id": task_id}).all(), key=lambda r: str(r.id)
+    )
+    key = digest([row, *turn_rows], inline_diff)
+    ident = f"{task_id}:{inline_diff}"
+    cached = cache.get("details", ident, key)
+    if cached is not None:
+        return cached
+    task = m.Task(**_orm_values(row._mapping, _TASK_COLUMNS))
+    turns = {str(r.id): m.Turn(**_orm_values(r._mapping, _TURN_COLUMNS)) for r in turn_rows}
+    labels = {str(row.environment_id): str(row.env_label)} if row.env_label is not None else {}
+    model = _render_details(task, _Context.of(turns, labels), inline_diff)
+    body = model.__pydantic_serializer__.to_json(model, by_alias=True)
+    cache.put("details", ident, key, body)
+    return body
+
+
+def _orm_values(row: Any, columns: list[Any]) -> dict[str, Any]:
+    """A transient ORM object's values from a Core row (its JSON body parsed)."""
+    values = {c.key: row[c.key] for c in columns}
+    text = row["body"]
+    values["body"] = json.loads(text) if text is not None else None
+    return values
 
 
 def render_diff_turn(turn: m.Turn, ctx: _Context, inline_diff: int | None = None) -> AssistantTurn:

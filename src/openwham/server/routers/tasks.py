@@ -33,7 +33,7 @@ from openwham.wire import (
     TurnResponse,
 )
 
-from ..deps import InlineDiffDep, PrincipalDep, SessionDep, StateDep
+from ..deps import InlineDiffDep, PrincipalDep, ReaderDep, SessionDep, StateDep
 from ..errors import error_responses
 from ..state import AppState
 
@@ -71,14 +71,15 @@ ListQueryDep = Annotated[ListQuery, Depends(list_query)]
 
 
 @router.get("/tasks/list", response_model=TaskListPage)
-def list_tasks(principal: PrincipalDep, db: SessionDep, query: ListQueryDep) -> TaskListPage:
-    return query.page(db, principal)
+async def list_tasks(reader: ReaderDep, query: ListQueryDep) -> Response:
+    renders = reader.state.renders
+    return await reader.json(lambda db, p: tasks.list_json(db, p, renders, **vars(query)))
 
 
 @router.get("/tasks", response_model=TaskFeedPage)
-def task_feed(principal: PrincipalDep, db: SessionDep, query: ListQueryDep) -> TaskFeedPage:
+async def task_feed(reader: ReaderDep, query: ListQueryDep) -> Response:
     """The web feed: each task with its current assistant turn."""
-    return query.feed(db, principal)
+    return await reader.json(query.feed)
 
 
 @router.get("/tasks/rate_limit", response_model=TaskRateLimit)
@@ -124,12 +125,13 @@ def create_task(
 
 
 @router.get("/tasks/{task_id}", response_model=TaskDetails)
-def get_task(
-    task_id: str, principal: PrincipalDep, db: SessionDep, inline: InlineDiffDep
-) -> TaskDetails:
+async def get_task(task_id: str, reader: ReaderDep, inline: InlineDiffDep) -> Response:
     """The task with its current turns; a diff over ``WHAM_INLINE_DIFF_MAX_BYTES`` is cut
     (``truncated: true``; the whole one: ``…/turns/{turn_id}/diff``)."""
-    return tasks.details(db, principal, task_id, inline_diff=inline)
+    renders = reader.state.renders
+    return await reader.json(
+        lambda db, p: tasks.details_json(db, p, task_id, renders, inline_diff=inline)
+    )
 
 
 @router.delete("/tasks/{task_id}", response_model=SuccessResponse)

@@ -1,0 +1,84 @@
+"""Rendered answers keyed by a digest of every row they were rendered from.
+
+Rendering task details (parsing the turns' JSON bodies, validating them into wire models and
+serialising those) costs several times the queries that read the rows (issue 20). The
+answer is a pure function of those rows, so it is kept under a digest of them: a request
+still reads the rows (and its token's row) from the database, and a hit only skips the
+rendering. Any write, on any node, changes a row, hence the digest: nothing stale can be
+served, and nothing has to be invalidated. No timestamps are trusted (``updated_at`` is not
+bumped by every write).
+
+Bounded by entries and by bytes, least recently used out first: memory stays flat however
+many tasks are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
+
+MAX_ENTRIES = 512
+MAX_BYTES = 32 << 20
+
+
+def digest(rows: Iterable[Sequence[Any]], *extra: Any) -> bytes:
+    """A 128-bit digest of rows (each value length-prefixed, so no two inputs run together)
+    and of ``extra`` (what else the rendering depends on: the inline-diff limit)."""
+    h = hashlib.blake2b(digest_size=16)
+    for row in rows:
+        h.update(b"\x1e")
+        for value in row:
+            data = value.encode() if isinstance(value, str) else repr(value).encode()
+            h.update(b"s" if isinstance(value, str) else b"r")
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+    h.update(b"\x1d")
+    h.update(repr(extra).encode())
+    return h.digest()
+
+
+class RenderCache:
+    """A thread-safe LRU of rendered answers (bytes) under ``(kind, id, digest)``."""
+
+    def __init__(self, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple[str, str], tuple[Hashable, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, kind: str, ident: str, key: Hashable) -> bytes | None:
+        """The answer kept for ``(kind, ident)`` if it was rendered from ``key`` (a digest,
+        or the rows themselves when they are small)."""
+        with self._lock:
+            entry = self._entries.get((kind, ident))
+            if entry is None or entry[0] != key:
+                self.misses += 1
+                return None
+            self._entries.move_to_end((kind, ident))
+            self.hits += 1
+            return entry[1]
+
+    def put(self, kind: str, ident: str, key: Hashable, value: bytes) -> None:
+        """One entry per ``(kind, ident)``: a newer rendering replaces the older one."""
+        if len(value) > self.max_bytes // 8:
+            return  # a huge answer (a multi-MB diff) would push out everything else
+        with self._lock:
+            old = self._entries.pop((kind, ident), None)
+            if old is not None:
+                self.size -= len(old[1])
+            self._entries[(kind, ident)] = (key, value)
+            self.size += len(value)
+            while self._entries and (
+                len(self._entries) > self.max_entries or self.size > self.max_bytes
+            ):
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self.size -= len(dropped)
+
+    def __len__(self) -> int:
+        return len(self._entries)
