@@ -262,9 +262,9 @@ def test_healthz_reports_a_database_that_does_not_answer(tmp_path: Path) -> None
 # --------------------------------------------------------------------------- request cost
 
 
-def test_task_details_costs_four_statements(tmp_path: Path, sqlite_url: str) -> None:
+def test_task_details_costs_three_statements(tmp_path: Path, sqlite_url: str) -> None:
     """The token, its user and the account come in one query (not one each) on every
-    request; task details then read the task, its turns and the environment labels."""
+    request; task details then read the task with its environment's label, and its turns."""
     from sqlalchemy import event
 
     serving = _serve(tmp_path, sqlite_url)
@@ -286,7 +286,7 @@ def test_task_details_costs_four_statements(tmp_path: Path, sqlite_url: str) -> 
         finally:
             event.remove(engine, "before_cursor_execute", seen)
         assert r.status_code == 200
-        assert len(statements) == 4, statements
+        assert len(statements) == 3, statements
         assert "api_tokens" in statements[0] and "memberships" in statements[0]
     finally:
         serving.close()
@@ -317,8 +317,8 @@ def test_only_models_that_omit_keys_carry_a_python_serializer() -> None:
 
 def test_hot_reads_take_one_worker_thread_for_their_dependencies() -> None:
     """Every sync dependency is a worker-thread hand-off of its own (a class dependency too):
-    on task details and the task lists only ``open_request`` (session and authentication
-    together) may be sync, the rest are lookups done on the event loop."""
+    task details and the task lists have none (``deps.Reader`` opens the session,
+    authenticates and reads in one call; tests/test_render_cache.py counts the calls)."""
     import inspect
 
     from fastapi.routing import APIRoute
@@ -350,5 +350,5 @@ def test_hot_reads_take_one_worker_thread_for_their_dependencies() -> None:
             for call in calls(route.dependant)
             if not runs_on_the_loop(call)
         }
-        assert sync == {"open_request"}, (route.path, sync)
+        assert sync == set(), (route.path, sync)
     assert checked == 3
