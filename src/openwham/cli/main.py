@@ -6,7 +6,7 @@ import typer
 
 from openwham import __version__
 
-from . import account, codex_auth, envs, serve, tasks, tokens, web
+from . import account, codex_auth, envs, serve, tasks, tokens, web, worker
 
 app = typer.Typer(
     name="wham",
@@ -52,6 +52,7 @@ app.command("login")(account.login)
 app.command("logout")(account.logout)
 app.command("status")(account.status)
 app.command("serve")(serve.serve)
+app.command("worker")(worker.worker)
 app.add_typer(tokens.app, name="token")
 app.command("codex-auth")(codex_auth.codex_auth)
 app.add_typer(web.app, name="web")

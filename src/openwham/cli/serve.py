@@ -27,6 +27,7 @@ def serve(
     from openwham.server.malloc import limit_arenas
     from openwham.service.keys import KeysMismatch
     from openwham.store.artifacts import ArtifactError
+    from openwham.store.jobs import QueueConfigError
 
     limit_arenas()  # before any thread: many short-lived ones fragment per-thread arenas
     settings = settings_for(data_dir)
@@ -34,7 +35,7 @@ def serve(
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations are routine on start
     try:
         app = create_app(settings)
-    except (KeysMismatch, ArtifactError) as exc:
+    except (KeysMismatch, ArtifactError, QueueConfigError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Protocol
 
 from sqlalchemy import select
@@ -70,21 +70,31 @@ def _owner_gone(owner: str | None) -> bool:
     return False
 
 
-def recover(engine: Engine, *, now: float | None = None) -> list[str]:
-    """Requeue or fail attempts whose executor is gone; returns the turns to run again."""
+def recover(
+    engine: Engine,
+    *,
+    now: float | None = None,
+    turn_ids: Collection[str] | None = None,
+    stale_after: float = STALE_SECONDS,
+) -> list[str]:
+    """Requeue or fail attempts whose executor is gone; returns the turns to run again.
+    ``turn_ids``: only these (the queue's stalled jobs, whose worker stopped beating)."""
     now = now or time.time()
     again: list[str] = []
     touched: list[str] = []
     lost: list[str] = []
     max_tries = max(1, engine.settings.attempt_max_tries)
     with engine.db.session() as s:
-        rows = s.scalars(select(m.Turn).where(m.Turn.turn_status == TurnStatus.IN_PROGRESS)).all()
+        query = select(m.Turn).where(m.Turn.turn_status == TurnStatus.IN_PROGRESS)
+        if turn_ids is not None:
+            query = query.where(m.Turn.id.in_(list(turn_ids)))
+        rows = s.scalars(query).all()
         for turn in rows:
             run = dict(turn.body.get("run") or {})
             owner = run.get("executor")
             if owner == engine.executor_id:
                 continue
-            if not (_owner_gone(owner) or now - turn.updated_at > STALE_SECONDS):
+            if not (_owner_gone(owner) or now - turn.updated_at > stale_after):
                 continue
             tries = int(run.get("tries") or 1)
             touched.append(turn.id)

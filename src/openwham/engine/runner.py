@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.orm import Session
+
 from openwham.config import Settings
 from openwham.gateway import (
     Gateway,
@@ -25,11 +27,13 @@ from openwham.gateway import (
 )
 from openwham.gateway.server import MAX_SOCKET_PATH
 from openwham.sandbox import bwrap
+from openwham.store import jobs
 from openwham.store.db import Database
 from openwham.store.events import EventBus
 
 from .attempt import Engine
 from .executor import Executor, InProcessExecutor
+from .queue import QueueExecutor
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +57,22 @@ class Runner:
     executor: Executor | None = None
     gateway_server: GatewayServer | None = field(default=None, repr=False)
 
+    @property
+    def queued(self) -> bool:
+        """Whether attempts are procrastinate jobs (``WHAM_EXECUTOR=queue``)."""
+        return self.settings.executor == "queue"
+
     def start(self) -> Runner:
         if self.settings.executor == "none":
             self.problem = None  # API only: another process runs attempts
             return self
-        if self.settings.executor != "inprocess":
+        if self.settings.executor not in ("inprocess", "queue"):
             self.problem = (
-                f"unknown WHAM_EXECUTOR {self.settings.executor!r}: use inprocess or none"
+                f"unknown WHAM_EXECUTOR {self.settings.executor!r}: use inprocess, queue or none"
             )
+            return self
+        if self.queued and self.settings.executor_concurrency == 0:
+            self.problem = None  # API only: `wham worker` nodes run the jobs
             return self
         problem = bwrap.selftest()
         if problem is not None:
@@ -91,10 +103,15 @@ class Runner:
             gateway_socket=socket_path,
             gateway_problem=gateway_problem,
         )
-        executor = InProcessExecutor(self.engine, self.settings.concurrency)
+        executor: InProcessExecutor | QueueExecutor
+        if self.queued:
+            executor = QueueExecutor(self.engine, self.settings.concurrency)
+        else:
+            executor = InProcessExecutor(self.engine, self.settings.concurrency)
         executor.start()
         log.info(
-            "running tasks: %d attempt(s) at a time in bubblewrap sandboxes; model %s via %s",
+            "running tasks%s: %d attempt(s) at a time in bubblewrap sandboxes; model %s via %s",
+            " from the queue" if self.queued else "",
             executor.concurrency,
             self.settings.model,
             self.settings.model_provider,
@@ -102,14 +119,27 @@ class Runner:
         self.executor = executor
         return self
 
+    def enqueue(self, s: Session, turn_ids: Iterable[str]) -> None:
+        """Before the commit that creates or requeues pending attempts: under the queue
+        executor their jobs go into that same transaction (``store.jobs.defer``)."""
+        if self.queued:
+            jobs.defer(s, turn_ids)
+
     def submit(self, turn_ids: Iterable[str]) -> None:
+        """After that commit: the in-process executor queues them in memory."""
         if self.executor is not None:
             self.executor.submit(turn_ids)
 
     def cancel(self, turn_ids: Iterable[str]) -> None:
+        """After a cancel committed: stop the sandboxes here, and under the queue executor
+        ask whichever worker runs each attempt to abort it (procrastinate's job abort)."""
+        ids = list(turn_ids)
         if self.executor is not None:
-            for turn_id in turn_ids:
+            for turn_id in ids:
                 self.executor.cancel(turn_id)
+        if self.queued and ids:
+            with self.db.session() as s:
+                jobs.abort(s, ids)
 
     def stop(self) -> None:
         if self.executor is not None:

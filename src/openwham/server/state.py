@@ -11,6 +11,7 @@ from openwham.locks import Locks, database_locks
 from openwham.service.artifacts import check_store, open_store
 from openwham.service.keys import SecretBox, check_fingerprint, secrets_key, signing_key
 from openwham.service.rendercache import RenderCache
+from openwham.store import jobs
 from openwham.store.artifacts import ArtifactStore
 from openwham.store.db import Database
 from openwham.store.events import EventBus, LocalEventBus
@@ -44,12 +45,15 @@ class AppState:
     def open(cls, settings: Settings, db: Database | None = None) -> AppState:
         """Open the database (migrating it), load or create the server keys and check that
         they are the database's (:class:`KeysMismatch` otherwise), and that the artifact
-        store can be used (``ArtifactError`` otherwise)."""
+        store can be used (``ArtifactError`` otherwise). Under ``WHAM_EXECUTOR=queue``,
+        apply the job queue's schema (``QueueConfigError`` when not on PostgreSQL)."""
         data_dir = settings.resolved_data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(data_dir, 0o700)  # database, keys, mirrors, attempts: the server's alone
         database = db or Database(settings.sqlalchemy_url, request_pool=settings.db_pool_size)
         database.migrate()
+        if settings.executor == "queue":  # QueueConfigError: not PostgreSQL
+            jobs.apply_schema(database)
         signing, sealing = signing_key(settings), secrets_key(settings)
         with database.session() as s:  # KeysMismatch: this node's keys are not the others'
             check_fingerprint(s, settings, signing, sealing)

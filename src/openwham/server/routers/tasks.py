@@ -118,6 +118,8 @@ def create_task(
         body,
         branch_lookup=lambda key, url, branch: branches.branch_exists(settings, key, url, branch),
     )
+    if runner is not None:  # the queue's jobs commit with their attempts
+        runner.enqueue(db, created.attempt_ids)
     db.commit()
     if runner is not None:
         runner.submit(created.attempt_ids)
@@ -163,6 +165,8 @@ def recover(
     note = "Recovered: this attempt runs again from the start"
     turns = lifecycle.recoverable(db, state.settings, principal, task_id)
     ids = [t.id for t in turns if requeue(db, t, note, tries=0, recover=True)]
+    if state.runner is not None:
+        state.runner.enqueue(db, ids)
     db.commit()
     for turn_id in ids:
         state.bus.publish(turn_id)
