@@ -36,14 +36,30 @@ ALLOWED: dict[str, set[str]] = {
         "locks",
         "lifeline",
     },
+    # the operations API, web UI and CLI share; the only way into the engine from above
+    "commands": {"wire", "store", "config", "ids", "service", "engine", "locks"},
     "sandbox": {"config", "gitpaths", "locks", "lifeline"},
     "runtimes": {"config", "wire"},
     "gateway": {"config", "store", "codexauth", "redaction"},
     "client": {"wire", "codexauth"},
-    "server": {"wire", "store", "config", "ids", "service", "engine", "web", "locks"},
-    "web": {"wire", "store", "config", "ids", "service"},
-    "cli": {"wire", "store", "config", "ids", "service", "engine", "server", "client", "codexauth"},
+    "server": {"wire", "store", "config", "ids", "service", "commands", "web", "locks"},
+    "web": {"wire", "store", "config", "ids", "service", "commands"},
+    "cli": {
+        "wire",
+        "store",
+        "config",
+        "ids",
+        "service",
+        "commands",
+        "server",
+        "client",
+        "codexauth",
+    },
 }
+
+# Only the application commands reach into the engine from above it: routers, web pages and
+# the CLI call ``openwham.commands`` (docs/ARCHITECTURE.md, issue 17's seams).
+ENGINE_CALLERS = {"engine", "commands"}
 
 
 def _layer(path: Path) -> str:
@@ -52,20 +68,29 @@ def _layer(path: Path) -> str:
 
 
 def _imports(path: Path) -> set[str]:
+    """The openwham top-level modules ``path`` imports: ``import openwham.x``, ``from
+    openwham.x import …``, ``from openwham import x`` and relative imports (resolved)."""
     tree = ast.parse(path.read_text())
+    package = ["openwham", *path.relative_to(PACKAGE).parent.parts]
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names = [module] if module != "openwham" else [f"openwham.{a.name}" for a in node.names]
         else:
             continue
         for name in names:
             parts = name.split(".")
-            if parts[0] == "openwham" and len(parts) > 1:
+            if parts[0] == "openwham" and len(parts) > 1 and _is_module(parts[1]):
                 found.add(parts[1])
     return found
+
+
+def _is_module(name: str) -> bool:
+    return (PACKAGE / name).is_dir() or (PACKAGE / f"{name}.py").is_file()
 
 
 SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE or p.name != "__init__.py")
@@ -77,6 +102,37 @@ def test_imports_point_one_way(path: Path) -> None:
     assert layer in ALLOWED, f"new top-level module {layer}: add it to ALLOWED and ARCHITECTURE.md"
     bad = {x for x in _imports(path) if x != layer and x not in ALLOWED[layer] and x != "__init__"}
     assert not bad, f"{path.relative_to(PACKAGE)} ({layer}) must not import {sorted(bad)}"
+
+
+def test_only_the_commands_import_the_engine() -> None:
+    assert {layer for layer, allowed in ALLOWED.items() if "engine" in allowed} <= ENGINE_CALLERS
+    offenders = [
+        str(p.relative_to(PACKAGE))
+        for p in SOURCES
+        if _layer(p) not in ENGINE_CALLERS and "engine" in _imports(p)
+    ]
+    assert not offenders, f"import openwham.commands instead of the engine: {offenders}"
+
+
+@pytest.mark.parametrize(
+    ("snippet", "where"),
+    [
+        ("from openwham.engine import storage", "server/x.py"),
+        ("import openwham.engine.prs", "web/x.py"),
+        ("from openwham import engine", "cli/x.py"),
+        ("from ..engine import branches", "server/x.py"),
+        ("from ...engine.attempt import requeue", "server/routers/x.py"),
+    ],
+)
+def test_the_import_check_finds_engine_imports(
+    snippet: str, where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(f"{__name__}.PACKAGE", tmp_path)
+    (tmp_path / "engine").mkdir()
+    source = tmp_path / where
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text(snippet + "\n")
+    assert "engine" in _imports(source)
 
 
 # ------------------------------------------------------------------ the project stands alone

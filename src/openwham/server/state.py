@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from openwham.commands import Deps, Runner, open_runner
 from openwham.config import Settings
-from openwham.engine.runner import Runner
 from openwham.locks import Locks, database_locks
 from openwham.service.artifacts import check_store, open_store
 from openwham.service.keys import SecretBox, check_fingerprint, secrets_key, signing_key
@@ -41,6 +41,17 @@ class AppState:
         self.fanout = FanOut(self.db, self.bus)
         self.artifacts = open_store(self.settings, self.db)
 
+    @property
+    def commands(self) -> Deps:
+        """What application commands (``openwham.commands``) take from the app."""
+        return Deps(
+            settings=self.settings,
+            bus=self.bus,
+            artifacts=self.artifacts,
+            locks=self.locks,
+            executor=self.runner,
+        )
+
     @classmethod
     def open(cls, settings: Settings, db: Database | None = None) -> AppState:
         """Open the database (migrating it), load or create the server keys and check that
@@ -66,5 +77,5 @@ class AppState:
             bus=event_bus(database),
         )
         check_store(state.artifacts)
-        state.runner = Runner(settings, database, state.bus)
+        state.runner = open_runner(settings, database, state.bus)
         return state

@@ -1,29 +1,24 @@
 """The web UI mounted on the app: its pages, its static files, and its ``Backend``.
 
-``ServerBackend`` gives the UI the operations that need the executor or the event bus by
-calling the API's own handlers, so the browser and the API share one code path.
+``ServerBackend`` gives the UI the server's parts: the application commands' dependencies
+(the UI and the API's routers call the same ``openwham.commands``) and the turn-stream
+fan-out.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.orm import Session
 
+from openwham.commands import Deps
 from openwham.config import Settings
-from openwham.engine import branches as branch_checks
-from openwham.service import environments as envs
-from openwham.service.accounts import Principal
 from openwham.service.keys import SecretBox
 from openwham.store.db import Database
 from openwham.web import tokens as token_pages
 from openwham.web.routes import STATIC, WebUI
 
-from .routers import tasks as task_routes
 from .state import AppState
 
 
@@ -47,30 +42,12 @@ class ServerBackend:
     def secret_box(self) -> SecretBox:
         return self.state.secret_box
 
-    def create_task(self, db: Session, principal: Principal, body: Any) -> dict[str, Any]:
-        response = task_routes.create_task(self.state, principal, db, body)
-        data: dict[str, Any] = json.loads(bytes(response.body))
-        return data
-
-    def cancel_task(self, db: Session, principal: Principal, task_id: str) -> None:
-        task_routes.cancel(task_id, self.state, principal, db)
-
-    def push_branch(
-        self, db: Session, principal: Principal, task_id: str, turn_id: str
-    ) -> dict[str, Any]:
-        return task_routes.create_pr(task_id, turn_id, self.state, principal, db)
+    @property
+    def commands(self) -> Deps:
+        return self.state.commands
 
     def events(self, turn_id: str, after: int) -> AsyncIterator[bytes]:
         return self.state.fanout.frames(turn_id, after, None)
-
-    def branches(self, db: Session, principal: Principal, env_id: str) -> list[str]:
-        env = envs.get_row(db, principal, env_id)
-        envs.check_repo_paths(db, env, self.settings)
-        repos = env.body.get("repos") or []
-        if not repos:
-            return []
-        key = str(repos[0])
-        return branch_checks.list_branches(self.settings, key, envs.repo_url(env.body, key))
 
 
 def mount(app: FastAPI, state: AppState) -> None:

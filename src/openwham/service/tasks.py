@@ -337,6 +337,11 @@ class Created:
     response: dict[str, Any]
     attempt_ids: list[str]
 
+    @property
+    def task_id(self) -> str:
+        """The created (or continued) task's id."""
+        return str(self.response["task"]["id"])
+
 
 def create(
     db: Session,

@@ -1,20 +1,19 @@
 """What the web UI needs from the server beyond the service layer.
 
-Creating, cancelling and pushing tasks and streaming their events involve the executor and
-the event bus, which live with the server. The server hands the UI an object with these
-methods (``server.webui.ServerBackend``), which calls the very handlers the API uses, so a
-task made in the browser takes the same path as one made through the API.
+Creating, cancelling and pushing tasks involve the executor, the event bus and the locks,
+which live with the server; the UI runs them through the application commands
+(``openwham.commands``) with the server's :class:`~openwham.commands.Deps`, the very
+commands the API's routers call, so a task made in the browser takes the same path as one
+made through the API. Streaming a turn's events goes through the server's fan-out.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Protocol
 
-from sqlalchemy.orm import Session
-
+from openwham.commands import Deps
 from openwham.config import Settings
-from openwham.service.accounts import Principal
 from openwham.service.keys import SecretBox
 from openwham.store.db import Database
 
@@ -32,25 +31,11 @@ class Backend(Protocol):
     @property
     def secret_box(self) -> SecretBox: ...
 
-    def create_task(self, db: Session, principal: Principal, body: Any) -> dict[str, Any]:
-        """``POST tasks`` (a new task or a follow-up); returns its JSON answer."""
-        ...
-
-    def cancel_task(self, db: Session, principal: Principal, task_id: str) -> None:
-        """``POST tasks/{id}/cancel``: stops queued and running attempts."""
-        ...
-
-    def push_branch(
-        self, db: Session, principal: Principal, task_id: str, turn_id: str
-    ) -> dict[str, Any]:
-        """``POST tasks/{id}/turns/{turn_id}/pr``: the pushed branch's record."""
+    @property
+    def commands(self) -> Deps:
+        """What the application commands take (executor, event bus, artifacts, locks)."""
         ...
 
     def events(self, turn_id: str, after: int) -> AsyncIterator[bytes]:
         """The turn stream's SSE frames after event ``after`` (the caller checked access)."""
-        ...
-
-    def branches(self, db: Session, principal: Principal, env_id: str) -> list[str]:
-        """The branches of the environment's (first) repository, for the composer; ``[]``
-        when the repository does not answer in a few seconds."""
         ...

@@ -1,8 +1,10 @@
 """The web UI's pages: server-rendered HTML (Jinja2, autoescaped) with a little vanilla JS.
 
 Every page needs a signed-in browser session (``session.py``); every POST form carries the
-session's CSRF token. Domain work goes through ``openwham.service`` (or, for what needs the
-executor, through the server's ``Backend``), so the UI can do nothing the API could not.
+session's CSRF token. Domain work goes through ``openwham.service``, and what needs the
+executor, the event bus or the locks through the application commands (``openwham.commands``,
+with the server's ``Backend.commands``) the API calls too, so the UI can do nothing the API
+could not.
 Mistakes in a form come back as the form with the message and a 4xx status.
 """
 
@@ -27,6 +29,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from openwham import __version__
+from openwham.commands import branches as branch_commands
+from openwham.commands import prs as pr_commands
+from openwham.commands import tasks as task_commands
 from openwham.service import environments as envs
 from openwham.service import logs, tasks, usage, webauth
 from openwham.service import tokens as api_tokens
@@ -353,7 +358,7 @@ class WebUI:
                     prompt,
                     values["attempts"],
                 )
-                created = self.backend.create_task(db, principal, body)
+                created = task_commands.create(db, self.backend.commands, principal, body)
             except ServiceError as exc:
                 db.rollback()
                 return self._tasks_page(
@@ -367,7 +372,7 @@ class WebUI:
                     values=values,
                     status=exc.status_code,
                 )
-            return self.redirect(f"/tasks/{quote(created['task']['id'])}")
+            return self.redirect(f"/tasks/{quote(created.task_id)}")
 
         @r.get("/tasks/{task_id}")
         def task_page(
@@ -438,7 +443,7 @@ class WebUI:
                     values["prompt"],
                     values["attempts"],
                 )
-                self.backend.create_task(db, principal, body)
+                task_commands.create(db, self.backend.commands, principal, body)
             except ServiceError as exc:
                 db.rollback()
                 return self._task_page(
@@ -470,11 +475,11 @@ class WebUI:
                 tasks.mark_read(db, principal, task_id)
                 db.commit()
             elif action == "cancel":
-                self.backend.cancel_task(db, principal, task_id)
+                task_commands.cancel(db, self.backend.commands, principal, task_id)
             elif action == "push":
                 if not turn_id:
                     raise BadRequest("Choose the attempt to push")
-                self.backend.push_branch(db, principal, task_id, turn_id)
+                pr_commands.push(db, self.backend.commands, principal, task_id, turn_id)
             else:
                 raise BadRequest("Unknown action")
             return self.redirect(back)
@@ -583,7 +588,7 @@ class WebUI:
         def environment_branches(request: Request, env_id: str, db: DbDep) -> Response:
             """The repository's branches (JSON) for the composer's branch suggestions."""
             _, principal = self.principal(request, db)
-            found = self.backend.branches(db, principal, env_id)
+            found = branch_commands.of_environment(db, self.backend.settings, principal, env_id)
             return self._headers(JSONResponse({"branches": found}))
 
         @r.post("/environments/{env_id}/reset-cache")

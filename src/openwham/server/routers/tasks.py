@@ -10,13 +10,10 @@ from fastapi import APIRouter, Body, Depends, Query
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session
 
-from openwham.engine import branches, storage
-from openwham.engine import prs as engine_prs
-from openwham.engine.attempt import requeue
-from openwham.locks import LockTimeout
-from openwham.service import lifecycle, logs, prs, tasks, usage
+from openwham.commands import prs as pr_commands
+from openwham.commands import tasks as commands
+from openwham.service import logs, tasks, usage
 from openwham.service.accounts import Principal
-from openwham.service.errors import Conflict, ServiceError, Unavailable
 from openwham.wire import (
     CancelResponse,
     CreateTaskResponse,
@@ -35,7 +32,6 @@ from openwham.wire import (
 
 from ..deps import InlineDiffDep, PrincipalDep, ReaderDep, SessionDep, StateDep
 from ..errors import error_responses
-from ..state import AppState
 
 router = APIRouter(tags=["tasks"])
 
@@ -107,22 +103,7 @@ def create_task(
     body: Annotated[Any, Body(include_in_schema=False)] = None,
 ) -> JSONResponse:
     """Create a task (``new_task``) or continue one (``follow_up``); see docs/api.md."""
-    runner = state.runner
-    if runner is not None and runner.problem:
-        raise Unavailable(runner.problem)
-    settings = state.settings
-    created = tasks.create(
-        db,
-        settings,
-        principal,
-        body,
-        branch_lookup=lambda key, url, branch: branches.branch_exists(settings, key, url, branch),
-    )
-    if runner is not None:  # the queue's jobs commit with their attempts
-        runner.enqueue(db, created.attempt_ids)
-    db.commit()
-    if runner is not None:
-        runner.submit(created.attempt_ids)
+    created = commands.create(db, state.commands, principal, body)
     return JSONResponse(created.response)
 
 
@@ -142,12 +123,7 @@ def delete_task(
 ) -> SuccessResponse:
     """Delete a task; its running attempts are stopped first, and its attempts' files go
     with it (workspaces, homes, Codex sessions)."""
-    stopped = tasks.cancel(db, principal, task_id)
-    db.commit()
-    _stop(state, stopped)
-    turn_ids = tasks.delete(db, principal, task_id)
-    db.commit()
-    storage.remove(state.settings.resolved_data_dir / "attempts", turn_ids, state.artifacts)
+    commands.delete(db, state.commands, principal, task_id)
     return OK
 
 
@@ -160,18 +136,7 @@ def recover(
     task_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
 ) -> SuccessResponse:
     """Run the latest turn's failed and cancelled attempts again (service/lifecycle.py)."""
-    if state.runner is not None and state.runner.problem:
-        raise Unavailable(state.runner.problem)
-    note = "Recovered: this attempt runs again from the start"
-    turns = lifecycle.recoverable(db, state.settings, principal, task_id)
-    ids = [t.id for t in turns if requeue(db, t, note, tries=0, recover=True)]
-    if state.runner is not None:
-        state.runner.enqueue(db, ids)
-    db.commit()
-    for turn_id in ids:
-        state.bus.publish(turn_id)
-    if state.runner is not None:
-        state.runner.submit(ids)
+    commands.recover(db, state.commands, principal, task_id)
     return OK
 
 
@@ -185,12 +150,8 @@ def fork(
     body: Annotated[Any, Body()] = None,
 ) -> TaskDetails:
     """A new task that starts from a chosen completed attempt (service/lifecycle.py)."""
-    forked = lifecycle.fork(db, principal, task_id, body)
-    db.commit()
-    storage.copy_sessions(
-        state.settings.resolved_data_dir / "attempts", forked.copied, state.artifacts
-    )
-    return tasks.details(db, principal, forked.task_id, inline_diff=inline)
+    forked = commands.fork(db, state.commands, principal, task_id, body)
+    return tasks.details(db, principal, forked, inline_diff=inline)
 
 
 @router.post("/tasks/{task_id}/archive", response_model=SuccessResponse)
@@ -220,9 +181,7 @@ def cancel(
 ) -> CancelResponse:
     """Cancel every attempt of the task that is still queued or running. A finished task is
     not an error (cancel stays safe to retry); ``cancelled_turn_ids`` says what was stopped."""
-    cancelled = tasks.cancel(db, principal, task_id)
-    db.commit()
-    _stop(state, cancelled)
+    cancelled = commands.cancel(db, state.commands, principal, task_id)
     return CancelResponse(success=True, cancelled_turn_ids=cancelled)
 
 
@@ -231,17 +190,8 @@ def cancel_turn(
     task_id: str, turn_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
 ) -> CancelResponse:
     """Cancel one attempt (a finished one stays as it is: ``cancelled_turn_ids`` is empty)."""
-    cancelled = tasks.cancel_turn(db, principal, task_id, turn_id)
-    db.commit()
-    _stop(state, cancelled)
+    cancelled = commands.cancel_turn(db, state.commands, principal, task_id, turn_id)
     return CancelResponse(success=True, cancelled_turn_ids=cancelled)
-
-
-def _stop(state: AppState, turn_ids: list[str]) -> None:
-    for turn_id in turn_ids:
-        state.bus.publish(turn_id)
-    if state.runner is not None:
-        state.runner.cancel(turn_ids)
 
 
 @router.post(
@@ -317,35 +267,11 @@ def sibling_turns(
 )
 def create_pr(
     task_id: str, turn_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
-) -> dict[str, Any]:
-    """Commit the attempt's change on the task's branch and push it (engine/prs.py). A push
-    of another attempt that a crash cut short is finished first (service/prs.py). One push
-    per task at a time across processes and nodes (``state.locks``)."""
-    try:
-        with state.locks.hold(engine_prs.lock_key(task_id), engine_prs.LOCK_SECONDS):
-            earlier = prs.unfinished(db, principal, task_id, turn_id)
-            if earlier is not None:
-                try:
-                    _push(state, db, principal, earlier)
-                except ServiceError:  # it cannot be finished (the branch moved): it is dropped
-                    db.rollback()
-                    prs.drop_unfinished(db, principal, task_id)
-                    db.commit()
-            plan = prs.plan(db, principal, task_id, turn_id)
-            if plan.existing is not None:
-                return plan.existing
-            return _push(state, db, principal, plan)
-    except LockTimeout as exc:  # another node's push of this task is still running
-        raise Conflict(str(exc)) from exc
-
-
-def _push(state: AppState, db: Session, principal: Principal, plan: prs.PushPlan) -> dict[str, Any]:
-    prs.reserve(db, principal, plan)
-    db.commit()  # kept before the push; no transaction held while git talks to the remote
-    branch, commit = engine_prs.push(state.settings, plan)
-    entry = prs.record(db, principal, plan, branch=branch, commit=commit)
-    db.commit()
-    return entry
+) -> ExternalPullRequest:
+    """Commit the attempt's change on the task's branch and push it (commands/prs.py): an
+    earlier push a crash cut short is finished first; one push per task at a time across
+    processes and nodes."""
+    return pr_commands.push(db, state.commands, principal, task_id, turn_id)
 
 
 @router.get("/tasks/{task_id}/turns/{turn_id}/logs", response_model=TurnLogsResponse)
