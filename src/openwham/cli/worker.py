@@ -28,7 +28,7 @@ def worker(
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
 ) -> None:
     """Run attempts from the job queue until stopped (SIGTERM hands running attempts back)."""
-    from openwham.engine.runner import Runner
+    from openwham.commands import open_runner
     from openwham.server.malloc import limit_arenas
     from openwham.service.artifacts import check_store, open_store
     from openwham.service.keys import KeysMismatch, check_fingerprint, secrets_key, signing_key
@@ -66,7 +66,7 @@ def worker(
     except (jobs.QueueConfigError, KeysMismatch, ArtifactError) as exc:
         fail(str(exc))
     bus = event_bus(db)
-    runner = Runner(settings, db, bus).start()
+    runner = open_runner(settings, db, bus).start()
     if runner.problem or runner.executor is None:
         bus.close()
         fail(runner.problem or "this node cannot run attempts")
