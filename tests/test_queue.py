@@ -143,3 +143,20 @@ def test_the_queue_executor_is_refused_on_sqlite_at_start(tmp_path: Path) -> Non
     )
     assert out.returncode == 1
     assert "WHAM_DATABASE_URL" in out.stderr
+
+
+def test_a_recovered_attempt_gets_a_new_job_with_its_requeue(
+    api_node: Server, tmp_path: Path
+) -> None:
+    env = api_node.api.create_env(make_repo(tmp_path / "repo"))
+    task_id = api_node.api.create_task(env["id"])["task"]["id"]
+    assert api_node.api.post(f"tasks/{task_id}/cancel").status_code == 200
+    db = api_node.app_state.db
+    assert [j["status"] for j in _jobs(db)] == ["cancelled"]  # its waiting job went too
+    r = api_node.api.post(f"tasks/{task_id}/recover")
+    assert r.status_code == 200, r.text
+    found = _jobs(db)
+    assert [j["status"] for j in found] == ["cancelled", "todo"]
+    assert found[0]["queueing_lock"] == found[1]["queueing_lock"]
+    with db.session() as s:
+        assert jobs.without_job(s) == []
