@@ -18,6 +18,7 @@ from openwham.commands import tasks as commands
 from openwham.service.accounts import Principal, ensure_owner
 from openwham.service.errors import Unavailable
 from openwham.store import models as m
+from support.browser import sign_in
 
 
 @dataclass
@@ -134,3 +135,43 @@ def test_a_server_that_cannot_run_tasks_refuses_them(server: Server, repo: Path)
 def _owner(s: Session) -> Principal:
     account, user = ensure_owner(s)
     return Principal(user=user, account=account)
+
+
+def test_web_pages_go_through_the_commands(server: Server, repo: Path) -> None:
+    """The browser's new task, follow-up and cancel take the commands' path (enqueue in the
+    transaction, submit after it, cancel stops), not a route handler's JSON."""
+    rec = Recording(server)
+    server.app_state.runner = rec  # type: ignore[assignment]
+    client = server.api.client
+    env = server.api.create_env(repo)
+    csrf = sign_in(client, server.api.token or "")
+    r = client.post(
+        "/tasks",
+        data={"csrf": csrf, "prompt": "Fix it", "environment_id": env["id"], "attempts": "2"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303, r.text
+    task_id = r.headers["location"].rsplit("/", 1)[-1]
+    with server.app_state.db.session() as s:
+        ids = sorted(s.scalars(select(m.Turn.id).where(m.Turn.task_id == task_id)).all())
+    attempts = [i for i in ids if "~assttrn_" in i]
+    assert len(attempts) == 2
+    assert [(c[0], sorted(c[1]), c[2], c[3]) for c in rec.calls] == [
+        ("enqueue", attempts, True, False),
+        ("submit", attempts, False, True),
+    ]
+
+    rec.calls.clear()
+    r = client.post(
+        f"/tasks/{task_id}/action",
+        data={"csrf": csrf, "action": "cancel"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303
+    assert [(c[0], sorted(c[1])) for c in rec.calls] == [("cancel", attempts)]
+
+    rec.calls.clear()
+    rec.problem = "This server cannot run tasks: no bubblewrap"
+    r = client.post("/tasks", data={"csrf": csrf, "prompt": "Again", "environment_id": env["id"]})
+    assert r.status_code == 503 and "no bubblewrap" in r.text
+    assert rec.calls == []
