@@ -402,3 +402,47 @@ def test_a_worker_whose_keys_are_not_the_databases_is_refused_at_start(
     assert out.returncode == 1, out.stderr
     assert "are not the ones this database was first started with" in out.stderr
     assert not (data / "attempts").exists()  # refused before it ran anything
+
+
+def test_wham_serve_under_the_queue_runs_attempts_with_its_embedded_worker(
+    model: ScriptedModel, tmp_path: Path
+) -> None:
+    """Without ``WHAM_EXECUTOR_CONCURRENCY=0`` one ``wham serve`` is API node and worker."""
+    model.script = [Say("Embedded.")]
+    with postgres_database() as url:
+        env = {**serve_env(model), "WHAM_DATABASE_URL": url, "WHAM_EXECUTOR": "queue"}
+        env["WHAM_STANDBY_SANDBOXES"] = "0"
+        srv = start_live_server(tmp_path / unique_marker("qn-embedded"), env)
+        try:
+            token = subprocess.run(
+                [str(WHAM), "token", "create", "--data-dir", str(srv.data_dir)],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, **env},
+            ).stdout.strip()
+            headers = {"Authorization": f"Bearer {token}"}
+            with httpx.Client(base_url=f"{srv.url}{PREFIX}", headers=headers, timeout=60) as c:
+                r = c.post(
+                    "environments",
+                    json={"label": "acme/w", "repos": [str(make_repo(tmp_path / "repo"))]},
+                )
+                assert r.status_code == 201, r.text
+                created = _post(
+                    c,
+                    {"new_task": {"environment_id": r.json()["id"]}, "input_items": _message("Hi")},
+                )
+                (turn,) = _settled(c, created["task"]["id"], 120)
+            assert turn["turn_status"] == "completed", turn.get("error")
+
+            def jobs_left() -> int:
+                with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as c:
+                    row = c.execute(
+                        "SELECT count(*) FROM procrastinate_jobs WHERE queueing_lock = %s",
+                        (turn["id"],),
+                    ).fetchone()
+                return int(row[0]) if row else -1
+
+            assert _wait(lambda: jobs_left() == 0, 30)  # it ran as a job, deleted once it ended
+        finally:
+            stop(srv)
