@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,3 +161,32 @@ def test_a_recovered_attempt_gets_a_new_job_with_its_requeue(
     assert found[0]["queueing_lock"] == found[1]["queueing_lock"]
     with db.session() as s:
         assert jobs.without_job(s) == []
+
+
+def test_standby_offers_route_jobs_and_unclaimed_routed_jobs_go_back(api_node: Server) -> None:
+    db = api_node.app_state.db
+    now = time.time()
+    with db.session() as s:
+        jobs.offer(s, "node-a", {"k1": 1}, free=1, now=now)
+        jobs.offer(s, "node-b", {"k1": 1}, free=0, now=now)  # busy: no slot for it
+        jobs.offer(s, "node-c", {"k2": 2}, free=2, now=now - 60)  # stale
+    with db.sessions() as s:
+        assert jobs.holder(s, "k1", besides="node-x", since=now - 15) == "node-a"
+        assert jobs.holder(s, "k1", besides="node-a", since=now - 15) is None
+        assert jobs.holder(s, "k2", besides="node-x", since=now - 15) is None
+    with db.session() as s:
+        jobs.defer(s, ["turn-r"], node="node-a")
+    (job,) = _jobs(db)
+    assert (job["queue_name"], job["args"]) == (
+        "attempts.node-a",
+        {"turn_id": "turn-r", "routed": True},
+    )
+    with db.session() as s:
+        assert jobs.unroute_stale(s, 60.0) == 0  # its worker has a while to take it
+    with db.session() as s:
+        assert jobs.unroute_stale(s, 0.0) == 1
+    assert [j["queue_name"] for j in _jobs(db)] == [jobs.QUEUE]
+    with db.session() as s:
+        jobs.withdraw(s, "node-a")
+    with db.sessions() as s:
+        assert jobs.holder(s, "k1", besides="node-x", since=now - 15) is None

@@ -446,3 +446,71 @@ def test_wham_serve_under_the_queue_runs_attempts_with_its_embedded_worker(
             assert _wait(lambda: jobs_left() == 0, 30)  # it ran as a job, deleted once it ended
         finally:
             stop(srv)
+
+
+def test_a_task_goes_to_the_worker_that_holds_a_matching_standby(
+    model: ScriptedModel, tmp_path: Path
+) -> None:
+    """Two idle workers, standbys on: after the first task, the worker that ran it holds a
+    standby for the next one like it, and each next task runs there (with both idle, either
+    could fetch the job: without the preference each would land on it half the time)."""
+    model.script = [Say("Warm.")]
+    base = tmp_path / unique_marker("qn-standby")
+    base.mkdir()
+    with postgres_database() as url:
+        env = {
+            **serve_env(model),
+            "WHAM_DATABASE_URL": url,
+            "WHAM_EXECUTOR": "queue",
+            "WHAM_STANDBY_SANDBOXES": "1",
+        }
+        api = start_live_server(base / "api", {**env, "WHAM_EXECUTOR_CONCURRENCY": "0"})
+        workers: list[Worker] = []
+        try:
+            token = subprocess.run(
+                [str(WHAM), "token", "create", "--data-dir", str(base / "api")],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, **env},
+            ).stdout.strip()
+            repo = make_repo(base / "repo")
+            r = httpx.post(
+                f"{api.url}{PREFIX}/environments",
+                json={"label": "acme/widgets", "repos": [str(repo)]},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert r.status_code == 201, r.text
+            for name in ("worker-a", "worker-b"):
+                data = base / name
+                data.mkdir(mode=0o700)
+                shutil.copytree(base / "api" / "keys", data / "keys")
+                workers.append(Worker(name, data, base / f"{name}.log", env).start())
+            cluster = Cluster(api, url, token, r.json()["id"], model, workers)
+            plain = url.replace("postgresql+psycopg://", "postgresql://")
+
+            def offering() -> int:
+                """Workers that offer a ready standby."""
+                with psycopg.connect(plain) as c:
+                    row = c.execute(
+                        "SELECT count(*) FROM wham_standby_offers WHERE keys <> '{}'::jsonb"
+                    ).fetchone()
+                return int(row[0]) if row else 0
+
+            with cluster.client() as c:
+                warm = _new_task(cluster, c, "Warm up")
+                first = warm["turn"]["id"]
+                _settled(c, warm["task"]["id"], 120)
+                holder = cluster.worker_of(first)
+                ran = []
+                for i in range(4):
+                    assert _wait(lambda: offering() == 1, 60), [w.tail() for w in workers]
+                    created = _new_task(cluster, c, f"Like the first {i}")
+                    (turn,) = _settled(c, created["task"]["id"], 120)
+                    assert turn["turn_status"] == "completed", turn.get("error")
+                    ran.append(cluster.worker_of(turn["id"]).name)
+            assert ran == [holder.name] * 4, (holder.name, ran)
+        finally:
+            for w in workers:
+                w.stop()
+            stop(api)

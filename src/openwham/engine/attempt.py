@@ -328,6 +328,44 @@ class Engine:
 
     # ------------------------------------------------------------------ claiming
 
+    def standby_key(self, turn_id: str) -> AgentKey | None:
+        """The standby a pending attempt would take, read without claiming it (the queue
+        executor routes its job to a worker holding one); ``None`` when it would take none
+        (a follow-up, a starting diff, a setup script, variables or secrets)."""
+        with self.db.sessions() as s:
+            turn = s.get(m.Turn, turn_id)
+            if turn is None or turn.turn_status != TurnStatus.PENDING or not turn.parent_id:
+                return None
+            task = s.get(m.Task, turn.task_id)
+            user_turn = s.get(m.Turn, turn.parent_id)
+            if task is None or user_turn is None or user_turn.parent_id:
+                return None
+            if _inputs(user_turn)[1]:
+                return None
+            env, env_body = run_environment(s, task, turn)
+            setup = env_body.get("setup") or []
+            script = "\n".join(setup) if isinstance(setup, list) else str(setup)
+            if script.strip() or _usable_vars(env_body.get("env_vars")):
+                return None
+            if env is not None and env.secrets:
+                return None
+            run = dict(turn.body.get("run") or {})
+            repos = list(env_body.get("repos") or [])
+            repo_key = repos[0] if repos else ""
+            info = repo_info(env_body, repo_key)
+            user = s.get(m.User, task.user_id)
+            instructions = (user.settings or {}).get("custom_instructions") if user else None
+            branch = turn.body.get("branch") or task.branch or info.get("default_branch") or ""
+            return AgentKey(
+                repo_key=repo_key,
+                repo_url=repo_url(env_body, repo_key),
+                branch=str(branch),
+                qa_mode=bool(run.get("qa_mode")),
+                model=str(run.get("model") or self.settings.model),
+                reasoning_effort=run.get("reasoning_effort"),
+                custom_instructions=instructions if isinstance(instructions, str) else None,
+            )
+
     def _claim(self, turn_id: str) -> Claim | None:
         now = time.time()
         with self.db.session() as s:

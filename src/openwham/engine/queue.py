@@ -19,14 +19,25 @@ Jobs are deferred by ``store.jobs.defer`` in the transaction that creates their 
   put back to ``pending`` without counting a try, and each gets a new job, which another
   worker takes.
 - **Safety sweep**: pending attempts without a waiting or running job get one.
+- **Standby preference**: every worker records, with each sweep, the standbys it holds ready
+  (a hash of each key) and its free slots (``store.jobs.offer``). A worker that takes a job
+  and holds no standby for the attempt's key while another worker, fresh and with a free slot,
+  offers one re-defers the job to that worker's own queue (``attempts.<node>``, marked
+  ``routed``) instead of starting cold. A routed job not taken within ``ROUTED_SECONDS`` (the
+  holder became busy or died) goes back to the shared queue and runs wherever, cold. When no
+  worker holds a matching standby, the first free worker runs the attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import hashlib
+import json
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -42,6 +53,7 @@ from openwham.store.status import TERMINAL, TurnStatus
 
 from .attempt import Control, Engine
 from .executor import recover
+from .standby import AgentKey
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +64,16 @@ STALLED_SECONDS = 10.0
 TURN_STALE_SECONDS = 25.0
 SWEEP_SECONDS = 5.0
 ABORT_POLL_SECONDS = 0.5
+# a routed job waits this long for its standby's worker, then runs anywhere
+ROUTED_SECONDS = 3.0
+# offers older than this are not trusted (a worker's sweep refreshes its own every 5 s)
+OFFER_FRESH_SECONDS = 15.0
+
+
+def key_hash(key: AgentKey) -> str:
+    """A standby key as every worker computes it (offers carry hashes, not settings)."""
+    raw = json.dumps(dataclasses.asdict(key), sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
 def make_app(database_url: str) -> procrastinate.App:
@@ -75,6 +97,8 @@ class QueueExecutor:
         self._main: asyncio.Task[None] | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        #: this worker's own queue (jobs routed to its standbys); short: a LISTEN channel
+        self.node = engine.executor_id.rsplit(":", 1)[-1]
         #: attempts this worker has run (tests and the benchmark read it through logs)
         self.ran = 0
 
@@ -98,6 +122,11 @@ class QueueExecutor:
             control.cancel("shutdown")
         if self._thread is not None:
             self._thread.join(timeout)
+        try:
+            with self.engine.db.session() as s:
+                jobs.withdraw(s, self.node)
+        except Exception:  # the database is gone: the offer goes stale by itself
+            log.warning("could not withdraw this worker's standby offers", exc_info=True)
 
     def submit(self, turn_ids: Iterable[str]) -> None:
         """Jobs are deferred with their attempts (``store.jobs.defer``); nothing to do."""
@@ -117,8 +146,16 @@ class QueueExecutor:
 
     # ------------------------------------------------------------------ the job
 
-    def _job(self, context: JobContext, turn_id: str) -> None:
-        """Run one attempt; one that was handed back (graceful stop) gets a new job."""
+    def _job(self, context: JobContext, turn_id: str, routed: bool = False) -> None:
+        """Run one attempt; one that was handed back (graceful stop) gets a new job, one
+        another worker holds a standby for is routed there."""
+        if not routed and not self._stopping:
+            holder = self._standby_elsewhere(turn_id)
+            if holder is not None:
+                with self.engine.db.session() as s:
+                    jobs.defer(s, [turn_id], node=holder)
+                log.info("attempt %s: routed to worker %s (its standby)", turn_id, holder)
+                return
         with self._lock:
             stopping = self._stopping
             control = Control()
@@ -146,6 +183,19 @@ class QueueExecutor:
             log.info("attempt %s: %s (worker %s)", turn_id, status, self.engine.executor_id)
         if status == TurnStatus.PENDING:
             self._defer([turn_id])
+
+    def _standby_elsewhere(self, turn_id: str) -> str | None:
+        """Another worker with a free slot and a ready standby for the attempt, when this
+        one has none for it."""
+        pool = self.engine.standby
+        if pool.size <= 0:
+            return None
+        key = self.engine.standby_key(turn_id)
+        if key is None or pool.ready().get(key):
+            return None
+        since = time.time() - OFFER_FRESH_SECONDS
+        with self.engine.db.sessions() as s:
+            return jobs.holder(s, key_hash(key), besides=self.node, since=since)
 
     @staticmethod
     def _watch_abort(context: JobContext, control: Control, done: threading.Event) -> None:
@@ -188,7 +238,7 @@ class QueueExecutor:
             self._ready.set()
             try:
                 await self.app.run_worker_async(
-                    queues=[jobs.QUEUE],
+                    queues=[jobs.QUEUE, jobs.node_queue(self.node)],
                     name=f"wham-{self.engine.executor_id}",
                     concurrency=self.concurrency,
                     install_signal_handlers=False,
@@ -259,8 +309,12 @@ class QueueExecutor:
         if self._stopping:
             return
         recover(self.engine)
+        ready = {key_hash(key): n for key, n in self.engine.standby.ready().items()}
+        free = max(0, self.concurrency - len(self.running))
         with self.engine.db.session() as s:
             orphans = jobs.without_job(s)
             jobs.defer(s, orphans)
+            jobs.offer(s, self.node, ready, free, time.time())
+            jobs.unroute_stale(s, ROUTED_SECONDS)
         if orphans:
             log.info("queued %d pending attempt(s) that had no job", len(orphans))

@@ -133,6 +133,15 @@ class StandbyPool:
         for prepared in ready:
             self._drop(prepared)
 
+    def ready(self) -> dict[AgentKey, int]:
+        """How many standbys are ready per key (what the queue executor offers others)."""
+        with self._lock:
+            return {
+                key: n
+                for key, prepared in self._ready.items()
+                if (n := sum(1 for p in prepared if self._usable(p)))
+            }
+
     @property
     def busy(self) -> bool:
         """Whether a standby is being prepared."""
