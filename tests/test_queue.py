@@ -6,6 +6,7 @@ start. The multi-process acceptance tests (workers, SIGKILL, SIGTERM) are in
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -190,3 +191,63 @@ def test_standby_offers_route_jobs_and_unclaimed_routed_jobs_go_back(api_node: S
         jobs.withdraw(s, "node-a")
     with db.sessions() as s:
         assert jobs.holder(s, "k1", besides="node-x", since=now - 15) is None
+
+
+@pytest.mark.parametrize("tries", [1, 2], ids=["run-again", "out-of-tries"])
+def test_a_stalled_workers_attempt_runs_again_or_fails_with_the_reason(
+    api_node: Server, tmp_path: Path, tries: int
+) -> None:
+    """A worker died mid-attempt on another machine: its procrastinate heartbeat and the
+    attempt's own are old. The sweep of a live worker requeues the attempt and retries the
+    job while tries are left (``WHAM_ATTEMPT_MAX_TRIES=2``), else fails the attempt with
+    ``executor_lost`` and the reason, and ends the job."""
+    import asyncio
+
+    from openwham.engine.attempt import Engine
+    from openwham.engine.queue import QueueExecutor
+    from openwham.store.events import LocalEventBus
+
+    env = api_node.api.create_env(make_repo(tmp_path / "repo"))
+    task_id = api_node.api.create_task(env["id"])["task"]["id"]
+    db = api_node.app_state.db
+    with db.session() as s:
+        turn_id = s.scalar(text("SELECT id FROM turns WHERE role = 'assistant'"))
+        worker = s.scalar(
+            text(
+                "INSERT INTO procrastinate_workers (last_heartbeat) "
+                "VALUES (now() - interval '5 minutes') RETURNING id"
+            )
+        )
+        s.execute(
+            text("UPDATE procrastinate_jobs SET status = 'doing', worker_id = :w"), {"w": worker}
+        )
+        body = {"run": {"executor": "elsewhere:1:gone", "tries": tries}}
+        s.execute(
+            text(
+                "UPDATE turns SET turn_status = 'in_progress', updated_at = 1.0, "
+                "body = CAST(:body AS json) WHERE id = :id"
+            ),
+            {"body": json.dumps(body), "id": turn_id},
+        )
+    settings = Settings(data_dir=tmp_path / "worker", database_url=str(db.url), executor="queue")
+    engine = Engine(settings, db, LocalEventBus(), None, None)
+    executor = QueueExecutor(engine, 1)
+
+    async def sweep() -> None:
+        async with executor.app.open_async():
+            await executor._sweep()
+
+    try:
+        asyncio.run(sweep())
+    finally:
+        engine.close()
+    (job,) = _jobs(db)
+    turn = api_node.api.get(f"tasks/{task_id}").json()["current_assistant_turn"]
+    if tries == 1:
+        assert turn["turn_status"] == "pending"
+        assert job["status"] == "todo"  # any worker takes it again
+    else:
+        assert turn["turn_status"] == "failed"
+        assert turn["error"]["code"] == "executor_lost"
+        assert "stopped 2 time(s)" in turn["error"]["message"]
+        assert job["status"] == "failed"
