@@ -30,9 +30,11 @@ class Settings(BaseSettings):
     model_api_key: str | None = None
     model: str = "gpt-5.1-codex"
 
-    # "inprocess" runs attempts inside `wham serve`; "none" serves the API only (attempts stay
-    # pending until an executor picks them up).
+    # "inprocess" runs attempts inside `wham serve`; "queue" makes them procrastinate jobs on
+    # PostgreSQL, run by `wham worker` processes and serve's embedded worker (engine/queue.py);
+    # "none" serves the API only (attempts stay pending until an executor picks them up).
     executor: str = "inprocess"
+    # Attempts run at once (unset: the cores); under "queue", 0 makes `wham serve` API-only.
     executor_concurrency: int | None = None
     # How often an attempt whose server died is started again before it is failed.
     attempt_max_tries: int = 2
