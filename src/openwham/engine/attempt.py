@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from openwham.config import Settings
@@ -34,9 +34,10 @@ from openwham.redaction import Redactor, secrets_in_diff
 from openwham.runtimes import codex
 from openwham.runtimes.codex_cli import native_binary
 from openwham.sandbox import bwrap, disk
-from openwham.sandbox.bwrap import SANDBOX_HOME, Limits, SandboxProcess, SandboxSpec
+from openwham.sandbox.bwrap import SANDBOX_HOME, Limits, SandboxSpec
 from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.egress import AddressGuard, EgressProxy
+from openwham.sandbox.provider import BUBBLEWRAP, Sandbox, SandboxProvider
 from openwham.sandbox.workspace import (
     Mirrors,
     WorkspaceError,
@@ -47,14 +48,7 @@ from openwham.sandbox.workspace import (
     reset_to,
 )
 from openwham.service.artifacts import check_store, open_store
-from openwham.service.diffs import diff_stats, output_diff
-from openwham.service.environments import (
-    is_reserved_var,
-    repo_info,
-    repo_url,
-    run_environment,
-)
-from openwham.service.keys import SecretBox, secrets_key
+from openwham.service.diffs import diff_stats
 from openwham.store import events, turnstate
 from openwham.store import models as m
 from openwham.store.artifacts import ArtifactError, ArtifactStore
@@ -65,6 +59,7 @@ from openwham.store.status import TurnStatus
 from . import diff as diffs
 from . import setup as setup_phase
 from . import storage
+from .claim import Claim, Claims, Resume
 from .diff import DiffError
 from .recorder import TurnRecorder, latest_event
 from .standby import AgentKey, Prepared, StandbyPool
@@ -73,7 +68,6 @@ from .titles import TitleJob
 log = logging.getLogger(__name__)
 
 WAITING = "Waiting"
-SETTING_UP = "Setting up"
 COMPLETED = "Completed"
 FAILED = "Failed"
 CANCELLED = "Cancelled"
@@ -106,7 +100,7 @@ class Control:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.reason: str | None = None  # "cancelled" or "shutdown"
-        self._process: SandboxProcess | None = None
+        self._process: Sandbox | None = None
 
     def cancel(self, reason: str = "cancelled") -> None:
         with self._lock:
@@ -116,7 +110,7 @@ class Control:
         if proc is not None:
             proc.kill("cancelled by the user" if reason == "cancelled" else "server stopping")
 
-    def attach(self, proc: SandboxProcess | None) -> None:
+    def attach(self, proc: Sandbox | None) -> None:
         with self._lock:
             self._process = proc
             stopped = self.reason is not None
@@ -160,60 +154,6 @@ class _Gate:
             self._open = True
 
 
-@dataclass(frozen=True)
-class Resume:
-    """Where a follow-up continues: the previous attempt's Codex conversation and tree."""
-
-    previous_turn_id: str
-    thread_id: str
-    base: str  # the task's original base commit: the follow-up's diff is against it too
-    tree: str | None  # the previous attempt's whole change against ``base`` (None: none)
-
-
-@dataclass
-class Claim:
-    """What an attempt needs, read when it is claimed."""
-
-    task_id: str
-    turn_id: str
-    body: dict[str, Any]
-    prompt: str
-    patch: str | None
-    branch: str
-    repo_key: str
-    repo_url: str
-    qa_mode: bool
-    model: str
-    reasoning_effort: str | None
-    custom_instructions: str | None
-    needs_title: bool
-    tries: int
-    resume: Resume | str | None = None  # a follow-up's starting point (str: why there is none)
-    attempts: int = 1  # the task's attempts for this prompt (best-of-N): standbys to refill
-    title: TitleJob | None = None  # the title being made (first attempt of a new task)
-    setup_script: str = ""
-    env_vars: dict[str, str] = field(default_factory=dict)  # setup and agent
-    secrets: dict[str, str] = field(default_factory=dict)  # setup only (decrypted)
-    secrets_problem: str | None = None
-
-    @property
-    def plain(self) -> bool:
-        """No setup script, variables or secrets: any sandbox for the key will do."""
-        return not (self.setup_script.strip() or self.env_vars or self.secrets)
-
-    @property
-    def key(self) -> AgentKey:
-        return AgentKey(
-            repo_key=self.repo_key,
-            repo_url=self.repo_url,
-            branch=self.branch,
-            qa_mode=self.qa_mode,
-            model=self.model,
-            reasoning_effort=self.reasoning_effort,
-            custom_instructions=self.custom_instructions,
-        )
-
-
 @dataclass
 class Engine:
     """Runs attempts. One per process; ``run_turn`` is safe to call from many threads."""
@@ -227,12 +167,14 @@ class Engine:
     executor_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     )
-    _box: SecretBox | None = field(default=None, init=False, repr=False)
+    #: makes the attempts' sandboxes (sandbox/provider.py; a fake in fast tests)
+    sandbox: SandboxProvider = BUBBLEWRAP
     #: what later attempts read of earlier ones on any node (engine/storage.py)
     artifacts: ArtifactStore = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         data = self.settings.resolved_data_dir
+        self.claims = Claims(self.settings, self.db, self.bus, self.executor_id)
         self.artifacts = open_store(self.settings, self.db)
         check_store(self.artifacts)  # a worker with a wrong bucket or keys stops here
         self.mirrors = Mirrors(data / "mirrors", local_repo_policy(self.settings))
@@ -251,7 +193,7 @@ class Engine:
             max_age=float(self.settings.standby_max_age_seconds),
             make=self._make_standby,
             drop=self._drop_standby,
-            settle=lambda prepared: _settle_index(prepared.dir / "workspace"),
+            settle=lambda prepared: _settle_index(self.sandbox, prepared.dir / "workspace"),
         )
 
     def close(self) -> None:
@@ -330,117 +272,11 @@ class Engine:
 
     def standby_key(self, turn_id: str) -> AgentKey | None:
         """The standby a pending attempt would take, read without claiming it (the queue
-        executor routes its job to a worker holding one); ``None`` when it would take none
-        (a follow-up, a starting diff, a setup script, variables or secrets)."""
-        with self.db.sessions() as s:
-            turn = s.get(m.Turn, turn_id)
-            if turn is None or turn.turn_status != TurnStatus.PENDING or not turn.parent_id:
-                return None
-            task = s.get(m.Task, turn.task_id)
-            user_turn = s.get(m.Turn, turn.parent_id)
-            if task is None or user_turn is None or user_turn.parent_id:
-                return None
-            if _inputs(user_turn)[1]:
-                return None
-            env, env_body = run_environment(s, task, turn)
-            setup = env_body.get("setup") or []
-            script = "\n".join(setup) if isinstance(setup, list) else str(setup)
-            if script.strip() or _usable_vars(env_body.get("env_vars")):
-                return None
-            if env is not None and env.secrets:
-                return None
-            run = dict(turn.body.get("run") or {})
-            repos = list(env_body.get("repos") or [])
-            repo_key = repos[0] if repos else ""
-            info = repo_info(env_body, repo_key)
-            user = s.get(m.User, task.user_id)
-            instructions = (user.settings or {}).get("custom_instructions") if user else None
-            branch = turn.body.get("branch") or task.branch or info.get("default_branch") or ""
-            return AgentKey(
-                repo_key=repo_key,
-                repo_url=repo_url(env_body, repo_key),
-                branch=str(branch),
-                qa_mode=bool(run.get("qa_mode")),
-                model=str(run.get("model") or self.settings.model),
-                reasoning_effort=run.get("reasoning_effort"),
-                custom_instructions=instructions if isinstance(instructions, str) else None,
-            )
+        executor routes its job to a worker holding one); ``None`` when it would take none."""
+        return self.claims.standby_key(turn_id)
 
     def _claim(self, turn_id: str) -> Claim | None:
-        now = time.time()
-        with self.db.session() as s:
-            turn = s.get(m.Turn, turn_id)
-            if turn is None or turn.role != "assistant" or turn.turn_status != TurnStatus.PENDING:
-                return None
-            task = s.get(m.Task, turn.task_id)
-            user_turn = s.get(m.Turn, turn.parent_id) if turn.parent_id else None
-            assert task is not None
-            body = dict(turn.body)
-            run = dict(body.get("run") or {})
-            tries = int(run.get("tries") or 0) + 1
-            run.update(executor=self.executor_id, tries=tries, started_at=now)
-            body["run"] = run
-            body["latest_event"] = latest_event(SETTING_UP)
-            if not turnstate.claim(s, turn_id, body=body, now=now):
-                s.rollback()
-                return None
-            events.append(
-                s,
-                task.id,
-                turn_id,
-                events.TASK_TURN_EVENT,
-                events.status_payload(SETTING_UP, TurnStatus.IN_PROGRESS),
-            )
-            prompt, patch = _inputs(user_turn)
-            resume = (
-                _resume_point(s, user_turn.parent_id)
-                if user_turn is not None and user_turn.parent_id
-                else None
-            )
-            env, env_body = run_environment(s, task, turn)
-            repos = list(env_body.get("repos") or [])
-            repo_key = repos[0] if repos else ""
-            info = repo_info(env_body, repo_key)
-            user = s.get(m.User, task.user_id)
-            instructions = (user.settings or {}).get("custom_instructions") if user else None
-            needs_title = (
-                not task.has_generated_title
-                and turn.attempt_placement in (0, None)
-                and task.num_follow_ups == 0
-            )
-            setup = env_body.get("setup") or []
-            sealed = dict(env.secrets) if env is not None else {}
-            claim = Claim(
-                task_id=task.id,
-                turn_id=turn_id,
-                body=body,
-                prompt=prompt,
-                patch=patch,
-                branch=str(body.get("branch") or task.branch or info.get("default_branch") or ""),
-                repo_key=repo_key,
-                repo_url=repo_url(env_body, repo_key),
-                qa_mode=bool(run.get("qa_mode")),
-                model=str(run.get("model") or self.settings.model),
-                reasoning_effort=run.get("reasoning_effort"),
-                custom_instructions=instructions if isinstance(instructions, str) else None,
-                needs_title=needs_title,
-                tries=tries,
-                resume=resume,
-                setup_script="\n".join(setup) if isinstance(setup, list) else str(setup),
-                env_vars=_usable_vars(env_body.get("env_vars")),
-                attempts=_attempts_for(s, turn),
-            )
-        self.bus.publish(turn_id)
-        try:
-            claim.secrets = _usable_vars(self._secret_box().open_all(sealed))
-        except RuntimeError as exc:
-            claim.secrets_problem = str(exc)
-        return claim
-
-    def _secret_box(self) -> SecretBox:
-        if self._box is None:
-            self._box = SecretBox(secrets_key(self.settings))
-        return self._box
+        return self.claims.claim(turn_id)
 
     # ------------------------------------------------------------------ running
 
@@ -464,7 +300,7 @@ class Engine:
         # workspace and sandbox: a standby's, or made now
         storage.remove_tree(attempt_dir)
         translator = codex.EventTranslator(prompt=claim.prompt)
-        launched: list[SandboxProcess] = []
+        launched: list[Sandbox] = []
 
         # The diff starts as soon as the agent's last model response goes through the
         # gateway (or, failing that, on turn.completed): the launcher kills every process
@@ -747,7 +583,7 @@ class Engine:
         budget: DiskBudget | None = None,
     ) -> Prepared:
         """Start Codex in a held sandbox on ``directory/workspace``: it does its start-up
-        work and waits for the prompt on stdin (:meth:`SandboxProcess.send`). A follow-up's
+        work and waits for the prompt on stdin (:meth:`Sandbox.send`). A follow-up's
         Codex resumes the previous attempt's conversation from a copy of its Codex home."""
         assert self.gateway is not None and self.gateway_socket is not None
         codex_home = directory / "codex-home"
@@ -805,7 +641,7 @@ class Engine:
         )
         argv = codex.launcher(agent, after=after)
         try:
-            proc = bwrap.start(spec, argv, hold=True, ready_marker=codex.READY_MARKER)
+            proc = self.sandbox.start(spec, argv, hold=True, ready_marker=codex.READY_MARKER)
         except BaseException:
             self.gateway.forget(owner)
             raise
@@ -872,7 +708,7 @@ class Engine:
 
     def _wait(
         self,
-        proc: SandboxProcess,
+        proc: Sandbox,
         rec: TurnRecorder,
         control: Control,
         wake: threading.Event,
@@ -1035,19 +871,7 @@ _STANDBY_PREFIX = ".standby-"
 _SETTLE_LIMITS = Limits(wall_clock_seconds=60, max_processes=64, memory_bytes=1 << 30)
 
 
-def _attempts_for(s: Session, turn: m.Turn) -> int:
-    """How many attempts answer ``turn``'s prompt (its best-of-N siblings and itself)."""
-    if turn.parent_id is None:
-        return 1
-    count = s.scalar(
-        select(func.count())
-        .select_from(m.Turn)
-        .where(m.Turn.parent_id == turn.parent_id, m.Turn.role == "assistant")
-    )
-    return max(1, int(count or 1))
-
-
-def _settle_index(workspace: Path) -> None:
+def _settle_index(sandbox: SandboxProvider, workspace: Path) -> None:
     """Rewrite a standby's index as the agent's git will see it. A fresh clone's index holds
     the host's view of each file (owner, and entries "smudged" as racily clean because the
     files and the index were written within one second), so the first ``git status`` or
@@ -1056,22 +880,10 @@ def _settle_index(workspace: Path) -> None:
     after the clone while the standby is unused, in a sandbox of its own (same uid mapping
     as the agent's), on files that are still the clone's own."""
     with contextlib.suppress(OSError, bwrap.SandboxUnavailable):
-        bwrap.run(
+        sandbox.run(
             SandboxSpec(workspace=workspace, limits=_SETTLE_LIMITS),
             ["git", "-c", "core.hooksPath=/dev/null", "update-index", "-q", "--refresh"],
         )
-
-
-def _usable_vars(values: Any) -> dict[str, str]:
-    """An environment's variables or secrets without the names openwham sets itself (the API
-    refuses them; this guards rows written before it did)."""
-    if not isinstance(values, dict):
-        return {}
-    return {
-        str(k): str(v)
-        for k, v in values.items()
-        if isinstance(v, str) and not is_reserved_var(str(k))
-    }
 
 
 def _socket_dir(path: Path) -> Path:
@@ -1149,48 +961,3 @@ def requeue(
         events.status_payload(WAITING, TurnStatus.PENDING),
     )
     return True
-
-
-def _resume_point(s: Session, previous_turn_id: str) -> Resume | str:
-    """Where a follow-up of ``previous_turn_id`` starts, or why it cannot. Its tree is the
-    previous attempt's diff (each attempt's diff is against the task's original base, so it
-    holds the whole change); an Ask-mode attempt changed nothing, so its tree is the one it
-    started from."""
-    previous = s.get(m.Turn, previous_turn_id)
-    if previous is None or previous.turn_status != TurnStatus.COMPLETED:
-        return "The attempt this follow-up continues did not complete"
-    thread_id = (previous.body.get("run") or {}).get("thread_id")
-    base = previous.body.get("base_commit_sha")
-    if not isinstance(thread_id, str) or not thread_id or not isinstance(base, str):
-        return "The attempt this follow-up continues kept no Codex session to resume"
-    tree: str | None = None
-    turn: m.Turn | None = previous
-    for _ in range(10_000):  # the chain of follow-ups, newest first
-        if turn is None:
-            break
-        tree = (output_diff(turn.body.get("output_items")) or {}).get("diff")
-        if tree or not (turn.body.get("run") or {}).get("qa_mode"):
-            break
-        user = s.get(m.Turn, turn.parent_id) if turn.parent_id else None
-        turn = s.get(m.Turn, user.parent_id) if user is not None and user.parent_id else None
-    return Resume(previous.id, thread_id, base, tree)
-
-
-def _inputs(user_turn: m.Turn | None) -> tuple[str, str | None]:
-    """The prompt text and the ``pre_apply_patch`` diff of a user turn."""
-    if user_turn is None:
-        return "", None
-    texts: list[str] = []
-    patch: str | None = None
-    for item in user_turn.body.get("input_items") or []:
-        if item.get("type") == "message":
-            for fragment in item.get("content") or []:
-                if isinstance(fragment, str):
-                    texts.append(fragment)
-                elif isinstance(fragment, dict) and isinstance(fragment.get("text"), str):
-                    texts.append(fragment["text"])
-        elif item.get("type") == "pre_apply_patch":
-            diff = (item.get("output_diff") or {}).get("diff")
-            if isinstance(diff, str) and diff:
-                patch = diff
-    return "\n\n".join(texts), patch

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openwham.sandbox.bwrap import SandboxProcess
+from openwham.sandbox.provider import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Prepared:
 
     dir: Path
     base: str
-    proc: SandboxProcess
+    proc: Sandbox
     owner: str
     created: float = field(default_factory=time.monotonic)
 

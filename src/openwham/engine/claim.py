@@ -1,0 +1,285 @@
+"""Claiming an attempt: ``pending → in_progress`` (conditional, so two executors never run
+one turn) and the :class:`Claim` the attempt runs from, read in the claiming transaction.
+
+``Claims`` holds what claiming needs (settings, database, bus, this executor's id, the
+secrets key); the engine calls it and nothing else writes the claim.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from openwham.config import Settings
+from openwham.service.diffs import output_diff
+from openwham.service.environments import (
+    is_reserved_var,
+    repo_info,
+    repo_url,
+    run_environment,
+)
+from openwham.service.keys import SecretBox, secrets_key
+from openwham.store import events, turnstate
+from openwham.store import models as m
+from openwham.store.db import Database
+from openwham.store.events import EventBus
+from openwham.store.status import TurnStatus
+
+from .recorder import latest_event
+from .standby import AgentKey
+from .titles import TitleJob
+
+SETTING_UP = "Setting up"
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a follow-up continues: the previous attempt's Codex conversation and tree."""
+
+    previous_turn_id: str
+    thread_id: str
+    base: str  # the task's original base commit: the follow-up's diff is against it too
+    tree: str | None  # the previous attempt's whole change against ``base`` (None: none)
+
+
+@dataclass
+class Claim:
+    """What an attempt needs, read when it is claimed."""
+
+    task_id: str
+    turn_id: str
+    body: dict[str, Any]
+    prompt: str
+    patch: str | None
+    branch: str
+    repo_key: str
+    repo_url: str
+    qa_mode: bool
+    model: str
+    reasoning_effort: str | None
+    custom_instructions: str | None
+    needs_title: bool
+    tries: int
+    resume: Resume | str | None = None  # a follow-up's starting point (str: why there is none)
+    attempts: int = 1  # the task's attempts for this prompt (best-of-N): standbys to refill
+    title: TitleJob | None = None  # the title being made (first attempt of a new task)
+    setup_script: str = ""
+    env_vars: dict[str, str] = field(default_factory=dict)  # setup and agent
+    secrets: dict[str, str] = field(default_factory=dict)  # setup only (decrypted)
+    secrets_problem: str | None = None
+
+    @property
+    def plain(self) -> bool:
+        """No setup script, variables or secrets: any sandbox for the key will do."""
+        return not (self.setup_script.strip() or self.env_vars or self.secrets)
+
+    @property
+    def key(self) -> AgentKey:
+        return AgentKey(
+            repo_key=self.repo_key,
+            repo_url=self.repo_url,
+            branch=self.branch,
+            qa_mode=self.qa_mode,
+            model=self.model,
+            reasoning_effort=self.reasoning_effort,
+            custom_instructions=self.custom_instructions,
+        )
+
+
+@dataclass
+class Claims:
+    """Claims pending attempts for one executor (``executor_id`` goes on each claim)."""
+
+    settings: Settings
+    db: Database
+    bus: EventBus
+    executor_id: str
+    _box: SecretBox | None = field(default=None, init=False, repr=False)
+
+    def standby_key(self, turn_id: str) -> AgentKey | None:
+        """The standby a pending attempt would take, read without claiming it (the queue
+        executor routes its job to a worker holding one); ``None`` when it would take none
+        (a follow-up, a starting diff, a setup script, variables or secrets)."""
+        with self.db.sessions() as s:
+            turn = s.get(m.Turn, turn_id)
+            if turn is None or turn.turn_status != TurnStatus.PENDING or not turn.parent_id:
+                return None
+            task = s.get(m.Task, turn.task_id)
+            user_turn = s.get(m.Turn, turn.parent_id)
+            if task is None or user_turn is None or user_turn.parent_id:
+                return None
+            if _inputs(user_turn)[1]:
+                return None
+            env, env_body = run_environment(s, task, turn)
+            setup = env_body.get("setup") or []
+            script = "\n".join(setup) if isinstance(setup, list) else str(setup)
+            if script.strip() or _usable_vars(env_body.get("env_vars")):
+                return None
+            if env is not None and env.secrets:
+                return None
+            run = dict(turn.body.get("run") or {})
+            repos = list(env_body.get("repos") or [])
+            repo_key = repos[0] if repos else ""
+            info = repo_info(env_body, repo_key)
+            user = s.get(m.User, task.user_id)
+            instructions = (user.settings or {}).get("custom_instructions") if user else None
+            branch = turn.body.get("branch") or task.branch or info.get("default_branch") or ""
+            return AgentKey(
+                repo_key=repo_key,
+                repo_url=repo_url(env_body, repo_key),
+                branch=str(branch),
+                qa_mode=bool(run.get("qa_mode")),
+                model=str(run.get("model") or self.settings.model),
+                reasoning_effort=run.get("reasoning_effort"),
+                custom_instructions=instructions if isinstance(instructions, str) else None,
+            )
+
+    def claim(self, turn_id: str) -> Claim | None:
+        """Claim ``turn_id`` and read what it needs; ``None`` when it was not pending."""
+        now = time.time()
+        with self.db.session() as s:
+            turn = s.get(m.Turn, turn_id)
+            if turn is None or turn.role != "assistant" or turn.turn_status != TurnStatus.PENDING:
+                return None
+            task = s.get(m.Task, turn.task_id)
+            user_turn = s.get(m.Turn, turn.parent_id) if turn.parent_id else None
+            assert task is not None
+            body = dict(turn.body)
+            run = dict(body.get("run") or {})
+            tries = int(run.get("tries") or 0) + 1
+            run.update(executor=self.executor_id, tries=tries, started_at=now)
+            body["run"] = run
+            body["latest_event"] = latest_event(SETTING_UP)
+            if not turnstate.claim(s, turn_id, body=body, now=now):
+                s.rollback()
+                return None
+            events.append(
+                s,
+                task.id,
+                turn_id,
+                events.TASK_TURN_EVENT,
+                events.status_payload(SETTING_UP, TurnStatus.IN_PROGRESS),
+            )
+            prompt, patch = _inputs(user_turn)
+            resume = (
+                _resume_point(s, user_turn.parent_id)
+                if user_turn is not None and user_turn.parent_id
+                else None
+            )
+            env, env_body = run_environment(s, task, turn)
+            repos = list(env_body.get("repos") or [])
+            repo_key = repos[0] if repos else ""
+            info = repo_info(env_body, repo_key)
+            user = s.get(m.User, task.user_id)
+            instructions = (user.settings or {}).get("custom_instructions") if user else None
+            needs_title = (
+                not task.has_generated_title
+                and turn.attempt_placement in (0, None)
+                and task.num_follow_ups == 0
+            )
+            setup = env_body.get("setup") or []
+            sealed = dict(env.secrets) if env is not None else {}
+            claim = Claim(
+                task_id=task.id,
+                turn_id=turn_id,
+                body=body,
+                prompt=prompt,
+                patch=patch,
+                branch=str(body.get("branch") or task.branch or info.get("default_branch") or ""),
+                repo_key=repo_key,
+                repo_url=repo_url(env_body, repo_key),
+                qa_mode=bool(run.get("qa_mode")),
+                model=str(run.get("model") or self.settings.model),
+                reasoning_effort=run.get("reasoning_effort"),
+                custom_instructions=instructions if isinstance(instructions, str) else None,
+                needs_title=needs_title,
+                tries=tries,
+                resume=resume,
+                setup_script="\n".join(setup) if isinstance(setup, list) else str(setup),
+                env_vars=_usable_vars(env_body.get("env_vars")),
+                attempts=_attempts_for(s, turn),
+            )
+        self.bus.publish(turn_id)
+        try:
+            claim.secrets = _usable_vars(self._secret_box().open_all(sealed))
+        except RuntimeError as exc:
+            claim.secrets_problem = str(exc)
+        return claim
+
+    def _secret_box(self) -> SecretBox:
+        if self._box is None:
+            self._box = SecretBox(secrets_key(self.settings))
+        return self._box
+
+
+def _attempts_for(s: Session, turn: m.Turn) -> int:
+    """How many attempts answer ``turn``'s prompt (its best-of-N siblings and itself)."""
+    if turn.parent_id is None:
+        return 1
+    count = s.scalar(
+        select(func.count())
+        .select_from(m.Turn)
+        .where(m.Turn.parent_id == turn.parent_id, m.Turn.role == "assistant")
+    )
+    return max(1, int(count or 1))
+
+
+def _usable_vars(values: Any) -> dict[str, str]:
+    """An environment's variables or secrets without the names openwham sets itself (the API
+    refuses them; this guards rows written before it did)."""
+    if not isinstance(values, dict):
+        return {}
+    return {
+        str(k): str(v)
+        for k, v in values.items()
+        if isinstance(v, str) and not is_reserved_var(str(k))
+    }
+
+
+def _resume_point(s: Session, previous_turn_id: str) -> Resume | str:
+    """Where a follow-up of ``previous_turn_id`` starts, or why it cannot. Its tree is the
+    previous attempt's diff (each attempt's diff is against the task's original base, so it
+    holds the whole change); an Ask-mode attempt changed nothing, so its tree is the one it
+    started from."""
+    previous = s.get(m.Turn, previous_turn_id)
+    if previous is None or previous.turn_status != TurnStatus.COMPLETED:
+        return "The attempt this follow-up continues did not complete"
+    thread_id = (previous.body.get("run") or {}).get("thread_id")
+    base = previous.body.get("base_commit_sha")
+    if not isinstance(thread_id, str) or not thread_id or not isinstance(base, str):
+        return "The attempt this follow-up continues kept no Codex session to resume"
+    tree: str | None = None
+    turn: m.Turn | None = previous
+    for _ in range(10_000):  # the chain of follow-ups, newest first
+        if turn is None:
+            break
+        tree = (output_diff(turn.body.get("output_items")) or {}).get("diff")
+        if tree or not (turn.body.get("run") or {}).get("qa_mode"):
+            break
+        user = s.get(m.Turn, turn.parent_id) if turn.parent_id else None
+        turn = s.get(m.Turn, user.parent_id) if user is not None and user.parent_id else None
+    return Resume(previous.id, thread_id, base, tree)
+
+
+def _inputs(user_turn: m.Turn | None) -> tuple[str, str | None]:
+    """The prompt text and the ``pre_apply_patch`` diff of a user turn."""
+    if user_turn is None:
+        return "", None
+    texts: list[str] = []
+    patch: str | None = None
+    for item in user_turn.body.get("input_items") or []:
+        if item.get("type") == "message":
+            for fragment in item.get("content") or []:
+                if isinstance(fragment, str):
+                    texts.append(fragment)
+                elif isinstance(fragment, dict) and isinstance(fragment.get("text"), str):
+                    texts.append(fragment["text"])
+        elif item.get("type") == "pre_apply_patch":
+            diff = (item.get("output_diff") or {}).get("diff")
+            if isinstance(diff, str) and diff:
+                patch = diff
+    return "\n\n".join(texts), patch
