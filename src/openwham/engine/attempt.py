@@ -32,7 +32,8 @@ from openwham.gateway import Gateway, forwarder_path
 from openwham.gateway.server import MAX_SOCKET_PATH
 from openwham.redaction import Redactor, secrets_in_diff
 from openwham.runtimes import codex
-from openwham.runtimes.codex_cli import native_binary
+from openwham.runtimes.agent import AgentRuntime, Translator
+from openwham.runtimes.codex import CODEX
 from openwham.sandbox import bwrap, disk
 from openwham.sandbox.bwrap import SANDBOX_HOME, Limits, SandboxSpec
 from openwham.sandbox.disk import DiskBudget
@@ -169,6 +170,8 @@ class Engine:
     )
     #: makes the attempts' sandboxes (sandbox/provider.py; a fake in fast tests)
     sandbox: SandboxProvider = BUBBLEWRAP
+    #: the coding agent the attempts run (runtimes/agent.py; the Codex CLI)
+    runtime: AgentRuntime = CODEX
     #: what later attempts read of earlier ones on any node (engine/storage.py)
     artifacts: ArtifactStore = field(init=False, repr=False)
 
@@ -299,7 +302,7 @@ class Engine:
 
         # workspace and sandbox: a standby's, or made now
         storage.remove_tree(attempt_dir)
-        translator = codex.EventTranslator(prompt=claim.prompt)
+        translator = self.runtime.translator(claim.prompt)
         launched: list[Sandbox] = []
 
         # The diff starts as soon as the agent's last model response goes through the
@@ -329,7 +332,7 @@ class Engine:
 
         def on_output(stream: str, line: str) -> None:
             if stream != "stdout":
-                if line == codex.WRITTEN_MARKER:
+                if line == self.runtime.written_marker:
                     written.set()
                     check_ready()
                 return
@@ -410,7 +413,7 @@ class Engine:
         claim: Claim,
         rec: TurnRecorder,
         control: Control,
-        translator: codex.EventTranslator,
+        translator: Translator,
         result: bwrap.SandboxResult | None,
         base: str,
         attempt_dir: Path,
@@ -432,7 +435,9 @@ class Engine:
             result.exit_code if result is not None else None,
             killed_reason=killed_reason,
             upstream_error=self.gateway.last_error(claim.turn_id),
-            stderr=_without(result.stderr, codex.WRITTEN_MARKER) if result is not None else "",
+            stderr=_without(result.stderr, self.runtime.written_marker)
+            if result is not None
+            else "",
         )
         self._apply(rec, list(outcome.updates))
         control.check()
@@ -593,15 +598,14 @@ class Engine:
             self._copy_codex_home(resume.previous_turn_id, codex_home)
         home = directory / "home"  # the setup phase's, if there was one
         home.mkdir(mode=0o700, exist_ok=True)
-        rw_binds = {home: SANDBOX_HOME, codex_home: codex.SANDBOX_CODEX_HOME}
+        rw_binds = {home: SANDBOX_HOME, codex_home: self.runtime.home_mount}
         after = ""
         if not key.qa_mode:  # the diff, computed in this sandbox after Codex exits
             out = directory / "out"
             out.mkdir(mode=0o700)
             rw_binds[out] = diffs.OUT_DIR
             after = diffs.script(base)
-        files = codex.codex_home_files(
-            base_url=codex.base_url(),
+        files = self.runtime.home_files(
             model=key.model,
             reasoning_effort=key.reasoning_effort,
             custom_instructions=key.custom_instructions,
@@ -617,31 +621,24 @@ class Engine:
         spec = SandboxSpec(
             workspace=directory / "workspace",
             workspace_readonly=key.qa_mode,
-            ro_binds={
-                native_binary(): codex.SANDBOX_CODEX_BIN,
-                forwarder_path(): codex.SANDBOX_FORWARDER,
-                self.gateway_socket: codex.SANDBOX_GATEWAY_SOCKET,
-            },
+            ro_binds=self.runtime.binds(
+                forwarder=forwarder_path(), gateway_socket=self.gateway_socket
+            ),
             rw_binds=rw_binds,
-            env={**(env_vars or {}), **codex.sandbox_env(token)},
+            env={**(env_vars or {}), **self.runtime.env(token)},
             network=False,
             limits=self.limits,
-            # the gateway forwarder, and the launcher that only waits for Codex
-            idle_helpers=(codex.SANDBOX_FORWARDER, "openwham-launch"),
+            idle_helpers=self.runtime.idle_helpers,
             disk=budget,
         )
-        agent = (
-            codex.exec_argv(qa_mode=key.qa_mode)
-            if resume is None
-            else codex.resume_argv(
-                resume.thread_id,
-                qa_mode=key.qa_mode,
-                custom_instructions=key.custom_instructions,
-            )
+        argv = self.runtime.command(
+            qa_mode=key.qa_mode,
+            resume_thread=resume.thread_id if resume is not None else None,
+            custom_instructions=key.custom_instructions,
+            after=after,
         )
-        argv = codex.launcher(agent, after=after)
         try:
-            proc = self.sandbox.start(spec, argv, hold=True, ready_marker=codex.READY_MARKER)
+            proc = self.sandbox.start(spec, argv, hold=True, ready_marker=self.runtime.ready_marker)
         except BaseException:
             self.gateway.forget(owner)
             raise

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from openwham.wire import (
@@ -41,6 +42,8 @@ from openwham.wire import (
     WorklogMessage,
     WorklogMessageMetadata,
 )
+
+from .codex_cli import native_binary
 
 # ----------------------------------------------------------------------------- sandbox layout
 
@@ -1001,3 +1004,60 @@ class EventTranslator:
             out=out,
         )
         self._set_status(WORKING, out)
+
+
+# ----------------------------------------------------------------------------- the runtime
+
+
+@dataclass(frozen=True)
+class CodexRuntime:
+    """The Codex CLI as the engine's ``AgentRuntime`` (runtimes/agent.py)."""
+
+    ready_marker: str = READY_MARKER
+    written_marker: str = WRITTEN_MARKER
+    home_mount: str = SANDBOX_CODEX_HOME
+    # the gateway forwarder, and the launcher that only waits for Codex
+    idle_helpers: tuple[str, ...] = (SANDBOX_FORWARDER, "openwham-launch")
+
+    def home_files(
+        self, *, model: str, reasoning_effort: str | None, custom_instructions: str | None
+    ) -> dict[str, str]:
+        return codex_home_files(
+            base_url=base_url(),
+            model=model,
+            reasoning_effort=reasoning_effort,
+            custom_instructions=custom_instructions,
+        )
+
+    def binds(self, *, forwarder: Path, gateway_socket: Path) -> dict[Path, str]:
+        return {
+            native_binary(): SANDBOX_CODEX_BIN,
+            forwarder: SANDBOX_FORWARDER,
+            gateway_socket: SANDBOX_GATEWAY_SOCKET,
+        }
+
+    def env(self, token: str) -> dict[str, str]:
+        return sandbox_env(token)
+
+    def command(
+        self,
+        *,
+        qa_mode: bool,
+        resume_thread: str | None,
+        custom_instructions: str | None,
+        after: str,
+    ) -> list[str]:
+        agent = (
+            exec_argv(qa_mode=qa_mode)
+            if resume_thread is None
+            else resume_argv(
+                resume_thread, qa_mode=qa_mode, custom_instructions=custom_instructions
+            )
+        )
+        return launcher(agent, after=after)
+
+    def translator(self, prompt: str) -> EventTranslator:
+        return EventTranslator(prompt=prompt)
+
+
+CODEX = CodexRuntime()
