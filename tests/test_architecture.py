@@ -114,6 +114,30 @@ def test_only_the_commands_import_the_engine() -> None:
     assert not offenders, f"import openwham.commands instead of the engine: {offenders}"
 
 
+# The engine's parts: the engine (attempt.py) uses them, never the reverse, and it starts
+# sandboxes and its agent only through its protocols (SandboxProvider, AgentRuntime).
+ENGINE_PARTS = ("claim.py",)
+
+
+@pytest.mark.parametrize("part", ENGINE_PARTS)
+def test_the_engines_parts_do_not_import_the_engine(part: str) -> None:
+    tree = ast.parse((PACKAGE / "engine" / part).read_text())
+    modules = {
+        node.module or ""
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.level or "engine" in (node.module or ""))
+    }
+    assert not {m for m in modules if m.split(".")[-1] == "attempt"}, part
+
+
+def test_the_engine_starts_sandboxes_and_agents_through_its_protocols() -> None:
+    source = (PACKAGE / "engine" / "attempt.py").read_text()
+    direct = re.findall(
+        r"\bbwrap\.(?:start|run)\(|\bcodex\.(?:launcher|exec_argv|resume_argv)\(", source
+    )
+    assert not direct, f"use Engine.sandbox / Engine.runtime: {direct}"
+
+
 @pytest.mark.parametrize(
     ("snippet", "where"),
     [
