@@ -19,12 +19,11 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from openwham.config import Settings
@@ -53,18 +52,22 @@ from openwham.service.diffs import diff_stats
 from openwham.store import events, turnstate
 from openwham.store import models as m
 from openwham.store.artifacts import ArtifactError, ArtifactStore
-from openwham.store.db import Database, rowcount
+from openwham.store.db import Database
 from openwham.store.events import EventBus
 from openwham.store.status import TurnStatus
 
 from . import diff as diffs
 from . import setup as setup_phase
 from . import storage
+from .agent import OutputGate, OutputSink
 from .claim import Claim, Claims, Resume
+from .control import DISK_SETTING, Stopped, over_disk
+from .control import AttemptFailed as AttemptFailed  # re-exported: executors import them here
+from .control import Control as Control
 from .diff import DiffError
 from .recorder import TurnRecorder, latest_event
 from .standby import AgentKey, Prepared, StandbyPool
-from .titles import TitleJob
+from .titling import Titles
 
 log = logging.getLogger(__name__)
 
@@ -77,82 +80,6 @@ HEARTBEAT_POLL_SECONDS = 0.5
 STANDBY_READY_SECONDS = 30.0
 CLOSE_SECONDS = 10.0  # how long Codex may take to close down after its result is in
 CLOSED_MARKER = storage.CLOSED_MARKER
-
-
-class AttemptFailed(Exception):
-    """Ends an attempt as ``failed`` with ``error{code, message}``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-DISK_QUOTA_EXCEEDED = "disk_quota_exceeded"
-DISK_SETTING = "WHAM_SANDBOX_DISK_MB"
-
-
-def _over_disk(reason: str) -> AttemptFailed:
-    return AttemptFailed(DISK_QUOTA_EXCEEDED, reason[:1].upper() + reason[1:])
-
-
-class Control:
-    """How an executor stops an attempt: ``cancel`` kills its sandbox at once."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.reason: str | None = None  # "cancelled" or "shutdown"
-        self._process: Sandbox | None = None
-
-    def cancel(self, reason: str = "cancelled") -> None:
-        with self._lock:
-            if self.reason is None:
-                self.reason = reason
-            proc = self._process
-        if proc is not None:
-            proc.kill("cancelled by the user" if reason == "cancelled" else "server stopping")
-
-    def attach(self, proc: Sandbox | None) -> None:
-        with self._lock:
-            self._process = proc
-            stopped = self.reason is not None
-        if proc is not None and stopped:
-            proc.kill("cancelled by the user")
-
-    def check(self) -> None:
-        if self.reason is not None:
-            raise _Stopped()
-
-
-class _Stopped(Exception):
-    pass
-
-
-OutputSink = Callable[[str, str], None]
-
-
-class _Gate:
-    """An output sink that holds lines back until :meth:`open` (then passes them on in
-    order, and every later line at once); lines of a gate never opened are dropped."""
-
-    def __init__(self, sink: OutputSink) -> None:
-        self._sink = sink
-        self._held: list[tuple[str, str]] = []
-        self._open = False
-        self._lock = threading.Lock()
-
-    def __call__(self, stream: str, line: str) -> None:
-        with self._lock:
-            if not self._open:
-                self._held.append((stream, line))
-                return
-        self._sink(stream, line)
-
-    def open(self) -> None:
-        with self._lock:  # the reader waits meanwhile: the order is kept
-            for stream, line in self._held:
-                self._sink(stream, line)
-            self._held.clear()
-            self._open = True
 
 
 @dataclass
@@ -178,6 +105,7 @@ class Engine:
     def __post_init__(self) -> None:
         data = self.settings.resolved_data_dir
         self.claims = Claims(self.settings, self.db, self.bus, self.executor_id)
+        self.titles = Titles(self.settings, self.db, self.bus)
         self.artifacts = open_store(self.settings, self.db)
         check_store(self.artifacts)  # a worker with a wrong bucket or keys stops here
         self.mirrors = Mirrors(data / "mirrors", local_repo_policy(self.settings))
@@ -228,7 +156,11 @@ class Engine:
         rec = TurnRecorder(
             self.db, self.bus, claim.task_id, turn_id, claim.body, self._redactor(claim)
         )
-        self._start_title(claim)  # beside the attempt: it never waits for the title
+        self.titles.start(
+            claim,
+            None if self.gateway_problem else self.gateway,
+            self.gateway_socket,
+        )  # beside the attempt: it never waits for the title
         attempt_dir = self.attempts_root / turn_id
         alive = threading.Event()
         threading.Thread(
@@ -236,18 +168,18 @@ class Engine:
         ).start()
         try:
             return self._run(claim, rec, control, attempt_dir)
-        except _Stopped:
-            self._ensure_title(claim, wait=False)
+        except Stopped:
+            self.titles.ensure(claim, wait=False)
             return self._stopped(claim, rec, control)
         except AttemptFailed as exc:
-            self._ensure_title(claim)
+            self.titles.ensure(claim)
             return rec.finish(
                 TurnStatus.FAILED, text=FAILED, error={"code": exc.code, "message": exc.message}
             )
         except Exception as exc:  # a bug or a host problem: fail the attempt, keep serving
             log.exception("attempt %s failed unexpectedly", turn_id)
             with contextlib.suppress(Exception):
-                self._ensure_title(claim)
+                self.titles.ensure(claim)
             message = f"openwham could not run this attempt: {type(exc).__name__}: {exc}"
             return rec.finish(
                 TurnStatus.FAILED,
@@ -362,7 +294,7 @@ class Engine:
             control.attach(None)
             self._drop_standby(standby)
 
-        gate = _Gate(on_output)
+        gate = OutputGate(on_output)
         prepared = self._take_standby(claim, attempt_dir)
         if prepared is not None and not launch(prepared, True, gate):  # died meanwhile
             abandon(prepared)
@@ -425,7 +357,7 @@ class Engine:
         assert self.gateway is not None
         self.gateway.revoke(claim.turn_id)
         usage = self.gateway.usage(claim.turn_id)
-        self._ensure_title(claim, control=control)
+        self.titles.ensure(claim, control=control)
         if claim.title is not None and claim.title.usage is not None:
             run["title_usage"] = claim.title.usage  # the title request's tokens
         # the thread id: a follow-up resumes this conversation (codex.resume_argv)
@@ -442,7 +374,7 @@ class Engine:
         self._apply(rec, list(outcome.updates))
         control.check()
         if result is not None and result.disk_reason is not None:
-            raise _over_disk(result.disk_reason)
+            raise over_disk(result.disk_reason)
         if outcome.status != "completed" and result is not None and result.stalled:
             raise AttemptFailed("sandbox_stalled", f"The agent's sandbox {result.killed_reason}")
         if outcome.status != "completed":
@@ -475,7 +407,7 @@ class Engine:
                 else:  # written by the launcher's `after` script (codex.WRITTEN_MARKER)
                     diff = diffs.read_result(attempt_dir / "out", killed_reason=killed_reason)
             except diffs.DiskExceeded as exc:
-                raise _over_disk(str(exc)) from exc
+                raise over_disk(str(exc)) from exc
             except DiffError as exc:
                 raise AttemptFailed("diff_error", str(exc)) from exc
             if diff.text:
@@ -563,7 +495,7 @@ class Engine:
         )
         control.check()
         if result.disk_reason is not None:
-            raise _over_disk(result.disk_reason)
+            raise over_disk(result.disk_reason)
         if result.exit_code == setup_phase.LAUNCHER_FAILED and not result.killed_reason:
             raise AttemptFailed(
                 "setup_failed", "The setup script could not start (see the setup log)"
@@ -770,51 +702,6 @@ class Engine:
                 "commit_message": title,
             },
         }
-
-    def _start_title(self, claim: Claim) -> None:
-        """Ask the model for the task's title (first attempt of a new task), through the
-        gateway as ``<turn>:title``; without a usable gateway the derived title is written
-        when the attempt ends (:meth:`_ensure_title`)."""
-        if not claim.needs_title:
-            return
-        claim.title = TitleJob(
-            claim.prompt,
-            lambda title: self._write_title(claim, title),
-            timeout=float(self.settings.title_timeout_seconds),
-        )
-        gateway, socket_path = self.gateway, self.gateway_socket
-        if gateway and socket_path and not self.gateway_problem and claim.prompt.strip():
-            claim.title.start(gateway, socket_path, f"{claim.turn_id}:title", claim.model)
-
-    def _ensure_title(
-        self, claim: Claim, *, wait: bool = True, control: Control | None = None
-    ) -> None:
-        """Before the attempt's terminal event (a stream ends there): the model's title, or
-        the derived one if the model failed or has not answered in time (``wait`` false, or
-        ``control`` cancelled: not waiting, so a cancel ends the attempt at once)."""
-        if claim.title is not None:
-            stop = (lambda: control.reason is not None) if control is not None else None
-            claim.title.settle(wait=wait, stop=stop)
-
-    def _write_title(self, claim: Claim, title: str) -> None:
-        with self.db.session() as s:
-            done = rowcount(
-                s.execute(
-                    update(m.Task)
-                    .where(m.Task.id == claim.task_id, m.Task.has_generated_title.is_(False))
-                    .values(title=title, has_generated_title=True)
-                )
-            )
-            if done:
-                events.append(
-                    s,
-                    claim.task_id,
-                    claim.turn_id,
-                    events.TASK_TITLE_GENERATED,
-                    {"title": title, "task_id": claim.task_id},
-                )
-        if done:
-            self.bus.publish(claim.turn_id)
 
     def _stopped(self, claim: Claim, rec: TurnRecorder, control: Control) -> str:
         if control.reason == "shutdown":
