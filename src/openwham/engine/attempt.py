@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import socket
 import tempfile
 import threading
@@ -30,7 +29,6 @@ from openwham.config import Settings
 from openwham.gateway import Gateway, forwarder_path
 from openwham.gateway.server import MAX_SOCKET_PATH
 from openwham.redaction import Redactor, secrets_in_diff
-from openwham.runtimes import codex
 from openwham.runtimes.agent import AgentRuntime, Translator
 from openwham.runtimes.codex import CODEX
 from openwham.sandbox import bwrap, disk
@@ -59,7 +57,7 @@ from openwham.store.status import TurnStatus
 from . import diff as diffs
 from . import setup as setup_phase
 from . import storage
-from .agent import OutputGate, OutputSink
+from .agent import AgentRun, OutputGate, apply_updates
 from .claim import Claim, Claims, Resume
 from .control import DISK_SETTING, Stopped, over_disk
 from .control import AttemptFailed as AttemptFailed  # re-exported: executors import them here
@@ -234,56 +232,17 @@ class Engine:
 
         # workspace and sandbox: a standby's, or made now
         storage.remove_tree(attempt_dir)
-        translator = self.runtime.translator(claim.prompt)
-        launched: list[Sandbox] = []
-
-        # The diff starts as soon as the agent's last model response goes through the
-        # gateway (or, failing that, on turn.completed): the launcher kills every process
-        # but Codex and runs it while Codex finishes its turn (codex.launcher, `after`).
-        # Once it is written and Codex reported turn.completed without asking the model
-        # again, the result is final: the attempt finishes (``ready``) while Codex closes
-        # down and the sandbox is torn down. ``wake`` is set on that or on the sandbox's end.
         gateway = self.gateway
-        wake, written, ready = threading.Event(), threading.Event(), threading.Event()
-
-        def early_diff() -> None:
-            try:
-                proc = launched.pop()
-            except IndexError:  # signalled already
-                return
-            proc.signal_command(signal.SIGUSR1)
-
-        def check_ready() -> None:
-            if (
-                written.is_set()
-                and translator.turn_completed
-                and not gateway.continued_after_final(claim.turn_id)
-            ):
-                ready.set()
-                wake.set()
-
-        def on_output(stream: str, line: str) -> None:
-            if stream != "stdout":
-                if line == self.runtime.written_marker:
-                    written.set()
-                    check_ready()
-                return
-            self._apply(rec, translator.feed(line))
-            if translator.turn_completed and not claim.qa_mode:
-                early_diff()
-                check_ready()
-
-        run = dict(claim.body.get("run") or {})
-
-        def launch(prepared: Prepared, standby: bool, sink: OutputSink) -> bool:
-            launched[:] = [prepared.proc]
-            if not claim.qa_mode:
-                gateway.on_final_response(claim.turn_id, early_diff)
-            run["standby"] = standby  # for operators: did the attempt skip the start-up?
-            rec.set(base_commit_sha=prepared.base, run=run)
-            control.attach(prepared.proc)
-            self._apply(rec, translator.take_initial())
-            return prepared.proc.send(claim.prompt.encode("utf-8", "replace"), sink)
+        agent = AgentRun(
+            claim,
+            rec,
+            control,
+            gateway,
+            self.runtime.translator(claim.prompt),
+            self.runtime.written_marker,
+        )
+        translator, run, wake, ready = agent.translator, agent.run, agent.wake, agent.ready
+        on_output, launch = agent.on_output, agent.launch
 
         # A standby's agent gets the prompt at once, while the mirror is fetched: its output
         # is held back and its model requests wait in the gateway until the fetch shows the
@@ -371,7 +330,7 @@ class Engine:
             if result is not None
             else "",
         )
-        self._apply(rec, list(outcome.updates))
+        apply_updates(rec, list(outcome.updates))
         control.check()
         if result is not None and result.disk_reason is not None:
             raise over_disk(result.disk_reason)
@@ -660,13 +619,6 @@ class Engine:
         with self.db.sessions() as s:
             status = s.scalar(select(m.Turn.turn_status).where(m.Turn.id == turn_id))
         return status != TurnStatus.IN_PROGRESS
-
-    def _apply(self, rec: TurnRecorder, updates: list[codex.Update]) -> None:
-        for update_ in updates:
-            if isinstance(update_, codex.StatusUpdate):
-                rec.status(update_.text)
-            else:
-                rec.message(update_.message)
 
     def _redactor(self, claim: Claim, *, named: bool = False) -> Redactor:
         """What an attempt's records are cleaned of: the environment's secrets and the model
