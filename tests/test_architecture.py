@@ -116,7 +116,7 @@ def test_only_the_commands_import_the_engine() -> None:
 
 # The engine's parts: the engine (attempt.py) uses them, never the reverse, and it starts
 # sandboxes and its agent only through its protocols (SandboxProvider, AgentRuntime).
-ENGINE_PARTS = ("agent.py", "claim.py", "control.py", "titling.py")
+ENGINE_PARTS = ("agent.py", "claim.py", "control.py", "result.py", "titling.py")
 
 
 @pytest.mark.parametrize("part", ENGINE_PARTS)

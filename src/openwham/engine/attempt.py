@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from openwham.config import Settings
 from openwham.gateway import Gateway, forwarder_path
 from openwham.gateway.server import MAX_SOCKET_PATH
-from openwham.redaction import Redactor, secrets_in_diff
+from openwham.redaction import secrets_in_diff
 from openwham.runtimes.agent import AgentRuntime, Translator
 from openwham.runtimes.codex import CODEX
 from openwham.sandbox import bwrap, disk
@@ -46,7 +46,6 @@ from openwham.sandbox.workspace import (
     reset_to,
 )
 from openwham.service.artifacts import check_store, open_store
-from openwham.service.diffs import diff_stats
 from openwham.store import events, turnstate
 from openwham.store import models as m
 from openwham.store.artifacts import ArtifactError, ArtifactStore
@@ -64,6 +63,7 @@ from .control import AttemptFailed as AttemptFailed  # re-exported: executors im
 from .control import Control as Control
 from .diff import DiffError
 from .recorder import TurnRecorder, latest_event
+from .result import pr_item, redactor
 from .standby import AgentKey, Prepared, StandbyPool
 from .titling import Titles
 
@@ -152,7 +152,7 @@ class Engine:
         if claim is None:
             return None
         rec = TurnRecorder(
-            self.db, self.bus, claim.task_id, turn_id, claim.body, self._redactor(claim)
+            self.db, self.bus, claim.task_id, turn_id, claim.body, redactor(self.gateway, claim)
         )
         self.titles.start(
             claim,
@@ -370,10 +370,14 @@ class Engine:
             except DiffError as exc:
                 raise AttemptFailed("diff_error", str(exc)) from exc
             if diff.text:
-                items.append(self._pr_item(claim, base, diff.text, answer))
+                items.append(pr_item(self.db, claim, base, diff.text, answer))
                 # the stored diff is redacted: remember (names and files only) which
                 # secrets the real change holds, so a push can refuse it (service.prs)
-                rec.set(diff_secrets=secrets_in_diff(self._redactor(claim, named=True), diff.text))
+                rec.set(
+                    diff_secrets=secrets_in_diff(
+                        redactor(self.gateway, claim, named=True), diff.text
+                    )
+                )
         control.check()
         return rec.finish(TurnStatus.COMPLETED, text=COMPLETED, output_items=items)
 
@@ -619,41 +623,6 @@ class Engine:
         with self.db.sessions() as s:
             status = s.scalar(select(m.Turn.turn_status).where(m.Turn.id == turn_id))
         return status != TurnStatus.IN_PROGRESS
-
-    def _redactor(self, claim: Claim, *, named: bool = False) -> Redactor:
-        """What an attempt's records are cleaned of: the environment's secrets and the model
-        upstream's credentials (an upstream error could echo them into Codex's own error),
-        each also in its encodings. ``named``: keyed by the secret's name (for
-        :func:`secrets_in_diff`)."""
-        values: dict[str, str] = {}
-        upstream = self.gateway.upstream.secrets() if self.gateway is not None else []
-        for i, value in enumerate(upstream):
-            values[f"(the model upstream's credential {i + 1})" if named else value] = value
-        for name, value in claim.secrets.items():
-            values[name if named else value] = value
-        return Redactor(values)
-
-    def _pr_item(self, claim: Claim, base: str, diff: str, answer: str) -> dict[str, Any]:
-        stats = diff_stats(diff)
-        with self.db.sessions() as s:
-            title = s.scalar(select(m.Task.title).where(m.Task.id == claim.task_id)) or "Changes"
-        return {
-            "type": "pr",
-            "pr_title": title,
-            "pr_message": answer,
-            "output_diff": {
-                "type": "output_diff",
-                "repo_id": claim.repo_key,
-                "base_commit_sha": base,
-                "preapply_patch_base_commit_sha": base if claim.patch else None,
-                "diff": diff,
-                "external_storage_diff": None,
-                "files_modified": stats.files_modified,
-                "lines_added": stats.lines_added,
-                "lines_removed": stats.lines_removed,
-                "commit_message": title,
-            },
-        }
 
     def _stopped(self, claim: Claim, rec: TurnRecorder, control: Control) -> str:
         if control.reason == "shutdown":
