@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
 import re
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pydantic import ValidationError
-from sqlalchemy import Text, and_, bindparam, cast, or_, select, update
+from sqlalchemy import Float, Text, and_, bindparam, cast, or_, select, update
 from sqlalchemy.orm import Session, defer
 
 from openwham import ids
@@ -744,10 +745,10 @@ def _page(
     bodies: bool,
 ) -> _Page:
     """Newest first, keyset-paginated on (created_at, id) so pages never skip or repeat."""
-    size, where = _page_where(principal, limit, task_filter, environment_id, cursor)
-    q = select(m.Task).where(*where)
-    q = q.order_by(m.Task.created_at.desc(), m.Task.id.desc()).limit(size + 1)
-    rows = list(db.scalars(q))
+    size, shape, params = _page_where(principal, limit, task_filter, environment_id, cursor)
+    q = select(m.Task).where(*_page_conditions(shape))
+    q = q.order_by(m.Task.created_at.desc(), m.Task.id.desc()).limit(bindparam("size"))
+    rows = list(db.scalars(q, params))
     more = len(rows) > size
     rows = rows[:size]
     cursor_out = _encode_cursor(rows[-1]) if more and rows else None
@@ -760,30 +761,54 @@ def _page_where(
     task_filter: str | None,
     environment_id: str | None,
     cursor: str | None,
-) -> tuple[int, list[Any]]:
-    """The page size and the conditions of a page of the caller's tasks."""
+) -> tuple[int, tuple[str, bool, bool], dict[str, Any]]:
+    """The page size, the shape of a page's conditions (``_page_conditions``) and their
+    parameters, for a page of the caller's tasks."""
     size = DEFAULT_LIST_LIMIT if limit is None else limit
     if not 1 <= size <= MAX_LIST_LIMIT:
         raise BadRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
     filt = task_filter or "current"
     if filt not in TASK_FILTERS:
         raise BadRequest(f"task_filter must be one of: {', '.join(TASK_FILTERS)}")
-    where: list[Any] = [m.Task.account_id == principal.account_id]
+    params: dict[str, Any] = {"account_id": principal.account_id, "size": size + 1}
+    if environment_id:
+        params["environment_id"] = environment_id
+    if cursor:
+        params["created"], params["after_id"] = _decode_cursor(cursor)
+    return size, (filt, bool(environment_id), bool(cursor)), params
+
+
+def _page_conditions(shape: tuple[str, bool, bool]) -> list[Any]:
+    filt, by_environment, after_cursor = shape
+    where: list[Any] = [m.Task.account_id == bindparam("account_id")]
     if filt == "current":
         where.append(m.Task.archived.is_(False))
     elif filt == "archived":
         where.append(m.Task.archived.is_(True))
-    if environment_id:
-        where.append(m.Task.environment_id == environment_id)
-    if cursor:
-        created, task_id = _decode_cursor(cursor)
+    if by_environment:
+        where.append(m.Task.environment_id == bindparam("environment_id"))
+    if after_cursor:
+        created = bindparam("created", type_=Float)
         where.append(
             or_(
                 m.Task.created_at < created,
-                and_(m.Task.created_at == created, m.Task.id < task_id),
+                and_(m.Task.created_at == created, m.Task.id < bindparam("after_id")),
             )
         )
-    return size, where
+    return where
+
+
+@functools.lru_cache(maxsize=16)
+def _list_statement(shape: tuple[str, bool, bool]) -> Any:
+    """A list page's statement, built once per shape (building one cost as much as running
+    it)."""
+    return (
+        select(*_TASK_COLUMNS, m.Environment.label.label("env_label"), _json_text(m.Task.body))
+        .outerjoin(m.Environment, m.Environment.id == m.Task.environment_id)
+        .where(*_page_conditions(shape))
+        .order_by(m.Task.created_at.desc(), m.Task.id.desc())
+        .limit(bindparam("size"))
+    )
 
 
 def list_tasks(
@@ -834,22 +859,16 @@ def list_json(
     """``tasks/list`` as JSON bytes, the same as ``list_tasks`` serialised: Core rows (no ORM
     objects), and each item rendered only when no rendering of exactly its rows (the task
     with its environment's label, its current attempt, that attempt's siblings) is kept."""
-    size, where = _page_where(principal, limit, task_filter, environment_id, cursor)
+    size, shape, params = _page_where(principal, limit, task_filter, environment_id, cursor)
     conn = db.connection()
-    rows = conn.execute(
-        select(*_TASK_COLUMNS, m.Environment.label.label("env_label"), _json_text(m.Task.body))
-        .outerjoin(m.Environment, m.Environment.id == m.Task.environment_id)
-        .where(*where)
-        .order_by(m.Task.created_at.desc(), m.Task.id.desc())
-        .limit(size + 1)
-    ).all()
+    rows = conn.execute(_list_statement(shape), params).all()
     more = len(rows) > size
     rows = rows[:size]
     current = [str(r.current_turn_id) for r in rows if r.current_turn_id]
     turns: dict[str, Any] = {}
     if current:
-        params = {"current": current, "parents": current}
-        turns = {str(t.id): t for t in conn.execute(_LIST_TURNS, params)}
+        ids = {"current": current, "parents": current}
+        turns = {str(t.id): t for t in conn.execute(_LIST_TURNS, ids).all()}
     by_parent: dict[str | None, list[Any]] = {}
     for t in sorted(turns.values(), key=lambda t: (t.created_at, t.attempt_placement or 0)):
         by_parent.setdefault(t.parent_id, []).append(t)
