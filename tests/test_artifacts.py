@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from conftest import (
     Server,
@@ -418,6 +418,31 @@ def test_a_fork_on_a_node_without_the_files_copies_the_stored_session(
     assert store.get(copy, packing.CODEX_HOME) == store.get(turn, packing.CODEX_HOME)
     assert server.api.delete(f"tasks/{r.json()['task']['id']}").status_code == 200
     assert store.present([turn, copy], packing.CODEX_HOME) == {turn}
+
+
+def test_a_fork_of_an_attempt_that_ended_long_ago_without_a_stored_session_does_not_wait(
+    server: Server, repo: Path
+) -> None:
+    """The fork waits for a session only while its attempt may still be closing down (until
+    ``STORED_WAIT_SECONDS`` after it ended): an attempt that ended long ago and stored
+    nothing answers at once, the copy saying why there is no session (it waited the whole 30 s,
+    longer than a client's read timeout, before)."""
+    (turn,) = _turns(server, repo, 1)
+    with server.app_state.db.session() as s:
+        s.execute(
+            update(m.Turn)
+            .where(m.Turn.id == turn)
+            .values(updated_at=time.time() - 10 * storage.STORED_WAIT_SECONDS)
+        )
+    store = server.app_state.artifacts
+    assert store.present([turn], packing.CODEX_HOME) == set()
+    task_id = server.api.get("tasks/list").json()["items"][0]["id"]
+    started = time.monotonic()
+    r = server.api.post(f"tasks/{task_id}/fork", json={"turn_id": turn})
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - started < storage.STORED_WAIT_SECONDS / 2
+    copy = r.json()["current_assistant_turn"]["id"]
+    assert store.present([copy], packing.CODEX_HOME_MISSING) == {copy}
 
 
 # --------------------------------------------------------------------------- two nodes

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from openwham.engine import storage
@@ -14,6 +15,7 @@ from openwham.service import tasks as service
 from openwham.service.accounts import Principal
 from openwham.service.errors import Unavailable
 from openwham.service.tasks import Created
+from openwham.store import models as m
 
 from . import branches
 from .deps import Deps
@@ -102,7 +104,11 @@ def fork(db: Session, deps: Deps, principal: Principal, task_id: str, body: Any)
     copied; the new task's id."""
     forked = lifecycle.fork(db, principal, task_id, body)
     db.commit()
+    rows = db.execute(
+        select(m.Turn.id, m.Turn.updated_at).where(m.Turn.id.in_(list(forked.copied)))
+    ).all()
+    ended = {str(turn_id): float(at) for turn_id, at in rows}
     storage.copy_sessions(
-        deps.settings.resolved_data_dir / "attempts", forked.copied, deps.artifacts
+        deps.settings.resolved_data_dir / "attempts", forked.copied, deps.artifacts, ended
     )
     return forked.task_id

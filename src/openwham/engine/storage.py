@@ -33,7 +33,7 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from sqlalchemy import select
@@ -145,16 +145,27 @@ class SessionUnavailable(ArtifactError):
     """A follow-up cannot resume the previous attempt's Codex session; the message says why."""
 
 
-def copy_sessions(root: Path, mapping: dict[str, str], artifacts: ArtifactStore) -> None:
+def copy_sessions(
+    root: Path,
+    mapping: dict[str, str],
+    artifacts: ArtifactStore,
+    ended_at: Mapping[str, float] | None = None,
+) -> None:
     """Copy each old attempt's Codex session to the new attempt (a fork): its stored one,
     else (too big for the store) its files on this node. An attempt forked the moment it
     completed may still be closing down: wait a little for its stored session or its
-    ``closed`` marker."""
+    ``closed`` marker, but only until ``STORED_WAIT_SECONDS`` after it ended (``ended_at``,
+    epoch seconds per old attempt): a session not stored by then never will be, and the fork
+    is an API request that must not hang on it."""
+    now = time.time()
     for old, new in mapping.items():
         source, dest = _dir(root, old), _dir(root, new)
         if source is None or dest is None:
             continue
-        name = _wait_stored(artifacts, old, STORED_WAIT_SECONDS)
+        wait = STORED_WAIT_SECONDS
+        if ended_at is not None and old in ended_at:
+            wait = min(wait, max(0.0, ended_at[old] + STORED_WAIT_SECONDS - now))
+        name = _wait_stored(artifacts, old, wait)
         data = artifacts.get(old, name) if name is not None else None
         if name == packing.CODEX_HOME and data is not None:
             artifacts.put(new, name, data)
