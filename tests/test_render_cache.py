@@ -16,7 +16,7 @@ from typing import Any
 import anyio.to_thread
 import pytest
 from pydantic import BaseModel
-from sqlalchemy import update
+from sqlalchemy import event, update
 
 from conftest import Api, Server, finish_turn, make_server
 from openwham.service import accounts, tasks
@@ -239,3 +239,39 @@ def test_an_api_without_a_token_is_still_401(server: Server, repo: Path) -> None
     other = api.as_(server.other_account_token())
     assert other.get(f"tasks/{task_id}").status_code == 404
     assert other.get("tasks/list").json()["items"] == []
+
+
+def test_details_show_one_state_of_a_task_and_its_turns_written_together(
+    any_server: Server, repo: Path
+) -> None:
+    """An attempt's end writes its status and the task's Unread in one transaction; details
+    read the task's row, then its turns' rows. On SQLite each read is a snapshot of its own,
+    so that write can land between them (it did, in a full CI run): the answer must still show
+    both before or both after, never a completed attempt on a task not yet Unread."""
+    api = any_server.api
+    env = api.create_env(repo)
+    created = api.create_task(env["id"], "Fix add")
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    db = any_server.app_state.db
+    fired: list[bool] = []
+
+    def end_between(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if fired or "FROM turns" not in statement or "WHERE turns.task_id" not in statement:
+            return
+        fired.append(True)
+        with db.session() as s:  # another connection: commits before the turns are read
+            s.execute(update(m.Turn).where(m.Turn.id == turn_id).values(turn_status="completed"))
+            s.execute(update(m.Task).where(m.Task.id == task_id).values(has_unread_turn=True))
+
+    event.listen(db.request_engine, "before_cursor_execute", end_between)
+    try:
+        r = api.get(f"tasks/{task_id}")
+    finally:
+        event.remove(db.request_engine, "before_cursor_execute", end_between)
+    assert fired, "the write between the reads did not happen"
+    details = r.json()
+    status = details["current_assistant_turn"]["turn_status"]
+    assert (status, details["task"]["has_unread_turn"]) in {
+        ("pending", False),
+        ("completed", True),
+    }

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pydantic import ValidationError
-from sqlalchemy import Float, Text, and_, bindparam, cast, or_, select, update
+from sqlalchemy import Connection, Float, Text, and_, bindparam, cast, or_, select, update
 from sqlalchemy.orm import Session, defer
 
 from openwham import ids
@@ -984,6 +984,7 @@ _DETAILS_TASK = (
     .outerjoin(m.Environment, m.Environment.id == m.Task.environment_id)
     .where(m.Task.id == bindparam("task_id"))
 )
+_CONSISTENT_READ_TRIES = 5
 _DETAILS_TURNS = select(*_TURN_COLUMNS, _json_text(m.Turn.body)).where(
     m.Turn.task_id == bindparam("task_id")
 )
@@ -1003,12 +1004,7 @@ def details_json(
     if len(task_id) > 200:
         raise NotFound("Task not found")
     conn = db.connection()  # Core rows: no ORM objects, no ORM statement handling
-    row = conn.execute(_DETAILS_TASK, {"task_id": task_id}).first()
-    if row is None or row.account_id != principal.account_id:
-        raise NotFound("Task not found")
-    turn_rows = sorted(
-        conn.execute(_DETAILS_TURNS, {"task_id": task_id}).all(), key=lambda r: str(r.id)
-    )
+    row, turn_rows = _details_rows(conn, principal, task_id)
     key = digest([row, *turn_rows], inline_diff)
     ident = f"{task_id}:{inline_diff}"
     cached = cache.get("details", ident, key)
@@ -1021,6 +1017,28 @@ def details_json(
     body = model.__pydantic_serializer__.to_json(model, by_alias=True)
     cache.put("details", ident, key, body)
     return body
+
+
+def _details_rows(conn: Connection, principal: Principal, task_id: str) -> tuple[Any, list[Any]]:
+    """The task's row and its turns' rows as one state of both. SQLite runs each SELECT on a
+    snapshot of its own (pysqlite begins no transaction for reads), so a write that changed
+    the task and its turns together (an attempt's end sets its status and the task's Unread)
+    may fall between the two reads: the task row read again unchanged means it did not."""
+    row = conn.execute(_DETAILS_TASK, {"task_id": task_id}).first()
+    turn_rows: list[Any] = []
+    for _ in range(_CONSISTENT_READ_TRIES):
+        if row is None or row.account_id != principal.account_id:
+            raise NotFound("Task not found")
+        turn_rows = sorted(
+            conn.execute(_DETAILS_TURNS, {"task_id": task_id}).all(), key=lambda r: str(r.id)
+        )
+        again = conn.execute(_DETAILS_TASK, {"task_id": task_id}).first()
+        if again == row:
+            break
+        row = again
+    if row is None or row.account_id != principal.account_id:
+        raise NotFound("Task not found")
+    return row, turn_rows
 
 
 def _orm_values(row: Any, columns: list[Any]) -> dict[str, Any]:
