@@ -262,9 +262,10 @@ def test_healthz_reports_a_database_that_does_not_answer(tmp_path: Path) -> None
 # --------------------------------------------------------------------------- request cost
 
 
-def test_task_details_costs_three_statements(tmp_path: Path, sqlite_url: str) -> None:
+def test_task_details_costs_four_statements(tmp_path: Path, sqlite_url: str) -> None:
     """The token, its user and the account come in one query (not one each) on every
-    request; task details then read the task with its environment's label, and its turns."""
+    request; task details then read the task with its environment's label, its turns, and
+    the task row once more (unchanged: the two reads show one state, ``_details_rows``)."""
     from sqlalchemy import event
 
     serving = _serve(tmp_path, sqlite_url)
@@ -286,8 +287,9 @@ def test_task_details_costs_three_statements(tmp_path: Path, sqlite_url: str) ->
         finally:
             event.remove(engine, "before_cursor_execute", seen)
         assert r.status_code == 200
-        assert len(statements) == 3, statements
+        assert len(statements) == 4, statements
         assert "api_tokens" in statements[0] and "memberships" in statements[0]
+        assert statements[1] == statements[3] and "FROM tasks" in statements[1]
     finally:
         serving.close()
 
