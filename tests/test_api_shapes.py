@@ -504,6 +504,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     (repo / "calc.py").write_text("def add(a, b):\n    return a - b\n")
     git("add", ".", cwd=repo)
     git("commit", "-q", "-m", "initial", cwd=repo)
+    git("branch", "develop", cwd=repo)  # branch search pages: main, then develop
 
     gen = make_server(tmp, f"sqlite:///{tmp / 'data' / 'openwham.db'}")
     server = next(gen)
@@ -573,6 +574,12 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         ("usage", "usage", None),
         ("machines", "machines", None),
         ("accounts_check", "accounts/check", None),
+        ("github_installations", "github/installations", None),
+        ("github_installations_v2", "github/installations/v2", None),
+        ("github_installation_events", "github/installations/events/v2", None),
+        ("github_repository", f"github/repositories/{env['repos'][0]}", None),
+        ("github_branches", f"github/branches/{env['repos'][0]}/search", {"limit": 1}),
+        ("github_user_handle", "task_suggestions/github/user_handle", None),
     ]:
         resp = api.get(path, params=params)
         assert resp.status_code == 200, f"{path}: {resp.status_code} {resp.text}"
@@ -656,6 +663,12 @@ CASES = [
     Case("user_preferences", "wham-examples_settings-config-user-preferences.json", True),
     Case("viewed", "turn_viewed_success.json", True),
     Case("usage", "<wham-api.md §6.1>", True),
+    Case("github_installations", "wham-examples_github-installations.json", False),
+    Case("github_installations_v2", "wham-examples_github-installations-v2.json", False),
+    Case("github_installation_events", "wham-examples_github-installations-events.json", False),
+    Case("github_repository", "wham-examples_github-repository.json", False),
+    Case("github_branches", "wham-examples_github-branches-search.json", False),
+    Case("github_user_handle", "wham-examples_task-suggestions-github-user-handle.json", False),
 ]
 
 

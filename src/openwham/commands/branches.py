@@ -7,8 +7,10 @@ from sqlalchemy.orm import Session
 from openwham.config import Settings
 from openwham.engine import branches
 from openwham.service import environments as envs
+from openwham.service import github
 from openwham.service.accounts import Principal
 from openwham.service.tasks import BranchLookup
+from openwham.wire import GitHubBranchPage
 
 
 def lookup(settings: Settings) -> BranchLookup:
@@ -30,3 +32,24 @@ def of_environment(db: Session, settings: Settings, principal: Principal, env_id
         return []
     key = str(repos[0])
     return branches.list_branches(settings, key, envs.repo_url(env.body, key))
+
+
+def search(
+    db: Session,
+    settings: Settings,
+    principal: Principal,
+    repo_id: str,
+    *,
+    query: str | None,
+    cursor: str | None,
+    limit: int | None,
+) -> GitHubBranchPage:
+    """``GET github/branches/{repo_id}/search``: the account's repository ``repo_id`` (404
+    otherwise), its branches from the mirror (fetched at most every 30 s) or the remote."""
+    github.page_bounds(cursor, limit)  # a bad page is a 400 before any git runs
+    found = github.repository(db, principal, repo_id)
+    envs.check_repo_paths(db, envs.get_row(db, principal, found.env_id), settings)
+    names = branches.search_branches(settings, found.key, found.url)
+    return github.branches_page(
+        names, default_branch=found.repo.default_branch, query=query, cursor=cursor, limit=limit
+    )

@@ -13,15 +13,25 @@ timeout and an empty list rather than an error: it must never hold up the page.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 from openwham.config import Settings
-from openwham.sandbox.workspace import Mirrors, WorkspaceError, branch_head, git
+from openwham.sandbox.workspace import (
+    Mirrors,
+    WorkspaceError,
+    branch_head,
+    git,
+    local_repo_policy,
+)
 from openwham.service.errors import BadRequest
 
 LS_REMOTE_TIMEOUT = 30.0
 LIST_TIMEOUT = 5.0
 MAX_BRANCHES = 500
+#: Branch search fetches a repository's mirror at most this often (seconds).
+FETCH_EVERY = 30.0
 
 
 def _mirror(settings: Settings, repo_key: str) -> Path | None:
@@ -52,7 +62,9 @@ def branch_exists(settings: Settings, repo_key: str, url: str, branch: str) -> b
         raise BadRequest(f"Repository not reachable: {url} ({exc.reason})") from exc
 
 
-def list_branches(settings: Settings, repo_key: str, url: str) -> list[str]:
+def list_branches(
+    settings: Settings, repo_key: str, url: str, *, limit: int | None = MAX_BRANCHES
+) -> list[str]:
     """The repository's branch names: from its mirror when there is one (no network), else
     from the remote within :data:`LIST_TIMEOUT`; ``[]`` when neither answers."""
     refs: list[str] = []
@@ -66,4 +78,59 @@ def list_branches(settings: Settings, repo_key: str, url: str) -> list[str]:
     except WorkspaceError:
         return []
     names = {ref.strip().removeprefix("refs/heads/") for ref in refs if ref.strip()}
-    return sorted(names)[:MAX_BRANCHES]
+    return sorted(names)[:limit]
+
+
+class MirrorRefresher:
+    """Fetches mirrors for branch search at most every :data:`FETCH_EVERY` seconds per
+    repository, and never holds a request longer than :data:`LIST_TIMEOUT` for it: a fetch
+    still under way then goes on in the background and the answer uses the refs there are
+    (the next search sees the new ones)."""
+
+    def __init__(self, every: float = FETCH_EVERY, wait: float = LIST_TIMEOUT) -> None:
+        self.every = every
+        self.wait = wait
+        self._lock = threading.Lock()
+        self._started: dict[Path, float] = {}
+        self._running: dict[Path, threading.Thread] = {}
+
+    def refresh(self, settings: Settings, repo_key: str, url: str) -> None:
+        mirrors = Mirrors(settings.resolved_data_dir / "mirrors", local_repo_policy(settings))
+        try:
+            mirror = mirrors.path(repo_key)
+        except ValueError:
+            return
+        if not (mirror / "HEAD").exists():
+            return  # no clone in a request: list_branches asks the remote instead
+        now = time.monotonic()
+        with self._lock:
+            thread = self._running.get(mirror)
+            if thread is None and now - self._started.get(mirror, -self.every) >= self.every:
+                self._started[mirror] = now
+                thread = threading.Thread(
+                    target=self._fetch, args=(mirrors, repo_key, url, mirror), daemon=True
+                )
+                self._running[mirror] = thread
+                thread.start()
+        if thread is not None:
+            thread.join(self.wait)
+
+    def _fetch(self, mirrors: Mirrors, repo_key: str, url: str, mirror: Path) -> None:
+        try:
+            mirrors.ensure(repo_key, url)
+        except WorkspaceError:
+            pass  # unreachable now: the refs the mirror has are the answer
+        finally:
+            with self._lock:
+                self._running.pop(mirror, None)
+
+
+#: The process's refresher (mirrors are per node, like their locks).
+REFRESHER = MirrorRefresher()
+
+
+def search_branches(settings: Settings, repo_key: str, url: str) -> list[str]:
+    """The branches branch search offers: the mirror's after a fetch at most every
+    :data:`FETCH_EVERY` seconds, else the remote's (:func:`list_branches`)."""
+    REFRESHER.refresh(settings, repo_key, url)
+    return list_branches(settings, repo_key, url, limit=None)

@@ -29,7 +29,7 @@ from . import errors
 from .admission import AdmissionGate, Gate
 from .health import HealthProbe
 from .limits import BodySizeLimit
-from .routers import account, environments, stream, tasks, tokens
+from .routers import account, environments, github, stream, tasks, tokens
 from .state import AppState
 from .webui import mount as mount_web_ui
 
@@ -38,7 +38,8 @@ PREFIXES = {"wham": "/backend-api/wham", "codex": "/api/codex"}
 
 def api_router() -> APIRouter:
     router = APIRouter()
-    for sub in (tasks.router, stream.router, environments.router, account.router, tokens.router):
+    subs = (tasks, stream, environments, github, account, tokens)
+    for sub in (module.router for module in subs):
         router.include_router(sub)
     return router
 

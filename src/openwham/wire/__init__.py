@@ -70,6 +70,7 @@ from openwham.wire.github import (
     GitHubInstallations,
     GitHubInstallationsV2,
     GitHubRepository,
+    GitHubRepositoryPage,
     GitHubUserHandle,
 )
 from openwham.wire.items import (
@@ -259,6 +260,7 @@ __all__ = [
     "GitHubRepoOwner",
     "GitHubRepoPermissions",
     "GitHubRepository",
+    "GitHubRepositoryPage",
     "GitHubUserHandle",
     "GitPullRequest",
     "GitPullRequestUser",

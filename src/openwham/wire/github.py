@@ -66,3 +66,12 @@ class GitHubUserHandle(WireModel):
     """``GET /task_suggestions/github/user_handle``."""
 
     github_handle: str | None = None
+
+
+class GitHubRepositoryPage(WireModel):
+    """``GET /github/repositories/v2/{installation_id}`` and
+    ``…/repositories/search/all-installations``: not captured from chatgpt.com; openwham
+    answers ``{repositories, cursor}`` (docs/api.md)."""
+
+    repositories: list[GitHubRepository] = Field(default_factory=list)
+    cursor: str | None = None

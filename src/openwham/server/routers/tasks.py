@@ -286,6 +286,17 @@ def task_logs(task_id: str, principal: PrincipalDep, db: SessionDep) -> TaskLogs
     return logs.task_logs(db, principal, task_id)
 
 
+@router.post("/tasks/{task_id}/turns/{turn_id}/copy_git_apply", response_model=SuccessResponse)
+def copy_git_apply(
+    task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep
+) -> SuccessResponse:
+    """The web app's note that its user copied the attempt's ``git apply`` command: nothing
+    to record here (the command is built by the client from the diff); 404 for an unknown
+    turn like every turn action."""
+    tasks.get_turn_row(db, tasks.get_task_row(db, principal, task_id), turn_id)
+    return OK
+
+
 @router.post("/tasks/{task_id}/turns/{turn_id}/viewed", response_model=SuccessResponse)
 def viewed(task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep) -> SuccessResponse:
     tasks.mark_viewed(db, principal, task_id, turn_id)
