@@ -322,14 +322,15 @@ def test_composer_starts_on_the_last_environment_and_lists_its_branches(
     # the branches of the environment's repository: git ls-remote while there is no mirror
     r = client.get(f"/environments/{last['id']}/branches")
     assert r.status_code == 200 and r.json() == {"branches": ["feature/x", "main"]}
-    # the engine's mirror, when there is one, answers without asking the remote
+    # the engine's mirror, when there is one, answers after a fetch (at most every 30 s)
     key = last["repos"][0]
     mirror = server.app_state.settings.resolved_data_dir / "mirrors" / f"{key}.git"
     mirror.parent.mkdir(parents=True, exist_ok=True)
     git("clone", "-q", "--mirror", str(other), str(mirror), cwd=tmp_path)
-    git("branch", "only-in-the-mirror", "main", cwd=mirror)
+    git("branch", "pushed-since", "main", cwd=other)
     r = client.get(f"/environments/{last['id']}/branches")
-    assert r.json() == {"branches": ["feature/x", "main", "only-in-the-mirror"]}
+    assert r.json() == {"branches": ["feature/x", "main", "pushed-since"]}
+    assert "pushed-since" in git("branch", "--list", cwd=mirror)  # fetched into the mirror
     # a repository that cannot be reached: no suggestions, no error page
     gone = server.api.create_env(repo, label="gone")
     with server.app_state.db.session() as s:

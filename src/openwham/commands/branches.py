@@ -23,15 +23,17 @@ def lookup(settings: Settings) -> BranchLookup:
 
 
 def of_environment(db: Session, settings: Settings, principal: Principal, env_id: str) -> list[str]:
-    """The branches of the environment's (first) repository, for the composer; ``[]`` when
-    it has none or the repository does not answer in a few seconds."""
+    """The branches of the environment's (first) repository, for the composer (the mirror
+    fetched at most every 30 s, as branch search does); ``[]`` when it has none or the
+    repository does not answer in a few seconds."""
     env = envs.get_row(db, principal, env_id)
     envs.check_repo_paths(db, env, settings)
     repos = env.body.get("repos") or []
     if not repos:
         return []
     key = str(repos[0])
-    return branches.list_branches(settings, key, envs.repo_url(env.body, key))
+    names = branches.search_branches(settings, key, envs.repo_url(env.body, key))
+    return names[: branches.MAX_BRANCHES]
 
 
 def search(
