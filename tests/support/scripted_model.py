@@ -45,6 +45,24 @@ class Patch:
 
 
 @dataclass
+class CallTool:
+    """Call an offered function tool by name: ``namespace`` for one inside a namespace
+    (Codex offers an MCP server's tools in the namespace ``mcp__<server>``)."""
+
+    name: str
+    arguments: dict[str, Any]
+    namespace: str | None = None
+
+
+@dataclass
+class SearchTools:
+    """Call the offered ``tool_search`` (Codex defers MCP tools behind it for models that
+    support it: they are offered only after a search finds them)."""
+
+    query: str
+
+
+@dataclass
 class Say:
     """Finish with an assistant message."""
 
@@ -59,7 +77,7 @@ class Fail:
     message: str = "scripted failure"
 
 
-Step = Shell | Patch | Say | Fail
+Step = Shell | Patch | CallTool | SearchTools | Say | Fail
 
 
 def _tool_outputs(body: dict[str, Any]) -> int:
@@ -67,7 +85,8 @@ def _tool_outputs(body: dict[str, Any]) -> int:
         1
         for item in body.get("input") or []
         if isinstance(item, dict)
-        and item.get("type") in ("function_call_output", "custom_tool_call_output")
+        and item.get("type")
+        in ("function_call_output", "custom_tool_call_output", "tool_search_output")
     )
 
 
@@ -114,6 +133,35 @@ def _patch_item(tools: dict[str, dict[str, Any]], patch: str) -> dict[str, Any]:
             "call_id": call_id,
         }
     return _shell_item(tools, f"apply_patch <<'PATCH'\n{patch}\nPATCH")
+
+
+def _tool_item(body: dict[str, Any], step: CallTool) -> dict[str, Any]:
+    """A ``function_call`` of an offered tool; an assertion error names what was offered."""
+    offered: set[tuple[str | None, str]] = set()
+    found = [  # tools a tool search found (deferred ones, e.g. an MCP server's)
+        tool
+        for item in body.get("input") or []
+        if isinstance(item, dict) and item.get("type") == "tool_search_output"
+        for tool in item.get("tools") or []
+    ]
+    for tool in [*(body.get("tools") or []), *found]:
+        if not isinstance(tool, dict):
+            continue
+        if tool.get("type") == "namespace":
+            offered |= {(tool.get("name"), str(t.get("name"))) for t in tool.get("tools") or []}
+        else:
+            offered.add((None, str(tool.get("name"))))
+    if (step.namespace, step.name) not in offered:
+        raise AssertionError(f"the request offers no {step.namespace}/{step.name}: {offered}")
+    item: dict[str, Any] = {
+        "type": "function_call",
+        "name": step.name,
+        "arguments": json.dumps(step.arguments),
+        "call_id": f"call_{uuid.uuid4().hex[:12]}",
+    }
+    if step.namespace is not None:
+        item["namespace"] = step.namespace
+    return item
 
 
 def _default_title(body: dict[str, Any]) -> str:
@@ -195,6 +243,16 @@ class ScriptedModel:
             item = _shell_item(tools, step.command)
         elif isinstance(step, Patch):
             item = _patch_item(tools, step.patch)
+        elif isinstance(step, CallTool):
+            item = _tool_item(body, step)
+        elif isinstance(step, SearchTools):
+            item = {
+                "type": "tool_search_call",
+                "call_id": f"call_{uuid.uuid4().hex[:12]}",
+                "execution": "client",
+                "status": "completed",
+                "arguments": {"query": step.query},
+            }
         else:
             item = {
                 "type": "message",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import socket
@@ -504,6 +505,7 @@ class Engine:
             model=key.model,
             reasoning_effort=key.reasoning_effort,
             custom_instructions=key.custom_instructions,
+            mcp_servers=json.loads(key.mcp_servers) if key.mcp_servers else None,
         )
         for name, text in files.items():
             (codex_home / name).unlink(missing_ok=True)  # never through an agent's symlink

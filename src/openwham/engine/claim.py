@@ -7,6 +7,7 @@ secrets key); the engine calls it and nothing else writes the claim.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,7 @@ class Claim:
     env_vars: dict[str, str] = field(default_factory=dict)  # setup and agent
     secrets: dict[str, str] = field(default_factory=dict)  # setup only (decrypted)
     secrets_problem: str | None = None
+    mcp_servers: str = ""  # AgentKey.mcp_servers
 
     @property
     def plain(self) -> bool:
@@ -87,7 +89,15 @@ class Claim:
             model=self.model,
             reasoning_effort=self.reasoning_effort,
             custom_instructions=self.custom_instructions,
+            mcp_servers=self.mcp_servers,
         )
+
+
+def mcp_config(env_body: dict[str, Any]) -> str:
+    """The environment's MCP servers as canonical JSON (``""`` without any): part of the
+    standby key, so a standby's Codex never runs with another environment's servers."""
+    servers = env_body.get("mcp_servers")
+    return json.dumps(servers, sort_keys=True, separators=(",", ":")) if servers else ""
 
 
 @dataclass
@@ -136,6 +146,7 @@ class Claims:
                 model=str(run.get("model") or self.settings.model),
                 reasoning_effort=run.get("reasoning_effort"),
                 custom_instructions=instructions if isinstance(instructions, str) else None,
+                mcp_servers=mcp_config(env_body),
             )
 
     def claim(self, turn_id: str) -> Claim | None:
@@ -202,6 +213,7 @@ class Claims:
                 setup_script="\n".join(setup) if isinstance(setup, list) else str(setup),
                 env_vars=_usable_vars(env_body.get("env_vars")),
                 attempts=_attempts_for(s, turn),
+                mcp_servers=mcp_config(env_body),
             )
         self.bus.publish(turn_id)
         try:

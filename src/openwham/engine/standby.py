@@ -37,6 +37,8 @@ class AgentKey:
     model: str
     reasoning_effort: str | None
     custom_instructions: str | None
+    #: the environment's MCP servers, canonical JSON ("" without): written into Codex's config
+    mcp_servers: str = ""
 
 
 @dataclass

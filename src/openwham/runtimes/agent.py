@@ -9,8 +9,9 @@ turns it into work-log and status updates and, at the end, the outcome.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .codex import Outcome, Update
@@ -63,9 +64,15 @@ class AgentRuntime(Protocol):
         ...
 
     def home_files(
-        self, *, model: str, reasoning_effort: str | None, custom_instructions: str | None
+        self,
+        *,
+        model: str,
+        reasoning_effort: str | None,
+        custom_instructions: str | None,
+        mcp_servers: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> dict[str, str]:
-        """Files written into the agent's home before it starts (name → text)."""
+        """Files written into the agent's home before it starts (name → text); the
+        environment's MCP servers go into the agent's own configuration."""
         ...
 
     def binds(self, *, forwarder: Path, gateway_socket: Path) -> dict[Path, str]:

@@ -110,6 +110,7 @@ def codex_home_files(
     model: str,
     reasoning_effort: str | None = None,
     custom_instructions: str | None = None,
+    mcp_servers: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, str]:
     """The files of a fresh ``CODEX_HOME`` (name → text), to write into the per-attempt
     directory that is bound at :data:`SANDBOX_CODEX_HOME`.
@@ -124,6 +125,12 @@ def codex_home_files(
     github.com/openai/plugins and api.github.com), the hosted ``web_search`` tool (the agent
     has no internet; OpenAI-compatible servers may not know the tool) and the update check.
     The gateway token is kept out of the agent's commands' environment.
+
+    ``mcp_servers`` (the environment's, validated by ``service.environments``) become
+    ``[mcp_servers.<name>]`` tables, and ``mcp_optional_startup_grace_ms = 0`` makes Codex
+    wait for them (each up to its startup timeout) before the first request: since 0.147
+    Codex gives servers one second and then runs the turn without the tools of those still
+    starting, so a Python server on a busy machine would be missing at random.
 
     ``ask.config.toml``: the profile :func:`command` selects in Ask mode; it adds the Ask-mode
     note to the developer instructions.
@@ -140,6 +147,8 @@ def codex_home_files(
         lines.append(f"model_reasoning_effort = {_toml_string(reasoning_effort)}")
     if custom:
         lines.append(f"developer_instructions = {_toml_string(custom)}")
+    if mcp_servers:
+        lines.append("mcp_optional_startup_grace_ms = 0")
     lines += [
         'web_search = "disabled"',
         "check_for_update_on_startup = false",
@@ -162,6 +171,7 @@ def codex_home_files(
         "plugins = false",
         "",
     ]
+    lines += _mcp_tables(mcp_servers or {})
     ask = _ask_instructions(custom)
     return {
         "config.toml": "\n".join(lines),
@@ -170,6 +180,31 @@ def codex_home_files(
             f"developer_instructions = {_toml_string(ask)}\n"
         ),
     }
+
+
+_MCP_STRINGS = ("command", "cwd", "url")
+_MCP_NUMBERS = ("startup_timeout_sec", "tool_timeout_sec")
+
+
+def _mcp_tables(servers: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """``[mcp_servers.<name>]`` tables (names are ``[A-Za-z0-9_-]``: bare TOML keys)."""
+    lines: list[str] = []
+    for name in sorted(servers):
+        spec = servers[name]
+        lines.append(f"[mcp_servers.{name}]")
+        lines += [f"{k} = {_toml_string(str(spec[k]))}" for k in _MCP_STRINGS if spec.get(k)]
+        if spec.get("args"):
+            args = ", ".join(_toml_string(str(a)) for a in spec["args"])
+            lines.append(f"args = [{args}]")
+        lines += [f"{k} = {float(spec[k])!r}" for k in _MCP_NUMBERS if spec.get(k) is not None]
+        if spec.get("required"):
+            lines.append("required = true")
+        if spec.get("env"):
+            lines.append(f"[mcp_servers.{name}.env]")
+            env = spec["env"]
+            lines += [f"{_toml_string(str(k))} = {_toml_string(str(env[k]))}" for k in sorted(env)]
+        lines.append("")
+    return lines
 
 
 def _ask_instructions(custom: str) -> str:
@@ -1020,13 +1055,19 @@ class CodexRuntime:
     idle_helpers: tuple[str, ...] = (SANDBOX_FORWARDER, "openwham-launch")
 
     def home_files(
-        self, *, model: str, reasoning_effort: str | None, custom_instructions: str | None
+        self,
+        *,
+        model: str,
+        reasoning_effort: str | None,
+        custom_instructions: str | None,
+        mcp_servers: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> dict[str, str]:
         return codex_home_files(
             base_url=base_url(),
             model=model,
             reasoning_effort=reasoning_effort,
             custom_instructions=custom_instructions,
+            mcp_servers=mcp_servers,
         )
 
     def binds(self, *, forwarder: Path, gateway_socket: Path) -> dict[Path, str]:

@@ -7,6 +7,7 @@ import re
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlparse
 
 from pydantic import ValidationError
 from sqlalchemy import func, select
@@ -25,6 +26,7 @@ from openwham.wire import (
     EnvironmentWithCreatorAndMachine,
     GitHubRepo,
     Machine,
+    McpServer,
 )
 
 from . import repos
@@ -42,6 +44,12 @@ NETWORK_PRESETS = ("none", "common_dependencies", "all")
 SHARE_SETTINGS = ("private", "workspace")
 DEFAULT_WORKSPACE_DIR = "/workspace"
 MAX_WORKSPACE_DIR = 1024
+MAX_MCP_SERVERS = 16
+MAX_MCP_ARGS = 64
+MAX_MCP_TEXT = 4096
+MAX_MCP_TIMEOUT = 600.0
+# Codex's rule for server names (they become tool namespaces: ``mcp__<name>``)
+_MCP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 MACHINE = Machine(
     id="universal",
@@ -172,6 +180,79 @@ def _network(value: AgentNetworkAccess | None) -> dict[str, Any]:
     return data
 
 
+def _mcp_text(value: str, what: str, *, limit: int = MAX_MCP_TEXT) -> str:
+    if not value.strip() or len(value) > limit or any(c in value for c in "\0\n\r"):
+        raise BadRequest(f"{what} must be 1 to {limit} characters on one line")
+    return value
+
+
+def _mcp_servers(value: dict[str, McpServer] | None) -> dict[str, Any] | None:
+    """The environment's MCP servers as stored, or a 400 naming what is wrong. Their ``env``
+    reaches only the server's process (Codex starts it with that environment), which runs
+    with the agent's rights, so loader variables such as ``PYTHONPATH`` are allowed there;
+    names the sandbox sets itself are not."""
+    if not value:
+        return None
+    if len(value) > MAX_MCP_SERVERS:
+        raise BadRequest(f"At most {MAX_MCP_SERVERS} MCP servers are allowed")
+    out: dict[str, Any] = {}
+    for name, server in value.items():
+        where = f"mcp_servers.{name}"
+        if not _MCP_NAME.match(name):
+            raise BadRequest(f"Invalid MCP server name {name!r}: 1 to 64 letters, digits, _ and -")
+        if (server.command is None) == (server.url is None):
+            raise BadRequest(f"{where} needs exactly one of command (stdio) and url (HTTP)")
+        if server.url is not None:
+            url = _mcp_text(server.url, f"{where}.url", limit=2000)
+            parsed = urlparse(url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise BadRequest(f"{where}.url must be an http:// or https:// URL")
+            if parsed.username or parsed.password:
+                raise BadRequest(f"{where}.url must not contain credentials")
+            if server.args or server.env or server.cwd:
+                raise BadRequest(f"{where}: args, env and cwd are for a stdio command")
+        else:
+            _mcp_text(server.command or "", f"{where}.command")
+            if len(server.args) > MAX_MCP_ARGS:
+                raise BadRequest(f"{where}.args: at most {MAX_MCP_ARGS} arguments")
+            for arg in server.args:
+                if len(arg) > MAX_MCP_TEXT or "\0" in arg:
+                    raise BadRequest(f"{where}.args: an argument is too long or contains NUL")
+            if server.cwd is not None and not posixpath.isabs(
+                _mcp_text(server.cwd, f"{where}.cwd")
+            ):
+                raise BadRequest(f"{where}.cwd must be an absolute path in the sandbox")
+            if len(server.env) > MAX_VARS:
+                raise BadRequest(f"{where}.env: at most {MAX_VARS} variables")
+            for key, val in server.env.items():
+                if not _VAR_NAME.match(key):
+                    raise BadRequest(f"{where}.env: invalid variable name {key!r}")
+                if is_reserved_var(key):
+                    raise BadRequest(
+                        f"{where}.env: {key!r} is reserved: openwham sets it in the sandbox"
+                    )
+                if len(val) > MAX_VAR_VALUE or "\0" in val:
+                    raise BadRequest(f"{where}.env: {key!r} is too long or contains NUL")
+        for field in ("startup_timeout_sec", "tool_timeout_sec"):
+            seconds = getattr(server, field)
+            if seconds is not None and not 0 < seconds <= MAX_MCP_TIMEOUT:
+                raise BadRequest(f"{where}.{field} must be above 0 and at most {MAX_MCP_TIMEOUT:g}")
+        out[name] = server.model_dump(mode="json", exclude_defaults=True)
+    return out
+
+
+def _check_mcp_network(payload: dict[str, Any]) -> None:
+    """An HTTP MCP server is reached through the agent's egress: refused while it is off."""
+    servers = payload.get("mcp_servers") or {}
+    mode = (payload.get("agent_network_access") or {}).get("mode")
+    remote = sorted(name for name, spec in servers.items() if spec.get("url"))
+    if remote and mode != "on":
+        raise BadRequest(
+            f"MCP server {remote[0]!r} has a url, which the agent reaches through its internet "
+            "access: turn agent_network_access on (and allow its host) or use a stdio command"
+        )
+
+
 def _repo_fields(specs: list[Any], policy: LocalRepoPolicy) -> tuple[list[str], dict[str, Any]]:
     if not specs:
         raise BadRequest("An environment needs at least one repository")
@@ -265,6 +346,9 @@ def create(
         "share_settings": body.share_settings,
         "share_targets": [],
     }
+    if (servers := _mcp_servers(body.mcp_servers)) is not None:
+        payload["mcp_servers"] = servers
+    _check_mcp_network(payload)
     row = m.Environment(
         id=ids.new_environment_id(),
         account_id=principal.account_id,
@@ -313,6 +397,11 @@ def update(
         payload["env_vars"] = dict(patch.env_vars or {})
     if "agent_network_access" in given:
         payload["agent_network_access"] = _network(patch.agent_network_access)
+    if "mcp_servers" in given:
+        payload.pop("mcp_servers", None)
+        if (servers := _mcp_servers(patch.mcp_servers)) is not None:
+            payload["mcp_servers"] = servers
+    _check_mcp_network(payload)
     if "share_settings" in given:
         if patch.share_settings not in SHARE_SETTINGS:
             raise BadRequest(f"share_settings must be one of {SHARE_SETTINGS}")

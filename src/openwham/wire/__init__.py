@@ -60,6 +60,7 @@ from openwham.wire.environments import (
     GitHubRepoOwner,
     GitHubRepoPermissions,
     Machine,
+    McpServer,
     RepoSpec,
 )
 from openwham.wire.github import (
@@ -273,6 +274,7 @@ __all__ = [
     "LatestTurnStatusDisplay",
     "LineRangeContent",
     "Machine",
+    "McpServer",
     "MessageInputItem",
     "MessageOutputItem",
     "NewTask",

@@ -76,6 +76,23 @@ class AgentNetworkAccess(WireModel):
     safe_methods_only: bool | None = None
 
 
+class McpServer(StrictWireModel):
+    """An MCP server the agent may use (openwham's; Codex cloud has none): a stdio
+    ``command`` (with ``args``, ``env``, ``cwd``) that Codex starts inside the sandbox, e.g.
+    one the setup script installed, or an HTTP ``url`` reached through the agent's egress
+    policy. Exactly one of ``command`` and ``url``. ``env`` is visible to the agent: no
+    secrets there. ``required``: the attempt fails when the server does not start."""
+
+    command: str | None = None
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    url: str | None = None
+    startup_timeout_sec: float | None = None
+    tool_timeout_sec: float | None = None
+    required: bool = False
+
+
 class CacheSettings(WireModel):
     """Container cache after setup; changing ``cache_invalidation_key`` drops the cache."""
 
@@ -117,6 +134,7 @@ class Environment(OmittingWireModel):
     env_vars: dict[str, str] = Field(default_factory=dict)
     secrets: dict[str, str] = Field(default_factory=dict)
     agent_network_access: AgentNetworkAccess | None = Field(default_factory=AgentNetworkAccess)
+    mcp_servers: dict[str, McpServer] | None = None
     share_settings: str = "private"
     share_targets: list[str] = Field(default_factory=list)
     task_count: int = 0
@@ -125,8 +143,9 @@ class Environment(OmittingWireModel):
     updated_at: float | None = None
     etag: str | None = None
     permissions: EnvironmentPermissions | None = None
-    # Seen only in third-party envelope schemas: emitted only when set.
-    omit_when_unset = ("etag", "permissions")
+    # Seen only in third-party envelope schemas: emitted only when set; ``mcp_servers`` is
+    # openwham's own, emitted only for environments that have some.
+    omit_when_unset = ("etag", "permissions", "mcp_servers")
 
 
 EnvironmentByRepoItem = Environment
@@ -208,6 +227,7 @@ class EnvironmentCreate(StrictWireModel):
     env_vars: dict[str, str] = Field(default_factory=dict)
     secrets: dict[str, str] = Field(default_factory=dict)
     agent_network_access: AgentNetworkAccess | None = None
+    mcp_servers: dict[str, McpServer] | None = None
     cache_settings: CacheSettings | None = None
     auto_setup_settings: AutoSetupSettings | None = None
     is_pinned: bool = False
@@ -235,6 +255,7 @@ class EnvironmentUpdate(StrictWireModel):
     env_vars: dict[str, str] | None = None
     secrets: dict[str, str | None] | None = None
     agent_network_access: AgentNetworkAccess | None = None
+    mcp_servers: dict[str, McpServer] | None = None
     cache_settings: CacheSettings | None = None
     auto_setup_settings: AutoSetupSettings | None = None
     is_pinned: bool | None = None
