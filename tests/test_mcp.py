@@ -28,9 +28,9 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "vendor"))
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.fastmcp import FastMCP
 
-app = MCPServer("notes")
+app = FastMCP("notes")
 
 
 @app.tool()
@@ -76,7 +76,7 @@ def vendored_mcp(tmp_path_factory: pytest.TempPathFactory) -> Path:
             target = dest / file
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(Path(str(file.locate())), target)
-    assert (dest / "mcp" / "server" / "mcpserver").is_dir()
+    assert (dest / "mcp" / "server" / "fastmcp").is_dir()
     return dest
 
 
