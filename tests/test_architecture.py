@@ -21,6 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "lifeline": set(),
     "wire": set(),
     "store": set(),
+    # git hosting services' REST APIs (pull requests); knows nothing of openwham's data
+    "forges": set(),
     "service": {"wire", "store", "config", "ids", "gitpaths", "redaction", "lifeline"},
     "engine": {
         "wire",
@@ -37,7 +39,7 @@ ALLOWED: dict[str, set[str]] = {
         "lifeline",
     },
     # the operations API, web UI and CLI share; the only way into the engine from above
-    "commands": {"wire", "store", "config", "ids", "service", "engine", "locks"},
+    "commands": {"wire", "store", "config", "ids", "service", "engine", "locks", "forges"},
     "sandbox": {"config", "gitpaths", "locks", "lifeline"},
     "runtimes": {"config", "wire"},
     "gateway": {"config", "store", "codexauth", "redaction"},

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default_factory=default_data_dir)
     database_url: str | None = None
+    #: the server's address as users reach it (links in pull requests); default: the
+    #: address of the request that asked for the pull request
+    public_url: str | None = None
 
     model_provider: str = "openai"
     model_base_url: str | None = None

@@ -111,10 +111,14 @@ def pr_branch(task: Task) -> dict[str, Any] | None:
     branch = (pushed.pull_request.head if pushed else None) or meta.pushed_branch_name
     if not branch:
         return None
+    pull = pushed.pull_request if pushed else None
     return {
         "branch": branch,
-        "url": pushed.pull_request.url if pushed else None,
+        "url": pull.url if pull else None,
         "turn_id": (pushed.assistant_turn_id if pushed else None) or meta.last_pushed_turn_id,
+        # a pull request opened on a forge (0: only the branch was pushed)
+        "number": pull.number if pull else 0,
+        "state": pull.state if pull else None,
     }
 
 
@@ -186,7 +190,12 @@ def details_lines(
         f"  branch: {escape((display.branch_name if display else None) or '-')}",
     ]
     pushed = pr_branch(task)
-    if pushed:
+    if pushed and pushed["number"]:
+        lines.append(
+            f"Pull request #{pushed['number']} ({escape(str(pushed['state']))}): "
+            f"{escape(pushed['url'] or '')}  branch: {escape(pushed['branch'])}"
+        )
+    elif pushed:
         where = f" ({escape(pushed['url'])})" if pushed["url"] else ""
         lines.append(f"PR branch: {escape(pushed['branch'])}{where}")
     for index, turn in enumerate(attempts, 1):

@@ -409,14 +409,23 @@ def pr(
     ctx: typer.Context,
     task: str = typer.Argument(..., help="Task id or URL"),
     attempt: int = AttemptOption,
+    draft: bool = typer.Option(False, "--draft", help="Open the pull request as a draft"),
+    bot: bool = typer.Option(False, "--bot", help="Open it with the connection's bot token"),
     as_json: bool = JsonOption,
 ) -> None:
-    """Push an attempt's change to a branch of the environment's remote."""
+    """Push an attempt's change to a branch of the environment's remote, and open the pull
+    request when a forge is connected for it (`wham forge add`)."""
     task_id = task_id_from(task)
     with open_client(ctx) as wham:
-        result = wham.create_pr(task_id, attempt=attempt)
+        result = wham.create_pr(
+            task_id, attempt=attempt, draft=draft, authorship="bot" if bot else None
+        )
     if as_json:
         print_json(result.model_dump(mode="json"))
         return
     pull = result.pull_request
-    out.print(f"{task_id}: pushed branch {pull.head or '?'} ({pull.url})", markup=False)
+    if pull.number:
+        kind = "draft pull request" if pull.draft else "pull request"
+        out.print(f"{task_id}: {kind} #{pull.number} ({pull.state}) {pull.url}", markup=False)
+    else:
+        out.print(f"{task_id}: pushed branch {pull.head or '?'} ({pull.url})", markup=False)

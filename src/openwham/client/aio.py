@@ -37,6 +37,7 @@ from openwham.wire import (
     TurnResponse,
     UserSettings,
 )
+from openwham.wire.forges import ForgeConnectionInfo, ForgeConnectionList
 from openwham.wire.tokens import ApiTokenCreated, ApiTokenInfo, ApiTokenList
 
 T = TypeVar("T")
@@ -324,9 +325,17 @@ class AsyncWhamClient:
         """A new task continuing from a completed attempt (openwham)."""
         return await self._call(ep.fork(task_id, turn_id))
 
-    async def create_pr(self, task_id: str, *, attempt: int = 1) -> ExternalPullRequest:
-        """Push attempt ``attempt``'s change to a branch of the environment's remote."""
-        return await self._run(ep.pr_op(task_id, attempt))
+    async def create_pr(
+        self,
+        task_id: str,
+        *,
+        attempt: int = 1,
+        draft: bool = False,
+        authorship: str | None = None,
+    ) -> ExternalPullRequest:
+        """Push attempt ``attempt``'s change to a branch of the environment's remote; with a
+        forge connection for it (openwham) the pull request is opened there too."""
+        return await self._run(ep.pr_op(task_id, attempt, draft=draft, authorship=authorship))
 
     # ------------------------------------------------------------------ environments
 
@@ -369,6 +378,17 @@ class AsyncWhamClient:
 
     async def update_settings(self, changes: dict[str, Any]) -> UserSettings:
         return await self._call(ep.update_settings(changes))
+
+    async def list_forge_connections(self) -> ForgeConnectionList:
+        """The account's forge connections (openwham only; tokens are never shown)."""
+        return await self._call(ep.list_forge_connections())
+
+    async def create_forge_connection(self, body: dict[str, Any]) -> ForgeConnectionInfo:
+        """Connect GitHub, GitLab or Gitea for pull requests (openwham only)."""
+        return await self._call(ep.create_forge_connection(body))
+
+    async def delete_forge_connection(self, connection_id: str) -> bool:
+        return await self._call(ep.delete_forge_connection(connection_id))
 
     async def list_tokens(self) -> ApiTokenList:
         """The caller's API tokens that are not revoked, newest first (openwham only)."""

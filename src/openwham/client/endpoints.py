@@ -35,6 +35,7 @@ from openwham.wire import (
     TurnResponse,
     UserSettings,
 )
+from openwham.wire.forges import ForgeConnectionInfo, ForgeConnectionList
 from openwham.wire.tokens import ApiTokenCreate, ApiTokenCreated, ApiTokenInfo, ApiTokenList
 
 TaskFilter = Literal["current", "all", "archived"]
@@ -205,9 +206,16 @@ def delete_task(task_id: str) -> Call[bool]:
     return Call("DELETE", f"tasks/{_seg(task_id)}", _success, idempotent=True)
 
 
-def create_pr(task_id: str, turn_id: str) -> Call[ExternalPullRequest]:
+def create_pr(
+    task_id: str, turn_id: str, *, draft: bool = False, authorship: str | None = None
+) -> Call[ExternalPullRequest]:
+    """Push the attempt's change; with a forge connection (openwham) the pull request is
+    opened there too (``draft``, ``authorship``: ``user`` or ``bot``)."""
     path = f"tasks/{_seg(task_id)}/turns/{_seg(turn_id)}/pr"
-    return Call("POST", path, ExternalPullRequest.model_validate)
+    body: dict[str, Any] = {"draft": True} if draft else {}
+    if authorship is not None:
+        body["pr_authorship_mode"] = authorship
+    return Call("POST", path, ExternalPullRequest.model_validate, json=body or None)
 
 
 def fork(task_id: str, turn_id: str | None = None) -> Call[TaskDetails]:
@@ -285,6 +293,22 @@ def create_token(
     return Call(
         "POST", "tokens", ApiTokenCreated.model_validate, json=body.model_dump(exclude_none=True)
     )
+
+
+def list_forge_connections() -> Call[ForgeConnectionList]:
+    """The account's forge connections (openwham only; never a token)."""
+    return Call("GET", "forge_connections", ForgeConnectionList.model_validate, idempotent=True)
+
+
+def create_forge_connection(body: dict[str, Any]) -> Call[ForgeConnectionInfo]:
+    """Connect a forge (``kind``, ``token``, optional ``api_base_url``, ``repo_url_prefix``,
+    ``bot_token``, ``pr_authorship_mode``)."""
+    return Call("POST", "forge_connections", ForgeConnectionInfo.model_validate, json=body)
+
+
+def delete_forge_connection(connection_id: str) -> Call[bool]:
+    path = f"forge_connections/{_seg(connection_id)}"
+    return Call("DELETE", path, lambda _: True, idempotent=True, expect_body=False)
 
 
 def revoke_token(token_id: str) -> Call[ApiTokenInfo]:
@@ -398,9 +422,11 @@ def attempt_turn_op(task_id: str, attempt: int = 1) -> Op[AssistantTurn]:
     return pick_attempt(task_id, found, attempt)
 
 
-def pr_op(task_id: str, attempt: int = 1) -> Op[ExternalPullRequest]:
-    """Push attempt ``attempt``'s change to a PR branch."""
+def pr_op(
+    task_id: str, attempt: int = 1, *, draft: bool = False, authorship: str | None = None
+) -> Op[ExternalPullRequest]:
+    """Push attempt ``attempt``'s change to a PR branch (and open the pull request)."""
     turn = yield from attempt_turn_op(task_id, attempt)
     assert turn.id is not None  # attempts_op keeps only turns with ids
-    pr: ExternalPullRequest = yield create_pr(task_id, turn.id)
+    pr: ExternalPullRequest = yield create_pr(task_id, turn.id, draft=draft, authorship=authorship)
     return pr

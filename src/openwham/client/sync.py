@@ -37,6 +37,7 @@ from openwham.wire import (
     TurnResponse,
     UserSettings,
 )
+from openwham.wire.forges import ForgeConnectionInfo, ForgeConnectionList
 from openwham.wire.tokens import ApiTokenCreated, ApiTokenInfo, ApiTokenList
 
 T = TypeVar("T")
@@ -323,9 +324,17 @@ class WhamClient:
         """A new task continuing from a completed attempt (openwham)."""
         return self._call(ep.fork(task_id, turn_id))
 
-    def create_pr(self, task_id: str, *, attempt: int = 1) -> ExternalPullRequest:
-        """Push attempt ``attempt``'s change to a branch of the environment's remote."""
-        return self._run(ep.pr_op(task_id, attempt))
+    def create_pr(
+        self,
+        task_id: str,
+        *,
+        attempt: int = 1,
+        draft: bool = False,
+        authorship: str | None = None,
+    ) -> ExternalPullRequest:
+        """Push attempt ``attempt``'s change to a branch of the environment's remote; with a
+        forge connection for it (openwham) the pull request is opened there too."""
+        return self._run(ep.pr_op(task_id, attempt, draft=draft, authorship=authorship))
 
     # ------------------------------------------------------------------ environments
 
@@ -368,6 +377,17 @@ class WhamClient:
 
     def update_settings(self, changes: dict[str, Any]) -> UserSettings:
         return self._call(ep.update_settings(changes))
+
+    def list_forge_connections(self) -> ForgeConnectionList:
+        """The account's forge connections (openwham only; tokens are never shown)."""
+        return self._call(ep.list_forge_connections())
+
+    def create_forge_connection(self, body: dict[str, Any]) -> ForgeConnectionInfo:
+        """Connect GitHub, GitLab or Gitea for pull requests (openwham only)."""
+        return self._call(ep.create_forge_connection(body))
+
+    def delete_forge_connection(self, connection_id: str) -> bool:
+        return self._call(ep.delete_forge_connection(connection_id))
 
     def list_tokens(self) -> ApiTokenList:
         """The caller's API tokens that are not revoked, newest first (openwham only)."""

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from openwham.commands import Deps, Runner, open_runner
+from openwham.commands.prs import PrRefresher
 from openwham.config import Settings
 from openwham.locks import Locks, database_locks
 from openwham.service.artifacts import check_store, open_store
@@ -36,6 +37,8 @@ class AppState:
     artifacts: ArtifactStore = field(init=False)
     #: rendered task details and list items, keyed by a digest of their rows
     renders: RenderCache = field(default_factory=RenderCache)
+    #: asks forges whether the pull requests of tasks being read are still open
+    pr_refresher: PrRefresher = field(default_factory=PrRefresher)
 
     def __post_init__(self) -> None:
         self.fanout = FanOut(self.db, self.bus)

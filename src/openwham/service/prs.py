@@ -8,8 +8,9 @@ follow-up, another attempt of best-of-N) adds a commit on top of the last one pu
 tree is that attempt's whole change, so the branch always shows the chosen attempt's result
 and its history shows what was pushed when.
 
-No pull request is opened on a hosting service (openwham has no GitHub App or token yet):
-the record says so with ``pull_request.state`` ``"pushed"`` and ``number`` ``0``.
+The push alone records ``pull_request.state`` ``"pushed"`` and ``number`` ``0``; with a
+forge connection ``commands.prs`` then opens the pull request and :func:`record_forge` puts
+the forge's number, URL and state in its place.
 
 A push is idempotent across crashes: before git talks to the remote, the plan (branch, parent
 and commit time) is kept on the task (:func:`reserve`, ``pr_push``). A server killed after the
@@ -324,4 +325,65 @@ def record(
     task.body = body
     task.updated_at = time.time()
     turn.body = {**turn.body, "pull_request_status": "pushed", "pull_request_data": pull_request}
+    return entry
+
+
+# --------------------------------------------------------------------------- forge pull requests
+
+FORGE_KEY = "forge_pr"  # task.body: the forge's pull request (not rendered)
+
+
+def forge_pr(db: Session, principal: Principal, task_id: str) -> dict[str, Any] | None:
+    """The forge pull request recorded for the task (connection, repository, number)."""
+    task = get_task_row(db, principal, task_id)
+    found = task.body.get(FORGE_KEY)
+    return dict(found) if isinstance(found, dict) else None
+
+
+def pr_text(db: Session, task: m.Task, turn: m.Turn, link: str | None) -> tuple[str, str]:
+    """A pull request's title (the task's) and body: the agent's answers along the chain,
+    then a link back to the task."""
+    body = conversation_body(db, turn).strip()
+    if link:
+        body = f"{body}\n\n---\nOpened by openwham from task {link}".strip()
+    return task.title or "Changes", body
+
+
+def record_forge(
+    db: Session,
+    task: m.Task,
+    turn_id: str | None,
+    *,
+    connection_id: str,
+    repo_path: str,
+    pr: dict[str, Any],
+    now: float,
+) -> dict[str, Any]:
+    """Put the forge's pull request (``pr``: number, url, state, merged, draft, title, body,
+    head, base, head_sha) in the task's ``external_pull_requests`` entry and on the attempt
+    that was pushed; ``turn_id`` ``None`` for a refresh (the entry's attempt). Returns the
+    entry."""
+    entries = [e for e in task.body.get("external_pull_requests") or [] if isinstance(e, dict)]
+    if not entries:
+        raise Conflict("The task has no pushed branch to open a pull request for")
+    entry = dict(entries[0])
+    merged = {**(entry.get("pull_request") or {}), **pr}
+    entry["pull_request"] = merged
+    body = dict(task.body)
+    body["external_pull_requests"] = [entry, *entries[1:]]
+    body[FORGE_KEY] = {
+        "connection_id": connection_id,
+        "repo_path": repo_path,
+        "number": pr["number"],
+        "state": pr.get("state"),
+        "checked_at": now,
+    }
+    task.body = body
+    turn = db.get(m.Turn, turn_id or str(entry.get("assistant_turn_id") or ""))
+    if turn is not None and turn.task_id == task.id:
+        turn.body = {
+            **turn.body,
+            "pull_request_status": pr.get("state"),
+            "pull_request_data": merged,
+        }
     return entry

@@ -286,3 +286,24 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(Integer)  # before compression
     data: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class ForgeConnection(Base):
+    """An account's connection to a git hosting service's API (GitHub, GitLab, Gitea) that
+    opens pull requests for repositories under ``repo_url_prefix``. Tokens are ciphertexts
+    (the secrets key), never shown again."""
+
+    __tablename__ = "forge_connections"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    creator_id: Mapped[str] = mapped_column(ID)
+    kind: Mapped[str] = mapped_column(String(32))
+    api_base_url: Mapped[str] = mapped_column(Text)
+    repo_url_prefix: Mapped[str] = mapped_column(Text)
+    token: Mapped[str] = mapped_column(Text)
+    bot_token: Mapped[str | None] = mapped_column(Text, nullable=True)
+    pr_authorship_mode: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float)

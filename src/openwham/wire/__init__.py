@@ -63,6 +63,12 @@ from openwham.wire.environments import (
     McpServer,
     RepoSpec,
 )
+from openwham.wire.forges import (
+    ForgeConnectionCreate,
+    ForgeConnectionInfo,
+    ForgeConnectionList,
+    PullRequestOptions,
+)
 from openwham.wire.github import (
     GitHubBranch,
     GitHubBranchPage,
@@ -250,6 +256,9 @@ __all__ = [
     "ExternalPullRequest",
     "ExternalStorageDiff",
     "FollowUp",
+    "ForgeConnectionCreate",
+    "ForgeConnectionInfo",
+    "ForgeConnectionList",
     "Fragment",
     "GitHubBranch",
     "GitHubBranchPage",
@@ -288,6 +297,7 @@ __all__ = [
     "Profile",
     "ProfileStats",
     "ProxyEvent",
+    "PullRequestOptions",
     "RateLimitDetails",
     "RateLimitReachedType",
     "RateLimitResetConsumeRequest",

@@ -6,14 +6,16 @@ import inspect
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query
+from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from openwham.commands import prs as pr_commands
 from openwham.commands import tasks as commands
 from openwham.service import logs, tasks, usage
 from openwham.service.accounts import Principal
+from openwham.service.errors import BadRequest
 from openwham.wire import (
     CancelResponse,
     CreateTaskResponse,
@@ -29,6 +31,7 @@ from openwham.wire import (
     TurnMapping,
     TurnResponse,
 )
+from openwham.wire.forges import PullRequestOptions
 
 from ..deps import InlineDiffDep, PrincipalDep, ReaderDep, SessionDep, StateDep
 from ..errors import error_responses
@@ -36,6 +39,8 @@ from ..errors import error_responses
 router = APIRouter(tags=["tasks"])
 
 OK = SuccessResponse(success=True)
+#: in a rendered task: a forge's pull request still open (pushed-only branches are "pushed")
+OPEN_PR = b'"state":"open"'
 
 
 @dataclass
@@ -112,9 +117,13 @@ async def get_task(task_id: str, reader: ReaderDep, inline: InlineDiffDep) -> Re
     """The task with its current turns; a diff over ``WHAM_INLINE_DIFF_MAX_BYTES`` is cut
     (``truncated: true``; the whole one: ``…/turns/{turn_id}/diff``)."""
     renders = reader.state.renders
-    return await reader.json(
+    response = await reader.json(
         lambda db, p: tasks.details_json(db, p, task_id, renders, inline_diff=inline)
     )
+    if response.status_code == 200 and OPEN_PR in response.body:  # a forge's: is it still?
+        state = reader.state
+        state.pr_refresher.soon(state.db, state.secret_box, [task_id])
+    return response
 
 
 @router.delete("/tasks/{task_id}", response_model=SuccessResponse)
@@ -263,15 +272,41 @@ def sibling_turns(
 @router.post(
     "/tasks/{task_id}/turns/{turn_id}/pr",
     response_model=ExternalPullRequest,
-    responses=error_responses(409, 502),
+    responses=error_responses(409, 429, 502),
 )
 def create_pr(
-    task_id: str, turn_id: str, state: StateDep, principal: PrincipalDep, db: SessionDep
+    task_id: str,
+    turn_id: str,
+    request: Request,
+    state: StateDep,
+    principal: PrincipalDep,
+    db: SessionDep,
+    body: Annotated[Any, Body()] = None,
 ) -> ExternalPullRequest:
     """Commit the attempt's change on the task's branch and push it (commands/prs.py): an
     earlier push a crash cut short is finished first; one push per task at a time across
-    processes and nodes."""
-    return pr_commands.push(db, state.commands, principal, task_id, turn_id)
+    processes and nodes. With a forge connection for the repository the pull request is
+    opened (or updated) on the forge. The body is optional: ``draft`` and
+    ``pr_authorship_mode`` are read, other keys (official clients send their own) ignored."""
+    picked = (
+        {k: body[k] for k in ("draft", "pr_authorship_mode") if k in body}
+        if isinstance(body, dict)
+        else {}
+    )
+    try:
+        options = PullRequestOptions.model_validate(picked)
+    except ValidationError as exc:
+        raise BadRequest(f"Invalid pull request options: {exc.errors()[0]['msg']}") from exc
+    return pr_commands.push(
+        db,
+        state.commands,
+        principal,
+        task_id,
+        turn_id,
+        options=options,
+        box=state.secret_box,
+        link_base=str(request.base_url),
+    )
 
 
 @router.get("/tasks/{task_id}/turns/{turn_id}/logs", response_model=TurnLogsResponse)
