@@ -6,7 +6,11 @@ Side by side in one run, interleaved, on the generated repository (5,000 files b
   copies every object of the mirror, then ``remote set-url`` and ``rev-parse``);
 - after: today's ``create_workspace`` (``git clone --shared --no-checkout``, the relative
   alternates entry, ``reset --hard`` for the checkout, ``remote set-url``, ``rev-parse``);
-- the first ``git status`` in each (what the agent's first command pays).
+- overlay: ``create_workspace(checkouts=...)``, an overlay over the checkout of the commit
+  made once and shared (``sandbox.overlay``); the first run at the commit makes it (printed
+  apart), the others find it (what every later attempt at that commit pays);
+- the first ``git status`` in each (what the agent's first command pays; for the overlay,
+  host git mounting the layers in a namespace of its own).
 
 Prints min/median/max in ms and the ratio of the medians. See docs/benchmarks.md.
 """
@@ -21,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from openwham.sandbox.workspace import Mirrors, create_workspace, git
+from openwham.sandbox.workspace import Checkouts, Mirrors, create_workspace, git
 
 from .repo import describe, generate
 
@@ -57,8 +61,31 @@ def main(argv: list[str] | None = None) -> None:
         print(describe(repo))
         mirror = Mirrors(work / "mirrors").ensure("bench", str(repo))  # not timed
         out: dict[str, list[float]] = {}
+        checkouts = Checkouts(work / "checkouts")
+        if not checkouts.enabled:
+            print(f"overlay workspaces unavailable: {checkouts.reason}")
+        else:
+            (work / "first").mkdir()
+            t = _timed(
+                create_workspace,
+                mirror,
+                work / "first" / "workspace",
+                "main",
+                str(repo),
+                checkouts=checkouts,
+            )
+            print(
+                f"overlay: the checkout made at the first attempt on the commit: {t * 1000:.0f} ms"
+            )
+
+        def _overlay(mirror: Path, dest: Path, branch: str, origin: str) -> str:
+            return create_workspace(mirror, dest, branch, origin, checkouts=checkouts)
+
+        makers = [("before", _before), ("after", create_workspace)]
+        if checkouts.enabled:
+            makers.append(("overlay", _overlay))
         for i in range(args.runs):
-            for name, make in (("before", _before), ("after", create_workspace)):
+            for name, make in makers:
                 attempt = work / f"{name}{i}"
                 attempt.mkdir()
                 ws = attempt / "workspace"
@@ -76,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         before = statistics.median(out["before: create_workspace"])
         after = statistics.median(out["after: create_workspace"])
         print(f"cold workspace, median before / after: {before / after:.1f}x")
+        if checkouts.enabled:
+            ov = statistics.median(out["overlay: create_workspace"])
+            print(f"cold workspace, median after / overlay: {after / ov:.1f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

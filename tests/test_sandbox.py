@@ -941,3 +941,75 @@ def test_agent_cannot_change_the_shared_mirror_objects_or_another_attempt(tmp_pa
     # the diff step (git in a sandbox of its own) reads the base through the shared objects
     diff = workspace_diff(ws_a, base).text
     assert "-# widgets\n+changed" in diff
+
+
+def test_overlay_workspace_agent_cannot_change_the_checkout_mirror_or_another_attempt(
+    tmp_path: Path,
+) -> None:
+    """Overlay workspaces (a checkout shared per commit as the read-only lower layer, each
+    attempt's writes in its own upper directory): the agent changes files, .git and objects
+    of its workspace freely, yet the shared checkout, the mirror and the other attempt over
+    the same checkout stay as they were; it cannot unmount or remount the overlay, reach the
+    lower layer or another attempt's upper directory; the mount never shows on the host."""
+    from conftest import make_repo
+    from openwham.engine.diff import workspace_diff
+    from openwham.sandbox import overlay
+    from openwham.sandbox.workspace import Checkouts, Mirrors, create_workspace, git
+
+    if (reason := overlay.unavailable()) is not None:
+        pytest.fail(f"overlay workspaces are not available here: {reason}")
+    repo = make_repo(tmp_path / "repo")
+    data = tmp_path / "data"
+    mirror = Mirrors(data / "mirrors").ensure("k", str(repo))
+    checkouts = Checkouts(data / "checkouts")
+    attempts = data / "attempts"
+    ws_a, ws_b = attempts / "a" / "workspace", attempts / "b" / "workspace"
+    for ws in (ws_a, ws_b):
+        ws.parent.mkdir(parents=True)
+        base = create_workspace(mirror, ws, "main", str(repo), checkouts=checkouts)
+    lower = (attempts / "a" / overlay.LOWER).resolve()
+    assert lower == (attempts / "b" / overlay.LOWER).resolve()
+    assert os.listdir(ws_a) == []  # on the host the merged view does not exist
+    checkout_before = _tree_digest(lower.parent)
+    mirror_before = _tree_digest(mirror)
+
+    r = sh(
+        ws_a,
+        f"""
+        cd /workspace
+        try() {{ if eval "$1" 2>/dev/null; then echo "CHANGED: $1"; else echo REFUSED; fi; }}
+        git status --porcelain | sed 's/^/DIRTY /'
+        echo changed > README.md && rm calc.py
+        echo x > .git/HEAD.x && echo junk >> .git/config && echo x > .git/objects/info/alternates.x
+        git add -A && git -c user.name=a -c user.email=a@b commit -qm agent && echo COMMITTED
+        git update-ref refs/heads/main HEAD && git gc -q --prune=now 2>/dev/null; echo GC
+        try "umount /workspace"
+        try "umount -l /workspace"
+        try "mount -o remount,rw /workspace"
+        try "mount -t overlay overlay -o lowerdir=/usr /workspace"
+        try "ls {lower}"
+        try "ls {attempts / "b" / overlay.UPPER}"
+        try "ls /workspace/../b"
+        try "ls /workspace/../{overlay.UPPER}"
+        try "ls /workspace/../{overlay.LOWER}"
+        """,
+    )
+    assert r.exit_code == 0, r.stderr
+    assert "DIRTY" not in r.stdout  # git sees the shared checkout as clean at the start
+    assert "COMMITTED" in r.stdout
+    assert "CHANGED" not in r.stdout, r.stdout
+    assert r.stdout.count("REFUSED") == 9, r.stdout
+    # nothing shared changed; the other attempt sees the checkout as it was
+    assert _tree_digest(lower.parent) == checkout_before
+    assert _tree_digest(mirror) == mirror_before
+    assert list((attempts / "b" / overlay.UPPER).iterdir()) == []
+    assert git("status", "--porcelain", cwd=ws_b) == ""
+    # the attempt's writes are in its upper directory, and only the namespace saw the mount
+    upper_a = attempts / "a" / overlay.UPPER
+    assert (upper_a / "README.md").read_text() == "changed\n"
+    assert str(ws_a) not in Path("/proc/self/mountinfo").read_text()
+    assert os.listdir(ws_a) == []
+    # host git and the diff step (a sandbox of its own) mount the same layers
+    assert git("log", "-1", "--format=%s", cwd=ws_a).strip() == "agent"
+    diff = workspace_diff(ws_a, base).text
+    assert "-# widgets\n+changed" in diff and "deleted file mode" in diff

@@ -110,3 +110,72 @@ def test_pre_apply_patch(repo: Path, tmp_path: Path) -> None:
     assert "a + b" in (ws / "calc.py").read_text()
     with pytest.raises(WorkspaceError, match="does not apply"):
         apply_patch(ws, good)  # already applied: the context no longer matches
+
+
+def test_overlay_checkouts_are_made_once_per_commit_and_evicted_only_when_unused(
+    repo: Path, tmp_path: Path
+) -> None:
+    """Two workspaces at one commit share one checkout; a new commit makes another; eviction
+    keeps a checkout a sandbox holds (its lease) and removes an idle one; a checkout a crash
+    left half made is swept."""
+    from openwham.sandbox import bwrap, overlay
+    from openwham.sandbox.workspace import Checkouts
+
+    if (reason := overlay.unavailable()) is not None:
+        pytest.fail(f"overlay workspaces are not available here: {reason}")
+    mirrors = Mirrors(tmp_path / "mirrors")
+    mirror = mirrors.ensure("k", str(repo))
+    checkouts = Checkouts(tmp_path / "checkouts", keep=1, idle_seconds=0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        create_workspace(
+            mirror, tmp_path / name / "workspace", "main", str(repo), checkouts=checkouts
+        )
+    first = (tmp_path / "a" / overlay.LOWER).resolve()
+    assert first == (tmp_path / "b" / overlay.LOWER).resolve()
+    assert len(list(checkouts.root.glob("*/*/ready"))) == 1
+    # a sandbox on the first checkout holds it while a new commit makes a second
+    proc = bwrap.start(bwrap.SandboxSpec(workspace=tmp_path / "a" / "workspace"), ["sleep", "30"])
+    try:
+        (repo / "new.txt").write_text("new\n")
+        git("add", ".", cwd=repo)
+        git("commit", "-qm", "new", cwd=repo)
+        mirrors.ensure("k", str(repo))
+        (tmp_path / "c").mkdir()
+        create_workspace(
+            mirror, tmp_path / "c" / "workspace", "main", str(repo), checkouts=checkouts
+        )
+        assert first.is_dir()  # held: not evicted although beyond keep=1
+    finally:
+        proc.kill()
+    assert checkouts.evict() == [first.parent]
+    assert not first.exists()
+    # a checkout cut short by a crash (no ``ready``) is swept at start
+    half = checkouts.root / "k" / ("0" * 40 + ".x")
+    (half / "tree").mkdir(parents=True)
+    checkouts.sweep()
+    assert not half.exists()
+    assert len(list(checkouts.root.glob("*/*/ready"))) == 1
+
+
+def test_without_overlays_workspaces_are_full_checkouts(repo: Path, tmp_path: Path) -> None:
+    """A host that cannot mount overlays (not root, no overlayfs) gets today's workspace: a
+    clone with every file written, and says why."""
+    from openwham.sandbox import overlay
+    from openwham.sandbox.workspace import Checkouts
+
+    overlay.unavailable.cache_clear()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(os, "geteuid", lambda: 1000)
+            checkouts = Checkouts(tmp_path / "checkouts")
+        assert not checkouts.enabled
+        assert "root" in (checkouts.reason or "")
+    finally:
+        overlay.unavailable.cache_clear()
+    mirror = Mirrors(tmp_path / "mirrors").ensure("k", str(repo))
+    (tmp_path / "a").mkdir()
+    ws = tmp_path / "a" / "workspace"
+    create_workspace(mirror, ws, "main", str(repo), checkouts=checkouts)
+    assert (ws / "README.md").read_text() == "# widgets\n"
+    assert not (tmp_path / "a" / overlay.LOWER).exists()

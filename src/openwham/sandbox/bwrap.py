@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from openwham.sandbox import cgroups, disk, seccomp
+from openwham.sandbox import cgroups, disk, overlay, seccomp
 
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
@@ -574,6 +574,7 @@ class SandboxProcess:
         self._last_progress = self._t0  # output, or a thread not stopped (the watchdog)
         self._stalled = False
         self._meter: disk.Meter | None = None
+        self._lease: IO[bytes] | None = None  # the overlay's checkout, in use while it runs
         self._disk_lock = threading.Lock()
         self._disk_reason: str | None = None
         self._disk_next = 0.0  # no measure before (unless it may be over)
@@ -622,6 +623,16 @@ class SandboxProcess:
     def _spawn(self) -> subprocess.Popen[bytes]:
         lim = self.spec.limits
         args, fds = build_args(self.spec)
+        try:
+            layers = overlay.of(self.spec.workspace)
+            if layers is not None:
+                layers.options()
+                self._lease = overlay.hold(layers)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        target = self.spec.workspace.resolve()
         cghost = cgroups.host()
         procs_fds: list[int] = []
         try:
@@ -637,6 +648,8 @@ class SandboxProcess:
             limits = _rlimits(lim, cghost)
 
             def child_setup() -> None:  # between fork and exec: keep it minimal
+                if layers is not None:  # bwrap's namespaces are made from this one
+                    overlay.child_mount(layers, target)
                 cgroups.RunCgroup.join_in_child(procs_fds)
                 for res, soft, hard in limits:
                     resource.setrlimit(res, (soft, hard))
@@ -666,6 +679,8 @@ class SandboxProcess:
                 self._cgroup.remove()
             if self._meter is not None:
                 self._meter.close()
+            if self._lease is not None:
+                self._lease.close()
             self._started.set()
             return
         self._popen = popen
@@ -684,6 +699,8 @@ class SandboxProcess:
                 if self._meter is not None:
                     self._meter.close()
                     self._meter = None
+            if self._lease is not None:
+                self._lease.close()
             with self._lock:
                 self._done.set()
                 for event in self._exit_events:

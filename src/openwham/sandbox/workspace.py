@@ -16,22 +16,29 @@ disappears. The clone's own config is written by git, never copied from the repo
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 from openwham.config import Settings
 from openwham.gitpaths import LocalRepoPolicy
 from openwham.lifeline import die_with_parent
 from openwham.locks import file_lock as _locked  # per node: mirrors are the node's own
+from openwham.sandbox import overlay
 from openwham.sandbox.bwrap import SHARED_OBJECTS
 
 # The workspace's alternates entry, relative to its ``.git/objects``: the workspace's sibling.
 _ALTERNATE = f"../../../{SHARED_OBJECTS}"
 
 GIT_TIMEOUT = 600
+log = logging.getLogger(__name__)
 
 # Host-side git runs with no system/global config, no hooks and no prompts.
 _GIT_ENV = {
@@ -84,6 +91,16 @@ def git(
         **_GIT_ENV,
         **(env or {}),
     }
+    layers = overlay.of(cwd) if cwd is not None else None
+    preexec = die_with_parent()
+    if layers is not None and cwd is not None:  # merged only in a mount namespace of its own
+        merged, lifeline = cwd.absolute(), preexec
+
+        def preexec() -> None:
+            lifeline()
+            overlay.child_mount(layers, merged)
+
+        args, cwd = ("-C", str(merged), *args), None
     try:
         proc = subprocess.run(
             ["git", *_SAFE, *args],
@@ -94,7 +111,7 @@ def git(
             text=True,
             timeout=timeout,
             check=False,
-            preexec_fn=die_with_parent(),  # a killed server's fetch or push ends with it
+            preexec_fn=preexec,  # a killed server's fetch or push ends with it
         )
     except subprocess.TimeoutExpired as exc:
         raise WorkspaceError(
@@ -176,25 +193,128 @@ def branch_head(mirror: Path, branch: str) -> str | None:
         return None
 
 
-def create_workspace(mirror: Path, dest: Path, branch: str, origin_url: str) -> str:
-    """Clone ``branch`` of the mirror into ``dest``, borrowing the mirror's objects through
-    ``dest``'s sibling :data:`SHARED_OBJECTS` (the sandbox binds it read-only); returns the
-    base commit sha."""
-    if dest.exists():
-        raise WorkspaceError(f"workspace {dest} already exists")
-    if branch_head(mirror, branch) is None:
-        raise WorkspaceError(f"Branch {branch!r} does not exist in the repository")
+def _share_objects(mirror: Path, directory: Path) -> None:
+    """``directory/SHARED_OBJECTS`` -> the mirror's objects (the sandbox binds it read-only)."""
     objects = mirror.resolve() / "objects"
-    link = dest.parent / SHARED_OBJECTS
+    link = directory / SHARED_OBJECTS
     if not link.is_symlink():
         link.symlink_to(objects, target_is_directory=True)
     elif link.resolve() != objects:  # one workspace per directory: never re-point another's
         raise WorkspaceError(f"{link} already shares another repository's objects")
+
+
+def _checkout(mirror: Path, dest: Path, branch: str, origin_url: str, sha: str | None) -> str:
+    """A ``git clone --shared`` of the mirror at ``branch`` (reset to ``sha`` when given)
+    in ``dest``, its objects borrowed through the relative alternates entry."""
+    _share_objects(mirror, dest.parent)
     git("clone", "--quiet", "--shared", "--no-checkout", "--branch", branch, str(mirror), str(dest))
     (dest / ".git" / "objects" / "info" / "alternates").write_text(f"{_ALTERNATE}\n")
-    git("reset", "--quiet", "--hard", cwd=dest)  # the checkout, through the relative entry
+    # the checkout, through the relative entry
+    git("reset", "--quiet", "--hard", *([sha] if sha else []), cwd=dest)
     git("remote", "set-url", "origin", origin_url, cwd=dest)
     return git("rev-parse", "HEAD^{commit}", cwd=dest).strip()
+
+
+def create_workspace(
+    mirror: Path,
+    dest: Path,
+    branch: str,
+    origin_url: str,
+    *,
+    checkouts: Checkouts | None = None,
+) -> str:
+    """Make ``branch`` of the mirror the workspace ``dest``, borrowing the mirror's objects
+    through ``dest``'s sibling :data:`SHARED_OBJECTS` (the sandbox binds it read-only);
+    returns the base commit sha. With ``checkouts`` (and overlays available), ``dest`` is an
+    overlay over the shared checkout of that commit (``sandbox.overlay``); else a clone."""
+    if dest.exists():
+        raise WorkspaceError(f"workspace {dest} already exists")
+    sha = branch_head(mirror, branch)
+    if sha is None:
+        raise WorkspaceError(f"Branch {branch!r} does not exist in the repository")
+    if checkouts is None or not checkouts.enabled:
+        return _checkout(mirror, dest, branch, origin_url, None)
+    tree = checkouts.ensure(mirror, branch, sha, origin_url)
+    _share_objects(mirror, dest.parent)
+    overlay.make(tree, dest)
+    return sha
+
+
+class Checkouts:
+    """``root/<repository>/<commit>.<branch hash>/``: a checkout per (repository, branch,
+    commit), the read-only lower layer of every overlay workspace made at it.
+
+    Each holds ``tree`` (the checkout, its objects borrowed from the mirror as a workspace's
+    are), ``mirror-objects``, ``lease`` (sandboxes using it hold a shared ``flock``) and
+    ``ready`` (written last; its mtime is the last use). Made under a file lock, so
+    concurrent attempts at one commit make it once. :meth:`evict` removes the least recently
+    used beyond ``keep`` that no sandbox holds and none used for ``idle_seconds``;
+    :meth:`sweep` (at start) removes what a crash left half made or half removed.
+    """
+
+    def __init__(self, root: Path, *, keep: int = 16, idle_seconds: float = 600.0) -> None:
+        self.root = root
+        self.keep = keep
+        self.idle_seconds = idle_seconds
+        reason = overlay.unavailable()
+        self.enabled = reason is None
+        self.reason = reason
+
+    def path(self, mirror: Path, branch: str, sha: str) -> Path:
+        key = mirror.name.removesuffix(".git")
+        if not key or key.startswith(".") or len(sha) < 40 or not sha.isalnum():
+            raise ValueError(f"bad checkout key {key!r} {sha!r}")
+        return self.root / key / f"{sha}.{hashlib.sha256(branch.encode()).hexdigest()[:12]}"
+
+    def ensure(self, mirror: Path, branch: str, sha: str, origin_url: str) -> Path:
+        """The checkout's ``tree``, made now unless it was made before."""
+        d = self.path(mirror, branch, sha)
+        with _locked(d.parent / f".{d.name}.lock"):
+            ready = d / "ready"
+            if ready.exists():
+                os.utime(ready)
+            else:
+                shutil.rmtree(d, ignore_errors=True)  # a crash cut it short: nobody uses it
+                d.mkdir(parents=True, mode=0o700)
+                (d / overlay.LEASE).touch()
+                _checkout(mirror, d / "tree", branch, origin_url, sha)
+                ready.touch()
+        self.evict()
+        return d / "tree"
+
+    def evict(self) -> list[Path]:
+        """Remove the checkouts beyond ``keep`` (least recently used first) that no sandbox
+        holds and that were not used for ``idle_seconds``; returns what it removed."""
+        made = sorted(self.root.glob("*/*/ready"), key=lambda p: p.stat().st_mtime, reverse=True)
+        removed = []
+        now = time.time()
+        for ready in made[self.keep :]:
+            d = ready.parent
+            try:
+                if now - ready.stat().st_mtime < self.idle_seconds:
+                    continue
+                with _locked(d.parent / f".{d.name}.lock"), open(d / overlay.LEASE, "rb") as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a sandbox runs on it
+                    trash = self.root / f".trash-{uuid.uuid4().hex}"
+                    d.rename(trash)
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
+            removed.append(d)
+        return removed
+
+    def sweep(self) -> None:
+        """At start: remove what a crash left (``.trash-*``, checkouts never made ready)."""
+        for trash in self.root.glob(".trash-*"):
+            shutil.rmtree(trash, ignore_errors=True)
+        for d in self.root.glob("*/*"):
+            if d.is_dir() and not (d / "ready").exists():
+                with _locked(d.parent / f".{d.name}.lock"):
+                    if not (d / "ready").exists():
+                        shutil.rmtree(d, ignore_errors=True)
 
 
 def reset_to(dest: Path, sha: str) -> None:

@@ -1,0 +1,159 @@
+"""Copy-on-write workspaces: an overlay of a checkout prepared once per commit.
+
+Writing a 5,000-file checkout per attempt costs seconds on a busy disk (docs/benchmarks.md,
+"Cold workspace"). With an overlay, an attempt's workspace is a checkout made once per
+(repository, commit) and shared read-only (the *lower* layer, in ``DATA_DIR/checkouts``) and
+the attempt's own *upper* directory, which receives every file the attempt writes (the
+kernel copies a lower file up before changing it). Making one is three ``mkdir`` and a
+symlink.
+
+An attempt directory that uses one holds, beside the (empty, on the host) ``workspace``:
+
+- ``overlay-lower``: a symlink to the shared checkout (never bound into a sandbox);
+- ``overlay-upper``: what the attempt wrote (whiteouts for what it deleted);
+- ``overlay-work``: the kernel's scratch directory for the same file system.
+
+The overlay is mounted only in a private mount namespace of the process that needs the merged
+view: bubblewrap's launch (:func:`child_mount`, between fork and exec, so the sandbox's
+namespaces are made from it and the agent sees the overlay at ``/workspace``) and host git
+on the workspace (``sandbox.workspace.git``). Nothing is mounted in the host's namespace, so a
+crash leaks no mount: the namespace goes with its last process. The mount is made by the
+server (root), before bubblewrap drops every capability; the agent cannot unmount or remount
+it (no capabilities, and the seccomp filter refuses ``mount``/``umount2``), cannot reach the
+lower layer except through the overlay (every write to a lower file lands in the upper
+directory), and sees no other attempt's upper directory. The kernel refuses a second mount
+of an upper directory in use, so two sandboxes never share one.
+
+Needs root (``CAP_SYS_ADMIN`` in the host's user namespace) and overlayfs;
+:func:`unavailable` says why not, and workspaces are then full checkouts as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+LOWER = "overlay-lower"
+UPPER = "overlay-upper"
+WORK = "overlay-work"
+
+_CLONE_NEWNS = 0x00020000
+_MS_REC = 0x4000
+_MS_PRIVATE = 1 << 18
+_libc = ctypes.CDLL(None, use_errno=True)
+# Characters that would end or split an overlay mount option (paths are ours, not users').
+_BAD = frozenset(",:\\\n\0")
+
+
+class OverlayUnavailable(RuntimeError):
+    """This host cannot mount an overlay (not root, no overlayfs)."""
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """The layers of one workspace's overlay (host paths, resolved)."""
+
+    lower: Path
+    upper: Path
+    work: Path
+
+    def options(self) -> bytes:
+        for p in (self.lower, self.upper, self.work):
+            if _BAD & set(str(p)):
+                raise ValueError(f"overlay path {p} holds a character mount options cannot")
+        return f"lowerdir={self.lower},upperdir={self.upper},workdir={self.work}".encode()
+
+
+def of(workspace: Path) -> Overlay | None:
+    """The overlay ``workspace`` is made of (its siblings name it), or ``None`` for a plain
+    directory."""
+    parent = workspace.absolute().parent
+    lower = parent / LOWER
+    if not lower.is_symlink():
+        return None
+    target = lower.resolve()
+    if not (target / ".git").is_dir():
+        raise OverlayUnavailable(f"the checkout {target} of {workspace} is gone")
+    return Overlay(target, (parent / UPPER).resolve(), (parent / WORK).resolve())
+
+
+def make(lower: Path, workspace: Path) -> Overlay:
+    """Lay out ``workspace``'s overlay over ``lower`` in its parent (the attempt's
+    directory)."""
+    parent = workspace.absolute().parent
+    for name in (UPPER, WORK):
+        (parent / name).mkdir(mode=0o755)
+    workspace.mkdir(mode=0o755)
+    (parent / LOWER).symlink_to(lower.resolve(), target_is_directory=True)
+    overlay = of(workspace)
+    assert overlay is not None
+    overlay.options()  # refuse paths the mount would misread now, not at the first launch
+    return overlay
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def child_mount(overlay: Overlay, target: Path) -> None:
+    """Between fork and exec: a private mount namespace with ``overlay`` mounted on
+    ``target``. Mount events do not propagate back to the host (``MS_PRIVATE``), and the
+    namespace ends with the last process in it."""
+    _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(_libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+    _check(
+        _libc.mount(b"overlay", str(target).encode(), b"overlay", 0, overlay.options()),
+        "mount -t overlay",
+    )
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """``None`` when overlay workspaces work here, else why not (probed once: a mount in a
+    private namespace of a child process, over empty directories)."""
+    if os.geteuid() != 0:
+        return "the server does not run as root (overlay mounts need CAP_SYS_ADMIN)"
+    try:
+        with tempfile.TemporaryDirectory(prefix="openwham-overlay-probe-") as tmp:
+            root = Path(tmp)
+            (root / "lower" / ".git").mkdir(parents=True)
+            (root / "lower" / "f").write_text("lower\n")
+            overlay = make(root / "lower", root / "workspace")
+            proc = subprocess.run(
+                ["cat", str(root / "workspace" / "f")],
+                preexec_fn=lambda: child_mount(overlay, root / "workspace"),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            if proc.stdout != "lower\n":
+                return f"overlayfs mount failed: {proc.stderr.strip()[-300:]}"
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        return f"overlayfs mount failed: {exc}"
+    return None
+
+
+LEASE = "lease"
+
+
+def hold(overlay: Overlay) -> IO[bytes] | None:
+    """A shared ``flock`` on the lower checkout's lease file (``None`` when it has none),
+    held while a sandbox uses the overlay: the checkout cache evicts only checkouts it can
+    lock exclusively. Closing the file (or the process ending) releases it."""
+    path = overlay.lower.parent / LEASE
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - held until the sandbox ends
+    except FileNotFoundError:
+        return None
+    fcntl.flock(f, fcntl.LOCK_SH)
+    return f
