@@ -370,3 +370,45 @@ def test_task_show_and_the_web_page_show_the_pull_request(
         assert f'href="{pr["url"]}"' in page and "PR #1 open" in page
     finally:
         forge.stop()
+
+
+def test_web_forges_page_adds_lists_and_removes(server: Server) -> None:
+    client = server.api.client
+    csrf = sign_in(client, server.api.token or "")
+    page = client.get("/settings/forges")
+    assert page.status_code == 200 and "No forges connected" in page.text
+    # a Gitea without its API URL: 400 with the reason, the other values kept, no token echoed
+    bad = client.post(
+        "/settings/forges",
+        data={
+            "csrf": csrf,
+            "kind": "gitea",
+            "repo_url_prefix": "https://git.example/",
+            "token": TOKEN,
+        },
+    )
+    assert bad.status_code == 400 and "api_base_url is required" in bad.text
+    assert "https://git.example/" in bad.text and TOKEN not in bad.text
+    assert server.api.get("forge_connections").json()["items"] == []
+    # a forged CSRF token changes nothing
+    forged = client.post(
+        "/settings/forges", data={"csrf": "nope", "kind": "github", "token": TOKEN}
+    )
+    assert forged.status_code == 403
+    assert server.api.get("forge_connections").json()["items"] == []
+    made = client.post(
+        "/settings/forges",
+        data={"csrf": csrf, "kind": "github", "token": TOKEN, "bot_token": BOT},
+        follow_redirects=False,
+    )
+    assert made.status_code == 303, made.text
+    (conn,) = server.api.get("forge_connections").json()["items"]
+    assert conn["kind"] == "github" and conn["has_bot_token"]
+    listed = client.get("/settings/forges").text
+    assert conn["id"] in listed and "https://github.com/" in listed
+    assert TOKEN not in listed and BOT not in listed
+    gone = client.post(
+        f"/settings/forges/{conn['id']}/remove", data={"csrf": csrf}, follow_redirects=False
+    )
+    assert gone.status_code == 303
+    assert server.api.get("forge_connections").json()["items"] == []

@@ -16,6 +16,7 @@ from openwham.commands import Deps
 from openwham.config import Settings
 from openwham.service.keys import SecretBox
 from openwham.store.db import Database
+from openwham.web import forges as forge_pages
 from openwham.web import tokens as token_pages
 from openwham.web.routes import STATIC, WebUI
 
@@ -54,5 +55,6 @@ def mount(app: FastAPI, state: AppState) -> None:
     """Serve the UI at ``/`` (pages) and ``/static`` (CSS, JS); the API keeps its prefixes."""
     ui = WebUI(ServerBackend(state))
     token_pages.add_routes(ui)
+    forge_pages.add_routes(ui)
     app.include_router(ui.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
