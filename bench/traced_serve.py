@@ -65,6 +65,7 @@ def _wrap(owner: Any, attr: str, name: str, **kw: Any) -> None:
 
 def install() -> None:
     from openwham.engine import attempt, executor, recorder
+    from openwham.engine import workspace as engine_workspace
     from openwham.gateway import app as gateway_app
     from openwham.runtimes import codex
     from openwham.sandbox import bwrap, workspace
@@ -95,7 +96,8 @@ def install() -> None:
     _wrap(attempt.Engine, "_claim", "claim")
     _wrap(attempt.Engine, "_write_title", "title")
     _wrap(workspace.Mirrors, "ensure", "mirror_ensure")
-    _wrap(attempt, "create_workspace", "create_workspace")  # the name Engine._run calls
+    # the name Workspaces.prepare_cold calls
+    _wrap(engine_workspace, "create_workspace", "create_workspace")
     _wrap(workspace, "git", "git", describe=lambda *a, **k: {"cmd": a[0] if a else "?"})
     _wrap(codex, "codex_home_files", "codex_home_files")
     _wrap(gateway_app.Gateway, "register_attempt", "register_attempt")

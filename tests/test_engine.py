@@ -306,7 +306,7 @@ def test_the_diff_is_computed_anew_when_the_agent_went_on_after_its_last_respons
     api = engine_server.api
     env = api.create_env(calc_repo)
     created = api.create_task(env["id"], "Please fix the failing test.")
-    with caplog.at_level("WARNING", logger="openwham.engine.attempt"):
+    with caplog.at_level("WARNING", logger="openwham.engine.result"):
         details = wait_for_task(api, created["task"]["id"])
     turn = details["current_assistant_turn"]
     assert turn["turn_status"] == "completed", turn["error"]

@@ -146,7 +146,7 @@ def test_a_standby_is_not_used_when_it_does_not_fit_the_task(
     # (the standby's agent got the prompt while the mirror was fetched, here made slow
     # enough for the agent to ask the model: it is dropped, and nothing of it reaches the
     # model or the work log)
-    mirrors = engine_of(standby_server).mirrors
+    mirrors = engine_of(standby_server).workspaces.mirrors
     fetch = mirrors.ensure
 
     def slow_fetch(*args: Any, **kwargs: Any) -> Path:

@@ -1,24 +1,35 @@
-"""The agent's side of an attempt: :class:`AgentRun`, the state of its run (launch, output,
-the early diff, readiness), and its output held back by an :class:`OutputGate` while a
-standby's checkout is checked against the branch head."""
+"""The agent's side of an attempt: :class:`AgentStarter` starts it held in a sandbox (its
+home, token and command), :class:`AgentRun` is the state of its run (launch, output, the
+early diff, readiness), and an :class:`OutputGate` holds its output back while a standby's
+checkout is checked against the branch head."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from openwham.gateway import Gateway
+from openwham.config import Settings
+from openwham.gateway import Gateway, forwarder_path
 from openwham.runtimes import codex
-from openwham.runtimes.agent import Translator
-from openwham.sandbox.provider import Sandbox
+from openwham.runtimes.agent import AgentRuntime, Translator
+from openwham.sandbox.bwrap import SANDBOX_HOME, SandboxSpec
+from openwham.sandbox.disk import DiskBudget
+from openwham.sandbox.provider import Sandbox, SandboxProvider
+from openwham.store.artifacts import ArtifactError, ArtifactStore
 
-from .claim import Claim
-from .control import Control
+from . import diff as diffs
+from . import storage
+from .claim import Claim, Resume
+from .control import AttemptFailed, Control, attempt_limits, disk_budget
 from .recorder import TurnRecorder
-from .standby import Prepared
+from .standby import STANDBY_PREFIX, AgentKey, Prepared
+
+CLOSE_SECONDS = 10.0  # how long the agent may take to close down after its result is in
 
 OutputSink = Callable[[str, str], None]
 
@@ -121,3 +132,109 @@ class AgentRun:
         self.control.attach(prepared.proc)
         apply_updates(self.rec, self.translator.take_initial())
         return prepared.proc.send(self.claim.prompt.encode("utf-8", "replace"), sink)
+
+
+@dataclass
+class AgentStarter:
+    """Starts the agent (an :class:`AgentRuntime`) held in a sandbox from a
+    :class:`SandboxProvider`, for an attempt or a standby: everything a start needs."""
+
+    settings: Settings
+    gateway: Gateway
+    gateway_socket: Path
+    runtime: AgentRuntime
+    sandbox: SandboxProvider
+    attempts_root: Path
+    artifacts: ArtifactStore
+
+    def start(
+        self,
+        key: AgentKey,
+        directory: Path,
+        base: str,
+        *,
+        owner: str,
+        resume: Resume | None = None,
+        env_vars: dict[str, str] | None = None,
+        budget: DiskBudget | None = None,
+    ) -> Prepared:
+        """Start the agent in a held sandbox on ``directory/workspace``: it does its start-up
+        work and waits for the prompt on stdin (:meth:`Sandbox.send`). A follow-up's agent
+        resumes the previous attempt's conversation from a copy of its home."""
+        codex_home = directory / storage.CODEX_HOME
+        if resume is None:
+            codex_home.mkdir(mode=0o700)
+        else:
+            self.copy_home(resume.previous_turn_id, codex_home)
+        home = directory / "home"  # the setup phase's, if there was one
+        home.mkdir(mode=0o700, exist_ok=True)
+        rw_binds = {home: SANDBOX_HOME, codex_home: self.runtime.home_mount}
+        after = ""
+        if not key.qa_mode:  # the diff, computed in this sandbox after the agent exits
+            out = directory / "out"
+            out.mkdir(mode=0o700)
+            rw_binds[out] = diffs.OUT_DIR
+            after = diffs.script(base)
+        files = self.runtime.home_files(
+            model=key.model,
+            reasoning_effort=key.reasoning_effort,
+            custom_instructions=key.custom_instructions,
+            mcp_servers=json.loads(key.mcp_servers) if key.mcp_servers else None,
+        )
+        for name, text in files.items():
+            (codex_home / name).unlink(missing_ok=True)  # never through an agent's symlink
+            (codex_home / name).write_text(text)
+        if budget is None:  # a standby's (or an attempt's without setup): from its checkout
+            budget = disk_budget(self.settings, directory)
+        limits = attempt_limits(self.settings)
+        token = self.gateway.register_attempt(
+            owner, model=key.model, ttl_seconds=self._token_ttl(owner)
+        )
+        spec = SandboxSpec(
+            workspace=directory / "workspace",
+            workspace_readonly=key.qa_mode,
+            ro_binds=self.runtime.binds(
+                forwarder=forwarder_path(), gateway_socket=self.gateway_socket
+            ),
+            rw_binds=rw_binds,
+            env={**(env_vars or {}), **self.runtime.env(token)},
+            network=False,
+            limits=limits,
+            idle_helpers=self.runtime.idle_helpers,
+            disk=budget,
+        )
+        argv = self.runtime.command(
+            qa_mode=key.qa_mode,
+            resume_thread=resume.thread_id if resume is not None else None,
+            custom_instructions=key.custom_instructions,
+            after=after,
+        )
+        try:
+            proc = self.sandbox.start(spec, argv, hold=True, ready_marker=self.runtime.ready_marker)
+        except BaseException:
+            self.gateway.forget(owner)
+            raise
+        return Prepared(dir=directory, base=base, proc=proc, owner=owner)
+
+    def copy_home(self, previous_turn_id: str, dest: Path) -> None:
+        """Copy the previous attempt's agent home (its session files) once that attempt's
+        sandbox is gone: this node's files, else its stored session (engine/storage.py)."""
+        try:
+            storage.restore_codex_home(
+                self.attempts_root,
+                self.artifacts,
+                previous_turn_id,
+                dest,
+                wait=CLOSE_SECONDS + 5,
+            )
+        except ArtifactError as exc:
+            raise AttemptFailed("follow_up_error", str(exc)) from exc
+
+    def _token_ttl(self, owner: str) -> float | None:
+        if not owner.startswith(STANDBY_PREFIX):
+            return None
+        # a standby's token lives until the standby expires, then as long as an attempt
+        return (
+            float(self.settings.standby_max_age_seconds)
+            + attempt_limits(self.settings).wall_clock_seconds
+        )

@@ -1,11 +1,17 @@
-"""How an attempt is stopped and how it fails: ``Control`` (an executor's handle on a running
-attempt: ``cancel`` kills its sandbox at once), ``Stopped`` and ``AttemptFailed`` (the error
-code and message an attempt fails with)."""
+"""How an attempt is stopped, bounded and how it fails: ``Control`` (an executor's handle on
+a running attempt: ``cancel`` kills its sandbox at once), ``Stopped``, ``AttemptFailed`` (the
+error code and message an attempt fails with) and its limits (``attempt_limits``,
+``disk_budget``: what every sandbox of an attempt may use)."""
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
+from openwham.config import Settings
+from openwham.sandbox import disk
+from openwham.sandbox.bwrap import Limits
+from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.provider import Sandbox
 
 
@@ -23,6 +29,36 @@ DISK_SETTING = "WHAM_SANDBOX_DISK_MB"
 
 def over_disk(reason: str) -> AttemptFailed:
     return AttemptFailed(DISK_QUOTA_EXCEEDED, reason[:1].upper() + reason[1:])
+
+
+def attempt_limits(settings: Settings) -> Limits:
+    """An attempt's sandbox limits, from the ``WHAM_SANDBOX_*`` and timeout settings."""
+    s = settings
+    return Limits(
+        wall_clock_seconds=float(s.attempt_timeout_seconds),
+        max_processes=s.sandbox_max_processes,
+        memory_bytes=s.sandbox_memory_mb << 20,
+        max_file_bytes=s.sandbox_max_file_mb << 20,
+        cpus=s.sandbox_cpus,
+        stall_seconds=s.attempt_stall_seconds,
+    )
+
+
+def disk_budget(settings: Settings, directory: Path) -> DiskBudget | None:
+    """What an attempt's directory may hold: what it holds now (the checkout) plus
+    ``WHAM_SANDBOX_DISK_MB``, for every sandbox of the attempt (None: no budget)."""
+    mb = settings.sandbox_disk_mb
+    if mb <= 0:
+        return None
+    start = disk.usage([directory])
+    return DiskBudget(
+        paths=(directory,),
+        max_bytes=start + (mb << 20),
+        start_bytes=start,
+        what="the attempt",
+        limit_mb=mb,
+        setting=DISK_SETTING,
+    )
 
 
 class Control:

@@ -19,9 +19,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from openwham.sandbox import bwrap
 from openwham.sandbox.bwrap import SANDBOX_WORKSPACE, Limits, SandboxSpec
 from openwham.sandbox.disk import DiskBudget
+from openwham.sandbox.provider import BUBBLEWRAP, SandboxProvider
 
 MAX_DIFF_BYTES = 20 << 20
 OUT_DIR = "/openwham-out"
@@ -106,14 +106,15 @@ def workspace_diff(
     scratch: Path | None = None,
     seconds: float = DIFF_SECONDS,
     disk: DiskBudget | None = None,
+    sandbox: SandboxProvider = BUBBLEWRAP,
 ) -> Diff:
-    """The diff computed in a sandbox of its own, within ``seconds`` (the engine instead
-    runs :func:`script` in the agent's sandbox after Codex exits) and ``disk``, the
-    attempt's disk budget (:class:`DiskExceeded` beyond it)."""
+    """The diff computed in a sandbox of its own from ``sandbox``, within ``seconds`` (the
+    engine instead runs :func:`script` in the agent's sandbox after Codex exits) and
+    ``disk``, the attempt's disk budget (:class:`DiskExceeded` beyond it)."""
     out = Path(tempfile.mkdtemp(prefix="diff-", dir=scratch))
     limits = dataclasses.replace(_LIMITS, wall_clock_seconds=max(1.0, min(seconds, DIFF_SECONDS)))
     try:
-        result = bwrap.run(
+        result = sandbox.run(
             SandboxSpec(workspace=workspace, rw_binds={out: OUT_DIR}, limits=limits, disk=disk),
             ["/bin/bash", "-c", script(base)],
         )

@@ -26,7 +26,7 @@ from openwham.gateway import (
     default_socket_path,
 )
 from openwham.gateway.server import MAX_SOCKET_PATH
-from openwham.sandbox import bwrap
+from openwham.sandbox.provider import BUBBLEWRAP, SandboxProvider
 from openwham.store import jobs
 from openwham.store.db import Database
 from openwham.store.events import EventBus
@@ -56,6 +56,8 @@ class Runner:
     engine: Engine | None = None
     executor: Executor | None = None
     gateway_server: GatewayServer | None = field(default=None, repr=False)
+    #: the sandboxes the engine runs attempts in (bubblewrap; a fake in fast tests)
+    sandbox: SandboxProvider = field(default=BUBBLEWRAP, repr=False)
 
     @property
     def queued(self) -> bool:
@@ -74,14 +76,14 @@ class Runner:
         if self.queued and self.settings.executor_concurrency == 0:
             self.problem = None  # API only: `wham worker` nodes run the jobs
             return self
-        problem = bwrap.selftest()
+        problem = self.sandbox.selftest()
         if problem is not None:
             self.problem = f"This server cannot run tasks: {problem}"
             log.error("%s", self.problem)
             return self
-        for gap in bwrap.host_gaps():
+        for gap in self.sandbox.host_gaps():
             log.warning("sandbox limit not enforced on this host: %s", gap)
-        log.info("disk budget: %s", bwrap.disk_enforcement(self.settings.sandbox_disk_mb))
+        log.info("disk budget: %s", self.sandbox.disk_enforcement(self.settings.sandbox_disk_mb))
         gateway_problem = check_config(self.settings)
         gateway: Gateway | None = None
         socket_path: Path | None = None
@@ -102,6 +104,7 @@ class Runner:
             gateway=gateway,
             gateway_socket=socket_path,
             gateway_problem=gateway_problem,
+            sandbox=self.sandbox,
         )
         executor: InProcessExecutor | QueueExecutor
         if self.queued:

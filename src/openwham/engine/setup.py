@@ -20,10 +20,10 @@ from typing import Any
 
 from openwham.gateway import forwarder_path
 from openwham.runtimes import codex
-from openwham.sandbox import bwrap
-from openwham.sandbox.bwrap import SANDBOX_HOME, Limits, SandboxProcess, SandboxSpec
+from openwham.sandbox.bwrap import SANDBOX_HOME, Limits, SandboxResult, SandboxSpec
 from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.egress import EgressPolicy, EgressProxy
+from openwham.sandbox.provider import Sandbox, SandboxProvider
 from openwham.wire.common import naive_iso
 
 from .recorder import TurnRecorder
@@ -119,11 +119,12 @@ def run(
     egress: EgressProxy,
     limits: Limits,
     rec: TurnRecorder,
-    attach: Callable[[SandboxProcess | None], None],
+    attach: Callable[[Sandbox | None], None],
+    sandbox: SandboxProvider,
     disk: DiskBudget | None = None,
-) -> bwrap.SandboxResult:
-    """Run ``script`` to its end, recording its log and network requests on ``rec``;
-    ``disk`` is the attempt's disk budget."""
+) -> SandboxResult:
+    """Run ``script`` to its end in a sandbox from ``sandbox``, recording its log and network
+    requests on ``rec``; ``disk`` is the attempt's disk budget."""
     key = log_key()
     rec.set(logs={"logs": [{"key": key, "value": f"file_{uuid.uuid4().hex}"}]})
     lines = _Lines()
@@ -137,12 +138,12 @@ def run(
             idle_helpers=(SANDBOX_FORWARDER,),
             disk=disk,
         )
-        proc = bwrap.start(spec, argv(script), on_output=lines.add)
+        proc = sandbox.start(spec, argv(script), on_output=lines.add)
         attach(proc)
         try:
             while True:
                 try:
-                    result: bwrap.SandboxResult | None = proc.wait(timeout=FLUSH_SECONDS)
+                    result: SandboxResult | None = proc.wait(timeout=FLUSH_SECONDS)
                 except TimeoutError:
                     result = None
                 if batch := lines.take():

@@ -25,6 +25,9 @@ from openwham.sandbox.provider import Sandbox
 
 log = logging.getLogger(__name__)
 
+#: a standby's directory name under the attempts root: ``.standby-<pid>-<random>``
+STANDBY_PREFIX = ".standby-"
+
 
 @dataclass(frozen=True)
 class AgentKey:

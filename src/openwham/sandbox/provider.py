@@ -1,9 +1,11 @@
 """``SandboxProvider``: what the engine needs of a sandbox, and bubblewrap's implementation.
 
-The engine starts held sandboxes (an agent waiting for its prompt), runs short commands in
-one (a standby's index refresh) and checks the host can make one at all. It does so through
-this protocol, so engine logic (claim, cancel, failure codes, results) can be tested with a
-provider that runs a scripted process in milliseconds (tests/support/fake_sandbox.py).
+The engine starts held sandboxes (an agent waiting for its prompt) and sandboxes that run to
+their end (an environment's setup script), runs short commands in one (a diff computed anew,
+a standby's index refresh) and checks the host can make one at all (``wham serve``'s runner).
+It does so through this protocol, so engine logic (claim, setup, cancel, failure codes,
+results and diffs) can be tested with a provider that runs a scripted process in milliseconds
+(tests/support/fake_sandbox.py).
 """
 
 from __future__ import annotations
@@ -70,6 +72,14 @@ class SandboxProvider(Protocol):
         """``None`` if sandboxes work on this host, else why not."""
         ...
 
+    def host_gaps(self) -> list[str]:
+        """Limits this host cannot enforce (for the log)."""
+        ...
+
+    def disk_enforcement(self, limit_mb: int) -> str:
+        """How an attempt's disk budget of ``limit_mb`` is enforced here (for the log)."""
+        ...
+
 
 class Bubblewrap:
     """The production provider: bubblewrap with cgroups, seccomp and rlimits (bwrap.py)."""
@@ -100,6 +110,12 @@ class Bubblewrap:
 
     def selftest(self) -> str | None:
         return bwrap.selftest()
+
+    def host_gaps(self) -> list[str]:
+        return bwrap.host_gaps()
+
+    def disk_enforcement(self, limit_mb: int) -> str:
+        return bwrap.disk_enforcement(limit_mb)
 
 
 BUBBLEWRAP: SandboxProvider = Bubblewrap()

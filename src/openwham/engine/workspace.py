@@ -1,0 +1,256 @@
+"""Where an attempt's workspace and started agent come from: a standby's, or made now.
+
+:class:`Workspaces` holds what that takes (mirrors, the attempts' root, the standby pool, the
+egress proxy for setup scripts, the :class:`AgentStarter`). A standby is taken only for a
+plain attempt (no starting diff, not a follow-up, no setup script, variables or secrets):
+its agent gets the prompt at once, while the mirror is fetched, with its output held back
+and its model requests waiting in the gateway until the fetch shows the standby's checkout
+is still the branch head; otherwise it is dropped and the attempt starts cold (clone at the
+branch, the follow-up's tree or the starting diff, the setup script, then the agent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openwham.config import Settings
+from openwham.gateway import Gateway
+from openwham.sandbox import bwrap
+from openwham.sandbox.bwrap import Limits, SandboxSpec
+from openwham.sandbox.disk import DiskBudget
+from openwham.sandbox.egress import EgressProxy
+from openwham.sandbox.provider import SandboxProvider
+from openwham.sandbox.workspace import (
+    Mirrors,
+    WorkspaceError,
+    apply_patch,
+    branch_head,
+    create_workspace,
+    reset_to,
+)
+
+from . import setup as setup_phase
+from . import storage
+from .agent import AgentRun, AgentStarter, OutputGate
+from .claim import Claim, Resume
+from .control import AttemptFailed, Control, attempt_limits, disk_budget, over_disk
+from .recorder import TurnRecorder
+from .standby import STANDBY_PREFIX, AgentKey, Prepared, StandbyPool
+
+STANDBY_READY_SECONDS = 30.0
+
+
+@dataclass
+class Workspaces:
+    """Prepares attempts' workspaces and agents, and keeps the standbys (``standby``).
+    ``agents`` is ``None`` without a model gateway: then nothing is prepared."""
+
+    settings: Settings
+    sandbox: SandboxProvider
+    gateway: Gateway | None
+    mirrors: Mirrors
+    attempts_root: Path
+    egress: EgressProxy
+    agents: AgentStarter | None
+    standby: StandbyPool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.standby = StandbyPool(
+            size=self.settings.standby_sandboxes if self.agents is not None else 0,
+            max_age=float(self.settings.standby_max_age_seconds),
+            make=self.make_standby,
+            drop=self.drop_standby,
+            settle=lambda prepared: settle_index(self.sandbox, prepared.dir / "workspace"),
+        )
+
+    def close(self) -> None:
+        """Drop the standby sandboxes (the server is stopping)."""
+        self.standby.close()
+
+    def prepare(
+        self, claim: Claim, rec: TurnRecorder, control: Control, agent: AgentRun, attempt_dir: Path
+    ) -> Prepared:
+        """The attempt's workspace in ``attempt_dir`` and its agent, launched with the prompt
+        (``agent.launch``): a standby's when one fits, else made now."""
+        assert self.gateway is not None
+        storage.remove_tree(attempt_dir)
+        gate = OutputGate(agent.on_output)
+        prepared = self.take_standby(claim, attempt_dir)
+        if prepared is not None and not agent.launch(prepared, True, gate):  # died meanwhile
+            self._abandon(prepared, control)
+            prepared = None
+            control.check()  # or was killed by a cancel
+        try:
+            mirror = self.mirrors.ensure(claim.repo_key, claim.repo_url)
+            fits = prepared is not None and branch_head(mirror, claim.branch) == prepared.base
+        except WorkspaceError as exc:
+            if prepared is not None:
+                self._abandon(prepared, control)
+            raise AttemptFailed("workspace_error", str(exc)) from exc
+        if prepared is not None and not fits:
+            self._abandon(prepared, control)
+            prepared = None
+        if prepared is not None:
+            self.gateway.release(claim.turn_id)
+            gate.open()
+            return prepared
+        control.check()
+        prepared = self.prepare_cold(claim, rec, mirror, attempt_dir, control)
+        agent.launch(prepared, False, agent.on_output)
+        return prepared
+
+    def _abandon(self, standby: Prepared, control: Control) -> None:
+        """Nothing of a standby's run that did not fit is kept."""
+        control.attach(None)
+        self.drop_standby(standby)
+
+    def prepare_cold(
+        self, claim: Claim, rec: TurnRecorder, mirror: Path, attempt_dir: Path, control: Control
+    ) -> Prepared:
+        """Clone the workspace at the branch (a follow-up: the previous attempt's tree on the
+        task's base; else the starting diff), run the setup script, start the agent."""
+        assert self.agents is not None
+        attempt_dir.mkdir(parents=True, mode=0o700)
+        workspace = attempt_dir / "workspace"
+        resume = claim.resume if isinstance(claim.resume, Resume) else None
+        try:
+            base = create_workspace(mirror, workspace, claim.branch, claim.repo_url)
+            if resume is not None:  # the previous attempt's tree, on the task's base
+                reset_to(workspace, resume.base)
+                base = resume.base
+                if resume.tree:
+                    apply_patch(workspace, resume.tree, what="The previous attempt's change")
+        except WorkspaceError as exc:
+            raise AttemptFailed("workspace_error", str(exc)) from exc
+        if claim.patch and resume is None:
+            try:
+                apply_patch(workspace, claim.patch)
+            except WorkspaceError as exc:
+                raise AttemptFailed("failed_to_apply_patch_error", str(exc)) from exc
+        control.check()
+        (attempt_dir / "home").mkdir(mode=0o700)
+        budget = disk_budget(self.settings, attempt_dir)  # from here on, what it writes
+        if claim.setup_script.strip():
+            self._setup(claim, rec, attempt_dir, control, budget)
+        return self.agents.start(
+            claim.key,
+            attempt_dir,
+            base,
+            owner=claim.turn_id,
+            resume=resume,
+            env_vars=claim.env_vars,
+            budget=budget,
+        )
+
+    def _setup(
+        self,
+        claim: Claim,
+        rec: TurnRecorder,
+        attempt_dir: Path,
+        control: Control,
+        budget: DiskBudget | None,
+    ) -> None:
+        """The environment's setup script (engine/setup.py); a failure fails the attempt
+        with its exit code, and its log stays on the turn."""
+        limits = dataclasses.replace(
+            attempt_limits(self.settings),
+            wall_clock_seconds=float(self.settings.setup_timeout_seconds),
+        )
+        result = setup_phase.run(
+            claim.setup_script,
+            workspace=attempt_dir / "workspace",
+            home=attempt_dir / "home",
+            env={**claim.env_vars, **claim.secrets},
+            egress=self.egress,
+            limits=limits,
+            rec=rec,
+            attach=control.attach,
+            sandbox=self.sandbox,
+            disk=budget,
+        )
+        control.check()
+        if result.disk_reason is not None:
+            raise over_disk(result.disk_reason)
+        if result.exit_code == setup_phase.LAUNCHER_FAILED and not result.killed_reason:
+            raise AttemptFailed(
+                "setup_failed", "The setup script could not start (see the setup log)"
+            )
+        if result.stalled:  # the watchdog: stopped or defunct, it would never have ended
+            raise AttemptFailed(
+                "sandbox_stalled", f"The setup script's sandbox {result.killed_reason}"
+            )
+        if not result.ok:
+            why = result.killed_reason or f"exited with code {result.exit_code}"
+            raise AttemptFailed("setup_failed", f"The setup script {why} (see the setup log)")
+
+    def take_standby(self, claim: Claim, attempt_dir: Path) -> Prepared | None:
+        """A standby for this attempt, moved to ``attempt_dir`` with its token handed over
+        and held (the caller checks the branch head, then releases it). Not used with a
+        starting diff: the agent reads the repository's config and AGENTS.md at start-up,
+        before the patch could be applied."""
+        if claim.patch or claim.resume is not None or not claim.plain or self.gateway is None:
+            return None
+        prepared = self.standby.take(claim.key)
+        if prepared is None:
+            return None
+        if not self.gateway.reassign(prepared.owner, claim.turn_id, hold=True):
+            self.drop_standby(prepared)
+            return None
+        os.rename(prepared.dir, attempt_dir)
+        return dataclasses.replace(prepared, dir=attempt_dir, owner=claim.turn_id)
+
+    def make_standby(self, key: AgentKey) -> Prepared:
+        """A standby for ``key`` (the pool calls this in a background thread)."""
+        assert self.agents is not None
+        directory = self.attempts_root / f"{STANDBY_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        directory.mkdir(mode=0o700)
+        try:
+            mirror = self.mirrors.ensure(key.repo_key, key.repo_url, fetch=False)
+            base = create_workspace(mirror, directory / "workspace", key.branch, key.repo_url)
+            prepared = self.agents.start(key, directory, base, owner=directory.name)
+        except BaseException:
+            storage.remove_tree(directory)
+            raise
+        # taking it renames the directory: only once bwrap has resolved the binds
+        if not prepared.proc.wait_ready(STANDBY_READY_SECONDS):
+            result = prepared.proc.kill("standby sandbox did not start")
+            self.drop_standby(prepared)
+            raise RuntimeError(f"the standby sandbox did not start: {result.stderr[-500:]}")
+        return prepared
+
+    def drop_standby(self, prepared: Prepared) -> None:
+        prepared.proc.kill("standby sandbox dropped")
+        if self.gateway is not None:
+            self.gateway.forget(prepared.owner)
+        storage.remove_tree(prepared.dir)
+
+
+_SETTLE_LIMITS = Limits(wall_clock_seconds=60, max_processes=64, memory_bytes=1 << 30)
+
+
+def settle_index(sandbox: SandboxProvider, workspace: Path) -> None:
+    """Rewrite a standby's index as the agent's git will see it. A fresh clone's index holds
+    the host's view of each file (owner, and entries "smudged" as racily clean because the
+    files and the index were written within one second), so the first ``git status`` or
+    ``add`` inside the sandbox re-reads every file and rewrites the index (60 ms for 5,000
+    files, paid by the agent's first git command or the diff). The pool calls this a second
+    after the clone while the standby is unused, in a sandbox of its own (same uid mapping
+    as the agent's), on files that are still the clone's own."""
+    with contextlib.suppress(OSError, bwrap.SandboxUnavailable):
+        sandbox.run(
+            SandboxSpec(workspace=workspace, limits=_SETTLE_LIMITS),
+            ["git", "-c", "core.hooksPath=/dev/null", "update-index", "-q", "--refresh"],
+        )
+
+
+def remove_orphaned_standbys(root: Path) -> None:
+    """Standby directories of a server process that is gone (its sandboxes died with it)."""
+    for path in root.glob(f"{STANDBY_PREFIX}*"):
+        pid = path.name.removeprefix(STANDBY_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or not Path(f"/proc/{pid}").exists() or int(pid) == os.getpid():
+            storage.remove_tree(path)
