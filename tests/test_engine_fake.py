@@ -1,10 +1,14 @@
 """The engine's own logic through a scripted ``SandboxProvider`` (tests/support/fake_sandbox):
-claim, the agent's command and input, results, failure codes and cancel, in milliseconds and
-without bubblewrap or Codex. The real sandbox and Codex are covered by tests/test_engine*.py."""
+claim, the setup phase, the agent's command and input, results and their diffs, failure codes
+and cancel, in milliseconds and without bubblewrap or Codex. The real sandbox and Codex are
+covered by tests/test_engine*.py and tests/test_environment_setup.py."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +19,8 @@ from sqlalchemy import select
 
 from conftest import Server, make_repo
 from openwham.config import Settings
+from openwham.engine import diff as diffs
+from openwham.engine import setup as setup_phase
 from openwham.engine.attempt import Control, Engine
 from openwham.gateway import Gateway
 from openwham.runtimes import codex
@@ -53,6 +59,8 @@ def engine(server: Server, tmp_path: Path, sandboxes: ScriptedSandboxes) -> Iter
         standby_sandboxes=0,
         title_timeout_seconds=0.1,
     )
+    # a worker node joins with the serving node's keys (the environment's secrets)
+    shutil.copytree(server.app_state.settings.keys_dir, settings.keys_dir)
     gateway = Gateway.from_settings(settings)
     engine = Engine(
         settings,
@@ -66,8 +74,10 @@ def engine(server: Server, tmp_path: Path, sandboxes: ScriptedSandboxes) -> Iter
     engine.close()
 
 
-def _attempt(server: Server, tmp_path: Path, **new_task: Any) -> tuple[str, str]:
-    env = server.api.create_env(make_repo(tmp_path / "repo"))
+def _attempt(
+    server: Server, tmp_path: Path, env: dict[str, Any] | None = None, **new_task: Any
+) -> tuple[str, str]:
+    env = env or server.api.create_env(make_repo(tmp_path / "repo"))
     task_id = server.api.create_task(env["id"], "What is it?", new_task=new_task)["task"]["id"]
     with server.app_state.db.sessions() as s:
         turn_id = s.scalar(
@@ -150,3 +160,134 @@ def test_an_attempt_without_a_model_upstream_fails_before_any_sandbox(
     assert engine.run_turn(turn_id, Control()) == TurnStatus.FAILED
     assert _turn(server, task_id)["error"]["code"] == "model_config_error"
     assert sandboxes.started == []
+
+
+DIFF = """\
+diff --git a/calc.py b/calc.py
+--- a/calc.py
++++ b/calc.py
+@@ -1,2 +1,2 @@
+ def add(a, b):
+-    return a - b
++    return a + b
+"""
+
+
+def _launcher_wrote(diff: str, status: str = "0", error: str = "") -> Script:
+    """An agent that answers, and whose launcher wrote ``diff`` (the ``after`` script's
+    files in the out directory) and then its marker, as ``codex.launcher`` does."""
+    out = diffs.OUT_DIR
+    return Script(
+        stdout=ANSWER,
+        stderr=[codex.WRITTEN_MARKER],
+        files={f"{out}/diff": diff, f"{out}/status": f"{status}\n", f"{out}/error": error},
+    )
+
+
+def _head(repo: Path) -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_a_code_attempt_ends_with_the_diff_its_launcher_wrote(
+    server: Server, engine: Engine, sandboxes: ScriptedSandboxes, tmp_path: Path
+) -> None:
+    sandboxes.script = _launcher_wrote(DIFF)
+    task_id, turn_id = _attempt(server, tmp_path)
+    assert engine.run_turn(turn_id, Control()) == TurnStatus.COMPLETED
+    (agent,) = sandboxes.started
+    assert not agent.spec.workspace_readonly
+    assert diffs.OUT_DIR in agent.spec.rw_binds.values()  # the launcher's diff goes there
+    assert signal.SIGUSR1 in agent.signals  # the diff started on turn.completed
+    assert sandboxes.ran == []  # no diff sandbox of its own
+    turn = _turn(server, task_id)
+    message, pr = turn["output_items"]
+    assert message["content"][0]["text"] == "It is 42"
+    assert pr["type"] == "pr" and pr["pr_message"] == "It is 42"
+    out = pr["output_diff"]
+    assert out["diff"] == DIFF
+    assert (out["files_modified"], out["lines_added"], out["lines_removed"]) == (1, 1, 1)
+    assert out["base_commit_sha"] == turn["base_commit_sha"] == _head(tmp_path / "repo")
+
+
+def test_a_diff_the_launcher_could_not_make_fails_the_attempt_with_diff_error(
+    server: Server, engine: Engine, sandboxes: ScriptedSandboxes, tmp_path: Path
+) -> None:
+    sandboxes.script = _launcher_wrote("", status="128", error="fatal: bad object")
+    task_id, turn_id = _attempt(server, tmp_path)
+    assert engine.run_turn(turn_id, Control()) == TurnStatus.FAILED
+    error = _turn(server, task_id)["error"]
+    assert error["code"] == "diff_error"
+    assert error["message"] == "Computing the diff failed: fatal: bad object"
+
+
+def test_an_agent_that_went_on_after_its_diff_gets_it_computed_anew_in_a_sandbox(
+    server: Server,
+    engine: Engine,
+    sandboxes: ScriptedSandboxes,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert engine.gateway is not None
+    monkeypatch.setattr(engine.gateway, "continued_after_final", lambda attempt: True)
+    sandboxes.script = _launcher_wrote("stale launcher diff")
+    fresh = DIFF.replace("a + b", "b + a")
+    sandboxes.helper = Script(
+        files={f"{diffs.OUT_DIR}/diff": fresh, f"{diffs.OUT_DIR}/status": "0\n"}
+    )
+    task_id, turn_id = _attempt(server, tmp_path)
+    assert engine.run_turn(turn_id, Control()) == TurnStatus.COMPLETED
+    (differ,) = sandboxes.ran  # through the engine's SandboxProvider, not bubblewrap
+    assert differ.argv[:2] == ["/bin/bash", "-c"] and "git" in differ.argv[2]
+    assert differ.spec.workspace == engine.attempts_root / turn_id / "workspace"
+    assert not differ.spec.network and diffs.OUT_DIR in differ.spec.rw_binds.values()
+    (_, pr) = _turn(server, task_id)["output_items"]
+    assert pr["output_diff"]["diff"] == fresh
+
+
+SECRET = "s3cr3t-setup-token-5150"
+
+
+def test_a_setup_script_runs_first_with_the_secrets_and_its_log_is_kept_redacted(
+    server: Server, engine: Engine, sandboxes: ScriptedSandboxes, tmp_path: Path
+) -> None:
+    env = server.api.create_env(
+        make_repo(tmp_path / "repo"),
+        setup=["echo installing", "make deps"],
+        env_vars={"MY_VAR": "plain-value"},
+        secrets={"API_TOKEN": SECRET},
+    )
+    sandboxes.setup = Script(stdout=["installing", f"token is {SECRET}"])
+    sandboxes.script = _launcher_wrote("")
+    task_id, turn_id = _attempt(server, tmp_path, env)
+    assert engine.run_turn(turn_id, Control()) == TurnStatus.COMPLETED
+    setup, agent = sandboxes.started
+    assert "echo installing\nmake deps" in setup.argv
+    assert setup.spec.env["API_TOKEN"] == SECRET and setup.spec.env["MY_VAR"] == "plain-value"
+    assert setup.spec.env["https_proxy"] == f"http://{setup_phase.PROXY_LISTEN}"
+    assert setup_phase.SANDBOX_EGRESS_SOCKET in setup.spec.ro_binds.values()
+    # the agent: the variables, neither the secrets nor the way out
+    assert agent.spec.env["MY_VAR"] == "plain-value" and "API_TOKEN" not in agent.spec.env
+    assert setup_phase.SANDBOX_EGRESS_SOCKET not in agent.spec.ro_binds.values()
+    assert setup.spec.rw_binds.keys() & agent.spec.rw_binds.keys()  # the same home
+    r = server.api.get(f"tasks/{task_id}/turns/{turn_id}/logs")
+    assert r.status_code == 200, r.text
+    lines = [entry["line"] for entry in r.json()["logs"]]
+    assert lines == ["installing", "token is [redacted]"]
+    turn = _turn(server, task_id)
+    assert [item["type"] for item in turn["output_items"]] == ["message"]  # an empty diff
+
+
+def test_a_failing_setup_script_fails_the_attempt_before_the_agent_starts(
+    server: Server, engine: Engine, sandboxes: ScriptedSandboxes, tmp_path: Path
+) -> None:
+    env = server.api.create_env(make_repo(tmp_path / "repo"), setup=["exit 3"])
+    sandboxes.setup = Script(stdout=["about to fail"], exit_code=3)
+    task_id, turn_id = _attempt(server, tmp_path, env)
+    assert engine.run_turn(turn_id, Control()) == TurnStatus.FAILED
+    (setup,) = sandboxes.started  # no agent
+    assert "exit 3" in setup.argv
+    error = _turn(server, task_id)["error"]
+    assert error["code"] == "setup_failed"
+    assert error["message"] == "The setup script exited with code 3 (see the setup log)"

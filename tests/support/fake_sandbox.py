@@ -1,19 +1,23 @@
 """A ``SandboxProvider`` for fast engine tests: no bubblewrap, no Codex, a scripted process.
 
 ``ScriptedSandboxes`` answers every ``start`` with a :class:`ScriptedSandbox` that, once sent
-its input, prints the script's stdout lines and ends with its exit code (or, ``hang``, runs
-until killed), so the engine's own logic — claim, cancel, failure codes, results — runs in
-milliseconds. It records what the engine asked for (specs, argv, stdin) for the test.
+its input, writes the script's files into the sandbox's binds, prints its stdout and stderr
+lines and ends with its exit code (or, ``hang``, runs until killed), so the engine's own
+logic — claim, setup, cancel, failure codes, results and diffs — runs in milliseconds. Held
+starts (the agent) play ``script``, others (the setup script) ``setup``, ``run`` (a diff
+computed anew, a standby's index refresh) plays ``helper``. It records what the engine asked
+for (specs, argv, stdin) for the test.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
-from openwham.sandbox.bwrap import SandboxResult, SandboxSpec
+from openwham.sandbox.bwrap import SANDBOX_WORKSPACE, SandboxResult, SandboxSpec
 from openwham.sandbox.provider import Sandbox
 
 OutputSink = Callable[[str, str], None]
@@ -21,12 +25,27 @@ OutputSink = Callable[[str, str], None]
 
 @dataclass(frozen=True)
 class Script:
-    """What a scripted agent does: print ``stdout`` (and ``stderr``), then exit."""
+    """What a scripted process does: write ``files`` (sandbox path → text: the host file
+    behind the workspace or a writable bind), print ``stdout`` then ``stderr``, then exit."""
 
     stdout: Sequence[str] = ()
     stderr: Sequence[str] = ()
     exit_code: int = 0
     hang: bool = False  # keep running until killed (a cancel, a limit)
+    files: Mapping[str, str] = field(default_factory=dict)
+
+
+def host_path(spec: SandboxSpec, inside: str) -> Path:
+    """The host path behind ``inside`` in a sandbox made from ``spec`` (workspace or a
+    writable bind); a path the sandbox could not write is a test error."""
+    path = PurePosixPath(inside)
+    mounts = {dest: host for host, dest in spec.rw_binds.items()}
+    if not spec.workspace_readonly:
+        mounts[SANDBOX_WORKSPACE] = spec.workspace
+    for dest, host in mounts.items():
+        if path.is_relative_to(dest):
+            return Path(host) / path.relative_to(dest)
+    raise AssertionError(f"{inside} is not writable in this sandbox")
 
 
 class ScriptedSandbox:
@@ -54,6 +73,8 @@ class ScriptedSandbox:
         return True
 
     def _play(self, sink: OutputSink | None) -> None:
+        for inside, text in self.script.files.items():
+            host_path(self.spec, inside).write_text(text)
         for line in self.script.stdout:
             if sink is not None and not self._done.is_set():
                 sink("stdout", line)
@@ -110,12 +131,14 @@ class ScriptedSandbox:
 
 @dataclass
 class ScriptedSandboxes:
-    """The provider: each ``start`` plays ``script``; ``run`` (short helper commands such as
-    a standby's index refresh) succeeds at once."""
+    """The provider: a held ``start`` (the agent) plays ``script``, any other ``start`` (the
+    setup script) ``setup``, ``run`` (short helper commands) ``helper``."""
 
     script: Script = field(default_factory=Script)
+    setup: Script = field(default_factory=Script)
+    helper: Script = field(default_factory=Script)
     started: list[ScriptedSandbox] = field(default_factory=list)
-    ran: list[list[str]] = field(default_factory=list)
+    ran: list[ScriptedSandbox] = field(default_factory=list)
     first_start: threading.Event = field(default_factory=threading.Event)
 
     def start(
@@ -128,7 +151,7 @@ class ScriptedSandboxes:
         hold: bool = False,
         ready_marker: str | None = None,
     ) -> Sandbox:
-        proc = ScriptedSandbox(spec, argv, self.script)
+        proc = ScriptedSandbox(spec, argv, self.script if hold else self.setup)
         self.started.append(proc)
         self.first_start.set()
         if not hold:
@@ -143,8 +166,16 @@ class ScriptedSandboxes:
         stdin: bytes | None = None,
         on_output: OutputSink | None = None,
     ) -> SandboxResult:
-        self.ran.append(list(argv))
-        return self.start(spec, argv, stdin=stdin, on_output=on_output).wait()
+        proc = ScriptedSandbox(spec, argv, self.helper)
+        self.ran.append(proc)
+        proc.send(stdin or b"", on_output)
+        return proc.wait()
 
     def selftest(self) -> str | None:
         return None
+
+    def host_gaps(self) -> list[str]:
+        return []
+
+    def disk_enforcement(self, limit_mb: int) -> str:
+        return "not enforced (a scripted sandbox)"
