@@ -348,7 +348,7 @@ def tidy(root: Path, db: Database, turn_id: str, artifacts: ArtifactStore | None
         status = _statuses(db, [turn_id]).get(turn_id)
     except Exception:  # the database is away: the next start-up sweep finishes the job
         log.warning("could not look up attempt %s; removing its workspace only", turn_id)
-        for name in ("workspace", "home", "out"):
+        for name in ("workspace", "overlay-upper", "overlay-work", "home", "out"):
             remove_tree(root / turn_id / name)
         return
     _tidy_one(root, turn_id, status, active=True)

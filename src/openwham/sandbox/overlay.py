@@ -21,8 +21,9 @@ crash leaks no mount: the namespace goes with its last process. The mount is mad
 server (root), before bubblewrap drops every capability; the agent cannot unmount or remount
 it (no capabilities, and the seccomp filter refuses ``mount``/``umount2``), cannot reach the
 lower layer except through the overlay (every write to a lower file lands in the upper
-directory), and sees no other attempt's upper directory. The kernel refuses a second mount
-of an upper directory in use, so two sandboxes never share one.
+directory), and sees no other attempt's upper directory. An upper directory belongs to one
+attempt: only that attempt's sandboxes and host git mount it (the kernel allows a second mount
+of an upper directory in use, with a warning, so nothing else may name it).
 
 Needs root (``CAP_SYS_ADMIN`` in the host's user namespace) and overlayfs;
 :func:`unavailable` says why not, and workspaces are then full checkouts as before.

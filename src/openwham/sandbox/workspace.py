@@ -31,7 +31,7 @@ from openwham.config import Settings
 from openwham.gitpaths import LocalRepoPolicy
 from openwham.lifeline import die_with_parent
 from openwham.locks import file_lock as _locked  # per node: mirrors are the node's own
-from openwham.sandbox import overlay
+from openwham.sandbox import bwrap, overlay
 from openwham.sandbox.bwrap import SHARED_OBJECTS
 
 # The workspace's alternates entry, relative to its ``.git/objects``: the workspace's sibling.
@@ -240,6 +240,20 @@ def create_workspace(
     return sha
 
 
+def _settle_index(tree: Path) -> None:
+    """Rewrite the checkout's index as the sandbox sees its files (owner uid 1000 there, 0
+    here) once the clock has passed the checkout's second: otherwise every workspace's first
+    ``git status`` re-reads all files (owner changed, "racily clean" entries) and writes the
+    index into the attempt's upper directory. Nothing but git runs; no agent is involved."""
+    time.sleep(1.02 - time.time() % 1)
+    spec = bwrap.SandboxSpec(
+        workspace=tree, limits=bwrap.Limits(wall_clock_seconds=GIT_TIMEOUT), network=False
+    )
+    result = bwrap.run(spec, ["git", "-c", "core.fsmonitor=", "status", "--porcelain"])
+    if not result.ok or result.stdout.strip():
+        raise WorkspaceError(f"the shared checkout {tree} is not clean: {result.stderr[-500:]}")
+
+
 class Checkouts:
     """``root/<repository>/<commit>.<branch hash>/``: a checkout per (repository, branch,
     commit), the read-only lower layer of every overlay workspace made at it.
@@ -278,6 +292,7 @@ class Checkouts:
                 d.mkdir(parents=True, mode=0o700)
                 (d / overlay.LEASE).touch()
                 _checkout(mirror, d / "tree", branch, origin_url, sha)
+                _settle_index(d / "tree")
                 ready.touch()
         self.evict()
         return d / "tree"
