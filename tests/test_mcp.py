@@ -6,7 +6,10 @@ used by another's."""
 
 from __future__ import annotations
 
+import html
 import importlib.metadata as md
+import json
+import re
 import shutil
 import tomllib
 from collections.abc import Iterator
@@ -18,6 +21,7 @@ from packaging.requirements import Requirement
 
 from conftest import Api, Server, engine_settings, git, make_repo, make_server, wait_for_task
 from openwham.runtimes.codex import codex_home_files
+from support.browser import sign_in
 from support.scripted_model import CallTool, Say, ScriptedModel, SearchTools
 from test_standby import run_info, wait_standby
 
@@ -304,3 +308,37 @@ def test_a_standby_with_one_environments_servers_is_not_used_by_another(
     assert _run(standby_server, without["id"], "third")["standby"] is False
     assert scripted_model.requests
     assert all("mcp__notes/shout" not in _tool_names(r) for r in scripted_model.requests)
+
+
+# --------------------------------------------------------------------------- the web UI
+
+
+def test_the_environment_page_edits_the_servers_as_json(server: Server, repo: Path) -> None:
+    client = server.api.client
+    csrf = sign_in(client, server.api.token or "")
+    form = {"csrf": csrf, "label": "tools", "repos": str(repo)}
+    bad = client.post("/environments", data=form | {"mcp_servers": "{not json"})
+    assert bad.status_code == 400 and "MCP servers: not valid JSON" in bad.text
+    bad = client.post(
+        "/environments", data=form | {"mcp_servers": '{"bad name": {"command": "x"}}'}
+    )
+    assert bad.status_code == 400 and "Invalid MCP server name" in bad.text
+    assert server.api.get("environments").json() == []
+    servers = {"notes": {"command": "python3", "args": ["/workspace/tools/notes_server.py"]}}
+    made = client.post(
+        "/environments", data=form | {"mcp_servers": json.dumps(servers)}, follow_redirects=False
+    )
+    assert made.status_code == 303, made.text
+    (env,) = server.api.get("environments").json()
+    assert env["mcp_servers"]["notes"]["args"] == servers["notes"]["args"]
+    page = client.get(f"/environments/{env['id']}").text
+    shown = re.search(r'<textarea id="mcp_servers"[^>]*>(.*?)</textarea>', page, re.S)
+    assert shown is not None and json.loads(html.unescape(shown.group(1))) == servers
+    # emptied: the servers are removed
+    r = client.post(
+        f"/environments/{env['id']}",
+        data=form | {"mcp_servers": ""},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303, r.text
+    assert "mcp_servers" not in server.api.get(f"environments/{env['id']}").json()

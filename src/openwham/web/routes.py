@@ -11,6 +11,7 @@ Mistakes in a form come back as the form with the message and a 4xx status.
 # No `from __future__ import annotations` here: FastAPI must see the dependency aliases
 # (local to WebUI._routes) as real objects, not as strings it cannot resolve.
 
+import json
 import re
 import secrets
 import time
@@ -951,6 +952,7 @@ def _env_values(env: dict[str, Any] | None) -> dict[str, Any]:
             "network_domains": "",
             "network_safe": False,
             "cache_enabled": False,
+            "mcp_servers": "",
         }
     repo_map = env.get("repo_map") or {}
     repos = [repo_map.get(k) or {} for k in env.get("repos") or []]
@@ -970,6 +972,7 @@ def _env_values(env: dict[str, Any] | None) -> dict[str, Any]:
         "network_domains": net.get("allowlist_domains") or "",
         "network_safe": bool(net.get("safe_methods_only")),
         "cache_enabled": bool((env.get("cache_settings") or {}).get("post_setup_cache_enabled")),
+        "mcp_servers": _mcp_text(env.get("mcp_servers")),
     }
 
 
@@ -990,7 +993,34 @@ def _env_form_values(form: Form) -> dict[str, Any]:
         "network_domains": form.get("network_domains"),
         "network_safe": form.checked("network_safe"),
         "cache_enabled": form.checked("cache_enabled"),
+        "mcp_servers": form.get("mcp_servers"),
     }
+
+
+def _mcp_text(servers: Any) -> str:
+    """An environment's MCP servers as the form shows them: JSON without unset fields."""
+    if not isinstance(servers, dict) or not servers:
+        return ""
+    unset: tuple[Any, ...] = (None, [], {}, False)
+    shown = {
+        name: {k: v for k, v in spec.items() if v not in unset}
+        for name, spec in servers.items()
+        if isinstance(spec, dict)
+    }
+    return json.dumps(shown, indent=2)
+
+
+def _mcp_servers(text: str) -> Any:
+    """The form's MCP servers: a JSON object (name → server), empty for none."""
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise BadRequest(f"MCP servers: not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise BadRequest('MCP servers: a JSON object, e.g. {"docs": {"command": "..."}}')
+    return value
 
 
 def _env_payload(
@@ -1029,6 +1059,7 @@ def _env_payload(
             post_setup_cache_enabled=bool(values["cache_enabled"])
         ).model_dump(exclude={"cache_invalidation_key"}),
     }
+    payload["mcp_servers"] = _mcp_servers(str(values.get("mcp_servers") or ""))
     if current is None:
         payload["secrets"] = new_secrets
     else:
