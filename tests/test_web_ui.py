@@ -1019,8 +1019,12 @@ def test_browser_opens_the_url_wham_task_new_prints_through_sign_in(
         p.get_by_label("API token").fill(token)
         p.get_by_role("button", name="Sign in").click()
         p.wait_for_url(re.compile(rf"/tasks/{task_id}$"))
-        p.locator("#task-title").wait_for()  # (the page reloads itself when the attempt ends)
+        p.locator("#task-title").wait_for()
         assert "Open me from the CLI" in p.locator("#prompt").inner_text()
+        # the page reloads itself when the attempt ends: navigating while that reload is
+        # under way aborts one of the two (net::ERR_ABORTED, seen in CI), so wait for the
+        # page of the ended attempt (no data-attempts: nothing left to reload for)
+        p.locator("article.task:not([data-attempts])").wait_for(timeout=60_000)
         p.goto(f"{url}/diff")  # codex cloud's sub-page of a task
         p.wait_for_url(re.compile(rf"/tasks/{task_id}$"))
     finally:
