@@ -31,6 +31,7 @@ from conftest import (
 )
 from openwham.engine.titles import clean_model_title, derived_title
 from openwham.runtimes.codex import ASK_MODE_INSTRUCTIONS
+from openwham.sandbox import overlay
 from openwham.service.text import MAX_TITLE_CHARS
 from openwham.store import models as m
 from support.procs import host_pids
@@ -383,6 +384,12 @@ def test_follow_ups_continue_the_conversation_and_the_tree(
     assert fourth["output_items"][1]["output_diff"]["diff"] == diff
     details = api.get(f"tasks/{task_id}").json()
     assert details["task"]["denormalized_metadata"]["num_follow_ups"] == 3
+    # the workspaces were overlays over a checkout of the task's base commit (the branch
+    # moved meanwhile: standbys at its head have one of their own), each made once
+    assert overlay.unavailable() is None, overlay.unavailable()
+    checkouts = engine_server.app_state.settings.resolved_data_dir / "checkouts"
+    made = sorted(p.parent.name.split(".")[0] for p in checkouts.glob("*/*/ready"))
+    assert base in made and len(made) == len(set(made)) <= 2, made
 
 
 def test_ask_mode_answers_without_a_diff(

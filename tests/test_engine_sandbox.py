@@ -45,6 +45,7 @@ from conftest import (
 )
 from openwham.runtimes.codex import FORWARDER_PORT
 from openwham.runtimes.codex_cli import native_binary
+from openwham.sandbox import overlay
 from support.procs import host_pids, wait_gone
 from support.scripted_model import Say, ScriptedModel, Shell
 
@@ -284,6 +285,13 @@ class Listener:
 
 
 # --------------------------------------------------------------------------- 1. data directory
+
+
+def written(workspace: Path) -> Path:
+    """Where the host finds what the agent wrote to ``workspace``: its overlay's upper
+    directory (the merged view exists only in the sandbox's mount namespace), else itself."""
+    upper = workspace.parent / overlay.UPPER
+    return upper if (workspace.parent / overlay.LOWER).is_symlink() else workspace
 
 
 def test_database_keys_and_data_dir_are_unreadable(
@@ -636,7 +644,7 @@ def test_other_repositories_mirrors_and_attempts_are_invisible(
         turn_a = task_a["task"]["current_turn_id"]
         ws_a = data / "attempts" / turn_a / "workspace"
         deadline = time.monotonic() + 30
-        while not (ws_a / "secret-a.txt").exists():
+        while not (written(ws_a) / "secret-a.txt").exists():
             assert time.monotonic() < deadline, "attempt A never wrote its secret"
             time.sleep(0.05)
         mirrors = sorted(p for p in (data / "mirrors").iterdir() if p.is_dir())
@@ -670,7 +678,7 @@ probe processes_of_a bash -c 'for p in /proc/[0-9]*; do
         # B ran while A was still holding its secret.
         r = server.api.get(f"tasks/{task_a['task']['id']}")
         assert turn_of(r.json())["turn_status"] == "in_progress"
-        assert (ws_a / "secret-a.txt").read_text().strip() == secret
+        assert (written(ws_a) / "secret-a.txt").read_text().strip() == secret
         assert len([p for p in (data / "mirrors").iterdir() if p.is_dir()]) == 2
         assert server.api.post(f"tasks/{task_a['task']['id']}/cancel").status_code == 200
         details_a = wait_for_task(server.api, task_a["task"]["id"], timeout=30)
@@ -865,7 +873,7 @@ def test_huge_file_is_cut_at_the_file_size_limit(
         def sample() -> None:
             for name in ("big", "sparse"):
                 with contextlib.suppress(OSError):
-                    largest[0] = max(largest[0], (ws / name).stat().st_size)
+                    largest[0] = max(largest[0], (written(ws) / name).stat().st_size)
 
         details = watch_task(server, task["task"]["id"], sample)
         # Only the writing command dies (SIGXFSZ: 128 + 25); Codex goes on and completes.

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from conftest import LiveServer, git, make_repo, parse_sse, serve_env, start_live_server, stop
+from openwham.sandbox import overlay
 from support.procs import host_pids, wait_gone
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
 
@@ -215,11 +216,15 @@ def test_a_crash_leaves_no_attempt_files_behind_and_follow_ups_still_resume(
             while not host_pids(marker):
                 assert time.monotonic() < deadline, "the slow command never started"
                 time.sleep(0.05)
-            assert (attempts / lost_turn / "workspace" / "slow").is_file()
+            # an overlay workspace: the merged view only in the sandbox's mount namespace
+            assert overlay.unavailable() is None, overlay.unavailable()
+            assert (attempts / lost_turn / overlay.LOWER / "slow").is_file()
+            assert list((attempts / lost_turn / "workspace").iterdir()) == []
     finally:
         stop(first, signal.SIGKILL)
     assert wait_gone(marker, 5) == []
-    assert (attempts / lost_turn / "workspace").is_dir()  # what the crash left
+    assert (attempts / lost_turn / overlay.UPPER).is_dir()  # what the crash left: no mount
+    assert str(attempts) not in Path("/proc/self/mountinfo").read_text()
 
     second = start_live_server(data, env)
     try:

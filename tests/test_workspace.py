@@ -179,3 +179,33 @@ def test_without_overlays_workspaces_are_full_checkouts(repo: Path, tmp_path: Pa
     create_workspace(mirror, ws, "main", str(repo), checkouts=checkouts)
     assert (ws / "README.md").read_text() == "# widgets\n"
     assert not (tmp_path / "a" / overlay.LOWER).exists()
+
+
+def test_the_engine_logs_why_workspaces_are_clones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Overlay workspaces off, not possible on this host, or a sandbox provider that does not
+    launch bubblewrap (which mounts them): the engine makes a clone per attempt and its
+    start-up log says why; otherwise it uses the shared checkouts."""
+    from openwham.config import Settings
+    from openwham.engine.attempt import _checkouts
+    from openwham.sandbox import overlay
+    from openwham.sandbox.provider import BUBBLEWRAP
+    from support.fake_sandbox import ScriptedSandboxes
+
+    root = tmp_path / "checkouts"
+    with caplog.at_level("INFO", logger="openwham.engine.attempt"):
+        assert (
+            _checkouts(Settings(data_dir=tmp_path, workspace_overlay=False), BUBBLEWRAP, root)
+            is None
+        )
+        assert "WHAM_WORKSPACE_OVERLAY=false" in caplog.text
+        assert _checkouts(Settings(data_dir=tmp_path), ScriptedSandboxes(), root) is None
+        assert "not bubblewrap" in caplog.text
+        monkeypatch.setattr(overlay, "unavailable", lambda: "no overlayfs in this kernel")
+        assert _checkouts(Settings(data_dir=tmp_path), BUBBLEWRAP, root) is None
+        assert "overlay workspaces are unavailable: no overlayfs in this kernel" in caplog.text
+        monkeypatch.setattr(overlay, "unavailable", lambda: None)
+        checkouts = _checkouts(Settings(data_dir=tmp_path, checkout_cache=3), BUBBLEWRAP, root)
+        assert checkouts is not None and checkouts.enabled and checkouts.keep == 3
+        assert "overlays over shared checkouts" in caplog.text

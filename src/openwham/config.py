@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     # for the repository/branch/settings of recent attempts; 0 turns them off.
     standby_sandboxes: int = 4
     standby_max_age_seconds: int = 1800
+    # Workspaces as overlays over a checkout made once per (repository, branch, commit) in
+    # DATA_DIR/checkouts (needs root and overlayfs; else, or off, a clone per attempt), and
+    # how many such checkouts are kept (least recently used beyond it, when idle, go).
+    workspace_overlay: bool = True
+    checkout_cache: int = 16
 
     # Limits of one attempt's sandbox.
     attempt_timeout_seconds: int = 3600

@@ -34,7 +34,7 @@ from openwham.sandbox import bwrap
 from openwham.sandbox.bwrap import Limits
 from openwham.sandbox.egress import AddressGuard, EgressProxy
 from openwham.sandbox.provider import BUBBLEWRAP, Sandbox, SandboxProvider
-from openwham.sandbox.workspace import Mirrors, local_repo_policy
+from openwham.sandbox.workspace import Checkouts, Mirrors, local_repo_policy
 from openwham.service.artifacts import check_store, open_store
 from openwham.store import events, turnstate
 from openwham.store import models as m
@@ -127,6 +127,7 @@ class Engine:
             self.attempts_root,
             egress,
             agents,
+            _checkouts(self.settings, self.sandbox, data / "checkouts"),
         )
         self.standby = self.workspaces.standby  # the queue executor offers its ready ones
 
@@ -331,6 +332,29 @@ class Engine:
                 return str(now or "deleted")
         self.bus.publish(turn_id)
         return "pending"
+
+
+def _checkouts(settings: Settings, sandbox: SandboxProvider, root: Path) -> Checkouts | None:
+    """The shared checkouts of overlay workspaces, or ``None`` (a clone per attempt) when
+    they are off, the sandbox is not bubblewrap (only its launch mounts the overlay) or the
+    host cannot mount overlays; logged either way."""
+    if not settings.workspace_overlay:
+        log.info("workspaces: a clone per attempt (WHAM_WORKSPACE_OVERLAY=false)")
+        return None
+    if sandbox is not BUBBLEWRAP:
+        log.info("workspaces: a clone per attempt (the sandbox provider is not bubblewrap)")
+        return None
+    checkouts = Checkouts(root, keep=settings.checkout_cache)
+    if not checkouts.enabled:
+        log.warning(
+            "workspaces: a clone per attempt (every file written per attempt, seconds for a "
+            "large repository): overlay workspaces are unavailable: %s",
+            checkouts.reason,
+        )
+        return None
+    checkouts.sweep()
+    log.info("workspaces: overlays over shared checkouts in %s", root)
+    return checkouts
 
 
 def _socket_dir(path: Path) -> Path:

@@ -26,12 +26,12 @@ from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.egress import EgressProxy
 from openwham.sandbox.provider import SandboxProvider
 from openwham.sandbox.workspace import (
+    Checkouts,
     Mirrors,
     WorkspaceError,
     apply_patch,
     branch_head,
     create_workspace,
-    reset_to,
 )
 
 from . import setup as setup_phase
@@ -57,6 +57,8 @@ class Workspaces:
     attempts_root: Path
     egress: EgressProxy
     agents: AgentStarter | None
+    #: overlay workspaces over shared checkouts (``None``: a clone per attempt)
+    checkouts: Checkouts | None = None
     standby: StandbyPool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -119,12 +121,16 @@ class Workspaces:
         workspace = attempt_dir / "workspace"
         resume = claim.resume if isinstance(claim.resume, Resume) else None
         try:
-            base = create_workspace(mirror, workspace, claim.branch, claim.repo_url)
-            if resume is not None:  # the previous attempt's tree, on the task's base
-                reset_to(workspace, resume.base)
-                base = resume.base
-                if resume.tree:
-                    apply_patch(workspace, resume.tree, what="The previous attempt's change")
+            base = create_workspace(
+                mirror,
+                workspace,
+                claim.branch,
+                claim.repo_url,
+                checkouts=self.checkouts,
+                at=resume.base if resume is not None else None,  # the task's base
+            )
+            if resume is not None and resume.tree:  # the previous attempt's tree on its base
+                apply_patch(workspace, resume.tree, what="The previous attempt's change")
         except WorkspaceError as exc:
             raise AttemptFailed("workspace_error", str(exc)) from exc
         if claim.patch and resume is None:
@@ -211,7 +217,9 @@ class Workspaces:
         directory.mkdir(mode=0o700)
         try:
             mirror = self.mirrors.ensure(key.repo_key, key.repo_url, fetch=False)
-            base = create_workspace(mirror, directory / "workspace", key.branch, key.repo_url)
+            base = create_workspace(
+                mirror, directory / "workspace", key.branch, key.repo_url, checkouts=self.checkouts
+            )
             prepared = self.agents.start(key, directory, base, owner=directory.name)
         except BaseException:
             storage.remove_tree(directory)

@@ -222,18 +222,28 @@ def create_workspace(
     origin_url: str,
     *,
     checkouts: Checkouts | None = None,
+    at: str | None = None,
 ) -> str:
     """Make ``branch`` of the mirror the workspace ``dest``, borrowing the mirror's objects
     through ``dest``'s sibling :data:`SHARED_OBJECTS` (the sandbox binds it read-only);
-    returns the base commit sha. With ``checkouts`` (and overlays available), ``dest`` is an
-    overlay over the shared checkout of that commit (``sandbox.overlay``); else a clone."""
+    returns the base commit sha. ``at``: the branch is set to that commit instead of its head
+    (a follow-up starts from the task's original base, wherever the branch is now). With
+    ``checkouts`` (and overlays available), ``dest`` is an overlay over the shared checkout of
+    that commit (``sandbox.overlay``); else a clone."""
     if dest.exists():
         raise WorkspaceError(f"workspace {dest} already exists")
     sha = branch_head(mirror, branch)
     if sha is None:
         raise WorkspaceError(f"Branch {branch!r} does not exist in the repository")
+    if at is not None:
+        try:
+            sha = git("rev-parse", "--verify", "--quiet", f"{at}^{{commit}}", cwd=mirror).strip()
+        except WorkspaceError as exc:
+            raise WorkspaceError(
+                f"The task's base commit {at[:12]} is no longer in the repository"
+            ) from exc
     if checkouts is None or not checkouts.enabled:
-        return _checkout(mirror, dest, branch, origin_url, None)
+        return _checkout(mirror, dest, branch, origin_url, sha if at is not None else None)
     tree = checkouts.ensure(mirror, branch, sha, origin_url)
     _share_objects(mirror, dest.parent)
     overlay.make(tree, dest)
