@@ -125,6 +125,7 @@ ENGINE_PARTS = (
     "result.py",
     "standby.py",
     "titling.py",
+    "turns.py",
     "workspace.py",
 )
 

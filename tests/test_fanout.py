@@ -349,7 +349,7 @@ def test_a_stream_joining_after_the_attempt_started_over_gets_no_deleted_frames(
     any_server: Server, repo: Path
 ) -> None:
     """Recovery requeues a running attempt (``turnstate.requeue`` deletes its events in the
-    same transaction, as ``engine.attempt.requeue`` does): a tail opened before must not
+    same transaction, as ``engine.turns.requeue`` does): a tail opened before must not
     hand the deleted frames to a stream that joins later."""
     from openwham.store import models as m
     from openwham.store import turnstate

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from openwham.engine import storage
-from openwham.engine.attempt import requeue
+from openwham.engine.turns import requeue
 from openwham.service import lifecycle
 from openwham.service import tasks as service
 from openwham.service.accounts import Principal

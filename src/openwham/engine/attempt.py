@@ -17,40 +17,35 @@ import os
 import socket
 import tempfile
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from openwham.config import Settings
 from openwham.gateway import Gateway
 from openwham.gateway.server import MAX_SOCKET_PATH
 from openwham.runtimes.agent import AgentRuntime
 from openwham.runtimes.codex import CODEX
-from openwham.sandbox import bwrap
-from openwham.sandbox.bwrap import Limits
+from openwham.sandbox.bwrap import Limits, SandboxResult
 from openwham.sandbox.egress import AddressGuard, EgressProxy
 from openwham.sandbox.provider import BUBBLEWRAP, Sandbox, SandboxProvider
 from openwham.sandbox.workspace import Checkouts, Mirrors, local_repo_policy
 from openwham.service.artifacts import check_store, open_store
-from openwham.store import events, turnstate
 from openwham.store import models as m
 from openwham.store.artifacts import ArtifactStore
 from openwham.store.db import Database
 from openwham.store.events import EventBus
 from openwham.store.status import TurnStatus
 
-from . import storage
+from . import storage, turns
 from .agent import CLOSE_SECONDS, AgentRun, AgentStarter
 from .claim import Claim, Claims
 from .control import AttemptFailed as AttemptFailed  # re-exported: executors import them here
 from .control import Control as Control
 from .control import Stopped, attempt_limits
-from .recorder import TurnRecorder, latest_event
-from .result import COMPLETED as COMPLETED
+from .recorder import TurnRecorder
 from .result import Results, redactor
 from .standby import AgentKey
 from .titling import Titles
@@ -58,7 +53,6 @@ from .workspace import Workspaces, remove_orphaned_standbys
 
 log = logging.getLogger(__name__)
 
-WAITING = "Waiting"
 FAILED = "Failed"
 CANCELLED = "Cancelled"
 STATUS_POLL_SECONDS = 1.0
@@ -269,7 +263,7 @@ class Engine:
         control: Control,
         wake: threading.Event,
         ready: threading.Event,
-    ) -> bwrap.SandboxResult | None:
+    ) -> SandboxResult | None:
         """Wait for the sandbox to end, or for the attempt's result to be ``ready`` (then
         ``None``), while watching for a cancel made by another process (this process's
         cancels arrive through ``control``). ``wake`` is set on either."""
@@ -299,39 +293,11 @@ class Engine:
 
     def mark_waiting(self, turn_ids: list[str]) -> None:
         """Show "Waiting" on attempts queued behind busy workers."""
-        for turn_id in turn_ids:
-            with self.db.session() as s:
-                turn = s.get(m.Turn, turn_id)
-                if turn is None or turn.turn_status != TurnStatus.PENDING:
-                    continue
-                if (turn.body.get("latest_event") or {}).get("text") == WAITING:
-                    continue
-                body = {**turn.body, "latest_event": latest_event(WAITING)}
-                if turnstate.wait(s, turn_id, body=body):
-                    events.append(
-                        s,
-                        turn.task_id,
-                        turn_id,
-                        events.TASK_TURN_EVENT,
-                        events.status_payload(WAITING, TurnStatus.PENDING),
-                    )
-            self.bus.publish(turn_id)
+        turns.mark_waiting(self.db, self.bus, turn_ids)
 
     def release(self, turn_id: str, rec: TurnRecorder | None, note: str) -> str:
         """Put an attempt back to ``pending`` without counting a try (graceful shutdown)."""
-        if rec is not None:
-            rec.flush()
-            rec.gone = True
-        with self.db.session() as s:
-            turn = s.get(m.Turn, turn_id)
-            if turn is None or turn.turn_status != TurnStatus.IN_PROGRESS:
-                return str(turn.turn_status) if turn else "deleted"
-            tries = int((turn.body.get("run") or {}).get("tries") or 1)
-            if not requeue(s, turn, note, tries=max(0, tries - 1)):  # moved meanwhile
-                now = s.scalar(select(m.Turn.turn_status).where(m.Turn.id == turn_id))
-                return str(now or "deleted")
-        self.bus.publish(turn_id)
-        return "pending"
+        return turns.release(self.db, self.bus, turn_id, rec, note)
 
 
 def _checkouts(settings: Settings, sandbox: SandboxProvider, root: Path) -> Checkouts | None:
@@ -369,53 +335,3 @@ def _keep_alive(rec: TurnRecorder, done: threading.Event) -> None:
     repository is being cloned), so no other server takes the attempt for orphaned."""
     while not done.wait(HEARTBEAT_POLL_SECONDS):
         rec.heartbeat()
-
-
-def requeue(
-    s: Session,
-    turn: m.Turn,
-    note: str,
-    *,
-    tries: int | None = None,
-    recover: bool = False,
-    seen: float | None = None,
-) -> bool:
-    """Put an attempt back to ``pending`` to start again from scratch: its results, status
-    lines (a terminal one would end a new stream at once), work log and setup log go, a
-    ``log`` event says why. ``tries`` replaces the count of runs. A running attempt
-    (``turnstate.requeue``), or with ``recover`` a failed or cancelled one
-    (``turnstate.recover``); whether it applied (someone else may have moved it first).
-    ``seen``: only if its ``updated_at`` is still that (see ``turnstate.requeue``)."""
-    body = dict(turn.body)
-    if tries is not None:
-        body["run"] = {**(body.get("run") or {}), "tries": tries}
-    body.update(
-        output_items=[],
-        worklog={"messages": []},
-        error=None,
-        latest_event=latest_event(WAITING),
-        base_commit_sha=None,
-        logs=None,
-        proxy_events=None,
-    )
-    if recover:
-        moved = turnstate.recover(s, turn.id, body=body)
-    else:
-        moved = turnstate.requeue(s, turn.id, body=body, seen=seen)
-    if not moved:
-        return False
-    # its setup log goes with it; the server's notes (log events without a key) stay
-    notes = [e.payload for e in events.read(s, turn.id, item_types=[events.LOG], limit=10_000)]
-    events.clear(s, turn.id, [events.WORK_LOG_MESSAGE, events.LOG, events.TASK_TURN_EVENT])
-    for payload in notes:
-        if "key" not in payload:
-            events.append(s, turn.task_id, turn.id, events.LOG, payload)
-    events.append(s, turn.task_id, turn.id, events.LOG, {"text": note, "created": time.time()})
-    events.append(
-        s,
-        turn.task_id,
-        turn.id,
-        events.TASK_TURN_EVENT,
-        events.status_payload(WAITING, TurnStatus.PENDING),
-    )
-    return True

@@ -29,8 +29,9 @@ from openwham.store import models as m
 from openwham.store.status import TurnStatus
 
 from . import storage
-from .attempt import FAILED, Control, Engine, requeue
+from .attempt import FAILED, Control, Engine
 from .recorder import latest_event
+from .turns import requeue
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 ``recover`` (``POST tasks/{id}/recover``): the failed and cancelled attempts of the task's
 latest user turn run again from scratch, under their own ids (the engine puts them back to
-``pending``; ``engine.attempt.requeue``). They count against the rate limits like new
+``pending``; ``engine.turns.requeue``). They count against the rate limits like new
 attempts. Nothing to recover, or an attempt still running on that turn: 409.
 
 ``fork`` (``POST tasks/{id}/fork``, body ``{"turn_id": …}``, default the current attempt): a
