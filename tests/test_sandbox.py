@@ -1013,3 +1013,28 @@ def test_overlay_workspace_agent_cannot_change_the_checkout_mirror_or_another_at
     assert git("log", "-1", "--format=%s", cwd=ws_a).strip() == "agent"
     diff = workspace_diff(ws_a, base).text
     assert "-# widgets\n+changed" in diff and "deleted file mode" in diff
+
+
+def test_an_overlay_workspace_is_mounted_by_one_sandbox_at_a_time(tmp_path: Path) -> None:
+    """The kernel lets a second mount share an upper directory (with a warning), and the two
+    views then disagree (a directory one copied up is missing in the other): a second
+    sandbox on a workspace whose sandbox still runs is refused; once it ended, one starts."""
+    from conftest import make_repo
+    from openwham.sandbox import overlay
+    from openwham.sandbox.workspace import Checkouts, Mirrors, create_workspace
+
+    if (reason := overlay.unavailable()) is not None:
+        pytest.fail(f"overlay workspaces are not available here: {reason}")
+    repo = make_repo(tmp_path / "repo")
+    mirror = Mirrors(tmp_path / "mirrors").ensure("k", str(repo))
+    ws = tmp_path / "a" / "workspace"
+    ws.parent.mkdir()
+    create_workspace(mirror, ws, "main", str(repo), checkouts=Checkouts(tmp_path / "checkouts"))
+    first = bwrap.start(spec(ws), ["sleep", "30"])
+    try:
+        with pytest.raises(bwrap.SandboxUnavailable, match="in use by another sandbox"):
+            sh(ws, "true")
+    finally:
+        first.kill()
+    r = sh(ws, "cat README.md")
+    assert r.exit_code == 0 and r.stdout == "# widgets\n", r.stderr

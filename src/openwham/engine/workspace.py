@@ -20,7 +20,7 @@ from pathlib import Path
 
 from openwham.config import Settings
 from openwham.gateway import Gateway
-from openwham.sandbox import bwrap
+from openwham.sandbox import bwrap, overlay
 from openwham.sandbox.bwrap import Limits, SandboxSpec
 from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.egress import EgressProxy
@@ -248,7 +248,11 @@ def settle_index(sandbox: SandboxProvider, workspace: Path) -> None:
     ``add`` inside the sandbox re-reads every file and rewrites the index (60 ms for 5,000
     files, paid by the agent's first git command or the diff). The pool calls this a second
     after the clone while the standby is unused, in a sandbox of its own (same uid mapping
-    as the agent's), on files that are still the clone's own."""
+    as the agent's), on files that are still the clone's own. Not for an overlay workspace:
+    its checkout's index was settled once when the checkout was made, and a second mount of
+    the upper directory beside the standby's own would leave the two views inconsistent."""
+    if overlay.of(workspace) is not None:
+        return
     with contextlib.suppress(OSError, bwrap.SandboxUnavailable):
         sandbox.run(
             SandboxSpec(workspace=workspace, limits=_SETTLE_LIMITS),

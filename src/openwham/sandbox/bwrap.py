@@ -575,6 +575,7 @@ class SandboxProcess:
         self._stalled = False
         self._meter: disk.Meter | None = None
         self._lease: IO[bytes] | None = None  # the overlay's checkout, in use while it runs
+        self._upper: int | None = None  # the overlay's upper directory, this sandbox's alone
         self._disk_lock = threading.Lock()
         self._disk_reason: str | None = None
         self._disk_next = 0.0  # no measure before (unless it may be over)
@@ -627,6 +628,10 @@ class SandboxProcess:
             layers = overlay.of(self.spec.workspace)
             if layers is not None:
                 layers.options()
+                try:
+                    self._upper = overlay.claim_upper(layers)
+                except overlay.OverlayUnavailable as exc:
+                    raise SandboxUnavailable(str(exc)) from exc
                 self._lease = overlay.hold(layers)
         except BaseException:
             for fd in fds:
@@ -679,8 +684,7 @@ class SandboxProcess:
                 self._cgroup.remove()
             if self._meter is not None:
                 self._meter.close()
-            if self._lease is not None:
-                self._lease.close()
+            self._release_overlay()
             self._started.set()
             return
         self._popen = popen
@@ -699,12 +703,19 @@ class SandboxProcess:
                 if self._meter is not None:
                     self._meter.close()
                     self._meter = None
-            if self._lease is not None:
-                self._lease.close()
+            self._release_overlay()
             with self._lock:
                 self._done.set()
                 for event in self._exit_events:
                     event.set()
+
+    def _release_overlay(self) -> None:
+        if self._lease is not None:
+            self._lease.close()
+            self._lease = None
+        if self._upper is not None:
+            os.close(self._upper)
+            self._upper = None
 
     def _supervise(self, popen: subprocess.Popen[bytes], pidfd: int) -> None:
         lim = self.spec.limits

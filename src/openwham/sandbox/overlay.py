@@ -147,6 +147,21 @@ def unavailable() -> str | None:
 LEASE = "lease"
 
 
+def claim_upper(overlay: Overlay) -> int:
+    """An exclusive ``flock`` on the upper directory (its fd; close it to release): one
+    mount of an upper directory at a time (the kernel allows a second with only a warning,
+    and two mounts' views of one upper directory do not stay consistent)."""
+    fd = os.open(overlay.upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OverlayUnavailable(
+            f"the workspace's overlay {overlay.upper} is in use by another sandbox"
+        ) from None
+    return fd
+
+
 def hold(overlay: Overlay) -> IO[bytes] | None:
     """A shared ``flock`` on the lower checkout's lease file (``None`` when it has none),
     held while a sandbox uses the overlay: the checkout cache evicts only checkouts it can
