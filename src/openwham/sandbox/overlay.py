@@ -22,8 +22,9 @@ server (root), before bubblewrap drops every capability; the agent cannot unmoun
 it (no capabilities, and the seccomp filter refuses ``mount``/``umount2``), cannot reach the
 lower layer except through the overlay (every write to a lower file lands in the upper
 directory), and sees no other attempt's upper directory. An upper directory belongs to one
-attempt: only that attempt's sandboxes and host git mount it (the kernel allows a second mount
-of an upper directory in use, with a warning, so nothing else may name it).
+attempt: only that attempt's sandboxes and host git mount it, and one sandbox at a time
+(:func:`claim_upper`: the kernel allows a second mount of an upper directory in use, with a
+warning, and the two views then disagree).
 
 Needs root (``CAP_SYS_ADMIN`` in the host's user namespace) and overlayfs;
 :func:`unavailable` says why not, and workspaces are then full checkouts as before.
