@@ -30,7 +30,7 @@ from conftest import (
     wait_stored,
 )
 from openwham.engine.titles import clean_model_title, derived_title
-from openwham.runtimes.codex import ASK_MODE_INSTRUCTIONS
+from openwham.runtimes.codex import ASK_MODE_INSTRUCTIONS, NO_NETWORK_NOTE
 from openwham.sandbox import overlay
 from openwham.service.text import MAX_TITLE_CHARS
 from openwham.store import models as m
@@ -444,7 +444,7 @@ def test_model_effort_and_custom_instructions_reach_the_agent(
         if entry.get("role") == "developer"
         for part in entry["content"]
     ]
-    assert instructions in developer
+    assert f"{instructions}\n\n{NO_NETWORK_NOTE}" in developer
 
 
 def test_best_of_n_runs_every_attempt(

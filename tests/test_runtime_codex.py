@@ -31,6 +31,7 @@ from openwham.runtimes.codex import (
     ASK_MODE_INSTRUCTIONS,
     LAUNCHER_FAILED,
     MAX_OUTPUT_CHARS,
+    NO_NETWORK_NOTE,
     SANDBOX_CODEX_BIN,
     SANDBOX_CODEX_HOME,
     SANDBOX_FORWARDER,
@@ -93,9 +94,10 @@ def test_codex_home_points_a_responses_provider_at_the_forwarder() -> None:
     assert config["web_search"] == "disabled"
     assert config["check_for_update_on_startup"] is False
     assert config["shell_environment_policy"] == {"exclude": [TOKEN_ENV]}
-    assert "developer_instructions" not in config
+    assert config["developer_instructions"] == NO_NETWORK_NOTE  # Codex would say "enabled"
+    assert config["sandbox_workspace_write"] == {"network_access": False}
     ask = tomllib.loads(files["ask.config.toml"])
-    assert ask == {"developer_instructions": ASK_MODE_INSTRUCTIONS}
+    assert ask == {"developer_instructions": f"{NO_NETWORK_NOTE}\n\n{ASK_MODE_INSTRUCTIONS}"}
     assert sandbox_env("tok") == {"CODEX_HOME": SANDBOX_CODEX_HOME, TOKEN_ENV: "tok"}
     assert not SANDBOX_CODEX_HOME.startswith("/tmp")  # Codex refuses helpers under /tmp
 
@@ -108,13 +110,15 @@ def test_codex_home_points_a_responses_provider_at_the_forwarder() -> None:
 def test_custom_instructions_survive_toml_quoting() -> None:
     text = 'Use "tabs"\tand \\backslashes\\.\nNew line, bell \x07, del \x7f, emoji 🏴‍☠️, é'
     files = codex_home_files(base_url="u", model="m", custom_instructions=f"  {text}\n")
-    assert tomllib.loads(files["config.toml"])["developer_instructions"] == text
+    given = f"{text}\n\n{NO_NETWORK_NOTE}"
+    assert tomllib.loads(files["config.toml"])["developer_instructions"] == given
     ask = tomllib.loads(files["ask.config.toml"])["developer_instructions"]
-    assert ask == f"{text}\n\n{ASK_MODE_INSTRUCTIONS}"
+    assert ask == f"{given}\n\n{ASK_MODE_INSTRUCTIONS}"
     lone = codex_home_files(base_url="u", model="m", custom_instructions="a\ud800b")
-    assert tomllib.loads(lone["config.toml"])["developer_instructions"] == "a\ufffdb"
+    lone_text = tomllib.loads(lone["config.toml"])["developer_instructions"]
+    assert lone_text == f"a\ufffdb\n\n{NO_NETWORK_NOTE}"
     blank = codex_home_files(base_url="u", model="m", custom_instructions=" \n ")
-    assert "developer_instructions" not in tomllib.loads(blank["config.toml"])
+    assert tomllib.loads(blank["config.toml"])["developer_instructions"] == NO_NETWORK_NOTE
 
 
 def test_command_reads_the_prompt_from_stdin() -> None:
@@ -766,7 +770,8 @@ def test_ask_mode_answers_without_changing_the_workspace(
     assert status.ok and status.stdout == "", (status.stdout, status.stderr)
     # the Ask-mode note (after the user's instructions) reached the model
     developer = json.dumps(stack.model.requests[0]["input"][:2])
-    assert json.dumps(f"Be brief.\n\n{ASK_MODE_INSTRUCTIONS}")[1:-1] in developer
+    expected = f"Be brief.\n\n{NO_NETWORK_NOTE}\n\n{ASK_MODE_INSTRUCTIONS}"
+    assert json.dumps(expected)[1:-1] in developer
 
 
 def test_custom_instructions_and_effort_reach_the_model(stack: Stack, workspace: Workspace) -> None:
@@ -784,7 +789,7 @@ def test_custom_instructions_and_effort_reach_the_model(stack: Stack, workspace:
         if entry.get("role") == "developer"
         for part in entry["content"]
     ]
-    assert instructions in texts
+    assert f"{instructions}\n\n{NO_NETWORK_NOTE}" in texts
     assert ASK_MODE_INSTRUCTIONS not in json.dumps(body)  # not in Code mode
     assert body["reasoning"]["effort"] == "high"
     user_texts = [p["text"] for e in body["input"] if e.get("role") == "user" for p in e["content"]]

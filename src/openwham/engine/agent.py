@@ -19,11 +19,12 @@ from openwham.runtimes import codex
 from openwham.runtimes.agent import AgentRuntime, Translator
 from openwham.sandbox.bwrap import SANDBOX_HOME, SandboxSpec
 from openwham.sandbox.disk import DiskBudget
+from openwham.sandbox.egress import EgressProxy
 from openwham.sandbox.provider import Sandbox, SandboxProvider
 from openwham.store.artifacts import ArtifactError, ArtifactStore
 
 from . import diff as diffs
-from . import storage
+from . import network, storage
 from .claim import Claim, Resume
 from .control import AttemptFailed, Control, attempt_limits, disk_budget
 from .recorder import TurnRecorder
@@ -127,6 +128,8 @@ class AgentRun:
         self._launched[:] = [prepared.proc]
         if not self.claim.qa_mode:
             self.gateway.on_final_response(self.claim.turn_id, self.early_diff)
+        if prepared.network is not None:  # its proxy events (a standby's held until now)
+            prepared.network.attach(self.rec)
         self.run["standby"] = standby  # for operators: did the attempt skip the start-up?
         self.rec.set(base_commit_sha=prepared.base, run=self.run)
         self.control.attach(prepared.proc)
@@ -146,6 +149,7 @@ class AgentStarter:
     sandbox: SandboxProvider
     attempts_root: Path
     artifacts: ArtifactStore
+    egress: EgressProxy | None = None  # the agent's way out when its environment allows
 
     def start(
         self,
@@ -175,11 +179,13 @@ class AgentStarter:
             out.mkdir(mode=0o700)
             rw_binds[out] = diffs.OUT_DIR
             after = diffs.script(base)
+        summary = network.describe(key.network) if key.network else None
         files = self.runtime.home_files(
             model=key.model,
             reasoning_effort=key.reasoning_effort,
             custom_instructions=key.custom_instructions,
             mcp_servers=json.loads(key.mcp_servers) if key.mcp_servers else None,
+            network=summary,
         )
         for name, text in files.items():
             (codex_home / name).unlink(missing_ok=True)  # never through an agent's symlink
@@ -190,14 +196,25 @@ class AgentStarter:
         token = self.gateway.register_attempt(
             owner, model=key.model, ttl_seconds=self._token_ttl(owner)
         )
+        ro_binds = self.runtime.binds(
+            forwarder=forwarder_path(), gateway_socket=self.gateway_socket
+        )
+        env = {**(env_vars or {}), **self.runtime.env(token)}
+        relay = session = None
+        if key.network:  # its own egress session, decided by the environment's policy
+            if self.egress is None:
+                self.gateway.forget(owner)
+                raise AttemptFailed("environment_error", "Agent internet access is unavailable")
+            relay = network.EventRelay()
+            session = self.egress.open(network.policy(key.network), on_event=relay)
+            ro_binds[session.socket] = network.SANDBOX_EGRESS_SOCKET
+            env.update(network.proxy_env(self.runtime.egress_listen))
         spec = SandboxSpec(
             workspace=directory / "workspace",
             workspace_readonly=key.qa_mode,
-            ro_binds=self.runtime.binds(
-                forwarder=forwarder_path(), gateway_socket=self.gateway_socket
-            ),
+            ro_binds=ro_binds,
             rw_binds=rw_binds,
-            env={**(env_vars or {}), **self.runtime.env(token)},
+            env=env,
             network=False,
             limits=limits,
             idle_helpers=self.runtime.idle_helpers,
@@ -208,13 +225,19 @@ class AgentStarter:
             resume_thread=resume.thread_id if resume is not None else None,
             custom_instructions=key.custom_instructions,
             after=after,
+            egress=network.SANDBOX_EGRESS_SOCKET if session is not None else None,
+            network=summary,
         )
         try:
             proc = self.sandbox.start(spec, argv, hold=True, ready_marker=self.runtime.ready_marker)
         except BaseException:
             self.gateway.forget(owner)
+            if session is not None:
+                session.close()
             raise
-        return Prepared(dir=directory, base=base, proc=proc, owner=owner)
+        if session is not None:
+            network.close_with(proc, session)
+        return Prepared(dir=directory, base=base, proc=proc, owner=owner, network=relay)
 
     def copy_home(self, previous_turn_id: str, dest: Path) -> None:
         """Copy the previous attempt's agent home (its session files) once that attempt's

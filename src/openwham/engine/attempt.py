@@ -112,6 +112,7 @@ class Engine:
                     self.sandbox,
                     self.attempts_root,
                     self.artifacts,
+                    egress,
                 )
         self.workspaces = Workspaces(
             self.settings,

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from openwham.config import Settings
+from openwham.service import environments
 from openwham.service.diffs import output_diff
 from openwham.service.environments import (
     is_reserved_var,
@@ -23,6 +24,7 @@ from openwham.service.environments import (
     repo_url,
     run_environment,
 )
+from openwham.service.errors import BadRequest
 from openwham.service.keys import SecretBox, secrets_key
 from openwham.store import events, turnstate
 from openwham.store import models as m
@@ -73,6 +75,7 @@ class Claim:
     secrets: dict[str, str] = field(default_factory=dict)  # setup only (decrypted)
     secrets_problem: str | None = None
     mcp_servers: str = ""  # AgentKey.mcp_servers
+    network: str = ""  # AgentKey.network
 
     @property
     def plain(self) -> bool:
@@ -90,6 +93,7 @@ class Claim:
             reasoning_effort=self.reasoning_effort,
             custom_instructions=self.custom_instructions,
             mcp_servers=self.mcp_servers,
+            network=self.network,
         )
 
 
@@ -98,6 +102,25 @@ def mcp_config(env_body: dict[str, Any]) -> str:
     standby key, so a standby's Codex never runs with another environment's servers."""
     servers = env_body.get("mcp_servers")
     return json.dumps(servers, sort_keys=True, separators=(",", ":")) if servers else ""
+
+
+def network_config(env_body: dict[str, Any]) -> str:
+    """The agent's internet access as canonical JSON (``""`` when off, the default): part of
+    the standby key, so a standby never runs under another policy."""
+    net = env_body.get("agent_network_access") or {}
+    if not isinstance(net, dict) or net.get("mode") != "on":
+        return ""
+    try:
+        domains = environments.allowlist_entries(str(net.get("allowlist_domains") or ""))
+    except BadRequest:  # stored before validation was this strict: nothing of it
+        domains = []
+    preset = net.get("preset_allowlist") or "none"
+    config = {
+        "preset": preset if preset in environments.NETWORK_PRESETS else "none",
+        "domains": sorted(domains),
+        "safe_methods_only": bool(net.get("safe_methods_only")),
+    }
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass
@@ -147,6 +170,7 @@ class Claims:
                 reasoning_effort=run.get("reasoning_effort"),
                 custom_instructions=instructions if isinstance(instructions, str) else None,
                 mcp_servers=mcp_config(env_body),
+                network=network_config(env_body),
             )
 
     def claim(self, turn_id: str) -> Claim | None:
@@ -214,6 +238,7 @@ class Claims:
                 env_vars=_usable_vars(env_body.get("env_vars")),
                 attempts=_attempts_for(s, turn),
                 mcp_servers=mcp_config(env_body),
+                network=network_config(env_body),
             )
         self.bus.publish(turn_id)
         try:

@@ -128,7 +128,9 @@ def run(
     key = log_key()
     rec.set(logs={"logs": [{"key": key, "value": f"file_{uuid.uuid4().hex}"}]})
     lines = _Lines()
-    with egress.open(EgressPolicy(), on_event=lambda e: rec.proxy_event(e.wire())) as session:
+    with egress.open(
+        EgressPolicy(), on_event=lambda e: rec.proxy_event({**e.wire(), "phase": "setup"})
+    ) as session:
         spec = SandboxSpec(
             workspace=workspace,
             ro_binds={forwarder_path(): SANDBOX_FORWARDER, session.socket: SANDBOX_EGRESS_SOCKET},

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from openwham.sandbox.provider import Sandbox
 
@@ -42,6 +43,9 @@ class AgentKey:
     custom_instructions: str | None
     #: the environment's MCP servers, canonical JSON ("" without): written into Codex's config
     mcp_servers: str = ""
+    #: the agent's internet access, canonical JSON ("" when off): its egress policy and
+    #: Codex's config are made with the sandbox, so a standby never runs under another
+    network: str = ""
 
 
 @dataclass
@@ -54,6 +58,8 @@ class Prepared:
     proc: Sandbox
     owner: str
     created: float = field(default_factory=time.monotonic)
+    #: where the agent's proxy events go (engine/network.py), when it may go out
+    network: Any = None
 
 
 class StandbyPool:

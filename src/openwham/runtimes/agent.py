@@ -59,6 +59,11 @@ class AgentRuntime(Protocol):
         ...
 
     @property
+    def egress_listen(self) -> str:
+        """``host:port`` in the sandbox where the launcher's egress forwarder listens."""
+        ...
+
+    @property
     def idle_helpers(self) -> tuple[str, ...]:
         """In-sandbox helpers the stall watchdog does not count."""
         ...
@@ -70,9 +75,11 @@ class AgentRuntime(Protocol):
         reasoning_effort: str | None,
         custom_instructions: str | None,
         mcp_servers: Mapping[str, Mapping[str, Any]] | None = None,
+        network: str | None = None,
     ) -> dict[str, str]:
         """Files written into the agent's home before it starts (name → text); the
-        environment's MCP servers go into the agent's own configuration."""
+        environment's MCP servers go into the agent's own configuration, and so does its
+        internet access (``network``: a summary of the policy, ``None`` when off)."""
         ...
 
     def binds(self, *, forwarder: Path, gateway_socket: Path) -> dict[Path, str]:
@@ -90,9 +97,14 @@ class AgentRuntime(Protocol):
         resume_thread: str | None,
         custom_instructions: str | None,
         after: str,
+        egress: str | None = None,
+        network: str | None = None,
     ) -> list[str]:
         """The launcher's argv: start the agent (resuming ``resume_thread``'s conversation
-        when set) held for its prompt, then run ``after`` (a shell script) once it is done."""
+        when set) held for its prompt, then run ``after`` (a shell script) once it is done.
+        ``egress``: the egress socket in the sandbox, when the agent may go out (the
+        launcher then starts a forwarder to it for the engine's proxy variables);
+        ``network`` as in :meth:`home_files` (a resumed Ask-mode run restates it)."""
         ...
 
     def translator(self, prompt: str) -> Translator: ...

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import ipaddress
 import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,28 +64,63 @@ PRIVATE_NETWORKS: tuple[IPNetwork, ...] = tuple(
 _HOP_HEADERS = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization"}
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 @dataclass(frozen=True)
 class EgressPolicy:
     """Which requests a session lets out. ``domains``: ``None`` lets any name out; otherwise a
-    name must equal an entry or end in ``.entry`` (``*.example.com`` is the same as
-    ``example.com``). ``methods``: ``None`` lets any method out (a CONNECT tunnel is judged as
-    CONNECT: what travels inside TLS is not visible here)."""
+    name must equal an entry, or be a subdomain (at any depth) of an entry ``*.example.com``
+    (which does not match ``example.com`` itself). ``methods``: ``None`` lets any method out.
+    A CONNECT tunnel is judged by its host name, and under a method rule as the methods it
+    may carry: what travels inside TLS is not visible here (docs/security.md)."""
 
     domains: frozenset[str] | None = None
     methods: frozenset[str] | None = None
 
     def refusal(self, method: str, host: str) -> str | None:
         """Why this request may not leave, or ``None``."""
-        if self.methods is not None and method.upper() not in self.methods:
+        verb = method.upper()
+        if self.methods is not None and verb != "CONNECT" and verb not in self.methods:
             return f"method {method} is not allowed"
-        if self.domains is not None:
-            name = host.lower().rstrip(".")
-            for entry in self.domains:
-                entry = entry.lower().removeprefix("*.").rstrip(".")
-                if name == entry or name.endswith("." + entry):
-                    return None
+        if self.domains is not None and not domain_allowed(self.domains, host):
             return f"{host} is not on the allowlist"
         return None
+
+
+def common_dependencies() -> list[str]:
+    """Codex cloud's "Common dependencies" preset (``common_dependencies.txt``: its source
+    and date are in the file)."""
+    text = (Path(__file__).parent / "common_dependencies.txt").read_text()
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def agent_policy(preset: str, domains: Iterable[str], safe_methods_only: bool) -> EgressPolicy:
+    """The agent phase's policy (``agent_network_access`` turned on): ``preset`` ``all``
+    lets any name out, ``common_dependencies`` adds the preset's zones (each name and its
+    subdomains) to ``domains``, ``none`` only ``domains``; ``safe_methods_only`` keeps
+    GET, HEAD and OPTIONS. The address guard applies whatever the policy says."""
+    allowed: frozenset[str] | None = None
+    if preset != "all":
+        entries = set(domains)
+        if preset == "common_dependencies":
+            for zone in common_dependencies():
+                entries |= {zone, f"*.{zone}"}
+        allowed = frozenset(entries)
+    return EgressPolicy(domains=allowed, methods=SAFE_METHODS if safe_methods_only else None)
+
+
+def domain_allowed(entries: Iterable[str], host: str) -> bool:
+    """Whether ``host`` matches an allowlist entry: exact, or ``*.zone`` for its subdomains."""
+    name = host.lower().rstrip(".")
+    for entry in entries:
+        entry = entry.lower().rstrip(".")
+        if entry.startswith("*."):
+            if name.endswith(entry[1:]):
+                return True
+        elif name == entry:
+            return True
+    return False
 
 
 class AddressGuard:
@@ -204,6 +241,8 @@ class ProxyEvent:
     protocol: str
     size: int
     path: str | None
+    port: int | None = None
+    duration_ms: int = 0  # from the request's head to the end of its connection
 
     def wire(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -245,6 +284,9 @@ class EgressProxy:
     def __init__(self, directory: Path, guard: AddressGuard | None = None) -> None:
         self.directory = directory
         self.guard = guard or AddressGuard()
+        # names answered here before DNS, like an /etc/hosts of the proxy's own (the tests'
+        # stand-in for public names); the guard judges these addresses like any other
+        self.hosts: dict[str, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -312,6 +354,8 @@ class EgressProxy:
         self, session: EgressSession, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         method, domain, protocol, path = "", "", "", None
+        port: int | None = None
+        started = time.monotonic()
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_SECONDS)
@@ -324,6 +368,7 @@ class EgressProxy:
             method, target, protocol = parts
             host, port, path = _target(method, target)
             domain = host
+            started = time.monotonic()
             refusal = session.policy.refusal(method, host)
             if refusal is not None:
                 raise _Refused(403, refusal)
@@ -337,11 +382,27 @@ class EgressProxy:
                 await _splice(reader, writer, up_reader, up_writer, moved)
             finally:  # also when the session closes under it
                 self._record(
-                    session, "allow", "checks passed", method, domain, protocol, moved[0], path
+                    session,
+                    ProxyEvent(
+                        _now(),
+                        "allow",
+                        "checks passed",
+                        method,
+                        domain,
+                        protocol,
+                        moved[0],
+                        path,
+                        port,
+                        _ms(started),
+                    ),
                 )
                 await _close(up_writer)
         except _Refused as refused:
-            self._record(session, "deny", refused.reason, method, domain, protocol, 0, path)
+            if method:
+                event = ProxyEvent(
+                    _now(), "deny", refused.reason, method, domain, protocol, 0, path, port
+                )
+                self._record(session, dataclasses.replace(event, duration_ms=_ms(started)))
             with contextlib.suppress(ConnectionError, OSError):
                 writer.write(_error(refused.status, refused.reason))
                 await writer.drain()
@@ -354,11 +415,12 @@ class EgressProxy:
         self, host: str, port: int
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         loop = asyncio.get_running_loop()
+        fixed = self.hosts.get(host.lower().rstrip("."))
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = [] if fixed else await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
             raise _Refused(502, f"cannot resolve {host}: {exc}") from exc
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        addresses = [fixed] if fixed else list(dict.fromkeys(str(i[4][0]) for i in infos))
         refusals = {a: self.guard.refusal(a) for a in addresses}
         allowed = [a for a in addresses if refusals[a] is None]
         if not allowed:
@@ -373,23 +435,19 @@ class EgressProxy:
                 error = exc
         raise _Refused(502, f"cannot connect to {host}:{port}: {error or 'no address'}")
 
-    def _record(
-        self,
-        session: EgressSession,
-        decision: str,
-        reason: str,
-        method: str,
-        domain: str,
-        protocol: str,
-        size: int,
-        path: str | None,
-    ) -> None:
-        if session.on_event is None or not method:
+    def _record(self, session: EgressSession, event: ProxyEvent) -> None:
+        if session.on_event is None:
             return
-        now = dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat()
-        event = ProxyEvent(now, decision, reason, method, domain, protocol, size, path)
         with contextlib.suppress(Exception):
             session.on_event(event)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat()
+
+
+def _ms(since: float) -> int:
+    return int((time.monotonic() - since) * 1000)
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:

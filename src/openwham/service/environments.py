@@ -165,7 +165,41 @@ def _script(value: str | list[str] | None, field: str) -> list[str] | None:
     return lines
 
 
+MAX_ALLOWLIST = 500
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def allowlist_entries(text: str) -> list[str]:
+    """The agent allowlist's entries (``allowlist_domains``: separated by commas, spaces or
+    lines), lower-cased: ``example.com`` (that name only) or ``*.example.com`` (its
+    subdomains). A 400 names the first entry that is neither."""
+    entries: list[str] = []
+    for raw in re.split(r"[\s,]+", text.strip()):
+        if not raw:
+            continue
+        entry = raw.lower().rstrip(".")
+        name = entry.removeprefix("*.")
+        labels = name.split(".")
+        if (
+            len(name) > 253
+            or len(labels) < 2
+            or not all(_LABEL.match(label) for label in labels)
+            or labels[-1].isdigit()
+        ):
+            raise BadRequest(
+                f"agent_network_access.allowlist_domains: {raw[:100]!r} is not a domain name "
+                "(example.com for that name, *.example.com for its subdomains)"
+            )
+        if entry not in entries:
+            entries.append(entry)
+    if len(entries) > MAX_ALLOWLIST:
+        raise BadRequest(f"agent_network_access.allowlist_domains: at most {MAX_ALLOWLIST} domains")
+    return entries
+
+
 def _network(value: AgentNetworkAccess | None) -> dict[str, Any]:
+    """The agent's internet access as stored, or a 400: mode, preset, the allowlist's
+    domains (normalised to one per line) and the method rule."""
     net = value or AgentNetworkAccess(
         mode="off", preset_allowlist="none", allowlist_domains="", safe_methods_only=None
     )
@@ -176,7 +210,13 @@ def _network(value: AgentNetworkAccess | None) -> dict[str, Any]:
     if preset not in NETWORK_PRESETS:
         raise BadRequest(f"agent_network_access.preset_allowlist must be one of {NETWORK_PRESETS}")
     data["preset_allowlist"] = preset
-    data["allowlist_domains"] = data.get("allowlist_domains") or ""
+    domains = data.get("allowlist_domains") or ""
+    if not isinstance(domains, str):
+        raise BadRequest("agent_network_access.allowlist_domains must be a string")
+    data["allowlist_domains"] = "\n".join(allowlist_entries(domains))
+    safe = data.get("safe_methods_only")
+    if safe is not None and not isinstance(safe, bool):
+        raise BadRequest("agent_network_access.safe_methods_only must be true, false or null")
     return data
 
 

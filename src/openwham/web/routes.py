@@ -789,6 +789,11 @@ class WebUI:
                 "diff_text": diff_text,
                 "apply_command": _apply_command(task_id, diff_turn, last),
                 "worklog": worklog,
+                "network": [
+                    e
+                    for e in ((attempt.turn.get("proxy_events") or []) if attempt else [])
+                    if isinstance(e, dict)
+                ],
                 "events_url": (
                     f"/tasks/{quote(task_id)}/events/{quote(attempt.id)}"
                     if attempt is not None and attempt.active
