@@ -26,7 +26,7 @@ from sqlalchemy import event
 from conftest import Server, finish_turn, parse_sse
 from openwham.server import fanout
 from openwham.server.fanout import FanOut, Limits
-from openwham.store import events
+from openwham.store import events, turnstate
 from openwham.store.events import EventBus
 from openwham.store.pgbus import PgEventBus
 from support.app_thread import AppThread
@@ -61,9 +61,13 @@ def _turn(server: Server, repo: Path) -> tuple[str, str]:
     return created["task"]["id"], created["turn"]["id"]
 
 
-def _write(server: Server, task_id: str, turn_id: str, n: int, *, end: bool = False) -> None:
+def _write(
+    server: Server, task_id: str, turn_id: str, n: int, *, end: bool = False, finish: bool = False
+) -> None:
     """``n`` work-log events (and the terminal status event), each committed and published
-    on its own, as the recorder does."""
+    on its own, as the recorder does; ``finish``: the terminal event goes with the attempt's
+    terminal status, in one transaction, as the engine writes them (without it the turn stays
+    ``pending`` with a terminal event, a state the engine never leaves a turn in)."""
     state = server.app_state
     bus = _PUBLISHERS.get(id(server), state.bus)
     for i in range(n):
@@ -74,6 +78,9 @@ def _write(server: Server, task_id: str, turn_id: str, n: int, *, end: bool = Fa
         bus.publish(turn_id)
     if end:
         with state.db.session() as s:
+            if finish:
+                assert turnstate.move(s, turn_id, turnstate.Transition.CLAIM)
+                assert turnstate.move(s, turn_id, turnstate.Transition.FINISH)
             events.append(
                 s,
                 task_id,
@@ -199,7 +206,9 @@ def test_replay_from_the_database_joins_the_tail_without_gap_or_duplicate(
         first = asyncio.ensure_future(_collect(hub.frames(turn_id, 0, None)))
         await _until_attached(hub, turn_id, 1)
         writer = threading.Thread(
-            target=_write, args=(server, task_id, turn_id, 120), kwargs={"end": True}
+            target=_write,
+            args=(server, task_id, turn_id, 120),
+            kwargs={"end": True, "finish": True},  # a joiner may come after the very end
         )
         joined: list[tuple[int, asyncio.Future[list[bytes]]]] = []
         writer.start()
