@@ -181,6 +181,11 @@ fi
 if [ "$WITH_POSTGRES" = 1 ]; then
     want_cmd tmux tmux
 fi
+# Test-only: private remotes over SSH are tested against OpenSSH's sshd on loopback
+# (tests/support/git_servers.py); the ssh client comes with it.
+if [ "$WITH_POSTGRES" = 1 ] && [ ! -x /usr/sbin/sshd ]; then
+    WANTED_PKGS+=(openssh-server openssh-client)
+fi
 # Benchmark-only: bench/load drives the API with wrk (loopback).
 if [ "$WITH_POSTGRES" = 1 ]; then
     want_cmd wrk wrk

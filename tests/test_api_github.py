@@ -178,7 +178,7 @@ def test_branch_search_answers_within_its_wait_when_the_fetch_hangs(
     release = threading.Event()
     calls: list[str] = []
 
-    def hanging_ensure(self: Mirrors, key: str, url: str, *, fetch: bool = True) -> Path:
+    def hanging_ensure(self: Mirrors, key: str, url: str, **_: object) -> Path:
         calls.append(key)
         release.wait(10)
         return self.path(key)

@@ -36,6 +36,7 @@ from openwham.wire import (
     UserSettings,
 )
 from openwham.wire.forges import ForgeConnectionInfo, ForgeConnectionList
+from openwham.wire.gitcreds import GitCredentialInfo, GitCredentialList
 from openwham.wire.tokens import ApiTokenCreate, ApiTokenCreated, ApiTokenInfo, ApiTokenList
 
 TaskFilter = Literal["current", "all", "archived"]
@@ -308,6 +309,22 @@ def create_forge_connection(body: dict[str, Any]) -> Call[ForgeConnectionInfo]:
 
 def delete_forge_connection(connection_id: str) -> Call[bool]:
     path = f"forge_connections/{_seg(connection_id)}"
+    return Call("DELETE", path, lambda _: True, idempotent=True, expect_body=False)
+
+
+def list_git_credentials() -> Call[GitCredentialList]:
+    """The account's git credentials (openwham only; never a secret or key)."""
+    return Call("GET", "git_credentials", GitCredentialList.model_validate, idempotent=True)
+
+
+def create_git_credential(body: dict[str, Any]) -> Call[GitCredentialInfo]:
+    """Add a git credential: ``url_prefix`` with ``username`` + ``secret`` (HTTPS) or
+    ``ssh_private_key`` + ``known_hosts`` (SSH)."""
+    return Call("POST", "git_credentials", GitCredentialInfo.model_validate, json=body)
+
+
+def delete_git_credential(credential_id: str) -> Call[bool]:
+    path = f"git_credentials/{_seg(credential_id)}"
     return Call("DELETE", path, lambda _: True, idempotent=True, expect_body=False)
 
 

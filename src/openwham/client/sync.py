@@ -38,6 +38,7 @@ from openwham.wire import (
     UserSettings,
 )
 from openwham.wire.forges import ForgeConnectionInfo, ForgeConnectionList
+from openwham.wire.gitcreds import GitCredentialInfo, GitCredentialList
 from openwham.wire.tokens import ApiTokenCreated, ApiTokenInfo, ApiTokenList
 
 T = TypeVar("T")
@@ -388,6 +389,18 @@ class WhamClient:
 
     def delete_forge_connection(self, connection_id: str) -> bool:
         return self._call(ep.delete_forge_connection(connection_id))
+
+    def list_git_credentials(self) -> GitCredentialList:
+        """The account's git credentials for private remotes (openwham only; never a
+        secret or key)."""
+        return self._call(ep.list_git_credentials())
+
+    def create_git_credential(self, body: dict[str, Any]) -> GitCredentialInfo:
+        """Add a credential host git uses for repository URLs under ``url_prefix``."""
+        return self._call(ep.create_git_credential(body))
+
+    def delete_git_credential(self, credential_id: str) -> bool:
+        return self._call(ep.delete_git_credential(credential_id))
 
     def list_tokens(self) -> ApiTokenList:
         """The caller's API tokens that are not revoked, newest first (openwham only)."""

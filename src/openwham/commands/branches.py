@@ -7,17 +7,19 @@ from sqlalchemy.orm import Session
 from openwham.config import Settings
 from openwham.engine import branches
 from openwham.service import environments as envs
-from openwham.service import github
+from openwham.service import gitcreds, github
 from openwham.service.accounts import Principal
 from openwham.service.tasks import BranchLookup
 from openwham.wire import GitHubBranchPage
 
 
-def lookup(settings: Settings) -> BranchLookup:
-    """Whether a branch exists, for ``service.tasks.create``'s check before writing."""
+def lookup(settings: Settings, db: Session, account_id: str) -> BranchLookup:
+    """Whether a branch exists, for ``service.tasks.create``'s check before writing (with
+    the account's git credential for the repository)."""
 
     def exists(repo_key: str, url: str, branch: str) -> bool:
-        return branches.branch_exists(settings, repo_key, url, branch)
+        auth = gitcreds.auth_for(db, account_id, url, gitcreds.settings_box(settings))
+        return branches.branch_exists(settings, repo_key, url, branch, auth)
 
     return exists
 
@@ -32,7 +34,9 @@ def of_environment(db: Session, settings: Settings, principal: Principal, env_id
     if not repos:
         return []
     key = str(repos[0])
-    names = branches.search_branches(settings, key, envs.repo_url(env.body, key))
+    url = envs.repo_url(env.body, key)
+    auth = gitcreds.auth_for(db, principal.account_id, url, gitcreds.settings_box(settings))
+    names = branches.search_branches(settings, key, url, auth)
     return names[: branches.MAX_BRANCHES]
 
 
@@ -51,7 +55,8 @@ def search(
     github.page_bounds(cursor, limit)  # a bad page is a 400 before any git runs
     found = github.repository(db, principal, repo_id)
     envs.check_repo_paths(db, envs.get_row(db, principal, found.env_id), settings)
-    names = branches.search_branches(settings, found.key, found.url)
+    auth = gitcreds.auth_for(db, principal.account_id, found.url, gitcreds.settings_box(settings))
+    names = branches.search_branches(settings, found.key, found.url, auth)
     return github.branches_page(
         names, default_branch=found.repo.default_branch, query=query, cursor=cursor, limit=limit
     )

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from openwham.engine import prs as engine_prs
 from openwham.forges import ForgeError, PullRequest, RepoRef, forge_for
 from openwham.locks import LockTimeout
-from openwham.service import forges, prs
+from openwham.service import forges, gitcreds, prs
 from openwham.service.accounts import Principal
 from openwham.service.errors import BadGateway, Conflict, RateLimited, ServiceError
 from openwham.service.keys import SecretBox
@@ -76,7 +76,9 @@ def push(
 def _push(db: Session, deps: Deps, principal: Principal, plan: prs.PushPlan) -> ExternalPullRequest:
     prs.reserve(db, principal, plan)
     db.commit()  # kept before the push; no transaction held while git talks to the remote
-    branch, commit = engine_prs.push(deps.settings, plan)
+    box = gitcreds.settings_box(deps.settings)
+    auth = gitcreds.auth_for(db, principal.account_id, plan.repo_url, box)
+    branch, commit = engine_prs.push(deps.settings, plan, auth)
     entry = prs.record(db, principal, plan, branch=branch, commit=commit)
     db.commit()
     return ExternalPullRequest.model_validate(entry)

@@ -43,7 +43,11 @@ def create(db: Session, deps: Deps, principal: Principal, body: Any) -> Created:
     attempts handed to the executor."""
     _can_run(deps)
     created = service.create(
-        db, deps.settings, principal, body, branch_lookup=branches.lookup(deps.settings)
+        db,
+        deps.settings,
+        principal,
+        body,
+        branch_lookup=branches.lookup(deps.settings, db, principal.account_id),
     )
     _submit(db, deps, created.attempt_ids)
     return created

@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 from openwham.config import Settings
+from openwham.gitauth import GitAuth
 from openwham.sandbox.workspace import (
     Mirrors,
+    RemoteRefused,
     WorkspaceError,
     branch_head,
     git,
@@ -43,13 +45,15 @@ def _mirror(settings: Settings, repo_key: str) -> Path | None:
     return mirror if (mirror / "HEAD").exists() else None
 
 
-def _ls_remote(url: str, *refs: str, timeout: float) -> list[str]:
+def _ls_remote(url: str, *refs: str, timeout: float, auth: GitAuth | None = None) -> list[str]:
     """The branch refs (``refs/heads/…``) the remote answers for ``refs`` (all without)."""
-    out = git("ls-remote", "--heads", "--", url, *refs, timeout=timeout)
+    out = git("ls-remote", "--heads", "--", url, *refs, timeout=timeout, auth=auth, remote=url)
     return [line.split("\t", 1)[-1] for line in out.splitlines() if "\t" in line]
 
 
-def branch_exists(settings: Settings, repo_key: str, url: str, branch: str) -> bool:
+def branch_exists(
+    settings: Settings, repo_key: str, url: str, branch: str, auth: GitAuth | None = None
+) -> bool:
     """Whether ``branch`` is a branch of the repository at ``url``; :class:`BadRequest` when
     the repository cannot be reached (the message names it and git's reason)."""
     mirror = _mirror(settings, repo_key)
@@ -57,13 +61,20 @@ def branch_exists(settings: Settings, repo_key: str, url: str, branch: str) -> b
         return True
     ref = f"refs/heads/{branch}"
     try:
-        return ref in _ls_remote(url, ref, timeout=LS_REMOTE_TIMEOUT)
+        return ref in _ls_remote(url, ref, timeout=LS_REMOTE_TIMEOUT, auth=auth)
+    except RemoteRefused as exc:
+        raise BadRequest(str(exc)) from exc
     except WorkspaceError as exc:
         raise BadRequest(f"Repository not reachable: {url} ({exc.reason})") from exc
 
 
 def list_branches(
-    settings: Settings, repo_key: str, url: str, *, limit: int | None = MAX_BRANCHES
+    settings: Settings,
+    repo_key: str,
+    url: str,
+    *,
+    limit: int | None = MAX_BRANCHES,
+    auth: GitAuth | None = None,
 ) -> list[str]:
     """The repository's branch names: from its mirror when there is one (no network), else
     from the remote within :data:`LIST_TIMEOUT`; ``[]`` when neither answers."""
@@ -74,7 +85,7 @@ def list_branches(
             out = git("for-each-ref", "--format=%(refname)", "refs/heads/", cwd=mirror)
             refs = out.splitlines()
         elif url:
-            refs = _ls_remote(url, timeout=LIST_TIMEOUT)
+            refs = _ls_remote(url, timeout=LIST_TIMEOUT, auth=auth)
     except WorkspaceError:
         return []
     names = {ref.strip().removeprefix("refs/heads/") for ref in refs if ref.strip()}
@@ -94,7 +105,9 @@ class MirrorRefresher:
         self._started: dict[Path, float] = {}
         self._running: dict[Path, threading.Thread] = {}
 
-    def refresh(self, settings: Settings, repo_key: str, url: str) -> None:
+    def refresh(
+        self, settings: Settings, repo_key: str, url: str, auth: GitAuth | None = None
+    ) -> None:
         mirrors = Mirrors(settings.resolved_data_dir / "mirrors", local_repo_policy(settings))
         try:
             mirror = mirrors.path(repo_key)
@@ -108,16 +121,18 @@ class MirrorRefresher:
             if thread is None and now - self._started.get(mirror, -self.every) >= self.every:
                 self._started[mirror] = now
                 thread = threading.Thread(
-                    target=self._fetch, args=(mirrors, repo_key, url, mirror), daemon=True
+                    target=self._fetch, args=(mirrors, repo_key, url, mirror, auth), daemon=True
                 )
                 self._running[mirror] = thread
                 thread.start()
         if thread is not None:
             thread.join(self.wait)
 
-    def _fetch(self, mirrors: Mirrors, repo_key: str, url: str, mirror: Path) -> None:
+    def _fetch(
+        self, mirrors: Mirrors, repo_key: str, url: str, mirror: Path, auth: GitAuth | None
+    ) -> None:
         try:
-            mirrors.ensure(repo_key, url)
+            mirrors.ensure(repo_key, url, auth=auth)
         except WorkspaceError:
             pass  # unreachable now: the refs the mirror has are the answer
         finally:
@@ -129,8 +144,21 @@ class MirrorRefresher:
 REFRESHER = MirrorRefresher()
 
 
-def search_branches(settings: Settings, repo_key: str, url: str) -> list[str]:
+def search_branches(
+    settings: Settings, repo_key: str, url: str, auth: GitAuth | None = None
+) -> list[str]:
     """The branches branch search offers: the mirror's after a fetch at most every
     :data:`FETCH_EVERY` seconds, else the remote's (:func:`list_branches`)."""
-    REFRESHER.refresh(settings, repo_key, url)
-    return list_branches(settings, repo_key, url, limit=None)
+    REFRESHER.refresh(settings, repo_key, url, auth)
+    return list_branches(settings, repo_key, url, limit=None, auth=auth)
+
+
+def check_reachable(url: str, auth: GitAuth | None) -> None:
+    """Ask the remote for its HEAD with the account's credential (environment save):
+    :class:`BadRequest` naming the URL and what was refused when it does not answer."""
+    try:
+        git("ls-remote", "--", url, "HEAD", timeout=LS_REMOTE_TIMEOUT, auth=auth, remote=url)
+    except RemoteRefused as exc:
+        raise BadRequest(str(exc)) from exc
+    except WorkspaceError as exc:
+        raise BadRequest(f"repository not reachable: {url} ({exc.reason})") from exc

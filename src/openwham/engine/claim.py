@@ -16,7 +16,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from openwham.config import Settings
-from openwham.service import environments
+from openwham.gitauth import GitAuth
+from openwham.service import environments, gitcreds
 from openwham.service.diffs import output_diff
 from openwham.service.environments import (
     is_reserved_var,
@@ -76,6 +77,7 @@ class Claim:
     secrets_problem: str | None = None
     mcp_servers: str = ""  # AgentKey.mcp_servers
     network: str = ""  # AgentKey.network
+    git_auth: GitAuth | None = field(default=None, repr=False)  # host git's, for the remote
 
     @property
     def plain(self) -> bool:
@@ -218,6 +220,8 @@ class Claims:
             )
             setup = env_body.get("setup") or []
             sealed = dict(env.secrets) if env is not None else {}
+            url = repo_url(env_body, repo_key)
+            credential = gitcreds.match(s, task.account_id, url) if url else None
             claim = Claim(
                 task_id=task.id,
                 turn_id=turn_id,
@@ -243,6 +247,8 @@ class Claims:
         self.bus.publish(turn_id)
         try:
             claim.secrets = _usable_vars(self._secret_box().open_all(sealed))
+            if credential is not None:
+                claim.git_auth = gitcreds.opened(credential, self._secret_box())
         except RuntimeError as exc:
             claim.secrets_problem = str(exc)
         return claim

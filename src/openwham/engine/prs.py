@@ -15,9 +15,11 @@ import hashlib
 from pathlib import Path
 
 from openwham.config import Settings
+from openwham.gitauth import GitAuth
 from openwham.sandbox.workspace import (
     Mirrors,
     PushRejected,
+    RemoteRefused,
     RepositoryRefused,
     WorkspaceError,
     commit_and_push,
@@ -35,15 +37,18 @@ def lock_key(task_id: str) -> str:
     return f"pr-push:{task_id}"
 
 
-def push(settings: Settings, plan: PushPlan) -> tuple[str, str]:
-    """Commit and push ``plan``; returns ``(branch, commit)``."""
+def push(settings: Settings, plan: PushPlan, auth: GitAuth | None = None) -> tuple[str, str]:
+    """Commit and push ``plan`` (with the account's credential ``auth`` for the remote);
+    returns ``(branch, commit)``."""
     data = settings.resolved_data_dir
     scratch = data / "tmp"
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         mirrors = Mirrors(data / "mirrors", local_repo_policy(settings))
-        mirror = mirrors.ensure(plan.repo_key, plan.repo_url)
-        return _push(mirror, scratch, plan, plan.branch)
+        mirror = mirrors.ensure(plan.repo_key, plan.repo_url, auth=auth)
+        return _push(mirror, scratch, plan, plan.branch, auth)
+    except RemoteRefused as exc:
+        raise BadGateway(str(exc)) from exc
     except PushRejected as exc:
         if not plan.new_branch:
             raise Conflict(
@@ -53,7 +58,7 @@ def push(settings: Settings, plan: PushPlan) -> tuple[str, str]:
         digest = hashlib.sha256(f"{plan.turn_id}:{plan.at!r}".encode()).hexdigest()
         suffix = digest[:6]
         try:
-            return _push(mirror, scratch, plan, f"{plan.branch}-{suffix}")
+            return _push(mirror, scratch, plan, f"{plan.branch}-{suffix}", auth)
         except WorkspaceError as again:
             raise BadGateway(str(again)) from again
     except RepositoryRefused as exc:  # changed since it was accepted: not the remote's fault
@@ -62,7 +67,9 @@ def push(settings: Settings, plan: PushPlan) -> tuple[str, str]:
         raise BadGateway(str(exc)) from exc
 
 
-def _push(mirror: Path, scratch: Path, plan: PushPlan, branch: str) -> tuple[str, str]:
+def _push(
+    mirror: Path, scratch: Path, plan: PushPlan, branch: str, auth: GitAuth | None
+) -> tuple[str, str]:
     commit = commit_and_push(
         mirror,
         plan.repo_url,
@@ -74,5 +81,6 @@ def _push(mirror: Path, scratch: Path, plan: PushPlan, branch: str) -> tuple[str
         author=plan.author,
         at=plan.at,
         scratch=scratch,
+        auth=auth,
     )
     return branch, commit

@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 from openwham.config import Settings
+from openwham.gitauth import GitAuth, git_call, refusal
 from openwham.gitpaths import LocalRepoPolicy
 from openwham.lifeline import die_with_parent
 from openwham.locks import file_lock as _locked  # per node: mirrors are the node's own
@@ -45,7 +46,8 @@ _GIT_ENV = {
     "GIT_CONFIG_NOSYSTEM": "1",
     "GIT_CONFIG_GLOBAL": os.devnull,
     "GIT_TERMINAL_PROMPT": "0",
-    "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",
+    "GIT_ASKPASS": "",
+    "SSH_ASKPASS": "",
     "GIT_AUTHOR_NAME": "openwham",
     "GIT_AUTHOR_EMAIL": "openwham@localhost",
     "GIT_COMMITTER_NAME": "openwham",
@@ -72,6 +74,11 @@ class WorkspaceError(RuntimeError):
         self.reason = reason or message
 
 
+class RemoteRefused(WorkspaceError):
+    """The remote refused the credential (or the lack of one): the message names the URL and
+    what was refused, never the credential."""
+
+
 class RepositoryRefused(WorkspaceError):
     """Git must not open this local repository (data directory, ``WHAM_LOCAL_REPO_ROOTS``)."""
 
@@ -82,15 +89,34 @@ def git(
     input: str | None = None,
     env: dict[str, str] | None = None,
     timeout: float = GIT_TIMEOUT,
+    auth: GitAuth | None = None,
+    remote: str | None = None,
 ) -> str:
     """Host-side git (no system/global config, hooks, prompts or ext transport); its output,
-    or :class:`WorkspaceError` when it fails or takes longer than ``timeout`` seconds."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": os.devnull,
-        **_GIT_ENV,
-        **(env or {}),
-    }
+    or :class:`WorkspaceError` when it fails or takes longer than ``timeout`` seconds.
+    ``auth``: the credential for this one call (``openwham.gitauth``); ``remote``: the URL
+    a refusal names (:class:`RemoteRefused`)."""
+    with git_call(auth) as call:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.devnull,
+            **_GIT_ENV,
+            **call.env,
+            **(env or {}),
+        }
+        return _run_git([*call.args, *args], cwd, input, env, timeout, call.fds, remote)
+
+
+def _run_git(
+    args: list[str],
+    cwd: Path | None,
+    input: str | None,
+    env: dict[str, str],
+    timeout: float,
+    fds: tuple[int, ...],
+    remote: str | None,
+) -> str:
+    name = next((a for a in args if not a.startswith("-") and "=" not in a), "")
     layers = overlay.of(cwd) if cwd is not None else None
     preexec = die_with_parent()
     if layers is not None and cwd is not None:  # merged only in a mount namespace of its own
@@ -100,7 +126,7 @@ def git(
             lifeline()
             overlay.child_mount(layers, merged)
 
-        args, cwd = ("-C", str(merged), *args), None
+        args, cwd = ["-C", str(merged), *args], None
     try:
         proc = subprocess.run(
             ["git", *_SAFE, *args],
@@ -112,17 +138,22 @@ def git(
             timeout=timeout,
             check=False,
             preexec_fn=preexec,  # a killed server's fetch or push ends with it
+            pass_fds=fds,  # the credential's in-memory files (openwham.gitauth)
         )
     except subprocess.TimeoutExpired as exc:
         raise WorkspaceError(
-            f"git {args[0]} timed out after {timeout:g} s", f"no answer in {timeout:g} s"
+            f"git {name} timed out after {timeout:g} s", f"no answer in {timeout:g} s"
         ) from exc
     except OSError as exc:
-        raise WorkspaceError(f"git {args[0]} could not run: {exc}", str(exc)) from exc
+        raise WorkspaceError(f"git {name} could not run: {exc}", str(exc)) from exc
     if proc.returncode != 0:
         lines = [x.strip() for x in proc.stderr.splitlines() if x.strip()]
         reason = lines[0].removeprefix("fatal: ")[:500] if lines else f"git exit {proc.returncode}"
-        raise WorkspaceError(f"git {args[0]} failed: {proc.stderr.strip()[-2000:]}", reason)
+        what = refusal(proc.stderr) if remote else None
+        if what is not None:
+            message = f"repository not reachable: {what} for {remote}"
+            raise RemoteRefused(message, message)
+        raise WorkspaceError(f"git {name} failed: {proc.stderr.strip()[-2000:]}", reason)
     return proc.stdout
 
 
@@ -157,8 +188,11 @@ class Mirrors:
             raise ValueError(f"bad repository key {key!r}")
         return self.root / f"{key}.git"
 
-    def ensure(self, key: str, url: str, *, fetch: bool = True) -> Path:
-        """Clone the mirror on first use, else fetch it (unless ``fetch`` is false)."""
+    def ensure(
+        self, key: str, url: str, *, fetch: bool = True, auth: GitAuth | None = None
+    ) -> Path:
+        """Clone the mirror on first use, else fetch it (unless ``fetch`` is false), with
+        ``auth`` for that call only (never stored in the mirror's config)."""
         mirror = self.path(key)
         self.check(url)
         with _locked(self.root / f"{key}.lock"):
@@ -169,16 +203,26 @@ class Mirrors:
             if not (mirror / "HEAD").exists():
                 tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
                 try:
-                    git("clone", "--mirror", "--quiet", url, str(tmp / "m.git"))
+                    git(
+                        "clone", "--mirror", "--quiet", url, str(tmp / "m.git"),
+                        auth=auth, remote=url,
+                    )  # fmt: skip
                     shutil.rmtree(mirror, ignore_errors=True)
                     (tmp / "m.git").rename(mirror)
+                except RemoteRefused:
+                    raise
                 except WorkspaceError as exc:
                     raise WorkspaceError(f"Cannot clone repository {url}: {exc}") from exc
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
             elif fetch:
                 try:
-                    git("fetch", "--prune", "--quiet", "origin", cwd=mirror)
+                    git(
+                        "fetch", "--prune", "--quiet", "origin",
+                        cwd=mirror, auth=auth, remote=url,
+                    )  # fmt: skip
+                except RemoteRefused:
+                    raise
                 except WorkspaceError as exc:
                     raise WorkspaceError(f"Cannot fetch repository {url}: {exc}") from exc
         return mirror
@@ -382,6 +426,7 @@ def commit_and_push(
     author: tuple[str, str],
     at: float,
     scratch: Path,
+    auth: GitAuth | None = None,
 ) -> str:
     """Commit ``diff`` (against ``base``) as a child of ``parent`` (default ``base``), dated
     ``at`` (the same inputs make the same commit: a retried push is a no-op), and push
@@ -431,7 +476,12 @@ def commit_and_push(
             env=who,
         ).strip()
         try:
-            git("push", "--quiet", url, f"{commit}:refs/heads/{branch}", cwd=repo)
+            git(
+                "push", "--quiet", url, f"{commit}:refs/heads/{branch}",
+                cwd=repo, auth=auth, remote=url,
+            )  # fmt: skip
+        except RemoteRefused:
+            raise
         except WorkspaceError as exc:
             text = str(exc)
             if any(w in text for w in ("rejected", "non-fast-forward", "fetch first")):

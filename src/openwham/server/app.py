@@ -29,7 +29,7 @@ from . import errors
 from .admission import AdmissionGate, Gate
 from .health import HealthProbe
 from .limits import BodySizeLimit
-from .routers import account, environments, forges, github, stream, tasks, tokens
+from .routers import account, environments, forges, gitcreds, github, stream, tasks, tokens
 from .state import AppState
 from .webui import mount as mount_web_ui
 
@@ -38,7 +38,7 @@ PREFIXES = {"wham": "/backend-api/wham", "codex": "/api/codex"}
 
 def api_router() -> APIRouter:
     router = APIRouter()
-    subs = (tasks, stream, environments, github, forges, account, tokens)
+    subs = (tasks, stream, environments, github, forges, gitcreds, account, tokens)
     for sub in (module.router for module in subs):
         router.include_router(sub)
     return router

@@ -307,3 +307,23 @@ class ForgeConnection(Base):
     bot_token: Mapped[str | None] = mapped_column(Text, nullable=True)
     pr_authorship_mode: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class GitCredential(Base):
+    """An account's credential for private git remotes whose URL starts with
+    ``url_prefix``: HTTPS (``username`` + sealed ``secret``) or SSH (sealed ``secret`` = the
+    private key, ``known_hosts`` in clear: public). Used by host git only, never shown again."""
+
+    __tablename__ = "git_credentials"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    creator_id: Mapped[str] = mapped_column(ID)
+    kind: Mapped[str] = mapped_column(String(16))  # "https" or "ssh"
+    url_prefix: Mapped[str] = mapped_column(Text)
+    username: Mapped[str | None] = mapped_column(Text, nullable=True)
+    secret: Mapped[str] = mapped_column(Text)
+    known_hosts: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)

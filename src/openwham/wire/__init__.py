@@ -69,6 +69,7 @@ from openwham.wire.forges import (
     ForgeConnectionList,
     PullRequestOptions,
 )
+from openwham.wire.gitcreds import GitCredentialCreate, GitCredentialInfo, GitCredentialList
 from openwham.wire.github import (
     GitHubBranch,
     GitHubBranchPage,
@@ -260,6 +261,9 @@ __all__ = [
     "ForgeConnectionInfo",
     "ForgeConnectionList",
     "Fragment",
+    "GitCredentialCreate",
+    "GitCredentialInfo",
+    "GitCredentialList",
     "GitHubBranch",
     "GitHubBranchPage",
     "GitHubInstallation",

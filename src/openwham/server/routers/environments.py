@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
+from openwham.commands import gitcreds as gitcred_commands
 from openwham.service import environments as envs
 from openwham.wire import (
     Environment,
@@ -55,6 +56,7 @@ def create_environment(
     body: EnvironmentCreate, state: StateDep, principal: PrincipalDep, db: SessionDep
 ) -> Environment:
     row = envs.create(db, principal, body, state.secret_box, state.settings)
+    gitcred_commands.check_remotes(db, state.settings, principal.account_id, row.body)
     db.commit()
     return envs.render(row, 0)
 
@@ -83,6 +85,8 @@ def update_environment(
     db: SessionDep,
 ) -> Environment:
     row = envs.update(db, principal, env_id, body, state.secret_box, state.settings)
+    if body.repos is not None:
+        gitcred_commands.check_remotes(db, state.settings, principal.account_id, row.body)
     db.commit()
     return envs.render_many(db, [row])[0]
 

@@ -1,0 +1,28 @@
+"""Checks of an environment's private remotes with the account's git credentials."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from openwham.config import Settings
+from openwham.engine import branches
+from openwham.service import environments as envs
+from openwham.service import gitcreds
+
+
+def check_remotes(db: Session, settings: Settings, account_id: str, body: dict[str, Any]) -> None:
+    """Every repository of the environment that one of the account's credentials is for
+    answers with it (400 naming the URL and what was refused otherwise); repositories
+    without a credential are not asked (public ones need none, as before)."""
+    box = None
+    for key in body.get("repos") or []:
+        url = envs.repo_url(body, str(key))
+        if not url or url.startswith("/"):
+            continue
+        row = gitcreds.match(db, account_id, url)
+        if row is None:
+            continue
+        box = box or gitcreds.settings_box(settings)
+        branches.check_reachable(url, gitcreds.opened(row, box))
