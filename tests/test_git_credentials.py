@@ -6,6 +6,7 @@ the URL; the secret is nowhere the API, logs, the database file or the sandbox s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -15,10 +16,20 @@ from typing import Any
 
 import pytest
 
-from conftest import Api, Server, completed_task, git, make_repo, wait_for_task
+from conftest import (
+    Api,
+    Server,
+    cli_user,
+    completed_task,
+    git,
+    make_repo,
+    run_cli,
+    wait_for_task,
+)
 from openwham.gitauth import GitAuth
 from openwham.sandbox.workspace import Mirrors, RemoteRefused
 from openwham.service import gitcreds
+from support.browser import sign_in
 from support.git_servers import SmartHttpGit, SshGit, bare_copy, keygen
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
 
@@ -372,3 +383,90 @@ def test_ssh_clone_fetch_and_push_with_a_deploy_key(
     out = subprocess.run(["ls", "/proc/self/fd"], capture_output=True, text=True).stdout
     assert out  # the test process keeps no key descriptor open afterwards:
     assert not [p for p in Path("/proc/self/fd").iterdir() if "wham-git" in str(p.resolve())]
+
+
+# --------------------------------------------------------------------------- CLI and web UI
+
+
+def test_cli_adds_lists_and_removes_with_the_secret_from_stdin(
+    live_server: Any, tmp_path: Path
+) -> None:
+    env = cli_user(tmp_path / "home", live_server.url, live_server.token())
+    r = run_cli(env, "git-credential", "add", "https://git.example.com", "--username", USER)
+    assert r.returncode == 2 and "--secret-stdin" in r.stderr
+    r = run_cli(
+        env,
+        "git-credential",
+        "add",
+        "https://git.example.com",
+        "--username",
+        USER,
+        "--secret-stdin",
+        "--json",
+        stdin=f"{TOKEN}\n",
+    )
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)
+    assert made["url_prefix"] == "https://git.example.com/" and made["kind"] == "https"
+    key = tmp_path / "deploy"
+    keygen(key)
+    r = run_cli(
+        env,
+        "git-credential",
+        "add",
+        "ssh://git@git.example.com/",
+        "--ssh-key",
+        str(key),
+        "--known-hosts",
+        "git.example.com " + Path(f"{key}.pub").read_text().split(" ")[0] + " AAAAC3Nza",
+    )
+    assert r.returncode == 0, r.stderr
+    listed = run_cli(env, "git-credential", "list")
+    assert listed.returncode == 0 and made["id"] in listed.stdout
+    assert f"https as {USER}  for https://git.example.com/" in listed.stdout
+    assert "ssh  for ssh://git@git.example.com/" in listed.stdout
+    assert TOKEN not in listed.stdout + r.stdout and "PRIVATE" not in listed.stdout
+    assert run_cli(env, "git-credential", "remove", made["id"]).returncode == 0
+    left = json.loads(run_cli(env, "git-credential", "list", "--json").stdout)
+    assert [c["kind"] for c in left] == ["ssh"]
+
+
+def test_web_page_adds_lists_and_removes(server: Server) -> None:
+    client = server.api.client
+    csrf = sign_in(client, server.api.token or "")
+    page = client.get("/settings/git-credentials")
+    assert page.status_code == 200 and "No git credentials" in page.text
+    assert 'href="/settings/git-credentials"' in client.get("/settings/forges").text
+    # a username without a secret: 400 with the reason, the prefix kept, nothing echoed
+    bad = client.post(
+        "/settings/git-credentials",
+        data={"csrf": csrf, "url_prefix": "https://git.example/", "username": USER},
+    )
+    assert bad.status_code == 400 and "both" in bad.text and "https://git.example/" in bad.text
+    bad = client.post(
+        "/settings/git-credentials",
+        data={"csrf": csrf, "url_prefix": "ftp://git.example/", "username": USER, "secret": TOKEN},
+    )
+    assert bad.status_code == 400 and TOKEN not in bad.text
+    forged = client.post(
+        "/settings/git-credentials",
+        data={"csrf": "nope", "url_prefix": "https://h/", "username": USER, "secret": TOKEN},
+    )
+    assert forged.status_code == 403
+    assert server.api.get("git_credentials").json()["items"] == []
+    made = client.post(
+        "/settings/git-credentials",
+        data={"csrf": csrf, "url_prefix": "https://git.example", "username": USER, "secret": TOKEN},
+        follow_redirects=False,
+    )
+    assert made.status_code == 303, made.text
+    (cred,) = server.api.get("git_credentials").json()["items"]
+    listed = client.get("/settings/git-credentials").text
+    assert cred["id"] in listed and "https://git.example/" in listed and TOKEN not in listed
+    gone = client.post(
+        f"/settings/git-credentials/{cred['id']}/remove",
+        data={"csrf": csrf},
+        follow_redirects=False,
+    )
+    assert gone.status_code == 303
+    assert server.api.get("git_credentials").json()["items"] == []

@@ -6,7 +6,7 @@ import typer
 
 from openwham import __version__
 
-from . import account, codex_auth, envs, forges, serve, tasks, tokens, web, worker
+from . import account, codex_auth, envs, forges, gitcreds, serve, tasks, tokens, web, worker
 
 app = typer.Typer(
     name="wham",
@@ -48,6 +48,7 @@ def root(
 app.add_typer(tasks.app, name="task")
 app.add_typer(envs.app, name="env")
 app.add_typer(forges.app, name="forge")
+app.add_typer(gitcreds.app, name="git-credential")
 app.command("usage")(account.usage)
 app.command("login")(account.login)
 app.command("logout")(account.logout)

@@ -17,6 +17,7 @@ from openwham.config import Settings
 from openwham.service.keys import SecretBox
 from openwham.store.db import Database
 from openwham.web import forges as forge_pages
+from openwham.web import gitcreds as gitcred_pages
 from openwham.web import tokens as token_pages
 from openwham.web.routes import STATIC, WebUI
 
@@ -56,5 +57,6 @@ def mount(app: FastAPI, state: AppState) -> None:
     ui = WebUI(ServerBackend(state))
     token_pages.add_routes(ui)
     forge_pages.add_routes(ui)
+    gitcred_pages.add_routes(ui)
     app.include_router(ui.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

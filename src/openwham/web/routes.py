@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from openwham import __version__
 from openwham.commands import branches as branch_commands
+from openwham.commands import gitcreds as gitcred_commands
 from openwham.commands import prs as pr_commands
 from openwham.commands import tasks as task_commands
 from openwham.service import environments as envs
@@ -542,6 +543,9 @@ class WebUI:
                     self.backend.secret_box,
                     self.backend.settings,
                 )
+                gitcred_commands.check_remotes(
+                    db, self.backend.settings, principal.account_id, row.body
+                )
                 db.commit()
             except (ServiceError, ValidationError, ValueError) as exc:
                 db.rollback()
@@ -569,7 +573,7 @@ class WebUI:
             values = _env_form_values(form)
             try:
                 body = EnvironmentUpdate.model_validate(_env_payload(values, data, form))
-                envs.update(
+                updated = envs.update(
                     db,
                     principal,
                     env_id,
@@ -577,6 +581,10 @@ class WebUI:
                     self.backend.secret_box,
                     self.backend.settings,
                 )
+                if body.repos is not None:
+                    gitcred_commands.check_remotes(
+                        db, self.backend.settings, principal.account_id, updated.body
+                    )
                 db.commit()
             except (ServiceError, ValidationError, ValueError) as exc:
                 db.rollback()
