@@ -470,3 +470,34 @@ def test_web_page_adds_lists_and_removes(server: Server) -> None:
     )
     assert gone.status_code == 303
     assert server.api.get("git_credentials").json()["items"] == []
+
+
+def test_another_account_without_the_credential_sees_no_branch_of_the_mirror(
+    server: Server, http_remote: tuple[SmartHttpGit, Path, str]
+) -> None:
+    """Mirrors are per URL, shared by accounts: one fetched with a credential answers
+    branch lookups only to callers with one (the others ask the remote, which refuses)."""
+    api = server.api
+    httpd, _, url = http_remote
+    add_https(api, f"{httpd.url}/")
+    env = api.create_env(url)
+    settings = server.app_state.settings
+    from openwham.commands import branches as branch_commands
+
+    with server.app_state.db.session() as s:
+        owner = s.scalar(gitcreds.select(gitcreds.m.GitCredential.account_id))
+        assert owner is not None
+        auth = gitcreds.auth_for(s, owner, url, server.app_state.secret_box)
+    Mirrors(settings.resolved_data_dir / "mirrors").ensure(env["repos"][0], url, auth=auth)
+    other = api.as_(server.other_account_token())
+    theirs = other.post("environments", json={"label": "t", "repos": [url]})
+    assert theirs.status_code == 201, theirs.text  # no credential: not asked at save
+    r = other.post("tasks", json=_task_body(theirs.json()["id"], "main"))
+    assert r.status_code == 400, r.text
+    assert "authentication failed" in r.json()["detail"] and url in r.json()["detail"]
+    with server.app_state.db.session() as s:
+        assert branch_commands.lookup(settings, s, owner)(env["repos"][0], url, "main")
+    from openwham.engine import branches
+
+    assert branches.search_branches(settings, env["repos"][0], url) == []
+    assert branches.search_branches(settings, env["repos"][0], url, auth) == ["main"]

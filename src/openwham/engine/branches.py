@@ -36,11 +36,15 @@ MAX_BRANCHES = 500
 FETCH_EVERY = 30.0
 
 
-def _mirror(settings: Settings, repo_key: str) -> Path | None:
-    """The engine's bare mirror of the repository, when it has one."""
+def _mirror(settings: Settings, repo_key: str, auth: GitAuth | None) -> Path | None:
+    """The engine's bare mirror of the repository, when it has one (not to a caller without
+    a credential when it was fetched with one: the remote answers them instead)."""
+    mirrors = Mirrors(settings.resolved_data_dir / "mirrors")
     try:
-        mirror = Mirrors(settings.resolved_data_dir / "mirrors").path(repo_key)
+        mirror = mirrors.path(repo_key)
     except ValueError:
+        return None
+    if auth is None and mirrors.private(repo_key):
         return None
     return mirror if (mirror / "HEAD").exists() else None
 
@@ -56,7 +60,7 @@ def branch_exists(
 ) -> bool:
     """Whether ``branch`` is a branch of the repository at ``url``; :class:`BadRequest` when
     the repository cannot be reached (the message names it and git's reason)."""
-    mirror = _mirror(settings, repo_key)
+    mirror = _mirror(settings, repo_key, auth)
     if mirror is not None and branch_head(mirror, branch):
         return True
     ref = f"refs/heads/{branch}"
@@ -79,7 +83,7 @@ def list_branches(
     """The repository's branch names: from its mirror when there is one (no network), else
     from the remote within :data:`LIST_TIMEOUT`; ``[]`` when neither answers."""
     refs: list[str] = []
-    mirror = _mirror(settings, repo_key)
+    mirror = _mirror(settings, repo_key, auth)
     try:
         if mirror is not None:
             out = git("for-each-ref", "--format=%(refname)", "refs/heads/", cwd=mirror)
@@ -113,7 +117,7 @@ class MirrorRefresher:
             mirror = mirrors.path(repo_key)
         except ValueError:
             return
-        if not (mirror / "HEAD").exists():
+        if not (mirror / "HEAD").exists() or (auth is None and mirrors.private(repo_key)):
             return  # no clone in a request: list_branches asks the remote instead
         now = time.monotonic()
         with self._lock:

@@ -188,6 +188,11 @@ class Mirrors:
             raise ValueError(f"bad repository key {key!r}")
         return self.root / f"{key}.git"
 
+    def private(self, key: str) -> bool:
+        """Whether the mirror was ever fetched with a credential: its refs are then not
+        answered to a caller without one (mirrors are shared by every account)."""
+        return (self.root / f"{key}.private").exists()
+
     def ensure(
         self, key: str, url: str, *, fetch: bool = True, auth: GitAuth | None = None
     ) -> Path:
@@ -196,6 +201,8 @@ class Mirrors:
         mirror = self.path(key)
         self.check(url)
         with _locked(self.root / f"{key}.lock"):
+            if auth is not None:
+                (self.root / f"{key}.private").touch()
             # a clone cut short by a crash left its temporary directory: none is in use now
             for stale in self.root.glob(f".{key}.*"):
                 if "." not in stale.name[len(key) + 2 :]:  # mkdtemp's suffix, not "key.x"'s
