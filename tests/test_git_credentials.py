@@ -501,3 +501,25 @@ def test_another_account_without_the_credential_sees_no_branch_of_the_mirror(
 
     assert branches.search_branches(settings, env["repos"][0], url) == []
     assert branches.search_branches(settings, env["repos"][0], url, auth) == ["main"]
+
+
+@pytest.mark.sandbox
+def test_private_ssh_repository_end_to_end(
+    engine_server: Server,
+    scripted_model: ScriptedModel,
+    ssh_remote: tuple[SshGit, Path, str, str],
+) -> None:
+    api = engine_server.api
+    sshd, remote, url, key = ssh_remote
+    add_ssh(api, f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/", key, sshd.known_hosts)
+    env = api.create_env(url)
+    task_id, turn_id, _ = completed_task(
+        api, scripted_model, env["id"], "Fix add", [Patch(FIX), Say("Fixed.")]
+    )
+    r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
+    assert r.status_code == 200, r.text
+    branch = r.json()["pull_request"]["head"]
+    assert "return a + b" in git("show", f"{branch}:calc.py", cwd=remote)
+    body = key.split("\n")[1]  # a line of the key's base64
+    assert scan(body, engine_server.app_state.settings.resolved_data_dir) == []
+    assert body not in api.get(f"tasks/{task_id}").text
