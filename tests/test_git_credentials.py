@@ -10,7 +10,9 @@ import json
 import logging
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from conftest import (
     wait_for_task,
 )
 from openwham.gitauth import GitAuth
-from openwham.sandbox.workspace import Mirrors, RemoteRefused
+from openwham.sandbox.workspace import Mirrors, RemoteRefused, WorkspaceError
 from openwham.service import gitcreds
 from support.browser import sign_in
 from support.git_servers import SmartHttpGit, SshGit, bare_copy, keygen
@@ -523,3 +525,35 @@ def test_private_ssh_repository_end_to_end(
     body = key.split("\n")[1]  # a line of the key's base64
     assert scan(body, engine_server.app_state.settings.resolved_data_dir) == []
     assert body not in api.get(f"tasks/{task_id}").text
+
+
+def test_a_redirect_never_takes_the_credential_to_another_host(
+    tmp_path: Path, http_remote: tuple[SmartHttpGit, Path, str]
+) -> None:
+    """A remote that redirects to another host (here: the real repository on another port)
+    gets no credential sent there: git follows no redirect with one."""
+    httpd, _, url = http_remote
+    target = url
+
+    class Redirect(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(301)
+            self.send_header("Location", target + self.path.split("widgets.git", 1)[1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    front = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    try:
+        moved = f"http://127.0.0.1:{front.server_address[1]}/acme/widgets.git"
+        auth = GitAuth(url_prefix=moved, kind="https", username=USER, secret=TOKEN)
+        (tmp_path / "mirrors").mkdir()
+        with pytest.raises(WorkspaceError):
+            Mirrors(tmp_path / "mirrors").ensure("k", moved, auth=auth)
+        assert httpd.seen_auth == []  # the other host never saw a request, let alone the token
+    finally:
+        front.shutdown()
+        front.server_close()
