@@ -239,6 +239,43 @@ def test_replay_from_the_database_joins_the_tail_without_gap_or_duplicate(
     assert replayed  # some started before the tail, so read from the database
 
 
+def test_a_stream_opened_as_the_attempt_ends_ends_at_its_terminal_event(
+    any_server: Server, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attempt ends (status and terminal event, one commit) between a new tail's read of
+    the status and its read of the rows: a client resuming at the terminal event
+    (``Last-Event-ID`` of the end: its connection dropped just after it) gets nothing more
+    and its stream ends at once, not a second, synthetic end after the grace period. (With a
+    status that never became terminal this hung the replay test above.)"""
+    server = any_server
+    task_id, turn_id = _turn(server, repo)
+    _write(server, task_id, turn_id, 3)
+    with server.app_state.db.session() as s:
+        before = fanout._state(s, turn_id)  # what a read just before the commit sees
+    assert before[0] not in events.TERMINAL_STATUSES
+    finish_turn(server, turn_id)
+    expected = _all_ids(server, turn_id)
+    read_state = fanout._state
+    stale = [before]
+
+    def state_read_before_the_commit(s: Any, tid: str) -> tuple[str | None, int]:
+        return stale.pop() if stale else read_state(s, tid)
+
+    monkeypatch.setattr(fanout, "_state", state_read_before_the_commit)
+    monkeypatch.setattr(fanout, "TERMINAL_GRACE_SECONDS", 60.0)
+    hub = FanOut(server.app_state.db, server.app_state.bus)
+
+    async def main() -> list[bytes]:
+        with anyio.fail_after(10):
+            return await _collect(hub.frames(turn_id, expected[-1], None))
+
+    assert asyncio.run(main()) == []
+    assert not stale and not hub.tails
+    stale.append(before)  # a stream from the start: every event, ending at the terminal one
+    assert _ids(asyncio.run(_collect(hub.frames(turn_id, 0, None)))) == expected
+    assert not hub.tails
+
+
 def test_the_tail_and_the_queues_stay_bounded(server: Server, repo: Path) -> None:
     task_id, turn_id = _turn(server, repo)
     limits = Limits(tail_frames=50, tail_bytes=6_000, queue_batches=3, queue_bytes=10_000)

@@ -246,8 +246,12 @@ def _open(db: Database, turn_id: str, limits: Limits) -> _Opened:
         complete = len(frames) == len(rows) and len(rows) < limits.tail_frames
         base = 0 if complete or not frames else frames[0].id - 1
         last = frames[-1].id if frames else 0
-        ended = False
-        if status in events.TERMINAL_STATUSES:
+        # A terminal event ends the stream, whatever the status read before it said: the
+        # attempt may have ended between the two reads (statements are not one snapshot), and
+        # a joiner at that very event (Last-Event-ID of the end) would otherwise wait for
+        # the grace period and get a second, synthetic end (or, with no status, forever).
+        ended = any(f.terminal for f in frames)
+        if not ended and status in events.TERMINAL_STATUSES:
             row = s.scalars(
                 select(m.TurnEvent)
                 .where(
