@@ -524,6 +524,14 @@ def engine_server(tmp_path: Path, sqlite_url: str, scripted_model: Any) -> Itera
     yield from make_server(tmp_path, sqlite_url, **engine_settings(scripted_model))
 
 
+@pytest.fixture
+def standby_server(tmp_path: Path, sqlite_url: str, scripted_model: Any) -> Iterator[Server]:
+    """``engine_server`` keeping one standby sandbox ready (``WHAM_STANDBY_SANDBOXES=1``)."""
+    yield from make_server(
+        tmp_path, sqlite_url, **engine_settings(scripted_model, standby_sandboxes=1)
+    )
+
+
 def wait_for_task(api: Api, task_id: str, timeout: float = 90.0) -> dict[str, Any]:
     """Poll ``GET tasks/{id}`` until the current attempt is terminal; returns the details."""
     deadline = time.monotonic() + timeout

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Server, engine_settings, make_server, wait_for_task
+from conftest import Server, wait_for_task
 from openwham.runtimes import codex
 from openwham.sandbox.egress import SAFE_METHODS, agent_policy, common_dependencies
 from support.browser import sign_in
@@ -278,15 +278,6 @@ def test_off_has_no_way_out(
     assert not turn.get("proxy_events")
     told = str(scripted_model.requests[0])
     assert codex.NO_NETWORK_NOTE in told and "HTTP proxy" not in told  # told it has none
-
-
-@pytest.fixture
-def standby_server(
-    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel
-) -> Iterator[Server]:
-    yield from make_server(
-        tmp_path, sqlite_url, **engine_settings(scripted_model, standby_sandboxes=1)
-    )
 
 
 def test_a_standby_runs_only_under_the_policy_it_was_made_with(

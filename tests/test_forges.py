@@ -33,22 +33,10 @@ from openwham.wire import TaskDetails
 from support.browser import sign_in
 from support.forge_standin import ForgeStandIn
 from support.scripted_model import Patch, Say, ScriptedModel
+from test_pr_branches import FIX, MORE
 
 TOKEN = "forge-token-1234"
 BOT = "forge-bot-token-5678"
-FIX = """\
-*** Begin Patch
-*** Update File: calc.py
-@@
- def add(a, b):
--    return a - b
-+    return a + b
-*** End Patch"""
-MORE = """\
-*** Begin Patch
-*** Add File: NOTES.md
-+add() adds.
-*** End Patch"""
 
 
 def hosted_remote(tmp_path: Path) -> tuple[Path, Path]:

@@ -12,14 +12,13 @@ import json
 import re
 import shutil
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from packaging.requirements import Requirement
 
-from conftest import Api, Server, engine_settings, git, make_repo, make_server, wait_for_task
+from conftest import Api, Server, git, make_repo, wait_for_task
 from openwham.runtimes.codex import codex_home_files
 from support.browser import sign_in
 from support.scripted_model import CallTool, Say, ScriptedModel, SearchTools
@@ -269,15 +268,6 @@ def test_the_agent_calls_a_stdio_server_inside_the_sandbox(
     assert "+++ b/mcp-note.txt" in diff
     assert "+hello from the model (uid " in diff and ", tagged)" in diff
     assert "(uid 0," not in diff
-
-
-@pytest.fixture
-def standby_server(
-    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel
-) -> Iterator[Server]:
-    yield from make_server(
-        tmp_path, sqlite_url, **engine_settings(scripted_model, standby_sandboxes=1)
-    )
 
 
 def _run(server: Server, env_id: str, prompt: str) -> dict[str, Any]:

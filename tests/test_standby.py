@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +49,6 @@ def repo(tmp_path: Path) -> Path:
     git("add", ".", cwd=path)
     git("commit", "-q", "-m", "app", cwd=path)
     return path
-
-
-@pytest.fixture
-def standby_server(
-    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel
-) -> Iterator[Server]:
-    yield from make_server(
-        tmp_path, sqlite_url, **engine_settings(scripted_model, standby_sandboxes=1)
-    )
 
 
 def engine_of(server: Server) -> Engine:
