@@ -55,6 +55,12 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/tasks"): {"input_items": []},
     ("POST", "/environments"): {"label": "x", "repos": ["/nonexistent"]},
     ("PATCH", "/environments/{env_id}"): {"label": "renamed"},
+    ("POST", "/forge_connections"): {"kind": "github", "token": "t0k3n"},
+    ("POST", "/git_credentials"): {
+        "url_prefix": "https://git.example.com/",
+        "username": "u",
+        "secret": "s3cr3t",
+    },
     ("PATCH", "/settings/user"): {"git_diff_mode": "unified"},
     ("POST", "/tokens"): {"name": "from the route matrix"},
 }
@@ -92,6 +98,8 @@ class World:
     other_task: str
     other_turn: str
     other_account: str
+    repo_id: str = ""  # the owner's environment's repository (github/… routes)
+    installation_id: str = ""
 
     def fill(self, path: str, **over: str) -> str:
         values = {
@@ -102,6 +110,10 @@ class World:
             "owner": "acme",
             "repo": "widgets",
             "token_id": "tok_" + "0" * 32,
+            "repo_id": self.repo_id,
+            "installation_id": self.installation_id,
+            "connection_id": "0" * 32,
+            "credential_id": "0" * 32,
             **over,
         }
         return path.format(**values)
@@ -117,7 +129,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     try:
         owner = server.api
         other = owner.as_(server.other_account_token())
-        env = owner.create_env(repo)["id"]
+        made = owner.create_env(repo)
+        env = made["id"]
         created = owner.create_task(env, metadata={"best_of_n": 2})
         other_env = other.create_env(repo, label="theirs")["id"]
         theirs = other.create_task(other_env, metadata={"best_of_n": 2})
@@ -136,6 +149,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             other_task=theirs["task"]["id"],
             other_turn=theirs["turn"]["id"],
             other_account=other_account,
+            repo_id=made["repos"][0],
+            installation_id=owner.get("github/installations").json()["installations"][0]["id"],
         )
     finally:
         gen.close()
@@ -175,7 +190,11 @@ def test_owner_token_reaches_every_route(world: World) -> None:
             expected = (
                 400 if (method, path) in {("POST", "/tasks"), ("POST", "/environments")} else 200
             )
-            if (method, path) == ("POST", "/tokens"):
+            if (method, path) in {
+                ("POST", "/tokens"),
+                ("POST", "/forge_connections"),
+                ("POST", "/git_credentials"),
+            }:
                 expected = 201
             # past auth, the route's own check answers: the finished attempt has no change
             if path == "/tasks/{task_id}/turns/{turn_id}/pr":
