@@ -65,13 +65,18 @@ def wait_standbys(server: h.WhamServer, n: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         settled = 0
-        for git_dir in (server.data_dir / "attempts").glob(".standby-*/workspace/.git"):
+        for standby in (server.data_dir / "attempts").glob(".standby-*"):
+            if (standby / "overlay-lower").is_symlink():  # an overlay: its index is the
+                settled += 1  # shared checkout's, settled once per commit
+                continue
+            git_dir = standby / "workspace" / ".git"
             try:
                 if (git_dir / "index").stat().st_mtime - (git_dir / "HEAD").stat().st_mtime > 1:
                     settled += 1
             except OSError:
                 continue
         if settled >= n:
+            time.sleep(0.5)  # its Codex is started and waits for a prompt
             return
         time.sleep(0.05)
 
