@@ -5,17 +5,16 @@ never shown again) and a remove button per connection. Everything goes through
 
 # No `from __future__ import annotations`: FastAPI must see the dependency aliases as objects.
 
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
-from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from openwham.service import forges
 from openwham.service.errors import BadRequest
 from openwham.wire.forges import ForgeConnectionCreate
 
+from . import views
 from .routes import Form, WebUI
 
 PATH = "/settings/forges"
@@ -26,20 +25,13 @@ def _rows(db: Session, principal: Any) -> list[dict[str, Any]]:
     out = []
     for row in forges.list_rows(db, principal):
         info = forges.render(row).model_dump()
-        info["created"] = datetime.fromtimestamp(row.created_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        info["created"] = views.utc_minute(row.created_at)
         out.append(info)
     return out
 
 
 def _body(values: dict[str, str]) -> ForgeConnectionCreate:
-    """The form as the API's body: empty fields are the defaults; a bad value is a 400."""
-    given = {k: v.strip() for k, v in values.items() if v.strip()}
-    try:
-        return ForgeConnectionCreate.model_validate(given)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "form"
-        raise BadRequest(f"{where}: {first['msg']}") from exc
+    return views.form_model(ForgeConnectionCreate, values)
 
 
 def add_routes(ui: WebUI) -> None:

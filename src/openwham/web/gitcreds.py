@@ -5,17 +5,16 @@ through ``service.gitcreds``, as the API's ``git_credentials`` routes do."""
 
 # No `from __future__ import annotations`: FastAPI must see the dependency aliases as objects.
 
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
-from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from openwham.service import gitcreds
 from openwham.service.errors import BadRequest
 from openwham.wire.gitcreds import GitCredentialCreate
 
+from . import views
 from .routes import Form, WebUI
 
 PATH = "/settings/git-credentials"
@@ -27,20 +26,13 @@ def _rows(db: Session, principal: Any) -> list[dict[str, Any]]:
     out = []
     for row in gitcreds.list_rows(db, principal):
         info = gitcreds.render(row).model_dump()
-        info["created"] = datetime.fromtimestamp(row.created_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        info["created"] = views.utc_minute(row.created_at)
         out.append(info)
     return out
 
 
 def _body(values: dict[str, str]) -> GitCredentialCreate:
-    """The form as the API's body: empty fields are left out; a bad value is a 400."""
-    given = {k: v.strip() for k, v in values.items() if v.strip()}
-    try:
-        return GitCredentialCreate.model_validate(given)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "form"
-        raise BadRequest(f"{where}: {first['msg']}") from exc
+    return views.form_model(GitCredentialCreate, values)
 
 
 def add_routes(ui: WebUI) -> None:

@@ -10,7 +10,6 @@ in with ends this session too (``WebUI.principal`` checks the token on every pag
 # No `from __future__ import annotations`: FastAPI must see the dependency aliases as objects.
 
 import time
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
@@ -20,16 +19,13 @@ from openwham.service import accounts
 from openwham.service import tokens as api_tokens
 from openwham.service.errors import BadRequest
 
-from . import session
+from . import session, views
 from .routes import Form, WebUI
 
 PATH = "/settings/tokens"
 
 
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "never"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+_when = views.utc_minute
 
 
 def _rows(db: Session, user_id: str, current_id: str | None) -> list[dict[str, Any]]:

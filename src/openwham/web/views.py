@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
+from pydantic import BaseModel, ValidationError
+
+from openwham.service.errors import BadRequest
 from openwham.store.status import ACTIVE, TurnStatus
 from openwham.wire import TaskListItem
 
@@ -233,3 +237,25 @@ def parse_pairs(text: str, what: str) -> dict[str, str]:
             raise ValueError(f"{what}, line {number}: write NAME=value")
         out[name.strip()] = value
     return out
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def utc_minute(ts: float | None) -> str:
+    """A stored time as the settings pages list it (``never`` when unset)."""
+    if ts is None:
+        return "never"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def form_model(model: type[M], values: dict[str, str]) -> M:
+    """A settings form as the API's body: empty fields are left out (the defaults); a bad
+    value is a 400 naming the field."""
+    given = {k: v.strip() for k, v in values.items() if v.strip()}
+    try:
+        return model.model_validate(given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "form"
+        raise BadRequest(f"{where}: {first['msg']}") from exc
