@@ -45,6 +45,7 @@ SHARE_SETTINGS = ("private", "workspace")
 DEFAULT_WORKSPACE_DIR = "/workspace"
 MAX_WORKSPACE_DIR = 1024
 MAX_MCP_SERVERS = 16
+_REPO_DIR = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
 MAX_MCP_ARGS = 64
 MAX_MCP_TEXT = 4096
 MAX_MCP_TIMEOUT = 600.0
@@ -307,7 +308,43 @@ def _repo_fields(specs: list[Any], policy: LocalRepoPolicy) -> tuple[list[str], 
             raise BadRequest(f"Repository listed twice: {repo.clone_url}")
         keys.append(key)
         repo_map[key] = repo.model_dump(mode="json")
+    if len(keys) > 1:
+        _check_repo_dirs(keys, repo_map)
     return keys, repo_map
+
+
+def _check_repo_dirs(keys: list[str], repo_map: dict[str, Any]) -> None:
+    """Several repositories are cloned side by side, each into the directory of its name
+    (:func:`repo_dirs`): refuse a name that is no plain directory name, and two that would
+    share one directory (compared case-insensitively, so a checkout on a case-insensitive
+    file system cannot mix them either). (At most 10 repositories: the wire model.)"""
+    seen: dict[str, str] = {}
+    for key in keys:
+        info = repo_map[key]
+        name, url = str(info.get("name") or ""), str(info.get("clone_url") or "")
+        if not _REPO_DIR.match(name):
+            raise BadRequest(
+                f"Repository {url} is named {name!r}, which cannot be its directory in the "
+                'workspace: give it a name such as owner/repo ({"url": …, "name": …})'
+            )
+        if name.lower() in seen:
+            raise BadRequest(
+                f"Repositories {seen[name.lower()]} and {url} would both be cloned into "
+                f"the workspace's directory {name!r}: give one of them another name "
+                '({"url": …, "name": "owner/other"})'
+            )
+        seen[name.lower()] = url
+
+
+def repo_dirs(env_body: dict[str, Any]) -> dict[str, str]:
+    """Where each repository is in the workspace, relative to it: ``""`` for the one
+    repository of a single-repository environment (the workspace is its checkout, as
+    always), else each repository's name (``workspace_dir/<name>``; distinct, checked at
+    save: :func:`_check_repo_dirs`)."""
+    keys = [str(k) for k in env_body.get("repos") or []]
+    if len(keys) <= 1:
+        return dict.fromkeys(keys, "")
+    return {k: str(repo_info(env_body, k).get("name") or k) for k in keys}
 
 
 def _policy(db: Session, account_id: str, settings: Settings) -> LocalRepoPolicy:
