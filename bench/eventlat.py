@@ -61,7 +61,7 @@ def recorder(url: str, task_id: str, turn_id: str, count: int, interval: float) 
             row = s.get(m.Turn, turn_id)
             assert row is not None
             body = dict(row.body)
-            assert turnstate.claim(s, turn_id, body=body)
+            assert turnstate.claim(s, turn_id, body=body, run="bench")
         bus.publish(turn_id)  # a worker's bus is connected long before: connect it now
         time.sleep(0.3)
         rec = TurnRecorder(db, bus, task_id, turn_id, body)

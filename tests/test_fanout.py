@@ -406,7 +406,7 @@ def test_a_stream_joining_after_the_attempt_started_over_gets_no_deleted_frames(
     with db.session() as s:
         turn = s.get(m.Turn, turn_id)
         assert turn is not None
-        assert turnstate.claim(s, turn_id, body=dict(turn.body))
+        assert turnstate.claim(s, turn_id, body=dict(turn.body), run="r1")
     hub = server.app_state.fanout
     _write(server, task_id, turn_id, 5)
     old = _all_ids(server, turn_id)

@@ -118,6 +118,14 @@ class Cluster:
         body = row[0] if isinstance(row[0], dict) else json.loads(row[0])
         return dict(body.get("run") or {})
 
+    def events_of(self, turn_id: str) -> list[tuple[Any, ...]]:
+        """The attempt's event rows (id, type, payload) as the database holds them."""
+        with psycopg.connect(self.url.replace("postgresql+psycopg://", "postgresql://")) as c:
+            rows = c.execute(
+                "SELECT * FROM turn_events WHERE turn_id = %s ORDER BY 1", (turn_id,)
+            ).fetchall()
+        return [tuple(r) for r in rows]
+
     def worker_of(self, turn_id: str) -> Worker:
         executor = str(self.run_of(turn_id).get("executor") or "")
         pid = int(executor.split(":")[1]) if executor.count(":") == 2 else -1
@@ -386,6 +394,47 @@ def test_sigkill_of_a_worker_mid_attempt_completes_on_the_other(cluster: Cluster
         finally:
             killed.start()
     print(f"SIGKILL of a worker: the attempt completed on the other {took:.1f} s later")
+
+
+def test_a_stalled_worker_that_wakes_up_stops_its_sandbox_and_writes_nothing(
+    cluster: Cluster,
+) -> None:
+    """Run fencing across machines: a worker freezes mid-attempt (SIGSTOP: alive, but its
+    heartbeats stop), the other worker's sweep requeues the attempt and runs it again. When the
+    frozen worker wakes up (SIGCONT) while the other is still running it, its run finds its
+    token gone: it kills its own sandbox and writes nothing more (no "Cancelled", no result),
+    so the attempt ends with the other worker's result (docs/ARCHITECTURE.md, "Run
+    fencing"). Without fencing the woken run sees the attempt in progress and goes on."""
+    marker, again = unique_marker("qn-stall"), unique_marker("qn-again")
+    cluster.model.script = [_sleep(300, marker), Say("Done.")]
+    with cluster.client() as c:
+        created = _new_task(cluster, c, "Survive a stall")
+        task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+        _running(cluster, marker)
+        stalled = cluster.worker_of(turn_id)
+        cluster.model.script = [_sleep(15, again), Say("Done after the stall.")]
+        stalled.signal(signal.SIGSTOP)
+        woken = False
+        try:
+            _running(cluster, again, timeout=150)  # the other worker runs it again
+            assert cluster.worker_of(turn_id) is cluster.other(stalled)
+            assert host_pids(marker), "the frozen worker's sandbox should still be running"
+            stalled.signal(signal.SIGCONT)
+            woken = True
+            assert wait_gone(marker, timeout=15) == [], stalled.tail()
+            assert host_pids(again), "the other worker's run should still be going"
+            (turn,) = _settled(c, task_id, 120)
+            assert turn["turn_status"] == "completed", turn.get("error")
+            assert cluster.worker_of(turn_id) is cluster.other(stalled)
+            assert cluster.run_of(turn_id)["tries"] == 2
+            assert "Done after the stall." in json.dumps(turn)
+            texts = [json.dumps(e[3:]) for e in cluster.events_of(turn_id)]
+            assert not any("Cancelled" in t or "superseded" in t for t in texts)
+            assert stalled.process is not None and stalled.process.poll() is None
+            assert "superseded" in stalled.tail()
+        finally:
+            if not woken:
+                stalled.signal(signal.SIGCONT)
 
 
 def test_a_worker_whose_keys_are_not_the_databases_is_refused_at_start(

@@ -81,7 +81,7 @@ def _apply(db: Database, turn_id: str, transition: Transition) -> bool:
     body = {"n": 1}
     with db.session() as s:
         calls = {
-            Transition.CLAIM: lambda: turnstate.claim(s, turn_id, body=body),
+            Transition.CLAIM: lambda: turnstate.claim(s, turn_id, body=body, run="r1"),
             Transition.WAIT: lambda: turnstate.wait(s, turn_id, body=body),
             Transition.RECORD: lambda: turnstate.record(s, turn_id, body=body),
             Transition.FINISH: lambda: turnstate.finish(s, turn_id, body=body),
@@ -221,7 +221,7 @@ def _race(db: Database, turn_id: str, n: int) -> list[str]:
         try:
             barrier.wait(timeout=30)
             with db.session() as s:
-                if turnstate.claim(s, turn_id, body={"run": {"executor": name}}):
+                if turnstate.claim(s, turn_id, body={"run": {"executor": name}}, run=name):
                     won.append(name)
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -261,7 +261,7 @@ def test_a_claim_blocked_by_another_nodes_claim_loses(postgres_url: str) -> None
 
 def _claim_as(db: Database, turn_id: str, result: list[bool]) -> None:
     with db.session() as s:
-        result.append(turnstate.claim(s, turn_id, body={"by": "B"}))
+        result.append(turnstate.claim(s, turn_id, body={"by": "B"}, run="B"))
 
 
 def _wait_until_blocked_by(db: Database, pid: Any) -> None:
@@ -290,7 +290,7 @@ def test_a_node_judging_an_attempt_lost_cannot_undo_a_newer_write(db: Database) 
     with db.session() as s:  # node B
         assert turnstate.requeue(s, turn_id, body={"by": "B"}, seen=seen)
     with db.session() as s:
-        assert turnstate.claim(s, turn_id, body={"by": "B"})
+        assert turnstate.claim(s, turn_id, body={"by": "B"}, run="B")
     with db.session() as s:  # node A, late
         assert not turnstate.requeue(s, turn_id, body={"by": "A"}, seen=seen)
         assert not turnstate.fail(s, turn_id, body={"by": "A"}, error=ERROR, seen=seen)

@@ -45,7 +45,7 @@ from .claim import Claim, Claims
 from .control import AttemptFailed as AttemptFailed  # re-exported: executors import them here
 from .control import Control as Control
 from .control import Stopped, attempt_limits
-from .recorder import TurnRecorder
+from .recorder import SUPERSEDED, TurnRecorder
 from .result import Results, redactor
 from .standby import AgentKey
 from .titling import Titles
@@ -85,6 +85,7 @@ class Engine:
     results: Results = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._runs: dict[str, str | None] = {}  # turn id -> the run id this process runs
         data = self.settings.resolved_data_dir
         self.claims = Claims(self.settings, self.db, self.bus, self.executor_id)
         self.titles = Titles(self.settings, self.db, self.bus)
@@ -144,8 +145,16 @@ class Engine:
         claim = self._claim(turn_id)
         if claim is None:
             return None
+        self._runs[turn_id] = claim.run_id
         rec = TurnRecorder(
-            self.db, self.bus, claim.task_id, turn_id, claim.body, redactor(self.gateway, claim)
+            self.db,
+            self.bus,
+            claim.task_id,
+            turn_id,
+            claim.body,
+            redactor(self.gateway, claim),
+            run_id=claim.run_id,
+            on_gone=control.cancel,  # a run that lost its attempt stops at once
         )
         self.titles.start(
             claim,
@@ -179,20 +188,36 @@ class Engine:
             )
         finally:
             alive.set()
-            if self.gateway is not None:  # its usage is recorded: nothing reads it again
-                self.gateway.revoke(turn_id)
-                self.gateway.forget(turn_id)
-            if (
-                claim.repo_key
-                and claim.repo_url
-                and claim.branch
-                and claim.plain
-                and control.reason != "shutdown"
-            ):
-                # the next task like this one starts warm, each of its attempts
-                self.standby.refill(claim.key, claim.attempts)
-            # keeps what follow-ups need, and stores it for the other nodes
-            storage.tidy(self.attempts_root, self.db, turn_id, self.artifacts)
+            if rec.gone_reason == SUPERSEDED:  # another run holds the attempt now
+                self._superseded(claim, attempt_dir)
+            else:
+                self._runs.pop(turn_id, None)
+                if self.gateway is not None:  # its usage is recorded: nothing reads it again
+                    self.gateway.revoke(turn_id)
+                    self.gateway.forget(turn_id)
+                if (
+                    claim.repo_key
+                    and claim.repo_url
+                    and claim.branch
+                    and claim.plain
+                    and control.reason != "shutdown"
+                ):
+                    # the next task like this one starts warm, each of its attempts
+                    self.standby.refill(claim.key, claim.attempts)
+                # keeps what follow-ups need, and stores it for the other nodes
+                storage.tidy(self.attempts_root, self.db, turn_id, self.artifacts)
+
+    def _superseded(self, claim: Claim, attempt_dir: Path) -> None:
+        """The end of a run whose attempt was requeued (and maybe claimed again) under it:
+        it writes nothing (no session to the store, no standby refill); its files and
+        gateway token go unless a newer run of the attempt is in this process."""
+        if self._runs.get(claim.turn_id) != claim.run_id:
+            return
+        self._runs.pop(claim.turn_id, None)
+        if self.gateway is not None:
+            self.gateway.revoke(claim.turn_id)
+            self.gateway.forget(claim.turn_id)
+        storage.remove_tree(attempt_dir)
 
     # ------------------------------------------------------------------ claiming
 
@@ -275,13 +300,22 @@ class Engine:
                 return result
             if ready.is_set():
                 return None
-            if rec.gone or self._cancelled_elsewhere(rec.turn_id):
-                control.cancel("cancelled")
+            gone = rec.gone_reason or ("cancelled" if rec.gone else self._stopped_elsewhere(rec))
+            if gone:
+                control.cancel(gone)
 
-    def _cancelled_elsewhere(self, turn_id: str) -> bool:
+    def _stopped_elsewhere(self, rec: TurnRecorder) -> str | None:
+        """Whether another process cancelled the attempt or took it from this run (then
+        ``superseded``: requeued, maybe claimed by another worker)."""
         with self.db.sessions() as s:
-            status = s.scalar(select(m.Turn.turn_status).where(m.Turn.id == turn_id))
-        return status != TurnStatus.IN_PROGRESS
+            row = s.execute(
+                select(m.Turn.turn_status, m.Turn.run_id).where(m.Turn.id == rec.turn_id)
+            ).first()
+        if row is not None and rec.run_id is not None and row.run_id != rec.run_id:
+            return SUPERSEDED
+        return (
+            None if row is not None and row.turn_status == TurnStatus.IN_PROGRESS else "cancelled"
+        )
 
     def _stopped(self, claim: Claim, rec: TurnRecorder, control: Control) -> str:
         if control.reason == "shutdown":

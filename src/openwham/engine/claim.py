@@ -78,6 +78,7 @@ class Claim:
     mcp_servers: str = ""  # AgentKey.mcp_servers
     network: str = ""  # AgentKey.network
     git_auth: GitAuth | None = field(default=None, repr=False)  # host git's, for the remote
+    run_id: str | None = None  # this claim's fencing token (store.turnstate): the run's writes
 
     @property
     def plain(self) -> bool:
@@ -191,7 +192,8 @@ class Claims:
             run.update(executor=self.executor_id, tries=tries, started_at=now)
             body["run"] = run
             body["latest_event"] = latest_event(SETTING_UP)
-            if not turnstate.claim(s, turn_id, body=body, now=now):
+            run_id = turnstate.new_run_id()
+            if not turnstate.claim(s, turn_id, body=body, run=run_id, now=now):
                 s.rollback()
                 return None
             events.append(
@@ -243,6 +245,7 @@ class Claims:
                 attempts=_attempts_for(s, turn),
                 mcp_servers=mcp_config(env_body),
                 network=network_config(env_body),
+                run_id=run_id,
             )
         self.bus.publish(turn_id)
         try:

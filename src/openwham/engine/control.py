@@ -66,7 +66,7 @@ class Control:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.reason: str | None = None  # "cancelled" or "shutdown"
+        self.reason: str | None = None  # "cancelled", "shutdown" or "superseded"
         self._process: Sandbox | None = None
 
     def cancel(self, reason: str = "cancelled") -> None:
@@ -75,7 +75,7 @@ class Control:
                 self.reason = reason
             proc = self._process
         if proc is not None:
-            proc.kill("cancelled by the user" if reason == "cancelled" else "server stopping")
+            proc.kill(_KILLED.get(reason, "server stopping"))
 
     def attach(self, proc: Sandbox | None) -> None:
         with self._lock:
@@ -87,6 +87,12 @@ class Control:
     def check(self) -> None:
         if self.reason is not None:
             raise Stopped()
+
+
+_KILLED = {
+    "cancelled": "cancelled by the user",
+    "superseded": "the attempt was requeued and is run by another worker",
+}
 
 
 class Stopped(Exception):

@@ -9,6 +9,14 @@ write is conditional on the turn still being ``in_progress``: once a user cancel
 deleted the task), the recorder notices, sets ``gone`` and writes nothing more but the final
 work log of a cancelled attempt.
 
+Fencing: with the ``run_id`` of its claim, every write (body, events, the end) is also
+conditional on the attempt still being held by this run, folded into the same statement
+(``store.turnstate``, "Fencing"). When a write finds the attempt requeued or claimed by
+another run since (this run was judged dead: a stalled worker, a restart's recovery), the
+recorder writes nothing more, not even a final state, logs why, and tells ``on_gone``
+(``"superseded"``), which stops the run (kills its sandbox); a cancel noticed the same way
+is reported as ``"cancelled"``.
+
 Everything stored passes through the attempt's :class:`Redactor` first (the environment's
 secret values become ``[redacted]``): status lines, work-log messages, setup log lines, proxy
 events, the result's output items and error.
@@ -19,9 +27,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -60,14 +69,24 @@ def _without_answer(
     return [msg for msg in messages.values() if not (answered and msg.get("channel") == "final")]
 
 
-def _end(s: Session, turn_id: str, status: TurnStatus, body: dict[str, Any], now: float) -> bool:
+SUPERSEDED = "superseded"  # what a run whose attempt another run holds now ends with
+
+
+def _end(
+    s: Session,
+    turn_id: str,
+    status: TurnStatus,
+    body: dict[str, Any],
+    now: float,
+    run: str | None,
+) -> bool:
     """The terminal transition to ``status`` of a running attempt; whether it applied."""
     if status is TurnStatus.COMPLETED:
-        return turnstate.finish(s, turn_id, body=body, now=now)
+        return turnstate.finish(s, turn_id, body=body, now=now, run=run)
     if status is TurnStatus.FAILED:
-        return turnstate.fail(s, turn_id, body=body, error=body["error"], now=now)
+        return turnstate.fail(s, turn_id, body=body, error=body["error"], now=now, run=run)
     if status is TurnStatus.CANCELLED:
-        return turnstate.cancel(s, turn_id, body=body, now=now) is not None
+        return turnstate.cancel(s, turn_id, body=body, now=now, run=run) is not None
     raise ValueError(f"{status} is not how an attempt ends")
 
 
@@ -80,8 +99,13 @@ class TurnRecorder:
         turn_id: str,
         body: dict[str, Any],
         redactor: Redactor | None = None,
+        *,
+        run_id: str | None = None,
+        on_gone: Callable[[str], None] | None = None,
     ) -> None:
         self.db, self.bus = db, bus
+        self.run_id = run_id  # the claim's fencing token (None: unfenced, older callers)
+        self.on_gone = on_gone
         self.redactor = redactor or Redactor()
         self.task_id, self.turn_id = task_id, turn_id
         self.body = dict(body)
@@ -92,6 +116,7 @@ class TurnRecorder:
         self._dirty = False
         self._written = time.monotonic()
         self.gone = False
+        self.gone_reason: str | None = None  # "superseded" or "cancelled", once noticed
 
     # ------------------------------------------------------------------ recording
 
@@ -189,12 +214,18 @@ class TurnRecorder:
             self.body["worklog"] = {"messages": _without_answer(self._messages, output_items)}
             now = time.time()
             ended = status
+            if self.gone_reason == SUPERSEDED:
+                return SUPERSEDED
             with self.db.session() as s:
-                done = _end(s, self.turn_id, TurnStatus(status), self.body, now)
+                done = _end(s, self.turn_id, TurnStatus(status), self.body, now, self.run_id)
                 if not done:
                     current = s.get(m.Turn, self.turn_id)
                     if current is None:
                         return "deleted"
+                    if self.run_id is not None and current.run_id != self.run_id:
+                        s.rollback()
+                        self._gone(SUPERSEDED)
+                        return SUPERSEDED
                     ended = str(current.turn_status)
                     if ended == TurnStatus.CANCELLED:
                         # keep the work log of a cancelled attempt, and say so
@@ -232,20 +263,65 @@ class TurnRecorder:
     def _write(self, items: list[tuple[str, dict[str, Any]]], *, body: bool = True) -> None:
         if self.gone:
             return
+        refused: str | None = None
         try:
             with self.db.session() as s:
+                # with the body updated in this transaction the row is ours until the
+                # commit: the events need no check of their own
+                held = False
                 if body and self._dirty:
                     self.body["worklog"] = {"messages": list(self._messages.values())}
-                    if not turnstate.record(s, self.turn_id, body=self.body):
-                        self.gone = True
-                        return
-                    self._dirty = False
-                    self._written = time.monotonic()
-                for item_type, payload in items:
-                    events.append(s, self.task_id, self.turn_id, item_type, payload)
+                    if not turnstate.record(s, self.turn_id, body=self.body, run=self.run_id):
+                        refused = self._why_refused(s)
+                    else:
+                        held = True
+                        self._dirty = False
+                        self._written = time.monotonic()
+                for item_type, payload in items if refused is None else []:
+                    run = None if held else self.run_id
+                    if not events.append(
+                        s, self.task_id, self.turn_id, item_type, payload, run=run
+                    ):
+                        s.rollback()
+                        refused = self._why_refused(s)
+                        break
+                    held = True  # (FOR SHARE on PostgreSQL) the rest go in the same way
         except SQLAlchemyError:
             log.exception("recording attempt %s failed; stopping it", self.turn_id)
             self.gone = True
             return
+        if refused is not None:
+            self._gone(refused)
+            return
         if items:
             self.bus.publish(self.turn_id)
+
+    def _why_refused(self, s: Session) -> str:
+        """Why a write of this run matched no row: the attempt is held by another run or by
+        none (requeued, recovered: ``superseded``), or it ended (cancelled, deleted)."""
+        row = s.execute(
+            select(m.Turn.turn_status, m.Turn.run_id).where(m.Turn.id == self.turn_id)
+        ).first()
+        if row is not None and self.run_id is not None and row.run_id != self.run_id:
+            return SUPERSEDED
+        return "cancelled"
+
+    def _gone(self, reason: str) -> None:
+        """Write nothing more, and tell the run (on a thread of its own: stopping it kills
+        its sandbox, whose output threads may be waiting for this recorder's lock)."""
+        first = self.gone_reason is None
+        self.gone = True
+        self.gone_reason = self.gone_reason or reason
+        if not first:
+            return
+        if reason == SUPERSEDED:
+            log.warning(
+                "attempt %s: run %s no longer holds it (requeued or claimed by another run "
+                "since); stopping this run without writing anything more",
+                self.turn_id,
+                self.run_id,
+            )
+        if self.on_gone is not None:
+            threading.Thread(
+                target=self.on_gone, args=(reason,), name=f"gone-{self.turn_id[-8:]}", daemon=True
+            ).start()

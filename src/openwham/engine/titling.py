@@ -59,13 +59,16 @@ class Titles:
                     .values(title=title, has_generated_title=True)
                 )
             )
-            if done:
-                events.append(
-                    s,
-                    claim.task_id,
-                    claim.turn_id,
-                    events.TASK_TITLE_GENERATED,
-                    {"title": title, "task_id": claim.task_id},
-                )
+            payload = {"title": title, "task_id": claim.task_id}
+            if done and not events.append(
+                s,
+                claim.task_id,
+                claim.turn_id,
+                events.TASK_TITLE_GENERATED,
+                payload,
+                run=claim.run_id,  # a run that lost its attempt names nothing
+            ):
+                s.rollback()
+                done = 0
         if done:
             self.bus.publish(claim.turn_id)

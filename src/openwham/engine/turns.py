@@ -52,7 +52,8 @@ def release(db: Database, bus: EventBus, turn_id: str, rec: TurnRecorder | None,
         if turn is None or turn.turn_status != TurnStatus.IN_PROGRESS:
             return str(turn.turn_status) if turn else "deleted"
         tries = int((turn.body.get("run") or {}).get("tries") or 1)
-        if not requeue(s, turn, note, tries=max(0, tries - 1)):  # moved meanwhile
+        run = rec.run_id if rec is not None else None
+        if not requeue(s, turn, note, tries=max(0, tries - 1), run=run):  # moved meanwhile
             now = s.scalar(select(m.Turn.turn_status).where(m.Turn.id == turn_id))
             return str(now or "deleted")
     bus.publish(turn_id)
@@ -67,13 +68,15 @@ def requeue(
     tries: int | None = None,
     recover: bool = False,
     seen: float | None = None,
+    run: str | None = None,
 ) -> bool:
     """Put an attempt back to ``pending`` to start again from scratch: its results, status
     lines (a terminal one would end a new stream at once), work log and setup log go, a
     ``log`` event says why. ``tries`` replaces the count of runs. A running attempt
     (``turnstate.requeue``), or with ``recover`` a failed or cancelled one
     (``turnstate.recover``); whether it applied (someone else may have moved it first).
-    ``seen``: only if its ``updated_at`` is still that (see ``turnstate.requeue``)."""
+    ``seen``: only if its ``updated_at`` is still that (see ``turnstate.requeue``); ``run``:
+    only if that run still holds it (its own graceful stop)."""
     body = dict(turn.body)
     if tries is not None:
         body["run"] = {**(body.get("run") or {}), "tries": tries}
@@ -89,7 +92,7 @@ def requeue(
     if recover:
         moved = turnstate.recover(s, turn.id, body=body)
     else:
-        moved = turnstate.requeue(s, turn.id, body=body, seen=seen)
+        moved = turnstate.requeue(s, turn.id, body=body, seen=seen, run=run)
     if not moved:
         return False
     # its setup log goes with it; the server's notes (log events without a key) stay

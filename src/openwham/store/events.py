@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import delete, insert, select, text
+from sqlalchemy import delete, insert, literal, select, text
 from sqlalchemy.orm import Session
 
 from . import models as m
@@ -53,11 +53,23 @@ class Event:
 
 
 def append(
-    db: Session, task_id: str, turn_id: str, item_type: str, payload: dict[str, Any]
-) -> None:
-    """Add one event (committed with the caller's transaction). A Core insert: events are
-    written for every line an agent prints, and the ORM's unit of work costs several times
-    more CPU per row (it runs in the server process, beside the gateway).
+    db: Session,
+    task_id: str,
+    turn_id: str,
+    item_type: str,
+    payload: dict[str, Any],
+    *,
+    run: str | None = None,
+) -> bool:
+    """Add one event (committed with the caller's transaction); whether it was added. A Core
+    insert: events are written for every line an agent prints, and the ORM's unit of work
+    costs several times more CPU per row (it runs in the server process, beside the gateway).
+
+    ``run``: a running attempt's own event, added only while the attempt is still held by
+    that run (its fencing token, ``store.turnstate``): still one statement, an ``INSERT …
+    SELECT`` from the turn's row, which on PostgreSQL it locks ``FOR SHARE`` so that a
+    concurrent requeue (which deletes the attempt's events) either waits for it and deletes
+    the event too, or commits first and the insert adds nothing.
 
     On PostgreSQL the writers of one turn are serialised by a transaction-scoped advisory
     lock taken before the id is allocated: ids of one turn then commit in order, so a reader
@@ -65,15 +77,33 @@ def append(
     has one writer at a time already)."""
     if db.get_bind().dialect.name == "postgresql":
         db.execute(text("SELECT pg_advisory_xact_lock(hashtext(:turn))"), {"turn": turn_id})
-    db.execute(
-        insert(m.TurnEvent).values(
-            task_id=task_id,
-            turn_id=turn_id,
-            item_type=item_type,
-            payload=payload,
-            created_at=time.time(),
+    now = time.time()
+    if run is None:
+        db.execute(
+            insert(m.TurnEvent).values(
+                task_id=task_id,
+                turn_id=turn_id,
+                item_type=item_type,
+                payload=payload,
+                created_at=now,
+            )
         )
+        return True
+    held = (
+        select(
+            literal(task_id, m.TurnEvent.task_id.type),
+            literal(turn_id, m.TurnEvent.turn_id.type),
+            literal(item_type, m.TurnEvent.item_type.type),
+            literal(payload, m.TurnEvent.payload.type),
+            literal(now, m.TurnEvent.created_at.type),
+        )
+        .where(m.Turn.id == turn_id, m.Turn.run_id == run)
+        .with_for_update(read=True)
     )
+    columns = ["task_id", "turn_id", "item_type", "payload", "created_at"]
+    # RETURNING: psycopg reports no row count for an INSERT … SELECT
+    added = db.execute(insert(m.TurnEvent).from_select(columns, held).returning(m.TurnEvent.id))
+    return added.first() is not None
 
 
 def read(

@@ -151,6 +151,9 @@ class Turn(Base):
     # Bumped by store.turnstate when the attempt starts over and its events are deleted
     # (requeue, recover): turn streams' in-memory tails forget what they hold (0008).
     events_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The fencing token of the run holding the attempt: set by each claim, cleared by a
+    # requeue or recover; a run's writes are conditional on it (store.turnstate, 0010).
+    run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     @staticmethod
     def body_values(body: dict[str, Any]) -> dict[str, Any]:
