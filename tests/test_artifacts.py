@@ -160,6 +160,47 @@ def test_the_store_round_trips_compresses_caps_and_deletes(
     assert store.present([first, second], "codex-home") == set()
 
 
+def test_the_orphan_sweep_deletes_what_a_crash_left_of_deleted_tasks(
+    store_server: Server, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task deleted while the store was unreachable (or the node died between the rows'
+    delete and the store's): the delete still answers 200 and the artifacts stay behind;
+    the orphan sweep (every node's start, then every few hours) deletes them and only them.
+    On the database store the rows go with their turn at once; on a bucket they would stay
+    for good without the sweep."""
+    kept, orphan = _turns(store_server, repo, 2)
+    store = store_server.app_state.artifacts
+    for turn in (kept, orphan):
+        store.put(turn, packing.CODEX_HOME, b"session of " + turn.encode())
+    assert {kept, orphan} <= set(store.turns())
+    task_of = {
+        store_server.api.get(f"tasks/{item['id']}").json()["current_assistant_turn"]["id"]: item[
+            "id"
+        ]
+        for item in store_server.api.get("tasks/list").json()["items"]
+    }
+
+    def unreachable(turn_ids: object) -> None:
+        raise ArtifactError("Could not delete artifacts: connection refused")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "delete", unreachable)
+        r = store_server.api.delete(f"tasks/{task_of[orphan]}")
+    assert r.status_code == 200, r.text
+    left = set(store.turns())
+    if isinstance(store, S3ArtifactStore):
+        assert orphan in left  # what the sweep is for
+        # an object beside the prefix is not the sweep's
+        store.client.put_object(store.bucket, "elsewhere/x", io.BytesIO(b"x"), 1)
+    assert storage.sweep_orphans(store_server.app_state.db, store) == (1 if orphan in left else 0)
+    assert set(store.turns()) == {kept}, (kept, orphan, left)
+    assert store.get(kept, packing.CODEX_HOME) == b"session of " + kept.encode()
+    assert store.get(orphan, packing.CODEX_HOME) is None
+    assert storage.sweep_orphans(store_server.app_state.db, store) == 0
+    if isinstance(store, S3ArtifactStore):
+        assert store.client.stat_object(store.bucket, "elsewhere/x").size == 1
+
+
 def test_a_stored_blob_that_would_inflate_past_the_cap_is_refused_not_inflated(
     store_server: Server, repo: Path
 ) -> None:

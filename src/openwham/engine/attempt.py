@@ -100,6 +100,7 @@ class Engine:
         )
         remove_orphaned_standbys(self.attempts_root)
         storage.sweep(self.attempts_root, self.db, self.artifacts)
+        self.orphans = storage.OrphanSweeper(self.db, self.artifacts).start()
         storage.sweep_scratch(data / "tmp")
         agents = None
         if self.gateway is not None:
@@ -129,6 +130,7 @@ class Engine:
 
     def close(self) -> None:
         """Drop the standby sandboxes (the server is stopping)."""
+        self.orphans.stop()
         self.workspaces.close()
         self.workspaces.egress.stop()
 

@@ -32,6 +32,7 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -87,7 +88,10 @@ def remove(root: Path, turn_ids: Iterable[str], artifacts: ArtifactStore) -> Non
         path = _dir(root, turn_id)
         if path is not None:
             remove_tree(path)
-    artifacts.delete(turn_ids)
+    try:
+        artifacts.delete(turn_ids)
+    except ArtifactError:  # the rows are gone already: the orphan sweep deletes them later
+        log.warning("could not delete the artifacts of %d attempt(s)", len(turn_ids), exc_info=True)
 
 
 def _special(directory: str, names: list[str]) -> set[str]:
@@ -432,3 +436,65 @@ def sweep_scratch(directory: Path, *, max_age: float = SCRATCH_MAX_AGE) -> None:
         with contextlib.suppress(OSError):
             if path.is_dir() and not path.is_symlink() and path.stat().st_mtime < cutoff:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+ORPHAN_SWEEP_SECONDS = 6 * 3600.0
+
+
+def sweep_orphans(db: Database, artifacts: ArtifactStore) -> int:
+    """Delete the artifacts whose turn is gone; how many turns' artifacts were deleted.
+
+    A store outside the database (a bucket) is not deleted from in the transaction that
+    deletes a task: a crash or an unreachable bucket in between leaves objects no turn
+    refers to. A turn's artifacts are only ever written while its row exists, so one listed
+    here whose row is missing is an orphan for good (a later write for a deleted turn, a
+    superseded run's, is found by the next sweep)."""
+    deleted = 0
+    chunk: list[str] = []
+
+    def flush() -> None:
+        nonlocal deleted
+        known = _statuses(db, chunk)
+        gone = [turn_id for turn_id in chunk if turn_id not in known]
+        if gone:
+            artifacts.delete(gone)
+            deleted += len(gone)
+        chunk.clear()
+
+    for turn_id in artifacts.turns():
+        chunk.append(turn_id)
+        if len(chunk) >= 500:
+            flush()
+    if chunk:
+        flush()
+    if deleted:
+        log.info("deleted the stored artifacts of %d attempt(s) that no longer exist", deleted)
+    return deleted
+
+
+class OrphanSweeper:
+    """Runs :func:`sweep_orphans` at start and every ``interval`` seconds in a thread of its
+    own (listing a large bucket must not hold up a node's start); ``stop`` ends it."""
+
+    def __init__(
+        self, db: Database, artifacts: ArtifactStore, interval: float = ORPHAN_SWEEP_SECONDS
+    ) -> None:
+        self.db, self.artifacts, self.interval = db, artifacts, interval
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="artifact-orphans", daemon=True)
+
+    def start(self) -> OrphanSweeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                sweep_orphans(self.db, self.artifacts)
+            except Exception:  # the store or the database is away: the next round tries
+                log.warning("could not sweep orphaned artifacts", exc_info=True)
+            if self._stopped.wait(self.interval):
+                return

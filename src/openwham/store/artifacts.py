@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from sqlalchemy import delete, select
@@ -75,6 +75,12 @@ class ArtifactStore(Protocol):
 
     def delete(self, turn_ids: Iterable[str]) -> None:
         """Delete every artifact of these turns."""
+        ...
+
+    def turns(self) -> Iterator[str]:
+        """Every turn id with an artifact stored: the orphan sweep (``engine.storage``)
+        deletes those whose turn is gone, which a store outside the database's transactions
+        can be left with."""
         ...
 
 
@@ -154,3 +160,9 @@ class DatabaseArtifactStore:
         with self.db.session() as s:
             for chunk in _chunks(turn_ids):
                 s.execute(delete(m.Artifact).where(m.Artifact.turn_id.in_(chunk)))
+
+    def turns(self) -> Iterator[str]:
+        # rows go with their turn (ON DELETE CASCADE): none is an orphan, but the sweep
+        # stays one code path for every store
+        with self.db.sessions() as s:
+            yield from s.scalars(select(m.Artifact.turn_id).distinct())

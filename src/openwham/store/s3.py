@@ -5,14 +5,16 @@ store (zlib, ``WHAM_ARTIFACT_MAX_MB`` before compression, bounded inflate), one 
 artifact at ``<prefix><turn id>/<name>``, through the MinIO client (any S3-compatible
 service: AWS S3, MinIO, SeaweedFS, Ceph RGW, …). Tested against a real SeaweedFS server
 (``tests/test_artifacts.py``). A bucket is not transactional with the database: deleting a
-task deletes its objects after the rows (the delete command), and the start-up sweep deletes
-those of attempts removed since (what a crash in between leaves).
+task deletes its objects after the rows (the delete command); the objects a crash or an
+unreachable bucket left in between are deleted by the orphan sweep
+(``engine.storage.OrphanSweeper``: at every node's start and every few hours), which lists
+the turn ids under the prefix and deletes those without a turn.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from urllib.parse import urlsplit
 
 import urllib3
@@ -146,3 +148,16 @@ class S3ArtifactStore:
                     raise ArtifactError(f"Could not delete artifacts: {errors[0]}")
         except (MinioException, urllib3.exceptions.HTTPError) as exc:
             raise ArtifactError(f"Could not delete artifacts: {exc}") from exc
+
+    def turns(self) -> Iterator[str]:
+        # every object, not the "directories": some servers (SeaweedFS) keep listing a
+        # prefix whose objects are gone
+        last = ""
+        try:
+            for obj in self.client.list_objects(self.bucket, prefix=self.prefix, recursive=True):
+                turn_id, slash, _ = (obj.object_name or "")[len(self.prefix) :].partition("/")
+                if slash and turn_id and turn_id != last:
+                    last = turn_id
+                    yield turn_id
+        except (MinioException, urllib3.exceptions.HTTPError) as exc:
+            raise ArtifactError(f"Could not list artifacts: {exc}") from exc
