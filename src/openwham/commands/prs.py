@@ -60,28 +60,41 @@ def push(
                     db.rollback()
                     prs.drop_unfinished(db, principal, task_id)
                     db.commit()
-            plan = prs.plan(db, principal, task_id, turn_id)
-            if plan.existing is not None:
-                entry = ExternalPullRequest.model_validate(plan.existing)
+            plans = prs.plans(db, principal, task_id, turn_id)
+            if all(p.existing is not None for p in plans):
+                entries = [ExternalPullRequest.model_validate(p.existing) for p in plans]
             else:
-                entry = _push(db, deps, principal, plan)
+                entries = _push(db, deps, principal, plans)
             if box is None:
-                return entry
+                return entries[0]
             link = _link(deps, link_base, task_id)
-            return _open_on_forge(db, principal, plan, entry, options, box, link)
+            opened = [
+                _open_on_forge(db, principal, plan, entry, options, box, link)
+                for plan, entry in zip(plans, entries, strict=True)
+            ]
+            return opened[0]  # a multi-repository task's others: its external_pull_requests
     except LockTimeout as exc:  # another node's push of this task is still running
         raise Conflict(str(exc)) from exc
 
 
-def _push(db: Session, deps: Deps, principal: Principal, plan: prs.PushPlan) -> ExternalPullRequest:
-    prs.reserve(db, principal, plan)
+def _push(
+    db: Session, deps: Deps, principal: Principal, plans: list[prs.PushPlan]
+) -> list[ExternalPullRequest]:
+    """Push each plan (one per changed repository), each with its own repository's
+    credential; all are reserved first, so a crash anywhere is finished the same way."""
+    prs.reserve_all(db, principal, plans)
     db.commit()  # kept before the push; no transaction held while git talks to the remote
     box = gitcreds.settings_box(deps.settings)
-    auth = gitcreds.auth_for(db, principal.account_id, plan.repo_url, box)
-    branch, commit = engine_prs.push(deps.settings, plan, auth)
-    entry = prs.record(db, principal, plan, branch=branch, commit=commit)
+    entries = []
+    for plan in plans:
+        auth = gitcreds.auth_for(db, principal.account_id, plan.repo_url, box)
+        branch, commit = engine_prs.push(deps.settings, plan, auth)
+        entry = prs.record(db, principal, plan, branch=branch, commit=commit)
+        db.commit()
+        entries.append(ExternalPullRequest.model_validate(entry))
+    prs.finish_repos(db, principal, plans)
     db.commit()
-    return ExternalPullRequest.model_validate(entry)
+    return entries
 
 
 def _link(deps: Deps, link_base: str | None, task_id: str) -> str | None:
@@ -132,7 +145,7 @@ def _open_on_forge(
     turn = db.get(m.Turn, plan.turn_id)
     assert turn is not None
     title, body = prs.pr_text(db, task, turn, link)
-    recorded = prs.forge_pr(db, principal, plan.task_id)
+    recorded = prs.forge_pr(db, principal, plan.task_id, plan.repo_key if plan.entry_id else "")
     forge = forge_for(target.kind, target.api_base_url, target.token)
     repo = RepoRef(target.repo_path)
     try:
@@ -164,6 +177,7 @@ def _open_on_forge(
         repo_path=target.repo_path,
         pr=_as_wire(pr),
         now=time.time(),
+        repo_key=plan.repo_key if plan.entry_id else "",
     )
     db.commit()
     return ExternalPullRequest.model_validate(stored)
@@ -207,32 +221,42 @@ class PrRefresher:
 def refresh(database: Database, box: SecretBox, task_id: str) -> bool:
     """Ask the forge for the task's pull request and record it when it changed; whether it
     did. Tasks without a forge pull request, or with a merged one, are left alone."""
+    changed = False
     with database.session() as s:
         task = s.get(m.Task, task_id)
-        recorded = task.body.get(prs.FORGE_KEY) if task is not None else None
-        if task is None or not isinstance(recorded, dict) or recorded.get("state") == "merged":
+        if task is None:
             return False
-        row = s.get(m.ForgeConnection, str(recorded.get("connection_id")))
-        if row is None or row.account_id != task.account_id:
-            return False
-        forge = forge_for(row.kind, row.api_base_url, box.open(row.token))
-        try:
-            pr = forge.get(RepoRef(str(recorded["repo_path"])), int(recorded["number"]))
-        finally:
-            forge.close()
-        entries = task.body.get("external_pull_requests") or []
-        first = entries[0] if entries and isinstance(entries[0], dict) else {}
-        current = first.get("pull_request") or {}
-        fresh = _as_wire(pr)
-        if all(current.get(k) == v for k, v in fresh.items()):
-            return False  # unchanged: nothing written, so nothing cached is invalidated
-        prs.record_forge(
-            s,
-            task,
-            None,
-            connection_id=row.id,
-            repo_path=str(recorded["repo_path"]),
-            pr=fresh,
-            now=time.time(),
-        )
-        return True
+        for repo_key, recorded in prs.forge_records(task):  # a multi-repository task: each
+            if recorded.get("state") == "merged":
+                continue
+            row = s.get(m.ForgeConnection, str(recorded.get("connection_id")))
+            if row is None or row.account_id != task.account_id:
+                continue
+            forge = forge_for(row.kind, row.api_base_url, box.open(row.token))
+            try:
+                pr = forge.get(RepoRef(str(recorded["repo_path"])), int(recorded["number"]))
+            finally:
+                forge.close()
+            wanted = prs.entry_id(task.id, repo_key) if repo_key else None
+            entries = [
+                e for e in task.body.get("external_pull_requests") or [] if isinstance(e, dict)
+            ]
+            entry = next((e for e in entries if e.get("id") == wanted), None) if wanted else None
+            if not wanted:
+                entry = entries[0] if entries else None
+            current = (entry or {}).get("pull_request") or {}
+            fresh = _as_wire(pr)
+            if all(current.get(k) == v for k, v in fresh.items()):
+                continue  # unchanged: nothing written, so nothing cached is invalidated
+            prs.record_forge(
+                s,
+                task,
+                None,
+                connection_id=row.id,
+                repo_path=str(recorded["repo_path"]),
+                pr=fresh,
+                now=time.time(),
+                repo_key=repo_key,
+            )
+            changed = True
+        return changed

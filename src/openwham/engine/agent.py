@@ -131,6 +131,8 @@ class AgentRun:
         if prepared.network is not None:  # its proxy events (a standby's held until now)
             prepared.network.attach(self.rec)
         self.run["standby"] = standby  # for operators: did the attempt skip the start-up?
+        if prepared.repos:  # each repository's base: the diffs, PR pushes and follow-ups'
+            self.rec.set(repo_bases=prepared.repos)
         self.rec.set(base_commit_sha=prepared.base, run=self.run)
         self.control.attach(prepared.proc)
         apply_updates(self.rec, self.translator.take_initial())
@@ -161,10 +163,12 @@ class AgentStarter:
         resume: Resume | None = None,
         env_vars: dict[str, str] | None = None,
         budget: DiskBudget | None = None,
+        repos: dict[str, dict[str, str]] | None = None,
     ) -> Prepared:
         """Start the agent in a held sandbox on ``directory/workspace``: it does its start-up
         work and waits for the prompt on stdin (:meth:`Sandbox.send`). A follow-up's agent
-        resumes the previous attempt's conversation from a copy of its home."""
+        resumes the previous attempt's conversation from a copy of its home. ``repos``: a
+        multi-repository workspace's repositories (key -> {dir, branch, sha}), each diffed."""
         codex_home = directory / storage.CODEX_HOME
         if resume is None:
             codex_home.mkdir(mode=0o700)
@@ -178,7 +182,11 @@ class AgentStarter:
             out = directory / "out"
             out.mkdir(mode=0o700)
             rw_binds[out] = diffs.OUT_DIR
-            after = diffs.script(base)
+            after = (
+                diffs.scripts([(r["dir"], r["sha"]) for r in repos.values()])
+                if repos
+                else diffs.script(base)
+            )
         summary = network.describe(key.network) if key.network else None
         files = self.runtime.home_files(
             model=key.model,
@@ -237,7 +245,9 @@ class AgentStarter:
             raise
         if session is not None:
             network.close_with(proc, session)
-        return Prepared(dir=directory, base=base, proc=proc, owner=owner, network=relay)
+        return Prepared(
+            dir=directory, base=base, proc=proc, owner=owner, network=relay, repos=repos or {}
+        )
 
     def copy_home(self, previous_turn_id: str, dest: Path) -> None:
         """Copy the previous attempt's agent home (its session files) once that attempt's

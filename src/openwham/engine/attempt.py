@@ -271,7 +271,7 @@ class Engine:
             if disk_budget is not None:  # the diff's own sandbox, if any, measures here
                 disk_budget = dataclasses.replace(disk_budget, paths=(attempt_dir,))
             return self.results.finish(
-                claim, rec, control, agent, result, base, attempt_dir, disk_budget
+                claim, rec, control, agent, result, base, attempt_dir, disk_budget, prepared.repos
             )
         finally:
             control.attach(None)

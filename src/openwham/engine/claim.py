@@ -7,6 +7,7 @@ secrets key); the engine calls it and nothing else writes the claim.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from openwham.service import environments, gitcreds
 from openwham.service.diffs import output_diff
 from openwham.service.environments import (
     is_reserved_var,
+    repo_dirs,
     repo_info,
     repo_url,
     run_environment,
@@ -48,6 +50,22 @@ class Resume:
     thread_id: str
     base: str  # the task's original base commit: the follow-up's diff is against it too
     tree: str | None  # the previous attempt's whole change against ``base`` (None: none)
+    #: a multi-repository attempt's: each repository's base (``repo_bases`` of the previous
+    #: attempt: key -> {dir, branch, sha}) and whole change (key -> diff; unchanged: absent)
+    repo_bases: dict[str, dict[str, str]] = field(default_factory=dict)
+    repo_trees: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RepoCheckout:
+    """One repository of a multi-repository environment: cloned into ``workspace/<dir>``
+    at the task's branch where it has that branch, else at its ``default_branch``."""
+
+    key: str
+    url: str
+    dir: str
+    default_branch: str
+    auth: GitAuth | None = field(default=None, repr=False)  # host git's, for its remote
 
 
 @dataclass
@@ -79,11 +97,15 @@ class Claim:
     network: str = ""  # AgentKey.network
     git_auth: GitAuth | None = field(default=None, repr=False)  # host git's, for the remote
     run_id: str | None = None  # this claim's fencing token (store.turnstate): the run's writes
+    #: every repository of a multi-repository environment, the first one first (``()``: one
+    #: repository, which is the workspace itself)
+    repos: tuple[RepoCheckout, ...] = ()
 
     @property
     def plain(self) -> bool:
-        """No setup script, variables or secrets: any sandbox for the key will do."""
-        return not (self.setup_script.strip() or self.env_vars or self.secrets)
+        """No setup script, variables or secrets, one repository: any sandbox for the key
+        will do (a multi-repository workspace is made per attempt, never kept ready)."""
+        return not (self.setup_script.strip() or self.env_vars or self.secrets or self.repos)
 
     @property
     def key(self) -> AgentKey:
@@ -159,6 +181,8 @@ class Claims:
                 return None
             run = dict(turn.body.get("run") or {})
             repos = list(env_body.get("repos") or [])
+            if len(repos) > 1:  # several clones: made per attempt, never kept ready
+                return None
             repo_key = repos[0] if repos else ""
             info = repo_info(env_body, repo_key)
             user = s.get(m.User, task.user_id)
@@ -224,6 +248,13 @@ class Claims:
             sealed = dict(env.secrets) if env is not None else {}
             url = repo_url(env_body, repo_key)
             credential = gitcreds.match(s, task.account_id, url) if url else None
+            checkouts = []
+            if len(repos) > 1:
+                for key, directory in repo_dirs(env_body).items():
+                    each = repo_url(env_body, key)
+                    found = gitcreds.match(s, task.account_id, each) if each else None
+                    default = str(repo_info(env_body, key).get("default_branch") or "main")
+                    checkouts.append((RepoCheckout(key, each, directory, default), found))
             claim = Claim(
                 task_id=task.id,
                 turn_id=turn_id,
@@ -252,6 +283,13 @@ class Claims:
             claim.secrets = _usable_vars(self._secret_box().open_all(sealed))
             if credential is not None:
                 claim.git_auth = gitcreds.opened(credential, self._secret_box())
+            claim.repos = tuple(
+                dataclasses.replace(
+                    checkout,
+                    auth=gitcreds.opened(found, self._secret_box()) if found else None,
+                )
+                for checkout, found in checkouts
+            )
         except RuntimeError as exc:
             claim.secrets_problem = str(exc)
         return claim
@@ -308,7 +346,13 @@ def _resume_point(s: Session, previous_turn_id: str) -> Resume | str:
             break
         user = s.get(m.Turn, turn.parent_id) if turn.parent_id else None
         turn = s.get(m.Turn, user.parent_id) if user is not None and user.parent_id else None
-    return Resume(previous.id, thread_id, base, tree)
+    bases = previous.body.get("repo_bases")
+    repo_bases = dict(bases) if isinstance(bases, dict) else {}
+    repo_trees: dict[str, str] = {}
+    for key, item in ((turn.body.get("repo_diffs") if turn is not None else None) or {}).items():
+        if isinstance(item, dict) and isinstance(item.get("diff"), str) and item["diff"]:
+            repo_trees[str(key)] = item["diff"]
+    return Resume(previous.id, thread_id, base, tree, repo_bases, repo_trees)
 
 
 def _inputs(user_turn: m.Turn | None) -> tuple[str, str | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 import re
 import shlex
 import shutil
@@ -26,6 +27,7 @@ from openwham.sandbox.provider import BUBBLEWRAP, SandboxProvider
 MAX_DIFF_BYTES = 20 << 20
 OUT_DIR = "/openwham-out"
 _SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
+_NAME = re.compile(r"(\.[0-9]{1,2})?")
 # The agent controlled .git/config: filters ("clean" commands run by `git add`), fsmonitor,
 # hooks paths, worktree and attributes settings; and $HOME (~/.gitconfig). Replace the
 # repository's config with a plain one first and read no other; the workspace is thrown
@@ -39,7 +41,7 @@ set -u
 for v in $(compgen -e); do unset "$v" 2>/dev/null; done
 export PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8
 out=@OUT@
-rm -rf "$out/diff" "$out/status" "$out/error"
+rm -rf "$out/diff@NAME@" "$out/status@NAME@" "$out/error@NAME@"
 (
   set -e -o pipefail
   export GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null HOME=/nonexistent
@@ -50,9 +52,9 @@ rm -rf "$out/diff" "$out/status" "$out/error"
   g() { git -c core.fsmonitor= -c core.hooksPath=/dev/null -c core.quotePath=false "$@"; }
   g add -A >/dev/null
   g diff --cached --binary --find-renames --no-ext-diff --no-textconv --no-color @BASE@ \\
-    | head -c @LIMIT@ > "$out/diff"
-) 2>"$out/error"
-echo $? > "$out/status"
+    | head -c @LIMIT@ > "$out/diff@NAME@"
+) 2>"$out/error@NAME@"
+echo $? > "$out/status@NAME@"
 """
 DIFF_SECONDS = 300.0
 _LIMITS = Limits(
@@ -63,12 +65,15 @@ _LIMITS = Limits(
 )
 
 
-def script(base: str, *, workspace: str = SANDBOX_WORKSPACE) -> str:
+def script(base: str, *, workspace: str = SANDBOX_WORKSPACE, name: str = "") -> str:
     """The bash script that writes the diff of ``workspace`` against ``base`` (a commit
     sha) into :data:`OUT_DIR`; run in a sandbox that binds a fresh host directory there,
-    then read with :func:`read_result`."""
+    then read with :func:`read_result`. ``name``: a suffix of its files there (``.0``,
+    ``.1``, … for the repositories of a multi-repository workspace, :func:`scripts`)."""
     if not _SHA.fullmatch(base):
         raise ValueError(f"not a commit sha: {base!r}")
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"bad result name {name!r}")
     # The object format follows from the base's length (a SHA-256 repository's shas have
     # 64 digits), so the agent's config is not read at all.
     config = "[core]\\n\\trepositoryformatversion = 0\\n\\tbare = false\\n"
@@ -83,6 +88,17 @@ def script(base: str, *, workspace: str = SANDBOX_WORKSPACE) -> str:
         .replace("@WORKSPACE@", shlex.quote(workspace))
         .replace("@BASE@", base)
         .replace("@LIMIT@", str(MAX_DIFF_BYTES + 1))
+        .replace("@NAME@", name)
+    )
+
+
+def scripts(repos: list[tuple[str, str]]) -> str:
+    """The diff scripts of the repositories of a multi-repository workspace, one after the
+    other: ``repos`` are (directory in the workspace, base commit); the i-th writes its
+    files with the suffix ``.i`` (read with ``read_result(out, name=f".{i}")``)."""
+    return "\n".join(
+        script(base, workspace=posixpath.join(SANDBOX_WORKSPACE, directory), name=f".{i}")
+        for i, (directory, base) in enumerate(repos)
     )
 
 
@@ -97,6 +113,8 @@ class DiskExceeded(DiffError):
 @dataclass(frozen=True)
 class Diff:
     text: str
+    #: a multi-repository workspace's diffs, one per repository in order (``text``: the first)
+    repos: tuple[str, ...] = ()
 
 
 def workspace_diff(
@@ -107,38 +125,54 @@ def workspace_diff(
     seconds: float = DIFF_SECONDS,
     disk: DiskBudget | None = None,
     sandbox: SandboxProvider = BUBBLEWRAP,
+    repos: list[tuple[str, str]] | None = None,
 ) -> Diff:
     """The diff computed in a sandbox of its own from ``sandbox``, within ``seconds`` (the
     engine instead runs :func:`script` in the agent's sandbox after Codex exits) and
-    ``disk``, the attempt's disk budget (:class:`DiskExceeded` beyond it)."""
+    ``disk``, the attempt's disk budget (:class:`DiskExceeded` beyond it). ``repos``: a
+    multi-repository workspace's (:func:`scripts`); the answer is then the first one's, and
+    ``Diff.repos`` has each one's."""
     out = Path(tempfile.mkdtemp(prefix="diff-", dir=scratch))
     limits = dataclasses.replace(_LIMITS, wall_clock_seconds=max(1.0, min(seconds, DIFF_SECONDS)))
     try:
         result = sandbox.run(
             SandboxSpec(workspace=workspace, rw_binds={out: OUT_DIR}, limits=limits, disk=disk),
-            ["/bin/bash", "-c", script(base)],
+            ["/bin/bash", "-c", scripts(repos) if repos else script(base)],
         )
         if result.disk_reason is not None:
             raise DiskExceeded(result.disk_reason)
-        if not result.ok and not (out / "status").exists():
+        first = ".0" if repos else ""
+        if not result.ok and not (out / f"status{first}").exists():
             reason = result.killed_reason or result.stderr.strip()[-1000:]
             raise DiffError(f"Computing the diff failed: {reason}")
+        if repos:
+            return read_results(out, len(repos), killed_reason=result.killed_reason)
         return read_result(out, killed_reason=result.killed_reason)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def read_result(out: Path, *, killed_reason: str | None = None) -> Diff:
+def read_results(out: Path, count: int, *, killed_reason: str | None = None) -> Diff:
+    """What :func:`scripts` left in ``out`` for ``count`` repositories: the first one's
+    diff, with every one's in ``repos`` (in order)."""
+    each = [read_result(out, killed_reason=killed_reason, name=f".{i}") for i in range(count)]
+    total = sum(len(d.text) for d in each)
+    if total > MAX_DIFF_BYTES:
+        raise DiffError(f"The change is larger than {MAX_DIFF_BYTES >> 20} MiB")
+    return Diff(each[0].text, tuple(d.text for d in each))
+
+
+def read_result(out: Path, *, killed_reason: str | None = None, name: str = "") -> Diff:
     """What :func:`script` left in ``out`` (the host side of :data:`OUT_DIR`). Nothing
     there is trusted: files are opened without following links and read with a size cap."""
-    data = _read(out / "diff", MAX_DIFF_BYTES + 1)
+    data = _read(out / f"diff{name}", MAX_DIFF_BYTES + 1)
     if data is not None and len(data) > MAX_DIFF_BYTES:
         raise DiffError(f"The change is larger than {MAX_DIFF_BYTES >> 20} MiB")
-    status = (_read(out / "status", 16) or b"").strip()
+    status = (_read(out / f"status{name}", 16) or b"").strip()
     if status != b"0" or data is None:
         if killed_reason and "file size limit" in killed_reason:
             raise DiffError(f"The change is larger than {MAX_DIFF_BYTES >> 20} MiB")
-        error = (_read(out / "error", 64 << 10) or b"").decode("utf-8", "replace").strip()
+        error = (_read(out / f"error{name}", 64 << 10) or b"").decode("utf-8", "replace").strip()
         reason = killed_reason or error[-1000:] or f"exit status {status.decode() or '?'}"
         raise DiffError(f"Computing the diff failed: {reason}")
     return Diff(data.decode("utf-8", errors="replace"))

@@ -55,9 +55,13 @@ class Results:
         base: str,
         attempt_dir: Path,
         disk_budget: DiskBudget | None = None,
+        repos: dict[str, dict[str, str]] | None = None,
     ) -> str:
         """Finish the attempt from what the agent reported and the diff the launcher wrote
-        (``result`` is ``None`` when the sandbox is still closing down after both)."""
+        (``result`` is ``None`` when the sandbox is still closing down after both).
+        ``repos``: a multi-repository workspace's (key -> {dir, branch, sha}): the first
+        one's diff is the ``pr`` item as always, and every changed one's is in the turn's
+        ``repo_diffs`` (key -> OutputDiff)."""
         translator, run = agent.translator, agent.run
         self.gateway.revoke(claim.turn_id)
         usage = self.gateway.usage(claim.turn_id)
@@ -97,16 +101,28 @@ class Results:
                 }
             )
         if not claim.qa_mode:
-            diff = self._diff(claim, base, attempt_dir, killed_reason, disk_budget)
+            diff = self._diff(claim, base, attempt_dir, killed_reason, disk_budget, repos)
+            named = redactor(self.gateway, claim, named=True)
             if diff.text:
                 items.append(pr_item(self.db, claim, base, diff.text, answer))
                 # the stored diff is redacted: remember (names and files only) which
                 # secrets the real change holds, so a push can refuse it (service.prs)
-                rec.set(
-                    diff_secrets=secrets_in_diff(
-                        redactor(self.gateway, claim, named=True), diff.text
-                    )
-                )
+                rec.set(diff_secrets=secrets_in_diff(named, diff.text))
+            if repos:
+                title = task_title(self.db, claim)
+                changed: dict[str, Any] = {}
+                found: list[dict[str, str]] = []
+                for i, ((key, repo), text) in enumerate(
+                    zip(repos.items(), diff.repos, strict=True)
+                ):
+                    if text:  # a starting diff is the first repository's
+                        patch_base = repo["sha"] if claim.patch and i == 0 else None
+                        changed[key] = output_diff(key, repo["sha"], text, title, patch_base)
+                        found += [
+                            {**f, "file": f"{repo['dir']}/{f['file']}"}
+                            for f in secrets_in_diff(named, text)
+                        ]
+                rec.set(repo_diffs=changed or None, diff_secrets=found)
         control.check()
         return rec.finish(TurnStatus.COMPLETED, text=COMPLETED, output_items=items)
 
@@ -117,7 +133,9 @@ class Results:
         attempt_dir: Path,
         killed_reason: str | None,
         disk_budget: DiskBudget | None,
+        repos: dict[str, dict[str, str]] | None = None,
     ) -> diffs.Diff:
+        each = [(r["dir"], r["sha"]) for r in (repos or {}).values()]
         try:
             if self.gateway.continued_after_final(claim.turn_id):
                 # the launcher's diff started at a response that did not end the turn
@@ -129,8 +147,12 @@ class Results:
                     scratch=attempt_dir,
                     disk=disk_budget,
                     sandbox=self.sandbox,
+                    repos=each or None,
                 )
             # written by the launcher's `after` script (codex.WRITTEN_MARKER)
+            if each:
+                out = attempt_dir / "out"
+                return diffs.read_results(out, len(each), killed_reason=killed_reason)
             return diffs.read_result(attempt_dir / "out", killed_reason=killed_reason)
         except diffs.DiskExceeded as exc:
             raise over_disk(str(exc)) from exc
@@ -156,25 +178,38 @@ def redactor(gateway: Gateway | None, claim: Claim, *, named: bool = False) -> R
     return Redactor(values)
 
 
+def task_title(db: Database, claim: Claim) -> str:
+    with db.sessions() as s:
+        return s.scalar(select(m.Task.title).where(m.Task.id == claim.task_id)) or "Changes"
+
+
 def pr_item(db: Database, claim: Claim, base: str, diff: str, answer: str) -> dict[str, Any]:
     """The ``pr`` output item of a diff, titled by the task."""
-    stats = diff_stats(diff)
-    with db.sessions() as s:
-        title = s.scalar(select(m.Task.title).where(m.Task.id == claim.task_id)) or "Changes"
+    title = task_title(db, claim)
     return {
         "type": "pr",
         "pr_title": title,
         "pr_message": answer,
-        "output_diff": {
-            "type": "output_diff",
-            "repo_id": claim.repo_key,
-            "base_commit_sha": base,
-            "preapply_patch_base_commit_sha": base if claim.patch else None,
-            "diff": diff,
-            "external_storage_diff": None,
-            "files_modified": stats.files_modified,
-            "lines_added": stats.lines_added,
-            "lines_removed": stats.lines_removed,
-            "commit_message": title,
-        },
+        "output_diff": output_diff(
+            claim.repo_key, base, diff, title, base if claim.patch else None
+        ),
+    }
+
+
+def output_diff(
+    repo_id: str, base: str, diff: str, title: str, patch_base: str | None
+) -> dict[str, Any]:
+    """One repository's diff in Codex cloud's OutputDiff shape."""
+    stats = diff_stats(diff)
+    return {
+        "type": "output_diff",
+        "repo_id": repo_id,
+        "base_commit_sha": base,
+        "preapply_patch_base_commit_sha": patch_base,
+        "diff": diff,
+        "external_storage_diff": None,
+        "files_modified": stats.files_modified,
+        "lines_added": stats.lines_added,
+        "lines_removed": stats.lines_removed,
+        "commit_message": title,
     }

@@ -60,6 +60,8 @@ class Prepared:
     created: float = field(default_factory=time.monotonic)
     #: where the agent's proxy events go (engine/network.py), when it may go out
     network: Any = None
+    #: a multi-repository workspace's repositories: key -> {dir, branch, sha} (in order)
+    repos: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class StandbyPool:

@@ -88,6 +88,8 @@ def requeue(
         base_commit_sha=None,
         logs=None,
         proxy_events=None,
+        repo_diffs=None,
+        repo_bases=None,
     )
     if recover:
         moved = turnstate.recover(s, turn.id, body=body)

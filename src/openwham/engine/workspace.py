@@ -31,6 +31,7 @@ from openwham.sandbox.workspace import (
     WorkspaceError,
     apply_patch,
     branch_head,
+    create_repo_workspace,
     create_workspace,
 )
 
@@ -120,22 +121,28 @@ class Workspaces:
         attempt_dir.mkdir(parents=True, mode=0o700)
         workspace = attempt_dir / "workspace"
         resume = claim.resume if isinstance(claim.resume, Resume) else None
+        repos: dict[str, dict[str, str]] = {}
         try:
-            base = create_workspace(
-                mirror,
-                workspace,
-                claim.branch,
-                claim.repo_url,
-                checkouts=self.checkouts,
-                at=resume.base if resume is not None else None,  # the task's base
-            )
-            if resume is not None and resume.tree:  # the previous attempt's tree on its base
-                apply_patch(workspace, resume.tree, what="The previous attempt's change")
+            if claim.repos:
+                repos = self._clone_repos(claim, mirror, workspace, resume)
+                base = repos[claim.repos[0].key]["sha"]
+            else:
+                base = create_workspace(
+                    mirror,
+                    workspace,
+                    claim.branch,
+                    claim.repo_url,
+                    checkouts=self.checkouts,
+                    at=resume.base if resume is not None else None,  # the task's base
+                )
+                if resume is not None and resume.tree:  # the previous attempt's tree
+                    apply_patch(workspace, resume.tree, what="The previous attempt's change")
         except WorkspaceError as exc:
             raise AttemptFailed("workspace_error", str(exc)) from exc
-        if claim.patch and resume is None:
+        if claim.patch and resume is None:  # the first repository's
+            first = workspace / claim.repos[0].dir if claim.repos else workspace
             try:
-                apply_patch(workspace, claim.patch)
+                apply_patch(first, claim.patch)
             except WorkspaceError as exc:
                 raise AttemptFailed("failed_to_apply_patch_error", str(exc)) from exc
         control.check()
@@ -151,7 +158,41 @@ class Workspaces:
             resume=resume,
             env_vars=claim.env_vars,
             budget=budget,
+            repos=repos,
         )
+
+    def _clone_repos(
+        self, claim: Claim, mirror: Path, workspace: Path, resume: Resume | None
+    ) -> dict[str, dict[str, str]]:
+        """Every repository of a multi-repository environment cloned into
+        ``workspace/<dir>`` (``mirror``: the first one's, fetched already): at the task's
+        branch where the repository has it, else at its default branch; a follow-up at the
+        branch and commit the previous attempt started from, with its change. Returns key ->
+        {dir, branch, sha} in the environment's order."""
+        workspace.mkdir()
+        repos: dict[str, dict[str, str]] = {}
+        for i, repo in enumerate(claim.repos):
+            own = mirror if i == 0 else self.mirrors.ensure(repo.key, repo.url, auth=repo.auth)
+            before = resume.repo_bases.get(repo.key) if resume is not None else None
+            at: str | None = None
+            if i == 0:
+                branch, at = claim.branch, resume.base if resume is not None else None
+            elif isinstance(before, dict) and before.get("branch") and before.get("sha"):
+                branch, at = str(before["branch"]), str(before["sha"])
+            elif branch_head(own, claim.branch) is not None:
+                branch = claim.branch
+            else:
+                branch = repo.default_branch
+            sha = create_repo_workspace(own, workspace, repo.dir, branch, repo.url, at=at)
+            repos[repo.key] = {"dir": repo.dir, "branch": branch, "sha": sha}
+            tree = resume.tree if resume is not None and i == 0 else None
+            if resume is not None and i > 0:
+                tree = resume.repo_trees.get(repo.key)
+            if tree:
+                apply_patch(
+                    workspace / repo.dir, tree, what=f"The previous attempt's change of {repo.dir}"
+                )
+        return repos
 
     def _setup(
         self,

@@ -318,9 +318,13 @@ def build_args(spec: SandboxSpec) -> tuple[list[str], list[int]]:
 
     a += ["--ro-bind" if spec.workspace_readonly else "--bind", str(workspace), ws_dir]
     shared = workspace.parent / SHARED_OBJECTS
+    dest = posixpath.join(posixpath.dirname(ws_dir), SHARED_OBJECTS)
     if shared.is_symlink() and shared.is_dir():  # read-only: the mirror is every attempt's
-        dest = posixpath.join(posixpath.dirname(ws_dir), SHARED_OBJECTS)
         a += ["--ro-bind", str(shared.resolve()), dest]
+    elif shared.is_dir():  # a multi-repository workspace: a link per repository
+        for link in sorted(shared.iterdir()):
+            if link.is_symlink() and link.is_dir() and not link.name.startswith("."):
+                a += ["--ro-bind", str(link.resolve()), posixpath.join(dest, link.name)]
     binds = [(p, d, "--ro-bind") for p, d in spec.ro_binds.items()]
     binds += [(p, d, "--bind") for p, d in spec.rw_binds.items()]
     # Parents before children, so a bind inside another bind is not hidden by it.

@@ -254,12 +254,21 @@ def _share_objects(mirror: Path, directory: Path) -> None:
         raise WorkspaceError(f"{link} already shares another repository's objects")
 
 
-def _checkout(mirror: Path, dest: Path, branch: str, origin_url: str, sha: str | None) -> str:
+def _checkout(
+    mirror: Path,
+    dest: Path,
+    branch: str,
+    origin_url: str,
+    sha: str | None,
+    alternate: str | None = None,
+) -> str:
     """A ``git clone --shared`` of the mirror at ``branch`` (reset to ``sha`` when given)
-    in ``dest``, its objects borrowed through the relative alternates entry."""
-    _share_objects(mirror, dest.parent)
+    in ``dest``, its objects borrowed through the relative alternates entry (``alternate``:
+    another than the sibling :data:`SHARED_OBJECTS`, whose link the caller made)."""
+    if alternate is None:
+        _share_objects(mirror, dest.parent)
     git("clone", "--quiet", "--shared", "--no-checkout", "--branch", branch, str(mirror), str(dest))
-    (dest / ".git" / "objects" / "info" / "alternates").write_text(f"{_ALTERNATE}\n")
+    (dest / ".git" / "objects" / "info" / "alternates").write_text(f"{alternate or _ALTERNATE}\n")
     # the checkout, through the relative entry
     git("reset", "--quiet", "--hard", *([sha] if sha else []), cwd=dest)
     git("remote", "set-url", "origin", origin_url, cwd=dest)
@@ -299,6 +308,36 @@ def create_workspace(
     _share_objects(mirror, dest.parent)
     overlay.make(tree, dest)
     return sha
+
+
+def create_repo_workspace(
+    mirror: Path, workspace: Path, name: str, branch: str, origin_url: str, at: str | None = None
+) -> str:
+    """One repository of a multi-repository workspace: a clone of the mirror at ``branch``
+    (at commit ``at`` when given) in ``workspace/name``; returns its base commit. Its objects
+    are borrowed through ``<workspace's parent>/SHARED_OBJECTS/name`` (a directory of links,
+    one per repository, each bound read-only at ``/mirror-objects/<name>`` in the sandbox:
+    ``sandbox.bwrap``), named by a relative alternates entry as a single workspace's are.
+    Always a clone: overlay checkouts are per single workspace."""
+    dest = workspace / name
+    if not name or "/" in name or name.startswith(".") or dest.exists():
+        raise WorkspaceError(f"bad or used repository directory {name!r}")
+    sha = branch_head(mirror, branch)
+    if sha is None:
+        raise WorkspaceError(f"Branch {branch!r} does not exist in the repository {origin_url}")
+    if at is not None:
+        try:
+            sha = git("rev-parse", "--verify", "--quiet", f"{at}^{{commit}}", cwd=mirror).strip()
+        except WorkspaceError as exc:
+            raise WorkspaceError(
+                f"The task's base commit {at[:12]} is no longer in the repository {origin_url}"
+            ) from exc
+    links = workspace.parent / SHARED_OBJECTS
+    links.mkdir(mode=0o700, exist_ok=True)
+    if links.is_symlink():
+        raise WorkspaceError(f"{links} is a single workspace's link")
+    (links / name).symlink_to(mirror.resolve() / "objects", target_is_directory=True)
+    return _checkout(mirror, dest, branch, origin_url, sha, f"../../../../{SHARED_OBJECTS}/{name}")
 
 
 def _settle_index(tree: Path) -> None:

@@ -116,6 +116,18 @@ def inline_output_items(items: list[Any], max_bytes: int | None) -> list[Any]:
     return out
 
 
+def inline_repo_diffs(diffs: dict[str, Any], max_bytes: int | None) -> dict[str, Any]:
+    """A turn's ``repo_diffs`` with each diff cut as :func:`inline_output_items` does."""
+    if max_bytes is None:
+        return diffs
+    return {
+        key: _cap(item, max_bytes)
+        if isinstance(item, dict) and isinstance(item.get("diff"), str)
+        else item
+        for key, item in diffs.items()
+    }
+
+
 def inline_input_items(items: list[Any], max_bytes: int | None) -> list[Any]:
     """Input items with a ``pre_apply_patch``'s diff cut as :func:`inline_output_items` does."""
     if max_bytes is None:

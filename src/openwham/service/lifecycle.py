@@ -107,6 +107,9 @@ def fork(db: Session, principal: Principal, task_id: str, raw: Any) -> Forked:
             "last_pushed_turn_id",
             "last_pushed_commit",
             "pr_push",
+            "forge_pr",  # a fork's push opens its own pull request, never updates these
+            "forge_prs",
+            "repo_pushes",
         )
     }
     new = m.Task(

@@ -109,6 +109,110 @@ class PushPlan:
     author: tuple[str, str]
     at: float  # the commit's author and committer time: a retried push makes the same commit
     existing: dict[str, Any] | None = None  # this attempt is what the branch holds already
+    #: one repository of a multi-repository attempt (``plans``): its branch's base, and the
+    #: ``external_pull_requests`` entry its push is recorded as; ``""``: a single repository
+    base_branch: str = ""
+    entry_id: str = ""
+
+
+def plans(db: Session, principal: Principal, task_id: str, turn_id: str) -> list[PushPlan]:
+    """What pushing the attempt takes: one plan (:func:`plan`) for a single repository, else
+    one per repository the attempt changed (:func:`_repo_plans`), in the environment's order."""
+    task = get_task_row(db, principal, task_id)
+    turn = get_turn_row(db, task, turn_id)
+    if isinstance(turn.body.get("repo_bases"), dict):
+        return _repo_plans(db, principal, task, turn)
+    return [plan(db, principal, task_id, turn_id)]
+
+
+def entry_id(task_id: str, repo_key: str = "") -> str:
+    """The ``external_pull_requests`` entry of a task (of one of its repositories)."""
+    base = f"pr_{task_id.removeprefix('task_e_')[:24]}"
+    return f"{base}-{repo_key.removeprefix('repo-')[:12]}" if repo_key else base
+
+
+def _repo_plans(db: Session, principal: Principal, task: m.Task, turn: m.Turn) -> list[PushPlan]:
+    """A multi-repository attempt's pushes: every changed repository (its ``repo_diffs``)
+    gets a commit on one branch of the task's name, on top of what the task pushed there
+    before (``repo_pushes``: key -> branch and commit). A push a crash cut short
+    (``pr_push`` with ``repos``) is planned again the same way."""
+    if turn.role != "assistant":
+        raise BadRequest("A PR is made from an assistant turn (an attempt), not a user turn")
+    if turn.turn_status != TurnStatus.COMPLETED:
+        raise Conflict(f"Turn {turn.turn_status}: only a completed attempt has a change to push")
+    bases = turn.body.get("repo_bases") or {}
+    changed = {
+        str(k): v
+        for k, v in (turn.body.get("repo_diffs") or {}).items()
+        if isinstance(v, dict) and isinstance(v.get("diff"), str) and v["diff"]
+    }
+    if not changed:
+        raise Conflict("This attempt changed no files: there is nothing to push")
+    _refuse_secrets(turn, "\n".join(v["diff"] for v in changed.values()))
+    _, env_body = run_environment(db, task, turn)
+    pushed = task.body.get("repo_pushes")
+    pushes: dict[str, Any] = dict(pushed) if isinstance(pushed, dict) else {}
+    unfinished = task.body.get("pr_push")
+    again = (
+        isinstance(unfinished, dict)
+        and unfinished.get("turn_id") == turn.id
+        and isinstance(unfinished.get("repos"), dict)
+        and isinstance(unfinished.get("at"), int | float)
+    )
+    done = task.body.get("last_pushed_turn_id") == turn.id and not again
+    title = task.title or "Changes"
+    at = float(unfinished["at"]) if again and isinstance(unfinished, dict) else time.time()
+    name = task.body.get("pushed_branch_name")
+    if not isinstance(name, str) or not name:
+        fmt = user_settings.get(principal).branch_format or "codex/{feature}"
+        base_branch = str(turn.body.get("branch") or task.branch or "")
+        name = branch_name(fmt, title=title, base_branch=base_branch or "main", now=at)
+    entries = {
+        str(e.get("id")): e
+        for e in task.body.get("external_pull_requests") or []
+        if isinstance(e, dict)
+    }
+    message = f"{title}\n\n{conversation_body(db, turn)}".strip() + "\n"
+    user = principal.user
+    out = []
+    keys = [str(k) for k in env_body.get("repos") or []]
+    for key in sorted(changed, key=lambda k: keys.index(k) if k in keys else len(keys)):
+        item, base_info = changed[key], bases.get(key) or {}
+        url = repo_url(env_body, key)
+        if not url:
+            raise Conflict(
+                f"The repository {key} this attempt changed is no longer in the environment"
+            )
+        state: dict[str, Any] = pushes[key] if isinstance(pushes.get(key), dict) else {}
+        if again and isinstance(unfinished, dict):
+            reserved = unfinished["repos"].get(key) or {}
+            branch = str(reserved.get("branch") or name)
+            new, parent = bool(reserved.get("new_branch")), reserved.get("parent")
+        elif state.get("branch"):
+            branch, new, parent = str(state["branch"]), False, state.get("commit")
+        else:
+            branch, new, parent = name, True, None
+        eid = entry_id(task.id, key)
+        out.append(
+            PushPlan(
+                task_id=task.id,
+                turn_id=turn.id,
+                repo_key=key,
+                repo_url=url,
+                base=str(item.get("base_commit_sha") or base_info.get("sha") or ""),
+                diff=item["diff"],
+                parent=parent if isinstance(parent, str) and parent else None,
+                branch=branch,
+                new_branch=new,
+                message=message,
+                author=(user.name or "openwham", user.email or "openwham@localhost"),
+                at=at,
+                existing=entries.get(eid) if done else None,
+                base_branch=str(base_info.get("branch") or ""),
+                entry_id=eid,
+            )
+        )
+    return out
 
 
 def plan(db: Session, principal: Principal, task_id: str, turn_id: str) -> PushPlan:
@@ -172,7 +276,9 @@ def plan(db: Session, principal: Principal, task_id: str, turn_id: str) -> PushP
     )
 
 
-def unfinished(db: Session, principal: Principal, task_id: str, turn_id: str) -> PushPlan | None:
+def unfinished(
+    db: Session, principal: Principal, task_id: str, turn_id: str
+) -> list[PushPlan] | None:
     """The push of another attempt of this task that a crash cut short, to finish before
     pushing ``turn_id`` (the branch may hold its commit already: the next one goes on top);
     ``None`` if there is none, or it can no longer be pushed (then it is dropped)."""
@@ -181,7 +287,7 @@ def unfinished(db: Session, principal: Principal, task_id: str, turn_id: str) ->
     if not isinstance(earlier, dict) or earlier.get("turn_id") in (None, turn_id):
         return None
     try:
-        return plan(db, principal, task_id, str(earlier["turn_id"]))
+        return plans(db, principal, task_id, str(earlier["turn_id"]))
     except ServiceError:  # deleted, no longer completed, holds a secret: nothing to finish
         drop_unfinished(db, principal, task_id)
         return None
@@ -191,6 +297,27 @@ def drop_unfinished(db: Session, principal: Principal, task_id: str) -> None:
     """Forget a push a crash cut short (the caller commits)."""
     task = get_task_row(db, principal, task_id)
     task.body = {k: v for k, v in task.body.items() if k != "pr_push"}
+
+
+def reserve_all(db: Session, principal: Principal, plans_: list[PushPlan]) -> None:
+    """:func:`reserve` for a multi-repository attempt's plans: all of them at once, before
+    the first push (their turn, time and each repository's branch and parent)."""
+    if not plans_ or not plans_[0].entry_id:
+        for one in plans_:
+            reserve(db, principal, one)
+        return
+    task = get_task_row(db, principal, plans_[0].task_id)
+    task.body = {
+        **task.body,
+        "pr_push": {
+            "turn_id": plans_[0].turn_id,
+            "at": plans_[0].at,
+            "repos": {
+                p.repo_key: {"branch": p.branch, "new_branch": p.new_branch, "parent": p.parent}
+                for p in plans_
+            },
+        },
+    }
 
 
 def reserve(db: Session, principal: Principal, plan_: PushPlan) -> None:
@@ -303,17 +430,19 @@ def record(
         "draft": False,
         "title": task.title,
         "body": plan_.message.split("\n\n", 1)[1].strip() if "\n\n" in plan_.message else "",
-        "base": str(turn.body.get("branch") or task.branch or ""),
+        "base": plan_.base_branch or str(turn.body.get("branch") or task.branch or ""),
         "head": branch,
         "base_sha": plan_.base,
         "head_sha": commit,
     }
     entry = {
-        "id": f"pr_{plan_.task_id.removeprefix('task_e_')[:24]}",
+        "id": plan_.entry_id or entry_id(plan_.task_id),
         "assistant_turn_id": plan_.turn_id,
         "pull_request": pull_request,
         "codex_updated_sha": commit,
     }
+    if plan_.entry_id:
+        return _record_repo(db, task, turn, plan_, entry)
     body = dict(task.body)
     body.pop("pr_push", None)
     body.update(
@@ -328,16 +457,90 @@ def record(
     return entry
 
 
+def _record_repo(
+    db: Session, task: m.Task, turn: m.Turn, plan_: PushPlan, entry: dict[str, Any]
+) -> dict[str, Any]:
+    """One repository's push of a multi-repository attempt: its entry replaces the one of
+    the same id in ``external_pull_requests`` (kept in the environment's order, a forge's
+    number and URL kept: the push updates that pull request), ``repo_pushes`` keeps its
+    branch and commit. ``pr_push`` stays until :func:`finish_repos`."""
+    pull_request = entry["pull_request"]
+    entries = [e for e in task.body.get("external_pull_requests") or [] if isinstance(e, dict)]
+    old = next((e for e in entries if e.get("id") == entry["id"]), None)
+    if old is not None and int((old.get("pull_request") or {}).get("number") or 0) > 0:
+        kept = {k: v for k, v in old["pull_request"].items() if k in ("number", "url", "state")}
+        entry = {**entry, "pull_request": {**pull_request, **kept}}
+    if old is None:
+        entries.append(entry)
+    else:
+        entries[entries.index(old)] = entry
+    pushes = dict(task.body.get("repo_pushes") or {})
+    pushes[plan_.repo_key] = {
+        "branch": entry["pull_request"]["head"],
+        "commit": entry["codex_updated_sha"],
+    }
+    task.body = {**task.body, "external_pull_requests": entries, "repo_pushes": pushes}
+    task.updated_at = time.time()
+    return entry
+
+
+def finish_repos(db: Session, principal: Principal, plans_: list[PushPlan]) -> None:
+    """Every repository of a multi-repository attempt is pushed: the task says so (its
+    ``pushed_branch_name``, ``last_pushed_turn_id``; the attempt's ``pull_request_status``
+    and first entry), and the reservation goes."""
+    if not plans_ or not plans_[0].entry_id:
+        return
+    task = get_task_row(db, principal, plans_[0].task_id)
+    turn = get_turn_row(db, task, plans_[0].turn_id)
+    entries = [e for e in task.body.get("external_pull_requests") or [] if isinstance(e, dict)]
+    mine = [e for e in entries if e.get("assistant_turn_id") == turn.id]
+    first = (mine or entries or [{}])[0].get("pull_request") or {}
+    body = {k: v for k, v in task.body.items() if k != "pr_push"}
+    body.update(
+        pushed_branch_name=body.get("pushed_branch_name") or plans_[0].branch,
+        last_pushed_turn_id=turn.id,
+    )
+    task.body = body
+    turn.body = {
+        **turn.body,
+        "pull_request_status": first.get("state") or "pushed",
+        "pull_request_data": first,
+    }
+
+
 # --------------------------------------------------------------------------- forge pull requests
 
 FORGE_KEY = "forge_pr"  # task.body: the forge's pull request (not rendered)
 
 
-def forge_pr(db: Session, principal: Principal, task_id: str) -> dict[str, Any] | None:
-    """The forge pull request recorded for the task (connection, repository, number)."""
+FORGE_REPOS_KEY = "forge_prs"  # task.body: a multi-repository task's, by repository key
+
+
+def forge_pr(
+    db: Session, principal: Principal, task_id: str, repo_key: str = ""
+) -> dict[str, Any] | None:
+    """The forge pull request recorded for the task (connection, repository, number); with
+    ``repo_key``, for that repository of a multi-repository task."""
     task = get_task_row(db, principal, task_id)
-    found = task.body.get(FORGE_KEY)
+    found = (
+        (task.body.get(FORGE_REPOS_KEY) or {}).get(repo_key)
+        if repo_key
+        else task.body.get(FORGE_KEY)
+    )
     return dict(found) if isinstance(found, dict) else None
+
+
+def forge_records(task: m.Task) -> list[tuple[str, dict[str, Any]]]:
+    """Every forge pull request recorded for the task: ``("", record)`` for a single
+    repository's, ``(repo key, record)`` for each of a multi-repository task's."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    single = task.body.get(FORGE_KEY)
+    if isinstance(single, dict):
+        out.append(("", dict(single)))
+    for key, record_ in (task.body.get(FORGE_REPOS_KEY) or {}).items():
+        if isinstance(record_, dict):
+            out.append((str(key), dict(record_)))
+    return out
 
 
 def pr_text(db: Session, task: m.Task, turn: m.Turn, link: str | None) -> tuple[str, str]:
@@ -358,28 +561,39 @@ def record_forge(
     repo_path: str,
     pr: dict[str, Any],
     now: float,
+    repo_key: str = "",
 ) -> dict[str, Any]:
     """Put the forge's pull request (``pr``: number, url, state, merged, draft, title, body,
     head, base, head_sha) in the task's ``external_pull_requests`` entry and on the attempt
-    that was pushed; ``turn_id`` ``None`` for a refresh (the entry's attempt). Returns the
-    entry."""
+    that was pushed; ``turn_id`` ``None`` for a refresh (the entry's attempt). ``repo_key``:
+    that repository's entry of a multi-repository task (the attempt shows its first one).
+    Returns the entry."""
     entries = [e for e in task.body.get("external_pull_requests") or [] if isinstance(e, dict)]
-    if not entries:
+    wanted = entry_id(task.id, repo_key) if repo_key else None
+    index = next((i for i, e in enumerate(entries) if e.get("id") == wanted), None) if wanted else 0
+    if not entries or index is None:
         raise Conflict("The task has no pushed branch to open a pull request for")
-    entry = dict(entries[0])
+    entry = dict(entries[index])
     merged = {**(entry.get("pull_request") or {}), **pr}
     entry["pull_request"] = merged
     body = dict(task.body)
-    body["external_pull_requests"] = [entry, *entries[1:]]
-    body[FORGE_KEY] = {
+    body["external_pull_requests"] = [*entries[:index], entry, *entries[index + 1 :]]
+    recorded = {
         "connection_id": connection_id,
         "repo_path": repo_path,
         "number": pr["number"],
         "state": pr.get("state"),
         "checked_at": now,
     }
+    if repo_key:
+        body[FORGE_REPOS_KEY] = {**(body.get(FORGE_REPOS_KEY) or {}), repo_key: recorded}
+    else:
+        body[FORGE_KEY] = recorded
     task.body = body
     turn = db.get(m.Turn, turn_id or str(entry.get("assistant_turn_id") or ""))
+    mine = [e for e in entries if e.get("assistant_turn_id") == entry.get("assistant_turn_id")]
+    if repo_key and mine and mine[0].get("id") != entry.get("id"):
+        turn = None  # the attempt shows its first repository's pull request
     if turn is not None and turn.task_id == task.id:
         turn.body = {
             **turn.body,

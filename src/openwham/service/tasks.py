@@ -54,6 +54,7 @@ from .diffs import (
     diff_stats,
     inline_input_items,
     inline_output_items,
+    inline_repo_diffs,
     looks_like_unified_diff,
     output_diff,
     starting_patch,
@@ -578,6 +579,7 @@ _ASSISTANT_BODY_FIELDS = (
     "base_commit_sha",
     "logs",
     "proxy_events",
+    "repo_diffs",
     "debug_metadata",
 )
 
@@ -589,6 +591,10 @@ def render_assistant_turn(
     whole, ``0``: none) with ``truncated: true`` when cut (``service.diffs.truncate_diff``)."""
     data: dict[str, Any] = {k: turn.body.get(k) for k in _ASSISTANT_BODY_FIELDS}
     data["output_items"] = inline_output_items(data["output_items"] or [], inline_diff)
+    if isinstance(data["repo_diffs"], dict):  # a multi-repository attempt's
+        data["repo_diffs"] = inline_repo_diffs(data["repo_diffs"], inline_diff)
+    else:
+        del data["repo_diffs"]  # absent, not null: single-repository turns keep their shape
     data["worklog"] = data["worklog"] or {"messages": []}
     data["pull_request_status"] = data["pull_request_status"] or "not_created"
     data.update(
@@ -1101,11 +1107,21 @@ def get_turn(
     return render_turn(turn, ctx, inline_diff)
 
 
-def whole_diff(db: Session, principal: Principal, task_id: str, turn_id: str) -> str:
+def whole_diff(
+    db: Session, principal: Principal, task_id: str, turn_id: str, *, repo_id: str | None = None
+) -> str:
     """The whole diff of an attempt, or a prompt's starting patch (``GET
-    tasks/{id}/turns/{turn_id}/diff``), never cut."""
+    tasks/{id}/turns/{turn_id}/diff``), never cut; ``repo_id``: one repository's of a
+    multi-repository attempt (``repo_diffs``)."""
     task = get_task_row(db, principal, task_id)
     turn = get_turn_row(db, task, turn_id)
+    if repo_id is not None:
+        found = (
+            (turn.body.get("repo_diffs") or {}).get(repo_id) if turn.role == "assistant" else None
+        )
+        if not isinstance(found, dict) or not isinstance(found.get("diff"), str):
+            raise NotFound(f"This attempt has no diff for repository {repo_id!r}")
+        return str(found["diff"])
     if turn.role != "assistant":
         patch = starting_patch(turn.body.get("input_items"))
         if patch is None:

@@ -4,10 +4,10 @@ from typing import Annotated, Any, Final
 
 from pydantic import BeforeValidator, Discriminator, Field, Tag
 
-from openwham.wire.base import WireModel, tag_value
+from openwham.wire.base import OmittingWireModel, WireModel, tag_value
 from openwham.wire.common import TurnError as TurnError  # re-exported: documented here
 from openwham.wire.environments import Environment
-from openwham.wire.items import InputItem, OutputItem
+from openwham.wire.items import InputItem, OutputDiff, OutputItem
 from openwham.wire.worklog import Worklog
 
 TURN_STATUSES: Final = ("pending", "in_progress", "completed", "failed", "cancelled")
@@ -75,7 +75,7 @@ class UserTurn(WireModel):
     created_at: float | None = None
 
 
-class AssistantTurn(WireModel):
+class AssistantTurn(OmittingWireModel):
     """One attempt of the agent at a user turn (best-of-N gives N sibling attempts).
 
     ``id`` is optional only because the official client's fixtures omit it; openwham always
@@ -108,8 +108,13 @@ class AssistantTurn(WireModel):
     previous_turn_id: str | None = None
     logs: TurnLogs | None = None
     proxy_events: list[ProxyEvent] | None = None
+    # openwham: a multi-repository environment's diffs, keyed by the repository's key in
+    # ``repos``/``repo_map``, for each repository the attempt changed (the first one's is also
+    # the ``pr`` item, which ``codex apply`` reads); absent with a single repository
+    repo_diffs: dict[str, OutputDiff] | None = None
     debug_metadata: Any = None
     discarded: bool = False
+    omit_when_unset = ("repo_diffs",)
 
 
 _ASSISTANT_ONLY_KEYS: Final = ("output_items", "turn_status", "attempt_placement", "worklog")

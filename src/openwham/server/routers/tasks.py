@@ -255,10 +255,17 @@ DIFF_MEDIA_TYPE = "text/x-diff; charset=utf-8"
         }
     },
 )
-def turn_diff(task_id: str, turn_id: str, principal: PrincipalDep, db: SessionDep) -> Response:
+def turn_diff(
+    task_id: str,
+    turn_id: str,
+    principal: PrincipalDep,
+    db: SessionDep,
+    repo_id: Annotated[str | None, Query(max_length=200)] = None,
+) -> Response:
     """The whole diff of an attempt, never cut (details cut theirs at
-    ``WHAM_INLINE_DIFF_MAX_BYTES``): ``curl … | git apply``. No diff yet or none made: 404."""
-    text = tasks.whole_diff(db, principal, task_id, turn_id)
+    ``WHAM_INLINE_DIFF_MAX_BYTES``): ``curl … | git apply``. No diff yet or none made: 404.
+    ``repo_id``: that repository's of a multi-repository attempt (its ``repo_diffs``)."""
+    text = tasks.whole_diff(db, principal, task_id, turn_id, repo_id=repo_id)
     return Response(content=text.encode(), media_type=DIFF_MEDIA_TYPE)
 
 
