@@ -459,3 +459,36 @@ def test_the_agent_cannot_change_either_repositorys_shared_mirror_objects(
         assert not (mirror / "objects" / "evil").exists()
         git("fsck", "--no-dangling", cwd=mirror)
         assert git("cat-file", "-t", "HEAD", cwd=mirror).strip() == "commit"
+
+
+def test_a_push_cut_short_in_one_repository_is_finished_when_asked_again(
+    engine_server: Server, scripted_model: ScriptedModel, tmp_path: Path
+) -> None:
+    """The second repository refuses the push (a pre-receive hook): the first one has its
+    branch, the answer is the refusal; asked again once the remote takes it, the first
+    repository's commit is the same one (no second commit), the second gets its branch."""
+    api = engine_server.api
+    widgets, gadgets = two_remotes(tmp_path)
+    hook = gadgets / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho 'refused by policy' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    r = api.post("environments", json={"label": "two", "repos": [str(widgets), str(gadgets)]})
+    assert r.status_code == 201, r.text
+    task_id, turn_id, _ = completed_task(
+        api, scripted_model, r.json()["id"], "Fix both", [Patch(BOTH), Say("Fixed both.")]
+    )
+    r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
+    assert r.status_code in (409, 502) and "refused by policy" in r.text, r.text
+    (branch,) = git(
+        "for-each-ref", "--format=%(refname:short)", "refs/heads/codex", cwd=widgets
+    ).split()
+    first = git("rev-parse", branch, cwd=widgets).strip()
+    assert "codex" not in git("for-each-ref", cwd=gadgets)
+    hook.unlink()
+    r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
+    assert r.status_code == 200, r.text
+    assert git("rev-parse", branch, cwd=widgets).strip() == first  # the same commit
+    assert git("show", f"{branch}:NOTES.md", cwd=gadgets) == "gadgets note\n"
+    entries = api.get(f"tasks/{task_id}").json()["task"]["external_pull_requests"]
+    assert [e["pull_request"]["head"] for e in entries] == [branch, branch]
+    assert entries[0]["pull_request"]["head_sha"] == first
