@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from conftest import Api, Server, completed_task, diff_of, git, make_repo, wait_for_task
+from support.browser import sign_in
 from support.forge_standin import ForgeStandIn
 from support.git_servers import SmartHttpGit, bare_copy
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
@@ -154,6 +155,15 @@ def test_one_task_changes_two_repositories(
         ["git", "apply", "--3way", "-"], input=first, text=True, cwd=checkout, check=True
     )
     assert (checkout / "calc.py").read_text() == "def add(a, b):\n    return a + b\n"
+
+    # the web UI's task page shows each repository's changes under its name
+    sign_in(api.client, api.token or "")
+    page = api.client.get(f"/tasks/{task_id}").text
+    assert "Changes in widgets" in page and "Changes in gadgets" in page
+    assert page.index("Changes in widgets") < page.index("Changes in gadgets")
+    assert "gadgets note" in page and "return a + b" in page
+    download = api.client.get(f"/tasks/{task_id}/turns/{turn_id}/diff?repo_id={keys[1]}")
+    assert download.status_code == 200 and download.text == second["diff"]
 
     # a follow-up starts from both changes and its diffs hold each whole change
     # (the script index counts tool outputs: the resumed conversation brings the first two)
@@ -344,6 +354,10 @@ def test_only_the_changed_repository_gets_a_branch(
     # the first repository did not change: the task has no diff for `codex apply`, the
     # second one's is in repo_diffs
     assert diff_of(details) == ""
+    sign_in(api.client, api.token or "")
+    page = api.client.get(f"/tasks/{task_id}").text
+    assert "Changes in gadgets" in page and "Changes in widgets" not in page
+    assert "Create PR branch" in page
     turn = details["current_assistant_turn"]
     assert list(turn["repo_diffs"]) == [r.json()["repos"][1]]
     r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")

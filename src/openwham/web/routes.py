@@ -399,7 +399,8 @@ class WebUI:
         def whole_diff(request: Request, task_id: str, turn_id: str, db: DbDep) -> Response:
             """An attempt's whole diff as a download (the page shows a big one cut)."""
             _, principal = self.principal(request, db)
-            text = tasks.whole_diff(db, principal, task_id, turn_id)
+            repo_id = request.query_params.get("repo_id")
+            text = tasks.whole_diff(db, principal, task_id, turn_id, repo_id=repo_id)
             name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{task_id}.diff")[:120]
             response = Response(
                 text.encode(),
@@ -774,6 +775,7 @@ class WebUI:
             worklog["logs"] = [
                 entry.line for entry in logs.turn_logs(db, principal, task_id, attempt.id).logs
             ]
+        repo_changes = _repo_changes(task_id, attempt.turn if attempt else {})
         diff_turn = details.get("current_diff_task_turn") or {}
         pushed = [
             pr.get("pull_request") or {}
@@ -795,6 +797,8 @@ class WebUI:
                 "diff_stats": diff,
                 "diff_cut": diff_cut,
                 "diff_text": diff_text,
+                "repo_changes": repo_changes,
+                "diff_title": _diff_title(attempt.turn if attempt else {}),
                 "apply_command": _apply_command(task_id, diff_turn, last),
                 "worklog": worklog,
                 "network": [
@@ -899,6 +903,49 @@ def _task_body(mode: dict[str, Any], prompt: str, attempts: str) -> dict[str, An
         ],
         "metadata": {"best_of_n": int(attempts)},
     }
+
+
+def _diff_title(turn: dict[str, Any]) -> str:
+    """ "Changes", or "Changes in <name>" for the first of several repositories."""
+    env = turn.get("environment") or {}
+    keys = [str(k) for k in env.get("repos") or []]
+    if len(keys) < 2:
+        return "Changes"
+    return f"Changes in {((env.get('repo_map') or {}).get(keys[0]) or {}).get('name') or keys[0]}"
+
+
+def _repo_changes(task_id: str, turn: dict[str, Any]) -> list[dict[str, Any]]:
+    """The other repositories' diffs of a multi-repository attempt (``repo_diffs`` but the
+    first repository's, which the page shows as the task's diff), each named by its
+    directory in the workspace; a cut one links to its whole diff."""
+    diffs = turn.get("repo_diffs") or {}
+    env = turn.get("environment") or {}
+    keys = [str(k) for k in env.get("repos") or []]
+    out = []
+    for i, key in enumerate(keys[1:], start=1):
+        item = diffs.get(key)
+        if not isinstance(item, dict) or not item.get("diff"):
+            continue
+        name = str(((env.get("repo_map") or {}).get(key) or {}).get("name") or key)
+        text = str(item["diff"])
+        cut = None
+        if item.get("truncated"):
+            url = f"/tasks/{quote(task_id, safe='')}/turns/{quote(str(turn.get('id')), safe='')}"
+            cut = {
+                "shown": _size(len(text.encode())),
+                "total": _size(int(item.get("diff_bytes") or 0)),
+                "url": f"{url}/diff?repo_id={quote(key, safe='')}",
+            }
+        out.append(
+            {
+                "id": f"diff-{i}",
+                "name": name,
+                "diff": diffview.parse(text),
+                "stats": item,
+                "cut": cut,
+            }
+        )
+    return out
 
 
 def _apply_command(task_id: str, diff_turn: dict[str, Any], shown: views.Exchange | None) -> str:

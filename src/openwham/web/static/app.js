@@ -401,8 +401,11 @@
   // ------------------------------------------------------------------ diff
 
   function diffView() {
-    const diff = document.getElementById("diff");
-    if (!diff) return;
+    // the task's diff, and a multi-repository attempt's other repositories' (each a section)
+    document.querySelectorAll("section.diff").forEach(diffSection);
+  }
+
+  function diffSection(diff) {
     const buttons = diff.querySelectorAll("[data-diff-view]");
     const set = (view) => {
       diff.dataset.view = view;
