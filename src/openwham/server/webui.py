@@ -19,6 +19,7 @@ from openwham.store.db import Database
 from openwham.web import forges as forge_pages
 from openwham.web import gitcreds as gitcred_pages
 from openwham.web import tokens as token_pages
+from openwham.web import writeonly
 from openwham.web.routes import STATIC, WebUI
 
 from .state import AppState
@@ -56,7 +57,7 @@ def mount(app: FastAPI, state: AppState) -> None:
     """Serve the UI at ``/`` (pages) and ``/static`` (CSS, JS); the API keeps its prefixes."""
     ui = WebUI(ServerBackend(state))
     token_pages.add_routes(ui)
-    forge_pages.add_routes(ui)
-    gitcred_pages.add_routes(ui)
+    writeonly.add_routes(ui, forge_pages.PAGE)
+    writeonly.add_routes(ui, gitcred_pages.PAGE)
     app.include_router(ui.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
