@@ -393,3 +393,40 @@ def test_diff_stat_scales_and_shortens_like_git() -> None:
         " .../name/that/goes/on/and/on/forever/file_name.txt | 200 +++++++++++++++++++++",
         " 3 files changed, 201 insertions(+), 1 deletion(-)",
     ]
+
+
+def test_task_diff_and_apply_pick_a_repository_of_a_multi_repository_task(
+    wham: WhamClient,
+    model: ScriptedModel,
+    cli_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """``--repository NAME``: that repository's diff of a multi-repository attempt (its
+    ``repo_diffs``); without it the first repository's, as ``codex apply`` reads."""
+    origin = tmp_path / "origin"
+    widgets, gadgets = make_repo(origin / "widgets"), make_repo(origin / "gadgets")
+    env = wham.create_environment({"label": "two", "repos": [str(widgets), str(gadgets)]})
+    model.script = [
+        Patch(
+            "*** Begin Patch\n*** Add File: widgets/W.md\n+w\n"
+            "*** Add File: gadgets/G.md\n+g\n*** End Patch"
+        ),
+        Say("Both."),
+    ]
+    task_id = wham.create_task("Note both", env.id).task.id
+    wham.wait(task_id, poll=0.2, timeout=120)
+    first = run_cli(cli_env, "task", "diff", task_id, "--no-pager")
+    assert first.returncode == 0, first.stderr
+    assert "b/W.md" in first.stdout and "G.md" not in first.stdout
+    second = run_cli(cli_env, "task", "diff", task_id, "--repository", "gadgets", "--no-pager")
+    assert second.returncode == 0, second.stderr
+    assert "b/G.md" in second.stdout and "W.md" not in second.stdout
+    bad = run_cli(cli_env, "task", "diff", task_id, "--repository", "nope")
+    assert bad.returncode != 0 and "no repository 'nope'" in bad.stderr
+    checkout = tmp_path / "checkout"
+    git("clone", "-q", str(gadgets), str(checkout), cwd=tmp_path)
+    r = run_cli(
+        cli_env, "task", "apply", task_id, "--repository", "gadgets", "--repo", str(checkout)
+    )
+    assert r.returncode == 0, r.stderr
+    assert (checkout / "G.md").read_text() == "g\n" and not (checkout / "W.md").exists()

@@ -11,7 +11,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import Api, Server, completed_task, diff_of, git, make_repo, wait_for_task
+from openwham.client import WhamClient, WhamError
 from support.browser import sign_in
 from support.forge_standin import ForgeStandIn
 from support.git_servers import SmartHttpGit, bare_copy
@@ -155,6 +158,19 @@ def test_one_task_changes_two_repositories(
         ["git", "apply", "--3way", "-"], input=first, text=True, cwd=checkout, check=True
     )
     assert (checkout / "calc.py").read_text() == "def add(a, b):\n    return a + b\n"
+
+    # the SDK (and `wham task diff/apply --repository`) picks a repository by name
+    sdk = WhamClient("http://testserver", token=api.token, transport=api.client._transport)
+    assert sdk.diff(task_id) == first
+    assert sdk.diff(task_id, repository="gadgets") == second["diff"]
+    assert sdk.diff(task_id, repository=keys[0]) == first
+    with pytest.raises(WhamError, match=r"no repository 'nope'.*gadgets, widgets"):
+        sdk.diff(task_id, repository="nope")
+    gadgets_checkout = tmp_path / "gadgets-checkout"
+    git("clone", "-q", str(gadgets), str(gadgets_checkout), cwd=tmp_path)
+    applied = sdk.apply(task_id, gadgets_checkout, repository="gadgets")
+    assert applied.status == "success", applied
+    assert (gadgets_checkout / "NOTES.md").read_text() == "gadgets note\n"
 
     # the web UI's task page shows each repository's changes under its name
     sign_in(api.client, api.token or "")

@@ -32,6 +32,11 @@ app = typer.Typer(
 
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON")
 AttemptOption = typer.Option(1, "--attempt", "-a", min=1, max=4, help="Attempt number (1-based)")
+RepositoryOption = typer.Option(
+    None,
+    "--repository",
+    help="A multi-repository task: this repository's diff (name or owner/name; default: the first)",
+)
 
 
 def _exit_for(details: TaskDetails, attempts_done: bool = True) -> int:
@@ -244,6 +249,7 @@ def diff(
         False, "--no-pager", help="Print directly (on a terminal: $WHAM_PAGER, $PAGER, less -FRX)"
     ),
     as_json: bool = JsonOption,
+    repository: str | None = RepositoryOption,
 ) -> None:
     """Print an attempt's unified diff; coloured and paged on a terminal, as git does."""
     choice = color.lower()
@@ -251,7 +257,7 @@ def diff(
         die("--color must be auto, always or never", USAGE)
     task_id = task_id_from(task)
     with open_client(ctx) as wham:
-        text = wham.diff(task_id, attempt=attempt)
+        text = wham.diff(task_id, attempt=attempt, repository=repository)
     files = diffs.stats(text) if stat else []
     if as_json:
         body: dict[str, object] = {"id": task_id, "attempt": attempt, "diff": text}
@@ -284,11 +290,12 @@ def apply(
     check: bool = typer.Option(False, "--check", help="Only check that it applies"),
     repo: Path = typer.Option(Path("."), "--repo", help="The git checkout to apply to"),
     as_json: bool = JsonOption,
+    repository: str | None = RepositoryOption,
 ) -> None:
     """Apply an attempt's diff to a local checkout (git apply --3way; changes are staged)."""
     task_id = task_id_from(task)
     with open_client(ctx) as wham:
-        result = wham.apply(task_id, repo, attempt=attempt, check=check)
+        result = wham.apply(task_id, repo, attempt=attempt, check=check, repository=repository)
     if as_json:
         print_json(
             {

@@ -165,10 +165,12 @@ def sibling_turns(task_id: str, turn_id: str) -> Call[SiblingTurnsResponse]:
     return Call("GET", path, SiblingTurnsResponse.model_validate, idempotent=True)
 
 
-def turn_diff(task_id: str, turn_id: str) -> Call[str]:
-    """An attempt's whole diff (openwham only: details cut big ones, ``truncated: true``)."""
+def turn_diff(task_id: str, turn_id: str, repo_id: str | None = None) -> Call[str]:
+    """An attempt's whole diff (openwham only: details cut big ones, ``truncated: true``);
+    ``repo_id``: one repository's of a multi-repository attempt (its ``repo_diffs``)."""
     path = f"tasks/{_seg(task_id)}/turns/{_seg(turn_id)}/diff"
-    return Call("GET", path, str, idempotent=True, text=True)
+    params = {"repo_id": repo_id} if repo_id is not None else None
+    return Call("GET", path, str, params=params, idempotent=True, text=True)
 
 
 def turn_logs(task_id: str, turn_id: str) -> Call[TurnLogsResponse]:
@@ -364,12 +366,44 @@ def pick_attempt(task_id: str, attempts: list[AssistantTurn], attempt: int) -> A
     return attempts[attempt - 1]
 
 
-def diff_op(task_id: str, attempt: int = 1) -> Op[str]:
+def repository_key(turn: AssistantTurn, repository: str) -> str:
+    """The key (in ``repos``) of the attempt's repository named ``repository``: its key, its
+    name or its full name (``owner/name``), compared without case for names."""
+    env = turn.environment
+    repo_map = env.repo_map if env is not None else {}
+    for key, info in repo_map.items():
+        names = {key}
+        if info is not None:
+            names |= {str(info.name or "").lower(), str(info.repository_full_name or "").lower()}
+        if repository in names or repository.lower() in names:
+            return str(key)
+    known = ", ".join(sorted(str(i.name) for i in repo_map.values() if i is not None and i.name))
+    raise WhamError(f"the attempt has no repository {repository!r} (its repositories: {known})")
+
+
+def _repository_diff(task_id: str, turn: AssistantTurn, attempt: int, repository: str) -> Op[str]:
+    """One repository's diff of a multi-repository attempt (``repo_diffs``), whole."""
+    key = repository_key(turn, repository)
+    item = (turn.repo_diffs or {}).get(key)
+    if item is not None and item.truncated and turn.id:
+        whole: str = yield turn_diff(task_id, turn.id, key)
+        return whole
+    if item is not None and item.diff:
+        return item.diff
+    status = turn.turn_status
+    why = "it is still running" if status not in TERMINAL else "it did not change it"
+    raise Conflict(409, f"No diff of {repository} for task {task_id} attempt {attempt}: {why}")
+
+
+def diff_op(task_id: str, attempt: int = 1, repository: str | None = None) -> Op[str]:
     """The whole unified diff of one attempt; :class:`Conflict` while it has none yet. A diff
     the details carry cut (``truncated``) is fetched whole from its own endpoint, so a caller
-    never gets part of a patch."""
+    never gets part of a patch. ``repository``: that repository's of a multi-repository
+    attempt (name, ``owner/name`` or key), else the first repository's."""
     details, found = yield from attempts_op(task_id)
     turn = pick_attempt(task_id, found, attempt)
+    if repository is not None:
+        return (yield from _repository_diff(task_id, turn, attempt, repository))
     source, item = turn, turn_diff_item(turn)
     if item is None and turn is details.current_assistant_turn:
         # the CLI's rule: current_diff_task_turn first

@@ -233,9 +233,10 @@ class WhamClient:
         """Every attempt of the current user turn, in the Codex CLI's order."""
         return self._run(ep.attempts_op(task_id))[1]
 
-    def turn_diff(self, task_id: str, turn_id: str) -> str:
-        """An attempt's whole diff by turn id (openwham: details cut big diffs)."""
-        return self._call(ep.turn_diff(task_id, turn_id))
+    def turn_diff(self, task_id: str, turn_id: str, repo_id: str | None = None) -> str:
+        """An attempt's whole diff by turn id (openwham: details cut big diffs); ``repo_id``:
+        one repository's of a multi-repository attempt."""
+        return self._call(ep.turn_diff(task_id, turn_id, repo_id))
 
     def turn_logs(self, task_id: str, turn_id: str) -> TurnLogsResponse:
         return self._call(ep.turn_logs(task_id, turn_id))
@@ -279,10 +280,11 @@ class WhamClient:
                 return
             self._sleep(reader.backoff())
 
-    def diff(self, task_id: str, *, attempt: int = 1) -> str:
+    def diff(self, task_id: str, *, attempt: int = 1, repository: str | None = None) -> str:
         """The whole unified diff of attempt ``attempt`` (1-based), fetched from the diff
-        endpoint when the details carry it cut (``truncated``)."""
-        return self._run(ep.diff_op(task_id, attempt))
+        endpoint when the details carry it cut (``truncated``); ``repository``: that one's
+        of a multi-repository attempt (name, ``owner/name`` or key), else the first's."""
+        return self._run(ep.diff_op(task_id, attempt, repository))
 
     def apply(
         self,
@@ -292,10 +294,12 @@ class WhamClient:
         attempt: int = 1,
         check: bool = False,
         git_config: tuple[str, ...] = (),
+        repository: str | None = None,
     ) -> ApplyResult:
         """Apply an attempt's diff to the git checkout at ``repo`` (``git apply --3way``,
-        after a preflight); ``check`` only runs the preflight."""
-        diff = self.diff(task_id, attempt=attempt)
+        after a preflight); ``check`` only runs the preflight. ``repository``: that one's
+        diff of a multi-repository attempt (:meth:`diff`)."""
+        diff = self.diff(task_id, attempt=attempt, repository=repository)
         return apply_diff(diff, Path(repo), check=check, git_config=git_config)
 
     def cancel(self, task_id: str, turn_id: str | None = None) -> CancelResponse:
