@@ -188,24 +188,26 @@ def test_the_engine_logs_why_workspaces_are_clones(
     launch bubblewrap (which mounts them): the engine makes a clone per attempt and its
     start-up log says why; otherwise it uses the shared checkouts."""
     from openwham.config import Settings
-    from openwham.engine.attempt import _checkouts
+    from openwham.engine.workspace import shared_checkouts
     from openwham.sandbox import overlay
     from openwham.sandbox.provider import BUBBLEWRAP
     from support.fake_sandbox import ScriptedSandboxes
 
     root = tmp_path / "checkouts"
-    with caplog.at_level("INFO", logger="openwham.engine.attempt"):
+    with caplog.at_level("INFO", logger="openwham.engine.workspace"):
         assert (
-            _checkouts(Settings(data_dir=tmp_path, workspace_overlay=False), BUBBLEWRAP, root)
+            shared_checkouts(Settings(data_dir=tmp_path, workspace_overlay=False), BUBBLEWRAP, root)
             is None
         )
         assert "WHAM_WORKSPACE_OVERLAY=false" in caplog.text
-        assert _checkouts(Settings(data_dir=tmp_path), ScriptedSandboxes(), root) is None
+        assert shared_checkouts(Settings(data_dir=tmp_path), ScriptedSandboxes(), root) is None
         assert "not bubblewrap" in caplog.text
         monkeypatch.setattr(overlay, "unavailable", lambda: "no overlayfs in this kernel")
-        assert _checkouts(Settings(data_dir=tmp_path), BUBBLEWRAP, root) is None
+        assert shared_checkouts(Settings(data_dir=tmp_path), BUBBLEWRAP, root) is None
         assert "overlay workspaces are unavailable: no overlayfs in this kernel" in caplog.text
         monkeypatch.setattr(overlay, "unavailable", lambda: None)
-        checkouts = _checkouts(Settings(data_dir=tmp_path, checkout_cache=3), BUBBLEWRAP, root)
+        checkouts = shared_checkouts(
+            Settings(data_dir=tmp_path, checkout_cache=3), BUBBLEWRAP, root
+        )
         assert checkouts is not None and checkouts.enabled and checkouts.keep == 3
         assert "overlays over shared checkouts" in caplog.text

@@ -31,7 +31,7 @@ from openwham.runtimes.codex import CODEX
 from openwham.sandbox.bwrap import Limits, SandboxResult
 from openwham.sandbox.egress import AddressGuard, EgressProxy
 from openwham.sandbox.provider import BUBBLEWRAP, Sandbox, SandboxProvider
-from openwham.sandbox.workspace import Checkouts, Mirrors, local_repo_policy
+from openwham.sandbox.workspace import Mirrors, local_repo_policy
 from openwham.service.artifacts import check_store, open_store
 from openwham.store import models as m
 from openwham.store.artifacts import ArtifactStore
@@ -49,7 +49,7 @@ from .recorder import SUPERSEDED, TurnRecorder
 from .result import Results, redactor
 from .standby import AgentKey
 from .titling import Titles
-from .workspace import Workspaces, remove_orphaned_standbys
+from .workspace import Workspaces, remove_orphaned_standbys, shared_checkouts
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Engine:
             self.attempts_root,
             egress,
             agents,
-            _checkouts(self.settings, self.sandbox, data / "checkouts"),
+            shared_checkouts(self.settings, self.sandbox, data / "checkouts"),
         )
         self.standby = self.workspaces.standby  # the queue executor offers its ready ones
 
@@ -335,29 +335,6 @@ class Engine:
     def release(self, turn_id: str, rec: TurnRecorder | None, note: str) -> str:
         """Put an attempt back to ``pending`` without counting a try (graceful shutdown)."""
         return turns.release(self.db, self.bus, turn_id, rec, note)
-
-
-def _checkouts(settings: Settings, sandbox: SandboxProvider, root: Path) -> Checkouts | None:
-    """The shared checkouts of overlay workspaces, or ``None`` (a clone per attempt) when
-    they are off, the sandbox is not bubblewrap (only its launch mounts the overlay) or the
-    host cannot mount overlays; logged either way."""
-    if not settings.workspace_overlay:
-        log.info("workspaces: a clone per attempt (WHAM_WORKSPACE_OVERLAY=false)")
-        return None
-    if sandbox is not BUBBLEWRAP:
-        log.info("workspaces: a clone per attempt (the sandbox provider is not bubblewrap)")
-        return None
-    checkouts = Checkouts(root, keep=settings.checkout_cache)
-    if not checkouts.enabled:
-        log.warning(
-            "workspaces: a clone per attempt (every file written per attempt, seconds for a "
-            "large repository): overlay workspaces are unavailable: %s",
-            checkouts.reason,
-        )
-        return None
-    checkouts.sweep()
-    log.info("workspaces: overlays over shared checkouts in %s", root)
-    return checkouts
 
 
 def _socket_dir(path: Path) -> Path:

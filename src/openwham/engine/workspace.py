@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from openwham.sandbox import bwrap, overlay
 from openwham.sandbox.bwrap import Limits, SandboxSpec
 from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.egress import EgressProxy
-from openwham.sandbox.provider import SandboxProvider
+from openwham.sandbox.provider import BUBBLEWRAP, SandboxProvider
 from openwham.sandbox.workspace import (
     Checkouts,
     Mirrors,
@@ -44,6 +45,8 @@ from .recorder import TurnRecorder
 from .standby import STANDBY_PREFIX, AgentKey, Prepared, StandbyPool
 
 STANDBY_READY_SECONDS = 30.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -307,3 +310,26 @@ def remove_orphaned_standbys(root: Path) -> None:
         pid = path.name.removeprefix(STANDBY_PREFIX).split("-", 1)[0]
         if not pid.isdigit() or not Path(f"/proc/{pid}").exists() or int(pid) == os.getpid():
             storage.remove_tree(path)
+
+
+def shared_checkouts(settings: Settings, sandbox: SandboxProvider, root: Path) -> Checkouts | None:
+    """The shared checkouts of overlay workspaces, or ``None`` (a clone per attempt) when
+    they are off, the sandbox is not bubblewrap (only its launch mounts the overlay) or the
+    host cannot mount overlays; logged either way."""
+    if not settings.workspace_overlay:
+        log.info("workspaces: a clone per attempt (WHAM_WORKSPACE_OVERLAY=false)")
+        return None
+    if sandbox is not BUBBLEWRAP:
+        log.info("workspaces: a clone per attempt (the sandbox provider is not bubblewrap)")
+        return None
+    checkouts = Checkouts(root, keep=settings.checkout_cache)
+    if not checkouts.enabled:
+        log.warning(
+            "workspaces: a clone per attempt (every file written per attempt, seconds for a "
+            "large repository): overlay workspaces are unavailable: %s",
+            checkouts.reason,
+        )
+        return None
+    checkouts.sweep()
+    log.info("workspaces: overlays over shared checkouts in %s", root)
+    return checkouts
