@@ -8,9 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import git
+from conftest import git, make_repo
+from openwham.engine.diff import workspace_diff
 from openwham.sandbox.bwrap import SHARED_OBJECTS
-from openwham.sandbox.workspace import Mirrors, WorkspaceError, apply_patch, create_workspace
+from openwham.sandbox.workspace import (
+    Mirrors,
+    WorkspaceError,
+    apply_patch,
+    create_repo_workspace,
+    create_workspace,
+)
 
 
 def test_mirror_then_workspace_at_branch(repo: Path, tmp_path: Path) -> None:
@@ -211,3 +218,32 @@ def test_the_engine_logs_why_workspaces_are_clones(
         )
         assert checkouts is not None and checkouts.enabled and checkouts.keep == 3
         assert "overlays over shared checkouts" in caplog.text
+
+
+def test_a_multi_repository_workspace_borrows_each_mirror_and_diffs_each(
+    repo: Path, tmp_path: Path
+) -> None:
+    """``workspace/<name>`` per repository, each borrowing its own mirror's objects through
+    ``mirror-objects/<name>`` (the sandbox binds each read-only); the diff computed in a
+    sandbox of its own gives each repository's change against its own base."""
+    other = make_repo(tmp_path / "gadgets")
+    git("branch", "-m", "trunk", cwd=other)
+    mirrors = Mirrors(tmp_path / "mirrors")
+    a, b = mirrors.ensure("a", str(repo)), mirrors.ensure("b", str(other))
+    (tmp_path / "att").mkdir()
+    ws = tmp_path / "att" / "workspace"
+    ws.mkdir()
+    base_a = create_repo_workspace(a, ws, "widgets", "main", str(repo))
+    base_b = create_repo_workspace(b, ws, "gadgets", "trunk", str(other))
+    for name, mirror in (("widgets", a), ("gadgets", b)):
+        alternates = ws / name / ".git" / "objects" / "info" / "alternates"
+        assert alternates.read_text() == f"../../../../{SHARED_OBJECTS}/{name}\n"
+        link = tmp_path / "att" / SHARED_OBJECTS / name
+        assert link.is_symlink() and link.resolve() == (mirror / "objects").resolve()
+    with pytest.raises(WorkspaceError, match="bad or used"):
+        create_repo_workspace(b, ws, "gadgets", "trunk", str(other))
+    (ws / "widgets" / "README.md").write_text("changed\n")
+    (ws / "gadgets" / "NEW.md").write_text("new\n")
+    diff = workspace_diff(ws, base_a, repos=[("widgets", base_a), ("gadgets", base_b)])
+    assert diff.text == diff.repos[0] and "+changed" in diff.text and "NEW.md" not in diff.text
+    assert diff.repos[1].startswith("diff --git a/NEW.md b/NEW.md") and "+new" in diff.repos[1]
