@@ -522,3 +522,37 @@ def test_a_push_cut_short_in_one_repository_is_finished_when_asked_again(
     entries = api.get(f"tasks/{task_id}").json()["task"]["external_pull_requests"]
     assert [e["pull_request"]["head"] for e in entries] == [branch, branch]
     assert entries[0]["pull_request"]["head_sha"] == first
+
+
+def test_a_secret_in_another_repositorys_change_is_redacted_and_not_pushed(
+    engine_server: Server, scripted_model: ScriptedModel, tmp_path: Path
+) -> None:
+    """The setup script (which has the secrets) writes one into the second repository: its
+    stored diff has ``[redacted]``, and the PR push of the attempt is refused naming the
+    secret and the file (with its repository's directory), in no repository a branch."""
+    api = engine_server.api
+    widgets, gadgets = two_remotes(tmp_path)
+    secret = "s3cr3t-value-for-gadgets"
+    r = api.post(
+        "environments",
+        json={
+            "label": "two",
+            "repos": [str(widgets), str(gadgets)],
+            "secrets": {"DEPLOY_KEY": secret},
+            "setup": ['printf "%s\\n" "$DEPLOY_KEY" > gadgets/leak.txt'],
+        },
+    )
+    assert r.status_code == 201, r.text
+    keys = r.json()["repos"]
+    task_id, turn_id, details = completed_task(
+        api, scripted_model, r.json()["id"], "Fix both", [Patch(BOTH), Say("Fixed both.")]
+    )
+    text = api.get(f"tasks/{task_id}").text
+    assert secret not in text
+    leak = details["current_assistant_turn"]["repo_diffs"][keys[1]]["diff"]
+    assert "leak.txt" in leak and "[redacted]" in leak
+    r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
+    assert r.status_code == 409, r.text
+    assert "'DEPLOY_KEY' in 'gadgets/leak.txt'" in r.json()["detail"] and secret not in r.text
+    for remote in (widgets, gadgets):
+        assert "codex" not in git("for-each-ref", cwd=remote)
