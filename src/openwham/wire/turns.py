@@ -4,7 +4,7 @@ from typing import Annotated, Any, Final
 
 from pydantic import BeforeValidator, Discriminator, Field, Tag
 
-from openwham.wire.base import OmittingWireModel, WireModel, tag_value
+from openwham.wire.base import WireModel, tag_value
 from openwham.wire.common import TurnError as TurnError  # re-exported: documented here
 from openwham.wire.environments import Environment
 from openwham.wire.items import InputItem, OutputDiff, OutputItem
@@ -75,7 +75,12 @@ class UserTurn(WireModel):
     created_at: float | None = None
 
 
-class AssistantTurn(OmittingWireModel):
+def _absent(value: object) -> bool:
+    """An openwham-only key left out of the answer when it has nothing to say."""
+    return value is None
+
+
+class AssistantTurn(WireModel):
     """One attempt of the agent at a user turn (best-of-N gives N sibling attempts).
 
     ``id`` is optional only because the official client's fixtures omit it; openwham always
@@ -110,11 +115,12 @@ class AssistantTurn(OmittingWireModel):
     proxy_events: list[ProxyEvent] | None = None
     # openwham: a multi-repository environment's diffs, keyed by the repository's key in
     # ``repos``/``repo_map``, for each repository the attempt changed (the first one's is also
-    # the ``pr`` item, which ``codex apply`` reads); absent with a single repository
-    repo_diffs: dict[str, OutputDiff] | None = None
+    # the ``pr`` item, which ``codex apply`` reads); absent with a single repository.
+    # ``exclude_if``, not ``omit_when_unset``: that needs a Python serializer on the whole
+    # model, which made every task's serialisation several times slower (test_overload)
+    repo_diffs: dict[str, OutputDiff] | None = Field(default=None, exclude_if=_absent)
     debug_metadata: Any = None
     discarded: bool = False
-    omit_when_unset = ("repo_diffs",)
 
 
 _ASSISTANT_ONLY_KEYS: Final = ("output_items", "turn_status", "attempt_placement", "worklog")
