@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import Api, Server, completed_task, diff_of, git, make_repo, wait_for_task
@@ -195,6 +196,80 @@ def test_one_task_changes_two_repositories(
     assert "+gadgets note" in again[keys[1]]["diff"]
     assert "+    return b + a" in again[keys[1]]["diff"]
     assert again[keys[1]]["base_commit_sha"] == bases[1]
+
+
+def test_a_branch_of_one_repository_is_used_there_and_the_others_start_from_their_default(
+    engine_server: Server, scripted_model: ScriptedModel, tmp_path: Path
+) -> None:
+    """``POST tasks`` accepts a branch that any repository has (the first one included
+    starts from its default branch without it) and refuses one that none has, naming the
+    branch and every repository; a follow-up stays on each repository's base."""
+    api = engine_server.api
+    widgets, gadgets = two_remotes(tmp_path)
+    work = tmp_path / "gadgets-topic"
+    git("clone", "-q", "-b", "trunk", str(gadgets), str(work), cwd=tmp_path)
+    git("checkout", "-q", "-b", "topic", cwd=work)
+    (work / "TOPIC.md").write_text("topic only\n")
+    git("add", ".", cwd=work)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "topic", cwd=work)
+    git("push", "-q", "origin", "topic", cwd=work)
+    topic = git("rev-parse", "topic", cwd=gadgets).strip()
+    main = git("rev-parse", "main", cwd=widgets).strip()
+    r = api.post(
+        "environments",
+        json={
+            "label": "two",
+            "repos": [str(widgets), {"url": str(gadgets), "default_branch": "trunk"}],
+        },
+    )
+    assert r.status_code == 201, r.text
+    env = r.json()
+
+    def create(branch: str) -> httpx.Response:
+        body = {
+            "new_task": {"environment_id": env["id"], "branch": branch},
+            "input_items": [
+                {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"content_type": "text", "text": "Fix both"}],
+                }
+            ],
+        }
+        return api.post("tasks", json=body)
+
+    r = create("nope")
+    assert r.status_code == 400, r.text
+    names = [env["repo_map"][k]["repository_full_name"] for k in env["repos"]]
+    assert r.json()["detail"] == f"Branch 'nope' not found in any of {', '.join(names)}"
+    assert api.get("tasks/list").json()["items"] == []  # nothing was written
+
+    scripted_model.script = [Shell("ls /workspace/gadgets"), Patch(BOTH), Say("Fixed both.")]
+    r = create("topic")
+    assert r.status_code == 200, r.text
+    task_id, turn_id = r.json()["task"]["id"], r.json()["turn"]["id"]
+    details = wait_for_task(api, task_id)
+    turn = details["current_assistant_turn"]
+    assert turn["turn_status"] == "completed", turn["error"]
+    assert "TOPIC.md" in json.dumps(turn["worklog"])  # gadgets at topic
+    assert turn["base_commit_sha"] == main  # widgets at its default branch
+    assert turn["repo_diffs"][env["repos"][1]]["base_commit_sha"] == topic
+    # the PR branch of each repository is on its own base
+    r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
+    assert r.status_code == 200, r.text
+    branch = r.json()["pull_request"]["head"]
+    assert git("rev-parse", f"{branch}~1", cwd=widgets).strip() == main
+    assert git("rev-parse", f"{branch}~1", cwd=gadgets).strip() == topic
+
+    # a follow-up (the task's branch is checked again) starts from both bases
+    scripted_model.script = [Say("-"), Say("-"), Patch(MORE), Say("Changed gadgets.")]
+    follow = api.follow_up(task_id, turn_id, "Now gadgets' add")
+    details = wait_for_task(api, task_id)
+    turn = details["current_assistant_turn"]
+    assert turn["id"] == follow["turn"]["id"]
+    assert turn["turn_status"] == "completed", turn["error"]
+    again = turn["repo_diffs"][env["repos"][1]]
+    assert again["base_commit_sha"] == topic and "+    return b + a" in again["diff"]
 
 
 def test_a_single_repository_environment_keeps_its_shape(

@@ -169,7 +169,8 @@ class Workspaces:
     ) -> dict[str, dict[str, str]]:
         """Every repository of a multi-repository environment cloned into
         ``workspace/<dir>`` (``mirror``: the first one's, fetched already): at the task's
-        branch where the repository has it, else at its default branch; a follow-up at the
+        branch where the repository has it, else at its default branch (the first one too: the
+        branch may be another's only, ``service.tasks``); a follow-up at the
         branch and commit the previous attempt started from, with its change. Returns key ->
         {dir, branch, sha} in the environment's order."""
         workspace.mkdir()
@@ -178,10 +179,10 @@ class Workspaces:
             own = mirror if i == 0 else self.mirrors.ensure(repo.key, repo.url, auth=repo.auth)
             before = resume.repo_bases.get(repo.key) if resume is not None else None
             at: str | None = None
-            if i == 0:
-                branch, at = claim.branch, resume.base if resume is not None else None
-            elif isinstance(before, dict) and before.get("branch") and before.get("sha"):
+            if isinstance(before, dict) and before.get("branch") and before.get("sha"):
                 branch, at = str(before["branch"]), str(before["sha"])
+            elif i == 0 and resume is not None:
+                branch, at = claim.branch, resume.base
             elif branch_head(own, claim.branch) is not None:
                 branch = claim.branch
             else:

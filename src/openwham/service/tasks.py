@@ -320,16 +320,22 @@ class BranchLookup(Protocol):
 
 
 def _check_branch(lookup: BranchLookup | None, env_body: dict[str, Any], branch: str) -> None:
-    """Refuse a branch the environment's (first) repository does not have, naming both."""
-    repos = env_body.get("repos") or []
-    if lookup is None or not repos:
+    """Refuse a branch none of the environment's repositories has, naming it and them. One
+    that some have is fine: the others start from their default branch (engine.claim), which
+    is how an environment of several repositories works on a branch of one of them."""
+    repos = [str(key) for key in env_body.get("repos") or []]
+    if lookup is None:
         return
-    key = str(repos[0])
-    info = environments.repo_info(env_body, key)
-    url = environments.repo_url(env_body, key)
-    if url and not lookup(key, url, branch):
-        name = info.get("repository_full_name") or url
-        raise BadRequest(f"Branch {branch!r} not found in {name}")
+    names = []
+    for key in repos:
+        url = environments.repo_url(env_body, key)
+        if not url or lookup(key, url, branch):
+            return  # (a repository without a URL cannot be asked: not refused, as before)
+        names.append(str(environments.repo_info(env_body, key).get("repository_full_name") or url))
+    if len(names) == 1:
+        raise BadRequest(f"Branch {branch!r} not found in {names[0]}")
+    if names:
+        raise BadRequest(f"Branch {branch!r} not found in any of {', '.join(names)}")
 
 
 @dataclass
