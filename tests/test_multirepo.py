@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import subprocess
 import time
 from pathlib import Path
@@ -18,9 +19,9 @@ from conftest import Api, Server, completed_task, diff_of, git, make_repo, wait_
 from openwham.client import WhamClient, WhamError
 from support.browser import sign_in
 from support.forge_standin import ForgeStandIn
-from support.git_servers import SmartHttpGit, bare_copy
+from support.git_servers import SmartHttpGit, SshGit, bare_copy, keygen
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
-from test_git_credentials import scan
+from test_git_credentials import _shell_outputs, scan
 
 
 def _repo(path: Path, files: dict[str, str]) -> Path:
@@ -518,6 +519,114 @@ def test_each_private_repository_is_cloned_and_pushed_with_its_own_credential(
     finally:
         for server in servers:
             server.stop()
+
+
+def _split_quoted(text: str) -> str:
+    """``text`` as a shell word in two quoted halves: no command line holds it whole."""
+    half = len(text) // 2
+    return f"'{text[:half]}''{text[half:]}'"
+
+
+def test_a_second_repository_over_ssh_with_a_deploy_key(
+    engine_server: Server,
+    scripted_model: ScriptedModel,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first repository on a smart-HTTP server taking a token, the second over OpenSSH's
+    sshd on loopback taking only a deploy key: one task clones both, diffs both and its PR
+    push makes the branch in both; no line of the key is in anything the API, the logs, the
+    data directory or the agent can see."""
+    caplog.set_level(logging.DEBUG)
+    api = engine_server.api
+    widgets = bare_copy(
+        make_repo(tmp_path / "widgets-work"), tmp_path / "http" / "acme" / "widgets.git"
+    )
+    gadgets = bare_copy(
+        make_repo(tmp_path / "gadgets-work"), tmp_path / "ssh" / "acme" / "gadgets.git"
+    )
+    pub = keygen(tmp_path / "deploy_key")
+    key = (tmp_path / "deploy_key").read_text()
+    # the key's own lines (the first base64 line is the same in every OpenSSH key)
+    needles = [line for line in key.splitlines()[2:] if line and not line.startswith("-")]
+    assert len(needles) >= 3
+    httpd = SmartHttpGit(tmp_path / "http", USER, TOKENS[0]).start()
+    sshd = SshGit(tmp_path / "sshd", pub).start()
+    try:
+        r = api.post(
+            "git_credentials",
+            json={"url_prefix": f"{httpd.url}/", "username": USER, "secret": TOKENS[0]},
+        )
+        assert r.status_code == 201, r.text
+        r = api.post(
+            "git_credentials",
+            json={
+                "url_prefix": f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/",
+                "ssh_private_key": key,
+                "known_hosts": sshd.known_hosts,
+            },
+        )
+        assert r.status_code == 201, r.text
+        urls = [f"{httpd.url}/acme/widgets.git", sshd.url(gadgets)]
+        r = api.post("environments", json={"label": "two", "repos": urls})
+        assert r.status_code == 201, r.text
+        env = r.json()
+        keys = env["repos"]
+        assert [env["repo_map"][k]["clone_url"] for k in keys] == urls
+        # the agent looks for the key everywhere it can see: files, every process's
+        # environment and command line (patterns split in halves, given to grep on a pipe)
+        patterns = " ".join(_split_quoted(n) for n in [*needles, TOKENS[0]])
+        look = (
+            f"T=$(printf '%s\\n' {patterns}); "
+            'F=$(grep -rIlF --exclude-dir=proc --exclude-dir=sys -f <(printf %s "$T") / '
+            "2>/dev/null | head); "
+            "P=$(for p in /proc/[0-9]*; do cat $p/environ $p/cmdline 2>/dev/null; done "
+            '| tr "\\0" " " | grep -cF -f <(printf %s "$T")); '
+            'echo "files:[$F] processes:$P patterns:$(printf %s "$T" | wc -l)"'
+        )
+        task_id, turn_id, details = completed_task(
+            api,
+            scripted_model,
+            env["id"],
+            "Fix both",
+            [Shell("ls /workspace"), Shell(look), Patch(BOTH), Say("Fixed both.")],
+        )
+        turn = details["current_assistant_turn"]
+        outputs = _shell_outputs(details)
+        assert any("gadgets\nwidgets" in out for out in outputs), outputs
+        # (patterns: the key's lines and the token; $(…) drops the last newline)
+        sightings = [out for out in outputs if "files:[" in out]
+        assert sightings == [f"files:[] processes:0 patterns:{len(needles)}\n"], sightings
+        # both diffs
+        repo_diffs = turn["repo_diffs"]
+        assert set(repo_diffs) == set(keys)
+        assert "+    return a + b" in repo_diffs[keys[0]]["diff"]
+        assert repo_diffs[keys[1]]["diff"].startswith("diff --git a/NOTES.md b/NOTES.md")
+        # the PR branch in both: over HTTPS with the token, over SSH with the key
+        r = api.post(f"tasks/{task_id}/turns/{turn_id}/pr")
+        assert r.status_code == 200, r.text
+        branch = r.json()["pull_request"]["head"]
+        assert "return a + b" in git("show", f"{branch}:calc.py", cwd=widgets)
+        assert git("show", f"{branch}:NOTES.md", cwd=gadgets) == "gadgets note\n"
+        entries = api.get(f"tasks/{task_id}").json()["task"]["external_pull_requests"]
+        assert [e["pull_request"]["head"] for e in entries] == [branch, branch]
+        # the scan: API answers, logs, every file of the data directory
+        answers = [
+            api.get(f"tasks/{task_id}").text,
+            api.get(f"tasks/{task_id}/turns/{turn_id}/logs").text,
+            api.get("environments").text,
+            api.get("git_credentials").text,
+            api.get("tasks/list").text,
+            json.dumps(details),
+            caplog.text,
+        ]
+        data = engine_server.app_state.settings.resolved_data_dir
+        for needle in needles:
+            assert not [a for a in answers if needle in a]
+            assert scan(needle, data) == []
+    finally:
+        sshd.stop()
+        httpd.stop()
 
 
 # --------------------------------------------------------------------------- defences
