@@ -13,6 +13,7 @@ timeout (or in the client's timeout), which the generous bounds here still catch
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -354,3 +355,53 @@ def test_hot_reads_take_one_worker_thread_for_their_dependencies() -> None:
         }
         assert sync == set(), (route.path, sync)
     assert checked == 3
+
+
+def test_hot_reads_work_in_at_most_read_threads_threads_at_once(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twelve concurrent task details with ``WHAM_READ_THREADS=2`` and room for eight in the
+    gate: all are answered, never more than two read in threads at once (more only take turns
+    on the GIL with the event loop: docs/benchmarks.md), the others wait on the loop."""
+    from openwham.service import tasks as task_service
+
+    inside = peak = 0
+    lock = threading.Lock()
+    real = task_service.details_json
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal inside, peak
+        with lock:
+            inside += 1
+            peak = max(peak, inside)
+        try:
+            time.sleep(0.05)
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(task_service, "details_json", counted)
+
+    async def burst(srv: Running) -> list[int]:
+        headers = {"Authorization": f"Bearer {srv.token}"}
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            answers = await asyncio.gather(
+                *(client.get(f"{PREFIX}/tasks/{srv.task_id}", headers=headers) for _ in range(12))
+            )
+        return [r.status_code for r in answers]
+
+    for srv in _serve(tmp_path, sqlite_url, db_pool_size=8, read_threads=2):
+        assert asyncio.run(burst(srv)) == [200] * 12
+    assert peak == 2
+
+
+def test_read_threads_default_by_database_and_never_above_the_pool(tmp_path: Path) -> None:
+    from openwham.server.state import read_threads
+
+    sqlite = Settings(data_dir=tmp_path)
+    assert read_threads(sqlite) == 2
+    pg = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://u@h/db")
+    assert read_threads(pg) == 4
+    assert read_threads(Settings(data_dir=tmp_path, read_threads=8, db_pool_size=3)) == 3
+    assert read_threads(Settings(data_dir=tmp_path, read_threads=1)) == 1

@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1, le=200)
     request_queue: int = Field(default=256, ge=0)
     request_queue_seconds: float = Field(default=3.0, gt=0)
+    # Hot reads (task details, the lists, the feed) working in threads at once; the others
+    # wait on the event loop. Each is ~0.2 ms of Python holding the GIL: more threads than
+    # cores only take turns on it with the loop (docs/benchmarks.md: 10 at once served 520
+    # details/s at 32 connections, 2 at once 842). None: 2 on SQLite, 4 on PostgreSQL, whose
+    # reads wait on the network with the GIL released; never more than ``db_pool_size``.
+    read_threads: int | None = Field(default=None, ge=1, le=200)
 
     @cached_property
     def resolved_data_dir(self) -> Path:

@@ -79,7 +79,7 @@ class Reader:
 
     async def json(self, read: Callable[[Session, Principal], BaseModel | bytes]) -> Response:
         """``read``'s wire model as JSON, or the JSON bytes it rendered itself."""
-        body = await anyio.to_thread.run_sync(self._render, read)
+        body = await anyio.to_thread.run_sync(self._render, read, limiter=self.state.readers)
         return Response(body, media_type="application/json")
 
     def _render(self, read: Callable[[Session, Principal], BaseModel | bytes]) -> bytes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import anyio
+
 from openwham.commands import Deps, Runner, open_runner
 from openwham.commands.prs import PrRefresher
 from openwham.config import Settings
@@ -19,6 +21,15 @@ from openwham.store.events import EventBus, LocalEventBus
 from openwham.store.pgbus import event_bus
 
 from .fanout import FanOut
+
+
+def read_threads(settings: Settings) -> int:
+    """``WHAM_READ_THREADS``, or its default by database (see ``Settings.read_threads``)."""
+    if settings.read_threads is not None:
+        wanted = settings.read_threads
+    else:
+        wanted = 2 if settings.sqlalchemy_url.startswith("sqlite") else 4
+    return max(1, min(wanted, settings.db_pool_size))
 
 
 @dataclass
@@ -40,9 +51,13 @@ class AppState:
     #: asks forges whether the pull requests of tasks being read are still open
     pr_refresher: PrRefresher = field(default_factory=PrRefresher)
 
+    #: how many hot reads work in threads at once (``WHAM_READ_THREADS``)
+    readers: anyio.CapacityLimiter = field(init=False)
+
     def __post_init__(self) -> None:
         self.fanout = FanOut(self.db, self.bus)
         self.artifacts = open_store(self.settings, self.db)
+        self.readers = anyio.CapacityLimiter(read_threads(self.settings))
 
     @property
     def commands(self) -> Deps:
