@@ -8,6 +8,11 @@ host services are TCP listeners on this host's loopback and its address on the t
 
 from __future__ import annotations
 
+import datetime
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -349,3 +354,141 @@ def test_the_environment_page_sets_the_policy_and_the_task_page_shows_the_reques
     assert f"GET {ALLOWED}:{net_host.port}/hello.txt" in table and "Allowed" in table
     assert f"GET {OTHER}:{net_host.port}/hello.txt" in table and "Refused" in table
     assert f"{OTHER} is not on the allowlist" in table
+
+
+TLS_SERVER = """
+import functools, http.server, ssl, sys
+address, port, cert, key, root = sys.argv[1:]
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=root)
+httpd = http.server.ThreadingHTTPServer((address, int(port)), handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+httpd.serve_forever()
+"""
+
+
+def throwaway_ca(names: list[str]) -> tuple[bytes, bytes, bytes]:
+    """A CA made for this test and a server certificate it signed for ``names``:
+    (CA PEM, server certificate PEM, server key PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "openwham test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return ca.public_bytes(pem), cert.public_bytes(pem), key_pem
+
+
+@pytest.fixture
+def tls_host(net_host: Any, tmp_path: Path) -> Iterator[tuple[int, str]]:
+    """The test host also serves ``hello.txt`` over real TLS (port 8443) with a certificate
+    for ALLOWED and OTHER from a CA made here; yields (port, the CA's PEM)."""
+    ca, cert, key = throwaway_ca([ALLOWED, OTHER])
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
+    port = 8443
+    server = subprocess.Popen(
+        [
+            *("ip", "netns", "exec", net_host.name, sys.executable, "-c", TLS_SERVER),
+            *(net_host.address, str(port), str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")),
+            str(net_host.root),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((net_host.address, port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "no TLS server"
+                time.sleep(0.05)
+        yield port, ca.decode()
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_https_through_connect_reaches_an_allowed_host_and_is_refused_for_others(
+    engine_server: Server,
+    scripted_model: ScriptedModel,
+    repo: Path,
+    net_host: Any,
+    tls_host: tuple[int, str],
+) -> None:
+    """Real HTTPS: curl in the sandbox verifies the test host's certificate (a CA made by
+    the test, given with --cacert) through the CONNECT tunnel, so the proxy passed the bytes
+    untouched; an unlisted name is refused at CONNECT (403, nothing reaches the host).
+    Under ``safe_methods_only`` a POST inside the tunnel is not seen by the proxy and reaches
+    the host (whose answer, 501, is its own): the limit docs/security.md states."""
+    answer_names(engine_server, net_host)
+    port, ca = tls_host
+    env = engine_server.api.create_env(repo, agent_network_access=on(ALLOWED, safe=True))
+    fmt = "-w '%{http_connect} %{http_code}\\n'"
+    turn = run(
+        engine_server,
+        scripted_model,
+        env["id"],
+        [
+            Shell(
+                f"printf '%s' '{ca}' > /tmp/ca.pem; "
+                f"curl -sS --max-time 10 --cacert /tmp/ca.pem https://{ALLOWED}:{port}/hello.txt"
+            ),
+            Shell(
+                f"curl -sS --max-time 10 -o /dev/null {fmt} --cacert /tmp/ca.pem "
+                f"https://{OTHER}:{port}/hello.txt 2>&1; "
+                f"curl -sS --max-time 10 -o /dev/null {fmt} "
+                f"https://{ALLOWED}:{port}/hello.txt 2>&1; "
+                f"curl -sS --max-time 10 -o /dev/null {fmt} --cacert /tmp/ca.pem -d x=1 "
+                f"https://{ALLOWED}:{port}/hello.txt 2>&1"
+            ),
+            Say("done"),
+        ],
+    )
+    out = outputs(turn)
+    assert out[0] == "hello from the test host\n", out[0]
+    lines = out[1].splitlines()
+    assert "403" in lines[0] and any(ln.startswith("403 000") for ln in lines), out[1]
+    assert "certificate" in out[1].lower()  # no --cacert: the test host's own certificate
+    assert lines[-1] == "200 501", out[1]  # a POST in the tunnel reached the host
+    events = [e for e in turn["proxy_events"] if e.get("phase") == "agent"]
+    seen = [(e["decision"], e["method"], e["domain"], e["port"]) for e in events]
+    assert seen == [
+        ("allow", "CONNECT", ALLOWED, port),
+        ("deny", "CONNECT", OTHER, port),
+        ("allow", "CONNECT", ALLOWED, port),
+        ("allow", "CONNECT", ALLOWED, port),
+    ]
+    assert events[0]["size"] > 1000  # the handshake and the answer, both ways
+    assert events[1]["reason"] == f"{OTHER} is not on the allowlist" and events[1]["size"] == 0
