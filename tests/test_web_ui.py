@@ -344,6 +344,11 @@ def test_composer_starts_on_the_last_environment_and_lists_its_branches(
         row.body = body
     r = client.get(f"/environments/{gone['id']}/branches")
     assert r.status_code == 200 and r.json() == {"branches": []}
+    # several repositories: every branch any of them has
+    two = server.api.create_env(other, label="two repos", repos=[str(other), str(repo)])
+    git("branch", "only-in-the-second", "main", cwd=repo)
+    r = client.get(f"/environments/{two['id']}/branches")
+    assert r.json() == {"branches": ["feature/x", "main", "only-in-the-second", "pushed-since"]}
     # someone else's or an unknown environment: 404; signed out: sign in first
     assert client.get("/environments/nope/branches").status_code == 404
     anon = httpx.Client(transport=client._transport, base_url=str(client.base_url))

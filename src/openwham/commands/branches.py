@@ -25,19 +25,19 @@ def lookup(settings: Settings, db: Session, account_id: str) -> BranchLookup:
 
 
 def of_environment(db: Session, settings: Settings, principal: Principal, env_id: str) -> list[str]:
-    """The branches of the environment's (first) repository, for the composer (the mirror
-    fetched at most every 30 s, as branch search does); ``[]`` when it has none or the
-    repository does not answer in a few seconds."""
+    """The branches of the environment's repositories, for the composer (each mirror fetched
+    at most every 30 s, as branch search does): with several repositories, every branch any
+    of them has (a task may name one that only some have: the others start at their default
+    branch); ``[]`` when they have none or do not answer in a few seconds."""
     env = envs.get_row(db, principal, env_id)
     envs.check_repo_paths(db, env, settings)
-    repos = env.body.get("repos") or []
-    if not repos:
-        return []
-    key = str(repos[0])
-    url = envs.repo_url(env.body, key)
-    auth = gitcreds.auth_for(db, principal.account_id, url, gitcreds.settings_box(settings))
-    names = branches.search_branches(settings, key, url, auth)
-    return names[: branches.MAX_BRANCHES]
+    box = gitcreds.settings_box(settings)
+    found: set[str] = set()
+    for key in (str(k) for k in env.body.get("repos") or []):
+        url = envs.repo_url(env.body, key)
+        auth = gitcreds.auth_for(db, principal.account_id, url, box)
+        found.update(branches.search_branches(settings, key, url, auth))
+    return sorted(found)[: branches.MAX_BRANCHES]
 
 
 def search(
