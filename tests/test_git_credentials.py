@@ -164,6 +164,16 @@ def test_https_remote_needs_the_right_token_at_environment_save_and_task_start(
     caplog.set_level(logging.DEBUG)
     api = server.api
     httpd, _, url = http_remote
+    # no credential at all: the remote answers and refuses, so the save says what to do
+    r = api.post("environments", json={"label": "w", "repos": [url]})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == (
+        f"repository not reachable: authentication failed (no credential) for {url}; "
+        "no git credential of this account matches it: add one (wham git-credential add)"
+    )
+    assert api.get("environments").json() == []  # nothing saved
+    # a remote that does not answer now is saved (offline, or reachable from workers only)
+    assert api.create_env("http://127.0.0.1:9/acme/later.git", label="later")["id"]
     wrong = add_https(api, httpd.url, WRONG)
     r = api.post("environments", json={"label": "w", "repos": [url]})
     assert r.status_code == 400, r.text
@@ -342,6 +352,10 @@ def test_ssh_remote_needs_the_right_key_and_host_key(
     api = server.api
     sshd, _remote, url, key = ssh_remote
     prefix = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/"
+    r = api.post("environments", json={"label": "w", "repos": [url]})  # no key at all
+    assert r.status_code == 400, r.text
+    assert "no git credential of this account matches it" in r.json()["detail"]
+    assert url in r.json()["detail"]
     other = tmp_path / "other_key"
     keygen(other)
     made = add_ssh(api, prefix, other.read_text(), sshd.known_hosts)
@@ -475,7 +489,7 @@ def test_web_page_adds_lists_and_removes(server: Server) -> None:
 
 
 def test_another_account_without_the_credential_sees_no_branch_of_the_mirror(
-    server: Server, http_remote: tuple[SmartHttpGit, Path, str]
+    server: Server, http_remote: tuple[SmartHttpGit, Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Mirrors are per URL, shared by accounts: one fetched with a credential answers
     branch lookups only to callers with one (the others ask the remote, which refuses)."""
@@ -493,14 +507,19 @@ def test_another_account_without_the_credential_sees_no_branch_of_the_mirror(
     Mirrors(settings.resolved_data_dir / "mirrors").ensure(env["repos"][0], url, auth=auth)
     other = api.as_(server.other_account_token())
     theirs = other.post("environments", json={"label": "t", "repos": [url]})
-    assert theirs.status_code == 201, theirs.text  # no credential: not asked at save
+    assert theirs.status_code == 400, theirs.text  # no credential: refused at save
+    # saved while the remote did not answer (a save does not wait for it): refused at start
+    from openwham.engine import branches
+
+    with monkeypatch.context() as offline:
+        offline.setattr(branches, "check_not_refused", lambda url: None)
+        theirs = other.post("environments", json={"label": "t", "repos": [url]})
+    assert theirs.status_code == 201, theirs.text
     r = other.post("tasks", json=_task_body(theirs.json()["id"], "main"))
     assert r.status_code == 400, r.text
     assert "authentication failed" in r.json()["detail"] and url in r.json()["detail"]
     with server.app_state.db.session() as s:
         assert branch_commands.lookup(settings, s, owner)(env["repos"][0], url, "main")
-    from openwham.engine import branches
-
     assert branches.search_branches(settings, env["repos"][0], url) == []
     assert branches.search_branches(settings, env["repos"][0], url, auth) == ["main"]
 

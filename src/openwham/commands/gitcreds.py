@@ -14,8 +14,10 @@ from openwham.service import gitcreds
 
 def check_remotes(db: Session, settings: Settings, account_id: str, body: dict[str, Any]) -> None:
     """Every repository of the environment that one of the account's credentials is for
-    answers with it (400 naming the URL and what was refused otherwise); repositories
-    without a credential are not asked (public ones need none, as before)."""
+    answers with it (400 naming the URL and what was refused otherwise). A repository
+    without a credential is asked briefly without one: a remote that answers and refuses
+    (a private repository) is a 400 saying so; one that does not answer in a few seconds is
+    saved (it may be reachable later, or from the workers only); a public one answers."""
     box = None
     for key in body.get("repos") or []:
         url = envs.repo_url(body, str(key))
@@ -23,6 +25,7 @@ def check_remotes(db: Session, settings: Settings, account_id: str, body: dict[s
             continue
         row = gitcreds.match(db, account_id, url)
         if row is None:
+            branches.check_not_refused(url)
             continue
         box = box or gitcreds.settings_box(settings)
         branches.check_reachable(url, gitcreds.opened(row, box))

@@ -13,6 +13,7 @@ timeout and an empty list rather than an error: it must never hold up the page.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ from openwham.sandbox.workspace import (
     local_repo_policy,
 )
 from openwham.service.errors import BadRequest
+
+log = logging.getLogger(__name__)
 
 LS_REMOTE_TIMEOUT = 30.0
 LIST_TIMEOUT = 5.0
@@ -155,6 +158,24 @@ def search_branches(
     :data:`FETCH_EVERY` seconds, else the remote's (:func:`list_branches`)."""
     REFRESHER.refresh(settings, repo_key, url, auth)
     return list_branches(settings, repo_key, url, limit=None, auth=auth)
+
+
+NO_CREDENTIAL_PROBE_SECONDS = 5.0
+NO_CREDENTIAL_HINT = (
+    "no git credential of this account matches it: add one (wham git-credential add)"
+)
+
+
+def check_not_refused(url: str) -> None:
+    """A repository without a credential, at environment save: :class:`BadRequest` only when
+    its remote answers within a few seconds and refuses (it needs a credential); a remote
+    that is not reachable from here now is not an error."""
+    try:
+        git("ls-remote", "--", url, "HEAD", timeout=NO_CREDENTIAL_PROBE_SECONDS, remote=url)
+    except RemoteRefused as exc:
+        raise BadRequest(f"{exc}; {NO_CREDENTIAL_HINT}") from exc
+    except WorkspaceError as exc:
+        log.info("saved without checking %s: %s", url, exc.reason)
 
 
 def check_reachable(url: str, auth: GitAuth | None) -> None:
