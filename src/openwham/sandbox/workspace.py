@@ -292,22 +292,27 @@ def create_workspace(
     that commit (``sandbox.overlay``); else a clone."""
     if dest.exists():
         raise WorkspaceError(f"workspace {dest} already exists")
-    sha = branch_head(mirror, branch)
-    if sha is None:
-        raise WorkspaceError(f"Branch {branch!r} does not exist in the repository")
-    if at is not None:
-        try:
-            sha = git("rev-parse", "--verify", "--quiet", f"{at}^{{commit}}", cwd=mirror).strip()
-        except WorkspaceError as exc:
-            raise WorkspaceError(
-                f"The task's base commit {at[:12]} is no longer in the repository"
-            ) from exc
+    sha = _base(mirror, branch, at, "the repository")
     if checkouts is None or not checkouts.enabled:
         return _checkout(mirror, dest, branch, origin_url, sha if at is not None else None)
     tree = checkouts.ensure(mirror, branch, sha, origin_url)
     _share_objects(mirror, dest.parent)
     overlay.make(tree, dest)
     return sha
+
+
+def _base(mirror: Path, branch: str, at: str | None, where: str) -> str:
+    """The commit a workspace starts at: ``branch``'s head in the mirror, or ``at`` (a
+    follow-up's original base) when given; :class:`WorkspaceError` naming ``where``."""
+    sha = branch_head(mirror, branch)
+    if sha is None:
+        raise WorkspaceError(f"Branch {branch!r} does not exist in {where}")
+    if at is None:
+        return sha
+    try:
+        return git("rev-parse", "--verify", "--quiet", f"{at}^{{commit}}", cwd=mirror).strip()
+    except WorkspaceError as exc:
+        raise WorkspaceError(f"The task's base commit {at[:12]} is no longer in {where}") from exc
 
 
 def create_repo_workspace(
@@ -322,16 +327,7 @@ def create_repo_workspace(
     dest = workspace / name
     if not name or "/" in name or name.startswith(".") or dest.exists():
         raise WorkspaceError(f"bad or used repository directory {name!r}")
-    sha = branch_head(mirror, branch)
-    if sha is None:
-        raise WorkspaceError(f"Branch {branch!r} does not exist in the repository {origin_url}")
-    if at is not None:
-        try:
-            sha = git("rev-parse", "--verify", "--quiet", f"{at}^{{commit}}", cwd=mirror).strip()
-        except WorkspaceError as exc:
-            raise WorkspaceError(
-                f"The task's base commit {at[:12]} is no longer in the repository {origin_url}"
-            ) from exc
+    sha = _base(mirror, branch, at, f"the repository {origin_url}")
     links = workspace.parent / SHARED_OBJECTS
     links.mkdir(mode=0o700, exist_ok=True)
     if links.is_symlink():
