@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -240,3 +241,43 @@ def test_a_policy_refusal_never_connects(proxy: EgressProxy, net_host: Any) -> N
     assert [(e.decision, e.reason) for e in seen] == [
         ("deny", f"{net_host.address} is not on the allowlist")
     ]
+
+
+def splicing() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "egress-splice"}
+
+
+def test_bytes_sent_with_the_head_go_through_and_closing_the_session_cuts_tunnels(
+    proxy: EgressProxy, net_host: Any
+) -> None:
+    """The data path hands the sockets to splice(2) threads: what the client sent in the same
+    write as the head (already read by the proxy) must still reach the host, the bytes are
+    counted, and a tunnel left open ends when its session closes (its threads with it)."""
+    seen: list[ProxyEvent] = []
+    get = f"GET /hello.txt HTTP/1.0\r\nHost: {net_host.address}\r\n\r\n".encode()
+    with proxy.open(EgressPolicy(), on_event=seen.append) as session:
+        eager = ask(
+            session.socket,
+            f"CONNECT {net_host.address}:{net_host.port} HTTP/1.1\r\n\r\n".encode() + get,
+        )
+        assert eager.startswith(b"HTTP/1.1 200 Connection established\r\n\r\nHTTP/1.0 200")
+        assert eager.endswith(b"hello from the test host\n")
+        idle = socket.socket(socket.AF_UNIX)
+        idle.settimeout(10)
+        idle.connect(str(session.socket))
+        idle.sendall(f"CONNECT {net_host.address}:{net_host.port} HTTP/1.1\r\n\r\n".encode())
+        assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 5
+        while len(threads := splicing()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the threads start just after the 200
+        assert len(threads) >= 2  # the idle tunnel's two (the first one's may be ending)
+    started = time.monotonic()
+    assert idle.recv(4096) == b""  # cut by the session's close
+    assert time.monotonic() - started < 5
+    idle.close()
+    for thread in threads:
+        thread.join(5)
+        assert not thread.is_alive()
+    assert [(e.decision, e.method) for e in seen] == [("allow", "CONNECT")] * 2
+    answer = eager.split(b"\r\n\r\n", 1)[1]
+    assert seen[0].size == len(get) + len(answer)  # both directions, the early bytes too

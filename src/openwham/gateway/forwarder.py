@@ -5,8 +5,9 @@
 The sandbox has its own network namespace with nothing but loopback; the model gateway's
 UNIX socket is bind-mounted in. This process listens on loopback TCP (the agent's provider
 ``base_url`` is ``http://127.0.0.1:PORT/v1``) and pipes every connection to the socket, both
-directions streamed, half-close passed on. Once listening it prints one line to stdout,
-``ready HOST:PORT`` (the actual port when PORT is 0), and flushes. SIGTERM / SIGINT stop it.
+directions streamed by splice(2) in threads (no Python per chunk), half-close passed on.
+Once listening it prints one line to stdout, ``ready HOST:PORT`` (the actual port when PORT
+is 0), and flushes. SIGTERM / SIGINT stop it.
 
 When the gateway socket cannot be reached, the connection gets an HTTP 502 with an
 OpenAI-shaped error instead of a bare reset, so the agent's log says what is wrong.
@@ -17,30 +18,65 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
+import os
 import signal
+import socket
 import sys
+import threading
 
-CHUNK = 64 * 1024
+CHUNK = 1024 * 1024
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    """Copy until EOF, then half-close the other side; False when a side broke."""
+def _copy(src: socket.socket, dst: socket.socket) -> bool:
+    """Copy until EOF with splice(2) through a pipe (no copy into Python, no event-loop
+    wake-up per chunk), then half-close the other side; False when a side broke. Runs in a
+    thread of its own; a shutdown of either socket ends it."""
+    if not hasattr(os, "splice"):  # Python before 3.10 in the sandbox
+        try:
+            while data := src.recv(CHUNK):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        return True
+    out, into = os.pipe()
     try:
-        while True:
-            data = await reader.read(CHUNK)
-            if not data:
-                break
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        return False
-    try:
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (ConnectionError, OSError):
-        return False
-    return True
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(into, fcntl.F_SETPIPE_SZ, CHUNK)
+        try:
+            while n := os.splice(src.fileno(), into, CHUNK):
+                while n:
+                    n -= os.splice(out, dst.fileno(), n)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        return True
+    finally:
+        os.close(out)
+        os.close(into)
+
+
+def _in_thread(src: socket.socket, dst: socket.socket) -> asyncio.Future[bool]:
+    """:func:`_copy` in a thread of its own, as a future of the running loop."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bool] = loop.create_future()
+
+    def settle(ok: bool) -> None:
+        if not done.done():
+            done.set_result(ok)
+
+    def run() -> None:
+        ok = False
+        try:
+            ok = _copy(src, dst)
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is gone (stopping)
+                loop.call_soon_threadsafe(settle, ok)
+
+    threading.Thread(target=run, name="forward", daemon=True).start()
+    return done
 
 
 def _unavailable(path: str, error: OSError) -> bytes:
@@ -69,9 +105,13 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 async def _handle(
     unix_path: str, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
 ) -> None:
+    loop = asyncio.get_running_loop()
+    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    upstream.setblocking(False)
     try:
-        upstream_reader, upstream_writer = await asyncio.open_unix_connection(unix_path)
+        await loop.sock_connect(upstream, unix_path)
     except OSError as error:
+        upstream.close()
         with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
             # Let the client finish its request head first, then answer and close.
             await asyncio.wait_for(client_reader.readuntil(b"\r\n\r\n"), 5)
@@ -79,20 +119,34 @@ async def _handle(
             await client_writer.drain()
         await _close(client_writer)
         return
-    up = asyncio.ensure_future(_pipe(client_reader, upstream_writer))
-    down = asyncio.ensure_future(_pipe(upstream_reader, client_writer))
+    # The client's socket taken from asyncio: a blocking duplicate (closing the transport
+    # closes asyncio's descriptor only) and what its reader had read already.
+    transport = client_writer.transport
+    transport.pause_reading()  # type: ignore[attr-defined]
+    early = bytes(getattr(client_reader, "_buffer", b""))  # no public way to get these
+    client = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+    transport.abort()
+    pending: set[asyncio.Future[bool]] = set()
     try:
-        pending: set[asyncio.Future[bool]] = {up, down}
+        if early:
+            await loop.sock_sendall(upstream, early)
+        client.setblocking(True)
+        upstream.setblocking(True)  # splice(2) waits in the threads, not in the loop
+        pending = {_in_thread(client, upstream), _in_thread(upstream, client)}
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if any(not task.result() for task in done):
                 break  # one side reset: tear both down
+    except (ConnectionError, OSError):
+        pass
     finally:
-        for task in (up, down):
-            task.cancel()
-        await asyncio.gather(up, down, return_exceptions=True)
-        await _close(upstream_writer)
-        await _close(client_writer)
+        for sock in (client, upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*pending)  # the threads end once their sockets are shut
+        client.close()
+        upstream.close()
 
 
 def _parse_listen(value: str) -> tuple[str, int]:

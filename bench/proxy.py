@@ -1,0 +1,127 @@
+"""Egress proxy overhead (issue 19): a 10 MB download through the agent's egress path vs direct.
+
+    python -m bench.proxy [--runs N] [--mb N]
+
+The test host is an HTTP server in a network namespace of its own (tests/support/nethost.py,
+as the tests use; needs root and iproute2). *Direct* is curl to its address. *Proxied* is the
+agent's whole path out: curl with ``http_proxy`` at the forwarder (``gateway/forwarder.py``,
+which runs inside the sandbox and here on loopback), the forwarder to the session's UNIX
+socket, the egress proxy (``sandbox/egress.py``, policy ``all`` and the address guard) to the
+test host. Both plain HTTP (the proxy parses and forwards the request) and a CONNECT tunnel
+(how HTTPS goes) are measured. Target: proxied at most 1.2 times direct (median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from openwham.gateway import forwarder
+from openwham.sandbox.egress import AddressGuard, EgressProxy, ProxyEvent, agent_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
+
+from support import nethost  # noqa: E402
+
+
+def fetch(url: str, *flags: str) -> float:
+    """Seconds for one curl download of ``url`` (the body thrown away, its size checked)."""
+    started = time.perf_counter()
+    out = subprocess.run(
+        [
+            *("curl", "-sS", "--fail", "--noproxy", "", "-o", "/dev/null"),
+            *("-w", "%{size_download}", *flags, url),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")},
+    )
+    elapsed = time.perf_counter() - started
+    fetch.size = int(out.stdout)  # type: ignore[attr-defined]
+    return elapsed
+
+
+def summary(name: str, times: list[float], size: int) -> str:
+    med = statistics.median(times)
+    return (
+        f"{name:<22} min {min(times) * 1000:7.1f} ms  median {med * 1000:7.1f} ms  "
+        f"max {max(times) * 1000:7.1f} ms  ({size / med / 1e6:6.0f} MB/s)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--mb", type=int, default=10)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="wham-bench-proxy-") as tmp:
+        root = Path(tmp) / "www"
+        root.mkdir()
+        (root / "big.bin").write_bytes(os.urandom(args.mb * 1024 * 1024))
+        host = nethost.start(root)
+        proxy = EgressProxy(Path(tmp) / "egress", AddressGuard())
+        events: list[ProxyEvent] = []
+        session = proxy.open(agent_policy("all", [], False), events.append)
+        fwd = subprocess.Popen(
+            [
+                sys.executable,
+                "-I",
+                forwarder.__file__,
+                "--listen",
+                "127.0.0.1:0",
+                "--unix",
+                str(session.socket),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert fwd.stdout is not None
+            listen = fwd.stdout.readline().split()[1]
+            via = f"http://{listen}"
+            url = host.url("big.bin")
+            series: dict[str, list[float]] = {
+                "direct": [],
+                "proxy (HTTP)": [],
+                "proxy (CONNECT)": [],
+            }
+            flags = {
+                "direct": (),
+                "proxy (HTTP)": ("-x", via),
+                "proxy (CONNECT)": ("-p", "-x", via),
+            }
+            for name in series:  # warm-up: page cache, the proxy's loop, the forwarder
+                fetch(url, *flags[name])
+            for _ in range(args.runs):  # interleaved so a slow spell hits every series
+                for name in series:
+                    series[name].append(fetch(url, *flags[name]))
+            size = fetch.size  # type: ignore[attr-defined]
+            assert size == args.mb * 1024 * 1024, size
+            print(f"{args.mb} MB download, {args.runs} runs each, test host {host.address}")
+            for name, times in series.items():
+                print(summary(name, times, size))
+            direct = statistics.median(series["direct"])
+            for name in ("proxy (HTTP)", "proxy (CONNECT)"):
+                ratio = statistics.median(series[name]) / direct
+                print(f"ratio {name} / direct (median): {ratio:.2f}")
+            big = [e for e in events if e.decision == "allow"]
+            print(f"proxy events: {len(big)} allowed, bytes of the last: {big[-1].size}")
+        finally:
+            fwd.terminate()
+            fwd.wait()
+            session.close()
+            proxy.stop()
+            nethost.stop(host)
+
+
+if __name__ == "__main__":
+    main()
