@@ -62,12 +62,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--mb", type=int, default=10)
+    parser.add_argument(
+        "--rate",
+        help="shape the test host's link (tc tbf rate, e.g. 1gbit, 100mbit): an internet-like "
+        "link instead of veth speed",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="wham-bench-proxy-") as tmp:
         root = Path(tmp) / "www"
         root.mkdir()
         (root / "big.bin").write_bytes(os.urandom(args.mb * 1024 * 1024))
         host = nethost.start(root)
+        if args.rate:  # on the test host's side of the pair: what it sends, the download
+            peer = host.veth.replace("owh", "owp", 1)
+            subprocess.run(
+                [
+                    *("ip", "netns", "exec", host.name, "tc", "qdisc", "add", "dev", peer),
+                    *("root", "tbf", "rate", args.rate, "burst", "1mb", "latency", "100ms"),
+                ],
+                check=True,
+            )
         proxy = EgressProxy(Path(tmp) / "egress", AddressGuard())
         events: list[ProxyEvent] = []
         session = proxy.open(agent_policy("all", [], False), events.append)
@@ -106,7 +120,8 @@ def main() -> None:
                     series[name].append(fetch(url, *flags[name]))
             size = fetch.size  # type: ignore[attr-defined]
             assert size == args.mb * 1024 * 1024, size
-            print(f"{args.mb} MB download, {args.runs} runs each, test host {host.address}")
+            link = f", link shaped to {args.rate}" if args.rate else ""
+            print(f"{args.mb} MB download, {args.runs} runs each, test host {host.address}{link}")
             for name, times in series.items():
                 print(summary(name, times, size))
             direct = statistics.median(series["direct"])
