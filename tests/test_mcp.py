@@ -11,7 +11,12 @@ import importlib.metadata as md
 import json
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -332,3 +337,99 @@ def test_the_environment_page_edits_the_servers_as_json(server: Server, repo: Pa
     )
     assert r.status_code == 303, r.text
     assert "mcp_servers" not in server.api.get(f"environments/{env['id']}").json()
+
+
+HTTP_SERVER = """
+import sys
+from mcp.server.fastmcp import FastMCP
+
+app = FastMCP("remote", host=sys.argv[1], port=int(sys.argv[2]))
+
+
+@app.tool()
+def whisper(text: str) -> str:
+    \"\"\"Lower-case the text (served over HTTP from the test host).\"\"\"
+    return text.lower() + " (from the test host)"
+
+
+app.run(transport="streamable-http")
+"""
+
+
+@pytest.fixture
+def http_mcp(net_host: Any) -> Iterator[int]:
+    """A streamable-HTTP MCP server (the official ``mcp`` package) on the test host, in its
+    network namespace: reachable only through the egress proxy; yields its port."""
+    port = 8082
+    server = subprocess.Popen(
+        [
+            *("ip", "netns", "exec", net_host.name, sys.executable, "-c", HTTP_SERVER),
+            *(net_host.address, str(port)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection((net_host.address, port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "no MCP server"
+                time.sleep(0.1)
+        yield port
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_an_http_server_is_reached_through_the_agents_egress_policy(
+    engine_server: Server, scripted_model: ScriptedModel, repo: Path, net_host: Any, http_mcp: int
+) -> None:
+    """An ``{url}`` server on an allowed name: Codex reaches it through the egress proxy and
+    the model calls its tool; the same server under a name the policy refuses is never
+    reached (403 at the proxy, a deny event naming the reason) and, as a required server,
+    fails the attempt with the proxy's reason in its error."""
+    from test_agent_network import ALLOWED, OTHER, answer_names, on
+
+    answer_names(engine_server, net_host)
+    api = engine_server.api
+    allowed = api.create_env(
+        repo,
+        agent_network_access=on(ALLOWED),
+        mcp_servers={"remote": {"url": f"http://{ALLOWED}:{http_mcp}/mcp"}},
+    )
+    scripted_model.script = [
+        SearchTools("whisper remote"),
+        CallTool("whisper", {"text": "HELLO THROUGH THE PROXY"}, namespace="mcp__remote"),
+        Say("The remote server answered."),
+    ]
+    created = api.create_task(allowed["id"], "Use the remote server")
+    turn = wait_for_task(api, created["task"]["id"], timeout=180)["current_assistant_turn"]
+    assert turn["turn_status"] == "completed", turn["error"]
+    assert "mcp__remote/whisper" in _tool_names(scripted_model.requests[1])
+    assert "hello through the proxy (from the test host)" in str(scripted_model.requests[-1])
+    assert "remote.whisper" in str(turn["worklog"])
+    seen = {(e["decision"], e["domain"], e["port"]) for e in turn["proxy_events"]}
+    assert seen == {("allow", ALLOWED, http_mcp)}
+
+    refused = api.create_env(
+        repo,
+        label="refused",
+        agent_network_access=on(ALLOWED),
+        mcp_servers={"remote": {"url": f"http://{OTHER}:{http_mcp}/mcp", "required": True}},
+    )
+    scripted_model.requests.clear()
+    scripted_model.script = [SearchTools("whisper remote"), Say("No remote server.")]
+    created = api.create_task(refused["id"], "Use the remote server")
+    turn = wait_for_task(api, created["task"]["id"], timeout=180)["current_assistant_turn"]
+    # required: Codex does not start without it, and the attempt's error says why
+    assert turn["turn_status"] == "failed"
+    message = turn["error"]["message"]
+    assert "required MCP servers failed to initialize: remote" in message, message
+    assert f"HTTP 403: openwham egress proxy: {OTHER} is not on the allowlist" in message
+    assert all("mcp__remote/whisper" not in _tool_names(r) for r in scripted_model.requests)
+    denied = [e for e in turn["proxy_events"] if e["decision"] == "deny"]
+    assert denied and {e["domain"] for e in denied} == {OTHER}
+    assert all(e["reason"] == f"{OTHER} is not on the allowlist" for e in denied)
