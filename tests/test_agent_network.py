@@ -20,8 +20,10 @@ from typing import Any
 import pytest
 
 from conftest import Server, wait_for_task
+from openwham.client.sse import network_text
 from openwham.runtimes import codex
 from openwham.sandbox.egress import SAFE_METHODS, agent_policy, common_dependencies
+from openwham.store import events as store_events
 from support.browser import sign_in
 from support.scripted_model import Say, ScriptedModel, Shell
 from test_egress import Listener
@@ -203,6 +205,21 @@ def test_the_allowlist_lets_the_agent_reach_listed_hosts_only_and_audits_every_r
         ("allow", "HEAD", ALLOWED, port),
     ]
     assert events[0]["size"] > 25 and events[0]["path"] == "/hello.txt"
+    # each one was a live event of the turn too, written as it was decided: the stream, the
+    # web UI's work log and `wham task watch` show it before the next command's message
+    with engine_server.app_state.db.sessions() as s:
+        live = store_events.read(s, turn["id"], limit=10_000)
+    proxied = [e for e in live if e.item_type == store_events.PROXY_EVENT]
+    assert [e.payload for e in proxied if e.payload.get("phase") == "agent"] == events
+    later = next(
+        e.id
+        for e in live
+        if e.item_type == store_events.WORK_LOG_MESSAGE and f"-p http://{DEEP}" in str(e.payload)
+    )
+    assert proxied[-len(events)].id < later
+    assert network_text(events[3]) == (
+        f"network (agent): refused GET {OTHER}:{port}/hello.txt ({OTHER} is not on the allowlist)"
+    )
     assert events[5]["reason"] == "method POST is not allowed"
     assert events[3]["reason"] == f"{OTHER} is not on the allowlist"
     assert all(isinstance(e["duration_ms"], int) and e["timestamp"] for e in events)

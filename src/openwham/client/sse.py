@@ -18,6 +18,7 @@ from openwham.client.attempts import TERMINAL
 TASK_TURN_EVENT = "task_turn_event"
 WORK_LOG_MESSAGE = "work_log_message"
 LOG = "log"
+PROXY_EVENT = "proxy_event"
 TITLE = "task_title_generated"
 
 
@@ -72,7 +73,21 @@ def describe(event: StreamEvent) -> str:
         return _string(payload.get("text")) or f"log: {json.dumps(payload)}"
     if event.item_type == WORK_LOG_MESSAGE:
         return worklog_text(payload)
+    if event.item_type == PROXY_EVENT:
+        return network_text(payload)
     return f"{event.item_type or 'event'}: {json.dumps(payload, ensure_ascii=False)}"
+
+
+def network_text(event: dict[str, Any]) -> str:
+    """A request through the environment's egress proxy (``proxy_event`` payload) as text."""
+    verdict = "allowed" if event.get("decision") == "allow" else "refused"
+    port = event.get("port")
+    where = f"{_string(event.get('domain'))}{f':{port}' if port else ''}"
+    text = f"network ({_string(event.get('phase')) or 'agent'}): {verdict} "
+    text += f"{_string(event.get('method'))} {where}{_string(event.get('path'))}"
+    if event.get("decision") != "allow" and event.get("reason"):
+        text += f" ({_string(event.get('reason'))})"
+    return text
 
 
 def worklog_text(message: dict[str, Any]) -> str:

@@ -159,7 +159,8 @@ class TurnRecorder:
             self._write(items, body=False)
 
     def proxy_event(self, event: dict[str, Any]) -> None:
-        """A request through the egress proxy, kept in the turn's ``proxy_events``."""
+        """A request through the egress proxy: a ``proxy_event`` event at once (the stream,
+        the work log) and kept in the turn's ``proxy_events`` with the next flush."""
         event = self.redactor.data(event)
         with self._lock:
             kept = list(self.body.get("proxy_events") or [])
@@ -168,6 +169,7 @@ class TurnRecorder:
             kept.append(event)
             self.body["proxy_events"] = kept
             self._dirty = True
+            self._write([(events.PROXY_EVENT, event)], body=self._due())
 
     def set(self, **fields: Any) -> None:
         """Set body fields (e.g. ``base_commit_sha``); written with the next flush."""

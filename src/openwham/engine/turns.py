@@ -99,7 +99,11 @@ def requeue(
         return False
     # its setup log goes with it; the server's notes (log events without a key) stay
     notes = [e.payload for e in events.read(s, turn.id, item_types=[events.LOG], limit=10_000)]
-    events.clear(s, turn.id, [events.WORK_LOG_MESSAGE, events.LOG, events.TASK_TURN_EVENT])
+    events.clear(
+        s,
+        turn.id,
+        [events.WORK_LOG_MESSAGE, events.LOG, events.TASK_TURN_EVENT, events.PROXY_EVENT],
+    )
     for payload in notes:
         if "key" not in payload:
             events.append(s, turn.task_id, turn.id, events.LOG, payload)

@@ -31,7 +31,8 @@ TASK_TURN_EVENT = "task_turn_event"
 WORK_LOG_MESSAGE = "work_log_message"
 LOG = "log"
 TASK_TITLE_GENERATED = "task_title_generated"
-ITEM_TYPES = (TASK_TURN_EVENT, WORK_LOG_MESSAGE, LOG, TASK_TITLE_GENERATED)
+PROXY_EVENT = "proxy_event"  # a request through the egress proxy, as it is decided
+ITEM_TYPES = (TASK_TURN_EVENT, WORK_LOG_MESSAGE, LOG, TASK_TITLE_GENERATED, PROXY_EVENT)
 TERMINAL_STATUSES = TERMINAL  # the statuses whose task_turn_event ends a stream
 
 

@@ -168,6 +168,15 @@
       this.root.appendChild(el("p", "step note", text));
     }
 
+    network(e) {
+      // a request through the egress proxy, as it is decided (the table lists them on reload)
+      const verdict = e.decision === "allow" ? "Allowed" : "Refused";
+      const where = String(e.domain || "") + (e.port ? ":" + e.port : "") + String(e.path || "");
+      const why = e.decision === "allow" || !e.reason ? "" : " (" + e.reason + ")";
+      const line = "Network: " + verdict + " " + String(e.method || "") + " " + where + why;
+      this.root.appendChild(el("p", "step network proxy-" + (e.decision || "deny"), line));
+    }
+
     message(msg) {
       if (!msg || !msg.id) return;
       const role = msg.author && msg.author.role;
@@ -373,6 +382,9 @@
             log.reset();
             log.note(String(payload.text));
           }
+          break;
+        case "proxy_event":
+          log.network(payload);
           break;
         case "task_title_generated": {
           const title = document.getElementById("task-title");
