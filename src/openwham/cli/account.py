@@ -5,16 +5,10 @@ from __future__ import annotations
 import time
 import webbrowser
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from openwham.client import AuthError, TransportError, WhamClient, WhamError
-from openwham.client.profiles import CHATGPT, Profile, ProfileStore, client_kwargs
-from openwham.client.urls import CHATGPT_BASE_URL, normalize_base_url
-from openwham.codexauth import jwt_claims
-
-from . import render
 from .common import print_json
 from .context import (
     FAILED,
@@ -26,6 +20,9 @@ from .context import (
     profile_name,
     selected_profile,
 )
+
+if TYPE_CHECKING:  # the SDK loads when a command runs
+    from openwham.client.profiles import Profile
 
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON")
 
@@ -52,6 +49,11 @@ def login(
     as_json: bool = JsonOption,
 ) -> None:
     """Sign in: to chatgpt.com (browser PKCE or --device), or save an openwham server token."""
+    from openwham.client import WhamClient
+    from openwham.client.profiles import CHATGPT, Profile, ProfileStore, client_kwargs
+    from openwham.client.urls import CHATGPT_BASE_URL, normalize_base_url
+    from openwham.codexauth import jwt_claims
+
     store = ProfileStore()
     if server is not None:
         if token is None:
@@ -110,6 +112,10 @@ def login(
 def _revoke_on_server(profile: Profile) -> tuple[str, str | None]:
     """Revoke an openwham profile's token on its server: (``revoked``, ``already invalid``
     (the server answers 401: revoked, expired or unknown) or ``still valid``; why not)."""
+    from openwham.client import AuthError, TransportError, WhamClient, WhamError
+    from openwham.client.profiles import client_kwargs
+    from openwham.codexauth import jwt_claims
+
     token_id = jwt_claims(profile.token or "").get("jti")
     try:
         with WhamClient(**client_kwargs(profile)) as wham:
@@ -144,6 +150,9 @@ def logout(ctx: typer.Context, as_json: bool = JsonOption) -> None:
     profile: revoke its token on the server, then forget the profile; when the server cannot
     be reached the profile is forgotten all the same, and the exit code is 1 with a line saying
     the token is still valid."""
+    from openwham.client.profiles import ProfileStore
+    from openwham.codexauth import jwt_claims
+
     profile = selected_profile(ctx)
     result: dict[str, Any] = {"profile": profile.name, "kind": profile.kind}
     problem: str | None = None
@@ -175,6 +184,8 @@ def logout(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 
 
 def _describe(profile: Profile) -> dict[str, Any]:
+    from openwham.codexauth import jwt_claims
+
     row: dict[str, Any] = {"profile": profile.name, "kind": profile.kind, "url": profile.url}
     if profile.kind == "openwham":
         claims = jwt_claims(profile.token or "")
@@ -205,6 +216,8 @@ def _describe(profile: Profile) -> dict[str, Any]:
 @handles_errors
 def status(ctx: typer.Context, as_json: bool = JsonOption) -> None:
     """Who is logged in where, for every profile (* marks the one in use)."""
+    from openwham.client.profiles import ProfileStore
+
     store = ProfileStore()
     current = selected_profile(ctx).name
     rows = [_describe(p) for p in store.all()]
@@ -229,6 +242,8 @@ def status(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 @handles_errors
 def usage(ctx: typer.Context, as_json: bool = JsonOption) -> None:
     """Rate-limit windows: how much is used and when each resets."""
+    from . import render
+
     with open_client(ctx) as wham:
         payload = wham.usage()
     rows = render.usage_rows(payload)

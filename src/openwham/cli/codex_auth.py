@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import jwt
 import typer
 
 from .common import fail, print_json
@@ -55,6 +54,8 @@ def codex_auth(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON"),
 ) -> None:
     """Write CODEX_HOME/auth.json (and a config.toml if none exists) for this server."""
+    import jwt  # here, not at the top: every `wham` start imports this module
+
     base = server.rstrip("/")
     if not base.startswith(("http://", "https://")):
         fail("--server must be an http:// or https:// URL", 2)

@@ -1,19 +1,28 @@
-"""Helpers shared by commands: settings with CLI overrides, one-line errors."""
+"""Helpers shared by commands: settings with CLI overrides, one-line errors.
+
+Every ``wham`` start imports the command modules to parse its arguments, so they import at
+module level only what parsing needs (typer, the standard library): the SDK, the wire models,
+settings and the server's packages are imported inside the commands that use them
+(tests/test_cli_imports.py holds that line, docs/benchmarks.md "CLI start-up" says why).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
-from openwham.config import Settings
+if TYPE_CHECKING:
+    from openwham.config import Settings
 
 
 def settings_for(data_dir: Path | None) -> Settings:
     """``--data-dir`` wins over ``WHAM_DATA_DIR``, which wins over the default."""
+    from openwham.config import Settings
+
     return Settings(data_dir=data_dir) if data_dir is not None else Settings()
 
 

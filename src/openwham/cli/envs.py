@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from openwham.wire import Environment
-
 from .common import print_json
 from .context import USAGE, die, handles_errors, open_client, out
+
+if TYPE_CHECKING:
+    from openwham.wire import Environment
 
 app = typer.Typer(help="Environments: where tasks run.", no_args_is_help=True)
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON")

@@ -5,13 +5,15 @@ never from the command line (where `ps` and shell history would show them)."""
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 
-from openwham.wire.forges import ForgeConnectionInfo
-
 from .common import print_json
 from .context import USAGE, die, handles_errors, open_client, out
+
+if TYPE_CHECKING:
+    from openwham.wire.forges import ForgeConnectionInfo
 
 app = typer.Typer(
     help="Forges (GitHub, GitLab, Gitea) that open pull requests.", no_args_is_help=True

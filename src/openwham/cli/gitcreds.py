@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from openwham.wire.gitcreds import GitCredentialInfo
-
 from .common import print_json
 from .context import USAGE, die, handles_errors, open_client, out
+
+if TYPE_CHECKING:
+    from openwham.wire.gitcreds import GitCredentialInfo
 
 app = typer.Typer(
     help="Credentials for private git remotes (HTTPS tokens, SSH deploy keys).",

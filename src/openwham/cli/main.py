@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from openwham import __version__
-
 from . import account, codex_auth, envs, forges, gitcreds, serve, tasks, tokens, web, worker
 
 app = typer.Typer(
@@ -23,6 +21,8 @@ app = typer.Typer(
 def _print_version(value: bool) -> None:
     """``--version``: print the installed package's version and stop."""
     if value:
+        from openwham import __version__
+
         typer.echo(f"wham {__version__}")
         raise typer.Exit()
 

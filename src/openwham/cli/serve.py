@@ -8,7 +8,6 @@ import socket
 from pathlib import Path
 
 import typer
-import uvicorn
 
 from .common import DataDirOption, settings_for
 
@@ -23,6 +22,8 @@ def serve(
     ),
 ) -> None:
     """Start openwham and print its base URL."""
+    import uvicorn
+
     from openwham.server.app import create_app
     from openwham.server.malloc import limit_arenas
     from openwham.service.keys import KeysMismatch

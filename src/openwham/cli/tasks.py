@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from openwham.client import StreamEvent, WhamClient, readiness, task_url
-from openwham.client.attempts import TERMINAL, conversation
-from openwham.client.urls import task_id_from
-from openwham.wire import CreateTaskResponse, TaskDetails
-
-from . import diffs, pager, render
+from . import diffs, pager
 from .common import print_json
 from .context import (
     FAILED,
@@ -25,6 +21,10 @@ from .context import (
     out,
     read_prompt,
 )
+
+if TYPE_CHECKING:  # the SDK and render (the wire models) load when a command runs
+    from openwham.client import StreamEvent, WhamClient
+    from openwham.wire import CreateTaskResponse, TaskDetails
 
 app = typer.Typer(
     help="Tasks: submit, follow, review and apply the agent's work.", no_args_is_help=True
@@ -39,8 +39,17 @@ RepositoryOption = typer.Option(
 )
 
 
+def task_id_from(task: str) -> str:
+    """A task id from an id or a task URL (the SDK's rule, loaded with the SDK)."""
+    from openwham.client.urls import task_id_from as parse
+
+    return parse(task)
+
+
 def _exit_for(details: TaskDetails, attempts_done: bool = True) -> int:
     """0 when ready, 3 while running, 1 when it failed or was cancelled."""
+    from openwham.client import readiness
+
     turn = details.current_assistant_turn
     state = readiness(turn.turn_status if turn else None)
     if state == "ready" and attempts_done:
@@ -49,6 +58,11 @@ def _exit_for(details: TaskDetails, attempts_done: bool = True) -> int:
 
 
 def _show(wham: WhamClient, task_id: str, as_json: bool, *, answers: bool = True) -> int:
+    from openwham.client import readiness, task_url
+    from openwham.client.attempts import TERMINAL, conversation
+
+    from . import render
+
     details = wham.get_task(task_id)
     attempts = wham.attempts(task_id)
     current = details.current_assistant_turn
@@ -79,6 +93,8 @@ def _show(wham: WhamClient, task_id: str, as_json: bool, *, answers: bool = True
 
 
 def _watch(wham: WhamClient, task_id: str, turn_id: str | None, as_json: bool) -> None:
+    from . import render
+
     view = render.WatchView()
     event: StreamEvent
     for event in wham.stream(task_id, turn_id):
@@ -91,6 +107,8 @@ def _watch(wham: WhamClient, task_id: str, turn_id: str | None, as_json: bool) -
 
 
 def _created(wham: WhamClient, created: CreateTaskResponse, as_json: bool, follow: str) -> str:
+    from openwham.client import task_url
+
     task_id = created.task.id
     if as_json and follow == "":
         print_json(
@@ -174,6 +192,10 @@ def list_(
     """List tasks, newest first, one page at a time."""
     if task_filter not in ("current", "archived", "all"):
         die("--filter must be current, archived or all", USAGE)
+    from openwham.client import task_url
+
+    from . import render
+
     with open_client(ctx) as wham:
         env_id = wham.resolve_environment(env, repo=None).id if env else None
         page = wham.list_tasks(
@@ -357,6 +379,11 @@ def cancel(
     as_json: bool = JsonOption,
 ) -> None:
     """Stop the task's queued and running attempts; exit 1 when none was left to cancel."""
+    from openwham.client import readiness
+    from openwham.client.attempts import TERMINAL
+
+    from . import render
+
     task_id = task_id_from(task)
     with open_client(ctx) as wham:
         before = wham.attempts(task_id)

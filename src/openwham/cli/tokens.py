@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import typer
-from sqlalchemy.orm import Session
 
 from .common import DataDirOption, fail, print_json, settings_for
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from openwham.service.tokens import TokenInfo
 
 app = typer.Typer(help="API tokens for this server.", no_args_is_help=True)
