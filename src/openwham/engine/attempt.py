@@ -49,7 +49,7 @@ from .recorder import SUPERSEDED, TurnRecorder
 from .result import Results, redactor
 from .standby import AgentKey
 from .titling import Titles
-from .workspace import Workspaces, remove_orphaned_standbys, shared_checkouts
+from .workspace import Workspaces, remove_orphaned_standbys, setup_snapshots, shared_checkouts
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,9 @@ class Engine:
             egress,
             agents,
             shared_checkouts(self.settings, self.sandbox, data / "checkouts"),
+        )
+        self.workspaces.snapshots = setup_snapshots(
+            self.settings, self.workspaces.checkouts, data / "setup-cache"
         )
         self.standby = self.workspaces.standby  # the queue executor offers its ready ones
 

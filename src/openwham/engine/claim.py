@@ -93,6 +93,12 @@ class Claim:
     env_vars: dict[str, str] = field(default_factory=dict)  # setup and agent
     secrets: dict[str, str] = field(default_factory=dict)  # setup only (decrypted)
     secrets_problem: str | None = None
+    #: the post-setup cache (``sandbox.snapshots``): the environment it belongs to ("" for a
+    #: deleted one: no cache), whether it is on, and the environment's invalidation key
+    env_id: str = ""
+    setup_cache: bool = False
+    cache_invalidation_key: str = ""
+    maintenance_script: str = ""  # run instead of the setup script on a cache hit
     mcp_servers: str = ""  # AgentKey.mcp_servers
     network: str = ""  # AgentKey.network
     git_auth: GitAuth | None = field(default=None, repr=False)  # host git's, for the remote
@@ -245,6 +251,8 @@ class Claims:
                 and task.num_follow_ups == 0
             )
             setup = env_body.get("setup") or []
+            maintenance = env_body.get("maintenance_setup") or []
+            cache = dict(env_body.get("cache_settings") or {})
             sealed = dict(env.secrets) if env is not None else {}
             url = repo_url(env_body, repo_key)
             credential = gitcreds.match(s, task.account_id, url) if url else None
@@ -273,6 +281,12 @@ class Claims:
                 resume=resume,
                 setup_script="\n".join(setup) if isinstance(setup, list) else str(setup),
                 env_vars=_usable_vars(env_body.get("env_vars")),
+                env_id=env.id if env is not None else "",
+                setup_cache=env is not None and bool(cache.get("post_setup_cache_enabled")),
+                cache_invalidation_key=str(cache.get("cache_invalidation_key") or ""),
+                maintenance_script=(
+                    "\n".join(maintenance) if isinstance(maintenance, list) else str(maintenance)
+                ),
                 attempts=_attempts_for(s, turn),
                 mcp_servers=mcp_config(env_body),
                 network=network_config(env_body),

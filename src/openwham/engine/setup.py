@@ -85,6 +85,15 @@ def log_key(now: float | None = None) -> dict[str, Any]:
     }
 
 
+def note(rec: TurnRecorder, lines: tuple[str, ...]) -> dict[str, Any]:
+    """Start the turn's setup log with the server's own ``lines``; returns its key."""
+    key = log_key()
+    rec.set(logs={"logs": [{"key": key, "value": f"file_{uuid.uuid4().hex}"}]})
+    if lines:
+        rec.setup_log(key, [("stdout", line) for line in lines])
+    return key
+
+
 class _Lines:
     """Output lines collected from the reader thread, handed to the recorder in batches."""
 
@@ -122,11 +131,12 @@ def run(
     attach: Callable[[Sandbox | None], None],
     sandbox: SandboxProvider,
     disk: DiskBudget | None = None,
+    preface: tuple[str, ...] = (),
 ) -> SandboxResult:
-    """Run ``script`` to its end in a sandbox from ``sandbox``, recording its log and network
-    requests on ``rec``; ``disk`` is the attempt's disk budget."""
-    key = log_key()
-    rec.set(logs={"logs": [{"key": key, "value": f"file_{uuid.uuid4().hex}"}]})
+    """Run ``script`` to its end in a sandbox from ``sandbox``, recording its log (after the
+    server's ``preface`` lines) and network requests on ``rec``; ``disk`` is the attempt's
+    disk budget."""
+    key = note(rec, preface)
     lines = _Lines()
     with egress.open(
         EgressPolicy(), on_event=lambda e: rec.proxy_event({**e.wire(), "phase": "setup"})

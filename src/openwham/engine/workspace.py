@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from openwham.sandbox.bwrap import Limits, SandboxSpec
 from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.egress import EgressProxy
 from openwham.sandbox.provider import BUBBLEWRAP, SandboxProvider
+from openwham.sandbox.snapshots import Snapshot, Snapshots, cache_key
 from openwham.sandbox.workspace import (
     Checkouts,
     Mirrors,
@@ -35,6 +37,7 @@ from openwham.sandbox.workspace import (
     create_repo_workspace,
     create_workspace,
 )
+from openwham.wire.common import naive_iso
 
 from . import setup as setup_phase
 from . import storage
@@ -63,6 +66,8 @@ class Workspaces:
     agents: AgentStarter | None
     #: overlay workspaces over shared checkouts (``None``: a clone per attempt)
     checkouts: Checkouts | None = None
+    #: post-setup snapshots (``None``: every attempt runs its setup script)
+    snapshots: Snapshots | None = None
     standby: StandbyPool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -138,8 +143,14 @@ class Workspaces:
                     checkouts=self.checkouts,
                     at=resume.base if resume is not None else None,  # the task's base
                 )
-                if resume is not None and resume.tree:  # the previous attempt's tree
-                    apply_patch(workspace, resume.tree, what="The previous attempt's change")
+        except WorkspaceError as exc:
+            raise AttemptFailed("workspace_error", str(exc)) from exc
+        (attempt_dir / "home").mkdir(mode=0o700)
+        cache = self._snapshot_key(claim, workspace, base)
+        hit = self._resume_snapshot(claim, cache, workspace, attempt_dir / "home")
+        try:
+            if resume is not None and resume.tree and not claim.repos:
+                apply_patch(workspace, resume.tree, what="The previous attempt's change")
         except WorkspaceError as exc:
             raise AttemptFailed("workspace_error", str(exc)) from exc
         if claim.patch and resume is None:  # the first repository's
@@ -149,10 +160,14 @@ class Workspaces:
             except WorkspaceError as exc:
                 raise AttemptFailed("failed_to_apply_patch_error", str(exc)) from exc
         control.check()
-        (attempt_dir / "home").mkdir(mode=0o700)
         budget = disk_budget(self.settings, attempt_dir)  # from here on, what it writes
-        if claim.setup_script.strip():
+        if hit is not None:
+            self._maintenance(claim, rec, attempt_dir, control, budget, hit)
+        elif claim.setup_script.strip():
             self._setup(claim, rec, attempt_dir, control, budget)
+            # only what the setup script wrote: no starting diff or previous change in it
+            if cache is not None and not claim.patch and not (resume and resume.tree):
+                self._take_snapshot(claim, cache, rec, attempt_dir)
         return self.agents.start(
             claim.key,
             attempt_dir,
@@ -198,6 +213,97 @@ class Workspaces:
                 )
         return repos
 
+    def _snapshot_key(self, claim: Claim, workspace: Path, base: str) -> str | None:
+        """The post-setup cache key of this attempt (``sandbox.snapshots``), or ``None`` when
+        the cache is not used: off, no setup script, a deleted environment, several
+        repositories, or no overlay workspace."""
+        if (
+            self.snapshots is None
+            or not claim.setup_cache
+            or not claim.env_id
+            or not claim.setup_script.strip()
+            or claim.repos
+            or overlay.of(workspace) is None
+        ):
+            return None
+        return cache_key(
+            {
+                "environment": claim.env_id,
+                "setup": claim.setup_script,
+                "env_vars": claim.env_vars,
+                "secrets": claim.secrets,
+                "invalidation": claim.cache_invalidation_key,
+                "repository": claim.repo_key,
+                "commit": base,
+            }
+        )
+
+    def _resume_snapshot(
+        self, claim: Claim, cache: str | None, workspace: Path, home: Path
+    ) -> Snapshot | None:
+        """Stack the environment's snapshot under ``workspace`` and copy its home, when one
+        fits ``cache``."""
+        if cache is None or self.snapshots is None:
+            return None
+        hit = self.snapshots.find(claim.env_id, cache)
+        if hit is None:
+            return None
+        try:
+            self.snapshots.use(hit, workspace, home)
+        except OSError as exc:
+            raise AttemptFailed(
+                "workspace_error", f"The cached setup could not be used: {exc}"
+            ) from exc
+        return hit
+
+    def _take_snapshot(
+        self, claim: Claim, cache: str, rec: TurnRecorder, attempt_dir: Path
+    ) -> None:
+        """Keep what the setup script left for the environment's next attempts; a failure
+        only costs the next attempt its setup again."""
+        assert self.snapshots is not None
+        started = time.monotonic()
+        try:
+            snap = self.snapshots.take(
+                claim.env_id, cache, attempt_dir / "workspace", attempt_dir / "home"
+            )
+        except (OSError, ValueError) as exc:
+            log.warning("no post-setup snapshot for %s: %s", claim.turn_id, exc)
+            return
+        took = time.monotonic() - started
+        log.info("post-setup snapshot %s: %d bytes in %.2f s", snap.path, snap.size, took)
+        rec.set(setup_cache={"used": False, "saved": True, "size": snap.size})
+
+    def _maintenance(
+        self,
+        claim: Claim,
+        rec: TurnRecorder,
+        attempt_dir: Path,
+        control: Control,
+        budget: DiskBudget | None,
+        hit: Snapshot,
+    ) -> None:
+        """On a cache hit: say so, and run the maintenance script (like the setup script:
+        network through the egress proxy, variables and secrets) if there is one."""
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(hit.created))
+        resumed = f"Resumed cached container from {when} (setup script not run)"
+        rec.status(resumed)
+        rec.set(setup_cache={"used": True, "created": naive_iso(hit.created)})
+        if not claim.maintenance_script.strip():
+            setup_phase.note(rec, (resumed,))
+            return
+        self._setup(
+            claim,
+            rec,
+            attempt_dir,
+            control,
+            budget,
+            script=claim.maintenance_script,
+            preface=(resumed, "Running maintenance script"),
+            what="maintenance script",
+        )
+        rec.status("Ran maintenance script")
+
     def _setup(
         self,
         claim: Claim,
@@ -205,15 +311,20 @@ class Workspaces:
         attempt_dir: Path,
         control: Control,
         budget: DiskBudget | None,
+        *,
+        script: str | None = None,
+        preface: tuple[str, ...] = (),
+        what: str = "setup script",
     ) -> None:
-        """The environment's setup script (engine/setup.py); a failure fails the attempt
-        with its exit code, and its log stays on the turn."""
+        """The environment's setup script (engine/setup.py), or ``script`` (the maintenance
+        script); a failure fails the attempt with its exit code, and its log stays on the
+        turn."""
         limits = dataclasses.replace(
             attempt_limits(self.settings),
             wall_clock_seconds=float(self.settings.setup_timeout_seconds),
         )
         result = setup_phase.run(
-            claim.setup_script,
+            claim.setup_script if script is None else script,
             workspace=attempt_dir / "workspace",
             home=attempt_dir / "home",
             env={**claim.env_vars, **claim.secrets},
@@ -223,21 +334,18 @@ class Workspaces:
             attach=control.attach,
             sandbox=self.sandbox,
             disk=budget,
+            preface=preface,
         )
         control.check()
         if result.disk_reason is not None:
             raise over_disk(result.disk_reason)
         if result.exit_code == setup_phase.LAUNCHER_FAILED and not result.killed_reason:
-            raise AttemptFailed(
-                "setup_failed", "The setup script could not start (see the setup log)"
-            )
+            raise AttemptFailed("setup_failed", f"The {what} could not start (see the setup log)")
         if result.stalled:  # the watchdog: stopped or defunct, it would never have ended
-            raise AttemptFailed(
-                "sandbox_stalled", f"The setup script's sandbox {result.killed_reason}"
-            )
+            raise AttemptFailed("sandbox_stalled", f"The {what}'s sandbox {result.killed_reason}")
         if not result.ok:
             why = result.killed_reason or f"exited with code {result.exit_code}"
-            raise AttemptFailed("setup_failed", f"The setup script {why} (see the setup log)")
+            raise AttemptFailed("setup_failed", f"The {what} {why} (see the setup log)")
 
     def take_standby(self, claim: Claim, attempt_dir: Path) -> Prepared | None:
         """A standby for this attempt, moved to ``attempt_dir`` with its token handed over
@@ -334,3 +442,21 @@ def shared_checkouts(settings: Settings, sandbox: SandboxProvider, root: Path) -
     checkouts.sweep()
     log.info("workspaces: overlays over shared checkouts in %s", root)
     return checkouts
+
+
+def setup_snapshots(
+    settings: Settings, checkouts: Checkouts | None, root: Path
+) -> Snapshots | None:
+    """The post-setup snapshot cache, or ``None`` without overlay workspaces (a snapshot is
+    an overlay layer); crash leftovers and expired snapshots are removed now."""
+    if checkouts is None:
+        log.info("post-setup cache off: it needs overlay workspaces")
+        return None
+    snapshots = Snapshots(
+        root,
+        max_age=float(settings.setup_cache_max_age_seconds),
+        max_bytes=settings.setup_cache_max_mb << 20,
+    )
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    snapshots.sweep()
+    return snapshots

@@ -578,7 +578,7 @@ class SandboxProcess:
         self._last_progress = self._t0  # output, or a thread not stopped (the watchdog)
         self._stalled = False
         self._meter: disk.Meter | None = None
-        self._lease: IO[bytes] | None = None  # the overlay's checkout, in use while it runs
+        self._lease: list[IO[bytes]] = []  # the overlay's checkout and snapshot, in use
         self._upper: int | None = None  # the overlay's upper directory, this sandbox's alone
         self._disk_lock = threading.Lock()
         self._disk_reason: str | None = None
@@ -714,9 +714,9 @@ class SandboxProcess:
                     event.set()
 
     def _release_overlay(self) -> None:
-        if self._lease is not None:
-            self._lease.close()
-            self._lease = None
+        for lease in self._lease:
+            lease.close()
+        self._lease = []
         if self._upper is not None:
             os.close(self._upper)
             self._upper = None

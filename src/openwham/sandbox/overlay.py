@@ -11,7 +11,10 @@ An attempt directory that uses one holds, beside the (empty, on the host) ``work
 
 - ``overlay-lower``: a symlink to the shared checkout (never bound into a sandbox);
 - ``overlay-upper``: what the attempt wrote (whiteouts for what it deleted);
-- ``overlay-work``: the kernel's scratch directory for the same file system.
+- ``overlay-work``: the kernel's scratch directory for the same file system;
+- ``overlay-snapshot`` (optional): a symlink to a post-setup snapshot (``sandbox.snapshots``),
+  an upper directory frozen after a successful setup script, stacked read-only between the
+  attempt's upper directory and the checkout (never bound into a sandbox either).
 
 The overlay is mounted only in a private mount namespace of the process that needs the merged
 view: bubblewrap's launch (:func:`child_mount`, between fork and exec, so the sandbox's
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import IO
 
 LOWER = "overlay-lower"
+SNAPSHOT = "overlay-snapshot"
 UPPER = "overlay-upper"
 WORK = "overlay-work"
 
@@ -65,12 +69,16 @@ class Overlay:
     lower: Path
     upper: Path
     work: Path
+    #: a post-setup snapshot stacked over ``lower`` (read-only like it), or ``None``
+    snapshot: Path | None = None
 
     def options(self) -> bytes:
-        for p in (self.lower, self.upper, self.work):
+        layers = (self.lower, self.upper, self.work, *((self.snapshot,) if self.snapshot else ()))
+        for p in layers:
             if _BAD & set(str(p)):
                 raise ValueError(f"overlay path {p} holds a character mount options cannot")
-        return f"lowerdir={self.lower},upperdir={self.upper},workdir={self.work}".encode()
+        lowers = f"{self.snapshot}:{self.lower}" if self.snapshot else str(self.lower)
+        return f"lowerdir={lowers},upperdir={self.upper},workdir={self.work}".encode()
 
 
 def of(workspace: Path) -> Overlay | None:
@@ -83,7 +91,26 @@ def of(workspace: Path) -> Overlay | None:
     target = lower.resolve()
     if not (target / ".git").is_dir():
         raise OverlayUnavailable(f"the checkout {target} of {workspace} is gone")
-    return Overlay(target, (parent / UPPER).resolve(), (parent / WORK).resolve())
+    snapshot: Path | None = None
+    if (parent / SNAPSHOT).is_symlink():
+        snapshot = (parent / SNAPSHOT).resolve()
+        if not snapshot.is_dir():
+            raise OverlayUnavailable(f"the setup snapshot {snapshot} of {workspace} is gone")
+    return Overlay(target, (parent / UPPER).resolve(), (parent / WORK).resolve(), snapshot)
+
+
+def stack(workspace: Path, snapshot: Path) -> None:
+    """Put ``snapshot`` (a frozen upper directory over the same checkout) under
+    ``workspace``'s own upper directory, which must be empty: while no sandbox or host git
+    has the overlay mounted."""
+    parent = workspace.absolute().parent
+    link = parent / SNAPSHOT
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(snapshot.resolve(), target_is_directory=True)
+    overlay = of(workspace)
+    assert overlay is not None
+    overlay.options()
 
 
 def make(lower: Path, workspace: Path) -> Overlay:
@@ -163,14 +190,19 @@ def claim_upper(overlay: Overlay) -> int:
     return fd
 
 
-def hold(overlay: Overlay) -> IO[bytes] | None:
-    """A shared ``flock`` on the lower checkout's lease file (``None`` when it has none),
-    held while a sandbox uses the overlay: the checkout cache evicts only checkouts it can
-    lock exclusively. Closing the file (or the process ending) releases it."""
-    path = overlay.lower.parent / LEASE
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - held until the sandbox ends
-    except FileNotFoundError:
-        return None
-    fcntl.flock(f, fcntl.LOCK_SH)
-    return f
+def hold(overlay: Overlay) -> list[IO[bytes]]:
+    """Shared ``flock`` s on the lease files of the lower checkout and of the snapshot (those
+    that have one), held while a sandbox uses the overlay: the checkout cache and the
+    snapshot cache evict only what they can lock exclusively. Closing the files (or the
+    process ending) releases them."""
+    held: list[IO[bytes]] = []
+    for layer in (overlay.lower, overlay.snapshot):
+        if layer is None:
+            continue
+        try:
+            f = open(layer.parent / LEASE, "rb")  # noqa: SIM115 - held until the sandbox ends
+        except FileNotFoundError:
+            continue
+        fcntl.flock(f, fcntl.LOCK_SH)
+        held.append(f)
+    return held

@@ -413,8 +413,8 @@ def create(
             body.auto_setup_settings.model_dump(mode="json") if body.auto_setup_settings else None
         ),
         "cache_settings": {
-            "post_setup_cache_enabled": bool(
-                body.cache_settings and body.cache_settings.post_setup_cache_enabled
+            "post_setup_cache_enabled": (
+                body.cache_settings is None or body.cache_settings.post_setup_cache_enabled
             ),
             "cache_invalidation_key": uuid.uuid4().hex,
         },

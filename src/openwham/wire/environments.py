@@ -94,9 +94,10 @@ class McpServer(StrictWireModel):
 
 
 class CacheSettings(WireModel):
-    """Container cache after setup; changing ``cache_invalidation_key`` drops the cache."""
+    """Container cache after setup (on unless turned off, as Codex cloud); changing
+    ``cache_invalidation_key`` drops the cache."""
 
-    post_setup_cache_enabled: bool = False
+    post_setup_cache_enabled: bool = True
     cache_invalidation_key: str = ""
 
 

@@ -1,0 +1,191 @@
+"""The post-setup cache (sandbox.snapshots) with real bubblewrap, git and Codex CLI against
+the scripted model: a slow setup script runs once, later attempts resume its snapshot and run
+the maintenance script; reset-cache, a changed setup script and expiry make setup run again;
+attempts on one snapshot cannot change it or each other's files."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Server, engine_settings, make_server, wait_for_task
+from support.scripted_model import Say, ScriptedModel, Shell
+from test_engine import commands
+
+pytestmark = pytest.mark.sandbox
+
+SETUP = [
+    "sleep 3",
+    "mkdir -p node_modules",
+    "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n' > node_modules/marker",
+    "echo home-state > ~/.setup-home",
+    'echo "setup ran: $(cat node_modules/marker)"',
+]
+MAINTENANCE = ['echo "maintenance ran: $(cat node_modules/marker) $(cat ~/.setup-home)"']
+
+
+@pytest.fixture
+def cache_server(tmp_path: Path, sqlite_url: str, scripted_model: Any) -> Iterator[Server]:
+    yield from make_server(tmp_path, sqlite_url, **engine_settings(scripted_model))
+
+
+@pytest.fixture
+def ignoring_repo(repo: Path) -> Path:
+    (repo / ".gitignore").write_text("node_modules/\n")
+    subprocess.run(["git", "add", ".gitignore"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "ignore node_modules"], cwd=repo, check=True)
+    return repo
+
+
+def setup_lines(api: Any, task_id: str, turn_id: str) -> list[str]:
+    r = api.get(f"tasks/{task_id}/turns/{turn_id}/logs")
+    assert r.status_code == 200, r.text
+    return [entry["line"] for entry in r.json()["logs"]]
+
+
+def run_task(api: Any, env_id: str, prompt: str = "Look") -> tuple[str, str, dict[str, Any]]:
+    created = api.create_task(env_id, prompt)
+    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+    turn = wait_for_task(api, task_id)["current_assistant_turn"]
+    assert turn["turn_status"] == "completed", turn["error"]
+    return task_id, turn_id, turn
+
+
+def snapshot_dirs(server: Server) -> list[Path]:
+    root = server.app_state.settings.data_dir / "setup-cache"
+    return sorted(p.parent for p in root.glob("*/*/ready"))
+
+
+def test_second_task_resumes_the_snapshot_runs_maintenance_and_reset_or_new_setup_rerun(
+    cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    api = cache_server.api
+    scripted_model.script = [Shell("cat node_modules/marker; cat ~/.setup-home"), Say("Seen.")]
+    env = api.create_env(ignoring_repo, setup=SETUP, maintenance_setup=MAINTENANCE)
+    assert env["cache_settings"]["post_setup_cache_enabled"] is True  # the default
+
+    task1, turn1, first = run_task(api, env["id"])
+    lines1 = setup_lines(api, task1, turn1)
+    (ran,) = [line for line in lines1 if line.startswith("setup ran: ")]
+    marker = ran.removeprefix("setup ran: ")
+    assert len(marker) == 32
+    assert marker in commands(first)[0][1]["content"]["parts"][0]
+    (snap,) = snapshot_dirs(cache_server)
+    assert (snap / "upper" / "node_modules" / "marker").read_text() == marker
+    assert (snap.parent.parent.stat().st_mode & 0o777) == 0o700
+
+    started = time.monotonic()
+    task2, turn2, second = run_task(api, env["id"])
+    took = time.monotonic() - started
+    lines2 = setup_lines(api, task2, turn2)
+    assert not any(line.startswith("setup ran") for line in lines2), lines2
+    assert lines2[0].startswith("Resumed cached container from "), lines2
+    assert f"maintenance ran: {marker} home-state" in lines2
+    output = commands(second)[0][1]["content"]["parts"][0]
+    assert marker in output and "home-state" in output  # the agent started on it
+    assert took < 30
+    assert snapshot_dirs(cache_server) == [snap]
+
+    r = api.post(f"environments/{env['id']}/reset-cache")
+    assert r.status_code in (200, 204), r.text
+    task3, turn3, _ = run_task(api, env["id"])
+    lines3 = setup_lines(api, task3, turn3)
+    assert any(line.startswith("setup ran: ") for line in lines3), lines3
+    assert not any(line.startswith("Resumed") for line in lines3)
+
+    r = api.patch(f"environments/{env['id']}", json={"setup": [*SETUP, "echo changed"]})
+    assert r.status_code == 200, r.text
+    task4, turn4, _ = run_task(api, env["id"])
+    lines4 = setup_lines(api, task4, turn4)
+    assert "changed" in lines4 and any(line.startswith("setup ran: ") for line in lines4)
+    task5, turn5, _ = run_task(api, env["id"])
+    assert setup_lines(api, task5, turn5)[0].startswith("Resumed cached container")
+
+
+def test_cache_off_runs_setup_every_time(
+    cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    api = cache_server.api
+    scripted_model.script = [Say("Hi.")]
+    env = api.create_env(
+        ignoring_repo, setup=SETUP, cache_settings={"post_setup_cache_enabled": False}
+    )
+    for _ in range(2):
+        task, turn, _ = run_task(api, env["id"])
+        assert any(line.startswith("setup ran: ") for line in setup_lines(api, task, turn))
+    assert snapshot_dirs(cache_server) == []
+
+
+@pytest.fixture
+def short_cache_server(tmp_path: Path, sqlite_url: str, scripted_model: Any) -> Iterator[Server]:
+    yield from make_server(
+        tmp_path,
+        sqlite_url,
+        **engine_settings(scripted_model, setup_cache_max_age_seconds=4),
+    )
+
+
+def test_expired_snapshots_are_not_used_and_go(
+    short_cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    api = short_cache_server.api
+    scripted_model.script = [Say("Hi.")]
+    env = api.create_env(ignoring_repo, setup=SETUP)
+    run_task(api, env["id"])
+    (old,) = snapshot_dirs(short_cache_server)
+    time.sleep(4.5)
+    task, turn, _ = run_task(api, env["id"])
+    assert any(line.startswith("setup ran: ") for line in setup_lines(api, task, turn))
+    (new,) = snapshot_dirs(short_cache_server)
+    assert new != old and not old.exists()
+
+
+def test_attempts_on_one_snapshot_see_neither_each_others_files_nor_can_change_it(
+    cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    api = cache_server.api
+    scripted_model.script = [Say("Hi.")]
+    env = api.create_env(ignoring_repo, setup=SETUP)
+    run_task(api, env["id"])
+    (snap,) = snapshot_dirs(cache_server)
+    marker = (snap / "upper" / "node_modules" / "marker").read_text()
+
+    # both attempts at once: each writes its own file and overwrites the marker, waits for
+    # the other to have done the same, then looks for the other's writes; and each searches
+    # the sandbox for the snapshot's directory
+    scripted_model.script = [
+        Shell(
+            'me=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d " \\n"); '
+            'echo "$me" > node_modules/marker; echo "$me" > node_modules/own-$me; '
+            'echo "$me" > ~/.setup-home; sleep 6; '
+            'echo "me=$me"; ls node_modules; echo "marker=$(cat node_modules/marker)"; '
+            'echo "home=$(cat ~/.setup-home)"; '
+            f"find / -xdev -name {snap.name} 2>/dev/null | head -3; echo searched"
+        ),
+        Say("Done."),
+    ]
+    created = [api.create_task(env["id"], f"Attempt {i}") for i in range(2)]
+    outputs = []
+    for c in created:
+        turn = wait_for_task(api, c["task"]["id"])["current_assistant_turn"]
+        assert turn["turn_status"] == "completed", turn["error"]
+        lines = setup_lines(api, c["task"]["id"], c["turn"]["id"])
+        assert lines[0].startswith("Resumed cached container"), lines
+        ran = commands(turn)
+        assert ran, turn["output_items"]
+        outputs.append(ran[0][1]["content"]["parts"][0])
+    for out in outputs:
+        me = next(line for line in out.splitlines() if line.startswith("me=")).removeprefix("me=")
+        owns = [line for line in out.splitlines() if line.startswith("own-")]
+        assert owns == [f"own-{me}"], out  # only its own file
+        assert f"marker={me}" in out
+        assert f"home={me}" in out  # its own home
+        assert snap.name not in out.replace(f"-name {snap.name}", "")
+    assert (snap / "upper" / "node_modules" / "marker").read_text() == marker
+    assert sorted(p.name for p in (snap / "upper" / "node_modules").iterdir()) == ["marker"]
+    assert (snap / "home" / ".setup-home").read_text() == "home-state\n"
