@@ -380,18 +380,16 @@ def test_attempt_statuses_feed_every_tab(server: Server, repo: Path) -> None:
     assert client.get("/tasks/task_e_nope/attempts").status_code == 404
 
 
-def test_controls_for_features_not_built_say_so(server: Server, repo: Path) -> None:
+def test_environment_page_marks_no_control_as_not_built(server: Server, repo: Path) -> None:
     client = server.api.client
     env = server.api.create_env(repo)
     sign_in(client, server.api.token or "")
     page = client.get(f"/environments/{env['id']}").text
-    for legend in ("Maintenance script", "Cache"):
-        at = page.index(legend)
-        assert "not built yet: stored only" in page[at : at + 400], legend
-    assert "not built yet: containers are not cached" in page
-    assert page.count("not built yet") == 3
-    at = page.index("Agent internet access")  # built (issue 19)
-    assert "not built" not in page[at : page.index("</fieldset>", at)]
+    assert "not built" not in page  # network, maintenance script and cache: built (issue 19)
+    at = page.index("<legend>Cache</legend>")
+    assert 'name="cache_enabled" checked' in page[at : at + 300]  # on by default
+    assert "the next task runs the setup script again" in page
+    assert 'name="cache_enabled" checked' in client.get("/environments/new").text
 
 
 def test_secret_values_are_never_sent_to_the_browser(server: Server, repo: Path) -> None:

@@ -1011,7 +1011,7 @@ def _env_values(env: dict[str, Any] | None) -> dict[str, Any]:
             "network_preset": "none",
             "network_domains": "",
             "network_safe": False,
-            "cache_enabled": False,
+            "cache_enabled": True,
             "mcp_servers": "",
         }
     repo_map = env.get("repo_map") or {}
