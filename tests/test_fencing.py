@@ -23,35 +23,27 @@ from openwham.store.db import Database
 from openwham.store.events import LocalEventBus
 from openwham.store.turnstate import TurnStatus
 from openwham.wire import WorklogMessage
+from test_turnstate import _with_a_task
 
 ERROR = {"code": "agent_error", "message": "The agent failed"}
 
 
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
-    database.migrate()
+def _with_an_attempt(url: str) -> Database:
+    """test_turnstate's database with one task, and a pending attempt ``turn`` of it."""
+    database = _with_a_task(url)
     now = time.time()
     with database.session() as s:
-        s.add(m.Account(id="acct", name="a", created_at=now))
-        s.add(m.User(id="user", email="u@example.com", name="u", created_at=now))
-        s.flush()
-        s.add(
-            m.Task(
-                id="task",
-                account_id="acct",
-                user_id="user",
-                title="t",
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        s.flush()
         s.add(
             turnstate.new_attempt(
                 id="turn", task_id="task", parent_id=None, body={}, created_at=now, updated_at=now
             )
         )
+    return database
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    database = _with_an_attempt(database_url)
     try:
         yield database
     finally:
@@ -199,35 +191,8 @@ def test_an_event_append_racing_a_requeue_is_not_left_behind(postgres_url: str) 
     """PostgreSQL: run A appends an event (uncommitted) while another node requeues the
     attempt (which deletes its work log): the requeue waits for A's row lock, then deletes A's
     event with the others; an append after the requeue adds nothing."""
-    database = Database(postgres_url)
-    database.migrate()
+    database = _with_an_attempt(postgres_url)
     try:
-        now = time.time()
-        with database.session() as s:
-            s.add(m.Account(id="acct", name="a", created_at=now))
-            s.add(m.User(id="user", email="u@example.com", name="u", created_at=now))
-            s.flush()
-            s.add(
-                m.Task(
-                    id="task",
-                    account_id="acct",
-                    user_id="user",
-                    title="t",
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
-            s.flush()
-            s.add(
-                turnstate.new_attempt(
-                    id="turn",
-                    task_id="task",
-                    parent_id=None,
-                    body={},
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
         _claim(database, "A")
         requeued = threading.Event()
         with database.session() as a:
