@@ -380,3 +380,68 @@ def test_attempts_waiting_together_each_take_a_standby_being_prepared() -> None:
         first.set()
         second.set()
         pool.close()
+
+
+def test_a_take_does_not_wait_for_a_fill_begun_after_it() -> None:
+    """A taker waits for the fills under way when it began, not for one begun later (the
+    refill of an attempt that just started): else attempts arriving together would queue
+    behind one fill after another instead of starting cold at once."""
+    first, later = threading.Event(), threading.Event()
+    gates = [first, later]
+    lock = threading.Lock()
+
+    def make(key: AgentKey) -> Prepared:
+        with lock:
+            gate = gates.pop(0)
+        gate.wait(10)
+        proc: Any = _Proc()
+        return Prepared(dir=Path("/nonexistent"), base="b", proc=proc, owner="o")
+
+    pool = StandbyPool(size=4, max_age=60.0, make=make, drop=lambda p: None)
+    try:
+        pool.refill(_key("a"), 1)
+        got: list[Prepared | None] = []
+        takers = [threading.Thread(target=lambda: got.append(pool.take(_key("a")))) for _ in "ab"]
+        for t in takers:
+            t.start()
+        time.sleep(0.2)
+        assert got == []  # both wait for the one fill under way
+        pool.refill(_key("a"), 2)  # a slow fill begun after both takes (an attempt's refill)
+        first.set()  # the first fill ends: one taker has it, the other starts cold at once
+        for t in takers:
+            t.join(3)
+        assert not any(t.is_alive() for t in takers), "a taker waits for a later fill"
+        assert len(got) == 2 and sum(p is None for p in got) == 1
+    finally:
+        first.set()
+        later.set()
+        pool.close()
+
+
+def test_the_next_standby_is_prepared_while_the_attempt_runs(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    """A task posted right after the last one ended finds a standby ready: the refill
+    begins when an attempt's agent has its prompt, not when the attempt ends (then the next
+    task waited for that fill in its start)."""
+    for server in make_server(tmp_path, sqlite_url, **engine_settings(scripted_model)):
+        api = server.api
+        env = api.create_env(repo)
+        scripted_model.script = [Say("ok")]
+        edit_task(server, env["id"])
+        wait_standby(server)
+        scripted_model.script = [Shell("sleep 15"), Say("ok")]
+        asked = len(scripted_model.requests)
+        created = api.create_task(env["id"], "Look")
+        task_id = created["task"]["id"]
+        deadline = time.monotonic() + 30
+        while len(scripted_model.requests) == asked:  # its agent has the prompt
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        # the attempt (its standby taken) runs its command; the next standby is ready first
+        wait_standby(server, count=1, timeout=12)
+        now = api.get(f"tasks/{task_id}").json()["current_assistant_turn"]
+        assert now["turn_status"] == "in_progress"
+        turn = wait_for_task(api, task_id)["current_assistant_turn"]
+        assert turn["turn_status"] == "completed", turn["error"]
+        assert run_info(server, turn["id"])["standby"] is True

@@ -98,10 +98,18 @@ class StandbyPool:
         earlier than a cold start would."""
         with self._changed:
             prepared = self._pop(key)
-            # wait while fills for the key are under way: each ends in one standby, and the
-            # attempts of a best-of-N waiting together take one each (none waits on a fill
-            # another has taken; when none is left, the rest start cold)
-            while prepared is None and self._filling.get(key) and not self._closed.is_set():
+            # wait while fills for the key that were under way when this take began are:
+            # each ends in one standby, and the attempts of a best-of-N waiting together take
+            # one each (none waits on a fill another has taken; when none is left, the rest
+            # start cold). A fill begun later (the refill of an attempt that just started)
+            # would end no sooner than a cold start begun now: not waited for, else waiters
+            # would queue behind one fill after another.
+            before = set(self._filling.get(key, ()))
+            while (
+                prepared is None
+                and before.intersection(self._filling.get(key, ()))
+                and not self._closed.is_set()
+            ):
                 self._changed.wait(1.0)
                 prepared = self._pop(key)
         if prepared is None:

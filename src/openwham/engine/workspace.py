@@ -109,11 +109,21 @@ class Workspaces:
         if prepared is not None:
             self.gateway.release(claim.turn_id)
             gate.open()
+            self._refill(claim)
             return prepared
         control.check()
         prepared = self.prepare_cold(claim, rec, mirror, attempt_dir, control)
         agent.launch(prepared, False, agent.on_output)
+        self._refill(claim)
         return prepared
+
+    def _refill(self, claim: Claim) -> None:
+        """Start preparing the next standbys for this attempt's key now that its agent has
+        the prompt, not when it ends: a task posted right after this one ends then finds one
+        ready instead of waiting for a fill begun at that end (``StandbyPool.take`` waits for
+        fills under way). The attempt's end refills too (no-op when enough are there)."""
+        if claim.repo_key and claim.repo_url and claim.branch and claim.plain:
+            self.standby.refill(claim.key, claim.attempts)
 
     def _abandon(self, standby: Prepared, control: Control) -> None:
         """Nothing of a standby's run that did not fit is kept."""
