@@ -37,13 +37,33 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
+def _free_slot(pid: int) -> int:
+    """A /30 of the 64 in TEST-NET-2 that no interface of this machine has an address in,
+    starting from one the pid picks: another test run (or session) on the machine may have a
+    test host of its own, and two veth pairs on one /30 would route one run's requests to the
+    other's server."""
+    shown = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show"], check=True, capture_output=True, text=True
+    ).stdout
+    used = {
+        int(word.split("/")[0].rsplit(".", 1)[1]) // 4
+        for word in shown.split()
+        if word.startswith("198.51.100.")
+    }
+    for step in range(64):
+        slot = (pid + step) % 64
+        if slot not in used:
+            return slot
+    raise RuntimeError("every /30 of 198.51.100.0/24 is in use on this machine")
+
+
 def start(root: Path, port: int = 8080) -> NetHost:
     if shutil.which("ip") is None:
         raise RuntimeError("iproute2's `ip` is missing: run scripts/setup.sh")
     pid = os.getpid()
     name = f"owtest-{pid}"
     veth, peer = f"owh{pid % 100000}", f"owp{pid % 100000}"
-    base = (pid % 60) * 4
+    base = _free_slot(pid) * 4
     host_side, address = f"198.51.100.{base + 1}", f"198.51.100.{base + 2}"
     _ip("netns", "add", name)
     try:
