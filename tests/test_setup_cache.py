@@ -1,7 +1,8 @@
 """The post-setup cache (sandbox.snapshots) with real bubblewrap, git and Codex CLI against
 the scripted model: a slow setup script runs once, later attempts resume its snapshot and run
-the maintenance script; reset-cache, a changed setup script and expiry make setup run again;
-attempts on one snapshot cannot change it or each other's files."""
+the maintenance script; a branch that moved resumes it too and checks out only the new commit;
+reset-cache, a changed setup script and expiry make setup run again; attempts on one snapshot
+cannot change it or each other's files."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Server, engine_settings, make_server, wait_for_task
+from conftest import Server, diff_of, engine_settings, make_server, wait_for_task
 from support.scripted_model import Say, ScriptedModel, Shell
 from test_engine import commands
 
@@ -54,6 +55,32 @@ def run_task(api: Any, env_id: str, prompt: str = "Look") -> tuple[str, str, dic
     turn = wait_for_task(api, task_id)["current_assistant_turn"]
     assert turn["turn_status"] == "completed", turn["error"]
     return task_id, turn_id, turn
+
+
+def commit(repo: Path, files: dict[str, str | None], message: str) -> str:
+    """A new commit on the repository's branch (``None``: delete the file); its sha."""
+    for name, text in files.items():
+        if text is None:
+            subprocess.run(["git", "rm", "-q", name], cwd=repo, check=True)
+        else:
+            (repo / name).write_text(text)
+            subprocess.run(["git", "add", name], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", message], cwd=repo, check=True)
+    return head(repo)
+
+
+def head(repo: Path) -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True)
+    return out.stdout.decode().strip()
+
+
+def turn_body(server: Server, turn_id: str) -> dict[str, Any]:
+    from openwham.store import models as m
+
+    with server.app_state.db.session() as s:
+        turn = s.get(m.Turn, turn_id)
+        assert turn is not None
+        return dict(turn.body)
 
 
 def snapshot_dirs(server: Server) -> list[Path]:
@@ -189,3 +216,88 @@ def test_attempts_on_one_snapshot_see_neither_each_others_files_nor_can_change_i
     assert (snap / "upper" / "node_modules" / "marker").read_text() == marker
     assert sorted(p.name for p in (snap / "upper" / "node_modules").iterdir()) == ["marker"]
     assert (snap / "home" / ".setup-home").read_text() == "home-state\n"
+
+
+def test_a_moved_branch_resumes_the_snapshot_and_checks_out_only_the_new_commit(
+    cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    api = cache_server.api
+    scripted_model.script = [Say("Hi.")]
+    env = api.create_env(ignoring_repo, setup=SETUP, maintenance_setup=MAINTENANCE)
+    old = head(ignoring_repo)
+    task1, turn1, _ = run_task(api, env["id"])
+    (ran,) = [line for line in setup_lines(api, task1, turn1) if line.startswith("setup ran: ")]
+    marker = ran.removeprefix("setup ran: ")
+    (snap,) = snapshot_dirs(cache_server)
+
+    new = commit(
+        ignoring_repo,
+        {"NEW.md": "from the new commit\n", "calc.py": "def add(a, b):\n    return a + b\n"},
+        "move the branch",
+    )
+    scripted_model.script = [
+        Shell(
+            "cat NEW.md calc.py node_modules/marker; echo; git rev-parse HEAD; "
+            "git status --porcelain; echo status-end; git rev-parse origin/main"
+        ),
+        Shell("echo agent > AGENT.md"),
+        Say("Seen."),
+    ]
+    task2, turn2, second = run_task(api, env["id"])
+    lines = setup_lines(api, task2, turn2)
+    assert not any(line.startswith("setup ran") for line in lines), lines
+    assert lines[0].startswith("Resumed cached container from "), lines
+    assert f"(commit {old[:7]}→{new[:7]}, setup script not run)" in lines[0], lines
+    assert f"maintenance ran: {marker} home-state" in lines
+    out = commands(second)[0][1]["content"]["parts"][0]
+    assert "from the new commit" in out and "return a + b" in out  # the new commit's files
+    assert marker in out  # what setup installed (ignored) is there
+    assert out.count(new) == 2, out  # HEAD and origin/main are the new commit
+    status = out.split(new, 1)[1].split("status-end")[0]
+    assert status.strip() == "", out  # nothing changed against it
+    diff = diff_of(api.get(f"tasks/{task2}").json())
+    assert "AGENT.md" in diff and "NEW.md" not in diff and "calc.py" not in diff, diff
+    assert turn_body(cache_server, turn2)["setup_cache"] == {
+        "used": True,
+        "created": turn_body(cache_server, turn1)["setup_cache"]["created"],
+        "commit": old,
+        "checked_out": new,
+        "maintenance": True,
+    }
+    assert snapshot_dirs(cache_server) == [snap]  # the same snapshot, not a second setup
+    # the snapshot itself is still the old commit's
+    assert not (snap / "upper" / "NEW.md").exists()
+
+
+TRACKED_SETUP = [
+    "sleep 1",
+    "mkdir -p node_modules && echo installed > node_modules/marker",
+    "echo setup-a >> a.txt",
+    "echo setup-b >> b.txt",
+    "echo setup ran",
+]
+
+
+def test_after_a_moved_branch_the_new_commits_win_where_setup_changed_the_same_tracked_file(
+    cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    """The decision for tracked files the setup script changed (docs/ARCHITECTURE.md): as in
+    a kept container they keep the change, unless the new commits change them too."""
+    api = cache_server.api
+    commit(ignoring_repo, {"a.txt": "a\n", "b.txt": "b\n", "gone.txt": "x\n"}, "files")
+    scripted_model.script = [Say("Hi.")]
+    env = api.create_env(ignoring_repo, setup=TRACKED_SETUP)
+    run_task(api, env["id"])
+    commit(ignoring_repo, {"b.txt": "b2\n", "gone.txt": None}, "change b")
+    scripted_model.script = [
+        Shell("cat a.txt b.txt node_modules/marker; ls gone.txt; true"),
+        Say("Seen."),
+    ]
+    task, turn, second = run_task(api, env["id"])
+    lines = setup_lines(api, task, turn)
+    assert lines[0].startswith("Resumed cached container from "), lines
+    assert "Dropped the setup script's change to b.txt: the new commits change it" in lines
+    assert not any("a.txt" in line for line in lines)
+    out = commands(second)[0][1]["content"]["parts"][0]
+    assert "a\nsetup-a\nb2\ninstalled" in out, out
+    assert "No such file" in out  # deleted by the new commit

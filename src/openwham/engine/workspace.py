@@ -27,7 +27,7 @@ from openwham.sandbox.bwrap import Limits, SandboxSpec
 from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.egress import EgressProxy
 from openwham.sandbox.provider import BUBBLEWRAP, SandboxProvider
-from openwham.sandbox.snapshots import Snapshot, Snapshots, cache_key
+from openwham.sandbox.snapshots import CheckoutFailed, Snapshot, Snapshots, cache_key, check_out
 from openwham.sandbox.workspace import (
     Checkouts,
     Mirrors,
@@ -36,6 +36,8 @@ from openwham.sandbox.workspace import (
     branch_head,
     create_repo_workspace,
     create_workspace,
+    overlay_workspace,
+    start_commit,
 )
 from openwham.wire.common import naive_iso
 
@@ -50,6 +52,15 @@ from .standby import STANDBY_PREFIX, AgentKey, Prepared, StandbyPool
 STANDBY_READY_SECONDS = 30.0
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A cache hit: the snapshot an attempt started from, and what checking its commit out
+    on top said (for the setup log)."""
+
+    snapshot: Snapshot
+    lines: tuple[str, ...] = ()
 
 
 @dataclass
@@ -134,30 +145,38 @@ class Workspaces:
         self, claim: Claim, rec: TurnRecorder, mirror: Path, attempt_dir: Path, control: Control
     ) -> Prepared:
         """Clone the workspace at the branch (a follow-up: the previous attempt's tree on the
-        task's base; else the starting diff), run the setup script, start the agent."""
+        task's base; else the starting diff), run the setup script, start the agent. With a
+        post-setup snapshot of the environment: start from it (checking the attempt's commit
+        out on top when it was taken at another) and run the maintenance script instead."""
         assert self.agents is not None
         attempt_dir.mkdir(parents=True, mode=0o700)
         workspace = attempt_dir / "workspace"
         resume = claim.resume if isinstance(claim.resume, Resume) else None
         repos: dict[str, dict[str, str]] = {}
+        cache = self._snapshot_key(claim)
+        hit: Resumed | None = None
         try:
             if claim.repos:
                 repos = self._clone_repos(claim, mirror, workspace, resume)
                 base = repos[claim.repos[0].key]["sha"]
             else:
-                base = create_workspace(
-                    mirror,
-                    workspace,
-                    claim.branch,
-                    claim.repo_url,
-                    checkouts=self.checkouts,
-                    at=resume.base if resume is not None else None,  # the task's base
-                )
+                at = resume.base if resume is not None else None  # the task's base
+                base = start_commit(mirror, claim.branch, at, "the repository")
+                hit = self._resume_snapshot(claim, cache, mirror, base, attempt_dir)
+                if hit is None:
+                    create_workspace(
+                        mirror,
+                        workspace,
+                        claim.branch,
+                        claim.repo_url,
+                        checkouts=self.checkouts,
+                        at=base,
+                    )
         except WorkspaceError as exc:
             raise AttemptFailed("workspace_error", str(exc)) from exc
-        (attempt_dir / "home").mkdir(mode=0o700)
-        cache = self._snapshot_key(claim, workspace, base)
-        hit = self._resume_snapshot(claim, cache, workspace, attempt_dir / "home")
+        home = attempt_dir / "home"
+        if not home.exists():
+            home.mkdir(mode=0o700)
         try:
             if resume is not None and resume.tree and not claim.repos:
                 apply_patch(workspace, resume.tree, what="The previous attempt's change")
@@ -172,12 +191,12 @@ class Workspaces:
         control.check()
         budget = disk_budget(self.settings, attempt_dir)  # from here on, what it writes
         if hit is not None:
-            self._maintenance(claim, rec, attempt_dir, control, budget, hit)
+            self._maintenance(claim, rec, attempt_dir, control, budget, hit, base)
         elif claim.setup_script.strip():
             self._setup(claim, rec, attempt_dir, control, budget)
             # only what the setup script wrote: no starting diff or previous change in it
             if cache is not None and not claim.patch and not (resume and resume.tree):
-                self._take_snapshot(claim, cache, rec, attempt_dir)
+                self._take_snapshot(claim, cache, rec, attempt_dir, base)
         return self.agents.start(
             claim.key,
             attempt_dir,
@@ -223,17 +242,20 @@ class Workspaces:
                 )
         return repos
 
-    def _snapshot_key(self, claim: Claim, workspace: Path, base: str) -> str | None:
+    def _snapshot_key(self, claim: Claim) -> str | None:
         """The post-setup cache key of this attempt (``sandbox.snapshots``), or ``None`` when
         the cache is not used: off, no setup script, a deleted environment, several
-        repositories, or no overlay workspace."""
+        repositories, or no overlay workspaces. No commit in it: an attempt at another commit
+        checks its own out on top of the snapshot (a branch that moved needs only its new
+        commits, not the setup script again)."""
         if (
             self.snapshots is None
+            or self.checkouts is None
+            or not self.checkouts.enabled
             or not claim.setup_cache
             or not claim.env_id
             or not claim.setup_script.strip()
             or claim.repos
-            or overlay.of(workspace) is None
         ):
             return None
         return cache_key(
@@ -244,30 +266,49 @@ class Workspaces:
                 "secrets": claim.secrets,
                 "invalidation": claim.cache_invalidation_key,
                 "repository": claim.repo_key,
-                "commit": base,
             }
         )
 
     def _resume_snapshot(
-        self, claim: Claim, cache: str | None, workspace: Path, home: Path
-    ) -> Snapshot | None:
-        """Stack the environment's snapshot under ``workspace`` and copy its home, when one
-        fits ``cache``."""
-        if cache is None or self.snapshots is None:
+        self, claim: Claim, cache: str | None, mirror: Path, base: str, attempt_dir: Path
+    ) -> Resumed | None:
+        """The workspace and home of ``attempt_dir`` made from the environment's snapshot
+        when one fits ``cache``: an overlay over the checkout it was taken over, the snapshot
+        stacked on it, then ``base`` on the task's branch checked out on top when that is
+        another commit or branch. ``None`` (and nothing left in ``attempt_dir``) when there is
+        none or it cannot be used: the attempt then runs the setup script as without one."""
+        if cache is None or self.snapshots is None or self.checkouts is None:
             return None
-        hit = self.snapshots.find(claim.env_id, cache)
-        if hit is None:
+        snap = self.snapshots.find(claim.env_id, cache)
+        if snap is None:
             return None
+        workspace, home = attempt_dir / "workspace", attempt_dir / "home"
+        lines: list[str] = []
         try:
-            self.snapshots.use(hit, workspace, home)
-        except OSError as exc:
-            raise AttemptFailed(
-                "workspace_error", f"The cached setup could not be used: {exc}"
-            ) from exc
-        return hit
+            overlay_workspace(
+                mirror, workspace, self.checkouts, snap.branch, snap.commit, claim.repo_url
+            )
+            home.mkdir(mode=0o700)
+            self.snapshots.use(snap, workspace, home)
+            if (snap.commit, snap.branch) != (base, claim.branch):
+                head = branch_head(mirror, claim.branch)
+                lines = check_out(
+                    self.sandbox,
+                    workspace,
+                    start=snap.commit,
+                    commit=base,
+                    branch=claim.branch,
+                    origin=head,
+                )
+        except (WorkspaceError, OSError, CheckoutFailed, overlay.OverlayUnavailable) as exc:
+            log.warning("post-setup snapshot %s not used for %s: %s", snap.path, claim.turn_id, exc)
+            for entry in attempt_dir.iterdir():  # as if it had never been tried
+                entry.unlink() if entry.is_symlink() else storage.remove_tree(entry)
+            return None
+        return Resumed(snap, tuple(lines))
 
     def _take_snapshot(
-        self, claim: Claim, cache: str, rec: TurnRecorder, attempt_dir: Path
+        self, claim: Claim, cache: str, rec: TurnRecorder, attempt_dir: Path, base: str
     ) -> None:
         """Keep what the setup script left for the environment's next attempts; a failure
         only costs the next attempt its setup again."""
@@ -275,14 +316,27 @@ class Workspaces:
         started = time.monotonic()
         try:
             snap = self.snapshots.take(
-                claim.env_id, cache, attempt_dir / "workspace", attempt_dir / "home"
+                claim.env_id,
+                cache,
+                attempt_dir / "workspace",
+                attempt_dir / "home",
+                commit=base,
+                branch=claim.branch,
             )
         except (OSError, ValueError) as exc:
             log.warning("no post-setup snapshot for %s: %s", claim.turn_id, exc)
             return
         took = time.monotonic() - started
         log.info("post-setup snapshot %s: %d bytes in %.2f s", snap.path, snap.size, took)
-        rec.set(setup_cache={"used": False, "saved": True, "size": snap.size})
+        rec.set(
+            setup_cache={
+                "used": False,
+                "saved": True,
+                "size": snap.size,
+                "created": naive_iso(snap.created),
+                "commit": base,
+            }
+        )
 
     def _maintenance(
         self,
@@ -291,16 +345,29 @@ class Workspaces:
         attempt_dir: Path,
         control: Control,
         budget: DiskBudget | None,
-        hit: Snapshot,
+        hit: Resumed,
+        base: str,
     ) -> None:
-        """On a cache hit: say so, and run the maintenance script (like the setup script:
+        """On a cache hit: say so (and which commit the snapshot was taken at, when the
+        attempt checked out another), and run the maintenance script (like the setup script:
         network through the egress proxy, variables and secrets) if there is one."""
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(hit.created))
-        resumed = f"Resumed cached container from {when} (setup script not run)"
+        snap = hit.snapshot
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.created))
+        moved = f"commit {snap.commit[:7]}→{base[:7]}, " if snap.commit != base else ""
+        resumed = f"Resumed cached container from {when} ({moved}setup script not run)"
         rec.status(resumed)
-        rec.set(setup_cache={"used": True, "created": naive_iso(hit.created)})
+        rec.set(
+            setup_cache={
+                "used": True,
+                "created": naive_iso(snap.created),
+                "commit": snap.commit,
+                "checked_out": base,
+                "maintenance": bool(claim.maintenance_script.strip()),
+            }
+        )
+        preface = (resumed, *hit.lines)
         if not claim.maintenance_script.strip():
-            setup_phase.note(rec, (resumed,))
+            setup_phase.note(rec, preface)
             return
         self._setup(
             claim,
@@ -309,7 +376,7 @@ class Workspaces:
             control,
             budget,
             script=claim.maintenance_script,
-            preface=(resumed, "Running maintenance script"),
+            preface=(*preface, "Running maintenance script"),
             what="maintenance script",
         )
         rec.status("Ran maintenance script")

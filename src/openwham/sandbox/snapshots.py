@@ -13,10 +13,13 @@ another attempt's files, and the snapshot is never bound into a sandbox.
 
 ``root/<environment hash>/<key>.<random>/`` holds ``upper``, ``home``, ``lease`` (sandboxes
 using it hold a shared ``flock``) and ``ready`` (written last: JSON with the creation time
-and size; its mtime is the last use). Snapshots expire ``max_age`` seconds after they were
-taken; a different key for the same environment (changed setup script, variables, secrets,
-cache invalidation key or commit) makes the older ones stale; beyond ``max_bytes`` the least
-recently used go. Only what no sandbox holds is removed. The directory is the server's
+size, and the commit and branch of the checkout under it; its mtime is the last use).
+The key holds no commit: an attempt at another commit (a branch that moved, another branch)
+stacks the snapshot over the checkout it was taken over and checks its own commit out on top
+(``engine.workspace``). Snapshots expire ``max_age`` seconds after they were taken; a
+different key for the same environment (changed setup script, variables, secrets or cache
+invalidation key) makes the older ones stale; beyond ``max_bytes`` the least recently used
+go. Only what no sandbox holds is removed. The directory is the server's
 (mode 0700): a snapshot holds whatever the setup script wrote, secrets included.
 """
 
@@ -36,8 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import overlay
+from .bwrap import Limits, SandboxSpec
+from .provider import SandboxProvider
 
 READY = "ready"
+_MOVE_LIMITS = Limits(wall_clock_seconds=600, max_processes=64, memory_bytes=2 << 30)
 
 
 def cache_key(parts: Mapping[str, object]) -> str:
@@ -57,6 +63,10 @@ class Snapshot:
     path: Path
     created: float
     size: int
+    #: the commit and branch of the shared checkout it was taken over (its upper directory
+    #: only fits that checkout; a later attempt at another commit checks that one out on top)
+    commit: str = ""
+    branch: str = ""
 
     @property
     def upper(self) -> Path:
@@ -70,7 +80,13 @@ class Snapshot:
 def _read(ready: Path) -> Snapshot | None:
     try:
         meta = json.loads(ready.read_text())
-        return Snapshot(ready.parent, float(meta["created"]), int(meta["size"]))
+        return Snapshot(
+            ready.parent,
+            float(meta["created"]),
+            int(meta["size"]),
+            str(meta.get("commit") or ""),
+            str(meta.get("branch") or ""),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -125,7 +141,7 @@ class Snapshots:
         best: Snapshot | None = None
         for ready in (self.root / _env_dir(env)).glob(f"{key}.*/{READY}"):
             snap = _read(ready)
-            if snap is None or now - snap.created >= self.max_age:
+            if snap is None or not snap.commit or now - snap.created >= self.max_age:
                 continue
             if best is None or snap.created > best.created:
                 best = snap
@@ -133,10 +149,13 @@ class Snapshots:
             os.utime(best.path / READY)
         return best
 
-    def take(self, env: str, key: str, workspace: Path, home: Path) -> Snapshot:
+    def take(
+        self, env: str, key: str, workspace: Path, home: Path, *, commit: str, branch: str
+    ) -> Snapshot:
         """Freeze ``workspace``'s upper directory and a copy of ``home`` as ``env``'s
         snapshot under ``key`` and stack it under a new empty upper directory of
-        ``workspace`` (no sandbox may have the overlay mounted meanwhile)."""
+        ``workspace`` (no sandbox may have the overlay mounted meanwhile); ``commit`` and
+        ``branch``: the shared checkout under it."""
         layers = overlay.of(workspace)
         if layers is None or layers.snapshot is not None:
             raise ValueError(f"{workspace} is not a fresh overlay workspace")
@@ -153,7 +172,8 @@ class Snapshots:
             layers.upper.mkdir(mode=0o755)
             size = _du(tmp)
             created = time.time()
-            (tmp / READY).write_text(json.dumps({"created": created, "size": size}))
+            meta = {"created": created, "size": size, "commit": commit, "branch": branch}
+            (tmp / READY).write_text(json.dumps(meta))
             final = parent / f"{key}.{uuid.uuid4().hex[:12]}"
             tmp.rename(final)
         except BaseException:
@@ -163,7 +183,7 @@ class Snapshots:
             raise
         overlay.stack(workspace, final / "upper")
         self.evict()
-        return Snapshot(final, created, size)
+        return Snapshot(final, created, size, commit, branch)
 
     def use(self, snap: Snapshot, workspace: Path, home: Path) -> None:
         """Start ``workspace`` (a fresh overlay, nothing written yet) and ``home`` (empty)
@@ -225,3 +245,75 @@ class Snapshots:
         for junk in (*self.root.glob(".tmp-*"), *self.root.glob(".trash-*")):
             shutil.rmtree(junk, ignore_errors=True)
         self.evict()
+
+
+class CheckoutFailed(RuntimeError):
+    """The attempt's commit could not be checked out over a snapshot (its output says why)."""
+
+
+# Runs in a sandbox on the attempt's overlay (the snapshot stacked over the checkout it was
+# taken over): the setup script's files are the attempt's own there, so git runs where the
+# agent would, with the snapshot's .git config, never on the host.
+_MOVE = """\
+set -eu
+from=$1 to=$2 branch=$3 origin=$4
+g() { git -c core.hooksPath=/dev/null -c core.fsmonitor= -c core.quotePath=false "$@"; }
+head=$(g rev-parse --verify HEAD)
+if [ "$head" != "$from" ]; then
+  echo "the cached container is at ${head:0:12}, not at ${from:0:12}"
+  exit 3
+fi
+if [ "$from" != "$to" ]; then
+  t=$(mktemp -d)
+  g diff --name-only --no-renames -z "$from" "$to" | sort -zu > "$t/incoming"
+  { g diff --name-only --no-renames -z HEAD; g ls-files -z -o --exclude-standard; } \\
+    | sort -zu > "$t/local"
+  comm -z -12 "$t/incoming" "$t/local" > "$t/both"
+  while IFS= read -r -d '' p; do
+    if g cat-file -e "$from:$p" 2>/dev/null; then
+      g checkout -q "$from" -- "$p"
+    else
+      rm -rf -- "$p"
+    fi
+    echo "Dropped the setup script's change to $p: the new commits change it"
+  done < "$t/both"
+  rm -rf "$t"
+fi
+g checkout -q -B "$branch"
+if ! out=$(g reset -q --keep "$to" 2>&1); then
+  echo "$out"
+  echo "Reset every tracked file to ${to:0:12}: the setup script's changes to them are dropped"
+  g reset -q --hard "$to"
+fi
+if [ -n "$origin" ]; then
+  g update-ref "refs/remotes/origin/$branch" "$origin"
+  g branch -q --set-upstream-to="origin/$branch" "$branch"
+fi
+"""
+
+
+def check_out(
+    sandbox: SandboxProvider,
+    workspace: Path,
+    *,
+    start: str,
+    commit: str,
+    branch: str,
+    origin: str | None,
+) -> list[str]:
+    """Move ``workspace`` (a snapshot stacked over its checkout at ``start``) to ``commit`` on
+    ``branch``, as ``git checkout`` would in a kept container: only the files the commits
+    between change are written (the mirror, bound read-only, has their objects; nothing is
+    fetched); ignored and untracked files stay; a tracked file the setup script changed keeps
+    its change unless the new commits change it too (then theirs wins, and the line saying so
+    is returned for the setup log). ``origin``: what ``origin/<branch>`` is set to (the
+    branch's head; ``None`` leaves it). :class:`CheckoutFailed` when git fails."""
+    spec = SandboxSpec(workspace=workspace, limits=_MOVE_LIMITS)
+    argv = ["/bin/bash", "-c", _MOVE, "openwham-checkout", start, commit, branch, origin or ""]
+    result = sandbox.run(spec, argv)
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    if not result.ok:
+        why = result.killed_reason or f"exit {result.exit_code}"
+        detail = "; ".join([*lines, *result.stderr.strip().splitlines()][-5:])
+        raise CheckoutFailed(f"git checkout of {commit[:12]} failed ({why}): {detail}")
+    return lines

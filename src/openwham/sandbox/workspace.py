@@ -292,16 +292,27 @@ def create_workspace(
     that commit (``sandbox.overlay``); else a clone."""
     if dest.exists():
         raise WorkspaceError(f"workspace {dest} already exists")
-    sha = _base(mirror, branch, at, "the repository")
+    sha = start_commit(mirror, branch, at, "the repository")
     if checkouts is None or not checkouts.enabled:
         return _checkout(mirror, dest, branch, origin_url, sha if at is not None else None)
-    tree = checkouts.ensure(mirror, branch, sha, origin_url)
-    _share_objects(mirror, dest.parent)
-    overlay.make(tree, dest)
+    overlay_workspace(mirror, dest, checkouts, branch, sha, origin_url)
     return sha
 
 
-def _base(mirror: Path, branch: str, at: str | None, where: str) -> str:
+def overlay_workspace(
+    mirror: Path, dest: Path, checkouts: Checkouts, branch: str, sha: str, origin_url: str
+) -> None:
+    """``dest`` as an overlay over the shared checkout of ``branch`` at ``sha`` (made now
+    unless it is there): a fresh workspace's, or the one a post-setup snapshot was taken over
+    (``sandbox.snapshots``), whose upper directory only fits that checkout."""
+    if dest.exists():
+        raise WorkspaceError(f"workspace {dest} already exists")
+    tree = checkouts.ensure(mirror, branch, sha, origin_url)
+    _share_objects(mirror, dest.parent)
+    overlay.make(tree, dest)
+
+
+def start_commit(mirror: Path, branch: str, at: str | None, where: str) -> str:
     """The commit a workspace starts at: ``branch``'s head in the mirror, or ``at`` (a
     follow-up's original base) when given; :class:`WorkspaceError` naming ``where``."""
     sha = branch_head(mirror, branch)
@@ -327,7 +338,7 @@ def create_repo_workspace(
     dest = workspace / name
     if not name or "/" in name or name.startswith(".") or dest.exists():
         raise WorkspaceError(f"bad or used repository directory {name!r}")
-    sha = _base(mirror, branch, at, f"the repository {origin_url}")
+    sha = start_commit(mirror, branch, at, f"the repository {origin_url}")
     links = workspace.parent / SHARED_OBJECTS
     links.mkdir(mode=0o700, exist_ok=True)
     if links.is_symlink():
