@@ -301,3 +301,96 @@ def test_after_a_moved_branch_the_new_commits_win_where_setup_changed_the_same_t
     out = commands(second)[0][1]["content"]["parts"][0]
     assert "a\nsetup-a\nb2\ninstalled" in out, out
     assert "No such file" in out  # deleted by the new commit
+
+
+FOLLOW_SETUP = [
+    *SETUP,
+    "echo built > BUILD_INFO",  # untracked, not ignored: in the first attempt's diff
+    "echo setup-line >> README.md",  # a tracked file: in the first attempt's diff too
+]
+
+
+def test_a_follow_up_resumes_the_snapshot_with_the_earlier_attempts_change(
+    cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    api = cache_server.api
+    env = api.create_env(ignoring_repo, setup=FOLLOW_SETUP, maintenance_setup=MAINTENANCE)
+    scripted_model.script = [Shell("echo first > NOTES.md"), Say("Wrote notes.")]
+    task, turn1, _ = run_task(api, env["id"])
+    (ran,) = [line for line in setup_lines(api, task, turn1) if line.startswith("setup ran: ")]
+    marker = ran.removeprefix("setup ran: ")
+    (snap,) = snapshot_dirs(cache_server)
+
+    scripted_model.script = [
+        Say("(not reached)"),  # the resumed conversation brings the first attempt's output
+        Shell("cat NOTES.md node_modules/marker BUILD_INFO README.md; echo more >> NOTES.md"),
+        Say("Seen."),
+    ]
+    out = api.follow_up(task, turn1, "Add more.")
+    turn2 = out["turn"]["id"]
+    second = wait_for_task(api, task)["current_assistant_turn"]
+    assert second["id"] == turn2 and second["turn_status"] == "completed", second["error"]
+    lines = setup_lines(api, task, turn2)
+    assert not any(line.startswith("setup ran") for line in lines), lines
+    assert lines[0].startswith("Resumed cached container from "), lines
+    assert f"maintenance ran: {marker} home-state" in lines
+    shown = commands(second)[0][1]["content"]["parts"][0]
+    # the first attempt's change (with setup's non-ignored files once, not twice) on the
+    # snapshot's installs
+    assert f"first\n{marker}built\n# widgets\nsetup-line\n" in shown, shown
+    diff = diff_of(api.get(f"tasks/{task}").json())
+    assert "+first\n+more" in diff and "BUILD_INFO" in diff, diff
+    assert diff.count("+setup-line") == 1, diff
+    assert "node_modules" not in diff
+    assert turn_body(cache_server, turn2)["setup_cache"]["used"] is True
+    assert snapshot_dirs(cache_server) == [snap]
+
+
+def test_a_filter_the_setup_script_configured_never_runs_on_the_host(
+    cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path, tmp_path: Path
+) -> None:
+    """The attack: setup leaves a filter driver in .git/config and .git/info/attributes; the
+    previous attempt's change (a follow-up) and a starting diff are applied over the snapshot,
+    and host git would run the driver as the server's user (root)."""
+    ran = tmp_path / "filter-ran"
+    driver = f"touch {ran}; cat"
+    setup = [
+        *SETUP,
+        f"git config filter.evil.clean '{driver}'",
+        f"git config filter.evil.smudge '{driver}'",
+        "echo '* filter=evil' > .git/info/attributes",
+    ]
+    api = cache_server.api
+    env = api.create_env(ignoring_repo, setup=setup)
+    scripted_model.script = [Shell("echo first > NOTES.md"), Say("Wrote notes.")]
+    task, turn1, _ = run_task(api, env["id"])
+    assert snapshot_dirs(cache_server)
+    assert not ran.exists()
+
+    scripted_model.script = [Say("(not reached)"), Shell("cat NOTES.md"), Say("Seen.")]
+    turn2 = api.follow_up(task, turn1, "Again.")["turn"]["id"]
+    second = wait_for_task(api, task)["current_assistant_turn"]
+    assert second["id"] == turn2 and second["turn_status"] == "completed", second["error"]
+    assert setup_lines(api, task, turn2)[0].startswith("Resumed cached container")
+    assert "first" in commands(second)[0][1]["content"]["parts"][0]
+
+    patch = (
+        "diff --git a/PATCHED.md b/PATCHED.md\nnew file mode 100644\n"
+        "--- /dev/null\n+++ b/PATCHED.md\n@@ -0,0 +1 @@\n+patched\n"
+    )
+    scripted_model.script = [Shell("cat PATCHED.md"), Say("Seen.")]
+    text = {"content_type": "text", "text": "Look"}
+    created = api.create_task(
+        env["id"],
+        "Look",
+        input_items=[
+            {"type": "message", "role": "user", "content": [text]},
+            {"type": "pre_apply_patch", "output_diff": {"diff": patch}},
+        ],
+    )
+    third = wait_for_task(api, created["task"]["id"])["current_assistant_turn"]
+    assert third["turn_status"] == "completed", third["error"]
+    lines = setup_lines(api, created["task"]["id"], created["turn"]["id"])
+    assert lines[0].startswith("Resumed cached container"), lines
+    assert "patched" in commands(third)[0][1]["content"]["parts"][0]
+    assert not ran.exists()

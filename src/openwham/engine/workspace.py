@@ -27,7 +27,14 @@ from openwham.sandbox.bwrap import Limits, SandboxSpec
 from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.egress import EgressProxy
 from openwham.sandbox.provider import BUBBLEWRAP, SandboxProvider
-from openwham.sandbox.snapshots import CheckoutFailed, Snapshot, Snapshots, cache_key, check_out
+from openwham.sandbox.snapshots import (
+    CheckoutFailed,
+    Snapshot,
+    Snapshots,
+    apply_change,
+    cache_key,
+    check_out,
+)
 from openwham.sandbox.workspace import (
     Checkouts,
     Mirrors,
@@ -174,20 +181,35 @@ class Workspaces:
                     )
         except WorkspaceError as exc:
             raise AttemptFailed("workspace_error", str(exc)) from exc
+        if hit is not None and not self._change_on_snapshot(claim, resume, workspace, base):
+            hit = None  # as if there were no snapshot: a fresh workspace and the setup script
+            self._forget(attempt_dir)
+            try:
+                create_workspace(
+                    mirror,
+                    workspace,
+                    claim.branch,
+                    claim.repo_url,
+                    checkouts=self.checkouts,
+                    at=base,
+                )
+            except WorkspaceError as exc:
+                raise AttemptFailed("workspace_error", str(exc)) from exc
         home = attempt_dir / "home"
         if not home.exists():
             home.mkdir(mode=0o700)
-        try:
-            if resume is not None and resume.tree and not claim.repos:
-                apply_patch(workspace, resume.tree, what="The previous attempt's change")
-        except WorkspaceError as exc:
-            raise AttemptFailed("workspace_error", str(exc)) from exc
-        if claim.patch and resume is None:  # the first repository's
-            first = workspace / claim.repos[0].dir if claim.repos else workspace
+        if hit is None:
             try:
-                apply_patch(first, claim.patch)
+                if resume is not None and resume.tree and not claim.repos:
+                    apply_patch(workspace, resume.tree, what="The previous attempt's change")
             except WorkspaceError as exc:
-                raise AttemptFailed("failed_to_apply_patch_error", str(exc)) from exc
+                raise AttemptFailed("workspace_error", str(exc)) from exc
+            if claim.patch and resume is None:  # the first repository's
+                first = workspace / claim.repos[0].dir if claim.repos else workspace
+                try:
+                    apply_patch(first, claim.patch)
+                except WorkspaceError as exc:
+                    raise AttemptFailed("failed_to_apply_patch_error", str(exc)) from exc
         control.check()
         budget = disk_budget(self.settings, attempt_dir)  # from here on, what it writes
         if hit is not None:
@@ -302,10 +324,43 @@ class Workspaces:
                 )
         except (WorkspaceError, OSError, CheckoutFailed, overlay.OverlayUnavailable) as exc:
             log.warning("post-setup snapshot %s not used for %s: %s", snap.path, claim.turn_id, exc)
-            for entry in attempt_dir.iterdir():  # as if it had never been tried
-                entry.unlink() if entry.is_symlink() else storage.remove_tree(entry)
+            self._forget(attempt_dir)
             return None
         return Resumed(snap, tuple(lines))
+
+    def _change_on_snapshot(
+        self, claim: Claim, resume: Resume | None, workspace: Path, base: str
+    ) -> bool:
+        """A follow-up's previous change (its tracked and untracked files back at ``base``
+        first: the change holds what setup did to them) or the starting diff, applied over
+        the snapshot in a sandbox (``snapshots.apply_change``: its ``.git`` is the setup
+        script's). ``False`` when it does not apply there (an ignored file the change adds,
+        say): the caller starts again without the snapshot, where it applies as it would
+        have without a cache or fails saying why."""
+        try:
+            if resume is not None and resume.tree:
+                apply_change(
+                    self.sandbox,
+                    workspace,
+                    resume.tree,
+                    what="The previous attempt's change",
+                    base=base,
+                )
+            elif claim.patch and resume is None:
+                apply_change(self.sandbox, workspace, claim.patch, what="The starting diff")
+        except WorkspaceError as exc:
+            log.warning("post-setup snapshot not used for %s: %s", claim.turn_id, exc)
+            return False
+        return True
+
+    @staticmethod
+    def _forget(attempt_dir: Path) -> None:
+        """Empty ``attempt_dir`` (a workspace made from a snapshot that could not be used)."""
+        for entry in attempt_dir.iterdir():
+            if entry.is_symlink():
+                entry.unlink()
+            else:
+                storage.remove_tree(entry)
 
     def _take_snapshot(
         self, claim: Claim, cache: str, rec: TurnRecorder, attempt_dir: Path, base: str

@@ -41,6 +41,7 @@ from pathlib import Path
 from . import overlay
 from .bwrap import Limits, SandboxSpec
 from .provider import SandboxProvider
+from .workspace import WorkspaceError
 
 READY = "ready"
 _MOVE_LIMITS = Limits(wall_clock_seconds=600, max_processes=64, memory_bytes=2 << 30)
@@ -317,3 +318,37 @@ def check_out(
         detail = "; ".join([*lines, *result.stderr.strip().splitlines()][-5:])
         raise CheckoutFailed(f"git checkout of {commit[:12]} failed ({why}): {detail}")
     return lines
+
+
+# A change applied over a snapshot, in a sandbox for the same reason as _MOVE. ``base`` set (a
+# follow-up): the tracked and untracked files are first put back to the commit, so the
+# previous attempt's change, which already holds what its setup did to them, lands on the
+# commit as it did there; ignored files (the setup's installs) stay.
+_APPLY = """\
+set -eu
+base=$1
+g() { git -c core.hooksPath=/dev/null -c core.fsmonitor= -c core.quotePath=false "$@"; }
+cat > /tmp/.openwham-change.diff
+if [ -n "$base" ]; then
+  g reset -q --hard "$base"
+  g clean -q -fd
+fi
+g apply --whitespace=nowarn --check /tmp/.openwham-change.diff
+g apply --whitespace=nowarn /tmp/.openwham-change.diff
+"""
+
+
+def apply_change(
+    sandbox: SandboxProvider, workspace: Path, diff: str, *, what: str, base: str | None = None
+) -> None:
+    """Apply ``diff`` to ``workspace`` (a snapshot stacked over its checkout) in a sandbox,
+    never with host git: the snapshot's ``.git`` is what the setup script left, and host git
+    would run the filter drivers its config and attributes name, as root. ``base``: a
+    follow-up's commit, to which the tracked and untracked (not ignored) files go back first.
+    :class:`~openwham.sandbox.workspace.WorkspaceError` saying ``what`` did not apply."""
+    spec = SandboxSpec(workspace=workspace, limits=_MOVE_LIMITS)
+    argv = ["/bin/bash", "-c", _APPLY, "openwham-apply", base or ""]
+    result = sandbox.run(spec, argv, stdin=diff.encode())
+    if not result.ok:
+        detail = (result.killed_reason or result.stderr.strip() or result.stdout.strip())[-2000:]
+        raise WorkspaceError(f"{what} does not apply: {detail}")
