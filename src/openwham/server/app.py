@@ -28,6 +28,7 @@ from openwham.wire import (
 from . import errors
 from .admission import AdmissionGate, Gate
 from .health import HealthProbe
+from .hotpath import HotReads, details_pattern
 from .limits import BodySizeLimit
 from .routers import account, environments, forges, gitcreds, github, stream, tasks, tokens
 from .state import AppState
@@ -120,11 +121,15 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     errors.install(app)
     # The gate inside the body limit: a slow upload is read before the request takes a slot.
     gate = Gate(state.db.request_pool, settings.request_queue, settings.request_queue_seconds)
-    app.add_middleware(AdmissionGate, gate=gate)
-    app.add_middleware(BodySizeLimit)
     router = api_router()
     for style, prefix in PREFIXES.items():
         app.include_router(router, prefix=prefix, generate_unique_id_function=_unique_id(style))
+    # Innermost first: task details answered before routing, inside the gate and the limit.
+    app.add_middleware(
+        HotReads, state=state, pattern=details_pattern(PREFIXES.values(), app.routes)
+    )
+    app.add_middleware(AdmissionGate, gate=gate)
+    app.add_middleware(BodySizeLimit)
 
     probe = HealthProbe(state.db)
 

@@ -123,8 +123,14 @@ async def inline_diff_limit(request: Request, state: StateDep) -> int | None:
     cloud diff/apply`` read only the inline diff and cannot follow ``…/turns/{id}/diff``
     (docs/api.md, "Big diffs"). Not a permission: the whole diff is the caller's anyway.
     Async: a header lookup needs no worker thread."""
-    agent = request.headers.get("user-agent", "")
-    if agent.startswith(OFFICIAL_CLIENT_AGENTS) or "originator" in request.headers:
+    return inline_limit(
+        state, request.headers.get("user-agent", ""), "originator" in request.headers
+    )
+
+
+def inline_limit(state: AppState, user_agent: str, originator: bool) -> int | None:
+    """``inline_diff_limit`` from the two headers it looks at."""
+    if user_agent.startswith(OFFICIAL_CLIENT_AGENTS) or originator:
         return None
     return state.settings.inline_diff_max_bytes
 

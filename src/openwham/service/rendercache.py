@@ -15,6 +15,7 @@ many tasks are read.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
@@ -25,19 +26,13 @@ MAX_BYTES = 32 << 20
 
 
 def digest(rows: Iterable[Sequence[Any]], *extra: Any) -> bytes:
-    """A 128-bit digest of rows (each value length-prefixed, so no two inputs run together)
-    and of ``extra`` (what else the rendering depends on: the inline-diff limit)."""
-    h = hashlib.blake2b(digest_size=16)
-    for row in rows:
-        h.update(b"\x1e")
-        for value in row:
-            data = value.encode() if isinstance(value, str) else repr(value).encode()
-            h.update(b"s" if isinstance(value, str) else b"r")
-            h.update(len(data).to_bytes(8, "little"))
-            h.update(data)
-    h.update(b"\x1d")
-    h.update(repr(extra).encode())
-    return h.digest()
+    """A 128-bit digest of rows and of ``extra`` (what else the rendering depends on: the
+    inline-diff limit). The values are pickled in one call (self-delimiting, so no two inputs
+    run together; equal values pickled differently only cost a miss) and hashed with SHA-256,
+    which this kind of CPU runs in hardware: a value-by-value BLAKE2 loop in Python cost a
+    tenth of a cached request."""
+    data = pickle.dumps(([tuple(row) for row in rows], extra), protocol=5)
+    return hashlib.sha256(data).digest()[:16]
 
 
 class RenderCache:

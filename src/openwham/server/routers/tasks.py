@@ -33,8 +33,17 @@ from openwham.wire import (
 )
 from openwham.wire.forges import PullRequestOptions
 
-from ..deps import InlineDiffDep, PrincipalDep, ReaderDep, SessionDep, StateDep
+from ..deps import (
+    InlineDiffDep,
+    PrincipalDep,
+    Reader,
+    ReaderDep,
+    SessionDep,
+    StateDep,
+    inline_limit,
+)
 from ..errors import error_responses
+from ..state import AppState
 
 router = APIRouter(tags=["tasks"])
 
@@ -116,6 +125,25 @@ def create_task(
 async def get_task(task_id: str, reader: ReaderDep, inline: InlineDiffDep) -> Response:
     """The task with its current turns; a diff over ``WHAM_INLINE_DIFF_MAX_BYTES`` is cut
     (``truncated: true``; the whole one: ``…/turns/{turn_id}/diff``)."""
+    return await _details(reader, task_id, inline)
+
+
+async def task_details(
+    state: AppState,
+    token: str,
+    account_header: str | None,
+    task_id: str,
+    *,
+    user_agent: str,
+    originator: bool,
+) -> Response:
+    """``get_task`` from the request's parts, for ``server.hotpath`` (which answers it without
+    routing): the same reader, limit and answer."""
+    inline = inline_limit(state, user_agent, originator)
+    return await _details(Reader(state, token, account_header), task_id, inline)
+
+
+async def _details(reader: Reader, task_id: str, inline: int | None) -> Response:
     renders = reader.state.renders
     response = await reader.json(
         lambda db, p: tasks.details_json(db, p, task_id, renders, inline_diff=inline)

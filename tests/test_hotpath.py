@@ -1,0 +1,141 @@
+"""Task details answered before FastAPI's routing (``server.hotpath``, issue 20).
+
+What must hold: a details GET the route would answer 200 is answered by the middleware, with
+the route's bytes and headers, without entering the app; everything else (other paths and
+methods, the static ``tasks/list`` and ``tasks/rate_limit``, a missing or malformed bearer,
+a refused read) reaches the app and is answered exactly as before."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from sqlalchemy import update
+
+from conftest import Server
+from openwham.server.app import PREFIXES
+from openwham.server.hotpath import HotReads, details_pattern
+from openwham.server.routers.tasks import task_details
+from openwham.store import models as m
+
+
+def _call(
+    mw: HotReads, method: str, path: str, headers: dict[str, str]
+) -> tuple[int, bytes, dict[bytes, bytes]]:
+    """One request through ``mw`` with an app behind it that answers 299 and says so."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+    asyncio.run(mw(scope, receive, send))
+    start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], body, dict(start["headers"])
+
+
+async def _behind(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 299, "headers": []})
+    await send({"type": "http.response.body", "body": b"app"})
+
+
+@pytest.fixture
+def hot(server: Server, repo: Path) -> tuple[Server, HotReads, str]:
+    env = server.api.create_env(repo)
+    task_id = server.api.create_task(env["id"])["task"]["id"]
+    from openwham.server.app import create_app  # the app's own routes decide the pattern
+
+    routes = create_app(server.app_state.settings, db=server.app_state.db).routes
+    mw = HotReads(_behind, server.app_state, details_pattern(PREFIXES.values(), routes))
+    return server, mw, task_id
+
+
+def test_details_are_answered_without_the_app_with_the_routes_bytes(
+    hot: tuple[Server, HotReads, str],
+) -> None:
+    server, mw, task_id = hot
+    auth = {"Authorization": f"Bearer {server.api.token}"}
+    for prefix in PREFIXES.values():
+        status, body, headers = _call(mw, "GET", f"{prefix}/tasks/{task_id}", auth)
+        routed = server.api.styled(prefix).get(f"tasks/{task_id}")  # TestClient: the whole app
+        assert (status, body) == (200, routed.content)
+        assert headers[b"content-type"] == routed.headers["content-type"].encode()
+        assert headers[b"content-length"] == routed.headers["content-length"].encode()
+    # the scheme is case-insensitive, as FastAPI's HTTPBearer takes it
+    lower = {"Authorization": f"bearer {server.api.token}"}
+    assert _call(mw, "GET", f"{PREFIXES['codex']}/tasks/{task_id}", lower)[0] == 200
+
+
+def test_everything_else_goes_to_the_app(hot: tuple[Server, HotReads, str]) -> None:
+    server, mw, task_id = hot
+    auth = {"Authorization": f"Bearer {server.api.token}"}
+    wham = PREFIXES["wham"]
+    for method, path, headers in [
+        ("GET", f"{wham}/tasks/list", auth),
+        ("GET", f"{wham}/tasks/rate_limit", auth),
+        ("GET", f"{wham}/tasks/{task_id}/turns", auth),
+        ("GET", f"{wham}/tasks/{task_id}/", auth),
+        ("GET", f"/other/tasks/{task_id}", auth),
+        ("DELETE", f"{wham}/tasks/{task_id}", auth),
+        ("HEAD", f"{wham}/tasks/{task_id}", auth),
+        ("GET", f"{wham}/tasks/{task_id}", {}),  # no token: the route's 401
+        ("GET", f"{wham}/tasks/{task_id}", {"Authorization": "Basic abc"}),
+        ("GET", f"{wham}/tasks/{task_id}", {"Authorization": "Bearer"}),
+        ("GET", f"{wham}/tasks/{task_id}", {"Authorization": "Bearer not-a-jwt"}),  # refused
+        ("GET", f"{wham}/tasks/task_nope", auth),  # 404
+        ("GET", f"{wham}/tasks/{task_id}", {**auth, "ChatGPT-Account-Id": "someone-else"}),
+        (
+            "GET",
+            f"{wham}/tasks/{task_id}",
+            {"Authorization": f"Bearer {server.other_account_token()}"},
+        ),
+    ]:
+        assert _call(mw, method, path, headers)[:2] == (299, b"app"), (method, path, headers)
+
+
+def test_a_revoked_token_reaches_the_route_at_once(hot: tuple[Server, HotReads, str]) -> None:
+    """Nothing about the caller is kept between requests: the next request after a
+    revocation is the route's 401."""
+    server, mw, task_id = hot
+    token = server.owner_token()
+    path = f"{PREFIXES['wham']}/tasks/{task_id}"
+    assert _call(mw, "GET", path, {"Authorization": f"Bearer {token}"})[0] == 200
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    with server.app_state.db.session() as s:  # as another node would: only the row changes
+        s.execute(update(m.ApiToken).where(m.ApiToken.id == jti).values(revoked_at=time.time()))
+    assert server.api.as_(token).get(f"tasks/{task_id}").status_code == 401
+    assert _call(mw, "GET", path, {"Authorization": f"Bearer {token}"})[:2] == (299, b"app")
+
+
+def test_the_app_answers_details_through_the_hot_path(
+    server: Server, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The served app has the middleware in front of its routes: details reach
+    ``task_details`` through it, not through the route's handler."""
+    from openwham.server import hotpath
+
+    calls: list[str] = []
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[3])
+        return await task_details(*args, **kwargs)
+
+    monkeypatch.setattr(hotpath, "task_details", counted)
+    env = server.api.create_env(repo)
+    task_id = server.api.create_task(env["id"])["task"]["id"]
+    assert server.api.get(f"tasks/{task_id}").status_code == 200
+    assert calls == [task_id]
