@@ -295,6 +295,40 @@ def test_task_details_costs_four_statements(tmp_path: Path, sqlite_url: str) -> 
         serving.close()
 
 
+def test_task_details_load_no_orm_objects(tmp_path: Path, sqlite_url: str) -> None:
+    """The hot read authenticates with Core columns (``accounts.authenticate_for_read``):
+    loading the token, user and account as ORM objects, and rolling back a session holding
+    them, cost about a fifth of a cached request. Revocation is still read on every request
+    (tests/test_hotpath.py, tests/test_auth.py)."""
+    from sqlalchemy import event
+
+    from openwham.store import models as m
+
+    serving = _serve(tmp_path, sqlite_url)
+    srv = next(serving)
+    try:
+        loaded: list[str] = []
+
+        def seen(target: Any, _context: Any) -> None:
+            loaded.append(type(target).__name__)
+
+        for model in (m.ApiToken, m.User, m.Account, m.Task, m.Turn):
+            event.listen(model, "load", seen)
+        try:
+            r = httpx.get(
+                f"{srv.url}{PREFIX}/tasks/{srv.task_id}",
+                headers={"Authorization": f"Bearer {srv.token}"},
+                timeout=10,
+            )
+        finally:
+            for model in (m.ApiToken, m.User, m.Account, m.Task, m.Turn):
+                event.remove(model, "load", seen)
+        assert r.status_code == 200
+        assert loaded == []
+    finally:
+        serving.close()
+
+
 def test_only_models_that_omit_keys_carry_a_python_serializer() -> None:
     """A Python model serializer on every wire model made serialising a task several times
     slower; only ``OmittingWireModel``s have one, and ``omit_when_unset`` needs that base."""

@@ -13,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from openwham.service.accounts import Principal, authenticate
+from openwham.service.accounts import Principal, authenticate, authenticate_for_read
 from openwham.service.errors import Unauthorized
 
 from .state import AppState
@@ -85,7 +85,7 @@ class Reader:
     def _render(self, read: Callable[[Session, Principal], BaseModel | bytes]) -> bytes:
         with self.state.db.requests() as session:
             try:
-                principal = authenticate(
+                principal = authenticate_for_read(
                     session, self.state.signing_key, self.token, self.account_header
                 )
                 model = read(session, principal)

@@ -16,7 +16,7 @@ import time
 import unicodedata
 import uuid
 from collections.abc import Collection
-from typing import TypedDict
+from typing import Protocol, TypedDict, TypeVar
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
@@ -105,7 +105,21 @@ def unknown() -> Unauthorized:
     )
 
 
-def check_row(row: m.ApiToken | None, user_id: str, now: float) -> m.ApiToken:
+class TokenState(Protocol):
+    """What a check needs of a token's row: the ORM object or a Core row of its columns."""
+
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def revoked_at(self) -> float | None: ...
+    @property
+    def expires_at(self) -> float: ...
+
+
+_Row = TypeVar("_Row", bound=TokenState)
+
+
+def check_row(row: _Row | None, user_id: str, now: float) -> _Row:
     """:func:`check` on a row the caller loaded (``None``: no such token)."""
     if row is None or row.user_id != user_id:
         raise unknown()
@@ -141,11 +155,18 @@ def active_ids(db: Session, token_ids: Collection[str], now: float | None = None
 def touch(db: Session, row: m.ApiToken, now: float) -> None:
     """Record a use, at most once per ``TOUCH_INTERVAL`` (the condition is in the UPDATE, so
     nodes racing on one token write once); commits, the caller has written nothing yet."""
-    if row.last_used_at is not None and now - row.last_used_at < TOUCH_INTERVAL:
-        return
+    if touch_id(db, row.id, row.last_used_at, now):
+        row.last_used_at = now
+
+
+def touch_id(db: Session, token_id: str, last_used_at: float | None, now: float) -> bool:
+    """:func:`touch` by the token's id and the ``last_used_at`` read with it; whether it
+    wrote."""
+    if last_used_at is not None and now - last_used_at < TOUCH_INTERVAL:
+        return False
     result = db.execute(
         update(m.ApiToken)
-        .where(m.ApiToken.id == row.id)
+        .where(m.ApiToken.id == token_id)
         .where(
             or_(
                 m.ApiToken.last_used_at.is_(None),
@@ -156,8 +177,7 @@ def touch(db: Session, row: m.ApiToken, now: float) -> None:
         .execution_options(synchronize_session=False)
     )
     db.commit()
-    if rowcount(result):
-        row.last_used_at = now
+    return bool(rowcount(result))
 
 
 def list_for_user(db: Session, user_id: str) -> list[m.ApiToken]:
