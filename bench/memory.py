@@ -12,6 +12,7 @@ server; its RSS then includes tracemalloc's own tables, so read growth from the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ import time
 import tracemalloc
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 from . import harness as h
 from .repo import generate
@@ -60,7 +62,10 @@ def run_round(server: h.WhamServer, env_id: str, tasks: int, tag: str) -> None:
             time.sleep(0.05)
 
 
-def snapshot(server: h.WhamServer, directory: Path, n: int) -> tracemalloc.Snapshot:
+def snapshot(
+    server: h.WhamServer, directory: Path, n: int, traced: bool
+) -> tuple[dict[str, Any], tracemalloc.Snapshot | None]:
+    """The server's memory stats (``bench.memory_serve``) and, if traced, its snapshot."""
     os.kill(server.process.pid, signal.SIGUSR1)
     done = directory / f"snap-{n}.done"
     deadline = time.monotonic() + 120
@@ -68,7 +73,20 @@ def snapshot(server: h.WhamServer, directory: Path, n: int) -> tracemalloc.Snaps
         if time.monotonic() > deadline:
             raise RuntimeError("no snapshot")
         time.sleep(0.1)
-    return tracemalloc.Snapshot.load(str(directory / f"snap-{n}.pickle"))
+    stats = json.loads((directory / f"stats-{n}.json").read_text())
+    stats["rss"] = rss_kb(server.process.pid) * 1024
+    snap = tracemalloc.Snapshot.load(str(directory / f"snap-{n}.pickle")) if traced else None
+    return stats, snap
+
+
+STATS = (
+    ("rss", "RSS"),
+    ("malloc_in_use", "malloc in use"),
+    ("malloc_free", "malloc free"),
+    ("sqlite_in_use", "SQLite"),
+    ("render_cache_bytes", "render cache"),
+    ("traced", "tracemalloc"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,24 +111,41 @@ def main(argv: list[str] | None = None) -> int:
             work / "data",
             model.url,
             log_path=work / "serve.log",
-            module="bench.memory_serve" if args.tracemalloc else None,
-            extra_env={"BENCH_SNAPSHOTS": str(snaps)} if args.tracemalloc else None,
+            module="bench.memory_serve",
+            extra_env={
+                "BENCH_SNAPSHOTS": str(snaps),
+                "BENCH_TRACEMALLOC": "1" if args.tracemalloc else "0",
+            },
         )
         env_id = server.create_env(repo)
         run_round(server, env_id, 2, "warm")  # mirror, standbys, first imports
         time.sleep(args.settle)
         rss = [rss_kb(server.process.pid)]
-        first = snapshot(server, snaps, 1) if args.tracemalloc else None
+        stats, first = snapshot(server, snaps, 1, args.tracemalloc)
+        every = [stats]
+        snaps_taken = [first] if first is not None else []
         log(f"after warm-up: {rss[0] / 1024:.1f} MB")
         for n in range(args.rounds):
             t0 = time.monotonic()
             run_round(server, env_id, args.tasks, str(n))
             time.sleep(args.settle)
             rss.append(rss_kb(server.process.pid))
+            stats, snap = snapshot(server, snaps, n + 2, args.tracemalloc)
+            every.append(stats)
+            grew = ", ".join(
+                f"{label} {(stats[k] - every[-2][k]) / 1024:+.0f}"
+                for k, label in STATS
+                if k in stats
+            )
             log(
                 f"round {n + 1}: {args.tasks} tasks in {time.monotonic() - t0:.1f} s, "
-                f"RSS {rss[-1] / 1024:.1f} MB"
+                f"RSS {rss[-1] / 1024:.1f} MB; grew (KB): {grew}; "
+                f"render cache {stats['render_cache_entries']} entries"
             )
+            if snap is not None:  # what grew in this round alone: a cache that fills shows
+                snaps_taken.append(snap)
+                for stat in snap.compare_to(snaps_taken[-2], "lineno")[:5]:
+                    log(f"  {stat.size_diff / 1024:+8.1f} KB {stat.traceback.format()[0].strip()}")
         growth = [(b - a) / 1024 for a, b in pairwise(rss)]
         print(f"RSS after warm-up and each round (MB): {' '.join(f'{k / 1024:.1f}' for k in rss)}")
         print(
@@ -119,8 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             f"total {(rss[-1] - rss[0]) / 1024:.2f} MB, "
             f"{(rss[-1] - rss[0]) / (args.rounds * args.tasks):.1f} KB per task"
         )
+        print("per round (MB), warm-up first:")
+        for k, label in STATS:
+            if k in every[0]:
+                print(f"  {label:>14}: {' '.join(f'{x[k] / 2**20:.2f}' for x in every)}")
         if first is not None:
-            last = snapshot(server, snaps, 2)
+            last = snaps_taken[-1]
             print(f"top {args.top} allocation sites by growth (tracemalloc):")
             for stat in last.compare_to(first, "traceback")[: args.top]:
                 print(f"  {stat.size_diff / 1024:+9.1f} KB {stat.count_diff:+7d} blocks")
