@@ -15,6 +15,9 @@ from typing import Any
 import pytest
 
 from conftest import Server, diff_of, engine_settings, make_server, wait_for_task
+from openwham.cli import render
+from openwham.wire import TaskDetails
+from support.browser import sign_in
 from support.scripted_model import Say, ScriptedModel, Shell
 from test_engine import commands
 
@@ -74,13 +77,10 @@ def head(repo: Path) -> str:
     return out.stdout.decode().strip()
 
 
-def turn_body(server: Server, turn_id: str) -> dict[str, Any]:
-    from openwham.store import models as m
-
-    with server.app_state.db.session() as s:
-        turn = s.get(m.Turn, turn_id)
-        assert turn is not None
-        return dict(turn.body)
+def setup_cache_line(page: str) -> str:
+    """The task page's line about the post-setup cache."""
+    start = page.index('id="setup-cache">') + len('id="setup-cache">')
+    return page[start : page.index("</p>", start)]
 
 
 def snapshot_dirs(server: Server) -> list[Path]:
@@ -225,7 +225,7 @@ def test_a_moved_branch_resumes_the_snapshot_and_checks_out_only_the_new_commit(
     scripted_model.script = [Say("Hi.")]
     env = api.create_env(ignoring_repo, setup=SETUP, maintenance_setup=MAINTENANCE)
     old = head(ignoring_repo)
-    task1, turn1, _ = run_task(api, env["id"])
+    task1, turn1, first = run_task(api, env["id"])
     (ran,) = [line for line in setup_lines(api, task1, turn1) if line.startswith("setup ran: ")]
     marker = ran.removeprefix("setup ran: ")
     (snap,) = snapshot_dirs(cache_server)
@@ -257,13 +257,26 @@ def test_a_moved_branch_resumes_the_snapshot_and_checks_out_only_the_new_commit(
     assert status.strip() == "", out  # nothing changed against it
     diff = diff_of(api.get(f"tasks/{task2}").json())
     assert "AGENT.md" in diff and "NEW.md" not in diff and "calc.py" not in diff, diff
-    assert turn_body(cache_server, turn2)["setup_cache"] == {
+    assert {k: v for k, v in second["setup_cache"].items() if v is not None} == {
         "used": True,
-        "created": turn_body(cache_server, turn1)["setup_cache"]["created"],
+        "created": first["setup_cache"]["created"],
         "commit": old,
         "checked_out": new,
         "maintenance": True,
     }
+    assert first["setup_cache"]["saved"] is True and first["setup_cache"]["commit"] == old
+    # the web task page and `wham task show` say so
+    resumed = f"(commit {old[:7]}→{new[:7]}, setup script not run); ran maintenance script"
+    client = cache_server.api.client
+    sign_in(client, cache_server.api.token or "")
+    shown = setup_cache_line(client.get(f"/tasks/{task2}").text)
+    assert shown.startswith("Resumed cached container from ") and shown.endswith(resumed)
+    shown = setup_cache_line(client.get(f"/tasks/{task1}").text)
+    assert shown.startswith("Ran setup script; container cached for later attempts ("), shown
+    details = TaskDetails.model_validate(api.get(f"tasks/{task2}").json())
+    assert details.current_assistant_turn is not None
+    lines = render.details_lines(details, [details.current_assistant_turn], "url")
+    assert any("Resumed cached container from " in x and resumed in x for x in lines), lines
     assert snapshot_dirs(cache_server) == [snap]  # the same snapshot, not a second setup
     # the snapshot itself is still the old commit's
     assert not (snap / "upper" / "NEW.md").exists()
@@ -342,7 +355,7 @@ def test_a_follow_up_resumes_the_snapshot_with_the_earlier_attempts_change(
     assert "+first\n+more" in diff and "BUILD_INFO" in diff, diff
     assert diff.count("+setup-line") == 1, diff
     assert "node_modules" not in diff
-    assert turn_body(cache_server, turn2)["setup_cache"]["used"] is True
+    assert second["setup_cache"]["used"] is True
     assert snapshot_dirs(cache_server) == [snap]
 
 

@@ -101,6 +101,7 @@ def attempt_row(turn: AssistantTurn, index: int) -> dict[str, Any]:
             "lines_removed": (stats[2] or 0) if stats else 0,
         },
         "messages": turn_messages(turn),
+        "setup_cache": turn.setup_cache.model_dump(mode="json") if turn.setup_cache else None,
     }
 
 
@@ -208,6 +209,8 @@ def details_lines(
         )
         if row["error"]:
             lines.append(f"    [red]{escape(str(row['error'].get('message') or ''))}[/]")
+        if turn.setup_cache is not None:
+            lines.append(f"    [dim]{escape(turn.setup_cache.summary())}[/]")
     if not answers:
         return lines
     if exchanges:

@@ -88,6 +88,7 @@ def requeue(
         base_commit_sha=None,
         logs=None,
         proxy_events=None,
+        setup_cache=None,
         repo_diffs=None,
         repo_bases=None,
     )

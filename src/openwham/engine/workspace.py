@@ -219,6 +219,8 @@ class Workspaces:
             # only what the setup script wrote: no starting diff or previous change in it
             if cache is not None and not claim.patch and not (resume and resume.tree):
                 self._take_snapshot(claim, cache, rec, attempt_dir, base)
+            elif cache is not None:
+                rec.set(setup_cache={"used": False, "saved": False})
         return self.agents.start(
             claim.key,
             attempt_dir,
@@ -380,6 +382,7 @@ class Workspaces:
             )
         except (OSError, ValueError) as exc:
             log.warning("no post-setup snapshot for %s: %s", claim.turn_id, exc)
+            rec.set(setup_cache={"used": False, "saved": False})
             return
         took = time.monotonic() - started
         log.info("post-setup snapshot %s: %d bytes in %.2f s", snap.path, snap.size, took)

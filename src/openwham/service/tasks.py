@@ -585,6 +585,7 @@ _ASSISTANT_BODY_FIELDS = (
     "base_commit_sha",
     "logs",
     "proxy_events",
+    "setup_cache",
     "repo_diffs",
     "debug_metadata",
 )

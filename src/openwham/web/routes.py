@@ -46,6 +46,7 @@ from openwham.wire import (
     EnvironmentCreate,
     EnvironmentUpdate,
     RepoSpec,
+    SetupCache,
 )
 
 from . import diffview, markdown, session, views
@@ -801,6 +802,7 @@ class WebUI:
                 "diff_title": _diff_title(attempt.turn if attempt else {}),
                 "apply_command": _apply_command(task_id, diff_turn, last),
                 "worklog": worklog,
+                "setup_cache": _setup_cache(attempt.turn if attempt else {}),
                 "network": [
                     e
                     for e in ((attempt.turn.get("proxy_events") or []) if attempt else [])
@@ -885,6 +887,12 @@ def _message(exc: Exception) -> str:
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
         return "; ".join(parts)
     return str(exc)
+
+
+def _setup_cache(turn: dict[str, Any]) -> str:
+    """What the post-setup cache did for the attempt, in a line ("" when it had no part)."""
+    cache = turn.get("setup_cache")
+    return SetupCache.model_validate(cache).summary() if isinstance(cache, dict) else ""
 
 
 def _task_body(mode: dict[str, Any], prompt: str, attempts: str) -> dict[str, Any]:

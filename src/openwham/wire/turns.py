@@ -63,6 +63,36 @@ class ProxyEvent(WireModel):
     path: str | None = None
 
 
+class SetupCache(WireModel):
+    """openwham: how the post-setup cache served an attempt of an environment with a setup
+    script and the cache on (docs/api.md): ``used``, it resumed a snapshot taken ``created``
+    at ``commit`` (``checked_out``: the attempt's commit, checked out on top) and ran the
+    maintenance script if ``maintenance``; else the setup script ran and ``saved`` says
+    whether its result was kept (``size`` bytes) for later attempts."""
+
+    used: bool = False
+    created: str | None = None
+    commit: str | None = None
+    checked_out: str | None = None
+    maintenance: bool | None = None
+    saved: bool | None = None
+    size: int | None = None
+
+    def summary(self) -> str:
+        """One line for people (the web task page, ``wham task show``)."""
+        if not self.used:
+            if not self.saved:
+                return "Ran setup script; container not cached"
+            size = f" ({self.size / 1e6:.1f} MB)" if self.size is not None else ""
+            return f"Ran setup script; container cached for later attempts{size}"
+        when = f" from {self.created[:19].replace('T', ' ')} UTC" if self.created else ""
+        moved = ""
+        if self.commit and self.checked_out and self.commit != self.checked_out:
+            moved = f"commit {self.commit[:7]}→{self.checked_out[:7]}, "
+        after = "ran maintenance script" if self.maintenance else "no maintenance script"
+        return f"Resumed cached container{when} ({moved}setup script not run); {after}"
+
+
 class UserTurn(WireModel):
     """A user's prompt. ``id`` is optional only because client fixtures omit it."""
 
@@ -113,6 +143,8 @@ class AssistantTurn(WireModel):
     previous_turn_id: str | None = None
     logs: TurnLogs | None = None
     proxy_events: list[ProxyEvent] | None = None
+    # openwham: the post-setup cache's part in this attempt; absent when it had none
+    setup_cache: SetupCache | None = Field(default=None, exclude_if=_absent)
     # openwham: a multi-repository environment's diffs, keyed by the repository's key in
     # ``repos``/``repo_map``, for each repository the attempt changed (the first one's is also
     # the ``pr`` item, which ``codex apply`` reads); absent with a single repository.
