@@ -407,3 +407,140 @@ def test_a_filter_the_setup_script_configured_never_runs_on_the_host(
     assert lines[0].startswith("Resumed cached container"), lines
     assert "patched" in commands(third)[0][1]["content"]["parts"][0]
     assert not ran.exists()
+
+
+# ---------------------------------------------------------------- standbys from the snapshot
+
+STANDBY_MAINTENANCE = [
+    'echo "maintenance ran: $(cat node_modules/marker) $(cat ~/.setup-home) ${#API_TOKEN}"',
+    "echo maintained > node_modules/maintained",
+]
+AGENT_LOOKS = (
+    "cat node_modules/marker; echo; cat ~/.setup-home node_modules/maintained; "
+    'echo "var=$MY_VAR token=${API_TOKEN:-none}"'
+)
+
+
+@pytest.fixture
+def standby_cache_server(tmp_path: Path, sqlite_url: str, scripted_model: Any) -> Iterator[Server]:
+    yield from make_server(
+        tmp_path, sqlite_url, **engine_settings(scripted_model, standby_sandboxes=1)
+    )
+
+
+def wait_standby(server: Server, timeout: float = 60.0) -> None:
+    """Wait until a standby is ready and none is being prepared."""
+    runner = server.app_state.runner
+    assert runner is not None and runner.engine is not None
+    pool = runner.engine.standby
+    deadline = time.monotonic() + timeout
+    while len(pool) < 1 or pool.busy:
+        assert time.monotonic() < deadline, "no standby sandbox was prepared"
+        time.sleep(0.05)
+
+
+def turn_body(server: Server, turn_id: str) -> dict[str, Any]:
+    from openwham.store import models as m
+
+    with server.app_state.db.session() as s:
+        turn = s.get(m.Turn, turn_id)
+        assert turn is not None
+        return dict(turn.body)
+
+
+def took_standby(server: Server, turn_id: str) -> bool:
+    return bool(turn_body(server, turn_id)["run"]["standby"])
+
+
+def test_the_second_task_takes_a_standby_started_from_the_snapshot(
+    standby_cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    """Setup not run, the maintenance script run (with the secret) when the standby was
+    prepared, the marker and the maintenance script's file there, the agent started with the
+    variables and without the secret; reset-cache and a changed setup script then make the
+    next task run setup again, never taking the standby of the invalidated snapshot."""
+    server = standby_cache_server
+    api = server.api
+    scripted_model.script = [Shell(AGENT_LOOKS), Say("Seen.")]
+    env = api.create_env(
+        ignoring_repo,
+        setup=SETUP,
+        maintenance_setup=STANDBY_MAINTENANCE,
+        env_vars={"MY_VAR": "plain-value"},
+        secrets={"API_TOKEN": "s3cret-token-value"},
+    )
+    task1, turn1, _ = run_task(api, env["id"])
+    assert not took_standby(server, turn1)
+    (ran,) = [line for line in setup_lines(api, task1, turn1) if line.startswith("setup ran: ")]
+    marker = ran.removeprefix("setup ran: ")
+    (snap,) = snapshot_dirs(server)
+    wait_standby(server)
+    # the maintenance script ran in the standby, on its own upper directory
+    assert not (snap / "upper" / "node_modules" / "maintained").exists()
+
+    task2, turn2, second = run_task(api, env["id"])
+    assert took_standby(server, turn2)
+    lines = setup_lines(api, task2, turn2)
+    assert not any(line.startswith("setup ran") for line in lines), lines
+    assert lines[0].startswith("Resumed cached container from "), lines
+    assert "(setup script not run)" in lines[0]
+    assert any(line.endswith("when this sandbox was prepared in advance") for line in lines)
+    assert f"maintenance ran: {marker} home-state 18" in lines, lines
+    out = commands(second)[0][1]["content"]["parts"][0]
+    assert marker in out and "home-state" in out and "maintained" in out, out
+    assert "var=plain-value token=none" in out, out
+    body = turn_body(server, turn2)
+    assert body["setup_cache"]["used"] is True and body["setup_cache"]["maintenance"] is True
+    assert snapshot_dirs(server) == [snap]
+    assert not (snap / "upper" / "node_modules" / "maintained").exists()
+
+    wait_standby(server)  # the next one, from the same snapshot
+    r = api.post(f"environments/{env['id']}/reset-cache")
+    assert r.status_code in (200, 204), r.text
+    task3, turn3, third = run_task(api, env["id"])
+    assert not took_standby(server, turn3)
+    lines3 = setup_lines(api, task3, turn3)
+    assert any(line.startswith("setup ran: ") for line in lines3), lines3
+    assert not any(line.startswith("Resumed") for line in lines3), lines3
+    assert marker not in commands(third)[0][1]["content"]["parts"][0]  # setup's new marker
+
+    wait_standby(server)  # from the new snapshot
+    r = api.patch(f"environments/{env['id']}", json={"setup": [*SETUP, "echo changed"]})
+    assert r.status_code == 200, r.text
+    task4, turn4, _ = run_task(api, env["id"])
+    assert not took_standby(server, turn4)
+    lines4 = setup_lines(api, task4, turn4)
+    assert "changed" in lines4 and any(line.startswith("setup ran: ") for line in lines4)
+
+    wait_standby(server)
+    task5, turn5, _ = run_task(api, env["id"])
+    assert took_standby(server, turn5)
+    assert "changed" not in setup_lines(api, task5, turn5)
+
+
+@pytest.fixture
+def short_standby_cache_server(
+    tmp_path: Path, sqlite_url: str, scripted_model: Any
+) -> Iterator[Server]:
+    yield from make_server(
+        tmp_path,
+        sqlite_url,
+        **engine_settings(scripted_model, standby_sandboxes=1, setup_cache_max_age_seconds=6),
+    )
+
+
+def test_a_standby_is_not_served_once_its_snapshot_expired(
+    short_standby_cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    server = short_standby_cache_server
+    api = server.api
+    scripted_model.script = [Say("Hi.")]
+    env = api.create_env(ignoring_repo, setup=SETUP)
+    run_task(api, env["id"])
+    (old,) = snapshot_dirs(server)
+    wait_standby(server)
+    created = float((old / "ready").read_text().split('"created":')[1].split(",")[0])
+    time.sleep(max(0.0, created + 6.5 - time.time()))
+    task, turn, _ = run_task(api, env["id"])
+    assert not took_standby(server, turn)
+    assert any(line.startswith("setup ran: ") for line in setup_lines(api, task, turn))

@@ -200,15 +200,9 @@ class Engine:
                 if self.gateway is not None:  # its usage is recorded: nothing reads it again
                     self.gateway.revoke(turn_id)
                     self.gateway.forget(turn_id)
-                if (
-                    claim.repo_key
-                    and claim.repo_url
-                    and claim.branch
-                    and claim.plain
-                    and control.reason != "shutdown"
-                ):
+                if control.reason != "shutdown":
                     # the next task like this one starts warm, each of its attempts
-                    self.standby.refill(claim.key, claim.attempts)
+                    self.workspaces.refill(claim)
                 # keeps what follow-ups need, and stores it for the other nodes
                 storage.tidy(self.attempts_root, self.db, turn_id, self.artifacts)
 

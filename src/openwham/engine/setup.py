@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from openwham.gateway import forwarder_path
 from openwham.runtimes import codex
@@ -26,7 +26,36 @@ from openwham.sandbox.egress import EgressPolicy, EgressProxy
 from openwham.sandbox.provider import Sandbox, SandboxProvider
 from openwham.wire.common import naive_iso
 
-from .recorder import TurnRecorder
+
+class SetupLog(Protocol):
+    """Where a setup run's log and proxy events go: the attempt's ``TurnRecorder``, or
+    :class:`Collected` for a maintenance script run while a standby is prepared (no turn
+    yet; replayed on the attempt that takes it)."""
+
+    def set(self, **fields: Any) -> None: ...
+
+    def setup_log(self, key: dict[str, Any], lines: list[tuple[str, str]]) -> None: ...
+
+    def proxy_event(self, event: dict[str, Any]) -> None: ...
+
+
+class Collected:
+    """A :class:`SetupLog` that keeps the lines and proxy events (not redacted here: the
+    recorder they are replayed on redacts them)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+        self.events: list[dict[str, Any]] = []
+
+    def set(self, **fields: Any) -> None:
+        pass  # the log's key: the replay makes its own
+
+    def setup_log(self, key: dict[str, Any], lines: list[tuple[str, str]]) -> None:
+        self.lines.extend(lines)
+
+    def proxy_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
 
 SANDBOX_EGRESS_SOCKET = "/run/wham/egress.sock"
 PROXY_LISTEN = "127.0.0.1:3128"
@@ -85,7 +114,7 @@ def log_key(now: float | None = None) -> dict[str, Any]:
     }
 
 
-def note(rec: TurnRecorder, lines: tuple[str, ...]) -> dict[str, Any]:
+def note(rec: SetupLog, lines: tuple[str, ...]) -> dict[str, Any]:
     """Start the turn's setup log with the server's own ``lines``; returns its key."""
     key = log_key()
     rec.set(logs={"logs": [{"key": key, "value": f"file_{uuid.uuid4().hex}"}]})
@@ -127,7 +156,7 @@ def run(
     env: Mapping[str, str],
     egress: EgressProxy,
     limits: Limits,
-    rec: TurnRecorder,
+    rec: SetupLog,
     attach: Callable[[Sandbox | None], None],
     sandbox: SandboxProvider,
     disk: DiskBudget | None = None,

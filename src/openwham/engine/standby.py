@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from openwham.sandbox.provider import Sandbox
+from openwham.sandbox.snapshots import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,26 @@ class AgentKey:
     #: the agent's internet access, canonical JSON ("" when off): its egress policy and
     #: Codex's config are made with the sandbox, so a standby never runs under another
     network: str = ""
+    #: for an environment with a setup script: the post-setup snapshot key and the
+    #: maintenance script, hashed ("" without a setup script); such a standby is started from
+    #: that snapshot (``engine.workspace``), so a changed setup script, variables, secrets,
+    #: cache invalidation key or maintenance script makes another key
+    setup: str = ""
+
+
+@dataclass(frozen=True)
+class FromSnapshot:
+    """How a standby of an environment with a setup script was made: the snapshot it stacks,
+    what checking the branch head out on top said, and the maintenance script's run when
+    the standby was prepared (its log lines and proxy events, replayed on the attempt that
+    takes it; ``ran_at`` 0: there is no maintenance script)."""
+
+    snapshot: Snapshot
+    base: str
+    lines: tuple[str, ...] = ()
+    log: tuple[tuple[str, str], ...] = ()
+    events: tuple[dict[str, Any], ...] = ()
+    ran_at: float = 0.0
 
 
 @dataclass
@@ -62,6 +83,8 @@ class Prepared:
     network: Any = None
     #: a multi-repository workspace's repositories: key -> {dir, branch, sha} (in order)
     repos: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: a standby of an environment with a setup script: the snapshot it was started from
+    resumed: FromSnapshot | None = None
 
 
 class StandbyPool:

@@ -1,12 +1,15 @@
 """Where an attempt's workspace and started agent come from: a standby's, or made now.
 
 :class:`Workspaces` holds what that takes (mirrors, the attempts' root, the standby pool, the
-egress proxy for setup scripts, the :class:`AgentStarter`). A standby is taken only for a
-plain attempt (no starting diff, not a follow-up, no setup script, variables or secrets):
-its agent gets the prompt at once, while the mirror is fetched, with its output held back
-and its model requests waiting in the gateway until the fetch shows the standby's checkout
-is still the branch head; otherwise it is dropped and the attempt starts cold (clone at the
-branch, the follow-up's tree or the starting diff, the setup script, then the agent).
+egress proxy for setup scripts, the :class:`AgentStarter`). A standby is taken only for an
+attempt with no starting diff that is not a follow-up, and either plain (no setup script,
+variables or secrets) or of an environment with a setup script and a post-setup snapshot (the
+standby was started from that snapshot, its maintenance script run when it was prepared: see
+docs/ARCHITECTURE.md): its agent gets the prompt at once, while the mirror is fetched, with
+its output held back and its model requests waiting in the gateway until the fetch shows the
+standby's checkout is still the branch head; otherwise it is dropped and the attempt starts
+cold (clone at the branch, the follow-up's tree or the starting diff, the setup script or the
+snapshot and maintenance script, then the agent).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,9 +59,11 @@ from .agent import AgentRun, AgentStarter, OutputGate
 from .claim import Claim, Resume
 from .control import AttemptFailed, Control, attempt_limits, disk_budget, over_disk
 from .recorder import TurnRecorder
-from .standby import STANDBY_PREFIX, AgentKey, Prepared, StandbyPool
+from .standby import STANDBY_PREFIX, AgentKey, FromSnapshot, Prepared, StandbyPool
 
 STANDBY_READY_SECONDS = 30.0
+#: setup inputs of standby keys kept (the pool holds at most a few keys; older ones go)
+MAX_STANDBY_SETUPS = 64
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,19 @@ class Resumed:
 
     snapshot: Snapshot
     lines: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StandbySetup:
+    """What a standby of an environment with a setup script needs beyond its key: where its
+    snapshot is, the agent's variables, and the maintenance script with its variables and
+    secrets (never in a key: keys are hashed into the queue's offers, ``engine.queue``)."""
+
+    env_id: str
+    cache: str
+    env_vars: dict[str, str]
+    secrets: dict[str, str] = field(repr=False)
+    maintenance: str
 
 
 @dataclass
@@ -87,6 +107,9 @@ class Workspaces:
     #: post-setup snapshots (``None``: every attempt runs its setup script)
     snapshots: Snapshots | None = None
     standby: StandbyPool = field(init=False)
+    #: standby key -> its setup inputs, for keys with a setup script (``make_standby``)
+    _setups: OrderedDict[AgentKey, StandbySetup] = field(init=False, default_factory=OrderedDict)
+    _setups_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.standby = StandbyPool(
@@ -125,6 +148,8 @@ class Workspaces:
             self._abandon(prepared, control)
             prepared = None
         if prepared is not None:
+            if prepared.resumed is not None:
+                self._record_resumed(claim, rec, prepared.resumed)
             self.gateway.release(claim.turn_id)
             gate.open()
             self._refill(claim)
@@ -140,8 +165,45 @@ class Workspaces:
         the prompt, not when it ends: a task posted right after this one ends then finds one
         ready instead of waiting for a fill begun at that end (``StandbyPool.take`` waits for
         fills under way). The attempt's end refills too (no-op when enough are there)."""
-        if claim.repo_key and claim.repo_url and claim.branch and claim.plain:
-            self.standby.refill(claim.key, claim.attempts)
+        self.refill(claim)
+
+    def refill(self, claim: Claim) -> None:
+        """Prepare standbys for attempts like ``claim``'s in the background, when it has a
+        standby key (:meth:`standby_key`)."""
+        key = self.standby_key(claim)
+        if key is None:
+            return
+        if key.setup:
+            with self._setups_lock:
+                self._setups[key] = StandbySetup(
+                    env_id=claim.env_id,
+                    cache=self._snapshot_key(claim) or "",
+                    env_vars=dict(claim.env_vars),
+                    secrets=dict(claim.secrets),
+                    maintenance=claim.maintenance_script,
+                )
+                self._setups.move_to_end(key)
+                while len(self._setups) > MAX_STANDBY_SETUPS:
+                    self._setups.popitem(last=False)
+        self.standby.refill(key, claim.attempts)
+
+    def standby_key(self, claim: Claim) -> AgentKey | None:
+        """The standby key of attempts like ``claim``'s, or ``None`` when they take none: a
+        plain attempt's is ``claim.key``; an environment with a setup script has one when its
+        post-setup cache is used (:meth:`_snapshot_key`), and it adds that key and the
+        maintenance script, so a standby is never served after the snapshot it stacks was
+        invalidated (reset-cache, a changed setup script, variables, secrets or cache
+        invalidation key) nor with another maintenance script; the egress policy is
+        ``claim.key.network`` either way."""
+        if not (claim.repo_key and claim.repo_url and claim.branch):
+            return None
+        if claim.plain:
+            return claim.key
+        cache = self._snapshot_key(claim)
+        if cache is None:
+            return None
+        setup = cache_key({"snapshot": cache, "maintenance": claim.maintenance_script})
+        return dataclasses.replace(claim.key, setup=setup)
 
     def _abandon(self, standby: Prepared, control: Control) -> None:
         """Nothing of a standby's run that did not fit is kept."""
@@ -306,24 +368,10 @@ class Workspaces:
         snap = self.snapshots.find(claim.env_id, cache)
         if snap is None:
             return None
-        workspace, home = attempt_dir / "workspace", attempt_dir / "home"
-        lines: list[str] = []
         try:
-            overlay_workspace(
-                mirror, workspace, self.checkouts, snap.branch, snap.commit, claim.repo_url
+            lines = self._stack_snapshot(
+                snap, mirror, base, claim.branch, claim.repo_url, attempt_dir
             )
-            home.mkdir(mode=0o700)
-            self.snapshots.use(snap, workspace, home)
-            if (snap.commit, snap.branch) != (base, claim.branch):
-                head = branch_head(mirror, claim.branch)
-                lines = check_out(
-                    self.sandbox,
-                    workspace,
-                    start=snap.commit,
-                    commit=base,
-                    branch=claim.branch,
-                    origin=head,
-                )
         except (WorkspaceError, OSError, CheckoutFailed, overlay.OverlayUnavailable) as exc:
             log.warning("post-setup snapshot %s not used for %s: %s", snap.path, claim.turn_id, exc)
             self._forget(attempt_dir)
@@ -363,6 +411,29 @@ class Workspaces:
                 entry.unlink()
             else:
                 storage.remove_tree(entry)
+
+    def _stack_snapshot(
+        self, snap: Snapshot, mirror: Path, base: str, branch: str, url: str, directory: Path
+    ) -> list[str]:
+        """``directory``'s workspace (an overlay over the checkout ``snap`` was taken over,
+        ``snap`` stacked on it) and home (a copy of its home), with ``base`` on ``branch``
+        checked out on top when that is another commit or branch; returns what the checkout
+        said (for the setup log)."""
+        assert self.snapshots is not None and self.checkouts is not None
+        workspace, home = directory / "workspace", directory / "home"
+        overlay_workspace(mirror, workspace, self.checkouts, snap.branch, snap.commit, url)
+        home.mkdir(mode=0o700)
+        self.snapshots.use(snap, workspace, home)
+        if (snap.commit, snap.branch) == (base, branch):
+            return []
+        return check_out(
+            self.sandbox,
+            workspace,
+            start=snap.commit,
+            commit=base,
+            branch=branch,
+            origin=branch_head(mirror, branch),
+        )
 
     def _take_snapshot(
         self, claim: Claim, cache: str, rec: TurnRecorder, attempt_dir: Path, base: str
@@ -409,20 +480,7 @@ class Workspaces:
         """On a cache hit: say so (and which commit the snapshot was taken at, when the
         attempt checked out another), and run the maintenance script (like the setup script:
         network through the egress proxy, variables and secrets) if there is one."""
-        snap = hit.snapshot
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.created))
-        moved = f"commit {snap.commit[:7]}→{base[:7]}, " if snap.commit != base else ""
-        resumed = f"Resumed cached container from {when} ({moved}setup script not run)"
-        rec.status(resumed)
-        rec.set(
-            setup_cache={
-                "used": True,
-                "created": naive_iso(snap.created),
-                "commit": snap.commit,
-                "checked_out": base,
-                "maintenance": bool(claim.maintenance_script.strip()),
-            }
-        )
+        resumed = _resumed(rec, hit.snapshot, base, bool(claim.maintenance_script.strip()))
         preface = (resumed, *hit.lines)
         if not claim.maintenance_script.strip():
             setup_phase.note(rec, preface)
@@ -437,6 +495,29 @@ class Workspaces:
             preface=(*preface, "Running maintenance script"),
             what="maintenance script",
         )
+        rec.status("Ran maintenance script")
+
+    def _record_resumed(self, claim: Claim, rec: TurnRecorder, made: FromSnapshot) -> None:
+        """A standby from a snapshot was taken: the same status lines, setup log and
+        ``setup_cache`` as a cache hit started now, the maintenance script's output and
+        proxy events being those of its run when the standby was prepared (said so)."""
+        resumed = _resumed(rec, made.snapshot, made.base, bool(made.ran_at))
+        preface = (resumed, *made.lines)
+        if not made.ran_at:
+            setup_phase.note(rec, (*preface, "Started in a sandbox prepared in advance"))
+            return
+        when = time.strftime("%H:%M:%S UTC", time.gmtime(made.ran_at))
+        key = setup_phase.note(
+            rec,
+            (
+                *preface,
+                f"Ran maintenance script at {when}, when this sandbox was prepared in advance",
+            ),
+        )
+        if made.log:
+            rec.setup_log(key, list(made.log))
+        for event in made.events:
+            rec.proxy_event(event)
         rec.status("Ran maintenance script")
 
     def _setup(
@@ -487,10 +568,20 @@ class Workspaces:
         and held (the caller checks the branch head, then releases it). Not used with a
         starting diff: the agent reads the repository's config and AGENTS.md at start-up,
         before the patch could be applied."""
-        if claim.patch or claim.resume is not None or not claim.plain or self.gateway is None:
+        if claim.patch or claim.resume is not None or self.gateway is None:
             return None
-        prepared = self.standby.take(claim.key)
+        key = self.standby_key(claim)
+        if key is None:
+            return None
+        prepared = self.standby.take(key)
         if prepared is None:
+            return None
+        made = prepared.resumed
+        if made is not None and (
+            self.snapshots is None
+            or not self.snapshots.fresh(made.snapshot, claim.env_id, self._snapshot_key(claim))
+        ):  # expired or removed since (its key is the claim's: not invalidated otherwise)
+            self.drop_standby(prepared)
             return None
         if not self.gateway.reassign(prepared.owner, claim.turn_id, hold=True):
             self.drop_standby(prepared)
@@ -505,10 +596,27 @@ class Workspaces:
         directory.mkdir(mode=0o700)
         try:
             mirror = self.mirrors.ensure(key.repo_key, key.repo_url, fetch=False)
-            base = create_workspace(
-                mirror, directory / "workspace", key.branch, key.repo_url, checkouts=self.checkouts
+            made: FromSnapshot | None = None
+            env_vars: dict[str, str] | None = None
+            if key.setup:
+                with self._setups_lock:
+                    setup = self._setups.get(key)
+                if setup is None:
+                    raise RuntimeError("its setup inputs are no longer kept")
+                made = self._from_snapshot(key, setup, mirror, directory)
+                base, env_vars = made.base, setup.env_vars
+            else:
+                base = create_workspace(
+                    mirror,
+                    directory / "workspace",
+                    key.branch,
+                    key.repo_url,
+                    checkouts=self.checkouts,
+                )
+            prepared = self.agents.start(
+                key, directory, base, owner=directory.name, env_vars=env_vars
             )
-            prepared = self.agents.start(key, directory, base, owner=directory.name)
+            prepared.resumed = made
         except BaseException:
             storage.remove_tree(directory)
             raise
@@ -519,11 +627,76 @@ class Workspaces:
             raise RuntimeError(f"the standby sandbox did not start: {result.stderr[-500:]}")
         return prepared
 
+    def _from_snapshot(
+        self, key: AgentKey, setup: StandbySetup, mirror: Path, directory: Path
+    ) -> FromSnapshot:
+        """A standby's workspace and home from the environment's snapshot, at the branch head
+        of the mirror, with the maintenance script run on them (network, variables and
+        secrets, as on a cache hit). Run here, not when the standby is taken: the agent is
+        already started on the workspace then, and a second sandbox on a mounted overlay's
+        upper directory would leave two inconsistent views (docs/ARCHITECTURE.md)."""
+        snap = self.snapshots.find(setup.env_id, setup.cache) if self.snapshots else None
+        if snap is None:
+            raise RuntimeError("the environment has no post-setup snapshot")
+        base = branch_head(mirror, key.branch)
+        if base is None:
+            raise RuntimeError(f"the mirror has no branch {key.branch}")
+        lines = self._stack_snapshot(snap, mirror, base, key.branch, key.repo_url, directory)
+        if not setup.maintenance.strip():
+            return FromSnapshot(snap, base, tuple(lines))
+        collected = setup_phase.Collected()
+        ran_at = time.time()
+        result = setup_phase.run(
+            setup.maintenance,
+            workspace=directory / "workspace",
+            home=directory / "home",
+            env={**setup.env_vars, **setup.secrets},
+            egress=self.egress,
+            limits=dataclasses.replace(
+                attempt_limits(self.settings),
+                wall_clock_seconds=float(self.settings.setup_timeout_seconds),
+            ),
+            rec=collected,
+            attach=lambda _proc: None,
+            sandbox=self.sandbox,
+            disk=disk_budget(self.settings, directory),
+        )
+        if not result.ok:  # the attempt that finds no standby runs it again and says why
+            why = result.killed_reason or f"exit {result.exit_code}"
+            raise RuntimeError(f"the maintenance script failed ({why})")
+        return FromSnapshot(
+            snap,
+            base,
+            tuple(lines),
+            tuple(collected.lines),
+            tuple(collected.events),
+            ran_at,
+        )
+
     def drop_standby(self, prepared: Prepared) -> None:
         prepared.proc.kill("standby sandbox dropped")
         if self.gateway is not None:
             self.gateway.forget(prepared.owner)
         storage.remove_tree(prepared.dir)
+
+
+def _resumed(rec: TurnRecorder, snap: Snapshot, base: str, maintenance: bool) -> str:
+    """Say on ``rec`` that the attempt resumes ``snap`` at ``base`` (status line and
+    ``setup_cache``); returns the status line."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.created))
+    moved = f"commit {snap.commit[:7]}→{base[:7]}, " if snap.commit != base else ""
+    resumed = f"Resumed cached container from {when} ({moved}setup script not run)"
+    rec.status(resumed)
+    rec.set(
+        setup_cache={
+            "used": True,
+            "created": naive_iso(snap.created),
+            "commit": snap.commit,
+            "checked_out": base,
+            "maintenance": maintenance,
+        }
+    )
+    return resumed
 
 
 _SETTLE_LIMITS = Limits(wall_clock_seconds=60, max_processes=64, memory_bytes=1 << 30)

@@ -150,6 +150,23 @@ class Snapshots:
             os.utime(best.path / READY)
         return best
 
+    def fresh(self, snap: Snapshot, env: str, key: str | None) -> bool:
+        """Whether ``snap`` is still ``env``'s snapshot under ``key`` and not expired (a
+        standby started from it is served only then); its last use is set to now."""
+        ready = snap.path / READY
+        if (
+            key is None
+            or snap.path.parent != self.root / _env_dir(env)
+            or not snap.path.name.startswith(f"{key}.")
+            or time.time() - snap.created >= self.max_age
+        ):
+            return False
+        try:
+            os.utime(ready)
+        except FileNotFoundError:
+            return False
+        return True
+
     def take(
         self, env: str, key: str, workspace: Path, home: Path, *, commit: str, branch: str
     ) -> Snapshot:
