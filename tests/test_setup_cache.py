@@ -544,3 +544,51 @@ def test_a_standby_is_not_served_once_its_snapshot_expired(
     task, turn, _ = run_task(api, env["id"])
     assert not took_standby(server, turn)
     assert any(line.startswith("setup ran: ") for line in setup_lines(api, task, turn))
+
+
+# ------------------------------------------------------------------- clone workspaces
+
+
+@pytest.fixture
+def clone_cache_server(tmp_path: Path, sqlite_url: str, scripted_model: Any) -> Iterator[Server]:
+    yield from make_server(
+        tmp_path, sqlite_url, **engine_settings(scripted_model, workspace_overlay=False)
+    )
+
+
+def test_clone_workspaces_resume_a_copied_snapshot_at_a_moved_branch(
+    clone_cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    """Without overlay workspaces (WHAM_WORKSPACE_OVERLAY=false, a server that is not root)
+    the snapshot is a copy of the workspace, copied back per attempt."""
+    api = clone_cache_server.api
+    env = api.create_env(ignoring_repo, setup=SETUP, maintenance_setup=MAINTENANCE)
+    scripted_model.script = [Say("Hi.")]
+    old = head(ignoring_repo)
+    task1, turn1, first = run_task(api, env["id"])
+    (ran,) = [line for line in setup_lines(api, task1, turn1) if line.startswith("setup ran: ")]
+    marker = ran.removeprefix("setup ran: ")
+    assert first["setup_cache"]["saved"] is True
+    (snap,) = snapshot_dirs(clone_cache_server)
+    assert (snap / "tree" / "node_modules" / "marker").read_text() == marker
+    assert not (snap / "upper").exists()
+
+    new = commit(ignoring_repo, {"NEW.md": "from the new commit\n"}, "move the branch")
+    scripted_model.script = [
+        Shell(
+            "cat NEW.md node_modules/marker ~/.setup-home; git rev-parse HEAD; "
+            "git status --porcelain; echo status-end; echo agent > node_modules/marker"
+        ),
+        Say("Seen."),
+    ]
+    task2, turn2, second = run_task(api, env["id"])
+    lines = setup_lines(api, task2, turn2)
+    assert not any(line.startswith("setup ran") for line in lines), lines
+    assert f"(commit {old[:7]}→{new[:7]}, setup script not run)" in lines[0], lines
+    assert f"maintenance ran: {marker} home-state" in lines
+    out = commands(second)[0][1]["content"]["parts"][0]
+    assert f"from the new commit\n{marker}home-state\n{new}\nstatus-end" in out, out
+    assert diff_of(api.get(f"tasks/{task2}").json()) == ""
+    # the attempt wrote over its copy, not over the snapshot
+    assert (snap / "tree" / "node_modules" / "marker").read_text() == marker
+    assert snapshot_dirs(clone_cache_server) == [snap]

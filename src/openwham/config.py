@@ -50,8 +50,9 @@ class Settings(BaseSettings):
     # how many such checkouts are kept (least recently used beyond it, when idle, go).
     workspace_overlay: bool = True
     checkout_cache: int = 16
-    # Post-setup snapshots (DATA_DIR/setup-cache, needs overlay workspaces): how long one is
-    # used after it was taken, and the cache's total size (least recently used beyond it go).
+    # Post-setup snapshots (DATA_DIR/setup-cache; overlay layers, or copies of clone
+    # workspaces): how long one is used after it was taken, and the cache's total size
+    # (least recently used beyond it go).
     setup_cache_max_age_seconds: int = 43200
     setup_cache_max_mb: int = 20480
 

@@ -49,6 +49,7 @@ from openwham.sandbox.workspace import (
     create_repo_workspace,
     create_workspace,
     overlay_workspace,
+    share_objects,
     start_commit,
 )
 from openwham.wire.common import naive_iso
@@ -330,14 +331,12 @@ class Workspaces:
 
     def _snapshot_key(self, claim: Claim) -> str | None:
         """The post-setup cache key of this attempt (``sandbox.snapshots``), or ``None`` when
-        the cache is not used: off, no setup script, a deleted environment, several
-        repositories, or no overlay workspaces. No commit in it: an attempt at another commit
-        checks its own out on top of the snapshot (a branch that moved needs only its new
-        commits, not the setup script again)."""
+        the cache is not used: off, no setup script, a deleted environment or several
+        repositories. No commit in it: an attempt at another commit checks its own out on top
+        of the snapshot (a branch that moved needs only its new commits, not the setup script
+        again)."""
         if (
             self.snapshots is None
-            or self.checkouts is None
-            or not self.checkouts.enabled
             or not claim.setup_cache
             or not claim.env_id
             or not claim.setup_script.strip()
@@ -352,8 +351,14 @@ class Workspaces:
                 "secrets": claim.secrets,
                 "invalidation": claim.cache_invalidation_key,
                 "repository": claim.repo_key,
+                # an overlay layer and a copied workspace are used differently
+                "layout": "overlay" if self._overlays else "copy",
             }
         )
+
+    @property
+    def _overlays(self) -> bool:
+        return self.checkouts is not None and self.checkouts.enabled
 
     def _resume_snapshot(
         self, claim: Claim, cache: str | None, mirror: Path, base: str, attempt_dir: Path
@@ -363,7 +368,7 @@ class Workspaces:
         stacked on it, then ``base`` on the task's branch checked out on top when that is
         another commit or branch. ``None`` (and nothing left in ``attempt_dir``) when there is
         none or it cannot be used: the attempt then runs the setup script as without one."""
-        if cache is None or self.snapshots is None or self.checkouts is None:
+        if cache is None or self.snapshots is None:
             return None
         snap = self.snapshots.find(claim.env_id, cache)
         if snap is None:
@@ -416,14 +421,19 @@ class Workspaces:
         self, snap: Snapshot, mirror: Path, base: str, branch: str, url: str, directory: Path
     ) -> list[str]:
         """``directory``'s workspace (an overlay over the checkout ``snap`` was taken over,
-        ``snap`` stacked on it) and home (a copy of its home), with ``base`` on ``branch``
+        ``snap`` stacked on it; or a copy of a clone workspace's snapshot) and home (a copy of
+        its home), with ``base`` on ``branch``
         checked out on top when that is another commit or branch; returns what the checkout
         said (for the setup log)."""
-        assert self.snapshots is not None and self.checkouts is not None
+        assert self.snapshots is not None
         workspace, home = directory / "workspace", directory / "home"
-        overlay_workspace(mirror, workspace, self.checkouts, snap.branch, snap.commit, url)
         home.mkdir(mode=0o700)
-        self.snapshots.use(snap, workspace, home)
+        if self.checkouts is not None and self.checkouts.enabled:
+            overlay_workspace(mirror, workspace, self.checkouts, snap.branch, snap.commit, url)
+            self.snapshots.use(snap, workspace, home)
+        else:  # a clone workspace: the snapshot is a copy (Snapshots.take_copy)
+            share_objects(mirror, workspace)
+            self.snapshots.use_copy(snap, workspace, home)
         if (snap.commit, snap.branch) == (base, branch):
             return []
         return check_out(
@@ -442,8 +452,9 @@ class Workspaces:
         only costs the next attempt its setup again."""
         assert self.snapshots is not None
         started = time.monotonic()
+        take = self.snapshots.take if self._overlays else self.snapshots.take_copy
         try:
-            snap = self.snapshots.take(
+            snap = take(
                 claim.env_id,
                 cache,
                 attempt_dir / "workspace",
@@ -755,11 +766,11 @@ def shared_checkouts(settings: Settings, sandbox: SandboxProvider, root: Path) -
 def setup_snapshots(
     settings: Settings, checkouts: Checkouts | None, root: Path
 ) -> Snapshots | None:
-    """The post-setup snapshot cache, or ``None`` without overlay workspaces (a snapshot is
-    an overlay layer); crash leftovers and expired snapshots are removed now."""
+    """The post-setup snapshot cache (an overlay layer per snapshot with overlay workspaces,
+    else a copy of the workspace: ``checkouts`` is ``None``); crash leftovers and expired
+    snapshots are removed now."""
     if checkouts is None:
-        log.info("post-setup cache off: it needs overlay workspaces")
-        return None
+        log.info("post-setup cache: copies of clone workspaces (no overlay workspaces)")
     snapshots = Snapshots(
         root,
         max_age=float(settings.setup_cache_max_age_seconds),

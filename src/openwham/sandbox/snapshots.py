@@ -77,6 +77,11 @@ class Snapshot:
     def home(self) -> Path:
         return self.path / "home"
 
+    @property
+    def tree(self) -> Path:
+        """A copied workspace (:meth:`Snapshots.take_copy`), for clone workspaces."""
+        return self.path / "tree"
+
 
 def _read(ready: Path) -> Snapshot | None:
     try:
@@ -202,6 +207,42 @@ class Snapshots:
         overlay.stack(workspace, final / "upper")
         self.evict()
         return Snapshot(final, created, size, commit, branch)
+
+    def take_copy(
+        self, env: str, key: str, workspace: Path, home: Path, *, commit: str, branch: str
+    ) -> Snapshot:
+        """The snapshot of a clone workspace (no overlay: ``WHAM_WORKSPACE_OVERLAY=false`` or
+        a server that is not root): a copy of the whole workspace and of ``home``
+        (``cp -a --reflink=auto``: reflinks where the file system has them, else every byte;
+        a later attempt copies it back, :meth:`use_copy`). The attempt keeps its own."""
+        parent = self.root / _env_dir(env)
+        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir(mode=0o700)
+        try:
+            (tmp / overlay.LEASE).touch()
+            for name, src in (("tree", workspace), ("home", home)):
+                (tmp / name).mkdir(mode=0o700)
+                copy_tree(src, tmp / name)
+            size = _du(tmp)
+            created = time.time()
+            meta = {"created": created, "size": size, "commit": commit, "branch": branch}
+            (tmp / READY).write_text(json.dumps(meta))
+            final = parent / f"{key}.{uuid.uuid4().hex[:12]}"
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.evict()
+        return Snapshot(final, created, size, commit, branch)
+
+    def use_copy(self, snap: Snapshot, workspace: Path, home: Path) -> None:
+        """Start the clone workspace ``workspace`` (not there yet) and ``home`` (empty) as
+        copies of ``snap``'s; the caller makes the workspace's sibling object link."""
+        workspace.mkdir(mode=0o755)
+        copy_tree(snap.tree, workspace)
+        copy_tree(snap.home, home)
 
     def use(self, snap: Snapshot, workspace: Path, home: Path) -> None:
         """Start ``workspace`` (a fresh overlay, nothing written yet) and ``home`` (empty)

@@ -312,6 +312,13 @@ def overlay_workspace(
     overlay.make(tree, dest)
 
 
+def share_objects(mirror: Path, dest: Path) -> None:
+    """A clone workspace ``dest`` copied from elsewhere (a post-setup snapshot) borrows the
+    mirror's objects as a fresh clone does: through its sibling :data:`SHARED_OBJECTS`,
+    which its alternates name by a relative path."""
+    _share_objects(mirror, dest.parent)
+
+
 def start_commit(mirror: Path, branch: str, at: str | None, where: str) -> str:
     """The commit a workspace starts at: ``branch``'s head in the mirror, or ``at`` (a
     follow-up's original base) when given; :class:`WorkspaceError` naming ``where``."""
