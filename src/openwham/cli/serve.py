@@ -25,12 +25,13 @@ def serve(
     import uvicorn
 
     from openwham.server.app import create_app
-    from openwham.server.malloc import limit_arenas
+    from openwham.server.malloc import limit_arenas, start_trimming
     from openwham.service.keys import KeysMismatch
     from openwham.store.artifacts import ArtifactError
     from openwham.store.jobs import QueueConfigError
 
     limit_arenas()  # before any thread: many short-lived ones fragment per-thread arenas
+    start_trimming()  # freed memory between blocks in use back to the system, every 10 s
     settings = settings_for(data_dir)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations are routine on start
