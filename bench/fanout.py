@@ -262,9 +262,11 @@ def one(
     time.sleep(0.5)  # the probe's first requests see the connected, idle streams
     gate.arrived.wait(60)
     released = time.time()
+    cpu0, machine0 = process_cpu(server.process.pid), machine_cpu()
     gate.release.set()
     try:
         clients.wait(args.timeout)
+        cpu1, machine1 = process_cpu(server.process.pid), machine_cpu()
     finally:
         stop.write_text("stop")
         probe_out, _ = probe.communicate(timeout=60)
@@ -275,7 +277,27 @@ def one(
     result = json.loads(out.read_text())
     result["probe"] = json.loads(probe_out)
     result["released"] = released
+    window = time.time() - released
+    result["cpu"] = {
+        "window_s": window,
+        "server_s": cpu1 - cpu0,
+        "machine_busy_cores": (machine1[0] - machine0[0]) / window,
+    }
     return result
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[float, float]:
+    """CPU seconds every core spent busy and idle so far (``/proc/stat``)."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(values[:8]) - idle) / tick, idle / tick
 
 
 def report(n: int, r: dict[str, Any]) -> dict[str, Any]:
@@ -304,7 +326,14 @@ def report(n: int, r: dict[str, Any]) -> dict[str, Any]:
         f"{ev99 / TARGET_EVENT_P99_MS:.2f}; details p99 / target: {pr99:.1f} / "
         f"{TARGET_PROBE_P99_MS:.0f} ms = {pr99 / TARGET_PROBE_P99_MS:.2f}"
     )
+    cpu = r["cpu"]
+    print(
+        f"  from release to the last event ({cpu['window_s']:.1f} s): the server used "
+        f"{cpu['server_s']:.1f} s of CPU ({cpu['server_s'] / cpu['window_s']:.2f} cores); "
+        f"the machine's {os.cpu_count()} cores were busy {cpu['machine_busy_cores']:.2f} on average"
+    )
     return {
+        "cpu": cpu,
         "subscribers": n,
         "events": len(first),
         "complete": same and ordered,
