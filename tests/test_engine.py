@@ -905,3 +905,41 @@ def test_the_gateway_forgets_an_attempt_once_it_ended(
         time.sleep(0.02)  # the end of the attempt (its finally) has run
     with pytest.raises(KeyError):
         gateway.usage(turn_id)
+
+
+def test_an_attempt_whose_output_is_recorded_slowly_still_completes(
+    engine_server: Server,
+    scripted_model: ScriptedModel,
+    calc_repo: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 20 (32 tasks at once): under SQLite write contention a work-log write took
+    seconds, the reader of Codex's output waited in it, and the sandbox's result was taken
+    2 s after Codex exited with ``turn.completed`` still unread in the pipe: the attempt
+    failed with "The agent exited before finishing its turn". The engine now waits until
+    every line of the agent's output went through before it judges the outcome."""
+    from openwham.engine.recorder import TurnRecorder
+
+    record = TurnRecorder.message
+    stalled: list[float] = []
+
+    def slow_message(self: TurnRecorder, message: Any) -> None:
+        if message.author.role == "tool" and not stalled:  # the command's output
+            stalled.append(time.monotonic())
+            time.sleep(4.0)  # Codex answers, prints turn.completed and exits meanwhile
+        record(self, message)
+
+    monkeypatch.setattr(TurnRecorder, "message", slow_message)
+    scripted_model.script = [Shell("echo hi"), Say("Done.")]
+    api = engine_server.api
+    env = api.create_env(calc_repo)
+    created = api.create_task(env["id"], "Say hi")
+    turn = wait_for_task(api, created["task"]["id"])["current_assistant_turn"]
+    assert stalled, "the stall never happened"
+    assert turn["turn_status"] == "completed", turn["error"]
+    texts = [
+        "".join(p for p in msg["content"].get("parts") or [] if isinstance(p, str))
+        for msg in turn["worklog"]["messages"]
+    ]
+    assert "hi\n" in texts  # the stalled write itself was kept
+    assert turn["output_items"][0]["content"][0]["text"] == "Done."

@@ -57,6 +57,9 @@ FAILED = "Failed"
 CANCELLED = "Cancelled"
 STATUS_POLL_SECONDS = 1.0
 HEARTBEAT_POLL_SECONDS = 0.5
+#: how long an ended agent's last lines may take to be recorded before its outcome is judged
+#: (each waits in database writes; SQLite's busy timeout is 15 s)
+OUTPUT_DRAIN_SECONDS = 60.0
 CLOSED_MARKER = storage.CLOSED_MARKER
 
 
@@ -262,6 +265,8 @@ class Engine:
         proc.notify_on_exit(wake)
         try:
             result = self._wait(proc, rec, control, wake, ready)
+            if result is not None and not proc.drain(OUTPUT_DRAIN_SECONDS):
+                log.warning("attempt %s: the agent's output was still being read", claim.turn_id)
             if result is None and proc.check_disk():  # what it wrote since the last measure
                 result = proc.wait()
             disk_budget = proc.spec.disk

@@ -586,6 +586,8 @@ class SandboxProcess:
         self._disk_walked = 0.0  # when the last measure was
         self._disk_snap: disk.Signals | None = None  # the signs of growth then
         self._disk_bytes = spec.disk.start_bytes if spec.disk else 0  # what it found
+        self._readers: list[threading.Thread] = []  # stdout and stderr, once started
+        self._readers_started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sandbox", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -727,10 +729,12 @@ class SandboxProcess:
             threading.Thread(target=self._read, args=(stream, name), daemon=True)
             for stream, name in ((popen.stdout, "stdout"), (popen.stderr, "stderr"))
         ]
+        self._readers = list(readers)
         if self._stdin is not None or self._hold:
             readers.append(threading.Thread(target=self._feed, args=(popen.stdin,), daemon=True))
         for t in readers:
             t.start()
+        self._readers_started.set()
         self._deadline = self._t0 + lim.wall_clock_seconds
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
@@ -954,6 +958,19 @@ class SandboxProcess:
             self._deadline = self._t0 + self.spec.limits.wall_clock_seconds
             self._released.set()
         return True
+
+    def drain(self, timeout: float) -> bool:
+        """Once the run has ended: wait until every line it wrote went through ``on_output``
+        (the readers reached the end of both pipes and returned from the callback). The
+        result is taken at most 2 s after the end, which a callback that waits (a database
+        write under contention) can outlast, its pipe still holding the last lines. ``False``
+        if that takes longer than ``timeout``."""
+        deadline = time.monotonic() + timeout
+        if not self._readers_started.wait(timeout):
+            return False
+        for t in self._readers:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._readers)
 
     def check_disk(self) -> bool:
         """Check the disk budget now (the run's result is in, but its sandbox still closes
