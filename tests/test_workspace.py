@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,71 @@ def test_concurrent_ensure_clones_once(repo: Path, tmp_path: Path) -> None:
         t.join()
     assert errors == []
     assert sorted(os.listdir(tmp_path / "mirrors")) == ["k.git", "k.lock"]
+
+
+def test_attempts_asking_together_share_a_fetch_but_never_an_older_one(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20 (32 at once, best-of-N): every attempt fetched the mirror, one at a time
+    under its lock, so the last of 32 waited for 31 fetches. A fetch that began after a
+    call asked now serves it too; one that began before it asked never does (a commit
+    pushed meanwhile must be seen), nor one made with another credential."""
+    from openwham.gitauth import GitAuth
+    from openwham.locks import file_lock
+    from openwham.sandbox import workspace as ws_mod
+
+    mirrors = Mirrors(tmp_path / "mirrors")
+    mirrors.ensure("k", str(repo))
+    real_git = ws_mod.git
+    fetches: list[float] = []
+    fetching = threading.Event()
+
+    def slow_git(*args: str, **kwargs: object) -> str:
+        out = real_git(*args, **kwargs)  # type: ignore[arg-type]
+        if args[0] == "fetch":
+            fetches.append(time.monotonic())
+            fetching.set()
+            time.sleep(0.3)  # fetched, not yet released: callers pile up behind it
+        return out
+
+    monkeypatch.setattr(ws_mod, "git", slow_git)
+    threads = [threading.Thread(target=mirrors.ensure, args=("k", str(repo))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 1 <= len(fetches) <= 2  # was 8 in a row
+
+    # a commit pushed while a fetch is under way: a call made after it gets its own fetch
+    fetches.clear()
+    fetching.clear()
+    first = threading.Thread(target=mirrors.ensure, args=("k", str(repo)))
+    first.start()
+    assert fetching.wait(10)
+    (repo / "late.txt").write_text("late\n")
+    git("add", ".", cwd=repo)
+    git("commit", "-q", "-m", "late", cwd=repo)
+    head = git("rev-parse", "HEAD", cwd=repo).strip()
+    mirror = mirrors.ensure("k", str(repo))
+    first.join()
+    assert len(fetches) == 2
+    assert create_workspace(mirror, tmp_path / "ws", "main", str(repo)) == head
+
+    # another credential's fetch is not this call's (its access is checked by its own):
+    # both ask while the lock is held, so whichever fetches first began after the other asked
+    fetches.clear()
+    auth = GitAuth(url_prefix=str(repo), kind="https", username="u", secret="s")
+    with file_lock(tmp_path / "mirrors" / "k.lock"):
+        callers = [
+            threading.Thread(target=mirrors.ensure, args=("k", str(repo)), kwargs=kw)
+            for kw in ({"auth": auth}, {})
+        ]
+        for t in callers:
+            t.start()
+        time.sleep(0.3)
+    for t in callers:
+        t.join()
+    assert len(fetches) == 2
 
 
 def test_missing_branch_and_bad_url_are_clear(repo: Path, tmp_path: Path) -> None:

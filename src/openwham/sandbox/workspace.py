@@ -175,6 +175,10 @@ class Mirrors:
     def __init__(self, root: Path, policy: LocalRepoPolicy | None = None) -> None:
         self.root = root
         self.policy = policy or LocalRepoPolicy(data_dir=root)
+        # key -> when this process's last successful fetch (or clone) of it began, and with
+        # which credential: a caller that asked before then gets refs as new as its own
+        # fetch would have brought (read and written under the key's lock)
+        self._fetched: dict[str, tuple[float, GitAuth | None]] = {}
 
     def check(self, url: str) -> None:
         """Raise :class:`RepositoryRefused` when git must not open the local repository
@@ -197,9 +201,13 @@ class Mirrors:
         self, key: str, url: str, *, fetch: bool = True, auth: GitAuth | None = None
     ) -> Path:
         """Clone the mirror on first use, else fetch it (unless ``fetch`` is false), with
-        ``auth`` for that call only (never stored in the mirror's config)."""
+        ``auth`` for that call only (never stored in the mirror's config). Fetches are one at
+        a time per mirror; one that began after this call asked, with the same credential,
+        counts as this call's: N attempts claimed together (a burst, a best-of-N) wait for
+        one or two fetches, not N in a row."""
         mirror = self.path(key)
         self.check(url)
+        asked = time.monotonic()
         with _locked(self.root / f"{key}.lock"):
             if auth is not None:
                 (self.root / f"{key}.private").touch()
@@ -207,6 +215,9 @@ class Mirrors:
             for stale in self.root.glob(f".{key}.*"):
                 if "." not in stale.name[len(key) + 2 :]:  # mkdtemp's suffix, not "key.x"'s
                     shutil.rmtree(stale, ignore_errors=True)
+            began = time.monotonic()
+            last = self._fetched.get(key)
+            fresh = last is not None and last[0] >= asked and last[1] == auth
             if not (mirror / "HEAD").exists():
                 tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
                 try:
@@ -222,7 +233,8 @@ class Mirrors:
                     raise WorkspaceError(f"Cannot clone repository {url}: {exc}") from exc
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-            elif fetch:
+                self._fetched[key] = (began, auth)
+            elif fetch and not fresh:
                 try:
                     git(
                         "fetch", "--prune", "--quiet", "origin",
@@ -232,6 +244,7 @@ class Mirrors:
                     raise
                 except WorkspaceError as exc:
                     raise WorkspaceError(f"Cannot fetch repository {url}: {exc}") from exc
+                self._fetched[key] = (began, auth)
         return mirror
 
 
