@@ -124,19 +124,26 @@ class AgentRun:
             self.check_ready()
 
     def launch(self, prepared: Prepared, standby: bool, sink: OutputSink) -> bool:
-        """Give the prepared agent its prompt; False if its sandbox died meanwhile."""
+        """Give the prepared agent its prompt; False if its sandbox died meanwhile. The prompt
+        goes first and the attempt's start is recorded while the agent reads it (database
+        writes wait their turn when many attempts run: 0.35 s median, seconds at worst, at 32
+        at once); the agent's output waits behind a gate until then, so the work log keeps
+        its order."""
         self._launched[:] = [prepared.proc]
         if not self.claim.qa_mode:
             self.gateway.on_final_response(self.claim.turn_id, self.early_diff)
+        self.run["standby"] = standby  # for operators: did the attempt skip the start-up?
+        self.control.attach(prepared.proc)
+        gate = OutputGate(sink)
+        sent = prepared.proc.send(self.claim.prompt.encode("utf-8", "replace"), gate)
         if prepared.network is not None:  # its proxy events (a standby's held until now)
             prepared.network.attach(self.rec)
-        self.run["standby"] = standby  # for operators: did the attempt skip the start-up?
         if prepared.repos:  # each repository's base: the diffs, PR pushes and follow-ups'
             self.rec.set(repo_bases=prepared.repos)
         self.rec.set(base_commit_sha=prepared.base, run=self.run)
-        self.control.attach(prepared.proc)
         apply_updates(self.rec, self.translator.take_initial())
-        return prepared.proc.send(self.claim.prompt.encode("utf-8", "replace"), sink)
+        gate.open()
+        return sent
 
 
 @dataclass
