@@ -223,16 +223,6 @@ class Claims:
             body["run"] = run
             body["latest_event"] = latest_event(SETTING_UP)
             run_id = turnstate.new_run_id()
-            if not turnstate.claim(s, turn_id, body=body, run=run_id, now=now):
-                s.rollback()
-                return None
-            events.append(
-                s,
-                task.id,
-                turn_id,
-                events.TASK_TURN_EVENT,
-                events.status_payload(SETTING_UP, TurnStatus.IN_PROGRESS),
-            )
             prompt, patch = _inputs(user_turn)
             resume = (
                 _resume_point(s, user_turn.parent_id)
@@ -291,6 +281,18 @@ class Claims:
                 mcp_servers=mcp_config(env_body),
                 network=network_config(env_body),
                 run_id=run_id,
+            )
+            # the writes last: on SQLite the write lock is held from the first write to the
+            # commit, and attempts claimed together (a burst) queued behind each other's reads
+            if not turnstate.claim(s, turn_id, body=body, run=run_id, now=now):
+                s.rollback()
+                return None
+            events.append(
+                s,
+                task.id,
+                turn_id,
+                events.TASK_TURN_EVENT,
+                events.status_payload(SETTING_UP, TurnStatus.IN_PROGRESS),
             )
         self.bus.publish(turn_id)
         try:
