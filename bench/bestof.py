@@ -7,11 +7,14 @@ is timed from ``POST tasks`` until every attempt is terminal; between runs the s
 idle until the attempts' workspaces are gone and as many standbys as the task had attempts
 are prepared and settled (as a person's next task finds it). One warm-up of each kind first
 (mirror, standbys). Prints min / median / max of each and the ratio of the medians (target ≤ 1.5).
+With several ``--tree`` (each one's ``src`` on ``PYTHONPATH``), one server per tree, the runs
+interleaved between them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -23,8 +26,15 @@ from . import harness as h
 from .repo import generate
 
 
-def run_task(server: h.WhamServer, env_id: str, n: int, tag: str) -> float:
-    """POST a task of ``n`` attempts; seconds until all of them ended."""
+def run_task(
+    server: h.WhamServer, env_id: str, n: int, tag: str, cpu: list[float] | None = None
+) -> float:
+    """POST a task of ``n`` attempts; seconds until all of them ended. ``cpu`` gets the CPU
+    seconds the server and everything it ran and reaped used from the POST until the
+    attempts ended and standbys were prepared again (``harness.cpu_seconds``): the attempts'
+    sandboxes, each a standby prepared before, with its Codex start-up; the new standbys'
+    sandboxes are counted when they end, in a later run)."""
+    cpu0 = h.cpu_seconds(server.process.pid)
     body = {
         "new_task": {"environment_id": env_id},
         "input_items": [
@@ -56,6 +66,8 @@ def run_task(server: h.WhamServer, env_id: str, n: int, tag: str) -> float:
     for tid in [first["id"], *(t["id"] for t in turns)]:
         server.wait_cleanup(tid)
     wait_standbys(server, n)
+    if cpu is not None:
+        cpu.append(h.cpu_seconds(server.process.pid) - cpu0)
     return wall
 
 
@@ -86,42 +98,71 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--files", type=int, default=5000)
     ap.add_argument("--concurrency", type=int, default=4, help="WHAM_EXECUTOR_CONCURRENCY")
+    ap.add_argument(
+        "--tree",
+        action="append",
+        type=Path,
+        default=[],
+        help="source trees, one server each, runs interleaved (default: this tree)",
+    )
     args = ap.parse_args(argv)
+    trees = [t.resolve() for t in args.tree] or [h.ROOT]
 
     work = Path(tempfile.mkdtemp(prefix="wham-bench-bestof-", dir="/var/tmp"))
     model, _ = h.start_model()
     model.script = [h.Shell("echo hi"), h.Say("Hi.")]
-    server = None
+    servers: list[h.WhamServer] = []
     try:
         repo = generate(work / "repo", args.files)
-        server = h.WhamServer.start(
-            work / "data",
-            model.url,
-            log_path=work / "serve.log",
-            extra_env={"WHAM_EXECUTOR_CONCURRENCY": str(args.concurrency)},
-        )
-        env_id = server.create_env(repo)
-        run_task(server, env_id, 1, "warm-1")
-        run_task(server, env_id, 4, "warm-4")
-        single: list[float] = []
-        best: list[float] = []
+        envs: list[str] = []
+        for k, tree in enumerate(trees):
+            servers.append(
+                h.WhamServer.start(
+                    work / f"data-{k}",
+                    model.url,
+                    log_path=work / f"serve-{k}.log",
+                    extra_env={
+                        "WHAM_EXECUTOR_CONCURRENCY": str(args.concurrency),
+                        "PYTHONPATH": str(tree / "src"),
+                    },
+                )
+            )
+            envs.append(servers[-1].create_env(repo))
+        for server, env_id in zip(servers, envs, strict=True):
+            run_task(server, env_id, 1, "warm-1")
+            run_task(server, env_id, 4, "warm-4")
+        single: list[list[float]] = [[] for _ in trees]
+        best: list[list[float]] = [[] for _ in trees]
+        cpu1: list[list[float]] = [[] for _ in trees]
+        cpu4: list[list[float]] = [[] for _ in trees]
         for i in range(args.runs):
-            best.append(run_task(server, env_id, 4, f"4-{i}"))
-            single.append(run_task(server, env_id, 1, f"1-{i}"))
+            for k, (server, env_id) in enumerate(zip(servers, envs, strict=True)):
+                best[k].append(run_task(server, env_id, 4, f"4-{i}", cpu4[k]))
+                single[k].append(run_task(server, env_id, 1, f"1-{i}", cpu1[k]))
+                print(
+                    f"tree {k} run {i + 1}: single {single[k][-1]:.2f} s, "
+                    f"best-of-4 {best[k][-1]:.2f} s",
+                    file=sys.stderr,
+                )
+        for k, tree in enumerate(trees):
+            print(f"{tree}:")
+            for name, values in (("single attempt", single[k]), ("best-of-4", best[k])):
+                print(
+                    f"  {name:<16} s: min {min(values):.2f} median "
+                    f"{statistics.median(values):.2f} max {max(values):.2f}"
+                )
+            ratio = statistics.median(best[k]) / statistics.median(single[k])
+            print(f"  best-of-4 / single, medians: {ratio:.2f} (target <= 1.5)")
+            c1, c4 = statistics.median(cpu1[k]), statistics.median(cpu4[k])
+            cores = os.cpu_count() or 1
             print(
-                f"run {i + 1}: single {single[-1]:.2f} s, best-of-4 {best[-1]:.2f} s",
-                file=sys.stderr,
+                f"  CPU (server, sandboxes, refills), median: single {c1:.2f} s, best-of-4 "
+                f"{c4:.2f} s; best-of-4 floor on {cores} cores {c4 / cores:.2f} s "
+                f"= {c4 / cores / statistics.median(single[k]):.2f} x the single's wall"
             )
-        for name, values in (("single attempt", single), ("best-of-4", best)):
-            print(
-                f"{name:<16} s: min {min(values):.2f} median {statistics.median(values):.2f} "
-                f"max {max(values):.2f}"
-            )
-        ratio = statistics.median(best) / statistics.median(single)
-        print(f"best-of-4 / single, medians: {ratio:.2f} (target <= 1.5)")
         return 0
     finally:
-        if server is not None:
+        for server in servers:
             server.stop()
         model.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -1,68 +1,155 @@
 """``python -m bench.burst``: N tasks posted at once, wall time until all ended (issue 20).
 
-Two real ``wham serve`` processes (scripted model: one command, then an answer; a small
-generated repository) side by side, one per ``--concurrency`` value (``0`` = the default,
-the number of cores); rounds alternate between them so both see the same machine. A round
-posts ``--tasks`` tasks at once (one thread per POST) and times from the first POST until
-every task's attempt is terminal; the time from each POST to its first model request is the
-start latency. Prints min / median / max wall, tasks per minute and the start latency p50/max
-per server. Loopback only; bounded by ``--timeout`` per round.
+Real ``wham serve`` processes (scripted model: one command, then an answer; a small generated
+repository) side by side, one per ``--tree`` (its ``src`` on ``PYTHONPATH``; default: this
+tree) and ``--concurrency`` value (``0`` = the default, the number of cores); rounds alternate
+between them so all see the same machine. A round posts ``--tasks`` tasks at once (one thread
+per POST) and times from the first POST until every task's attempt is terminal (one
+``tasks/list`` every ``--poll`` seconds, so the bench's own requests cost the server little).
+
+Per server it prints min / median / max wall, tasks per minute, and where the time went:
+
+- CPU: seconds used by the server and everything it ran and reaped (sandboxes, Codex, git;
+  ``/proc/PID/stat`` utime + stime + cutime + cstime) and by this process (the scripted model
+  and the clients), per task, and ``floor`` = all of it ÷ the cores: no schedule of the round
+  on this machine can end sooner;
+- per attempt (medians over the round): posted → claimed (queue), claimed → the model's first
+  request (workspace, sandbox and Codex start), first → last model request (the agent's
+  loop), last request → terminal (diff, result, recording).
+
+Loopback only; bounded by ``--timeout`` per round.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import sqlite3
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 from . import harness as h
 from .repo import generate
+
+PHASES = ("queue", "start", "agent loop", "tail")
 
 
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@dataclass
+class Series:
+    name: str
+    server: h.WhamServer
+    env_id: str
+    walls: list[float] = field(default_factory=list)
+    cpu_server: list[float] = field(default_factory=list)
+    cpu_bench: list[float] = field(default_factory=list)
+    phases: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
+    bad: int = 0
+
+
 def run_round(
-    server: h.WhamServer, env_id: str, tasks: int, tag: str, timeout: float
-) -> tuple[float, list[str]]:
-    """Post ``tasks`` tasks at once; wall seconds until all ended and their statuses."""
-    t0 = time.perf_counter()
+    s: Series, clock: h.ModelClock, tasks: int, tag: str, timeout: float, poll: float
+) -> list[str]:
+    """Post ``tasks`` tasks at once (prompts marked ``bench-run-<tag><i>``); record the wall
+    until all ended, the CPU used meanwhile and the attempts' phases. Returns the statuses."""
+    server = s.server
+    server.client.close()  # fresh connections: an idle kept-alive one may be closing
+    server.client = httpx.Client(timeout=60, headers=server.client.headers)
+    marks = [f"{tag}{i:03d}" for i in range(tasks)]
+    cpu0, own0 = h.cpu_seconds(server.process.pid), own_cpu()
+    t0, wall0 = time.perf_counter(), time.time()
     with ThreadPoolExecutor(max_workers=tasks) as pool:
         created = list(
-            pool.map(
-                lambda i: server.create_task(env_id, f"bench-run-{tag}-{i}: say hi"),
-                range(tasks),
-            )
+            pool.map(lambda m: server.create_task(s.env_id, f"bench-run-{m}: say hi"), marks)
         )
-    pending = dict(created)
-    statuses: list[str] = []
+    pending = {task_id for task_id, _ in created}
+    statuses: dict[str, str] = {}
     deadline = time.monotonic() + timeout
     while pending:
-        for task_id in list(pending):
-            r = server.client.get(server.api(f"tasks/{task_id}"))
-            r.raise_for_status()
-            turn = r.json().get("current_assistant_turn") or {}
-            if turn.get("turn_status") in h.TERMINAL:
-                statuses.append(turn["turn_status"])
-                if turn["turn_status"] != "completed":
-                    log(f"  {task_id}: {turn['turn_status']} {turn.get('error')}")
-                del pending[task_id]
+        r = server.client.get(server.api("tasks/list"), params={"limit": 100})
+        r.raise_for_status()
+        for item in r.json()["items"]:
+            shown = (item.get("task_status_display") or {}).get("latest_turn_status_display")
+            status = (shown or {}).get("turn_status")
+            if item["id"] in pending and status in h.TERMINAL:
+                statuses[item["id"]] = status
+                pending.discard(item["id"])
+        if not pending:
+            break
         if time.monotonic() > deadline:
             raise RuntimeError(f"{len(pending)} tasks never ended")
-        time.sleep(0.05)
+        time.sleep(poll)
     wall = time.perf_counter() - t0
-    for _, turn_id in created:  # let each attempt's end run before the next round
+    for _, turn_id in created:  # the attempts' ends (workspace removal, standby refill) count
         ws = server.data_dir / "attempts" / turn_id / "workspace"
         while ws.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-    return wall, statuses
+    s.walls.append(wall)
+    s.cpu_server.append(h.cpu_seconds(server.process.pid) - cpu0)
+    s.cpu_bench.append(own_cpu() - own0)
+    for task_id, status in statuses.items():
+        if status != "completed":
+            s.bad += 1
+            r = server.client.get(server.api(f"tasks/{task_id}"))
+            log(f"  {task_id}: {status} {r.json()['current_assistant_turn'].get('error')}")
+    phases(s, clock, created, marks, wall0)
+    return list(statuses.values())
+
+
+def phases(
+    s: Series, clock: h.ModelClock, created: list[tuple[str, str]], marks: list[str], t0: float
+) -> None:
+    """Each attempt's phases from its row (claimed at ``run.started_at``, ended at the
+    terminal event) and the model's clock (wall-clock times, same host)."""
+    db = sqlite3.connect(f"file:{s.server.data_dir / 'openwham.db'}?mode=ro", uri=True)
+    try:
+        per: dict[str, list[float]] = {p: [] for p in PHASES}
+        for (_, turn_id), mark in zip(created, marks, strict=True):
+            row = db.execute("SELECT body FROM turns WHERE id = ?", (turn_id,)).fetchone()
+            end = db.execute(
+                "SELECT max(created_at) FROM turn_events WHERE turn_id = ?", (turn_id,)
+            ).fetchone()
+            arrivals = clock.arrivals_wall.get(mark) or []
+            if row is None or end is None or not arrivals:
+                continue
+            claimed = float((json.loads(row[0]).get("run") or {}).get("started_at") or 0)
+            if not claimed:
+                continue
+            per["queue"].append(claimed - t0)
+            per["start"].append(arrivals[0] - claimed)
+            per["agent loop"].append(arrivals[-1] - arrivals[0])
+            per["tail"].append(float(end[0]) - arrivals[-1])
+        for p in PHASES:
+            if per[p]:
+                s.phases[p].append(statistics.median(per[p]))
+    finally:
+        db.close()
+
+
+def fmt(values: list[float], unit: str = "s") -> str:
+    if not values:
+        return "-"
+    return (
+        f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
+        f"{' ' + unit if unit else ''}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3, help="rounds per server (3)")
     ap.add_argument("--files", type=int, default=50, help="files in the generated repository")
+    ap.add_argument("--tree", action="append", type=Path, default=[], help="source trees")
     ap.add_argument(
         "--concurrency",
         type=int,
@@ -78,58 +166,73 @@ def main(argv: list[str] | None = None) -> int:
         help="WHAM_EXECUTOR_CONCURRENCY per server (repeat; 0 = default; default: 0 and 32)",
     )
     ap.add_argument("--settle", type=float, default=3.0, help="idle seconds between rounds")
+    ap.add_argument("--poll", type=float, default=0.1, help="seconds between status polls")
     ap.add_argument("--timeout", type=float, default=300.0, help="bound per round (s)")
+    ap.add_argument("--keep", action="store_true", help="keep the data dirs and logs")
     args = ap.parse_args(argv)
     levels = args.concurrency or [0, 32]
+    trees = [t.resolve() for t in args.tree] or [h.ROOT]
 
     work = Path(tempfile.mkdtemp(prefix="wham-bench-burst-", dir="/var/tmp"))
-    model, _ = h.start_model()
+    model, clock = h.start_model()
     model.script = [h.Shell("echo hi"), h.Say("Hi.")]
-    servers: list[h.WhamServer] = []
-    lock = threading.Lock()
+    series: list[Series] = []
     try:
         repo = generate(work / "repo", args.files)
-        envs: list[str] = []
-        for c in levels:
-            extra = {"WHAM_EXECUTOR_CONCURRENCY": str(c)} if c else {}
-            with lock:
+        for t, tree in enumerate(trees):
+            for c in levels:
+                extra = {"PYTHONPATH": str(tree / "src")}
+                if c:
+                    extra["WHAM_EXECUTOR_CONCURRENCY"] = str(c)
+                name = f"{str(tree)[-24:]} c={c or 'default'}"
                 srv = h.WhamServer.start(
-                    work / f"data-{c}",
+                    work / f"data-{t}-{c}",
                     model.url,
-                    log_path=work / f"serve-{c}.log",
+                    log_path=work / f"serve-{t}-{c}.log",
                     extra_env=extra,
                 )
-            servers.append(srv)
-            envs.append(srv.create_env(repo))
-        for srv, env_id, c in zip(servers, envs, levels, strict=True):
-            run_round(srv, env_id, 2, f"warm{c}", args.timeout)  # mirror, standbys, imports
-        walls: dict[int, list[float]] = {c: [] for c in levels}
-        bad: dict[int, int] = {c: 0 for c in levels}
+                series.append(Series(name, srv, srv.create_env(repo)))
+        for k, s in enumerate(series):  # mirror, checkout, standbys, imports
+            run_round(s, clock, 2, f"9{k:02d}", args.timeout, args.poll)
+            s.walls.clear(), s.cpu_server.clear(), s.cpu_bench.clear()
+            s.phases = {p: [] for p in PHASES}
         for n in range(args.runs):
-            for srv, env_id, c in zip(servers, envs, levels, strict=True):
+            for k, s in enumerate(series):
                 time.sleep(args.settle)
-                wall, statuses = run_round(srv, env_id, args.tasks, f"{c}-{n}", args.timeout)
-                walls[c].append(wall)
-                bad[c] += sum(1 for s in statuses if s != "completed")
-                log(f"concurrency {c or 'default'} round {n + 1}: {wall:.1f} s")
-        print(f"{args.tasks} tasks at once, wall until every attempt ended (s):")
-        for c in levels:
-            w = walls[c]
-            med = statistics.median(w)
+                run_round(s, clock, args.tasks, f"{n + 1}{k:02d}", args.timeout, args.poll)
+                log(
+                    f"{s.name} round {n + 1}: {s.walls[-1]:.1f} s, CPU server "
+                    f"{s.cpu_server[-1]:.1f} s + bench {s.cpu_bench[-1]:.1f} s"
+                )
+        cores = os.cpu_count() or 1
+        print(f"{args.tasks} tasks at once; min / median / max over {args.runs} rounds:")
+        for s in series:
+            med = statistics.median(s.walls)
+            total = [a + b for a, b in zip(s.cpu_server, s.cpu_bench, strict=True)]
+            print(f"  {s.name}")
             print(
-                f"  concurrency {c or 'default (cores)':>16}: min {min(w):6.1f} "
-                f"median {med:6.1f} max {max(w):6.1f}  "
-                f"{args.tasks * 60 / med:6.1f} tasks/min  not completed: {bad[c]}"
+                f"    wall {fmt(s.walls)}  ({args.tasks * 60 / med:.1f} tasks/min)"
+                f"  not completed: {s.bad}"
             )
-        if len(levels) == 2:
-            a, b = (statistics.median(walls[c]) for c in levels)
-            print(f"  ratio of medians {levels[1]} / {levels[0] or 'default'}: {b / a:.2f}")
+            print(
+                f"    CPU server+sandboxes {fmt(s.cpu_server)}, bench (model, clients) "
+                f"{fmt(s.cpu_bench)}; per task {statistics.median(s.cpu_server) / args.tasks:.3f}"
+                f" + {statistics.median(s.cpu_bench) / args.tasks:.3f} s;"
+                f" floor (all CPU / {cores} cores) {fmt([x / cores for x in total])}"
+            )
+            print(
+                "    per attempt, median of each round: "
+                + "; ".join(f"{p} {fmt(s.phases[p])}" for p in PHASES)
+            )
         return 0
     finally:
-        for srv in servers:
-            srv.stop()
+        for s in series:
+            s.server.stop()
         model.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

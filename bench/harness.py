@@ -233,7 +233,12 @@ class WhamServer:
                 }
             ],
         }
-        r = self.client.post(self.api("tasks"), json=body)
+        deadline = time.monotonic() + 60
+        while True:  # a 503 (the admission gate) created nothing: ask again when told
+            r = self.client.post(self.api("tasks"), json=body)
+            if r.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(float(r.headers.get("retry-after") or 1))
         if r.status_code != 200:
             raise RuntimeError(f"POST tasks: {r.status_code} {r.text}")
         data = r.json()
@@ -282,7 +287,12 @@ class WhamServer:
                 time.sleep(0.02)
 
     def _standby_settled(self) -> bool:
-        """The engine rewrote a standby's index after its checkout (1 s after the clone)."""
+        """The engine rewrote a standby's index after its checkout (1 s after the clone), or
+        the standby is an overlay (its index is the shared checkout's, settled once per
+        commit; its workspace shows nothing on the host, where it is not mounted)."""
+        for standby in (self.data_dir / "attempts").glob(".standby-*"):
+            if (standby / "overlay-lower").is_symlink():
+                return True
         for git_dir in (self.data_dir / "attempts").glob(".standby-*/workspace/.git"):
             try:
                 if (git_dir / "index").stat().st_mtime - (git_dir / "HEAD").stat().st_mtime > 1:
@@ -290,6 +300,13 @@ class WhamServer:
             except OSError:
                 continue
         return False
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU of ``pid`` and of the children it reaped (they include theirs: a server's
+    sandboxes, Codex, git), in seconds (``/proc/PID/stat`` utime + stime + cutime + cstime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def standby_waiting() -> bool:
