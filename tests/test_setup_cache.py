@@ -592,3 +592,60 @@ def test_clone_workspaces_resume_a_copied_snapshot_at_a_moved_branch(
     # the attempt wrote over its copy, not over the snapshot
     assert (snap / "tree" / "node_modules" / "marker").read_text() == marker
     assert snapshot_dirs(clone_cache_server) == [snap]
+
+
+def test_a_task_on_another_branch_resumes_the_snapshot_on_that_branch(
+    cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    """The key holds no branch either: a task on another branch of the repository resumes
+    the snapshot taken on main, checked out on its own branch, with its upstream."""
+    api = cache_server.api
+    env = api.create_env(ignoring_repo, setup=SETUP)
+    scripted_model.script = [Say("Hi.")]
+    run_task(api, env["id"])
+    (snap,) = snapshot_dirs(cache_server)
+    subprocess.run(["git", "checkout", "-qb", "topic"], cwd=ignoring_repo, check=True)
+    topic = commit(ignoring_repo, {"TOPIC.md": "on topic\n"}, "topic work")
+    subprocess.run(["git", "checkout", "-q", "main"], cwd=ignoring_repo, check=True)
+
+    scripted_model.script = [
+        Shell(
+            "cat TOPIC.md node_modules/marker; echo; git rev-parse --abbrev-ref HEAD "
+            "'@{upstream}'; git rev-parse HEAD origin/topic; git status --porcelain; echo end"
+        ),
+        Say("Seen."),
+    ]
+    created = api.create_task(env["id"], "Look", new_task={"branch": "topic"})
+    task = created["task"]["id"]
+    turn = wait_for_task(api, task)["current_assistant_turn"]
+    assert turn["turn_status"] == "completed", turn["error"]
+    lines = setup_lines(api, task, created["turn"]["id"])
+    assert lines[0].startswith("Resumed cached container from "), lines
+    assert not any(line.startswith("setup ran") for line in lines), lines
+    out = commands(turn)[0][1]["content"]["parts"][0]
+    marker = (snap / "upper" / "node_modules" / "marker").read_text()
+    assert f"on topic\n{marker}\ntopic\norigin/topic\n{topic}\n{topic}\nend" in out, out
+    assert turn["base_commit_sha"] == topic
+    assert diff_of(api.get(f"tasks/{task}").json()) == ""
+    assert snapshot_dirs(cache_server) == [snap]
+
+
+def test_a_follow_up_whose_change_does_not_fit_the_snapshot_runs_setup_instead(
+    cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    """The first attempt un-ignored node_modules/, so its change adds the file the snapshot
+    holds as ignored: over the snapshot it does not apply, and the follow-up starts as without
+    a cache (the change on a fresh checkout, then the setup script) instead of failing."""
+    api = cache_server.api
+    env = api.create_env(ignoring_repo, setup=SETUP)
+    scripted_model.script = [Shell(": > .gitignore"), Say("Un-ignored.")]
+    task, turn1, first = run_task(api, env["id"])
+    assert first["setup_cache"]["saved"] is True
+    scripted_model.script = [Say("(not reached)"), Shell("cat node_modules/marker"), Say("Ok.")]
+    turn2 = api.follow_up(task, turn1, "Again.")["turn"]["id"]
+    second = wait_for_task(api, task)["current_assistant_turn"]
+    assert second["id"] == turn2 and second["turn_status"] == "completed", second["error"]
+    lines = setup_lines(api, task, turn2)
+    assert any(line.startswith("setup ran: ") for line in lines), lines
+    assert not any(line.startswith("Resumed") for line in lines), lines
+    assert second["setup_cache"] == {**second["setup_cache"], "used": False, "saved": False}
