@@ -149,9 +149,10 @@ class Workspaces:
             self._abandon(prepared, control)
             prepared = None
         if prepared is not None:
-            if prepared.resumed is not None:
-                self._record_resumed(claim, rec, prepared.resumed)
             self.gateway.release(claim.turn_id)
+            if prepared.resumed is not None:  # while the model request is under way; the
+                # agent's output stays held until then, so the setup log still comes first
+                self._record_resumed(claim, rec, prepared.resumed)
             gate.open()
             self._refill(claim)
             return prepared
@@ -467,7 +468,7 @@ class Workspaces:
             rec.set(setup_cache={"used": False, "saved": False})
             return
         took = time.monotonic() - started
-        log.info("post-setup snapshot %s: %d bytes in %.2f s", snap.path, snap.size, took)
+        log.info("post-setup snapshot %s: %d bytes in %.4f s", snap.path, snap.size, took)
         rec.set(
             setup_cache={
                 "used": False,
