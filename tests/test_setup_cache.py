@@ -649,3 +649,34 @@ def test_a_follow_up_whose_change_does_not_fit_the_snapshot_runs_setup_instead(
     assert any(line.startswith("setup ran: ") for line in lines), lines
     assert not any(line.startswith("Resumed") for line in lines), lines
     assert second["setup_cache"] == {**second["setup_cache"], "used": False, "saved": False}
+
+
+@pytest.fixture
+def clone_standby_server(tmp_path: Path, sqlite_url: str, scripted_model: Any) -> Iterator[Server]:
+    yield from make_server(
+        tmp_path,
+        sqlite_url,
+        **engine_settings(scripted_model, workspace_overlay=False, standby_sandboxes=1),
+    )
+
+
+def test_clone_workspaces_get_standbys_from_the_copied_snapshot(
+    clone_standby_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    server = clone_standby_server
+    api = server.api
+    env = api.create_env(ignoring_repo, setup=SETUP, maintenance_setup=MAINTENANCE)
+    scripted_model.script = [Say("Hi.")]
+    task1, turn1, _ = run_task(api, env["id"])
+    (ran,) = [line for line in setup_lines(api, task1, turn1) if line.startswith("setup ran: ")]
+    marker = ran.removeprefix("setup ran: ")
+    (snap,) = snapshot_dirs(server)
+    wait_standby(server)
+    scripted_model.script = [Shell("cat node_modules/marker ~/.setup-home"), Say("Seen.")]
+    task2, turn2, second = run_task(api, env["id"])
+    assert took_standby(server, turn2)
+    lines = setup_lines(api, task2, turn2)
+    assert lines[0].startswith("Resumed cached container from "), lines
+    assert f"maintenance ran: {marker} home-state" in lines, lines
+    assert f"{marker}home-state" in commands(second)[0][1]["content"]["parts"][0]
+    assert snapshot_dirs(server) == [snap] and (snap / "tree").is_dir()
