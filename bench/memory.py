@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, label in STATS:
             if k in every[0]:
                 print(f"  {label:>14}: {' '.join(f'{x[k] / 2**20:.2f}' for x in every)}")
+        print(f"  Python objects: {' '.join(str(x['python_objects']) for x in every)}")
         if first is not None:
             last = snaps_taken[-1]
             print(f"top {args.top} allocation sites by growth (tracemalloc):")
