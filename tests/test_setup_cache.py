@@ -680,3 +680,45 @@ def test_clone_workspaces_get_standbys_from_the_copied_snapshot(
     assert f"maintenance ran: {marker} home-state" in lines, lines
     assert f"{marker}home-state" in commands(second)[0][1]["content"]["parts"][0]
     assert snapshot_dirs(server) == [snap] and (snap / "tree").is_dir()
+
+
+def test_reset_cache_removes_the_old_snapshot_at_once_unless_a_sandbox_holds_it(
+    standby_cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    """The environment's standby started from the snapshot is dropped and the snapshot
+    removed by the reset itself; a snapshot an attempt's agent runs on stays (and the
+    attempt completes on it)."""
+    server = standby_cache_server
+    api = server.api
+    scripted_model.script = [Say("Hi.")]
+    env = api.create_env(ignoring_repo, setup=SETUP)
+    _, turn1, _ = run_task(api, env["id"])
+    (snap,) = snapshot_dirs(server)
+    runner = server.app_state.runner
+    assert runner is not None and runner.engine is not None
+    workspace = runner.engine.attempts_root / turn1 / "workspace"
+    deadline = time.monotonic() + 30
+    while workspace.exists():  # the attempt's sandbox is gone (it held the lease until then)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    wait_standby(server)  # holds the snapshot's lease
+    r = api.post(f"environments/{env['id']}/reset-cache")
+    assert r.status_code in (200, 204), r.text
+    assert not snap.exists() and snapshot_dirs(server) == []
+    assert len(runner.engine.standby) == 0
+
+    scripted_model.script = [Shell("sleep 5; cat node_modules/marker"), Say("Seen.")]
+    created = api.create_task(env["id"], "Look")
+    deadline = time.monotonic() + 60
+    while not snapshot_dirs(server):  # setup done, the snapshot taken, the agent starting
+        assert time.monotonic() < deadline, "no snapshot was taken"
+        time.sleep(0.05)
+    (held,) = snapshot_dirs(server)
+    time.sleep(1.5)
+    r = api.post(f"environments/{env['id']}/reset-cache")
+    assert r.status_code in (200, 204), r.text
+    assert held.exists()
+    turn = wait_for_task(api, created["task"]["id"])["current_assistant_turn"]
+    assert turn["turn_status"] == "completed", turn["error"]
+    marker = (held / "upper" / "node_modules" / "marker").read_text()
+    assert marker in commands(turn)[0][1]["content"]["parts"][0]

@@ -34,6 +34,11 @@ class ExecutorHandle(Protocol):
 
     def cancel(self, turn_ids: Iterable[str]) -> None: ...
 
+    def reset_setup_cache(self, env_id: str) -> None:
+        """After an environment's reset-cache committed: what this node keeps of its
+        post-setup cache that nothing holds goes now."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Deps:

@@ -133,6 +133,13 @@ class Runner:
         if self.executor is not None:
             self.executor.submit(turn_ids)
 
+    def reset_setup_cache(self, env_id: str) -> None:
+        """After an environment's reset-cache committed: its standbys started from a snapshot
+        and its snapshots that no sandbox or attempt holds go now (this node's; another
+        node's go at its next attempt of the environment or on expiry)."""
+        if self.engine is not None:
+            self.engine.workspaces.reset_cache(env_id)
+
     def cancel(self, turn_ids: Iterable[str]) -> None:
         """After a cancel committed: stop the sandboxes here, and under the queue executor
         ask whichever worker runs each attempt to abort it (procrastinate's job abort)."""

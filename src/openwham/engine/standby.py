@@ -177,6 +177,14 @@ class StandbyPool:
         for prepared in ready:
             self._drop(prepared)
 
+    def discard(self, match: Callable[[AgentKey], bool]) -> int:
+        """Drop the ready standbys whose key ``match`` es, now; returns how many."""
+        with self._lock:
+            dropped = [p for key in list(self._ready) if match(key) for p in self._ready.pop(key)]
+        for prepared in dropped:
+            self._drop(prepared)
+        return len(dropped)
+
     def ready(self) -> dict[AgentKey, int]:
         """How many standbys are ready per key (what the queue executor offers others)."""
         with self._lock:

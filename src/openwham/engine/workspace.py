@@ -219,6 +219,18 @@ class Workspaces:
         task's base; else the starting diff), run the setup script, start the agent. With a
         post-setup snapshot of the environment: start from it (checking the attempt's commit
         out on top when it was taken at another) and run the maintenance script instead."""
+        with contextlib.ExitStack() as held:  # leases of the snapshot used, until the agent's
+            return self._prepare_cold(claim, rec, mirror, attempt_dir, control, held)
+
+    def _prepare_cold(
+        self,
+        claim: Claim,
+        rec: TurnRecorder,
+        mirror: Path,
+        attempt_dir: Path,
+        control: Control,
+        held: contextlib.ExitStack,
+    ) -> Prepared:
         assert self.agents is not None
         attempt_dir.mkdir(parents=True, mode=0o700)
         workspace = attempt_dir / "workspace"
@@ -233,7 +245,7 @@ class Workspaces:
             else:
                 at = resume.base if resume is not None else None  # the task's base
                 base = start_commit(mirror, claim.branch, at, "the repository")
-                hit = self._resume_snapshot(claim, cache, mirror, base, attempt_dir)
+                hit = self._resume_snapshot(claim, cache, mirror, base, attempt_dir, held)
                 if hit is None:
                     create_workspace(
                         mirror,
@@ -282,7 +294,7 @@ class Workspaces:
             self._setup(claim, rec, attempt_dir, control, budget)
             # only what the setup script wrote: no starting diff or previous change in it
             if cache is not None and not claim.patch and not (resume and resume.tree):
-                self._take_snapshot(claim, cache, rec, attempt_dir, base)
+                self._take_snapshot(claim, cache, rec, attempt_dir, base, held)
             elif cache is not None:
                 rec.set(setup_cache={"used": False, "saved": False})
         return self.agents.start(
@@ -362,7 +374,13 @@ class Workspaces:
         return self.checkouts is not None and self.checkouts.enabled
 
     def _resume_snapshot(
-        self, claim: Claim, cache: str | None, mirror: Path, base: str, attempt_dir: Path
+        self,
+        claim: Claim,
+        cache: str | None,
+        mirror: Path,
+        base: str,
+        attempt_dir: Path,
+        held: contextlib.ExitStack,
     ) -> Resumed | None:
         """The workspace and home of ``attempt_dir`` made from the environment's snapshot
         when one fits ``cache``: an overlay over the checkout it was taken over, the snapshot
@@ -372,8 +390,10 @@ class Workspaces:
         if cache is None or self.snapshots is None:
             return None
         snap = self.snapshots.find(claim.env_id, cache)
-        if snap is None:
+        lease = self.snapshots.hold(snap) if snap is not None else None
+        if snap is None or lease is None:
             return None
+        held.callback(lease.close)  # a reset-cache does not remove it under the attempt
         try:
             lines = self._stack_snapshot(
                 snap, mirror, base, claim.branch, claim.repo_url, attempt_dir
@@ -447,7 +467,13 @@ class Workspaces:
         )
 
     def _take_snapshot(
-        self, claim: Claim, cache: str, rec: TurnRecorder, attempt_dir: Path, base: str
+        self,
+        claim: Claim,
+        cache: str,
+        rec: TurnRecorder,
+        attempt_dir: Path,
+        base: str,
+        held: contextlib.ExitStack,
     ) -> None:
         """Keep what the setup script left for the environment's next attempts; a failure
         only costs the next attempt its setup again."""
@@ -468,6 +494,9 @@ class Workspaces:
             rec.set(setup_cache={"used": False, "saved": False})
             return
         took = time.monotonic() - started
+        lease = self.snapshots.hold(snap)  # the attempt's workspace stacks it from now on
+        if lease is not None:
+            held.callback(lease.close)
         log.info("post-setup snapshot %s: %d bytes in %.4f s", snap.path, snap.size, took)
         rec.set(
             setup_cache={
@@ -606,6 +635,11 @@ class Workspaces:
         assert self.agents is not None
         directory = self.attempts_root / f"{STANDBY_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         directory.mkdir(mode=0o700)
+        with contextlib.ExitStack() as held:  # the snapshot's lease until the agent has its own
+            return self._make_standby(key, directory, held)
+
+    def _make_standby(self, key: AgentKey, directory: Path, held: contextlib.ExitStack) -> Prepared:
+        assert self.agents is not None
         try:
             mirror = self.mirrors.ensure(key.repo_key, key.repo_url, fetch=False)
             made: FromSnapshot | None = None
@@ -615,7 +649,7 @@ class Workspaces:
                     setup = self._setups.get(key)
                 if setup is None:
                     raise RuntimeError("its setup inputs are no longer kept")
-                made = self._from_snapshot(key, setup, mirror, directory)
+                made = self._from_snapshot(key, setup, mirror, directory, held)
                 base, env_vars = made.base, setup.env_vars
             else:
                 base = create_workspace(
@@ -640,7 +674,12 @@ class Workspaces:
         return prepared
 
     def _from_snapshot(
-        self, key: AgentKey, setup: StandbySetup, mirror: Path, directory: Path
+        self,
+        key: AgentKey,
+        setup: StandbySetup,
+        mirror: Path,
+        directory: Path,
+        held: contextlib.ExitStack,
     ) -> FromSnapshot:
         """A standby's workspace and home from the environment's snapshot, at the branch head
         of the mirror, with the maintenance script run on them (network, variables and
@@ -648,8 +687,10 @@ class Workspaces:
         already started on the workspace then, and a second sandbox on a mounted overlay's
         upper directory would leave two inconsistent views (docs/ARCHITECTURE.md)."""
         snap = self.snapshots.find(setup.env_id, setup.cache) if self.snapshots else None
-        if snap is None:
+        lease = self.snapshots.hold(snap) if self.snapshots and snap else None
+        if snap is None or lease is None:
             raise RuntimeError("the environment has no post-setup snapshot")
+        held.callback(lease.close)
         base = branch_head(mirror, key.branch)
         if base is None:
             raise RuntimeError(f"the mirror has no branch {key.branch}")
@@ -684,6 +725,16 @@ class Workspaces:
             tuple(collected.events),
             ran_at,
         )
+
+    def reset_cache(self, env_id: str) -> list[Path]:
+        """After ``POST environments/{id}/reset-cache``: drop the environment's standbys
+        started from a snapshot, then remove its snapshots that no sandbox, attempt or
+        standby being prepared holds (those go at a later attempt or on expiry); returns
+        what went."""
+        with self._setups_lock:
+            keys = {key for key, setup in self._setups.items() if setup.env_id == env_id}
+        self.standby.discard(lambda key: key in keys)
+        return self.snapshots.clear(env_id) if self.snapshots is not None else []
 
     def drop_standby(self, prepared: Prepared) -> None:
         prepared.proc.kill("standby sandbox dropped")

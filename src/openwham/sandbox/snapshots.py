@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from . import overlay
 from .bwrap import Limits, SandboxSpec
@@ -171,6 +172,24 @@ class Snapshots:
         except FileNotFoundError:
             return False
         return True
+
+    def hold(self, snap: Snapshot) -> IO[bytes] | None:
+        """A shared ``flock`` on ``snap``'s lease, for an attempt or standby using it between
+        its sandboxes (each sandbox holds its own): removal then waits until it is closed.
+        ``None`` when ``snap`` is gone or being removed."""
+        try:
+            lease = open(snap.path / overlay.LEASE, "rb")  # noqa: SIM115 - the caller closes it
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(lease, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lease.close()
+            return None
+        if not (snap.path / READY).exists():  # renamed away before the lock
+            lease.close()
+            return None
+        return lease
 
     def take(
         self, env: str, key: str, workspace: Path, home: Path, *, commit: str, branch: str

@@ -607,6 +607,9 @@ class WebUI:
             _, principal = self.principal(request, db)
             envs.reset_cache(db, principal, env_id)
             db.commit()
+            executor = self.backend.commands.executor
+            if executor is not None:  # the old snapshot goes now where nothing holds it
+                executor.reset_setup_cache(env_id)
             return self.redirect(f"/environments/{quote(env_id)}?saved=1")
 
         @r.post("/environments/{env_id}/delete")

@@ -99,9 +99,12 @@ def delete_environment(env_id: str, principal: PrincipalDep, db: SessionDep) -> 
 
 
 @router.post("/environments/{env_id}/reset-cache", response_model=None)
-def reset_cache(env_id: str, principal: PrincipalDep, db: SessionDep) -> None:
+def reset_cache(env_id: str, principal: PrincipalDep, db: SessionDep, state: StateDep) -> None:
     envs.reset_cache(db, principal, env_id)
     db.commit()
+    executor = state.commands.executor
+    if executor is not None:  # the old snapshot goes now where nothing holds it
+        executor.reset_setup_cache(env_id)
 
 
 @router.get("/machines", response_model=list[Machine])
