@@ -260,6 +260,57 @@ def test_healthz_reports_a_database_that_does_not_answer(tmp_path: Path) -> None
             serving.close()
 
 
+def test_a_write_that_cannot_get_sqlites_lock_is_answered_503_and_changes_nothing(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer holds SQLite's write lock past the busy timeout (as 32 attempts'
+    work logs did in a burst): a new task is refused with 503 and Retry-After, not a 500,
+    nothing of it is stored, reads still answer meanwhile, and it works once the lock goes."""
+    import sqlite3
+
+    from openwham.store import db as store_db
+
+    monkeypatch.setattr(store_db, "SQLITE_BUSY_TIMEOUT_MS", 300)
+    serving = _serve(tmp_path, sqlite_url)
+    srv = next(serving)
+    headers = {"Authorization": f"Bearer {srv.token}"}
+    task = httpx.get(f"{srv.url}{PREFIX}/tasks/{srv.task_id}", headers=headers, timeout=10)
+    body = {
+        "new_task": {"environment_id": task.json()["task"]["environment_id"]},
+        "input_items": [
+            {"type": "message", "role": "user", "content": [{"content_type": "text", "text": "x"}]}
+        ],
+    }
+
+    def count() -> int:
+        r = httpx.get(f"{srv.url}{PREFIX}/tasks/list", headers=headers, timeout=10)
+        return len(r.json()["items"])
+
+    try:
+        before = count()
+        holder = sqlite3.connect(sqlite_url.split("///", 1)[1], isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held
+        try:
+            started = time.monotonic()
+            r = httpx.post(f"{srv.url}{PREFIX}/tasks", json=body, headers=headers, timeout=20)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
+            assert time.monotonic() - started < 10
+            details = httpx.get(
+                f"{srv.url}{PREFIX}/tasks/{srv.task_id}", headers=headers, timeout=10
+            )
+            assert details.status_code == 200  # WAL: readers are not held up
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert count() == before
+        r = httpx.post(f"{srv.url}{PREFIX}/tasks", json=body, headers=headers, timeout=20)
+        assert r.status_code == 200, r.text
+        assert count() == before + 1
+    finally:
+        serving.close()
+
+
 # --------------------------------------------------------------------------- request cost
 
 

@@ -8,7 +8,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openwham.service.errors import ServiceError, Unauthorized
@@ -61,6 +62,31 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
+def _transient(exc: OperationalError) -> bool:
+    """A database that is busy or unreachable, as opposed to a broken statement (a missing
+    table or column stays a 500: it is a bug)."""
+    if type(exc.orig).__module__.startswith("sqlite3"):  # its OperationalError is both
+        message = str(exc.orig).lower()
+        return "locked" in message or "busy" in message
+    return True  # psycopg's: connection lost, lock or statement timeout, serialization
+
+
+def _busy(request: Request, exc: Exception) -> JSONResponse:
+    # Only the error class: the message may echo the statement's parameters (user data).
+    reason = type(getattr(exc, "orig", None) or exc).__name__
+    log.warning("database busy on %s %s: %s", request.method, request.url.path, reason)
+    return JSONResponse(
+        {"detail": "The database is busy: retry after Retry-After"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
+def _internal(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "Internal server error"}, status_code=500)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
@@ -85,6 +111,19 @@ def install(app: FastAPI) -> None:
             status_code=400,
         )
 
+    @app.exception_handler(OperationalError)
+    async def database_busy(request: Request, exc: OperationalError) -> JSONResponse:
+        # SQLite's write lock not had within its busy timeout, or a PostgreSQL server gone:
+        # the server's state, not the client's input, and passing (the request changed
+        # nothing: its transaction rolled back), so 503 with Retry-After, not 500.
+        if not _transient(exc):
+            return _internal(request, exc)
+        return _busy(request, exc)
+
+    @app.exception_handler(PoolTimeout)
+    async def pool_exhausted(request: Request, exc: PoolTimeout) -> JSONResponse:
+        return _busy(request, exc)
+
     @app.exception_handler(RequestValidationError)
     async def request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         detail, errors = validation_detail(exc)
@@ -98,5 +137,4 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": "Internal server error"}, status_code=500)
+        return _internal(request, exc)

@@ -28,12 +28,17 @@ from sqlalchemy.pool import NullPool
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 
+# How long a statement waits for SQLite's write lock before it fails ("database is locked",
+# which the API answers 503 with Retry-After).
+SQLITE_BUSY_TIMEOUT_MS = 15000
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=15000")
+    cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_MS)}")
     cur.close()
 
 
