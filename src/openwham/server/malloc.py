@@ -10,7 +10,7 @@ warm-up). ``wham serve`` caps the arenas at start, before its threads exist; a
 What glibc still keeps is memory freed inside its heaps, between blocks in use: each round
 of tasks left ~0.6 to 1.6 MB more of it (``mallinfo2``'s free bytes, ``python -m bench.memory``)
 while the bytes in use grew only by the render cache's bounded entries. ``malloc_trim(0)``
-hands those free pages back (``madvise``); ``wham serve`` calls it every
+hands those free pages back (``madvise``); ``wham serve`` and ``wham worker`` call it every
 ``TRIM_INTERVAL_SECONDS`` from a thread of its own (a few ms for a heap of ~150 MB).
 """
 
