@@ -19,7 +19,7 @@ from openwham.cli import render
 from openwham.wire import TaskDetails
 from support.browser import sign_in
 from support.scripted_model import Say, ScriptedModel, Shell
-from test_engine import commands
+from test_engine import commands, stream
 
 pytestmark = pytest.mark.sandbox
 
@@ -452,6 +452,22 @@ def took_standby(server: Server, turn_id: str) -> bool:
     return bool(turn_body(server, turn_id)["run"]["standby"])
 
 
+def before_the_prompt(api: Any, task_id: str, turn_id: str) -> list[str]:
+    """The status and setup-log lines the turn's events have before the prompt's work-log
+    entry (its first)."""
+    seen: list[str] = []
+    for frame in stream(api, task_id, turn_id):
+        kind, payload = frame["data"]["item_type"], frame["data"]["payload"]
+        if kind == "work_log_message":
+            assert payload["author"]["role"] == "user", payload
+            return seen
+        if kind == "task_turn_event":
+            seen.append(payload["text"])
+        elif kind == "log" and "key" in payload:
+            seen.append(payload["line"])
+    raise AssertionError("no work-log message")
+
+
 def test_the_second_task_takes_a_standby_started_from_the_snapshot(
     standby_cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
 ) -> None:
@@ -473,6 +489,7 @@ def test_the_second_task_takes_a_standby_started_from_the_snapshot(
     assert not took_standby(server, turn1)
     (ran,) = [line for line in setup_lines(api, task1, turn1) if line.startswith("setup ran: ")]
     marker = ran.removeprefix("setup ran: ")
+    assert ran in before_the_prompt(api, task1, turn1)  # a cold start's order
     (snap,) = snapshot_dirs(server)
     wait_standby(server)
     # the maintenance script ran in the standby, on its own upper directory
@@ -486,6 +503,10 @@ def test_the_second_task_takes_a_standby_started_from_the_snapshot(
     assert "(setup script not run)" in lines[0]
     assert any(line.endswith("when this sandbox was prepared in advance") for line in lines)
     assert f"maintenance ran: {marker} home-state 18" in lines, lines
+    # recorded before the prompt's entry, as on a cold start (the prompt was sent first)
+    early = before_the_prompt(api, task2, turn2)
+    assert lines[0] in early and "Ran maintenance script" in early, early
+    assert f"maintenance ran: {marker} home-state 18" in early, early
     out = commands(second)[0][1]["content"]["parts"][0]
     assert marker in out and "home-state" in out and "maintained" in out, out
     assert "var=plain-value token=none" in out, out
@@ -670,6 +691,7 @@ def test_clone_workspaces_get_standbys_from_the_copied_snapshot(
     task1, turn1, _ = run_task(api, env["id"])
     (ran,) = [line for line in setup_lines(api, task1, turn1) if line.startswith("setup ran: ")]
     marker = ran.removeprefix("setup ran: ")
+    assert ran in before_the_prompt(api, task1, turn1)  # a cold start's order
     (snap,) = snapshot_dirs(server)
     wait_standby(server)
     scripted_model.script = [Shell("cat node_modules/marker ~/.setup-home"), Say("Seen.")]

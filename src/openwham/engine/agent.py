@@ -128,7 +128,9 @@ class AgentRun:
         goes first and the attempt's start is recorded while the agent reads it (database
         writes wait their turn when many attempts run: 0.35 s median, seconds at worst, at 32
         at once); the agent's output waits behind a gate until then, so the work log keeps
-        its order."""
+        its order. A standby's prompt entry waits for :meth:`record_prompt`: the take is
+        settled (and a cache hit's setup log recorded) after the prompt is sent, and the work
+        log has them before the prompt, as a cold start has."""
         self._launched[:] = [prepared.proc]
         if not self.claim.qa_mode:
             self.gateway.on_final_response(self.claim.turn_id, self.early_diff)
@@ -141,9 +143,14 @@ class AgentRun:
         if prepared.repos:  # each repository's base: the diffs, PR pushes and follow-ups'
             self.rec.set(repo_bases=prepared.repos)
         self.rec.set(base_commit_sha=prepared.base, run=self.run)
-        apply_updates(self.rec, self.translator.take_initial())
+        if not standby:
+            self.record_prompt()
         gate.open()
         return sent
+
+    def record_prompt(self) -> None:
+        """The prompt's work-log entry (once; later calls record nothing)."""
+        apply_updates(self.rec, self.translator.take_initial())
 
 
 @dataclass

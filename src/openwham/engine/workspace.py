@@ -153,6 +153,7 @@ class Workspaces:
             if prepared.resumed is not None:  # while the model request is under way; the
                 # agent's output stays held until then, so the setup log still comes first
                 self._record_resumed(claim, rec, prepared.resumed)
+            agent.record_prompt()  # after the setup log, as on a cold start
             gate.open()
             self._refill(claim)
             return prepared
