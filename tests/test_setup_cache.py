@@ -12,12 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from conftest import Server, diff_of, engine_settings, make_server, wait_for_task
 from openwham.cli import render
 from openwham.wire import TaskDetails
-from support.browser import sign_in
+from support.browser import csrf_of, sign_in
 from support.scripted_model import Say, ScriptedModel, Shell
 from test_engine import commands, stream
 
@@ -744,3 +745,63 @@ def test_reset_cache_removes_the_old_snapshot_at_once_unless_a_sandbox_holds_it(
     assert turn["turn_status"] == "completed", turn["error"]
     marker = (held / "upper" / "node_modules" / "marker").read_text()
     assert marker in commands(turn)[0][1]["content"]["parts"][0]
+
+
+def test_the_environment_pages_reset_cache_removes_the_old_snapshot_at_once(
+    standby_cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    """The web UI's "Reset cache" form does what the API route does (the snapshot and its
+    standby go at once), under the rules of the UI's other forms: the session's CSRF token,
+    a signed-in session, an environment of the session's account; refused, nothing changes."""
+    server = standby_cache_server
+    api = server.api
+    scripted_model.script = [Say("Hi.")]
+    env = api.create_env(ignoring_repo, setup=SETUP)
+    _, turn1, _ = run_task(api, env["id"])
+    (snap,) = snapshot_dirs(server)
+    runner = server.app_state.runner
+    assert runner is not None and runner.engine is not None
+    workspace = runner.engine.attempts_root / turn1 / "workspace"
+    deadline = time.monotonic() + 30
+    while workspace.exists():  # the attempt's sandbox is gone (it held the lease until then)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    wait_standby(server)
+
+    def invalidation_key() -> str:
+        got = api.get(f"environments/{env['id']}").json()["cache_settings"]
+        return str(got["cache_invalidation_key"])
+
+    key = invalidation_key()
+    path = f"/environments/{env['id']}/reset-cache"
+    client = api.client
+    csrf = sign_in(client, api.token or "")
+
+    def new_client() -> httpx.Client:
+        return httpx.Client(transport=client._transport, base_url=str(client.base_url))
+
+    other_session = csrf_of(new_client().get("/login").text)
+    for token in (other_session, "forged", None):
+        data = {"reset": "1"} | ({"csrf": token} if token else {})
+        r = client.post(path, data=data, follow_redirects=False)
+        assert r.status_code == 403, r.text
+        assert "expired or came from another site" in r.text
+    signed_out = new_client()
+    r = signed_out.post(
+        path, data={"csrf": csrf_of(signed_out.get("/login").text)}, follow_redirects=False
+    )
+    assert r.status_code == 401, r.text
+    stranger = new_client()
+    stranger_csrf = sign_in(stranger, server.other_account_token())
+    r = stranger.post(path, data={"csrf": stranger_csrf}, follow_redirects=False)
+    assert r.status_code == 404, r.text
+    assert snap.exists() and len(runner.engine.standby) == 1 and invalidation_key() == key
+
+    r = client.post(path, data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    assert r.headers["location"] == f"/environments/{env['id']}?saved=1"
+    assert not snap.exists() and snapshot_dirs(server) == []
+    assert len(runner.engine.standby) == 0
+    assert invalidation_key() != key
+    task2, turn2, _ = run_task(api, env["id"])
+    assert any(line.startswith("setup ran: ") for line in setup_lines(api, task2, turn2))
