@@ -247,6 +247,9 @@ class Workspaces:
                 at = resume.base if resume is not None else None  # the task's base
                 base = start_commit(mirror, claim.branch, at, "the repository")
                 hit = self._resume_snapshot(claim, cache, mirror, base, attempt_dir, held)
+                if hit is not None and not self._change_on_snapshot(claim, resume, workspace, base):
+                    hit = None  # as if there were no snapshot: a fresh workspace and setup
+                    self._forget(attempt_dir)
                 if hit is None:
                     create_workspace(
                         mirror,
@@ -258,20 +261,6 @@ class Workspaces:
                     )
         except WorkspaceError as exc:
             raise AttemptFailed("workspace_error", str(exc)) from exc
-        if hit is not None and not self._change_on_snapshot(claim, resume, workspace, base):
-            hit = None  # as if there were no snapshot: a fresh workspace and the setup script
-            self._forget(attempt_dir)
-            try:
-                create_workspace(
-                    mirror,
-                    workspace,
-                    claim.branch,
-                    claim.repo_url,
-                    checkouts=self.checkouts,
-                    at=base,
-                )
-            except WorkspaceError as exc:
-                raise AttemptFailed("workspace_error", str(exc)) from exc
         home = attempt_dir / "home"
         if not home.exists():
             home.mkdir(mode=0o700)
