@@ -201,31 +201,21 @@ class Snapshots:
         layers = overlay.of(workspace)
         if layers is None or layers.snapshot is not None:
             raise ValueError(f"{workspace} is not a fresh overlay workspace")
-        parent = self.root / _env_dir(env)
-        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.root, 0o700)
-        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir(mode=0o700)
+        tmp = self._staging(env)
         try:
-            (tmp / overlay.LEASE).touch()
             (tmp / "home").mkdir(mode=0o700)
             copy_tree(home, tmp / "home")
             layers.upper.rename(tmp / "upper")
             layers.upper.mkdir(mode=0o755)
-            size = _du(tmp)
-            created = time.time()
-            meta = {"created": created, "size": size, "commit": commit, "branch": branch}
-            (tmp / READY).write_text(json.dumps(meta))
-            final = parent / f"{key}.{uuid.uuid4().hex[:12]}"
-            tmp.rename(final)
+            snap = self._publish(tmp, env, key, commit, branch)
         except BaseException:
             if not layers.upper.exists() and (tmp / "upper").is_dir():
                 (tmp / "upper").rename(layers.upper)  # the attempt keeps what setup wrote
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        overlay.stack(workspace, final / "upper")
+        overlay.stack(workspace, snap.upper)
         self.evict()
-        return Snapshot(final, created, size, commit, branch)
+        return snap
 
     def take_copy(
         self, env: str, key: str, workspace: Path, home: Path, *, commit: str, branch: str
@@ -234,26 +224,41 @@ class Snapshots:
         a server that is not root): a copy of the whole workspace and of ``home``
         (``cp -a --reflink=auto``: reflinks where the file system has them, else every byte;
         a later attempt copies it back, :meth:`use_copy`). The attempt keeps its own."""
-        parent = self.root / _env_dir(env)
-        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self._staging(env)
+        try:
+            for name, src in (("tree", workspace), ("home", home)):
+                (tmp / name).mkdir(mode=0o700)
+                copy_tree(src, tmp / name)
+            snap = self._publish(tmp, env, key, commit, branch)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.evict()
+        return snap
+
+    def _staging(self, env: str) -> Path:
+        """A new private directory to build one of ``env``'s snapshots in, with its lease
+        file (``.tmp-*``: what a crash leaves of it goes at the next start)."""
+        (self.root / _env_dir(env)).mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir(mode=0o700)
         try:
             (tmp / overlay.LEASE).touch()
-            for name, src in (("tree", workspace), ("home", home)):
-                (tmp / name).mkdir(mode=0o700)
-                copy_tree(src, tmp / name)
-            size = _du(tmp)
-            created = time.time()
-            meta = {"created": created, "size": size, "commit": commit, "branch": branch}
-            (tmp / READY).write_text(json.dumps(meta))
-            final = parent / f"{key}.{uuid.uuid4().hex[:12]}"
-            tmp.rename(final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.evict()
+        return tmp
+
+    def _publish(self, tmp: Path, env: str, key: str, commit: str, branch: str) -> Snapshot:
+        """Seal ``tmp`` as ``env``'s snapshot under ``key``: its ``ready`` file written last,
+        then renamed into the environment's directory (made by ``_staging``) in one step."""
+        size = _du(tmp)
+        created = time.time()
+        meta = {"created": created, "size": size, "commit": commit, "branch": branch}
+        (tmp / READY).write_text(json.dumps(meta))
+        final = self.root / _env_dir(env) / f"{key}.{uuid.uuid4().hex[:12]}"
+        tmp.rename(final)
         return Snapshot(final, created, size, commit, branch)
 
     def use_copy(self, snap: Snapshot, workspace: Path, home: Path) -> None:
