@@ -170,41 +170,12 @@ def create_api_token(
     return row, issue_token(key, user, account, ttl_seconds=ttl_seconds, now=when, jti=row.id)
 
 
-def _principal_query(membership: Any) -> Any:
-    """The token's row, its user and an account, built once: a statement built per request
-    cost as much as running it (its cache key is memoised on the statement object)."""
+def _principal_query(membership: Any, *columns: Any) -> Any:
+    """The token's row, its user and an account (``columns`` of them), built once: a
+    statement built per request cost as much as running it (its cache key is memoised on
+    the statement object)."""
     return (
-        select(m.ApiToken, m.User, m.Account)
-        .join(m.User, m.User.id == m.ApiToken.user_id)
-        .outerjoin(m.Membership, and_(m.Membership.user_id == m.User.id, membership))
-        .outerjoin(m.Account, m.Account.id == m.Membership.account_id)
-        .where(m.ApiToken.id == bindparam("jti"), m.User.id == bindparam("user_id"))
-        .order_by(m.Membership.created_at, m.Account.id)
-        .limit(1)
-    )
-
-
-_PRINCIPAL = _principal_query(true())
-_PRINCIPAL_FOR_ACCOUNT = _principal_query(m.Membership.account_id == bindparam("account_id"))
-
-
-def _columns(model: Any, prefix: str) -> list[Any]:
-    return [c.label(f"{prefix}{c.key}") for c in model.__table__.c]
-
-
-def _read_principal_query(membership: Any) -> Any:
-    """``_principal_query`` as Core columns (no ORM objects to load or to roll back)."""
-    token = m.ApiToken.__table__.c
-    return (
-        select(
-            token.id,
-            token.user_id,
-            token.revoked_at,
-            token.expires_at,
-            token.last_used_at,
-            *_columns(m.User, "user__"),
-            *_columns(m.Account, "account__"),
-        )
+        select(*columns)
         .join_from(m.ApiToken, m.User, m.User.id == m.ApiToken.user_id)
         .outerjoin(m.Membership, and_(m.Membership.user_id == m.User.id, membership))
         .outerjoin(m.Account, m.Account.id == m.Membership.account_id)
@@ -214,10 +185,23 @@ def _read_principal_query(membership: Any) -> Any:
     )
 
 
-_READ_PRINCIPAL = _read_principal_query(true())
-_READ_PRINCIPAL_FOR_ACCOUNT = _read_principal_query(
-    m.Membership.account_id == bindparam("account_id")
+def _columns(model: Any, prefix: str) -> list[Any]:
+    return [c.label(f"{prefix}{c.key}") for c in model.__table__.c]
+
+
+_FOR_ACCOUNT = m.Membership.account_id == bindparam("account_id")
+_ENTITIES = (m.ApiToken, m.User, m.Account)
+# the same as Core columns, for the hot reads (no ORM objects to load or to roll back)
+_TOKEN = m.ApiToken.__table__.c
+_READ_COLUMNS = (
+    *(_TOKEN.id, _TOKEN.user_id, _TOKEN.revoked_at, _TOKEN.expires_at, _TOKEN.last_used_at),
+    *_columns(m.User, "user__"),
+    *_columns(m.Account, "account__"),
 )
+_PRINCIPAL = _principal_query(true(), *_ENTITIES)
+_PRINCIPAL_FOR_ACCOUNT = _principal_query(_FOR_ACCOUNT, *_ENTITIES)
+_READ_PRINCIPAL = _principal_query(true(), *_READ_COLUMNS)
+_READ_PRINCIPAL_FOR_ACCOUNT = _principal_query(_FOR_ACCOUNT, *_READ_COLUMNS)
 
 
 @functools.lru_cache(maxsize=1024)
