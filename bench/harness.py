@@ -281,7 +281,7 @@ class WhamServer:
         while ws.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         if self.standby:
-            while not (standby_waiting() and self._standby_settled()):
+            while not (standby_waiting(self.process.pid) and self._standby_settled()):
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.02)
@@ -309,15 +309,30 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def standby_waiting() -> bool:
-    """A sandboxed Codex (argv[0] is the in-sandbox binary path) blocked reading its stdin,
-    i.e. a standby sandbox that finished its start-up; from ``/proc/PID/task/*/syscall``
-    (``0 0x0 …`` is read(0, …) on x86-64; needs the same uid as the server)."""
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (only what this bench started)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found.extend(children)
+            todo.extend(children)
+    return found
+
+
+def standby_waiting(server_pid: int) -> bool:
+    """A sandboxed Codex (argv[0] is the in-sandbox binary path) under the server
+    ``server_pid`` blocked reading its stdin, i.e. a standby sandbox that finished its
+    start-up; from ``/proc/PID/task/*/syscall`` (``0 0x0 …`` is read(0, …) on x86-64). Only
+    the server's own descendants: another server on the machine has standbys too."""
     from openwham.runtimes import codex
 
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in descendants(server_pid):
+        proc = Path(f"/proc/{pid}")
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
             if argv[0].decode() != codex.SANDBOX_CODEX_BIN or b"exec" not in argv:

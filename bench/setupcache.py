@@ -46,43 +46,9 @@ def setup_script(seconds: float, mb: int) -> list[str]:
     ]
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (only what this bench started)."""
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found.extend(children)
-            todo.extend(children)
-    return found
-
-
-def standby_waiting(srv: h.WhamServer) -> bool:
-    """A Codex under this server blocked reading its stdin: a standby waiting for its
-    prompt (``0 0x0 …`` in ``/proc/PID/task/*/syscall`` is read(0, …) on x86-64)."""
-    from openwham.runtimes import codex
-
-    for pid in descendants(srv.process.pid):
-        proc = Path(f"/proc/{pid}")
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if argv[0].decode() != codex.SANDBOX_CODEX_BIN or b"exec" not in argv:
-                continue
-            for task in (proc / "task").iterdir():
-                if (task / "syscall").read_text().split()[:2] == ["0", "0x0"]:
-                    return True
-        except (OSError, UnicodeDecodeError, IndexError):
-            continue
-    return False
-
-
 def wait_standby(srv: h.WhamServer, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while not standby_waiting(srv):
+    while not h.standby_waiting(srv.process.pid):
         if time.monotonic() > deadline:
             raise RuntimeError("no standby sandbox became ready")
         time.sleep(0.05)
