@@ -135,6 +135,7 @@ ENGINE_PARTS = (
     "claim.py",
     "control.py",
     "result.py",
+    "setup_cache.py",
     "standby.py",
     "titling.py",
     "turns.py",

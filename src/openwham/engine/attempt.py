@@ -119,6 +119,7 @@ class Engine:
                     self.artifacts,
                     egress,
                 )
+        checkouts = shared_checkouts(self.settings, self.sandbox, data / "checkouts")
         self.workspaces = Workspaces(
             self.settings,
             self.sandbox,
@@ -127,10 +128,8 @@ class Engine:
             self.attempts_root,
             egress,
             agents,
-            shared_checkouts(self.settings, self.sandbox, data / "checkouts"),
-        )
-        self.workspaces.snapshots = setup_snapshots(
-            self.settings, self.workspaces.checkouts, data / "setup-cache"
+            checkouts,
+            setup_snapshots(self.settings, checkouts, data / "setup-cache"),
         )
         self.standby = self.workspaces.standby  # the queue executor offers its ready ones
 

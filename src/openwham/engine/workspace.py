@@ -9,7 +9,8 @@ docs/ARCHITECTURE.md): its agent gets the prompt at once, while the mirror is fe
 its output held back and its model requests waiting in the gateway until the fetch shows the
 standby's checkout is still the branch head; otherwise it is dropped and the attempt starts
 cold (clone at the branch, the follow-up's tree or the starting diff, the setup script or the
-snapshot and maintenance script, then the agent).
+snapshot and maintenance script, then the agent). The post-setup cache's steps (its key, a
+hit, a snapshot taken) are ``engine.setup_cache``'s.
 """
 
 from __future__ import annotations
@@ -32,14 +33,7 @@ from openwham.sandbox.bwrap import Limits, SandboxSpec
 from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.egress import EgressProxy
 from openwham.sandbox.provider import BUBBLEWRAP, SandboxProvider
-from openwham.sandbox.snapshots import (
-    CheckoutFailed,
-    Snapshot,
-    Snapshots,
-    apply_change,
-    cache_key,
-    check_out,
-)
+from openwham.sandbox.snapshots import Snapshots, cache_key
 from openwham.sandbox.workspace import (
     Checkouts,
     Mirrors,
@@ -48,11 +42,8 @@ from openwham.sandbox.workspace import (
     branch_head,
     create_repo_workspace,
     create_workspace,
-    overlay_workspace,
-    share_objects,
     start_commit,
 )
-from openwham.wire.common import naive_iso
 
 from . import setup as setup_phase
 from . import storage
@@ -60,6 +51,13 @@ from .agent import AgentRun, AgentStarter, OutputGate
 from .claim import Claim, Resume
 from .control import AttemptFailed, Control, attempt_limits, disk_budget, over_disk
 from .recorder import TurnRecorder
+from .setup_cache import (
+    Resumed,
+    SetupCache,
+    forget,
+    record_resumed,
+    record_standby_resumed,
+)
 from .standby import STANDBY_PREFIX, AgentKey, FromSnapshot, Prepared, StandbyPool
 
 STANDBY_READY_SECONDS = 30.0
@@ -67,15 +65,6 @@ STANDBY_READY_SECONDS = 30.0
 MAX_STANDBY_SETUPS = 64
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Resumed:
-    """A cache hit: the snapshot an attempt started from, and what checking its commit out
-    on top said (for the setup log)."""
-
-    snapshot: Snapshot
-    lines: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,11 +97,14 @@ class Workspaces:
     #: post-setup snapshots (``None``: every attempt runs its setup script)
     snapshots: Snapshots | None = None
     standby: StandbyPool = field(init=False)
+    #: the post-setup cache's steps (``engine.setup_cache``), over ``snapshots``
+    cache: SetupCache = field(init=False)
     #: standby key -> its setup inputs, for keys with a setup script (``make_standby``)
     _setups: OrderedDict[AgentKey, StandbySetup] = field(init=False, default_factory=OrderedDict)
     _setups_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
+        self.cache = SetupCache(self.sandbox, self.checkouts, self.snapshots)
         self.standby = StandbyPool(
             size=self.settings.standby_sandboxes if self.agents is not None else 0,
             max_age=float(self.settings.standby_max_age_seconds),
@@ -152,7 +144,7 @@ class Workspaces:
             self.gateway.release(claim.turn_id)
             if prepared.resumed is not None:  # while the model request is under way; the
                 # agent's output stays held until then, so the setup log still comes first
-                self._record_resumed(claim, rec, prepared.resumed)
+                record_standby_resumed(rec, prepared.resumed)
             agent.record_prompt()  # after the setup log, as on a cold start
             gate.open()
             self._refill(claim)
@@ -180,7 +172,7 @@ class Workspaces:
             with self._setups_lock:
                 self._setups[key] = StandbySetup(
                     env_id=claim.env_id,
-                    cache=self._snapshot_key(claim) or "",
+                    cache=self.cache.key(claim) or "",
                     env_vars=dict(claim.env_vars),
                     secrets=dict(claim.secrets),
                     maintenance=claim.maintenance_script,
@@ -193,7 +185,7 @@ class Workspaces:
     def standby_key(self, claim: Claim) -> AgentKey | None:
         """The standby key of attempts like ``claim``'s, or ``None`` when they take none: a
         plain attempt's is ``claim.key``; an environment with a setup script has one when its
-        post-setup cache is used (:meth:`_snapshot_key`), and it adds that key and the
+        post-setup cache is used (``SetupCache.key``), and it adds that key and the
         maintenance script, so a standby is never served after the snapshot it stacks was
         invalidated (reset-cache, a changed setup script, variables, secrets or cache
         invalidation key) nor with another maintenance script; the egress policy is
@@ -202,7 +194,7 @@ class Workspaces:
             return None
         if claim.plain:
             return claim.key
-        cache = self._snapshot_key(claim)
+        cache = self.cache.key(claim)
         if cache is None:
             return None
         setup = cache_key({"snapshot": cache, "maintenance": claim.maintenance_script})
@@ -237,8 +229,7 @@ class Workspaces:
         workspace = attempt_dir / "workspace"
         resume = claim.resume if isinstance(claim.resume, Resume) else None
         repos: dict[str, dict[str, str]] = {}
-        cache = self._snapshot_key(claim)
-        hit: Resumed | None = None
+        cache = self.cache.use(claim, held)
         try:
             if claim.repos:
                 repos = self._clone_repos(claim, mirror, workspace, resume)
@@ -246,11 +237,13 @@ class Workspaces:
             else:
                 at = resume.base if resume is not None else None  # the task's base
                 base = start_commit(mirror, claim.branch, at, "the repository")
-                hit = self._resume_snapshot(claim, cache, mirror, base, attempt_dir, held)
-                if hit is not None and not self._change_on_snapshot(claim, resume, workspace, base):
-                    hit = None  # as if there were no snapshot: a fresh workspace and setup
-                    self._forget(attempt_dir)
-                if hit is None:
+                self.cache.resume(claim, cache, mirror, base, attempt_dir)
+                if cache.hit is not None and not self.cache.apply_change(
+                    claim, resume, workspace, base
+                ):
+                    cache.miss()  # as if there were no snapshot: a fresh workspace and setup
+                    forget(attempt_dir)
+                if cache.hit is None:
                     create_workspace(
                         mirror,
                         workspace,
@@ -264,7 +257,7 @@ class Workspaces:
         home = attempt_dir / "home"
         if not home.exists():
             home.mkdir(mode=0o700)
-        if hit is None:
+        if cache.hit is None:
             try:
                 if resume is not None and resume.tree and not claim.repos:
                     apply_patch(workspace, resume.tree, what="The previous attempt's change")
@@ -278,14 +271,14 @@ class Workspaces:
                     raise AttemptFailed("failed_to_apply_patch_error", str(exc)) from exc
         control.check()
         budget = disk_budget(self.settings, attempt_dir)  # from here on, what it writes
-        if hit is not None:
-            self._maintenance(claim, rec, attempt_dir, control, budget, hit, base)
+        if cache.hit is not None:
+            self._maintenance(claim, rec, attempt_dir, control, budget, cache.hit, base)
         elif claim.setup_script.strip():
             self._setup(claim, rec, attempt_dir, control, budget)
             # only what the setup script wrote: no starting diff or previous change in it
-            if cache is not None and not claim.patch and not (resume and resume.tree):
-                self._take_snapshot(claim, cache, rec, attempt_dir, base, held)
-            elif cache is not None:
+            if cache.key is not None and not claim.patch and not (resume and resume.tree):
+                self.cache.take(claim, cache, rec, attempt_dir, base)
+            elif cache.key is not None:
                 rec.set(setup_cache={"used": False, "saved": False})
         return self.agents.start(
             claim.key,
@@ -332,172 +325,6 @@ class Workspaces:
                 )
         return repos
 
-    def _snapshot_key(self, claim: Claim) -> str | None:
-        """The post-setup cache key of this attempt (``sandbox.snapshots``), or ``None`` when
-        the cache is not used: off, no setup script, a deleted environment or several
-        repositories. No commit in it: an attempt at another commit checks its own out on top
-        of the snapshot (a branch that moved needs only its new commits, not the setup script
-        again)."""
-        if (
-            self.snapshots is None
-            or not claim.setup_cache
-            or not claim.env_id
-            or not claim.setup_script.strip()
-            or claim.repos
-        ):
-            return None
-        return cache_key(
-            {
-                "environment": claim.env_id,
-                "setup": claim.setup_script,
-                "env_vars": claim.env_vars,
-                "secrets": claim.secrets,
-                "invalidation": claim.cache_invalidation_key,
-                "repository": claim.repo_key,
-                # an overlay layer and a copied workspace are used differently
-                "layout": "overlay" if self._overlays else "copy",
-            }
-        )
-
-    @property
-    def _overlays(self) -> bool:
-        return self.checkouts is not None and self.checkouts.enabled
-
-    def _resume_snapshot(
-        self,
-        claim: Claim,
-        cache: str | None,
-        mirror: Path,
-        base: str,
-        attempt_dir: Path,
-        held: contextlib.ExitStack,
-    ) -> Resumed | None:
-        """The workspace and home of ``attempt_dir`` made from the environment's snapshot
-        when one fits ``cache``: an overlay over the checkout it was taken over, the snapshot
-        stacked on it, then ``base`` on the task's branch checked out on top when that is
-        another commit or branch. ``None`` (and nothing left in ``attempt_dir``) when there is
-        none or it cannot be used: the attempt then runs the setup script as without one."""
-        if cache is None or self.snapshots is None:
-            return None
-        snap = self.snapshots.find(claim.env_id, cache)
-        lease = self.snapshots.hold(snap) if snap is not None else None
-        if snap is None or lease is None:
-            return None
-        held.callback(lease.close)  # a reset-cache does not remove it under the attempt
-        try:
-            lines = self._stack_snapshot(
-                snap, mirror, base, claim.branch, claim.repo_url, attempt_dir
-            )
-        except (WorkspaceError, OSError, CheckoutFailed, overlay.OverlayUnavailable) as exc:
-            log.warning("post-setup snapshot %s not used for %s: %s", snap.path, claim.turn_id, exc)
-            self._forget(attempt_dir)
-            return None
-        return Resumed(snap, tuple(lines))
-
-    def _change_on_snapshot(
-        self, claim: Claim, resume: Resume | None, workspace: Path, base: str
-    ) -> bool:
-        """A follow-up's previous change (its tracked and untracked files back at ``base``
-        first: the change holds what setup did to them) or the starting diff, applied over
-        the snapshot in a sandbox (``snapshots.apply_change``: its ``.git`` is the setup
-        script's). ``False`` when it does not apply there (an ignored file the change adds,
-        say): the caller starts again without the snapshot, where it applies as it would
-        have without a cache or fails saying why."""
-        try:
-            if resume is not None and resume.tree:
-                apply_change(
-                    self.sandbox,
-                    workspace,
-                    resume.tree,
-                    what="The previous attempt's change",
-                    base=base,
-                )
-            elif claim.patch and resume is None:
-                apply_change(self.sandbox, workspace, claim.patch, what="The starting diff")
-        except WorkspaceError as exc:
-            log.warning("post-setup snapshot not used for %s: %s", claim.turn_id, exc)
-            return False
-        return True
-
-    @staticmethod
-    def _forget(attempt_dir: Path) -> None:
-        """Empty ``attempt_dir`` (a workspace made from a snapshot that could not be used)."""
-        for entry in attempt_dir.iterdir():
-            if entry.is_symlink():
-                entry.unlink()
-            else:
-                storage.remove_tree(entry)
-
-    def _stack_snapshot(
-        self, snap: Snapshot, mirror: Path, base: str, branch: str, url: str, directory: Path
-    ) -> list[str]:
-        """``directory``'s workspace (an overlay over the checkout ``snap`` was taken over,
-        ``snap`` stacked on it; or a copy of a clone workspace's snapshot) and home (a copy of
-        its home), with ``base`` on ``branch``
-        checked out on top when that is another commit or branch; returns what the checkout
-        said (for the setup log)."""
-        assert self.snapshots is not None
-        workspace, home = directory / "workspace", directory / "home"
-        home.mkdir(mode=0o700)
-        if self.checkouts is not None and self.checkouts.enabled:
-            overlay_workspace(mirror, workspace, self.checkouts, snap.branch, snap.commit, url)
-            self.snapshots.use(snap, workspace, home)
-        else:  # a clone workspace: the snapshot is a copy (Snapshots.take_copy)
-            share_objects(mirror, workspace)
-            self.snapshots.use_copy(snap, workspace, home)
-        if (snap.commit, snap.branch) == (base, branch):
-            return []
-        return check_out(
-            self.sandbox,
-            workspace,
-            start=snap.commit,
-            commit=base,
-            branch=branch,
-            origin=branch_head(mirror, branch),
-        )
-
-    def _take_snapshot(
-        self,
-        claim: Claim,
-        cache: str,
-        rec: TurnRecorder,
-        attempt_dir: Path,
-        base: str,
-        held: contextlib.ExitStack,
-    ) -> None:
-        """Keep what the setup script left for the environment's next attempts; a failure
-        only costs the next attempt its setup again."""
-        assert self.snapshots is not None
-        started = time.monotonic()
-        take = self.snapshots.take if self._overlays else self.snapshots.take_copy
-        try:
-            snap = take(
-                claim.env_id,
-                cache,
-                attempt_dir / "workspace",
-                attempt_dir / "home",
-                commit=base,
-                branch=claim.branch,
-            )
-        except (OSError, ValueError) as exc:
-            log.warning("no post-setup snapshot for %s: %s", claim.turn_id, exc)
-            rec.set(setup_cache={"used": False, "saved": False})
-            return
-        took = time.monotonic() - started
-        lease = self.snapshots.hold(snap)  # the attempt's workspace stacks it from now on
-        if lease is not None:
-            held.callback(lease.close)
-        log.info("post-setup snapshot %s: %d bytes in %.4f s", snap.path, snap.size, took)
-        rec.set(
-            setup_cache={
-                "used": False,
-                "saved": True,
-                "size": snap.size,
-                "created": naive_iso(snap.created),
-                "commit": base,
-            }
-        )
-
     def _maintenance(
         self,
         claim: Claim,
@@ -511,7 +338,7 @@ class Workspaces:
         """On a cache hit: say so (and which commit the snapshot was taken at, when the
         attempt checked out another), and run the maintenance script (like the setup script:
         network through the egress proxy, variables and secrets) if there is one."""
-        resumed = _resumed(rec, hit.snapshot, base, bool(claim.maintenance_script.strip()))
+        resumed = record_resumed(rec, hit.snapshot, base, bool(claim.maintenance_script.strip()))
         preface = (resumed, *hit.lines)
         if not claim.maintenance_script.strip():
             setup_phase.note(rec, preface)
@@ -526,29 +353,6 @@ class Workspaces:
             preface=(*preface, "Running maintenance script"),
             what="maintenance script",
         )
-        rec.status("Ran maintenance script")
-
-    def _record_resumed(self, claim: Claim, rec: TurnRecorder, made: FromSnapshot) -> None:
-        """A standby from a snapshot was taken: the same status lines, setup log and
-        ``setup_cache`` as a cache hit started now, the maintenance script's output and
-        proxy events being those of its run when the standby was prepared (said so)."""
-        resumed = _resumed(rec, made.snapshot, made.base, bool(made.ran_at))
-        preface = (resumed, *made.lines)
-        if not made.ran_at:
-            setup_phase.note(rec, (*preface, "Started in a sandbox prepared in advance"))
-            return
-        when = time.strftime("%H:%M:%S UTC", time.gmtime(made.ran_at))
-        key = setup_phase.note(
-            rec,
-            (
-                *preface,
-                f"Ran maintenance script at {when}, when this sandbox was prepared in advance",
-            ),
-        )
-        if made.log:
-            rec.setup_log(key, list(made.log))
-        for event in made.events:
-            rec.proxy_event(event)
         rec.status("Ran maintenance script")
 
     def _setup(
@@ -608,10 +412,8 @@ class Workspaces:
         if prepared is None:
             return None
         made = prepared.resumed
-        if made is not None and (
-            self.snapshots is None
-            or not self.snapshots.fresh(made.snapshot, claim.env_id, self._snapshot_key(claim))
-        ):  # expired or removed since (its key is the claim's: not invalidated otherwise)
+        # expired or removed since (its key is the claim's: not invalidated otherwise)
+        if made is not None and not self.cache.fresh(made, claim):
             self.drop_standby(prepared)
             return None
         if not self.gateway.reassign(prepared.owner, claim.turn_id, hold=True):
@@ -676,15 +478,11 @@ class Workspaces:
         secrets, as on a cache hit). Run here, not when the standby is taken: the agent is
         already started on the workspace then, and a second sandbox on a mounted overlay's
         upper directory would leave two inconsistent views (docs/ARCHITECTURE.md)."""
-        snap = self.snapshots.find(setup.env_id, setup.cache) if self.snapshots else None
-        lease = self.snapshots.hold(snap) if self.snapshots and snap else None
-        if snap is None or lease is None:
-            raise RuntimeError("the environment has no post-setup snapshot")
-        held.callback(lease.close)
+        snap = self.cache.held_snapshot(setup.env_id, setup.cache, held)
         base = branch_head(mirror, key.branch)
         if base is None:
             raise RuntimeError(f"the mirror has no branch {key.branch}")
-        lines = self._stack_snapshot(snap, mirror, base, key.branch, key.repo_url, directory)
+        lines = self.cache.stack(snap, mirror, base, key.branch, key.repo_url, directory)
         if not setup.maintenance.strip():
             return FromSnapshot(snap, base, tuple(lines))
         collected = setup_phase.Collected()
@@ -724,32 +522,13 @@ class Workspaces:
         with self._setups_lock:
             keys = {key for key, setup in self._setups.items() if setup.env_id == env_id}
         self.standby.discard(lambda key: key in keys)
-        return self.snapshots.clear(env_id) if self.snapshots is not None else []
+        return self.cache.clear(env_id)
 
     def drop_standby(self, prepared: Prepared) -> None:
         prepared.proc.kill("standby sandbox dropped")
         if self.gateway is not None:
             self.gateway.forget(prepared.owner)
         storage.remove_tree(prepared.dir)
-
-
-def _resumed(rec: TurnRecorder, snap: Snapshot, base: str, maintenance: bool) -> str:
-    """Say on ``rec`` that the attempt resumes ``snap`` at ``base`` (status line and
-    ``setup_cache``); returns the status line."""
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.created))
-    moved = f"commit {snap.commit[:7]}→{base[:7]}, " if snap.commit != base else ""
-    resumed = f"Resumed cached container from {when} ({moved}setup script not run)"
-    rec.status(resumed)
-    rec.set(
-        setup_cache={
-            "used": True,
-            "created": naive_iso(snap.created),
-            "commit": snap.commit,
-            "checked_out": base,
-            "maintenance": maintenance,
-        }
-    )
-    return resumed
 
 
 _SETTLE_LIMITS = Limits(wall_clock_seconds=60, max_processes=64, memory_bytes=1 << 30)
