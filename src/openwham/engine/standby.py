@@ -8,7 +8,9 @@ that matches takes it (a ``rename`` of its directory and a token hand-over) and 
 its prompt. A standby is used only while the branch head is unchanged, is dropped after
 ``max_age`` seconds, and at most ``size`` are kept (least recently used go first). A key may
 have several (``refill(key, count)``): a best-of-N task's attempts each find one, prepared in
-parallel after the last such task, instead of all but one starting cold.
+parallel after the last such task, instead of all but one starting cold. The count a key is
+refilled to is the largest asked for it within ``max_age`` (a single-attempt task between two
+best-of-4 tasks leaves four, not three).
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ class StandbyPool:
         self._changed = threading.Condition(self._lock)  # a fill ended (ready or failed)
         self._ready: OrderedDict[AgentKey, list[Prepared]] = OrderedDict()
         self._filling: dict[AgentKey, list[threading.Thread]] = {}
+        #: the largest count asked for each key within ``max_age``, and when it was asked
+        self._wanted: dict[AgentKey, tuple[int, float]] = {}
         self._closed = threading.Event()
         self._pruner: threading.Thread | None = None
 
@@ -144,10 +148,13 @@ class StandbyPool:
 
     def refill(self, key: AgentKey, count: int = 1) -> None:
         """Prepare standbys for ``key`` in the background, in parallel, until ``count`` (at
-        most ``size``) are ready or being prepared."""
+        most ``size``) are ready or being prepared; or as many as the largest count asked for
+        the key within ``max_age``, if that is more: a best-of-N task's attempts find N
+        standbys also after a smaller task like it took one."""
         if self.size <= 0 or self._closed.is_set():
             return
         with self._lock:
+            count = self._wanted_count(key, count)
             have = len(self._ready.get(key, ())) + len(self._filling.get(key, ()))
             threads = [
                 threading.Thread(target=self._fill, args=(key,), name="standby-fill", daemon=True)
@@ -215,6 +222,17 @@ class StandbyPool:
         if not ready:
             del self._ready[key]
         return prepared
+
+    def _wanted_count(self, key: AgentKey, count: int) -> int:
+        """``count``, or the larger one asked for ``key`` within ``max_age`` (lock held)."""
+        now = time.monotonic()
+        for old in [k for k, (_, at) in self._wanted.items() if now - at >= self.max_age]:
+            del self._wanted[old]
+        wanted = self._wanted.get(key)
+        if wanted is not None and wanted[0] > count:
+            return wanted[0]
+        self._wanted[key] = (count, now)
+        return count
 
     def _usable(self, prepared: Prepared) -> bool:
         return prepared.proc.poll() is None and time.monotonic() - prepared.created < self.max_age
