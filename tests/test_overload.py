@@ -260,13 +260,18 @@ def test_healthz_reports_a_database_that_does_not_answer(tmp_path: Path) -> None
             serving.close()
 
 
+@pytest.mark.parametrize("holder", ["another process", "this process"])
 def test_a_write_that_cannot_get_sqlites_lock_is_answered_503_and_changes_nothing(
-    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, holder: str
 ) -> None:
     """Another writer holds SQLite's write lock past the busy timeout (as 32 attempts'
     work logs did in a burst): a new task is refused with 503 and Retry-After, not a 500,
-    nothing of it is stored, reads still answer meanwhile, and it works once the lock goes."""
+    nothing of it is stored, reads still answer meanwhile, and it works once the lock goes.
+    A writer of another process holds SQLite's own lock; one of this process (the engine's
+    pool) holds the process's queue for it first (``store.sqlitelock``): the same answer."""
     import sqlite3
+
+    from sqlalchemy import text
 
     from openwham.store import db as store_db
 
@@ -288,8 +293,16 @@ def test_a_write_that_cannot_get_sqlites_lock_is_answered_503_and_changes_nothin
 
     try:
         before = count()
-        holder = sqlite3.connect(sqlite_url.split("///", 1)[1], isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")  # the write lock, held
+        if holder == "another process":
+            outside = sqlite3.connect(sqlite_url.split("///", 1)[1], isolation_level=None)
+            outside.execute("BEGIN IMMEDIATE")  # the write lock, held
+            release = outside.rollback
+            close = outside.close
+        else:
+            inside = srv.state.db.engine.connect()
+            inside.execute(text("UPDATE tasks SET updated_at = updated_at"))  # held
+            release = inside.rollback
+            close = inside.close
         try:
             started = time.monotonic()
             r = httpx.post(f"{srv.url}{PREFIX}/tasks", json=body, headers=headers, timeout=20)
@@ -301,8 +314,8 @@ def test_a_write_that_cannot_get_sqlites_lock_is_answered_503_and_changes_nothin
             )
             assert details.status_code == 200  # WAL: readers are not held up
         finally:
-            holder.execute("ROLLBACK")
-            holder.close()
+            release()
+            close()
         assert count() == before
         r = httpx.post(f"{srv.url}{PREFIX}/tasks", json=body, headers=headers, timeout=20)
         assert r.status_code == 200, r.text

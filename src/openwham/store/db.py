@@ -25,11 +25,14 @@ from sqlalchemy import CursorResult, Engine, Result, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from . import sqlitelock
+
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 
 # How long a statement waits for SQLite's write lock before it fails ("database is locked",
-# which the API answers 503 with Retry-After).
+# which the API answers 503 with Retry-After): first in the process's queue for the file
+# (``store.sqlitelock``), then for what is left in SQLite's busy handler.
 SQLITE_BUSY_TIMEOUT_MS = 15000
 
 
@@ -40,6 +43,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_MS)}")
     cur.close()
+    if isinstance(dbapi_conn, sqlitelock.Connection):
+        dbapi_conn.wait_seconds = SQLITE_BUSY_TIMEOUT_MS / 1000
 
 
 # Connections for API requests (``WHAM_DB_POOL_SIZE``): as many requests are served at once.
@@ -49,14 +54,21 @@ REQUEST_POOL_TIMEOUT = 10.0
 
 
 def make_engine(url: str, **pool: Any) -> Engine:
-    """An engine tuned for the backend: WAL + busy timeout for SQLite, pre-ping for servers.
-    ``pool``: ``create_engine``'s pool arguments (default: 10 connections, 20 more at need)."""
+    """An engine tuned for the backend: WAL, busy timeout and writers served in turn
+    (``store.sqlitelock``) for SQLite, pre-ping for servers. ``pool``: ``create_engine``'s
+    pool arguments (default: 10 connections, 20 more at need)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 15}, **pool
+            url,
+            connect_args={
+                "check_same_thread": False,
+                "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+                "factory": sqlitelock.Connection,
+            },
+            **pool,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
