@@ -263,31 +263,35 @@ class TurnRecorder:
         return time.monotonic() - self._written >= FLUSH_SECONDS
 
     def _write(self, items: list[tuple[str, dict[str, Any]]], *, body: bool = True) -> None:
+        """The events (and the body, when asked and changed) in one transaction shared with
+        other attempts' writes (``Database.writes``, a group commit); published once it
+        committed. The caller holds ``_lock`` until this returns, so nothing changes the body
+        while the transaction is under way on another thread."""
         if self.gone:
             return
-        refused: str | None = None
+        snapshot: dict[str, Any] | None = None
+        if body and self._dirty:
+            self.body["worklog"] = {"messages": list(self._messages.values())}
+            snapshot = self.body
+
+        def write(s: Session) -> str | None:
+            """Why the write was refused (nothing of it was added then), or ``None``."""
+            # with the body updated in this transaction the row is ours until the commit:
+            # the events need no check of their own
+            held = False
+            if snapshot is not None:
+                if not turnstate.record(s, self.turn_id, body=snapshot, run=self.run_id):
+                    return self._why_refused(s)
+                held = True
+            for item_type, payload in items:
+                run = None if held else self.run_id
+                if not events.append(s, self.task_id, self.turn_id, item_type, payload, run=run):
+                    return self._why_refused(s)  # the first: nothing was added
+                held = True  # (FOR SHARE on PostgreSQL) the rest go in the same way
+            return None
+
         try:
-            with self.db.session() as s:
-                # with the body updated in this transaction the row is ours until the
-                # commit: the events need no check of their own
-                held = False
-                if body and self._dirty:
-                    self.body["worklog"] = {"messages": list(self._messages.values())}
-                    if not turnstate.record(s, self.turn_id, body=self.body, run=self.run_id):
-                        refused = self._why_refused(s)
-                    else:
-                        held = True
-                        self._dirty = False
-                        self._written = time.monotonic()
-                for item_type, payload in items if refused is None else []:
-                    run = None if held else self.run_id
-                    if not events.append(
-                        s, self.task_id, self.turn_id, item_type, payload, run=run
-                    ):
-                        s.rollback()
-                        refused = self._why_refused(s)
-                        break
-                    held = True  # (FOR SHARE on PostgreSQL) the rest go in the same way
+            refused = self.db.writes.run(write)
         except SQLAlchemyError:
             log.exception("recording attempt %s failed; stopping it", self.turn_id)
             self.gone = True
@@ -295,6 +299,9 @@ class TurnRecorder:
         if refused is not None:
             self._gone(refused)
             return
+        if snapshot is not None:
+            self._dirty = False
+            self._written = time.monotonic()
         if items:
             self.bus.publish(self.turn_id)
 

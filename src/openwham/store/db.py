@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from . import sqlitelock
+from .groupcommit import GroupCommit
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -106,6 +107,8 @@ class Database:
         )
         self.requests = sessionmaker(self.request_engine, expire_on_commit=False)
         self._ping_engine: Engine | None = None
+        # the engine's small writes (running attempts' events), committed together on SQLite
+        self.writes = GroupCommit(self.session, batched=url.startswith("sqlite"))
 
     def migrate(self) -> None:
         migrate(self.engine)

@@ -1,0 +1,237 @@
+"""Group commit (``store.groupcommit``): on SQLite the small writes that threads ask for while
+a commit is under way go in one transaction (running attempts' events: one transaction per
+agent line before), each caller returns only once its write committed, one caller's writes
+keep their order, and one write's error or refusal never loses another's. Real SQLite (and
+PostgreSQL, where each write stays its own transaction); the database is held busy by an
+open write transaction so that the batches form the same way every run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from openwham.engine.recorder import SUPERSEDED, TurnRecorder
+from openwham.store import events, turnstate
+from openwham.store.db import Database
+from openwham.store.events import LocalEventBus
+from openwham.store.groupcommit import GroupCommit
+from openwham.wire import WorklogMessage
+from test_turnstate import _with_a_task
+
+BOUND = 20.0
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + BOUND
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.01)
+
+
+def _start(target: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def _hold(db: Database) -> Connection:
+    """An open write transaction: every other writer of the database waits behind it."""
+    holder = db.engine.connect()
+    holder.execute(text("UPDATE tasks SET updated_at = updated_at"))
+    return holder
+
+
+@pytest.fixture
+def db(sqlite_url: str) -> Iterator[Database]:
+    database = _with_a_task(sqlite_url)
+    with database.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE writes (id INTEGER PRIMARY KEY, who TEXT UNIQUE)"))
+    try:
+        yield database
+    finally:
+        database.dispose()
+
+
+def _insert(who: str) -> Callable[[Session], str]:
+    def job(s: Session) -> str:
+        s.execute(text("INSERT INTO writes (who) VALUES (:who)"), {"who": who})
+        return who
+
+    return job
+
+
+def _rows(db: Database) -> list[str]:
+    with db.engine.connect() as conn:
+        return list(conn.scalars(text("SELECT who FROM writes ORDER BY id")))
+
+
+def test_writes_asked_during_a_commit_share_the_next_transaction(db: Database) -> None:
+    writes = db.writes
+    assert writes.batched
+    holder = _hold(db)
+    results: dict[str, str] = {}
+
+    def write(who: str) -> None:
+        results[who] = writes.run(_insert(who))
+
+    first = _start(lambda: write("first"))  # leads: its transaction waits for the holder
+    _until(lambda: not writes.queued and writes._leading)
+    time.sleep(0.2)
+    others = [_start(lambda n=n: write(f"w{n}")) for n in range(8)]  # type: ignore[misc]
+    _until(lambda: writes.queued == 8)
+    assert not results  # nobody returned before its commit
+    before = writes.commits
+    holder.commit()
+    holder.close()
+    for thread in [first, *others]:
+        thread.join(BOUND)
+    assert writes.commits - before == 2  # the first alone, then the eight together
+    assert results == {w: w for w in ["first", *(f"w{n}" for n in range(8))]}
+    rows = _rows(db)
+    assert rows[0] == "first" and sorted(rows[1:]) == sorted(f"w{n}" for n in range(8))
+
+
+def test_a_failing_write_in_a_batch_fails_alone(db: Database) -> None:
+    """A batch with a bad write is rolled back and each write runs again alone: the bad one's
+    caller gets its error, the others are committed."""
+    writes = db.writes
+    writes.run(_insert("taken"))
+    holder = _hold(db)
+    outcome: dict[str, Any] = {}
+
+    def write(who: str) -> None:
+        try:
+            outcome[who] = writes.run(_insert(who))
+        except IntegrityError as exc:
+            outcome[who] = exc
+
+    first = _start(lambda: write("first"))
+    _until(lambda: writes._leading)
+    time.sleep(0.2)
+    threads = []
+    for who in ["a", "taken", "b"]:  # "taken" breaks the UNIQUE constraint
+        threads.append(_start(lambda who=who: write(who)))  # type: ignore[misc]
+        _until(lambda: writes.queued == len(threads))
+    holder.commit()
+    holder.close()
+    for thread in [first, *threads]:
+        thread.join(BOUND)
+    assert isinstance(outcome.pop("taken"), IntegrityError)
+    assert outcome == {"first": "first", "a": "a", "b": "b"}
+    assert _rows(db) == ["taken", "first", "a", "b"]
+
+
+def _attempts(db: Database, n: int) -> list[str]:
+    now = time.time()
+    ids = [f"turn{k}" for k in range(n)]
+    with db.session() as s:
+        for turn_id in ids:
+            s.add(
+                turnstate.new_attempt(
+                    id=turn_id,
+                    task_id="task",
+                    parent_id=None,
+                    body={},
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    with db.session() as s:
+        for turn_id in ids:
+            assert turnstate.claim(s, turn_id, body={}, run="A")
+    return ids
+
+
+def _message(n: int) -> WorklogMessage:
+    return WorklogMessage.model_validate(
+        {
+            "id": f"m{n}",
+            "author": {"role": "assistant"},
+            "content": {"content_type": "text", "parts": [f"line {n}"]},
+            "status": "finished_successfully",
+            "channel": None,
+        }
+    )
+
+
+def test_attempts_lines_are_committed_together_in_order_and_published_after(
+    db: Database,
+) -> None:
+    """Four running attempts print lines at once while the database is busy: their events are
+    committed in far fewer transactions than lines, every one is stored, each attempt's in
+    the order it printed them; a line is published only after its commit; and a run that was
+    superseded meanwhile is refused in the batch without taking the others' lines with it."""
+    turns = _attempts(db, 4)
+    with db.session() as s:  # turn3 was requeued and claimed by another run meanwhile
+        assert turnstate.requeue(s, "turn3", body={})
+        assert turnstate.claim(s, "turn3", body={}, run="B")
+    published: list[tuple[str, int]] = []
+
+    class Bus(LocalEventBus):
+        def publish(self, turn_id: str) -> None:
+            with db.sessions() as s:  # what a stream would read now
+                published.append((turn_id, len(events.read(s, turn_id))))
+
+    bus = Bus()
+    recorders = [TurnRecorder(db, bus, "task", t, {}, run_id="A") for t in turns]
+    gone: list[str] = []
+    recorders[3].on_gone = gone.append
+    lines = 12
+    holder = _hold(db)
+    before = db.writes.commits
+
+    def attempt(rec: TurnRecorder) -> None:
+        for n in range(lines):
+            rec.message(_message(n))
+
+    threads = [_start(lambda rec=rec: attempt(rec)) for rec in recorders]  # type: ignore[misc]
+    _until(lambda: db.writes.queued == 3)  # one leads (waiting for the holder), three queue
+    holder.commit()
+    holder.close()
+    for thread in threads:
+        thread.join(BOUND)
+    commits = db.writes.commits - before
+    # 37 writes (turn3's one refused): one transaction each before; now the first alone,
+    # the three queued behind it together, and the rest as they meet (fewer as it is busier)
+    assert commits <= 37 - 2, commits
+    with db.sessions() as s:
+        for turn_id in turns[:3]:
+            got = [e.payload["id"] for e in events.read(s, turn_id)]
+            assert got == [f"m{n}" for n in range(lines)], (turn_id, got)
+        assert events.read(s, "turn3") == []
+    assert recorders[3].gone_reason == SUPERSEDED
+    _until(lambda: gone == [SUPERSEDED])
+    for turn_id in turns[:3]:  # each publish saw its own line committed
+        seen = [n for t, n in published if t == turn_id]
+        assert seen == list(range(1, lines + 1)), (turn_id, seen)
+
+
+def test_on_postgresql_each_write_is_its_own_transaction(postgres_url: str) -> None:
+    database = _with_a_task(postgres_url)
+    try:
+        assert not database.writes.batched
+        turn = _attempts(database, 1)[0]
+        rec = TurnRecorder(database, LocalEventBus(), "task", turn, {}, run_id="A")
+        before = database.writes.commits
+        for n in range(3):
+            rec.message(_message(n))
+        assert database.writes.commits - before == 3
+        with database.sessions() as s:
+            assert [e.payload["id"] for e in events.read(s, turn)] == ["m0", "m1", "m2"]
+    finally:
+        database.dispose()
+
+
+def test_a_group_commit_alone_commits_at_once(db: Database) -> None:
+    """No timer: a write with nobody else waiting is committed in its caller's thread now."""
+    group = GroupCommit(db.session, batched=True)
+    assert group.run(_insert("alone")) == "alone"
+    assert group.commits == 1 and not group._leading
+    assert _rows(db) == ["alone"]
