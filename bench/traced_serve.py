@@ -4,13 +4,20 @@ Only used for the start-up breakdown (the headline figures come from the plain `
 entry point). It wraps, without changing behaviour, the functions ``Engine.run_turn`` calls
 and appends one JSON line per span or point to ``$BENCH_TRACE``:
 ``{"turn": id, "name": …, "t0": time.time(), "t1": time.time()}``.
+
+With ``$BENCH_CODEX_RUST_LOG`` (a ``RUST_LOG`` filter) the sandboxed Codex logs to its
+stderr, and each of its log lines after the prompt is written becomes a point
+``codex_log`` at Codex's own timestamp (``msg``: the line without its span prefix);
+those lines are not passed on to the engine.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -105,6 +112,15 @@ def install() -> None:
     _wrap(recorder.TurnRecorder, "status", "recorder_status")
     _wrap(recorder.TurnRecorder, "finish", "recorder_finish")
     _wrap(attempt, "workspace_diff", "workspace_diff")
+    _wrap(engine_workspace.Workspaces, "take_standby", "take_standby")
+    _wrap(engine_workspace, "branch_head", "branch_head")
+    _wrap(gateway_app.Gateway, "release", "gateway_release")
+    rust_log = os.environ.get("BENCH_CODEX_RUST_LOG")
+    if rust_log:
+        sandbox_env = codex.sandbox_env
+        setattr(  # noqa: B010
+            codex, "sandbox_env", lambda token: {**sandbox_env(token), "RUST_LOG": rust_log}
+        )
 
     start = bwrap.start
 
@@ -114,6 +130,8 @@ def install() -> None:
 
         def hooked(on_output: Any) -> Any:
             def hook(stream: str, line: str) -> None:
+                if stream == "stderr" and _codex_log(line, turn[0]):
+                    return
                 if not seen.get(stream):
                     seen[stream] = True
                     emit(f"sandbox_first_{stream}", time.time(), turn=turn[0], line=line[:120])
@@ -158,6 +176,21 @@ def install() -> None:
         return record
 
     setattr(gateway_app.Gateway, "_authenticate", traced_authenticate)  # noqa: B010
+
+
+_CODEX_LOG = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z +[A-Z]+ +(.*)")
+
+
+def _codex_log(line: str, turn: str | None) -> bool:
+    """A line of Codex's own log (``RUST_LOG``): emitted as ``codex_log`` at its time."""
+    found = _CODEX_LOG.match(line)
+    if found is None:
+        return False
+    at = datetime.datetime.fromisoformat(found.group(1) + "+00:00").timestamp()
+    message = found.group(2)
+    cut = message.rfind("}: ")
+    emit("codex_log", at, turn=turn, msg=(message[cut + 3 :] if cut >= 0 else message)[:200])
+    return True
 
 
 def main() -> None:
