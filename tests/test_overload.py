@@ -327,10 +327,10 @@ def test_a_write_that_cannot_get_sqlites_lock_is_answered_503_and_changes_nothin
 # --------------------------------------------------------------------------- request cost
 
 
-def test_task_details_costs_four_statements(tmp_path: Path, sqlite_url: str) -> None:
+def test_task_details_costs_two_statements(tmp_path: Path, sqlite_url: str) -> None:
     """The token, its user and the account come in one query (not one each) on every
-    request; task details then read the task with its environment's label, its turns, and
-    the task row once more (unchanged: the two reads show one state, ``_details_rows``)."""
+    request; task details then read the task with its environment's label and its turns in
+    one statement (one state of both; it was three: the task, its turns, the task again)."""
     from sqlalchemy import event
 
     serving = _serve(tmp_path, sqlite_url)
@@ -352,9 +352,9 @@ def test_task_details_costs_four_statements(tmp_path: Path, sqlite_url: str) -> 
         finally:
             event.remove(engine, "before_cursor_execute", seen)
         assert r.status_code == 200
-        assert len(statements) == 4, statements
+        assert len(statements) == 2, statements
         assert "api_tokens" in statements[0] and "memberships" in statements[0]
-        assert statements[1] == statements[3] and "FROM tasks" in statements[1]
+        assert "FROM tasks" in statements[1] and "JOIN turns" in statements[1]
     finally:
         serving.close()
 
@@ -503,3 +503,93 @@ def test_read_threads_default_by_database_and_never_above_the_pool(tmp_path: Pat
     assert read_threads(pg) == 4
     assert read_threads(Settings(data_dir=tmp_path, read_threads=8, db_pool_size=3)) == 3
     assert read_threads(Settings(data_dir=tmp_path, read_threads=1)) == 1
+
+
+# --------------------------------------------------------------------------- PostgreSQL round trips
+
+
+class _RoundTrips:
+    """Counts an engine's round trips to PostgreSQL: libpq's protocol trace of every
+    connection it opens from now on, one ``ReadyForQuery`` per round trip (a pool pre-ping,
+    ``BEGIN`` and ``ROLLBACK`` included, which SQLAlchemy's statement events do not see).
+    The pool is emptied first, so that every connection it hands out is traced."""
+
+    def __init__(self, engine: Any, trace_dir: Path) -> None:
+        from sqlalchemy import event
+
+        self.trace_dir, self.files, self.marks = trace_dir, list[Path](), dict[Path, int]()
+        engine.dispose()
+        event.listen(engine, "connect", self._connect)
+
+    def _connect(self, dbapi_conn: Any, _record: Any) -> None:
+        from psycopg import pq
+
+        path = self.trace_dir / f"trace-{len(self.files)}"
+        self.files.append(path)
+        dbapi_conn._wham_trace = path.open("wb")  # closed with the connection
+        dbapi_conn.pgconn.trace(dbapi_conn._wham_trace.fileno())
+        dbapi_conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+
+    def mark(self) -> None:
+        self.marks = {path: len(self._lines(path)) for path in self.files}
+
+    def _lines(self, path: Path) -> list[str]:
+        return path.read_text(errors="replace").splitlines()
+
+    def since_mark(self) -> list[str]:
+        return [line for p in self.files for line in self._lines(p)[self.marks.get(p, 0) :]]
+
+    def count(self) -> int:
+        return sum(1 for line in self.since_mark() if "\tReadyForQuery\t" in line)
+
+
+def test_task_details_on_postgresql_take_few_round_trips(tmp_path: Path, postgres_url: str) -> None:
+    """A cached task details read on PostgreSQL: no pool pre-ping (``SELECT 1``), no
+    ``BEGIN``/``ROLLBACK`` around a read (AUTOCOMMIT), the task and its turns in one statement:
+    each round trip is a wake-up of the server process on a busy machine."""
+    serving = _serve(tmp_path, postgres_url)
+    srv = next(serving)
+    try:
+        url = f"{srv.url}{PREFIX}/tasks/{srv.task_id}"
+        headers = {"Authorization": f"Bearer {srv.token}"}
+        trips = _RoundTrips(srv.state.db.request_engine, tmp_path)
+        assert httpx.get(url, headers=headers, timeout=10).status_code == 200
+        trips.mark()
+        assert httpx.get(url, headers=headers, timeout=10).status_code == 200
+        print("\n".join(trips.since_mark()))
+        assert trips.count() <= 2, trips.since_mark()
+    finally:
+        serving.close()
+
+
+def test_pooled_connections_the_server_closed_are_replaced_at_checkout(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Without a pre-ping, a pooled connection whose backend went away (a restarted or
+    terminated server process) is found at checkout by its readable socket and replaced, so
+    no request gets an error for it (``store.db._closed_by_the_server``)."""
+    import psycopg
+    from sqlalchemy import make_url
+
+    serving = _serve(tmp_path, postgres_url)
+    srv = next(serving)
+    try:
+        headers = {"Authorization": f"Bearer {srv.token}"}
+        paths = [f"{PREFIX}/environments", f"{PREFIX}/tasks/list", f"{PREFIX}/tasks/{srv.task_id}"]
+        for path in paths:
+            assert httpx.get(f"{srv.url}{path}", headers=headers, timeout=10).status_code == 200
+        url = make_url(postgres_url)
+        admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            ended = conn.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000))"
+                " FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (url.database,),
+            ).fetchone()
+        assert ended is not None and ended[0] >= 1
+        for _ in range(3):
+            for path in paths:
+                r = httpx.get(f"{srv.url}{path}", headers=headers, timeout=10)
+                assert r.status_code == 200, (path, r.status_code, r.text)
+    finally:
+        serving.close()

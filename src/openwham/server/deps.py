@@ -83,17 +83,14 @@ class Reader:
         return Response(body, media_type="application/json")
 
     def _render(self, read: Callable[[Session, Principal], BaseModel | bytes]) -> bytes:
-        with self.state.db.requests() as session:
-            try:
-                principal = authenticate_for_read(
-                    session, self.state.signing_key, self.token, self.account_header
-                )
-                model = read(session, principal)
-                if isinstance(model, bytes):
-                    return model
-                return model.__pydantic_serializer__.to_json(model, by_alias=True)
-            finally:
-                session.rollback()
+        with self.state.db.read_session() as session:
+            principal = authenticate_for_read(
+                session, self.state.signing_key, self.token, self.account_header
+            )
+            model = read(session, principal)
+            if isinstance(model, bytes):
+                return model
+            return model.__pydantic_serializer__.to_json(model, by_alias=True)
 
 
 async def get_reader(

@@ -991,16 +991,28 @@ def _render_details(task: m.Task, ctx: _Context, inline_diff: int | None) -> Tas
     )
 
 
-# Built once (a statement built per request costs about as much as running it).
-_DETAILS_TASK = (
-    select(*_TASK_COLUMNS, m.Environment.label.label("env_label"), _json_text(m.Task.body))
+# Built once (a statement built per request costs about as much as running it): the task with
+# its environment's label and each of its turns, one row per turn (one row with no turn), in
+# ONE statement, so the task and its turns are one state of both (a statement sees one
+# snapshot, on SQLite and on PostgreSQL) and a read is one round trip.
+_DETAILS = (
+    select(
+        *_TASK_COLUMNS,
+        m.Environment.label.label("env_label"),
+        _json_text(m.Task.body),
+        *(c.label(f"turn__{c.key}") for c in _TURN_COLUMNS),
+        cast(m.Turn.body, Text).label("turn__body"),
+    )
+    .select_from(m.Task)
     .outerjoin(m.Environment, m.Environment.id == m.Task.environment_id)
+    .outerjoin(m.Turn, m.Turn.task_id == m.Task.id)
     .where(m.Task.id == bindparam("task_id"))
 )
-_CONSISTENT_READ_TRIES = 5
-_DETAILS_TURNS = select(*_TURN_COLUMNS, _json_text(m.Turn.body)).where(
-    m.Turn.task_id == bindparam("task_id")
-)
+_TASK_KEYS = (*(c.key for c in _TASK_COLUMNS), "env_label", "body")
+_TURN_KEYS = (*(c.key for c in _TURN_COLUMNS), "body")
+_TASK_WIDTH = len(_TASK_KEYS)
+_ACCOUNT_AT = _TASK_KEYS.index("account_id")
+assert _TURN_KEYS[0] == "id"  # _details_rows: a row without a turn has None there
 
 
 def details_json(
@@ -1012,7 +1024,7 @@ def details_json(
     inline_diff: int | None = None,
 ) -> bytes:
     """``GET tasks/{id}`` as JSON bytes, the same as ``details`` serialised: the task's rows
-    are read with two Core statements (no ORM objects) and the answer rendered only when no
+    are read with one Core statement (no ORM objects) and the answer rendered only when no
     rendering of exactly these rows is kept (``service.rendercache``)."""
     if len(task_id) > 200:
         raise NotFound("Task not found")
@@ -1023,35 +1035,30 @@ def details_json(
     cached = cache.get("details", ident, key)
     if cached is not None:
         return cached
-    task = m.Task(**_orm_values(row._mapping, _TASK_COLUMNS))
-    turns = {str(r.id): m.Turn(**_orm_values(r._mapping, _TURN_COLUMNS)) for r in turn_rows}
-    labels = {str(row.environment_id): str(row.env_label)} if row.env_label is not None else {}
+    task_values = dict(zip(_TASK_KEYS, row, strict=True))
+    task = m.Task(**_orm_values(task_values, _TASK_COLUMNS))
+    turns = {}
+    for turn_row in turn_rows:
+        values = dict(zip(_TURN_KEYS, turn_row, strict=True))
+        turns[str(values["id"])] = m.Turn(**_orm_values(values, _TURN_COLUMNS))
+    label = task_values["env_label"]
+    labels = {str(task_values["environment_id"]): str(label)} if label is not None else {}
     model = _render_details(task, _Context.of(turns, labels), inline_diff)
     body = model.__pydantic_serializer__.to_json(model, by_alias=True)
     cache.put("details", ident, key, body)
     return body
 
 
-def _details_rows(conn: Connection, principal: Principal, task_id: str) -> tuple[Any, list[Any]]:
-    """The task's row and its turns' rows as one state of both. SQLite runs each SELECT on a
-    snapshot of its own (pysqlite begins no transaction for reads), so a write that changed
-    the task and its turns together (an attempt's end sets its status and the task's Unread)
-    may fall between the two reads: the task row read again unchanged means it did not."""
-    row = conn.execute(_DETAILS_TASK, {"task_id": task_id}).first()
-    turn_rows: list[Any] = []
-    for _ in range(_CONSISTENT_READ_TRIES):
-        if row is None or row.account_id != principal.account_id:
-            raise NotFound("Task not found")
-        turn_rows = sorted(
-            conn.execute(_DETAILS_TURNS, {"task_id": task_id}).all(), key=lambda r: str(r.id)
-        )
-        again = conn.execute(_DETAILS_TASK, {"task_id": task_id}).first()
-        if again == row:
-            break
-        row = again
-    if row is None or row.account_id != principal.account_id:
+def _details_rows(
+    conn: Connection, principal: Principal, task_id: str
+) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+    """The task's values (``_TASK_KEYS``) and its turns' (``_TURN_KEYS``, by id) from the one
+    statement; 404 unless the task is the caller's account's."""
+    rows = [tuple(r) for r in conn.execute(_DETAILS, {"task_id": task_id})]
+    if not rows or rows[0][_ACCOUNT_AT] != principal.account_id:
         raise NotFound("Task not found")
-    return row, turn_rows
+    turns = [r[_TASK_WIDTH:] for r in rows if r[_TASK_WIDTH] is not None]  # a turn's id
+    return rows[0][:_TASK_WIDTH], sorted(turns, key=lambda t: str(t[0]))
 
 
 def _orm_values(row: Any, columns: list[Any]) -> dict[str, Any]:

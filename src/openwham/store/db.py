@@ -14,6 +14,7 @@ A :class:`Database` holds three connection pools, so that no user of one can sta
 from __future__ import annotations
 
 import math
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event, text
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, exc, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -54,10 +55,27 @@ DEFAULT_REQUEST_POOL = 10
 REQUEST_POOL_TIMEOUT = 10.0
 
 
+def _closed_by_the_server(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+    """Checkout liveness without a round trip (instead of ``pool_pre_ping``'s ``SELECT``, one
+    wake-up of the server process per checkout): an idle pooled connection has nothing to
+    read, so a readable socket means the server sent its goodbye (a restart, a terminated
+    backend: an error message and EOF). The pool then replaces the connection."""
+    try:
+        fd = dbapi_conn.fileno()
+    except Exception as e:  # already closed
+        raise exc.DisconnectionError("connection closed") from e
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    if poller.poll(0):
+        raise exc.DisconnectionError("the server closed the connection")
+
+
 def make_engine(url: str, **pool: Any) -> Engine:
     """An engine tuned for the backend: WAL, busy timeout and writers served in turn
-    (``store.sqlitelock``) for SQLite, pre-ping for servers. ``pool``: ``create_engine``'s
-    pool arguments (default: 10 connections, 20 more at need)."""
+    (``store.sqlitelock``) for SQLite; for servers, a dead connection found at checkout
+    (``_closed_by_the_server``, or ``pool_pre_ping`` for a driver without a socket to look
+    at). ``pool``: ``create_engine``'s pool arguments (default: 10 connections, 20 more at
+    need)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -73,7 +91,12 @@ def make_engine(url: str, **pool: Any) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, **{"pool_size": 10, "max_overflow": 20, **pool})
+    sockets = make_url(url).get_driver_name() in ("psycopg", "psycopg2")  # fileno()
+    pool = {"pool_size": 10, "max_overflow": 20, "pool_pre_ping": not sockets, **pool}
+    engine = create_engine(url, **pool)
+    if sockets:
+        event.listen(engine, "checkout", _closed_by_the_server)
+    return engine
 
 
 def alembic_config(url: str) -> Config:
@@ -123,6 +146,20 @@ class Database:
             except BaseException:
                 s.rollback()
                 raise
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A request pool session for reads, rolled back at the end. On a server database
+        its connection is in AUTOCOMMIT: no ``BEGIN`` and ``ROLLBACK`` round trips (each
+        statement of a READ COMMITTED transaction sees a snapshot of its own anyway); a
+        write in it (a token's use) commits at once."""
+        with self.requests() as session:
+            try:
+                if not self.url.startswith("sqlite"):
+                    session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+                yield session
+            finally:
+                session.rollback()
 
     def ping(self, timeout: float) -> None:
         """Raise unless the database answers ``SELECT 1`` on a new connection (``/healthz``;
