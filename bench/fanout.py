@@ -30,7 +30,10 @@ import json
 import math
 import os
 import re
+import select
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -165,6 +168,156 @@ async def run_clients(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+class RawStreams:
+    """N SSE clients in one process for little CPU (``--client epoll``, the default): plain
+    non-blocking sockets on one ``epoll``; a wake-up costs one ``recvmsg`` and one append of
+    the bytes with two times, and the bytes are parsed only after the run. Each chunk's
+    times are when the client read it (``time.time()``) and when the kernel queued it on the
+    socket (``SO_TIMESTAMPNS``, the last segment the read returned): the second does not
+    include the client's own waiting for a core, so it is what the server delivered.
+
+    A stream the server ends before the terminal event reconnects with ``Last-Event-ID``
+    (parsed then: it is rare)."""
+
+    TIMESTAMP_SIZE = struct.calcsize("@ll")
+    # Linux's value (asm-generic/socket.h, SO_TIMESTAMPNS_OLD), absent from Python < 3.13
+    SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+    def __init__(self, host: str, port: int, path: str, token: str, n: int) -> None:
+        self.host, self.port, self.path, self.token, self.n = host, port, path, token, n
+        self.chunks: list[list[tuple[float, float, bytes]]] = [[] for _ in range(n)]
+        self.reconnects = 0
+        self.refused = 0
+
+    def _request(self, stream: int) -> socket.socket:
+        """A connected socket whose answer was 200 (503: wait its Retry-After, then again);
+        the bytes after the head are the stream's first chunk."""
+        while True:
+            sock = socket.create_connection((self.host, self.port))
+            sock.setsockopt(socket.SOL_SOCKET, self.SO_TIMESTAMPNS, 1)
+            ids = parse_stream(self.chunks[stream])[0]
+            last = f"Last-Event-ID: {ids[-1]}\r\n" if ids else ""
+            sock.sendall(
+                f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\n"
+                f"Authorization: Bearer {self.token}\r\nAccept: text/event-stream\r\n"
+                f"{last}\r\n".encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise RuntimeError(f"stream closed before its head: {head[:200]!r}")
+                head += data
+            head, rest = head.split(b"\r\n\r\n", 1)
+            status = int(head.split(b" ", 2)[1])
+            if status == 200:
+                if rest:
+                    now = time.time()
+                    self.chunks[stream].append((now, now, rest))
+                sock.setblocking(False)
+                return sock
+            sock.close()
+            if status != 503:
+                raise RuntimeError(f"stream answered {status}: {head[:200]!r}")
+            self.refused += 1
+            match = re.search(rb"(?i)retry-after: *(\d+)", head)
+            time.sleep(float(match.group(1)) if match else 1.0)
+
+    def connect(self) -> None:
+        self.socks: dict[int, tuple[int, socket.socket]] = {}
+        for i in range(self.n):
+            sock = self._request(i)
+            self.socks[sock.fileno()] = (i, sock)
+
+    def follow(self, timeout: float) -> None:
+        ep = select.epoll()
+        for fd in self.socks:
+            ep.register(fd, select.EPOLLIN)
+        space = socket.CMSG_SPACE(self.TIMESTAMP_SIZE)
+        deadline = time.monotonic() + timeout
+        chunks = self.chunks
+        while self.socks:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.socks)} stream(s) still open after {timeout} s")
+            for fd, _ in ep.poll(1.0):
+                stream, sock = self.socks[fd]
+                try:
+                    data, ancillary, _, _ = sock.recvmsg(1 << 16, space)
+                except BlockingIOError:
+                    continue
+                now = time.time()
+                if data:
+                    kernel = now
+                    for level, kind, value in ancillary:
+                        if level == socket.SOL_SOCKET and kind == self.SO_TIMESTAMPNS:
+                            sec, nsec = struct.unpack("@ll", value[: self.TIMESTAMP_SIZE])
+                            kernel = sec + nsec / 1e9
+                    chunks[stream].append((now, kernel, data))
+                    if not data.endswith(b"0\r\n\r\n"):  # not the body's last chunk
+                        continue
+                ep.unregister(fd)
+                del self.socks[fd]
+                sock.close()
+                if not parse_stream(chunks[stream])[3]:  # ended before the end: again
+                    self.reconnects += 1
+                    again = self._request(stream)
+                    self.socks[again.fileno()] = (stream, again)
+                    ep.register(again.fileno(), select.EPOLLIN)
+        ep.close()
+
+    def result(self) -> dict[str, Any]:
+        parsed = [parse_stream(c) for c in self.chunks]
+        return {
+            "ids": [p[0] for p in parsed],
+            "stamps": [p[1] for p in parsed],
+            "latencies": [p[2] for p in parsed],
+            "kernel_latencies": [p[4] for p in parsed],
+            "reconnects": self.reconnects,
+            "refused": self.refused,
+        }
+
+
+def parse_stream(
+    chunks: list[tuple[float, float, bytes]],
+) -> tuple[list[int], list[float], list[float], bool, list[float]]:
+    """A stream's event ids, their timestamps, their latencies (read by the client) and
+    whether the terminal event came, and the latencies by the kernel's time, from its
+    chunks. A line's time is that of the chunk that completed it; a chunk-size line of the
+    chunked encoding is neither an ``id:`` nor a ``data:`` line."""
+    ids: list[int] = []
+    stamps: list[float] = []
+    latencies: list[float] = []
+    kernel: list[float] = []
+    pending = b""
+    for now, at, data in chunks:
+        pending += data
+        lines = pending.split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            if line.startswith(b"id: "):
+                ids.append(int(line[4:]))
+            elif line.startswith(b"data: "):
+                found = STAMP.search(line, 0, 200)
+                if found:
+                    stamp = float(found.group(1))
+                    stamps.append(stamp)
+                    latencies.append(now - stamp)
+                    kernel.append(at - stamp)
+                if TERMINAL.search(line):
+                    return ids, stamps, latencies, True, kernel
+    return ids, stamps, latencies, False, kernel
+
+
+def run_raw_clients(args: argparse.Namespace) -> dict[str, Any]:
+    host, port = args.url.removeprefix("http://").rsplit(":", 1)
+    path = f"{h.PREFIX}/tasks/{args.task}/turns/{args.turn}/stream"
+    streams = RawStreams(host, int(port), path, args.token, args.n)
+    streams.connect()
+    Path(args.ready).write_text("ready")
+    streams.follow(args.timeout)
+    return streams.result()
+
+
 # --------------------------------------------------------------------------- probe
 
 
@@ -229,21 +382,28 @@ def one(
     gate.arrived.clear()
     model.script = [Shell(f"echo step {i}") for i in range(args.steps)] + [Say("Done.")]
     task_id, turn_id = server.create_task(env_id, f"fanout-run {n}: echo a few steps")
-    ready, stop, out = work / f"ready-{n}", work / f"stop-{n}", work / f"clients-{n}.json"
-    probing = work / f"probing-{n}"
+    stop, probing = work / f"stop-{n}", work / f"probing-{n}"
     common = ["--url", server.url, "--token", server.token, "--task", task_id]
-    clients = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "bench.fanout", "clients", *common, "--turn", turn_id),
-            *("--n", str(n), "--ready", str(ready), "--out", str(out)),
-            *("--timeout", str(args.timeout)),
-        ],
-        cwd=h.ROOT,
-    )
+    procs = max(1, min(args.client_processes, n))
+    shares = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+    readies = [work / f"ready-{n}-{i}" for i in range(procs)]
+    outs = [work / f"clients-{n}-{i}.json" for i in range(procs)]
+    clients = [
+        subprocess.Popen(
+            [
+                *(sys.executable, "-m", "bench.fanout", "clients", *common, "--turn", turn_id),
+                *("--n", str(share), "--ready", str(ready), "--out", str(out)),
+                *("--timeout", str(args.timeout), "--client", args.client),
+            ],
+            cwd=h.ROOT,
+        )
+        for share, ready, out in zip(shares, readies, outs, strict=True)
+    ]
     deadline = time.monotonic() + args.timeout
-    while not ready.exists():
-        if clients.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the clients did not connect (exit {clients.poll()})")
+    while not all(ready.exists() for ready in readies):
+        failed = [c.poll() for c in clients if c.poll() is not None]
+        if failed or time.monotonic() > deadline:
+            raise RuntimeError(f"the clients did not connect (exit {failed})")
         time.sleep(0.05)
     probe = subprocess.Popen(
         [
@@ -265,16 +425,22 @@ def one(
     cpu0, machine0 = process_cpu(server.process.pid), machine_cpu()
     gate.release.set()
     try:
-        clients.wait(args.timeout)
+        for c in clients:
+            c.wait(max(1.0, deadline - time.monotonic()))
         cpu1, machine1 = process_cpu(server.process.pid), machine_cpu()
     finally:
         stop.write_text("stop")
         probe_out, _ = probe.communicate(timeout=60)
-        if clients.poll() is None:
-            clients.kill()
-    if clients.returncode != 0:
-        raise RuntimeError(f"the clients failed (exit {clients.returncode})")
-    result = json.loads(out.read_text())
+        for c in clients:
+            if c.poll() is None:
+                c.kill()
+    if any(c.returncode != 0 for c in clients):
+        raise RuntimeError(f"the clients failed (exit {[c.returncode for c in clients]})")
+    result: dict[str, Any] = {}
+    for out in outs:
+        part = json.loads(out.read_text())
+        for key, value in part.items():
+            result[key] = result.get(key, 0 if isinstance(value, int) else []) + value
     result["probe"] = json.loads(probe_out)
     result["released"] = released
     window = time.time() - released
@@ -311,6 +477,12 @@ def report(n: int, r: dict[str, Any]) -> dict[str, Any]:
         for s, x in zip(stamps, lats, strict=True)
         if s >= r["released"]
     ]
+    kernel = [
+        x
+        for stamps, lats in zip(r["stamps"], r.get("kernel_latencies", []), strict=False)
+        for s, x in zip(stamps, lats, strict=True)
+        if s >= r["released"]
+    ]
     probe = r["probe"]
     ev99 = pct(lat, 99) * 1000 if lat else math.inf
     pr99 = pct(probe, 99) * 1000 if probe else math.inf
@@ -320,6 +492,8 @@ def report(n: int, r: dict[str, Any]) -> dict[str, Any]:
     print(
         f"  event latency, ms (min / p50 / p90 / p99 / max, {len(lat)} deliveries): {spread(lat)}"
     )
+    if kernel:
+        print(f"  the same by the kernel's arrival time (SO_TIMESTAMPNS), ms: {spread(kernel)}")
     print(f"  task details meanwhile, ms ({len(probe)} requests): {spread(probe)}")
     print(
         f"  event p99 / target: {ev99:.1f} / {TARGET_EVENT_P99_MS:.0f} ms = "
@@ -339,6 +513,9 @@ def report(n: int, r: dict[str, Any]) -> dict[str, Any]:
         "complete": same and ordered,
         "reconnects": r["reconnects"],
         "event_ms": {"p50": pct(lat, 50) * 1000, "p99": ev99} if lat else None,
+        "event_kernel_ms": (
+            {"p50": pct(kernel, 50) * 1000, "p99": pct(kernel, 99) * 1000} if kernel else None
+        ),
         "details_ms": {"p50": pct(probe, 50) * 1000, "p99": pr99} if probe else None,
     }
 
@@ -356,6 +533,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the summary here")
     p.add_argument("--server-module", default=None, help="run `python -m M serve` instead of wham")
+    p.add_argument(
+        "--client",
+        choices=("epoll", "asyncio"),
+        default="epoll",
+        help="the streams' client: raw sockets on epoll, parsed after the run (cheap), or "
+        "asyncio streams parsing as they read (the client before 2026-12-05 night)",
+    )
+    p.add_argument("--client-processes", type=int, default=1, help="processes sharing the streams")
     sub = p.add_subparsers(dest="role")
     for role in ("clients", "probe"):
         q = sub.add_parser(role)
@@ -367,11 +552,15 @@ def main(argv: list[str] | None = None) -> int:
             q.add_argument("--ready", required=True)
             q.add_argument("--out", required=True)
             q.add_argument("--timeout", type=float, default=180.0)
+            q.add_argument("--client", choices=("epoll", "asyncio"), default="epoll")
         else:
             q.add_argument("--stop", required=True)
             q.add_argument("--ready", required=True)
             q.add_argument("--interval", type=float, default=0.02)
     args = p.parse_args(argv)
+    if args.role == "clients" and args.client == "epoll":
+        Path(args.out).write_text(json.dumps(run_raw_clients(args)))
+        return 0
     if args.role == "clients":
         try:  # uvicorn's event loop, when installed: the clients cost the machine less
             import uvloop
