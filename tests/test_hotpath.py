@@ -18,13 +18,13 @@ from sqlalchemy import update
 
 from conftest import Server
 from openwham.server.app import PREFIXES
-from openwham.server.hotpath import HotReads, details_pattern
-from openwham.server.routers.tasks import task_details
+from openwham.server.hotpath import HotReads, details_pattern, list_paths, list_query
+from openwham.server.routers.tasks import list_page, task_details
 from openwham.store import models as m
 
 
 def _call(
-    mw: HotReads, method: str, path: str, headers: dict[str, str]
+    mw: HotReads, method: str, path: str, headers: dict[str, str], query: str = ""
 ) -> tuple[int, bytes, dict[bytes, bytes]]:
     """One request through ``mw`` with an app behind it that answers 299 and says so."""
     sent: list[dict[str, Any]] = []
@@ -40,7 +40,7 @@ def _call(
         "method": method,
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query.encode(),
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
     }
     asyncio.run(mw(scope, receive, send))
@@ -60,7 +60,8 @@ def hot(server: Server, repo: Path) -> tuple[Server, HotReads, str]:
     from openwham.server.app import create_app  # the app's own routes decide the pattern
 
     routes = create_app(server.app_state.settings, db=server.app_state.db).routes
-    mw = HotReads(_behind, server.app_state, details_pattern(PREFIXES.values(), routes))
+    pattern = details_pattern(PREFIXES.values(), routes)
+    mw = HotReads(_behind, server.app_state, pattern, list_paths(PREFIXES.values()))
     return server, mw, task_id
 
 
@@ -85,7 +86,6 @@ def test_everything_else_goes_to_the_app(hot: tuple[Server, HotReads, str]) -> N
     auth = {"Authorization": f"Bearer {server.api.token}"}
     wham = PREFIXES["wham"]
     for method, path, headers in [
-        ("GET", f"{wham}/tasks/list", auth),
         ("GET", f"{wham}/tasks/rate_limit", auth),
         ("GET", f"{wham}/tasks/{task_id}/turns", auth),
         ("GET", f"{wham}/tasks/{task_id}/", auth),
@@ -139,3 +139,85 @@ def test_the_app_answers_details_through_the_hot_path(
     task_id = server.api.create_task(env["id"])["task"]["id"]
     assert server.api.get(f"tasks/{task_id}").status_code == 200
     assert calls == [task_id]
+
+
+def test_lists_are_answered_without_the_app_with_the_routes_bytes(
+    hot: tuple[Server, HotReads, str], repo: Path
+) -> None:
+    server, mw, _ = hot
+    auth = {"Authorization": f"Bearer {server.api.token}"}
+    server.api.create_task(server.api.create_env(repo)["id"])
+    first = server.api.get("tasks/list?limit=1").json()
+    assert first["cursor"]
+    for query in [
+        "",
+        "limit=100",
+        "limit=1",
+        "task_filter=all&limit=5",
+        f"cursor={first['cursor']}",
+    ]:
+        for prefix in PREFIXES.values():
+            status, body, headers = _call(mw, "GET", f"{prefix}/tasks/list", auth, query)
+            routed = server.api.styled(prefix).get(f"tasks/list?{query}")
+            assert (status, body) == (200, routed.content), query
+            assert headers[b"content-type"] == routed.headers["content-type"].encode()
+
+
+def test_list_queries_the_route_should_validate_go_to_the_app(
+    hot: tuple[Server, HotReads, str],
+) -> None:
+    server, mw, _ = hot
+    auth = {"Authorization": f"Bearer {server.api.token}"}
+    path = f"{PREFIXES['wham']}/tasks/list"
+    for query in [
+        "limit=abc",
+        "limit=",
+        "limit=+5",
+        "limit=%205",
+        "limit=0",  # refused by the read: the route's 400
+        "limit=1000",
+        "limit=1&limit=2",
+        "task_filter=nope",
+        "task_filter=",
+        "other=1",
+        "cursor=garbage",
+        "limit=%ff",
+    ]:
+        assert _call(mw, "GET", path, auth, query)[:2] == (299, b"app"), query
+        assert list_query(query.encode()) is None or query in {
+            "limit=0",
+            "limit=1000",
+            "task_filter=nope",
+            "cursor=garbage",
+        }, query
+    for headers in [{}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer not-a-jwt"}]:
+        assert _call(mw, "GET", path, headers)[:2] == (299, b"app"), headers
+
+
+def test_a_revoked_token_lists_nothing_at_once(hot: tuple[Server, HotReads, str]) -> None:
+    server, mw, _ = hot
+    token = server.owner_token()
+    path = f"{PREFIXES['wham']}/tasks/list"
+    assert _call(mw, "GET", path, {"Authorization": f"Bearer {token}"})[0] == 200
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    with server.app_state.db.session() as s:
+        s.execute(update(m.ApiToken).where(m.ApiToken.id == jti).values(revoked_at=time.time()))
+    assert server.api.as_(token).get("tasks/list").status_code == 401
+    assert _call(mw, "GET", path, {"Authorization": f"Bearer {token}"})[:2] == (299, b"app")
+
+
+def test_the_app_answers_lists_through_the_hot_path(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openwham.server import hotpath
+
+    calls: list[dict[str, Any]] = []
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return await list_page(*args, **kwargs)
+
+    monkeypatch.setattr(hotpath, "list_page", counted)
+    assert server.api.get("tasks/list?limit=7&task_filter=all").status_code == 200
+    assert server.api.get("tasks/list?limit=x").status_code == 400  # the app validates it
+    assert calls == [{"limit": 7, "task_filter": "all", "environment_id": None, "cursor": None}]

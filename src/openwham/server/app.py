@@ -28,7 +28,7 @@ from openwham.wire import (
 from . import errors
 from .admission import AdmissionGate, Gate
 from .health import HealthProbe
-from .hotpath import HotReads, details_pattern
+from .hotpath import HotReads, details_pattern, list_paths
 from .limits import BodySizeLimit
 from .routers import account, environments, forges, gitcreds, github, stream, tasks, tokens
 from .state import AppState
@@ -124,9 +124,13 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     router = api_router()
     for style, prefix in PREFIXES.items():
         app.include_router(router, prefix=prefix, generate_unique_id_function=_unique_id(style))
-    # Innermost first: task details answered before routing, inside the gate and the limit.
+    # Innermost first: task details and lists answered before routing, inside the gate and
+    # the body limit.
     app.add_middleware(
-        HotReads, state=state, pattern=details_pattern(PREFIXES.values(), app.routes)
+        HotReads,
+        state=state,
+        pattern=details_pattern(PREFIXES.values(), app.routes),
+        lists=list_paths(PREFIXES.values()),
     )
     app.add_middleware(AdmissionGate, gate=gate)
     app.add_middleware(BodySizeLimit)

@@ -1,4 +1,4 @@
-"""Task details without FastAPI's routing and dependency solving (issue 20).
+"""Task details and ``tasks/list`` without FastAPI's routing and dependency solving (issue 20).
 
 ``GET …/tasks/{task_id}`` is the request a team's clients repeat most (``codex cloud``
 polls it, the web UI reloads it). Its work in the worker thread is ~0.4 ms; finding the
@@ -10,17 +10,23 @@ any request the read refuses (401, 403, 404, an error), goes on to the app, whic
 it as before (a refused read is thus done twice; refusals are rare and cheap). The route
 stays in the app: the OpenAPI document and the fallback are the route itself.
 
+``GET …/tasks/list`` (the list ``codex cloud`` and the web UI poll) is answered the same way
+with the route's own code (``routers.tasks.list_page``) when its query string holds only the
+route's parameters, each once, non-empty, ``limit`` in plain digits; any other query goes to
+the app, whose validation answers it as before.
+
 It sits inside the admission gate and the body limit, so both still apply.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .routers.tasks import task_details
+from .routers.tasks import list_page, task_details
 from .state import AppState
 
 
@@ -68,17 +74,51 @@ def _bearer(authorization: str | None) -> str | None:
     return token
 
 
-class HotReads:
-    """ASGI middleware: task details answered before routing (see the module's docstring)."""
+# The query parameters of ``tasks/list`` (``routers.tasks.ListQuery``).
+LIST_PARAMETERS = frozenset({"limit", "task_filter", "environment_id", "cursor"})
 
-    def __init__(self, app: ASGIApp, state: AppState, pattern: re.Pattern[str]) -> None:
+
+def list_query(query_string: bytes) -> dict[str, str] | None:
+    """``tasks/list``'s parameters from a query string the route would take as they are, or
+    None for anything its validation should see (unknown, repeated or empty parameters, a
+    ``limit`` not in plain digits, bad encoding)."""
+    try:
+        pairs = parse_qsl(query_string.decode("ascii"), keep_blank_values=True)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    query = dict(pairs)
+    if len(query) != len(pairs) or not query.keys() <= LIST_PARAMETERS:
+        return None
+    if not all(query.values()):
+        return None
+    limit = query.get("limit")
+    if limit is not None and not (limit.isascii() and limit.isdigit() and len(limit) <= 3):
+        return None
+    return query
+
+
+class HotReads:
+    """ASGI middleware: task details and ``tasks/list`` answered before routing (see the
+    module's docstring). ``lists``: the paths of ``tasks/list`` under every prefix."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        state: AppState,
+        pattern: re.Pattern[str],
+        lists: Collection[str] = (),
+    ) -> None:
         self.app = app
         self.state = state
         self.pattern = pattern
+        self.lists = frozenset(lists)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "GET":
             await self.app(scope, receive, send)
+            return
+        if scope["path"] in self.lists:
+            await self._list(scope, receive, send)
             return
         matched = self.pattern.fullmatch(scope["path"])
         if matched is None:
@@ -105,6 +145,39 @@ class HotReads:
             await self.app(scope, receive, send)
             return
         await response(scope, receive, send)
+
+    async def _list(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query = list_query(scope["query_string"])
+        token = None
+        account = None
+        for name, value in scope["headers"]:
+            if name == b"authorization" and token is None:
+                token = _bearer(_text(value)) or ""
+            elif name == b"chatgpt-account-id" and account is None:
+                account = _text(value)
+        if query is None or not token:
+            await self.app(scope, receive, send)
+            return
+        limit = query.get("limit")
+        try:
+            response = await list_page(
+                self.state,
+                token,
+                account,
+                limit=None if limit is None else int(limit),
+                task_filter=query.get("task_filter"),
+                environment_id=query.get("environment_id"),
+                cursor=query.get("cursor"),
+            )
+        except Exception:  # refused or failed: the route answers it, as it always did
+            await self.app(scope, receive, send)
+            return
+        await response(scope, receive, send)
+
+
+def list_paths(prefixes: Iterable[str]) -> frozenset[str]:
+    """``tasks/list`` under every prefix."""
+    return frozenset(f"{prefix}/tasks/list" for prefix in prefixes)
 
 
 def _text(value: bytes | None) -> str | None:

@@ -86,6 +86,14 @@ async def list_tasks(reader: ReaderDep, query: ListQueryDep) -> Response:
     return await reader.json(lambda db, p: tasks.list_json(db, p, renders, **vars(query)))
 
 
+async def list_page(
+    state: AppState, token: str, account_header: str | None, **query: Any
+) -> Response:
+    """``list_tasks`` from the request's parts, for ``server.hotpath`` (which answers it
+    without routing): the same reader and answer."""
+    return await list_tasks(Reader(state, token, account_header), ListQuery(**query))
+
+
 @router.get("/tasks", response_model=TaskFeedPage)
 async def task_feed(reader: ReaderDep, query: ListQueryDep) -> Response:
     """The web feed: each task with its current assistant turn."""
