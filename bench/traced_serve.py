@@ -108,6 +108,12 @@ def install() -> None:
     _wrap(workspace, "git", "git", describe=lambda *a, **k: {"cmd": a[0] if a else "?"})
     _wrap(codex, "codex_home_files", "codex_home_files")
     _wrap(gateway_app.Gateway, "register_attempt", "register_attempt")
+    _wrap(
+        gateway_app.Gateway,
+        "release",
+        "gateway_release",
+        describe=lambda self, attempt_id, *a, **k: {"attempt": attempt_id},
+    )
     _wrap(recorder.TurnRecorder, "message", "recorder_message")
     _wrap(recorder.TurnRecorder, "status", "recorder_status")
     _wrap(recorder.TurnRecorder, "finish", "recorder_finish")

@@ -847,6 +847,57 @@ def test_a_held_sandbox_that_died_is_not_sent_to(workspace: Path) -> None:
     assert not proc.send(b"late\n")
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_background_sandbox_yields_the_cpu_until_it_is_sent_its_input(workspace: Path) -> None:
+    """A standby's sandbox starts at the background CPU weight, so its start-up takes little
+    from running attempts: two busy loops on one core, one in a background sandbox, the
+    other in a normal one; the background one gets a small part of that core. ``send`` (an
+    attempt takes it) gives it the normal weight; so does ``hurry`` (an attempt waits)."""
+    cg = cgroups.host()
+    loop = ["taskset", "-c", "0", "bash", "-c", "echo READY >&2; while :; do :; done"]
+    limits = Limits(wall_clock_seconds=30)
+    back = bwrap.start(
+        spec(workspace, limits=limits, background=True), loop, hold=True, ready_marker="READY"
+    )
+    front = bwrap.start(spec(workspace, limits=limits), loop, hold=True, ready_marker="READY")
+    try:
+        if cg is None or "cpu" not in cg.controllers:
+            assert any(g.startswith("no cpu cgroup") for g in bwrap.host_gaps())
+            back.hurry()  # nothing to change, and no error
+            return
+        assert back.cgroup is not None and front.cgroup is not None
+        normal = front.cgroup.cpu_weight()
+        assert normal is not None and back.cgroup.cpu_weight() == normal // 64
+        assert back.wait_ready(10) and front.wait_ready(10)
+        groups = [back.cgroup, front.cgroup]
+        used = [_cpu_seconds(g.pids()) for g in groups]
+        time.sleep(1.0)
+        gained = [_cpu_seconds(g.pids()) - u for g, u in zip(groups, used, strict=True)]
+        assert gained[1] > 0.3 and gained[0] < gained[1] / 4, gained
+        assert back.send(b"")
+        assert back.cgroup.cpu_weight() == normal
+        other = bwrap.start(
+            spec(workspace, limits=limits, background=True), ["sleep", "5"], hold=True
+        )
+        try:
+            assert other.cgroup is not None and other.cgroup.cpu_weight() == normal // 64
+            other.hurry()
+            assert other.cgroup.cpu_weight() == normal
+        finally:
+            other.kill()
+    finally:
+        back.kill()
+        front.kill()
+
+
 # ------------------------------------------------------------ the tests' view of host processes
 
 

@@ -239,10 +239,14 @@ def test_standby_sandboxes_end_with_the_server_and_are_off_with_zero(
 
 
 class _Proc:
-    """What the pool asks of a standby's sandbox: whether it still runs."""
+    """What the pool asks of a standby's sandbox: whether it still runs; ``hurry``."""
 
     def __init__(self) -> None:
         self.alive = True
+        self.hurried = False
+
+    def hurry(self) -> None:
+        self.hurried = True
 
     def poll(self) -> object:
         return None if self.alive else object()
@@ -428,6 +432,55 @@ def test_attempts_waiting_together_each_take_a_standby_being_prepared() -> None:
     finally:
         first.set()
         second.set()
+        pool.close()
+
+
+def test_a_take_waiting_for_a_fill_hurries_its_sandbox() -> None:
+    """Standbys start at the background CPU weight; an attempt that waits for one being
+    prepared hurries it (its sandbox started before the wait, or while it waits), and a
+    fill nobody waits for stays in the background."""
+    started: list[threading.Event] = [threading.Event() for _ in range(3)]
+    finish = [threading.Event() for _ in range(3)]
+    procs: list[Any] = [_Proc() for _ in range(3)]
+    order = iter(range(2))  # a's fills are 0 and 1, b's is 2
+    lock = threading.Lock()
+    pool: StandbyPool
+
+    def make(key: AgentKey) -> Prepared:
+        with lock:
+            i = next(order) if key == _key("a") else 2
+        if i == 1:
+            finish[1].wait(10)  # a's second fill: its sandbox starts only while a taker waits
+        pool.started(key, procs[i])
+        started[i].set()
+        finish[i].wait(10)
+        return Prepared(dir=Path("/nonexistent"), base="b", proc=procs[i], owner="o")
+
+    pool = StandbyPool(size=4, max_age=60.0, make=make, drop=lambda p: None)
+    try:
+        pool.refill(_key("a"), 2)
+        assert started[0].wait(5)
+        pool.refill(_key("b"), 1)
+        assert started[2].wait(5)
+        assert not any(p.hurried for p in procs)  # nobody waits: all in the background
+        got: list[Prepared | None] = []
+        takers = [threading.Thread(target=lambda: got.append(pool.take(_key("a")))) for _ in "xy"]
+        for t in takers:
+            t.start()
+        deadline = time.monotonic() + 5
+        while not procs[0].hurried:  # started before the wait: hurried when it begins
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        finish[1].set()  # a's second fill starts its sandbox while a taker waits
+        assert started[1].wait(5) and procs[1].hurried
+        finish[0].set()
+        for t in takers:
+            t.join(5)
+        assert len(got) == 2 and all(p is not None for p in got)
+        assert not procs[2].hurried  # b's fill: nobody waited for it
+    finally:
+        for e in finish:
+            e.set()
         pool.close()
 
 

@@ -58,13 +58,18 @@ class ScriptedSandbox:
         self.stdin: bytes | None = None
         self.sent = threading.Event()
         self.signals: list[int] = []
+        self.hurried = False
         self._lock = threading.Lock()
         self._exit_events: list[threading.Event] = []
         self._result: SandboxResult | None = None
         self._done = threading.Event()
         self._t0 = time.monotonic()
 
+    def hurry(self) -> None:
+        self.hurried = True
+
     def send(self, stdin: bytes, on_output: OutputSink | None = None) -> bool:
+        self.hurry()
         if self._done.is_set():
             return False
         self.stdin = stdin

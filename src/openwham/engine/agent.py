@@ -178,11 +178,14 @@ class AgentStarter:
         env_vars: dict[str, str] | None = None,
         budget: DiskBudget | None = None,
         repos: dict[str, dict[str, str]] | None = None,
+        background: bool = False,
     ) -> Prepared:
         """Start the agent in a held sandbox on ``directory/workspace``: it does its start-up
         work and waits for the prompt on stdin (:meth:`Sandbox.send`). A follow-up's agent
         resumes the previous attempt's conversation from a copy of its home. ``repos``: a
-        multi-repository workspace's repositories (key -> {dir, branch, sha}), each diffed."""
+        multi-repository workspace's repositories (key -> {dir, branch, sha}), each diffed.
+        ``background``: a standby's, at the background CPU weight until it is sent its
+        prompt or hurried (``SandboxSpec.background``)."""
         codex_home = directory / storage.CODEX_HOME
         if resume is None:
             codex_home.mkdir(mode=0o700)
@@ -241,6 +244,7 @@ class AgentStarter:
             limits=limits,
             idle_helpers=self.runtime.idle_helpers,
             disk=budget,
+            background=background,
         )
         argv = self.runtime.command(
             qa_mode=key.qa_mode,

@@ -11,6 +11,12 @@ have several (``refill(key, count)``): a best-of-N task's attempts each find one
 parallel after the last such task, instead of all but one starting cold. The count a key is
 refilled to is the largest asked for it within ``max_age`` (a single-attempt task between two
 best-of-4 tasks leaves four, not three).
+
+Standbys are prepared while attempts run (a refill begins once an attempt has its prompt), so
+their sandboxes start at the background CPU weight (``SandboxSpec.background``): four Codex
+start-ups of the next best-of-4 do not take the cores from the four attempts running. A
+standby being prepared is *hurried* to the normal weight when an attempt waits for it
+(``take``), and a taken one gets it with its prompt (``Sandbox.send``).
 """
 
 from __future__ import annotations
@@ -115,6 +121,10 @@ class StandbyPool:
         self._filling: dict[AgentKey, list[threading.Thread]] = {}
         #: the largest count asked for each key within ``max_age``, and when it was asked
         self._wanted: dict[AgentKey, tuple[int, float]] = {}
+        #: sandboxes of fills under way (``started``), by key and fill thread
+        self._starting: dict[AgentKey, dict[threading.Thread, Sandbox]] = {}
+        #: takes waiting for a key's fills: its sandboxes started meanwhile are hurried
+        self._waiting: dict[AgentKey, int] = {}
         self._closed = threading.Event()
         self._pruner: threading.Thread | None = None
 
@@ -132,13 +142,23 @@ class StandbyPool:
             # would end no sooner than a cold start begun now: not waited for, else waiters
             # would queue behind one fill after another.
             before = set(self._filling.get(key, ()))
-            while (
-                prepared is None
-                and before.intersection(self._filling.get(key, ()))
-                and not self._closed.is_set()
-            ):
-                self._changed.wait(1.0)
-                prepared = self._pop(key)
+            if prepared is None and before:
+                # the attempt waits for those fills: their sandboxes get the normal weight
+                self._waiting[key] = self._waiting.get(key, 0) + 1
+                for proc in self._starting.get(key, {}).values():
+                    proc.hurry()
+                try:
+                    while (
+                        prepared is None
+                        and before.intersection(self._filling.get(key, ()))
+                        and not self._closed.is_set()
+                    ):
+                        self._changed.wait(1.0)
+                        prepared = self._pop(key)
+                finally:
+                    self._waiting[key] -= 1
+                    if not self._waiting[key]:
+                        del self._waiting[key]
         if prepared is None:
             return None
         if self._usable(prepared):
@@ -170,6 +190,16 @@ class StandbyPool:
                 self._pruner.start()
         for thread in threads:
             thread.start()
+
+    def started(self, key: AgentKey, proc: Sandbox) -> None:
+        """A fill's sandbox for ``key`` started (``make`` calls this from its thread before
+        waiting for its start-up): hurried at once while an attempt waits for the key's
+        fills, else when one begins to."""
+        with self._lock:
+            self._starting.setdefault(key, {})[threading.current_thread()] = proc
+            waited = key in self._waiting
+        if waited:
+            proc.hurry()
 
     def close(self) -> None:
         """Drop every standby (server stopping); nothing is prepared afterwards."""
@@ -269,6 +299,10 @@ class StandbyPool:
     def _forget_thread(self, key: AgentKey) -> None:
         """This fill thread is done (lock held); takers waiting for it look again."""
         self._changed.notify_all()
+        starting = self._starting.get(key, {})
+        starting.pop(threading.current_thread(), None)
+        if not starting:
+            self._starting.pop(key, None)
         threads = self._filling.get(key, [])
         if threading.current_thread() in threads:
             threads.remove(threading.current_thread())

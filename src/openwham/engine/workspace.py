@@ -452,8 +452,9 @@ class Workspaces:
                     checkouts=self.checkouts,
                 )
             prepared = self.agents.start(
-                key, directory, base, owner=directory.name, env_vars=env_vars
+                key, directory, base, owner=directory.name, env_vars=env_vars, background=True
             )
+            self.standby.started(key, prepared.proc)  # hurried if an attempt waits for it
             prepared.resumed = made
         except BaseException:
             storage.remove_tree(directory)

@@ -186,6 +186,9 @@ class SandboxSpec:
     idle_helpers: tuple[str, ...] = ()
     # What the host directories the sandbox writes to may hold (``openwham.sandbox.disk``).
     disk: disk.DiskBudget | None = None
+    # Start at the background CPU weight (``cgroups``): a standby's start-up yields the cores
+    # to running attempts until ``send`` or ``hurry`` gives it the normal weight.
+    background: bool = False
 
 
 @dataclass(frozen=True)
@@ -549,6 +552,7 @@ class SandboxProcess:
         self._bwrap = require_bwrap()
         self._stdin = stdin
         self._hold = hold
+        self._background = spec.background  # lowered CPU weight (read under _lock after start)
         self._released = threading.Event()
         if not hold:
             self._released.set()
@@ -651,7 +655,11 @@ class SandboxProcess:
                 self._meter = disk.Meter(self.spec.disk.paths)
             if cghost is not None:
                 self._cgroup = cgroups.RunCgroup.create(
-                    cghost, max_pids=lim.max_processes, memory_bytes=lim.memory_bytes, cpus=lim.cpus
+                    cghost,
+                    max_pids=lim.max_processes,
+                    memory_bytes=lim.memory_bytes,
+                    cpus=lim.cpus,
+                    background=self._background,
                 )
                 procs_fds = self._cgroup.open_procs()
             args_fd = _memfd("bwrap-args", b"".join(x.encode() + b"\0" for x in args))
@@ -939,6 +947,7 @@ class SandboxProcess:
         clock starts again from now. ``False`` if the sandbox had already ended."""
         if not self._hold:
             raise RuntimeError("send() is for a sandbox started with hold=True")
+        self.hurry()  # an attempt's now: the normal CPU weight before it reads its prompt
         while True:  # replay until nothing new was held meanwhile, then switch over
             with self._lock:
                 held, self._held = self._held, []
@@ -958,6 +967,18 @@ class SandboxProcess:
             self._deadline = self._t0 + self.spec.limits.wall_clock_seconds
             self._released.set()
         return True
+
+    def hurry(self) -> None:
+        """From now on, the normal CPU weight (a ``background`` run's start-up is waited
+        for, or it was taken by an attempt); a no-op otherwise or without a cpu cgroup."""
+        with self._lock:
+            if not self._background:
+                return
+            self._background = False
+            group = self._cgroup
+        if group is not None:
+            with contextlib.suppress(OSError):  # gone with the run
+                group.set_background(False)
 
     def drain(self, timeout: float) -> bool:
         """Once the run has ended: wait until every line it wrote went through ``on_output``

@@ -10,6 +10,12 @@ sandbox starts can escape it; afterwards ``kill_all`` empties it and ``remove`` 
 Without cgroups a sandbox still runs: the PID namespace alone guarantees the kill, but
 processes and memory are then bounded by rlimits only (see ``openwham.sandbox.bwrap``).
 
+A run may start in the *background* (``background=True``): its group's CPU weight is a
+64th of a normal one (v2 ``cpu.weight`` 2 of 100, v1 ``cpu.shares`` 16 of 1024), so while
+other sandboxes want the cores it gets little of them, and all of any idle core;
+``set_background(False)`` gives it the normal weight (a standby sandbox taken by an attempt,
+or waited for by one).
+
 ``freeze``/``thaw`` stop a run's processes while its disk use is measured
 (``openwham.sandbox.disk``): v2's ``cgroup.freeze``, v1's freezer hierarchy. A v1-frozen
 process does not even die of SIGKILL until thawed, so every kill thaws first.
@@ -33,6 +39,8 @@ CONTROLLERS = ("pids", "memory", "cpu")
 FREEZER = "freezer"  # v1's hierarchy; v2 has cgroup.freeze in every group
 GROUP_NAME = "openwham"
 _CPU_PERIOD_US = 100_000
+#: (normal, background) CPU weights: v2 ``cpu.weight``, v1 ``cpu.shares``
+_CPU_WEIGHT = {2: ("100", "2"), 1: ("1024", "16")}
 _counter = itertools.count(1)
 
 
@@ -219,6 +227,7 @@ class RunCgroup:
         max_pids: int | None,
         memory_bytes: int | None,
         cpus: float | None,
+        background: bool = False,
     ) -> RunCgroup:
         name = f"{_pid_namespace()}-{os.getpid()}-{next(_counter)}-{secrets.token_hex(3)}"
         dirs: dict[str, Path] = {}
@@ -230,6 +239,8 @@ class RunCgroup:
                     d.mkdir()
                 dirs[ctrl] = d
             group._limit(max_pids, memory_bytes, cpus)
+            if background:
+                group.set_background(True)
         except BaseException:
             group.remove()
             raise
@@ -257,6 +268,25 @@ class RunCgroup:
             else:
                 _write(d / "cpu.cfs_period_us", str(_CPU_PERIOD_US))
                 _write(d / "cpu.cfs_quota_us", str(quota))
+
+    def set_background(self, background: bool) -> bool:
+        """Give the group the background or the normal CPU weight; ``False`` without a cpu
+        controller (nothing changes)."""
+        d = self.dirs.get("cpu")
+        if d is None:
+            return False
+        normal, low = _CPU_WEIGHT[self.host.version]
+        name = "cpu.weight" if self.host.version == 2 else "cpu.shares"
+        _write(d / name, low if background else normal)
+        return True
+
+    def cpu_weight(self) -> int | None:
+        """The group's CPU weight (v2 ``cpu.weight``, v1 ``cpu.shares``), if it has one."""
+        d = self.dirs.get("cpu")
+        if d is None:
+            return None
+        name = "cpu.weight" if self.host.version == 2 else "cpu.shares"
+        return int((d / name).read_text().strip())
 
     def open_procs(self) -> list[int]:
         """Write-only fds of each distinct ``cgroup.procs``, for ``join_in_child``."""
