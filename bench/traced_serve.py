@@ -120,7 +120,6 @@ def install() -> None:
     _wrap(attempt, "workspace_diff", "workspace_diff")
     _wrap(engine_workspace.Workspaces, "take_standby", "take_standby")
     _wrap(engine_workspace, "branch_head", "branch_head")
-    _wrap(gateway_app.Gateway, "release", "gateway_release")
     rust_log = os.environ.get("BENCH_CODEX_RUST_LOG")
     if rust_log:
         sandbox_env = codex.sandbox_env
