@@ -315,7 +315,9 @@ def test_a_single_attempt_between_two_best_of_4_tasks_leaves_four_standbys() -> 
         pool.refill(_key("a"), 4)  # the best-of-4's attempts
         _settled(pool, 4)
         assert pool.take(_key("a")) is not None  # a single-attempt task like it
-        pool.refill(_key("a"), 1)  # its refill
+        pool.refill(_key("a"), 1, top_up=False)  # its refill once it has its prompt: three
+        assert not pool.busy and len(pool) == 3  # are left, its own count: none beside it
+        pool.refill(_key("a"), 1)  # its refill at its end
         _settled(pool, 4)
         assert len(made) == 5
         assert all(pool.take(_key("a")) is not None for _ in range(4))

@@ -166,15 +166,16 @@ class StandbyPool:
         self._drop_later(prepared)
         return None
 
-    def refill(self, key: AgentKey, count: int = 1) -> None:
+    def refill(self, key: AgentKey, count: int = 1, *, top_up: bool = True) -> None:
         """Prepare standbys for ``key`` in the background, in parallel, until ``count`` (at
-        most ``size``) are ready or being prepared; or as many as the largest count asked for
-        the key within ``max_age``, if that is more: a best-of-N task's attempts find N
-        standbys also after a smaller task like it took one."""
+        most ``size``) are ready or being prepared; with ``top_up``, as many as the largest
+        count asked for the key within ``max_age``, if that is more: a best-of-N task's
+        attempts find N standbys also after a smaller task like it took one."""
         if self.size <= 0 or self._closed.is_set():
             return
         with self._lock:
-            count = self._wanted_count(key, count)
+            wanted = self._wanted_count(key, count)
+            count = wanted if top_up else count
             have = len(self._ready.get(key, ())) + len(self._filling.get(key, ()))
             threads = [
                 threading.Thread(target=self._fill, args=(key,), name="standby-fill", daemon=True)

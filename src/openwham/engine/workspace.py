@@ -159,12 +159,14 @@ class Workspaces:
         """Start preparing the next standbys for this attempt's key now that its agent has
         the prompt, not when it ends: a task posted right after this one ends then finds one
         ready instead of waiting for a fill begun at that end (``StandbyPool.take`` waits for
-        fills under way). The attempt's end refills too (no-op when enough are there)."""
-        self.refill(claim)
+        fills under way). Only up to this task's own count: topping the key up to a larger
+        recent one (``StandbyPool.refill``) waits for the attempt's end, so a single attempt
+        that left three of a best-of-4's standbys does not share the cores with a fourth."""
+        self.refill(claim, top_up=False)
 
-    def refill(self, claim: Claim) -> None:
+    def refill(self, claim: Claim, *, top_up: bool = True) -> None:
         """Prepare standbys for attempts like ``claim``'s in the background, when it has a
-        standby key (:meth:`standby_key`)."""
+        standby key (:meth:`standby_key`); ``top_up``: see ``StandbyPool.refill``."""
         key = self.standby_key(claim)
         if key is None:
             return
@@ -180,7 +182,7 @@ class Workspaces:
                 self._setups.move_to_end(key)
                 while len(self._setups) > MAX_STANDBY_SETUPS:
                     self._setups.popitem(last=False)
-        self.standby.refill(key, claim.attempts)
+        self.standby.refill(key, claim.attempts, top_up=top_up)
 
     def standby_key(self, claim: Claim) -> AgentKey | None:
         """The standby key of attempts like ``claim``'s, or ``None`` when they take none: a
