@@ -324,6 +324,56 @@ def test_a_write_that_cannot_get_sqlites_lock_is_answered_503_and_changes_nothin
         serving.close()
 
 
+def test_post_tasks_renders_its_response_after_its_commit(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``POST tasks`` holds the write lock only for its writes: the rate limit's read and
+    the rendering of the response come after the commit (32 tasks posted at once held
+    SQLite's one write lock ~190 ms each through them, and the attempts' claims waited)."""
+    from openwham.service import tasks as service_tasks
+    from openwham.store import sqlitelock
+
+    lock = sqlitelock.lock_for(sqlite_url.split("///", 1)[1])
+    assert lock is not None
+    held: list[bool] = []
+    render = service_tasks.render_task
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        held.append(lock._held)
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(service_tasks, "render_task", watched)
+    serving = _serve(tmp_path, sqlite_url)
+    srv = next(serving)
+    try:
+        assert held == [False]  # the fixture's own task
+        held.clear()
+        headers = {"Authorization": f"Bearer {srv.token}"}
+        task = httpx.get(f"{srv.url}{PREFIX}/tasks/{srv.task_id}", headers=headers, timeout=10)
+        r = httpx.post(
+            f"{srv.url}{PREFIX}/tasks",
+            json={
+                "new_task": {"environment_id": task.json()["task"]["environment_id"]},
+                "input_items": [
+                    {
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"content_type": "text", "text": "x"}],
+                    }
+                ],
+            },
+            headers=headers,
+            timeout=20,
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["task"]["id"] and body["turn"]["turn_status"] == "pending"
+        assert body["rate_limit"] is not None
+        assert held and not any(held)
+    finally:
+        serving.close()
+
+
 # --------------------------------------------------------------------------- request cost
 
 

@@ -9,6 +9,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -340,15 +341,22 @@ def _check_branch(lookup: BranchLookup | None, env_body: dict[str, Any], branch:
 
 @dataclass
 class Created:
-    """The ``POST tasks`` response and the attempts it queued."""
+    """The task ``POST tasks`` created (or continued), the attempts it queued, and its
+    response, rendered on first use: after the caller's commit, so that the write
+    transaction (on SQLite the database's one write lock, which 32 tasks posted at once
+    held in turn for ~190 ms each) does not last through the rate limit's read and the
+    rendering."""
 
-    response: dict[str, Any]
+    task_id: str
     attempt_ids: list[str]
+    render: Callable[[], dict[str, Any]]
+    _response: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
-    def task_id(self) -> str:
-        """The created (or continued) task's id."""
-        return str(self.response["task"]["id"])
+    def response(self) -> dict[str, Any]:
+        if self._response is None:
+            self._response = self.render()
+        return self._response
 
 
 def create(
@@ -416,15 +424,18 @@ def create(
         task.num_follow_ups += 1
     usage.record(db, principal, task.id, [t.id for t in attempts])
     db.flush()
-    rate = usage.task_rate_limit(db, settings, principal)
-    ctx = _Context.load(db, [task])
-    response = {
-        "task": render_task(task, ctx).model_dump(mode="json"),
-        "user_turn": render_user_turn(user).model_dump(mode="json"),
-        "turn": render_assistant_turn(attempts[0], ctx).model_dump(mode="json"),
-        "rate_limit": _embedded_rate_limit(rate),
-    }
-    return Created(response, [t.id for t in attempts])
+
+    def render() -> dict[str, Any]:
+        rate = usage.task_rate_limit(db, settings, principal)
+        ctx = _Context.load(db, [task])
+        return {
+            "task": render_task(task, ctx).model_dump(mode="json"),
+            "user_turn": render_user_turn(user).model_dump(mode="json"),
+            "turn": render_assistant_turn(attempts[0], ctx).model_dump(mode="json"),
+            "rate_limit": _embedded_rate_limit(rate),
+        }
+
+    return Created(task.id, [t.id for t in attempts], render)
 
 
 def _embedded_rate_limit(rate: TaskRateLimit) -> dict[str, Any]:
