@@ -460,6 +460,8 @@ def test_a_take_waiting_for_a_fill_hurries_its_sandbox() -> None:
 
     pool = StandbyPool(size=4, max_age=60.0, make=make, drop=lambda p: None)
     try:
+        pool.attempt_running(_key("a"), "turn-a")  # attempts of both keys run: their
+        pool.attempt_running(_key("b"), "turn-b")  # fills start in the background
         pool.refill(_key("a"), 2)
         assert started[0].wait(5)
         pool.refill(_key("b"), 1)
@@ -483,6 +485,49 @@ def test_a_take_waiting_for_a_fill_hurries_its_sandbox() -> None:
     finally:
         for e in finish:
             e.set()
+        pool.close()
+
+
+def test_fills_leave_the_background_when_the_last_attempt_of_their_key_ends() -> None:
+    """A key's fills keep the background weight only while attempts of the key run (a task
+    posted right after the last one ended finds its fill at full speed); a fill begun when
+    none runs has the normal weight at once."""
+    procs: list[Any] = []
+    finish = threading.Event()
+    lock = threading.Lock()
+    pool: StandbyPool
+
+    def make(key: AgentKey) -> Prepared:
+        proc: Any = _Proc()
+        with lock:
+            procs.append(proc)
+        pool.started(key, proc)
+        finish.wait(10)
+        return Prepared(dir=Path("/nonexistent"), base="b", proc=proc, owner="o")
+
+    def started(n: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(procs) < n:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    pool = StandbyPool(size=4, max_age=60.0, make=make, drop=lambda p: None)
+    try:
+        pool.attempt_running(_key("a"), "t1")
+        pool.attempt_running(_key("a"), "t2")
+        pool.refill(_key("a"), 2)
+        started(2)
+        pool.attempt_ended("t1")
+        assert not any(p.hurried for p in procs)  # t2 still runs
+        pool.attempt_ended("never-marked")  # an attempt that failed before its prompt
+        assert not any(p.hurried for p in procs)
+        pool.attempt_ended("t2")
+        assert all(p.hurried for p in procs)
+        pool.refill(_key("b"), 1)  # no attempt of b runs: normal weight at once
+        started(3)
+        assert procs[2].hurried
+    finally:
+        finish.set()
         pool.close()
 
 

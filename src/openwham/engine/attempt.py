@@ -195,6 +195,7 @@ class Engine:
             )
         finally:
             alive.set()
+            self.workspaces.ended(claim)  # its key's fills leave the background if it was last
             if rec.gone_reason == SUPERSEDED:  # another run holds the attempt now
                 self._superseded(claim, attempt_dir)
             else:

@@ -14,9 +14,12 @@ best-of-4 tasks leaves four, not three).
 
 Standbys are prepared while attempts run (a refill begins once an attempt has its prompt), so
 their sandboxes start at the background CPU weight (``SandboxSpec.background``): four Codex
-start-ups of the next best-of-4 do not take the cores from the four attempts running. A
-standby being prepared is *hurried* to the normal weight when an attempt waits for it
-(``take``), and a taken one gets it with its prompt (``Sandbox.send``).
+start-ups of the next best-of-4 do not take the cores from the four attempts running. That
+lasts while attempts of the key run (``attempt_running``): once the last one ends
+(``attempt_ended``), or when none runs, a fill has the normal weight, so a task posted right
+after the last one ended finds its fill at full speed. A standby being prepared is also
+*hurried* to the normal weight when an attempt waits for it (``take``), and a taken one gets
+it with its prompt (``Sandbox.send``).
 """
 
 from __future__ import annotations
@@ -125,6 +128,8 @@ class StandbyPool:
         self._starting: dict[AgentKey, dict[threading.Thread, Sandbox]] = {}
         #: takes waiting for a key's fills: its sandboxes started meanwhile are hurried
         self._waiting: dict[AgentKey, int] = {}
+        #: attempts running, by turn id: their key's fills stay in the background meanwhile
+        self._running: dict[str, AgentKey] = {}
         self._closed = threading.Event()
         self._pruner: threading.Thread | None = None
 
@@ -195,11 +200,28 @@ class StandbyPool:
     def started(self, key: AgentKey, proc: Sandbox) -> None:
         """A fill's sandbox for ``key`` started (``make`` calls this from its thread before
         waiting for its start-up): hurried at once while an attempt waits for the key's
-        fills, else when one begins to."""
+        fills or no attempt of the key runs, else when one of those becomes true."""
         with self._lock:
             self._starting.setdefault(key, {})[threading.current_thread()] = proc
-            waited = key in self._waiting
-        if waited:
+            hurry = key in self._waiting or key not in self._running.values()
+        if hurry:
+            proc.hurry()
+
+    def attempt_running(self, key: AgentKey, turn_id: str) -> None:
+        """Attempt ``turn_id`` of ``key`` runs (it has its prompt): the key's fills keep the
+        background weight until it ends."""
+        with self._lock:
+            self._running[turn_id] = key
+
+    def attempt_ended(self, turn_id: str) -> None:
+        """Attempt ``turn_id`` ended (also one never marked running): when it was the last of
+        its key, the key's fills under way get the normal weight."""
+        with self._lock:
+            key = self._running.pop(turn_id, None)
+            if key is None or key in self._running.values():
+                return
+            procs = list(self._starting.get(key, {}).values())
+        for proc in procs:
             proc.hurry()
 
     def close(self) -> None:

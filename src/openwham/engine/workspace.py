@@ -162,7 +162,14 @@ class Workspaces:
         fills under way). Only up to this task's own count: topping the key up to a larger
         recent one (``StandbyPool.refill``) waits for the attempt's end, so a single attempt
         that left three of a best-of-4's standbys does not share the cores with a fourth."""
+        key = self.standby_key(claim)
+        if key is not None:  # its key's fills keep to the background while it runs
+            self.standby.attempt_running(key, claim.turn_id)
         self.refill(claim, top_up=False)
+
+    def ended(self, claim: Claim) -> None:
+        """The attempt ended (whatever its outcome): see ``StandbyPool.attempt_ended``."""
+        self.standby.attempt_ended(claim.turn_id)
 
     def refill(self, claim: Claim, *, top_up: bool = True) -> None:
         """Prepare standbys for attempts like ``claim``'s in the background, when it has a
