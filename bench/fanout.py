@@ -155,11 +155,13 @@ async def run_clients(args: argparse.Namespace) -> dict[str, Any]:
 
     conns = await asyncio.gather(*(connect(s) for s in streams))
     Path(args.ready).write_text("ready")
+    cpu = time.process_time()
     followers = [
         asyncio.ensure_future(s.follow(r, w)) for s, (r, w) in zip(streams, conns, strict=True)
     ]
     await asyncio.wait_for(asyncio.gather(*followers), args.timeout)
     return {
+        "client_cpu_s": time.process_time() - cpu,
         "ids": [s.ids for s in streams],
         "stamps": [s.stamps for s in streams],
         "latencies": [s.latencies for s in streams],
@@ -314,8 +316,10 @@ def run_raw_clients(args: argparse.Namespace) -> dict[str, Any]:
     streams = RawStreams(host, int(port), path, args.token, args.n)
     streams.connect()
     Path(args.ready).write_text("ready")
+    cpu = time.process_time()
     streams.follow(args.timeout)
-    return streams.result()
+    cpu = time.process_time() - cpu
+    return {**streams.result(), "client_cpu_s": cpu}
 
 
 # --------------------------------------------------------------------------- probe
@@ -440,7 +444,7 @@ def one(
     for out in outs:
         part = json.loads(out.read_text())
         for key, value in part.items():
-            result[key] = result.get(key, 0 if isinstance(value, int) else []) + value
+            result[key] = result.get(key, [] if isinstance(value, list) else 0) + value
     result["probe"] = json.loads(probe_out)
     result["released"] = released
     window = time.time() - released
@@ -501,11 +505,17 @@ def report(n: int, r: dict[str, Any]) -> dict[str, Any]:
         f"{TARGET_PROBE_P99_MS:.0f} ms = {pr99 / TARGET_PROBE_P99_MS:.2f}"
     )
     cpu = r["cpu"]
+    cpu["clients_s"] = r.get("client_cpu_s")
     print(
         f"  from release to the last event ({cpu['window_s']:.1f} s): the server used "
         f"{cpu['server_s']:.1f} s of CPU ({cpu['server_s'] / cpu['window_s']:.2f} cores); "
         f"the machine's {os.cpu_count()} cores were busy {cpu['machine_busy_cores']:.2f} on average"
     )
+    if cpu["clients_s"] is not None:
+        print(
+            f"  the stream clients used {cpu['clients_s']:.1f} s of CPU following the streams "
+            f"({cpu['clients_s'] / cpu['window_s']:.2f} cores over that time)"
+        )
     return {
         "cpu": cpu,
         "subscribers": n,
