@@ -327,9 +327,13 @@ def test_a_write_that_cannot_get_sqlites_lock_is_answered_503_and_changes_nothin
 def test_post_tasks_renders_its_response_after_its_commit(
     tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``POST tasks`` holds the write lock only for its writes: the rate limit's read and
-    the rendering of the response come after the commit (32 tasks posted at once held
-    SQLite's one write lock ~190 ms each through them, and the attempts' claims waited)."""
+    """``POST tasks`` holds SQLite's write lock only for the rate limit's check and its
+    writes: the branch check (git on the mirror, else the remote, with the account's git
+    credential) and the environment's task count come before the first write, the rate
+    limit's read for the response and its rendering after the commit (32 tasks posted at once
+    held the lock ~190 ms each, 5.8 s of a 16 s round, and the attempts' claims waited)."""
+    from sqlalchemy import event
+
     from openwham.service import tasks as service_tasks
     from openwham.store import sqlitelock
 
@@ -348,6 +352,12 @@ def test_post_tasks_renders_its_response_after_its_commit(
     try:
         assert held == [False]  # the fixture's own task
         held.clear()
+        statements: list[tuple[bool, str]] = []
+
+        def seen(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
+            statements.append((lock._held, statement))
+
+        event.listen(srv.state.db.request_engine, "before_cursor_execute", seen)
         headers = {"Authorization": f"Bearer {srv.token}"}
         task = httpx.get(f"{srv.url}{PREFIX}/tasks/{srv.task_id}", headers=headers, timeout=10)
         r = httpx.post(
@@ -370,6 +380,18 @@ def test_post_tasks_renders_its_response_after_its_commit(
         assert body["task"]["id"] and body["turn"]["turn_status"] == "pending"
         assert body["rate_limit"] is not None
         assert held and not any(held)
+        # held from the account's lock (usage.check) on: its two usage counts, then writes
+        # only (no git credential's read for the branch check, no environment's task count)
+        writing = [sql for lock_held, sql in statements if lock_held]
+        assert writing[0].startswith("SELECT count(*)") and "usage_events" in writing[0]
+        assert writing[1].startswith("SELECT count(*)") and "usage_events" in writing[1]
+        assert [sql.split(None, 1)[0] for sql in writing[2:]] == [
+            "INSERT",  # the task
+            "UPDATE",  # the environment's last use
+            "UPDATE",  # the task's current turns
+            "INSERT",  # the user turn and the attempt
+            "INSERT",  # the usage event
+        ], writing
     finally:
         serving.close()
 

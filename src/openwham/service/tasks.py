@@ -27,6 +27,7 @@ from openwham.wire import (
     CreateTaskRequest,
     DenormalizedMetadata,
     DiffStats,
+    Environment,
     LatestEvent,
     LatestTurnStatusDisplay,
     MessageInputItem,
@@ -245,6 +246,12 @@ def _run_options(settings: Settings, spec: dict[str, Any]) -> RunOptions:
     return RunOptions(qa_mode=qa, model=model or settings.model, reasoning_effort=effort)
 
 
+def _snapshot(db: Session, env: m.Environment, *, new_tasks: int) -> Environment:
+    """The environment as an attempt records it (its task count with ``new_tasks`` more)."""
+    count = environments.task_counts(db, [env.id]).get(env.id, 0)
+    return environments.render(env, count + new_tasks)
+
+
 def _new_turns(
     db: Session,
     task: m.Task,
@@ -253,7 +260,10 @@ def _new_turns(
     options: RunOptions,
     previous_turn_id: str | None,
     n: int,
+    snapshot: Environment,
 ) -> tuple[m.Turn, list[m.Turn]]:
+    """The user turn and ``n`` attempts; ``snapshot``: the environment as the attempts
+    record it (read and rendered by the caller before its first write)."""
     now = time.time()
     user = m.Turn(
         id=ids.new_user_turn_id(task.id),
@@ -268,7 +278,6 @@ def _new_turns(
         updated_at=now,
     )
     db.add(user)
-    snapshot = environments.render(env, environments.task_counts(db, [env.id]).get(env.id, 0))
     attempts = []
     for placement in range(n):
         turn = turnstate.new_attempt(
@@ -388,8 +397,13 @@ def create(
             branch = info.get("default_branch") or "main"
         validate_branch_name(branch)
         options = _run_options(settings, spec)
-        usage.check(db, settings, principal, n)
+        # what may take long comes before usage.check, whose lock of the account is the
+        # first write (on SQLite the database's write lock, held to the commit): the branch
+        # check (git on the mirror, else the remote) and the environment as the attempts
+        # record it, with this new task counted
         _check_branch(branch_lookup, env.body, branch)
+        snapshot = _snapshot(db, env, new_tasks=1)
+        usage.check(db, settings, principal, n)
         now = time.time()
         task = m.Task(
             id=ids.new_task_id(),
@@ -408,7 +422,7 @@ def create(
         )
         db.add(task)
         db.flush()
-        user, attempts = _new_turns(db, task, env, parsed, options, None, n)
+        user, attempts = _new_turns(db, task, env, parsed, options, None, n, snapshot)
     else:
         spec = raw["follow_up"]
         task, previous = _follow_up_target(db, principal, spec)
@@ -417,10 +431,11 @@ def create(
         env = environments.get_row(db, principal, task.environment_id)
         environments.check_repo_paths(db, env, settings)
         options = _run_options(settings, spec)
-        usage.check(db, settings, principal, n)
         if task.branch:  # a follow-up's clone starts from the task's branch
             _check_branch(branch_lookup, env.body, task.branch)
-        user, attempts = _new_turns(db, task, env, parsed, options, previous.id, n)
+        snapshot = _snapshot(db, env, new_tasks=0)
+        usage.check(db, settings, principal, n)  # the first write (see above)
+        user, attempts = _new_turns(db, task, env, parsed, options, previous.id, n, snapshot)
         task.num_follow_ups += 1
     usage.record(db, principal, task.id, [t.id for t in attempts])
     db.flush()
