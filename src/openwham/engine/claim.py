@@ -8,6 +8,7 @@ secrets key); the engine calls it and nothing else writes the claim.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class Claim:
     env_id: str = ""
     setup_cache: bool = False
     cache_invalidation_key: str = ""
+    cache_generation: str = ""  # :func:`cache_generation` of the environment's row
     maintenance_script: str = ""  # run instead of the setup script on a cache hit
     mcp_servers: str = ""  # AgentKey.mcp_servers
     network: str = ""  # AgentKey.network
@@ -274,6 +276,7 @@ class Claims:
                 env_id=env.id if env is not None else "",
                 setup_cache=env is not None and bool(cache.get("post_setup_cache_enabled")),
                 cache_invalidation_key=str(cache.get("cache_invalidation_key") or ""),
+                cache_generation=cache_generation(env_body, sealed) if env is not None else "",
                 maintenance_script=(
                     "\n".join(maintenance) if isinstance(maintenance, list) else str(maintenance)
                 ),
@@ -326,6 +329,26 @@ def _attempts_for(s: Session, turn: m.Turn) -> int:
         .where(m.Turn.parent_id == turn.parent_id, m.Turn.role == "assistant")
     )
     return max(1, int(count or 1))
+
+
+def cache_generation(body: dict[str, Any], sealed: dict[str, Any]) -> str:
+    """What an environment's post-setup snapshots depend on, as its row holds it (the
+    invalidation key reset-cache changes, the setup script, variables, sealed secrets and
+    repositories), hashed: a snapshot records the generation it was taken at, so a worker
+    that reads the row can tell its snapshots are stale without the secrets' key
+    (``engine.setup_cache.drop_stale``). Setting a secret again seals it anew, which counts
+    as a change."""
+    cache = dict(body.get("cache_settings") or {})
+    parts = {
+        "invalidation": str(cache.get("cache_invalidation_key") or ""),
+        "enabled": bool(cache.get("post_setup_cache_enabled")),
+        "setup": body.get("setup"),
+        "env_vars": body.get("env_vars"),
+        "secrets": sealed,
+        "repos": body.get("repos"),
+    }
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _usable_vars(values: Any) -> dict[str, str]:

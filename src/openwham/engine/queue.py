@@ -26,6 +26,10 @@ Jobs are deferred by ``store.jobs.defer`` in the transaction that creates their 
   ``routed``) instead of starting cold. A routed job not taken within ``ROUTED_SECONDS`` (the
   holder became busy or died) goes back to the shared queue and runs wherever, cold. When no
   worker holds a matching standby, the first free worker runs the attempt.
+- **Post-setup cache**: a reset-cache (or a changed or deleted environment) answered by
+  another node reaches this worker's snapshots and standbys at its next sweep
+  (``Workspaces.drop_stale_caches``: each snapshot records its environment's cache
+  generation, compared with the one the environment's row hashes to now).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import procrastinate
@@ -53,6 +58,7 @@ from openwham.store.status import TERMINAL, TurnStatus
 
 from .attempt import Control, Engine
 from .executor import recover
+from .setup_cache import cache_generations
 from .standby import AgentKey
 
 log = logging.getLogger(__name__)
@@ -318,3 +324,5 @@ class QueueExecutor:
             jobs.unroute_stale(s, ROUTED_SECONDS)
         if orphans:
             log.info("queued %d pending attempt(s) that had no job", len(orphans))
+        # a reset-cache answered by another node: this worker's snapshots and standbys go
+        self.engine.workspaces.drop_stale_caches(partial(cache_generations, self.engine.db))

@@ -19,10 +19,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import select
+
 from openwham.sandbox import overlay
 from openwham.sandbox.provider import SandboxProvider
 from openwham.sandbox.snapshots import (
     CheckoutFailed,
+    RepoAt,
     Snapshot,
     Snapshots,
     apply_change,
@@ -35,12 +38,15 @@ from openwham.sandbox.workspace import (
     branch_head,
     overlay_workspace,
     share_objects,
+    share_repo_objects,
 )
+from openwham.store import models as m
+from openwham.store.db import Database
 from openwham.wire.common import naive_iso
 
 from . import setup as setup_phase
 from . import storage
-from .claim import Claim, Resume
+from .claim import Claim, Resume, cache_generation
 from .recorder import TurnRecorder
 from .standby import FromSnapshot
 
@@ -54,6 +60,18 @@ class Resumed:
 
     snapshot: Snapshot
     lines: tuple[str, ...] = ()
+    #: a multi-repository attempt's: where each repository was checked out
+    repos: tuple[RepoAt, ...] = ()
+
+
+@dataclass(frozen=True)
+class RepoTarget:
+    """Where one repository of a multi-repository attempt starts (``at``: its key, directory,
+    commit and branch), the mirror its objects come from and its URL."""
+
+    at: RepoAt
+    mirror: Path
+    url: str
 
 
 @dataclass
@@ -88,30 +106,32 @@ class SetupCache:
 
     def key(self, claim: Claim) -> str | None:
         """The post-setup cache key of this attempt (``sandbox.snapshots``), or ``None`` when
-        the cache is not used: off, no setup script, a deleted environment or several
-        repositories. No commit in it: an attempt at another commit checks its own out on top
-        of the snapshot (a branch that moved needs only its new commits, not the setup script
-        again)."""
+        the cache is not used: off, no setup script or a deleted environment. No commit in it:
+        an attempt at another commit checks its own out on top of the snapshot (a branch that
+        moved needs only its new commits, not the setup script again). A multi-repository
+        environment's holds each repository's key, URL and directory (each one's commit and
+        branch are the snapshot's record, checked out on top the same way)."""
         if (
             self.snapshots is None
             or not claim.setup_cache
             or not claim.env_id
             or not claim.setup_script.strip()
-            or claim.repos
         ):
             return None
-        return cache_key(
-            {
-                "environment": claim.env_id,
-                "setup": claim.setup_script,
-                "env_vars": claim.env_vars,
-                "secrets": claim.secrets,
-                "invalidation": claim.cache_invalidation_key,
-                "repository": claim.repo_key,
-                # an overlay layer and a copied workspace are used differently
-                "layout": "overlay" if self.overlays else "copy",
-            }
-        )
+        parts: dict[str, object] = {
+            "environment": claim.env_id,
+            "setup": claim.setup_script,
+            "env_vars": claim.env_vars,
+            "secrets": claim.secrets,
+            "invalidation": claim.cache_invalidation_key,
+            "repository": claim.repo_key,
+            # an overlay layer and a copied workspace are used differently
+            "layout": "overlay" if self.overlays else "copy",
+        }
+        if claim.repos:  # always clones: a copy of the whole workspace
+            parts["layout"] = "repos"
+            parts["repositories"] = [[r.key, r.url, r.dir] for r in claim.repos]
+        return cache_key(parts)
 
     def use(self, claim: Claim, held: contextlib.ExitStack) -> CacheUse:
         """The attempt's use of the cache, before anything is found."""
@@ -164,6 +184,83 @@ class SetupCache:
             return False
         return True
 
+    def resume_repos(
+        self, claim: Claim, use: CacheUse, targets: list[RepoTarget], attempt_dir: Path
+    ) -> None:
+        """:meth:`resume` for a multi-repository attempt: the copied workspace and home of
+        the environment's snapshot, each repository's objects linked to its mirror and its
+        own commit and branch (``targets``) checked out on top where they differ from the
+        snapshot's. No hit when the snapshot's repositories are not the attempt's."""
+        if use.key is None or self.snapshots is None:
+            return
+        snap = self.snapshots.find(claim.env_id, use.key)
+        wanted = [(t.at.key, t.at.dir) for t in targets]
+        if snap is None or [(r.key, r.dir) for r in snap.repos] != wanted:
+            return
+        lease = self.snapshots.hold(snap)
+        if lease is None:
+            return
+        use.held.callback(lease.close)
+        try:
+            lines = self._stack_repos(snap, targets, attempt_dir)
+        except (WorkspaceError, OSError, CheckoutFailed, ValueError) as exc:
+            log.warning("post-setup snapshot %s not used for %s: %s", snap.path, claim.turn_id, exc)
+            forget(attempt_dir)
+            return
+        use.hit = Resumed(snap, tuple(lines), tuple(t.at for t in targets))
+
+    def _stack_repos(self, snap: Snapshot, targets: list[RepoTarget], directory: Path) -> list[str]:
+        assert self.snapshots is not None
+        workspace, home = directory / "workspace", directory / "home"
+        home.mkdir(mode=0o700)
+        for target in targets:
+            share_repo_objects(target.mirror, workspace, target.at.dir)
+        self.snapshots.use_copy(snap, workspace, home)
+        lines: list[str] = []
+        for target, was in zip(targets, snap.repos, strict=True):
+            at = target.at
+            if (was.commit, was.branch) == (at.commit, at.branch):
+                continue
+            moved = check_out(
+                self.sandbox,
+                workspace,
+                start=was.commit,
+                commit=at.commit,
+                branch=at.branch,
+                origin=branch_head(target.mirror, at.branch),
+                subdir=at.dir,
+            )
+            lines += [f"{at.dir}: {line}" for line in moved]
+        return lines
+
+    def apply_repo_changes(
+        self, claim: Claim, resume: Resume | None, workspace: Path, targets: list[RepoTarget]
+    ) -> bool:
+        """:meth:`apply_change` for a multi-repository attempt: a follow-up's previous change
+        of each repository (its tracked and untracked files back at that repository's commit
+        first), or the starting diff on the first one, each in a sandbox in its directory."""
+        try:
+            for i, target in enumerate(targets):
+                at = target.at
+                if resume is not None:
+                    tree = resume.tree if i == 0 else resume.repo_trees.get(at.key)
+                    if tree:
+                        apply_change(
+                            self.sandbox,
+                            workspace,
+                            tree,
+                            what=f"The previous attempt's change of {at.dir}",
+                            base=at.commit,
+                            subdir=at.dir,
+                        )
+                elif claim.patch and i == 0:
+                    what = "The starting diff"
+                    apply_change(self.sandbox, workspace, claim.patch, what=what, subdir=at.dir)
+        except WorkspaceError as exc:
+            log.warning("post-setup snapshot not used for %s: %s", claim.turn_id, exc)
+            return False
+        return True
+
     def stack(
         self, snap: Snapshot, mirror: Path, base: str, branch: str, url: str, directory: Path
     ) -> list[str]:
@@ -193,22 +290,44 @@ class SetupCache:
         )
 
     def take(
-        self, claim: Claim, use: CacheUse, rec: TurnRecorder, attempt_dir: Path, base: str
+        self,
+        claim: Claim,
+        use: CacheUse,
+        rec: TurnRecorder,
+        attempt_dir: Path,
+        base: str,
+        repos: tuple[RepoAt, ...] = (),
     ) -> None:
         """Keep what the setup script left for the environment's next attempts; a failure
-        only costs the next attempt its setup again."""
+        only costs the next attempt its setup again. ``repos``: a multi-repository
+        workspace's repositories (a copy of the whole workspace, each one's commit and
+        branch recorded)."""
         assert self.snapshots is not None and use.key is not None
         started = time.monotonic()
-        take = self.snapshots.take if self.overlays else self.snapshots.take_copy
+        workspace, home = attempt_dir / "workspace", attempt_dir / "home"
         try:
-            snap = take(
-                claim.env_id,
-                use.key,
-                attempt_dir / "workspace",
-                attempt_dir / "home",
-                commit=base,
-                branch=claim.branch,
-            )
+            if repos:
+                snap = self.snapshots.take_copy(
+                    claim.env_id,
+                    use.key,
+                    workspace,
+                    home,
+                    commit=base,
+                    branch=repos[0].branch,
+                    repos=repos,
+                    generation=claim.cache_generation,
+                )
+            else:
+                take = self.snapshots.take if self.overlays else self.snapshots.take_copy
+                snap = take(
+                    claim.env_id,
+                    use.key,
+                    workspace,
+                    home,
+                    commit=base,
+                    branch=claim.branch,
+                    generation=claim.cache_generation,
+                )
         except (OSError, ValueError) as exc:
             log.warning("no post-setup snapshot for %s: %s", claim.turn_id, exc)
             rec.set(setup_cache={"used": False, "saved": False})
@@ -245,9 +364,29 @@ class SetupCache:
             made.snapshot, claim.env_id, self.key(claim)
         )
 
-    def clear(self, env_id: str) -> list[Path]:
-        """Remove ``env_id``'s snapshots that nothing holds (after a reset-cache)."""
-        return self.snapshots.clear(env_id) if self.snapshots is not None else []
+    def clear(self, env_id: str, keep: str | None = None) -> list[Path]:
+        """Remove ``env_id``'s snapshots that nothing holds (after a reset-cache; ``keep``:
+        but those of that cache generation)."""
+        return self.snapshots.clear(env_id, keep) if self.snapshots is not None else []
+
+    def environments(self) -> dict[str, set[str]]:
+        """The environments with snapshots here, each with their cache generations."""
+        return self.snapshots.environments() if self.snapshots is not None else {}
+
+
+def cache_generations(db: Database, env_ids: list[str]) -> dict[str, str]:
+    """The current cache generation (``claim.cache_generation``) of each of ``env_ids`` that
+    still exists, read from their rows."""
+    with db.sessions() as s:
+        rows = s.execute(
+            select(m.Environment.id, m.Environment.body, m.Environment.secrets).where(
+                m.Environment.id.in_(env_ids)
+            )
+        ).all()
+    return {
+        str(env_id): cache_generation(dict(body or {}), dict(secrets or {}))
+        for env_id, body, secrets in rows
+    }
 
 
 def forget(attempt_dir: Path) -> None:
@@ -259,11 +398,25 @@ def forget(attempt_dir: Path) -> None:
             storage.remove_tree(entry)
 
 
-def record_resumed(rec: TurnRecorder, snap: Snapshot, base: str, maintenance: bool) -> str:
+def record_resumed(
+    rec: TurnRecorder,
+    snap: Snapshot,
+    base: str,
+    maintenance: bool,
+    repos: tuple[RepoAt, ...] = (),
+) -> str:
     """Say on ``rec`` that the attempt resumes ``snap`` at ``base`` (status line and
-    ``setup_cache``); returns the status line."""
+    ``setup_cache``; ``repos``: a multi-repository attempt's, each one that moved is named);
+    returns the status line."""
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.created))
     moved = f"commit {snap.commit[:7]}→{base[:7]}, " if snap.commit != base else ""
+    if repos:
+        moves = [
+            f"{at.dir} {was.commit[:7]}→{at.commit[:7]}"
+            for at, was in zip(repos, snap.repos, strict=False)
+            if was.commit != at.commit
+        ]
+        moved = f"commits {', '.join(moves)}, " if moves else ""
     resumed = f"Resumed cached container from {when} ({moved}setup script not run)"
     rec.status(resumed)
     rec.set(

@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from openwham.sandbox.bwrap import Limits, SandboxSpec
 from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.egress import EgressProxy
 from openwham.sandbox.provider import BUBBLEWRAP, SandboxProvider
-from openwham.sandbox.snapshots import Snapshots, cache_key
+from openwham.sandbox.snapshots import RepoAt, Snapshots, cache_key
 from openwham.sandbox.workspace import (
     Checkouts,
     Mirrors,
@@ -52,6 +53,7 @@ from .claim import Claim, Resume
 from .control import AttemptFailed, Control, attempt_limits, disk_budget, over_disk
 from .recorder import TurnRecorder
 from .setup_cache import (
+    RepoTarget,
     Resumed,
     SetupCache,
     forget,
@@ -75,6 +77,8 @@ class StandbySetup:
 
     env_id: str
     cache: str
+    #: the environment's cache generation (``claim.cache_generation``) when it was kept
+    generation: str
     env_vars: dict[str, str]
     secrets: dict[str, str] = field(repr=False)
     maintenance: str
@@ -182,6 +186,7 @@ class Workspaces:
                 self._setups[key] = StandbySetup(
                     env_id=claim.env_id,
                     cache=self.cache.key(claim) or "",
+                    generation=claim.cache_generation,
                     env_vars=dict(claim.env_vars),
                     secrets=dict(claim.secrets),
                     maintenance=claim.maintenance_script,
@@ -203,6 +208,8 @@ class Workspaces:
             return None
         if claim.plain:
             return claim.key
+        if claim.repos:  # several clones, each at its own commit: made per attempt
+            return None
         cache = self.cache.key(claim)
         if cache is None:
             return None
@@ -238,11 +245,24 @@ class Workspaces:
         workspace = attempt_dir / "workspace"
         resume = claim.resume if isinstance(claim.resume, Resume) else None
         repos: dict[str, dict[str, str]] = {}
+        targets: list[RepoTarget] = []  # a multi-repository attempt's
         cache = self.cache.use(claim, held)
         try:
             if claim.repos:
-                repos = self._clone_repos(claim, mirror, workspace, resume)
-                base = repos[claim.repos[0].key]["sha"]
+                targets[:] = self._repo_targets(claim, mirror, resume)
+                self.cache.resume_repos(claim, cache, targets, attempt_dir)
+                if cache.hit is not None and not self.cache.apply_repo_changes(
+                    claim, resume, workspace, targets
+                ):
+                    cache.miss()  # as without a snapshot: fresh clones and setup
+                    forget(attempt_dir)
+                if cache.hit is None:
+                    self._clone_repos(targets, workspace, resume)
+                repos = {
+                    t.at.key: {"dir": t.at.dir, "branch": t.at.branch, "sha": t.at.commit}
+                    for t in targets
+                }
+                base = targets[0].at.commit
             else:
                 at = resume.base if resume is not None else None  # the task's base
                 base = start_commit(mirror, claim.branch, at, "the repository")
@@ -285,8 +305,10 @@ class Workspaces:
         elif claim.setup_script.strip():
             self._setup(claim, rec, attempt_dir, control, budget)
             # only what the setup script wrote: no starting diff or previous change in it
-            if cache.key is not None and not claim.patch and not (resume and resume.tree):
-                self.cache.take(claim, cache, rec, attempt_dir, base)
+            changed = resume is not None and bool(resume.tree or resume.repo_trees)
+            if cache.key is not None and not claim.patch and not changed:
+                repos_at = tuple(t.at for t in targets)
+                self.cache.take(claim, cache, rec, attempt_dir, base, repos_at)
             elif cache.key is not None:
                 rec.set(setup_cache={"used": False, "saved": False})
         return self.agents.start(
@@ -300,17 +322,13 @@ class Workspaces:
             repos=repos,
         )
 
-    def _clone_repos(
-        self, claim: Claim, mirror: Path, workspace: Path, resume: Resume | None
-    ) -> dict[str, dict[str, str]]:
-        """Every repository of a multi-repository environment cloned into
-        ``workspace/<dir>`` (``mirror``: the first one's, fetched already): at the task's
-        branch where the repository has it, else at its default branch (the first one too: the
-        branch may be another's only, ``service.tasks``); a follow-up at the
-        branch and commit the previous attempt started from, with its change. Returns key ->
-        {dir, branch, sha} in the environment's order."""
-        workspace.mkdir()
-        repos: dict[str, dict[str, str]] = {}
+    def _repo_targets(self, claim: Claim, mirror: Path, resume: Resume | None) -> list[RepoTarget]:
+        """Where every repository of a multi-repository environment starts (``mirror``: the
+        first one's, fetched already; the others' are fetched now): at the task's branch
+        where the repository has it, else at its default branch (the first one too: the
+        branch may be another's only, ``service.tasks``); a follow-up at the branch and
+        commit the previous attempt started from. In the environment's order."""
+        targets: list[RepoTarget] = []
         for i, repo in enumerate(claim.repos):
             own = mirror if i == 0 else self.mirrors.ensure(repo.key, repo.url, auth=repo.auth)
             before = resume.repo_bases.get(repo.key) if resume is not None else None
@@ -323,16 +341,28 @@ class Workspaces:
                 branch = claim.branch
             else:
                 branch = repo.default_branch
-            sha = create_repo_workspace(own, workspace, repo.dir, branch, repo.url, at=at)
-            repos[repo.key] = {"dir": repo.dir, "branch": branch, "sha": sha}
+            sha = start_commit(own, branch, at, f"the repository {repo.url}")
+            targets.append(RepoTarget(RepoAt(repo.key, repo.dir, sha, branch), own, repo.url))
+        return targets
+
+    def _clone_repos(
+        self, targets: list[RepoTarget], workspace: Path, resume: Resume | None
+    ) -> None:
+        """Every repository cloned into ``workspace/<dir>`` at its target (a follow-up's
+        with the previous attempt's change of it)."""
+        workspace.mkdir()
+        for i, target in enumerate(targets):
+            at = target.at
+            create_repo_workspace(
+                target.mirror, workspace, at.dir, at.branch, target.url, at=at.commit
+            )
             tree = resume.tree if resume is not None and i == 0 else None
             if resume is not None and i > 0:
-                tree = resume.repo_trees.get(repo.key)
+                tree = resume.repo_trees.get(at.key)
             if tree:
                 apply_patch(
-                    workspace / repo.dir, tree, what=f"The previous attempt's change of {repo.dir}"
+                    workspace / at.dir, tree, what=f"The previous attempt's change of {at.dir}"
                 )
-        return repos
 
     def _maintenance(
         self,
@@ -347,7 +377,8 @@ class Workspaces:
         """On a cache hit: say so (and which commit the snapshot was taken at, when the
         attempt checked out another), and run the maintenance script (like the setup script:
         network through the egress proxy, variables and secrets) if there is one."""
-        resumed = record_resumed(rec, hit.snapshot, base, bool(claim.maintenance_script.strip()))
+        maintenance = bool(claim.maintenance_script.strip())
+        resumed = record_resumed(rec, hit.snapshot, base, maintenance, hit.repos)
         preface = (resumed, *hit.lines)
         if not claim.maintenance_script.strip():
             setup_phase.note(rec, preface)
@@ -524,15 +555,43 @@ class Workspaces:
             ran_at,
         )
 
-    def reset_cache(self, env_id: str) -> list[Path]:
+    def reset_cache(self, env_id: str, keep: str | None = None) -> list[Path]:
         """After ``POST environments/{id}/reset-cache``: drop the environment's standbys
         started from a snapshot, then remove its snapshots that no sandbox, attempt or
-        standby being prepared holds (those go at a later attempt or on expiry); returns
-        what went."""
+        standby being prepared holds (those go at a later attempt or on expiry, or at a later
+        :meth:`drop_stale_caches`); returns what went. ``keep``: the environment's current
+        cache generation, whose standbys and snapshots stay."""
         with self._setups_lock:
-            keys = {key for key, setup in self._setups.items() if setup.env_id == env_id}
+            keys = {
+                key
+                for key, setup in self._setups.items()
+                if setup.env_id == env_id and (keep is None or setup.generation != keep)
+            }
+            for key in keys:
+                del self._setups[key]
         self.standby.discard(lambda key: key in keys)
-        return self.cache.clear(env_id)
+        return self.cache.clear(env_id, keep)
+
+    def drop_stale_caches(self, current: Callable[[list[str]], dict[str, str]]) -> list[str]:
+        """What a reset-cache answered by another node (the queue executor's workers: their
+        sweep calls this every few seconds) or a changed or deleted environment left here:
+        the standbys and snapshots of an environment whose cache generation is no longer
+        ``current``'s (environment id -> generation, read from the database; absent: the
+        environment is gone), as :meth:`reset_cache` drops them. Returns those
+        environments."""
+        held = self.cache.environments()
+        with self._setups_lock:
+            for setup in self._setups.values():
+                held.setdefault(setup.env_id, set()).add(setup.generation)
+        if not held:
+            return []
+        now = current(sorted(held))
+        stale = [env for env, gens in held.items() if gens - {now.get(env)}]
+        for env_id in stale:
+            removed = self.reset_cache(env_id, keep=now.get(env_id))
+            if removed:
+                log.info("stale post-setup snapshots of %s removed: %d", env_id, len(removed))
+        return stale
 
     def drop_standby(self, prepared: Prepared) -> None:
         prepared.proc.kill("standby sandbox dropped")

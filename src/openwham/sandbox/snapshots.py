@@ -11,9 +11,11 @@ empty upper directory and gets a copy of the home: the kernel copies a snapshot 
 the attempt's upper directory before changing it, so no attempt can change the snapshot or
 another attempt's files, and the snapshot is never bound into a sandbox.
 
-``root/<environment hash>/<key>.<random>/`` holds ``upper``, ``home``, ``lease`` (sandboxes
-using it hold a shared ``flock``) and ``ready`` (written last: JSON with the creation time
-size, and the commit and branch of the checkout under it; its mtime is the last use).
+``root/<environment hash>/<key>.<random>/`` holds ``upper`` (or ``tree``, a copied clone
+workspace), ``home``, ``lease`` (sandboxes using it hold a shared ``flock``) and ``ready``
+(written last: JSON with the creation time, size, the commit and branch of the checkout under
+it, each repository's of a multi-repository workspace, the environment and its cache
+generation; its mtime is the last use).
 The key holds no commit: an attempt at another commit (a branch that moved, another branch)
 stacks the snapshot over the checkout it was taken over and checks its own commit out on top
 (``engine.workspace``). Snapshots expire ``max_age`` seconds after they were taken; a
@@ -26,10 +28,12 @@ go. Only what no sandbox holds is removed. The directory is the server's
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import subprocess
 import time
@@ -40,7 +44,7 @@ from pathlib import Path
 from typing import IO
 
 from . import overlay
-from .bwrap import Limits, SandboxSpec
+from .bwrap import SANDBOX_WORKSPACE, Limits, SandboxSpec
 from .provider import SandboxProvider
 from .workspace import WorkspaceError
 
@@ -59,6 +63,17 @@ def _env_dir(env: str) -> str:
 
 
 @dataclass(frozen=True)
+class RepoAt:
+    """One repository of a multi-repository snapshot: its key, its directory in the
+    workspace, and the commit and branch it was at when the snapshot was taken."""
+
+    key: str
+    dir: str
+    commit: str
+    branch: str
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """One snapshot in the cache."""
 
@@ -69,6 +84,14 @@ class Snapshot:
     #: only fits that checkout; a later attempt at another commit checks that one out on top)
     commit: str = ""
     branch: str = ""
+    #: a multi-repository workspace's repositories, in order (``()``: one repository, which
+    #: is the workspace; ``commit`` and ``branch`` are then the first one's)
+    repos: tuple[RepoAt, ...] = ()
+    #: the environment it belongs to and its cache generation when it was taken (what the
+    #: environment's row hashes to: reset-cache and changed setup inputs make another;
+    #: :meth:`Snapshots.environments`, :meth:`Snapshots.clear`)
+    env: str = ""
+    generation: str = ""
 
     @property
     def upper(self) -> Path:
@@ -93,6 +116,12 @@ def _read(ready: Path) -> Snapshot | None:
             int(meta["size"]),
             str(meta.get("commit") or ""),
             str(meta.get("branch") or ""),
+            tuple(
+                RepoAt(str(r["key"]), str(r["dir"]), str(r["commit"]), str(r["branch"]))
+                for r in meta.get("repos") or ()
+            ),
+            str(meta.get("env") or ""),
+            str(meta.get("generation") or ""),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -192,7 +221,15 @@ class Snapshots:
         return lease
 
     def take(
-        self, env: str, key: str, workspace: Path, home: Path, *, commit: str, branch: str
+        self,
+        env: str,
+        key: str,
+        workspace: Path,
+        home: Path,
+        *,
+        commit: str,
+        branch: str,
+        generation: str = "",
     ) -> Snapshot:
         """Freeze ``workspace``'s upper directory and a copy of ``home`` as ``env``'s
         snapshot under ``key`` and stack it under a new empty upper directory of
@@ -207,7 +244,7 @@ class Snapshots:
             copy_tree(home, tmp / "home")
             layers.upper.rename(tmp / "upper")
             layers.upper.mkdir(mode=0o755)
-            snap = self._publish(tmp, env, key, commit, branch)
+            snap = self._publish(tmp, env, key, commit, branch, generation=generation)
         except BaseException:
             if not layers.upper.exists() and (tmp / "upper").is_dir():
                 (tmp / "upper").rename(layers.upper)  # the attempt keeps what setup wrote
@@ -218,10 +255,20 @@ class Snapshots:
         return snap
 
     def take_copy(
-        self, env: str, key: str, workspace: Path, home: Path, *, commit: str, branch: str
+        self,
+        env: str,
+        key: str,
+        workspace: Path,
+        home: Path,
+        *,
+        commit: str,
+        branch: str,
+        repos: tuple[RepoAt, ...] = (),
+        generation: str = "",
     ) -> Snapshot:
-        """The snapshot of a clone workspace (no overlay: ``WHAM_WORKSPACE_OVERLAY=false`` or
-        a server that is not root): a copy of the whole workspace and of ``home``
+        """The snapshot of a clone workspace (no overlay: ``WHAM_WORKSPACE_OVERLAY=false``, a
+        server that is not root, or a multi-repository workspace, ``repos``: each one's
+        commit and branch): a copy of the whole workspace and of ``home``
         (``cp -a --reflink=auto``: reflinks where the file system has them, else every byte;
         a later attempt copies it back, :meth:`use_copy`). The attempt keeps its own."""
         tmp = self._staging(env)
@@ -229,7 +276,7 @@ class Snapshots:
             for name, src in (("tree", workspace), ("home", home)):
                 (tmp / name).mkdir(mode=0o700)
                 copy_tree(src, tmp / name)
-            snap = self._publish(tmp, env, key, commit, branch)
+            snap = self._publish(tmp, env, key, commit, branch, repos, generation)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -250,16 +297,34 @@ class Snapshots:
             raise
         return tmp
 
-    def _publish(self, tmp: Path, env: str, key: str, commit: str, branch: str) -> Snapshot:
+    def _publish(
+        self,
+        tmp: Path,
+        env: str,
+        key: str,
+        commit: str,
+        branch: str,
+        repos: tuple[RepoAt, ...] = (),
+        generation: str = "",
+    ) -> Snapshot:
         """Seal ``tmp`` as ``env``'s snapshot under ``key``: its ``ready`` file written last,
         then renamed into the environment's directory (made by ``_staging``) in one step."""
         size = _du(tmp)
         created = time.time()
-        meta = {"created": created, "size": size, "commit": commit, "branch": branch}
+        meta: dict[str, object] = {
+            "created": created,
+            "size": size,
+            "commit": commit,
+            "branch": branch,
+            "env": env,
+            "generation": generation,
+        }
+        if repos:
+            meta["repos"] = [dataclasses.asdict(r) for r in repos]
         (tmp / READY).write_text(json.dumps(meta))
         final = self.root / _env_dir(env) / f"{key}.{uuid.uuid4().hex[:12]}"
         tmp.rename(final)
-        return Snapshot(final, created, size, commit, branch)
+        return Snapshot(final, created, size, commit, branch, repos, env, generation)
 
     def use_copy(self, snap: Snapshot, workspace: Path, home: Path) -> None:
         """Start the clone workspace ``workspace`` (not there yet) and ``home`` (empty) as
@@ -305,9 +370,27 @@ class Snapshots:
                 total -= snap.size
         return removed
 
-    def clear(self, env: str) -> list[Path]:
-        """Remove every snapshot of ``env`` that no sandbox holds."""
-        return [p for p in (self.root / _env_dir(env)).glob("*.*") if self._remove(p)]
+    def clear(self, env: str, keep: str | None = None) -> list[Path]:
+        """Remove every snapshot of ``env`` that no sandbox holds (``keep``: but those of
+        that cache generation)."""
+        removed = []
+        for path in (self.root / _env_dir(env)).glob("*.*"):
+            if keep is not None:
+                snap = _read(path / READY)
+                if snap is not None and snap.generation == keep:
+                    continue
+            if self._remove(path):
+                removed.append(path)
+        return removed
+
+    def environments(self) -> dict[str, set[str]]:
+        """The environments this cache holds snapshots of, each with the cache generations
+        they were taken at (snapshots that recorded none are left out)."""
+        found: dict[str, set[str]] = {}
+        for snap in self._all():
+            if snap.env:
+                found.setdefault(snap.env, set()).add(snap.generation)
+        return found
 
     def _remove(self, path: Path) -> bool:
         try:
@@ -328,6 +411,15 @@ class Snapshots:
         for junk in (*self.root.glob(".tmp-*"), *self.root.glob(".trash-*")):
             shutil.rmtree(junk, ignore_errors=True)
         self.evict()
+
+
+def _cwd(subdir: str) -> str | None:
+    """Where git runs in the sandbox: the workspace, or one repository of it."""
+    if not subdir:
+        return None
+    if "/" in subdir or subdir.startswith("."):
+        raise ValueError(f"bad repository directory {subdir!r}")
+    return posixpath.join(SANDBOX_WORKSPACE, subdir)
 
 
 class CheckoutFailed(RuntimeError):
@@ -383,6 +475,7 @@ def check_out(
     commit: str,
     branch: str,
     origin: str | None,
+    subdir: str = "",
 ) -> list[str]:
     """Move ``workspace`` (a snapshot stacked over its checkout at ``start``) to ``commit`` on
     ``branch``, as ``git checkout`` would in a kept container: only the files the commits
@@ -390,8 +483,9 @@ def check_out(
     fetched); ignored and untracked files stay; a tracked file the setup script changed keeps
     its change unless the new commits change it too (then theirs wins, and the line saying so
     is returned for the setup log). ``origin``: what ``origin/<branch>`` is set to (the
-    branch's head; ``None`` leaves it). :class:`CheckoutFailed` when git fails."""
-    spec = SandboxSpec(workspace=workspace, limits=_MOVE_LIMITS)
+    branch's head; ``None`` leaves it). ``subdir``: the repository of a multi-repository
+    workspace (``workspace/<subdir>``). :class:`CheckoutFailed` when git fails."""
+    spec = SandboxSpec(workspace=workspace, limits=_MOVE_LIMITS, cwd=_cwd(subdir))
     argv = ["/bin/bash", "-c", _MOVE, "openwham-checkout", start, commit, branch, origin or ""]
     result = sandbox.run(spec, argv)
     lines = [line for line in result.stdout.splitlines() if line.strip()]
@@ -421,14 +515,21 @@ g apply --whitespace=nowarn /tmp/.openwham-change.diff
 
 
 def apply_change(
-    sandbox: SandboxProvider, workspace: Path, diff: str, *, what: str, base: str | None = None
+    sandbox: SandboxProvider,
+    workspace: Path,
+    diff: str,
+    *,
+    what: str,
+    base: str | None = None,
+    subdir: str = "",
 ) -> None:
     """Apply ``diff`` to ``workspace`` (a snapshot stacked over its checkout) in a sandbox,
     never with host git: the snapshot's ``.git`` is what the setup script left, and host git
     would run the filter drivers its config and attributes name, as root. ``base``: a
     follow-up's commit, to which the tracked and untracked (not ignored) files go back first.
+    ``subdir``: the repository of a multi-repository workspace it applies to.
     :class:`~openwham.sandbox.workspace.WorkspaceError` saying ``what`` did not apply."""
-    spec = SandboxSpec(workspace=workspace, limits=_MOVE_LIMITS)
+    spec = SandboxSpec(workspace=workspace, limits=_MOVE_LIMITS, cwd=_cwd(subdir))
     argv = ["/bin/bash", "-c", _APPLY, "openwham-apply", base or ""]
     result = sandbox.run(spec, argv, stdin=diff.encode())
     if not result.ok:

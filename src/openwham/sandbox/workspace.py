@@ -359,12 +359,19 @@ def create_repo_workspace(
     if not name or "/" in name or name.startswith(".") or dest.exists():
         raise WorkspaceError(f"bad or used repository directory {name!r}")
     sha = start_commit(mirror, branch, at, f"the repository {origin_url}")
+    share_repo_objects(mirror, workspace, name)
+    return _checkout(mirror, dest, branch, origin_url, sha, f"../../../../{SHARED_OBJECTS}/{name}")
+
+
+def share_repo_objects(mirror: Path, workspace: Path, name: str) -> None:
+    """The link ``<workspace's parent>/SHARED_OBJECTS/name`` to ``mirror``'s objects, through
+    which the repository ``workspace/name`` of a multi-repository workspace borrows them
+    (a fresh clone's, or one copied from a post-setup snapshot)."""
     links = workspace.parent / SHARED_OBJECTS
     links.mkdir(mode=0o700, exist_ok=True)
     if links.is_symlink():
         raise WorkspaceError(f"{links} is a single workspace's link")
     (links / name).symlink_to(mirror.resolve() / "objects", target_is_directory=True)
-    return _checkout(mirror, dest, branch, origin_url, sha, f"../../../../{SHARED_OBJECTS}/{name}")
 
 
 def _settle_index(tree: Path) -> None:
