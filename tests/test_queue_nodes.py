@@ -9,6 +9,7 @@ executor, ``host:pid:nonce``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -192,20 +193,23 @@ def _running(cluster: Cluster, marker: str, timeout: float = 90) -> None:
     assert _wait(lambda: bool(host_pids(marker)), timeout), [w.tail() for w in cluster.workers]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, model: ScriptedModel) -> Iterator[Cluster]:
-    base = tmp_path_factory.mktemp("queue-nodes") / unique_marker("qn")
+@contextlib.contextmanager
+def queue_cluster(
+    base: Path,
+    model: ScriptedModel,
+    settings: dict[str, str],
+    workers: tuple[str, ...] = ("worker-a", "worker-b"),
+    environment: dict[str, Any] | None = None,
+) -> Iterator[Cluster]:
+    """A throwaway PostgreSQL, an API node (``WHAM_EXECUTOR_CONCURRENCY=0``) with a token
+    and one environment of a new repository (``environment``: more of its fields), and a
+    ``wham worker`` per name in ``workers`` (a data directory of its own holding the API
+    node's ``keys/`` only); ``settings``: more of every node's settings. All stopped after."""
     base.mkdir()
     with postgres_database() as url:
-        env = {
-            **serve_env(model),
-            "WHAM_DATABASE_URL": url,
-            "WHAM_EXECUTOR": "queue",
-            "WHAM_STANDBY_SANDBOXES": "0",
-            "WHAM_ATTEMPT_MAX_TRIES": "3",
-        }
+        env = {**serve_env(model), "WHAM_DATABASE_URL": url, "WHAM_EXECUTOR": "queue", **settings}
         api = start_live_server(base / "api", {**env, "WHAM_EXECUTOR_CONCURRENCY": "0"})
-        workers: list[Worker] = []
+        started: list[Worker] = []
         try:
             token = subprocess.run(
                 [str(WHAM), "token", "create", "--data-dir", str(base / "api")],
@@ -217,20 +221,28 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model: ScriptedModel) -> I
             repo = make_repo(base / "repo")
             r = httpx.post(
                 f"{api.url}{PREFIX}/environments",
-                json={"label": "acme/widgets", "repos": [str(repo)]},
+                json={"label": "acme/widgets", "repos": [str(repo)], **(environment or {})},
                 headers={"Authorization": f"Bearer {token}"},
             )
             assert r.status_code == 201, r.text
-            for name in ("worker-a", "worker-b"):
+            for name in workers:
                 data = base / name
                 data.mkdir(mode=0o700)
                 shutil.copytree(base / "api" / "keys", data / "keys")  # all a worker needs
-                workers.append(Worker(name, data, base / f"{name}.log", env).start())
-            yield Cluster(api, url, token, r.json()["id"], model, workers)
+                started.append(Worker(name, data, base / f"{name}.log", env).start())
+            yield Cluster(api, url, token, r.json()["id"], model, started)
         finally:
-            for w in workers:
+            for w in started:
                 w.stop()
             stop(api)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, model: ScriptedModel) -> Iterator[Cluster]:
+    base = tmp_path_factory.mktemp("queue-nodes") / unique_marker("qn")
+    settings = {"WHAM_STANDBY_SANDBOXES": "0", "WHAM_ATTEMPT_MAX_TRIES": "3"}
+    with queue_cluster(base, model, settings) as made:
+        yield made
 
 
 def test_twelve_tasks_with_a_best_of_two_all_complete_and_both_workers_ran_some(
@@ -505,61 +517,28 @@ def test_a_task_goes_to_the_worker_that_holds_a_matching_standby(
     could fetch the job: without the preference each would land on it half the time)."""
     model.script = [Say("Warm.")]
     base = tmp_path / unique_marker("qn-standby")
-    base.mkdir()
-    with postgres_database() as url:
-        env = {
-            **serve_env(model),
-            "WHAM_DATABASE_URL": url,
-            "WHAM_EXECUTOR": "queue",
-            "WHAM_STANDBY_SANDBOXES": "1",
-        }
-        api = start_live_server(base / "api", {**env, "WHAM_EXECUTOR_CONCURRENCY": "0"})
-        workers: list[Worker] = []
-        try:
-            token = subprocess.run(
-                [str(WHAM), "token", "create", "--data-dir", str(base / "api")],
-                check=True,
-                capture_output=True,
-                text=True,
-                env={**os.environ, **env},
-            ).stdout.strip()
-            repo = make_repo(base / "repo")
-            r = httpx.post(
-                f"{api.url}{PREFIX}/environments",
-                json={"label": "acme/widgets", "repos": [str(repo)]},
-                headers={"Authorization": f"Bearer {token}"},
-            )
-            assert r.status_code == 201, r.text
-            for name in ("worker-a", "worker-b"):
-                data = base / name
-                data.mkdir(mode=0o700)
-                shutil.copytree(base / "api" / "keys", data / "keys")
-                workers.append(Worker(name, data, base / f"{name}.log", env).start())
-            cluster = Cluster(api, url, token, r.json()["id"], model, workers)
-            plain = url.replace("postgresql+psycopg://", "postgresql://")
+    with queue_cluster(base, model, {"WHAM_STANDBY_SANDBOXES": "1"}) as cluster:
+        workers, url = cluster.workers, cluster.url
+        plain = url.replace("postgresql+psycopg://", "postgresql://")
 
-            def offering() -> int:
-                """Workers that offer a ready standby."""
-                with psycopg.connect(plain) as c:
-                    row = c.execute(
-                        "SELECT count(*) FROM wham_standby_offers WHERE keys <> '{}'::jsonb"
-                    ).fetchone()
-                return int(row[0]) if row else 0
+        def offering() -> int:
+            """Workers that offer a ready standby."""
+            with psycopg.connect(plain) as c:
+                row = c.execute(
+                    "SELECT count(*) FROM wham_standby_offers WHERE keys <> '{}'::jsonb"
+                ).fetchone()
+            return int(row[0]) if row else 0
 
-            with cluster.client() as c:
-                warm = _new_task(cluster, c, "Warm up")
-                first = warm["turn"]["id"]
-                _settled(c, warm["task"]["id"], 120)
-                holder = cluster.worker_of(first)
-                ran = []
-                for i in range(4):
-                    assert _wait(lambda: offering() == 1, 60), [w.tail() for w in workers]
-                    created = _new_task(cluster, c, f"Like the first {i}")
-                    (turn,) = _settled(c, created["task"]["id"], 120)
-                    assert turn["turn_status"] == "completed", turn.get("error")
-                    ran.append(cluster.worker_of(turn["id"]).name)
-            assert ran == [holder.name] * 4, (holder.name, ran)
-        finally:
-            for w in workers:
-                w.stop()
-            stop(api)
+        with cluster.client() as c:
+            warm = _new_task(cluster, c, "Warm up")
+            first = warm["turn"]["id"]
+            _settled(c, warm["task"]["id"], 120)
+            holder = cluster.worker_of(first)
+            ran = []
+            for i in range(4):
+                assert _wait(lambda: offering() == 1, 60), [w.tail() for w in workers]
+                created = _new_task(cluster, c, f"Like the first {i}")
+                (turn,) = _settled(c, created["task"]["id"], 120)
+                assert turn["turn_status"] == "completed", turn.get("error")
+                ran.append(cluster.worker_of(turn["id"]).name)
+        assert ran == [holder.name] * 4, (holder.name, ran)

@@ -6,19 +6,15 @@ from it within a sweep, not only at the worker's next attempt of the environment
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import WHAM, make_repo, postgres_database, serve_env, start_live_server, stop
 from support.procs import unique_marker
 from support.scripted_model import Say, ScriptedModel
-from test_queue_nodes import PREFIX, Cluster, Worker, _new_task, _settled, _wait
+from test_queue_nodes import _new_task, _settled, _wait, queue_cluster
 
 pytestmark = [pytest.mark.postgres, pytest.mark.sandbox, pytest.mark.slow]
 
@@ -27,82 +23,50 @@ def test_reset_cache_on_the_api_node_removes_the_workers_snapshot_and_standby_wi
     model: ScriptedModel, tmp_path: Path
 ) -> None:
     model.script = [Say("Done.")]
-    base = tmp_path / unique_marker("qn-cache")
-    base.mkdir()
-    with postgres_database() as url:
-        env = {
-            **serve_env(model),
-            "WHAM_DATABASE_URL": url,
-            "WHAM_EXECUTOR": "queue",
-            "WHAM_STANDBY_SANDBOXES": "1",
-        }
-        api = start_live_server(base / "api", {**env, "WHAM_EXECUTOR_CONCURRENCY": "0"})
-        workers: list[Worker] = []
-        try:
-            token = subprocess.run(
-                [str(WHAM), "token", "create", "--data-dir", str(base / "api")],
-                check=True,
-                capture_output=True,
-                text=True,
-                env={**os.environ, **env},
-            ).stdout.strip()
-            repo = make_repo(base / "repo")
-            headers = {"Authorization": f"Bearer {token}"}
-            r = httpx.post(
-                f"{api.url}{PREFIX}/environments",
-                json={
-                    "label": "acme/widgets",
-                    "repos": [str(repo)],
-                    "setup": ["echo installed > ~/marker", "echo setup ran"],
-                },
-                headers=headers,
+    setup = {"setup": ["echo installed > ~/marker", "echo setup ran"]}
+    with queue_cluster(
+        tmp_path / unique_marker("qn-cache"),
+        model,
+        {"WHAM_STANDBY_SANDBOXES": "1"},
+        workers=("worker",),
+        environment=setup,
+    ) as cluster:
+        (worker,) = cluster.workers
+        data, env_id = worker.data_dir, cluster.env_id
+
+        def snapshots() -> list[Path]:
+            return sorted(p.parent for p in (data / "setup-cache").glob("*/*/ready"))
+
+        def standbys() -> list[Path]:
+            return sorted((data / "attempts").glob(".standby-*"))
+
+        def setup_log(c: httpx.Client, task_id: str, turn_id: str) -> list[str]:
+            logs = c.get(f"tasks/{task_id}/turns/{turn_id}/logs").json()["logs"]
+            return [entry["line"] for entry in logs]
+
+        with cluster.client() as c:
+            first = _new_task(cluster, c, "First")
+            (turn,) = _settled(c, first["task"]["id"], 120)
+            assert turn["turn_status"] == "completed", turn.get("error")
+            assert "setup ran" in setup_log(c, first["task"]["id"], turn["id"])
+            (snap,) = snapshots()
+            # the worker prepares a standby from the snapshot for the next task
+            assert _wait(lambda: len(standbys()) == 1, 90), worker.tail()
+
+            r = c.post(f"environments/{env_id}/reset-cache")
+            assert r.status_code in (200, 204), r.text
+            asked = time.monotonic()
+            assert _wait(lambda: not snapshots() and not standbys(), 20), (
+                snapshots(),
+                standbys(),
+                worker.tail(),
             )
-            assert r.status_code == 201, r.text
-            env_id = r.json()["id"]
-            data = base / "worker"
-            data.mkdir(mode=0o700)
-            shutil.copytree(base / "api" / "keys", data / "keys")
-            worker = Worker("worker", data, base / "worker.log", env).start()
-            workers.append(worker)
-            cluster = Cluster(api, url, token, env_id, model, workers)
+            took = time.monotonic() - asked
+            assert took < 12, took  # a sweep (every 5 s), not an expiry
+            assert not snap.exists()
 
-            def snapshots() -> list[Path]:
-                return sorted(p.parent for p in (data / "setup-cache").glob("*/*/ready"))
-
-            def standbys() -> list[Path]:
-                return sorted((data / "attempts").glob(".standby-*"))
-
-            def setup_log(c: httpx.Client, task_id: str, turn_id: str) -> list[str]:
-                logs = c.get(f"tasks/{task_id}/turns/{turn_id}/logs").json()["logs"]
-                return [entry["line"] for entry in logs]
-
-            with cluster.client() as c:
-                first = _new_task(cluster, c, "First")
-                (turn,) = _settled(c, first["task"]["id"], 120)
-                assert turn["turn_status"] == "completed", turn.get("error")
-                assert "setup ran" in setup_log(c, first["task"]["id"], turn["id"])
-                (snap,) = snapshots()
-                # the worker prepares a standby from the snapshot for the next task
-                assert _wait(lambda: len(standbys()) == 1, 90), worker.tail()
-
-                r = c.post(f"environments/{env_id}/reset-cache")
-                assert r.status_code in (200, 204), r.text
-                asked = time.monotonic()
-                assert _wait(lambda: not snapshots() and not standbys(), 20), (
-                    snapshots(),
-                    standbys(),
-                    worker.tail(),
-                )
-                took = time.monotonic() - asked
-                assert took < 12, took  # a sweep (every 5 s), not an expiry
-                assert not snap.exists()
-
-                second = _new_task(cluster, c, "Second")
-                (turn,) = _settled(c, second["task"]["id"], 120)
-                assert turn["turn_status"] == "completed", turn.get("error")
-                lines = setup_log(c, second["task"]["id"], turn["id"])
-                assert "setup ran" in lines and not any(x.startswith("Resumed") for x in lines)
-        finally:
-            for w in workers:
-                w.stop()
-            stop(api)
+            second = _new_task(cluster, c, "Second")
+            (turn,) = _settled(c, second["task"]["id"], 120)
+            assert turn["turn_status"] == "completed", turn.get("error")
+            lines = setup_log(c, second["task"]["id"], turn["id"])
+            assert "setup ran" in lines and not any(x.startswith("Resumed") for x in lines)

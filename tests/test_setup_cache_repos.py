@@ -16,6 +16,7 @@ import pytest
 from conftest import Server, diff_of, engine_settings, git, make_repo, make_server, wait_for_task
 from support.scripted_model import Say, ScriptedModel, Shell
 from test_engine import commands
+from test_setup_cache import run_task, setup_lines, snapshot_dirs
 
 pytestmark = pytest.mark.sandbox
 
@@ -79,25 +80,6 @@ def make_env(server: Server, remotes: tuple[Path, Path]) -> dict[str, Any]:
     )
     assert r.status_code == 201, r.text
     return dict(r.json())
-
-
-def setup_lines(api: Any, task_id: str, turn_id: str) -> list[str]:
-    r = api.get(f"tasks/{task_id}/turns/{turn_id}/logs")
-    assert r.status_code == 200, r.text
-    return [entry["line"] for entry in r.json()["logs"]]
-
-
-def run_task(api: Any, env_id: str) -> tuple[str, str, dict[str, Any]]:
-    created = api.create_task(env_id, "Look")
-    task_id, turn_id = created["task"]["id"], created["turn"]["id"]
-    turn = wait_for_task(api, task_id)["current_assistant_turn"]
-    assert turn["turn_status"] == "completed", turn["error"]
-    return task_id, turn_id, turn
-
-
-def snapshot_dirs(server: Server) -> list[Path]:
-    root = server.app_state.settings.data_dir / "setup-cache"
-    return sorted(p.parent for p in root.glob("*/*/ready"))
 
 
 def markers_of(lines: list[str]) -> str:
