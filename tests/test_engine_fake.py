@@ -291,3 +291,43 @@ def test_a_failing_setup_script_fails_the_attempt_before_the_agent_starts(
     error = _turn(server, task_id)["error"]
     assert error["code"] == "setup_failed"
     assert error["message"] == "The setup script exited with code 3 (see the setup log)"
+
+
+def test_the_attempts_of_a_best_of_4_task_fetch_the_mirror_once(
+    server: Server,
+    engine: Engine,
+    sandboxes: ScriptedSandboxes,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each attempt checks its standby against the branch head after a mirror fetch, and its
+    model requests wait for that check: the four attempts of a best-of-4 share one fetch
+    (``Mirrors.ensure``'s group, their prompt's turn) instead of queueing for two or more."""
+    from openwham.sandbox import workspace as ws_mod
+
+    sandboxes.script = Script(stdout=ANSWER)
+    env = server.api.create_env(make_repo(tmp_path / "repo"))
+    task_id = server.api.create_task(
+        env["id"],
+        "What is it?",
+        new_task={"run_environment_in_qa_mode": True},
+        metadata={"best_of_n": 4},
+    )["task"]["id"]
+    with server.app_state.db.sessions() as s:
+        turns = s.scalars(
+            select(m.Turn.id).where(m.Turn.task_id == task_id, m.Turn.role == "assistant")
+        ).all()
+    assert len(turns) == 4
+    real_git = ws_mod.git
+    calls: list[str] = []
+
+    def counting_git(*args: str, **kwargs: Any) -> str:
+        calls.append(" ".join(args[:2]))
+        return real_git(*args, **kwargs)
+
+    monkeypatch.setattr(ws_mod, "git", counting_git)
+    for turn_id in turns:
+        status = engine.run_turn(turn_id, Control())
+        assert status == TurnStatus.COMPLETED, _turn(server, task_id).get("error")
+    mirror = [c for c in calls if c in ("clone --mirror", "fetch --prune")]
+    assert mirror == ["clone --mirror"], calls  # the first attempt's; the others use it

@@ -108,6 +108,8 @@ class Claim:
     #: every repository of a multi-repository environment, the first one first (``()``: one
     #: repository, which is the workspace itself)
     repos: tuple[RepoCheckout, ...] = ()
+    #: the user turn whose prompt the attempt answers (its best-of-N siblings share it)
+    prompt_turn_id: str = ""
 
     @property
     def plain(self) -> bool:
@@ -284,6 +286,7 @@ class Claims:
                 mcp_servers=mcp_config(env_body),
                 network=network_config(env_body),
                 run_id=run_id,
+                prompt_turn_id=turn.parent_id or "",
             )
             # the writes last: on SQLite the write lock is held from the first write to the
             # commit, and attempts claimed together (a burst) queued behind each other's reads

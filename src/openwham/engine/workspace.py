@@ -135,7 +135,9 @@ class Workspaces:
             prepared = None
             control.check()  # or was killed by a cancel
         try:
-            mirror = self.mirrors.ensure(claim.repo_key, claim.repo_url, auth=claim.git_auth)
+            mirror = self.mirrors.ensure(
+                claim.repo_key, claim.repo_url, auth=claim.git_auth, group=claim.prompt_turn_id
+            )
             fits = prepared is not None and branch_head(mirror, claim.branch) == prepared.base
         except WorkspaceError as exc:
             if prepared is not None:

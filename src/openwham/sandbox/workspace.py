@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -164,6 +165,10 @@ def local_repo_policy(settings: Settings) -> LocalRepoPolicy:
     return LocalRepoPolicy(settings.resolved_data_dir, settings.local_repo_root_paths)
 
 
+#: how long the first call of an ``ensure`` group sets the group's freshness
+GROUP_SECONDS = 60.0
+
+
 class Mirrors:
     """``root/<key>.git``: one bare mirror per repository key.
 
@@ -179,6 +184,9 @@ class Mirrors:
         # which credential: a caller that asked before then gets refs as new as its own
         # fetch would have brought (read and written under the key's lock)
         self._fetched: dict[str, tuple[float, GitAuth | None]] = {}
+        # (key, group) -> when the group's first call asked (``ensure``'s ``group``)
+        self._asked: dict[tuple[str, str], float] = {}
+        self._asked_lock = threading.Lock()
 
     def check(self, url: str) -> None:
         """Raise :class:`RepositoryRefused` when git must not open the local repository
@@ -198,16 +206,31 @@ class Mirrors:
         return (self.root / f"{key}.private").exists()
 
     def ensure(
-        self, key: str, url: str, *, fetch: bool = True, auth: GitAuth | None = None
+        self,
+        key: str,
+        url: str,
+        *,
+        fetch: bool = True,
+        auth: GitAuth | None = None,
+        group: str = "",
     ) -> Path:
         """Clone the mirror on first use, else fetch it (unless ``fetch`` is false), with
         ``auth`` for that call only (never stored in the mirror's config). Fetches are one at
         a time per mirror; one that began after this call asked, with the same credential,
         counts as this call's: N attempts claimed together (a burst, a best-of-N) wait for
-        one or two fetches, not N in a row."""
+        one or two fetches, not N in a row. ``group``: calls answering one request (a
+        best-of-N task's attempts, by the turn of their prompt) ask as of the group's first
+        call (within ``GROUP_SECONDS``), so one fetch serves them all: its attempts asked
+        a few milliseconds apart, the first fetch began before the later ones asked, and
+        those waited for a second one before their model requests were let through."""
         mirror = self.path(key)
         self.check(url)
         asked = time.monotonic()
+        if group:
+            with self._asked_lock:
+                for old in [g for g, t in self._asked.items() if asked - t > GROUP_SECONDS]:
+                    del self._asked[old]
+                asked = self._asked.setdefault((key, group), asked)
         with _locked(self.root / f"{key}.lock"):
             if auth is not None:
                 (self.root / f"{key}.private").touch()
