@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -824,7 +825,10 @@ def test_browser_cancels_a_running_task(page: Any, model: ScriptedModel, env_id:
 def test_browser_task_list_updates_without_reload_and_archives(
     page: Any, model: ScriptedModel, env_id: str, live: LiveServer, shots: Path
 ) -> None:
-    model.script = [Shell("sleep 2"), Say("Listed.")]
+    model.script = [Shell("true"), Say("Listed.")]
+    # the attempt stays in progress until the list has shown it running (the list refreshes
+    # every few seconds; a short attempt could go from pending to completed between two)
+    model.hold = threading.Event()
     page.goto("/")
     page.evaluate("window.__no_reload = true")
     token = live.token()
@@ -846,7 +850,11 @@ def test_browser_task_list_updates_without_reload_and_archives(
     assert r.status_code == 200, r.text
     task_id = r.json()["task"]["id"]
     row = page.locator(f'tr[data-task-id="{task_id}"]')
-    row.locator(".badge", has_text="Running").wait_for(timeout=30_000)
+    try:
+        row.locator(".badge", has_text="Running").wait_for(timeout=30_000)
+    finally:
+        model.hold.set()
+        model.hold = None
     row.locator(".badge", has_text="Completed").wait_for(timeout=90_000)
     assert page.evaluate("window.__no_reload") is True  # the same page: no reload
     assert row.locator(".dot").count() == 1  # unread

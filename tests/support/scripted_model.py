@@ -16,6 +16,7 @@ first six words), after ``title_delay`` seconds, recorded in ``title_requests`` 
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,6 +189,9 @@ class ScriptedModel:
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     delay: float = 0.0
+    # while set and not yet released, the agent's model requests wait (titles do not): a
+    # test holds an attempt in progress for as long as it needs, instead of racing a timer
+    hold: threading.Event | None = None
     on_request: Callable[[dict[str, Any]], None] | None = None
     title: Say | Fail | None = None
     title_delay: float = 0.0
@@ -227,6 +231,9 @@ class ScriptedModel:
 
         rid = f"resp_{uuid.uuid4().hex[:16]}"
         yield _sse({"type": "response.created", "response": {"id": rid}})
+        hold = self.hold if delay is None else None
+        while hold is not None and not hold.is_set():
+            await asyncio.sleep(0.05)
         wait = self.delay if delay is None else delay
         if wait:
             await asyncio.sleep(wait)
