@@ -1118,3 +1118,51 @@ def test_browser_composer_suggests_the_repositorys_branches(page: Any, env_id: s
     page.goto("/")
     page.locator("#branch-list option[value='main']").wait_for(state="attached", timeout=30_000)
     assert page.locator("#branch").get_attribute("list") == "branch-list"
+
+
+def test_browser_shows_the_post_setup_cache_line_while_the_attempt_runs(
+    page: Any, model: ScriptedModel, live: LiveServer, repo_path: Path, gate: Any
+) -> None:
+    """The task page opened while the setup script runs has no cache line yet; once setup
+    is past the cache the line appears, with no reload, while the attempt still runs (the
+    model holds its answer)."""
+    token = live.token()
+    api = httpx.Client(
+        base_url=f"{live.url}/backend-api/wham", headers={"Authorization": f"Bearer {token}"}
+    )
+    r = api.post(
+        "environments",
+        json={"label": "acme/slow-setup", "repos": [str(repo_path)], "setup": ["sleep 4"]},
+    )
+    assert r.status_code == 201, r.text
+    model.script = [Say("Cached.")]
+    gate.clear()
+    try:
+        r = api.post(
+            "tasks",
+            json={
+                "new_task": {"environment_id": r.json()["id"]},
+                "input_items": [
+                    {
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"content_type": "text", "text": "Set up slowly"}],
+                    }
+                ],
+            },
+        )
+        assert r.status_code == 200, r.text
+        task_id = r.json()["task"]["id"]
+        page.goto(f"/tasks/{task_id}")
+        line = page.locator("#setup-cache")
+        assert line.is_hidden()  # the setup script is still sleeping
+        page.evaluate("() => { window.__no_reload = true; }")
+        line.wait_for(state="visible", timeout=30_000)
+        assert line.inner_text().startswith("Ran setup script; container cached"), line.inner_text()
+        assert page.evaluate("window.__no_reload") is True  # the same page: no reload
+        assert page.locator("#attempt-badge").inner_text() == "Running"
+    finally:
+        gate.set()
+        api.close()
+    wait_status(page, "Completed")
+    assert page.locator("#setup-cache").inner_text().startswith("Ran setup script")

@@ -415,13 +415,20 @@ class WebUI:
             request: Request, task_id: str, db: DbDep, turn: str | None = None
         ) -> Response:
             """The statuses of the shown prompt's attempts (JSON), for the task page's live
-            tabs and badge: the turn stream follows one attempt, the tabs show them all."""
+            tabs and badge: the turn stream follows one attempt, the tabs show them all; and
+            what the post-setup cache did for each (its line on the page, "" until known)."""
             _, principal = self.principal(request, db)
             exchanges = self._exchanges(db, principal, task_id, turn)
             siblings = exchanges[-1].siblings if exchanges else []
             body = {
                 "attempts": [
-                    {"id": a.id, "status": a.status, "label": a.status_label} for a in siblings
+                    {
+                        "id": a.id,
+                        "status": a.status,
+                        "label": a.status_label,
+                        "setup_cache": _setup_cache(a.turn),
+                    }
+                    for a in siblings
                 ]
             }
             return self._headers(JSONResponse(body))

@@ -310,6 +310,7 @@
     if (!article) return;
     const badge = document.getElementById("attempt-badge");
     const shownActive = badge && !TERMINAL.includes(badge.dataset.status);
+    const cacheLine = document.getElementById("setup-cache");
     let timer = 0;
     const poll = async () => {
       if (document.hidden) return;
@@ -326,6 +327,11 @@
       const attempts = body.attempts || [];
       attempts.forEach((a) => {
         if (badge && a.id === badge.dataset.turn) {
+          // what the post-setup cache did, shown as soon as the attempt's setup is past it
+          if (cacheLine && a.setup_cache && cacheLine.textContent !== a.setup_cache) {
+            cacheLine.textContent = a.setup_cache;
+            cacheLine.hidden = false;
+          }
           if (TERMINAL.includes(a.status)) {
             if (shownActive) attemptEnded();
             return;
