@@ -826,9 +826,6 @@ def test_browser_task_list_updates_without_reload_and_archives(
     page: Any, model: ScriptedModel, env_id: str, live: LiveServer, shots: Path
 ) -> None:
     model.script = [Shell("true"), Say("Listed.")]
-    # the attempt stays in progress until the list has shown it running (the list refreshes
-    # every few seconds; a short attempt could go from pending to completed between two)
-    model.hold = threading.Event()
     page.goto("/")
     page.evaluate("window.__no_reload = true")
     token = live.token()
@@ -842,18 +839,22 @@ def test_browser_task_list_updates_without_reload_and_archives(
             }
         ],
     }
-    r = httpx.post(
-        f"{live.url}/backend-api/wham/tasks",
-        json=body,
-        headers={"Authorization": f"Bearer {token}"},
-    )
-    assert r.status_code == 200, r.text
-    task_id = r.json()["task"]["id"]
-    row = page.locator(f'tr[data-task-id="{task_id}"]')
+    # the attempt stays in progress until the list has shown it running (the list refreshes
+    # every few seconds; a short attempt could go from pending to completed between two);
+    # released whatever happens, so the module's later tests are not held
+    hold = model.hold = threading.Event()
     try:
+        r = httpx.post(
+            f"{live.url}/backend-api/wham/tasks",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert r.status_code == 200, r.text
+        task_id = r.json()["task"]["id"]
+        row = page.locator(f'tr[data-task-id="{task_id}"]')
         row.locator(".badge", has_text="Running").wait_for(timeout=30_000)
     finally:
-        model.hold.set()
+        hold.set()
         model.hold = None
     row.locator(".badge", has_text="Completed").wait_for(timeout=90_000)
     assert page.evaluate("window.__no_reload") is True  # the same page: no reload
