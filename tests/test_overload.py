@@ -66,16 +66,7 @@ def _serve(tmp_path: Path, database_url: str, **options: Any) -> Iterator[Runnin
         assert env.status_code == 201, env.text
         task = httpx.post(
             f"{url}{PREFIX}/tasks",
-            json={
-                "new_task": {"environment_id": env.json()["id"]},
-                "input_items": [
-                    {
-                        "type": "message",
-                        "role": "user",
-                        "content": [{"content_type": "text", "text": "Fix the test"}],
-                    }
-                ],
-            },
+            json=_task_body(env.json()["id"], "Fix the test"),
             headers=headers,
             timeout=30,
         )
@@ -84,6 +75,16 @@ def _serve(tmp_path: Path, database_url: str, **options: Any) -> Iterator[Runnin
     finally:
         server.stop()
         state.db.dispose()
+
+
+def _task_body(env_id: str, text: str) -> dict[str, Any]:
+    """A ``POST tasks`` body: a new task in ``env_id`` asking ``text``."""
+    return {
+        "new_task": {"environment_id": env_id},
+        "input_items": [
+            {"type": "message", "role": "user", "content": [{"content_type": "text", "text": text}]}
+        ],
+    }
 
 
 @pytest.fixture
@@ -280,12 +281,7 @@ def test_a_write_that_cannot_get_sqlites_lock_is_answered_503_and_changes_nothin
     srv = next(serving)
     headers = {"Authorization": f"Bearer {srv.token}"}
     task = httpx.get(f"{srv.url}{PREFIX}/tasks/{srv.task_id}", headers=headers, timeout=10)
-    body = {
-        "new_task": {"environment_id": task.json()["task"]["environment_id"]},
-        "input_items": [
-            {"type": "message", "role": "user", "content": [{"content_type": "text", "text": "x"}]}
-        ],
-    }
+    body = _task_body(task.json()["task"]["environment_id"], "x")
 
     def count() -> int:
         r = httpx.get(f"{srv.url}{PREFIX}/tasks/list", headers=headers, timeout=10)
@@ -362,16 +358,7 @@ def test_post_tasks_renders_its_response_after_its_commit(
         task = httpx.get(f"{srv.url}{PREFIX}/tasks/{srv.task_id}", headers=headers, timeout=10)
         r = httpx.post(
             f"{srv.url}{PREFIX}/tasks",
-            json={
-                "new_task": {"environment_id": task.json()["task"]["environment_id"]},
-                "input_items": [
-                    {
-                        "type": "message",
-                        "role": "user",
-                        "content": [{"content_type": "text", "text": "x"}],
-                    }
-                ],
-            },
+            json=_task_body(task.json()["task"]["environment_id"], "x"),
             headers=headers,
             timeout=20,
         )
