@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 from functools import cached_property
 from pathlib import Path
@@ -15,6 +16,13 @@ def default_data_dir() -> Path:
     """The XDG data home, so a plain ``wham serve`` never writes into the current directory."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "openwham"
+
+
+class CodexMode(enum.StrEnum):
+    """How the agent runtime runs the Codex CLI (``WHAM_CODEX_MODE``)."""
+
+    EXEC = "exec"  # `codex exec --json`, the prompt first
+    APP_SERVER = "app-server"  # `codex app-server`, initialize + thread/start before the prompt
 
 
 class Settings(BaseSettings):
@@ -32,6 +40,10 @@ class Settings(BaseSettings):
     model_base_url: str | None = None
     model_api_key: str | None = None
     model: str = "gpt-5.1-codex"
+    # How Codex runs in an attempt's sandbox: "exec" (`codex exec --json`) or "app-server"
+    # (`codex app-server` through runtimes/appserver_driver.py: a standby's Codex has its
+    # config, initialize and thread/start done before the prompt; docs/design/codex-app-server.md).
+    codex_mode: CodexMode = CodexMode.EXEC
 
     # "inprocess" runs attempts inside `wham serve`; "queue" makes them procrastinate jobs on
     # PostgreSQL, run by `wham worker` processes and serve's embedded worker (engine/queue.py);

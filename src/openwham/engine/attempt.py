@@ -27,6 +27,7 @@ from openwham.config import Settings
 from openwham.gateway import Gateway
 from openwham.gateway.server import MAX_SOCKET_PATH
 from openwham.runtimes.agent import AgentRuntime
+from openwham.runtimes.appserver import codex_runtime
 from openwham.runtimes.codex import CODEX
 from openwham.sandbox.bwrap import Limits, SandboxResult
 from openwham.sandbox.egress import AddressGuard, EgressProxy
@@ -88,6 +89,8 @@ class Engine:
     results: Results = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.runtime is CODEX:  # the default: Codex run as WHAM_CODEX_MODE says
+            self.runtime = codex_runtime(self.settings.codex_mode)
         self._runs: dict[str, str | None] = {}  # turn id -> the run id this process runs
         data = self.settings.resolved_data_dir
         self.claims = Claims(self.settings, self.db, self.bus, self.executor_id)

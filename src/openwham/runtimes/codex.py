@@ -43,6 +43,7 @@ from openwham.wire import (
     WorklogMessageMetadata,
 )
 
+from .agent import Translator
 from .codex_cli import native_binary
 
 # ----------------------------------------------------------------------------- sandbox layout
@@ -190,7 +191,7 @@ def codex_home_files(
         "",
     ]
     lines += _mcp_tables(mcp_servers or {})
-    ask = _ask_instructions(custom)
+    ask = ask_instructions(custom)
     return {
         "config.toml": "\n".join(lines),
         f"{ASK_PROFILE}.config.toml": (
@@ -244,7 +245,7 @@ def network_note(network: str | None) -> str:
     )
 
 
-def _ask_instructions(custom: str) -> str:
+def ask_instructions(custom: str) -> str:
     """Ask mode's developer instructions: the user's own (stripped), then the Ask note."""
     return f"{custom}\n\n{ASK_MODE_INSTRUCTIONS}" if custom else ASK_MODE_INSTRUCTIONS
 
@@ -331,7 +332,7 @@ def resume_argv(
         "--dangerously-bypass-approvals-and-sandbox",
     ]
     if qa_mode:
-        ask = _ask_instructions((custom_instructions or "").strip())
+        ask = ask_instructions((custom_instructions or "").strip())
         argv += ["-c", f"developer_instructions={_toml_string(ask)}"]
     return [*argv, thread_id, "-"]
 
@@ -347,7 +348,8 @@ Codex is still closing down): the engine may read the script's result from then 
 _LAUNCHER = """\
 set -u
 python=$1 forwarder=$2 listen=$3 socket=$4 timeout=$5 after=$6 egress_listen=$7 egress=$8
-shift 8
+spare=$9
+shift 9
 log=/tmp/.openwham-forwarder.log
 exec 3< <(exec "$python" -I "$forwarder" --listen "$listen" --unix "$socket" </dev/null 2>"$log")
 fwd_pid=$!
@@ -390,6 +392,12 @@ if [ "$early" = 1 ]; then
     for d in /proc/[0-9]*; do
       p=${d#/proc/}
       case " 1 $$ $codex $fwd_pid$killed" in *" $p "*) continue ;; esac
+      if [ -n "$spare" ] && { stat=$(< "$d/stat"); } 2>/dev/null; then
+        # the driver's own child (the app-server) writes the session files: spared; the
+        # comm field may hold anything, so the fields are read after its last ")"
+        read -r -a f <<< "${stat##*) }"
+        [ "${f[1]:-}" = "$codex" ] && continue
+      fi
       kill -KILL "$p" 2>/dev/null
       killed="$killed$p "
       left=1
@@ -428,6 +436,7 @@ def launcher(
     after: str = "",
     egress: str = "",
     egress_port: int = EGRESS_PORT,
+    spare_children: bool = False,
 ) -> list[str]:
     """The sandbox's command: bash starts the forwarder (``127.0.0.1:port`` → the gateway
     socket), waits for its ``ready`` line, prints :data:`READY_MARKER` on stderr, then execs
@@ -451,7 +460,13 @@ def launcher(
 
     ``egress``: the egress socket in the sandbox when the agent may go out; a second
     forwarder (``127.0.0.1:egress_port`` → that socket) is started the same way before
-    Codex, for the proxy variables the engine sets."""
+    Codex, for the proxy variables the engine sets.
+
+    ``spare_children`` (app-server mode, where ``codex_argv`` is the driver of
+    ``runtimes/appserver_driver.py``): the early pass also spares the direct children of
+    ``codex_argv``'s process (the app-server, which writes the session files); the agent's
+    commands are the app-server's children and are killed as before. Exec mode must not set
+    it: there Codex's direct children are the agent's commands."""
     if not codex_argv:
         raise ValueError("empty Codex command")
     return [
@@ -467,6 +482,7 @@ def launcher(
         after,
         f"127.0.0.1:{egress_port}",
         egress,
+        "1" if spare_children else "",
         *codex_argv,
     ]
 
@@ -687,10 +703,15 @@ class EventTranslator:
             if not isinstance(event, dict):
                 self._diagnostic(f"not an event: {line[:200]}")
                 return out
-            try:
-                self._event(event, out)
-            except Exception as exc:  # an unexpected shape must not stop the attempt
-                self._diagnostic(f"could not translate {line[:200]}: {exc!r}")
+            self._apply(event, line, out)
+            return out
+
+    def feed_event(self, event: dict[str, Any]) -> list[Update]:
+        """:meth:`feed` for an event already parsed (``runtimes.appserver`` makes them)."""
+        with self._lock:
+            out, self._pending = self._pending, []
+            if self._outcome is None:
+                self._apply(event, None, out)
             return out
 
     def finish(
@@ -712,6 +733,13 @@ class EventTranslator:
             return self._finish(exit_code, killed_reason, upstream_error, stderr)
 
     # ------------------------------------------------------------------ internals
+
+    def _apply(self, event: dict[str, Any], line: str | None, out: list[Update]) -> None:
+        try:
+            self._event(event, out)
+        except Exception as exc:  # an unexpected shape must not stop the attempt
+            text = line if line is not None else json.dumps(event, default=str)
+            self._diagnostic(f"could not translate {text[:200]}: {exc!r}")
 
     def _final(self) -> str | None:
         if self._turn != "completed" or not self._agent_messages:
@@ -1156,7 +1184,7 @@ class CodexRuntime:
         )
         return launcher(agent, after=after, egress=egress or "")
 
-    def translator(self, prompt: str) -> EventTranslator:
+    def translator(self, prompt: str) -> Translator:
         return EventTranslator(prompt=prompt)
 
 
