@@ -57,8 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="blocks per tree (3)")
     ap.add_argument("--chain", type=int, default=5, help="back-to-back tasks per block (5)")
     ap.add_argument("--files", type=int, default=50, help="files in the generated repository")
+    ap.add_argument(
+        "--mode",
+        action="append",
+        default=[],
+        choices=["exec", "app-server"],
+        help="WHAM_CODEX_MODE, one server per tree and mode (default: the server's default)",
+    )
     args = ap.parse_args(argv)
-    trees = [t.resolve() for t in args.tree] or [h.ROOT]
+    variants = [(t.resolve(), m) for t in (args.tree or [h.ROOT]) for m in (args.mode or [""])]
+    trees = [t for t, _ in variants]
 
     work = Path(tempfile.mkdtemp(prefix="wham-bench-b2b-", dir="/var/tmp"))
     model, clock = h.start_model()
@@ -67,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         repo = generate(work / "repo", args.files)
         envs = []
-        for i, tree in enumerate(trees):
+        for i, (tree, mode) in enumerate(variants):
+            extra = {"PYTHONPATH": str(tree / "src")}
+            if mode:
+                extra["WHAM_CODEX_MODE"] = mode
             srv = h.WhamServer.start(
-                work / f"data-{i}",
-                model.url,
-                log_path=work / f"serve-{i}.log",
-                extra_env={"PYTHONPATH": str(tree / "src")},
+                work / f"data-{i}", model.url, log_path=work / f"serve-{i}.log", extra_env=extra
             )
             servers.append(srv)
             envs.append(srv.create_env(repo))
@@ -91,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                     b2b[i].append(start_ms(srv, clock, env_id, f"2{i}{n:02d}{k:02d}"))
                 log(f"tree {i} block {n + 1}: back to back {[round(x) for x in b2b[i][-5:]]}")
         print("start (POST -> first model request), ms: min / median / max")
-        for i, tree in enumerate(trees):
+        for i, (tree, mode) in enumerate(variants):
+            label = f"{str(tree)[-30:]} {mode}".strip()
             for name, values in (("idle", idle[i]), ("back to back", b2b[i])):
                 print(
-                    f"  {str(tree)[-30:]:>30} {name:>13}: {min(values):6.0f} "
+                    f"  {label:>30} {name:>13}: {min(values):6.0f} "
                     f"{statistics.median(values):6.0f} {max(values):6.0f}  (n={len(values)})"
                 )
         if len(trees) == 2:

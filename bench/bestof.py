@@ -105,8 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="source trees, one server each, runs interleaved (default: this tree)",
     )
+    ap.add_argument(
+        "--mode",
+        action="append",
+        default=[],
+        choices=["exec", "app-server"],
+        help="WHAM_CODEX_MODE, one server per tree and mode (default: the server's default)",
+    )
     args = ap.parse_args(argv)
-    trees = [t.resolve() for t in args.tree] or [h.ROOT]
+    variants = [(t.resolve(), m) for t in (args.tree or [h.ROOT]) for m in (args.mode or [""])]
+    trees = [f"{t} {m}".strip() for t, m in variants]
 
     work = Path(tempfile.mkdtemp(prefix="wham-bench-bestof-", dir="/var/tmp"))
     model, _ = h.start_model()
@@ -115,16 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         repo = generate(work / "repo", args.files)
         envs: list[str] = []
-        for k, tree in enumerate(trees):
+        for k, (tree, mode) in enumerate(variants):
+            extra = {
+                "WHAM_EXECUTOR_CONCURRENCY": str(args.concurrency),
+                "PYTHONPATH": str(tree / "src"),
+            }
+            if mode:
+                extra["WHAM_CODEX_MODE"] = mode
             servers.append(
                 h.WhamServer.start(
-                    work / f"data-{k}",
-                    model.url,
-                    log_path=work / f"serve-{k}.log",
-                    extra_env={
-                        "WHAM_EXECUTOR_CONCURRENCY": str(args.concurrency),
-                        "PYTHONPATH": str(tree / "src"),
-                    },
+                    work / f"data-{k}", model.url, log_path=work / f"serve-{k}.log", extra_env=extra
                 )
             )
             envs.append(servers[-1].create_env(repo))

@@ -67,9 +67,19 @@ MARKS: list[tuple[str, Callable[[Record], bool], bool]] = [
 ]
 
 
-def phases(records: list[Record], turn: str, posted: float, first: float) -> dict[str, float]:
+# done before the prompt in app-server mode (a standby's driver runs them at its start)
+BEFORE_PROMPT_IN_APP_SERVER = {
+    "Codex reads the prompt, loads its config",
+    "initialize (os_info: lsb_release -a twice)",
+    "thread/start (session, rollout, git info)",
+}
+
+
+def phases(
+    records: list[Record], turn: str, posted: float, first: float, mode: str = ""
+) -> dict[str, float]:
     """Milliseconds per phase of one start (``turn``'s records; ``posted``/``first``: the
-    POST and the scripted model's first request, ``time.time()``)."""
+    POST and the scripted model's first request, ``time.time()``; ``mode``: Codex's)."""
     mine = sorted(
         (r for r in records if r.get("turn") == turn and posted <= r["t0"] <= first + 0.01),
         key=lambda r: r["t0"],
@@ -77,6 +87,8 @@ def phases(records: list[Record], turn: str, posted: float, first: float) -> dic
     out: dict[str, float] = {}
     prev = posted
     for name, match, at_end in MARKS:
+        if mode == "app-server" and name in BEFORE_PROMPT_IN_APP_SERVER:
+            continue
         hit = next((r for r in mine if match(r) and r["t0"] >= prev - 0.0005), None)
         if hit is None:
             raise RuntimeError(f"{turn}: no mark for {name!r} (a renamed function or log line?)")
@@ -100,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tree", type=Path, default=h.ROOT, help="source tree (this one)")
     ap.add_argument("--runs", type=int, default=6, help="idle starts (6)")
     ap.add_argument("--files", type=int, default=50, help="files in the generated repository")
+    ap.add_argument("--mode", default="", choices=["", "exec", "app-server"], help="Codex's")
     args = ap.parse_args(argv)
     tree = args.tree.resolve()
     work = Path(tempfile.mkdtemp(prefix="wham-bench-phases-", dir="/var/tmp"))
@@ -119,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 "PYTHONPATH": f"{tree / 'src'}{os.pathsep}{h.ROOT}",
                 "BENCH_TRACE": str(trace),
                 "BENCH_CODEX_RUST_LOG": CODEX_LOG,
+                **({"WHAM_CODEX_MODE": args.mode} if args.mode else {}),
             },
         )
         env_id = srv.create_env(repo)
@@ -142,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     table: dict[str, list[float]] = {}
     for tag, posted, _ in starts:
         turn = next(r["turn"] for r in submits if r["t0"] >= posted)
-        for name, ms in phases(records, turn, posted, clock.first[tag][1]).items():
+        for name, ms in phases(records, turn, posted, clock.first[tag][1], args.mode).items():
             table.setdefault(name, []).append(ms)
     shutil.rmtree(work, ignore_errors=True)
-    print(f"idle start phases, ms min / median / max (n={len(starts)}; tree {tree})")
+    mode = args.mode or "default"
+    print(f"idle start phases, ms min / median / max (n={len(starts)}; tree {tree}; {mode})")
     for name, values in table.items():
         print(
             f"  {name:<56} {min(values):6.0f} {statistics.median(values):6.0f} {max(values):6.0f}"

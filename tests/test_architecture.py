@@ -156,7 +156,7 @@ def test_the_engines_parts_do_not_import_the_engine(part: str) -> None:
 
 # what makes a sandbox or launches the agent, behind SandboxProvider and AgentRuntime
 SANDBOX_CALLS = {"start", "run", "selftest", "host_gaps", "disk_enforcement"}
-AGENT_CALLS = {"launcher", "exec_argv", "resume_argv"}
+AGENT_CALLS = {"launcher", "exec_argv", "resume_argv", "driver_argv"}
 ENGINE_MODULES = sorted((PACKAGE / "engine").glob("*.py"))
 
 
@@ -170,11 +170,12 @@ def test_the_engine_starts_sandboxes_and_agents_through_its_protocols(path: Path
             owner = node.func.value
             if isinstance(owner, ast.Name) and (
                 (owner.id == "bwrap" and node.func.attr in SANDBOX_CALLS)
-                or (owner.id == "codex" and node.func.attr in AGENT_CALLS)
+                or (owner.id in ("codex", "appserver") and node.func.attr in AGENT_CALLS)
             ):
                 direct.append(f"{owner.id}.{node.func.attr}()")
         module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
-        if isinstance(node, ast.ImportFrom) and module.endswith(("bwrap", "runtimes.codex")):
+        agent_modules = ("runtimes.codex", "runtimes.appserver")
+        if isinstance(node, ast.ImportFrom) and module.endswith(("bwrap", *agent_modules)):
             calls = SANDBOX_CALLS if module.endswith("bwrap") else AGENT_CALLS
             direct += [f"{module}.{a.name}" for a in node.names if a.name in calls]
     assert not direct, f"use the engine's SandboxProvider / AgentRuntime: {direct}"

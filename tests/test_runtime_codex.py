@@ -25,8 +25,10 @@ from typing import Any
 import pytest
 
 from conftest import git
+from openwham.config import Settings
 from openwham.engine.diff import workspace_diff as engine_diff
 from openwham.gateway import Gateway, GatewayServer, OpenAIUpstream, Usage, forwarder_path
+from openwham.runtimes.appserver import AppServerTranslator, codex_runtime
 from openwham.runtimes.codex import (
     ASK_MODE_INSTRUCTIONS,
     LAUNCHER_FAILED,
@@ -50,7 +52,6 @@ from openwham.runtimes.codex import (
     sandbox_env,
     shell_command,
 )
-from openwham.runtimes.codex_cli import native_binary
 from openwham.sandbox import bwrap
 from openwham.sandbox.bwrap import Limits, SandboxResult, SandboxSpec
 from openwham.sandbox.workspace import Mirrors, create_workspace
@@ -570,35 +571,39 @@ def run_attempt(
     )
     for name, text in files.items():
         (codex_home / name).write_text(text)
-    cmd = command(prompt, qa_mode=qa_mode)
+    # the runtime of WHAM_CODEX_MODE: these tests run Codex as `exec` or as `app-server`
+    runtime = codex_runtime(Settings().codex_mode)
+    argv = runtime.command(
+        qa_mode=qa_mode, resume_thread=None, custom_instructions=custom_instructions, after=""
+    )
     spec = SandboxSpec(
         workspace=ws.path,
         workspace_readonly=qa_mode,
-        ro_binds={
-            native_binary(): SANDBOX_CODEX_BIN,
-            forwarder_path(): SANDBOX_FORWARDER,
-            stack.socket: SANDBOX_GATEWAY_SOCKET,
-        },
+        ro_binds=runtime.binds(forwarder=forwarder_path(), gateway_socket=stack.socket),
         rw_binds={codex_home: SANDBOX_CODEX_HOME},
         env=sandbox_env(token),
         network=False,
         limits=LIMITS,
+        idle_helpers=runtime.idle_helpers,
     )
-    tr = EventTranslator(prompt=prompt)
-    updates = tr.take_initial()
+    translator = runtime.translator(prompt)
+    tr = translator.inner if isinstance(translator, AppServerTranslator) else translator
+    assert isinstance(tr, EventTranslator)
+    updates = translator.take_initial()
     lines: list[tuple[float, str]] = []
 
     def on_output(stream: str, line: str) -> None:
         if stream == "stdout":
             lines.append((time.monotonic(), line))
-            updates.extend(tr.feed(line))
+            updates.extend(translator.feed(line))
 
-    proc = bwrap.start(spec, launcher(cmd.argv), stdin=cmd.stdin, on_output=on_output)
+    stdin = prompt.encode("utf-8", "replace")
+    proc = bwrap.start(spec, argv, stdin=stdin, on_output=on_output)
     cgroup_dirs = list(proc.cgroup.dirs.values()) if proc.cgroup else []
     result = proc.wait()
     ended = time.monotonic()
     stack.gateway.revoke(attempt_id)
-    outcome = tr.finish(
+    outcome = translator.finish(
         result.exit_code,
         killed_reason=result.killed_reason,
         upstream_error=stack.gateway.last_error(attempt_id),
@@ -732,7 +737,8 @@ def test_agent_fixes_a_bug_in_the_sandbox(stack: Stack, workspace: Workspace) ->
     assert all(h["authorization"] == f"Bearer {REAL_KEY}" for h in stack.model.headers)
     assert REAL_KEY not in run.result.stdout + run.result.stderr
     # nothing waited on the network at exit (analytics DNS timeouts used to add 5 s)
-    turn_done = next(t for t, line in run.lines if '"turn.completed"' in line)
+    ends = ('"turn.completed"', '"turn/completed"')  # exec's event, app-server's notice
+    turn_done = next(t for t, line in run.lines if any(e in line for e in ends))
     assert run.ended - turn_done < 2.5
 
 

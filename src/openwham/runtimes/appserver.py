@@ -176,6 +176,8 @@ class ExecEvents:
                 return []
             if method == "item/completed":
                 return [{"type": "item.completed", "item": item}]
+            if item["type"] in ("agent_message", "reasoning"):
+                return []  # exec shows them when they complete
             return [self._start(item)]
         if method == "item/fileChange/patchUpdated":
             raw = {"type": "fileChange", "id": params.get("itemId"), "status": "inProgress"}

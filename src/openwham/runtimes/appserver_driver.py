@@ -100,7 +100,8 @@ def answer_request(method: str) -> dict[str, Any]:
     if method in ("item/commandExecution/requestApproval", "item/fileChange/requestApproval"):
         return {"result": {"decision": "decline"}}
     if method in ("applyPatchApproval", "execCommandApproval"):
-        return {"result": {"decision": "denied"}}
+        rejection = "no one is there to approve it: openwham runs Codex without approvals"
+        return {"result": {"decision": {"denied": {"rejection": rejection}}}}
     return {"error": {"code": -32601, "message": f"openwham does not answer {method}"}}
 
 
@@ -267,7 +268,12 @@ def main(argv: list[str] | None = None) -> int:
             params["developerInstructions"] = args.developer_instructions
         if args.resume:
             home = Path(os.environ.get("CODEX_HOME") or Path.home() / ".codex")
-            params = {"threadId": args.resume, **params, **resume_settings(home)}
+            params = {
+                "threadId": args.resume,
+                "excludeTurns": True,  # not needed; without it a deprecation notice comes
+                **params,
+                **resume_settings(home),
+            }
             thread = driver.call(_THREAD, "thread/resume", params)
         else:
             thread = driver.call(_THREAD, "thread/start", params)
