@@ -40,7 +40,7 @@ from openwham.runtimes.codex import (
     exec_argv,
     launcher,
 )
-from openwham.runtimes.codex_cli import native_binary
+from openwham.runtimes.codex_cli import native_binary, pinned_version
 from openwham.sandbox import bwrap
 from openwham.sandbox.bwrap import Limits, SandboxSpec
 from openwham.wire import WorklogMessage
@@ -93,6 +93,7 @@ def _limit() -> None:
 def driver(repo: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     """The driver on the host (no sandbox), Codex the pinned binary."""
     argv = [sys.executable, "-I", str(driver_path()), "--codex", str(native_binary())]
+    argv += ["--client-version", pinned_version()]  # as driver_argv passes it
     return subprocess.Popen(
         [*argv, "--cwd", str(repo), *args],
         stdin=subprocess.PIPE,
@@ -164,8 +165,12 @@ def test_exec_and_app_server_give_the_same_work_log_and_outcome(
     git("checkout", "-q", ".", cwd=repo)
     git("clean", "-qfd", cwd=repo)
 
+    exec_headers = model.headers[-1]
     model.script = list(script)
     code, lines, err = run_driver(repo, home(tmp_path, model, "app"), prompt)
+    # the upstream sees exec's originator and User-Agent (a ChatGPT-plan backend checks them)
+    for name in ("originator", "user-agent"):
+        assert model.headers[-1][name] == exec_headers[name], name
     app_tr = AppServerTranslator(EventTranslator(prompt=prompt))
     app_out = translate(app_tr, lines, code, err)
 
@@ -483,6 +488,7 @@ def test_the_driver_is_bound_where_the_runtime_runs_it() -> None:
         qa_mode=True, resume_thread="0123456789", custom_instructions="Be brief.", after=""
     )
     assert SANDBOX_DRIVER in argv and "--resume" in argv
+    assert argv[argv.index("--client-version") + 1] == pinned_version()
     instructions = argv[argv.index("--developer-instructions") + 1]
     assert instructions.startswith("Be brief.") and "Ask mode" in instructions
     assert SANDBOX_DRIVER in CODEX_APP_SERVER.idle_helpers
