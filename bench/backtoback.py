@@ -57,13 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="blocks per tree (3)")
     ap.add_argument("--chain", type=int, default=5, help="back-to-back tasks per block (5)")
     ap.add_argument("--files", type=int, default=50, help="files in the generated repository")
-    ap.add_argument(
-        "--mode",
-        action="append",
-        default=[],
-        choices=["exec", "app-server"],
-        help="WHAM_CODEX_MODE, one server per tree and mode (default: the server's default)",
-    )
+    h.add_mode_argument(ap)
     args = ap.parse_args(argv)
     variants = [(t.resolve(), m) for t in (args.tree or [h.ROOT]) for m in (args.mode or [""])]
     trees = [t for t, _ in variants]

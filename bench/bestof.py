@@ -105,13 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="source trees, one server each, runs interleaved (default: this tree)",
     )
-    ap.add_argument(
-        "--mode",
-        action="append",
-        default=[],
-        choices=["exec", "app-server"],
-        help="WHAM_CODEX_MODE, one server per tree and mode (default: the server's default)",
-    )
+    h.add_mode_argument(ap)
     args = ap.parse_args(argv)
     variants = [(t.resolve(), m) for t in (args.tree or [h.ROOT]) for m in (args.mode or [""])]
     trees = [f"{t} {m}".strip() for t, m in variants]

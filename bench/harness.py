@@ -6,6 +6,7 @@ Nothing here reaches the network: the model is ``tests/support/scripted_model.py
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -104,6 +105,17 @@ def start_model() -> tuple[ScriptedModel, ModelClock]:
 
 
 # --------------------------------------------------------------------------- wham serve
+
+
+def add_mode_argument(ap: argparse.ArgumentParser) -> None:
+    """``--mode``: ``WHAM_CODEX_MODE`` values to compare, one server each (repeatable)."""
+    ap.add_argument(
+        "--mode",
+        action="append",
+        default=[],
+        choices=["exec", "app-server"],
+        help="WHAM_CODEX_MODE, one server per tree and mode (default: the server's default)",
+    )
 
 
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +52,8 @@ MEMORY = 16 << 30  # address-space cap of a host run (Codex reserves a lot of it
 
 
 @pytest.fixture
-def model() -> Iterator[ScriptedModel]:
-    server = ScriptedModel().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def model(scripted_model: ScriptedModel) -> ScriptedModel:
+    return scripted_model
 
 
 @pytest.fixture
