@@ -348,9 +348,11 @@ class Snapshots:
         kept = []
         snaps = sorted(self._all(), key=lambda s: (s.path / READY).stat().st_mtime, reverse=True)
         guard = min(self.idle_seconds, self.max_age)
+        recent = set()  # used within ``guard``: counted in the size, never removed
         for snap in snaps:
             if now - (snap.path / READY).stat().st_mtime < guard:
                 kept.append(snap)
+                recent.add(snap.path)
                 continue
             stale = now - snap.created >= self.max_age or (
                 env is not None
@@ -365,7 +367,7 @@ class Snapshots:
         total = 0
         for snap in kept:  # most recently used first
             total += snap.size
-            if total > self.max_bytes and self._remove(snap.path):
+            if total > self.max_bytes and snap.path not in recent and self._remove(snap.path):
                 removed.append(snap.path)
                 total -= snap.size
         return removed
