@@ -12,8 +12,10 @@ alternate within each run, so both see the same machine. The snapshot's size and
 take it are read from the servers' logs ("post-setup snapshot …: N bytes in S s"). Each
 second task's setup log is checked: "Resumed cached container", and "prepared in advance"
 exactly on the standby server. For reference, the standby server also runs two tasks on an
-environment without a setup script each run (the second takes a plain standby). Prints
-min / median / max. Loopback only; every wait is bounded.
+environment without a setup script each run (the second takes a plain standby). ``--repos
+N``: environments of N repositories (each a clone in ``workspace/<name>``, ``deps/`` beside
+them; the snapshot is a copy of the whole workspace). Prints min / median / max. Loopback
+only; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", type=int, default=200, help="files in the generated repository")
     ap.add_argument("--maintenance", default="", help="a maintenance script line (none)")
     ap.add_argument("--keep-logs", type=Path, help="copy the servers' logs into this directory")
+    ap.add_argument("--repos", type=int, default=1, help="repositories per environment (1)")
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="wham-bench-setupcache-", dir="/var/tmp"))
@@ -107,10 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     results: dict[str, list[float]] = {"cold": [], "standby": [], "no standby": [], "plain": []}
     try:
-        repo = generate(work / "repo", args.files)
-        (repo / ".gitignore").write_text("deps/\n")
-        git("add", ".gitignore", cwd=repo)
-        git("commit", "-q", "-m", "ignore deps", cwd=repo)
+        repos: list[str] = []
+        for i in range(max(1, args.repos)):
+            repo = generate(work / ("repo" if i == 0 else f"repo{i}"), args.files)
+            (repo / ".gitignore").write_text("deps/\n")
+            git("add", ".gitignore", cwd=repo)
+            git("commit", "-q", "-m", "ignore deps", cwd=repo)
+            repos.append(str(repo))
         for name, count in (("standby", "1"), ("no standby", "0")):
             servers[name] = h.WhamServer.start(
                 work / f"data-{count}",
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, (name, srv) in enumerate(order):
                 if time.monotonic() > deadline:
                     raise RuntimeError("out of time")
-                r = srv.client.post(srv.api("environments"), json={**body, "repos": [str(repo)]})
+                r = srv.client.post(srv.api("environments"), json={**body, "repos": repos})
                 r.raise_for_status()
                 env_id = str(r.json()["id"])
                 cold, lines = run_task(srv, clock, env_id, f"1{n:02d}{i}")
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 if srv.standby:  # reference: the same server's standby without a setup script
                     r = srv.client.post(
                         srv.api("environments"),
-                        json={"label": "bench/plain", "repos": [str(repo)]},
+                        json={"label": "bench/plain", "repos": repos[:1]},
                     )
                     r.raise_for_status()
                     plain_env = str(r.json()["id"])
