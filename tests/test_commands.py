@@ -50,8 +50,8 @@ class Recording:
     def cancel(self, turn_ids: Iterable[str]) -> None:
         self.calls.append(("cancel", list(turn_ids), False, False))
 
-    def reset_setup_cache(self, env_id: str) -> None:
-        self.calls.append(("reset_setup_cache", [env_id], False, False))
+    def drop_stale_setup_cache(self, env_id: str) -> None:
+        self.calls.append(("drop_stale_setup_cache", [env_id], False, False))
 
 
 def _deps(server: Server, executor: Recording) -> Deps:

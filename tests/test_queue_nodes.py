@@ -138,6 +138,14 @@ class Cluster:
     def other(self, worker: Worker) -> Worker:
         return next(w for w in self.workers if w is not worker)
 
+    def offering(self) -> int:
+        """Workers that offer a ready standby (``store.jobs.offer``)."""
+        with psycopg.connect(self.url.replace("postgresql+psycopg://", "postgresql://")) as c:
+            row = c.execute(
+                "SELECT count(*) FROM wham_standby_offers WHERE keys <> '{}'::jsonb"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
 
 def _wait(done: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
@@ -518,17 +526,7 @@ def test_a_task_goes_to_the_worker_that_holds_a_matching_standby(
     model.script = [Say("Warm.")]
     base = tmp_path / unique_marker("qn-standby")
     with queue_cluster(base, model, {"WHAM_STANDBY_SANDBOXES": "1"}) as cluster:
-        workers, url = cluster.workers, cluster.url
-        plain = url.replace("postgresql+psycopg://", "postgresql://")
-
-        def offering() -> int:
-            """Workers that offer a ready standby."""
-            with psycopg.connect(plain) as c:
-                row = c.execute(
-                    "SELECT count(*) FROM wham_standby_offers WHERE keys <> '{}'::jsonb"
-                ).fetchone()
-            return int(row[0]) if row else 0
-
+        workers = cluster.workers
         with cluster.client() as c:
             warm = _new_task(cluster, c, "Warm up")
             first = warm["turn"]["id"]
@@ -536,7 +534,7 @@ def test_a_task_goes_to_the_worker_that_holds_a_matching_standby(
             holder = cluster.worker_of(first)
             ran = []
             for i in range(4):
-                assert _wait(lambda: offering() == 1, 60), [w.tail() for w in workers]
+                assert _wait(lambda: cluster.offering() == 1, 60), [w.tail() for w in workers]
                 created = _new_task(cluster, c, f"Like the first {i}")
                 (turn,) = _settled(c, created["task"]["id"], 120)
                 assert turn["turn_status"] == "completed", turn.get("error")

@@ -805,3 +805,65 @@ def test_the_environment_pages_reset_cache_removes_the_old_snapshot_at_once(
     assert invalidation_key() != key
     task2, turn2, _ = run_task(api, env["id"])
     assert any(line.startswith("setup ran: ") for line in setup_lines(api, task2, turn2))
+
+
+def test_a_changed_environment_loses_its_old_snapshot_at_once_and_a_resent_secret_is_no_change(
+    standby_cache_server: Server, scripted_model: ScriptedModel, ignoring_repo: Path
+) -> None:
+    """In-process: an update that changes nothing the snapshot depends on (a label, a secret
+    sent again with the value it holds) keeps the snapshot and its standby, and the next task
+    resumes it; a secret's new value removes both as the PATCH returns (not at the next
+    attempt or on expiry), and so does deleting the environment."""
+    from openwham.store import models as m
+
+    server = standby_cache_server
+    api = server.api
+    runner = server.app_state.runner
+    assert runner is not None and runner.engine is not None
+    scripted_model.script = [Say("Hi.")]
+    env = api.create_env(ignoring_repo, setup=SETUP, secrets={"API_TOKEN": "first-value"})
+
+    def sealed() -> str:
+        with server.app_state.db.session() as s:
+            row = s.get(m.Environment, env["id"])
+            assert row is not None
+            return str(row.secrets["API_TOKEN"])
+
+    def settled(turn_id: str) -> None:
+        """The attempt's sandbox is gone (it held the snapshot's lease until then) and the
+        standby from the snapshot is ready."""
+        workspace = runner.engine.attempts_root / turn_id / "workspace"
+        deadline = time.monotonic() + 30
+        while workspace.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        wait_standby(server)
+
+    _, turn1, _ = run_task(api, env["id"])
+    (snap,) = snapshot_dirs(server)
+    settled(turn1)
+    token = sealed()
+    for change in ({"label": "renamed"}, {"secrets": {"API_TOKEN": "first-value"}}):
+        r = api.patch(f"environments/{env['id']}", json=change)
+        assert r.status_code == 200, r.text
+        assert snapshot_dirs(server) == [snap] and len(runner.engine.standby) == 1, change
+    assert sealed() == token  # the same value keeps its sealed token
+    task2, turn2, _ = run_task(api, env["id"])
+    assert took_standby(server, turn2)
+    assert setup_lines(api, task2, turn2)[0].startswith("Resumed cached container")
+
+    settled(turn2)
+    r = api.patch(f"environments/{env['id']}", json={"secrets": {"API_TOKEN": "second-value"}})
+    assert r.status_code == 200, r.text
+    assert sealed() != token
+    assert not snap.exists() and snapshot_dirs(server) == []
+    assert len(runner.engine.standby) == 0
+    task3, turn3, _ = run_task(api, env["id"])
+    assert any(line.startswith("setup ran: ") for line in setup_lines(api, task3, turn3))
+    (snap3,) = snapshot_dirs(server)
+
+    settled(turn3)
+    r = api.delete(f"environments/{env['id']}")
+    assert r.status_code == 204, r.text
+    assert not snap3.exists() and snapshot_dirs(server) == []
+    assert len(runner.engine.standby) == 0

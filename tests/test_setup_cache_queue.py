@@ -2,7 +2,9 @@
 (``wham serve``, no embedded worker) and a ``wham worker`` with a data directory of its own, on
 a throwaway PostgreSQL, running real attempts (bubblewrap, the Codex CLI, the scripted model).
 A reset-cache answered by the API node reaches the worker's snapshot and its standby started
-from it within a sweep, not only at the worker's next attempt of the environment."""
+from it within a sweep, not only at the worker's next attempt of the environment; with two
+workers, a task of an environment with a setup script goes to the worker holding a standby
+started from its snapshot."""
 
 from __future__ import annotations
 
@@ -70,3 +72,52 @@ def test_reset_cache_on_the_api_node_removes_the_workers_snapshot_and_standby_wi
             assert turn["turn_status"] == "completed", turn.get("error")
             lines = setup_log(c, second["task"]["id"], turn["id"])
             assert "setup ran" in lines and not any(x.startswith("Resumed") for x in lines)
+
+
+def test_a_task_of_a_setup_environment_goes_to_the_worker_holding_its_snapshots_standby(
+    model: ScriptedModel, tmp_path: Path
+) -> None:
+    """Two idle workers, standbys on, an environment with a setup script, a maintenance
+    script, a variable and a secret: after the first task, the worker that ran it holds the
+    snapshot and a standby started from it; each next task runs there and takes that
+    standby (setup not run, the maintenance script run when the standby was prepared). The
+    job is routed by a key computed from the environment's row, no secret decrypted. With
+    both idle, either could fetch the job: without the routing, each would land on the other
+    worker half the time, which has no snapshot and runs the setup script."""
+    model.script = [Say("Done.")]
+    environment = {
+        "setup": ["sleep 1", "echo installed > ~/marker", "echo setup ran"],
+        "maintenance_setup": ['echo "maintained $(cat ~/marker) ${TOKEN:-none}"'],
+        "env_vars": {"MODE": "x"},
+        "secrets": {"TOKEN": "t0ken-value"},
+    }
+    with queue_cluster(
+        tmp_path / unique_marker("qn-route"),
+        model,
+        {"WHAM_STANDBY_SANDBOXES": "1"},
+        environment=environment,
+    ) as cluster:
+        workers = cluster.workers
+
+        def setup_log(c: httpx.Client, task_id: str, turn_id: str) -> list[str]:
+            logs = c.get(f"tasks/{task_id}/turns/{turn_id}/logs").json()["logs"]
+            return [entry["line"] for entry in logs]
+
+        with cluster.client() as c:
+            warm = _new_task(cluster, c, "Warm up")
+            (turn,) = _settled(c, warm["task"]["id"], 120)
+            assert turn["turn_status"] == "completed", turn.get("error")
+            assert "setup ran" in setup_log(c, warm["task"]["id"], turn["id"])
+            holder = cluster.worker_of(turn["id"])
+            ran: list[str] = []
+            for i in range(4):
+                assert _wait(lambda: cluster.offering() == 1, 90), [w.tail() for w in workers]
+                created = _new_task(cluster, c, f"Again {i}")
+                (turn,) = _settled(c, created["task"]["id"], 120)
+                assert turn["turn_status"] == "completed", turn.get("error")
+                ran.append(cluster.worker_of(turn["id"]).name)
+                assert cluster.run_of(turn["id"]).get("standby"), cluster.run_of(turn["id"])
+                lines = setup_log(c, created["task"]["id"], turn["id"])
+                assert lines[0].startswith("Resumed cached container"), lines
+                assert "setup ran" not in lines and "maintained installed [redacted]" in lines
+        assert ran == [holder.name] * 4, (holder.name, ran)

@@ -2,7 +2,8 @@
 Codex CLI against the scripted model: one snapshot covers the whole workspace (every
 repository, what setup installed in each, the home); a later attempt resumes it with each
 repository checked out at its own commit on top, and a follow-up with each repository's
-earlier change."""
+earlier change; standby sandboxes are started from it, and one is taken only while every
+repository is still where a new task would start."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ import pytest
 from conftest import Server, diff_of, engine_settings, git, make_repo, make_server, wait_for_task
 from support.scripted_model import Say, ScriptedModel, Shell
 from test_engine import commands
-from test_setup_cache import run_task, setup_lines, snapshot_dirs
+from test_setup_cache import (
+    run_task,
+    setup_lines,
+    snapshot_dirs,
+    took_standby,
+    turn_body,
+    wait_standby,
+)
 
 pytestmark = pytest.mark.sandbox
 
@@ -180,3 +188,75 @@ def test_a_follow_up_resumes_the_snapshot_with_each_repositorys_earlier_change(
     assert "node_modules" not in json.dumps(diffs)
     assert second["setup_cache"]["used"] is True
     assert snapshot_dirs(cache_server) == [snap]
+
+
+@pytest.fixture
+def standby_server(tmp_path: Path, sqlite_url: str, scripted_model: Any) -> Iterator[Server]:
+    yield from make_server(
+        tmp_path, sqlite_url, **engine_settings(scripted_model, standby_sandboxes=1)
+    )
+
+
+def test_the_second_task_takes_a_standby_started_from_the_snapshot_of_every_repository(
+    standby_server: Server, scripted_model: ScriptedModel, remotes: tuple[Path, Path]
+) -> None:
+    """A multi-repository environment with a setup script gets standbys too: the second task
+    takes one started from the snapshot (setup not run, the maintenance script run when it
+    was prepared, every repository with setup's files at its branch head, each one's change
+    diffed against its own base). Once one repository's branch moved, the standby made
+    before is not taken: the attempt resumes the snapshot cold with that commit on top."""
+    server = standby_server
+    api = server.api
+    env = make_env(server, remotes)
+    scripted_model.script = [Say("Hi.")]
+    task1, turn1, _ = run_task(api, env["id"])
+    markers = markers_of(setup_lines(api, task1, turn1))
+    widgets_marker, gadgets_marker = markers.split("-")
+    (snap,) = snapshot_dirs(server)
+    wait_standby(server)
+
+    look = (
+        "cat widgets/node_modules/marker; echo; cat gadgets/node_modules/marker; echo; "
+        "cat ~/.setup-home; git -C widgets rev-parse HEAD; git -C gadgets rev-parse HEAD; "
+        "git -C gadgets rev-parse --abbrev-ref HEAD; cat gadgets/OTHER.md 2>/dev/null; "
+        "echo look-end; echo standby-change > gadgets/calc.py"
+    )
+    scripted_model.script = [Shell(look), Say("Seen.")]
+    w_head = git("rev-parse", "HEAD", cwd=remotes[0].parent / "widgets-work").strip()
+    g_head = git("rev-parse", "HEAD", cwd=remotes[1].parent / "gadgets-work").strip()
+    task2, turn2, second = run_task(api, env["id"])
+    assert took_standby(server, turn2)
+    lines = setup_lines(api, task2, turn2)
+    assert not any(line.startswith("setup ran") for line in lines), lines
+    assert lines[0].startswith("Resumed cached container from "), lines
+    assert any(line.endswith("when this sandbox was prepared in advance") for line in lines)
+    assert f"maintenance ran: {markers} home-state" in lines, lines
+    out = commands(second)[0][1]["content"]["parts"][0]
+    expected = (
+        f"{widgets_marker}\n{gadgets_marker}\nhome-state\n{w_head}\n{g_head}\ntrunk\nlook-end"
+    )
+    assert expected in out, out
+    assert second["setup_cache"]["used"] is True
+    body = turn_body(server, turn2)
+    bases = body["repo_bases"]
+    keys = env["repos"]
+    assert bases[keys[0]]["sha"] == w_head and bases[keys[1]] == {
+        "dir": "gadgets",
+        "branch": "trunk",
+        "sha": g_head,
+    }, bases
+    diffs = second["repo_diffs"]
+    assert "+standby-change" in diffs[keys[1]]["diff"], diffs
+    assert keys[0] not in diffs or not diffs[keys[0]]["diff"], diffs
+    assert (snap / "tree" / "gadgets" / "node_modules" / "marker").read_text() == gadgets_marker
+
+    wait_standby(server)  # the next one, at the same heads
+    g_old, g_new = advance(remotes[1], "trunk", "OTHER.md", "gadgets moved\n")
+    scripted_model.script = [Shell(look), Say("Seen.")]
+    task3, turn3, third = run_task(api, env["id"])
+    assert not took_standby(server, turn3)
+    lines = setup_lines(api, task3, turn3)
+    assert not any(line.startswith("setup ran") for line in lines), lines
+    assert f"commits gadgets {g_old[:7]}→{g_new[:7]}, " in lines[0], lines
+    out = commands(third)[0][1]["content"]["parts"][0]
+    assert f"{w_head}\n{g_new}\ntrunk\ngadgets moved\nlook-end" in out, out

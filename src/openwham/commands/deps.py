@@ -34,9 +34,10 @@ class ExecutorHandle(Protocol):
 
     def cancel(self, turn_ids: Iterable[str]) -> None: ...
 
-    def reset_setup_cache(self, env_id: str) -> None:
-        """After an environment's reset-cache committed: what this node keeps of its
-        post-setup cache that nothing holds goes now."""
+    def drop_stale_setup_cache(self, env_id: str) -> None:
+        """After an environment's reset-cache, update or deletion committed: what this node
+        keeps of its post-setup cache (snapshots, standbys started from them) that is no
+        longer the environment's current cache generation, and that nothing holds, goes now."""
         ...
 
 

@@ -114,7 +114,7 @@ class Claim:
     @property
     def plain(self) -> bool:
         """No setup script, variables or secrets, one repository: any sandbox for the key
-        will do (a multi-repository workspace is made per attempt, never kept ready)."""
+        will do (several repositories get a standby only from a post-setup snapshot)."""
         return not (self.setup_script.strip() or self.env_vars or self.secrets or self.repos)
 
     @property
@@ -171,7 +171,10 @@ class Claims:
     def standby_key(self, turn_id: str) -> AgentKey | None:
         """The standby a pending attempt would take, read without claiming it (the queue
         executor routes its job to a worker holding one); ``None`` when it would take none
-        (a follow-up, a starting diff, a setup script, variables or secrets)."""
+        (a follow-up, a starting diff, variables, secrets or several repositories without a
+        setup script, a setup script without the post-setup cache). An
+        environment with a setup script and the cache on: the key of a standby started from
+        its snapshot (:func:`standby_setup`, from the row: no secret is decrypted)."""
         with self.db.sessions() as s:
             turn = s.get(m.Turn, turn_id)
             if turn is None or turn.turn_status != TurnStatus.PENDING or not turn.parent_id:
@@ -183,16 +186,21 @@ class Claims:
             if _inputs(user_turn)[1]:
                 return None
             env, env_body = run_environment(s, task, turn)
-            setup = env_body.get("setup") or []
-            script = "\n".join(setup) if isinstance(setup, list) else str(setup)
-            if script.strip() or _usable_vars(env_body.get("env_vars")):
-                return None
-            if env is not None and env.secrets:
-                return None
-            run = dict(turn.body.get("run") or {})
+            script = _script(env_body.get("setup"))
             repos = list(env_body.get("repos") or [])
-            if len(repos) > 1:  # several clones: made per attempt, never kept ready
-                return None
+            cache = dict(env_body.get("cache_settings") or {})
+            setup = ""
+            if script.strip():
+                if env is None or not cache.get("post_setup_cache_enabled"):
+                    return None
+                generation = cache_generation(env_body, dict(env.secrets))
+                maintenance = _script(env_body.get("maintenance_setup"))
+                setup = standby_setup(env.id, generation, maintenance)
+            else:  # a plain one: one repository, no variables or secrets
+                secrets = env is not None and bool(env.secrets)
+                if _usable_vars(env_body.get("env_vars")) or secrets or len(repos) > 1:
+                    return None
+            run = dict(turn.body.get("run") or {})
             repo_key = repos[0] if repos else ""
             info = repo_info(env_body, repo_key)
             user = s.get(m.User, task.user_id)
@@ -208,6 +216,7 @@ class Claims:
                 custom_instructions=instructions if isinstance(instructions, str) else None,
                 mcp_servers=mcp_config(env_body),
                 network=network_config(env_body),
+                setup=setup,
             )
 
     def claim(self, turn_id: str) -> Claim | None:
@@ -244,8 +253,6 @@ class Claims:
                 and turn.attempt_placement in (0, None)
                 and task.num_follow_ups == 0
             )
-            setup = env_body.get("setup") or []
-            maintenance = env_body.get("maintenance_setup") or []
             cache = dict(env_body.get("cache_settings") or {})
             sealed = dict(env.secrets) if env is not None else {}
             url = repo_url(env_body, repo_key)
@@ -273,15 +280,13 @@ class Claims:
                 needs_title=needs_title,
                 tries=tries,
                 resume=resume,
-                setup_script="\n".join(setup) if isinstance(setup, list) else str(setup),
+                setup_script=_script(env_body.get("setup")),
                 env_vars=_usable_vars(env_body.get("env_vars")),
                 env_id=env.id if env is not None else "",
                 setup_cache=env is not None and bool(cache.get("post_setup_cache_enabled")),
                 cache_invalidation_key=str(cache.get("cache_invalidation_key") or ""),
                 cache_generation=cache_generation(env_body, sealed) if env is not None else "",
-                maintenance_script=(
-                    "\n".join(maintenance) if isinstance(maintenance, list) else str(maintenance)
-                ),
+                maintenance_script=_script(env_body.get("maintenance_setup")),
                 attempts=_attempts_for(s, turn),
                 mcp_servers=mcp_config(env_body),
                 network=network_config(env_body),
@@ -339,8 +344,8 @@ def cache_generation(body: dict[str, Any], sealed: dict[str, Any]) -> str:
     invalidation key reset-cache changes, the setup script, variables, sealed secrets and
     repositories), hashed: a snapshot records the generation it was taken at, so a worker
     that reads the row can tell its snapshots are stale without the secrets' key
-    (``engine.setup_cache.drop_stale``). Setting a secret again seals it anew, which counts
-    as a change."""
+    (``Workspaces.drop_stale_caches``). A secret set again to the value it holds keeps its
+    sealed token (``service.environments.update``), so it is no change."""
     cache = dict(body.get("cache_settings") or {})
     parts = {
         "invalidation": str(cache.get("cache_invalidation_key") or ""),
@@ -352,6 +357,25 @@ def cache_generation(body: dict[str, Any], sealed: dict[str, Any]) -> str:
     }
     text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def standby_setup(env_id: str, generation: str, maintenance: str) -> str:
+    """``AgentKey.setup`` of a standby started from an environment's post-setup snapshot:
+    the environment, its cache generation (:func:`cache_generation`: its setup script,
+    variables, sealed secrets, repositories and invalidation key) and the maintenance script,
+    hashed. The engine (``Workspaces.standby_key``) and the queue's routing
+    (``Claims.standby_key``, which decrypts nothing) compute it alike; the worker that takes
+    the standby still checks its snapshot is the claim's (the real snapshot key) and fresh."""
+    parts = {"environment": env_id, "generation": generation, "maintenance": maintenance}
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _script(value: Any) -> str:
+    """A setup or maintenance script as the environment's row holds it (lines), as text."""
+    if not value:
+        return ""
+    return "\n".join(str(x) for x in value) if isinstance(value, list) else str(value)
 
 
 def _usable_vars(values: Any) -> dict[str, str]:

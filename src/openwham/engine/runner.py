@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -34,6 +35,7 @@ from openwham.store.events import EventBus
 from .attempt import Engine
 from .executor import Executor, InProcessExecutor
 from .queue import QueueExecutor
+from .setup_cache import cache_generations
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +135,15 @@ class Runner:
         if self.executor is not None:
             self.executor.submit(turn_ids)
 
-    def reset_setup_cache(self, env_id: str) -> None:
-        """After an environment's reset-cache committed: its standbys started from a snapshot
-        and its snapshots that no sandbox or attempt holds go now (this node's; another
-        node's go at its next attempt of the environment or on expiry)."""
+    def drop_stale_setup_cache(self, env_id: str) -> None:
+        """After an environment's reset-cache, update or deletion committed: its standbys
+        started from a snapshot and its snapshots of an older cache generation (a changed
+        setup script, variable, secret, repository or invalidation key; all of them once it
+        is deleted) that no sandbox or attempt holds go now, here (a queue worker's go at its
+        next sweep, ``engine.queue``). An update that changed none of those drops nothing."""
         if self.engine is not None:
-            self.engine.workspaces.reset_cache(env_id)
+            current = partial(cache_generations, self.db)
+            self.engine.workspaces.drop_stale_caches(current, only=env_id)
 
     def cancel(self, turn_ids: Iterable[str]) -> None:
         """After a cancel committed: stop the sandboxes here, and under the queue executor

@@ -202,15 +202,21 @@ class SetupCache:
             return
         use.held.callback(lease.close)
         try:
-            lines = self._stack_repos(snap, targets, attempt_dir)
+            lines = self.stack_repos(snap, targets, attempt_dir)
         except (WorkspaceError, OSError, CheckoutFailed, ValueError) as exc:
             log.warning("post-setup snapshot %s not used for %s: %s", snap.path, claim.turn_id, exc)
             forget(attempt_dir)
             return
         use.hit = Resumed(snap, tuple(lines), tuple(t.at for t in targets))
 
-    def _stack_repos(self, snap: Snapshot, targets: list[RepoTarget], directory: Path) -> list[str]:
+    def stack_repos(self, snap: Snapshot, targets: list[RepoTarget], directory: Path) -> list[str]:
+        """``directory``'s workspace and home from a multi-repository snapshot, each
+        repository's objects linked to its mirror and its target checked out on top where it
+        differs from the snapshot's; returns what the checkouts said (for the setup log).
+        ``ValueError`` when the snapshot's repositories are not ``targets``'."""
         assert self.snapshots is not None
+        if [(r.key, r.dir) for r in snap.repos] != [(t.at.key, t.at.dir) for t in targets]:
+            raise ValueError("the snapshot's repositories are not the environment's")
         workspace, home = directory / "workspace", directory / "home"
         home.mkdir(mode=0o700)
         for target in targets:
@@ -435,7 +441,7 @@ def record_standby_resumed(rec: TurnRecorder, made: FromSnapshot) -> None:
     """A standby from a snapshot was taken: the same status lines, setup log and
     ``setup_cache`` as a cache hit started now, the maintenance script's output and
     proxy events being those of its run when the standby was prepared (said so)."""
-    resumed = record_resumed(rec, made.snapshot, made.base, bool(made.ran_at))
+    resumed = record_resumed(rec, made.snapshot, made.base, bool(made.ran_at), made.repos)
     preface = (resumed, *made.lines)
     if not made.ran_at:
         setup_phase.note(rec, (*preface, "Started in a sandbox prepared in advance"))

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from openwham.sandbox.provider import Sandbox
-from openwham.sandbox.snapshots import Snapshot
+from openwham.sandbox.snapshots import RepoAt, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,11 @@ class AgentKey:
     #: the agent's internet access, canonical JSON ("" when off): its egress policy and
     #: Codex's config are made with the sandbox, so a standby never runs under another
     network: str = ""
-    #: for an environment with a setup script: the post-setup snapshot key and the
-    #: maintenance script, hashed ("" without a setup script); such a standby is started from
-    #: that snapshot (``engine.workspace``), so a changed setup script, variables, secrets,
-    #: cache invalidation key or maintenance script makes another key
+    #: for an environment with a setup script: the environment, its cache generation and
+    #: the maintenance script, hashed (``claim.standby_setup``; "" without a setup script);
+    #: such a standby is started from its post-setup snapshot (``engine.workspace``), so a
+    #: changed setup script, variables, secrets, repositories, cache invalidation key or
+    #: maintenance script makes another key
     setup: str = ""
 
 
@@ -78,6 +79,8 @@ class FromSnapshot:
     log: tuple[tuple[str, str], ...] = ()
     events: tuple[dict[str, Any], ...] = ()
     ran_at: float = 0.0
+    #: a multi-repository standby's: where each repository was checked out (in order)
+    repos: tuple[RepoAt, ...] = ()
 
 
 @dataclass

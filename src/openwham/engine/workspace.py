@@ -2,12 +2,13 @@
 
 :class:`Workspaces` holds what that takes (mirrors, the attempts' root, the standby pool, the
 egress proxy for setup scripts, the :class:`AgentStarter`). A standby is taken only for an
-attempt with no starting diff that is not a follow-up, and either plain (no setup script,
-variables or secrets) or of an environment with a setup script and a post-setup snapshot (the
-standby was started from that snapshot, its maintenance script run when it was prepared: see
-docs/ARCHITECTURE.md): its agent gets the prompt at once, while the mirror is fetched, with
-its output held back and its model requests waiting in the gateway until the fetch shows the
-standby's checkout is still the branch head; otherwise it is dropped and the attempt starts
+attempt with no starting diff that is not a follow-up, and either plain (one repository, no
+setup script, variables or secrets) or of an environment with a setup script and a post-setup
+snapshot (the standby was started from that snapshot, its maintenance script run when it was
+prepared; one repository or several: see docs/ARCHITECTURE.md): its agent gets the prompt at
+once, while the mirror is fetched, with its output held back and its model requests waiting
+in the gateway until the fetch shows the standby's checkout is still the branch head (every
+repository's, for several); otherwise it is dropped and the attempt starts
 cold (clone at the branch, the follow-up's tree or the starting diff, the setup script or the
 snapshot and maintenance script, then the agent). The post-setup cache's steps (its key, a
 hit, a snapshot taken) are ``engine.setup_cache``'s.
@@ -34,7 +35,7 @@ from openwham.sandbox.bwrap import Limits, SandboxSpec
 from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.egress import EgressProxy
 from openwham.sandbox.provider import BUBBLEWRAP, SandboxProvider
-from openwham.sandbox.snapshots import RepoAt, Snapshots, cache_key
+from openwham.sandbox.snapshots import RepoAt, Snapshots
 from openwham.sandbox.workspace import (
     Checkouts,
     Mirrors,
@@ -49,7 +50,7 @@ from openwham.sandbox.workspace import (
 from . import setup as setup_phase
 from . import storage
 from .agent import AgentRun, AgentStarter, OutputGate
-from .claim import Claim, Resume
+from .claim import Claim, RepoCheckout, Resume, standby_setup
 from .control import AttemptFailed, Control, attempt_limits, disk_budget, over_disk
 from .recorder import TurnRecorder
 from .setup_cache import (
@@ -82,6 +83,8 @@ class StandbySetup:
     env_vars: dict[str, str]
     secrets: dict[str, str] = field(repr=False)
     maintenance: str
+    #: a multi-repository environment's repositories (``Claim.repos``; ``()``: one)
+    repos: tuple[RepoCheckout, ...] = ()
 
 
 @dataclass
@@ -138,7 +141,7 @@ class Workspaces:
             mirror = self.mirrors.ensure(
                 claim.repo_key, claim.repo_url, auth=claim.git_auth, group=claim.prompt_turn_id
             )
-            fits = prepared is not None and branch_head(mirror, claim.branch) == prepared.base
+            fits = prepared is not None and self._fits(claim, prepared, mirror)
         except WorkspaceError as exc:
             if prepared is not None:
                 self._abandon(prepared, control)
@@ -160,6 +163,16 @@ class Workspaces:
         agent.launch(prepared, False, agent.on_output)
         self._refill(claim)
         return prepared
+
+    def _fits(self, claim: Claim, prepared: Prepared, mirror: Path) -> bool:
+        """Whether a standby's checkout is where the attempt starts: the branch head of the
+        fetched mirror; a multi-repository standby's, every repository where a cold start
+        would check it out (``_repo_targets``: the task's branch where the repository has
+        it, else its default branch; their mirrors fetched now)."""
+        if not claim.repos:
+            return branch_head(mirror, claim.branch) == prepared.base
+        targets = self._repo_targets(claim, mirror, None)
+        return prepared.repos == {t.at.key: _repo_base(t.at) for t in targets}
 
     def _refill(self, claim: Claim) -> None:
         """Start preparing the next standbys for this attempt's key now that its agent has
@@ -192,6 +205,7 @@ class Workspaces:
                     env_vars=dict(claim.env_vars),
                     secrets=dict(claim.secrets),
                     maintenance=claim.maintenance_script,
+                    repos=claim.repos,
                 )
                 self._setups.move_to_end(key)
                 while len(self._setups) > MAX_STANDBY_SETUPS:
@@ -205,17 +219,17 @@ class Workspaces:
         maintenance script, so a standby is never served after the snapshot it stacks was
         invalidated (reset-cache, a changed setup script, variables, secrets or cache
         invalidation key) nor with another maintenance script; the egress policy is
-        ``claim.key.network`` either way."""
+        ``claim.key.network`` either way. Its ``setup`` part is ``claim.standby_setup`` of
+        the environment's cache generation, as the queue's routing computes it from the row
+        (``Claims.standby_key``); taking one checks the snapshot key itself
+        (``SetupCache.fresh``)."""
         if not (claim.repo_key and claim.repo_url and claim.branch):
             return None
         if claim.plain:
             return claim.key
-        if claim.repos:  # several clones, each at its own commit: made per attempt
+        if self.cache.key(claim) is None:  # several clones without a snapshot: none either
             return None
-        cache = self.cache.key(claim)
-        if cache is None:
-            return None
-        setup = cache_key({"snapshot": cache, "maintenance": claim.maintenance_script})
+        setup = standby_setup(claim.env_id, claim.cache_generation, claim.maintenance_script)
         return dataclasses.replace(claim.key, setup=setup)
 
     def _abandon(self, standby: Prepared, control: Control) -> None:
@@ -260,10 +274,7 @@ class Workspaces:
                     forget(attempt_dir)
                 if cache.hit is None:
                     self._clone_repos(targets, workspace, resume)
-                repos = {
-                    t.at.key: {"dir": t.at.dir, "branch": t.at.branch, "sha": t.at.commit}
-                    for t in targets
-                }
+                repos = {t.at.key: _repo_base(t.at) for t in targets}
                 base = targets[0].at.commit
             else:
                 at = resume.base if resume is not None else None  # the task's base
@@ -478,6 +489,7 @@ class Workspaces:
             mirror = self.mirrors.ensure(key.repo_key, key.repo_url, fetch=False)
             made: FromSnapshot | None = None
             env_vars: dict[str, str] | None = None
+            repos: dict[str, dict[str, str]] | None = None
             if key.setup:
                 with self._setups_lock:
                     setup = self._setups.get(key)
@@ -485,6 +497,7 @@ class Workspaces:
                     raise RuntimeError("its setup inputs are no longer kept")
                 made = self._from_snapshot(key, setup, mirror, directory, held)
                 base, env_vars = made.base, setup.env_vars
+                repos = {at.key: _repo_base(at) for at in made.repos} or None
             else:
                 base = create_workspace(
                     mirror,
@@ -494,7 +507,13 @@ class Workspaces:
                     checkouts=self.checkouts,
                 )
             prepared = self.agents.start(
-                key, directory, base, owner=directory.name, env_vars=env_vars, background=True
+                key,
+                directory,
+                base,
+                owner=directory.name,
+                env_vars=env_vars,
+                repos=repos,
+                background=True,
             )
             self.standby.started(key, prepared.proc)  # hurried if an attempt waits for it
             prepared.resumed = made
@@ -522,12 +541,19 @@ class Workspaces:
         already started on the workspace then, and a second sandbox on a mounted overlay's
         upper directory would leave two inconsistent views (docs/ARCHITECTURE.md)."""
         snap = self.cache.held_snapshot(setup.env_id, setup.cache, held)
-        base = branch_head(mirror, key.branch)
-        if base is None:
-            raise RuntimeError(f"the mirror has no branch {key.branch}")
-        lines = self.cache.stack(snap, mirror, base, key.branch, key.repo_url, directory)
+        repos: tuple[RepoAt, ...] = ()
+        if setup.repos:  # every repository at the key's branch where it has it
+            targets = self._standby_targets(key, setup.repos, mirror)
+            lines = self.cache.stack_repos(snap, targets, directory)
+            base, repos = targets[0].at.commit, tuple(t.at for t in targets)
+        else:
+            head = branch_head(mirror, key.branch)
+            if head is None:
+                raise RuntimeError(f"the mirror has no branch {key.branch}")
+            base = head
+            lines = self.cache.stack(snap, mirror, base, key.branch, key.repo_url, directory)
         if not setup.maintenance.strip():
-            return FromSnapshot(snap, base, tuple(lines))
+            return FromSnapshot(snap, base, tuple(lines), repos=repos)
         collected = setup_phase.Collected()
         ran_at = time.time()
         result = setup_phase.run(
@@ -555,7 +581,25 @@ class Workspaces:
             tuple(collected.lines),
             tuple(collected.events),
             ran_at,
+            repos,
         )
+
+    def _standby_targets(
+        self, key: AgentKey, repos: tuple[RepoCheckout, ...], mirror: Path
+    ) -> list[RepoTarget]:
+        """Where each repository of a multi-repository standby starts, as ``_repo_targets``
+        picks it for a new task on ``key.branch`` (its mirrors as they are: the take fetches
+        them and checks, ``_fits``); ``mirror``: the first one's."""
+        targets: list[RepoTarget] = []
+        for i, repo in enumerate(repos):
+            own = mirror if i == 0 else self.mirrors.ensure(repo.key, repo.url, fetch=False)
+            has = branch_head(own, key.branch) is not None
+            branch = key.branch if has else repo.default_branch
+            sha = branch_head(own, branch)
+            if sha is None:
+                raise RuntimeError(f"the mirror of {repo.url} has no branch {branch}")
+            targets.append(RepoTarget(RepoAt(repo.key, repo.dir, sha, branch), own, repo.url))
+        return targets
 
     def reset_cache(self, env_id: str, keep: str | None = None) -> list[Path]:
         """After ``POST environments/{id}/reset-cache``: drop the environment's standbys
@@ -574,17 +618,21 @@ class Workspaces:
         self.standby.discard(lambda key: key in keys)
         return self.cache.clear(env_id, keep)
 
-    def drop_stale_caches(self, current: Callable[[list[str]], dict[str, str]]) -> list[str]:
+    def drop_stale_caches(
+        self, current: Callable[[list[str]], dict[str, str]], only: str | None = None
+    ) -> list[str]:
         """What a reset-cache answered by another node (the queue executor's workers: their
-        sweep calls this every few seconds) or a changed or deleted environment left here:
-        the standbys and snapshots of an environment whose cache generation is no longer
-        ``current``'s (environment id -> generation, read from the database; absent: the
-        environment is gone), as :meth:`reset_cache` drops them. Returns those
-        environments."""
+        sweep calls this every few seconds) or a changed or deleted environment left here
+        (the node that answered it calls this for that environment, ``only``): the standbys
+        and snapshots of an environment whose cache generation is no longer ``current``'s
+        (environment id -> generation, read from the database; absent: the environment is
+        gone), as :meth:`reset_cache` drops them. Returns those environments."""
         held = self.cache.environments()
         with self._setups_lock:
             for setup in self._setups.values():
                 held.setdefault(setup.env_id, set()).add(setup.generation)
+        if only is not None:
+            held = {only: held[only]} if only in held else {}
         if not held:
             return []
         now = current(sorted(held))
@@ -600,6 +648,11 @@ class Workspaces:
         if self.gateway is not None:
             self.gateway.forget(prepared.owner)
         storage.remove_tree(prepared.dir)
+
+
+def _repo_base(at: RepoAt) -> dict[str, str]:
+    """A repository's entry in an attempt's ``repo_bases`` (``Prepared.repos``)."""
+    return {"dir": at.dir, "branch": at.branch, "sha": at.commit}
 
 
 _SETTLE_LIMITS = Limits(wall_clock_seconds=60, max_processes=64, memory_bytes=1 << 30)

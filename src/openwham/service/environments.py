@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import posixpath
 import re
 import time
@@ -504,7 +505,7 @@ def update(
         for name, value in changes.items():
             if value is None:
                 sealed.pop(name, None)
-            else:
+            elif not _same_secret(box, sealed.get(name), value):
                 sealed[name] = box.seal(value)
         if len(sealed) > MAX_VARS:
             raise BadRequest(f"At most {MAX_VARS} secrets are allowed")
@@ -513,6 +514,20 @@ def update(
     row.updated_at = time.time()
     db.flush()
     return row
+
+
+def _same_secret(box: SecretBox, token: str | None, value: str) -> bool:
+    """Whether the sealed ``token`` holds ``value`` (then it is kept: sealing again makes
+    another token, which would count as a change of the environment's post-setup cache
+    generation and run the setup script again). Fernet tokens are randomised, so the stored
+    value is opened and compared in constant time; nothing of either is logged."""
+    if token is None:
+        return False
+    try:
+        held = box.open(token)
+    except RuntimeError:  # sealed under another key: sealing it anew is the fix
+        return False
+    return hmac.compare_digest(held.encode(), value.encode())
 
 
 def reset_cache(db: Session, principal: Principal, env_id: str) -> None:

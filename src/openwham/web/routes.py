@@ -260,6 +260,13 @@ class WebUI:
             sess=sess,
         )
 
+    def _drop_stale_setup_cache(self, env_id: str) -> None:
+        """After an environment's change committed: its old post-setup snapshots (and
+        standbys started from them) go now where nothing holds them."""
+        executor = self.backend.commands.executor
+        if executor is not None:
+            executor.drop_stale_setup_cache(env_id)
+
     def redirect(
         self, url: str, sess: session.WebSession | None = None, request: Request | None = None
     ) -> RedirectResponse:
@@ -600,6 +607,7 @@ class WebUI:
                 return self._env_form(
                     request, sess, principal, data, values, error=_message(exc), status=400
                 )
+            self._drop_stale_setup_cache(env_id)
             return self.redirect(f"/environments/{quote(env_id)}?saved=1")
 
         @r.get("/environments/{env_id}/branches")
@@ -614,9 +622,7 @@ class WebUI:
             _, principal = self.principal(request, db)
             envs.reset_cache(db, principal, env_id)
             db.commit()
-            executor = self.backend.commands.executor
-            if executor is not None:  # the old snapshot goes now where nothing holds it
-                executor.reset_setup_cache(env_id)
+            self._drop_stale_setup_cache(env_id)
             return self.redirect(f"/environments/{quote(env_id)}?saved=1")
 
         @r.post("/environments/{env_id}/delete")
@@ -624,6 +630,7 @@ class WebUI:
             _, principal = self.principal(request, db)
             envs.delete(db, principal, env_id)
             db.commit()
+            self._drop_stale_setup_cache(env_id)
             return self.redirect("/environments")
 
         @r.get("/usage")

@@ -17,6 +17,7 @@ from openwham.wire import (
 )
 
 from ..deps import PrincipalDep, SessionDep, StateDep
+from ..state import AppState
 
 router = APIRouter(tags=["environments"])
 
@@ -88,13 +89,17 @@ def update_environment(
     if body.repos is not None:
         gitcred_commands.check_remotes(db, state.settings, principal.account_id, row.body)
     db.commit()
+    _drop_stale_setup_cache(state, env_id)
     return envs.render_many(db, [row])[0]
 
 
 @router.delete("/environments/{env_id}", status_code=204, response_class=Response)
-def delete_environment(env_id: str, principal: PrincipalDep, db: SessionDep) -> Response:
+def delete_environment(
+    env_id: str, principal: PrincipalDep, db: SessionDep, state: StateDep
+) -> Response:
     envs.delete(db, principal, env_id)
     db.commit()
+    _drop_stale_setup_cache(state, env_id)
     return Response(status_code=204)
 
 
@@ -102,9 +107,15 @@ def delete_environment(env_id: str, principal: PrincipalDep, db: SessionDep) -> 
 def reset_cache(env_id: str, principal: PrincipalDep, db: SessionDep, state: StateDep) -> None:
     envs.reset_cache(db, principal, env_id)
     db.commit()
+    _drop_stale_setup_cache(state, env_id)
+
+
+def _drop_stale_setup_cache(state: AppState, env_id: str) -> None:
+    """After an environment's change committed: its old post-setup snapshots (and standbys
+    started from them) go now where nothing holds them."""
     executor = state.commands.executor
-    if executor is not None:  # the old snapshot goes now where nothing holds it
-        executor.reset_setup_cache(env_id)
+    if executor is not None:
+        executor.drop_stale_setup_cache(env_id)
 
 
 @router.get("/machines", response_model=list[Machine])
