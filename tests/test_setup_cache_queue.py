@@ -21,6 +21,11 @@ from test_queue_nodes import _new_task, _settled, _wait, queue_cluster
 pytestmark = [pytest.mark.postgres, pytest.mark.sandbox, pytest.mark.slow]
 
 
+def setup_log(c: httpx.Client, task_id: str, turn_id: str) -> list[str]:
+    logs = c.get(f"tasks/{task_id}/turns/{turn_id}/logs").json()["logs"]
+    return [entry["line"] for entry in logs]
+
+
 def test_reset_cache_on_the_api_node_removes_the_workers_snapshot_and_standby_within_a_sweep(
     model: ScriptedModel, tmp_path: Path
 ) -> None:
@@ -41,10 +46,6 @@ def test_reset_cache_on_the_api_node_removes_the_workers_snapshot_and_standby_wi
 
         def standbys() -> list[Path]:
             return sorted((data / "attempts").glob(".standby-*"))
-
-        def setup_log(c: httpx.Client, task_id: str, turn_id: str) -> list[str]:
-            logs = c.get(f"tasks/{task_id}/turns/{turn_id}/logs").json()["logs"]
-            return [entry["line"] for entry in logs]
 
         with cluster.client() as c:
             first = _new_task(cluster, c, "First")
@@ -98,10 +99,6 @@ def test_a_task_of_a_setup_environment_goes_to_the_worker_holding_its_snapshots_
         environment=environment,
     ) as cluster:
         workers = cluster.workers
-
-        def setup_log(c: httpx.Client, task_id: str, turn_id: str) -> list[str]:
-            logs = c.get(f"tasks/{task_id}/turns/{turn_id}/logs").json()["logs"]
-            return [entry["line"] for entry in logs]
 
         with cluster.client() as c:
             warm = _new_task(cluster, c, "Warm up")
