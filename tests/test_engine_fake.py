@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from conftest import Server, make_repo
-from openwham.config import Settings
+from openwham.config import CodexMode, Settings
 from openwham.engine import diff as diffs
 from openwham.engine import setup as setup_phase
 from openwham.engine.attempt import Control, Engine
@@ -58,6 +58,7 @@ def engine(server: Server, tmp_path: Path, sandboxes: ScriptedSandboxes) -> Iter
         model_api_key="sk-fake",
         standby_sandboxes=0,
         title_timeout_seconds=0.1,
+        codex_mode=CodexMode.EXEC,  # the fake sandbox replays `codex exec --json` lines
     )
     # a worker node joins with the serving node's keys (the environment's secrets)
     shutil.copytree(server.app_state.settings.keys_dir, settings.keys_dir)

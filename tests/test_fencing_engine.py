@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from conftest import Server, make_repo
-from openwham.config import Settings
+from openwham.config import CodexMode, Settings
 from openwham.engine.attempt import Control, Engine
 from openwham.engine.claim import Claims
 from openwham.engine.recorder import SUPERSEDED
@@ -95,6 +95,7 @@ def _engine(server: Server, tmp_path: Path, sandboxes: ScriptedSandboxes) -> Eng
         model_api_key="sk-fake",
         standby_sandboxes=0,
         title_timeout_seconds=0.1,
+        codex_mode=CodexMode.EXEC,  # the fake sandbox replays `codex exec --json` lines
     )
     return Engine(
         settings,
