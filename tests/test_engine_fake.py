@@ -332,3 +332,51 @@ def test_the_attempts_of_a_best_of_4_task_fetch_the_mirror_once(
         assert status == TurnStatus.COMPLETED, _turn(server, task_id).get("error")
     mirror = [c for c in calls if c in ("clone --mirror", "fetch --prune")]
     assert mirror == ["clone --mirror"], calls  # the first attempt's; the others use it
+
+
+def test_the_routing_key_read_from_the_row_is_the_engines_standby_key_after_the_claim(
+    server: Server, tmp_path: Path, engine: Engine
+) -> None:
+    """The queue routes a pending attempt by the standby key it reads without claiming it
+    and without decrypting a secret (``Claims.standby_key``); the worker that claims it
+    prepares and takes standbys by ``Workspaces.standby_key``. They must be one key: for a
+    plain environment, one with a setup script, variables, a secret and a maintenance script,
+    and one of two repositories with a setup script; none for variables without a setup
+    script. A secret sent again with its value keeps the key; a new value changes it."""
+    api = server.api
+    one, two = make_repo(tmp_path / "one"), make_repo(tmp_path / "two")
+    setup = {"setup": ["echo setup"], "maintenance_setup": ["echo maintained"]}
+    envs: dict[str, dict[str, Any]] = {
+        "plain": api.create_env(one),
+        "setup": api.create_env(
+            one, **setup, env_vars={"MODE": "x"}, secrets={"TOKEN": "t0ken-value"}
+        ),
+        "vars only": api.create_env(one, env_vars={"MODE": "x"}),
+    }
+    r = api.post("environments", json={"label": "two", "repos": [str(one), str(two)], **setup})
+    assert r.status_code == 201, r.text
+    envs["repos"] = r.json()
+
+    def keys(env: dict[str, Any]) -> tuple[Any, Any]:
+        _, turn_id = _attempt(server, tmp_path, env)
+        routed = engine.standby_key(turn_id)
+        claim = engine.claims.claim(turn_id)
+        assert claim is not None and claim.secrets_problem is None
+        return routed, engine.workspaces.standby_key(claim)
+
+    found = {name: keys(env) for name, env in envs.items()}
+    for name, (routed, engines) in found.items():
+        assert routed == engines, name
+    assert found["plain"][0] is not None and found["plain"][0].setup == ""
+    assert found["setup"][0] is not None and found["setup"][0].setup
+    assert found["repos"][0] is not None and found["repos"][0].setup
+    assert found["vars only"][0] is None
+
+    env_id = envs["setup"]["id"]
+    r = api.patch(f"environments/{env_id}", json={"secrets": {"TOKEN": "t0ken-value"}})
+    assert r.status_code == 200, r.text
+    assert keys(envs["setup"]) == found["setup"]
+    r = api.patch(f"environments/{env_id}", json={"secrets": {"TOKEN": "new-value"}})
+    assert r.status_code == 200, r.text
+    routed, engines = keys(envs["setup"])
+    assert routed == engines and routed != found["setup"][0]
