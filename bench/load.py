@@ -10,8 +10,12 @@ on loopback:
    percentiles, and whether the server answers normally afterwards.
 2. **throughput**: ``wrk`` (Debian's, installed by ``scripts/setup.sh --with-postgres``) on
    task details and on ``tasks/list?limit=100`` at 1, 32 and 128 connections, a few seconds
-   each: requests per second, min / p50 / p90 / p99 / max latency, non-2xx answers, and the
-   ratio to the issue's targets.
+   each: requests per second, min / p50 / p90 / p99 / max latency, non-2xx answers, the
+   server process's CPU per request (``/proc``), and the ratio to the issue's targets.
+
+With ``--tree DIR`` (repeatable) the same seeded database is served by each tree's ``src``
+in turn (``PYTHONPATH``), ``--rounds`` times, the trees interleaved so that each sees the
+same machine load: before/after in one run, with min/median/max over the rounds.
 
 See bench/README.md ("Load").
 """
@@ -270,61 +274,117 @@ def percentile(values: list[float], p: float) -> float:
     return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
-def run_database(
-    kind: str, url: str | None, args: argparse.Namespace, work: Path
-) -> dict[str, Any]:
-    repo = generate(work / f"repo-{kind}", files=3)
-    data_dir = work / f"data-{kind}"
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far, all its threads (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Seeded:
+    """A database seeded once, served by each tree in turn."""
+
+    data_dir: Path
+    token: str
+    details: list[str]
+    listing: list[str]
+
+
+def start_server(
+    kind: str, url: str | None, args: argparse.Namespace, work: Path, tree: Path | None, n: int
+) -> h.WhamServer:
     env = {"WHAM_EXECUTOR": "none", **({"WHAM_DATABASE_URL": url} if url else {})}
     env.update(dict(kv.split("=", 1) for kv in args.env))
-    srv = h.WhamServer.start(
-        data_dir,
+    module = args.server_module
+    if tree is not None:  # that tree's openwham, on the same interpreter and packages
+        env["PYTHONPATH"] = str(tree / "src")
+        module = module or "bench.wham"
+    return h.WhamServer.start(
+        work / f"data-{kind}",
         "http://127.0.0.1:9",
-        log_path=work / f"serve-{kind}.log",
-        module=args.server_module,
+        log_path=work / f"serve-{kind}-{n}.log",
+        module=module,
         extra_env=env,
     )
-    result: dict[str, Any] = {"database": kind}
-    try:
-        if url:  # the harness made its token without WHAM_DATABASE_URL: in SQLite
-            out = subprocess.run(
-                [str(h.WHAM), "token", "create", "--data-dir", str(data_dir)],
-                check=True,
-                capture_output=True,
-                text=True,
-                env={**os.environ, "WHAM_DATABASE_URL": url},
-            )
-            srv.token = out.stdout.strip()
-            srv.client.headers["Authorization"] = f"Bearer {srv.token}"
-        env_id = srv.create_env(repo)
-        log(f"[{kind}] seeding {args.tasks} finished tasks")
-        turns = [srv.create_task(env_id, f"load task {i}") for i in range(args.tasks)]
-        finish_tasks(url or f"sqlite:///{data_dir / 'openwham.db'}", turns)
-        details = [f"{h.PREFIX}/tasks/{task_id}" for task_id, _ in turns]
-        listing = [f"{h.PREFIX}/tasks/list?limit=100"]
-        sizes = {
-            "details": len(srv.client.get(srv.url + details[0]).content),
-            "list": len(srv.client.get(srv.url + listing[0]).content),
-        }
-        result["bytes"] = sizes
 
-        burst_n = args.burst or (64 if kind == "sqlite" else 128)
-        log(f"[{kind}] burst of {burst_n} concurrent GETs")
-        burst = asyncio.run(_burst(srv, details, burst_n))
-        result["burst"] = vars(burst)
-        for name, paths in (("details", details), ("list", listing)):
-            for c in args.connections:
-                log(f"[{kind}] wrk {name} at {c} connection(s), {args.seconds:g} s")
-                result[f"{name}@{c}"] = wrk(srv.url, srv.token, paths, c, args.seconds)
-        t0 = time.perf_counter()
-        try:  # a server that stalled under the last run may not answer at all
-            ok = srv.client.get(srv.url + details[0], timeout=60)
-            result["after_status"] = ok.status_code
-        except httpx.HTTPError as exc:
-            result["after_status"] = f"no answer ({type(exc).__name__})"
-        result["after_ms"] = (time.perf_counter() - t0) * 1000
-    finally:
-        srv.stop()
+
+def run_database(
+    kind: str, url: str | None, args: argparse.Namespace, work: Path
+) -> list[dict[str, Any]]:
+    """Seed, then every round of every tree (or one run of this tree); one result each."""
+    trees: list[Path | None] = list(args.tree) or [None]
+    seeded = None
+    results = []
+    for r in range(args.rounds if args.tree else 1):
+        for tree in trees:
+            srv = start_server(kind, url, args, work, tree, len(results))
+            try:
+                if seeded is None:
+                    seeded = seed(kind, url, args, work, srv)
+                srv.token = seeded.token
+                srv.client.headers["Authorization"] = f"Bearer {seeded.token}"
+                result = measure(kind, args, srv, seeded)
+            finally:
+                srv.stop()
+            result["tree"] = str(tree) if tree is not None else ""
+            result["round"] = r + 1
+            results.append(result)
+            report(result, args)
+    return results
+
+
+def seed(
+    kind: str, url: str | None, args: argparse.Namespace, work: Path, srv: h.WhamServer
+) -> Seeded:
+    repo = generate(work / f"repo-{kind}", files=3)
+    data_dir = work / f"data-{kind}"
+    if url:  # the harness made its token without WHAM_DATABASE_URL: in SQLite
+        out = subprocess.run(
+            [str(h.WHAM), "token", "create", "--data-dir", str(data_dir)],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "WHAM_DATABASE_URL": url},
+        )
+        srv.token = out.stdout.strip()
+        srv.client.headers["Authorization"] = f"Bearer {srv.token}"
+    env_id = srv.create_env(repo)
+    log(f"[{kind}] seeding {args.tasks} finished tasks")
+    turns = [srv.create_task(env_id, f"load task {i}") for i in range(args.tasks)]
+    finish_tasks(url or f"sqlite:///{data_dir / 'openwham.db'}", turns)
+    details = [f"{h.PREFIX}/tasks/{task_id}" for task_id, _ in turns]
+    listing = [f"{h.PREFIX}/tasks/list?limit=100"]
+    return Seeded(data_dir, srv.token, details, listing)
+
+
+def measure(
+    kind: str, args: argparse.Namespace, srv: h.WhamServer, seeded: Seeded
+) -> dict[str, Any]:
+    details, listing = seeded.details, seeded.listing
+    result: dict[str, Any] = {"database": kind}
+    result["bytes"] = {
+        "details": len(srv.client.get(srv.url + details[0]).content),
+        "list": len(srv.client.get(srv.url + listing[0]).content),
+    }
+    burst_n = args.burst or (64 if kind == "sqlite" else 128)
+    log(f"[{kind}] burst of {burst_n} concurrent GETs")
+    burst = asyncio.run(_burst(srv, details, burst_n))
+    result["burst"] = vars(burst)
+    for name, paths in (("details", details), ("list", listing)):
+        for c in args.connections:
+            log(f"[{kind}] wrk {name} at {c} connection(s), {args.seconds:g} s")
+            cpu0 = cpu_seconds(srv.process.pid)
+            run = wrk(srv.url, srv.token, paths, c, args.seconds)
+            run["cpu_ms"] = (cpu_seconds(srv.process.pid) - cpu0) * 1000 / run["requests"]
+            run["load"] = os.getloadavg()[0]
+            result[f"{name}@{c}"] = run
+    t0 = time.perf_counter()
+    try:  # a server that stalled under the last run may not answer at all
+        ok = srv.client.get(srv.url + details[0], timeout=60)
+        result["after_status"] = ok.status_code
+    except httpx.HTTPError as exc:
+        result["after_status"] = f"no answer ({type(exc).__name__})"
+    result["after_ms"] = (time.perf_counter() - t0) * 1000
     return result
 
 
@@ -332,8 +392,9 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     kind = result["database"]
     b = result["burst"]
     lat = b["latencies_ms"]
+    tree = f" [{result['tree']} round {result['round']}]" if result.get("tree") else ""
     print(
-        f"\n== {kind}: {args.tasks} finished tasks; details {result['bytes']['details']} B, "
+        f"\n== {kind}{tree}: {args.tasks} finished tasks; details {result['bytes']['details']} B, "
         f"list?limit=100 {result['bytes']['list']} B"
     )
     served = b["statuses"].get(200, 0)
@@ -355,7 +416,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"  next GET after it: {b['after_status']} in {b['after_ms']:.1f} ms")
     print(
         f"{'wrk':<8} {'conns':>5} {'rps':>7} {'min':>6} {'p50':>6} {'p90':>6} {'p99':>7} "
-        f"{'max':>7} {'non-2xx':>7}  vs target (32 connections)"
+        f"{'max':>7} {'non-2xx':>7} {'cpu ms':>6}  vs target (32 connections)"
     )
     for name in ("details", "list"):
         for c in args.connections:
@@ -371,12 +432,41 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
             print(
                 f"{name:<8} {c:>5} {r['rps']:>7.0f} {r['min_us'] / 1000:>6.1f} "
                 f"{r['p50_us'] / 1000:>6.1f} {r['p90_us'] / 1000:>6.1f} "
-                f"{r['p99_us'] / 1000:>7.1f} {r['max_us'] / 1000:>7.1f} {bad:>7}{vs}"
+                f"{r['p99_us'] / 1000:>7.1f} {r['max_us'] / 1000:>7.1f} {bad:>7} "
+                f"{r['cpu_ms']:>6.2f}{vs}"
             )
     print(
         f"GET after the wrk runs: {result['after_status']} in {result['after_ms']:.0f} ms",
         flush=True,
     )
+
+
+def summary(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Min / median / max over the rounds, per database, tree and wrk run."""
+    print(f"\n== over {args.rounds} round(s), min / median / max")
+    print(
+        f"{'db':<8} {'tree':<24} {'wrk':<8} {'conns':>5} {'rps':>17} {'p99 ms':>19} {'cpu ms':>17}"
+    )
+    keys = sorted({(r["database"], r["tree"]) for r in results}, key=lambda k: k[0])
+    for kind, tree in keys:
+        runs = [r for r in results if (r["database"], r["tree"]) == (kind, tree)]
+        for name in ("details", "list"):
+            for c in args.connections:
+                cols = []
+                for field_, scale in (("rps", 1.0), ("p99_us", 1000.0), ("cpu_ms", 1.0)):
+                    v = [r[f"{name}@{c}"][field_] / scale for r in runs]
+                    cols.append(f"{min(v):.1f}/{statistics.median(v):.1f}/{max(v):.1f}")
+                print(
+                    f"{kind:<8} {tree[-24:]:<24} {name:<8} {c:>5} {cols[0]:>17} {cols[1]:>19} "
+                    f"{cols[2]:>17}"
+                )
+    loads = [
+        r[f"{n}@{c}"]["load"]
+        for r in results
+        for n in ("details", "list")
+        for c in args.connections
+    ]
+    print(f"load average during the wrk runs: {min(loads):.1f}-{max(loads):.1f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,7 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for wham serve")
     p.add_argument("--server-module", default=None, help="python -m MODULE serve instead of wham")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    p.add_argument(
+        "--tree", action="append", type=Path, default=[], help="serve DIR/src (repeatable)"
+    )
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the trees, interleaved (3)")
     args = p.parse_args(argv)
+    args.tree = [t.resolve() for t in args.tree]
     if args.db in ("postgres", "both") and not args.postgres_url:
         p.error("PostgreSQL needs --postgres-url or WHAM_TEST_POSTGRES_URL (use ./bench/load)")
     log(f"load average: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
@@ -407,12 +502,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="wham-load-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         if args.db in ("sqlite", "both"):
-            results.append(run_database("sqlite", None, args, work))
-            report(results[-1], args)
+            results += run_database("sqlite", None, args, work)
         if args.db in ("postgres", "both"):
             with postgres_database(args.postgres_url) as url:
-                results.append(run_database("postgres", url, args, work))
-            report(results[-1], args)
+                results += run_database("postgres", url, args, work)
+    if args.tree:
+        summary(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
