@@ -221,3 +221,49 @@ def test_the_app_answers_lists_through_the_hot_path(
     assert server.api.get("tasks/list?limit=7&task_filter=all").status_code == 200
     assert server.api.get("tasks/list?limit=x").status_code == 400  # the app validates it
     assert calls == [{"limit": 7, "task_filter": "all", "environment_id": None, "cursor": None}]
+
+
+def test_one_statement_reads_refuse_exactly_as_the_full_check(
+    hot: tuple[Server, HotReads, str],
+) -> None:
+    """Details and lists read the token's row in the data's own statement
+    (``accounts.principal_cte``); whatever that row does not let through goes to the full
+    check, so the answer is the one it always was: its status, its message, and the token
+    checked before the query (a bad ``limit`` or an overlong task id with a revoked token is
+    401, not 400 or 404)."""
+    server, _mw, task_id = hot
+    long_id = "t" * 201
+
+    def answers(token: str, **headers: str) -> list[tuple[int, str]]:
+        api = server.api.as_(token)
+        got = []
+        for path, params in (
+            (f"tasks/{task_id}", {}),
+            (f"tasks/{long_id}", {}),
+            ("tasks/list", {}),
+            ("tasks/list", {"limit": "0"}),
+            ("tasks/list", {"limit": "100"}),
+        ):
+            r = api.get(path, params=params, headers=headers)
+            got.append((r.status_code, r.json().get("detail", "") if r.status_code != 200 else ""))
+        return got
+
+    token = server.owner_token()
+    assert [s for s, _ in answers(token)] == [200, 404, 200, 400, 200]
+    other = "acct_" + "0" * 24
+    refused = answers(token, **{"ChatGPT-Account-Id": other})
+    assert {s for s, _ in refused} == {403}, refused
+    assert all("not an account of this user" in d for _, d in refused), refused
+
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    with server.app_state.db.session() as s:  # the row says expired, the JWT does not
+        s.execute(update(m.ApiToken).where(m.ApiToken.id == jti).values(expires_at=time.time()))
+    expired = answers(token)
+    assert {s for s, _ in expired} == {401} and all("expired" in d for _, d in expired), expired
+
+    token = server.owner_token()
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    with server.app_state.db.session() as s:
+        s.execute(update(m.ApiToken).where(m.ApiToken.id == jti).values(revoked_at=time.time()))
+    revoked = answers(token)
+    assert {s for s, _ in revoked} == {401} and all("revoked" in d for _, d in revoked), revoked

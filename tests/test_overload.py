@@ -386,10 +386,12 @@ def test_post_tasks_renders_its_response_after_its_commit(
 # --------------------------------------------------------------------------- request cost
 
 
-def test_task_details_costs_two_statements(tmp_path: Path, sqlite_url: str) -> None:
-    """The token, its user and the account come in one query (not one each) on every
-    request; task details then read the task with its environment's label and its turns in
-    one statement (one state of both; it was three: the task, its turns, the task again)."""
+def test_task_details_and_lists_cost_one_statement(tmp_path: Path, sqlite_url: str) -> None:
+    """A hot read is one statement: the token's row, its user and the account
+    (``accounts.principal_cte``, read on every request), with task details' task, its
+    environment's label and its turns (one state of all; it was four statements, then two),
+    or with a list page's tasks and each one's current attempt and siblings (it was three:
+    the token, the page, the turns by an expanding ``IN``)."""
     from sqlalchemy import event
 
     serving = _serve(tmp_path, sqlite_url)
@@ -401,19 +403,18 @@ def test_task_details_costs_two_statements(tmp_path: Path, sqlite_url: str) -> N
             statements.append(statement)
 
         engine = srv.state.db.request_engine
-        event.listen(engine, "before_cursor_execute", seen)
-        try:
-            r = httpx.get(
-                f"{srv.url}{PREFIX}/tasks/{srv.task_id}",
-                headers={"Authorization": f"Bearer {srv.token}"},
-                timeout=10,
-            )
-        finally:
-            event.remove(engine, "before_cursor_execute", seen)
-        assert r.status_code == 200
-        assert len(statements) == 2, statements
-        assert "api_tokens" in statements[0] and "memberships" in statements[0]
-        assert "FROM tasks" in statements[1] and "JOIN turns" in statements[1]
+        headers = {"Authorization": f"Bearer {srv.token}"}
+        for path in (f"tasks/{srv.task_id}", "tasks/list?limit=100"):
+            statements.clear()
+            event.listen(engine, "before_cursor_execute", seen)
+            try:
+                r = httpx.get(f"{srv.url}{PREFIX}/{path}", headers=headers, timeout=10)
+            finally:
+                event.remove(engine, "before_cursor_execute", seen)
+            assert r.status_code == 200
+            assert len(statements) == 1, (path, statements)
+            for table in ("api_tokens", "memberships", "FROM tasks", "JOIN turns"):
+                assert table in statements[0], (path, table, statements[0])
     finally:
         serving.close()
 
@@ -524,7 +525,7 @@ def test_hot_reads_work_in_at_most_read_threads_threads_at_once(
 
     inside = peak = 0
     lock = threading.Lock()
-    real = task_service.details_json
+    real = task_service.details_json_authed
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         nonlocal inside, peak
@@ -538,7 +539,7 @@ def test_hot_reads_work_in_at_most_read_threads_threads_at_once(
             with lock:
                 inside -= 1
 
-    monkeypatch.setattr(task_service, "details_json", counted)
+    monkeypatch.setattr(task_service, "details_json_authed", counted)
 
     async def burst(srv: Running) -> list[int]:
         headers = {"Authorization": f"Bearer {srv.token}"}
@@ -603,20 +604,22 @@ class _RoundTrips:
 
 
 def test_task_details_on_postgresql_take_few_round_trips(tmp_path: Path, postgres_url: str) -> None:
-    """A cached task details read on PostgreSQL: no pool pre-ping (``SELECT 1``), no
-    ``BEGIN``/``ROLLBACK`` around a read (AUTOCOMMIT), the task and its turns in one statement:
-    each round trip is a wake-up of the server process on a busy machine."""
+    """A cached task details read, and a list page, on PostgreSQL: no pool pre-ping
+    (``SELECT 1``), no ``BEGIN``/``ROLLBACK`` around a read (AUTOCOMMIT), the token's row
+    and the data in one statement: one round trip (each is a wake-up of the server process
+    on a busy machine; it was 7, then 2)."""
     serving = _serve(tmp_path, postgres_url)
     srv = next(serving)
     try:
-        url = f"{srv.url}{PREFIX}/tasks/{srv.task_id}"
         headers = {"Authorization": f"Bearer {srv.token}"}
         trips = _RoundTrips(srv.state.db.request_engine, tmp_path)
-        assert httpx.get(url, headers=headers, timeout=10).status_code == 200
-        trips.mark()
-        assert httpx.get(url, headers=headers, timeout=10).status_code == 200
-        print("\n".join(trips.since_mark()))
-        assert trips.count() <= 2, trips.since_mark()
+        for path in (f"tasks/{srv.task_id}", "tasks/list?limit=100"):
+            url = f"{srv.url}{PREFIX}/{path}"
+            assert httpx.get(url, headers=headers, timeout=10).status_code == 200
+            trips.mark()
+            assert httpx.get(url, headers=headers, timeout=10).status_code == 200
+            print("\n".join(trips.since_mark()))
+            assert trips.count() <= 1, (path, trips.since_mark())
     finally:
         serving.close()
 

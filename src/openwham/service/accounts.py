@@ -6,11 +6,12 @@ from __future__ import annotations
 import functools
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
-from sqlalchemy import and_, bindparam, select, true
+from sqlalchemy import CTE, Connection, and_, bindparam, select, true
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -279,6 +280,77 @@ def authenticate_for_read(
     account = m.Account(**{c.key: values[f"account__{c.key}"] for c in m.Account.__table__.c})
     tokens.touch_id(db, found.id, found.last_used_at, now)
     return Principal(user=user, account=account, token_id=found.id)
+
+
+@dataclass(frozen=True)
+class Claims:
+    """A bearer token whose signature and expiry checked out, for a read that looks its row
+    up in its own statement (``principal_cte``): the statement's parameters and when."""
+
+    user_id: str
+    jti: str
+    account_header: str | None
+    now: float
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"jti": self.jti, "user_id": self.user_id, "account_id": self.account_header}
+
+
+class Recheck(Exception):
+    """The token's row (or its user, or the account) did not let a one-statement read
+    through: the caller answers with the full check (``authenticate_for_read``), whose
+    refusal is the exact answer."""
+
+
+def read_claims(key: bytes, token: str, account_header: str | None) -> Claims | None:
+    """The token's verified claims (401 as ``authenticate`` for a bad or expired one), or
+    None for a token without a ``jti`` (the full check refuses it)."""
+    now = time.time()
+    user_id, jti = _claims(key, token, now)
+    return None if jti is None else Claims(user_id, jti, account_header, now)
+
+
+# A one-statement read's first columns: the token's row and the account's id (the reads
+# that use it need no more of the principal; the full check builds it).
+_CTE_COLUMNS = (*_READ_COLUMNS[:5], m.Account.id.label("account__id"))
+PRINCIPAL_WIDTH = len(_CTE_COLUMNS)
+_CTE_PRINCIPAL = _principal_query(true(), *_CTE_COLUMNS)
+_CTE_PRINCIPAL_FOR_ACCOUNT = _principal_query(_FOR_ACCOUNT, *_CTE_COLUMNS)
+
+
+def principal_cte(for_account: bool) -> CTE:
+    """The token's row and the account's id (``authenticate_for_read``'s one query: the
+    header's account if the user is a member, else the user's first) as a CTE named
+    ``principal``: a read joins it to its own statement, so the token's row is still read
+    on every request, in the same round trip (and snapshot) as the data."""
+    query = _CTE_PRINCIPAL_FOR_ACCOUNT if for_account else _CTE_PRINCIPAL
+    cte: CTE = query.cte("principal")
+    return cte
+
+
+class _TokenRow:
+    __slots__ = ("expires_at", "id", "last_used_at", "revoked_at", "user_id")
+
+    def __init__(self, values: Sequence[Any]) -> None:
+        self.id, self.user_id, self.revoked_at, self.expires_at, self.last_used_at = values[:5]
+
+
+def account_of(conn: Connection, values: Sequence[Any], claims: Claims) -> str:
+    """The caller's account id from a one-statement read's first ``PRINCIPAL_WIDTH`` values
+    (``principal_cte``'s columns), read in this request: ``Recheck`` unless the token's row,
+    its user and an account were found and the token is neither revoked nor expired.
+    Records the token's use as ``authenticate`` does."""
+    token = _TokenRow(values)
+    account_id = values[PRINCIPAL_WIDTH - 1]
+    if token.id is None or account_id is None:
+        raise Recheck
+    try:
+        tokens.check_row(token, claims.user_id, claims.now)
+    except Unauthorized as exc:
+        raise Recheck from exc
+    tokens.touch_id(conn, token.id, token.last_used_at, claims.now)
+    return str(account_id)
 
 
 def _claims(key: bytes, token: str, now: float) -> tuple[str, str | None]:

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Collection
 from typing import Protocol, TypedDict, TypeVar
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Connection, or_, select, update
 from sqlalchemy.orm import Session
 
 from openwham.store import models as m
@@ -159,7 +159,9 @@ def touch(db: Session, row: m.ApiToken, now: float) -> None:
         row.last_used_at = now
 
 
-def touch_id(db: Session, token_id: str, last_used_at: float | None, now: float) -> bool:
+def touch_id(
+    db: Session | Connection, token_id: str, last_used_at: float | None, now: float
+) -> bool:
     """:func:`touch` by the token's id and the ``last_used_at`` read with it; whether it
     wrote."""
     if last_used_at is not None and now - last_used_at < TOUCH_INTERVAL:

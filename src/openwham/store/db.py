@@ -22,7 +22,17 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event, exc, make_url, text
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Engine,
+    Result,
+    create_engine,
+    event,
+    exc,
+    make_url,
+    text,
+)
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -160,6 +170,16 @@ class Database:
                 yield session
             finally:
                 session.rollback()
+
+    @contextmanager
+    def read_connection(self) -> Iterator[Connection]:
+        """A request pool connection for Core reads, without an ORM session (opening,
+        rolling back and closing one cost a fifth of a cached read); in AUTOCOMMIT on a
+        server database, as ``read_session``. Rolled back when returned to the pool."""
+        with self.request_engine.connect() as conn:
+            if not self.url.startswith("sqlite"):
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
 
     def ping(self, timeout: float) -> None:
         """Raise unless the database answers ``SELECT 1`` on a new connection (``/healthz``;

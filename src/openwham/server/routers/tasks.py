@@ -83,7 +83,10 @@ ListQueryDep = Annotated[ListQuery, Depends(list_query)]
 @router.get("/tasks/list", response_model=TaskListPage)
 async def list_tasks(reader: ReaderDep, query: ListQueryDep) -> Response:
     renders = reader.state.renders
-    return await reader.json(lambda db, p: tasks.list_json(db, p, renders, **vars(query)))
+    return await reader.rows(
+        lambda conn, claims: tasks.list_json_authed(conn, claims, renders, **vars(query)),
+        lambda db, p: tasks.list_json(db, p, renders, **vars(query)),
+    )
 
 
 async def list_page(
@@ -153,8 +156,11 @@ async def task_details(
 
 async def _details(reader: Reader, task_id: str, inline: int | None) -> Response:
     renders = reader.state.renders
-    response = await reader.json(
-        lambda db, p: tasks.details_json(db, p, task_id, renders, inline_diff=inline)
+    response = await reader.rows(
+        lambda conn, claims: tasks.details_json_authed(
+            conn, claims, task_id, renders, inline_diff=inline
+        ),
+        lambda db, p: tasks.details_json(db, p, task_id, renders, inline_diff=inline),
     )
     if response.status_code == 200 and OPEN_PR in response.body:  # a forge's: is it still?
         state = reader.state
