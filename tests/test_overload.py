@@ -413,7 +413,7 @@ def test_task_details_and_lists_cost_one_statement(tmp_path: Path, sqlite_url: s
                 event.remove(engine, "before_cursor_execute", seen)
             assert r.status_code == 200
             assert len(statements) == 1, (path, statements)
-            for table in ("api_tokens", "memberships", "FROM tasks", "JOIN turns"):
+            for table in ("api_tokens", "memberships", " tasks", "JOIN turns"):
                 assert table in statements[0], (path, table, statements[0])
     finally:
         serving.close()

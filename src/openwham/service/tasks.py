@@ -1132,14 +1132,15 @@ def _render_details(task: m.Task, ctx: _Context, inline_diff: int | None) -> Tas
 # its environment's label and each of its turns, one row per turn (one row with no turn), in
 # ONE statement, so the task and its turns are one state of both (a statement sees one
 # snapshot, on SQLite and on PostgreSQL) and a read is one round trip.
+_DETAILS_COLUMNS = (
+    *_TASK_COLUMNS,
+    m.Environment.label.label("env_label"),
+    _json_text(m.Task.body),
+    *(c.label(f"turn__{c.key}") for c in _TURN_COLUMNS),
+    cast(m.Turn.body, Text).label("turn__body"),
+)
 _DETAILS = (
-    select(
-        *_TASK_COLUMNS,
-        m.Environment.label.label("env_label"),
-        _json_text(m.Task.body),
-        *(c.label(f"turn__{c.key}") for c in _TURN_COLUMNS),
-        cast(m.Turn.body, Text).label("turn__body"),
-    )
+    select(*_DETAILS_COLUMNS)
     .select_from(m.Task)
     .outerjoin(m.Environment, m.Environment.id == m.Task.environment_id)
     .outerjoin(m.Turn, m.Turn.task_id == m.Task.id)
@@ -1170,11 +1171,17 @@ def details_json(
 
 @functools.lru_cache(maxsize=2)
 def _authed_details(for_account: bool) -> Any:
-    """``_DETAILS`` joined to the caller's token row, user and account (``principal_cte``):
-    one statement, one round trip, one snapshot."""
+    """``_DETAILS`` joined to the caller's token row and account (``principal_cte``): one
+    statement, one round trip, one snapshot. One flat join (a subquery of the task's rows
+    was copied into a temporary table by SQLite, turn bodies and all)."""
     principal = accounts.principal_cte(for_account)
-    data = _DETAILS.subquery("data")
-    return select(principal, data).select_from(principal).outerjoin(data, true())
+    return (
+        select(principal, *_DETAILS_COLUMNS)
+        .select_from(principal)
+        .outerjoin(m.Task, m.Task.id == bindparam("task_id"))
+        .outerjoin(m.Environment, m.Environment.id == m.Task.environment_id)
+        .outerjoin(m.Turn, m.Turn.task_id == m.Task.id)
+    )
 
 
 def details_json_authed(
