@@ -122,7 +122,9 @@ class SetupCache:
             "environment": claim.env_id,
             "setup": claim.setup_script,
             "env_vars": claim.env_vars,
-            "secrets": claim.secrets,
+            # the secrets as sealed (through the generation, a hash of their tokens; a
+            # value sent again keeps its token): no hash of a secret's value is kept on disk
+            "generation": claim.cache_generation,
             "invalidation": claim.cache_invalidation_key,
             "repository": claim.repo_key,
             # an overlay layer and a copied workspace are used differently

@@ -53,7 +53,8 @@ _MOVE_LIMITS = Limits(wall_clock_seconds=600, max_processes=64, memory_bytes=2 <
 
 
 def cache_key(parts: Mapping[str, object]) -> str:
-    """The hash of what a snapshot depends on (secrets enter only through it)."""
+    """The hash of what a snapshot depends on (never a secret's value: the engine's key has
+    the secrets only as the cache generation's hash of their sealed tokens)."""
     text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
