@@ -75,6 +75,9 @@ BEFORE_PROMPT_IN_APP_SERVER = {
 }
 
 
+APP_SERVER_TURN = _codex("app_server_tracing: close")
+
+
 def phases(
     records: list[Record], turn: str, posted: float, first: float, mode: str = ""
 ) -> dict[str, float]:
@@ -89,9 +92,15 @@ def phases(
     for name, match, at_end in MARKS:
         if mode == "app-server" and name in BEFORE_PROMPT_IN_APP_SERVER:
             continue
+        if mode == "app-server" and name == "turn submitted":  # exec's client logs "Sent prompt"
+            name, match = "turn/start handled (driver -> app-server)", APP_SERVER_TURN
         hit = next((r for r in mine if match(r) and r["t0"] >= prev - 0.0005), None)
         if hit is None:
-            raise RuntimeError(f"{turn}: no mark for {name!r} (a renamed function or log line?)")
+            after = [r.get("msg", r["name"])[:100] for r in mine if r["t0"] >= prev - 0.0005]
+            raise RuntimeError(
+                f"{turn}: no mark for {name!r} (a renamed function or log line?); "
+                f"records after the last mark: {after[:40]}"
+            )
         at = hit["t1"] if at_end else hit["t0"]
         out[name] = (at - prev) * 1000
         prev = at

@@ -183,12 +183,13 @@ def install() -> None:
     setattr(gateway_app.Gateway, "_authenticate", traced_authenticate)  # noqa: B010
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CODEX_LOG = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z +[A-Z]+ +(.*)")
 
 
 def _codex_log(line: str, turn: str | None) -> bool:
     """A line of Codex's own log (``RUST_LOG``): emitted as ``codex_log`` at its time."""
-    found = _CODEX_LOG.match(line)
+    found = _CODEX_LOG.match(_ANSI.sub("", line))  # app-server colours its log, exec not
     if found is None:
         return False
     at = datetime.datetime.fromisoformat(found.group(1) + "+00:00").timestamp()

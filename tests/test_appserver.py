@@ -31,6 +31,7 @@ from openwham.runtimes.appserver import (
 )
 from openwham.runtimes.codex import (
     MAX_OUTPUT_CHARS,
+    READY_MARKER,
     SANDBOX_FORWARDER,
     TOKEN_ENV,
     WRITTEN_MARKER,
@@ -88,7 +89,7 @@ def _limit() -> None:
 def driver(repo: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     """The driver on the host (no sandbox), Codex the pinned binary."""
     argv = [sys.executable, "-I", str(driver_path()), "--codex", str(native_binary())]
-    argv += ["--client-version", pinned_version()]  # as driver_argv passes it
+    argv += ["--client-version", pinned_version(), "--ready-marker", READY_MARKER]
     return subprocess.Popen(
         [*argv, "--cwd", str(repo), *args],
         stdin=subprocess.PIPE,
@@ -213,6 +214,8 @@ def test_the_thread_starts_before_the_prompt_and_resumes_with_the_configs_settin
     finally:
         proc.kill()
     reader.join(5)
+    assert proc.stderr is not None
+    assert READY_MARKER in proc.stderr.read().decode().splitlines()  # the standby is ready
     thread_id = json.loads(first[0])["params"]["thread"]["id"]
     assert model.requests[0]["reasoning"]["effort"] == "low"
 
@@ -433,7 +436,7 @@ def test_the_early_diff_spares_the_drivers_app_server_but_not_the_agents_command
     tmp_path: Path, spare: bool
 ) -> None:
     """At the early diff (SIGUSR1) the launcher kills every process but the driver and the
-    forwarder; with ``spare_children`` (app-server mode) the driver's own child, the
+    forwarder; with ``driver`` (app-server mode) the driver's own child, the
     app-server, is let finish its session files, while the agent's commands (the
     app-server's children) are still killed before the script runs."""
     workspace = tmp_path / "ws"
@@ -464,13 +467,15 @@ def test_the_early_diff_spares_the_drivers_app_server_but_not_the_agents_command
         if stream == "stderr" and line == WRITTEN_MARKER:
             written.append(True)
 
-    argv = launcher(["/bin/bash", "-c", fake_driver], after=after, spare_children=spare)
+    argv = launcher(["/bin/bash", "-c", fake_driver], after=after, driver=spare)
     procs.append(bwrap.start(spec, argv, on_output=on_output))
     result = procs[0].wait()
     assert result.exit_code == 0, result
     assert written == [True]
     assert mark not in (workspace / "procs").read_text()
     assert (workspace / "server-exited").exists() == spare
+    # with a driver, the driver says when Codex is ready, not the launcher
+    assert (READY_MARKER in result.stderr.splitlines()) == (not spare)
     assert host_pids(mark) == []
 
 

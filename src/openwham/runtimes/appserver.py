@@ -62,7 +62,7 @@ def driver_argv(
     """The driver's argv: ``thread/start`` in ``workdir``, or ``thread/resume`` of
     ``resume_thread``; ``developer_instructions`` replace the config's (Ask mode)."""
     argv = [python, "-I", driver, "--codex", executable, "--cwd", workdir]
-    argv += ["--client-version", _client_version()]
+    argv += ["--client-version", _client_version(), "--ready-marker", codex.READY_MARKER]
     if resume_thread is not None:
         if not re.fullmatch(r"[0-9A-Za-z-]{8,64}", resume_thread):
             raise ValueError(f"not a Codex thread id: {resume_thread!r}")
@@ -334,7 +334,7 @@ class CodexAppServerRuntime(CodexRuntime):
             custom = codex.with_network_note((custom_instructions or "").strip(), network)
             instructions = codex.ask_instructions(custom)
         agent = driver_argv(resume_thread=resume_thread, developer_instructions=instructions)
-        return codex.launcher(agent, after=after, egress=egress or "", spare_children=True)
+        return codex.launcher(agent, after=after, egress=egress or "", driver=True)
 
     def translator(self, prompt: str) -> AppServerTranslator:
         return AppServerTranslator(EventTranslator(prompt=prompt))

@@ -9,7 +9,9 @@ stdin open for the turn:
 2. ``initialize`` (deltas and other unused notifications opted out), ``initialized`` and
    ``thread/start`` (or ``thread/resume`` of ``--resume`` with the model and effort of
    ``$CODEX_HOME/config.toml``: resume would otherwise keep the thread's persisted ones),
-   **all before the prompt**; the thread's id goes out as a ``thread/started`` line;
+   **all before the prompt**; the thread's id goes out as a ``thread/started`` line, and
+   ``--ready-marker`` on stderr (the launcher leaves it to the driver: the agent waits for
+   its prompt only from then on);
 3. reads its stdin to EOF (the prompt) and sends ``turn/start``;
 4. relays the notifications ``runtimes.appserver`` translates, one JSON line each, with
    ``turn.items`` and file diffs dropped and long strings capped (one line stays well under
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", default=None)
     ap.add_argument("--developer-instructions", default=None)
     ap.add_argument("--client-version", default="0")
+    ap.add_argument("--ready-marker", default=None, help="printed on stderr once ready")
     args = ap.parse_args(argv)
     proc = subprocess.Popen(
         [args.codex, "app-server", "--strict-config"],
@@ -278,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             thread = driver.call(_THREAD, "thread/start", params)
         thread_id = str((thread.get("thread") or {}).get("id"))
+        if args.ready_marker:  # the sandbox is a standby from now on (runtime.ready_marker)
+            print(args.ready_marker, file=sys.stderr, flush=True)
         prompt = sys.stdin.buffer.read().decode("utf-8", "replace")
         if not prompt.strip():
             raise Failed("no prompt")

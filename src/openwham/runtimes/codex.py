@@ -348,7 +348,7 @@ Codex is still closing down): the engine may read the script's result from then 
 _LAUNCHER = """\
 set -u
 python=$1 forwarder=$2 listen=$3 socket=$4 timeout=$5 after=$6 egress_listen=$7 egress=$8
-spare=$9
+driver=$9
 shift 9
 log=/tmp/.openwham-forwarder.log
 exec 3< <(exec "$python" -I "$forwarder" --listen "$listen" --unix "$socket" </dev/null 2>"$log")
@@ -368,7 +368,7 @@ if [ -n "$egress" ]; then
   fi
   exec 3<&-
 fi
-echo "@READY@" >&2
+[ -n "$driver" ] || echo "@READY@" >&2  # a driver says it once Codex waits for its prompt
 if [ -z "$after" ]; then exec "$@"; fi
 early=0
 trap 'early=1' USR1
@@ -392,7 +392,7 @@ if [ "$early" = 1 ]; then
     for d in /proc/[0-9]*; do
       p=${d#/proc/}
       case " 1 $$ $codex $fwd_pid$killed" in *" $p "*) continue ;; esac
-      if [ -n "$spare" ] && { stat=$(< "$d/stat"); } 2>/dev/null; then
+      if [ -n "$driver" ] && { stat=$(< "$d/stat"); } 2>/dev/null; then
         # the driver's own child (the app-server) writes the session files: spared; the
         # comm field may hold anything, so the fields are read after its last ")"
         read -r -a f <<< "${stat##*) }"
@@ -436,7 +436,7 @@ def launcher(
     after: str = "",
     egress: str = "",
     egress_port: int = EGRESS_PORT,
-    spare_children: bool = False,
+    driver: bool = False,
 ) -> list[str]:
     """The sandbox's command: bash starts the forwarder (``127.0.0.1:port`` → the gateway
     socket), waits for its ``ready`` line, prints :data:`READY_MARKER` on stderr, then execs
@@ -462,11 +462,12 @@ def launcher(
     forwarder (``127.0.0.1:egress_port`` → that socket) is started the same way before
     Codex, for the proxy variables the engine sets.
 
-    ``spare_children`` (app-server mode, where ``codex_argv`` is the driver of
-    ``runtimes/appserver_driver.py``): the early pass also spares the direct children of
-    ``codex_argv``'s process (the app-server, which writes the session files); the agent's
-    commands are the app-server's children and are killed as before. Exec mode must not set
-    it: there Codex's direct children are the agent's commands."""
+    ``driver`` (app-server mode, where ``codex_argv`` is ``runtimes/appserver_driver.py``):
+    the driver, not the launcher, prints :data:`READY_MARKER`, once its Codex has started
+    its thread and waits for the prompt; and the early pass also spares the direct children
+    of ``codex_argv``'s process (the app-server, which writes the session files), while the
+    agent's commands, the app-server's children, are killed as before. Exec mode must not
+    set it: there Codex's direct children are the agent's commands."""
     if not codex_argv:
         raise ValueError("empty Codex command")
     return [
@@ -482,7 +483,7 @@ def launcher(
         after,
         f"127.0.0.1:{egress_port}",
         egress,
-        "1" if spare_children else "",
+        "1" if driver else "",
         *codex_argv,
     ]
 
