@@ -118,3 +118,39 @@ def test_a_task_of_a_setup_environment_goes_to_the_worker_holding_its_snapshots_
                 assert lines[0].startswith("Resumed cached container"), lines
                 assert "setup ran" not in lines and "maintained installed [redacted]" in lines
         assert ran == [holder.name] * 4, (holder.name, ran)
+
+
+def test_without_standbys_a_task_of_a_setup_environment_goes_to_the_worker_with_its_snapshot(
+    model: ScriptedModel, tmp_path: Path
+) -> None:
+    """Two idle workers, no standbys: after the first task, the worker that ran it holds the
+    environment's post-setup snapshot and offers it; each next task runs there and resumes
+    it (setup not run). Without the offer, each would land on the other worker half the
+    time, which has no snapshot and runs the setup script."""
+    model.script = [Say("Done.")]
+    environment = {"setup": ["sleep 1", "echo installed > ~/marker", "echo setup ran"]}
+    with queue_cluster(
+        tmp_path / unique_marker("qn-snap"),
+        model,
+        {"WHAM_STANDBY_SANDBOXES": "0"},
+        environment=environment,
+    ) as cluster:
+        workers = cluster.workers
+        with cluster.client() as c:
+            warm = _new_task(cluster, c, "Warm up")
+            (turn,) = _settled(c, warm["task"]["id"], 120)
+            assert turn["turn_status"] == "completed", turn.get("error")
+            assert "setup ran" in setup_log(c, warm["task"]["id"], turn["id"])
+            holder = cluster.worker_of(turn["id"])
+            ran: list[str] = []
+            for i in range(4):
+                assert _wait(lambda: cluster.offering() == 1, 30), [w.tail() for w in workers]
+                created = _new_task(cluster, c, f"Again {i}")
+                (turn,) = _settled(c, created["task"]["id"], 120)
+                assert turn["turn_status"] == "completed", turn.get("error")
+                ran.append(cluster.worker_of(turn["id"]).name)
+                assert not cluster.run_of(turn["id"]).get("standby")
+                lines = setup_log(c, created["task"]["id"], turn["id"])
+                assert lines[0].startswith("Resumed cached container"), lines
+                assert "setup ran" not in lines, lines
+        assert ran == [holder.name] * 4, (holder.name, ran)

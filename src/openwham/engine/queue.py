@@ -24,8 +24,11 @@ Jobs are deferred by ``store.jobs.defer`` in the transaction that creates their 
   and holds no standby for the attempt's key while another worker, fresh and with a free slot,
   offers one re-defers the job to that worker's own queue (``attempts.<node>``, marked
   ``routed``) instead of starting cold. A routed job not taken within ``ROUTED_SECONDS`` (the
-  holder became busy or died) goes back to the shared queue and runs wherever, cold. When no
-  worker holds a matching standby, the first free worker runs the attempt.
+  holder became busy or died) goes back to the shared queue and runs wherever, cold. An
+  attempt with a setup script that finds no standby anywhere goes the same way to a worker
+  holding its post-setup snapshot (offered as ``snapshot:<key hash>``) when the fetching
+  worker holds none. When no worker holds a matching standby, the first free worker runs the
+  attempt.
 - **Post-setup cache**: a reset-cache (or a changed or deleted environment) answered by
   another node reaches this worker's snapshots and standbys at its next sweep
   (``Workspaces.drop_stale_caches``: each snapshot records its environment's cache
@@ -80,6 +83,12 @@ def key_hash(key: AgentKey) -> str:
     """A standby key as every worker computes it (offers carry hashes, not settings)."""
     raw = json.dumps(dataclasses.asdict(key), sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def snapshot_hash(key: AgentKey) -> str:
+    """What a worker holding the post-setup snapshot of ``key`` (a key with a setup script)
+    offers, beside its ready standbys' :func:`key_hash`."""
+    return f"snapshot:{key_hash(key)}"
 
 
 def make_app(database_url: str) -> procrastinate.App:
@@ -192,16 +201,21 @@ class QueueExecutor:
 
     def _standby_elsewhere(self, turn_id: str) -> str | None:
         """Another worker with a free slot and a ready standby for the attempt, when this
-        one has none for it."""
+        one has none for it; for an attempt with a setup script when no worker has one,
+        another worker holding its post-setup snapshot when this one does not (it resumes
+        the snapshot instead of running the setup script here)."""
         pool = self.engine.standby
-        if pool.size <= 0:
-            return None
         key = self.engine.standby_key(turn_id)
         if key is None or pool.ready().get(key):
             return None
         since = time.time() - OFFER_FRESH_SECONDS
         with self.engine.db.sessions() as s:
-            return jobs.holder(s, key_hash(key), besides=self.node, since=since)
+            found = None
+            if pool.size > 0:
+                found = jobs.holder(s, key_hash(key), besides=self.node, since=since)
+            if found is None and key.setup and key not in self.engine.workspaces.snapshot_keys():
+                found = jobs.holder(s, snapshot_hash(key), besides=self.node, since=since)
+            return found
 
     @staticmethod
     def _watch_abort(context: JobContext, control: Control, done: threading.Event) -> None:
@@ -316,6 +330,7 @@ class QueueExecutor:
             return
         recover(self.engine)
         ready = {key_hash(key): n for key, n in self.engine.standby.ready().items()}
+        ready.update({snapshot_hash(k): 1 for k in self.engine.workspaces.snapshot_keys()})
         free = max(0, self.concurrency - len(self.running))
         with self.engine.db.session() as s:
             orphans = jobs.without_job(s)

@@ -601,6 +601,18 @@ class Workspaces:
             targets.append(RepoTarget(RepoAt(repo.key, repo.dir, sha, branch), own, repo.url))
         return targets
 
+    def snapshot_keys(self) -> list[AgentKey]:
+        """The standby keys with a setup script whose post-setup snapshot is here (of those
+        whose setup inputs are kept): an attempt of one that finds no standby anywhere still
+        resumes the snapshot here instead of running its setup script elsewhere (the queue
+        executor offers them, ``engine.queue``)."""
+        snapshots = self.snapshots
+        if snapshots is None:
+            return []
+        with self._setups_lock:
+            setups = list(self._setups.items())
+        return [key for key, setup in setups if snapshots.has(setup.env_id, setup.cache)]
+
     def reset_cache(self, env_id: str, keep: str | None = None) -> list[Path]:
         """After ``POST environments/{id}/reset-cache``: drop the environment's standbys
         started from a snapshot, then remove its snapshots that no sandbox, attempt or

@@ -186,6 +186,16 @@ class Snapshots:
             os.utime(best.path / READY)
         return best
 
+    def has(self, env: str, key: str) -> bool:
+        """Whether ``env`` has a snapshot under ``key`` that has not expired (nothing is
+        touched: what the queue executor offers other workers)."""
+        now = time.time()
+        for ready in (self.root / _env_dir(env)).glob(f"{key}.*/{READY}"):
+            snap = _read(ready)
+            if snap is not None and snap.commit and now - snap.created < self.max_age:
+                return True
+        return False
+
     def fresh(self, snap: Snapshot, env: str, key: str | None) -> bool:
         """Whether ``snap`` is still ``env``'s snapshot under ``key`` and not expired (a
         standby started from it is served only then); its last use is set to now."""
