@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -75,6 +76,36 @@ def test_reset_cache_on_the_api_node_removes_the_workers_snapshot_and_standby_wi
             assert "setup ran" in lines and not any(x.startswith("Resumed") for x in lines)
 
 
+def warm_then_four(
+    model: ScriptedModel, base: Path, standbys: str, environment: dict[str, Any]
+) -> tuple[str, list[tuple[str, dict[str, Any], list[str]]]]:
+    """Two idle workers (``WHAM_STANDBY_SANDBOXES=standbys``) and an environment with a
+    setup script: a first task (setup runs), then four more, each posted once exactly one
+    worker offers what it holds. The first task's worker, and per later task the worker
+    that ran it, its run record and its setup log."""
+    model.script = [Say("Done.")]
+    with queue_cluster(
+        base, model, {"WHAM_STANDBY_SANDBOXES": standbys}, environment=environment
+    ) as cluster:
+        workers = cluster.workers
+        with cluster.client() as c:
+            warm = _new_task(cluster, c, "Warm up")
+            (turn,) = _settled(c, warm["task"]["id"], 120)
+            assert turn["turn_status"] == "completed", turn.get("error")
+            assert "setup ran" in setup_log(c, warm["task"]["id"], turn["id"])
+            holder = cluster.worker_of(turn["id"]).name
+            later = []
+            for i in range(4):
+                assert _wait(lambda: cluster.offering() == 1, 90), [w.tail() for w in workers]
+                created = _new_task(cluster, c, f"Again {i}")
+                (turn,) = _settled(c, created["task"]["id"], 120)
+                assert turn["turn_status"] == "completed", turn.get("error")
+                lines = setup_log(c, created["task"]["id"], turn["id"])
+                ran = cluster.worker_of(turn["id"]).name
+                later.append((ran, cluster.run_of(turn["id"]), lines))
+    return holder, later
+
+
 def test_a_task_of_a_setup_environment_goes_to_the_worker_holding_its_snapshots_standby(
     model: ScriptedModel, tmp_path: Path
 ) -> None:
@@ -85,39 +116,19 @@ def test_a_task_of_a_setup_environment_goes_to_the_worker_holding_its_snapshots_
     job is routed by a key computed from the environment's row, no secret decrypted. With
     both idle, either could fetch the job: without the routing, each would land on the other
     worker half the time, which has no snapshot and runs the setup script."""
-    model.script = [Say("Done.")]
     environment = {
         "setup": ["sleep 1", "echo installed > ~/marker", "echo setup ran"],
         "maintenance_setup": ['echo "maintained $(cat ~/marker) ${TOKEN:-none}"'],
         "env_vars": {"MODE": "x"},
         "secrets": {"TOKEN": "t0ken-value"},
     }
-    with queue_cluster(
-        tmp_path / unique_marker("qn-route"),
-        model,
-        {"WHAM_STANDBY_SANDBOXES": "1"},
-        environment=environment,
-    ) as cluster:
-        workers = cluster.workers
-
-        with cluster.client() as c:
-            warm = _new_task(cluster, c, "Warm up")
-            (turn,) = _settled(c, warm["task"]["id"], 120)
-            assert turn["turn_status"] == "completed", turn.get("error")
-            assert "setup ran" in setup_log(c, warm["task"]["id"], turn["id"])
-            holder = cluster.worker_of(turn["id"])
-            ran: list[str] = []
-            for i in range(4):
-                assert _wait(lambda: cluster.offering() == 1, 90), [w.tail() for w in workers]
-                created = _new_task(cluster, c, f"Again {i}")
-                (turn,) = _settled(c, created["task"]["id"], 120)
-                assert turn["turn_status"] == "completed", turn.get("error")
-                ran.append(cluster.worker_of(turn["id"]).name)
-                assert cluster.run_of(turn["id"]).get("standby"), cluster.run_of(turn["id"])
-                lines = setup_log(c, created["task"]["id"], turn["id"])
-                assert lines[0].startswith("Resumed cached container"), lines
-                assert "setup ran" not in lines and "maintained installed [redacted]" in lines
-        assert ran == [holder.name] * 4, (holder.name, ran)
+    base = tmp_path / unique_marker("qn-route")
+    holder, later = warm_then_four(model, base, "1", environment)
+    for _, run, lines in later:
+        assert run.get("standby"), run
+        assert lines[0].startswith("Resumed cached container"), lines
+        assert "setup ran" not in lines and "maintained installed [redacted]" in lines
+    assert [name for name, _, _ in later] == [holder] * 4, (holder, later)
 
 
 def test_without_standbys_a_task_of_a_setup_environment_goes_to_the_worker_with_its_snapshot(
@@ -127,30 +138,10 @@ def test_without_standbys_a_task_of_a_setup_environment_goes_to_the_worker_with_
     environment's post-setup snapshot and offers it; each next task runs there and resumes
     it (setup not run). Without the offer, each would land on the other worker half the
     time, which has no snapshot and runs the setup script."""
-    model.script = [Say("Done.")]
     environment = {"setup": ["sleep 1", "echo installed > ~/marker", "echo setup ran"]}
-    with queue_cluster(
-        tmp_path / unique_marker("qn-snap"),
-        model,
-        {"WHAM_STANDBY_SANDBOXES": "0"},
-        environment=environment,
-    ) as cluster:
-        workers = cluster.workers
-        with cluster.client() as c:
-            warm = _new_task(cluster, c, "Warm up")
-            (turn,) = _settled(c, warm["task"]["id"], 120)
-            assert turn["turn_status"] == "completed", turn.get("error")
-            assert "setup ran" in setup_log(c, warm["task"]["id"], turn["id"])
-            holder = cluster.worker_of(turn["id"])
-            ran: list[str] = []
-            for i in range(4):
-                assert _wait(lambda: cluster.offering() == 1, 30), [w.tail() for w in workers]
-                created = _new_task(cluster, c, f"Again {i}")
-                (turn,) = _settled(c, created["task"]["id"], 120)
-                assert turn["turn_status"] == "completed", turn.get("error")
-                ran.append(cluster.worker_of(turn["id"]).name)
-                assert not cluster.run_of(turn["id"]).get("standby")
-                lines = setup_log(c, created["task"]["id"], turn["id"])
-                assert lines[0].startswith("Resumed cached container"), lines
-                assert "setup ran" not in lines, lines
-        assert ran == [holder.name] * 4, (holder.name, ran)
+    holder, later = warm_then_four(model, tmp_path / unique_marker("qn-snap"), "0", environment)
+    for _, run, lines in later:
+        assert not run.get("standby"), run
+        assert lines[0].startswith("Resumed cached container"), lines
+        assert "setup ran" not in lines, lines
+    assert [name for name, _, _ in later] == [holder] * 4, (holder, later)
