@@ -59,6 +59,22 @@ class RenderCache:
             self.hits += 1
             return entry[1]
 
+    def get_many(self, kind: str, wanted: Sequence[tuple[str, Hashable]]) -> list[bytes | None]:
+        """``get`` of each ``(ident, key)``, under one hold of the lock (a list page asks
+        for a hundred)."""
+        out: list[bytes | None] = []
+        with self._lock:
+            for ident, key in wanted:
+                entry = self._entries.get((kind, ident))
+                if entry is None or entry[0] != key:
+                    self.misses += 1
+                    out.append(None)
+                    continue
+                self._entries.move_to_end((kind, ident))
+                self.hits += 1
+                out.append(entry[1])
+        return out
+
     def put(self, kind: str, ident: str, key: Hashable, value: bytes) -> None:
         """One entry per ``(kind, ident)``: a newer rendering replaces the older one."""
         if len(value) > self.max_bytes // 8:

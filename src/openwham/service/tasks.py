@@ -996,20 +996,29 @@ def list_json_authed(
     tasks_: list[Any] = []
     related: dict[Any, list[Any]] = {}
     for r in rows:
-        if r[task_at] is None:  # no task (the account has none)
+        task_id = r[task_at]
+        if task_id is None:  # no task (the account has none)
             continue
-        if not tasks_ or tasks_[-1].id != r[task_at]:
+        group = related.get(task_id)
+        if group is None:
             tasks_.append(_TaskRow._make(r[task_at:turn_at]))
-            related[r[task_at]] = []
+            group = related[task_id] = []
         if r[turn_at] is not None:
-            related[r[task_at]].append(_TurnRow._make(r[turn_at:]))
+            group.append(_TurnRow._make(r[turn_at:]))
     more = len(tasks_) > size
     tasks_ = tasks_[:size]
     attempts = {}
     for row in tasks_:
-        turns = sorted(related[row.id], key=_turn_order)
-        turn = next((t for t in turns if t.id == row.current_turn_id), None)
-        attempts[row.id] = (turn, _siblings(turn, turns) if turn else [])
+        turns = related[row.id]
+        if len(turns) > 1:
+            turns.sort(key=_turn_order)
+        turn = None
+        for t in turns:
+            if t.id == row.current_turn_id:
+                turn = t
+                break
+        siblings = _siblings(turn, turns) if turn is not None and len(turns) > 1 else []
+        attempts[row.id] = (turn, siblings)
     return _list_answer(tasks_, attempts, more, cache)
 
 
@@ -1031,12 +1040,15 @@ def _list_answer(
 ) -> bytes:
     """The page's JSON from its task rows (``_TaskRow``) and each task's current attempt
     and siblings (``_TurnRow``): each item kept, or rendered and kept."""
-    items: list[bytes] = []
+    keys = []
     for row in rows:
         turn, siblings = attempts[row.id]
-        key = (tuple(row), tuple(turn) if turn else None, tuple(tuple(t) for t in siblings))
-        item = cache.get("list", str(row.id), key)
+        keys.append((str(row.id), (row, turn, tuple(siblings))))
+    kept = cache.get_many("list", keys)
+    items: list[bytes] = []
+    for (ident, key), row, item in zip(keys, rows, kept, strict=True):
         if item is None:
+            turn, siblings = attempts[row.id]
             task = m.Task(**_orm_values(row._asdict(), _TASK_COLUMNS))
             ctx_turns = {
                 str(t.id): m.Turn(**t._asdict())
@@ -1045,7 +1057,7 @@ def _list_answer(
             labels = {str(row.environment_id): str(row.env_label)} if row.env_label else {}
             model = render_list_item(task, _Context.of(ctx_turns, labels))
             item = model.__pydantic_serializer__.to_json(model, by_alias=True)
-            cache.put("list", str(row.id), key, item)
+            cache.put("list", ident, key, item)
         items.append(item)
     cursor_out = _encode_cursor(rows[-1]) if more and rows else None
     return (
