@@ -10,18 +10,24 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from openwham.config import Settings
+from openwham.engine.claim import Claims
 from openwham.engine.recorder import SUPERSEDED, TurnRecorder
-from openwham.store import events, turnstate
+from openwham.engine.titling import Titles
+from openwham.store import events, groupcommit, turnstate
+from openwham.store import models as m
 from openwham.store.db import Database
 from openwham.store.events import LocalEventBus
 from openwham.store.groupcommit import GroupCommit
+from openwham.store.status import TurnStatus
 from openwham.wire import WorklogMessage
 from test_turnstate import _with_a_task
 
@@ -81,8 +87,8 @@ def test_writes_asked_during_a_commit_share_the_next_transaction(db: Database) -
     def write(who: str) -> None:
         results[who] = writes.run(_insert(who))
 
-    first = _start(lambda: write("first"))  # leads: its transaction waits for the holder
-    _until(lambda: not writes.queued and writes._leading)
+    first = _start(lambda: write("first"))  # taken: its transaction waits for the holder
+    _until(lambda: not writes.queued and writes.busy)
     time.sleep(0.2)
     others = [_start(lambda n=n: write(f"w{n}")) for n in range(8)]  # type: ignore[misc]
     _until(lambda: writes.queued == 8)
@@ -99,8 +105,9 @@ def test_writes_asked_during_a_commit_share_the_next_transaction(db: Database) -
 
 
 def test_a_failing_write_in_a_batch_fails_alone(db: Database) -> None:
-    """A batch with a bad write is rolled back and each write runs again alone: the bad one's
-    caller gets its error, the others are committed."""
+    """A bad write in a batch is rolled back alone (its savepoint): its caller gets its error,
+    the others are committed in the same transaction (before: the batch was rolled back and
+    each write ran again in a transaction of its own)."""
     writes = db.writes
     writes.run(_insert("taken"))
     holder = _hold(db)
@@ -112,8 +119,9 @@ def test_a_failing_write_in_a_batch_fails_alone(db: Database) -> None:
         except IntegrityError as exc:
             outcome[who] = exc
 
+    before = writes.commits
     first = _start(lambda: write("first"))
-    _until(lambda: writes._leading)
+    _until(lambda: writes.busy)
     time.sleep(0.2)
     threads = []
     for who in ["a", "taken", "b"]:  # "taken" breaks the UNIQUE constraint
@@ -126,6 +134,42 @@ def test_a_failing_write_in_a_batch_fails_alone(db: Database) -> None:
     assert isinstance(outcome.pop("taken"), IntegrityError)
     assert outcome == {"first": "first", "a": "a", "b": "b"}
     assert _rows(db) == ["taken", "first", "a", "b"]
+    assert writes.commits - before == 2  # "first" alone, then a and b together
+
+
+def test_the_writes_run_on_one_writer_thread(db: Database, monkeypatch: Any) -> None:
+    """Every write of the process runs on the writer thread, not its caller's: the lock does
+    not change hands between callers (each a thread that may wait for the GIL and a core
+    before its next statement); the thread ends once idle and a new one starts at need."""
+    monkeypatch.setattr(groupcommit, "IDLE_SECONDS", 0.2)
+    writes = db.writes
+    ran: list[threading.Thread] = []
+
+    def job(who: str) -> Callable[[Session], str]:
+        insert = _insert(who)
+
+        def run(s: Session) -> str:
+            ran.append(threading.current_thread())
+            return insert(s)
+
+        return run
+
+    holder = _hold(db)
+    callers = [_start(lambda: writes.run(job("w0")))]
+    _until(lambda: writes.busy)
+    callers += [_start(lambda n=n: writes.run(job(f"w{n}"))) for n in range(1, 6)]  # type: ignore[misc]
+    _until(lambda: writes.queued == 5)
+    holder.commit()
+    holder.close()
+    for thread in callers:
+        thread.join(BOUND)
+    assert len(ran) == 6
+    assert len({t.ident for t in ran}) == 1
+    assert ran[0].name == "wham-sqlite-writer" and ran[0] not in callers
+    _until(lambda: writes.writer is None)  # idle: gone
+    assert writes.run(job("later")) == "later"
+    assert ran[-1] is not ran[0] and ran[-1].name == "wham-sqlite-writer"
+    assert sorted(_rows(db)) == sorted([*(f"w{n}" for n in range(6)), "later"])
 
 
 def _attempts(db: Database, n: int) -> list[str]:
@@ -191,8 +235,10 @@ def test_attempts_lines_are_committed_together_in_order_and_published_after(
         for n in range(lines):
             rec.message(_message(n))
 
-    threads = [_start(lambda rec=rec: attempt(rec)) for rec in recorders]  # type: ignore[misc]
-    _until(lambda: db.writes.queued == 3)  # one leads (waiting for the holder), three queue
+    threads = [_start(lambda: attempt(recorders[0]))]
+    _until(lambda: db.writes.busy)  # its first line taken: waiting for the holder
+    threads += [_start(lambda rec=rec: attempt(rec)) for rec in recorders[1:]]  # type: ignore[misc]
+    _until(lambda: db.writes.queued == 3)  # three queue meanwhile
     holder.commit()
     holder.close()
     for thread in threads:
@@ -230,8 +276,116 @@ def test_on_postgresql_each_write_is_its_own_transaction(postgres_url: str) -> N
 
 
 def test_a_group_commit_alone_commits_at_once(db: Database) -> None:
-    """No timer: a write with nobody else waiting is committed in its caller's thread now."""
+    """No timer: a write with nobody else waiting is committed now, in a transaction alone."""
     group = GroupCommit(db.session, batched=True)
     assert group.run(_insert("alone")) == "alone"
-    assert group.commits == 1 and not group._leading
+    assert group.commits == 1 and not group.busy
     assert _rows(db) == ["alone"]
+
+
+def test_title_writes_share_the_batch_and_a_refused_one_is_undone_alone(db: Database) -> None:
+    """Titles are written in the group commit with the attempts' lines: a batch holds a title
+    accepted, a title refused (its run no longer holds the attempt: the title's update is
+    undone with its refused event, in its savepoint) and a line; one transaction commits
+    the accepted ones."""
+    now = time.time()
+    with db.session() as s:
+        s.add(
+            m.Task(
+                id="task2",
+                account_id="acct",
+                user_id="user",
+                title="t2",
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    turns = _attempts(db, 3)
+    with db.session() as s:
+        s.add(
+            turnstate.new_attempt(
+                id="other",
+                task_id="task2",
+                parent_id=None,
+                body={},
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    with db.session() as s:
+        assert turnstate.claim(s, "other", body={}, run="A")
+        assert turnstate.requeue(s, turns[1], body={})  # turn1's run A lost it
+        assert turnstate.claim(s, turns[1], body={}, run="B")
+    bus = LocalEventBus()
+    titles = Titles(Settings(), db, bus)
+    recorder = TurnRecorder(db, bus, "task", turns[0], {}, run_id="A")
+    another = TurnRecorder(db, bus, "task", turns[2], {}, run_id="A")
+    holder = _hold(db)
+    before = db.writes.commits
+    first = _start(lambda: recorder.message(_message(0)))
+    _until(lambda: db.writes.busy)
+    claim = SimpleNamespace(task_id="task2", turn_id="other", run_id="A")
+    lost = SimpleNamespace(task_id="task", turn_id=turns[1], run_id="A")
+    threads = [
+        _start(lambda: titles._write(claim, "Named")),  # type: ignore[arg-type]
+        _start(lambda: titles._write(lost, "Not named")),  # type: ignore[arg-type]
+        _start(lambda: another.message(_message(1))),
+    ]
+    _until(lambda: db.writes.queued == 3)
+    holder.commit()
+    holder.close()
+    for thread in [first, *threads]:
+        thread.join(BOUND)
+    assert db.writes.commits - before == 2
+    with db.sessions() as s:
+        named = {t.id: (t.title, t.has_generated_title) for t in s.scalars(select(m.Task))}
+        assert named == {"task": ("t", False), "task2": ("Named", True)}
+        assert [e.item_type for e in events.read(s, "other")] == [events.TASK_TITLE_GENERATED]
+        assert events.read(s, turns[1]) == []
+        assert [e.payload["id"] for e in events.read(s, turns[0])] == ["m0"]
+        assert [e.payload["id"] for e in events.read(s, turns[2])] == ["m1"]
+
+
+def test_claims_share_the_batch_and_a_taken_attempt_is_not_claimed_twice(db: Database) -> None:
+    """Attempts claimed while the database is busy (a burst's) are written in one transaction
+    (each claim queued for the lock before); an attempt claimed by another executor
+    meanwhile is not claimed again, and the others are not held back by it."""
+    now = time.time()
+    with db.session() as s:
+        for k in range(4):
+            s.add(
+                turnstate.new_attempt(
+                    id=f"p{k}",
+                    task_id="task",
+                    parent_id=None,
+                    body={},
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    claims = Claims(Settings(), db, LocalEventBus(), "here")
+    taken = _attempts(db, 1)[0]
+    recorder = TurnRecorder(db, LocalEventBus(), "task", taken, {}, run_id="A")
+    got: dict[str, Any] = {}
+    holder = _hold(db)
+    before = db.writes.commits
+    first = _start(lambda: recorder.message(_message(0)))
+    _until(lambda: db.writes.busy)
+    threads = [
+        _start(lambda k=k: got.__setitem__(f"p{k}", claims.claim(f"p{k}")))  # type: ignore[misc]
+        for k in range(3)
+    ]
+    _until(lambda: db.writes.queued == 3)
+    # p2 is taken by another executor meanwhile (the holder's transaction)
+    holder.execute(text("UPDATE turns SET turn_status = 'in_progress', run_id = 'X' WHERE id='p2'"))
+    holder.commit()
+    holder.close()
+    for thread in [first, *threads]:
+        thread.join(BOUND)
+    assert db.writes.commits - before == 2
+    assert got["p2"] is None
+    assert {k: v.turn_id for k, v in got.items() if v is not None} == {"p0": "p0", "p1": "p1"}
+    with db.sessions() as s:
+        rows = {t.id: (t.turn_status, t.run_id) for t in s.scalars(select(m.Turn))}
+    assert rows["p0"] == (TurnStatus.IN_PROGRESS, got["p0"].run_id)
+    assert rows["p2"] == (TurnStatus.IN_PROGRESS, "X") and rows["p3"][0] == TurnStatus.PENDING

@@ -221,6 +221,27 @@ def test_what_begins_a_write_transaction() -> None:
         assert not sqlitelock.begins_write(sql), sql
 
 
+def test_a_savepoint_outside_a_transaction_begins_one_with_the_lock(engine: Engine) -> None:
+    """A ``SAVEPOINT`` outside a transaction (the group commit runs each write of a batch in
+    one) takes the lock and begins the transaction ``IMMEDIATE`` first: without that, SQLite
+    began a deferred transaction there, bypassing the queue, that the savepoint's
+    ``RELEASE`` committed (the rest of the batch then ran outside any transaction)."""
+    lock = _lock(engine)
+    with engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        assert isinstance(raw, sqlitelock.Connection)
+        nested = conn.begin_nested()
+        conn.execute(text("INSERT INTO writes (who) VALUES ('a')"))
+        nested.commit()  # RELEASE
+        assert raw.in_transaction and raw._holds
+        assert not lock.acquire(0.05)  # still held by this transaction
+        conn.rollback()
+        assert not raw.in_transaction
+    assert _order(engine) == []
+    assert sqlitelock.opens_write("SAVEPOINT sa_savepoint_1")
+    assert not sqlitelock.begins_write("SAVEPOINT sa_savepoint_1")
+
+
 def test_only_database_files_share_a_lock(tmp_path: Path) -> None:
     assert sqlitelock.lock_for(":memory:") is None
     assert sqlitelock.lock_for("") is None

@@ -222,7 +222,7 @@ class Claims:
     def claim(self, turn_id: str) -> Claim | None:
         """Claim ``turn_id`` and read what it needs; ``None`` when it was not pending."""
         now = time.time()
-        with self.db.session() as s:
+        with self.db.sessions() as s:  # reads only: the claim is written by the writer
             turn = s.get(m.Turn, turn_id)
             if turn is None or turn.role != "assistant" or turn.turn_status != TurnStatus.PENDING:
                 return None
@@ -293,18 +293,24 @@ class Claims:
                 run_id=run_id,
                 prompt_turn_id=turn.parent_id or "",
             )
-            # the writes last: on SQLite the write lock is held from the first write to the
-            # commit, and attempts claimed together (a burst) queued behind each other's reads
+
+        def write(s: Session) -> bool:
+            """The claim, conditional on the attempt still pending (nothing written if not),
+            and its first status line: in the group commit with other attempts' writes (the
+            claims of a burst share transactions instead of queueing for the lock)."""
             if not turnstate.claim(s, turn_id, body=body, run=run_id, now=now):
-                s.rollback()
-                return None
+                return False
             events.append(
                 s,
-                task.id,
+                claim.task_id,
                 turn_id,
                 events.TASK_TURN_EVENT,
                 events.status_payload(SETTING_UP, TurnStatus.IN_PROGRESS),
             )
+            return True
+
+        if not self.db.writes.run(write):
+            return None
         self.bus.publish(turn_id)
         try:
             claim.secrets = _usable_vars(self._secret_box().open_all(sealed))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from openwham.config import Settings
 from openwham.gateway import Gateway
@@ -51,7 +52,11 @@ class Titles:
             claim.title.settle(wait=wait, stop=stop)
 
     def _write(self, claim: Claim, title: str) -> None:
-        with self.db.session() as s:
+        """The title and its event in the group commit with the attempts' writes; both or
+        neither: a run that lost its attempt names nothing (its event refused, the title's
+        update is undone with it, alone: its savepoint in a batch)."""
+
+        def write(s: Session) -> bool:
             done = rowcount(
                 s.execute(
                     update(m.Task)
@@ -66,9 +71,18 @@ class Titles:
                 claim.turn_id,
                 events.TASK_TITLE_GENERATED,
                 payload,
-                run=claim.run_id,  # a run that lost its attempt names nothing
+                run=claim.run_id,
             ):
-                s.rollback()
-                done = 0
+                raise _Refused
+            return bool(done)
+
+        try:
+            done = self.db.writes.run(write)
+        except _Refused:
+            return
         if done:
             self.bus.publish(claim.turn_id)
+
+
+class _Refused(Exception):
+    """A title write undone: the run no longer holds its attempt."""

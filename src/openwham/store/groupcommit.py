@@ -1,23 +1,29 @@
-"""Small writes of many threads committed together (group commit), for SQLite.
+"""Small writes of many threads committed together by one writer thread (group commit), for
+SQLite.
 
 A running attempt writes one transaction per line its agent prints (an event, now and then
-the turn's body), and every one of them queues for SQLite's single write lock; 32 attempts
-at once made hundreds of tiny transactions a second, each a session, a lock hand-over and a
-commit. :class:`GroupCommit` runs the writes that threads ask for while a commit is under way
-in one transaction: the first caller leads (it commits a batch holding its own write), later
-callers queue; when the leader's commit is done it hands the lead to the oldest queued caller,
-whose batch is everything queued meanwhile. There is no writer thread and no timer: a write
-alone is committed at once, and batches grow exactly as long as the database is busy.
+the turn's body), and claims, titles and ends write theirs; every one of them queued for
+SQLite's single write lock. At 32 attempts at once the lock was busy most of the round, and
+mostly not with writing: each holder, one of ~150 threads, waited for the GIL and a core
+between two statements, and each hand-over woke another thread (docs/benchmarks.md, "32 at
+once"). :class:`GroupCommit` gives the writes to one thread of its own (``wham-sqlite-writer``,
+started at the first write and gone after ``IDLE_SECONDS`` without any): it takes everything
+queued, runs it in one transaction and commits, then takes what was queued meanwhile. There
+is no timer: a write alone is committed at once, and batches grow exactly as long as the
+database is busy; the lock changes hands once per batch, not once per write.
 
 Each caller gets its own result only after the transaction holding its write committed, so
 what it then reports (an event published to the turn's streams) is durable, as before; the
 writes of one caller (one attempt's recorder) stay in the order it made them, since it waits
 for each. A job is a function of the session that writes and returns; it must not commit or
-roll back. When a batch fails, it is rolled back and each of its jobs runs again alone in a
-transaction of its own, so one job's error (its caller gets it) never loses another's write.
+roll back. In a batch each job runs in a savepoint of its own: a job that raises (a refused
+write raises to undo what it wrote) is rolled back alone and its caller gets the exception,
+the others commit. When the commit itself fails, each job runs again alone in a transaction
+of its own, so one job's error never loses another's write.
 
-On PostgreSQL each job is simply its own transaction (rows lock separately there, and
-``events.append``'s per-turn advisory lock must not be held across unrelated turns).
+On PostgreSQL each job is simply its own transaction, in its caller's thread (rows lock
+separately there, and ``events.append``'s per-turn advisory lock must not be held across
+unrelated turns).
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: the writer thread ends after this long without a write (a new one starts at the next)
+IDLE_SECONDS = 2.0
+
 
 class _Job(Generic[T]):
     def __init__(self, fn: Callable[[Session], T]) -> None:
         self.fn = fn
-        self.wake = threading.Event()  # done, or made the leader
-        self.done = False
+        self.wake = threading.Event()  # done
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -51,57 +59,74 @@ class _Job(Generic[T]):
 
 
 class GroupCommit:
-    """Runs jobs in shared transactions (see the module's doc); ``batched`` False: each in
-    its own (PostgreSQL)."""
+    """Runs jobs in shared transactions on a writer thread (see the module's doc);
+    ``batched`` False: each in its own, in the caller's thread (PostgreSQL)."""
 
     def __init__(
         self, session: Callable[[], AbstractContextManager[Session]], *, batched: bool
     ) -> None:
         self._session = session
         self.batched = batched
-        self._mutex = threading.Lock()
+        self._cond = threading.Condition()
         self._queue: list[_Job[Any]] = []
-        self._leading = False
+        self._writer: threading.Thread | None = None
+        self._busy = False
         self.commits = 0  # transactions committed with at least one job (tests, benches)
 
     @property
     def queued(self) -> int:
-        """Jobs waiting for a leader to take them."""
+        """Jobs waiting for the writer to take them."""
         return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        """Whether the writer is running a batch now."""
+        return self._busy
+
+    @property
+    def writer(self) -> threading.Thread | None:
+        """The writer thread, while there is one."""
+        return self._writer
 
     def run(self, fn: Callable[[Session], T]) -> T:
         """``fn(session)`` in a transaction, committed when this returns; its result (or its
         exception)."""
         job: _Job[T] = _Job(fn)
-        if not self.batched:
-            self._alone(job)
+        if not self.batched or threading.current_thread() is self._writer:
+            self._alone(job)  # (a job that writes more: its own transaction, not nested)
             return job.outcome()
-        with self._mutex:
+        with self._cond:
             self._queue.append(job)
-            lead = not self._leading
-            self._leading = True
-        if not lead:
-            job.wake.wait()
-        if not job.done:  # leading: the batch taken now holds this job
-            self._lead()
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._loop, name="wham-sqlite-writer", daemon=True
+                )
+                self._writer.start()
+            self._cond.notify()
+        job.wake.wait()
         return job.outcome()
 
-    def _lead(self) -> None:
-        with self._mutex:
-            batch, self._queue = self._queue, []
-        try:
-            self._commit(batch)
-        finally:
-            for job in batch:  # whatever happened, nobody waits for a batch that ended
-                if not job.done:
-                    job.error = job.error or RuntimeError("the batch of this write ended")
-                    job.done = True
-                job.wake.set()
-            with self._mutex:
-                if self._queue:
-                    self._queue[0].wake.set()  # the oldest waiter leads the next batch
-                else:
-                    self._leading = False
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._cond.wait(IDLE_SECONDS)
+                if not self._queue:
+                    self._writer = None
+                    return
+                batch, self._queue = self._queue, []
+                self._busy = True
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # a bug here: nobody waits for a batch that ended
+                log.exception("the SQLite writer failed")
+                for job in batch:
+                    job.error = job.error or exc
+            finally:
+                for job in batch:
+                    job.wake.set()
+                with self._cond:
+                    self._busy = False
 
     def _commit(self, batch: list[_Job[Any]]) -> None:
         if len(batch) == 1:
@@ -109,15 +134,19 @@ class GroupCommit:
             return
         try:
             with self._session() as s:
-                results = [job.fn(s) for job in batch]
+                for job in batch:
+                    try:
+                        with s.begin_nested():
+                            job.result = job.fn(s)
+                    except Exception as exc:  # undone alone; the others commit
+                        job.error = exc
         except Exception:
             log.debug("a batch of %d writes failed; each runs alone", len(batch), exc_info=True)
             for job in batch:
+                job.result, job.error = None, None
                 self._alone(job)
             return
         self.commits += 1
-        for job, result in zip(batch, results, strict=True):
-            job.result, job.done = result, True
 
     def _alone(self, job: _Job[Any]) -> None:
         try:
@@ -126,4 +155,3 @@ class GroupCommit:
             self.commits += 1
         except BaseException as exc:
             job.error = exc
-        job.done = True

@@ -16,7 +16,10 @@ uses it) begins a transaction before the first INSERT, UPDATE, DELETE or REPLACE
 connection that is not in one; reads before it run outside any transaction. :class:`Connection`
 takes the fair lock at exactly that point, so it is held where SQLite's write lock would be
 held anyway (from the first write to the commit): no new deadlock (a thread writing on two
-connections at once already deadlocked on SQLite's lock until the busy timeout).
+connections at once already deadlocked on SQLite's lock until the busy timeout). A
+``SAVEPOINT`` outside a transaction (SQLAlchemy's ``begin_nested``, which the group commit
+runs each write in) takes it too: SQLite would begin a deferred transaction there that the
+savepoint's ``RELEASE`` commits, so the transaction is begun ``IMMEDIATE`` first.
 
 **Bounded.** Waiting longer than the busy timeout (``Connection.wait_seconds``, set from
 ``store.db.SQLITE_BUSY_TIMEOUT_MS``) raises ``sqlite3.OperationalError("database is locked")``
@@ -42,13 +45,24 @@ _DML = ("insert", "update", "delete", "replace")
 _COMMENTS = re.compile(r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$))*", re.S)
 
 
-def begins_write(sql: str) -> bool:
-    """Whether ``sql`` is a statement before which ``sqlite3`` begins a transaction."""
+def _head(sql: str) -> str:
     head = sql.lstrip()
     if head.startswith(("--", "/*")):
         match = _COMMENTS.match(sql)
         head = sql[match.end() :] if match else head
-    return head[:7].lower().startswith(_DML)
+    return head[:9].lower()
+
+
+def begins_write(sql: str) -> bool:
+    """Whether ``sql`` is a statement before which ``sqlite3`` begins a transaction."""
+    return _head(sql).startswith(_DML)
+
+
+def opens_write(sql: str) -> bool:
+    """Whether the lock is taken (and the transaction begun) before ``sql`` outside a
+    transaction: a statement that makes ``sqlite3`` begin one, or a ``SAVEPOINT``."""
+    head = _head(sql)
+    return head.startswith(_DML) or head.startswith("savepoint")
 
 
 class FairLock:
@@ -167,7 +181,7 @@ class Connection(sqlite3.Connection):
             return
         if self._holds and not self.in_transaction:  # ended by a COMMIT statement
             self._release()
-        if self._holds or self.in_transaction or not begins_write(sql):
+        if self._holds or self.in_transaction or not opens_write(sql):
             return
         started = time.monotonic()
         if not self.fair.acquire(self.wait_seconds):
