@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from openwham.config import Settings
+from openwham.engine import turns
 from openwham.engine.claim import Claims
 from openwham.engine.recorder import SUPERSEDED, TurnRecorder
 from openwham.engine.titling import Titles
@@ -389,3 +390,93 @@ def test_claims_share_the_batch_and_a_taken_attempt_is_not_claimed_twice(db: Dat
         rows = {t.id: (t.turn_status, t.run_id) for t in s.scalars(select(m.Turn))}
     assert rows["p0"] == (TurnStatus.IN_PROGRESS, got["p0"].run_id)
     assert rows["p2"] == (TurnStatus.IN_PROGRESS, "X") and rows["p3"][0] == TurnStatus.PENDING
+
+
+def test_attempts_queued_behind_busy_workers_are_marked_waiting_in_one_write(
+    db: Database,
+) -> None:
+    """A burst's queued attempts are shown "Waiting" in one transaction of the group commit
+    (one each before, in the POST that queued them); one that is no longer pending is left
+    alone, and each marked one is published once."""
+    now = time.time()
+    with db.session() as s:
+        for k in range(5):
+            s.add(
+                turnstate.new_attempt(
+                    id=f"q{k}",
+                    task_id="task",
+                    parent_id=None,
+                    body={},
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    with db.session() as s:
+        assert turnstate.claim(s, "q4", body={}, run="A")
+    published: list[str] = []
+
+    class Bus(LocalEventBus):
+        def publish(self, turn_id: str) -> None:
+            published.append(turn_id)
+
+    before = db.writes.commits
+    turns.mark_waiting(db, Bus(), [f"q{k}" for k in range(5)])
+    assert db.writes.commits - before == 1
+    assert published == ["q0", "q1", "q2", "q3"]
+    turns.mark_waiting(db, Bus(), ["q0"])  # already shown: nothing written again
+    assert published == ["q0", "q1", "q2", "q3"]
+    with db.sessions() as s:
+        for k in range(4):
+            texts = [e.payload.get("text") for e in events.read(s, f"q{k}")]
+            assert texts == [turns.WAITING], texts
+        assert events.read(s, "q4") == []
+
+
+def test_ends_share_the_batch_each_as_its_attempt_stands(db: Database) -> None:
+    """Attempts ending while the database is busy write their terminal states in one
+    transaction: one completes, one cancelled meanwhile keeps its work log as cancelled, and
+    one whose run lost the attempt writes nothing (superseded) without holding the others
+    back."""
+    turns = _attempts(db, 4)
+    with db.session() as s:
+        assert turnstate.cancel(s, turns[2]) is not None  # the user cancelled it
+        assert turnstate.requeue(s, turns[3], body={})  # taken from run A
+        assert turnstate.claim(s, turns[3], body={}, run="B")
+    bus = LocalEventBus()
+    recorders = [TurnRecorder(db, bus, "task", t, {}, run_id="A") for t in turns]
+    ended: dict[str, str] = {}
+    holder = _hold(db)
+    before = db.writes.commits
+    first = _start(lambda: recorders[0].message(_message(0)))
+    _until(lambda: db.writes.busy)
+    threads = [
+        _start(
+            lambda rec=rec: ended.__setitem__(  # type: ignore[misc]
+                rec.turn_id, rec.finish(TurnStatus.COMPLETED, text="Done")
+            )
+        )
+        for rec in recorders[1:]
+    ]
+    _until(lambda: db.writes.queued == 3)
+    holder.commit()
+    holder.close()
+    for thread in [first, *threads]:
+        thread.join(BOUND)
+    assert db.writes.commits - before == 2
+    assert ended == {
+        turns[1]: TurnStatus.COMPLETED,
+        turns[2]: TurnStatus.CANCELLED,
+        turns[3]: SUPERSEDED,
+    }
+    assert recorders[3].gone_reason == SUPERSEDED
+    with db.sessions() as s:
+        rows = {t.id: t for t in s.scalars(select(m.Turn))}
+        assert rows[turns[1]].turn_status == TurnStatus.COMPLETED
+        assert rows[turns[2]].body["latest_event"]["text"] == "Cancelled"
+        assert (rows[turns[3]].turn_status, rows[turns[3]].run_id) == (
+            TurnStatus.IN_PROGRESS,
+            "B",
+        )
+        assert events.read(s, turns[3]) == []
+        last = [e.payload.get("turn_status") for e in events.read(s, turns[2])]
+        assert last == [TurnStatus.CANCELLED]

@@ -214,48 +214,57 @@ class TurnRecorder:
             if output_items is not None:
                 self.body["output_items"] = output_items
             self.body["worklog"] = {"messages": _without_answer(self._messages, output_items)}
-            now = time.time()
-            ended = status
             if self.gone_reason == SUPERSEDED:
                 return SUPERSEDED
-            with self.db.session() as s:
-                done = _end(s, self.turn_id, TurnStatus(status), self.body, now, self.run_id)
-                if not done:
-                    current = s.get(m.Turn, self.turn_id)
-                    if current is None:
-                        return "deleted"
-                    if self.run_id is not None and current.run_id != self.run_id:
-                        s.rollback()
-                        self._gone(SUPERSEDED)
-                        return SUPERSEDED
-                    ended = str(current.turn_status)
-                    if ended == TurnStatus.CANCELLED:
-                        # keep the work log of a cancelled attempt, and say so
-                        cancelled = dict(current.body)
-                        cancelled["worklog"] = self.body["worklog"]
-                        cancelled["latest_event"] = latest_event("Cancelled")
-                        current.body = cancelled
-                        current.updated_at = now
-                        error = cancelled.get("error")
-                        text = "Cancelled"
-                    else:
-                        return ended
-                if ended in events.TERMINAL_STATUSES:
-                    s.execute(
-                        update(m.Task)
-                        .where(m.Task.id == self.task_id)
-                        .values(updated_at=now, has_unread_turn=True)
-                    )
-                events.append(
-                    s,
-                    self.task_id,
-                    self.turn_id,
-                    events.TASK_TURN_EVENT,
-                    events.status_payload(text, ended, error=error),
-                )
+            ended, written = self.db.writes.run(
+                lambda s: self._end(s, TurnStatus(status), text, error)
+            )
+            if ended == SUPERSEDED:
+                self._gone(SUPERSEDED)
+            if not written:
+                return ended
             self.gone = True
         self.bus.publish(self.turn_id)
         return ended
+
+    def _end(
+        self, s: Session, status: TurnStatus, text: str, error: dict[str, Any] | None
+    ) -> tuple[str, bool]:
+        """The terminal state's writes (in the group commit with other attempts' writes):
+        the status the turn ended with and whether anything was written (not when it was
+        ``deleted``, ``superseded`` or ended otherwise meanwhile, but when cancelled)."""
+        now = time.time()
+        ended = str(status)
+        if not _end(s, self.turn_id, status, self.body, now, self.run_id):
+            current = s.get(m.Turn, self.turn_id)
+            if current is None:
+                return "deleted", False
+            if self.run_id is not None and current.run_id != self.run_id:
+                return SUPERSEDED, False
+            ended = str(current.turn_status)
+            if ended != TurnStatus.CANCELLED:
+                return ended, False
+            # keep the work log of a cancelled attempt, and say so
+            cancelled = dict(current.body)
+            cancelled["worklog"] = self.body["worklog"]
+            cancelled["latest_event"] = latest_event("Cancelled")
+            current.body = cancelled
+            current.updated_at = now
+            error = cancelled.get("error")
+            text = "Cancelled"
+        s.execute(
+            update(m.Task)
+            .where(m.Task.id == self.task_id)
+            .values(updated_at=now, has_unread_turn=True)
+        )
+        events.append(
+            s,
+            self.task_id,
+            self.turn_id,
+            events.TASK_TURN_EVENT,
+            events.status_payload(text, ended, error=error),
+        )
+        return ended, True
 
     # ------------------------------------------------------------------ internals
 

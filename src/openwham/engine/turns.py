@@ -22,9 +22,12 @@ WAITING = "Waiting"
 
 
 def mark_waiting(db: Database, bus: EventBus, turn_ids: list[str]) -> None:
-    """Show "Waiting" on attempts queued behind busy workers."""
-    for turn_id in turn_ids:
-        with db.session() as s:
+    """Show "Waiting" on attempts queued behind busy workers: all in one write of the group
+    commit (a burst queued each attempt's in a transaction of its own, in its ``POST``)."""
+
+    def write(s: Session) -> list[str]:
+        marked = []
+        for turn_id in turn_ids:
             turn = s.get(m.Turn, turn_id)
             if turn is None or turn.turn_status != TurnStatus.PENDING:
                 continue
@@ -39,6 +42,12 @@ def mark_waiting(db: Database, bus: EventBus, turn_ids: list[str]) -> None:
                     events.TASK_TURN_EVENT,
                     events.status_payload(WAITING, TurnStatus.PENDING),
                 )
+                marked.append(turn_id)
+        return marked
+
+    if not turn_ids:
+        return
+    for turn_id in db.writes.run(write):
         bus.publish(turn_id)
 
 

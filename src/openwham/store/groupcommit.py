@@ -140,6 +140,7 @@ class GroupCommit:
                             job.result = job.fn(s)
                     except Exception as exc:  # undone alone; the others commit
                         job.error = exc
+                    s.expunge_all()  # (flushed) the next job reads rows afresh
         except Exception:
             log.debug("a batch of %d writes failed; each runs alone", len(batch), exc_info=True)
             for job in batch:
