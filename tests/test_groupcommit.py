@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Connection, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from openwham.config import Settings
@@ -23,7 +23,8 @@ from openwham.engine import turns
 from openwham.engine.claim import Claims
 from openwham.engine.recorder import SUPERSEDED, TurnRecorder
 from openwham.engine.titling import Titles
-from openwham.store import events, groupcommit, turnstate
+from openwham.store import db as store_db
+from openwham.store import events, groupcommit, sqlitelock, turnstate
 from openwham.store import models as m
 from openwham.store.db import Database
 from openwham.store.events import LocalEventBus
@@ -480,3 +481,50 @@ def test_ends_share_the_batch_each_as_its_attempt_stands(db: Database) -> None:
         assert events.read(s, turns[3]) == []
         last = [e.payload.get("turn_status") for e in events.read(s, turns[2])]
         assert last == [TurnStatus.CANCELLED]
+
+
+def test_a_batch_that_never_gets_the_lock_fails_all_its_writes_at_once(
+    sqlite_url: str, monkeypatch: Any
+) -> None:
+    """Another holder keeps the database past the busy timeout: every write of the batch
+    gets "database is locked" (answered 503) after one wait, not one more wait each alone
+    (a batch of 30 waited out 31 timeouts)."""
+    monkeypatch.setattr(store_db, "SQLITE_BUSY_TIMEOUT_MS", 300)
+    timeouts: list[float] = []
+    acquire = sqlitelock.FairLock.acquire
+
+    def counted(self: sqlitelock.FairLock, timeout: float) -> bool:
+        got = acquire(self, timeout)
+        if not got:
+            timeouts.append(timeout)
+        return got
+
+    monkeypatch.setattr(sqlitelock.FairLock, "acquire", counted)
+    database = _with_a_task(sqlite_url)
+    with database.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE writes (id INTEGER PRIMARY KEY, who TEXT UNIQUE)"))
+    try:
+        writes = database.writes
+        holder = _hold(database)
+        outcome: dict[str, Any] = {}
+
+        def write(who: str) -> None:
+            try:
+                outcome[who] = writes.run(_insert(who))
+            except OperationalError as exc:
+                outcome[who] = exc
+
+        threads = [_start(lambda: write("first"))]
+        _until(lambda: writes.busy)
+        for who in ["a", "b", "c"]:
+            threads.append(_start(lambda who=who: write(who)))  # type: ignore[misc]
+            _until(lambda: writes.queued == len(threads) - 1)
+        for thread in threads:
+            thread.join(BOUND)
+        holder.rollback()
+        holder.close()
+        assert sorted(outcome) == ["a", "b", "c", "first"]
+        assert all("database is locked" in str(e) for e in outcome.values()), outcome
+        assert len(timeouts) == 2  # "first" alone, then a, b and c together
+    finally:
+        database.dispose()

@@ -18,8 +18,11 @@ writes of one caller (one attempt's recorder) stay in the order it made them, si
 for each. A job is a function of the session that writes and returns; it must not commit or
 roll back. In a batch each job runs in a savepoint of its own: a job that raises (a refused
 write raises to undo what it wrote) is rolled back alone and its caller gets the exception,
-the others commit. When the commit itself fails, each job runs again alone in a transaction
-of its own, so one job's error never loses another's write.
+the others commit. When the batch's transaction itself fails, each job runs again alone in a
+transaction of its own, so one job's error never loses another's write; but when it failed
+because SQLite's lock did not come within the busy timeout (another process held the
+database), every caller gets that error at once (the API answers 503), rather than each
+waiting out the timeout again alone.
 
 On PostgreSQL each job is simply its own transaction, in its caller's thread (rows lock
 separately there, and ``events.append``'s per-turn advisory lock must not be held across
@@ -29,12 +32,16 @@ unrelated turns).
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
+
+from . import sqlitelock
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +141,12 @@ class GroupCommit:
             return
         try:
             with self._session() as s:
+                connection = s.connection().connection.dbapi_connection
+                if isinstance(connection, sqlitelock.Connection):
+                    try:  # the lock is the batch's, not one job's error
+                        connection.begin_write()
+                    except sqlite3.OperationalError as exc:  # as SQLAlchemy raises it
+                        raise OperationalError("BEGIN IMMEDIATE", None, exc) from exc
                 for job in batch:
                     try:
                         with s.begin_nested():
@@ -141,7 +154,11 @@ class GroupCommit:
                     except Exception as exc:  # undone alone; the others commit
                         job.error = exc
                     s.expunge_all()  # (flushed) the next job reads rows afresh
-        except Exception:
+        except Exception as exc:
+            if _locked(exc):  # the lock never came within the busy timeout: none would get it
+                for job in batch:
+                    job.result, job.error = None, exc
+                return
             log.debug("a batch of %d writes failed; each runs alone", len(batch), exc_info=True)
             for job in batch:
                 job.result, job.error = None, None
@@ -156,3 +173,9 @@ class GroupCommit:
             self.commits += 1
         except BaseException as exc:
             job.error = exc
+
+
+def _locked(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked" (its busy timeout passed: another
+    process held the database)."""
+    return isinstance(exc, OperationalError) and "database is locked" in str(exc)

@@ -181,7 +181,19 @@ class Connection(sqlite3.Connection):
             return
         if self._holds and not self.in_transaction:  # ended by a COMMIT statement
             self._release()
-        if self._holds or self.in_transaction or not opens_write(sql):
+        if not opens_write(sql):
+            return
+        self.begin_write()
+
+    def begin_write(self) -> None:
+        """Take the lock and begin the write transaction (``IMMEDIATE``) now, unless this
+        connection is in a transaction already (the group commit begins its batch so: the
+        wait for the lock is the batch's, not its first write's)."""
+        if self.fair is None or self.isolation_level is None:
+            return
+        if self._holds and not self.in_transaction:  # ended by a COMMIT statement
+            self._release()
+        if self._holds or self.in_transaction:
             return
         started = time.monotonic()
         if not self.fair.acquire(self.wait_seconds):
