@@ -56,11 +56,17 @@ def _hold(db: Database) -> Connection:
     return holder
 
 
-@pytest.fixture
-def db(sqlite_url: str) -> Iterator[Database]:
-    database = _with_a_task(sqlite_url)
+def _with_writes(url: str) -> Database:
+    """A database with a task and a ``writes`` table (``who`` unique)."""
+    database = _with_a_task(url)
     with database.engine.begin() as conn:
         conn.execute(text("CREATE TABLE writes (id INTEGER PRIMARY KEY, who TEXT UNIQUE)"))
+    return database
+
+
+@pytest.fixture
+def db(sqlite_url: str) -> Iterator[Database]:
+    database = _with_writes(sqlite_url)
     try:
         yield database
     finally:
@@ -73,6 +79,28 @@ def _insert(who: str) -> Callable[[Session], str]:
         return who
 
     return job
+
+
+def _outcome(
+    writes: GroupCommit, outcome: dict[str, Any], error: type[Exception]
+) -> Callable[[str], None]:
+    """A writer of ``who`` that puts its result, or its ``error``, in ``outcome``."""
+
+    def write(who: str) -> None:
+        try:
+            outcome[who] = writes.run(_insert(who))
+        except error as exc:
+            outcome[who] = exc
+
+    return write
+
+
+def _let_go(holder: Connection, threads: list[threading.Thread]) -> None:
+    """End the holder's transaction and wait for the writers it held back."""
+    holder.commit()
+    holder.close()
+    for thread in threads:
+        thread.join(BOUND)
 
 
 def _rows(db: Database) -> list[str]:
@@ -96,10 +124,7 @@ def test_writes_asked_during_a_commit_share_the_next_transaction(db: Database) -
     _until(lambda: writes.queued == 8)
     assert not results  # nobody returned before its commit
     before = writes.commits
-    holder.commit()
-    holder.close()
-    for thread in [first, *others]:
-        thread.join(BOUND)
+    _let_go(holder, [first, *others])
     assert writes.commits - before == 2  # the first alone, then the eight together
     assert results == {w: w for w in ["first", *(f"w{n}" for n in range(8))]}
     rows = _rows(db)
@@ -114,12 +139,7 @@ def test_a_failing_write_in_a_batch_fails_alone(db: Database) -> None:
     writes.run(_insert("taken"))
     holder = _hold(db)
     outcome: dict[str, Any] = {}
-
-    def write(who: str) -> None:
-        try:
-            outcome[who] = writes.run(_insert(who))
-        except IntegrityError as exc:
-            outcome[who] = exc
+    write = _outcome(writes, outcome, IntegrityError)
 
     before = writes.commits
     first = _start(lambda: write("first"))
@@ -129,10 +149,7 @@ def test_a_failing_write_in_a_batch_fails_alone(db: Database) -> None:
     for who in ["a", "taken", "b"]:  # "taken" breaks the UNIQUE constraint
         threads.append(_start(lambda who=who: write(who)))  # type: ignore[misc]
         _until(lambda: writes.queued == len(threads))
-    holder.commit()
-    holder.close()
-    for thread in [first, *threads]:
-        thread.join(BOUND)
+    _let_go(holder, [first, *threads])
     assert isinstance(outcome.pop("taken"), IntegrityError)
     assert outcome == {"first": "first", "a": "a", "b": "b"}
     assert _rows(db) == ["taken", "first", "a", "b"]
@@ -161,10 +178,7 @@ def test_the_writes_run_on_one_writer_thread(db: Database, monkeypatch: Any) -> 
     _until(lambda: writes.busy)
     callers += [_start(lambda n=n: writes.run(job(f"w{n}"))) for n in range(1, 6)]  # type: ignore[misc]
     _until(lambda: writes.queued == 5)
-    holder.commit()
-    holder.close()
-    for thread in callers:
-        thread.join(BOUND)
+    _let_go(holder, callers)
     assert len(ran) == 6
     assert len({t.ident for t in ran}) == 1
     assert ran[0].name == "wham-sqlite-writer" and ran[0] not in callers
@@ -174,21 +188,27 @@ def test_the_writes_run_on_one_writer_thread(db: Database, monkeypatch: Any) -> 
     assert sorted(_rows(db)) == sorted([*(f"w{n}" for n in range(6)), "later"])
 
 
-def _attempts(db: Database, n: int) -> list[str]:
+def _pending(db: Database, ids: list[str], task_id: str = "task") -> list[str]:
+    """Pending attempts ``ids`` of ``task_id``."""
     now = time.time()
-    ids = [f"turn{k}" for k in range(n)]
     with db.session() as s:
         for turn_id in ids:
             s.add(
                 turnstate.new_attempt(
                     id=turn_id,
-                    task_id="task",
+                    task_id=task_id,
                     parent_id=None,
                     body={},
                     created_at=now,
                     updated_at=now,
                 )
             )
+    return ids
+
+
+def _attempts(db: Database, n: int) -> list[str]:
+    """``n`` running attempts, claimed by run ``A``."""
+    ids = _pending(db, [f"turn{k}" for k in range(n)])
     with db.session() as s:
         for turn_id in ids:
             assert turnstate.claim(s, turn_id, body={}, run="A")
@@ -241,10 +261,7 @@ def test_attempts_lines_are_committed_together_in_order_and_published_after(
     _until(lambda: db.writes.busy)  # its first line taken: waiting for the holder
     threads += [_start(lambda rec=rec: attempt(rec)) for rec in recorders[1:]]  # type: ignore[misc]
     _until(lambda: db.writes.queued == 3)  # three queue meanwhile
-    holder.commit()
-    holder.close()
-    for thread in threads:
-        thread.join(BOUND)
+    _let_go(holder, threads)
     commits = db.writes.commits - before
     # 37 writes (turn3's one refused): one transaction each before; now the first alone,
     # the three queued behind it together, and the rest as they meet (fewer as it is busier)
@@ -303,17 +320,7 @@ def test_title_writes_share_the_batch_and_a_refused_one_is_undone_alone(db: Data
             )
         )
     turns = _attempts(db, 3)
-    with db.session() as s:
-        s.add(
-            turnstate.new_attempt(
-                id="other",
-                task_id="task2",
-                parent_id=None,
-                body={},
-                created_at=now,
-                updated_at=now,
-            )
-        )
+    _pending(db, ["other"], "task2")
     with db.session() as s:
         assert turnstate.claim(s, "other", body={}, run="A")
         assert turnstate.requeue(s, turns[1], body={})  # turn1's run A lost it
@@ -334,10 +341,7 @@ def test_title_writes_share_the_batch_and_a_refused_one_is_undone_alone(db: Data
         _start(lambda: another.message(_message(1))),
     ]
     _until(lambda: db.writes.queued == 3)
-    holder.commit()
-    holder.close()
-    for thread in [first, *threads]:
-        thread.join(BOUND)
+    _let_go(holder, [first, *threads])
     assert db.writes.commits - before == 2
     with db.sessions() as s:
         named = {t.id: (t.title, t.has_generated_title) for t in s.scalars(select(m.Task))}
@@ -352,19 +356,7 @@ def test_claims_share_the_batch_and_a_taken_attempt_is_not_claimed_twice(db: Dat
     """Attempts claimed while the database is busy (a burst's) are written in one transaction
     (each claim queued for the lock before); an attempt claimed by another executor
     meanwhile is not claimed again, and the others are not held back by it."""
-    now = time.time()
-    with db.session() as s:
-        for k in range(4):
-            s.add(
-                turnstate.new_attempt(
-                    id=f"p{k}",
-                    task_id="task",
-                    parent_id=None,
-                    body={},
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+    _pending(db, [f"p{k}" for k in range(4)])
     claims = Claims(Settings(), db, LocalEventBus(), "here")
     taken = _attempts(db, 1)[0]
     recorder = TurnRecorder(db, LocalEventBus(), "task", taken, {}, run_id="A")
@@ -380,10 +372,7 @@ def test_claims_share_the_batch_and_a_taken_attempt_is_not_claimed_twice(db: Dat
     _until(lambda: db.writes.queued == 3)
     # p2 is taken by another executor meanwhile (the holder's transaction)
     holder.execute(text("UPDATE turns SET turn_status = 'in_progress', run_id = 'X' WHERE id='p2'"))
-    holder.commit()
-    holder.close()
-    for thread in [first, *threads]:
-        thread.join(BOUND)
+    _let_go(holder, [first, *threads])
     assert db.writes.commits - before == 2
     assert got["p2"] is None
     assert {k: v.turn_id for k, v in got.items() if v is not None} == {"p0": "p0", "p1": "p1"}
@@ -399,19 +388,7 @@ def test_attempts_queued_behind_busy_workers_are_marked_waiting_in_one_write(
     """A burst's queued attempts are shown "Waiting" in one transaction of the group commit
     (one each before, in the POST that queued them); one that is no longer pending is left
     alone, and each marked one is published once."""
-    now = time.time()
-    with db.session() as s:
-        for k in range(5):
-            s.add(
-                turnstate.new_attempt(
-                    id=f"q{k}",
-                    task_id="task",
-                    parent_id=None,
-                    body={},
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+    _pending(db, [f"q{k}" for k in range(5)])
     with db.session() as s:
         assert turnstate.claim(s, "q4", body={}, run="A")
     published: list[str] = []
@@ -459,10 +436,7 @@ def test_ends_share_the_batch_each_as_its_attempt_stands(db: Database) -> None:
         for rec in recorders[1:]
     ]
     _until(lambda: db.writes.queued == 3)
-    holder.commit()
-    holder.close()
-    for thread in [first, *threads]:
-        thread.join(BOUND)
+    _let_go(holder, [first, *threads])
     assert db.writes.commits - before == 2
     assert ended == {
         turns[1]: TurnStatus.COMPLETED,
@@ -500,19 +474,12 @@ def test_a_batch_that_never_gets_the_lock_fails_all_its_writes_at_once(
         return got
 
     monkeypatch.setattr(sqlitelock.FairLock, "acquire", counted)
-    database = _with_a_task(sqlite_url)
-    with database.engine.begin() as conn:
-        conn.execute(text("CREATE TABLE writes (id INTEGER PRIMARY KEY, who TEXT UNIQUE)"))
+    database = _with_writes(sqlite_url)
     try:
         writes = database.writes
         holder = _hold(database)
         outcome: dict[str, Any] = {}
-
-        def write(who: str) -> None:
-            try:
-                outcome[who] = writes.run(_insert(who))
-            except OperationalError as exc:
-                outcome[who] = exc
+        write = _outcome(writes, outcome, OperationalError)
 
         threads = [_start(lambda: write("first"))]
         _until(lambda: writes.busy)
