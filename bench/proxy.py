@@ -1,6 +1,6 @@
 """Egress proxy overhead (issue 19): a 10 MB download through the agent's egress path vs direct.
 
-    python -m bench.proxy [--runs N] [--mb N]
+    python -m bench.proxy [--runs N] [--mb N] [--rate R] [--tree DIR ...]
 
 The test host is an HTTP server in a network namespace of its own (tests/support/nethost.py,
 as the tests use; needs root and iproute2). *Direct* is curl to its address. *Proxied* is the
@@ -14,16 +14,19 @@ test host. Both plain HTTP (the proxy parses and forwards the request) and a CON
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from openwham.gateway import forwarder
-from openwham.sandbox.egress import AddressGuard, EgressProxy, ProxyEvent, agent_policy
+from openwham.sandbox import egress
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tests") not in sys.path:
@@ -58,6 +61,57 @@ def summary(name: str, times: list[float], size: int) -> str:
     )
 
 
+@dataclass
+class Path_:
+    """One tree's way out: its egress proxy with a session and its forwarder in front."""
+
+    label: str
+    proxy: Any
+    session: Any
+    forwarder: subprocess.Popen[str]
+    via: str
+
+
+def _egress_of(tree: Path | None) -> Any:
+    """The egress module of ``tree`` (``None``: this one), loaded under a name of its own."""
+    if tree is None:
+        return egress
+    name = f"_bench_egress_{abs(hash(str(tree)))}"
+    spec = importlib.util.spec_from_file_location(
+        name, tree / "src" / "openwham" / "sandbox" / "egress.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def open_path(tree: Path | None, tmp: Path, events: list[Any]) -> Path_:
+    module = _egress_of(tree)
+    script = (
+        Path(forwarder.__file__)
+        if tree is None
+        else tree / "src" / "openwham" / "gateway" / "forwarder.py"
+    )
+    directory = tmp / f"egress-{len(list(tmp.iterdir()))}"
+    proxy = module.EgressProxy(directory, module.AddressGuard())
+    session = proxy.open(module.agent_policy("all", [], False), events.append)
+    passing = ["--pass-socket"] if "--pass-socket" in script.read_text() else []
+    fwd = subprocess.Popen(
+        [
+            *(sys.executable, "-I", str(script), "--listen", "127.0.0.1:0"),
+            *("--unix", str(session.socket), *passing),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert fwd.stdout is not None
+    listen = fwd.stdout.readline().split()[1]
+    label = "" if tree is None else f" {tree.name}"
+    return Path_(label, proxy, session, fwd, f"http://{listen}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -66,6 +120,14 @@ def main() -> None:
         "--rate",
         help="shape the test host's link (tc tbf rate, e.g. 1gbit, 100mbit): an internet-like "
         "link instead of veth speed",
+    )
+    parser.add_argument(
+        "--tree",
+        action="append",
+        type=Path,
+        default=[],
+        help="a source tree whose egress proxy and forwarder to measure (repeatable; "
+        "interleaved with the others; default: this one)",
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="wham-bench-proxy-") as tmp:
@@ -82,37 +144,17 @@ def main() -> None:
                 ],
                 check=True,
             )
-        proxy = EgressProxy(Path(tmp) / "egress", AddressGuard())
-        events: list[ProxyEvent] = []
-        session = proxy.open(agent_policy("all", [], False), events.append)
-        fwd = subprocess.Popen(
-            [
-                sys.executable,
-                "-I",
-                forwarder.__file__,
-                "--listen",
-                "127.0.0.1:0",
-                "--unix",
-                str(session.socket),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        events: list[Any] = []
+        paths: list[Path_] = []
         try:
-            assert fwd.stdout is not None
-            listen = fwd.stdout.readline().split()[1]
-            via = f"http://{listen}"
+            for tree in args.tree or [None]:
+                paths.append(open_path(tree, Path(tmp), events))
             url = host.url("big.bin")
-            series: dict[str, list[float]] = {
-                "direct": [],
-                "proxy (HTTP)": [],
-                "proxy (CONNECT)": [],
-            }
-            flags = {
-                "direct": (),
-                "proxy (HTTP)": ("-x", via),
-                "proxy (CONNECT)": ("-p", "-x", via),
-            }
+            flags: dict[str, tuple[str, ...]] = {"direct": ()}
+            for p in paths:
+                flags[f"proxy (HTTP){p.label}"] = ("-x", p.via)
+                flags[f"proxy (CONNECT){p.label}"] = ("-p", "-x", p.via)
+            series: dict[str, list[float]] = {name: [] for name in flags}
             for name in series:  # warm-up: page cache, the proxy's loop, the forwarder
                 fetch(url, *flags[name])
             for _ in range(args.runs):  # interleaved so a slow spell hits every series
@@ -122,19 +164,21 @@ def main() -> None:
             assert size == args.mb * 1024 * 1024, size
             link = f", link shaped to {args.rate}" if args.rate else ""
             print(f"{args.mb} MB download, {args.runs} runs each, test host {host.address}{link}")
+            print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
             for name, times in series.items():
                 print(summary(name, times, size))
             direct = statistics.median(series["direct"])
-            for name in ("proxy (HTTP)", "proxy (CONNECT)"):
+            for name in list(series)[1:]:
                 ratio = statistics.median(series[name]) / direct
                 print(f"ratio {name} / direct (median): {ratio:.2f}")
             big = [e for e in events if e.decision == "allow"]
             print(f"proxy events: {len(big)} allowed, bytes of the last: {big[-1].size}")
         finally:
-            fwd.terminate()
-            fwd.wait()
-            session.close()
-            proxy.stop()
+            for p in paths:
+                p.forwarder.terminate()
+                p.forwarder.wait()
+                p.session.close()
+                p.proxy.stop()
             nethost.stop(host)
 
 

@@ -4,8 +4,13 @@ services on this host's loopback (which it must refuse)."""
 
 from __future__ import annotations
 
+import array
 import ipaddress
+import os
+import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from openwham.gateway import forwarder_path
 from openwham.sandbox.egress import AddressGuard, EgressPolicy, EgressProxy, ProxyEvent
 
 
@@ -281,3 +287,120 @@ def test_bytes_sent_with_the_head_go_through_and_closing_the_session_cuts_tunnel
     assert [(e.decision, e.method) for e in seen] == [("allow", "CONNECT")] * 2
     answer = eager.split(b"\r\n\r\n", 1)[1]
     assert seen[0].size == len(get) + len(answer)  # both directions, the early bytes too
+
+
+def forwarder(session_socket: Path) -> tuple[subprocess.Popen[str], str]:
+    """The in-sandbox forwarder in front of ``session_socket`` as the launchers start it
+    for egress (``--pass-socket``), here on this host's loopback; and its address."""
+    fwd = subprocess.Popen(
+        [
+            *(sys.executable, "-I", str(forwarder_path()), "--listen", "127.0.0.1:0"),
+            *("--unix", str(session_socket), "--pass-socket"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert fwd.stdout is not None
+    return fwd, fwd.stdout.readline().split()[1]
+
+
+def fetch(via: str, url: str, *flags: str) -> str:
+    out = subprocess.run(
+        ["curl", "-sS", "-m", "10", "--noproxy", "", "-x", f"http://{via}", *flags, url],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")},
+    )
+    return out.stdout + out.stderr
+
+
+def test_the_forwarder_hands_connections_over_and_the_proxy_decides_them_as_before(
+    proxy: EgressProxy, net_host: Any
+) -> None:
+    """``--pass-socket``: the forwarder sends each client connection to the proxy
+    (SCM_RIGHTS) and keeps nothing of it, so no byte of a download passes through it; the
+    proxy decides and records those requests exactly like ones on its socket."""
+    loopback = Listener("127.0.0.1")
+    seen: list[ProxyEvent] = []
+    policy = EgressPolicy(
+        domains=frozenset({net_host.address, "127.0.0.1"}), methods=frozenset({"GET"})
+    )
+    try:
+        with proxy.open(policy, on_event=seen.append) as session:
+            fwd, via = forwarder(session.socket)
+            try:
+                url = net_host.url("hello.txt")
+                assert fetch(via, url) == "hello from the test host\n"
+                assert fetch(via, url, "-p") == "hello from the test host\n"  # CONNECT
+                assert "method POST is not allowed" in fetch(via, url, "-d", "x")
+                host_service = f"http://127.0.0.1:{loopback.port}/"
+                assert "loopback addresses are host services" in fetch(via, host_service)
+                # one thread: the forwarder runs no copying threads, it holds no connection
+                assert len(os.listdir(f"/proc/{fwd.pid}/task")) == 1
+            finally:
+                fwd.terminate()
+                fwd.wait(10)
+    finally:
+        loopback.close()
+    assert loopback.connections == 0
+    assert [(e.decision, e.method) for e in seen] == [
+        ("allow", "GET"),
+        ("allow", "CONNECT"),
+        ("deny", "POST"),
+        ("deny", "GET"),
+    ]
+    assert seen[0].size > 25 and seen[1].size > 25
+
+
+def hand_over(session_socket: Path, fds: list[int], first: bytes = b"\0") -> bytes:
+    """Send ``first`` with ``fds`` (SCM_RIGHTS) on a session connection; what comes back."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(session_socket))
+        s.sendmsg([first], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        return s.recv(4096)
+
+
+def test_descriptors_other_than_one_stream_socket_are_closed_unused(proxy: EgressProxy) -> None:
+    """What a sandbox sends on its session socket is untrusted: a pipe, a datagram socket or
+    several descriptors end the connection unanswered and are closed (their other ends see
+    EOF), and descriptors sent with an HTTP request are dropped, the request decided."""
+    seen: list[ProxyEvent] = []
+    with proxy.open(EgressPolicy(), on_event=seen.append) as session:
+        read_end, write_end = os.pipe()
+        assert hand_over(session.socket, [write_end]) == b""
+        os.close(write_end)
+        assert select.select([read_end], [], [], 10)[0] and os.read(read_end, 1) == b""
+        os.close(read_end)
+        datagram = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        assert hand_over(session.socket, [datagram[0].fileno()]) == b""
+        for s in datagram:
+            s.close()
+        a, b = socket.socketpair()
+        c, d = socket.socketpair()
+        with a, b, c, d:
+            assert hand_over(session.socket, [a.fileno(), c.fileno()]) == b""
+            a.close()
+            c.close()
+            b.settimeout(10)
+            d.settimeout(10)
+            assert b.recv(1) == b"" and d.recv(1) == b""  # both closed by the proxy
+        e, f = socket.socketpair()
+        with e, f:
+            answer = hand_over(session.socket, [e.fileno()], b"GET / HTTP/1.1\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 400")
+            e.close()
+            f.settimeout(10)
+            assert f.recv(1) == b""
+    # nothing was a request but the last, refused as no proxy request
+    assert [(e.decision, e.method) for e in seen] == [("deny", "GET")]
+
+
+def test_the_forwarder_answers_502_when_the_session_is_gone(tmp_path: Path) -> None:
+    fwd, via = forwarder(tmp_path / "gone.sock")
+    try:
+        assert "openwham egress" not in (answer := fetch(via, "http://example.com/", "-i"))
+        assert answer.startswith("HTTP/1.1 502") and "is not reachable" in answer
+    finally:
+        fwd.terminate()
+        fwd.wait(10)

@@ -71,7 +71,7 @@ PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_prox
 _LAUNCHER = """\
 set -u
 python=$1 forwarder=$2 listen=$3 socket=$4 script=$5
-exec 3< <(exec "$python" -I "$forwarder" --listen "$listen" --unix "$socket" \
+exec 3< <(exec "$python" -I "$forwarder" --listen "$listen" --unix "$socket" --pass-socket \
   </dev/null 2>/tmp/.openwham-egress.log)
 if ! read -r -t 10 line <&3 || [ "${line%% *}" != ready ]; then
   echo "openwham: the network forwarder did not start: $(tail -c 2000 /tmp/.openwham-egress.log)"

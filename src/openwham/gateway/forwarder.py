@@ -16,6 +16,7 @@ OpenAI-shaped error instead of a bare reset, so the agent's log says what is wro
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import contextlib
 import fcntl
@@ -149,6 +150,46 @@ async def _handle(
         upstream.close()
 
 
+async def _hand_over(unix_path: str, conn: socket.socket) -> None:
+    """``--pass-socket``: send the client's connection itself to the socket's server (a NUL
+    byte with its descriptor, SCM_RIGHTS), which then serves it directly: nothing of the
+    connection passes through this process. Unreachable: the 502 as in :func:`_handle`."""
+    loop = asyncio.get_running_loop()
+    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    upstream.setblocking(False)
+    try:
+        await loop.sock_connect(upstream, unix_path)
+        upstream.sendmsg(
+            [b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno()]))]
+        )
+    except OSError as error:
+        upstream.close()
+        with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
+            reader, writer = await asyncio.open_connection(sock=conn)
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(_unavailable(unix_path, error))
+            await writer.drain()
+            await _close(writer)
+        conn.close()
+        return
+    upstream.close()
+    conn.close()  # the server holds the connection now
+
+
+async def _serve_passing(listener: socket.socket, unix_path: str) -> None:
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+    while True:
+        try:
+            conn, _ = await loop.sock_accept(listener)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        task = asyncio.ensure_future(_hand_over(unix_path, conn))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+
 def _parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
@@ -156,7 +197,7 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-async def _main(listen: tuple[str, int], unix_path: str) -> None:
+async def _main(listen: tuple[str, int], unix_path: str, pass_socket: bool = False) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -165,11 +206,24 @@ async def _main(listen: tuple[str, int], unix_path: str) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _handle(unix_path, reader, writer)
 
-    server = await asyncio.start_server(handle, listen[0], listen[1], reuse_address=True)
-    host, port = server.sockets[0].getsockname()[:2]
+    if pass_socket:
+        family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
+        listener = socket.create_server(listen, family=family, backlog=128)
+        listener.setblocking(False)
+        name = listener.getsockname()
+        passing = asyncio.ensure_future(_serve_passing(listener, unix_path))
+    else:
+        server = await asyncio.start_server(handle, listen[0], listen[1], reuse_address=True)
+        name = server.sockets[0].getsockname()
+    host, port = name[:2]
     shown = f"[{host}]" if ":" in host else host
     sys.stdout.write(f"ready {shown}:{port}\n")
     sys.stdout.flush()
+    if pass_socket:
+        await stop.wait()
+        passing.cancel()
+        listener.close()
+        return
     async with server:
         await stop.wait()
 
@@ -178,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--listen", required=True, type=_parse_listen, help="HOST:PORT")
     parser.add_argument("--unix", required=True, help="the gateway's UNIX socket")
+    parser.add_argument(
+        "--pass-socket",
+        action="store_true",
+        help="hand each connection to the socket's server (SCM_RIGHTS; the egress proxy)",
+    )
     args = parser.parse_args(argv)
-    asyncio.run(_main(args.listen, args.unix))
+    asyncio.run(_main(args.listen, args.unix, args.pass_socket))
     return 0
 
 

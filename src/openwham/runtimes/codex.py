@@ -361,7 +361,7 @@ exec 3<&-
 if [ -n "$egress" ]; then
   elog=/tmp/.openwham-egress.log
   exec 3< <(exec "$python" -I "$forwarder" --listen "$egress_listen" --unix "$egress" \
-    </dev/null 2>"$elog")
+    --pass-socket </dev/null 2>"$elog")
   if ! read -r -t "$timeout" line <&3 || [ "${line%% *}" != ready ]; then
     echo "openwham: the network forwarder did not start: $(tail -c 2000 "$elog" 2>/dev/null)" >&2
     exit @FAILED@

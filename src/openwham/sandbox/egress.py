@@ -30,6 +30,7 @@ download costs no Python per chunk (``python -m bench.proxy``).
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import dataclasses
@@ -39,6 +40,7 @@ import ipaddress
 import os
 import secrets
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -267,7 +269,8 @@ class EgressSession:
         self, proxy: EgressProxy, path: Path, policy: EgressPolicy, on_event: EventSink | None
     ) -> None:
         self.proxy, self.socket, self.policy, self.on_event = proxy, path, policy, on_event
-        self.server: asyncio.AbstractServer | None = None
+        self.listener: socket.socket | None = None
+        self.accepting: asyncio.Task[None] | None = None
         self.connections: set[asyncio.Task[None]] = set()
 
     def close(self) -> None:
@@ -311,29 +314,34 @@ class EgressProxy:
         session = EgressSession(self, path, policy, on_event)
 
         async def listen() -> None:
-            session.server = await asyncio.start_unix_server(
-                lambda r, w: self._accept(session, r, w), path=str(path), limit=HEAD_LIMIT
-            )
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.setblocking(False)
+            listener.bind(str(path))
             os.chmod(path, 0o600)
+            listener.listen(128)
+            session.listener = listener
+            session.accepting = asyncio.ensure_future(self._accept_loop(session, listener))
 
         asyncio.run_coroutine_threadsafe(listen(), loop).result(10)
         return session
 
     def _close(self, session: EgressSession) -> None:
         loop = self._loop
-        if loop is None or session.server is None:
+        if loop is None or session.listener is None:
             return
 
         async def stop() -> None:
-            assert session.server is not None
-            session.server.close()
+            if session.accepting is not None:
+                session.accepting.cancel()
+            if session.listener is not None:
+                session.listener.close()
             for task in list(session.connections):
                 task.cancel()
             await asyncio.gather(*session.connections, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
-        session.server = None
+        session.listener = session.accepting = None
         session.socket.unlink(missing_ok=True)
 
     def stop(self) -> None:
@@ -346,12 +354,43 @@ class EgressProxy:
 
     # -- one connection --
 
-    def _accept(
-        self, session: EgressSession, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.ensure_future(self._handle(session, reader, writer))
-        session.connections.add(task)
-        task.add_done_callback(session.connections.discard)
+    async def _accept_loop(self, session: EgressSession, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError:  # out of descriptors for a moment, or the listener closed
+                if listener.fileno() < 0:
+                    return
+                await asyncio.sleep(0.05)
+                continue
+            task = asyncio.ensure_future(self._serve(session, conn))
+            session.connections.add(task)
+            task.add_done_callback(session.connections.discard)
+
+    async def _serve(self, session: EgressSession, conn: socket.socket) -> None:
+        """One connection on the session's socket: HTTP proxy requests on it, or (from the
+        in-sandbox forwarder) a NUL byte carrying the sandbox's client socket (SCM_RIGHTS),
+        which is then served directly, so the forwarder is not on the data path."""
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                first, client = await asyncio.wait_for(_receive_first(loop, conn), HEAD_SECONDS)
+            except (OSError, TimeoutError):
+                conn.close()
+                return
+            if client is not None:
+                conn.close()
+                conn, first = client, b""
+            reader = asyncio.StreamReader(limit=HEAD_LIMIT)
+            if first:
+                reader.feed_data(first)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
+        except BaseException:
+            conn.close()
+            raise
+        await self._handle(session, reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
     async def _handle(
         self, session: EgressSession, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -508,6 +547,57 @@ def _error(status: int, reason: str) -> bytes:
         f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
+
+
+_FD = array.array("i", [0]).itemsize
+
+
+async def _receive_first(
+    loop: asyncio.AbstractEventLoop, conn: socket.socket
+) -> tuple[bytes, socket.socket | None]:
+    """The first bytes on a session connection, or ``b""`` and the socket the forwarder
+    sent: its NUL byte with one descriptor (SCM_RIGHTS) of a stream socket. Any other
+    descriptor is closed unused; a NUL byte without a stream socket ends the connection."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(conn.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(conn.fileno())
+    data, ancillary, _, _ = conn.recvmsg(HEAD_LIMIT, socket.CMSG_SPACE(_FD))
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % _FD])
+    client: socket.socket | None = None
+    if data == b"\0" and len(fds) == 1:
+        client = _stream_socket(fds.pop())
+    for fd in fds:
+        os.close(fd)
+    if data.startswith(b"\0") and client is None:
+        raise ConnectionError("a NUL byte without a stream socket")
+    return (b"" if client is not None else data), client
+
+
+def _stream_socket(fd: int) -> socket.socket | None:
+    """``fd`` as a stream socket, or ``None`` (closed) when it is anything else."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError("not a socket")
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        return None
+    if sock.type != socket.SOCK_STREAM:
+        sock.close()
+        return None
+    sock.setblocking(False)
+    return sock
 
 
 def _detach(
