@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,18 @@ def fetch(url: str, *flags: str) -> float:
     elapsed = time.perf_counter() - started
     fetch.size = int(out.stdout)  # type: ignore[attr-defined]
     return elapsed
+
+
+def cpu(forwarder: int | None) -> float:
+    """CPU seconds so far of this process (where the proxies run: one download at a time, so
+    a download's share is the difference) and of ``forwarder`` (clock ticks, summed over the
+    runs)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    if forwarder is not None:
+        fields = Path(f"/proc/{forwarder}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def summary(name: str, times: list[float], size: int) -> str:
@@ -155,11 +168,17 @@ def main() -> None:
                 flags[f"proxy (HTTP){p.label}"] = ("-x", p.via)
                 flags[f"proxy (CONNECT){p.label}"] = ("-p", "-x", p.via)
             series: dict[str, list[float]] = {name: [] for name in flags}
+            spent = dict.fromkeys(flags, 0.0)  # CPU seconds of the proxy and its forwarder
+            owner = {
+                name: p.forwarder.pid for p in paths for name in flags if name.endswith(p.label)
+            }
             for name in series:  # warm-up: page cache, the proxy's loop, the forwarder
                 fetch(url, *flags[name])
             for _ in range(args.runs):  # interleaved so a slow spell hits every series
                 for name in series:
+                    before = cpu(owner.get(name))
                     series[name].append(fetch(url, *flags[name]))
+                    spent[name] += cpu(owner.get(name)) - before
             size = fetch.size  # type: ignore[attr-defined]
             assert size == args.mb * 1024 * 1024, size
             link = f", link shaped to {args.rate}" if args.rate else ""
@@ -168,9 +187,14 @@ def main() -> None:
             for name, times in series.items():
                 print(summary(name, times, size))
             direct = statistics.median(series["direct"])
+            base = spent["direct"] / args.runs * 1000  # this process starting curl
             for name in list(series)[1:]:
                 ratio = statistics.median(series[name]) / direct
-                print(f"ratio {name} / direct (median): {ratio:.2f}")
+                work = spent[name] / args.runs * 1000 - base
+                print(
+                    f"ratio {name} / direct (median): {ratio:.2f}; CPU per download in the "
+                    f"proxy and the forwarder {work:.1f} ms"
+                )
             big = [e for e in events if e.decision == "allow"]
             print(f"proxy events: {len(big)} allowed, bytes of the last: {big[-1].size}")
         finally:
