@@ -6,6 +6,8 @@ The sandbox has its own network namespace with nothing but loopback; the model g
 UNIX socket is bind-mounted in. This process listens on loopback TCP (the agent's provider
 ``base_url`` is ``http://127.0.0.1:PORT/v1``) and pipes every connection to the socket, both
 directions streamed by splice(2) in threads (no Python per chunk), half-close passed on.
+With ``--pass-socket`` (the egress proxy's forwarder) it copies nothing: each connection
+is sent to the socket's server (a NUL byte with its descriptor, SCM_RIGHTS), which serves it.
 Once listening it prints one line to stdout, ``ready HOST:PORT`` (the actual port when PORT
 is 0), and flushes. SIGTERM / SIGINT stop it.
 

@@ -3,10 +3,13 @@
 A sandbox has its own network namespace with nothing but loopback. When a phase may use the
 network (an environment's setup script; later, the agent under an allowlist), the engine opens
 an *egress session*: a UNIX socket of its own (``DATA_DIR/run/egress/<random>.sock``),
-bind-mounted into that sandbox only, where the stdlib forwarder (``gateway/forwarder.py``)
-bridges ``127.0.0.1:PORT`` to it and ``http_proxy`` / ``https_proxy`` point there. Holding the
-socket is the capability: a sandbox without it has no way out, and closing the session
-closes it.
+bind-mounted into that sandbox only, where the stdlib forwarder (``gateway/forwarder.py
+--pass-socket``) listens on ``127.0.0.1:PORT`` (``http_proxy`` / ``https_proxy`` point there)
+and hands every connection to this proxy over the socket (a NUL byte with the connection's
+descriptor, SCM_RIGHTS; :func:`_receive_first` takes one stream socket and closes anything
+else), so the proxy serves the sandbox's client directly; requests written on the socket
+itself are served too. Holding the socket is the capability: a sandbox without it has no
+way out, and closing the session closes it.
 
 This side speaks HTTP proxy: ``CONNECT host:port`` tunnels (HTTPS, git over HTTPS, anything
 TLS) and absolute-form ``http://`` requests (sent on as one request with ``Connection:
