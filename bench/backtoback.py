@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             for i, (srv, env_id) in enumerate(zip(servers, envs, strict=True)):
                 # idle: the standby prepared and settled, as a person's next task finds it
                 deadline = time.monotonic() + 30
-                while not srv._standby_settled() and time.monotonic() < deadline:
+                while not (srv._standby_settled() and h.standby_waiting(srv.process.pid)) and (
+                    time.monotonic() < deadline
+                ):
                     time.sleep(0.05)
                 time.sleep(0.5)
                 idle[i].append(start_ms(srv, clock, env_id, f"1{i}{n:02d}00"))

@@ -326,7 +326,11 @@ def descendants(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:
         parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:  # it ended meanwhile
+            continue
+        for task in tasks:
             try:
                 children = [int(c) for c in (task / "children").read_text().split()]
             except OSError:
@@ -340,14 +344,18 @@ def standby_waiting(server_pid: int) -> bool:
     """A sandboxed Codex (argv[0] is the in-sandbox binary path) under the server
     ``server_pid`` blocked reading its stdin, i.e. a standby sandbox that finished its
     start-up; from ``/proc/PID/task/*/syscall`` (``0 0x0 …`` is read(0, …) on x86-64). Only
-    the server's own descendants: another server on the machine has standbys too."""
+    the server's own descendants: another server on the machine has standbys too. In
+    app-server mode the driver reads its stdin (the prompt) once its Codex's thread started.
+    """
     from openwham.runtimes import codex
+    from openwham.runtimes.appserver import SANDBOX_DRIVER
 
     for pid in descendants(server_pid):
         proc = Path(f"/proc/{pid}")
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if argv[0].decode() != codex.SANDBOX_CODEX_BIN or b"exec" not in argv:
+            execs = argv[0].decode() == codex.SANDBOX_CODEX_BIN and b"exec" in argv
+            if not execs and SANDBOX_DRIVER.encode() not in argv:
                 continue
             for task in (proc / "task").iterdir():
                 if (task / "syscall").read_text().split()[:2] == ["0", "0x0"]:

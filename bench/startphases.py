@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         start_ms(srv, clock, env_id, "970000")  # cold; leaves a standby
         for n in range(args.runs):
             deadline = time.monotonic() + 30
-            while not srv._standby_settled() and time.monotonic() < deadline:
+            while not (srv._standby_settled() and h.standby_waiting(srv.process.pid)) and (
+                time.monotonic() < deadline
+            ):
                 time.sleep(0.05)
             time.sleep(0.5)
             tag = f"97{n + 1:02d}00"
