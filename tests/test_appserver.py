@@ -144,7 +144,14 @@ def test_exec_and_app_server_give_the_same_work_log_and_outcome(
 ) -> None:
     """Parity: one scripted conversation (a command, a failing command, a patch, the answer)
     run by ``codex exec --json`` and by the driver gives the same work log and outcome."""
-    script = [Shell("echo hi; echo err >&2"), Shell("exit 3"), Patch(PATCH), Say("All done.")]
+    # Codex reads stdout and stderr on separate pipes and appends chunks as they arrive, so
+    # the two lines are spaced apart to give one order in both runs (CI saw "err" first once).
+    script = [
+        Shell("echo hi; sleep 0.3; echo err >&2"),
+        Shell("exit 3"),
+        Patch(PATCH),
+        Say("All done."),
+    ]
     prompt = "Add b.txt."
     model.script = list(script)
     argv = exec_argv(workdir=str(repo), executable=str(native_binary()))
