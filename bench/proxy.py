@@ -9,6 +9,11 @@ which runs inside the sandbox and here on loopback), the forwarder to the sessio
 socket, the egress proxy (``sandbox/egress.py``, policy ``all`` and the address guard) to the
 test host. Both plain HTTP (the proxy parses and forwards the request) and a CONNECT tunnel
 (how HTTPS goes) are measured. Target: proxied at most 1.2 times direct (median).
+
+*Bare relay* is the floor of any proxy on this machine: one more TCP hop and nothing else (a
+loopback listener that connects to the test host and moves both directions with the proxy's
+own splice loop, no proxy protocol, no policy, no forwarder). What the proxy costs above it is
+what its design controls; what the relay costs above direct is the hop itself.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ import argparse
 import importlib.util
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +91,38 @@ class Path_:
     session: Any
     forwarder: subprocess.Popen[str]
     via: str
+
+
+class BareRelay:
+    """One relay hop and nothing else: accept on loopback, connect to ``target``, splice both
+    ways with the egress proxy's ``_copy`` in two threads, close both once both are done."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, name="bare-relay", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._relay, args=(client, upstream), daemon=True).start()
+
+    @staticmethod
+    def _relay(client: socket.socket, upstream: socket.socket) -> None:
+        up = threading.Thread(target=egress._copy, args=(client, upstream), daemon=True)
+        up.start()
+        egress._copy(upstream, client)
+        up.join(timeout=5)
+        client.close()
+        upstream.close()
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 def _egress_of(tree: Path | None) -> Any:
@@ -159,11 +199,16 @@ def main() -> None:
             )
         events: list[Any] = []
         paths: list[Path_] = []
+        relay: BareRelay | None = None
         try:
             for tree in args.tree or [None]:
                 paths.append(open_path(tree, Path(tmp), events))
             url = host.url("big.bin")
-            flags: dict[str, tuple[str, ...]] = {"direct": ()}
+            parts = urllib.parse.urlsplit(url)
+            assert parts.hostname is not None and parts.port is not None
+            relay = BareRelay((parts.hostname, parts.port))
+            relayed = f"http://127.0.0.1:{relay.port}{parts.path}"
+            flags: dict[str, tuple[str, ...]] = {"direct": (), "bare relay": ()}
             for p in paths:
                 flags[f"proxy (HTTP){p.label}"] = ("-x", p.via)
                 flags[f"proxy (CONNECT){p.label}"] = ("-p", "-x", p.via)
@@ -173,11 +218,13 @@ def main() -> None:
                 name: p.forwarder.pid for p in paths for name in flags if name.endswith(p.label)
             }
             for name in series:  # warm-up: page cache, the proxy's loop, the forwarder
-                fetch(url, *flags[name])
+                fetch(relayed if name == "bare relay" else url, *flags[name])
             for _ in range(args.runs):  # interleaved so a slow spell hits every series
                 for name in series:
                     before = cpu(owner.get(name))
-                    series[name].append(fetch(url, *flags[name]))
+                    series[name].append(
+                        fetch(relayed if name == "bare relay" else url, *flags[name])
+                    )
                     spent[name] += cpu(owner.get(name)) - before
             size = fetch.size  # type: ignore[attr-defined]
             assert size == args.mb * 1024 * 1024, size
@@ -195,6 +242,10 @@ def main() -> None:
                     f"ratio {name} / direct (median): {ratio:.2f}; CPU per download in the "
                     f"proxy and the forwarder {work:.1f} ms"
                 )
+            floor = statistics.median(series["bare relay"])
+            for name in list(series)[2:]:
+                ratio = statistics.median(series[name]) / floor
+                print(f"ratio {name} / bare relay (median): {ratio:.2f}")
             big = [e for e in events if e.decision == "allow"]
             print(f"proxy events: {len(big)} allowed, bytes of the last: {big[-1].size}")
         finally:
@@ -203,6 +254,8 @@ def main() -> None:
                 p.forwarder.wait()
                 p.session.close()
                 p.proxy.stop()
+            if relay is not None:
+                relay.close()
             nethost.stop(host)
 
 
