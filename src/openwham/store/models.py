@@ -70,8 +70,10 @@ class Membership(Base):
     account_id: Mapped[str] = mapped_column(
         ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
     )
+    # the key leads with the account; a user's accounts (a token without an account, the
+    # accounts list) need their own index
     user_id: Mapped[str] = mapped_column(
-        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
     )
     role: Mapped[str] = mapped_column(String(32), default="member")
     created_at: Mapped[float] = mapped_column(Float)
