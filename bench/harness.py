@@ -143,6 +143,7 @@ class WhamServer:
         log_path: Path,
         module: str | None = None,
         extra_env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> WhamServer:
         """``wham serve --port 0 --data-dir D`` (or ``python -m <module> serve …``)."""
         env = _clean_env(
@@ -159,6 +160,7 @@ class WhamServer:
         )
         argv = [sys.executable, "-m", module] if module else [str(WHAM)]
         argv += ["serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir)]
+        argv += extra_args
         proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,

@@ -16,6 +16,8 @@ on loopback:
 With ``--tree DIR`` (repeatable) the same seeded database is served by each tree's ``src``
 in turn (``PYTHONPATH``), ``--rounds`` times, the trees interleaved so that each sees the
 same machine load: before/after in one run, with min/median/max over the rounds.
+``--processes 1,2`` does the same for ``wham serve --processes N`` (PostgreSQL only; the
+server API-only under the queue executor; CPU per request summed over its processes).
 
 See bench/README.md ("Load").
 """
@@ -274,6 +276,21 @@ def percentile(values: list[float], p: float) -> float:
     return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
+def server_pids(pid: int) -> list[int]:
+    """The server and its extra API processes (``--processes``: its children)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return [pid, *children]
+
+
+def server_cpu(pid: int) -> float:
+    return sum(cpu_seconds(p) for p in server_pids(pid))
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process so far, all its threads (``/proc/PID/stat``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -291,21 +308,38 @@ class Seeded:
 
 
 def start_server(
-    kind: str, url: str | None, args: argparse.Namespace, work: Path, tree: Path | None, n: int
+    kind: str,
+    url: str | None,
+    args: argparse.Namespace,
+    work: Path,
+    tree: Path | None,
+    n: int,
+    processes: int = 1,
 ) -> h.WhamServer:
     env = {"WHAM_EXECUTOR": "none", **({"WHAM_DATABASE_URL": url} if url else {})}
+    extra: tuple[str, ...] = ()
+    if processes > 1:  # API-only under the queue executor, as --processes needs
+        env.update({"WHAM_EXECUTOR": "queue", "WHAM_EXECUTOR_CONCURRENCY": "0"})
+        extra = ("--processes", str(processes))
     env.update(dict(kv.split("=", 1) for kv in args.env))
     module = args.server_module
     if tree is not None:  # that tree's openwham, on the same interpreter and packages
         env["PYTHONPATH"] = str(tree / "src")
         module = module or "bench.wham"
-    return h.WhamServer.start(
+    srv = h.WhamServer.start(
         work / f"data-{kind}",
         "http://127.0.0.1:9",
         log_path=work / f"serve-{kind}-{n}.log",
         module=module,
         extra_env=env,
+        extra_args=extra,
     )
+    deadline = time.monotonic() + 60
+    while len(server_pids(srv.process.pid)) < processes and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if processes > 1:
+        time.sleep(3)  # the extra processes import and open the store before they accept
+    return srv
 
 
 def run_database(
@@ -313,11 +347,13 @@ def run_database(
 ) -> list[dict[str, Any]]:
     """Seed, then every round of every tree (or one run of this tree); one result each."""
     trees: list[Path | None] = list(args.tree) or [None]
+    counts = args.processes if kind == "postgres" else [1]
+    variants = [(tree, n) for tree in trees for n in counts]
     seeded = None
     results = []
-    for r in range(args.rounds if args.tree else 1):
-        for tree in trees:
-            srv = start_server(kind, url, args, work, tree, len(results))
+    for r in range(args.rounds if args.tree or len(variants) > 1 else 1):
+        for tree, processes in variants:
+            srv = start_server(kind, url, args, work, tree, len(results), processes)
             try:
                 if seeded is None:
                     seeded = seed(kind, url, args, work, srv)
@@ -327,6 +363,8 @@ def run_database(
             finally:
                 srv.stop()
             result["tree"] = str(tree) if tree is not None else ""
+            if len(counts) > 1:
+                result["tree"] += f" x{processes}"
             result["round"] = r + 1
             results.append(result)
             report(result, args)
@@ -373,9 +411,9 @@ def measure(
     for name, paths in (("details", details), ("list", listing)):
         for c in args.connections:
             log(f"[{kind}] wrk {name} at {c} connection(s), {args.seconds:g} s")
-            cpu0 = cpu_seconds(srv.process.pid)
+            cpu0 = server_cpu(srv.process.pid)
             run = wrk(srv.url, srv.token, paths, c, args.seconds)
-            run["cpu_ms"] = (cpu_seconds(srv.process.pid) - cpu0) * 1000 / run["requests"]
+            run["cpu_ms"] = (server_cpu(srv.process.pid) - cpu0) * 1000 / run["requests"]
             run["load"] = os.getloadavg()[0]
             result[f"{name}@{c}"] = run
     t0 = time.perf_counter()
@@ -493,7 +531,13 @@ def main(argv: list[str] | None = None) -> int:
         "--tree", action="append", type=Path, default=[], help="serve DIR/src (repeatable)"
     )
     p.add_argument("--rounds", type=int, default=3, help="rounds of the trees, interleaved (3)")
+    p.add_argument(
+        "--processes",
+        default="1",
+        help="comma-separated `wham serve --processes` counts to compare, PostgreSQL (1)",
+    )
     args = p.parse_args(argv)
+    args.processes = [int(n) for n in str(args.processes).split(",")]
     args.tree = [t.resolve() for t in args.tree]
     if args.db in ("postgres", "both") and not args.postgres_url:
         p.error("PostgreSQL needs --postgres-url or WHAM_TEST_POSTGRES_URL (use ./bench/load)")
@@ -506,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.db in ("postgres", "both"):
             with postgres_database(args.postgres_url) as url:
                 results += run_database("postgres", url, args, work)
-    if args.tree:
+    if args.tree or len(args.processes) > 1:
         summary(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

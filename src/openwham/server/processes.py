@@ -1,0 +1,124 @@
+"""More than one API process on one port (``wham serve --processes N``).
+
+One Python process serves requests on one core at most (the GIL), and the API's hot reads
+cost ~1 ms of CPU each, so a machine's other cores are idle while requests queue. With
+``--processes N`` the first process binds the port, opens (and migrates) the store and runs
+the executor as always, then starts N - 1 API-only processes that accept on the same
+listening socket (inherited, so the kernel hands each connection to whichever process
+accepts first). They need what makes processes interchangeable: PostgreSQL (one database
+for all, and ``LISTEN/NOTIFY`` carrying "turn X has new events" to every process's streams)
+and the queue executor (an attempt posted to any process becomes a job the first process's
+worker runs). On SQLite the bus is in-process, so the option is refused there.
+
+The extra processes die with the first (``PR_SET_PDEATHSIG``), are stopped with it, and one
+that exits on its own is started again (at most once every few seconds each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openwham.config import Settings
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+RESTART_AFTER_SECONDS = 2.0
+
+
+def problem(settings: Settings, processes: int) -> str | None:
+    """Why ``processes`` API processes cannot serve with ``settings`` (``None``: they can)."""
+    if processes == 1:
+        return None
+    url = settings.database_url or ""
+    if not url.startswith("postgresql"):
+        return (
+            "--processes needs PostgreSQL (WHAM_DATABASE_URL): on SQLite the event bus is "
+            "in-process, so streams served by the other processes would not see events"
+        )
+    if settings.executor != "queue":
+        return (
+            "--processes needs WHAM_EXECUTOR=queue: an attempt posted to any process must "
+            "become a job the executor's process runs"
+        )
+    return None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it ends."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+@dataclass
+class ApiProcesses:
+    """The extra API-only processes of one ``wham serve``, sharing ``sock``."""
+
+    sock: socket.socket
+    count: int
+    data_dir: Path
+    log_level: str
+    children: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _argv(self) -> list[str]:
+        return [
+            *(sys.executable, "-c", "from openwham.cli.main import main; main()", "serve"),
+            *("--listen-fd", str(self.sock.fileno()), "--data-dir", str(self.data_dir)),
+            *("--log-level", self.log_level),
+        ]
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "WHAM_EXECUTOR_CONCURRENCY": "0", "WHAM_EXECUTOR": "queue"}
+        return subprocess.Popen(
+            self._argv(), env=env, pass_fds=(self.sock.fileno(),), preexec_fn=_die_with_parent
+        )
+
+    def start(self) -> ApiProcesses:
+        with self._lock:
+            self.children = [self._spawn() for _ in range(self.count)]
+        threading.Thread(target=self._watch, name="wham-api-processes", daemon=True).start()
+        return self
+
+    def _watch(self) -> None:
+        """Start again a child that exited while the server runs."""
+        last: dict[int, float] = {}
+        while not self._stopping.wait(0.5):
+            with self._lock:
+                for i, child in enumerate(self.children):
+                    code = child.poll()
+                    if code is None or self._stopping.is_set():
+                        continue
+                    if time.monotonic() - last.get(i, 0.0) < RESTART_AFTER_SECONDS:
+                        continue
+                    log.warning("API process %d exited (%s); starting another", child.pid, code)
+                    last[i] = time.monotonic()
+                    self.children[i] = self._spawn()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        with self._lock:
+            children = list(self.children)
+        for child in children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.terminate()
+        deadline = time.monotonic() + timeout
+        for child in children:
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(5)
