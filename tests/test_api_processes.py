@@ -207,3 +207,25 @@ def answers_fresh(base: str) -> object:
             return False
 
     return check
+
+
+@pytest.mark.postgres
+def test_extra_processes_end_when_the_first_is_killed(
+    tmp_path: Path, stopped_later: list[subprocess.Popen[str]]
+) -> None:
+    """A first process killed outright (no shutdown of its own) leaves no API process behind:
+    each extra one asked the kernel for SIGTERM when its parent ends."""
+    with postgres_database() as url:
+        env = {"WHAM_DATABASE_URL": url, "WHAM_EXECUTOR": "queue"}
+        env["WHAM_EXECUTOR_CONCURRENCY"] = "0"
+        proc = _serve(tmp_path / unique_marker("procs"), env, "--processes", "2")
+        stopped_later.append(proc)
+        assert proc.stdout is not None
+        match = re.search(r'"url": "([^"]+)"', proc.stdout.readline())
+        assert match
+        assert _wait(lambda: len(_children(proc.pid)) == 1, 30)
+        (child,) = _children(proc.pid)
+        time.sleep(3)  # past its start, where it asks for the signal (a race the check covers)
+        proc.kill()
+        proc.wait(10)
+        assert _wait(lambda: _gone(child), 15), child

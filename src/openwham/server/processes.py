@@ -55,10 +55,18 @@ def problem(settings: Settings, processes: int) -> str | None:
     return None
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the process that started it ends."""
+PARENT_ENV = "WHAM_API_PARENT_PID"
+
+
+def follow_parent() -> None:
+    """In an extra API process, first thing: SIGTERM when the process that started it ends
+    (set here rather than in a ``preexec_fn``, which is unsafe in a process with threads), and
+    exit at once if it already ended before that was set."""
+    parent = int(os.environ.get(PARENT_ENV, "0") or 0)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if parent and os.getppid() != parent:
+        os._exit(0)
 
 
 @dataclass
@@ -81,10 +89,13 @@ class ApiProcesses:
         ]
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "WHAM_EXECUTOR_CONCURRENCY": "0", "WHAM_EXECUTOR": "queue"}
-        return subprocess.Popen(
-            self._argv(), env=env, pass_fds=(self.sock.fileno(),), preexec_fn=_die_with_parent
-        )
+        env = {
+            **os.environ,
+            "WHAM_EXECUTOR_CONCURRENCY": "0",
+            "WHAM_EXECUTOR": "queue",
+            PARENT_ENV: str(os.getpid()),
+        }
+        return subprocess.Popen(self._argv(), env=env, pass_fds=(self.sock.fileno(),))
 
     def start(self) -> ApiProcesses:
         with self._lock:
