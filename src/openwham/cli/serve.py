@@ -38,6 +38,7 @@ def serve(
 
     from openwham.server import processes as api_processes
     from openwham.server.app import create_app
+    from openwham.server.gcpause import freeze_startup
     from openwham.server.malloc import limit_arenas, start_trimming
     from openwham.service.keys import KeysMismatch
     from openwham.store.artifacts import ArtifactError
@@ -59,6 +60,7 @@ def serve(
     except (KeysMismatch, ArtifactError, QueueConfigError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
+    freeze_startup()  # the app's objects live as long as the process: full collections skip them
     if listen_fd is not None:  # one of the extra API processes of a `--processes` server
         sock = socket.socket(fileno=listen_fd)
         _run(uvicorn, app, log_level, sock)
