@@ -4,11 +4,17 @@ nothing of failed, cancelled or deleted ones; attempts pending or running are no
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import Server, finish_turn
+from openwham.engine import artifacts as packing
 from openwham.engine import storage
+from openwham.service.artifacts import open_store
 
 
 def _leave_files(root: Path, turn_id: str) -> Path:
@@ -191,3 +197,66 @@ def test_trees_an_agent_shaped_against_removal_are_removed(server: Server, repo:
         assert not any((root / turn).exists() for turn in turns)
     finally:  # pytest's own clean-up of old temporary directories would choke on it too
         subprocess.run(["rm", "-rf", *(str(root / turn) for turn in turns)], check=True)
+
+
+# The end of a completed attempt in a process killed while it removed the directory:
+# ``storage.tidy`` stored the session, then ``remove_tree`` removed the Codex home (kill
+# "after-codex-home": the ``closed`` marker may be left, by the file system's directory
+# order) or everything in the directory (kill "before-directory": it is left empty).
+_KILLED_IN_TIDY = """
+import os, signal, sys
+from pathlib import Path
+from openwham.config import Settings
+from openwham.engine import storage
+from openwham.service.artifacts import open_store
+from openwham.store.db import Database
+
+url, root, turn, at = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+real_rmdir = os.rmdir
+
+def rmdir(path, *args, **kwargs):
+    name = os.path.basename(os.fsdecode(path))
+    if at == "before-directory" and name == turn:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_rmdir(path, *args, **kwargs)
+    if at == "after-codex-home" and name == storage.CODEX_HOME:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.rmdir = rmdir
+db = Database(url)
+storage.tidy(root, db, turn, open_store(Settings(), db))
+"""
+
+
+@pytest.mark.parametrize("at", ["after-codex-home", "before-directory"])
+def test_a_completed_attempt_whose_removal_a_kill_cut_short_leaves_nothing(
+    server: Server, repo: Path, at: str
+) -> None:
+    """CI (crash batch, seed 3058695315): a server was killed while the end of a completed
+    attempt removed its directory, after its session was stored and its Codex home removed.
+    What was left, the ``closed`` marker or an empty directory (which the start-up sweep then
+    marked ``closed``), was kept for good as a completed attempt's files are, though it held
+    no Codex home to resume from."""
+    api = server.api
+    env = api.create_env(repo)
+    done = api.create_task(env["id"], "one")["turn"]["id"]
+    finish_turn(server, done, "completed")
+    root = server.app_state.settings.resolved_data_dir / "attempts"
+    db = server.app_state.db
+    path = _leave_files(root, done)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_IN_TIDY, db.url, str(root), done, at],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    artifacts = open_store(server.app_state.settings, db)
+    assert artifacts.present([done], packing.CODEX_HOME)  # stored before the removal began
+    left = sorted(os.listdir(path))
+    assert left == [] if at == "before-directory" else left in (["closed"], [])
+
+    storage.sweep(root, db, artifacts)  # the restarted server's
+
+    assert not path.exists()
+    assert artifacts.present([done], packing.CODEX_HOME)  # follow-ups resume from the store

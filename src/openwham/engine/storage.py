@@ -9,8 +9,9 @@ attempts). Deleting a task removes its attempts' directories; a fork copies the 
 of the attempts it copies. At start the engine sweeps the directory (:func:`sweep`): whatever
 a deleted turn, a crash (an attempt failed as ``executor_lost``) or an older version left
 behind is tidied the same way (a completed attempt whose server died before it wrote the
-``closed`` marker gets it: its sandbox died with that server); attempts still pending or
-running are not touched.
+``closed`` marker gets it: its sandbox died with that server; one with no Codex home, what a
+crash leaves when it cuts short the removal of the directory, keeps nothing); attempts still
+pending or running are not touched.
 
 Other nodes cannot read this directory, so with an
 :class:`~openwham.store.artifacts.ArtifactStore` (the database by default; every engine has
@@ -216,11 +217,10 @@ def store_session(artifacts: ArtifactStore, attempt_dir: Path, turn_id: str) -> 
     node; whether it is stored (then the files here are not needed). One too big for the
     store (``WHAM_ARTIFACT_MAX_MB``) is not: why is, so that a follow-up elsewhere says so,
     and the files stay for follow-ups on this node."""
-    home = attempt_dir / CODEX_HOME
-    if home.is_symlink() or not home.is_dir():
+    if not _has_codex_home(attempt_dir):
         return False
     try:
-        data = packing.pack(home, artifacts.max_bytes)
+        data = packing.pack(attempt_dir / CODEX_HOME, artifacts.max_bytes)
     except ArtifactTooLarge as exc:
         log.warning("attempt %s: %s; not stored for other nodes", turn_id, exc)
         artifacts.put(turn_id, packing.CODEX_HOME_MISSING, str(exc).encode())
@@ -321,6 +321,11 @@ def _removes(status: str | None) -> bool:
     return status is None or (status not in ACTIVE and status is not TurnStatus.COMPLETED)
 
 
+def _has_codex_home(attempt_dir: Path) -> bool:
+    home = attempt_dir / CODEX_HOME
+    return home.is_dir() and not home.is_symlink()
+
+
 def _tidy_one(root: Path, turn_id: str, status: str | None, *, active: bool) -> bool:
     """Tidy one attempt directory by its turn's ``status`` (``None``: the turn is gone);
     ``active``: also prune an attempt still pending or running (its own executor, at the
@@ -333,6 +338,12 @@ def _tidy_one(root: Path, turn_id: str, status: str | None, *, active: bool) -> 
         return True
     if status in ACTIVE and not active:
         return False
+    if status is TurnStatus.COMPLETED and not _has_codex_home(path):
+        # nothing a follow-up could resume from: what a removal cut short by a crash leaves
+        # (its session stored, the server killed once the Codex home went: the ``closed``
+        # marker, or an empty directory), which marking it closed would keep for good
+        remove_tree(path)
+        return True
     removed = _prune(path, KEEP_AFTER_COMPLETION)
     if not active and not (path / CLOSED_MARKER).exists():
         # completed, but its server died before marking the sandbox gone (it went with the
@@ -400,7 +411,7 @@ def _sweep_stored(
         n
         for n in names
         if statuses.get(n) is TurnStatus.COMPLETED
-        and (root / n / CODEX_HOME).is_dir()
+        and _has_codex_home(root / n)
         and not _marked_stored(root / n)
     ]
     stored = 0
