@@ -9,6 +9,14 @@ are prepared and settled (as a person's next task finds it). One warm-up of each
 (mirror, standbys). Prints min / median / max of each and the ratio of the medians (target ≤ 1.5).
 With several ``--tree`` (each one's ``src`` on ``PYTHONPATH``), one server per tree, the runs
 interleaved between them.
+
+With ``--trace DIR`` each server runs under ``bench.traced_serve`` (its trace in
+``DIR/trace-K.jsonl``) and every best-of-4 is printed as a timeline: per attempt, the
+milliseconds from the POST to each phase's end (claim, standby taken, prompt, held model
+requests released, each model request and its answer, turn.completed, the diff written, the
+terminal state committed, the sandbox's exit) and the time its recorder's writes held the
+agent's output thread; with the CPU pressure of the host meanwhile (``/proc/pressure/cpu``:
+how long some task waited for a core).
 """
 
 from __future__ import annotations
@@ -20,14 +28,44 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import harness as h
 from .repo import generate
+from .startphases import CODEX_LOG
+
+
+@dataclass
+class Run:
+    """One task's run: when it was posted (``time.time()``), its attempts, its wall time and
+    the host's CPU pressure meanwhile (microseconds some task waited for a core)."""
+
+    posted: float
+    turns: list[str]
+    wall: float
+    cpu_wait_us: int | None
+
+
+def cpu_pressure_us() -> int | None:
+    """``/proc/pressure/cpu``'s ``some total``: how long, in microseconds since boot, at
+    least one task waited for a core (the whole host's, not only this bench's)."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    return int(line.rsplit("total=", 1)[1])
 
 
 def run_task(
-    server: h.WhamServer, env_id: str, n: int, tag: str, cpu: list[float] | None = None
+    server: h.WhamServer,
+    env_id: str,
+    n: int,
+    tag: str,
+    cpu: list[float] | None = None,
+    runs: list[Run] | None = None,
 ) -> float:
     """POST a task of ``n`` attempts; seconds until all of them ended. ``cpu`` gets the CPU
     seconds the server and everything it ran and reaped used from the POST until the
@@ -46,7 +84,8 @@ def run_task(
         ],
         "metadata": {"best_of_n": n},
     }
-    t0 = time.perf_counter()
+    pressure0 = cpu_pressure_us()
+    posted, t0 = time.time(), time.perf_counter()
     r = server.client.post(server.api("tasks"), json=body)
     r.raise_for_status()
     task_id, turn_id = r.json()["task"]["id"], r.json()["turn"]["id"]
@@ -59,11 +98,16 @@ def run_task(
         statuses = [t.get("turn_status") for t in [first, *turns]]
         if len(statuses) == n and all(s in h.TERMINAL for s in statuses):
             wall = time.perf_counter() - t0
+            pressure1 = cpu_pressure_us()
             break
         if time.monotonic() > deadline:
             raise RuntimeError(f"task {task_id} never ended: {statuses}")
         time.sleep(0.02)
-    for tid in [first["id"], *(t["id"] for t in turns)]:
+    ids = [first["id"], *(t["id"] for t in turns)]
+    if runs is not None:
+        waited = None if pressure0 is None or pressure1 is None else pressure1 - pressure0
+        runs.append(Run(posted, ids, wall, waited))
+    for tid in ids:
         server.wait_cleanup(tid)
     wait_standbys(server, n)
     if cpu is not None:
@@ -93,6 +137,61 @@ def wait_standbys(server: h.WhamServer, n: int, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+Record = dict[str, Any]
+
+
+def _named(name: str) -> Callable[[Record], bool]:
+    return lambda r: r["name"] == name
+
+
+def _codex(text: str) -> Callable[[Record], bool]:
+    return lambda r: r["name"] == "codex_log" and text in r.get("msg", "")
+
+
+#: the timeline's columns: (heading, which trace records, the n-th of them, its start or end);
+#: Codex's own marks (``--codex-log``) as ``bench.startphases`` reads them
+COLUMNS: list[tuple[str, Callable[[Record], bool], int, str]] = [
+    ("claim", _named("claim"), 0, "t1"),
+    ("take", _named("take_standby"), 0, "t1"),
+    ("prompt", _named("prompt_sent"), 0, "t0"),
+    ("release", _named("gateway_release"), 0, "t1"),
+    ("init", _codex("notification: Initialized"), 0, "t0"),
+    ("thread", _codex("thread_start_total"), 0, "t0"),
+    ("sent", _codex("Sent prompt"), 0, "t0"),
+    ("skills", _codex("shadow skill selection"), 0, "t0"),
+    ("req1", _named("gateway_request"), 0, "t0"),
+    ("ans1", _named("gateway_response"), 0, "t1"),
+    ("req2", _named("gateway_request"), 1, "t0"),
+    ("ans2", _named("gateway_response"), 1, "t1"),
+    ("tc", _named("turn_completed_line"), 0, "t0"),
+    ("diff", _named("result_written"), 0, "t0"),
+    ("end", _named("recorder_finish"), 0, "t1"),
+    ("exit", _named("sandbox_exit"), 0, "t0"),
+]
+RECORDER = ("recorder_message", "recorder_status", "recorder_flush")
+
+
+def timeline(run: Run, events: list[dict[str, Any]], title: str) -> str:
+    """A best-of-4's timeline: per attempt, ms from the POST to the end of each phase
+    (``COLUMNS``), and its recorder's writes (count, ms in all, the longest)."""
+    lines = [
+        f"{title}: wall {run.wall * 1000:.0f} ms; host CPU pressure (some task waiting for a "
+        f"core) {'?' if run.cpu_wait_us is None else f'{run.cpu_wait_us / 1000:.0f} ms'}",
+        "  attempt   " + "".join(f"{c[0]:>8}" for c in COLUMNS) + "  rec n / ms / max",
+    ]
+    for turn in run.turns:
+        mine = [e for e in events if e.get("turn") == turn]
+        cells = []
+        for _, match, nth, end in COLUMNS:
+            found = sorted((e for e in mine if match(e)), key=lambda e: e["t0"])
+            at = found[nth].get(end) if len(found) > nth else None
+            cells.append(f"{(at - run.posted) * 1000:8.0f}" if at is not None else f"{'-':>8}")
+        writes = [e["t1"] - e["t0"] for e in mine if e["name"] in RECORDER and e.get("t1")]
+        rec = f"{len(writes):>3} / {sum(writes) * 1000:4.0f} / {max(writes or [0]) * 1000:3.0f}"
+        lines.append(f"  …{turn[-8:]}" + "".join(cells) + "  " + rec)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bestof", description=__doc__)
     ap.add_argument("--runs", type=int, default=5)
@@ -104,6 +203,18 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=[],
         help="source trees, one server each, runs interleaved (default: this tree)",
+    )
+    ap.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="run the servers under bench.traced_serve, keep their traces in this directory "
+        "and print each best-of-4's timeline per attempt",
+    )
+    ap.add_argument(
+        "--codex-log",
+        action="store_true",
+        help="with --trace: Codex's own log too (its start-up marks in the timelines)",
     )
     h.add_mode_argument(ap)
     args = ap.parse_args(argv)
@@ -124,9 +235,21 @@ def main(argv: list[str] | None = None) -> int:
             }
             if mode:
                 extra["WHAM_CODEX_MODE"] = mode
+            module = None
+            if args.trace is not None:
+                args.trace.mkdir(parents=True, exist_ok=True)
+                (args.trace / f"trace-{k}.jsonl").unlink(missing_ok=True)
+                extra["BENCH_TRACE"] = str((args.trace / f"trace-{k}.jsonl").resolve())
+                module = "bench.traced_serve"
+                if args.codex_log:
+                    extra["BENCH_CODEX_RUST_LOG"] = CODEX_LOG
             servers.append(
                 h.WhamServer.start(
-                    work / f"data-{k}", model.url, log_path=work / f"serve-{k}.log", extra_env=extra
+                    work / f"data-{k}",
+                    model.url,
+                    log_path=work / f"serve-{k}.log",
+                    module=module,
+                    extra_env=extra,
                 )
             )
             envs.append(servers[-1].create_env(repo))
@@ -137,15 +260,22 @@ def main(argv: list[str] | None = None) -> int:
         best: list[list[float]] = [[] for _ in trees]
         cpu1: list[list[float]] = [[] for _ in trees]
         cpu4: list[list[float]] = [[] for _ in trees]
+        runs4: list[list[Run]] = [[] for _ in trees]
         for i in range(args.runs):
             for k, (server, env_id) in enumerate(zip(servers, envs, strict=True)):
-                best[k].append(run_task(server, env_id, 4, f"4-{i}", cpu4[k]))
+                best[k].append(run_task(server, env_id, 4, f"4-{i}", cpu4[k], runs4[k]))
                 single[k].append(run_task(server, env_id, 1, f"1-{i}", cpu1[k]))
                 print(
                     f"tree {k} run {i + 1}: single {single[k][-1]:.2f} s, "
                     f"best-of-4 {best[k][-1]:.2f} s",
                     file=sys.stderr,
                 )
+        for k, tree in enumerate(trees):
+            if args.trace is not None:
+                print(f"{tree}: timelines of the best-of-4s")
+                events = list(h.iter_trace(args.trace / f"trace-{k}.jsonl"))
+                for i, run in enumerate(runs4[k]):
+                    print(timeline(run, events, f"best-of-4 run {i + 1}"))
         for k, tree in enumerate(trees):
             print(f"{tree}:")
             for name, values in (("single attempt", single[k]), ("best-of-4", best[k])):

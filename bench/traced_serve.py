@@ -71,7 +71,7 @@ def _wrap(owner: Any, attr: str, name: str, **kw: Any) -> None:
 
 
 def install() -> None:
-    from openwham.engine import attempt, executor, recorder
+    from openwham.engine import agent, attempt, executor, recorder, result
     from openwham.engine import workspace as engine_workspace
     from openwham.gateway import app as gateway_app
     from openwham.runtimes import codex
@@ -114,9 +114,38 @@ def install() -> None:
         "gateway_release",
         describe=lambda self, attempt_id, *a, **k: {"attempt": attempt_id},
     )
-    _wrap(recorder.TurnRecorder, "message", "recorder_message")
-    _wrap(recorder.TurnRecorder, "status", "recorder_status")
-    _wrap(recorder.TurnRecorder, "finish", "recorder_finish")
+
+    # called on the agent's output threads too, where no turn is set: named by the recorder
+    def of_recorder(self: Any, *a: Any, **k: Any) -> dict[str, Any]:
+        return {"turn": self.turn_id}
+
+    _wrap(recorder.TurnRecorder, "message", "recorder_message", describe=of_recorder)
+    _wrap(recorder.TurnRecorder, "status", "recorder_status", describe=of_recorder)
+    _wrap(recorder.TurnRecorder, "finish", "recorder_finish", describe=of_recorder)
+    _wrap(recorder.TurnRecorder, "flush", "recorder_flush", describe=of_recorder)
+    _wrap(
+        gateway_app.Gateway,
+        "_final_response",
+        "gateway_final_response",
+        describe=lambda self, record, *a, **k: {"turn": record.attempt_id},
+    )
+    _wrap(
+        agent.AgentRun,
+        "early_diff",
+        "early_diff",
+        describe=lambda self: {"turn": self.claim.turn_id},
+    )
+    _wrap(result.Results, "finish", "results_finish")
+    pump = gateway_app._Passthrough._pump
+
+    async def traced_pump(self: Any, send: Any) -> None:
+        t0 = time.time()  # the upstream's answer began (its headers are in)
+        try:
+            await pump(self, send)
+        finally:
+            emit("gateway_response", t0, time.time(), turn=self.record.attempt_id)
+
+    setattr(gateway_app._Passthrough, "_pump", traced_pump)  # noqa: B010
     _wrap(attempt, "workspace_diff", "workspace_diff")
     _wrap(engine_workspace.Workspaces, "take_standby", "take_standby")
     _wrap(engine_workspace, "branch_head", "branch_head")
