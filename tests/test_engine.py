@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -450,9 +451,9 @@ def test_model_effort_and_custom_instructions_reach_the_agent(
 def test_best_of_n_runs_every_attempt(
     engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
 ) -> None:
-    """Three attempts, two at a time (the executor's concurrency): each in its own sandbox
-    and workspace (each writes a random id into its diff), each with its own result; the
-    task shows attempt 0 and counts three."""
+    """Three attempts, each in its own sandbox and workspace (each writes a random id into
+    its diff), each with its own result; the task shows attempt 0 and counts three. They
+    share one of the executor's two slots, none waits for another."""
     api = engine_server.api
     scripted_model.script = [
         Patch(FIX),
@@ -484,7 +485,7 @@ def test_best_of_n_runs_every_attempt(
         everyone = {t["id"] for t in [primary, *others]}
         assert set(turn["sibling_turn_ids"]) == everyone - {turn["id"]}
     assert len(ids) == 3  # three workspaces
-    assert waited >= 1  # two ran at once; the third waited for a slot
+    assert waited == 0  # one slot for the task's three attempts: none queued behind another
     assert sorted(t["attempt_placement"] for t in [primary, *others]) == [0, 1, 2]
     display = api.get(f"tasks/{task_id}").json()["task"]["task_status_display"]
     latest = display["latest_turn_status_display"]
@@ -673,6 +674,47 @@ def test_cancel_stops_a_running_attempt_within_two_seconds(
     )
 
 
+def test_the_attempts_of_a_best_of_n_task_start_together_in_one_slot(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    """With one slot (``WHAM_EXECUTOR_CONCURRENCY=1``) a best-of-3 task's three agents all
+    start and reach the model at once (its model holds them); a task posted meanwhile waits
+    for the slot, shown "Waiting", and runs once all three ended."""
+    settings = engine_settings(scripted_model, executor_concurrency=1)
+    for server in make_server(tmp_path, sqlite_url, **settings):
+        api = server.api
+        scripted_model.script = [Say("done")]
+        hold = scripted_model.hold = threading.Event()  # every agent request waits
+        try:
+            env = api.create_env(calc_repo)
+            created = api.create_task(env["id"], "Three", metadata={"best_of_n": 3})
+            task_id, first = created["task"]["id"], created["turn"]["id"]
+            deadline = time.monotonic() + 60
+            while len(scripted_model.requests) < 3:  # one slot per attempt: only one came
+                assert time.monotonic() < deadline, f"{len(scripted_model.requests)} of 3 agents"
+                time.sleep(0.05)
+            later = api.create_task(env["id"], "Later")
+            later_task, later_turn = later["task"]["id"], later["turn"]["id"]
+            queued = wait_for_turn(
+                api,
+                later_task,
+                later_turn,
+                until=lambda t: (t["latest_event"] or {}).get("text") == "Waiting",
+                timeout=30,
+            )
+            assert queued["turn_status"] == "pending"
+            assert len(scripted_model.requests) == 3  # the slot is the best-of-3's
+        finally:
+            hold.set()
+        siblings = api.get(f"tasks/{task_id}/turns/{first}/sibling_turns").json()
+        for turn_id in [first, *(t["id"] for t in siblings["sibling_turns"])]:
+            done = wait_for_turn(api, task_id, turn_id)
+            assert done["turn_status"] == "completed", done["error"]
+        done = wait_for_turn(api, later_task, later_turn)
+        assert done["turn_status"] == "completed", done["error"]
+        assert len(scripted_model.requests) == 4
+
+
 def test_cancel_one_attempt_of_several_and_a_queued_one(
     tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, calc_repo: Path
 ) -> None:
@@ -687,15 +729,22 @@ def test_cancel_one_attempt_of_several_and_a_queued_one(
             t["id"]
             for t in api.get(f"tasks/{task_id}/turns/{first}/sibling_turns").json()["sibling_turns"]
         ]
-        # one slot: the second attempt waits in the queue; cancel it there
-        r = api.post(f"tasks/{task_id}/turns/{second}/cancel")
+        # one slot, the best-of-2's (both its attempts run): the next task waits in the
+        # queue; cancel it there
+        other = api.create_task(env["id"], "Queued")
+        other_task, queued_id = other["task"]["id"], other["turn"]["id"]
+        r = api.post(f"tasks/{other_task}/turns/{queued_id}/cancel")
         assert r.status_code == 200
-        queued = api.get(f"tasks/{task_id}/turns/{second}").json()["turn"]
+        queued = api.get(f"tasks/{other_task}/turns/{queued_id}").json()["turn"]
         assert queued["turn_status"] == "cancelled"
-        assert statuses(stream(api, task_id, second)) == [
+        assert statuses(stream(api, other_task, queued_id)) == [
             ("Waiting", "pending"),
             ("Cancelled", "cancelled"),
         ]
+        # and one of the two running attempts: the other goes on to complete
+        wait_for_turn(api, task_id, second, until=lambda t: t["turn_status"] == "in_progress")
+        assert api.post(f"tasks/{task_id}/turns/{second}/cancel").status_code == 200
+        assert wait_for_turn(api, task_id, second)["turn_status"] == "cancelled"
         done = wait_for_turn(api, task_id, first)
         assert done["turn_status"] == "completed", done["error"]
         assert (

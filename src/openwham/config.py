@@ -49,7 +49,9 @@ class Settings(BaseSettings):
     # PostgreSQL, run by `wham worker` processes and serve's embedded worker (engine/queue.py);
     # "none" serves the API only (attempts stay pending until an executor picks them up).
     executor: str = "inprocess"
-    # Attempts run at once (unset: the cores); under "queue", 0 makes `wham serve` API-only.
+    # Tasks run at once (unset: the cores): in-process, a best-of-N task's attempts share one
+    # slot and start together; under "queue" it counts attempts, and 0 makes `wham serve`
+    # API-only.
     executor_concurrency: int | None = None
     # How often an attempt whose server died is started again before it is failed.
     attempt_max_tries: int = 2
@@ -150,7 +152,9 @@ class Settings(BaseSettings):
 
     @property
     def concurrency(self) -> int:
-        """Attempts run at once: ``WHAM_EXECUTOR_CONCURRENCY``, else the number of cores."""
+        """Slots of the executor: ``WHAM_EXECUTOR_CONCURRENCY``, else the number of cores (the
+        in-process executor runs a best-of-N task's attempts in one slot, the queue's
+        workers one attempt per slot)."""
         if self.executor_concurrency and self.executor_concurrency > 0:
             return self.executor_concurrency
         return max(1, len(os.sched_getaffinity(0)))

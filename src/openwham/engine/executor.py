@@ -45,7 +45,8 @@ class Executor(Protocol):
     def stop(self) -> None: ...
 
     def submit(self, turn_ids: Iterable[str]) -> None:
-        """Queue pending attempts (already committed)."""
+        """Queue pending attempts (already committed): the attempts of one prompt (a
+        best-of-N task's), started together."""
         ...
 
     def cancel(self, turn_id: str) -> bool:
@@ -134,15 +135,21 @@ def recover(
 
 
 class InProcessExecutor:
-    """``concurrency`` worker threads taking attempts from a FIFO queue."""
+    """``concurrency`` slots taking prompts' attempts from a FIFO queue. The attempts of one
+    prompt (those of one ``submit``: a best-of-N task's N) share one slot and start at once,
+    each on a thread of its own; the slot is free again when the last of them ended. So a
+    best-of-4 task runs its four agents side by side at any concurrency (with one slot per
+    attempt it ran two at a time at the default, two cores: twice a single attempt's wall at
+    least), and ``concurrency`` bounds how many tasks run at once, not their attempts."""
 
     def __init__(self, engine: Engine, concurrency: int) -> None:
         self.engine = engine
         self.concurrency = max(1, concurrency)
         self._cond = threading.Condition()
-        self._queue: deque[str] = deque()
+        self._queue: deque[list[str]] = deque()  # groups: the attempts of one prompt each
         self._queued: set[str] = set()
         self._running: dict[str, Control] = {}
+        self._busy = 0  # slots running a group
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._stopped = threading.Event()  # wakes the sweeper only to stop it
@@ -152,7 +159,7 @@ class InProcessExecutor:
     def start(self) -> None:
         self._sweep()
         for i in range(self.concurrency):
-            t = threading.Thread(target=self._work, name=f"wham-attempt-{i}", daemon=True)
+            t = threading.Thread(target=self._work, args=(i,), name=f"wham-slot-{i}", daemon=True)
             t.start()
             self._threads.append(t)
         t = threading.Thread(target=self._sweeper, name="wham-sweeper", daemon=True)
@@ -173,13 +180,24 @@ class InProcessExecutor:
             t.join(max(0.0, deadline - time.monotonic()))
 
     def submit(self, turn_ids: Iterable[str]) -> None:
+        """Queue the attempts of one prompt: they take one slot and start together."""
+        self._enqueue([list(turn_ids)])
+
+    def _enqueue(self, groups: list[list[str]]) -> None:
+        """Queue each group (the attempts of one prompt) for a slot of its own, leaving out
+        attempts queued or running already; those left behind busy slots show "Waiting"."""
         with self._cond:
-            for turn_id in turn_ids:
-                if turn_id not in self._queued and turn_id not in self._running:
-                    self._queue.append(turn_id)
-                    self._queued.add(turn_id)
-            free = self.concurrency - len(self._running)
-            waiting = list(self._queue)[max(0, free) :]
+            for ids in groups:
+                group = [
+                    turn_id
+                    for turn_id in dict.fromkeys(ids)
+                    if turn_id not in self._queued and turn_id not in self._running
+                ]
+                if group:
+                    self._queue.append(group)
+                    self._queued.update(group)
+            free = self.concurrency - self._busy
+            waiting = [t for g in list(self._queue)[max(0, free) :] for t in g]
             self._cond.notify_all()
         if waiting:
             self.engine.mark_waiting(waiting)
@@ -188,7 +206,12 @@ class InProcessExecutor:
         with self._cond:
             if turn_id in self._queued:
                 self._queued.discard(turn_id)
-                self._queue.remove(turn_id)
+                for group in self._queue:
+                    if turn_id in group:
+                        group.remove(turn_id)
+                        if not group:
+                            self._queue.remove(group)
+                        break
                 return True
             control = self._running.get(turn_id)
         if control is None:
@@ -203,24 +226,46 @@ class InProcessExecutor:
 
     # ------------------------------------------------------------------ internals
 
-    def _work(self) -> None:
+    def _work(self, slot: int) -> None:
         while True:
             with self._cond:
                 while not self._queue and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return
-                turn_id = self._queue.popleft()
-                self._queued.discard(turn_id)
-                control = Control()
-                self._running[turn_id] = control
+                group = self._queue.popleft()
+                controls = [(turn_id, Control()) for turn_id in group]
+                for turn_id, control in controls:
+                    self._queued.discard(turn_id)
+                    self._running[turn_id] = control
+                self._busy += 1
             try:
-                self.engine.run_turn(turn_id, control)
-            except Exception:
-                log.exception("attempt %s: executor error", turn_id)
+                others = [
+                    threading.Thread(
+                        target=self._run,
+                        args=(turn_id, control),
+                        name=f"wham-attempt-{slot}-{k}",
+                        daemon=True,
+                    )
+                    for k, (turn_id, control) in enumerate(controls[1:], 1)
+                ]
+                for t in others:
+                    t.start()
+                self._run(*controls[0])
+                for t in others:
+                    t.join()
             finally:
                 with self._cond:
-                    self._running.pop(turn_id, None)
+                    self._busy -= 1
+
+    def _run(self, turn_id: str, control: Control) -> None:
+        try:
+            self.engine.run_turn(turn_id, control)
+        except Exception:
+            log.exception("attempt %s: executor error", turn_id)
+        finally:
+            with self._cond:
+                self._running.pop(turn_id, None)
 
     def _sweeper(self) -> None:
         while not self._stopped.wait(SWEEP_SECONDS):
@@ -230,11 +275,14 @@ class InProcessExecutor:
                 log.exception("sweeping for orphaned attempts failed")
 
     def _sweep(self) -> None:
-        again = recover(self.engine)
+        recover(self.engine)  # what it puts back is pending now, queued below
         with self.engine.db.sessions() as s:
-            pending = s.scalars(
-                select(m.Turn.id)
+            pending = s.execute(
+                select(m.Turn.id, m.Turn.parent_id)
                 .where(m.Turn.turn_status == TurnStatus.PENDING, m.Turn.role == "assistant")
                 .order_by(m.Turn.created_at, m.Turn.attempt_placement)
             ).all()
-        self.submit([*again, *pending])
+        groups: dict[str, list[str]] = {}  # by prompt, in order: one slot each
+        for turn_id, parent in pending:
+            groups.setdefault(parent or turn_id, []).append(turn_id)
+        self._enqueue(list(groups.values()))

@@ -115,9 +115,10 @@ class Runner:
             executor = InProcessExecutor(self.engine, self.settings.concurrency)
         executor.start()
         log.info(
-            "running tasks%s: %d attempt(s) at a time in bubblewrap sandboxes; model %s via %s",
+            "running tasks%s: %d %s at a time in bubblewrap sandboxes; model %s via %s",
             " from the queue" if self.queued else "",
             executor.concurrency,
+            "attempt(s)" if self.queued else "task(s) (a best-of-N task's attempts together)",
             self.settings.model,
             self.settings.model_provider,
         )
