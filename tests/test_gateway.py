@@ -882,3 +882,34 @@ def test_a_turn_ending_response_calls_the_hook_before_its_last_bytes(
     ask()
     assert len(fired) == 2  # the standby's hook went with the hand-over
     assert not stack.gateway.continued_after_final("turn-2")
+
+
+def test_the_first_request_hook_fires_once_when_a_request_goes_through(
+    model: ScriptedModel, stacks: Callable[..., Stack]
+) -> None:
+    """``on_first_request``: once, when a request is let through (not while it is held),
+    at once when one already went through, and not carried over by a hand-over."""
+    stack = stacks(OpenAIUpstream("openai-compatible", model.url, REAL_KEY))
+    model.script = [Say("hi"), Say("again"), Say("third")]
+    standby = stack.gateway.register_attempt(".standby-1")
+    fired: list[str] = []
+    stack.gateway.on_first_request(".standby-1", lambda: fired.append("standby"))
+    assert stack.gateway.reassign(".standby-1", "turn-1", hold=True)
+    stack.gateway.on_first_request("turn-1", lambda: fired.append("turn-1"))
+    answers: list[int] = []
+
+    def ask(token: str) -> None:
+        with stack.client(token) as client:
+            answers.append(client.post("/responses", json=BODY).status_code)
+
+    asking = threading.Thread(target=ask, args=(standby,))
+    asking.start()
+    time.sleep(0.3)
+    assert fired == [] and model.requests == []  # held: not through yet
+    stack.gateway.release("turn-1")
+    asking.join(10)
+    assert answers == [200] and fired == ["turn-1"]
+    ask(standby)
+    assert fired == ["turn-1"]  # once
+    stack.gateway.on_first_request("turn-1", lambda: fired.append("late"))
+    assert fired == ["turn-1", "late"]  # registered after a request went through: at once

@@ -531,6 +531,42 @@ def test_fills_leave_the_background_when_the_last_attempt_of_their_key_ends() ->
         pool.close()
 
 
+def test_fills_leave_the_background_once_the_attempts_first_model_request_went_through() -> None:
+    """An attempt whose first model request went through (``attempt_started``: its start-up,
+    the task's start latency, is behind it) no longer keeps its key's fills in the
+    background: back to back, the next task's take waits for a fill further along. Another
+    attempt of the key still starting keeps them there; its end afterwards is a no-op."""
+    procs: list[Any] = []
+    finish = threading.Event()
+    pool: StandbyPool
+
+    def make(key: AgentKey) -> Prepared:
+        proc: Any = _Proc()
+        procs.append(proc)
+        pool.started(key, proc)
+        finish.wait(10)
+        return Prepared(dir=Path("/nonexistent"), base="b", proc=proc, owner="o")
+
+    pool = StandbyPool(size=4, max_age=60.0, make=make, drop=lambda p: None)
+    try:
+        pool.attempt_running(_key("a"), "t1")
+        pool.attempt_running(_key("a"), "t2")
+        pool.refill(_key("a"), 1)
+        deadline = time.monotonic() + 5
+        while not procs:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pool.attempt_started("t1")
+        assert not procs[0].hurried  # t2 still starts
+        pool.attempt_started("t2")
+        assert procs[0].hurried
+        pool.attempt_ended("t1")
+        pool.attempt_ended("t2")
+    finally:
+        finish.set()
+        pool.close()
+
+
 def test_a_take_does_not_wait_for_a_fill_begun_after_it() -> None:
     """A taker waits for the fills under way when it began, not for one begun later (the
     refill of an attempt that just started): else attempts arriving together would queue
@@ -591,6 +627,10 @@ def test_the_next_standby_is_prepared_while_the_attempt_runs(
         wait_standby(server, count=1, timeout=12)
         now = api.get(f"tasks/{task_id}").json()["current_assistant_turn"]
         assert now["turn_status"] == "in_progress"
+        # ... at the normal CPU weight: the attempt's first model request went through, so
+        # it no longer keeps its key's fill in the background (not waiting for its end)
+        ready = [p for ps in engine_of(server).workspaces.standby._ready.values() for p in ps]
+        assert ready and not any(p.proc._background for p in ready)
         turn = wait_for_task(api, task_id)["current_assistant_turn"]
         assert turn["turn_status"] == "completed", turn["error"]
         assert run_info(server, turn["id"])["standby"] is True

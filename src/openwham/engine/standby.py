@@ -15,8 +15,9 @@ best-of-4 tasks leaves four, not three).
 Standbys are prepared while attempts run (a refill begins once an attempt has its prompt), so
 their sandboxes start at the background CPU weight (``SandboxSpec.background``): four Codex
 start-ups of the next best-of-4 do not take the cores from the four attempts running. That
-lasts while attempts of the key run (``attempt_running``): once the last one ends
-(``attempt_ended``), or when none runs, a fill has the normal weight, so a task posted right
+lasts while attempts of the key start (``attempt_running``): once the last one's first
+model request went through (``attempt_started``) or it ended (``attempt_ended``), or when none
+runs, a fill has the normal weight, so a task posted right
 after the last one ended finds its fill at full speed. A standby being prepared is also
 *hurried* to the normal weight when an attempt waits for it (``take``), and a taken one gets
 it with its prompt (``Sandbox.send``).
@@ -215,6 +216,13 @@ class StandbyPool:
         background weight until it ends."""
         with self._lock:
             self._running[turn_id] = key
+
+    def attempt_started(self, turn_id: str) -> None:
+        """Attempt ``turn_id``'s first model request went through: its start-up (the task's
+        start latency) is behind it, so it no longer keeps its key's fills in the background;
+        see :meth:`attempt_ended`. A task posted right after this one ends then finds the
+        next standby further along (back to back, the take waits for that fill)."""
+        self.attempt_ended(turn_id)
 
     def attempt_ended(self, turn_id: str) -> None:
         """Attempt ``turn_id`` ended (also one never marked running): when it was the last of

@@ -182,8 +182,11 @@ class Workspaces:
         recent one (``StandbyPool.refill``) waits for the attempt's end, so a single attempt
         that left three of a best-of-4's standbys does not share the cores with a fourth."""
         key = self.standby_key(claim)
-        if key is not None:  # its key's fills keep to the background while it runs
+        if key is not None:  # its key's fills keep to the background while it starts
             self.standby.attempt_running(key, claim.turn_id)
+            assert self.gateway is not None
+            turn_id = claim.turn_id
+            self.gateway.on_first_request(turn_id, lambda: self.standby.attempt_started(turn_id))
         self.refill(claim, top_up=False)
 
     def ended(self, claim: Claim) -> None:

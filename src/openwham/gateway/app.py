@@ -125,6 +125,7 @@ class _Attempt:
     revoked_at: float | None = None
     held: bool = False
     on_final: Callable[[], None] | None = None
+    on_first: Callable[[], None] | None = None  # fired when a model request is let through
     final_seen: bool = False  # a response that ends the agent's turn went through
     continued: bool = False  # ... and yet another request came after it
 
@@ -233,6 +234,7 @@ class Gateway:
             record.expires_at = now + ttl
             record.held = hold
             record.on_final, record.final_seen, record.continued = None, False, False
+            record.on_first = None
             self._by_attempt[new_id] = record
         return True
 
@@ -246,6 +248,20 @@ class Gateway:
             record = self._by_attempt.get(attempt_id)
             if record is not None:
                 record.on_final = callback
+
+    def on_first_request(self, attempt_id: str, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once (on the gateway's loop: keep it quick) when one of the
+        attempt's model requests is let through to the upstream (after any hold), or now if
+        one already was: the agent's start-up is behind it then (the engine gives the next
+        standby's fill the normal CPU weight from then on)."""
+        with self._lock:
+            record = self._by_attempt.get(attempt_id)
+            if record is None:
+                return
+            if not record.usage.requests:
+                record.on_first = callback
+                return
+        callback()
 
     def continued_after_final(self, attempt_id: str) -> bool:
         """Whether the attempt sent a model request after a turn-ending response."""
@@ -358,6 +374,12 @@ class Gateway:
             record.usage = replace(usage, requests=usage.requests + 1)
             if record.final_seen:
                 record.continued = True
+            first, record.on_first = record.on_first, None
+        if first is not None:
+            try:
+                first()
+            except Exception:
+                log.exception("model gateway, attempt %s: first-request hook", record.attempt_id)
         return None
 
     # ------------------------------------------------------------------ serving
