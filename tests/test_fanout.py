@@ -113,6 +113,24 @@ def _event_reads(server: Server) -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", listen)
 
 
+def _expected_bytes(server: Server, turn_id: str, after: int = 0) -> bytes:
+    """The stream's bytes after ``after`` as the route wrote them before the fan-out."""
+    with server.app_state.db.session() as s:
+        rows = events.read(s, turn_id, after=after, limit=100_000)
+    want = b""
+    for e in rows:
+        data = {
+            "id": str(e.id),
+            "item_type": e.item_type,
+            "timestamp": e.created_at,
+            "payload": e.payload,
+            e.item_type: e.payload,
+        }
+        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        want += f"id: {e.id}\nevent: message\ndata: {text}\n\n".encode()
+    return want
+
+
 def _ids(chunks: list[bytes]) -> list[int]:
     return [int(f["id"]) for f in parse_sse(b"".join(chunks).decode()) if "id" in f]
 
@@ -331,19 +349,7 @@ def test_the_wire_format_over_http_is_unchanged(server: Server, repo: Path) -> N
     """Byte for byte what the stream sent before the fan-out, for several clients at once."""
     task_id, turn_id = _turn(server, repo)
     _write(server, task_id, turn_id, 2, end=True)
-    with server.app_state.db.session() as s:
-        rows = events.read(s, turn_id)
-    want = b""
-    for e in rows:
-        data = {
-            "id": str(e.id),
-            "item_type": e.item_type,
-            "timestamp": e.created_at,
-            "payload": e.payload,
-            e.item_type: e.payload,
-        }
-        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-        want += f"id: {e.id}\nevent: message\ndata: {text}\n\n".encode()
+    want = _expected_bytes(server, turn_id)
     thread = AppThread()
     url = thread.start(server.api.client.app)  # type: ignore[attr-defined]
     try:

@@ -12,13 +12,14 @@ import uvicorn
 
 
 class AppThread:
-    """``start(app)`` returns ``http://127.0.0.1:PORT`` once the server accepts requests."""
+    """``start(app)`` returns ``http://127.0.0.1:PORT`` once the server accepts requests;
+    ``config``: more ``uvicorn.Config`` options (``http="h11"``)."""
 
     def __init__(self) -> None:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, app: Any) -> str:
+    def start(self, app: Any, **config: Any) -> str:
         # IPPROTO_TCP spelled out: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose
         # proto says TCP, and ``socket.socket()`` has proto 0. With Nagle on, every streamed
         # event after the first waited ~40 ms for the client's delayed ACK on a kept-alive
@@ -26,7 +27,7 @@ class AppThread:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
         )

@@ -11,6 +11,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.types import Receive, Scope, Send
 
 from openwham import __version__
 from openwham.config import Settings
@@ -27,6 +28,7 @@ from openwham.wire import (
 
 from . import errors
 from .admission import AdmissionGate, Gate
+from .direct import SERVER_SEND
 from .health import HealthProbe
 from .hotpath import HotReads, details_pattern, list_paths
 from .limits import BodySizeLimit
@@ -89,6 +91,16 @@ def _one_of_as_any_of(node: Any) -> None:
             _one_of_as_any_of(value)
 
 
+class App(FastAPI):
+    """The app, handing the server's own ``send`` to the turn streams (``server/direct.py``)
+    before any middleware wraps it."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, *, db: Database | None = None) -> FastAPI:
     """Open (and migrate) the store, make sure the owner exists, and wire up the routes."""
     settings = settings or Settings()
@@ -109,7 +121,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
                 await anyio.to_thread.run_sync(runner.stop)
             await anyio.to_thread.run_sync(state.bus.close)  # after the runner's last publish
 
-    app = FastAPI(
+    app = App(
         lifespan=lifespan,
         title="openwham",
         version=__version__,

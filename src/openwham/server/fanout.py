@@ -9,7 +9,11 @@ pushes each batch to every subscriber's bounded queue. The database is read per 
 only to replay what lies before the tail (``Last-Event-ID`` older than the tail). A
 subscriber whose queue is full is dropped: its stream ends and the client reconnects with
 ``Last-Event-ID`` (the SDK and browsers' EventSource do), so a slow reader holds neither
-memory nor the loop. The bus is only ``store.events.EventBus``: a bus that carries "turn X
+memory nor the loop. A stream served by uvicorn's httptools protocol (``wham serve``) hands
+the tail a ``direct.Sink`` once it has caught up: the tail then writes each batch to that
+stream's connection itself, framed once for all streams at the same place (no task woken,
+no ASGI ``send``); the bound is then the bytes the transport holds unsent. The bus is only
+``store.events.EventBus``: a bus that carries "turn X
 has new events" between nodes (PostgreSQL NOTIFY) plugs in unchanged.
 
 Wire format, ``Last-Event-ID`` replay, event order, keep-alives, token revocation and the
@@ -23,7 +27,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +40,9 @@ from openwham.store import events
 from openwham.store import models as m
 from openwham.store.db import Database
 from openwham.store.events import Event, EventBus
+
+from . import direct
+from .direct import Sink
 
 # Read at run time (tests shorten them).
 KEEPALIVE_SECONDS = 15.0
@@ -113,7 +120,7 @@ class Batch:
     """What the tail read at once, pushed as one object to every subscriber. ``ends``: the
     stream ends after it (``extra`` is then the synthetic end frame, if any)."""
 
-    __slots__ = ("_joined", "ends", "extra", "first_id", "frames", "last_id", "size")
+    __slots__ = ("_framed", "_joined", "ends", "extra", "first_id", "frames", "last_id", "size")
 
     def __init__(self, frames: tuple[Frame, ...], *, extra: bytes = b"", ends: bool = False):
         self.frames, self.extra, self.ends = frames, extra, ends
@@ -121,6 +128,7 @@ class Batch:
         self.last_id = frames[-1].id if frames else 0
         self.size = sum(len(f.data) for f in frames) + len(extra)
         self._joined: bytes | None = None
+        self._framed: bytes | None = None
 
     def chunk(self, after: int, types: Collection[str] | None) -> bytes:
         """The bytes for a subscriber at ``after``; joined once for all unfiltered ones."""
@@ -130,15 +138,37 @@ class Batch:
             return self._joined
         return select_frames(self.frames, after, types) + self.extra
 
+    def framed(self, after: int, types: Collection[str] | None) -> bytes:
+        """``chunk`` as one chunk of HTTP/1.1's chunked coding (``b""`` when it is empty);
+        framed once for every stream that gets all of the batch."""
+        if not self.frames or (types is None and after < self.first_id):
+            if self._framed is None:
+                data = self.chunk(after, types)
+                self._framed = direct.chunk(data) if data else b""
+            return self._framed
+        data = self.chunk(after, types)
+        return direct.chunk(data) if data else b""
+
 
 KEEPALIVE = Batch((), extra=KEEPALIVE_FRAME)
 
 
 class Subscriber:
     """One stream's bounded queue of batches; ``dropped`` when it overflowed or its token
-    was revoked (the stream then ends without an end frame)."""
+    was revoked (the stream then ends without an end frame). With a ``sink`` (``go_direct``)
+    nothing is queued: ``push`` writes the batch to the stream's connection."""
 
-    __slots__ = ("closed", "dropped", "pending", "pending_bytes", "token_id", "waiter")
+    __slots__ = (
+        "closed",
+        "dropped",
+        "last",
+        "pending",
+        "pending_bytes",
+        "sink",
+        "token_id",
+        "types",
+        "waiter",
+    )
 
     def __init__(self, token_id: str | None) -> None:
         self.token_id = token_id
@@ -147,9 +177,15 @@ class Subscriber:
         self.waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.dropped = False
+        self.sink: Sink | None = None
+        self.last = 0  # with a sink: the last event id written
+        self.types: Collection[str] | None = None
 
     def push(self, batch: Batch, limits: Limits) -> bool:
-        """Queue ``batch``; False (and nothing queued) when that would overflow."""
+        """Queue ``batch`` (with a sink: write it); False (and nothing queued or written)
+        when that would overflow."""
+        if self.sink is not None:
+            return self._write(self.sink, batch, limits)
         if self.pending and (
             len(self.pending) >= limits.queue_batches
             or self.pending_bytes + batch.size > limits.queue_bytes
@@ -158,6 +194,40 @@ class Subscriber:
         self.pending.append(batch)
         self.pending_bytes += batch.size
         self._wake()
+        return True
+
+    def go_direct(
+        self, sink: Sink, last: int, types: Collection[str] | None, limits: Limits
+    ) -> bool:
+        """From now on ``push`` writes to ``sink`` (on the loop, no await: what was queued
+        is written first, in order). False: that overflowed (drop the stream)."""
+        self.sink, self.last, self.types = sink, last, types
+        batches = list(self.pending)
+        self.pending.clear()
+        self.pending_bytes = 0
+        for batch in batches:
+            if not self._write(sink, batch, limits):
+                return False
+            if batch.ends:
+                break
+        return True
+
+    def _write(self, sink: Sink, batch: Batch, limits: Limits) -> bool:
+        """The batch's bytes for this stream to its connection now; False when the client
+        is already ``limits.queue_bytes`` behind (unsent in the transport)."""
+        if sink.closing():  # the client went away: the stream's task sees the disconnect
+            self.close()
+            return True
+        data = batch.framed(self.last, self.types)
+        if data:
+            behind = sink.buffered()
+            if behind and behind + len(data) > limits.queue_bytes:
+                return False
+            sink.write(data)
+        if batch.last_id > self.last:
+            self.last = batch.last_id
+        if batch.ends:
+            self.close()
         return True
 
     def close(self, *, dropped: bool = False) -> None:
@@ -335,9 +405,13 @@ class TurnTail:
             if sub.closed:
                 continue
             if not sub.push(batch, limits):
-                self.subs.discard(sub)
-                sub.close(dropped=True)
-                self.hub.dropped += 1
+                self.drop(sub)
+
+    def drop(self, sub: Subscriber) -> None:
+        """End a stream that fell too far behind (the client resumes with Last-Event-ID)."""
+        self.subs.discard(sub)
+        sub.close(dropped=True)
+        self.hub.dropped += 1
 
     # ------------------------------------------------------------------ the reader
 
@@ -477,6 +551,7 @@ class FanOut:
         self.limits = limits or Limits()
         self.tails: dict[tuple[asyncio.AbstractEventLoop, str], TurnTail] = {}
         self.dropped = 0  # subscribers dropped for a full queue (for tests and benchmarks)
+        self.direct = 0  # streams the tails wrote to directly (``direct.Sink``), likewise
 
     def tail(self, turn_id: str) -> TurnTail:
         key = (asyncio.get_running_loop(), turn_id)
@@ -491,9 +566,12 @@ class FanOut:
         after: int,
         types: Collection[str] | None,
         token_id: str | None = None,
-    ) -> AsyncIterator[bytes]:
+        sink: Sink | None = None,
+    ) -> AsyncGenerator[bytes, None]:
         """The stream's bytes after event ``after``; with ``token_id``, it ends within
-        ``KEEPALIVE_SECONDS`` of that token being revoked or expiring."""
+        ``KEEPALIVE_SECONDS`` of that token being revoked or expiring. With ``sink``, what
+        comes once the stream caught up is written to it by the tail, not yielded: the
+        generator then waits for the stream's end (the caller sends the body's end)."""
         tail = self.tail(turn_id)
         tail.users += 1
         sub = Subscriber(token_id)
@@ -534,6 +612,11 @@ class FanOut:
                 if start.end:
                     yield start.end
                 return
+            if sink is not None:
+                self.direct += 1
+                if not sub.go_direct(sink, last, types, self.limits):
+                    tail.drop(sub)
+                    return
             while True:
                 batches = await sub.take()
                 if not batches:

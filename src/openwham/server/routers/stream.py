@@ -8,27 +8,81 @@ that gets an empty stream that ends at once. A comment line every ``fanout.KEEPA
 keeps proxies from closing a quiet stream. The stream holds no database connection while it
 waits, and does not read the database itself once it has caught up: ``server/fanout.py``
 reads each turn once for all its streams. A stream that cannot keep up is ended (the client
-resumes with ``Last-Event-ID``).
+resumes with ``Last-Event-ID``). Under ``wham serve`` (uvicorn, httptools) a stream that has
+caught up is written by its turn's tail straight to the connection (``server/direct.py``);
+elsewhere every chunk goes through ASGI ``send``.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, Callable
 from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from fastapi.security.utils import get_authorization_scheme_param
+from starlette.types import Receive, Scope, Send
 
 from openwham.service import tasks
 from openwham.service.accounts import authenticate
 from openwham.service.errors import BadRequest, Unauthorized
 from openwham.store import events
 
+from .. import direct
 from ..deps import StateDep
 from ..state import AppState
 
 router = APIRouter(tags=["tasks"])
+
+
+_BODY = "http.response.body"
+
+
+class TurnStream(Response):
+    """The stream's response: the head through ASGI ``send`` (the middleware sees it), then
+    the body: through ``send``, or, where ``direct.find`` allows, past it once caught up.
+    Ends when ``frames`` ends or the client disconnects."""
+
+    media_type = "text/event-stream; charset=utf-8"
+
+    def __init__(self, frames: Callable[[direct.Sink | None], AsyncGenerator[bytes, None]]) -> None:
+        self.status_code = 200
+        self.background = None
+        self.frames = frames
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sink = direct.find(scope)
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        if sink is not None and not sink.started():
+            sink = None
+        body = self.frames(sink)
+        error: Exception | None = None
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    nonlocal error
+                    try:
+                        async for data in body:
+                            await send({"type": _BODY, "body": data, "more_body": True})
+                        await send({"type": _BODY, "body": b"", "more_body": False})
+                    except Exception as exc:  # raised below, outside the task group
+                        error = exc
+                    finally:
+                        group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                group.cancel_scope.cancel()
+        finally:
+            await body.aclose()
+        if error is not None:
+            raise error
 
 
 def _parse_last_id(header: str | None, query: str | None) -> int:
@@ -64,7 +118,7 @@ async def stream(
     item_type: Annotated[list[str] | None, Query(description="Only these item types")] = None,
     last_event_id: Annotated[str | None, Query(description="Resume after this event id")] = None,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-) -> StreamingResponse:
+) -> TurnStream:
     """Live events of one attempt (status lines, work-log messages, logs, title)."""
     token_id = await anyio.to_thread.run_sync(_authorize, state, request, task_id, turn_id)
     after = _parse_last_id(last_event_id_header, last_event_id)
@@ -76,11 +130,8 @@ async def stream(
                 f"Unknown item_type {unknown[0]!r}: use {', '.join(events.ITEM_TYPES)}"
             )
         types = set(item_type)
-    return StreamingResponse(
-        state.fanout.frames(turn_id, after, types, token_id),
-        media_type="text/event-stream; charset=utf-8",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    fanout = state.fanout
+    return TurnStream(lambda sink: fanout.frames(turn_id, after, types, token_id, sink))
 
 
 for _method in ("GET", "POST"):
