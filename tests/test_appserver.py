@@ -7,6 +7,7 @@ the app-server at the early diff. The engine-level suites run in this mode with
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import signal
 import subprocess
@@ -19,7 +20,13 @@ from typing import Any
 
 import pytest
 
-from conftest import git
+from conftest import (
+    engine_settings,
+    git,
+    make_repo,
+    make_server,
+    wait_for_turn,
+)
 from openwham.gateway import forwarder_path
 from openwham.runtimes import appserver_driver as drv
 from openwham.runtimes.appserver import (
@@ -44,7 +51,7 @@ from openwham.runtimes.codex_cli import native_binary, pinned_version
 from openwham.sandbox import bwrap
 from openwham.sandbox.bwrap import Limits, SandboxSpec
 from openwham.wire import WorklogMessage
-from support.procs import host_pids
+from support.procs import host_pids, unique_marker
 from support.scripted_model import Patch, Say, ScriptedModel, Shell
 
 MODEL = "gpt-5.5"
@@ -274,6 +281,114 @@ def test_a_huge_command_output_stays_within_the_line_limit(
     assert len(text) <= MAX_OUTPUT_CHARS + 100 and "characters omitted" in text
 
 
+def _lines_until(proc: subprocess.Popen[bytes], found: Any, lines: list[str]) -> threading.Event:
+    """Read ``proc``'s stdout into ``lines`` in a thread; the event is set once a line
+    satisfies ``found``."""
+    seen = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines.append(raw.decode())
+            if found(lines[-1]):
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return seen
+
+
+@pytest.mark.sandbox
+def test_the_interrupt_signal_interrupts_the_turn_and_stops_its_command(
+    tmp_path: Path, model: ScriptedModel, repo: Path
+) -> None:
+    """A cancel in app-server mode: the driver's ``INTERRUPT_SIGNAL`` sends
+    ``turn/interrupt``; Codex stops the running command and ends the turn ``interrupted``
+    without asking the model again, the driver exits 1 at once, and the session has the
+    interrupted turn (a resume sees its prompt)."""
+    marker = unique_marker("interrupted")
+    model.script = [Shell(f"python3 -c 'import time; time.sleep(300)' {marker}"), Say("Never.")]
+    env = home(tmp_path, model, "home")
+    proc = driver(repo, env)
+    assert proc.stdin is not None
+    lines: list[str] = []
+    started = _lines_until(proc, lambda line: marker in line and '"item/started"' in line, lines)
+    try:
+        proc.stdin.write(b"first prompt")
+        proc.stdin.close()
+        assert started.wait(SECONDS), lines
+        deadline = time.monotonic() + 10
+        while not host_pids(marker):
+            assert time.monotonic() < deadline, "the command did not start"
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        proc.send_signal(drv.INTERRUPT_SIGNAL)
+        code = proc.wait(SECONDS)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert code == 1 and elapsed < 2.0, elapsed
+    assert host_pids(marker) == []
+    assert len(model.requests) == 1  # the model was not asked again
+    messages = [json.loads(line) for line in lines]
+    (done,) = [m for m in messages if m["method"] == "turn/completed"]
+    assert done["params"]["turn"]["status"] == TurnStatus.INTERRUPTED
+    tr = AppServerTranslator(EventTranslator(prompt="first prompt"))
+    assert proc.stderr is not None
+    outcome = translate(tr, lines, code, proc.stderr.read().decode())
+    assert outcome.status == "failed"  # the engine reports the attempt cancelled
+    thread_id = messages[0]["params"]["thread"]["id"]
+    model.script = [Say("Second answer.")]
+    code, _, err = run_driver(repo, env, "second prompt", "--resume", thread_id)
+    assert code == 0, err[-2000:]
+    assert "first prompt" in json.dumps(model.requests[-1]["input"])
+
+
+@pytest.mark.sandbox
+def test_a_cancel_interrupts_the_attempts_turn_and_tears_its_sandbox_down(
+    tmp_path: Path, sqlite_url: str, model: ScriptedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelling a task whose app-server attempt runs a command: the engine signals the
+    driver (``turn/interrupt``) instead of killing the sandbox; the turn ends, the sandbox
+    ends by itself (no kill, as the engine logs) within two seconds, its command with it,
+    and the attempt is cancelled with the work log so far."""
+    caplog.set_level(logging.INFO, logger="openwham.engine.result")
+    settings = engine_settings(model, codex_mode="app-server", standby_sandboxes=0)
+    for server in make_server(tmp_path, sqlite_url, **settings):
+        api = server.api
+        marker = unique_marker("cancelled")
+        model.script = [Shell(f"python3 -c 'import time; time.sleep(300)' {marker}"), Say("No.")]
+        env = api.create_env(make_repo(tmp_path / "calc"))
+        created = api.create_task(env["id"], "Wait")
+        task_id, turn_id = created["task"]["id"], created["turn"]["id"]
+        wait_for_turn(
+            api,
+            task_id,
+            turn_id,
+            until=lambda t: "time.sleep(300)" in (t["latest_event"] or {}).get("text", ""),
+        )
+        assert host_pids(marker)
+        t0 = time.monotonic()
+        assert api.post(f"tasks/{task_id}/cancel").status_code == 200
+        turn = wait_for_turn(
+            api,
+            task_id,
+            turn_id,
+            until=lambda t: (t["latest_event"] or {}).get("text") == "Cancelled",
+        )
+        attempt = server.app_state.settings.resolved_data_dir / "attempts" / turn_id
+        while (host_pids(marker) or attempt.exists()) and time.monotonic() - t0 < 10:
+            time.sleep(0.02)
+        elapsed = time.monotonic() - t0
+        assert not host_pids(marker) and not attempt.exists()
+        assert elapsed < 2.0, elapsed
+        turn = api.get(f"tasks/{task_id}/turns/{turn_id}").json()["turn"]  # as the engine left it
+        assert turn["turn_status"] == "cancelled" and turn["error"]["code"] == "cancelled"
+        ended = f"attempt {turn_id}, interrupted on a cancel: its agent ended the turn"
+        assert ended in caplog.messages  # not killed
+        assert len(model.requests) == 1
+        assert marker in json.dumps(turn["worklog"])  # the work log so far is kept
+
+
 # ----------------------------------------------------------------------------- the schema
 
 
@@ -314,7 +429,13 @@ def test_the_protocol_names_used_exist_in_the_pinned_codexs_schema(schema: Path)
     assert notifications >= drv.RELAYED
     assert set(drv.OPT_OUT) <= notifications
     requests = _methods(schema / "ClientRequest.json")
-    assert {"initialize", "thread/start", "thread/resume", "turn/start"} <= requests
+    assert {
+        "initialize",
+        "thread/start",
+        "thread/resume",
+        "turn/start",
+        "turn/interrupt",
+    } <= requests
     assert "initialized" in _methods(schema / "ClientNotification.json")
     server_requests = _methods(schema / "ServerRequest.json")
     answered = {
@@ -486,6 +607,42 @@ def test_the_early_diff_spares_the_drivers_app_server_but_not_the_agents_command
     assert host_pids(mark) == []
 
 
+@pytest.mark.sandbox
+def test_a_cancel_is_passed_on_to_the_agent_and_skips_the_script(tmp_path: Path) -> None:
+    """``SIGUSR2`` to the launcher (the host's cancel) reaches the agent's process, which
+    ends in its own time (the app-server driver interrupts its turn); then everything left
+    in the sandbox is killed and the ``after`` script (the diff) does not run."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    mark = unique_marker("leftover")
+    fake_driver = (
+        f'm={mark[:5]}; bash -c "while :; do : $m{mark[5:]}; sleep 0.05; done" '
+        "</dev/null >/dev/null 2>&1 &\n"
+        "trap 'sleep 0.3; echo interrupted; exit 1' USR2\n"
+        "echo started\n"
+        "sleep 30 & wait $!; echo not-interrupted"
+    )
+    spec = SandboxSpec(
+        workspace=workspace, ro_binds={forwarder_path(): SANDBOX_FORWARDER}, limits=LIMITS
+    )
+    procs: list[bwrap.SandboxProcess] = []
+
+    def on_output(stream: str, line: str) -> None:
+        if stream == "stdout" and line == "started":
+            procs[0].signal_command(signal.SIGUSR2)
+
+    argv = launcher(["/bin/bash", "-c", fake_driver], after="touch /workspace/diffed", driver=True)
+    t0 = time.monotonic()
+    procs.append(bwrap.start(spec, argv, on_output=on_output))
+    result = procs[0].wait()
+    assert time.monotonic() - t0 < 10
+    assert result.exit_code == 1 and result.killed_reason is None, result
+    assert result.stdout.splitlines() == ["started", "interrupted"]
+    assert WRITTEN_MARKER not in result.stderr.splitlines()
+    assert not (workspace / "diffed").exists()
+    assert host_pids(mark) == []
+
+
 def test_the_driver_is_bound_where_the_runtime_runs_it() -> None:
     from openwham.runtimes.appserver import CODEX_APP_SERVER
 
@@ -499,3 +656,4 @@ def test_the_driver_is_bound_where_the_runtime_runs_it() -> None:
     instructions = argv[argv.index("--developer-instructions") + 1]
     assert instructions.startswith("Be brief.") and "Ask mode" in instructions
     assert SANDBOX_DRIVER in CODEX_APP_SERVER.idle_helpers
+    assert CODEX_APP_SERVER.interrupt_signal == drv.INTERRUPT_SIGNAL  # the one it handles

@@ -19,15 +19,17 @@ from sqlalchemy import select
 
 from conftest import Server, make_repo
 from openwham.config import CodexMode, Settings
+from openwham.engine import control as control_module
 from openwham.engine import diff as diffs
 from openwham.engine import setup as setup_phase
 from openwham.engine.attempt import Control, Engine
 from openwham.gateway import Gateway
 from openwham.runtimes import codex
+from openwham.sandbox.bwrap import SandboxSpec
 from openwham.store import models as m
 from openwham.store.events import LocalEventBus
 from openwham.store.status import TurnStatus
-from support.fake_sandbox import Script, ScriptedSandboxes
+from support.fake_sandbox import Script, ScriptedSandbox, ScriptedSandboxes
 
 
 def _jsonl(*events: dict[str, Any]) -> list[str]:
@@ -151,6 +153,37 @@ def test_a_cancel_kills_the_agent_and_ends_the_attempt_cancelled(
     turn = _turn(server, task_id)
     assert turn["turn_status"] == "cancelled"
     assert turn["error"]["code"] == "cancelled"
+
+
+def test_a_cancel_interrupts_an_agent_with_an_interrupt_signal_and_kills_it_after_a_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Control.cancel`` of an agent attached with an interrupt signal (app-server mode):
+    the signal, once (later cancels leave it to the grace), and the kill only once
+    ``INTERRUPT_SECONDS`` passed with the sandbox still running; a shutdown, or an agent
+    without a signal, is killed at once."""
+    monkeypatch.setattr(control_module, "INTERRUPT_SECONDS", 0.3)
+
+    def running() -> ScriptedSandbox:
+        proc = ScriptedSandbox(SandboxSpec(workspace=tmp_path), [], Script(hang=True))
+        assert proc.send(b"prompt")
+        return proc
+
+    proc, control = running(), Control()
+    control.attach(proc, signal.SIGUSR2)
+    control.cancel()
+    control.cancel()
+    assert proc.signals == [signal.SIGUSR2] and control.interrupted
+    assert proc.poll() is None  # the agent has its grace
+    result = proc.wait(5)
+    assert result.killed_reason == "cancelled by the user"
+
+    for reason, signum in (("shutdown", signal.SIGUSR2), ("cancelled", None)):
+        proc, control = running(), Control()
+        control.attach(proc, signum)
+        control.cancel(reason)
+        result = proc.wait(0)  # killed at once
+        assert proc.signals == [] and not control.interrupted and result.killed_reason
 
 
 def test_an_attempt_without_a_model_upstream_fails_before_any_sandbox(

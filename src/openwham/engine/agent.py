@@ -86,6 +86,8 @@ class AgentRun:
     gateway: Gateway
     translator: Translator
     written_marker: str
+    #: the runtime's ``interrupt_signal``: a user's cancel interrupts the turn (``Control``)
+    interrupt_signal: int | None = None
     run: dict[str, Any] = field(init=False)  # the turn's private ``run`` part
     wake: threading.Event = field(default_factory=threading.Event, init=False)
     written: threading.Event = field(default_factory=threading.Event, init=False)
@@ -135,7 +137,7 @@ class AgentRun:
         if not self.claim.qa_mode:
             self.gateway.on_final_response(self.claim.turn_id, self.early_diff)
         self.run["standby"] = standby  # for operators: did the attempt skip the start-up?
-        self.control.attach(prepared.proc)
+        self.control.attach(prepared.proc, self.interrupt_signal)
         gate = OutputGate(sink)
         sent = prepared.proc.send(self.claim.prompt.encode("utf-8", "replace"), gate)
         if prepared.network is not None:  # its proxy events (a standby's held until now)

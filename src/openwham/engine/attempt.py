@@ -261,6 +261,7 @@ class Engine:
             self.gateway,
             self.runtime.translator(claim.prompt),
             self.runtime.written_marker,
+            self.runtime.interrupt_signal,
         )
         wake, ready = agent.wake, agent.ready
         prepared = self.workspaces.prepare(claim, rec, control, agent, attempt_dir)

@@ -1,5 +1,6 @@
 """How an attempt is stopped, bounded and how it fails: ``Control`` (an executor's handle on
-a running attempt: ``cancel`` kills its sandbox at once), ``Stopped``, ``AttemptFailed`` (the
+a running attempt: ``cancel`` kills its sandbox, or interrupts its agent's turn first),
+``Stopped``, ``AttemptFailed`` (the
 error code and message an attempt fails with) and its limits (``attempt_limits``,
 ``disk_budget``: what every sandbox of an attempt may use)."""
 
@@ -61,25 +62,46 @@ def disk_budget(settings: Settings, directory: Path) -> DiskBudget | None:
     )
 
 
+#: how long an interrupted agent may take to end its turn and exit before its sandbox is killed
+INTERRUPT_SECONDS = 3.0
+
+
 class Control:
-    """How an executor stops an attempt: ``cancel`` kills its sandbox at once."""
+    """How an executor stops an attempt: ``cancel`` kills its sandbox at once; a user's
+    cancel of an agent attached with an ``interrupt`` signal (app-server mode) sends it that
+    signal instead (the agent interrupts its turn and exits, the launcher then ends the
+    sandbox) and kills the sandbox only if it still runs :data:`INTERRUPT_SECONDS` later."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.reason: str | None = None  # "cancelled", "shutdown" or "superseded"
         self._process: Sandbox | None = None
+        self._interrupt: int | None = None
+        #: the agent was sent its interrupt signal (later cancels leave it to the grace)
+        self.interrupted = False
 
     def cancel(self, reason: str = "cancelled") -> None:
         with self._lock:
             if self.reason is None:
                 self.reason = reason
-            proc = self._process
-        if proc is not None:
-            proc.kill(_KILLED.get(reason, "server stopping"))
+            proc, signum = self._process, self._interrupt
+            gentle = reason == "cancelled" and signum is not None and proc is not None
+            if gentle and self.interrupted:
+                return  # interrupted already: the grace's kill follows if it hangs
+            self.interrupted = self.interrupted or gentle
+        if proc is None:
+            return
+        if gentle and signum is not None and proc.signal_command(signum):
+            kill = threading.Timer(INTERRUPT_SECONDS, proc.kill, args=(_KILLED["cancelled"],))
+            kill.daemon = True
+            kill.start()
+            return
+        proc.kill(_KILLED.get(reason, "server stopping"))
 
-    def attach(self, proc: Sandbox | None) -> None:
+    def attach(self, proc: Sandbox | None, interrupt: int | None = None) -> None:
+        """The attempt's sandbox from now on (``None``: none); ``interrupt``: see the class."""
         with self._lock:
-            self._process = proc
+            self._process, self._interrupt = proc, interrupt
             stopped = self.reason is not None
         if proc is not None and stopped:
             proc.kill("cancelled by the user")

@@ -69,8 +69,11 @@ class Results:
         if claim.title is not None and claim.title.usage is not None:
             run["title_usage"] = claim.title.usage  # the title request's tokens
         # the thread id: a follow-up resumes this conversation (codex.resume_argv)
-        rec.set(run={**run, "usage": dataclasses.asdict(usage), "thread_id": translator.thread_id})
         killed_reason = result.killed_reason if result is not None else None
+        if control.interrupted and result is not None:  # for operators: did it end by itself
+            how = "its agent ended the turn" if killed_reason is None else killed_reason
+            log.info("attempt %s, interrupted on a cancel: %s", claim.turn_id, how)
+        rec.set(run={**run, "usage": dataclasses.asdict(usage), "thread_id": translator.thread_id})
         outcome = translator.finish(
             result.exit_code if result is not None else None,
             killed_reason=killed_reason,

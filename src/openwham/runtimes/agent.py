@@ -68,6 +68,13 @@ class AgentRuntime(Protocol):
         """In-sandbox helpers the stall watchdog does not count."""
         ...
 
+    @property
+    def interrupt_signal(self) -> int | None:
+        """The signal that asks the agent to end its turn now (a user's cancel: the launcher
+        passes it on; the sandbox is killed if the agent has not exited within a grace), or
+        ``None``: a cancel kills the sandbox at once."""
+        ...
+
     def home_files(
         self,
         *,

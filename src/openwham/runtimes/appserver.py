@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+import signal
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -313,6 +314,8 @@ class CodexAppServerRuntime(CodexRuntime):
     """:class:`CodexRuntime` with Codex run as ``codex app-server`` through the driver."""
 
     idle_helpers: tuple[str, ...] = (codex.SANDBOX_FORWARDER, "openwham-launch", SANDBOX_DRIVER)
+    #: the driver's ``INTERRUPT_SIGNAL``: ``turn/interrupt`` on a cancel
+    interrupt_signal: int | None = signal.SIGUSR2
 
     def binds(self, *, forwarder: Path, gateway_socket: Path) -> dict[Path, str]:
         binds = super().binds(forwarder=forwarder, gateway_socket=gateway_socket)

@@ -21,6 +21,10 @@ stdin open for the turn:
 6. then closes the app-server's stdin (it writes its session files and exits), waits up to
    :data:`CLOSE_SECONDS`, kills it after that, and exits 0 for a completed turn, 1 otherwise.
 
+:data:`INTERRUPT_SIGNAL` (the launcher passes on the host's cancel) sends ``turn/interrupt``
+for the turn, at once or as soon as ``turn/start`` answered: Codex stops the agent's commands
+and ends the turn ``interrupted`` (step 6 follows, exit 1).
+
 A JSON-RPC error to one of its requests, or the app-server's stdout ending first, is
 reported on stderr as ``openwham: …`` and the driver exits non-zero.
 """
@@ -31,6 +35,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -77,7 +82,10 @@ RELAYED = frozenset(
     }
 )
 
-_INIT, _THREAD, _TURN = 1, 2, 3
+#: the signal that cancels the turn (``runtimes.appserver``'s ``interrupt_signal``)
+INTERRUPT_SIGNAL = signal.SIGUSR2
+
+_INIT, _THREAD, _TURN, _INTERRUPT = 1, 2, 3, 4
 
 
 def cap(value: Any) -> Any:
@@ -128,7 +136,10 @@ class Driver:
         self.proc = proc
         self.answers: dict[int, dict[str, Any]] = {}
         self.completed: dict[str, str] = {}  # turn id -> status
+        self.thread_id: str | None = None
+        self.turn_id: str | None = None  # once turn/start answered
         self.ended = False
+        self.interrupting = threading.Event()  # set by INTERRUPT_SIGNAL's handler
         self.cond = threading.Condition()
         self.out_lock = threading.Lock()  # our stdout
         self.in_lock = threading.Lock()  # the app-server's stdin
@@ -173,6 +184,8 @@ class Driver:
                 )
             with self.cond:
                 self.answers[int(message["id"])] = message
+                if message["id"] == _TURN and isinstance(message.get("result"), dict):
+                    self.turn_id = str((message["result"].get("turn") or {}).get("id"))
                 self.cond.notify_all()
             return
         if not isinstance(method, str):
@@ -216,6 +229,20 @@ class Driver:
             self.cond.wait_for(lambda: turn_id in self.completed or self.ended)
             return self.completed.get(turn_id)
 
+    def interrupt_when_asked(self) -> None:
+        """Once :attr:`interrupting` is set, ``turn/interrupt`` the turn as soon as it has an
+        id (not if it completed or the app-server ended first); runs in a thread of its own,
+        as the signal handler may not write (it may interrupt a write holding the lock)."""
+        self.interrupting.wait()
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn_id is not None or self.ended)
+            turn_id = self.turn_id
+            if turn_id is None or turn_id in self.completed:
+                return
+        params = {"threadId": self.thread_id, "turnId": turn_id}
+        with contextlib.suppress(OSError):  # the app-server is gone: the turn ends anyway
+            self.send({"id": _INTERRUPT, "method": "turn/interrupt", "params": params})
+
     def close(self) -> int:
         """Close the app-server's stdin and wait for it (bounded); its exit status."""
         try:
@@ -251,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     driver = Driver(proc)
     threading.Thread(target=driver.read, daemon=True).start()
+    threading.Thread(target=driver.interrupt_when_asked, daemon=True).start()
+    signal.signal(INTERRUPT_SIGNAL, lambda *_: driver.interrupting.set())
     status: str | None = None
     try:
         driver.call(
@@ -280,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             thread = driver.call(_THREAD, "thread/resume", params)
         else:
             thread = driver.call(_THREAD, "thread/start", params)
-        thread_id = str((thread.get("thread") or {}).get("id"))
+        thread_id = driver.thread_id = str((thread.get("thread") or {}).get("id"))
         if args.ready_marker:  # the sandbox is a standby from now on (runtime.ready_marker)
             print(args.ready_marker, file=sys.stderr, flush=True)
         prompt = sys.stdin.buffer.read().decode("utf-8", "replace")

@@ -350,6 +350,7 @@ set -u
 python=$1 forwarder=$2 listen=$3 socket=$4 timeout=$5 after=$6 egress_listen=$7 egress=$8
 driver=$9
 shift 9
+trap '' USR2  # a cancel before the agent runs: the host kills the sandbox after its grace
 log=/tmp/.openwham-forwarder.log
 exec 3< <(exec "$python" -I "$forwarder" --listen "$listen" --unix "$socket" </dev/null 2>"$log")
 fwd_pid=$!
@@ -369,16 +370,32 @@ if [ -n "$egress" ]; then
   exec 3<&-
 fi
 [ -n "$driver" ] || echo "@READY@" >&2  # a driver says it once Codex waits for its prompt
-if [ -z "$after" ]; then exec "$@"; fi
-early=0
+if [ -z "$after" ]; then trap - USR2; exec "$@"; fi
+early=0 cancel=0
 trap 'early=1' USR1
 # In the background, bash would give Codex (and every command it runs) /dev/null as stdin
 # and SIGINT/SIGQUIT ignored: both put back.
-( trap - INT QUIT; exec "$@" ) <&0 &
+( trap - INT QUIT USR2; exec "$@" ) <&0 &
 codex=$!
-[ "$early" = 1 ] || wait "$codex"
-status=$?
+# USR2, the host's cancel: passed on to Codex (the app-server driver interrupts its turn);
+# once it has exited the sandbox ends without running the script
+trap 'cancel=1; kill -USR2 "$codex" 2>/dev/null' USR2
+reap() {  # wait for Codex to exit (a trap's signal ends a wait early); $1: or for USR1
+  while :; do
+    wait "$codex"
+    status=$?
+    if [ -n "${1:-}" ] && [ "$early" = 1 ]; then return; fi
+    kill -0 "$codex" 2>/dev/null || return
+  done
+}
+status=0
+[ "$early" = 1 ] || reap early
 trap '' USR1
+if [ "$cancel" = 1 ]; then
+  ! kill -0 "$codex" 2>/dev/null || reap
+  kill -KILL -1 2>/dev/null
+  exit "$status"
+fi
 if [ "$early" = 1 ]; then
   # The host saw the agent's last model response (or turn.completed): Codex runs no more
   # tools, only closes down (its session files). Kill everything else but the forwarder
@@ -407,11 +424,11 @@ if [ "$early" = 1 ]; then
   if [ "$left" = 0 ]; then
     (exec -c /bin/bash -c "$after" openwham-after) </dev/null >/dev/null 2>&1
     echo "@WRITTEN@" >&2
-    wait "$codex"
-    exit $?
+    reap
+    exit "$status"
   fi
-  wait "$codex"
-  status=$?
+  reap
+  if [ "$cancel" = 1 ]; then kill -KILL -1 2>/dev/null; exit "$status"; fi
 fi
 kill -KILL -1 2>/dev/null  # every process left in the sandbox but this shell (and init)
 (exec -c /bin/bash -c "$after" openwham-after) </dev/null >/dev/null 2>&1
@@ -456,7 +473,9 @@ def launcher(
     every process but Codex and the forwarder is killed and the script runs while Codex
     finishes its turn, writes its session files and exits (~40 ms saved per attempt).
     Either way the launcher prints :data:`WRITTEN_MARKER` on stderr when the script has
-    ended.
+    ended. A ``SIGUSR2`` (the host's cancel, for a runtime with an ``interrupt_signal``) is
+    passed on to Codex's process; once that has exited, everything left is killed and the
+    script does not run.
 
     ``egress``: the egress socket in the sandbox when the agent may go out; a second
     forwarder (``127.0.0.1:egress_port`` → that socket) is started the same way before
@@ -1138,6 +1157,7 @@ class CodexRuntime:
     egress_listen: str = f"127.0.0.1:{EGRESS_PORT}"
     # the gateway forwarder, and the launcher that only waits for Codex
     idle_helpers: tuple[str, ...] = (SANDBOX_FORWARDER, "openwham-launch")
+    interrupt_signal: int | None = None  # exec mode: a cancel kills the sandbox
 
     def home_files(
         self,
