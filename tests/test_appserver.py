@@ -25,6 +25,7 @@ from conftest import (
     git,
     make_repo,
     make_server,
+    wait_for_task,
     wait_for_turn,
 )
 from openwham.gateway import forwarder_path
@@ -32,6 +33,7 @@ from openwham.runtimes import appserver_driver as drv
 from openwham.runtimes.appserver import (
     SANDBOX_DRIVER,
     AppServerTranslator,
+    CodexAppServerRuntime,
     ExecEvents,
     TurnStatus,
     driver_path,
@@ -52,7 +54,8 @@ from openwham.sandbox import bwrap
 from openwham.sandbox.bwrap import Limits, SandboxSpec
 from openwham.wire import WorklogMessage
 from support.procs import host_pids, unique_marker
-from support.scripted_model import Patch, Say, ScriptedModel, Shell
+from support.scripted_model import CallTool, Patch, Say, ScriptedModel, SearchTools, Shell
+from test_standby import engine_of, run_info
 
 MODEL = "gpt-5.5"
 SECONDS = 90  # bound of every host run of Codex
@@ -387,6 +390,108 @@ def test_a_cancel_interrupts_the_attempts_turn_and_tears_its_sandbox_down(
         assert ended in caplog.messages  # not killed
         assert len(model.requests) == 1
         assert marker in json.dumps(turn["worklog"])  # the work log so far is kept
+
+
+ASKER = """\
+from pydantic import BaseModel
+from mcp.server.fastmcp import Context, FastMCP
+
+app = FastMCP("asker")
+
+
+class Name(BaseModel):
+    name: str
+
+
+@app.tool()
+async def ask(ctx: Context) -> str:
+    \"\"\"Ask the user for a name.\"\"\"
+    result = await ctx.elicit("What is your name?", Name)
+    return f"elicitation answered: {result.action}"
+
+
+if __name__ == "__main__":
+    app.run()
+"""
+
+
+@pytest.mark.sandbox
+def test_an_mcp_elicitation_during_a_turn_is_declined_and_the_turn_goes_on(
+    tmp_path: Path, model: ScriptedModel, repo: Path
+) -> None:
+    """An MCP server's tool asks the user (``elicitation/create``) in the middle of a turn:
+    the tool gets ``decline`` at once and the turn continues to the model's answer. At
+    0.169.0 with ``approvalPolicy: never`` Codex declines it itself (no
+    ``mcpServer/elicitation/request`` reached the driver); should a later Codex pass it on,
+    the driver declines it (``answer_request``, checked against the schema above)."""
+    server = tmp_path / "asker.py"
+    server.write_text(ASKER)
+    asker = {"command": sys.executable, "args": [str(server)], "startup_timeout_sec": 60}
+    env = home(tmp_path, model, "home", mcp_servers={"asker": {**asker, "required": True}})
+    model.script = [
+        SearchTools("ask asker name"),
+        CallTool("ask", {}, namespace="mcp__asker"),
+        Say("Went on without a name."),
+    ]
+    code, lines, err = run_driver(repo, env, "Ask for my name.")
+    assert code == 0, err[-2000:]
+    outputs = [
+        item for item in model.requests[-1]["input"] if item.get("type") == "function_call_output"
+    ]
+    assert "elicitation answered: decline" in json.dumps(outputs)
+    tr = AppServerTranslator(EventTranslator(prompt="Ask for my name."))
+    outcome = translate(tr, lines, code, err)
+    assert outcome.status == "completed" and outcome.final_message == "Went on without a name."
+    assert "elicitation answered: decline" in tr.inner.worklog.model_dump_json()
+
+
+@pytest.mark.sandbox
+def test_a_config_error_at_a_standbys_start_is_not_retried_and_names_the_key(
+    tmp_path: Path,
+    sqlite_url: str,
+    model: ScriptedModel,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Codex config that ``--strict-config`` refuses: each standby fill fails once (the
+    driver exits before its ready marker) and is logged with Codex's message; nothing
+    retries it (no fill loop), and every attempt starts cold and fails with the message."""
+    files = CodexAppServerRuntime.home_files
+
+    def broken(self: CodexAppServerRuntime, **settings: Any) -> dict[str, str]:
+        out = files(self, **settings)
+        out["config.toml"] = "no_such_setting_here = 1\n" + out["config.toml"]
+        return out
+
+    monkeypatch.setattr(CodexAppServerRuntime, "home_files", broken)
+    caplog.set_level(logging.INFO, logger="openwham.engine.standby")
+    settings = engine_settings(model, codex_mode="app-server", standby_sandboxes=1)
+    for server in make_server(tmp_path, sqlite_url, **settings):
+        api = server.api
+        env = api.create_env(make_repo(tmp_path / "calc"))
+        for prompt in ("first", "second"):
+            created = api.create_task(env["id"], prompt)
+            turn = wait_for_task(api, created["task"]["id"])["current_assistant_turn"]
+            assert turn["turn_status"] == "failed"
+            assert "no_such_setting_here" in turn["error"]["message"], turn["error"]
+            assert run_info(server, turn["id"])["standby"] is False
+        pool = engine_of(server).standby
+        deadline = time.monotonic() + SECONDS
+        while pool.busy:
+            assert time.monotonic() < deadline, "a standby fill never ended"
+            time.sleep(0.05)
+
+        def failed() -> list[str]:
+            return [
+                r.getMessage() for r in caplog.records if "no standby sandbox" in r.getMessage()
+            ]
+
+        fills = failed()
+        assert 1 <= len(fills) <= 4  # at most a fill at each attempt's start and end
+        assert all("no_such_setting_here" in text for text in fills), fills
+        time.sleep(3)
+        assert failed() == fills and not pool.busy and len(pool) == 0  # not retried
+        assert model.requests == []
 
 
 # ----------------------------------------------------------------------------- the schema
