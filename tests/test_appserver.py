@@ -55,6 +55,7 @@ from openwham.sandbox.bwrap import Limits, SandboxSpec
 from openwham.wire import WorklogMessage
 from support.procs import host_pids, unique_marker
 from support.scripted_model import CallTool, Patch, Say, ScriptedModel, SearchTools, Shell
+from test_engine import sleeping_attempt
 from test_standby import engine_of, run_info
 
 MODEL = "gpt-5.5"
@@ -359,17 +360,7 @@ def test_a_cancel_interrupts_the_attempts_turn_and_tears_its_sandbox_down(
     for server in make_server(tmp_path, sqlite_url, **settings):
         api = server.api
         marker = unique_marker("cancelled")
-        model.script = [Shell(f"python3 -c 'import time; time.sleep(300)' {marker}"), Say("No.")]
-        env = api.create_env(make_repo(tmp_path / "calc"))
-        created = api.create_task(env["id"], "Wait")
-        task_id, turn_id = created["task"]["id"], created["turn"]["id"]
-        wait_for_turn(
-            api,
-            task_id,
-            turn_id,
-            until=lambda t: "time.sleep(300)" in (t["latest_event"] or {}).get("text", ""),
-        )
-        assert host_pids(marker)
+        task_id, turn_id = sleeping_attempt(api, model, make_repo(tmp_path / "calc"), marker)
         t0 = time.monotonic()
         assert api.post(f"tasks/{task_id}/cancel").status_code == 200
         turn = wait_for_turn(

@@ -625,15 +625,13 @@ def test_a_server_without_bubblewrap_refuses_tasks(
 # =========================================================================== cancel
 
 
-def test_cancel_stops_a_running_attempt_within_two_seconds(
-    engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
-) -> None:
-    api = engine_server.api
-    marker = f"marker-{time.time_ns()}"
-    sleeper = f"python3 -c 'import time; time.sleep(300)' {marker}"
-    scripted_model.script = [Shell("echo started"), Shell(sleeper)]
-    scripted_model.title_delay = 60.0  # the model's title is still to come at the cancel
-    env = api.create_env(calc_repo)
+def sleeping_attempt(
+    api: Api, model: ScriptedModel, repo: Path, marker: str, *before: Any
+) -> tuple[str, str]:
+    """A task whose agent runs ``before``'s steps, then a 300 s command carrying ``marker``;
+    returns (task id, attempt id) once the command runs."""
+    model.script = [*before, Shell(f"python3 -c 'import time; time.sleep(300)' {marker}")]
+    env = api.create_env(repo)
     created = api.create_task(env["id"], "Wait")
     task_id, turn_id = created["task"]["id"], created["turn"]["id"]
     wait_for_turn(
@@ -643,6 +641,18 @@ def test_cancel_stops_a_running_attempt_within_two_seconds(
         until=lambda t: "time.sleep(300)" in (t["latest_event"] or {}).get("text", ""),
     )
     assert host_pids(marker)
+    return task_id, turn_id
+
+
+def test_cancel_stops_a_running_attempt_within_two_seconds(
+    engine_server: Server, scripted_model: ScriptedModel, calc_repo: Path
+) -> None:
+    api = engine_server.api
+    marker = f"marker-{time.time_ns()}"
+    scripted_model.title_delay = 60.0  # the model's title is still to come at the cancel
+    task_id, turn_id = sleeping_attempt(
+        api, scripted_model, calc_repo, marker, Shell("echo started")
+    )
 
     started = time.monotonic()
     assert api.post(f"tasks/{task_id}/cancel").status_code == 200
