@@ -56,7 +56,7 @@ class Recording:
 
 def _deps(server: Server, executor: Recording) -> Deps:
     state = server.app_state
-    return Deps(state.settings, state.bus, state.artifacts, state.locks, executor)
+    return Deps(state.settings, state.bus, state.artifacts, state.locks, executor, state.db.writes)
 
 
 def _body(env_id: str, n: int = 1) -> dict[str, object]:

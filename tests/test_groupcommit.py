@@ -302,6 +302,25 @@ def test_a_group_commit_alone_commits_at_once(db: Database) -> None:
     assert _rows(db) == ["alone"]
 
 
+def test_a_write_handed_over_first_commits_what_its_caller_wrote(db: Database) -> None:
+    """``run_in``: a caller's session that wrote already (SQLite's lock held by it) is
+    committed before the writer runs the job, which would otherwise wait for that lock
+    until the busy timeout; the job runs on the writer thread."""
+    ran: list[str] = []
+
+    def job(s: Session) -> str:
+        ran.append(threading.current_thread().name)
+        return _insert("handed")(s)
+
+    with db.session() as s:
+        s.execute(text("INSERT INTO writes (who) VALUES ('caller')"))
+        started = time.monotonic()
+        assert db.writes.run_in(s, job) == "handed"
+        assert time.monotonic() - started < 2
+    assert ran == ["wham-sqlite-writer"]
+    assert _rows(db) == ["caller", "handed"]
+
+
 def test_title_writes_share_the_batch_and_a_refused_one_is_undone_alone(db: Database) -> None:
     """Titles are written in the group commit with the attempts' lines: a batch holds a title
     accepted, a title refused (its run no longer holds the attempt: the title's update is

@@ -320,14 +320,16 @@ def test_a_write_that_cannot_get_sqlites_lock_is_answered_503_and_changes_nothin
         serving.close()
 
 
-def test_post_tasks_renders_its_response_after_its_commit(
+def test_post_tasks_writes_on_the_writer_thread_and_renders_after_its_commit(
     tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``POST tasks`` holds SQLite's write lock only for the rate limit's check and its
-    writes: the branch check (git on the mirror, else the remote, with the account's git
-    credential) and the environment's task count come before the first write, the rate
-    limit's read for the response and its rendering after the commit (32 tasks posted at once
-    held the lock ~190 ms each, 5.8 s of a 16 s round, and the attempts' claims waited)."""
+    writes, and only on the database's writer thread (``store.groupcommit``): the branch
+    check (git on the mirror, else the remote, with the account's git credential) and the
+    environment's task count come before, in the request's thread without the lock; the
+    rate limit's read for the response and its rendering after the commit. (32 tasks posted
+    at once held the lock ~190 ms each, then 64 to 82 ms each in request threads, outside the
+    writer's batches, and the attempts' claims and events waited.)"""
     from sqlalchemy import event
 
     from openwham.service import tasks as service_tasks
@@ -348,14 +350,17 @@ def test_post_tasks_renders_its_response_after_its_commit(
     try:
         assert held == [False]  # the fixture's own task
         held.clear()
-        statements: list[tuple[bool, str]] = []
+        statements: list[tuple[bool, str, str]] = []
 
         def seen(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
-            statements.append((lock._held, statement))
+            statements.append((lock._held, threading.current_thread().name, statement))
 
-        event.listen(srv.state.db.request_engine, "before_cursor_execute", seen)
+        db = srv.state.db
+        for engine in (db.request_engine, db.engine):
+            event.listen(engine, "before_cursor_execute", seen)
         headers = {"Authorization": f"Bearer {srv.token}"}
         task = httpx.get(f"{srv.url}{PREFIX}/tasks/{srv.task_id}", headers=headers, timeout=10)
+        statements.clear()
         r = httpx.post(
             f"{srv.url}{PREFIX}/tasks",
             json=_task_body(task.json()["task"]["environment_id"], "x"),
@@ -365,25 +370,30 @@ def test_post_tasks_renders_its_response_after_its_commit(
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["task"]["id"] and body["turn"]["turn_status"] == "pending"
+        assert body["turn"]["id"] == body["task"]["current_turn_id"]
         assert body["rate_limit"] is not None
         assert held and not any(held)
-        # held from the account's lock (usage.check) on: its two usage counts, then writes
-        # only (no git credential's read for the branch check, no environment's task count)
-        writing = [sql for lock_held, sql in statements if lock_held]
-        assert writing[0].startswith("SELECT count(*)") and "usage_events" in writing[0]
-        assert writing[1].startswith("SELECT count(*)") and "usage_events" in writing[1]
-        assert [sql.split(None, 1)[0] for sql in writing[2:]] == [
+        writer = [(lock_held, sql) for lock_held, name, sql in statements if name == WRITER]
+        others = [sql for lock_held, name, sql in statements if name != WRITER]
+        assert not any(lock_held for lock_held, name, _ in statements if name != WRITER)
+        assert not any(sql.split(None, 1)[0] in ("INSERT", "UPDATE") for sql in others)
+        # on the writer: the account's lock (usage.check: the lock taken as it runs), its two
+        # usage counts, then writes only
+        assert [sql.split(None, 1)[0] for _, sql in writer[1:]] == [
+            "SELECT",  # the usage windows
+            "SELECT",
             "INSERT",  # the task
-            "UPDATE",  # the environment's last use
-            "UPDATE",  # the task's current turns
             "INSERT",  # the user turn and the attempt
+            "UPDATE",  # the environment's last use
             "INSERT",  # the usage event
-        ], writing
+        ], writer
+        assert writer[0][1].startswith("UPDATE accounts") and all(h for h, _ in writer[1:])
+        assert "usage_events" in writer[1][1] and "usage_events" in writer[2][1]
     finally:
         serving.close()
 
 
-# --------------------------------------------------------------------------- request cost
+WRITER = "wham-sqlite-writer"
 
 
 def test_task_details_and_lists_cost_one_statement(tmp_path: Path, sqlite_url: str) -> None:

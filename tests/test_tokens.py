@@ -414,14 +414,20 @@ def test_web_revoking_the_session_token_signs_out(server: Server) -> None:
     assert client.get("/settings/tokens", follow_redirects=False).status_code == 303
 
 
-def test_touch_writes_once_per_interval(server: Server) -> None:
-    """The throttle is in the UPDATE itself: a second node that read the row before the first
-    node's write does not write again."""
+def _unused_token(server: Server) -> str:
+    """A new token of the owner's, never used: its id."""
     state = server.app_state
     with state.db.session() as s:
         account, user = ensure_owner(s)
         row, _ = create_api_token(s, state.signing_key, user, account, ttl_seconds=3600)
-        token_id = row.id
+        return row.id
+
+
+def test_touch_writes_once_per_interval(server: Server) -> None:
+    """The throttle is in the UPDATE itself: a second node that read the row before the first
+    node's write does not write again."""
+    state = server.app_state
+    token_id = _unused_token(server)
     now = time.time()
     with state.db.sessions() as first, state.db.sessions() as second:
         a = first.get(m.ApiToken, token_id)
@@ -429,6 +435,25 @@ def test_touch_writes_once_per_interval(server: Server) -> None:
         assert a is not None and b is not None
         api_tokens.touch(first, a, now)
         api_tokens.touch(second, b, now + 1)  # stale copy: still thinks it was never used
+    assert token_row(server, token_id).last_used_at == now
+
+
+def test_a_touched_row_leaves_nothing_to_write(server: Server) -> None:
+    """The use ``touch`` committed shows in the row as committed, not as a change: the
+    session's next query wrote it again (on SQLite a write transaction, holding the
+    database's write lock to the end of the request, which ``POST tasks``' write on the
+    writer thread then waited for until the busy timeout)."""
+    state = server.app_state
+    token_id = _unused_token(server)
+    now = time.time()
+    with state.db.sessions() as s:
+        found = s.get(m.ApiToken, token_id)
+        assert found is not None and found.last_used_at is None
+        api_tokens.touch(s, found, now)
+        assert found.last_used_at == now
+        assert not s.dirty
+        s.flush()
+        assert not s.connection().connection.dbapi_connection.in_transaction  # type: ignore[union-attr]
     assert token_row(server, token_id).last_used_at == now
 
 

@@ -14,7 +14,7 @@ from openwham.wire import GitHubBranchPage
 
 
 def lookup(settings: Settings, db: Session, account_id: str) -> BranchLookup:
-    """Whether a branch exists, for ``service.tasks.create``'s check before writing (with
+    """Whether a branch exists, for ``service.tasks.prepare``'s check before writing (with
     the account's git credential for the repository)."""
 
     def exists(repo_key: str, url: str, branch: str) -> bool:

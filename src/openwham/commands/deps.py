@@ -14,6 +14,7 @@ from openwham.locks import Locks
 from openwham.store.artifacts import ArtifactStore
 from openwham.store.db import Database
 from openwham.store.events import EventBus
+from openwham.store.groupcommit import GroupCommit
 
 __all__ = ["Deps", "ExecutorHandle", "Runner", "open_runner"]
 
@@ -51,6 +52,9 @@ class Deps:
     locks: Locks
     #: ``None`` when nothing runs attempts in this process (tests, ``WHAM_EXECUTOR=none``)
     executor: ExecutorHandle | None = None
+    #: the database's writes (``Database.writes``): on SQLite ``POST tasks`` writes through
+    #: its writer thread; ``None``: in the request's own session
+    writes: GroupCommit | None = None
 
 
 def open_runner(settings: Settings, db: Database, bus: EventBus) -> Runner:

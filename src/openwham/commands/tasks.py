@@ -3,6 +3,7 @@ delete-with-files, recover and fork."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -14,7 +15,7 @@ from openwham.service import lifecycle
 from openwham.service import tasks as service
 from openwham.service.accounts import Principal
 from openwham.service.errors import Unavailable
-from openwham.service.tasks import Created
+from openwham.service.tasks import Created, Written
 from openwham.store import models as m
 
 from . import branches
@@ -40,17 +41,34 @@ def _submit(db: Session, deps: Deps, turn_ids: list[str]) -> None:
 
 def create(db: Session, deps: Deps, principal: Principal, body: Any) -> Created:
     """``POST tasks``: a new task (best-of-N included) or a follow-up, committed with its
-    attempts handed to the executor."""
+    attempts handed to the executor. Read and checked in ``db`` first; the write (rate
+    limit, rows, the executor's ``enqueue``) is one job of ``deps.writes`` (on SQLite the
+    writer thread), else in ``db``'s transaction."""
     _can_run(deps)
-    created = service.create(
+    creation = service.prepare(
         db,
         deps.settings,
         principal,
         body,
         branch_lookup=branches.lookup(deps.settings, db, principal.account_id),
     )
-    _submit(db, deps, created.attempt_ids)
-    return created
+
+    def write(s: Session) -> Written:
+        written = creation.write(s)
+        if deps.executor is not None:
+            deps.executor.enqueue(s, written.attempt_ids)
+        return written
+
+    written = deps.writes.run_in(db, write) if deps.writes is not None else _here(db, write)
+    if deps.executor is not None:
+        deps.executor.submit(written.attempt_ids)
+    return service.created(db, creation, written)
+
+
+def _here(db: Session, write: Callable[[Session], Written]) -> Written:
+    written = write(db)
+    db.commit()
+    return written
 
 
 def _stop(deps: Deps, turn_ids: list[str]) -> None:

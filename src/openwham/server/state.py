@@ -68,6 +68,7 @@ class AppState:
             artifacts=self.artifacts,
             locks=self.locks,
             executor=self.runner,
+            writes=self.db.writes,
         )
 
     @classmethod

@@ -265,18 +265,19 @@ def _snapshot(db: Session, env: m.Environment, *, new_tasks: int) -> Environment
 
 
 def _new_turns(
-    db: Session,
+    s: Session,
     task: m.Task,
-    env: m.Environment,
+    env_id: str,
     parsed: ParsedInput,
     options: RunOptions,
     previous_turn_id: str | None,
     n: int,
     snapshot: Environment,
+    now: float,
 ) -> tuple[m.Turn, list[m.Turn]]:
-    """The user turn and ``n`` attempts; ``snapshot``: the environment as the attempts
-    record it (read and rendered by the caller before its first write)."""
-    now = time.time()
+    """The user turn and ``n`` attempts, added to ``s`` (the task's current turns set, the
+    environment's last use written); ``snapshot``: the environment as the attempts record
+    it (read and rendered before the write)."""
     user = m.Turn(
         id=ids.new_user_turn_id(task.id),
         task_id=task.id,
@@ -289,7 +290,8 @@ def _new_turns(
         created_at=now,
         updated_at=now,
     )
-    db.add(user)
+    s.add(user)
+    environment = snapshot.model_dump(mode="json")
     attempts = []
     for placement in range(n):
         turn = turnstate.new_attempt(
@@ -308,8 +310,8 @@ def _new_turns(
                 "pull_request_status": "not_created",
                 "pull_request_data": None,
                 "internal_only_rollouts": None,
-                "environment_id": env.id,
-                "environment": snapshot.model_dump(mode="json"),
+                "environment_id": env_id,
+                "environment": environment,
                 "branch": task.branch,
                 "base_commit_sha": None,
                 "logs": None,
@@ -324,13 +326,17 @@ def _new_turns(
             created_at=now,
             updated_at=now,
         )
-        db.add(turn)
+        s.add(turn)
         attempts.append(turn)
     task.current_user_turn_id = user.id
     task.current_turn_id = attempts[0].id
     task.updated_at = now
-    env.last_used_at = now
-    db.flush()
+    s.execute(
+        update(m.Environment)
+        .where(m.Environment.id == env_id)
+        .values(last_used_at=now)
+        .execution_options(synchronize_session=False)
+    )
     return user, attempts
 
 
@@ -361,12 +367,90 @@ def _check_branch(lookup: BranchLookup | None, env_body: dict[str, Any], branch:
 
 
 @dataclass
+class Written:
+    """The rows a create wrote (loaded; after the commit detached, or in the caller's
+    session)."""
+
+    task: m.Task
+    user: m.Turn
+    attempts: list[m.Turn]
+
+    @property
+    def attempt_ids(self) -> list[str]:
+        return [t.id for t in self.attempts]
+
+
+@dataclass
+class Creation:
+    """``POST tasks`` read and checked, nothing written yet (:func:`prepare`): ``write`` then
+    writes the task (or the follow-up), its turns and usage in one transaction. On SQLite
+    that is a job of the database's one writer thread (``store.groupcommit``), sharing its
+    transaction with other writes: the write lock is held for the rate limit's check and
+    the inserts only, never through a request thread's reads, git or rendering."""
+
+    settings: Settings
+    principal: Principal
+    parsed: ParsedInput
+    options: RunOptions
+    n: int
+    env_id: str
+    env_label: str
+    snapshot: Environment
+    #: a new task on this branch, else a follow-up of ``task_id`` after ``previous_id``
+    branch: str | None = None
+    task_id: str | None = None
+    previous_id: str | None = None
+
+    def write(self, s: Session) -> Written:
+        """The writes, in ``s``'s transaction (flushed, not committed): 429 when the rate
+        limit would be exceeded (the account locked first: concurrent creators of one
+        account count in turn), 404/409 when a follow-up's task went meanwhile."""
+        usage.check(s, self.settings, self.principal, self.n)
+        now = time.time()
+        if self.task_id is None:
+            task = m.Task(
+                id=ids.new_task_id(),
+                account_id=self.principal.account_id,
+                user_id=self.principal.user_id,
+                environment_id=self.env_id,
+                title=_title(self.parsed.prompt),
+                has_generated_title=False,
+                archived=False,
+                has_unread_turn=False,
+                branch=self.branch,
+                num_follow_ups=0,
+                body={"environment_label": self.env_label, "external_pull_requests": []},
+                created_at=now,
+                updated_at=now,
+            )
+            s.add(task)
+        else:
+            task = get_task_row(s, self.principal, self.task_id)
+            if task.environment_id != self.env_id:
+                raise Conflict("The environment of this task was deleted")
+            task.num_follow_ups += 1
+        user, attempts = _new_turns(
+            s,
+            task,
+            self.env_id,
+            self.parsed,
+            self.options,
+            self.previous_id,
+            self.n,
+            self.snapshot,
+            now,
+        )
+        usage.record(s, self.principal, task.id, [t.id for t in attempts])
+        s.flush()
+        return Written(task, user, attempts)
+
+
+@dataclass
 class Created:
     """The task ``POST tasks`` created (or continued), the attempts it queued, and its
-    response, rendered on first use: after the caller's commit, so that the write
-    transaction (on SQLite the database's one write lock, which 32 tasks posted at once
-    held in turn for ~190 ms each) does not last through the rate limit's read and the
-    rendering."""
+    response, rendered on first use: after the commit, so that the write transaction (on
+    SQLite the database's one write lock, which 32 tasks posted at once held in turn for
+    ~190 ms each) does not last through the rate limit's read and the rendering."""
 
     task_id: str
     attempt_ids: list[str]
@@ -380,16 +464,17 @@ class Created:
         return self._response
 
 
-def create(
+def prepare(
     db: Session,
     settings: Settings,
     principal: Principal,
     raw: Any,
     *,
     branch_lookup: BranchLookup | None = None,
-) -> Created:
-    """``POST tasks``: validate everything first (with ``branch_lookup``: that the branch
-    exists), then write task, turns and usage at once."""
+) -> Creation:
+    """``POST tasks`` before its write: validate everything (4xx), with ``branch_lookup``
+    that the branch exists (git on the mirror, else the remote), and read what the attempts
+    record; nothing is written (``Creation.write`` does, then :func:`created`)."""
     req = parse_create_request(raw)
     parsed = parse_input_items(raw["input_items"], req.input_items)
     n = _best_of_n(raw)
@@ -409,60 +494,52 @@ def create(
             branch = info.get("default_branch") or "main"
         validate_branch_name(branch)
         options = _run_options(settings, spec)
-        # what may take long comes before usage.check, whose lock of the account is the
-        # first write (on SQLite the database's write lock, held to the commit): the branch
-        # check (git on the mirror, else the remote) and the environment as the attempts
-        # record it, with this new task counted
         _check_branch(branch_lookup, env.body, branch)
-        snapshot = _snapshot(db, env, new_tasks=1)
-        usage.check(db, settings, principal, n)
-        now = time.time()
-        task = m.Task(
-            id=ids.new_task_id(),
-            account_id=principal.account_id,
-            user_id=principal.user_id,
-            environment_id=env.id,
-            title=_title(parsed.prompt),
-            has_generated_title=False,
-            archived=False,
-            has_unread_turn=False,
-            branch=branch,
-            num_follow_ups=0,
-            body={"environment_label": env.label, "external_pull_requests": []},
-            created_at=now,
-            updated_at=now,
+        snapshot = _snapshot(db, env, new_tasks=1)  # with this new task counted
+        return Creation(
+            settings, principal, parsed, options, n, env.id, env.label, snapshot, branch=branch
         )
-        db.add(task)
-        db.flush()
-        user, attempts = _new_turns(db, task, env, parsed, options, None, n, snapshot)
-    else:
-        spec = raw["follow_up"]
-        task, previous = _follow_up_target(db, principal, spec)
-        if task.environment_id is None:
-            raise Conflict("The environment of this task was deleted")
-        env = environments.get_row(db, principal, task.environment_id)
-        environments.check_repo_paths(db, env, settings)
-        options = _run_options(settings, spec)
-        if task.branch:  # a follow-up's clone starts from the task's branch
-            _check_branch(branch_lookup, env.body, task.branch)
-        snapshot = _snapshot(db, env, new_tasks=0)
-        usage.check(db, settings, principal, n)  # the first write (see above)
-        user, attempts = _new_turns(db, task, env, parsed, options, previous.id, n, snapshot)
-        task.num_follow_ups += 1
-    usage.record(db, principal, task.id, [t.id for t in attempts])
-    db.flush()
+    spec = raw["follow_up"]
+    task, previous = _follow_up_target(db, principal, spec)
+    if task.environment_id is None:
+        raise Conflict("The environment of this task was deleted")
+    env = environments.get_row(db, principal, task.environment_id)
+    environments.check_repo_paths(db, env, settings)
+    options = _run_options(settings, spec)
+    if task.branch:  # a follow-up's clone starts from the task's branch
+        _check_branch(branch_lookup, env.body, task.branch)
+    snapshot = _snapshot(db, env, new_tasks=0)
+    return Creation(
+        settings,
+        principal,
+        parsed,
+        options,
+        n,
+        env.id,
+        env.label,
+        snapshot,
+        task_id=task.id,
+        previous_id=previous.id,
+    )
+
+
+def created(db: Session, creation: Creation, written: Written) -> Created:
+    """The answer to a committed create; its rate limit read in ``db`` when it is rendered,
+    the rows rendered as written."""
+    turns = {t.id: t for t in (written.user, *written.attempts)}
+    ctx = _Context.of(turns, {creation.env_id: creation.env_label})
+    task, user, first = written.task, written.user, written.attempts[0]
 
     def render() -> dict[str, Any]:
-        rate = usage.task_rate_limit(db, settings, principal)
-        ctx = _Context.load(db, [task])
+        rate = usage.task_rate_limit(db, creation.settings, creation.principal)
         return {
             "task": render_task(task, ctx).model_dump(mode="json"),
             "user_turn": render_user_turn(user).model_dump(mode="json"),
-            "turn": render_assistant_turn(attempts[0], ctx).model_dump(mode="json"),
+            "turn": render_assistant_turn(first, ctx).model_dump(mode="json"),
             "rate_limit": _embedded_rate_limit(rate),
         }
 
-    return Created(task.id, [t.id for t in attempts], render)
+    return Created(task.id, written.attempt_ids, render)
 
 
 def _embedded_rate_limit(rate: TaskRateLimit) -> dict[str, Any]:

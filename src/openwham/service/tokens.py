@@ -20,6 +20,7 @@ from typing import Protocol, TypedDict, TypeVar
 
 from sqlalchemy import Connection, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from openwham.store import models as m
 from openwham.store.db import rowcount
@@ -154,9 +155,12 @@ def active_ids(db: Session, token_ids: Collection[str], now: float | None = None
 
 def touch(db: Session, row: m.ApiToken, now: float) -> None:
     """Record a use, at most once per ``TOUCH_INTERVAL`` (the condition is in the UPDATE, so
-    nodes racing on one token write once); commits, the caller has written nothing yet."""
+    nodes racing on one token write once); commits, the caller has written nothing yet.
+    The row shows the new value as committed: set as a change, the session's next query
+    wrote it again (on SQLite beginning a write transaction, the database's write lock held
+    to the end of the request)."""
     if touch_id(db, row.id, row.last_used_at, now):
-        row.last_used_at = now
+        set_committed_value(row, "last_used_at", now)
 
 
 def touch_id(

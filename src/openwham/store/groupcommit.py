@@ -113,6 +113,25 @@ class GroupCommit:
         job.wake.wait()
         return job.outcome()
 
+    def run_in(self, session: Session, fn: Callable[[Session], T]) -> T:
+        """``fn`` written and committed: batched, by the writer thread (``run``: in its
+        session, not ``session``); else in ``session``'s own transaction (a request's, whose
+        reads came before), committed, or rolled back on error. Batched, what ``session``
+        has written is committed first: its write transaction would hold SQLite's lock,
+        which the writer would then wait for until the busy timeout."""
+        if self.batched:
+            session.flush()
+            if getattr(session.connection().connection.dbapi_connection, "in_transaction", False):
+                session.commit()
+            return self.run(fn)
+        try:
+            result = fn(session)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        return result
+
     def _loop(self) -> None:
         while True:
             with self._cond:
