@@ -35,4 +35,3 @@ def test_a_full_collection_after_start_up_walks_almost_nothing(tmp_path: Path) -
     assert before > 50_000  # the app's routes, validators, mappers: what full collections walked
     assert frozen >= before * 0.9
     assert after < before // 20
-
