@@ -15,7 +15,15 @@ Per server it prints min / median / max wall, tasks per minute, and where the ti
   on this machine can end sooner;
 - per attempt (medians over the round): posted → claimed (queue), claimed → the model's first
   request (workspace, sandbox and Codex start), first → last model request (the agent's
-  loop), last request → terminal (diff, result, recording).
+  loop), last request → terminal (diff, result, recording);
+- the server's own CPU (its threads: API, engine, gateway) apart from its reaped children's;
+- with ``--trace DIR`` (servers under ``bench.traced_serve``, traces kept in ``DIR``) the start
+  split in two, medians over each round's attempts: claimed → the prompt written to the agent
+  (workspace, sandbox and agent process: the server's side) and the prompt → the model's
+  first request (the agent's own start-up in its sandbox), with the claim's own time
+  (its reads, and its write waiting for the writer) and the cold workspaces' and sandboxes' times;
+  and where the server's own threads spent their CPU (``bench.traced_serve``'s sampler, in
+  ``DIR/trace-*.samples.json``).
 
 Loopback only; bounded by ``--timeout`` per round.
 """
@@ -41,6 +49,8 @@ from . import harness as h
 from .repo import generate
 
 PHASES = ("queue", "start", "agent loop", "tail")
+#: ``--trace``: the start's parts (see the module's doc)
+TRACED = ("claim", "claimed → prompt", "prompt → request", "workspace", "sandbox start")
 
 
 def log(text: str) -> None:
@@ -61,6 +71,9 @@ class Series:
     cpu_server: list[float] = field(default_factory=list)
     cpu_bench: list[float] = field(default_factory=list)
     phases: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
+    cpu_own: list[float] = field(default_factory=list)
+    trace: Path | None = None
+    traced: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in TRACED})
     bad: int = 0
 
 
@@ -74,6 +87,7 @@ def run_round(
     server.client = httpx.Client(timeout=60, headers=server.client.headers)
     marks = [f"{tag}{i:03d}" for i in range(tasks)]
     cpu0, own0 = h.cpu_seconds(server.process.pid), own_cpu()
+    self0 = server_own_cpu(server.process.pid)
     t0, wall0 = time.perf_counter(), time.time()
     with ThreadPoolExecutor(max_workers=tasks) as pool:
         created = list(
@@ -103,6 +117,7 @@ def run_round(
             time.sleep(0.05)
     s.walls.append(wall)
     s.cpu_server.append(h.cpu_seconds(server.process.pid) - cpu0)
+    s.cpu_own.append(server_own_cpu(server.process.pid) - self0)
     s.cpu_bench.append(own_cpu() - own0)
     for task_id, status in statuses.items():
         if status != "completed":
@@ -110,7 +125,47 @@ def run_round(
             r = server.client.get(server.api(f"tasks/{task_id}"))
             log(f"  {task_id}: {status} {r.json()['current_assistant_turn'].get('error')}")
     phases(s, clock, created, marks, wall0)
+    if s.trace is not None:
+        traced(s, [turn_id for _, turn_id in created])
     return list(statuses.values())
+
+
+def server_own_cpu(pid: int) -> float:
+    """CPU of the server process's own threads (``utime + stime``), without its children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+
+
+def traced(s: Series, turn_ids: list[str]) -> None:
+    """The start's parts of this round's attempts, from the server's trace (``TRACED``)."""
+    assert s.trace is not None
+    wanted = set(turn_ids)
+    spans: dict[str, dict[str, list[dict[str, float]]]] = {t: {} for t in turn_ids}
+    for record in h.iter_trace(s.trace):
+        turn = record.get("turn")
+        if turn in wanted:
+            spans[turn].setdefault(record["name"], []).append(record)
+    per: dict[str, list[float]] = {p: [] for p in TRACED}
+    for turn in turn_ids:
+        mine = {name: sorted(found, key=lambda r: r["t0"]) for name, found in spans[turn].items()}
+        claim, prompt = mine.get("claim"), mine.get("prompt_sent")
+        request = mine.get("gateway_request")
+        if claim and claim[0].get("t1"):
+            per["claim"].append(claim[0]["t1"] - claim[0]["t0"])
+            if prompt:
+                per["claimed → prompt"].append(prompt[0]["t0"] - claim[0]["t1"])
+        if prompt and request:
+            per["prompt → request"].append(request[0]["t0"] - prompt[0]["t0"])
+        for part, name in (
+            ("workspace", "create_workspace"),
+            ("sandbox start", "bwrap_start_call"),
+        ):
+            done = [r["t1"] - r["t0"] for r in mine.get(name, []) if r.get("t1")]
+            if done:
+                per[part].append(sum(done))
+    for part in TRACED:
+        if per[part]:
+            s.traced[part].append(statistics.median(per[part]))
 
 
 def phases(
@@ -169,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll", type=float, default=0.1, help="seconds between status polls")
     ap.add_argument("--timeout", type=float, default=300.0, help="bound per round (s)")
     ap.add_argument("--keep", action="store_true", help="keep the data dirs and logs")
+    ap.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="run the servers under bench.traced_serve, their traces kept in this directory, "
+        "and split the start (see above)",
+    )
     args = ap.parse_args(argv)
     levels = args.concurrency or [0, 32]
     trees = [t.resolve() for t in args.tree] or [h.ROOT]
@@ -185,17 +247,26 @@ def main(argv: list[str] | None = None) -> int:
                 if c:
                     extra["WHAM_EXECUTOR_CONCURRENCY"] = str(c)
                 name = f"{str(tree)[-24:]} c={c or 'default'}"
+                trace = None
+                if args.trace is not None:
+                    args.trace.mkdir(parents=True, exist_ok=True)
+                    trace = (args.trace / f"trace-{t}-{c}.jsonl").resolve()
+                    trace.unlink(missing_ok=True)
+                    extra["BENCH_TRACE"] = str(trace)
+                    extra["BENCH_SAMPLE"] = str(trace.with_suffix(".samples.json"))
                 srv = h.WhamServer.start(
                     work / f"data-{t}-{c}",
                     model.url,
                     log_path=work / f"serve-{t}-{c}.log",
+                    module="bench.traced_serve" if trace else None,
                     extra_env=extra,
                 )
-                series.append(Series(name, srv, srv.create_env(repo)))
+                series.append(Series(name, srv, srv.create_env(repo), trace=trace))
         for k, s in enumerate(series):  # mirror, checkout, standbys, imports
             run_round(s, clock, 2, f"9{k:02d}", args.timeout, args.poll)
-            s.walls.clear(), s.cpu_server.clear(), s.cpu_bench.clear()
+            s.walls.clear(), s.cpu_server.clear(), s.cpu_bench.clear(), s.cpu_own.clear()
             s.phases = {p: [] for p in PHASES}
+            s.traced = {p: [] for p in TRACED}
         for n in range(args.runs):
             for k, s in enumerate(series):
                 time.sleep(args.settle)
@@ -218,12 +289,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"    CPU server+sandboxes {fmt(s.cpu_server)}, bench (model, clients) "
                 f"{fmt(s.cpu_bench)}; per task {statistics.median(s.cpu_server) / args.tasks:.3f}"
                 f" + {statistics.median(s.cpu_bench) / args.tasks:.3f} s;"
-                f" floor (all CPU / {cores} cores) {fmt([x / cores for x in total])}"
+                f" floor (all CPU / {cores} cores) {fmt([x / cores for x in total])};"
+                f" the server's own threads {fmt(s.cpu_own)}"
             )
             print(
                 "    per attempt, median of each round: "
                 + "; ".join(f"{p} {fmt(s.phases[p])}" for p in PHASES)
             )
+            if s.trace is not None:
+                print(
+                    "    the start's parts, median of each round: "
+                    + "; ".join(f"{p} {fmt(s.traced[p])}" for p in TRACED)
+                )
         return 0
     finally:
         for s in series:

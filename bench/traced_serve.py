@@ -5,6 +5,11 @@ entry point). It wraps, without changing behaviour, the functions ``Engine.run_t
 and appends one JSON line per span or point to ``$BENCH_TRACE``:
 ``{"turn": id, "name": …, "t0": time.time(), "t1": time.time()}``.
 
+With ``$BENCH_SAMPLE`` (a path) a thread samples, every ``$BENCH_SAMPLE_MS`` (10) ms, the
+stacks of the server's threads that are running on a CPU then (``R`` in
+``/proc/self/task/TID/stat``), and at exit writes how often each innermost openwham
+function (and each leaf function) was seen: where the server's own CPU goes.
+
 With ``$BENCH_CODEX_RUST_LOG`` (a ``RUST_LOG`` filter) the sandboxed Codex logs to its
 stderr, and each of its log lines after the prompt is written becomes a point
 ``codex_log`` at Codex's own timestamp (``msg``: the line without its span prefix);
@@ -228,8 +233,59 @@ def _codex_log(line: str, turn: str | None) -> bool:
     return True
 
 
+def _sampler(path: str, every: float) -> None:
+    """Samples the running threads' stacks (see the module's doc) until the process ends."""
+    import atexit
+    import collections
+
+    own = collections.Counter[str]()
+    leaf = collections.Counter[str]()
+    samples = [0]
+    me = threading.get_ident()
+
+    def running(native: int | None) -> bool:
+        try:
+            with open(f"/proc/self/task/{native}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+        except OSError:
+            return False
+
+    def loop() -> None:
+        while True:
+            time.sleep(every)
+            if samples[0] % 500 == 0:
+                dump()  # also when the process is killed
+            natives = {t.ident: t.native_id for t in threading.enumerate()}
+            samples[0] += 1
+            for ident, frame in sys._current_frames().items():
+                if ident == me or not running(natives.get(ident)):
+                    continue
+                code = frame.f_code
+                leaf[f"{code.co_filename.rsplit('/', 2)[-1]}:{code.co_name}"] += 1
+                f: Any = frame
+                while f is not None and "/openwham/" not in f.f_code.co_filename:
+                    f = f.f_back
+                where = (
+                    f"{f.f_code.co_filename.split('/openwham/', 1)[1]}:{f.f_code.co_name}"
+                    if f is not None
+                    else "(no openwham frame)"
+                )
+                own[where] += 1
+
+    def dump() -> None:
+        with open(path, "w") as out:
+            json.dump({"samples": samples[0], "every": every, "own": own, "leaf": leaf}, out)
+
+    atexit.register(dump)
+    thread = threading.Thread(target=loop, name="bench-sampler", daemon=True)
+    thread.start()
+    me = thread.ident or me
+
+
 def main() -> None:
     install()
+    if os.environ.get("BENCH_SAMPLE"):
+        _sampler(os.environ["BENCH_SAMPLE"], float(os.environ.get("BENCH_SAMPLE_MS", "10")) / 1000)
     from openwham.cli.main import main as wham_main
 
     wham_main()

@@ -30,6 +30,7 @@ from conftest import (
     wait_for_turn,
     wait_stored,
 )
+from openwham.engine import titles as engine_titles
 from openwham.engine.titles import clean_model_title, derived_title
 from openwham.runtimes.codex import ASK_MODE_INSTRUCTIONS, NO_NETWORK_NOTE
 from openwham.sandbox import overlay
@@ -872,6 +873,62 @@ def test_derived_titles_are_never_cut_inside_a_word(prompt: str, title: str | No
 )
 def test_the_models_answer_is_cleaned_into_a_title(answer: str, title: str | None) -> None:
     assert clean_model_title(answer) == title
+
+
+def test_titles_asked_over_the_gateway_socket_load_no_tls_certificates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The title's request is plain HTTP over the gateway's UNIX socket: each one made a TLS
+    context (the CA bundle loaded, ~28 ms of the server's CPU, ~0.9 s of a burst of 32 new
+    tasks); now one is made at most once per process. A real HTTP server on a UNIX socket
+    answers with the Responses stream."""
+    import http.server
+    import socketserver
+    import ssl
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            done = {"type": "response.completed", "response": {"output": []}}
+            delta = {"type": "response.output_text.delta", "delta": "Fix the parser"}
+            body = "".join(f"data: {json.dumps(e)}\n\n" for e in (delta, done)).encode()
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+        def get_request(self) -> Any:
+            conn, _ = super().get_request()
+            return conn, ("local", 0)
+
+    socket_path = tmp_path / "gateway.sock"
+    server = Server(str(socket_path), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    made: list[int] = []
+    create = ssl.create_default_context
+
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        made.append(1)
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    engine_titles._tls.cache_clear()
+    try:
+        for _ in range(3):
+            answer = engine_titles.ask_model(socket_path, "t", {"input": "x"}, 10)
+            assert answer == "Fix the parser"
+        assert len(made) <= 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        engine_titles._tls.cache_clear()
 
 
 def test_the_title_on_creation_is_not_cut_inside_a_word(api: Any, calc_repo: Path) -> None:
