@@ -259,13 +259,18 @@ class WhamServer:
         return str(data["task"]["id"]), str(data["turn"]["id"])
 
     def stream(
-        self, task_id: str, turn_id: str, timeout: float = 180
+        self,
+        task_id: str,
+        turn_id: str,
+        timeout: float = 180,
+        client: httpx.Client | None = None,
     ) -> tuple[list[dict[str, Any]], float]:
-        """Read the turn's SSE stream to its terminal ``task_turn_event``. Returns the frames'
-        data and ``perf_counter()`` when the terminal frame arrived."""
+        """Read the turn's SSE stream to its terminal ``task_turn_event`` (with ``client``, or
+        the server's). Returns the frames' data and ``perf_counter()`` when the terminal frame
+        arrived."""
         frames: list[dict[str, Any]] = []
         url = self.api(f"tasks/{task_id}/turns/{turn_id}/stream")
-        with self.client.stream("GET", url, timeout=timeout) as r:
+        with (client or self.client).stream("GET", url, timeout=timeout) as r:
             r.raise_for_status()
             data: list[str] = []
             for line in r.iter_lines():
