@@ -395,6 +395,58 @@ def test_a_best_of_two_task_finds_a_standby_for_each_attempt(
         assert [run_info(server, t)["standby"] for t in ids[1]] == [True, True]
 
 
+def test_a_best_of_n_prepares_one_standby_while_its_attempts_run_and_the_rest_after(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    """While a best-of-3 task's agents run (held at the model), one standby is prepared for
+    the next task (one posted right after finds it), not three beside the three agents; the
+    key is brought up to three once the last attempt ended."""
+    for server in make_server(
+        tmp_path, sqlite_url, **engine_settings(scripted_model, executor_concurrency=4)
+    ):
+        api = server.api
+        env = api.create_env(repo)
+        scripted_model.script = [Say("ok")]
+        hold = scripted_model.hold = threading.Event()
+        try:
+            created = api.create_task(env["id"], "Look", metadata={"best_of_n": 3})
+            task_id, first = created["task"]["id"], created["turn"]["id"]
+            deadline = time.monotonic() + 60
+            while len(scripted_model.requests) < 3:  # every agent has its prompt
+                assert time.monotonic() < deadline, "the three agents did not all start"
+                time.sleep(0.05)
+            time.sleep(1.0)  # a refill begun at any of the three prompts has made its directory
+            standbys = list(engine_of(server).attempts_root.glob(".standby-*"))
+            assert len(standbys) == 1, standbys
+        finally:
+            hold.set()
+        others = api.get(f"tasks/{task_id}/turns/{first}/sibling_turns").json()
+        for turn_id in [first, *(t["id"] for t in others["sibling_turns"])]:
+            assert wait_for_turn(api, task_id, turn_id)["turn_status"] == "completed"
+        wait_standby(server, count=3, timeout=60)
+
+
+def test_an_attempt_keeps_its_keys_refill_waiting_until_its_end_also_once_started() -> None:
+    """A best-of-N's top-up waits for its last attempt's end: an attempt whose first model
+    request went through (no longer keeping fills in the background) still counts."""
+
+    def make(key: AgentKey) -> Prepared:
+        raise AssertionError("nothing is refilled here")
+
+    pool = StandbyPool(size=4, max_age=60.0, make=make, drop=lambda p: None)
+    try:
+        for turn in ("t1", "t2"):
+            pool.attempt_running(_key("a"), turn)
+            pool.attempt_started(turn)
+        assert pool.attempts_running(_key("a")) and not pool.attempts_running(_key("b"))
+        pool.attempt_ended("t1")
+        assert pool.attempts_running(_key("a"))
+        pool.attempt_ended("t2")
+        assert not pool.attempts_running(_key("a"))
+    finally:
+        pool.close()
+
+
 def test_attempts_waiting_together_each_take_a_standby_being_prepared() -> None:
     """Two attempts arrive while two standbys are being prepared, one fast and one slow:
     each gets one (the second waits for the slow fill instead of starting cold when the

@@ -198,17 +198,17 @@ class Engine:
             )
         finally:
             alive.set()
-            self.workspaces.ended(claim)  # its key's fills leave the background if it was last
-            if rec.gone_reason == SUPERSEDED:  # another run holds the attempt now
+            superseded = rec.gone_reason == SUPERSEDED  # another run holds the attempt now
+            # its key's fills leave the background if it was the last; the next task like
+            # this one starts warm, each of its attempts (refilled once the last one ended)
+            self.workspaces.ended(claim, refill=not superseded and control.reason != "shutdown")
+            if superseded:
                 self._superseded(claim, attempt_dir)
             else:
                 self._runs.pop(turn_id, None)
                 if self.gateway is not None:  # its usage is recorded: nothing reads it again
                     self.gateway.revoke(turn_id)
                     self.gateway.forget(turn_id)
-                if control.reason != "shutdown":
-                    # the next task like this one starts warm, each of its attempts
-                    self.workspaces.refill(claim)
                 # keeps what follow-ups need, and stores it for the other nodes
                 storage.tidy(self.attempts_root, self.db, turn_id, self.artifacts)
 

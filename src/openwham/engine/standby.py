@@ -8,7 +8,8 @@ that matches takes it (a ``rename`` of its directory and a token hand-over) and 
 its prompt. A standby is used only while the branch head is unchanged, is dropped after
 ``max_age`` seconds, and at most ``size`` are kept (least recently used go first). A key may
 have several (``refill(key, count)``): a best-of-N task's attempts each find one, prepared in
-parallel after the last such task, instead of all but one starting cold. The count a key is
+parallel after the last such task (one once its attempts have their prompts, the others once
+the last of them ended), instead of all but one starting cold. The count a key is
 refilled to is the largest asked for it within ``max_age`` (a single-attempt task between two
 best-of-4 tasks leaves four, not three).
 
@@ -134,6 +135,9 @@ class StandbyPool:
         self._waiting: dict[AgentKey, int] = {}
         #: attempts running, by turn id: their key's fills stay in the background meanwhile
         self._running: dict[str, AgentKey] = {}
+        #: attempts running until their end (``_running`` loses them at their first model
+        #: request): a best-of-N's refill waits until none of its key is left
+        self._live: dict[str, AgentKey] = {}
         self._closed = threading.Event()
         self._pruner: threading.Thread | None = None
 
@@ -216,17 +220,31 @@ class StandbyPool:
         background weight until it ends."""
         with self._lock:
             self._running[turn_id] = key
+            self._live[turn_id] = key
 
     def attempt_started(self, turn_id: str) -> None:
         """Attempt ``turn_id``'s first model request went through: its start-up (the task's
         start latency) is behind it, so it no longer keeps its key's fills in the background;
         see :meth:`attempt_ended`. A task posted right after this one ends then finds the
         next standby further along (back to back, the take waits for that fill)."""
-        self.attempt_ended(turn_id)
+        self._foreground(turn_id)
+
+    def attempts_running(self, key: AgentKey) -> bool:
+        """Whether an attempt of ``key`` runs (marked by :meth:`attempt_running`, not ended;
+        started or not)."""
+        with self._lock:
+            return key in self._live.values()
 
     def attempt_ended(self, turn_id: str) -> None:
         """Attempt ``turn_id`` ended (also one never marked running): when it was the last of
         its key, the key's fills under way get the normal weight."""
+        with self._lock:
+            self._live.pop(turn_id, None)
+        self._foreground(turn_id)
+
+    def _foreground(self, turn_id: str) -> None:
+        """Attempt ``turn_id`` no longer keeps its key's fills in the background: when it was
+        the last that did, they get the normal weight."""
         with self._lock:
             key = self._running.pop(turn_id, None)
             if key is None or key in self._running.values():

@@ -175,27 +175,37 @@ class Workspaces:
         return prepared.repos == {t.at.key: _repo_base(t.at) for t in targets}
 
     def _refill(self, claim: Claim) -> None:
-        """Start preparing the next standbys for this attempt's key now that its agent has
+        """Start preparing the next standby for this attempt's key now that its agent has
         the prompt, not when it ends: a task posted right after this one ends then finds one
         ready instead of waiting for a fill begun at that end (``StandbyPool.take`` waits for
-        fills under way). Only up to this task's own count: topping the key up to a larger
-        recent one (``StandbyPool.refill``) waits for the attempt's end, so a single attempt
-        that left three of a best-of-4's standbys does not share the cores with a fourth."""
+        fills under way). One, whatever the task's count: the rest of a best-of-N's N, and
+        topping the key up to a larger recent count (``StandbyPool.refill``), wait for the
+        attempts' ends (:meth:`refill`), so the N agents do not share the cores with N
+        workspaces, sandboxes and Codex start-ups for the next task (their git, forks and
+        Python run in this process, beside the agents' gateway and output, whatever the
+        sandboxes' CPU weight)."""
         key = self.standby_key(claim)
         if key is not None:  # its key's fills keep to the background while it starts
             self.standby.attempt_running(key, claim.turn_id)
             assert self.gateway is not None
             turn_id = claim.turn_id
             self.gateway.on_first_request(turn_id, lambda: self.standby.attempt_started(turn_id))
-        self.refill(claim, top_up=False)
+        self.refill(claim, top_up=False, count=1)
 
-    def ended(self, claim: Claim) -> None:
-        """The attempt ended (whatever its outcome): see ``StandbyPool.attempt_ended``."""
+    def ended(self, claim: Claim, *, refill: bool) -> None:
+        """The attempt ended (whatever its outcome): see ``StandbyPool.attempt_ended``. With
+        ``refill``, the key's standbys are brought up to the task's count (and a larger
+        recent one, :meth:`refill`) once no other attempt of the key runs: the last of a
+        best-of-N's attempts to end does it, so its fills do not run beside the others."""
         self.standby.attempt_ended(claim.turn_id)
+        key = self.standby_key(claim)
+        if refill and not (key is not None and self.standby.attempts_running(key)):
+            self.refill(claim)
 
-    def refill(self, claim: Claim, *, top_up: bool = True) -> None:
+    def refill(self, claim: Claim, *, top_up: bool = True, count: int | None = None) -> None:
         """Prepare standbys for attempts like ``claim``'s in the background, when it has a
-        standby key (:meth:`standby_key`); ``top_up``: see ``StandbyPool.refill``."""
+        standby key (:meth:`standby_key`): as many as its task's attempts (``count``: that
+        many); ``top_up``: see ``StandbyPool.refill``."""
         key = self.standby_key(claim)
         if key is None:
             return
@@ -213,7 +223,7 @@ class Workspaces:
                 self._setups.move_to_end(key)
                 while len(self._setups) > MAX_STANDBY_SETUPS:
                     self._setups.popitem(last=False)
-        self.standby.refill(key, claim.attempts, top_up=top_up)
+        self.standby.refill(key, claim.attempts if count is None else count, top_up=top_up)
 
     def standby_key(self, claim: Claim) -> AgentKey | None:
         """The standby key of attempts like ``claim``'s, or ``None`` when they take none: a
