@@ -156,7 +156,8 @@ def _poll(server: h.WhamServer, task_id: str, ids: list[str], t0: float, every: 
 
 def wait_standbys(server: h.WhamServer, n: int, timeout: float = 120) -> None:
     """Until ``n`` standbys are prepared and settled (their index rewritten a second after
-    the checkout), as after a pause between a person's tasks."""
+    the checkout) and their Codex waits for its prompt, as after a pause between a person's
+    tasks (the next run does not share the cores with their start-ups)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         settled = 0
@@ -170,9 +171,8 @@ def wait_standbys(server: h.WhamServer, n: int, timeout: float = 120) -> None:
                     settled += 1
             except OSError:
                 continue
-        if settled >= n:
-            time.sleep(0.5)  # its Codex is started and waits for a prompt
-            return
+        if settled >= n and h.standbys_waiting(server.process.pid, n) >= n:
+            return  # their Codex processes are started and wait for a prompt
         time.sleep(0.05)
 
 

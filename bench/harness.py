@@ -348,15 +348,23 @@ def descendants(pid: int) -> list[int]:
 
 
 def standby_waiting(server_pid: int) -> bool:
-    """A sandboxed Codex (argv[0] is the in-sandbox binary path) under the server
-    ``server_pid`` blocked reading its stdin, i.e. a standby sandbox that finished its
-    start-up; from ``/proc/PID/task/*/syscall`` (``0 0x0 …`` is read(0, …) on x86-64). Only
-    the server's own descendants: another server on the machine has standbys too. In
+    """Whether a standby's Codex under ``server_pid`` waits for its prompt (see
+    :func:`standbys_waiting`)."""
+    return standbys_waiting(server_pid, 1) >= 1
+
+
+def standbys_waiting(server_pid: int, enough: int | None = None) -> int:
+    """How many sandboxed Codex processes (argv[0] is the in-sandbox binary path) under the
+    server ``server_pid`` are blocked reading their stdin, i.e. standby sandboxes that
+    finished their start-up (counted up to ``enough``); from ``/proc/PID/task/*/syscall``
+    (``0 0x0 …`` is read(0, …) on x86-64). Only the server's own descendants: another
+    server on the machine has standbys too. In
     app-server mode the driver reads its stdin (the prompt) once its Codex's thread started.
     """
     from openwham.runtimes import codex
     from openwham.runtimes.appserver import SANDBOX_DRIVER
 
+    found = 0
     for pid in descendants(server_pid):
         proc = Path(f"/proc/{pid}")
         try:
@@ -366,10 +374,13 @@ def standby_waiting(server_pid: int) -> bool:
                 continue
             for task in (proc / "task").iterdir():
                 if (task / "syscall").read_text().split()[:2] == ["0", "0x0"]:
-                    return True
+                    found += 1
+                    break
         except (OSError, UnicodeDecodeError, IndexError):
             continue
-    return False
+        if enough is not None and found >= enough:
+            break
+    return found
 
 
 def stream_summary(frames: list[dict[str, Any]]) -> dict[str, float | None]:
