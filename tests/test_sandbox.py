@@ -688,6 +688,56 @@ def test_sandbox_dies_with_the_server(workspace: Path) -> None:
     assert wait_gone(marker, 2.0) == []
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` (a process this test made) runs: not gone, not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_sandbox_started_as_its_server_dies_dies_too(workspace: Path, tmp_path: Path) -> None:
+    """The server killed between the fork of a sandbox's bwrap and bwrap's own parent-death
+    signal (``--die-with-parent`` arms it only once bwrap runs, and does not notice a parent
+    that died before): the sandbox ran on, orphaned (crash batch: a kill right after a
+    restart, while recovered attempts started their sandboxes, left a bwrap and its
+    forwarder). Here the fork's child kills the server itself before bwrap is executed."""
+    marker = f"orphan-{uuid.uuid4().hex}"
+    child_pid = tmp_path / "child.pid"
+    code = f"""
+        import os, resource, signal, time
+        from pathlib import Path
+        from openwham.sandbox import bwrap
+        server, real = os.getpid(), resource.setrlimit
+
+        def setrlimit(res, limits):  # in the sandbox's child too, between fork and exec
+            if os.getppid() == server:
+                Path({str(child_pid)!r}).write_text(str(os.getpid()))
+                os.kill(server, signal.SIGKILL)
+                while os.getppid() == server:
+                    time.sleep(0.01)
+            real(res, limits)
+
+        resource.setrlimit = setrlimit
+        spec = bwrap.SandboxSpec(workspace=Path({str(workspace)!r}))
+        bwrap.start(spec, ["bash", "-c", {tree_script(marker)!r}])
+        time.sleep(300)
+        """
+    server = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)])
+    assert server.wait(timeout=60) == -signal.SIGKILL
+    child = int(child_pid.read_text())
+    try:
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(child), "the sandbox outlived its server"
+        assert wait_gone(marker, 2.0) == []
+    finally:
+        for pid in [child, *(p for i in range(1, 5) for p in host_pids(f"{marker}-{i}"))]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_output_streams_live_and_stdin_is_passed(workspace: Path) -> None:
     seen: list[tuple[float, str, str]] = []
     lock = threading.Lock()

@@ -16,8 +16,10 @@ What a sandboxed command sees and may do:
   on the host (root here): whatever the server can read in a bound tree, the sandbox can.
 - **Namespaces.** Own user, PID, IPC, UTS (hostname ``openwham``), cgroup and — unless
   ``network`` — network namespace (loopback only). The user inside is uid/gid 1000 with no
-  capabilities and cannot create further user namespaces. ``--die-with-parent`` and
-  ``--new-session`` (no terminal injection).
+  capabilities and cannot create further user namespaces. ``--die-with-parent`` (and,
+  from the fork until bwrap arms that, ``openwham.lifeline``'s parent-death signal: a
+  server killed in between left the sandbox running) and ``--new-session`` (no terminal
+  injection).
 - **System calls.** A seccomp filter (``openwham.sandbox.seccomp``) refuses ptrace, mount,
   bpf, perf_event_open, userfaultfd, keyrings, io_uring, new user namespaces, personality
   changes and more with EPERM. The stall watchdog (below) covers what it does not.
@@ -66,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from openwham.lifeline import die_with_parent
 from openwham.sandbox import cgroups, disk, overlay, seccomp
 
 SANDBOX_UID = 1000
@@ -665,8 +668,12 @@ class SandboxProcess:
             args_fd = _memfd("bwrap-args", b"".join(x.encode() + b"\0" for x in args))
             fds.append(args_fd)
             limits = _rlimits(lim, cghost)
+            # dies with this thread from the fork on: bwrap's --die-with-parent is armed only
+            # once bwrap runs, and a server killed before that left the sandbox running
+            lifeline = die_with_parent()
 
             def child_setup() -> None:  # between fork and exec: keep it minimal
+                lifeline()
                 if layers is not None:  # bwrap's namespaces are made from this one
                     overlay.child_mount(layers, target)
                 cgroups.RunCgroup.join_in_child(procs_fds)
