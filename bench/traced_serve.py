@@ -5,10 +5,12 @@ entry point). It wraps, without changing behaviour, the functions ``Engine.run_t
 and appends one JSON line per span or point to ``$BENCH_TRACE``:
 ``{"turn": id, "name": …, "t0": time.time(), "t1": time.time()}``.
 
-With ``$BENCH_SAMPLE`` (a path) a thread samples, every ``$BENCH_SAMPLE_MS`` (10) ms, the
-stacks of the server's threads that are running on a CPU then (``R`` in
-``/proc/self/task/TID/stat``), and at exit writes how often each innermost openwham
-function (and each leaf function) was seen: where the server's own CPU goes.
+With ``$BENCH_SAMPLE`` (a path) a thread samples, every ``$BENCH_SAMPLE_MS`` (10) ms, each
+server thread's CPU time since the last sample (``/proc/self/task/TID/stat``) and its stack,
+and charges that CPU to the stack's innermost openwham function (``own``) and to its leaf
+function (``leaf``), in seconds, written to the path every 5 s and at exit: where the
+server's own CPU goes (approximately: a thread's CPU between two samples is charged to
+where it was at the second).
 
 With ``$BENCH_CODEX_RUST_LOG`` (a ``RUST_LOG`` filter) the sandboxed Codex logs to its
 stderr, and each of its log lines after the prompt is written becomes a point
@@ -234,34 +236,42 @@ def _codex_log(line: str, turn: str | None) -> bool:
 
 
 def _sampler(path: str, every: float) -> None:
-    """Samples the running threads' stacks (see the module's doc) until the process ends."""
+    """Charges the threads' CPU to their stacks (see the module's doc) until the process ends."""
     import atexit
     import collections
 
     own = collections.Counter[str]()
     leaf = collections.Counter[str]()
+    seen: dict[int, float] = {}
     samples = [0]
-    me = threading.get_ident()
+    tick = os.sysconf("SC_CLK_TCK")
 
-    def running(native: int | None) -> bool:
+    def cpu(native: int | None) -> float | None:
         try:
             with open(f"/proc/self/task/{native}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[0] == b"R"
-        except OSError:
-            return False
+                fields = f.read().rsplit(b")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            return None
 
     def loop() -> None:
+        me = threading.get_ident()
         while True:
             time.sleep(every)
-            if samples[0] % 500 == 0:
+            samples[0] += 1
+            if samples[0] % max(1, int(5 / every)) == 0:
                 dump()  # also when the process is killed
             natives = {t.ident: t.native_id for t in threading.enumerate()}
-            samples[0] += 1
             for ident, frame in sys._current_frames().items():
-                if ident == me or not running(natives.get(ident)):
+                native = natives.get(ident)
+                used = cpu(native) if ident != me and native is not None else None
+                if used is None or native is None:
+                    continue
+                spent, seen[native] = used - seen.get(native, used), used
+                if spent <= 0:
                     continue
                 code = frame.f_code
-                leaf[f"{code.co_filename.rsplit('/', 2)[-1]}:{code.co_name}"] += 1
+                leaf[f"{code.co_filename.rsplit('/', 2)[-1]}:{code.co_name}"] += spent
                 f: Any = frame
                 while f is not None and "/openwham/" not in f.f_code.co_filename:
                     f = f.f_back
@@ -270,16 +280,14 @@ def _sampler(path: str, every: float) -> None:
                     if f is not None
                     else "(no openwham frame)"
                 )
-                own[where] += 1
+                own[where] += spent
 
     def dump() -> None:
         with open(path, "w") as out:
             json.dump({"samples": samples[0], "every": every, "own": own, "leaf": leaf}, out)
 
     atexit.register(dump)
-    thread = threading.Thread(target=loop, name="bench-sampler", daemon=True)
-    thread.start()
-    me = thread.ident or me
+    threading.Thread(target=loop, name="bench-sampler", daemon=True).start()
 
 
 def main() -> None:
