@@ -128,6 +128,41 @@ def test_the_attempts_of_one_prompt_share_one_fetch(
     assert len(fetches) == 3
 
 
+def test_the_branch_head_is_read_once_per_fetch(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attempts of a best-of-N check their standbys against the branch head after one
+    shared fetch: one ``git rev-parse`` for all of them (a fork of the server each before),
+    and a commit a later fetch brings is seen at once."""
+    from openwham.sandbox import workspace as ws_mod
+
+    mirrors = Mirrors(tmp_path / "mirrors")
+    real_git = ws_mod.git
+    reads: list[str] = []
+
+    def counting_git(*args: str, **kwargs: object) -> str:
+        if args[0] == "rev-parse":
+            reads.append(args[-1])
+        return real_git(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ws_mod, "git", counting_git)
+    first = git("rev-parse", "HEAD", cwd=repo).strip()
+    assert mirrors.branch_head("k", "main") is None  # no mirror yet: nothing kept
+    mirrors.ensure("k", str(repo))
+    heads = [mirrors.branch_head("k", "main") for _ in range(4)]
+    assert heads == [first] * 4
+    assert mirrors.branch_head("k", "nope") is None
+    assert len(reads) == 3  # before the clone, once after it, the other branch
+    (repo / "next.txt").write_text("next\n")
+    git("add", ".", cwd=repo)
+    git("commit", "-q", "-m", "next", cwd=repo)
+    second = git("rev-parse", "HEAD", cwd=repo).strip()
+    assert mirrors.branch_head("k", "main") == first  # the mirror as its fetch left it
+    mirrors.ensure("k", str(repo))  # a fetch: the head is read again
+    assert [mirrors.branch_head("k", "main") for _ in range(2)] == [second] * 2
+    assert len(reads) == 4
+
+
 def test_attempts_asking_together_share_a_fetch_but_never_an_older_one(
     repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -169,8 +169,8 @@ class Workspaces:
         fetched mirror; a multi-repository standby's, every repository where a cold start
         would check it out (``_repo_targets``: the task's branch where the repository has
         it, else its default branch; their mirrors fetched now)."""
-        if not claim.repos:
-            return branch_head(mirror, claim.branch) == prepared.base
+        if not claim.repos:  # read once per fetch for the attempts of a prompt
+            return self.mirrors.branch_head(claim.repo_key, claim.branch) == prepared.base
         targets = self._repo_targets(claim, mirror, None)
         return prepared.repos == {t.at.key: _repo_base(t.at) for t in targets}
 
