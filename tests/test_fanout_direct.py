@@ -19,7 +19,15 @@ import pytest
 
 from conftest import Server, parse_sse
 from openwham.server import direct
-from openwham.server.fanout import FanOut, Limits
+from openwham.server.fanout import (
+    KEEPALIVE,
+    KEEPALIVE_FRAME,
+    Batch,
+    FanOut,
+    Frame,
+    Limits,
+    Subscriber,
+)
 from openwham.store import events
 from support.app_thread import AppThread
 from test_fanout import _all_ids, _expected_bytes, _turn, _write
@@ -276,3 +284,101 @@ def test_find_accepts_only_uvicorns_httptools_cycle() -> None:
     assert direct.find({"type": "http", direct.SERVER_SEND: LookAlike().send}) is None
     assert direct.chunk(b"abc") == b"3\r\nabc\r\n"
     assert direct.chunk(b"x" * 300) == b"12c\r\n" + b"x" * 300 + b"\r\n"
+
+
+def test_streams_joining_while_events_are_written_go_direct_without_gap(
+    server: Server, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Joiners at every point of a turn being written, with a tail of 8 frames: most replay
+    from the database while the tail queues what comes meanwhile; going direct writes that
+    queue first. Each gets every event after its ``Last-Event-ID`` once, in order."""
+    task_id, turn_id = _turn(server, repo)
+    hub = server.app_state.fanout
+    hub.limits = Limits(tail_frames=8)
+    queued: list[int] = []  # batches each stream had queued when it went direct
+    go_direct = Subscriber.go_direct
+
+    def counted(sub: Subscriber, *args: Any) -> bool:
+        queued.append(len(sub.pending))
+        return go_direct(sub, *args)
+
+    monkeypatch.setattr(Subscriber, "go_direct", counted)
+    with _served(server) as address:
+        first = Client(address, server, task_id, turn_id)
+        _wait(lambda: hub.direct >= 1, "the first stream to go direct")
+        writer = threading.Thread(
+            target=_write, args=(server, task_id, turn_id, 150), kwargs={"end": True}
+        )
+        writer.start()
+        joined: list[tuple[int, Client]] = []
+        rounds = 0
+        while writer.is_alive() or rounds < 2:  # some may join after the end: as valid
+            ids = _all_ids(server, turn_id)
+            for after in (0, *ids[-1:]):
+                joined.append((after, Client(address, server, task_id, turn_id, last_id=after)))
+            rounds += 1
+            time.sleep(0.05)
+        writer.join()
+        results = [(after, c.read_all()) for after, c in joined]
+        results.append((0, first.read_all()))
+        for _, c in [*joined, (0, first)]:
+            c.close()
+    expected = _all_ids(server, turn_id)
+    assert len(results) >= 4
+    for after, body in results:
+        assert _ids(body) == [i for i in expected if i > after], after
+    assert hub.direct == len(queued) > 1
+    print("batches queued when going direct:", sorted(queued))  # > 0: timing decides
+
+
+class _FakeSink:
+    def __init__(self, behind: int = 0) -> None:
+        self.out: list[bytes] = []
+        self.behind = behind
+        self.gone = False
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def buffered(self) -> int:
+        return self.behind
+
+    def closing(self) -> bool:
+        return self.gone
+
+
+def _frame(i: int, item_type: str = events.WORK_LOG_MESSAGE) -> Frame:
+    return Frame(i, item_type, f"id: {i}\n\n".encode(), False)
+
+
+def test_going_direct_writes_what_was_queued_first_then_each_batch_framed() -> None:
+    limits = Limits(queue_bytes=100)
+    sub = Subscriber(None)
+    assert sub.push(Batch((_frame(1), _frame(2))), limits)
+    assert sub.push(Batch((_frame(3),)), limits)
+    sink = _FakeSink()
+    assert sub.go_direct(sink, 1, None, limits)  # { 1 } was sent while catching up
+    assert not sub.pending
+    assert sink.out == [direct.chunk(b"id: 2\n\n"), direct.chunk(b"id: 3\n\n")]
+    assert sub.push(KEEPALIVE, limits)
+    assert sink.out[-1] == direct.chunk(KEEPALIVE_FRAME)
+    # filtered: a batch with nothing of the stream's types writes nothing
+    typed = Subscriber(None)
+    typed_sink = _FakeSink()
+    assert typed.go_direct(typed_sink, 0, {events.TASK_TURN_EVENT}, limits)
+    assert typed.push(Batch((_frame(4),)), limits)
+    assert typed_sink.out == [] and typed.last == 4
+    # too far behind: nothing written, the tail drops it
+    sink.behind = 90
+    before = list(sink.out)
+    assert not sub.push(Batch((_frame(5),)), limits)
+    assert sink.out == before
+    # gone: closed, nothing written
+    sink.behind, sink.gone = 0, True
+    assert sub.push(Batch((_frame(6),)), limits) and sub.closed and sink.out == before
+    # the end: written, then closed
+    last = Subscriber(None)
+    end_sink = _FakeSink()
+    assert last.go_direct(end_sink, 0, None, limits)
+    assert last.push(Batch((_frame(7),), ends=True), limits)
+    assert last.closed and end_sink.out == [direct.chunk(b"id: 7\n\n")]
