@@ -448,6 +448,44 @@ def test_disk_monitor_walks_only_when_something_grew(
     assert r.ok and len(walks) >= 4, (r, walks)  # 9 MB of 20: measured, not killed
 
 
+def test_a_disk_check_while_the_run_ends_under_it(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine checks the disk (``check_disk``, the attempt's thread) once the agent's
+    answer is in, while Codex closes down: the run may end and its thread close the meter
+    between the check's look at it and its use. That check says "not over" (the run's own
+    last measure judges what it left), not ``IndexError`` (an attempt failed as
+    ``internal_error`` with "list index out of range" in a burst of 32 at load 20)."""
+    (workspace.parent / "home").mkdir()
+    proc = bwrap.start(
+        spec(
+            workspace,
+            limits=dataclasses.replace(LIMITS, wall_clock_seconds=40),
+            disk=budget(workspace, workspace.parent / "home"),
+        ),
+        ["bash", "-c", "echo set-up >&2; sleep 30"],
+        ready_marker="set-up",
+    )
+    checker = threading.get_ident()
+    real = disk.Meter.fd
+    ended: list[bwrap.SandboxResult] = []
+
+    def run_ends_first(meter: disk.Meter) -> int:
+        if threading.get_ident() == checker and not ended:  # the check's first use of it
+            ended.append(proc.kill("the agent closed down"))  # returns once the run ended
+        return real.fget(meter)  # type: ignore[attr-defined, no-any-return]
+
+    try:
+        # started, its first signs of growth taken: the check reads the meter (not a measure)
+        assert proc.wait_ready(10) and proc._disk_snap is not None
+        monkeypatch.setattr(disk.Meter, "fd", property(run_ends_first))
+        assert proc.check_disk() is False
+    finally:
+        proc.kill("test over")
+    assert ended and ended[0].killed_reason == "the agent closed down", ended  # it did end
+    assert not ended[0].disk_exceeded
+
+
 def test_a_frozen_run_cannot_write_and_is_thawed_to_be_killed(workspace: Path) -> None:
     """While the disk monitor measures, the run's cgroup is frozen: no file can be moved
     behind the walk. A frozen cgroup v1 process does not even die of SIGKILL, so kills

@@ -851,7 +851,8 @@ class SandboxProcess:
                 now_signals = disk.signals(meter.fd, _tree_pids(outer))
                 growth = now_signals.growth_since(snap)
                 written = now_signals.written_since(snap)
-            except OSError:
+            except OSError:  # also the meter closed meanwhile (the run ended: check_disk's
+                # thread is not the sandbox's); the measure, under the lock, sees it closed
                 growth = written = budget.max_bytes
             may_be_over = growth > budget.max_bytes - self._disk_bytes
             small = quiet and written <= disk.QUIET_BYTES

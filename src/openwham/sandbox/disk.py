@@ -115,8 +115,13 @@ class Meter:
 
     @property
     def fd(self) -> int:
-        """A descriptor of the first directory (for ``fstatvfs``)."""
-        return self._fds[0]
+        """A descriptor of the first directory (for ``fstatvfs``); ``OSError`` (``EBADF``) once
+        closed: the sandbox's thread closes its meter when the run ends, which another thread
+        looking at the meter (``SandboxProcess.check_disk``) may see at any moment."""
+        fds = self._fds
+        if not fds:
+            raise OSError(errno.EBADF, "the disk meter is closed")
+        return fds[0]
 
     def close(self) -> None:
         fds, self._fds = self._fds, []
