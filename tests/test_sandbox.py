@@ -486,6 +486,42 @@ def test_a_disk_check_while_the_run_ends_under_it(
     assert not ended[0].disk_exceeded
 
 
+def test_the_stall_watchdog_passes_over_a_process_gone_while_it_looks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watchdog lists a process's threads, then reads each one's state: a process reaped
+    in between has no state left. It is gone, not stopped: passed over, not ``IndexError``
+    (which ended the sandbox's supervising thread: no result, no wall clock any more)."""
+    outer = subprocess.Popen(["bash", "-c", "bash -c 'sleep 30; :'; :"])
+    try:
+        victim = None
+        for _ in range(200):  # outer -> bash -> sleep (depth 2: the first the watchdog reads)
+            inner = bwrap._children(outer.pid)
+            victim = next(iter(bwrap._children(inner[0])), None) if inner else None
+            if victim is not None:
+                break
+            time.sleep(0.05)
+        assert victim is not None
+        real = os.listdir
+
+        def reaped_after_listing(path: str) -> list[str]:
+            names = real(path)
+            if path == f"/proc/{victim}/task" and sys._getframe(1).f_code.co_name == "_task_states":
+                os.kill(victim, signal.SIGKILL)  # its parent bash reaps it
+                deadline = time.monotonic() + 10
+                while os.path.exists(f"/proc/{victim}") and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            return names
+
+        monkeypatch.setattr(bwrap.os, "listdir", reaped_after_listing)
+        assert bwrap._stalled_tree(outer.pid) is None  # nothing known to be stopped
+        monkeypatch.undo()
+        assert not os.path.exists(f"/proc/{victim}")  # it did go while the watchdog looked
+    finally:
+        outer.kill()
+        outer.wait()
+
+
 def test_a_frozen_run_cannot_write_and_is_thawed_to_be_killed(workspace: Path) -> None:
     """While the disk monitor measures, the run's cgroup is frozen: no file can be moved
     behind the walk. A frozen cgroup v1 process does not even die of SIGKILL, so kills

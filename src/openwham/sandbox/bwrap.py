@@ -523,7 +523,7 @@ def _stalled_tree(outer: int, helpers: tuple[str, ...] = ()) -> list[str] | None
         if depth < 2 or _is_helper(pid, helpers):
             continue
         states = _task_states(pid)
-        if states is None:
+        if not states:  # gone (None), or reaped between listing its threads and reading them
             continue
         if any(st not in _STOPPED_STATES for st in states):
             return None
