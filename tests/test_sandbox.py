@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +35,7 @@ from support.procs import (
     host_pids,
     namespace_pids,
     sandbox_namespace,
+    unique_marker,
     wait_gone,
 )
 
@@ -237,6 +239,50 @@ def test_watchdog_leaves_quiet_but_running_sandboxes_alone(workspace: Path) -> N
     script = "sleep 300 & kill -STOP $!; sleep 2.5; kill -9 $!; echo done"
     r = bwrap.run(spec(workspace, limits=limits), ["bash", "-c", script])
     assert r.ok and not r.stalled and r.stdout == "done\n", r
+
+
+def test_a_watchdog_that_raises_kills_the_run_and_it_still_ends_with_a_reason(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a watchdog ended the sandbox's supervising thread: no result (the attempt
+    waited for good) and no wall clock (the agent ran on). Now the run is killed and ends
+    with a result that says why."""
+
+    def broken(self: Any, outer: int, now: float) -> bool:
+        raise RuntimeError("a watchdog bug")
+
+    monkeypatch.setattr(bwrap.SandboxProcess, "_watch_stall", broken)
+    limits = dataclasses.replace(LIMITS, wall_clock_seconds=60, stall_seconds=0.5)
+    t0 = time.monotonic()
+    r = bwrap.run(spec(workspace, limits=limits), ["bash", "-c", "sleep 300"])
+    assert time.monotonic() - t0 < 15, r
+    assert not r.ok and r.killed_reason == "sandbox supervision failed (RuntimeError)", r
+
+
+def test_a_supervisor_failing_after_the_run_still_gives_a_result(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same after the loop (reaping, the cgroup, the output): whatever raises, the run
+    has a result and nothing of it is left running."""
+    real = bwrap.SandboxResult
+    calls: list[int] = []
+
+    def once_broken(**fields: Any) -> bwrap.SandboxResult:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a supervisor bug")
+        return real(**fields)
+
+    monkeypatch.setattr(bwrap, "SandboxResult", once_broken)
+    marker = unique_marker("supervised")
+    proc = bwrap.start(
+        spec(workspace, limits=dataclasses.replace(LIMITS, wall_clock_seconds=60)),
+        ["bash", "-c", f"(exec -a {marker} sleep 300) & sleep 0.5; exit 3"],
+    )
+    result = proc.wait(30)
+    assert calls == [1, 1] and result.exit_code == 3, result
+    assert result.killed_reason == "sandbox supervision failed (ValueError)", result
+    assert wait_gone(marker, 10) == []
 
 
 # --------------------------------------------------------------------------- disk budget

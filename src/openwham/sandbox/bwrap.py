@@ -52,6 +52,7 @@ There is no unsandboxed mode.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import resource
@@ -70,6 +71,8 @@ from typing import IO
 
 from openwham.lifeline import die_with_parent
 from openwham.sandbox import cgroups, disk, overlay, seccomp
+
+log = logging.getLogger(__name__)
 
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
@@ -718,6 +721,28 @@ class SandboxProcess:
         self._started.set()
         try:
             self._supervise(popen, pidfd)
+        except BaseException as exc:  # no result would leave its waiters waiting for good
+            log.exception("sandbox supervision failed after the run; killing what is left")
+            self._kill(f"sandbox supervision failed ({type(exc).__name__})")
+            with self._lock:
+                code = popen.wait()
+                self._reaped = True
+                self._released.set()
+            if self._cgroup is not None:
+                with contextlib.suppress(Exception):
+                    self._cgroup.kill_all()
+                    self._cgroup.remove()
+            self._result = SandboxResult(
+                exit_code=code,
+                timed_out=self._timed_out,
+                killed_reason="; ".join(self._reasons) or None,
+                stdout="",
+                stderr="",
+                duration=time.monotonic() - self._t0,
+                output_truncated=self._truncated,
+                stalled=self._stalled,
+                disk_reason=self._disk_reason,
+            )
         finally:
             os.close(pidfd)
             with self._disk_lock:
@@ -760,9 +785,14 @@ class SandboxProcess:
                 self._timed_out = True
                 self._kill(f"wall-clock limit of {lim.wall_clock_seconds:g} s reached")
                 break
-            if lim.stall_seconds is not None and self._watch_stall(popen.pid, now):
-                break
-            if self._meter is not None and self._watch_disk(popen.pid, now):
+            try:
+                if lim.stall_seconds is not None and self._watch_stall(popen.pid, now):
+                    break
+                if self._meter is not None and self._watch_disk(popen.pid, now):
+                    break
+            except Exception as exc:  # a watchdog's bug must not leave the run unwatched
+                log.exception("sandbox supervision failed; killing the run")
+                self._kill(f"sandbox supervision failed ({type(exc).__name__})")
                 break
         with self._lock:
             returncode = popen.wait()
