@@ -214,7 +214,7 @@ def test_extra_processes_end_when_the_first_is_killed(
     tmp_path: Path, stopped_later: list[subprocess.Popen[str]]
 ) -> None:
     """A first process killed outright (no shutdown of its own) leaves no API process behind:
-    each extra one asked the kernel for SIGTERM when its parent ends."""
+    each extra one was started with a parent-death signal (openwham.lifeline)."""
     with postgres_database() as url:
         env = {"WHAM_DATABASE_URL": url, "WHAM_EXECUTOR": "queue"}
         env["WHAM_EXECUTOR_CONCURRENCY"] = "0"
@@ -225,7 +225,7 @@ def test_extra_processes_end_when_the_first_is_killed(
         assert match
         assert _wait(lambda: len(_children(proc.pid)) == 1, 30)
         (child,) = _children(proc.pid)
-        time.sleep(3)  # past its start, where it asks for the signal (a race the check covers)
+        time.sleep(3)  # well into its start-up (the signal is armed before it runs)
         proc.kill()
         proc.wait(10)
         assert _wait(lambda: _gone(child), 15), child

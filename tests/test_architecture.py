@@ -56,7 +56,7 @@ ALLOWED: dict[str, set[str]] = {
     "runtimes": {"config", "wire"},
     "gateway": {"config", "store", "codexauth", "redaction"},
     "client": {"wire", "codexauth"},
-    "server": {"wire", "store", "config", "ids", "service", "commands", "web", "locks"},
+    "server": {"wire", "store", "config", "ids", "service", "commands", "web", "locks", "lifeline"},
     "web": {"wire", "store", "config", "ids", "service", "commands"},
     "cli": {
         "wire",

@@ -44,8 +44,6 @@ def serve(
     from openwham.store.artifacts import ArtifactError
     from openwham.store.jobs import QueueConfigError
 
-    if listen_fd is not None:
-        api_processes.follow_parent()
     limit_arenas()  # before any thread: many short-lived ones fragment per-thread arenas
     start_trimming()  # freed memory between blocks in use back to the system, every 10 s
     settings = settings_for(data_dir)

@@ -10,17 +10,16 @@ for all, and ``LISTEN/NOTIFY`` carrying "turn X has new events" to every process
 and the queue executor (an attempt posted to any process becomes a job the first process's
 worker runs). On SQLite the bus is in-process, so the option is refused there.
 
-The extra processes die with the first (``PR_SET_PDEATHSIG``), are stopped with it, and one
-that exits on its own is started again (at most once every few seconds each).
+The extra processes die with the first (``openwham.lifeline``'s parent-death signal), are
+stopped with it, and one that exits on its own is started again (at most once every few
+seconds each).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -30,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openwham.config import Settings
+from openwham.lifeline import die_with_parent
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 RESTART_AFTER_SECONDS = 2.0
 
 
@@ -55,20 +54,6 @@ def problem(settings: Settings, processes: int) -> str | None:
     return None
 
 
-PARENT_ENV = "WHAM_API_PARENT_PID"
-
-
-def follow_parent() -> None:
-    """In an extra API process, first thing: SIGTERM when the process that started it ends
-    (set here rather than in a ``preexec_fn``, which is unsafe in a process with threads), and
-    exit at once if it already ended before that was set."""
-    parent = int(os.environ.get(PARENT_ENV, "0") or 0)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if parent and os.getppid() != parent:
-        os._exit(0)
-
-
 @dataclass
 class ApiProcesses:
     """The extra API-only processes of one ``wham serve``, sharing ``sock``."""
@@ -79,7 +64,8 @@ class ApiProcesses:
     log_level: str
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stopped: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
 
     def _argv(self) -> list[str]:
         return [
@@ -89,47 +75,53 @@ class ApiProcesses:
         ]
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        env = {
-            **os.environ,
-            "WHAM_EXECUTOR_CONCURRENCY": "0",
-            "WHAM_EXECUTOR": "queue",
-            PARENT_ENV: str(os.getpid()),
-        }
-        return subprocess.Popen(self._argv(), env=env, pass_fds=(self.sock.fileno(),))
+        env = {**os.environ, "WHAM_EXECUTOR_CONCURRENCY": "0", "WHAM_EXECUTOR": "queue"}
+        return subprocess.Popen(
+            self._argv(),
+            env=env,
+            pass_fds=(self.sock.fileno(),),
+            preexec_fn=die_with_parent(),  # killed if this thread ends: it outlives them
+        )
 
     def start(self) -> ApiProcesses:
-        with self._lock:
-            self.children = [self._spawn() for _ in range(self.count)]
-        threading.Thread(target=self._watch, name="wham-api-processes", daemon=True).start()
+        self._thread = threading.Thread(target=self._own, name="wham-api-processes", daemon=True)
+        self._thread.start()
         return self
 
-    def _watch(self) -> None:
-        """Start again a child that exited while the server runs."""
+    def _own(self, timeout: float = 10.0) -> None:
+        """The one thread that starts, restarts, stops and waits for the children (the
+        parent-death signal is tied to the thread that started a child)."""
+        try:
+            self._serve_children(timeout)
+        finally:
+            self._stopped.set()
+
+    def _serve_children(self, timeout: float) -> None:
+        self.children = [self._spawn() for _ in range(self.count)]
         last: dict[int, float] = {}
         while not self._stopping.wait(0.5):
-            with self._lock:
-                for i, child in enumerate(self.children):
-                    code = child.poll()
-                    if code is None or self._stopping.is_set():
-                        continue
-                    if time.monotonic() - last.get(i, 0.0) < RESTART_AFTER_SECONDS:
-                        continue
-                    log.warning("API process %d exited (%s); starting another", child.pid, code)
-                    last[i] = time.monotonic()
-                    self.children[i] = self._spawn()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stopping.set()
-        with self._lock:
-            children = list(self.children)
-        for child in children:
+            for i, child in enumerate(self.children):
+                code = child.poll()
+                if code is None:
+                    continue
+                if time.monotonic() - last.get(i, 0.0) < RESTART_AFTER_SECONDS:
+                    continue
+                log.warning("API process %d exited (%s); starting another", child.pid, code)
+                last[i] = time.monotonic()
+                self.children[i] = self._spawn()
+        for child in self.children:
             if child.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.terminate()
         deadline = time.monotonic() + timeout
-        for child in children:
+        for child in self.children:
             try:
                 child.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait(5)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the children (SIGTERM, then SIGKILL after 10 s) and wait for them."""
+        self._stopping.set()
+        self._stopped.wait(timeout)
