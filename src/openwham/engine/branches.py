@@ -2,7 +2,8 @@
 is stored, so a task on a missing branch is refused at once (400) instead of failing later.
 
 Cheap first: a bare mirror (``DATA_DIR/mirrors``, kept by the engine) that already has the
-branch answers without any network. Otherwise ``git ls-remote`` asks the remote itself for that
+branch answers without any network, from its ref files (``sandbox.workspace.branch_ref``:
+no git process in the request). Otherwise ``git ls-remote`` asks the remote itself for that
 one ref: one round trip, no clone, no fetch and no mirror lock, so a first task on a large
 repository is not held up by a full clone in the request (the attempt fetches the mirror as
 it always does). A remote that cannot be reached is a 400 that says so and why.
@@ -24,7 +25,7 @@ from openwham.sandbox.workspace import (
     Mirrors,
     RemoteRefused,
     WorkspaceError,
-    branch_head,
+    branch_ref,
     git,
     local_repo_policy,
 )
@@ -64,7 +65,7 @@ def branch_exists(
     """Whether ``branch`` is a branch of the repository at ``url``; :class:`BadRequest` when
     the repository cannot be reached (the message names it and git's reason)."""
     mirror = _mirror(settings, repo_key, auth)
-    if mirror is not None and branch_head(mirror, branch):
+    if mirror is not None and branch_ref(mirror, branch):  # its files: no git forked
         return True
     ref = f"refs/heads/{branch}"
     try:

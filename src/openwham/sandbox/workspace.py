@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -298,6 +299,46 @@ def branch_head(mirror: Path, branch: str) -> str | None:
         return git("rev-parse", "--verify", "--quiet", ref, cwd=mirror).strip() or None
     except WorkspaceError:
         return None
+
+
+_OBJECT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def branch_ref(git_dir: Path, branch: str) -> str | None:
+    """The object ``refs/heads/<branch>`` names in the bare repository ``git_dir`` (a
+    mirror), or ``None`` when it has no such branch: read from git's files, its loose ref
+    and else ``packed-refs``, as git reads them, without running git (each ``git rev-parse``
+    is a fork of the server: ~11 ms of a 22 ms ``POST tasks`` on a quiet machine). Git only
+    ever writes a commit to a branch. Where the files do not answer plainly (another ref
+    storage, a symbolic ref, a name with an odd part, anything unreadable) git answers
+    (:func:`branch_head`). Both files are replaced by renames, and git writes a ref's packed
+    entry before it removes the loose one, so a fetch or ``pack-refs`` under way never makes
+    a branch look missing."""
+    parts = branch.split("/")
+    if not branch or any(p in ("", ".", "..") or "\x00" in p for p in parts):
+        return branch_head(git_dir, branch)
+    try:
+        config = (git_dir / "config").read_text(errors="replace").lower()
+        if "refstorage" in config:  # e.g. reftable: not files git reads as below
+            return branch_head(git_dir, branch)
+        try:
+            text = git_dir.joinpath("refs", "heads", *parts).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            text = None  # not loose (or a directory of longer names): packed, or none
+        if text is not None:
+            return text if _OBJECT_ID.fullmatch(text) else branch_head(git_dir, branch)
+        try:
+            packed = (git_dir / "packed-refs").read_text()
+        except FileNotFoundError:
+            return None
+    except OSError:
+        return branch_head(git_dir, branch)
+    name = f"refs/heads/{branch}"
+    for line in packed.splitlines():
+        oid, _, ref = line.partition(" ")
+        if ref == name:
+            return oid if _OBJECT_ID.fullmatch(oid) else branch_head(git_dir, branch)
+    return None
 
 
 def _share_objects(mirror: Path, directory: Path) -> None:
