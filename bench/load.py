@@ -4,10 +4,15 @@ For SQLite and for PostgreSQL, a real ``wham serve`` (``WHAM_EXECUTOR=none``) wi
 tasks (written by the engine's own ``TurnRecorder``: a work log, an answer, a diff) is driven
 on loopback:
 
-1. **burst**: B concurrent ``GET tasks/{id}`` (64 on SQLite, 128 on PostgreSQL; asyncio +
-   httpx, one connection each), ``/healthz`` asked in the middle of it, and one more GET
-   after it: how many were served, how many refused (503 + Retry-After), latency
-   percentiles, and whether the server answers normally afterwards.
+1. **burst**: B concurrent ``GET tasks/{id}`` (64 on SQLite, 128 on PostgreSQL), each task's
+   details answered once before (``--burst-cold``: not), by each ``--burst-client`` in turn:
+   ``fresh`` (``bench.rawburst``: raw sockets, a new connection per request, all written at
+   once), ``keepalive`` (raw sockets on connections opened and used once beforehand) and
+   ``httpx`` (the first client: asyncio + httpx, a new connection per request); ``/healthz``
+   asked in the middle of it, and one more GET after it: how many were served, how many
+   refused (503 + Retry-After), latency percentiles (each from the request's start to the
+   last byte of its answer), the client's own CPU, and whether the server answers normally
+   afterwards.
 2. **throughput**: ``wrk`` (Debian's, installed by ``scripts/setup.sh --with-postgres``) on
    task details and on ``tasks/list?limit=100`` at 1, 32 and 128 connections, a few seconds
    each: requests per second, min / p50 / p90 / p99 / max latency, non-2xx answers, the
@@ -45,6 +50,7 @@ from typing import Any
 import httpx
 
 from . import harness as h
+from . import rawburst
 from .repo import generate
 
 LUA = Path(__file__).with_name("load.lua")
@@ -175,9 +181,13 @@ def finish_tasks(url: str, turns: list[tuple[str, str]]) -> None:
 # --------------------------------------------------------------------------- burst
 
 
+BURST_CLIENTS = ("fresh", "keepalive", "httpx")
+
+
 @dataclass
 class Burst:
     concurrency: int
+    client: str = "httpx"
     statuses: dict[int, int] = field(default_factory=dict)
     errors: int = 0
     latencies_ms: list[float] = field(default_factory=list)
@@ -187,6 +197,53 @@ class Burst:
     after_ms: float | None = None
     after_status: int | None = None
     wall_s: float = 0.0
+    client_cpu_ms: float = 0.0
+    write_ms: float | None = None
+    body_bytes: int | None = None
+    server_cpu_ms: float | None = None
+
+
+def burst(srv: h.WhamServer, paths: list[str], concurrency: int, client: str) -> Burst:
+    """One burst of ``concurrency`` GETs of ``paths`` (in turn) by ``client``: ``fresh`` and
+    ``keepalive`` are ``bench.rawburst``'s (raw sockets: a new connection per request, or
+    connections opened and used once beforehand), ``httpx`` the asyncio + httpx client (a
+    new connection per request; ~1 ms of the client's CPU per request)."""
+    if client == "httpx":
+        server0, cpu0 = server_cpu(srv.process.pid), time.thread_time()
+        out = asyncio.run(_burst(srv, paths, concurrency))
+        out.client_cpu_ms = (time.thread_time() - cpu0) * 1000
+        out.server_cpu_ms = (server_cpu(srv.process.pid) - server0) * 1000  # with the GET after
+        return out
+    host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+    headers = {"Authorization": f"Bearer {srv.token}"}
+    requests = [
+        rawburst.request(paths[i % len(paths)], headers, host, close=False)
+        for i in range(concurrency)
+    ]
+    raw = rawburst.burst(
+        (host, int(port)),
+        requests,
+        keepalive=client == "keepalive",
+        warm=rawburst.request("/healthz", {}, host, close=False),
+        probe=rawburst.request("/healthz", {}, host, close=True),
+        timeout=90,
+        server_cpu=lambda: server_cpu(srv.process.pid),
+    )
+    out = Burst(concurrency, client)
+    out.statuses, out.errors = raw.statuses, raw.errors
+    out.latencies_ms, out.retry_after_missing = raw.latencies_ms, raw.retry_after_missing
+    out.wall_s, out.client_cpu_ms, out.write_ms = raw.wall_s, raw.client_cpu_ms, raw.write_ms
+    out.body_bytes, out.server_cpu_ms = raw.body_bytes, raw.server_cpu_ms
+    out.healthz_ms = raw.probe_ms
+    try:
+        out.healthz = dict(json.loads(raw.probe_body)) if raw.probe_status else None
+    except ValueError:
+        out.healthz = {"error": f"{raw.probe_status}, not JSON"}
+    t1 = time.perf_counter()
+    r = srv.client.get(srv.url + paths[0])
+    out.after_ms = (time.perf_counter() - t1) * 1000
+    out.after_status = r.status_code
+    return out
 
 
 async def _burst(srv: h.WhamServer, paths: list[str], concurrency: int) -> Burst:
@@ -270,6 +327,10 @@ def wrk(url: str, token: str, paths: list[str], connections: int, seconds: float
 # --------------------------------------------------------------------------- one database
 
 
+def load() -> float:
+    return os.getloadavg()[0]
+
+
 def percentile(values: list[float], p: float) -> float:
     """Nearest rank, as ``bench.__main__.pct``."""
     s = sorted(values)
@@ -351,7 +412,7 @@ def run_database(
     variants = [(tree, n) for tree in trees for n in counts]
     seeded = None
     results = []
-    for r in range(args.rounds if args.tree or len(variants) > 1 else 1):
+    for r in range(args.rounds):
         for tree, processes in variants:
             srv = start_server(kind, url, args, work, tree, len(results), processes)
             try:
@@ -405,16 +466,21 @@ def measure(
         "list": len(srv.client.get(srv.url + listing[0]).content),
     }
     burst_n = args.burst or (64 if kind == "sqlite" else 128)
-    log(f"[{kind}] burst of {burst_n} concurrent GETs")
-    burst = asyncio.run(_burst(srv, details, burst_n))
-    result["burst"] = vars(burst)
+    if not args.burst_cold:  # each task's details answered once before, as a server in use has
+        for path in details[:burst_n]:
+            srv.client.get(srv.url + path).raise_for_status()
+    result["bursts"] = []
+    for client in args.burst_client:
+        log(f"[{kind}] burst of {burst_n} concurrent GETs ({client} client)")
+        result["bursts"].append({**vars(burst(srv, details, burst_n, client)), "load": load()})
+        time.sleep(0.5)
     for name, paths in (("details", details), ("list", listing)):
         for c in args.connections:
             log(f"[{kind}] wrk {name} at {c} connection(s), {args.seconds:g} s")
             cpu0 = server_cpu(srv.process.pid)
             run = wrk(srv.url, srv.token, paths, c, args.seconds)
             run["cpu_ms"] = (server_cpu(srv.process.pid) - cpu0) * 1000 / run["requests"]
-            run["load"] = os.getloadavg()[0]
+            run["load"] = load()
             result[f"{name}@{c}"] = run
     t0 = time.perf_counter()
     try:  # a server that stalled under the last run may not answer at all
@@ -428,34 +494,15 @@ def measure(
 
 def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     kind = result["database"]
-    b = result["burst"]
-    lat = b["latencies_ms"]
     tree = f" [{result['tree']} round {result['round']}]" if result.get("tree") else ""
     print(
         f"\n== {kind}{tree}: {args.tasks} finished tasks; details {result['bytes']['details']} B, "
         f"list?limit=100 {result['bytes']['list']} B"
     )
-    served = b["statuses"].get(200, 0)
-    refused = b["statuses"].get(503, 0)
-    other = sum(v for k, v in b["statuses"].items() if k not in (200, 503)) + b["errors"]
-    print(
-        f"burst of {b['concurrency']} concurrent GETs: {served} served, {refused} refused (503), "
-        f"{other} other/errors, {b['retry_after_missing']} 503 without Retry-After; "
-        f"all answered in {b['wall_s']:.2f} s"
-    )
-    if lat:
-        target = BURST_TARGET_P99_MS[kind]
-        p99 = percentile(lat, 99)
-        print(
-            f"  latency ms min/p50/p99/max {min(lat):.1f} / {statistics.median(lat):.1f} / "
-            f"{p99:.1f} / {max(lat):.1f}   p99 / target {target:.0f} ms = {p99 / target:.2f}"
-        )
-    print(f"  /healthz during it: {b['healthz_ms']:.1f} ms {json.dumps(b['healthz'])}")
-    print(f"  next GET after it: {b['after_status']} in {b['after_ms']:.1f} ms")
-    print(
-        f"{'wrk':<8} {'conns':>5} {'rps':>7} {'min':>6} {'p50':>6} {'p90':>6} {'p99':>7} "
-        f"{'max':>7} {'non-2xx':>7} {'cpu ms':>6}  vs target (32 connections)"
-    )
+    for b in result["bursts"]:
+        report_burst(kind, b)
+    if args.connections:
+        print_wrk_header()
     for name in ("details", "list"):
         for c in args.connections:
             r = result[f"{name}@{c}"]
@@ -479,12 +526,76 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     )
 
 
+def print_wrk_header() -> None:
+    print(
+        f"{'wrk':<8} {'conns':>5} {'rps':>7} {'min':>6} {'p50':>6} {'p90':>6} {'p99':>7} "
+        f"{'max':>7} {'non-2xx':>7} {'cpu ms':>6}  vs target (32 connections)"
+    )
+
+
+def report_burst(kind: str, b: dict[str, Any]) -> None:
+    lat = b["latencies_ms"]
+    served = b["statuses"].get(200, 0)
+    refused = b["statuses"].get(503, 0)
+    other = sum(v for k, v in b["statuses"].items() if k not in (200, 503)) + b["errors"]
+    written = f", written in {b['write_ms']:.1f} ms" if b["write_ms"] is not None else ""
+    cpu = b["server_cpu_ms"]
+    server = f", server CPU {cpu:.0f} ms (clock ticks of 10 ms)" if cpu is not None else ""
+    print(
+        f"burst of {b['concurrency']} concurrent GETs ({b['client']} client): {served} served, "
+        f"{refused} refused (503), {other} other/errors, {b['retry_after_missing']} 503 without "
+        f"Retry-After; all answered in {b['wall_s'] * 1000:.0f} ms{written}; "
+        f"client CPU {b['client_cpu_ms']:.1f} ms{server}; load average {b['load']:.1f}"
+    )
+    if lat:
+        target = BURST_TARGET_P99_MS[kind]
+        p99 = percentile(lat, 99)
+        print(
+            f"  latency ms min/p50/p99/max {min(lat):.1f} / {statistics.median(lat):.1f} / "
+            f"{p99:.1f} / {max(lat):.1f}   p99 / target {target:.0f} ms = {p99 / target:.2f}"
+        )
+    health = "no answer" if b["healthz_ms"] is None else f"{b['healthz_ms']:.1f} ms"
+    print(f"  /healthz during it: {health} {json.dumps(b['healthz'])}")
+    print(f"  next GET after it: {b['after_status']} in {b['after_ms']:.1f} ms")
+
+
+def burst_summary(results: list[dict[str, Any]]) -> None:
+    """Min / median / max over the rounds of each burst's p50, p99 and the client's CPU."""
+    print(
+        f"{'db':<8} {'tree':<24} {'burst':<14} {'p50 ms':>17} {'p99 ms':>17} {'max ms':>17} "
+        f"{'client cpu ms':>17} {'server cpu ms':>17}"
+    )
+    keys = sorted({(r["database"], r["tree"]) for r in results}, key=lambda k: k[0])
+    for kind, tree in keys:
+        runs = [r for r in results if (r["database"], r["tree"]) == (kind, tree)]
+        for client in dict.fromkeys(b["client"] for r in runs for b in r["bursts"]):
+            bursts = [b for r in runs for b in r["bursts"] if b["client"] == client]
+            cols = []
+            for f in (
+                lambda b: statistics.median(b["latencies_ms"]),
+                lambda b: percentile(b["latencies_ms"], 99),
+                lambda b: max(b["latencies_ms"]),
+                lambda b: b["client_cpu_ms"],
+                lambda b: b["server_cpu_ms"],
+            ):
+                v = [f(b) for b in bursts if b["latencies_ms"] and f(b) is not None]
+                cols.append(f"{min(v):.1f}/{statistics.median(v):.1f}/{max(v):.1f}" if v else "-")
+            name = f"{bursts[0]['concurrency']} {client}"
+            print(
+                f"{kind:<8} {tree[-24:]:<24} {name:<14} {cols[0]:>17} {cols[1]:>17} {cols[2]:>17} "
+                f"{cols[3]:>17} {cols[4]:>17}"
+            )
+
+
 def summary(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """Min / median / max over the rounds, per database, tree and wrk run."""
     print(f"\n== over {args.rounds} round(s), min / median / max")
-    print(
-        f"{'db':<8} {'tree':<24} {'wrk':<8} {'conns':>5} {'rps':>17} {'p99 ms':>19} {'cpu ms':>17}"
-    )
+    burst_summary(results)
+    if args.connections:
+        print(
+            f"{'db':<8} {'tree':<24} {'wrk':<8} {'conns':>5} {'rps':>17} {'p99 ms':>19} "
+            f"{'cpu ms':>17}"
+        )
     keys = sorted({(r["database"], r["tree"]) for r in results}, key=lambda k: k[0])
     for kind, tree in keys:
         runs = [r for r in results if (r["database"], r["tree"]) == (kind, tree)]
@@ -504,7 +615,10 @@ def summary(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         for n in ("details", "list")
         for c in args.connections
     ]
-    print(f"load average during the wrk runs: {min(loads):.1f}-{max(loads):.1f}", flush=True)
+    bursts = [b["load"] for r in results for b in r["bursts"]]
+    print(f"load average at the bursts: {min(bursts):.1f}-{max(bursts):.1f}", flush=True)
+    if loads:
+        print(f"load average during the wrk runs: {min(loads):.1f}-{max(loads):.1f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,18 +633,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0, help="length of each wrk run (5)")
     p.add_argument(
         "--connections",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=lambda s: [int(x) for x in s.split(",") if x],
         default=[1, 32, 128],
-        help="wrk connection counts (1,32,128)",
+        help="wrk connection counts (1,32,128; '' for the bursts only)",
     )
     p.add_argument("--burst", type=int, default=0, help="burst size (64 SQLite, 128 PostgreSQL)")
+    p.add_argument(
+        "--burst-client",
+        default="fresh,keepalive",
+        help="comma-separated burst clients, run in turn: fresh (raw sockets, a new connection "
+        "per request), keepalive (raw sockets, connections opened and used beforehand), httpx "
+        "(asyncio + httpx, a new connection per request; the old client) (fresh,keepalive)",
+    )
+    p.add_argument(
+        "--burst-cold",
+        action="store_true",
+        help="no warm-up: the first burst finds the render cache empty (a server just started)",
+    )
     p.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for wham serve")
     p.add_argument("--server-module", default=None, help="python -m MODULE serve instead of wham")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
     p.add_argument(
         "--tree", action="append", type=Path, default=[], help="serve DIR/src (repeatable)"
     )
-    p.add_argument("--rounds", type=int, default=3, help="rounds of the trees, interleaved (3)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds (of the trees or --processes, interleaved: 3; else 1)",
+    )
     p.add_argument(
         "--processes",
         default="1",
@@ -538,7 +669,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     args.processes = [int(n) for n in str(args.processes).split(",")]
+    args.burst_client = [c for c in args.burst_client.split(",") if c]
+    if not set(args.burst_client) <= set(BURST_CLIENTS):
+        p.error(f"--burst-client: one or more of {', '.join(BURST_CLIENTS)}")
     args.tree = [t.resolve() for t in args.tree]
+    if args.rounds is None:
+        args.rounds = 3 if args.tree or len(args.processes) > 1 else 1
     if args.db in ("postgres", "both") and not args.postgres_url:
         p.error("PostgreSQL needs --postgres-url or WHAM_TEST_POSTGRES_URL (use ./bench/load)")
     log(f"load average: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
@@ -550,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.db in ("postgres", "both"):
             with postgres_database(args.postgres_url) as url:
                 results += run_database("postgres", url, args, work)
-    if args.tree or len(args.processes) > 1:
+    if args.rounds > 1:
         summary(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
