@@ -18,6 +18,9 @@ to the scripted model's first request:
 
 Alongside (not on the path unless it ends last): the mirror fetch and branch check that
 let the gateway release a standby's held request. Prints min / median / max per phase.
+With ``--back-to-back`` each task is posted the moment the previous one ended (its
+workspace removed), as ``bench.backtoback`` does, instead of once the standby waits for its
+prompt: the take then may wait for the standby's fill (``take_standby``, alongside).
 Loopback only; every wait is bounded.
 """
 
@@ -109,6 +112,8 @@ def phases(
     for r in mine:
         if r["name"] in ("mirror_ensure", "branch_head") and r.get("t1"):
             out[f"  alongside: {r['name']}"] = (r["t1"] - r["t0"]) * 1000
+        elif r["name"] == "take_standby" and r.get("t1"):
+            out["  alongside: take_standby (a fill under way)"] = (r["t1"] - r["t0"]) * 1000
         elif r["name"] == "gateway_release":
             out["  alongside: held request released, after POST"] = (r["t0"] - posted) * 1000
             # the standby's request waits in the gateway until the branch check is done
@@ -122,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=6, help="idle starts (6)")
     ap.add_argument("--files", type=int, default=50, help="files in the generated repository")
     ap.add_argument("--mode", default="", choices=["", "exec", "app-server"], help="Codex's")
+    ap.add_argument(
+        "--back-to-back",
+        action="store_true",
+        help="post each task as the previous one ended, not once the standby waits",
+    )
     args = ap.parse_args(argv)
     tree = args.tree.resolve()
     work = Path(tempfile.mkdtemp(prefix="wham-bench-phases-", dir="/var/tmp"))
@@ -148,11 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         start_ms(srv, clock, env_id, "970000")  # cold; leaves a standby
         for n in range(args.runs):
             deadline = time.monotonic() + 30
-            while not (srv._standby_settled() and h.standby_waiting(srv.process.pid)) and (
-                time.monotonic() < deadline
+            while not args.back_to_back and not (
+                srv._standby_settled() and h.standby_waiting(srv.process.pid)
             ):
+                if time.monotonic() > deadline:
+                    break
                 time.sleep(0.05)
-            time.sleep(0.5)
+            if not args.back_to_back:
+                time.sleep(0.5)
             tag = f"97{n + 1:02d}00"
             posted = time.time()
             start_ms(srv, clock, env_id, tag)
@@ -171,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             table.setdefault(name, []).append(ms)
     shutil.rmtree(work, ignore_errors=True)
     mode = args.mode or "default"
-    print(f"idle start phases, ms min / median / max (n={len(starts)}; tree {tree}; {mode})")
+    kind = "back-to-back" if args.back_to_back else "idle"
+    print(f"{kind} start phases, ms min / median / max (n={len(starts)}; tree {tree}; {mode})")
     for name, values in table.items():
         print(
             f"  {name:<56} {min(values):6.0f} {statistics.median(values):6.0f} {max(values):6.0f}"
