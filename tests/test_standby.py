@@ -655,6 +655,73 @@ def test_a_take_does_not_wait_for_a_fill_begun_after_it() -> None:
         pool.close()
 
 
+def test_a_key_whose_take_waited_for_a_fill_keeps_two_on_their_way() -> None:
+    """A take that has to wait for a fill under way (tasks posted back to back come faster
+    than a fill) gives its key a depth of two for ``max_age``; other keys, and a key whose
+    takes found theirs ready, keep one."""
+    made: list[Prepared] = []
+    gate = threading.Event()
+    pool = _pool(4, made, [], gate)
+    try:
+        pool.refill(_key("a"), 1)
+        pool.refill(_key("b"), 1)
+        gate.set()
+        _settled(pool, 2)
+        assert pool.take(_key("b")) is not None  # ready: no wait
+        gate.clear()
+        pool.refill(_key("a"), 2)  # a's second, held at the gate
+        assert pool.take(_key("a")) is not None  # the ready one
+        assert pool.depth(_key("a")) == pool.depth(_key("b")) == 1
+        got: list[Prepared | None] = []
+        taker = threading.Thread(target=lambda: got.append(pool.take(_key("a"))))
+        taker.start()
+        time.sleep(0.2)
+        assert got == []  # it waits for the fill under way
+        gate.set()
+        taker.join(10)
+        assert got and got[0] is not None
+        assert pool.depth(_key("a")) == 2 and pool.depth(_key("b")) == 1
+        pool._rushed[_key("a")] -= pool.max_age  # as if that wait was max_age ago
+        assert pool.depth(_key("a")) == 1
+    finally:
+        gate.set()
+        pool.close()
+
+
+def test_a_task_whose_start_waited_for_the_standby_leaves_two_for_the_next(
+    tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, repo: Path
+) -> None:
+    """Back to back: a task posted while the last one's refill is still being prepared
+    waits for it in its start; its own refill then prepares two standbys, so the next task
+    takes one begun an attempt earlier instead of waiting again."""
+    for server in make_server(tmp_path, sqlite_url, **engine_settings(scripted_model)):
+        api = server.api
+        env = api.create_env(repo)
+        scripted_model.script = [Say("ok")]
+        engine = engine_of(server)
+        workspaces = engine.workspaces
+        hold = threading.Event()
+        make = workspaces.make_standby
+
+        def slow_make(key: AgentKey, hold: threading.Event = hold, make: Any = make) -> Prepared:
+            hold.wait(30)  # the fill is still under way when the next task starts
+            return make(key)  # type: ignore[no-any-return]
+
+        workspaces.standby._make = slow_make
+        try:
+            edit_task(server, env["id"])  # cold; its refill waits at the hold
+            assert engine.standby.busy and len(engine.standby) == 0
+            created = api.create_task(env["id"], "Look")
+            time.sleep(1.0)  # its start waits for that fill
+            hold.set()
+            turn = wait_for_task(api, created["task"]["id"])["current_assistant_turn"]
+            assert turn["turn_status"] == "completed", turn["error"]
+            assert run_info(server, turn["id"])["standby"] is True
+            wait_standby(server, count=2, timeout=60)
+        finally:
+            hold.set()
+
+
 def test_the_next_standby_is_prepared_while_the_attempt_runs(
     tmp_path: Path, sqlite_url: str, scripted_model: ScriptedModel, repo: Path
 ) -> None:

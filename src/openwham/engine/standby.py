@@ -138,6 +138,8 @@ class StandbyPool:
         #: attempts running until their end (``_running`` loses them at their first model
         #: request): a best-of-N's refill waits until none of its key is left
         self._live: dict[str, AgentKey] = {}
+        #: when a take of each key last had to wait for a fill under way (:meth:`depth`)
+        self._rushed: dict[AgentKey, float] = {}
         self._closed = threading.Event()
         self._pruner: threading.Thread | None = None
 
@@ -157,6 +159,7 @@ class StandbyPool:
             before = set(self._filling.get(key, ()))
             if prepared is None and before:
                 # the attempt waits for those fills: their sandboxes get the normal weight
+                self._rushed[key] = time.monotonic()  # tasks come faster than a fill: depth
                 self._waiting[key] = self._waiting.get(key, 0) + 1
                 for proc in self._starting.get(key, {}).values():
                     proc.hurry()
@@ -178,6 +181,20 @@ class StandbyPool:
             return prepared
         self._drop_later(prepared)
         return None
+
+    def depth(self, key: AgentKey) -> int:
+        """How many standbys a single attempt of ``key`` keeps ready or on their way for the
+        next task: 2 once a take of the key had to wait for a fill under way (within
+        ``max_age``), else 1. Tasks posted back to back come faster than a fill then (the
+        fill, begun at the last attempt's prompt, shares the cores with that attempt), and
+        each waited for the fill in its start; with two, the one a take gets began an
+        attempt earlier. (At most ``size``, as every refill.)"""
+        with self._lock:
+            at = self._rushed.get(key)
+            if at is not None and time.monotonic() - at >= self.max_age:
+                del self._rushed[key]
+                at = None
+        return 1 if at is None else 2
 
     def refill(self, key: AgentKey, count: int = 1, *, top_up: bool = True) -> None:
         """Prepare standbys for ``key`` in the background, in parallel, until ``count`` (at

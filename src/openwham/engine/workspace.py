@@ -178,19 +178,23 @@ class Workspaces:
         """Start preparing the next standby for this attempt's key now that its agent has
         the prompt, not when it ends: a task posted right after this one ends then finds one
         ready instead of waiting for a fill begun at that end (``StandbyPool.take`` waits for
-        fills under way). One, whatever the task's count: the rest of a best-of-N's N, and
+        fills under way); for a single attempt of a key whose tasks came back to back faster
+        than a fill, two (``StandbyPool.depth``). One for a best-of-N: the rest of its N, and
         topping the key up to a larger recent count (``StandbyPool.refill``), wait for the
         attempts' ends (:meth:`refill`), so the N agents do not share the cores with N
         workspaces, sandboxes and Codex start-ups for the next task (their git, forks and
         Python run in this process, beside the agents' gateway and output, whatever the
         sandboxes' CPU weight)."""
         key = self.standby_key(claim)
+        count = 1
         if key is not None:  # its key's fills keep to the background while it starts
             self.standby.attempt_running(key, claim.turn_id)
             assert self.gateway is not None
             turn_id = claim.turn_id
             self.gateway.on_first_request(turn_id, lambda: self.standby.attempt_started(turn_id))
-        self.refill(claim, top_up=False, count=1)
+            if claim.attempts == 1:
+                count = self.standby.depth(key)
+        self.refill(claim, top_up=False, count=count)
 
     def ended(self, claim: Claim, *, refill: bool) -> None:
         """The attempt ended (whatever its outcome): see ``StandbyPool.attempt_ended``. With
