@@ -17,7 +17,9 @@ milliseconds from the POST to each phase's end (claim, standby taken, prompt, he
 requests released, each model request and its answer, turn.completed, the diff written, the
 terminal state committed, the sandbox's exit) and the time its recorder's writes held the
 agent's output thread; with the CPU pressure of the host meanwhile (``/proc/pressure/cpu``:
-how long some task waited for a core).
+how long some task waited for a core); and, per run, the processes the server started from
+the POST until its standbys were prepared again (git by verb, bwrap, …) with its CPU spent
+starting them.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import httpx
 from . import harness as h
 from .repo import generate
 from .startphases import CODEX_LOG
+from .traced_serve import spawn_summary
 
 
 @dataclass
@@ -54,6 +57,8 @@ class Run:
     #: CPU seconds of the server process itself (its Python: API, gateway, engine threads)
     #: from the POST until the last attempt ended, not counting what it ran
     server_cpu: float = 0.0
+    #: ``time.time()`` once its workspaces were gone and the standbys prepared again
+    done: float = 0.0
 
 
 def cpu_pressure_us() -> int | None:
@@ -114,6 +119,8 @@ def run_task(
     for tid in ids:
         server.wait_cleanup(tid)
     wait_standbys(server, n)
+    if runs is not None:
+        runs[-1].done = time.time()
     if cpu is not None:
         cpu.append(h.cpu_seconds(server.process.pid) - cpu0)
     return wall
@@ -328,6 +335,13 @@ def main(argv: list[str] | None = None) -> int:
                 events = list(h.iter_trace(args.trace / f"trace-{k}.jsonl"))
                 for i, run in enumerate(runs4[k]):
                     print(timeline(run, events, f"best-of-4 run {i + 1}"))
+                print(f"{tree}: processes the server started, from the POST until the standbys")
+                print("  were prepared again (bench.traced_serve's spawn points)")
+                for name, runs in (("best-of-4", runs4[k]), ("single", runs1[k])):
+                    for i, run in enumerate(runs):
+                        print(
+                            f"  {name} run {i + 1}: {spawn_summary(events, run.posted, run.done)}"
+                        )
         for k, tree in enumerate(trees):
             print(f"{tree}:")
             for name, values in (("single attempt", single[k]), ("best-of-4", best[k])):

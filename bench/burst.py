@@ -22,8 +22,9 @@ Per server it prints min / median / max wall, tasks per minute, and where the ti
   (workspace, sandbox and agent process: the server's side) and the prompt → the model's
   first request (the agent's own start-up in its sandbox), with the claim's own time
   (its reads, and its write waiting for the writer) and the cold workspaces' and sandboxes' times;
-  and where the server's own threads spent their CPU (``bench.traced_serve``'s sampler, in
-  ``DIR/trace-*.samples.json``).
+  where the server's own threads spent their CPU (``bench.traced_serve``'s sampler, in
+  ``DIR/trace-*.samples.json``), and the processes the server started in each round (git
+  by verb, bwrap, …) with its CPU spent starting them.
 
 Loopback only; bounded by ``--timeout`` per round.
 """
@@ -47,6 +48,7 @@ import httpx
 
 from . import harness as h
 from .repo import generate
+from .traced_serve import spawn_summary
 
 PHASES = ("queue", "start", "agent loop", "tail")
 #: ``--trace``: the start's parts (see the module's doc)
@@ -73,6 +75,8 @@ class Series:
     phases: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
     cpu_own: list[float] = field(default_factory=list)
     trace: Path | None = None
+    #: ``--trace``: the processes the server started in each round (``spawn_summary``)
+    spawns: list[str] = field(default_factory=list)
     traced: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in TRACED})
     bad: int = 0
 
@@ -127,6 +131,7 @@ def run_round(
     phases(s, clock, created, marks, wall0)
     if s.trace is not None:
         traced(s, [turn_id for _, turn_id in created])
+        s.spawns.append(spawn_summary(list(h.iter_trace(s.trace)), wall0, time.time()))
     return list(statuses.values())
 
 
@@ -267,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             s.walls.clear(), s.cpu_server.clear(), s.cpu_bench.clear(), s.cpu_own.clear()
             s.phases = {p: [] for p in PHASES}
             s.traced = {p: [] for p in TRACED}
+            s.spawns.clear()
         for n in range(args.runs):
             for k, s in enumerate(series):
                 time.sleep(args.settle)
@@ -301,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                     "    the start's parts, median of each round: "
                     + "; ".join(f"{p} {fmt(s.traced[p])}" for p in TRACED)
                 )
+                for n, spawned in enumerate(s.spawns):
+                    print(f"    round {n + 1}, processes the server started: {spawned}")
         return 0
     finally:
         for s in series:

@@ -12,6 +12,12 @@ function (``leaf``), in seconds, written to the path every 5 s and at exit: wher
 server's own CPU goes (approximately: a thread's CPU between two samples is charged to
 where it was at the second).
 
+Every process the server starts (``subprocess.Popen``) is a point ``spawn``: ``what`` the
+program (``git <verb>``, ``bwrap``, …, wrappers such as ``setpriv`` looked through), ``cpu``
+the starting thread's CPU seconds in ``_execute_child`` (the fork or vfork and exec, with
+the GIL held in the fork of a ``preexec_fn``), ``preexec`` whether it had one
+(:func:`spawn_summary` counts them per run).
+
 With ``$BENCH_CODEX_RUST_LOG`` (a ``RUST_LOG`` filter) the sandboxed Codex logs to its
 stderr, and each of its log lines after the prompt is written becomes a point
 ``codex_log`` at Codex's own timestamp (``msg``: the line without its span prefix);
@@ -25,6 +31,7 @@ import functools
 import json
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -77,7 +84,62 @@ def _wrap(owner: Any, attr: str, name: str, **kw: Any) -> None:
     setattr(owner, attr, span(name, fn, **kw))
 
 
+#: programs that start another given on their command line (``openwham.lifeline``'s)
+_WRAPPERS = frozenset({"setpriv", "unshare", "prlimit", "sh", "env"})
+
+
+def spawn_kind(argv: Any) -> str:
+    """``git <verb>`` for a git command line (its ``-c``/``-C`` options skipped), else the
+    program's name; wrappers (``setpriv … sh -c … git …``) are looked through."""
+    if isinstance(argv, (str, bytes)):
+        argv = [argv]
+    names = [os.path.basename(os.fsdecode(a)) for a in argv]
+    for i, name in enumerate(names):
+        if name == "git":
+            rest = iter(names[i + 1 :])
+            for arg in rest:
+                if arg in ("-c", "-C"):
+                    next(rest, None)
+                elif not arg.startswith("-"):
+                    return f"git {arg}"
+            return "git"
+        if name == "bwrap":
+            return "bwrap"
+    return next((n for n in names if n not in _WRAPPERS and not n.startswith("-")), names[0])
+
+
+def spawn_summary(events: list[dict[str, Any]], t0: float, t1: float) -> str:
+    """The ``spawn`` points from ``t0`` to ``t1``: how many of each kind, and the starting
+    threads' CPU in ``_execute_child`` in all."""
+    found = [e for e in events if e["name"] == "spawn" and t0 <= e["t0"] <= t1]
+    kinds: dict[str, int] = {}
+    for e in found:
+        kinds[e["what"]] = kinds.get(e["what"], 0) + 1
+    cpu = sum(e.get("cpu", 0.0) for e in found) * 1000
+    wall = sum((e.get("t1") or e["t0"]) - e["t0"] for e in found) * 1000
+    each = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items(), key=lambda x: (-x[1], x[0])))
+    return (
+        f"{len(found)} processes ({each or 'none'}); starting them {cpu:.0f} ms CPU, "
+        f"{wall:.0f} ms wall"
+    )
+
+
+def _trace_spawns() -> None:
+    execute_child = subprocess.Popen._execute_child  # type: ignore[attr-defined]
+
+    def traced(self: Any, args: Any, executable: Any, preexec_fn: Any, *a: Any, **k: Any) -> Any:
+        t0, c0 = time.time(), time.thread_time()
+        try:
+            return execute_child(self, args, executable, preexec_fn, *a, **k)
+        finally:
+            cpu = time.thread_time() - c0
+            emit("spawn", t0, time.time(), what=spawn_kind(args), cpu=cpu, preexec=bool(preexec_fn))
+
+    setattr(subprocess.Popen, "_execute_child", traced)  # noqa: B010
+
+
 def install() -> None:
+    _trace_spawns()
     from openwham.engine import agent, attempt, executor, recorder, result
     from openwham.engine import workspace as engine_workspace
     from openwham.gateway import app as gateway_app
@@ -110,8 +172,10 @@ def install() -> None:
     _wrap(attempt.Engine, "_claim", "claim")
     _wrap(attempt.Engine, "_write_title", "title")
     _wrap(workspace.Mirrors, "ensure", "mirror_ensure")
-    # the name Workspaces.prepare_cold calls
-    _wrap(engine_workspace, "create_workspace", "create_workspace")
+    # the names Workspaces.prepare_cold calls (create_workspace before workspace_at)
+    for name in ("create_workspace", "workspace_at"):
+        if hasattr(engine_workspace, name):
+            _wrap(engine_workspace, name, "create_workspace")
     _wrap(workspace, "git", "git", describe=lambda *a, **k: {"cmd": a[0] if a else "?"})
     _wrap(codex, "codex_home_files", "codex_home_files")
     _wrap(gateway_app.Gateway, "register_attempt", "register_attempt")
@@ -155,7 +219,9 @@ def install() -> None:
     setattr(gateway_app._Passthrough, "_pump", traced_pump)  # noqa: B010
     _wrap(attempt, "workspace_diff", "workspace_diff")
     _wrap(engine_workspace.Workspaces, "take_standby", "take_standby")
-    _wrap(engine_workspace, "branch_head", "branch_head")
+    for name in ("branch_head", "branch_ref"):  # branch_ref since it reads the files
+        if hasattr(engine_workspace, name):
+            _wrap(engine_workspace, name, "branch_head")
     rust_log = os.environ.get("BENCH_CODEX_RUST_LOG")
     if rust_log:
         sandbox_env = codex.sandbox_env

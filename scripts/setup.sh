@@ -5,7 +5,8 @@
 #   scripts/setup.sh [--with-postgres] [--quiet]
 #
 #   (no flag)        system packages git, ca-certificates, bubblewrap, libseccomp2, curl,
-#                    iproute2, python3 (>= 3.11) + python3-venv if needed,
+#                    iproute2, util-linux (setpriv, unshare, prlimit, mount),
+#                    python3 (>= 3.11) + python3-venv if needed,
 #                    npm for the pinned Codex CLI; uv; the project's .venv
 #                    (`uv sync --frozen`, dev tools included)
 #   --with-postgres  also a PostgreSQL server (Debian's `postgresql`) unless
@@ -134,6 +135,11 @@ if [ "$WITH_POSTGRES" = 1 ] && ! wham_find_pg_bindir >/dev/null; then
 fi
 # The sandbox every agent command runs in.
 want_cmd bwrap bubblewrap
+# setpriv, unshare, prlimit, mount: how the server starts git and bubblewrap so that they
+# die with it (openwham.lifeline; util-linux is essential on Debian, so normally present).
+for tool in setpriv unshare prlimit mount; do
+    want_cmd "$tool" util-linux
+done
 # libseccomp builds the sandboxes' seccomp filter (loaded by pyseccomp through ctypes).
 apt_pkg_installed libseccomp2 || WANTED_PKGS+=(libseccomp2)
 # Tools setup scripts and agents expect in the sandbox (it sees the host's /usr).

@@ -9,6 +9,7 @@ does not, and that nothing of it outlives the server.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -190,6 +191,58 @@ def test_a_standby_is_not_used_when_it_does_not_fit_the_task(
     scripted_model.script = [Say("Looked.")]
     second = edit_task(standby_server, env["id"])
     assert run_info(standby_server, second["id"])["standby"] is True
+
+
+def _kind(args: list[str]) -> str:
+    """``git <verb>``, ``bwrap`` or the program of a command line the server started
+    (``openwham.lifeline.command``'s wrappers looked through)."""
+    names = [Path(a).name for a in args]
+    if "bwrap" in names:
+        return "bwrap"
+    if "git" in names:
+        rest = iter(names[names.index("git") + 1 :])
+        for arg in rest:
+            if arg in ("-c", "-C"):
+                next(rest, None)
+            elif not arg.startswith("-"):
+                return f"git {arg}"
+    return names[0]
+
+
+def test_an_attempt_on_a_standby_starts_one_fetch_and_the_next_standbys_sandbox(
+    standby_server: Server, scripted_model: ScriptedModel, repo: Path, monkeypatch: Any
+) -> None:
+    """The processes the server starts for an attempt that takes a standby, and for the
+    standby prepared after it (overlay workspaces: the checkout at the commit exists): the
+    mirror's fetch and the next standby's sandbox. The branch head (the standby's check, the
+    next one's commit) is read from the mirror's files: two ``git rev-parse`` before, each a
+    fork of the server. Git is started without a ``preexec_fn`` (one makes ``subprocess``
+    fork the whole server)."""
+    engine = engine_of(standby_server)
+    checkouts = engine.workspaces.checkouts
+    if checkouts is None or not checkouts.enabled:
+        pytest.fail("overlay workspaces are not available here")
+    env = standby_server.api.create_env(repo)
+    scripted_model.script = [Say("Looked.")]
+    edit_task(standby_server, env["id"])
+    wait_standby(standby_server)
+
+    started: list[tuple[str, object]] = []
+    execute = subprocess.Popen._execute_child  # type: ignore[attr-defined]
+
+    def spy(self: object, args: Any, executable: Any, preexec_fn: Any, *a: Any, **k: Any) -> Any:
+        started.append((_kind(list(args)), preexec_fn))
+        return execute(self, args, executable, preexec_fn, *a, **k)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", spy)
+    scripted_model.script = [Shell("cat app.py"), Say("Looked.")]
+    warm = edit_task(standby_server, env["id"])
+    wait_standby(standby_server)
+    monkeypatch.undo()
+    assert run_info(standby_server, warm["id"])["standby"] is True
+    assert warm["base_commit_sha"] == git("rev-parse", "HEAD", cwd=repo).strip()
+    assert sorted(kind for kind, _ in started) == ["bwrap", "git fetch"]
+    assert [preexec for kind, preexec in started if kind.startswith("git")] == [None]
 
 
 def test_standby_sandboxes_end_with_the_server_and_are_off_with_zero(

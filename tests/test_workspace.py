@@ -130,39 +130,39 @@ def test_the_attempts_of_one_prompt_share_one_fetch(
     assert len(fetches) == 3
 
 
-def test_the_branch_head_is_read_once_per_fetch(
+def test_the_branch_head_is_read_without_git_and_as_the_last_fetch_left_it(
     repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The attempts of a best-of-N check their standbys against the branch head after one
-    shared fetch: one ``git rev-parse`` for all of them (a fork of the server each before),
-    and a commit a later fetch brings is seen at once."""
+    shared fetch: a ``git rev-parse`` each before (a fork of the server), one per fetch
+    since b812f37 (still one per attempt asking while it ran); now the mirror's ref files,
+    no git at all, and a commit a later fetch brings is seen at once."""
     from openwham.sandbox import workspace as ws_mod
 
     mirrors = Mirrors(tmp_path / "mirrors")
     real_git = ws_mod.git
-    reads: list[str] = []
+    ran: list[tuple[str, ...]] = []
 
     def counting_git(*args: str, **kwargs: object) -> str:
-        if args[0] == "rev-parse":
-            reads.append(args[-1])
+        ran.append(args)
         return real_git(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ws_mod, "git", counting_git)
     first = git("rev-parse", "HEAD", cwd=repo).strip()
-    assert mirrors.branch_head("k", "main") is None  # no mirror yet: nothing kept
+    assert mirrors.branch_head("k", "main") is None  # no mirror yet
     mirrors.ensure("k", str(repo))
-    heads = [mirrors.branch_head("k", "main") for _ in range(4)]
-    assert heads == [first] * 4
+    monkeypatch.setattr(ws_mod, "git", counting_git)
+    assert [mirrors.branch_head("k", "main") for _ in range(4)] == [first] * 4
     assert mirrors.branch_head("k", "nope") is None
-    assert len(reads) == 3  # before the clone, once after it, the other branch
+    assert mirrors.start_commit("k", "main", None, "the repository") == first
+    assert ran == []
     (repo / "next.txt").write_text("next\n")
     git("add", ".", cwd=repo)
     git("commit", "-q", "-m", "next", cwd=repo)
     second = git("rev-parse", "HEAD", cwd=repo).strip()
     assert mirrors.branch_head("k", "main") == first  # the mirror as its fetch left it
-    mirrors.ensure("k", str(repo))  # a fetch: the head is read again
+    mirrors.ensure("k", str(repo))  # a fetch
     assert [mirrors.branch_head("k", "main") for _ in range(2)] == [second] * 2
-    assert len(reads) == 4
+    assert [a[0] for a in ran] == ["fetch"]
 
 
 def test_a_branch_is_read_from_the_mirrors_files_as_git_reads_it(
@@ -361,6 +361,38 @@ def test_overlay_checkouts_are_made_once_per_commit_and_evicted_only_when_unused
     checkouts.sweep()
     assert not half.exists()
     assert len(list(checkouts.root.glob("*/*/ready"))) == 1
+
+
+def test_host_git_on_an_overlay_workspace_sees_the_merged_view_and_mounts_nothing_here(
+    repo: Path, tmp_path: Path
+) -> None:
+    """Host git on an overlay workspace runs in a mount namespace of its own with the overlay
+    mounted (``lifeline.command`` with ``mount_namespace``: no ``preexec_fn``): it reads the
+    checkout through it and writes to the attempt's upper directory only; the host's
+    ``workspace`` directory stays an empty mount point."""
+    from openwham.sandbox import overlay
+    from openwham.sandbox.workspace import Checkouts
+    from openwham.sandbox.workspace import git as host_git
+
+    if (reason := overlay.unavailable()) is not None:
+        pytest.fail(f"overlay workspaces are not available here: {reason}")
+    mirror = Mirrors(tmp_path / "mirrors").ensure("k", str(repo))
+    (tmp_path / "a").mkdir()
+    ws = tmp_path / "a" / "workspace"
+    create_workspace(mirror, ws, "main", str(repo), checkouts=Checkouts(tmp_path / "checkouts"))
+    assert host_git("status", "--porcelain", cwd=ws) == ""
+    apply_patch(
+        ws,
+        "diff --git a/calc.py b/calc.py\n--- a/calc.py\n+++ b/calc.py\n"
+        "@@ -1,2 +1,2 @@\n def add(a, b):\n-    return a - b\n+    return a + b\n",
+    )
+    assert host_git("status", "--porcelain", cwd=ws) == " M calc.py\n"
+    assert "+    return a + b" in host_git("diff", cwd=ws)
+    assert list(ws.iterdir()) == []  # nothing mounted here
+    upper = tmp_path / "a" / overlay.UPPER
+    assert "a + b" in (upper / "calc.py").read_text()
+    lower = (tmp_path / "a" / overlay.LOWER).resolve()
+    assert "a - b" in (lower / "calc.py").read_text()
 
 
 def test_without_overlays_workspaces_are_full_checkouts(repo: Path, tmp_path: Path) -> None:

@@ -142,3 +142,25 @@ def foreign_process(argv0: str, *args: str) -> Iterator[int]:
     finally:
         proc.kill()
         proc.wait()
+
+
+# A setpriv that lets its parent (the "server") be killed first, then does its job: the
+# window between the server's vfork and the armed parent-death signal, widened at will.
+_SLOW_SETPRIV = """#!/bin/sh
+echo $$ > {pid}
+kill -9 $PPID
+while [ "$(cut -d' ' -f4 /proc/$$/stat)" = "$PPID" ]; do sleep 0.01; done
+exec {setpriv} "$@"
+"""
+
+
+def slow_setpriv(directory: Path) -> tuple[Path, Path]:
+    """A ``setpriv`` for ``openwham.lifeline.setpriv`` that SIGKILLs the process that started
+    it, waits until it is reparented, then runs the real one; and the file it writes its pid
+    to first (``lifeline.command``'s command keeps that pid)."""
+    from openwham import lifeline
+
+    script, pid = directory / "slow-setpriv", directory / "slow-setpriv.pid"
+    script.write_text(_SLOW_SETPRIV.format(pid=pid, setpriv=lifeline.setpriv()))
+    script.chmod(0o755)
+    return script, pid

@@ -35,7 +35,7 @@ from openwham.sandbox.snapshots import (
 from openwham.sandbox.workspace import (
     Checkouts,
     WorkspaceError,
-    branch_head,
+    branch_ref,
     overlay_workspace,
     share_objects,
     share_repo_objects,
@@ -235,7 +235,7 @@ class SetupCache:
                 start=was.commit,
                 commit=at.commit,
                 branch=at.branch,
-                origin=branch_head(target.mirror, at.branch),
+                origin=branch_ref(target.mirror, at.branch),
                 subdir=at.dir,
             )
             lines += [f"{at.dir}: {line}" for line in moved]
@@ -294,7 +294,7 @@ class SetupCache:
             start=snap.commit,
             commit=base,
             branch=branch,
-            origin=branch_head(mirror, branch),
+            origin=branch_ref(mirror, branch),
         )
 
     def take(

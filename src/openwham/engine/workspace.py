@@ -41,10 +41,10 @@ from openwham.sandbox.workspace import (
     Mirrors,
     WorkspaceError,
     apply_patch,
-    branch_head,
+    branch_ref,
     create_repo_workspace,
-    create_workspace,
     start_commit,
+    workspace_at,
 )
 
 from . import setup as setup_phase
@@ -295,7 +295,8 @@ class Workspaces:
                 base = targets[0].at.commit
             else:
                 at = resume.base if resume is not None else None  # the task's base
-                base = start_commit(mirror, claim.branch, at, "the repository")
+                # the head as read once per fetch: prepare's fetch (or a later one)
+                base = self.mirrors.start_commit(claim.repo_key, claim.branch, at, "the repository")
                 self.cache.resume(claim, cache, mirror, base, attempt_dir)
                 if cache.hit is not None and not self.cache.apply_change(
                     claim, resume, workspace, base
@@ -303,13 +304,13 @@ class Workspaces:
                     cache.miss()  # as if there were no snapshot: a fresh workspace and setup
                     forget(attempt_dir)
                 if cache.hit is None:
-                    create_workspace(
+                    workspace_at(
                         mirror,
                         workspace,
                         claim.branch,
                         claim.repo_url,
+                        base,
                         checkouts=self.checkouts,
-                        at=base,
                     )
         except WorkspaceError as exc:
             raise AttemptFailed("workspace_error", str(exc)) from exc
@@ -367,7 +368,7 @@ class Workspaces:
                 branch, at = str(before["branch"]), str(before["sha"])
             elif i == 0 and resume is not None:
                 branch, at = claim.branch, resume.base
-            elif branch_head(own, claim.branch) is not None:
+            elif branch_ref(own, claim.branch) is not None:
                 branch = claim.branch
             else:
                 branch = repo.default_branch
@@ -515,12 +516,14 @@ class Workspaces:
                 made = self._from_snapshot(key, setup, mirror, directory, held)
                 base, env_vars = made.base, setup.env_vars
                 repos = {at.key: _repo_base(at) for at in made.repos} or None
-            else:
-                base = create_workspace(
+            else:  # the head as read once per fetch (a take checks it after its own)
+                head = self.mirrors.start_commit(key.repo_key, key.branch, None, "the repository")
+                base = workspace_at(
                     mirror,
                     directory / "workspace",
                     key.branch,
                     key.repo_url,
+                    head,
                     checkouts=self.checkouts,
                 )
             prepared = self.agents.start(
@@ -564,7 +567,7 @@ class Workspaces:
             lines = self.cache.stack_repos(snap, targets, directory)
             base, repos = targets[0].at.commit, tuple(t.at for t in targets)
         else:
-            head = branch_head(mirror, key.branch)
+            head = self.mirrors.branch_head(key.repo_key, key.branch)
             if head is None:
                 raise RuntimeError(f"the mirror has no branch {key.branch}")
             base = head
@@ -610,9 +613,9 @@ class Workspaces:
         targets: list[RepoTarget] = []
         for i, repo in enumerate(repos):
             own = mirror if i == 0 else self.mirrors.ensure(repo.key, repo.url, fetch=False)
-            has = branch_head(own, key.branch) is not None
+            has = branch_ref(own, key.branch) is not None
             branch = key.branch if has else repo.default_branch
-            sha = branch_head(own, branch)
+            sha = branch_ref(own, branch)
             if sha is None:
                 raise RuntimeError(f"the mirror of {repo.url} has no branch {branch}")
             targets.append(RepoTarget(RepoAt(repo.key, repo.dir, sha, branch), own, repo.url))

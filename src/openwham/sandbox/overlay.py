@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from openwham import lifeline
+
 LOWER = "overlay-lower"
 SNAPSHOT = "overlay-snapshot"
 UPPER = "overlay-upper"
@@ -145,6 +147,16 @@ def child_mount(overlay: Overlay, target: Path) -> None:
     )
 
 
+def mount_line(overlay: Overlay, target: Path) -> str:
+    """The shell line that mounts ``overlay`` on ``target``, for ``lifeline.command``'s
+    ``before`` in a private mount namespace (host git on a workspace: started without a
+    ``preexec_fn``, unlike :func:`child_mount`)."""
+    options = overlay.options().decode()
+    return lifeline.quote(
+        lifeline.tool("mount"), "-n", "-t", "overlay", "overlay", "-o", options, str(target)
+    )
+
+
 @functools.cache
 def unavailable() -> str | None:
     """``None`` when overlay workspaces work here, else why not (probed once: a mount in a
@@ -167,6 +179,13 @@ def unavailable() -> str | None:
             )
             if proc.stdout != "lower\n":
                 return f"overlayfs mount failed: {proc.stderr.strip()[-300:]}"
+            # and as host git mounts it (``mount_line``)
+            line = mount_line(overlay, root / "workspace")
+            argv = ["cat", str(root / "workspace" / "f")]
+            cmd = lifeline.command(argv, mount_namespace=True, before=[line])
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+            if proc.stdout != "lower\n":
+                return f"overlayfs mount(8) failed: {proc.stderr.strip()[-300:]}"
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         return f"overlayfs mount failed: {exc}"
     return None

@@ -29,10 +29,10 @@ import time
 import uuid
 from pathlib import Path
 
+from openwham import lifeline
 from openwham.config import Settings
 from openwham.gitauth import GitAuth, git_call, refusal
 from openwham.gitpaths import LocalRepoPolicy
-from openwham.lifeline import die_with_parent
 from openwham.locks import file_lock as _locked  # per node: mirrors are the node's own
 from openwham.sandbox import bwrap, overlay
 from openwham.sandbox.bwrap import SHARED_OBJECTS
@@ -120,18 +120,15 @@ def _run_git(
 ) -> str:
     name = next((a for a in args if not a.startswith("-") and "=" not in a), "")
     layers = overlay.of(cwd) if cwd is not None else None
-    preexec = die_with_parent()
-    if layers is not None and cwd is not None:  # merged only in a mount namespace of its own
-        merged, lifeline = cwd.absolute(), preexec
-
-        def preexec() -> None:
-            lifeline()
-            overlay.child_mount(layers, merged)
-
+    merged = cwd.absolute() if layers is not None and cwd is not None else None
+    if merged is not None:  # the overlay is mounted only in a mount namespace of its own
         args, cwd = ["-C", str(merged), *args], None
     try:
+        before = [overlay.mount_line(layers, merged)] if layers and merged else []
+        # a killed server's fetch or push ends with it; started without a preexec_fn (vfork)
+        argv = lifeline.command(["git", *_SAFE, *args], mount_namespace=bool(before), before=before)
         proc = subprocess.run(
-            ["git", *_SAFE, *args],
+            argv,
             cwd=cwd,
             env=env,
             input=input,
@@ -139,7 +136,6 @@ def _run_git(
             text=True,
             timeout=timeout,
             check=False,
-            preexec_fn=preexec,  # a killed server's fetch or push ends with it
             pass_fds=fds,  # the credential's in-memory files (openwham.gitauth)
         )
     except subprocess.TimeoutExpired as exc:
@@ -189,7 +185,6 @@ class Mirrors:
         self._asked: dict[tuple[str, str], float] = {}
         self._asked_lock = threading.Lock()
         # (key, branch) -> the fetch it was read after (``_fetched``'s entry) and the head
-        self._heads: dict[tuple[str, str], tuple[tuple[float, GitAuth | None], str | None]] = {}
 
     def check(self, url: str) -> None:
         """Raise :class:`RepositoryRefused` when git must not open the local repository
@@ -274,22 +269,16 @@ class Mirrors:
         return mirror
 
     def branch_head(self, key: str, branch: str) -> str | None:
-        """:func:`branch_head` of the mirror as this process's last fetch (or clone) of it
-        left it, read once per fetch: the attempts of a best-of-N check their standbys
-        against it right after one shared fetch, each with a ``git rev-parse`` (a fork of
-        the server: 160-230 ms each at load 7) before. Before any fetch here: read each time.
-        A fetch ends in a new ``_fetched`` entry, so a head read before it is never served
-        after it."""
-        fetched = self._fetched.get(key)
-        with self._asked_lock:
-            hit = self._heads.get((key, branch))
-        if fetched is not None and hit is not None and hit[0] == fetched:
-            return hit[1]
-        head = branch_head(self.path(key), branch)
-        if fetched is not None:  # read after that fetch (or a later one: never served then)
-            with self._asked_lock:
-                self._heads[(key, branch)] = (fetched, head)
-        return head
+        """The commit ``branch`` points at in the mirror of ``key`` (``None``: no such branch),
+        read from its ref files (:func:`branch_ref`): the attempts of a best-of-N check their
+        standbys against it right after one shared fetch, and each ``git rev-parse`` was a
+        fork of the server (160-230 ms each at load 7; the read was once per fetch since, and
+        still forked for each attempt asking while it ran)."""
+        return branch_ref(self.path(key), branch)
+
+    def start_commit(self, key: str, branch: str, at: str | None, where: str) -> str:
+        """:func:`start_commit` in the mirror of ``key``."""
+        return _start(self.branch_head(key, branch), self.path(key), branch, at, where)
 
 
 def branch_head(mirror: Path, branch: str) -> str | None:
@@ -369,6 +358,8 @@ def _checkout(
     # the checkout, through the relative entry
     git("reset", "--quiet", "--hard", *([sha] if sha else []), cwd=dest)
     git("remote", "set-url", "origin", origin_url, cwd=dest)
+    if sha is not None and len(sha) in (40, 64) and all(c in "0123456789abcdef" for c in sha):
+        return sha  # a commit's full name (``start_commit``'s): HEAD is it now
     return git("rev-parse", "HEAD^{commit}", cwd=dest).strip()
 
 
@@ -390,8 +381,24 @@ def create_workspace(
     if dest.exists():
         raise WorkspaceError(f"workspace {dest} already exists")
     sha = start_commit(mirror, branch, at, "the repository")
+    return workspace_at(mirror, dest, branch, origin_url, sha, checkouts=checkouts)
+
+
+def workspace_at(
+    mirror: Path,
+    dest: Path,
+    branch: str,
+    origin_url: str,
+    sha: str,
+    *,
+    checkouts: Checkouts | None = None,
+) -> str:
+    """:func:`create_workspace` at ``sha``, the commit :func:`start_commit` (or
+    ``Mirrors.start_commit``) found: no git run to find it again. Returns ``sha``."""
+    if dest.exists():
+        raise WorkspaceError(f"workspace {dest} already exists")
     if checkouts is None or not checkouts.enabled:
-        return _checkout(mirror, dest, branch, origin_url, sha if at is not None else None)
+        return _checkout(mirror, dest, branch, origin_url, sha)
     overlay_workspace(mirror, dest, checkouts, branch, sha, origin_url)
     return sha
 
@@ -419,11 +426,14 @@ def share_objects(mirror: Path, dest: Path) -> None:
 def start_commit(mirror: Path, branch: str, at: str | None, where: str) -> str:
     """The commit a workspace starts at: ``branch``'s head in the mirror, or ``at`` (a
     follow-up's original base) when given; :class:`WorkspaceError` naming ``where``."""
-    sha = branch_head(mirror, branch)
-    if sha is None:
+    return _start(branch_ref(mirror, branch), mirror, branch, at, where)
+
+
+def _start(head: str | None, mirror: Path, branch: str, at: str | None, where: str) -> str:
+    if head is None:
         raise WorkspaceError(f"Branch {branch!r} does not exist in {where}")
     if at is None:
-        return sha
+        return head
     try:
         return git("rev-parse", "--verify", "--quiet", f"{at}^{{commit}}", cwd=mirror).strip()
     except WorkspaceError as exc:

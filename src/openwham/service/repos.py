@@ -12,8 +12,8 @@ from urllib.parse import urlparse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from openwham import lifeline
 from openwham.gitpaths import LocalRepoPolicy
-from openwham.lifeline import die_with_parent
 from openwham.store import models as m
 from openwham.wire import GitHubRepo, GitHubRepoOwner, RepoSpec
 
@@ -102,14 +102,13 @@ def _local_head(path: str) -> tuple[bool, str | None]:
     refused here.
     """
     try:
-        out = subprocess.run(
-            ["git", "ls-remote", "--symref", path, "HEAD"],
+        out = subprocess.run(  # dies with the server; started without a preexec_fn (vfork)
+            lifeline.command(["git", "ls-remote", "--symref", path, "HEAD"]),
             capture_output=True,
             text=True,
             timeout=10,
             env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
             check=False,
-            preexec_fn=die_with_parent(),
         )
     except (OSError, subprocess.TimeoutExpired):
         return True, None
