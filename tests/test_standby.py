@@ -672,6 +672,36 @@ def test_fills_leave_the_background_once_the_attempts_first_model_request_went_t
         pool.close()
 
 
+def test_a_fill_that_ended_before_the_attempts_first_model_request_leaves_the_background() -> None:
+    """The same when the fill ends first (its standby is ready, waiting for a prompt): it
+    was left at the background weight until taken, since only fills under way were hurried
+    (``test_the_next_standby_is_prepared_while_the_attempt_runs`` failed once fills got
+    quicker: no git fork of the server in them any more)."""
+    procs: list[Any] = []
+    pool: StandbyPool
+
+    def make(key: AgentKey) -> Prepared:
+        proc: Any = _Proc()
+        procs.append(proc)
+        pool.started(key, proc)
+        return Prepared(dir=Path("/nonexistent"), base="b", proc=proc, owner="o")
+
+    pool = StandbyPool(size=4, max_age=60.0, make=make, drop=lambda p: None)
+    try:
+        pool.attempt_running(_key("a"), "t1")
+        pool.refill(_key("a"), 1)
+        deadline = time.monotonic() + 5
+        while len(pool) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not procs[0].hurried  # ready, in the background while t1 starts
+        pool.attempt_started("t1")
+        assert procs[0].hurried
+        pool.attempt_ended("t1")
+    finally:
+        pool.close()
+
+
 def test_a_take_does_not_wait_for_a_fill_begun_after_it() -> None:
     """A taker waits for the fills under way when it began, not for one begun later (the
     refill of an attempt that just started): else attempts arriving together would queue

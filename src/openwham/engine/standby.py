@@ -267,6 +267,9 @@ class StandbyPool:
             if key is None or key in self._running.values():
                 return
             procs = list(self._starting.get(key, {}).values())
+            # and those whose fill ended meanwhile (a fill quicker than the attempt's first
+            # model request was left at the background weight until it was taken)
+            procs += [p.proc for p in self._ready.get(key, ())]
         for proc in procs:
             proc.hurry()
 
