@@ -147,6 +147,7 @@ def test_the_recorder_of_a_superseded_run_stops_and_writes_nothing(
     gone: list[str] = []
     rec = _recorder(db, "A", gone)
     rec.status("Working")  # A is the owner: this lands
+    assert rec.drain(5)
     _recovered(db)
     _claim(db, "B")
     before = _state(db)
@@ -162,6 +163,7 @@ def test_the_recorder_of_a_superseded_run_stops_and_writes_nothing(
         "finish": lambda: rec.finish(TurnStatus.COMPLETED, text="Completed", output_items=[]),
     }
     writes[first]()
+    assert rec.drain(5)  # (written by the recorder's own thread)
     assert rec.gone and rec.gone_reason == SUPERSEDED
     _until(lambda: gone)
     assert gone == [SUPERSEDED]

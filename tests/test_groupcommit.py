@@ -215,6 +215,12 @@ def _attempts(db: Database, n: int) -> list[str]:
     return ids
 
 
+def _written(rec: TurnRecorder, message: WorklogMessage) -> None:
+    """``message`` recorded and written (the recorder hands it to a writer thread)."""
+    rec.message(message)
+    assert rec.drain(BOUND)
+
+
 def _message(n: int) -> WorklogMessage:
     return WorklogMessage.model_validate(
         {
@@ -261,11 +267,17 @@ def test_attempts_lines_are_committed_together_in_order_and_published_after(
     _until(lambda: db.writes.busy)  # its first line taken: waiting for the holder
     threads += [_start(lambda rec=rec: attempt(rec)) for rec in recorders[1:]]  # type: ignore[misc]
     _until(lambda: db.writes.queued == 3)  # three queue meanwhile
-    _let_go(holder, threads)
+    for thread in threads:  # the lines are handed over: nobody waits for the database
+        thread.join(BOUND)
+        assert not thread.is_alive()
+    _let_go(holder, [])
+    for rec in recorders:
+        assert rec.drain(BOUND)
     commits = db.writes.commits - before
-    # 37 writes (turn3's one refused): one transaction each before; now the first alone,
-    # the three queued behind it together, and the rest as they meet (fewer as it is busier)
-    assert commits <= 37 - 2, commits
+    # 37 lines (turn3's one refused): one transaction each once; now each recorder writes
+    # its first line alone and the lines queued meanwhile in one more write (turn3: one,
+    # refused), and the group commit writes queued together in one transaction
+    assert commits <= 7, commits
     with db.sessions() as s:
         for turn_id in turns[:3]:
             got = [e.payload["id"] for e in events.read(s, turn_id)]
@@ -273,9 +285,10 @@ def test_attempts_lines_are_committed_together_in_order_and_published_after(
         assert events.read(s, "turn3") == []
     assert recorders[3].gone_reason == SUPERSEDED
     _until(lambda: gone == [SUPERSEDED])
-    for turn_id in turns[:3]:  # each publish saw its own line committed
+    for turn_id in turns[:3]:  # each publish saw its own lines committed
         seen = [n for t, n in published if t == turn_id]
-        assert seen == list(range(1, lines + 1)), (turn_id, seen)
+        assert seen and seen == sorted(set(seen)) and seen[0] >= 1, (turn_id, seen)
+        assert seen[-1] == lines, (turn_id, seen)
 
 
 def test_on_postgresql_each_write_is_its_own_transaction(postgres_url: str) -> None:
@@ -287,6 +300,7 @@ def test_on_postgresql_each_write_is_its_own_transaction(postgres_url: str) -> N
         before = database.writes.commits
         for n in range(3):
             rec.message(_message(n))
+            assert rec.drain(BOUND)
         assert database.writes.commits - before == 3
         with database.sessions() as s:
             assert [e.payload["id"] for e in events.read(s, turn)] == ["m0", "m1", "m2"]
@@ -350,14 +364,14 @@ def test_title_writes_share_the_batch_and_a_refused_one_is_undone_alone(db: Data
     another = TurnRecorder(db, bus, "task", turns[2], {}, run_id="A")
     holder = _hold(db)
     before = db.writes.commits
-    first = _start(lambda: recorder.message(_message(0)))
+    first = _start(lambda: _written(recorder, _message(0)))
     _until(lambda: db.writes.busy)
     claim = SimpleNamespace(task_id="task2", turn_id="other", run_id="A")
     lost = SimpleNamespace(task_id="task", turn_id=turns[1], run_id="A")
     threads = [
         _start(lambda: titles._write(claim, "Named")),  # type: ignore[arg-type]
         _start(lambda: titles._write(lost, "Not named")),  # type: ignore[arg-type]
-        _start(lambda: another.message(_message(1))),
+        _start(lambda: _written(another, _message(1))),
     ]
     _until(lambda: db.writes.queued == 3)
     _let_go(holder, [first, *threads])
@@ -382,7 +396,7 @@ def test_claims_share_the_batch_and_a_taken_attempt_is_not_claimed_twice(db: Dat
     got: dict[str, Any] = {}
     holder = _hold(db)
     before = db.writes.commits
-    first = _start(lambda: recorder.message(_message(0)))
+    first = _start(lambda: _written(recorder, _message(0)))
     _until(lambda: db.writes.busy)
     threads = [
         _start(lambda k=k: got.__setitem__(f"p{k}", claims.claim(f"p{k}")))  # type: ignore[misc]
@@ -444,7 +458,7 @@ def test_ends_share_the_batch_each_as_its_attempt_stands(db: Database) -> None:
     ended: dict[str, str] = {}
     holder = _hold(db)
     before = db.writes.commits
-    first = _start(lambda: recorders[0].message(_message(0)))
+    first = _start(lambda: _written(recorders[0], _message(0)))
     _until(lambda: db.writes.busy)
     threads = [
         _start(

@@ -127,12 +127,11 @@ class AgentRun:
 
     def launch(self, prepared: Prepared, standby: bool, sink: OutputSink) -> bool:
         """Give the prepared agent its prompt; False if its sandbox died meanwhile. The prompt
-        goes first and the attempt's start is recorded while the agent reads it (database
-        writes wait their turn when many attempts run: 0.35 s median, seconds at worst, at 32
-        at once); the agent's output waits behind a gate until then, so the work log keeps
-        its order. A standby's prompt entry waits for :meth:`record_prompt`: the take is
-        settled (and a cache hit's setup log recorded) after the prompt is sent, and the work
-        log has them before the prompt, as a cold start has."""
+        goes first and the attempt's start is recorded while the agent reads it (queued for
+        the recorder's writer); the agent's output waits behind a gate until then, so the
+        work log keeps its order. A standby's prompt entry waits for :meth:`record_prompt`:
+        the take is settled (and a cache hit's setup log recorded) after the prompt is sent,
+        and the work log has them before the prompt, as a cold start has."""
         self._launched[:] = [prepared.proc]
         if not self.claim.qa_mode:
             self.gateway.on_final_response(self.claim.turn_id, self.early_diff)

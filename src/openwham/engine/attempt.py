@@ -58,8 +58,8 @@ FAILED = "Failed"
 CANCELLED = "Cancelled"
 STATUS_POLL_SECONDS = 1.0
 HEARTBEAT_POLL_SECONDS = 0.5
-#: how long an ended agent's last lines may take to be recorded before its outcome is judged
-#: (each waits in database writes; SQLite's busy timeout is 15 s)
+#: how long an ended agent's last lines may take to be read before its outcome is judged
+#: (a reader waits for the database only when its recorder's queue is full)
 OUTPUT_DRAIN_SECONDS = 60.0
 CLOSED_MARKER = storage.CLOSED_MARKER
 
@@ -351,7 +351,8 @@ def _socket_dir(path: Path) -> Path:
 
 
 def _keep_alive(rec: TurnRecorder, done: threading.Event) -> None:
-    """Flush the work log and beat the heartbeat while the attempt runs (also while a large
-    repository is being cloned), so no other server takes the attempt for orphaned."""
+    """Have the work log flushed and the heartbeat beaten (by the recorder's writer) while
+    the attempt runs (also while a large repository is being cloned), so no other server
+    takes the attempt for orphaned."""
     while not done.wait(HEARTBEAT_POLL_SECONDS):
         rec.heartbeat()
