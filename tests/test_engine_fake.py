@@ -367,6 +367,41 @@ def test_the_attempts_of_a_best_of_4_task_fetch_the_mirror_once(
     assert mirror == ["clone --mirror"], calls  # the first attempt's; the others use it
 
 
+def test_the_mirror_fetch_begins_beside_the_standby_take(
+    server: Server,
+    engine: Engine,
+    sandboxes: ScriptedSandboxes,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A standby's first model request is held until the mirror fetch shows its checkout is
+    the branch head; the fetch (and the branch head's read) now begins as the attempt starts
+    preparing, beside the standby's take and the prompt, not after them (issue 20: the held
+    requests waited ~0.5 s for a fetch begun only then)."""
+    from openwham.engine.workspace import Workspaces
+    from openwham.sandbox.workspace import Mirrors
+
+    sandboxes.script = Script(stdout=ANSWER)
+    task_id, turn_id = _attempt(server, tmp_path, run_environment_in_qa_mode=True)
+    ensure, take = Mirrors.ensure, Workspaces.take_standby
+    fetching = threading.Event()
+    during_take: list[bool] = []
+
+    def ensure_(self: Mirrors, *a: Any, **k: Any) -> Path:
+        fetching.set()
+        return ensure(self, *a, **k)
+
+    def take_(self: Workspaces, *a: Any, **k: Any) -> Any:
+        during_take.append(fetching.wait(10.0))  # the take under way: has the fetch begun?
+        return take(self, *a, **k)
+
+    monkeypatch.setattr(Mirrors, "ensure", ensure_)
+    monkeypatch.setattr(Workspaces, "take_standby", take_)
+    status = engine.run_turn(turn_id, Control())
+    assert status == TurnStatus.COMPLETED, _turn(server, task_id).get("error")
+    assert during_take == [True], "the fetch began only after the take"
+
+
 def test_the_routing_key_read_from_the_row_is_the_engines_standby_key_after_the_claim(
     server: Server, tmp_path: Path, engine: Engine
 ) -> None:

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar, cast
 
 from openwham.config import Settings
 from openwham.gateway import Gateway
@@ -68,6 +69,7 @@ STANDBY_READY_SECONDS = 30.0
 MAX_STANDBY_SETUPS = 64
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,9 @@ class Workspaces:
         """The attempt's workspace in ``attempt_dir`` and its agent, launched with the prompt
         (``agent.launch``): a standby's when one fits, else made now."""
         assert self.gateway is not None
+        # the fetch (and the branch head read after it) begins now, beside the take and the
+        # prompt: a standby's first model request waits for it (``_fits``)
+        fetched = Background(lambda: self._fetch(claim), f"fetch-{claim.turn_id[-8:]}")
         storage.remove_tree(attempt_dir)
         gate = OutputGate(agent.on_output)
         prepared = self.take_standby(claim, attempt_dir)
@@ -138,9 +143,7 @@ class Workspaces:
             prepared = None
             control.check()  # or was killed by a cancel
         try:
-            mirror = self.mirrors.ensure(
-                claim.repo_key, claim.repo_url, auth=claim.git_auth, group=claim.prompt_turn_id
-            )
+            mirror = fetched.result()
             fits = prepared is not None and self._fits(claim, prepared, mirror)
         except WorkspaceError as exc:
             if prepared is not None:
@@ -163,6 +166,17 @@ class Workspaces:
         agent.launch(prepared, False, agent.on_output)
         self._refill(claim)
         return prepared
+
+    def _fetch(self, claim: Claim) -> Path:
+        """The attempt's mirror fetched (one fetch for the attempts of a prompt), and the
+        branch head read after it when a standby's checkout may be checked against it
+        (``_fits``: then a read of the cache)."""
+        mirror = self.mirrors.ensure(
+            claim.repo_key, claim.repo_url, auth=claim.git_auth, group=claim.prompt_turn_id
+        )
+        if not claim.repos and self.standby_key(claim) is not None:
+            self.mirrors.branch_head(claim.repo_key, claim.branch)
+        return mirror
 
     def _fits(self, claim: Claim, prepared: Prepared, mirror: Path) -> bool:
         """Whether a standby's checkout is where the attempt starts: the branch head of the
@@ -680,6 +694,32 @@ class Workspaces:
         if self.gateway is not None:
             self.gateway.forget(prepared.owner)
         storage.remove_tree(prepared.dir)
+
+
+class Background(Generic[T]):
+    """``fn()`` run on a thread of its own from now on; :meth:`result` waits for its value
+    (or raises its exception). Nobody need wait: a daemon thread that ends by itself."""
+
+    def __init__(self, fn: Callable[[], T], name: str) -> None:
+        self._done = threading.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._fn = fn
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as exc:  # the waiter's to raise
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def result(self) -> T:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return cast(T, self._value)
 
 
 def _repo_base(at: RepoAt) -> dict[str, str]:
