@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from . import harness as h
+from .bestof import phase_summary, traced
 from .repo import generate
 
 
@@ -28,12 +29,21 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def start_ms(srv: h.WhamServer, clock: h.ModelClock, env_id: str, tag: str) -> float:
+def start_ms(
+    srv: h.WhamServer,
+    clock: h.ModelClock,
+    env_id: str,
+    tag: str,
+    posted: list[tuple[float, str]] | None = None,
+) -> float:
     """Post one task and wait for its end; milliseconds until its first model request
-    (``tag``: digits, the marker ``harness.MARKER`` finds in the prompt)."""
+    (``tag``: digits, the marker ``harness.MARKER`` finds in the prompt). ``posted`` gets
+    when it was posted (``time.time()``) and its attempt."""
     event = clock.expect(tag)
-    t0 = time.perf_counter()
+    at, t0 = time.time(), time.perf_counter()
     task_id, turn_id = srv.create_task(env_id, f"bench-run-{tag}: say hi")
+    if posted is not None:
+        posted.append((at, turn_id))
     if not event.wait(120):
         raise RuntimeError(f"{tag}: no model request")
     ms = (clock.first[tag][0] - t0) * 1000
@@ -57,6 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="blocks per tree (3)")
     ap.add_argument("--chain", type=int, default=5, help="back-to-back tasks per block (5)")
     ap.add_argument("--files", type=int, default=50, help="files in the generated repository")
+    ap.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="run the servers under bench.traced_serve, keep their traces in this directory "
+        "and print where the starts went (min / median / max ms from the POST to each phase)",
+    )
+    ap.add_argument(
+        "--codex-log",
+        action="store_true",
+        help="with --trace: Codex's own log too (its start-up marks)",
+    )
     h.add_mode_argument(ap)
     args = ap.parse_args(argv)
     variants = [(t.resolve(), m) for t in (args.tree or [h.ROOT]) for m in (args.mode or [""])]
@@ -74,13 +96,19 @@ def main(argv: list[str] | None = None) -> int:
             if mode:
                 extra["WHAM_CODEX_MODE"] = mode
             srv = h.WhamServer.start(
-                work / f"data-{i}", model.url, log_path=work / f"serve-{i}.log", extra_env=extra
+                work / f"data-{i}",
+                model.url,
+                log_path=work / f"serve-{i}.log",
+                module=traced(args.trace, i, args.codex_log, extra),
+                extra_env=extra,
             )
             servers.append(srv)
             envs.append(srv.create_env(repo))
             start_ms(srv, clock, envs[-1], f"9{i}0000")
         b2b: dict[int, list[float]] = {i: [] for i in range(len(trees))}
         idle: dict[int, list[float]] = {i: [] for i in range(len(trees))}
+        posted_b2b: dict[int, list[tuple[float, str]]] = {i: [] for i in range(len(trees))}
+        posted_idle: dict[int, list[tuple[float, str]]] = {i: [] for i in range(len(trees))}
         for n in range(args.runs):
             for i, (srv, env_id) in enumerate(zip(servers, envs, strict=True)):
                 # idle: the standby prepared and settled, as a person's next task finds it
@@ -90,10 +118,17 @@ def main(argv: list[str] | None = None) -> int:
                 ):
                     time.sleep(0.05)
                 time.sleep(0.5)
-                idle[i].append(start_ms(srv, clock, env_id, f"1{i}{n:02d}00"))
+                idle[i].append(start_ms(srv, clock, env_id, f"1{i}{n:02d}00", posted_idle[i]))
                 for k in range(args.chain):
-                    b2b[i].append(start_ms(srv, clock, env_id, f"2{i}{n:02d}{k:02d}"))
+                    tag = f"2{i}{n:02d}{k:02d}"
+                    b2b[i].append(start_ms(srv, clock, env_id, tag, posted_b2b[i]))
                 log(f"tree {i} block {n + 1}: back to back {[round(x) for x in b2b[i][-5:]]}")
+        if args.trace is not None:
+            for i, (tree, mode) in enumerate(variants):
+                events = list(h.iter_trace(args.trace / f"trace-{i}.jsonl"))
+                for name, posted in (("idle", posted_idle[i]), ("back to back", posted_b2b[i])):
+                    print(f"{tree} {mode}: {name}, ms from the POST to each phase's end")
+                    print("\n".join(phase_summary(posted, events)))
         print("start (POST -> first model request), ms: min / median / max")
         for i, (tree, mode) in enumerate(variants):
             label = f"{str(tree)[-30:]} {mode}".strip()

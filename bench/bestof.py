@@ -15,11 +15,11 @@ With ``--trace DIR`` each server runs under ``bench.traced_serve`` (its trace in
 ``DIR/trace-K.jsonl``) and every best-of-4 is printed as a timeline: per attempt, the
 milliseconds from the POST to each phase's end (claim, standby taken, prompt, held model
 requests released, each model request and its answer, turn.completed, the diff written, the
-terminal state committed, the sandbox's exit) and the time its recorder's writes held the
-agent's output thread; with the CPU pressure of the host meanwhile (``/proc/pressure/cpu``:
-how long some task waited for a core); and, per run, the processes the server started from
-the POST until its standbys were prepared again (git by verb, bwrap, …) with its CPU spent
-starting them.
+terminal state committed, the sandbox's exit), the time its recorder's calls held their
+caller (the agent's output thread) and the recorder's writes on its own thread; with the CPU
+pressure of the host meanwhile (``/proc/pressure/cpu``: how long some task waited for a
+core); and, per run, the processes the server started from the POST until its standbys were
+prepared again (git by verb, bwrap, …) with its CPU spent starting them.
 """
 
 from __future__ import annotations
@@ -214,7 +214,29 @@ COLUMNS: list[tuple[str, Callable[[Record], bool], int, str]] = [
     ("end", _named("recorder_finish"), 0, "t1"),
     ("exit", _named("sandbox_exit"), 0, "t0"),
 ]
+#: the recorder's calls (what they held their caller, e.g. the agent's output thread, for)
 RECORDER = ("recorder_message", "recorder_status", "recorder_flush")
+
+
+def phase_summary(runs: list[tuple[float, str]], events: list[Record]) -> list[str]:
+    """Per ``COLUMNS`` phase, min / median / max ms from each attempt's POST (``runs``:
+    when it was posted, its turn) to the phase's end, over the attempts that reached it."""
+    lines = []
+    for heading, match, nth, end in COLUMNS:
+        values = []
+        for posted, turn in runs:
+            found = sorted(
+                (e for e in events if e.get("turn") == turn and match(e)), key=lambda e: e["t0"]
+            )
+            at = found[nth].get(end) if len(found) > nth else None
+            if at is not None:
+                values.append((at - posted) * 1000)
+        if values:
+            lines.append(
+                f"  {heading:>8}: {min(values):6.0f} {statistics.median(values):6.0f} "
+                f"{max(values):6.0f}  (n={len(values)})"
+            )
+    return lines
 
 
 def timeline(run: Run, events: list[dict[str, Any]], title: str) -> str:
@@ -224,7 +246,9 @@ def timeline(run: Run, events: list[dict[str, Any]], title: str) -> str:
         f"{title}: wall {run.wall * 1000:.0f} ms; the server process's own CPU meanwhile "
         f"{run.server_cpu * 1000:.0f} ms; host CPU pressure (some task waiting for a core) "
         f"{'?' if run.cpu_wait_us is None else f'{run.cpu_wait_us / 1000:.0f} ms'}",
-        "  attempt   " + "".join(f"{c[0]:>8}" for c in COLUMNS) + "  rec n / ms / max",
+        "  attempt   "
+        + "".join(f"{c[0]:>8}" for c in COLUMNS)
+        + "  rec n / ms / max  writes n / ms / max",
     ]
     for turn in run.turns:
         mine = [e for e in events if e.get("turn") == turn]
@@ -235,8 +259,24 @@ def timeline(run: Run, events: list[dict[str, Any]], title: str) -> str:
             cells.append(f"{(at - run.posted) * 1000:8.0f}" if at is not None else f"{'-':>8}")
         writes = [e["t1"] - e["t0"] for e in mine if e["name"] in RECORDER and e.get("t1")]
         rec = f"{len(writes):>3} / {sum(writes) * 1000:4.0f} / {max(writes or [0]) * 1000:3.0f}"
+        db = [e["t1"] - e["t0"] for e in mine if e["name"] == "recorder_write" and e.get("t1")]
+        rec += f"  {len(db):>3} / {sum(db) * 1000:4.0f} / {max(db or [0]) * 1000:3.0f}"
         lines.append(f"  …{turn[-8:]}" + "".join(cells) + "  " + rec)
     return "\n".join(lines)
+
+
+def traced(trace: Path | None, k: int, codex_log: bool, extra: dict[str, str]) -> str | None:
+    """With ``trace`` (a directory): server ``k`` runs under ``bench.traced_serve``, its
+    trace in ``trace/trace-K.jsonl`` (``extra`` gets its environment; ``codex_log``: Codex's
+    own log too); returns the module to run, else ``None`` (plain ``wham``)."""
+    if trace is None:
+        return None
+    trace.mkdir(parents=True, exist_ok=True)
+    (trace / f"trace-{k}.jsonl").unlink(missing_ok=True)
+    extra["BENCH_TRACE"] = str((trace / f"trace-{k}.jsonl").resolve())
+    if codex_log:
+        extra["BENCH_CODEX_RUST_LOG"] = CODEX_LOG
+    return "bench.traced_serve"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,14 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             if mode:
                 extra["WHAM_CODEX_MODE"] = mode
-            module = None
-            if args.trace is not None:
-                args.trace.mkdir(parents=True, exist_ok=True)
-                (args.trace / f"trace-{k}.jsonl").unlink(missing_ok=True)
-                extra["BENCH_TRACE"] = str((args.trace / f"trace-{k}.jsonl").resolve())
-                module = "bench.traced_serve"
-                if args.codex_log:
-                    extra["BENCH_CODEX_RUST_LOG"] = CODEX_LOG
+            module = traced(args.trace, k, args.codex_log, extra)
             servers.append(
                 h.WhamServer.start(
                     work / f"data-{k}",

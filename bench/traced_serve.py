@@ -194,6 +194,8 @@ def install() -> None:
     _wrap(recorder.TurnRecorder, "status", "recorder_status", describe=of_recorder)
     _wrap(recorder.TurnRecorder, "finish", "recorder_finish", describe=of_recorder)
     _wrap(recorder.TurnRecorder, "flush", "recorder_flush", describe=of_recorder)
+    # its writer thread's writes (the recorder's own thread since the calls queue)
+    _wrap(recorder.TurnRecorder, "_write", "recorder_write", describe=of_recorder)
     _wrap(
         gateway_app.Gateway,
         "_final_response",
