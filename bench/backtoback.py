@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 from . import harness as h
-from .bestof import phase_summary, traced
 from .repo import generate
 
 
@@ -81,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     h.add_mode_argument(ap)
     args = ap.parse_args(argv)
+    from .bestof import phase_summary, traced  # (bestof imports startphases, which imports this)
+
     variants = [(t.resolve(), m) for t in (args.tree or [h.ROOT]) for m in (args.mode or [""])]
     trees = [t for t, _ in variants]
 
