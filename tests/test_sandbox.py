@@ -35,6 +35,7 @@ from support.procs import (
     host_pids,
     namespace_pids,
     sandbox_namespace,
+    slow_setpriv,
     unique_marker,
     wait_gone,
 )
@@ -817,28 +818,20 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_sandbox_started_as_its_server_dies_dies_too(workspace: Path, tmp_path: Path) -> None:
-    """The server killed between the fork of a sandbox's bwrap and bwrap's own parent-death
+    """The server killed between the start of a sandbox's launch and bwrap's own parent-death
     signal (``--die-with-parent`` arms it only once bwrap runs, and does not notice a parent
     that died before): the sandbox ran on, orphaned (crash batch: a kill right after a
     restart, while recovered attempts started their sandboxes, left a bwrap and its
-    forwarder). Here the fork's child kills the server itself before bwrap is executed."""
+    forwarder). Here the launch's first step (``setpriv``) kills the server itself and waits
+    until it is gone before it arms the signal: the launch's check runs nothing then."""
     marker = f"orphan-{uuid.uuid4().hex}"
-    child_pid = tmp_path / "child.pid"
+    slow, child_pid = slow_setpriv(tmp_path)
     code = f"""
-        import os, resource, signal, time
+        import time
         from pathlib import Path
+        from openwham import lifeline
         from openwham.sandbox import bwrap
-        server, real = os.getpid(), resource.setrlimit
-
-        def setrlimit(res, limits):  # in the sandbox's child too, between fork and exec
-            if os.getppid() == server:
-                Path({str(child_pid)!r}).write_text(str(os.getpid()))
-                os.kill(server, signal.SIGKILL)
-                while os.getppid() == server:
-                    time.sleep(0.01)
-            real(res, limits)
-
-        resource.setrlimit = setrlimit
+        lifeline.setpriv = lambda: {str(slow)!r}
         spec = bwrap.SandboxSpec(workspace=Path({str(workspace)!r}))
         bwrap.start(spec, ["bash", "-c", {tree_script(marker)!r}])
         time.sleep(300)
@@ -917,16 +910,9 @@ def test_groups_left_by_a_dead_server_are_emptied_at_start() -> None:
     dirs = {d / name for d in cg.parents.values()}
     for d in dirs:
         d.mkdir()
-    fds = [os.open(d / "cgroup.procs", os.O_WRONLY) for d in dirs]
     marker = f"stale-{uuid.uuid4().hex}"
-    try:
-        left = subprocess.Popen(
-            ["bash", "-c", f"exec -a {marker} sleep 300"],
-            preexec_fn=lambda: cgroups.RunCgroup.join_in_child(fds),
-        )
-    finally:
-        for fd in fds:
-            os.close(fd)
+    join = "".join(f"printf 0 > {d / 'cgroup.procs'} && " for d in dirs)
+    left = subprocess.Popen(["bash", "-c", f"{join}exec -a {marker} sleep 300"])
     try:
         deadline = time.monotonic() + 2
         while not host_pids(marker) and time.monotonic() < deadline:

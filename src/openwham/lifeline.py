@@ -17,8 +17,9 @@ killed before the signal was armed is noticed: the child is then an orphan and r
   quiet machine, ~10 ms under load, against 0.2 ms and 2.4 ms; docs/benchmarks.md).
   ``mount_namespace`` adds ``unshare --mount`` (a private mount namespace, e.g. for an
   overlay mounted by a ``before`` line).
-- :func:`die_with_parent`: a ``preexec_fn``, for what must do more between fork and exec
-  than a command line can (bubblewrap's launch) and what starts rarely.
+- :func:`die_with_parent`: a ``preexec_fn``, left for what starts rarely (the extra API
+  processes of ``wham serve --processes``, once each). Host git and bubblewrap's launch use
+  :func:`command`.
 """
 
 from __future__ import annotations

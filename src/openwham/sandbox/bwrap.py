@@ -57,6 +57,7 @@ import os
 import posixpath
 import resource
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -69,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from openwham.lifeline import die_with_parent
+from openwham import lifeline
 from openwham.sandbox import cgroups, disk, overlay, seccomp
 
 log = logging.getLogger(__name__)
@@ -393,6 +394,26 @@ def _rlimits(lim: Limits, cg: cgroups.CgroupHost | None) -> list[tuple[int, int,
     return out
 
 
+_PRLIMIT = {
+    resource.RLIMIT_CORE: "--core",
+    resource.RLIMIT_FSIZE: "--fsize",
+    resource.RLIMIT_NOFILE: "--nofile",
+    resource.RLIMIT_CPU: "--cpu",
+    resource.RLIMIT_NPROC: "--nproc",
+    resource.RLIMIT_DATA: "--data",
+}
+
+
+def _prlimit(limits: list[tuple[int, int, int]]) -> list[str]:
+    """``prlimit`` setting ``limits`` (``_rlimits``'s) on itself, then running what follows."""
+
+    def value(v: int) -> str:
+        return "unlimited" if v == resource.RLIM_INFINITY else str(v)
+
+    options = [f"{_PRLIMIT[res]}={value(soft)}:{value(hard)}" for res, soft, hard in limits]
+    return [lifeline.tool("prlimit"), *options, "--"] if options else []
+
+
 def disk_enforcement(limit_mb: int) -> str:
     """How this host enforces an attempt's disk budget of ``limit_mb`` (for the log)."""
     if limit_mb <= 0:
@@ -655,10 +676,12 @@ class SandboxProcess:
             raise
         target = self.spec.workspace.resolve()
         cghost = cgroups.host()
-        procs_fds: list[int] = []
         try:
             if self.spec.disk is not None:
                 self._meter = disk.Meter(self.spec.disk.paths)
+            before: list[str] = []
+            if layers is not None:  # bwrap's namespaces are made from this one
+                before.append(overlay.mount_line(layers, target))
             if cghost is not None:
                 self._cgroup = cgroups.RunCgroup.create(
                     cghost,
@@ -667,24 +690,22 @@ class SandboxProcess:
                     cpus=lim.cpus,
                     background=self._background,
                 )
-                procs_fds = self._cgroup.open_procs()
+                before += [f"printf 0 > {shlex.quote(str(p))}" for p in self._cgroup.procs()]
             args_fd = _memfd("bwrap-args", b"".join(x.encode() + b"\0" for x in args))
             fds.append(args_fd)
-            limits = _rlimits(lim, cghost)
-            # dies with this thread from the fork on: bwrap's --die-with-parent is armed only
-            # once bwrap runs, and a server killed before that left the sandbox running
-            lifeline = die_with_parent()
-
-            def child_setup() -> None:  # between fork and exec: keep it minimal
-                lifeline()
-                if layers is not None:  # bwrap's namespaces are made from this one
-                    overlay.child_mount(layers, target)
-                cgroups.RunCgroup.join_in_child(procs_fds)
-                for res, soft, hard in limits:
-                    resource.setrlimit(res, (soft, hard))
-
-            return subprocess.Popen(
-                [self._bwrap, "--args", str(args_fd), "--", *self.argv],
+            limits = _prlimit(_rlimits(lim, cghost))
+            # Started without a preexec_fn (vfork: no fork of the server, lifeline.command).
+            # Dies with this thread from the start on: bwrap's --die-with-parent is armed only
+            # once bwrap runs, and a server killed before that left the sandbox running. The
+            # chain: setpriv (the signal), unshare (an overlay's mount namespace), sh (checks
+            # the parent, mounts the overlay, joins the cgroup), prlimit (the rlimits), bwrap.
+            argv = lifeline.command(
+                [*limits, self._bwrap, "--args", str(args_fd), "--", *self.argv],
+                mount_namespace=layers is not None,
+                before=before,
+            )
+            popen = subprocess.Popen(
+                argv,
                 stdin=subprocess.PIPE
                 if self._stdin is not None or self._hold
                 else subprocess.DEVNULL,
@@ -692,11 +713,13 @@ class SandboxProcess:
                 stderr=subprocess.PIPE,
                 pass_fds=fds,
                 start_new_session=True,
-                preexec_fn=child_setup,
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
             )
+            if self._cgroup is not None:  # in its group from here on, whatever sh got to
+                self._cgroup.add(popen.pid)  # (sh's own join is what bwrap's children need)
+            return popen
         finally:
-            for fd in fds + procs_fds:
+            for fd in fds:
                 os.close(fd)
 
     def _run(self) -> None:

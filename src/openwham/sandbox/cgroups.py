@@ -4,8 +4,9 @@ Optional and detected: cgroup v2 (``/sys/fs/cgroup/cgroup.controllers``) or the 
 hierarchies ``/sys/fs/cgroup/{pids,memory,cpu,freezer}``. Each run gets its own group
 ``…/openwham/<pidns>-<pid>-<n>-<hex>`` under the server's own cgroup where that is possible (so the
 server's own limits still cover its sandboxes), else under the hierarchy's root. The process
-that will exec bubblewrap joins the group before the exec (``join_in_child``), so nothing the
-sandbox starts can escape it; afterwards ``kill_all`` empties it and ``remove`` deletes it.
+that will exec bubblewrap joins the group before the exec (writes ``0`` to each of
+:meth:`RunCgroup.procs`), so nothing the sandbox starts can escape it; afterwards
+``kill_all`` empties it and ``remove`` deletes it.
 
 Without cgroups a sandbox still runs: the PID namespace alone guarantees the kill, but
 processes and memory are then bounded by rlimits only (see ``openwham.sandbox.bwrap``).
@@ -288,19 +289,18 @@ class RunCgroup:
         name = "cpu.weight" if self.host.version == 2 else "cpu.shares"
         return int((d / name).read_text().strip())
 
-    def open_procs(self) -> list[int]:
-        """Write-only fds of each distinct ``cgroup.procs``, for ``join_in_child``."""
-        fds: list[int] = []
-        for d in dict.fromkeys(self.dirs.values()):
-            fds.append(os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
-        return fds
+    def procs(self) -> list[Path]:
+        """Each distinct ``cgroup.procs``: writing ``0`` to each moves the writer into the
+        group (a sandbox's launch, ``sandbox.bwrap``)."""
+        return [d / "cgroup.procs" for d in dict.fromkeys(self.dirs.values())]
 
-    @staticmethod
-    def join_in_child(fds: list[int]) -> None:
-        """Move the calling process into the group (``0`` means "myself"). Runs between fork
-        and exec, so it does as little as possible: fds were opened by the parent."""
-        for fd in fds:
-            os.write(fd, b"0")
+    def add(self, pid: int) -> None:
+        """Move process ``pid`` into the group (from outside it; nothing if it is gone).
+        What it started before stays where it was: a launch joins itself before it starts
+        anything (``procs``)."""
+        for procs in self.procs():
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                _write(procs, str(pid))
 
     def _procs_file(self) -> Path:
         d = self.dirs.get("pids") or next(iter(self.dirs.values()))

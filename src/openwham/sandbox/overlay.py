@@ -16,18 +16,20 @@ An attempt directory that uses one holds, beside the (empty, on the host) ``work
   an upper directory frozen after a successful setup script, stacked read-only between the
   attempt's upper directory and the checkout (never bound into a sandbox either).
 
-The overlay is mounted only in a private mount namespace of the process that needs the merged
-view: bubblewrap's launch (:func:`child_mount`, between fork and exec, so the sandbox's
-namespaces are made from it and the agent sees the overlay at ``/workspace``) and host git
-on the workspace (``sandbox.workspace.git``). Nothing is mounted in the host's namespace, so a
-crash leaks no mount: the namespace goes with its last process. The mount is made by the
-server (root), before bubblewrap drops every capability; the agent cannot unmount or remount
-it (no capabilities, and the seccomp filter refuses ``mount``/``umount2``), cannot reach the
-lower layer except through the overlay (every write to a lower file lands in the upper
-directory), and sees no other attempt's upper directory. An upper directory belongs to one
-attempt: only that attempt's sandboxes and host git mount it, and one sandbox at a time
-(:func:`claim_upper`: the kernel allows a second mount of an upper directory in use, with a
-warning, and the two views then disagree).
+The overlay is mounted only in a private mount namespace of the process that needs the
+merged view: bubblewrap's launch (so the sandbox's namespaces are made from it and the agent
+sees the overlay at ``/workspace``) and host git on the workspace
+(``sandbox.workspace.git``), both started through ``openwham.lifeline.command`` (``unshare
+--mount`` with private propagation, then :func:`mount_line`'s ``mount -t overlay``, then the
+program). Nothing is mounted in the host's namespace, so a crash leaks no mount: the
+namespace goes with its last process. The mount is made by the server's user (root), before
+bubblewrap drops every capability; the agent cannot unmount or remount it (no capabilities,
+and the seccomp filter refuses ``mount``/``umount2``), cannot reach the lower layer except
+through the overlay (every write to a lower file lands in the upper directory), and sees no
+other attempt's upper directory. An upper directory belongs to one attempt: only that
+attempt's sandboxes and host git mount it, and one sandbox at a time (:func:`claim_upper`:
+the kernel allows a second mount of an upper directory in use, with a warning, and the two
+views then disagree).
 
 Needs root (``CAP_SYS_ADMIN`` in the host's user namespace) and overlayfs;
 :func:`unavailable` says why not, and workspaces are then full checkouts as before.
@@ -35,7 +37,6 @@ Needs root (``CAP_SYS_ADMIN`` in the host's user namespace) and overlayfs;
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import functools
 import os
@@ -52,10 +53,6 @@ SNAPSHOT = "overlay-snapshot"
 UPPER = "overlay-upper"
 WORK = "overlay-work"
 
-_CLONE_NEWNS = 0x00020000
-_MS_REC = 0x4000
-_MS_PRIVATE = 1 << 18
-_libc = ctypes.CDLL(None, use_errno=True)
 # Characters that would end or split an overlay mount option (paths are ours, not users').
 _BAD = frozenset(",:\\\n\0")
 
@@ -129,28 +126,11 @@ def make(lower: Path, workspace: Path) -> Overlay:
     return overlay
 
 
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def child_mount(overlay: Overlay, target: Path) -> None:
-    """Between fork and exec: a private mount namespace with ``overlay`` mounted on
-    ``target``. Mount events do not propagate back to the host (``MS_PRIVATE``), and the
-    namespace ends with the last process in it."""
-    _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _check(_libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
-    _check(
-        _libc.mount(b"overlay", str(target).encode(), b"overlay", 0, overlay.options()),
-        "mount -t overlay",
-    )
-
-
 def mount_line(overlay: Overlay, target: Path) -> str:
     """The shell line that mounts ``overlay`` on ``target``, for ``lifeline.command``'s
-    ``before`` in a private mount namespace (host git on a workspace: started without a
-    ``preexec_fn``, unlike :func:`child_mount`)."""
+    ``before`` in a private mount namespace (``mount_namespace``): bubblewrap's launch and
+    host git on a workspace. Mount events do not propagate back to the host (propagation
+    private), and the namespace ends with the last process in it."""
     options = overlay.options().decode()
     return lifeline.quote(
         lifeline.tool("mount"), "-n", "-t", "overlay", "overlay", "-o", options, str(target)
@@ -169,23 +149,12 @@ def unavailable() -> str | None:
             (root / "lower" / ".git").mkdir(parents=True)
             (root / "lower" / "f").write_text("lower\n")
             overlay = make(root / "lower", root / "workspace")
-            proc = subprocess.run(
-                ["cat", str(root / "workspace" / "f")],
-                preexec_fn=lambda: child_mount(overlay, root / "workspace"),
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-            if proc.stdout != "lower\n":
-                return f"overlayfs mount failed: {proc.stderr.strip()[-300:]}"
-            # and as host git mounts it (``mount_line``)
-            line = mount_line(overlay, root / "workspace")
+            line = mount_line(overlay, root / "workspace")  # as bwrap's launch and git do
             argv = ["cat", str(root / "workspace" / "f")]
             cmd = lifeline.command(argv, mount_namespace=True, before=[line])
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
             if proc.stdout != "lower\n":
-                return f"overlayfs mount(8) failed: {proc.stderr.strip()[-300:]}"
+                return f"overlayfs mount failed: {proc.stderr.strip()[-300:]}"
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         return f"overlayfs mount failed: {exc}"
     return None
