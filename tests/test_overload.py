@@ -564,6 +564,53 @@ def test_hot_reads_work_in_at_most_read_threads_threads_at_once(
     assert peak == 2
 
 
+def test_queued_hot_reads_go_on_while_the_event_loop_is_busy(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads queued behind a busy read thread are taken by that thread, not handed over one
+    by one by the event loop (each hand-off cost the loop's time under a burst): with the
+    loop held for 3 s right after the first of twelve task details, the other eleven are
+    read meanwhile (before: they waited for the loop to hand each one over)."""
+    from openwham.server import hotpath
+    from openwham.service import tasks as task_service
+
+    loops: list[asyncio.AbstractEventLoop] = []
+    starts: list[float] = []
+    held_at: list[float] = []
+    real_route, real_read = hotpath.task_details, task_service.details_json_authed
+
+    async def on_the_loop(*args: Any, **kwargs: Any) -> Any:
+        loops.append(asyncio.get_running_loop())
+        return await real_route(*args, **kwargs)
+
+    def read(*args: Any, **kwargs: Any) -> Any:
+        starts.append(time.monotonic())
+        if len(starts) == 1:  # once the twelve are queued, hold the loop for 3 s
+            deadline = time.monotonic() + 30
+            while len(loops) < 12 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
+            held_at.append(time.monotonic())
+            loops[0].call_soon_threadsafe(time.sleep, 3.0)
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(hotpath, "task_details", on_the_loop)
+    monkeypatch.setattr(task_service, "details_json_authed", read)
+
+    async def burst(srv: Running) -> list[int]:
+        headers = {"Authorization": f"Bearer {srv.token}"}
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            answers = await asyncio.gather(
+                *(client.get(f"{PREFIX}/tasks/{srv.task_id}", headers=headers) for _ in range(12))
+            )
+        return [r.status_code for r in answers]
+
+    for srv in _serve(tmp_path, sqlite_url, db_pool_size=16, read_threads=1):
+        assert asyncio.run(burst(srv)) == [200] * 12
+    assert len(loops) == 12 and len(starts) == 12
+    assert max(starts) < held_at[0] + 2.0, [round(t - held_at[0], 2) for t in starts]
+
+
 def test_read_threads_default_by_database_and_never_above_the_pool(tmp_path: Path) -> None:
     from openwham.server.state import read_threads
 

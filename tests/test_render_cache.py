@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from sqlalchemy import event, update
 
 from conftest import Api, Server, finish_turn, make_server
+from openwham.server.readqueue import ReadQueue
 from openwham.service import accounts, tasks
 from openwham.service.errors import Unauthorized
 from openwham.service.rendercache import RenderCache, digest
@@ -172,7 +173,8 @@ def test_a_hot_read_takes_one_worker_thread_call(
     server: Server, repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Session, authentication, queries and rendering in one hand-off (was four: session
-    and caller, handler, response validation, session close)."""
+    and caller, handler, response validation, session close): one thread call, AnyIO's or
+    the read queue's."""
     api = server.api
     task_id = api.create_task(api.create_env(repo)["id"])["task"]["id"]
     real = anyio.to_thread.run_sync
@@ -182,7 +184,14 @@ def test_a_hot_read_takes_one_worker_thread_call(
         calls.append(func)
         return await real(func, *args, **kw)
 
+    real_read = ReadQueue.run
+
+    async def counting_reads(queue: ReadQueue, func: Any) -> Any:
+        calls.append(func)
+        return await real_read(queue, func)
+
     monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    monkeypatch.setattr(ReadQueue, "run", counting_reads)  # the hot reads' own threads
     for path in (f"tasks/{task_id}", "tasks/list", "tasks"):
         calls.clear()
         r = api.get(path)

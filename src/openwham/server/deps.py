@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated
 
-import anyio
 from fastapi import Depends, Header, Request
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -87,7 +87,7 @@ class Reader:
 
     async def json(self, read: Callable[[Session, Principal], BaseModel | bytes]) -> Response:
         """``read``'s wire model as JSON, or the JSON bytes it rendered itself."""
-        body = await anyio.to_thread.run_sync(self._render, read, limiter=self.state.readers)
+        body = await self.state.readers.run(partial(self._render, read))
         return Response(body, media_type="application/json")
 
     async def rows(
@@ -100,9 +100,7 @@ class Reader:
         (``Recheck``: revoked, expired, unknown, no such account), ``full`` answers after
         the full check, whose refusal is the exact answer (so it is the same as
         ``json(full)``'s in every case)."""
-        body = await anyio.to_thread.run_sync(
-            self._render_rows, read, full, limiter=self.state.readers
-        )
+        body = await self.state.readers.run(partial(self._render_rows, read, full))
         return Response(body, media_type="application/json")
 
     def _render_rows(

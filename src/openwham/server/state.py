@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import anyio
-
 from openwham.commands import Deps, Runner, open_runner
 from openwham.commands.prs import PrRefresher
 from openwham.config import Settings
@@ -21,6 +19,7 @@ from openwham.store.events import EventBus, LocalEventBus
 from openwham.store.pgbus import event_bus
 
 from .fanout import FanOut
+from .readqueue import ReadQueue
 
 
 def read_threads(settings: Settings) -> int:
@@ -51,13 +50,13 @@ class AppState:
     #: asks forges whether the pull requests of tasks being read are still open
     pr_refresher: PrRefresher = field(default_factory=PrRefresher)
 
-    #: how many hot reads work in threads at once (``WHAM_READ_THREADS``)
-    readers: anyio.CapacityLimiter = field(init=False)
+    #: the hot reads' threads, at most ``WHAM_READ_THREADS`` (``server.readqueue``)
+    readers: ReadQueue = field(init=False)
 
     def __post_init__(self) -> None:
         self.fanout = FanOut(self.db, self.bus)
         self.artifacts = open_store(self.settings, self.db)
-        self.readers = anyio.CapacityLimiter(read_threads(self.settings))
+        self.readers = ReadQueue(read_threads(self.settings))
 
     @property
     def commands(self) -> Deps:
