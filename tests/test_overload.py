@@ -525,6 +525,16 @@ def test_hot_reads_take_one_worker_thread_for_their_dependencies() -> None:
     assert checked == 3
 
 
+async def _twelve_task_details(srv: Running) -> list[int]:
+    """Twelve concurrent ``GET tasks/{id}``: their statuses."""
+    headers = {"Authorization": f"Bearer {srv.token}"}
+    async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+        answers = await asyncio.gather(
+            *(client.get(f"{PREFIX}/tasks/{srv.task_id}", headers=headers) for _ in range(12))
+        )
+    return [r.status_code for r in answers]
+
+
 def test_hot_reads_work_in_at_most_read_threads_threads_at_once(
     tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -551,16 +561,8 @@ def test_hot_reads_work_in_at_most_read_threads_threads_at_once(
 
     monkeypatch.setattr(task_service, "details_json_authed", counted)
 
-    async def burst(srv: Running) -> list[int]:
-        headers = {"Authorization": f"Bearer {srv.token}"}
-        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
-            answers = await asyncio.gather(
-                *(client.get(f"{PREFIX}/tasks/{srv.task_id}", headers=headers) for _ in range(12))
-            )
-        return [r.status_code for r in answers]
-
     for srv in _serve(tmp_path, sqlite_url, db_pool_size=8, read_threads=2):
-        assert asyncio.run(burst(srv)) == [200] * 12
+        assert asyncio.run(_twelve_task_details(srv)) == [200] * 12
     assert peak == 2
 
 
@@ -597,16 +599,8 @@ def test_queued_hot_reads_go_on_while_the_event_loop_is_busy(
     monkeypatch.setattr(hotpath, "task_details", on_the_loop)
     monkeypatch.setattr(task_service, "details_json_authed", read)
 
-    async def burst(srv: Running) -> list[int]:
-        headers = {"Authorization": f"Bearer {srv.token}"}
-        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
-            answers = await asyncio.gather(
-                *(client.get(f"{PREFIX}/tasks/{srv.task_id}", headers=headers) for _ in range(12))
-            )
-        return [r.status_code for r in answers]
-
     for srv in _serve(tmp_path, sqlite_url, db_pool_size=16, read_threads=1):
-        assert asyncio.run(burst(srv)) == [200] * 12
+        assert asyncio.run(_twelve_task_details(srv)) == [200] * 12
     assert len(loops) == 12 and len(starts) == 12
     assert max(starts) < held_at[0] + 2.0, [round(t - held_at[0], 2) for t in starts]
 
