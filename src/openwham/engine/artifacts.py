@@ -21,6 +21,8 @@ from pathlib import Path, PurePosixPath
 
 from openwham.store.artifacts import ArtifactError, ArtifactTooLarge
 
+from .files import read_capped
+
 CODEX_HOME = "codex-home"  # the packed Codex home of a completed attempt
 CODEX_HOME_MISSING = "codex-home.missing"  # why there is none (UTF-8 text), when too big
 
@@ -67,7 +69,7 @@ def _read(path: str, limit: int) -> bytes:
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since it was looked at
             return b""
-        return f.read(max(0, limit))
+        return read_capped(f, limit)
 
 
 def _size(home: Path) -> int:

@@ -24,6 +24,8 @@ from openwham.sandbox.bwrap import SANDBOX_WORKSPACE, Limits, SandboxSpec
 from openwham.sandbox.disk import DiskBudget
 from openwham.sandbox.provider import BUBBLEWRAP, SandboxProvider
 
+from .files import read_capped
+
 MAX_DIFF_BYTES = 20 << 20
 OUT_DIR = "/openwham-out"
 _SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
@@ -186,4 +188,4 @@ def _read(path: Path, limit: int) -> bytes | None:
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             return None
-        return f.read(limit)
+        return read_capped(f, limit)
