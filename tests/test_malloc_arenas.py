@@ -82,3 +82,47 @@ def test_trim_gives_back_memory_freed_between_blocks_in_use() -> None:
     before, after, done = run("trim")
     assert done == "True"
     assert after < before - 30, (before, after)
+
+
+THRESHOLD = """
+import ctypes, sys
+from openwham.server.malloc import fix_mmap_threshold
+done = fix_mmap_threshold() if sys.argv[1] == "fix" else False
+NAMES = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in NAMES.split()]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Info
+block = bytearray(21 << 20)  # a big transient block, freed whole
+del block
+for _ in range(3):  # later ones of nearly that size
+    block = bytearray(20 << 20)
+    del block
+print(mallinfo2().fordblks >> 20, done)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_big_transient_blocks_go_back_to_the_system_when_freed() -> None:
+    """glibc raises its mmap threshold to the size of a big block once one is freed, and
+    then serves such blocks from the heap, where they stay as free space (~20 MB of RSS
+    between rounds of tasks, issue 20); ``wham serve`` fixes the threshold."""
+
+    def run(mode: str) -> tuple[int, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        out = subprocess.run(
+            [sys.executable, "-c", THRESHOLD, mode],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=True,
+        )
+        free, done = out.stdout.split()
+        return int(free), done
+
+    free, _ = run("plain")
+    assert free >= 19  # left in the heap without the fix (the test can fail)
+    free, done = run("fix")
+    assert done == "True"
+    assert free < 2, free

@@ -39,12 +39,13 @@ def serve(
     from openwham.server import processes as api_processes
     from openwham.server.app import create_app
     from openwham.server.gcpause import freeze_startup
-    from openwham.server.malloc import limit_arenas, start_trimming
+    from openwham.server.malloc import fix_mmap_threshold, limit_arenas, start_trimming
     from openwham.service.keys import KeysMismatch
     from openwham.store.artifacts import ArtifactError
     from openwham.store.jobs import QueueConfigError
 
     limit_arenas()  # before any thread: many short-lived ones fragment per-thread arenas
+    fix_mmap_threshold()  # big transient blocks go back to the system at free
     start_trimming()  # freed memory between blocks in use back to the system, every 10 s
     settings = settings_for(data_dir)
     problem = api_processes.problem(settings, processes)

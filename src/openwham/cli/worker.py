@@ -29,7 +29,7 @@ def worker(
 ) -> None:
     """Run attempts from the job queue until stopped (SIGTERM hands running attempts back)."""
     from openwham.commands import open_runner
-    from openwham.server.malloc import limit_arenas, start_trimming
+    from openwham.server.malloc import fix_mmap_threshold, limit_arenas, start_trimming
     from openwham.service.artifacts import check_store, open_store
     from openwham.service.keys import KeysMismatch, check_fingerprint, secrets_key, signing_key
     from openwham.store import jobs
@@ -38,6 +38,7 @@ def worker(
     from openwham.store.pgbus import event_bus
 
     limit_arenas()  # as `wham serve`: many short-lived threads per attempt
+    fix_mmap_threshold()  # big transient blocks go back to the system at free
     start_trimming()
     settings = settings_for(data_dir).model_copy(update={"executor": "queue"})
     if concurrency is not None:

@@ -12,6 +12,15 @@ of tasks left ~0.6 to 1.6 MB more of it (``mallinfo2``'s free bytes, ``python -m
 while the bytes in use grew only by the render cache's bounded entries. ``malloc_trim(0)``
 hands those free pages back (``madvise``); ``wham serve`` and ``wham worker`` call it every
 ``TRIM_INTERVAL_SECONDS`` from a thread of its own (a few ms for a heap of ~150 MB).
+
+glibc serves a block of 128 KiB or more with a mapping of its own, given back at ``free``,
+but it raises that threshold to the size of any such block freed (up to 32 MiB), and from
+then on serves blocks up to that size from the heap: one 20 MiB buffer freed whole (the
+engine read every diff into one, engine/files.py) made each later one a 20 MiB hole in the
+heap that stayed until it was trimmed (the RSS jumped by ~20 MB between rounds of tasks).
+``wham serve`` and ``wham worker`` fix the threshold at ``MMAP_THRESHOLD`` (1 MiB), which
+also stops it moving: a transient block of 1 MiB or more goes back to the system when freed.
+A ``MALLOC_MMAP_THRESHOLD_`` in the environment wins.
 """
 
 from __future__ import annotations
@@ -22,15 +31,17 @@ import sys
 import threading
 import time
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter
+M_ARENA_MAX = -8  # glibc's mallopt parameters
+M_MMAP_THRESHOLD = -3
 SERVER_ARENAS = 2
+MMAP_THRESHOLD = 1 << 20
 TRIM_INTERVAL_SECONDS = 10.0
 
 
-def limit_arenas(count: int = SERVER_ARENAS) -> bool:
-    """Cap glibc's malloc arenas at ``count``; whether it was done (not glibc, or the
-    environment chose already: nothing to do)."""
-    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+def _mallopt(param: int, value: int, env: str) -> bool:
+    """glibc's ``mallopt(param, value)`` unless ``env`` is set (the environment chose);
+    whether it was done."""
+    if not sys.platform.startswith("linux") or env in os.environ:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -38,7 +49,19 @@ def limit_arenas(count: int = SERVER_ARENAS) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_ARENA_MAX, count))
+    return bool(mallopt(param, value))
+
+
+def limit_arenas(count: int = SERVER_ARENAS) -> bool:
+    """Cap glibc's malloc arenas at ``count``; whether it was done (not glibc, or the
+    environment chose already: nothing to do)."""
+    return _mallopt(M_ARENA_MAX, count, "MALLOC_ARENA_MAX")
+
+
+def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
+    """Serve blocks of ``size`` bytes or more with mappings of their own, given back when
+    freed, and keep the threshold there; whether it was done."""
+    return _mallopt(M_MMAP_THRESHOLD, size, "MALLOC_MMAP_THRESHOLD_")
 
 
 def trim() -> bool:
