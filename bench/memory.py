@@ -2,11 +2,22 @@
 
 A real ``wham serve`` (scripted model, a small generated repository, standby sandboxes as
 configured) runs ``--rounds`` rounds of ``--tasks`` tasks posted at once (each agent runs one
-command and answers); after each round, once every attempt ended and the server is idle, the
-server's RSS (``VmRSS``) is read. Reports RSS per round, growth per round (min / median /
-max) and per task. ``--tracemalloc`` starts the server under ``bench.memory_serve`` and prints
-the allocation sites that grew most between the first and the last round (tracing slows the
-server; its RSS then includes tracemalloc's own tables, so read growth from the sites).
+command and answers); after each round, once every attempt ended and the server idled
+``--settle`` seconds, the server's RSS (``VmRSS``) is read and ``bench.memory_serve`` reports
+the rest (glibc's heap, SQLite, the render cache, Python's blocks and objects, threads, open
+files, RSS after a ``malloc_trim``).
+
+Growth is judged over the rounds after the first (which warms up ``--tasks`` attempts at
+once): for each figure the least-squares slope over the values after rounds 1..N, with its
+standard error, per round and per task, and min / median / max of the steps between rounds.
+"heap - cache, SQL" is glibc's bytes in use less what the render cache holds (bounded: 512
+answers or 32 MB, ``service.rendercache``) and less SQLite's allocator (page caches and
+prepared statements of the pooled connections: bounded per connection, reported apart).
+The object types whose counts grew are listed by slope. ``--tracemalloc [FRAMES]`` traces
+the server's allocations from the warm-up on and ranks the allocation sites by slope over
+the rounds (tracing slows the server, and its tables are in the heap then: read growth from
+the sites). ``--peak MB`` shows what the server's threads were doing at each round's
+highest heap.
 """
 
 from __future__ import annotations
@@ -62,31 +73,148 @@ def run_round(server: h.WhamServer, env_id: str, tasks: int, tag: str) -> None:
             time.sleep(0.05)
 
 
-def snapshot(
-    server: h.WhamServer, directory: Path, n: int, traced: bool
-) -> tuple[dict[str, Any], tracemalloc.Snapshot | None]:
-    """The server's memory stats (``bench.memory_serve``) and, if traced, its snapshot."""
+def snapshot(server: h.WhamServer, directory: Path, n: int) -> dict[str, Any]:
+    """The server's memory stats (``bench.memory_serve``), its RSS read first."""
+    rss = rss_kb(server.process.pid) * 1024
     os.kill(server.process.pid, signal.SIGUSR1)
     done = directory / f"snap-{n}.done"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while not done.exists():
         if time.monotonic() > deadline:
             raise RuntimeError("no snapshot")
         time.sleep(0.1)
-    stats = json.loads((directory / f"stats-{n}.json").read_text())
-    stats["rss"] = rss_kb(server.process.pid) * 1024
-    snap = tracemalloc.Snapshot.load(str(directory / f"snap-{n}.pickle")) if traced else None
-    return stats, snap
+    stats: dict[str, Any] = json.loads((directory / f"stats-{n}.json").read_text())
+    stats["rss"] = rss
+    # the heap less the two bounded caches in it: rendered answers and SQLite's (page
+    # caches, prepared statements: reported apart)
+    stats["heap_other"] = (
+        stats["malloc_in_use"] - stats["render_cache_held"] - stats["sqlite_in_use"]
+    )
+    return stats
 
 
 STATS = (
     ("rss", "RSS"),
-    ("malloc_in_use", "malloc in use"),
-    ("malloc_free", "malloc free"),
+    ("rss_trimmed", "RSS trimmed"),
+    ("rss_anon", "of it anonymous"),
+    ("rss_file", "of it files"),
+    ("malloc_in_use", "heap in use"),
+    ("heap_other", "heap - cache, SQL"),
+    ("malloc_mmapped", "of it mmapped"),
+    ("malloc_free", "heap free"),
     ("sqlite_in_use", "SQLite"),
     ("render_cache_bytes", "render cache"),
+    ("render_cache_held", "cache held"),
     ("traced", "tracemalloc"),
 )
+COUNTS = (
+    ("python_objects", "Python objects"),
+    ("python_blocks", "Python blocks"),
+    ("threads", "threads"),
+    ("fds", "open files"),
+    ("sqlalchemy_compiled", "SQLAlchemy cache"),
+    ("render_cache_entries", "cache entries"),
+)
+
+
+def slope(values: list[float]) -> tuple[float, float]:
+    """Least-squares growth per round of ``values`` (one per round) and its standard error
+    (0 with fewer than three values)."""
+    n = len(values)
+    if n < 2:
+        return 0.0, 0.0
+    xs = range(n)
+    mx, my = (n - 1) / 2, statistics.fmean(values)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, values, strict=True)) / sxx
+    if n < 3:
+        return b, 0.0
+    residual = sum((y - my - b * (x - mx)) ** 2 for x, y in zip(xs, values, strict=True))
+    return b, (residual / (n - 2) / sxx) ** 0.5
+
+
+def growth_line(label: str, values: list[float], tasks: int, unit: float = 1024) -> str:
+    """``values`` (after each round, the first round's first) as growth per round: the
+    least-squares slope ± its standard error, per task, and min / median / max of the
+    round-to-round steps; in KB (``unit`` 1) or counts."""
+    b, se = slope(values)
+    steps = [y - x for x, y in pairwise(values)] or [0.0]
+    name = "KB" if unit == 1024 else ""
+    return (
+        f"  {label:>16}: slope {b / unit:+9.1f} ± {se / unit:6.1f} {name}/round"
+        f" ({b / unit / tasks:+7.2f} per task); steps min {min(steps) / unit:+9.1f}"
+        f" median {statistics.median(steps) / unit:+9.1f} max {max(steps) / unit:+9.1f}"
+    )
+
+
+def tracemalloc_slopes(paths: list[Path], top: int, tasks: int) -> None:
+    """The allocation sites (whole tracebacks) whose bytes grew most steadily over the
+    rounds: least-squares slope of each site's size over the snapshots."""
+    sizes: list[dict[tracemalloc.Traceback, int]] = []
+    for path in paths:
+        snap = tracemalloc.Snapshot.load(str(path)).filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__)]
+        )
+        sizes.append({s.traceback: s.size for s in snap.statistics("traceback")})
+        del snap
+    sites = set().union(*sizes)
+    ranked = sorted(
+        ((slope([float(s.get(t, 0)) for s in sizes])[0], t) for t in sites),
+        key=lambda x: -x[0],
+    )
+    total = sum(b for b, _ in ranked)
+    print(
+        f"tracemalloc, rounds 1..{len(paths)}: all sites {total / 1024:+.1f} KB/round; "
+        f"top {top} sites by slope:"
+    )
+    for b, tb in ranked[:top]:
+        row = " ".join(f"{s.get(tb, 0) / 1024:.0f}" for s in sizes)
+        print(f"  {b / 1024:+8.1f} KB/round ({b / tasks:+.0f} B/task), KB: {row}")
+        for line in tb.format(most_recent_first=True)[:16]:
+            if line.strip().startswith("File"):
+                print(f"      {line.strip()}")
+
+
+def type_slopes(every: list[dict[str, int]], top: int) -> None:
+    """The object types whose count grew most steadily over the rounds."""
+    names = set().union(*every)
+    ranked = sorted(
+        ((slope([float(t.get(n, 0)) for t in every])[0], n) for n in names),
+        key=lambda x: -x[0],
+    )
+    print(f"object types by growth (gc-tracked), rounds 1..{len(every)}:")
+    for b, name in ranked[:top]:
+        if b <= 0:
+            break
+        print(f"  {b:+8.2f}/round {name}: {' '.join(str(t.get(name, 0)) for t in every)}")
+
+
+IDLE = ("threading.py", "selectors.py", "queue.py", "base_events.py", "/malloc.py")
+
+
+def peak_report(directory: Path, n: int, top: int) -> None:
+    """What the server's threads were doing at the round's highest heap (``--peak``)."""
+    path = directory / f"peak-{n}.json"
+    if not path.exists():
+        return
+    caught = json.loads(path.read_text())
+    log(f"  heap's high point: +{caught['over'] / 2**20:.1f} MB over the round's start; busy:")
+    for name, stack in caught["stacks"].items():
+        frames = [line for line in stack if line.strip().startswith("File")]
+        if not frames or any(idle in frames[-1] for idle in IDLE):
+            continue
+        log(f"    thread {name}:")
+        for line in stack[-8:]:
+            log(f"      {line.rstrip()}")
+    pickled = directory / f"peak-{n}.pickle"
+    before = directory / f"snap-{n - 1}.pickle"
+    if pickled.exists() and before.exists():
+        peak = tracemalloc.Snapshot.load(str(pickled))
+        for stat in peak.compare_to(tracemalloc.Snapshot.load(str(before)), "traceback")[:top]:
+            log(f"    {stat.size_diff / 1024:+9.1f} KB {stat.count_diff:+7d} blocks at the peak")
+            for line in stat.traceback.format(most_recent_first=True)[:12]:
+                if line.strip().startswith("File"):
+                    log(f"        {line.strip()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=32)
     ap.add_argument("--files", type=int, default=50, help="files in the generated repository")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds idle before reading RSS")
-    ap.add_argument("--tracemalloc", action="store_true")
+    ap.add_argument(
+        "--tracemalloc",
+        type=int,
+        nargs="?",
+        const=25,
+        default=0,
+        metavar="FRAMES",
+        help="trace allocations (default 25 frames a site) and rank the sites by growth",
+    )
+    ap.add_argument(
+        "--peak",
+        type=float,
+        default=0,
+        metavar="MB",
+        help="show what the server's threads did at each round's highest heap once it is "
+        "MB over the round's start (and, with --tracemalloc, the sites then)",
+    )
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args(argv)
 
@@ -114,23 +258,22 @@ def main(argv: list[str] | None = None) -> int:
             module="bench.memory_serve",
             extra_env={
                 "BENCH_SNAPSHOTS": str(snaps),
-                "BENCH_TRACEMALLOC": "1" if args.tracemalloc else "0",
+                "BENCH_TRACEMALLOC": str(args.tracemalloc),
+                "BENCH_PEAK_MB": str(args.peak),
             },
         )
         env_id = server.create_env(repo)
+        log(f"load average at start: {os.getloadavg()}")
         run_round(server, env_id, 2, "warm")  # mirror, standbys, first imports
         time.sleep(args.settle)
-        rss = [rss_kb(server.process.pid)]
-        stats, first = snapshot(server, snaps, 1, args.tracemalloc)
-        every = [stats]
-        snaps_taken = [first] if first is not None else []
-        log(f"after warm-up: {rss[0] / 1024:.1f} MB")
+        every = [snapshot(server, snaps, 1)]
+        log(f"after warm-up: {every[0]['rss'] / 2**20:.1f} MB")
         for n in range(args.rounds):
             t0 = time.monotonic()
             run_round(server, env_id, args.tasks, str(n))
+            took = time.monotonic() - t0
             time.sleep(args.settle)
-            rss.append(rss_kb(server.process.pid))
-            stats, snap = snapshot(server, snaps, n + 2, args.tracemalloc)
+            stats = snapshot(server, snaps, n + 2)
             every.append(stats)
             grew = ", ".join(
                 f"{label} {(stats[k] - every[-2][k]) / 1024:+.0f}"
@@ -138,40 +281,47 @@ def main(argv: list[str] | None = None) -> int:
                 if k in stats
             )
             log(
-                f"round {n + 1}: {args.tasks} tasks in {time.monotonic() - t0:.1f} s, "
-                f"RSS {rss[-1] / 1024:.1f} MB; grew (KB): {grew}; "
-                f"render cache {stats['render_cache_entries']} entries"
+                f"round {n + 1}: {args.tasks} tasks in {took:.1f} s, load "
+                f"{os.getloadavg()[0]:.1f}, RSS {stats['rss'] / 2**20:.1f} MB; grew (KB): "
+                f"{grew}; render cache {stats['render_cache_entries']} entries"
             )
-            if snap is not None:  # what grew in this round alone: a cache that fills shows
-                snaps_taken.append(snap)
-                for stat in snap.compare_to(snaps_taken[-2], "lineno")[:5]:
-                    log(f"  {stat.size_diff / 1024:+8.1f} KB {stat.traceback.format()[0].strip()}")
-        growth = [(b - a) / 1024 for a, b in pairwise(rss)]
-        print(f"RSS after warm-up and each round (MB): {' '.join(f'{k / 1024:.1f}' for k in rss)}")
-        print(
-            f"growth per round of {args.tasks} (MB): min {min(growth):.2f} "
-            f"median {statistics.median(growth):.2f} max {max(growth):.2f}; "
-            f"total {(rss[-1] - rss[0]) / 1024:.2f} MB, "
-            f"{(rss[-1] - rss[0]) / (args.rounds * args.tasks):.1f} KB per task"
-        )
-        print("per round (MB), warm-up first:")
+            peak_report(snaps, n + 2, 5)
+        print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+        print(f"after warm-up and each of {args.rounds} rounds of {args.tasks} tasks (MB):")
         for k, label in STATS:
             if k in every[0]:
-                print(f"  {label:>14}: {' '.join(f'{x[k] / 2**20:.2f}' for x in every)}")
-        print(f"  Python objects: {' '.join(str(x['python_objects']) for x in every)}")
-        if first is not None:
-            last = snaps_taken[-1]
-            print(f"top {args.top} allocation sites by growth (tracemalloc):")
-            for stat in last.compare_to(first, "traceback")[: args.top]:
-                print(f"  {stat.size_diff / 1024:+9.1f} KB {stat.count_diff:+7d} blocks")
-                for line in stat.traceback.format()[-8:]:
-                    print(f"      {line}")
+                print(f"  {label:>16}: {' '.join(f'{x[k] / 2**20:.2f}' for x in every)}")
+        for k, label in COUNTS:
+            print(f"  {label:>16}: {' '.join(str(x[k]) for x in every)}")
+        if "peak_over" in every[0]:
+            highs = " ".join(f"{x['peak_over'] / 2**20:.1f}" for x in every)
+            print(f"  heap's high point over each round's start (MB): {highs}")
+        print(
+            f"growth per round of {args.tasks} tasks, rounds 2..{args.rounds} "
+            "(least squares over the values after rounds 1..N; steps between them):"
+        )
+        rounds = every[1:]
+        for k, label in STATS:
+            if k in every[0]:
+                print(growth_line(label, [float(x[k]) for x in rounds], args.tasks))
+        for k, label in COUNTS:
+            print(growth_line(label, [float(x[k]) for x in rounds], args.tasks, unit=1))
+        types = [
+            json.loads((snaps / f"types-{n}.json").read_text()) for n in range(2, len(every) + 1)
+        ]
+        type_slopes(types, args.top)
+        if args.tracemalloc:
+            paths = [snaps / f"snap-{n}.pickle" for n in range(2, len(every) + 1)]
+            tracemalloc_slopes(paths, args.top, args.tasks)
         return 0
     finally:
         if server is not None:
             server.stop()
         model.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP"):
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -3,26 +3,38 @@
 Only used by ``python -m bench.memory``: with ``BENCH_SNAPSHOTS`` set, each ``SIGUSR1`` (after
 a ``gc.collect()``) writes ``stats-<n>.json`` there: what glibc's heap holds in use and free
 (``mallinfo2``), what SQLite's allocator holds (``sqlite3_memory_used``, every connection's
-page cache included), the render cache's entries and bytes, and the Python objects by count.
-With ``BENCH_TRACEMALLOC=1`` too, tracing starts before openwham is imported and each signal
-also writes ``snap-<n>.pickle`` so the bench can diff allocation sites between rounds.
+page cache included), the render cache's entries and bytes (the answers and what keeps
+them), Python's allocated blocks, the threads and open files, SQLAlchemy's compiled-statement
+caches, the container objects by type, and RSS before and after ``malloc_trim``.
+With ``BENCH_TRACEMALLOC=N`` (frames, 0 = off), tracing starts at the first signal (after
+the warm-up: tracing the start-up took minutes) and each signal also writes
+``snap-<n>.pickle`` so the bench can follow the sites of what was allocated since. With
+``BENCH_PEAK_MB=M``, a thread watches the heap's bytes in use and keeps every thread's
+stack (and a snapshot, when tracing) at the round's highest point once it is ``M`` MB over
+the round's start (``peak-<n>.json``, ``peak-<n>.pickle``).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import json
 import os
 import signal
+import sys
+import threading
+import time
+import traceback
 import tracemalloc
+import weakref
+from collections import Counter
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 _dir = os.environ.get("BENCH_SNAPSHOTS", "")
-_trace = os.environ.get("BENCH_TRACEMALLOC") == "1"
+_frames = int(os.environ.get("BENCH_TRACEMALLOC", "0") or 0)
+_peak_mb = float(os.environ.get("BENCH_PEAK_MB", "0") or 0)
 _count = 0
 
 
@@ -44,44 +56,186 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
+def _rss(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+_libc = ctypes.CDLL(None)  # not find_library: it runs ldconfig or gcc each time
+_libc.mallinfo2.restype = _MallInfo2
+_libc.malloc_trim.argtypes = [ctypes.c_size_t]
+
+
+def _mallinfo() -> _MallInfo2:
+    return _libc.mallinfo2()  # type: ignore[no-any-return]
+
+
+class _Peaks:
+    """Watches the heap's bytes in use (every 10 ms) between two dumps and, each time they
+    reach a new high at least ``BENCH_PEAK_MB`` over where the round began, keeps every
+    thread's stack (and a tracemalloc snapshot when tracing): what held the memory then."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.lock = threading.Lock()
+        self.started = False  # by the first dump: the server's start-up is not watched
+        self.reset()
+
+    def reset(self) -> None:
+        self.base = _mallinfo().uordblks
+        self.high = self.base
+        self.caught: dict[str, Any] = {}
+        self.snapshot: tracemalloc.Snapshot | None = None
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        while True:
+            time.sleep(0.01)
+            used = _mallinfo().uordblks
+            with self.lock:
+                if used <= self.high:
+                    continue
+                self.high = used
+                if used - self.base < self.threshold:
+                    continue
+                if self.caught and used - self.caught["in_use"] < 2 << 20:
+                    continue
+                names = {t.ident: t.name for t in threading.enumerate()}
+                stacks = {  # no source lines: linecache would fill the heap it watches
+                    f"{names.get(ident, ident)}": [
+                        f'File "{f.filename}", line {f.lineno}, in {f.name}'
+                        for f in traceback.StackSummary.extract(
+                            traceback.walk_stack(frame), limit=12, lookup_lines=False
+                        )
+                    ][::-1]
+                    for ident, frame in sys._current_frames().items()
+                    if ident != me
+                }
+                self.caught = {"in_use": used, "over": used - self.base, "stacks": stacks}
+                if _frames:
+                    self.snapshot = tracemalloc.take_snapshot()
+
+    def dump(self, n: int) -> dict[str, Any]:
+        with self.lock:
+            out = {"peak_over": self.high - self.base}
+            if self.caught:
+                (Path(_dir) / f"peak-{n}.json").write_text(json.dumps(self.caught))
+                if self.snapshot is not None:
+                    self.snapshot.dump(str(Path(_dir) / f"peak-{n}.pickle"))
+            self.reset()
+            if not self.started:
+                self.started = True
+                threading.Thread(target=self._run, name="bench-peaks", daemon=True).start()
+        return out
+
+
+_peaks: _Peaks | None = None
+# what the server made, found without gc.get_objects (which skips what ``wham serve``
+# froze after its start-up, server/gcpause.py)
+_made: dict[str, weakref.WeakSet[Any]] = {"render": weakref.WeakSet(), "engine": weakref.WeakSet()}
+
+
+def _register() -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Connection, Engine
+
+    from openwham.service.rendercache import RenderCache
+
+    init = RenderCache.__init__
+
+    def registered(self: RenderCache, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        _made["render"].add(self)
+
+    RenderCache.__init__ = registered  # type: ignore[method-assign]
+
+    def connected(conn: Connection) -> None:
+        _made["engine"].add(conn.engine)
+
+    event.listen(Engine, "engine_connect", connected)
+
+
 def _native() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
+    info = _mallinfo()
     out["malloc_in_use"] = info.uordblks + info.hblkhd  # allocated, small and mmapped
+    out["malloc_mmapped"] = info.hblkhd  # of which mmapped (returned to the system at free)
     out["malloc_free"] = info.fordblks  # free in the heaps, not returned to the system
+    out["malloc_arena"] = info.arena  # the heaps' size (in use + free)
     import sqlite3  # noqa: F401  (loads the same libsqlite3 the server uses)
 
     lib = ctypes.CDLL("libsqlite3.so.0")
     lib.sqlite3_memory_used.restype = ctypes.c_int64
     out["sqlite_in_use"] = lib.sqlite3_memory_used()
+    out["rss_before_trim"] = _rss()
+    _libc.malloc_trim(0)
+    out["rss_trimmed"] = _rss()
+    out["rss_anon"] = _rss("RssAnon")  # after the trim: the heaps, Python's arenas, stacks
+    out["rss_file"] = _rss("RssFile")  # mapped files: the code and libraries' pages touched
     return out
+
+
+def _render_cache() -> dict[str, int]:
+    """The render caches' entries, answer bytes and everything that holds them (the answer
+    objects, keys, digests and tuples; the ordered dict's nodes at ~100 bytes each)."""
+    caches = list(_made["render"])
+    entries = held = 0
+    for cache in caches:
+        with cache._lock:
+            items = list(cache._entries.items())
+        entries += len(items)
+        for (kind, ident), (key, value) in items:
+            held += 100 + sys.getsizeof((kind, ident)) + sys.getsizeof(ident)
+            held += sys.getsizeof((key, value)) + sys.getsizeof(key) + sys.getsizeof(value)
+    return {
+        "render_cache_entries": entries,
+        "render_cache_bytes": sum(c.size for c in caches),
+        "render_cache_held": held,
+    }
+
+
+def _sqlalchemy() -> dict[str, int]:
+    engines = list(_made["engine"])
+    compiled = sum(len(e._compiled_cache or ()) for e in engines)
+    return {"sqlalchemy_engines": len(engines), "sqlalchemy_compiled": compiled}
 
 
 def _dump(signum: int, frame: FrameType | None) -> None:
     global _count
-    gc.collect()
     _count += 1
+    peak = _peaks.dump(_count) if _peaks is not None else {}  # before this dump allocates
+    gc.collect()
     stats = _native()
-    from openwham.service.rendercache import RenderCache
-
-    caches = [o for o in gc.get_objects() if isinstance(o, RenderCache)]
-    stats["render_cache_entries"] = sum(len(c) for c in caches)
-    stats["render_cache_bytes"] = sum(c.size for c in caches)
-    stats["python_objects"] = len(gc.get_objects())
-    if _trace:
+    stats.update(peak)
+    objects = gc.get_objects()
+    stats.update(_render_cache())
+    stats.update(_sqlalchemy())
+    stats["python_objects"] = len(objects) + gc.get_freeze_count()
+    stats["python_blocks"] = sys.getallocatedblocks()
+    stats["threads"] = len(os.listdir("/proc/self/task"))
+    stats["python_threads"] = threading.active_count()
+    stats["fds"] = len(os.listdir("/proc/self/fd"))
+    types = Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in objects)
+    del objects
+    if _frames and not tracemalloc.is_tracing():  # from the first dump: tracing the
+        tracemalloc.start(_frames)  # start-up (imports) took minutes; growth is newer
+    if _frames:
         tracemalloc.take_snapshot().dump(str(Path(_dir) / f"snap-{_count}.pickle"))
         stats["traced"] = tracemalloc.get_traced_memory()[0]
+    (Path(_dir) / f"types-{_count}.json").write_text(json.dumps(types))
     (Path(_dir) / f"stats-{_count}.json").write_text(json.dumps(stats))
     (Path(_dir) / f"snap-{_count}.done").touch()
 
 
 def main() -> None:
     if _dir:
-        if _trace:
-            tracemalloc.start(12)
         signal.signal(signal.SIGUSR1, _dump)
+        _register()
+        if _peak_mb:
+            global _peaks
+            _peaks = _Peaks(int(_peak_mb * 2**20))
     from openwham.cli.main import main as wham_main
 
     wham_main()
