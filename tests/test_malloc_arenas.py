@@ -27,16 +27,21 @@ print(done)
 """
 
 
-def _arenas(mode: str) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-    out = subprocess.run(
-        [sys.executable, "-c", PROGRAM, mode],
+def _python(program: str, mode: str) -> subprocess.CompletedProcess[str]:
+    """``program`` run with ``mode`` in a Python of its own, with no ``MALLOC_*`` setting."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    return subprocess.run(
+        [sys.executable, "-c", program, mode],
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
         check=True,
     )
+
+
+def _arenas(mode: str) -> tuple[int, str]:
+    out = _python(PROGRAM, mode)
     return out.stderr.count("Arena "), out.stdout.strip()
 
 
@@ -109,16 +114,7 @@ def test_big_transient_blocks_go_back_to_the_system_when_freed() -> None:
     between rounds of tasks, issue 20); ``wham serve`` fixes the threshold."""
 
     def run(mode: str) -> tuple[int, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-        out = subprocess.run(
-            [sys.executable, "-c", THRESHOLD, mode],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-            check=True,
-        )
-        free, done = out.stdout.split()
+        free, done = _python(THRESHOLD, mode).stdout.split()
         return int(free), done
 
     free, _ = run("plain")
