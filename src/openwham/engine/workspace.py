@@ -132,8 +132,8 @@ class Workspaces:
         """The attempt's workspace in ``attempt_dir`` and its agent, launched with the prompt
         (``agent.launch``): a standby's when one fits, else made now."""
         assert self.gateway is not None
-        # the fetch (and the branch head read after it) begins now, beside the take and the
-        # prompt: a standby's first model request waits for it (``_fits``)
+        # the fetch begins now, beside the take and the prompt: a standby's first model
+        # request waits for it (``_fits``)
         fetched = Background(lambda: self._fetch(claim), f"fetch-{claim.turn_id[-8:]}")
         storage.remove_tree(attempt_dir)
         gate = OutputGate(agent.on_output)
@@ -168,15 +168,10 @@ class Workspaces:
         return prepared
 
     def _fetch(self, claim: Claim) -> Path:
-        """The attempt's mirror fetched (one fetch for the attempts of a prompt), and the
-        branch head read after it when a standby's checkout may be checked against it
-        (``_fits``: then a read of the cache)."""
-        mirror = self.mirrors.ensure(
+        """The attempt's mirror fetched (one fetch for the attempts of a prompt)."""
+        return self.mirrors.ensure(
             claim.repo_key, claim.repo_url, auth=claim.git_auth, group=claim.prompt_turn_id
         )
-        if not claim.repos and self.standby_key(claim) is not None:
-            self.mirrors.branch_head(claim.repo_key, claim.branch)
-        return mirror
 
     def _fits(self, claim: Claim, prepared: Prepared, mirror: Path) -> bool:
         """Whether a standby's checkout is where the attempt starts: the branch head of the
