@@ -78,7 +78,7 @@ SLOW_FIXTURES = {"live_server"}
 def pytest_report_header() -> str:
     """Which Codex mode the suite's attempts run in (``WHAM_CODEX_MODE``, as the engine reads
     it; ``WHAM_CODEX_MODE=app-server ./scripts/test …`` runs them as ``codex app-server``)."""
-    return f"codex mode: {os.environ.get('WHAM_CODEX_MODE') or 'exec (the default)'}"
+    return f"codex mode: {os.environ.get('WHAM_CODEX_MODE') or 'app-server (the default)'}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -40,10 +40,11 @@ class Settings(BaseSettings):
     model_base_url: str | None = None
     model_api_key: str | None = None
     model: str = "gpt-5.1-codex"
-    # How Codex runs in an attempt's sandbox: "exec" (`codex exec --json`) or "app-server"
-    # (`codex app-server` through runtimes/appserver_driver.py: a standby's Codex has its
-    # config, initialize and thread/start done before the prompt; docs/design/codex-app-server.md).
-    codex_mode: CodexMode = CodexMode.EXEC
+    # How Codex runs in an attempt's sandbox: "app-server" (the default: `codex app-server`
+    # through runtimes/appserver_driver.py, a standby's Codex has its config, initialize and
+    # thread/start done before the prompt; docs/design/codex-app-server.md) or "exec"
+    # (`codex exec --json`, which does them after reading its prompt).
+    codex_mode: CodexMode = CodexMode.APP_SERVER
 
     # "inprocess" runs attempts inside `wham serve`; "queue" makes them procrastinate jobs on
     # PostgreSQL, run by `wham worker` processes and serve's embedded worker (engine/queue.py);
