@@ -240,6 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         help="show what the server's threads did at each round's highest heap once it is "
         "MB over the round's start (and, with --tracemalloc, the sites then)",
     )
+    ap.add_argument(
+        "--render-cache-entries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="bound the server's render cache at N answers instead of 512, so that it is "
+        "full early and RSS can be judged with it",
+    )
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args(argv)
 
@@ -260,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 "BENCH_SNAPSHOTS": str(snaps),
                 "BENCH_TRACEMALLOC": str(args.tracemalloc),
                 "BENCH_PEAK_MB": str(args.peak),
+                "BENCH_RENDER_ENTRIES": str(args.render_cache_entries),
             },
         )
         env_id = server.create_env(repo)

@@ -35,6 +35,7 @@ from typing import Any
 _dir = os.environ.get("BENCH_SNAPSHOTS", "")
 _frames = int(os.environ.get("BENCH_TRACEMALLOC", "0") or 0)
 _peak_mb = float(os.environ.get("BENCH_PEAK_MB", "0") or 0)
+_render_entries = int(os.environ.get("BENCH_RENDER_ENTRIES", "0") or 0)
 _count = 0
 
 
@@ -147,6 +148,8 @@ def _register() -> None:
 
     def registered(self: RenderCache, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
+        if _render_entries:  # a smaller bound: the cache is full after a round or two
+            self.max_entries = _render_entries
         _made["render"].add(self)
 
     RenderCache.__init__ = registered  # type: ignore[method-assign]
