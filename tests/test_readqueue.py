@@ -90,17 +90,23 @@ def test_a_cancelled_read_is_dropped_if_queued_and_waited_for_if_running() -> No
 
 def test_idle_threads_end_and_come_back() -> None:
     queue = ReadQueue(2, idle_seconds=0.1)
+    ours: set[threading.Thread] = set()
 
-    def wham_read_threads() -> int:
-        return sum(t.name == "wham-read" and t.is_alive() for t in threading.enumerate())
+    def read(value: int) -> int:
+        ours.add(threading.current_thread())
+        time.sleep(0.05)
+        return value
 
     async def main() -> None:
-        before = wham_read_threads()
-        assert await asyncio.gather(queue.run(lambda: 1), queue.run(lambda: 2)) == [1, 2]
+        both = await asyncio.gather(queue.run(lambda: read(1)), queue.run(lambda: read(2)))
+        assert both == [1, 2] and len(ours) == 2  # two threads, at once
         deadline = time.monotonic() + 10
-        while wham_read_threads() > before and time.monotonic() < deadline:
+        while queue.workers and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert wham_read_threads() == before
+        assert queue.workers == 0
+        for thread in ours:
+            thread.join(5)
+            assert not thread.is_alive()
         assert await queue.run(lambda: 3) == 3  # a new thread starts
 
     asyncio.run(main())

@@ -59,6 +59,11 @@ class ReadQueue:
         self.reads = 0
         self.handoffs = 0
 
+    @property
+    def workers(self) -> int:
+        """The queue's threads now (busy or idle)."""
+        return self._workers
+
     async def run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
         read: _Read[T] = _Read(fn, loop.create_future(), loop)
