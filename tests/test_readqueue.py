@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -32,7 +33,7 @@ def test_reads_queued_while_the_threads_are_busy_cost_no_hand_off_and_keep_their
 
     async def main() -> list[int]:
         tasks = [asyncio.create_task(queue.run(lambda i=i: read(i))) for i in range(12)]
-        await asyncio.sleep(0.2)  # both threads hold a read, ten wait in the queue
+        await _until(lambda: inside == 2)  # both threads hold a read, ten wait in the queue
         release.set()
         return await asyncio.gather(*tasks)
 
@@ -41,6 +42,13 @@ def test_reads_queued_while_the_threads_are_busy_cost_no_hand_off_and_keep_their
     assert order[:2] == sorted(order[:2]) and order[2:] == list(range(2, 12))  # FIFO
     assert queue.reads == 12
     assert queue.handoffs == 2  # the two threads' starts; the other ten were taken by them
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
 
 
 def test_an_error_is_raised_in_the_awaiting_request() -> None:
@@ -71,7 +79,7 @@ def test_a_cancelled_read_is_dropped_if_queued_and_waited_for_if_running() -> No
     async def main() -> None:
         running = asyncio.create_task(queue.run(slow))
         queued = asyncio.create_task(queue.run(lambda: ran.append("queued")))
-        await asyncio.sleep(0.1)
+        await _until(lambda: ran == ["slow"])
         queued.cancel()
         with pytest.raises(asyncio.CancelledError):
             await queued
