@@ -563,15 +563,27 @@ def report_burst(kind: str, b: dict[str, Any]) -> None:
     print(f"  next GET after it: {b['after_status']} in {b['after_ms']:.1f} ms")
 
 
+def _mmm(values: list[float]) -> str:
+    """``min/median/max`` of ``values`` (one decimal)."""
+    return f"{min(values):.1f}/{statistics.median(values):.1f}/{max(values):.1f}"
+
+
+def _by_server(results: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """The rounds of each (database, tree), databases in order."""
+    keys = sorted({(r["database"], r["tree"]) for r in results}, key=lambda k: k[0])
+    return [
+        (kind, tree, [r for r in results if (r["database"], r["tree"]) == (kind, tree)])
+        for kind, tree in keys
+    ]
+
+
 def burst_summary(results: list[dict[str, Any]]) -> None:
     """Min / median / max over the rounds of each burst's p50, p99 and the client's CPU."""
     print(
         f"{'db':<8} {'tree':<24} {'burst':<14} {'p50 ms':>17} {'p99 ms':>17} {'max ms':>17} "
         f"{'client cpu ms':>17} {'server cpu ms':>17}"
     )
-    keys = sorted({(r["database"], r["tree"]) for r in results}, key=lambda k: k[0])
-    for kind, tree in keys:
-        runs = [r for r in results if (r["database"], r["tree"]) == (kind, tree)]
+    for kind, tree, runs in _by_server(results):
         for client in dict.fromkeys(b["client"] for r in runs for b in r["bursts"]):
             bursts = [b for r in runs for b in r["bursts"] if b["client"] == client]
             cols = []
@@ -583,7 +595,7 @@ def burst_summary(results: list[dict[str, Any]]) -> None:
                 lambda b: b["server_cpu_ms"],
             ):
                 v = [f(b) for b in bursts if b["latencies_ms"] and f(b) is not None]
-                cols.append(f"{min(v):.1f}/{statistics.median(v):.1f}/{max(v):.1f}" if v else "-")
+                cols.append(_mmm(v) if v else "-")
             name = f"{bursts[0]['concurrency']} {client}"
             print(
                 f"{kind:<8} {tree[-24:]:<24} {name:<14} {cols[0]:>17} {cols[1]:>17} {cols[2]:>17} "
@@ -600,15 +612,13 @@ def summary(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{'db':<8} {'tree':<24} {'wrk':<8} {'conns':>5} {'rps':>17} {'p99 ms':>19} "
             f"{'cpu ms':>17}"
         )
-    keys = sorted({(r["database"], r["tree"]) for r in results}, key=lambda k: k[0])
-    for kind, tree in keys:
-        runs = [r for r in results if (r["database"], r["tree"]) == (kind, tree)]
+    for kind, tree, runs in _by_server(results):
         for name in ("details", "list"):
             for c in args.connections:
                 cols = []
                 for field_, scale in (("rps", 1.0), ("p99_us", 1000.0), ("cpu_ms", 1.0)):
                     v = [r[f"{name}@{c}"][field_] / scale for r in runs]
-                    cols.append(f"{min(v):.1f}/{statistics.median(v):.1f}/{max(v):.1f}")
+                    cols.append(_mmm(v))
                 print(
                     f"{kind:<8} {tree[-24:]:<24} {name:<8} {c:>5} {cols[0]:>17} {cols[1]:>19} "
                     f"{cols[2]:>17}"
