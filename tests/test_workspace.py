@@ -165,6 +165,22 @@ def test_the_branch_head_is_read_without_git_and_as_the_last_fetch_left_it(
     assert [a[0] for a in ran] == ["fetch"]
 
 
+def test_a_follow_up_whose_base_commit_left_the_repository_is_told_so(
+    repo: Path, tmp_path: Path
+) -> None:
+    """A follow-up starts at its task's original base (``at``); a base that a force-push and
+    a pruning fetch removed from the mirror is named in a clear error, not a git trace."""
+    mirrors = Mirrors(tmp_path / "mirrors")
+    base = git("rev-parse", "HEAD", cwd=repo).strip()
+    mirror = mirrors.ensure("k", str(repo))
+    assert mirrors.start_commit("k", "main", base, "the repository") == base
+    gone = "0123456789abcdef" * 2 + "01234567"
+    assert not (mirror / "objects" / gone[:2] / gone[2:]).exists()
+    with pytest.raises(WorkspaceError) as err:
+        mirrors.start_commit("k", "main", gone, "the repository")
+    assert str(err.value) == "The task's base commit 0123456789ab is no longer in the repository"
+
+
 def test_a_branch_is_read_from_the_mirrors_files_as_git_reads_it(
     repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -560,17 +560,6 @@ class Checkouts:
                         shutil.rmtree(d, ignore_errors=True)
 
 
-def reset_to(dest: Path, sha: str) -> None:
-    """Point a fresh workspace's branch at ``sha`` (a follow-up starts from the task's
-    original base commit, wherever the branch is now)."""
-    try:
-        git("reset", "--quiet", "--hard", f"{sha}^{{commit}}", cwd=dest)
-    except WorkspaceError as exc:
-        raise WorkspaceError(
-            f"The task's base commit {sha[:12]} is no longer in the repository"
-        ) from exc
-
-
 def apply_patch(
     dest: Path, diff: str, *, what: str = "The starting diff (pre_apply_patch)"
 ) -> None:
