@@ -396,6 +396,20 @@ def test_descriptors_other_than_one_stream_socket_are_closed_unused(proxy: Egres
     assert [(e.decision, e.method) for e in seen] == [("deny", "GET")]
 
 
+def test_stop_ends_the_proxys_thread_and_closes_its_sessions(tmp_path: Path) -> None:
+    """An engine's close stops its proxy: its loop's thread ends (it was never recorded, so
+    every engine stopped in a process left one running) and a session's socket is gone."""
+    p = EgressProxy(tmp_path / "egress")
+    session = p.open(EgressPolicy())
+    threads = [t for t in threading.enumerate() if t is p._thread]
+    assert len(threads) == 1 and threads[0].is_alive()
+    session.close()
+    p.stop()
+    assert not threads[0].is_alive()
+    assert not session.socket.exists()
+    p.stop()  # twice is fine
+
+
 def test_the_forwarder_answers_502_when_the_session_is_gone(tmp_path: Path) -> None:
     fwd, via = forwarder(tmp_path / "gone.sock")
     try:

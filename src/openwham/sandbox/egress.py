@@ -306,8 +306,9 @@ class EgressProxy:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 os.chmod(self.directory, 0o700)
                 loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name="egress-proxy", daemon=True).start()
-                self._loop = loop
+                thread = threading.Thread(target=loop.run_forever, name="egress-proxy", daemon=True)
+                thread.start()
+                self._loop, self._thread = loop, thread
             return self._loop
 
     def open(self, policy: EgressPolicy, on_event: EventSink | None = None) -> EgressSession:
@@ -354,6 +355,8 @@ class EgressProxy:
         if loop is not None and thread is not None:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(5)
+            if not thread.is_alive():
+                loop.close()
 
     # -- one connection --
 
