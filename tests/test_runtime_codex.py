@@ -91,7 +91,9 @@ def test_codex_home_points_a_responses_provider_at_the_forwarder() -> None:
     assert base_url().startswith("http://127.0.0.1:") and base_url().endswith("/v1")
     # what Codex 0.169.0 would otherwise try to reach from a sandbox without network
     assert config["analytics"] == {"enabled": False}
-    assert config["features"] == {"plugins": False}
+    assert config["features"] == {"plugins": False, "goals": False}
+    # per-turn work an attempt does not need (test_no_goals_nor_bundled_skills_in_a_turn)
+    assert config["skills"] == {"bundled": {"enabled": False}}
     assert config["web_search"] == "disabled"
     assert config["check_for_update_on_startup"] is False
     assert config["shell_environment_policy"] == {"exclude": [TOKEN_ENV]}
@@ -802,6 +804,31 @@ def test_custom_instructions_and_effort_reach_the_model(stack: Stack, workspace:
     assert user_texts[-1] == "Hello"  # the prompt itself is sent as written
     assert run.statuses == ["Working", "Completing the task"]
     assert workspace_diff(workspace) == ""
+
+
+def test_no_goals_nor_bundled_skills_in_a_turn(stack: Stack, workspace: Workspace) -> None:
+    """The generated config's per-turn switches hold in a real sandboxed run: no goal tools
+    and none of Codex's bundled skills in the request, no ``skills/.system`` written into
+    ``CODEX_HOME``; a skill of the repository itself is still offered to the model."""
+    skill = workspace.path / ".agents" / "skills" / "frobnicate"
+    skill.mkdir(parents=True)
+    marker = f"frobnicate-{uuid.uuid4().hex[:8]}"
+    (skill / "SKILL.md").write_text(
+        f"---\nname: {marker}\ndescription: Frobnicates the widgets of this repository.\n"
+        "---\nRun ./frob.\n"
+    )
+    stack.model.script = [Say("Done.")]
+    run = run_attempt(stack, workspace, "Hello")
+    assert run.outcome.status == "completed", (run.outcome.error, run.result.stderr[-3000:])
+    (body,) = stack.model.requests
+    text = json.dumps(body)
+    tools = {t.get("name") for t in body["tools"]}
+    assert "exec_command" in tools or "shell" in tools  # the request is the agent's
+    assert not tools & {"create_goal", "get_goal", "update_goal"}
+    assert marker in text  # the repository's skill
+    for bundled in ("skill-creator", "skill-installer", "openai-docs", "imagegen"):
+        assert bundled not in text
+    assert not (workspace.path.parent / "codex-home" / "skills" / ".system").exists()
 
 
 def test_a_model_failure_fails_the_attempt(stack: Stack, workspace: Workspace) -> None:

@@ -133,7 +133,11 @@ def codex_home_files(
     its DNS timeouts held the exit for 5 s), ``features.plugins`` (``git ls-remote`` of
     github.com/openai/plugins and api.github.com), the hosted ``web_search`` tool (the agent
     has no internet; OpenAI-compatible servers may not know the tool) and the update check.
-    The gateway token is kept out of the agent's commands' environment.
+    The gateway token is kept out of the agent's commands' environment. Per-turn work an
+    attempt does not need is off too: ``features.goals`` (three goal tools in every request,
+    a goal store read each turn, turns started by a goal's automatic continuation) and
+    ``[skills.bundled]`` (Codex's own skills, written into each ``CODEX_HOME``, scanned
+    each turn and listed in each request; the repository's skills are still found).
 
     ``mcp_servers`` (the environment's, validated by ``service.environments``) become
     ``[mcp_servers.<name>]`` tables, and ``mcp_optional_startup_grace_ms = 0`` makes Codex
@@ -188,6 +192,17 @@ def codex_home_files(
         "",
         "[features]",
         "plugins = false",
+        # Goals: no create_goal/get_goal/update_goal tools in every request, no goal
+        # store read each turn, and no turn started by a goal's automatic continuation
+        # (an attempt is one turn per prompt).
+        "goals = false",
+        "",
+        # Codex's bundled skills (imagegen, openai-docs, skill-installer, skill-creator,
+        # review-agent): made for a local Codex with network and the OpenAI image tool; not
+        # written into each attempt's CODEX_HOME (~500 KB per standby), not scanned at each
+        # turn, not listed in every request (~2 KB). The repository's own skills stay.
+        "[skills.bundled]",
+        "enabled = false",
         "",
     ]
     lines += _mcp_tables(mcp_servers or {})
