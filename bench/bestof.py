@@ -170,8 +170,9 @@ def _poll(server: h.WhamServer, task_id: str, ids: list[str], t0: float, every: 
 
 def wait_standbys(server: h.WhamServer, n: int, timeout: float = 120) -> None:
     """Until ``n`` standbys are prepared and settled (their index rewritten a second after
-    the checkout) and their Codex waits for its prompt, as after a pause between a person's
-    tasks (the next run does not share the cores with their start-ups)."""
+    the checkout) and the server's pool holds them ready (their Codex waits for its prompt,
+    and a take has each at once: ``WhamServer.standbys_ready``), as after a pause between a
+    person's tasks (the next run does not share the cores with their start-ups)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         settled = 0
@@ -185,8 +186,8 @@ def wait_standbys(server: h.WhamServer, n: int, timeout: float = 120) -> None:
                     settled += 1
             except OSError:
                 continue
-        if settled >= n and h.standbys_waiting(server.process.pid, n) >= n:
-            return  # their Codex processes are started and wait for a prompt
+        if settled >= n and server.standbys_ready(n) >= n:
+            return  # the pool holds them ready: a take has each at once
         time.sleep(0.05)
 
 

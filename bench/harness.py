@@ -300,10 +300,26 @@ class WhamServer:
         while ws.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         if self.standby:
-            while not (standby_waiting(self.process.pid) and self._standby_settled()):
+            while not (self.standbys_ready(1) and self._standby_settled()):
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.02)
+
+    def standbys_ready(self, enough: int | None = None) -> int:
+        """How many standbys the server's pool holds ready, i.e. a take has them at once
+        (counted up to ``enough``): the files of ``attempts/.ready-standbys``
+        (``engine.workspace.READY_STANDBYS``). A server from before that directory (an older
+        ``--tree``): its sandboxed Codex processes waiting for their prompt
+        (:func:`standbys_waiting`), which a take may not have yet (its pool takes it in once
+        its thread has seen the sandbox's ready marker)."""
+        shown = self.data_dir / "attempts" / ".ready-standbys"
+        if not shown.is_dir():
+            return standbys_waiting(self.process.pid, enough)
+        try:
+            found = sum(1 for _ in shown.iterdir())
+        except OSError:
+            return 0
+        return found if enough is None else min(found, enough)
 
     def _standby_settled(self) -> bool:
         """The engine rewrote a standby's index after its checkout (1 s after the clone), or

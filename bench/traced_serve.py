@@ -140,7 +140,7 @@ def _trace_spawns() -> None:
 
 def install() -> None:
     _trace_spawns()
-    from openwham.engine import agent, attempt, executor, recorder, result
+    from openwham.engine import agent, attempt, executor, recorder, result, standby
     from openwham.engine import workspace as engine_workspace
     from openwham.gateway import app as gateway_app
     from openwham.runtimes import codex
@@ -221,6 +221,15 @@ def install() -> None:
     setattr(gateway_app._Passthrough, "_pump", traced_pump)  # noqa: B010
     _wrap(attempt, "workspace_diff", "workspace_diff")
     _wrap(engine_workspace.Workspaces, "take_standby", "take_standby")
+    _wrap(standby.StandbyPool, "take", "pool_take")  # its wait for a fill under way
+    # a standby into the pool's ready list (a take has it at once from then on); older trees
+    # have no ``_made`` (then not traced)
+    _wrap(
+        standby.StandbyPool,
+        "_made",
+        "standby_ready",
+        describe=lambda self, key, prepared: {"turn": None, "standby": prepared.dir.name},
+    )
     for name in ("branch_head", "branch_ref"):  # branch_ref since it reads the files
         if hasattr(engine_workspace, name):
             _wrap(engine_workspace, name, "branch_head")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from conftest import (
 )
 from openwham.engine.attempt import Engine
 from openwham.engine.standby import AgentKey, Prepared, StandbyPool
+from openwham.engine.workspace import READY_STANDBYS
 from openwham.runtimes import codex
 from openwham.store import models as m
 from support.procs import foreign_process, namespace_pids, sandbox_namespace, wait_gone
@@ -119,7 +121,10 @@ def test_the_next_attempt_starts_in_a_standby_sandbox_with_the_same_result(
     root = engine_of(standby_server).attempts_root
     assert b"config.toml" in wait_stored(standby_server, warm["id"])
     wait_standby(standby_server)
-    assert len(list(root.glob(".standby-*"))) == 1
+    standbys = [p.name for p in root.glob(".standby-*")]
+    assert len(standbys) == 1
+    # shown ready where an operator (or bench.bestof) sees it: the one standby, by name
+    assert [p.name for p in (root / READY_STANDBYS).iterdir()] == standbys
 
 
 def test_a_standby_is_not_used_when_it_does_not_fit_the_task(
@@ -306,7 +311,11 @@ class _Proc:
 
 
 def _pool(
-    size: int, made: list[Prepared], dropped: list[Prepared], gate: threading.Event
+    size: int,
+    made: list[Prepared],
+    dropped: list[Prepared],
+    gate: threading.Event,
+    shown: Callable[[Prepared, bool], None] | None = None,
 ) -> StandbyPool:
     def make(key: AgentKey) -> Prepared:
         gate.wait(10)
@@ -315,7 +324,7 @@ def _pool(
         made.append(prepared)
         return prepared
 
-    return StandbyPool(size=size, max_age=60.0, make=make, drop=dropped.append)
+    return StandbyPool(size=size, max_age=60.0, make=make, drop=dropped.append, shown=shown)
 
 
 def _key(name: str) -> AgentKey:
@@ -353,6 +362,93 @@ def _settled(pool: StandbyPool, n: int) -> None:
     while pool.busy or len(pool) < n:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def test_n_ready_standbys_give_n_takes_at_once_while_another_one_settles() -> None:
+    """What the pool counts ready (``ready()``, ``len``) a take has at once: a best-of-4
+    finding four ready takes them without waiting, also while a fifth standby's index is
+    being settled (its settle held the pool's lock, so every take, and ``ready()``, waited
+    for that sandboxed ``git update-index``); the settling one is not counted ready and a
+    take finding none else waits for it, as for a fill, and gets it."""
+    made: list[Prepared] = []
+    settling, slow = threading.Event(), threading.Event()
+    settled: list[Prepared] = []
+
+    def make(key: AgentKey) -> Prepared:
+        proc: Any = _Proc()
+        base = "slow" if len(made) == 4 else "b"
+        prepared = Prepared(dir=Path("/nonexistent"), base=base, proc=proc, owner="o")
+        made.append(prepared)
+        return prepared
+
+    def settle(prepared: Prepared) -> None:
+        if prepared.base == "slow":
+            settling.set()
+            slow.wait(10)
+        settled.append(prepared)
+
+    pool = StandbyPool(
+        size=5, max_age=60.0, make=make, drop=lambda p: None, settle=settle, settle_after=0.0
+    )
+    try:
+        pool.refill(_key("a"), 4)
+        deadline = time.monotonic() + 10
+        while len(settled) < 4 or pool.busy:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pool.refill(_key("a"), 5)  # a fifth: its settle blocks until ``slow``
+        assert settling.wait(10)
+        t0 = time.monotonic()
+        assert pool.ready() == {_key("a"): 4} and len(pool) == 4
+        got: list[Prepared | None] = []
+        takers = [threading.Thread(target=lambda: got.append(pool.take(_key("a")))) for _ in "wxyz"]
+        for t in takers:
+            t.start()
+        for t in takers:
+            t.join(1.0)
+        waited = time.monotonic() - t0
+        assert len(got) == 4 and waited < 1.0, f"four takes of four ready waited {waited:.1f} s"
+        assert all(p is not None and p.base == "b" for p in got)
+        assert len({id(p) for p in got}) == 4 and pool.ready() == {}
+        fifth: list[Prepared | None] = []
+        taker = threading.Thread(target=lambda: fifth.append(pool.take(_key("a"))))
+        taker.start()
+        time.sleep(0.2)
+        assert fifth == []  # waits for the standby being settled, as for a fill
+        slow.set()
+        taker.join(5)
+        assert len(fifth) == 1 and fifth[0] is made[4]
+    finally:
+        slow.set()
+        pool.close()
+
+
+def test_a_take_passes_over_a_dead_standby_for_the_next_ready_one() -> None:
+    """A ready standby whose sandbox died is not what a take gets (nor ``None``, a cold
+    start, as it was): the next ready one is, and the dead one is dropped; what the pool
+    shows as ready (``shown``) follows its ready list."""
+    made: list[Prepared] = []
+    dropped: list[Prepared] = []
+    shown: dict[int, bool] = {}
+    gate = threading.Event()
+    gate.set()
+    pool = _pool(4, made, dropped, gate, lambda p, ready: shown.__setitem__(id(p), ready))
+    try:
+        pool.refill(_key("a"), 2)
+        _settled(pool, 2)
+        assert sorted(shown.values()) == [True, True]
+        oldest = min(made, key=lambda p: p.created)
+        oldest.proc.alive = False  # type: ignore[attr-defined]
+        assert pool.ready() == {_key("a"): 1}
+        taken = pool.take(_key("a"))
+        assert taken is not None and taken is not oldest
+        deadline = time.monotonic() + 5
+        while dropped != [oldest]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not any(shown.values()) and len(pool) == 0
+    finally:
+        pool.close()
 
 
 def test_a_single_attempt_between_two_best_of_4_tasks_leaves_four_standbys() -> None:

@@ -105,7 +105,12 @@ class Prepared:
 
 class StandbyPool:
     """Prepared sandboxes by key. ``make`` builds one (in a background thread), ``drop``
-    disposes of one (kills the sandbox, forgets the token, removes the directory)."""
+    disposes of one (kills the sandbox, forgets the token, removes the directory).
+
+    A standby is ready while it is in the ready list, and only then: what :meth:`take` has
+    at once, what :meth:`ready` and ``len`` count and what ``shown`` is told. ``settle``
+    (a clone's index refresh) takes it out of the list while it runs, as a fill under way,
+    without holding the pool's lock."""
 
     def __init__(
         self,
@@ -116,8 +121,12 @@ class StandbyPool:
         drop: Callable[[Prepared], None],
         settle: Callable[[Prepared], None] | None = None,
         settle_after: float = 1.1,
+        shown: Callable[[Prepared, bool], None] | None = None,
     ) -> None:
         self.size = size
+        #: told (lock held) when a standby enters the ready list (``True``) and when it
+        #: leaves it (``False``: taken, settling, dropped): what the server shows as ready
+        self._shown = shown
         self._settle = settle
         self._settle_after = settle_after
         self.max_age = max_age
@@ -147,9 +156,11 @@ class StandbyPool:
         """The standby for ``key`` if it is alive and fresh, else ``None`` (a stale one is
         dropped in the background); whether its checkout is still the branch head is the
         caller's to check. A standby being prepared for the key is waited for: it started
-        earlier than a cold start would."""
+        earlier than a cold start would. One that died or expired is passed over for the
+        next (and dropped in the background)."""
+        stale: list[Prepared] = []
         with self._changed:
-            prepared = self._pop(key)
+            prepared = self._pop_usable(key, stale)
             # wait while fills for the key that were under way when this take began are:
             # each ends in one standby, and the attempts of a best-of-N waiting together take
             # one each (none waits on a fill another has taken; when none is left, the rest
@@ -170,17 +181,14 @@ class StandbyPool:
                         and not self._closed.is_set()
                     ):
                         self._changed.wait(1.0)
-                        prepared = self._pop(key)
+                        prepared = self._pop_usable(key, stale)
                 finally:
                     self._waiting[key] -= 1
                     if not self._waiting[key]:
                         del self._waiting[key]
-        if prepared is None:
-            return None
-        if self._usable(prepared):
-            return prepared
-        self._drop_later(prepared)
-        return None
+        for old in stale:
+            self._drop_later(old)
+        return prepared
 
     def depth(self, key: AgentKey) -> int:
         """How many standbys a single attempt of ``key`` keeps ready or on their way for the
@@ -283,6 +291,8 @@ class StandbyPool:
         with self._lock:
             ready = [p for prepared in self._ready.values() for p in prepared]
             self._ready.clear()
+            for prepared in ready:
+                self._show(prepared, False)
         for prepared in ready:
             self._drop(prepared)
 
@@ -290,6 +300,8 @@ class StandbyPool:
         """Drop the ready standbys whose key ``match`` es, now; returns how many."""
         with self._lock:
             dropped = [p for key in list(self._ready) if match(key) for p in self._ready.pop(key)]
+            for prepared in dropped:
+                self._show(prepared, False)
         for prepared in dropped:
             self._drop(prepared)
         return len(dropped)
@@ -323,7 +335,23 @@ class StandbyPool:
         prepared = ready.pop(0)
         if not ready:
             del self._ready[key]
+        self._show(prepared, False)
         return prepared
+
+    def _pop_usable(self, key: AgentKey, stale: list[Prepared]) -> Prepared | None:
+        """The key's oldest ready standby that is alive and fresh, taken out of the pool;
+        those passed over go to ``stale`` (lock held)."""
+        while (prepared := self._pop(key)) is not None and not self._usable(prepared):
+            stale.append(prepared)
+        return prepared
+
+    def _show(self, prepared: Prepared, ready: bool) -> None:
+        """Tell ``shown`` (lock held) that ``prepared`` entered or left the ready list."""
+        if self._shown is not None:
+            try:
+                self._shown(prepared, ready)
+            except Exception:  # what is shown must not break the pool
+                log.exception("showing a standby as %s failed", "ready" if ready else "gone")
 
     def _wanted_count(self, key: AgentKey, count: int) -> int:
         """``count``, or the larger one asked for ``key`` within ``max_age`` (lock held)."""
@@ -346,12 +374,25 @@ class StandbyPool:
             log.info("no standby sandbox for %s: %s", key.repo_key, exc)
             self._forget_filling(key)
             return
+        if not self._made(key, prepared):
+            return
+        settle = self._settle
+        if settle is not None and not self._closed.wait(self._settle_after):
+            self._settle_ready(key, prepared, settle)
+
+    def _made(self, key: AgentKey, prepared: Prepared) -> bool:
+        """This fill thread's standby is ready: into the key's ready list (by age; the least
+        recently refilled key's oldest evicted beyond ``size``), and the takers waiting for
+        the fill look again; ``False`` (dropped) when the pool closed meanwhile."""
         evicted: list[Prepared] = []
         with self._lock:
             self._forget_thread(key)
             closed = self._closed.is_set()
             if not closed:
-                self._ready.setdefault(key, []).append(prepared)
+                ready = self._ready.setdefault(key, [])
+                at = next((i for i, p in enumerate(ready) if p.created > prepared.created), None)
+                ready.insert(len(ready) if at is None else at, prepared)
+                self._show(prepared, True)
                 self._ready.move_to_end(key)
                 while sum(len(p) for p in self._ready.values()) > self.size:
                     oldest = self._pop(next(iter(self._ready)))  # least recently refilled key
@@ -361,12 +402,30 @@ class StandbyPool:
             self._drop(old)
         if closed:
             self._drop(prepared)
-            return
-        # settle() changes the standby's files: only while it is still in the pool
-        if self._settle is not None and not self._closed.wait(self._settle_after):
-            with self._lock:
-                if any(p is prepared for p in self._ready.get(key, ())):
-                    self._settle(prepared)
+        return not closed
+
+    def _settle_ready(
+        self, key: AgentKey, prepared: Prepared, settle: Callable[[Prepared], None]
+    ) -> None:
+        """``settle`` a ready standby (it changes the standby's files, so no take may have it
+        meanwhile): out of the ready list while it runs, and counted as a fill under way, so
+        a take that finds none ready waits for it as for a fill, and neither other takes nor
+        :meth:`ready` wait for the settle (the pool's lock is not held during it: a take of
+        a ready standby never waits for another one's settle)."""
+        with self._lock:
+            ready = self._ready.get(key, [])
+            at = next((i for i, p in enumerate(ready) if p is prepared), None)
+            if at is None:  # taken, evicted or pruned meanwhile
+                return
+            del ready[at]
+            if not ready:
+                del self._ready[key]
+            self._show(prepared, False)
+            self._filling.setdefault(key, []).append(threading.current_thread())
+        try:
+            settle(prepared)
+        finally:
+            self._made(key, prepared)
 
     def _forget_thread(self, key: AgentKey) -> None:
         """This fill thread is done (lock held); takers waiting for it look again."""
@@ -400,5 +459,7 @@ class StandbyPool:
                         self._ready[key] = keep
                     else:
                         del self._ready[key]
+                for prepared in dropped:
+                    self._show(prepared, False)
             for prepared in dropped:
                 self._drop(prepared)

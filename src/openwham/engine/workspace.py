@@ -65,6 +65,10 @@ from .setup_cache import (
 from .standby import STANDBY_PREFIX, AgentKey, FromSnapshot, Prepared, StandbyPool
 
 STANDBY_READY_SECONDS = 30.0
+#: ``DATA_DIR/attempts/.ready-standbys/<standby directory name>``: an empty file per standby
+#: the pool holds ready (one a take has at once: ``StandbyPool``'s ready list), written and
+#: removed under the pool's lock; what an operator or a benchmark sees of the pool
+READY_STANDBYS = ".ready-standbys"
 #: setup inputs of standby keys kept (the pool holds at most a few keys; older ones go)
 MAX_STANDBY_SETUPS = 64
 
@@ -120,7 +124,18 @@ class Workspaces:
             make=self.make_standby,
             drop=self.drop_standby,
             settle=lambda prepared: settle_index(self.sandbox, prepared.dir / "workspace"),
+            shown=self._show_ready,
         )
+        (self.attempts_root / READY_STANDBYS).mkdir(mode=0o700, exist_ok=True)
+
+    def _show_ready(self, prepared: Prepared, ready: bool) -> None:
+        """A standby entered (``ready``) or left the pool's ready list: its file in
+        :data:`READY_STANDBYS` made or removed."""
+        path = self.attempts_root / READY_STANDBYS / prepared.dir.name
+        if ready:
+            path.touch()
+        else:
+            path.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Drop the standby sandboxes (the server is stopping)."""
@@ -745,11 +760,21 @@ def settle_index(sandbox: SandboxProvider, workspace: Path) -> None:
 
 
 def remove_orphaned_standbys(root: Path) -> None:
-    """Standby directories of a server process that is gone (its sandboxes died with it)."""
+    """Standby directories of a server process that is gone (its sandboxes died with it),
+    and their files in :data:`READY_STANDBYS`."""
     for path in root.glob(f"{STANDBY_PREFIX}*"):
-        pid = path.name.removeprefix(STANDBY_PREFIX).split("-", 1)[0]
-        if not pid.isdigit() or not Path(f"/proc/{pid}").exists() or int(pid) == os.getpid():
+        if _orphaned(path):
             storage.remove_tree(path)
+    for path in root.glob(f"{READY_STANDBYS}/*"):
+        if _orphaned(path):
+            path.unlink(missing_ok=True)
+
+
+def _orphaned(path: Path) -> bool:
+    """Whether a standby's directory (or its ready file) is of a server process that is gone
+    (or of this one's pid: a process before it)."""
+    pid = path.name.removeprefix(STANDBY_PREFIX).split("-", 1)[0]
+    return not pid.isdigit() or not Path(f"/proc/{pid}").exists() or int(pid) == os.getpid()
 
 
 def shared_checkouts(settings: Settings, sandbox: SandboxProvider, root: Path) -> Checkouts | None:
