@@ -14,12 +14,14 @@ interleaved between them.
 With ``--trace DIR`` each server runs under ``bench.traced_serve`` (its trace in
 ``DIR/trace-K.jsonl``) and every best-of-4 is printed as a timeline: per attempt, the
 milliseconds from the POST to each phase's end (claim, standby taken, prompt, held model
-requests released, each model request and its answer, turn.completed, the diff written, the
-terminal state committed, the sandbox's exit), the time its recorder's calls held their
-caller (the agent's output thread) and the recorder's writes on its own thread; with the CPU
-pressure of the host meanwhile (``/proc/pressure/cpu``: how long some task waited for a
-core); and, per run, the processes the server started from the POST until its standbys were
-prepared again (git by verb, bwrap, …) with its CPU spent starting them.
+requests released, each model request and its answer, turn.completed, the diff written,
+when the engine began finishing the attempt ("fin": its result read, the PR item made, the
+end written), the terminal state committed, the sandbox's exit), the time its recorder's
+calls held their caller (the agent's output thread) and the recorder's writes on its own
+thread; with the CPU pressure of the host meanwhile (``/proc/pressure/cpu``: how long some
+task waited for a core); and, per run, the processes the server started from the POST
+until its standbys were prepared again (git by verb, bwrap, …) with its CPU spent starting
+them.
 """
 
 from __future__ import annotations
@@ -219,6 +221,7 @@ COLUMNS: list[tuple[str, Callable[[Record], bool], int, str]] = [
     ("ans2", _named("gateway_response"), 1, "t1"),
     ("tc", _named("turn_completed_line"), 0, "t0"),
     ("diff", _named("result_written"), 0, "t0"),
+    ("fin", _named("results_finish"), 0, "t0"),
     ("end", _named("recorder_finish"), 0, "t1"),
     ("exit", _named("sandbox_exit"), 0, "t0"),
 ]

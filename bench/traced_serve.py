@@ -138,9 +138,23 @@ def _trace_spawns() -> None:
     setattr(subprocess.Popen, "_execute_child", traced)  # noqa: B010
 
 
+def _trace_thread_starts() -> None:
+    """``thread_start``: each ``Thread.start`` of an attempt's thread (it waits until the new
+    thread runs, which needs the GIL), with the new thread's name."""
+    start = threading.Thread.start
+
+    def traced(self: threading.Thread) -> None:
+        t0 = time.time()
+        start(self)
+        if getattr(_local, "turn", None) is not None:
+            emit("thread_start", t0, time.time(), thread=self.name)
+
+    setattr(threading.Thread, "start", traced)  # noqa: B010
+
+
 def install() -> None:
     _trace_spawns()
-    from openwham.engine import agent, attempt, executor, recorder, result, standby
+    from openwham.engine import agent, attempt, executor, recorder, result, standby, titling
     from openwham.engine import workspace as engine_workspace
     from openwham.gateway import app as gateway_app
     from openwham.runtimes import codex
@@ -170,6 +184,11 @@ def install() -> None:
     setattr(executor.InProcessExecutor, "submit", traced_submit)  # noqa: B010
 
     _wrap(attempt.Engine, "_claim", "claim")
+    # what an attempt's thread does between its claim and its take
+    _wrap(recorder.TurnRecorder, "__init__", "recorder_init")
+    _wrap(titling.Titles, "start", "titles_start")
+    _wrap(engine_workspace.Workspaces, "prepare", "prepare")
+    _trace_thread_starts()
     _wrap(attempt.Engine, "_write_title", "title")
     _wrap(workspace.Mirrors, "ensure", "mirror_ensure")
     # the names Workspaces.prepare_cold calls (create_workspace before workspace_at)
