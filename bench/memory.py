@@ -192,6 +192,25 @@ def type_slopes(every: list[dict[str, int]], top: int) -> None:
 IDLE = ("threading.py", "selectors.py", "queue.py", "base_events.py", "/malloc.py")
 
 
+def container_slopes(paths: list[Path], top: int) -> None:
+    """The containers (by id, alive in every round) whose length grew most steadily: a
+    registry that keeps an entry per task shows here with the path to it."""
+    every = [json.loads(p.read_text()) for p in paths]
+    alive = set(every[0]).intersection(*every[1:])
+    ranked = sorted(
+        ((slope([float(e[i][1]) for e in every])[0], i) for i in alive), key=lambda x: -x[0]
+    )
+    print(f"containers by growth (alive in rounds 1..{len(every)}, 8+ items):")
+    for b, i in ranked[:top]:
+        if b <= 0:
+            break
+        kind, _, path = every[-1][i]
+        lengths = " ".join(str(e[i][1]) for e in every)
+        print(f"  {b:+8.2f}/round {kind} {path}: {lengths}")
+    born = [len(set(e) - set(every[0])) for e in every]
+    print(f"  containers of 8+ items not there after round 1: {' '.join(map(str, born))}")
+
+
 def peak_report(directory: Path, n: int, top: int) -> None:
     """What the server's threads were doing at the round's highest heap (``--peak``)."""
     path = directory / f"peak-{n}.json"
@@ -217,6 +236,151 @@ def peak_report(directory: Path, n: int, top: int) -> None:
                     log(f"        {line.strip()}")
 
 
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"  # Debian's libjemalloc2
+
+
+class Lock:
+    """``--lock PATH``: the machine's benchmark lock (``flock``), held in slices of at most
+    ``--slice`` seconds: a run of many rounds lets other benches in between (the servers
+    idle meanwhile, which changes no figure read here)."""
+
+    def __init__(self, path: str, slice_seconds: float, pause: float) -> None:
+        self.path, self.slice, self.pause = path, slice_seconds, pause
+        self.fd = -1
+        self.since = 0.0
+
+    def take(self) -> None:
+        if not self.path or self.fd >= 0:
+            return
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        t0 = time.monotonic()
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.since = time.monotonic()
+        log(f"  lock taken after {self.since - t0:.0f} s; load {os.getloadavg()[0]:.1f}")
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = -1
+
+    def maybe_pause(self, next_round: float) -> None:
+        """Let others have the lock once the next round would end past the slice."""
+        if self.fd < 0 or time.monotonic() + next_round - self.since < self.slice:
+            return
+        self.release()
+        log(f"  lock released for {self.pause:.0f} s")
+        time.sleep(self.pause)
+        self.take()
+
+
+class Run:
+    """One server (one allocator) and its snapshots."""
+
+    def __init__(self, allocator: str, work: Path, model_url: str, args: Any) -> None:
+        self.allocator = allocator
+        self.dir = work / allocator
+        self.dir.mkdir()
+        self.snaps = self.dir / "snaps"
+        self.snaps.mkdir()
+        env = {
+            "BENCH_SNAPSHOTS": str(self.snaps),
+            "BENCH_TRACEMALLOC": str(args.tracemalloc),
+            "BENCH_PEAK_MB": str(args.peak),
+            "BENCH_RENDER_ENTRIES": str(args.render_cache_entries),
+            "BENCH_CONTAINERS": "1" if args.containers else "",
+        }
+        if allocator == "jemalloc":
+            if not Path(JEMALLOC).exists():
+                raise SystemExit(
+                    f"--allocator jemalloc: no {JEMALLOC} (apt-get install libjemalloc2)"
+                )
+            env["LD_PRELOAD"] = JEMALLOC
+            env["MALLOC_CONF"] = args.jemalloc_conf
+        self.server = h.WhamServer.start(
+            self.dir / "data",
+            model_url,
+            log_path=self.dir / "serve.log",
+            module="bench.memory_serve",
+            extra_env=env,
+        )
+        self.every: list[dict[str, Any]] = []
+        self.env_id = ""
+        self.took: list[float] = []
+
+    def warm_up(self, repo: Path, settle: float) -> None:
+        self.env_id = self.server.create_env(repo)
+        run_round(self.server, self.env_id, 2, "warm")  # mirror, standbys, first imports
+        time.sleep(settle)
+        self.every.append(snapshot(self.server, self.snaps, 1))
+        log(f"{self.allocator}: after warm-up {self.every[0]['rss'] / 2**20:.1f} MB")
+
+    def round(self, n: int, tasks: int, settle: float) -> None:
+        t0 = time.monotonic()
+        run_round(self.server, self.env_id, tasks, str(n))
+        self.took.append(time.monotonic() - t0)
+        time.sleep(settle)
+        stats = snapshot(self.server, self.snaps, n + 2)
+        self.every.append(stats)
+        grew = ", ".join(
+            f"{label} {(stats[k] - self.every[-2][k]) / 1024:+.0f}"
+            for k, label in STATS
+            if k in stats
+        )
+        log(
+            f"{self.allocator} round {n + 1}: {tasks} tasks in {self.took[-1]:.1f} s, load "
+            f"{os.getloadavg()[0]:.1f}, RSS {stats['rss'] / 2**20:.1f} MB; grew (KB): "
+            f"{grew}; render cache {stats['render_cache_entries']} entries"
+        )
+        peak_report(self.snaps, n + 2, 5)
+
+    def report(self, args: Any) -> None:
+        every = self.every
+        print(
+            f"== {self.allocator}: after warm-up and each of {len(every) - 1} rounds of "
+            f"{args.tasks} tasks (MB):"
+        )
+        for k, label in STATS:
+            if k in every[0]:
+                print(f"  {label:>16}: {' '.join(f'{x[k] / 2**20:.2f}' for x in every)}")
+        for k, label in COUNTS:
+            print(f"  {label:>16}: {' '.join(str(x[k]) for x in every)}")
+        if "peak_over" in every[0]:
+            highs = " ".join(f"{x['peak_over'] / 2**20:.1f}" for x in every)
+            print(f"  heap's high point over each round's start (MB): {highs}")
+        if self.took:
+            took = sorted(self.took)
+            print(
+                f"  round wall (s): min {took[0]:.1f} median {statistics.median(took):.1f} "
+                f"max {took[-1]:.1f}"
+            )
+        rounds = every[1:]
+        starts = [2] + [n for n in args.from_round if 2 < n < len(rounds)]
+        for start in starts:
+            part = rounds[start - 2 :]
+            print(
+                f"growth per round of {args.tasks} tasks, rounds {start}..{len(rounds)} "
+                f"(least squares over the values after rounds {start - 1}..N; steps between):"
+            )
+            for k, label in STATS:
+                if k in every[0]:
+                    print(growth_line(label, [float(x[k]) for x in part], args.tasks))
+            for k, label in COUNTS:
+                print(growth_line(label, [float(x[k]) for x in part], args.tasks, unit=1))
+        types = [
+            json.loads((self.snaps / f"types-{n}.json").read_text())
+            for n in range(2, len(every) + 1)
+        ]
+        type_slopes(types, args.top)
+        if args.containers:
+            paths = [self.snaps / f"containers-{n}.json" for n in range(2, len(every) + 1)]
+            container_slopes(paths, args.top)
+        if args.tracemalloc:
+            paths = [self.snaps / f"snap-{n}.pickle" for n in range(2, len(every) + 1)]
+            tracemalloc_slopes(paths, args.top, args.tasks)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__)
     ap.add_argument("--rounds", type=int, default=6)
@@ -238,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         metavar="MB",
         help="show what the server's threads did at each round's highest heap once it is "
-        "MB over the round's start (and, with --tracemalloc, the sites then)",
+        "MB over the round's start (and, with --tracemalloc, the sites then; glibc only)",
     )
     ap.add_argument(
         "--render-cache-entries",
@@ -248,84 +412,75 @@ def main(argv: list[str] | None = None) -> int:
         help="bound the server's render cache at N answers instead of 512, so that it is "
         "full early and RSS can be judged with it",
     )
+    ap.add_argument(
+        "--allocator",
+        action="append",
+        default=[],
+        choices=["glibc", "jemalloc"],
+        help="one server per allocator (repeatable; their rounds interleaved); jemalloc is "
+        f"preloaded from {JEMALLOC} into the server only",
+    )
+    ap.add_argument(
+        "--jemalloc-conf",
+        default="background_thread:true",
+        metavar="CONF",
+        help="jemalloc's MALLOC_CONF for --allocator jemalloc (default: its own settings "
+        "but a background thread that returns dirty pages while the server idles)",
+    )
+    ap.add_argument(
+        "--from-round",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="also fit the slopes over rounds N..last (repeatable): whether growth levels off",
+    )
+    ap.add_argument(
+        "--lock",
+        default="",
+        metavar="PATH",
+        help="hold this flock while working, in slices of --slice seconds",
+    )
+    ap.add_argument("--slice", type=float, default=330.0, metavar="SECONDS")
+    ap.add_argument("--pause", type=float, default=20.0, metavar="SECONDS")
+    ap.add_argument(
+        "--containers",
+        action="store_true",
+        help="walk the server's whole object graph after each round and rank the "
+        "containers (dicts, lists, sets, deques) by growth, with their paths (diagnostic: "
+        "the walk takes seconds and tens of MB)",
+    )
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args(argv)
+    allocators = args.allocator or ["glibc"]
 
     work = Path(tempfile.mkdtemp(prefix="wham-bench-memory-", dir="/var/tmp"))
+    lock = Lock(args.lock, args.slice, args.pause)
     model, _ = h.start_model()
     model.script = [h.Shell("echo hi"), h.Say("Hi.")]
-    server = None
+    runs: list[Run] = []
     try:
         repo = generate(work / "repo", args.files)
-        snaps = work / "snaps"
-        snaps.mkdir()
-        server = h.WhamServer.start(
-            work / "data",
-            model.url,
-            log_path=work / "serve.log",
-            module="bench.memory_serve",
-            extra_env={
-                "BENCH_SNAPSHOTS": str(snaps),
-                "BENCH_TRACEMALLOC": str(args.tracemalloc),
-                "BENCH_PEAK_MB": str(args.peak),
-                "BENCH_RENDER_ENTRIES": str(args.render_cache_entries),
-            },
-        )
-        env_id = server.create_env(repo)
+        lock.take()
         log(f"load average at start: {os.getloadavg()}")
-        run_round(server, env_id, 2, "warm")  # mirror, standbys, first imports
-        time.sleep(args.settle)
-        every = [snapshot(server, snaps, 1)]
-        log(f"after warm-up: {every[0]['rss'] / 2**20:.1f} MB")
+        for allocator in allocators:
+            runs.append(Run(allocator, work, model.url, args))
+            runs[-1].warm_up(repo, args.settle)
         for n in range(args.rounds):
-            t0 = time.monotonic()
-            run_round(server, env_id, args.tasks, str(n))
-            took = time.monotonic() - t0
-            time.sleep(args.settle)
-            stats = snapshot(server, snaps, n + 2)
-            every.append(stats)
-            grew = ", ".join(
-                f"{label} {(stats[k] - every[-2][k]) / 1024:+.0f}"
-                for k, label in STATS
-                if k in stats
-            )
-            log(
-                f"round {n + 1}: {args.tasks} tasks in {took:.1f} s, load "
-                f"{os.getloadavg()[0]:.1f}, RSS {stats['rss'] / 2**20:.1f} MB; grew (KB): "
-                f"{grew}; render cache {stats['render_cache_entries']} entries"
-            )
-            peak_report(snaps, n + 2, 5)
+            for run in runs:
+                run.round(n, args.tasks, args.settle)
+            per_round = sum(r.took[-1] + args.settle + 1 for r in runs)
+            if n + 1 < args.rounds:
+                lock.maybe_pause(per_round)
+        lock.release()
         print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-        print(f"after warm-up and each of {args.rounds} rounds of {args.tasks} tasks (MB):")
-        for k, label in STATS:
-            if k in every[0]:
-                print(f"  {label:>16}: {' '.join(f'{x[k] / 2**20:.2f}' for x in every)}")
-        for k, label in COUNTS:
-            print(f"  {label:>16}: {' '.join(str(x[k]) for x in every)}")
-        if "peak_over" in every[0]:
-            highs = " ".join(f"{x['peak_over'] / 2**20:.1f}" for x in every)
-            print(f"  heap's high point over each round's start (MB): {highs}")
-        print(
-            f"growth per round of {args.tasks} tasks, rounds 2..{args.rounds} "
-            "(least squares over the values after rounds 1..N; steps between them):"
-        )
-        rounds = every[1:]
-        for k, label in STATS:
-            if k in every[0]:
-                print(growth_line(label, [float(x[k]) for x in rounds], args.tasks))
-        for k, label in COUNTS:
-            print(growth_line(label, [float(x[k]) for x in rounds], args.tasks, unit=1))
-        types = [
-            json.loads((snaps / f"types-{n}.json").read_text()) for n in range(2, len(every) + 1)
-        ]
-        type_slopes(types, args.top)
-        if args.tracemalloc:
-            paths = [snaps / f"snap-{n}.pickle" for n in range(2, len(every) + 1)]
-            tracemalloc_slopes(paths, args.top, args.tasks)
+        for run in runs:
+            run.report(args)
         return 0
     finally:
-        if server is not None:
-            server.stop()
+        lock.release()
+        for run in runs:
+            run.server.stop()
         model.stop()
         if os.environ.get("BENCH_KEEP"):
             log(f"kept {work}")

@@ -27,7 +27,7 @@ import time
 import traceback
 import tracemalloc
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -160,20 +160,63 @@ def _register() -> None:
     event.listen(Engine, "engine_connect", connected)
 
 
+_mallctl = getattr(_libc, "mallctl", None)  # jemalloc's, when it was preloaded
+if _mallctl is not None:
+    _mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]
+    _mallctl.argtypes += [ctypes.c_void_p, ctypes.c_size_t]
+    _mallctl.restype = ctypes.c_int
+
+
+def _jemalloc(name: str) -> int:
+    value = ctypes.c_size_t(0)
+    size = ctypes.c_size_t(ctypes.sizeof(value))
+    assert _mallctl is not None
+    _mallctl(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0)
+    return value.value
+
+
+def _jemalloc_stats() -> dict[str, Any]:
+    """jemalloc's counters (``stats.*`` after an ``epoch`` refresh) in the glibc figures'
+    names: bytes allocated, and resident but not allocated as "free"."""
+    assert _mallctl is not None
+    epoch = ctypes.c_uint64(1)
+    _mallctl(b"epoch", None, None, ctypes.byref(epoch), ctypes.sizeof(epoch))
+    allocated, resident = _jemalloc("stats.allocated"), _jemalloc("stats.resident")
+    return {
+        "malloc_in_use": allocated,
+        "malloc_mmapped": 0,
+        "malloc_free": resident - allocated,  # dirty pages and metadata jemalloc keeps
+        "malloc_arena": _jemalloc("stats.mapped"),
+        "jemalloc_active": _jemalloc("stats.active"),
+        "jemalloc_retained": _jemalloc("stats.retained"),
+    }
+
+
+def _trim() -> None:
+    """Give free pages back: glibc's ``malloc_trim``, or every jemalloc arena's purge."""
+    if _mallctl is not None:
+        _mallctl(b"arena.4096.purge", None, None, None, 0)  # MALLCTL_ARENAS_ALL
+    else:
+        _libc.malloc_trim(0)
+
+
 def _native() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    info = _mallinfo()
-    out["malloc_in_use"] = info.uordblks + info.hblkhd  # allocated, small and mmapped
-    out["malloc_mmapped"] = info.hblkhd  # of which mmapped (returned to the system at free)
-    out["malloc_free"] = info.fordblks  # free in the heaps, not returned to the system
-    out["malloc_arena"] = info.arena  # the heaps' size (in use + free)
+    if _mallctl is not None:
+        out.update(_jemalloc_stats())
+    else:
+        info = _mallinfo()
+        out["malloc_in_use"] = info.uordblks + info.hblkhd  # allocated, small and mmapped
+        out["malloc_mmapped"] = info.hblkhd  # of which mmapped (returned at free)
+        out["malloc_free"] = info.fordblks  # free in the heaps, not returned to the system
+        out["malloc_arena"] = info.arena  # the heaps' size (in use + free)
     import sqlite3  # noqa: F401  (loads the same libsqlite3 the server uses)
 
     lib = ctypes.CDLL("libsqlite3.so.0")
     lib.sqlite3_memory_used.restype = ctypes.c_int64
     out["sqlite_in_use"] = lib.sqlite3_memory_used()
     out["rss_before_trim"] = _rss()
-    _libc.malloc_trim(0)
+    _trim()
     out["rss_trimmed"] = _rss()
     out["rss_anon"] = _rss("RssAnon")  # after the trim: the heaps, Python's arenas, stacks
     out["rss_file"] = _rss("RssFile")  # mapped files: the code and libraries' pages touched
@@ -205,6 +248,65 @@ def _sqlalchemy() -> dict[str, int]:
     return {"sqlalchemy_engines": len(engines), "sqlalchemy_compiled": compiled}
 
 
+_CONTAINERS = (dict, list, set, frozenset, deque, tuple)
+
+
+def _containers(least: int = 8) -> dict[str, list[Any]]:
+    """``BENCH_CONTAINERS=1``: every container of ``least`` items or more reachable from the
+    modules and the threads' frames (frozen objects too, which ``gc.get_objects`` leaves out),
+    by id: its type, length and a path from a module (``module.attr.key…``), so that the bench
+    can find a registry that keeps one entry per task. A breadth-first walk of the whole
+    object graph: seconds, and a transient heap of tens of MB (a diagnostic run only)."""
+    parent: dict[int, tuple[int, str]] = {}
+    keep: dict[int, Any] = {}  # what was walked stays alive until the paths are made
+    queue: deque[Any] = deque()
+
+    def push(obj: Any, up: int, label: str) -> None:
+        i = id(obj)
+        if i in parent or isinstance(obj, (str, bytes, int, float, type(None), bool)):
+            return
+        parent[i] = (up, label)
+        keep[i] = obj
+        queue.append(obj)
+
+    for name, module in list(sys.modules.items()):
+        if module is not None:
+            push(module, 0, name)
+    for ident, top in sys._current_frames().items():
+        push(top, 0, f"<thread {ident}>")
+    found: dict[str, list[Any]] = {}
+    while queue:
+        obj = queue.popleft()
+        me = id(obj)
+        try:
+            if isinstance(obj, dict):
+                for k, v in list(obj.items()):
+                    label = k if isinstance(k, str) else f"[{type(k).__name__}]"
+                    push(v, me, label[:40])
+                    push(k, me, "<key>")
+                n = len(obj)
+            elif isinstance(obj, _CONTAINERS):
+                for v in list(obj):
+                    push(v, me, "[]")
+                n = len(obj)
+            else:
+                for v in gc.get_referents(obj):
+                    push(v, me, "" if isinstance(v, dict) else f"<{type(v).__name__}>")
+                continue
+        except Exception:  # a container changed by another thread meanwhile
+            continue
+        if n >= least and not isinstance(obj, (tuple, frozenset)):
+            found[str(me)] = [type(obj).__name__, n, me]
+    for row in found.values():
+        labels: list[str] = []
+        i = row.pop()
+        while i and len(labels) < 24:
+            i, label = parent[i]
+            labels.append(label)
+        row.append(".".join(label for label in reversed(labels) if label))
+    return found
+
+
 def _dump(signum: int, frame: FrameType | None) -> None:
     global _count
     _count += 1
@@ -228,11 +330,17 @@ def _dump(signum: int, frame: FrameType | None) -> None:
         tracemalloc.take_snapshot().dump(str(Path(_dir) / f"snap-{_count}.pickle"))
         stats["traced"] = tracemalloc.get_traced_memory()[0]
     (Path(_dir) / f"types-{_count}.json").write_text(json.dumps(types))
+    if os.environ.get("BENCH_CONTAINERS"):
+        found = _containers()
+        (Path(_dir) / f"containers-{_count}.json").write_text(json.dumps(found))
     (Path(_dir) / f"stats-{_count}.json").write_text(json.dumps(stats))
     (Path(_dir) / f"snap-{_count}.done").touch()
 
 
 def main() -> None:
+    # jemalloc (``--allocator jemalloc``) is this process's allocator only: not its children's
+    os.environ.pop("LD_PRELOAD", None)
+    os.environ.pop("MALLOC_CONF", None)
     if _dir:
         signal.signal(signal.SIGUSR1, _dump)
         _register()
