@@ -442,6 +442,13 @@ def main(argv: list[str] | None = None) -> int:
         help="hold this flock while working, in slices of --slice seconds",
     )
     ap.add_argument("--slice", type=float, default=330.0, metavar="SECONDS")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=0,
+        help="stop after the round that would end past this many minutes (waits for the "
+        "lock included) and report what was measured",
+    )
     ap.add_argument("--pause", type=float, default=20.0, metavar="SECONDS")
     ap.add_argument(
         "--containers",
@@ -466,10 +473,14 @@ def main(argv: list[str] | None = None) -> int:
         for allocator in allocators:
             runs.append(Run(allocator, work, model.url, args))
             runs[-1].warm_up(repo, args.settle)
+        began = time.monotonic()
         for n in range(args.rounds):
             for run in runs:
                 run.round(n, args.tasks, args.settle)
             per_round = sum(r.took[-1] + args.settle + 1 for r in runs)
+            if args.minutes and time.monotonic() - began + per_round > args.minutes * 60:
+                log(f"stopped after {n + 1} rounds: --minutes {args.minutes}")
+                break
             if n + 1 < args.rounds:
                 lock.maybe_pause(per_round)
         lock.release()
