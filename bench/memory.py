@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import harness as h
+from . import heapgrowth
 from .repo import generate
 
 
@@ -291,6 +292,11 @@ class Run:
             "BENCH_RENDER_ENTRIES": str(args.render_cache_entries),
             "BENCH_CONTAINERS": "1" if args.containers else "",
         }
+        self.heaptrack = args.heaptrack and allocator == "glibc"
+        if self.heaptrack:
+            env["LD_PRELOAD"] = heapgrowth.PRELOAD
+            env["DUMP_HEAPTRACK_OUTPUT"] = str(self.dir / "heaptrack.raw")
+            env["BENCH_MARK"] = "1"
         if allocator == "jemalloc":
             if not Path(JEMALLOC).exists():
                 raise SystemExit(
@@ -379,6 +385,16 @@ class Run:
         if args.tracemalloc:
             paths = [self.snaps / f"snap-{n}.pickle" for n in range(2, len(every) + 1)]
             tracemalloc_slopes(paths, args.top, args.tasks)
+        if self.heaptrack:
+            print(f"(heaptrack, {self.allocator}; marks: 1 = the warm-up, n + 1 = round n)")
+            heapgrowth.main([str(self.dir / "heaptrack.raw"), "--from", str(args.heaptrack)])
+
+    def stop(self) -> None:
+        if self.heaptrack:  # killed: no frees at exit in the trace
+            time.sleep(1)  # heaptrack's writer flushes
+            self.server.process.kill()
+            self.server.process.wait(10)
+        self.server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,6 +473,15 @@ def main(argv: list[str] | None = None) -> int:
         "containers (dicts, lists, sets, deques) by growth, with their paths (diagnostic: "
         "the walk takes seconds and tens of MB)",
     )
+    ap.add_argument(
+        "--heaptrack",
+        type=int,
+        default=0,
+        metavar="MARK",
+        help="run the glibc server under heaptrack's preload library and report, by "
+        "native backtrace, the heap's growth after mark MARK (2 = after round 1) to the last "
+        "round (bench.heapgrowth; slows the server several times)",
+    )
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args(argv)
     allocators = args.allocator or ["glibc"]
@@ -484,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
             if n + 1 < args.rounds:
                 lock.maybe_pause(per_round)
         lock.release()
+        for run in runs:
+            if run.heaptrack:
+                run.stop()
         print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
         for run in runs:
             run.report(args)
@@ -491,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         lock.release()
         for run in runs:
-            run.server.stop()
+            run.stop()
         model.stop()
         if os.environ.get("BENCH_KEEP"):
             log(f"kept {work}")

@@ -32,6 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.heapgrowth import MARK
+
 _dir = os.environ.get("BENCH_SNAPSHOTS", "")
 _frames = int(os.environ.get("BENCH_TRACEMALLOC", "0") or 0)
 _peak_mb = float(os.environ.get("BENCH_PEAK_MB", "0") or 0)
@@ -67,6 +69,9 @@ def _rss(field: str = "VmRSS") -> int:
 _libc = ctypes.CDLL(None)  # not find_library: it runs ldconfig or gcc each time
 _libc.mallinfo2.restype = _MallInfo2
 _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+_libc.malloc.argtypes = [ctypes.c_size_t]
+_libc.malloc.restype = ctypes.c_void_p
+_libc.free.argtypes = [ctypes.c_void_p]
 
 
 def _mallinfo() -> _MallInfo2:
@@ -310,6 +315,8 @@ def _containers(least: int = 8) -> dict[str, list[Any]]:
 def _dump(signum: int, frame: FrameType | None) -> None:
     global _count
     _count += 1
+    if os.environ.get("BENCH_MARK"):  # a mark in heaptrack's trace (bench.heapgrowth)
+        _libc.free(_libc.malloc(MARK + _count))
     peak = _peaks.dump(_count) if _peaks is not None else {}  # before this dump allocates
     gc.collect()
     stats = _native()
