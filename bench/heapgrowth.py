@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 MARK = 3 << 20  # a mapping of its own: no effect on the heap's layout
@@ -34,6 +34,8 @@ class Trace:
         self.allocs: list[tuple[int, int]] = []  # allocation info -> (size, trace index)
         self.net: dict[int, int] = defaultdict(int)  # allocation info -> bytes since the mark
         self.count: dict[int, int] = defaultdict(int)
+        self.pending: Counter[int] = Counter()  # since the last mark
+        self.pending_count: Counter[int] = Counter()
         self.marks: list[int] = []  # round numbers seen, in order
 
     def ip(self, fields: list[str]) -> list[str]:
@@ -59,12 +61,19 @@ class Trace:
                 if MARK < size < MARK + 10_000:  # a mark (and its free)
                     if kind == "+":
                         self.marks.append(size - MARK)
-                        counting = counting or size - MARK >= start
+                        if size - MARK >= start:
+                            counting = True
+                            # what came after the last mark is the last snapshot's own
+                            # work (and cut short by the kill): only whole rounds count
+                            self.net.update(self.pending)
+                            self.count.update(self.pending_count)
+                            self.pending.clear()
+                            self.pending_count.clear()
                     continue
                 if counting:
                     sign = 1 if kind == "+" else -1
-                    self.net[idx] += sign * self.allocs[idx][0]
-                    self.count[idx] += sign
+                    self.pending[idx] += sign * size
+                    self.pending_count[idx] += sign
             elif kind == "a":
                 size, trace = rest.split()
                 self.allocs.append((int(size, 16), int(trace, 16)))
@@ -104,7 +113,7 @@ class Trace:
             by_module[self.module(trace)] += n
         total = sum(n for n, _ in by_trace.values())
         print(
-            f"heaptrack: net heap growth after round {rounds}'s mark: {total / 1024:+.1f} KB "
+            f"heaptrack: net heap growth from mark {rounds} to the last: {total / 1024:+.1f} KB "
             f"(marks seen: {' '.join(map(str, self.marks))}); by the allocating module:"
         )
         for module, n in sorted(by_module.items(), key=lambda x: -abs(x[1]))[:top]:

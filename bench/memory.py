@@ -107,6 +107,8 @@ STATS = (
     ("render_cache_bytes", "render cache"),
     ("render_cache_held", "cache held"),
     ("traced", "tracemalloc"),
+    ("pymalloc_total", "pymalloc arenas"),
+    ("pymalloc_free", "of them free"),
 )
 COUNTS = (
     ("python_objects", "Python objects"),
@@ -292,6 +294,8 @@ class Run:
             "BENCH_RENDER_ENTRIES": str(args.render_cache_entries),
             "BENCH_CONTAINERS": "1" if args.containers else "",
         }
+        if allocator == "glibc-notcache":  # chunks cached per thread count as in use
+            env["GLIBC_TUNABLES"] = "glibc.malloc.tcache_count=0"
         self.heaptrack = args.heaptrack and allocator == "glibc"
         if self.heaptrack:
             env["LD_PRELOAD"] = heapgrowth.PRELOAD
@@ -432,9 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         "--allocator",
         action="append",
         default=[],
-        choices=["glibc", "jemalloc"],
-        help="one server per allocator (repeatable; their rounds interleaved); jemalloc is "
-        f"preloaded from {JEMALLOC} into the server only",
+        choices=["glibc", "glibc-notcache", "jemalloc"],
+        help="one server per allocator (repeatable; their rounds interleaved): glibc, glibc "
+        "without its per-thread caches (which mallinfo2 counts as in use), jemalloc "
+        f"(preloaded from {JEMALLOC} into the server only)",
     )
     ap.add_argument(
         "--jemalloc-conf",

@@ -228,6 +228,35 @@ def _native() -> dict[str, Any]:
     return out
 
 
+def _pymalloc() -> dict[str, int]:
+    """Python's own allocator (``sys._debugmallocstats``, which writes to fd 2): its arenas
+    (1 MiB mappings, outside glibc's heap, given back only when wholly empty) and the bytes
+    in their blocks in use and free."""
+    import re
+    import tempfile
+
+    with tempfile.TemporaryFile() as out:
+        saved = os.dup(2)
+        try:
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    found: dict[str, int] = {}
+    for key, pattern in (
+        ("pymalloc_arenas", r"# arenas allocated current\s*=\s*([\d,]+)"),
+        ("pymalloc_in_use", r"# bytes in allocated blocks\s*=\s*([\d,]+)"),
+        ("pymalloc_free", r"# bytes in available blocks\s*=\s*([\d,]+)"),
+        ("pymalloc_total", r"Total\s*=\s*([\d,]+)"),
+    ):
+        m = re.search(pattern, text)
+        found[key] = int(m.group(1).replace(",", "")) if m else 0
+    return found
+
+
 def _render_cache() -> dict[str, int]:
     """The render caches' entries, answer bytes and everything that holds them (the answer
     objects, keys, digests and tuples; the ordered dict's nodes at ~100 bytes each)."""
@@ -323,6 +352,7 @@ def _dump(signum: int, frame: FrameType | None) -> None:
     stats.update(peak)
     objects = gc.get_objects()
     stats.update(_render_cache())
+    stats.update(_pymalloc())
     stats.update(_sqlalchemy())
     stats["python_objects"] = len(objects) + gc.get_freeze_count()
     stats["python_blocks"] = sys.getallocatedblocks()
@@ -348,6 +378,7 @@ def main() -> None:
     # jemalloc (``--allocator jemalloc``) is this process's allocator only: not its children's
     os.environ.pop("LD_PRELOAD", None)
     os.environ.pop("MALLOC_CONF", None)
+    os.environ.pop("GLIBC_TUNABLES", None)
     if _dir:
         signal.signal(signal.SIGUSR1, _dump)
         _register()
