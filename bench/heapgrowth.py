@@ -22,6 +22,7 @@ from pathlib import Path
 MARK = 3 << 20  # a mapping of its own: no effect on the heap's layout
 INTERPRET = "/usr/lib/heaptrack/libexec/heaptrack_interpret"
 PRELOAD = "/usr/lib/heaptrack/libheaptrack_preload.so"
+PROBE = "_PyErr_CheckSignalsTstate"  # the snapshot runs in a signal handler
 SKIP = ("libheaptrack", "heaptrack", "malloc", "calloc", "realloc", "PyMem_Raw", "_PyMem_")
 
 
@@ -32,11 +33,12 @@ class Trace:
         self.modules = [""]  # index -> the module of the instruction
         self.parents = [(0, 0)]  # trace index -> (ip index, parent trace index)
         self.allocs: list[tuple[int, int]] = []  # allocation info -> (size, trace index)
-        self.net: dict[int, int] = defaultdict(int)  # allocation info -> bytes since the mark
-        self.count: dict[int, int] = defaultdict(int)
+        self.net: Counter[int] = Counter()  # allocation info -> bytes since the mark
+        self.count: Counter[int] = Counter()
         self.pending: Counter[int] = Counter()  # since the last mark
         self.pending_count: Counter[int] = Counter()
         self.marks: list[int] = []  # round numbers seen, in order
+        self.rounds: list[int] = []  # net bytes between consecutive marks (after ``start``)
 
     def ip(self, fields: list[str]) -> list[str]:
         module = Path(self.strings[int(fields[1], 16)]).name
@@ -65,6 +67,8 @@ class Trace:
                             counting = True
                             # what came after the last mark is the last snapshot's own
                             # work (and cut short by the kill): only whole rounds count
+                            if self.marks[-1] > start:
+                                self.rounds.append(sum(self.pending.values()))
                             self.net.update(self.pending)
                             self.count.update(self.pending_count)
                             self.pending.clear()
@@ -102,20 +106,35 @@ class Trace:
                 return self.modules[ip]
         return "?"
 
+    def probe(self, trace: int) -> bool:
+        """Whether ``trace`` runs in a signal handler: ``bench.memory_serve``'s snapshot."""
+        while trace:
+            ip, trace = self.parents[trace]
+            if any(PROBE in f for f in self.ips[ip]):
+                return True
+        return False
+
     def report(self, top: int, depth: int, rounds: int) -> None:
         by_trace: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+        probe = 0
         for idx, n in self.net.items():
+            if self.probe(self.allocs[idx][1]):
+                probe += n
+                continue
             row = by_trace[self.allocs[idx][1]]
             row[0] += n
             row[1] += self.count[idx]
         by_module: dict[str, int] = defaultdict(int)
         for trace, (n, _) in by_trace.items():
             by_module[self.module(trace)] += n
-        total = sum(n for n, _ in by_trace.values())
+        total = sum(n for n, _ in by_trace.values()) + probe
         print(
             f"heaptrack: net heap growth from mark {rounds} to the last: {total / 1024:+.1f} KB "
             f"(marks seen: {' '.join(map(str, self.marks))}); by the allocating module:"
         )
+        steps = " ".join(f"{n / 1024:+.1f}" for n in self.rounds)
+        print(f"  mark to mark (KB, the snapshots' own work included): {steps}")
+        print(f"  of it in the snapshots (signal handler): {probe / 1024:+.1f} KB; the rest:")
         for module, n in sorted(by_module.items(), key=lambda x: -abs(x[1]))[:top]:
             print(f"  {n / 1024:+9.1f} KB  {module}")
         print(f"the {top} sites that grew most:")

@@ -338,6 +338,8 @@ def _containers(least: int = 8) -> dict[str, list[Any]]:
             i, label = parent[i]
             labels.append(label)
         row.append(".".join(label for label in reversed(labels) if label))
+    keep.clear()  # it holds this frame (a cycle): freed now, not at some later collection
+    parent.clear()
     return found
 
 
