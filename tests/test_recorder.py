@@ -211,3 +211,39 @@ def test_lines_queued_when_the_run_lost_its_attempt_are_dropped(db: Database) ->
     assert rec.drain(BOUND)
     assert rec.gone_reason == SUPERSEDED and _stored(db) == []
     assert rec.finish(TurnStatus.COMPLETED, text="Completed") == SUPERSEDED
+
+
+def test_the_writer_beats_while_lines_keep_coming_and_ends_once_stopped(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``beat`` the recorder's writer is also the attempt's heartbeat (no thread of its
+    own to start, which made the attempt's thread wait for a new thread to run): the turn's
+    ``updated_at`` moves on every ``HEARTBEAT_SECONDS`` with nobody calling ``heartbeat``,
+    also while log lines (which do not rewrite the body) keep the writer busy; after
+    ``stop_beating`` it beats no more and its thread ends once idle."""
+    monkeypatch.setattr(recorder, "HEARTBEAT_SECONDS", 0.2)
+    monkeypatch.setattr(recorder, "IDLE_SECONDS", 0.2)
+
+    def updated() -> float:
+        with db.sessions() as s:
+            turn = s.get(m.Turn, "turn")
+            assert turn is not None
+            return float(turn.updated_at)
+
+    rec = TurnRecorder(db, LocalEventBus(), "task", "turn", {}, run_id="A", beat=0.02)
+    seen = {updated()}
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        rec.log("a line")  # the writer always has something to write
+        seen.add(updated())
+        time.sleep(0.005)
+    assert len(seen) >= 4, f"updated_at moved {len(seen) - 1} times in 2 s"
+    writer = rec._writer  # it does not end while it beats
+    assert writer is not None and writer.is_alive()
+    rec.stop_beating()
+    assert rec.drain(BOUND)
+    writer.join(BOUND)
+    assert not writer.is_alive()
+    last = updated()
+    time.sleep(0.5)
+    assert updated() == last

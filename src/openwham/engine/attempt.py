@@ -165,6 +165,10 @@ class Engine:
             redactor(self.gateway, claim),
             run_id=claim.run_id,
             on_gone=control.cancel,  # a run that lost its attempt stops at once
+            # the work log flushed and the heartbeat beaten by its writer while the attempt
+            # runs (also while a large repository is being cloned), so no other server takes
+            # the attempt for orphaned
+            beat=HEARTBEAT_POLL_SECONDS,
         )
         self.titles.start(
             claim,
@@ -172,10 +176,6 @@ class Engine:
             self.gateway_socket,
         )  # beside the attempt: it never waits for the title
         attempt_dir = self.attempts_root / turn_id
-        alive = threading.Event()
-        threading.Thread(
-            target=_keep_alive, args=(rec, alive), name=f"heartbeat-{turn_id[-8:]}", daemon=True
-        ).start()
         try:
             return self._run(claim, rec, control, attempt_dir)
         except Stopped:
@@ -197,7 +197,7 @@ class Engine:
                 error={"code": "internal_error", "message": message[:2000]},
             )
         finally:
-            alive.set()
+            rec.stop_beating()
             superseded = rec.gone_reason == SUPERSEDED  # another run holds the attempt now
             # its key's fills leave the background if it was the last; the next task like
             # this one starts warm, each of its attempts (refilled once the last one ended)
@@ -348,11 +348,3 @@ def _socket_dir(path: Path) -> Path:
     if len(os.fsencode(path)) + len("/0123456789abcdef.sock") <= MAX_SOCKET_PATH:
         return path
     return Path(tempfile.mkdtemp(prefix="wham-egress-"))
-
-
-def _keep_alive(rec: TurnRecorder, done: threading.Event) -> None:
-    """Have the work log flushed and the heartbeat beaten (by the recorder's writer) while
-    the attempt runs (also while a large repository is being cloned), so no other server
-    takes the attempt for orphaned."""
-    while not done.wait(HEARTBEAT_POLL_SECONDS):
-        rec.heartbeat()

@@ -3,14 +3,15 @@
 Events (status lines, work-log messages, logs) are queued as they happen and written, in the
 order they were made, by the recorder's own writer thread (``wham-rec-…``, started with the
 recorder, so the agent's output thread does not wait for a thread to start, and gone at the
-attempt's end or after ``IDLE_SECONDS`` without a write; the heartbeat asks for one every
-``HEARTBEAT_SECONDS``), which publishes each batch once it committed, so the turn stream is
-live and in order. The callers never wait for the database: an agent's output is read by a
-thread that hands each line to the recorder, and a write that waited for SQLite's lock
-(hundreds of ms at four attempts at once, seconds at 32) held the reading of Codex's output
-behind it (``turn.completed`` read after the diff was written; docs/benchmarks.md,
-"Best-of-4"). What is queued while a write is under way goes in the next one, in one transaction.
-The queue is bounded (``MAX_PENDING`` events): past it a caller waits for the writer, as
+attempt's end or after ``IDLE_SECONDS`` without a write; with ``beat`` it is also the
+attempt's heartbeat, writing the body at least every ``HEARTBEAT_SECONDS``), which
+publishes each batch once it committed, so the turn stream is live and in order. The
+callers never wait for the database: an agent's output is read by a thread that hands each
+line to the recorder, and a write that waited for SQLite's lock (hundreds of ms at four
+attempts at once, seconds at 32) held the reading of Codex's output behind it
+(``turn.completed`` read after the diff was written; docs/benchmarks.md, "Best-of-4").
+What is queued while a write is under way goes in the next one, in one transaction. The
+queue is bounded (``MAX_PENDING`` events): past it a caller waits for the writer, as
 every caller did before. :meth:`flush` waits until everything asked before it is written
 (what a caller then promises, e.g. a release, is durable), and :meth:`finish` writes the
 terminal state only after every event queued before it; an event is published only after its
@@ -121,6 +122,7 @@ class TurnRecorder:
         *,
         run_id: str | None = None,
         on_gone: Callable[[str], None] | None = None,
+        beat: float | None = None,
     ) -> None:
         self.db, self.bus = db, bus
         self.run_id = run_id  # the claim's fencing token (None: unfenced, older callers)
@@ -145,6 +147,12 @@ class TurnRecorder:
         self._written = time.monotonic()
         self.gone = False
         self.gone_reason: str | None = None  # "superseded" or "cancelled", once noticed
+        #: with ``beat``: the writer calls :meth:`heartbeat` every ``beat`` seconds until
+        #: :meth:`stop_beating` (an attempt's thread that did it woke as often, and starting
+        #: it made the attempt's thread wait for a new thread to run, up to ~70 ms with four
+        #: attempts starting on two cores)
+        self._beat = beat
+        self._next_beat = time.monotonic() + (beat or 0.0)
         with self._lock:  # started now, not by the agent's output thread at its first line
             self._start_writer()
 
@@ -221,9 +229,15 @@ class TurnRecorder:
             asked = self._asked
             return self._changed.wait_for(lambda: self._done >= asked, timeout)
 
+    def stop_beating(self) -> None:
+        """No more heartbeats (the attempt's run ended); the writer ends once idle."""
+        with self._changed:
+            self._beat = None
+            self._changed.notify_all()
+
     def heartbeat(self) -> None:
         """Mark the turn as alive (``updated_at``) and flush a pending work log (by the
-        writer: this does not wait)."""
+        writer: this does not wait). The writer calls it every ``beat`` seconds."""
         with self._lock:
             if self._dirty and self._due():
                 self._body_asked = True
@@ -362,10 +376,21 @@ class TurnRecorder:
     def _loop(self) -> None:
         """The writer: takes everything queued, writes it in one transaction (with the body
         when it is due or asked), and again, until the end is written or it was idle for
-        ``IDLE_SECONDS``."""
+        ``IDLE_SECONDS`` (not while it beats: it calls :meth:`heartbeat` when due)."""
         while True:
             with self._changed:
-                while not self._work():
+                while True:
+                    # the heartbeat is due also while writes keep coming (a setup log's
+                    # lines do not rewrite the body, which a heartbeat does every so often)
+                    beating = self._beat is not None and not self._closed
+                    if beating and time.monotonic() >= self._next_beat:
+                        self._next_beat = time.monotonic() + (self._beat or 0.0)
+                        self.heartbeat()  # (queues a write when one is due)
+                    if self._work():
+                        break
+                    if beating:
+                        self._changed.wait(max(0.0, self._next_beat - time.monotonic()))
+                        continue
                     if (self._closed or not self._changed.wait(IDLE_SECONDS)) and self._idle():
                         self._writer = None
                         return
