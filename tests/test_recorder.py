@@ -247,3 +247,23 @@ def test_the_writer_beats_while_lines_keep_coming_and_ends_once_stopped(
     last = updated()
     time.sleep(0.5)
     assert updated() == last
+
+
+def test_a_recorder_made_with_start_false_starts_its_writer_at_start_or_its_first_write(
+    db: Database,
+) -> None:
+    """An attempt's recorder starts no thread when it is made (its ``Thread.start`` waited
+    until the new thread ran, before the attempt's take): ``start()`` starts the writer (the
+    engine's, once the prompt is sent), as does the first write, once."""
+    rec = TurnRecorder(db, LocalEventBus(), "task", "turn", {}, run_id="A", start=False)
+    assert rec._writer is None
+    rec.start()
+    writer = rec._writer
+    assert writer is not None and writer.is_alive()
+    rec.start()
+    assert rec._writer is writer
+    other = TurnRecorder(db, LocalEventBus(), "task", "turn", {}, run_id="A", start=False)
+    assert other._writer is None
+    other.status("Working")
+    assert other._writer is not None
+    assert other.drain(BOUND) and "Working" in _stored(db)

@@ -169,6 +169,7 @@ class Engine:
             # runs (also while a large repository is being cloned), so no other server takes
             # the attempt for orphaned
             beat=HEARTBEAT_POLL_SECONDS,
+            start=False,  # by ``Workspaces.prepare``, once the prompt is sent (a standby's)
         )
         self.titles.start(
             claim,

@@ -123,6 +123,7 @@ class TurnRecorder:
         run_id: str | None = None,
         on_gone: Callable[[str], None] | None = None,
         beat: float | None = None,
+        start: bool = True,
     ) -> None:
         self.db, self.bus = db, bus
         self.run_id = run_id  # the claim's fencing token (None: unfenced, older callers)
@@ -153,7 +154,16 @@ class TurnRecorder:
         #: attempts starting on two cores)
         self._beat = beat
         self._next_beat = time.monotonic() + (beat or 0.0)
-        with self._lock:  # started now, not by the agent's output thread at its first line
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the writer thread now, unless it runs (else the first write starts it):
+        not by the agent's output thread at its first line. ``start=False`` and this later:
+        an attempt starts it once its prompt is sent (``Workspaces.prepare``), since
+        ``Thread.start`` waits until the new thread runs (up to ~25 ms before the take with
+        four attempts starting on two cores)."""
+        with self._lock:
             self._start_writer()
 
     # ------------------------------------------------------------------ recording

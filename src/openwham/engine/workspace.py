@@ -157,6 +157,7 @@ class Workspaces:
             self._abandon(prepared, control)
             prepared = None
             control.check()  # or was killed by a cancel
+        rec.start()  # its writer, the heartbeat (also while a large repository is fetched)
         try:
             mirror = fetched.result()
             fits = prepared is not None and self._fits(claim, prepared, mirror)
