@@ -7,7 +7,11 @@ is timed from ``POST tasks`` until every attempt is terminal (its turn stream's 
 ``--poll``: polling instead); between runs the server is left
 idle until the attempts' workspaces are gone and as many standbys as the task had attempts
 are prepared and settled (as a person's next task finds it). One warm-up of each kind first
-(mirror, standbys). Prints min / median / max of each and the ratio of the medians (target ≤ 1.5).
+(mirror, standbys). Prints min / median / max of each and the ratio of the medians (target ≤ 1.5),
+and the CPU of the server with all it started (sandboxes included where the host has cgroup
+v1's cpuacct: ``harness.CpuAccount``). ``--model-delay S``: each model response waits ``S``
+seconds first (a real model's latency, which the attempts wait out together; by default the
+model answers at once and the ratio is the system's own work).
 With several ``--tree`` (each one's ``src`` on ``PYTHONPATH``), one server per tree, the runs
 interleaved between them.
 
@@ -90,10 +94,10 @@ def run_task(
     ready: bool = True,
 ) -> float:
     """POST a task of ``n`` attempts; seconds until all of them ended. ``cpu`` gets the CPU
-    seconds the server and everything it ran and reaped used from the POST until the
-    attempts ended and standbys were prepared again (``harness.cpu_seconds``): the attempts'
-    sandboxes, each a standby prepared before, with its Codex start-up; the new standbys'
-    sandboxes are counted when they end, in a later run). The end is seen on each
+    seconds the server and everything it started used from the POST until the
+    attempts ended and standbys were prepared again (``WhamServer.cpu_seconds``: the
+    attempts' sandboxes, the standbys prepared meanwhile so far, git; where the host has no
+    cgroup v1 cpuacct, only the server and its reaped children). The end is seen on each
     attempt's turn stream (``poll`` seconds: by polling the task and the attempts instead, as
     the bench did before: at 20 ms that cost the server ~20 % of a core). Posted once ``n``
     standbys are ready (the pool keeps as many as the largest task of the key asked for): a
@@ -102,7 +106,7 @@ def run_task(
     what first asks the pool for ``n``)."""
     if ready:
         wait_standbys(server, n)
-    cpu0 = h.cpu_seconds(server.process.pid)
+    cpu0 = server.cpu_seconds()
     body = {
         "new_task": {"environment_id": env_id},
         "input_items": [
@@ -131,7 +135,7 @@ def run_task(
     if runs is not None:
         runs[-1].done = time.time()
     if cpu is not None:
-        cpu.append(h.cpu_seconds(server.process.pid) - cpu0)
+        cpu.append(server.cpu_seconds() - cpu0)
     return wall
 
 
@@ -321,6 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --trace: Codex's own log too (its start-up marks in the timelines)",
     )
+    ap.add_argument(
+        "--model-delay",
+        type=float,
+        default=0.0,
+        help="seconds each model response waits before its first output item (a real "
+        "model's latency; default 0: the scripted model answers at once, so the ratio is "
+        "the system's own overhead)",
+    )
     h.add_mode_argument(ap)
     args = ap.parse_args(argv)
     variants = [(t.resolve(), m) for t in (args.tree or [h.ROOT]) for m in (args.mode or [""])]
@@ -329,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="wham-bench-bestof-", dir="/var/tmp"))
     model, _ = h.start_model()
     model.script = [h.Shell("echo hi"), h.Say("Hi.")]
+    model.delay = args.model_delay
     servers: list[h.WhamServer] = []
     try:
         repo = generate(work / "repo", args.files)
@@ -398,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             c1, c4 = statistics.median(cpu1[k]), statistics.median(cpu4[k])
             cores = os.cpu_count() or 1
             print(
-                f"  CPU (server, sandboxes, refills), median: single {c1:.2f} s, best-of-4 "
+                f"  CPU ({servers[k].cpu_scope}), median: single {c1:.2f} s, best-of-4 "
                 f"{c4:.2f} s; best-of-4 floor on {cores} cores {c4 / cores:.2f} s "
                 f"= {c4 / cores / statistics.median(single[k]):.2f} x the single's wall"
             )

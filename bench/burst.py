@@ -9,10 +9,11 @@ per POST) and times from the first POST until every task's attempt is terminal (
 
 Per server it prints min / median / max wall, tasks per minute, and where the time went:
 
-- CPU: seconds used by the server and everything it ran and reaped (sandboxes, Codex, git;
-  ``/proc/PID/stat`` utime + stime + cutime + cstime) and by this process (the scripted model
-  and the clients), per task, and ``floor`` = all of it ÷ the cores: no schedule of the round
-  on this machine can end sooner;
+- CPU: seconds used by the server and everything it started (sandboxes, Codex, git; the
+  cgroup ``harness.CpuAccount``, where the host has cgroup v1's cpuacct; elsewhere only
+  the server and its reaped children, which misses the sandboxes: the line says which) and by
+  this process (the scripted model and the clients), per task, and ``floor`` = all of it ÷
+  the cores: no schedule of the round on this machine can end sooner;
 - per attempt (medians over the round): posted → claimed (queue), claimed → the model's first
   request (workspace, sandbox and Codex start), first → last model request (the agent's
   loop), last request → terminal (diff, result, recording);
@@ -90,7 +91,7 @@ def run_round(
     server.client.close()  # fresh connections: an idle kept-alive one may be closing
     server.client = httpx.Client(timeout=60, headers=server.client.headers)
     marks = [f"{tag}{i:03d}" for i in range(tasks)]
-    cpu0, own0 = h.cpu_seconds(server.process.pid), own_cpu()
+    cpu0, own0 = server.cpu_seconds(), own_cpu()
     self0 = server_own_cpu(server.process.pid)
     t0, wall0 = time.perf_counter(), time.time()
     with ThreadPoolExecutor(max_workers=tasks) as pool:
@@ -120,7 +121,7 @@ def run_round(
         while ws.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
     s.walls.append(wall)
-    s.cpu_server.append(h.cpu_seconds(server.process.pid) - cpu0)
+    s.cpu_server.append(server.cpu_seconds() - cpu0)
     s.cpu_own.append(server_own_cpu(server.process.pid) - self0)
     s.cpu_bench.append(own_cpu() - own0)
     for task_id, status in statuses.items():
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  not completed: {s.bad}"
             )
             print(
-                f"    CPU server+sandboxes {fmt(s.cpu_server)}, bench (model, clients) "
+                f"    CPU ({s.server.cpu_scope}) {fmt(s.cpu_server)}, bench (model, clients) "
                 f"{fmt(s.cpu_bench)}; per task {statistics.median(s.cpu_server) / args.tasks:.3f}"
                 f" + {statistics.median(s.cpu_bench) / args.tasks:.3f} s;"
                 f" floor (all CPU / {cores} cores) {fmt([x / cores for x in total])};"
