@@ -375,9 +375,10 @@ def test_the_mirror_fetch_begins_beside_the_standby_take(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A standby's first model request is held until the mirror fetch shows its checkout is
-    the branch head; the fetch (and the branch head's read) now begins as the attempt starts
-    preparing, beside the standby's take and the prompt, not after them (issue 20: the held
-    requests waited ~0.5 s for a fetch begun only then)."""
+    the branch head; the fetch (and the branch head's read) begins before a take that may
+    wait for a fill (here none is ready), beside it and the prompt, not after them (issue 20:
+    the held requests waited ~0.5 s for a fetch begun only then); the take of a ready
+    standby, which does not wait, comes first (``wait=False``)."""
     from openwham.engine.workspace import Workspaces
     from openwham.sandbox.workspace import Mirrors
 
@@ -392,7 +393,8 @@ def test_the_mirror_fetch_begins_beside_the_standby_take(
         return ensure(self, *a, **k)
 
     def take_(self: Workspaces, *a: Any, **k: Any) -> Any:
-        during_take.append(fetching.wait(10.0))  # the take under way: has the fetch begun?
+        if k.get("wait", True):  # a take that may wait under way: has the fetch begun?
+            during_take.append(fetching.wait(10.0))
         return take(self, *a, **k)
 
     monkeypatch.setattr(Mirrors, "ensure", ensure_)

@@ -451,6 +451,34 @@ def test_a_take_passes_over_a_dead_standby_for_the_next_ready_one() -> None:
         pool.close()
 
 
+def test_a_take_without_wait_has_a_ready_standby_or_none_at_once() -> None:
+    """``take(wait=False)`` (the engine's first take, before it starts the fetch): a ready
+    standby at once, else ``None`` at once, also while a fill of the key is under way (a
+    take with ``wait`` waits for that fill and gets it)."""
+    made: list[Prepared] = []
+    dropped: list[Prepared] = []
+    gate = threading.Event()
+    pool = _pool(4, made, dropped, gate)
+    try:
+        pool.refill(_key("a"), 1)  # under way until the gate opens
+        t0 = time.monotonic()
+        assert pool.take(_key("a"), wait=False) is None
+        assert time.monotonic() - t0 < 0.5
+        got: list[Prepared | None] = []
+        taker = threading.Thread(target=lambda: got.append(pool.take(_key("a"))))
+        taker.start()
+        time.sleep(0.1)
+        gate.set()
+        taker.join(5)
+        assert len(got) == 1 and got[0] is made[0]
+        pool.refill(_key("a"), 1)
+        _settled(pool, 1)
+        assert pool.take(_key("a"), wait=False) is made[1]
+    finally:
+        gate.set()
+        pool.close()
+
+
 def test_a_single_attempt_between_two_best_of_4_tasks_leaves_four_standbys() -> None:
     """The refill of a one-attempt task like a recent best-of-4 tops the key up to four: the
     next best-of-4 finds a standby for each attempt (it found three, and its fourth attempt

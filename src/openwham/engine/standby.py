@@ -152,12 +152,12 @@ class StandbyPool:
         self._closed = threading.Event()
         self._pruner: threading.Thread | None = None
 
-    def take(self, key: AgentKey) -> Prepared | None:
+    def take(self, key: AgentKey, *, wait: bool = True) -> Prepared | None:
         """The standby for ``key`` if it is alive and fresh, else ``None`` (a stale one is
         dropped in the background); whether its checkout is still the branch head is the
         caller's to check. A standby being prepared for the key is waited for: it started
         earlier than a cold start would. One that died or expired is passed over for the
-        next (and dropped in the background)."""
+        next (and dropped in the background). Without ``wait``: only a ready one, at once."""
         stale: list[Prepared] = []
         with self._changed:
             prepared = self._pop_usable(key, stale)
@@ -167,7 +167,7 @@ class StandbyPool:
             # start cold). A fill begun later (the refill of an attempt that just started)
             # would end no sooner than a cold start begun now: not waited for, else waiters
             # would queue behind one fill after another.
-            before = set(self._filling.get(key, ()))
+            before = set(self._filling.get(key, ())) if wait else set()
             if prepared is None and before:
                 # the attempt waits for those fills: their sandboxes get the normal weight
                 self._rushed[key] = time.monotonic()  # tasks come faster than a fill: depth

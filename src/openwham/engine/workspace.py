@@ -147,16 +147,27 @@ class Workspaces:
         """The attempt's workspace in ``attempt_dir`` and its agent, launched with the prompt
         (``agent.launch``): a standby's when one fits, else made now."""
         assert self.gateway is not None
-        # the fetch begins now, beside the take and the prompt: a standby's first model
-        # request waits for it (``_fits``)
-        fetched = Background(lambda: self._fetch(claim), f"fetch-{claim.turn_id[-8:]}")
+
+        # the fetch runs beside the prompt (a standby's first model request waits for it,
+        # ``_fits``): begun once a ready standby has its prompt, since starting its thread
+        # waits until the thread runs (up to ~100 ms with four attempts starting on two
+        # cores); begun before a take that waits for a fill under way or finds none
+        def fetch() -> Background[Path]:
+            return Background(lambda: self._fetch(claim), f"fetch-{claim.turn_id[-8:]}")
+
         storage.remove_tree(attempt_dir)
         gate = OutputGate(agent.on_output)
-        prepared = self.take_standby(claim, attempt_dir)
+        fetched = None
+        prepared = self.take_standby(claim, attempt_dir, wait=False)
+        if prepared is None:
+            fetched = fetch()
+            prepared = self.take_standby(claim, attempt_dir)
         if prepared is not None and not agent.launch(prepared, True, gate):  # died meanwhile
             self._abandon(prepared, control)
             prepared = None
             control.check()  # or was killed by a cancel
+        if fetched is None:
+            fetched = fetch()
         rec.start()  # its writer, the heartbeat (also while a large repository is fetched)
         try:
             mirror = fetched.result()
@@ -494,17 +505,19 @@ class Workspaces:
             why = result.killed_reason or f"exited with code {result.exit_code}"
             raise AttemptFailed("setup_failed", f"The {what} {why} (see the setup log)")
 
-    def take_standby(self, claim: Claim, attempt_dir: Path) -> Prepared | None:
+    def take_standby(
+        self, claim: Claim, attempt_dir: Path, *, wait: bool = True
+    ) -> Prepared | None:
         """A standby for this attempt, moved to ``attempt_dir`` with its token handed over
         and held (the caller checks the branch head, then releases it). Not used with a
         starting diff: the agent reads the repository's config and AGENTS.md at start-up,
-        before the patch could be applied."""
+        before the patch could be applied. ``wait``: see ``StandbyPool.take``."""
         if claim.patch or claim.resume is not None or self.gateway is None:
             return None
         key = self.standby_key(claim)
         if key is None:
             return None
-        prepared = self.standby.take(key)
+        prepared = self.standby.take(key, wait=wait)
         if prepared is None:
             return None
         made = prepared.resumed
