@@ -392,9 +392,15 @@ def test_the_mirror_fetch_begins_beside_the_standby_take(
         fetching.set()
         return ensure(self, *a, **k)
 
+    beating: list[bool] = []
+
     def take_(self: Workspaces, *a: Any, **k: Any) -> Any:
         if k.get("wait", True):  # a take that may wait under way: has the fetch begun?
             during_take.append(fetching.wait(10.0))
+            # and is the attempt's heartbeat (its recorder's writer) beating meanwhile? A
+            # take may wait for a fill for as long as the fill takes
+            writer = f"wham-rec-{turn_id[-8:]}"
+            beating.append(any(t.name == writer for t in threading.enumerate()))
         return take(self, *a, **k)
 
     monkeypatch.setattr(Mirrors, "ensure", ensure_)
@@ -402,6 +408,7 @@ def test_the_mirror_fetch_begins_beside_the_standby_take(
     status = engine.run_turn(turn_id, Control())
     assert status == TurnStatus.COMPLETED, _turn(server, task_id).get("error")
     assert during_take == [True], "the fetch began only after the take"
+    assert beating == [True], "no heartbeat while the take may wait for a fill"
 
 
 def test_the_routing_key_read_from_the_row_is_the_engines_standby_key_after_the_claim(

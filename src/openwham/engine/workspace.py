@@ -160,6 +160,9 @@ class Workspaces:
         fetched = None
         prepared = self.take_standby(claim, attempt_dir, wait=False)
         if prepared is None:
+            # a take that may wait for a fill (as long as the fill takes): the heartbeat
+            # beats meanwhile, else another server could take the attempt for orphaned
+            rec.start()
             fetched = fetch()
             prepared = self.take_standby(claim, attempt_dir)
         if prepared is not None and not agent.launch(prepared, True, gate):  # died meanwhile
@@ -168,7 +171,8 @@ class Workspaces:
             control.check()  # or was killed by a cancel
         if fetched is None:
             fetched = fetch()
-        rec.start()  # its writer, the heartbeat (also while a large repository is fetched)
+        rec.start()  # its writer, the heartbeat (also while a large repository is fetched);
+        # after a ready standby's prompt: its Thread.start waits until the thread runs
         try:
             mirror = fetched.result()
             fits = prepared is not None and self._fits(claim, prepared, mirror)
