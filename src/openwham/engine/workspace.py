@@ -132,14 +132,21 @@ class Workspaces:
         """A standby entered (``ready``) or left the pool's ready list: its file in
         :data:`READY_STANDBYS` made or removed."""
         path = self.attempts_root / READY_STANDBYS / prepared.dir.name
-        if ready:
-            path.touch()
-        else:
+        if not ready:
             path.unlink(missing_ok=True)
+            return
+        try:
+            path.touch()
+        except FileNotFoundError:  # another server of the data directory closed: it went
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            path.touch()
 
     def close(self) -> None:
-        """Drop the standby sandboxes (the server is stopping)."""
+        """Drop the standby sandboxes (the server is stopping), and the directory of their
+        ready files once it is empty (another server's standbys keep it)."""
         self.standby.close()
+        with contextlib.suppress(OSError):
+            (self.attempts_root / READY_STANDBYS).rmdir()
 
     def prepare(
         self, claim: Claim, rec: TurnRecorder, control: Control, agent: AgentRun, attempt_dir: Path
