@@ -933,12 +933,23 @@ def test_groups_left_by_a_dead_server_are_emptied_at_start() -> None:
         d.mkdir()
     marker = f"stale-{uuid.uuid4().hex}"
     join = "".join(f"printf 0 > {d / 'cgroup.procs'} && " for d in dirs)
-    left = subprocess.Popen(["bash", "-c", f"{join}exec -a {marker} sleep 300"])
+    left = subprocess.Popen(
+        ["bash", "-c", f"{join}exec -a {marker} sleep 300"], stderr=subprocess.PIPE
+    )
     try:
-        deadline = time.monotonic() + 2
-        while not host_pids(marker) and time.monotonic() < deadline:
+        # generous (CI failed once at the former 2 s); a join that failed says so
+        deadline = time.monotonic() + 10
+        while not host_pids(marker) and left.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert host_pids(marker)
+        if not host_pids(marker):
+            ended = left.poll()
+            err = left.stderr.read().decode(errors="replace") if ended is not None else ""
+            states = {str(d): _read(d / "freezer.state") for d in dirs if "freezer" in str(d)}
+            parents = {c: _read(d / "freezer.state") for c, d in cg.parents.items()}
+            raise AssertionError(
+                f"the stale group's process never ran: bash ended {ended}, stderr {err!r}; "
+                f"freezer states {states}, parents {parents}"
+            )
         frozen = cgroups.RunCgroup(cg, name, {c: d / name for c, d in cg.parents.items()})
         assert frozen.freeze() == ("freezer" in cg.controllers)  # killed while measuring
         assert cgroups.probe() is not None  # what the next server does first
@@ -946,9 +957,19 @@ def test_groups_left_by_a_dead_server_are_emptied_at_start() -> None:
         assert not any(d.exists() for d in dirs)
     finally:
         left.kill()
+        left.wait()
+        if left.stderr is not None:
+            left.stderr.close()
         for d in dirs:
             with contextlib.suppress(OSError):
                 d.rmdir()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        return f"({exc.strerror})"
 
 
 def test_without_cgroups_limits_fall_back_to_rlimits(
